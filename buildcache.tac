@@ -1,0 +1,26 @@
+"""
+buildcache as a twistd application file: C{twistd -ny buildcache.tac}.
+
+It runs the same service as C{twistd buildcache}; options come from the
+environment variable BUILDCACHE_ARGS, split as a shell would, e.g.
+C{BUILDCACHE_ARGS="--max-size 20G --port tcp:8899:interface=127.0.0.1"}.
+"""
+
+import os
+import shlex
+
+from twisted.application.service import Application
+from twisted.internet import reactor
+from twisted.python.usage import UsageError
+
+from buildcache.config import Options
+from buildcache.service import make_service
+
+options = Options()
+try:
+    options.parseOptions(shlex.split(os.environ.get("BUILDCACHE_ARGS", "")))
+except UsageError as error:
+    raise SystemExit(f"BUILDCACHE_ARGS: {error}") from None
+
+application = Application("buildcache")
+make_service(options.config, reactor).setServiceParent(application)

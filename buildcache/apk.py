@@ -1,0 +1,698 @@
+"""
+Alpine apk format knowledge: reading ``APKINDEX.tar.gz`` and checking a
+downloaded ``.apk`` against its index entry while it streams in.
+
+Nothing else in buildcache knows what an apk package looks like.  The store
+feeds an L{ApkVerifier} every chunk it writes to disk and calls
+L{ApkVerifier.finish} before it commits the file, so a package whose size,
+control checksum (C{C:}) or data hash (C{datahash}) disagrees with the
+repository index is never kept.
+
+Format facts relied on here (apk-tools 2.x, abuild):
+  - A package is two or three concatenated gzip streams: an optional
+    signature stream (a tar holding C{.SIGN.*} entries), the control stream (a
+    tar holding C{.PKGINFO} and install scripts) and the data stream.  The
+    signature and control tars are written without end-of-archive blocks so
+    that the decompressed streams read as one continuous tar.
+  - The index's C{C:Q1<base64>} is the SHA-1 of the compressed control
+    stream; C{S:} is the size of the whole C{.apk} in bytes; C{.PKGINFO}'s
+    C{datahash} is the hex SHA-256 of the compressed data stream.
+  - C{APKINDEX.tar.gz} is itself a signature stream followed by a gzip'd tar
+    holding C{DESCRIPTION} and C{APKINDEX}, so it must be read as
+    concatenated gzip members (Python's C{tarfile} stops after the first).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import IO, TYPE_CHECKING
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import attrs
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = [
+    "ApkIndex",
+    "ApkIndexEntry",
+    "ApkIndexError",
+    "ApkMismatch",
+    "ApkVerifier",
+    "package_filename",
+    "parse_apkindex",
+    "repository_index_url",
+]
+
+_log = Logger()
+
+_GZIP_WBITS = 31
+# Upper bound on the output of one zlib call: keeps memory flat even for a
+# stream that inflates a thousandfold.
+_INFLATE_STEP = 64 * 1024
+_READ_SIZE = 64 * 1024
+_MAX_INDEX_LINE = 64 * 1024
+_MAX_DESCRIPTION = 4096
+_SHA1_LENGTH = 20
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# Directory names apk repositories use for architectures.  Matching only
+# these keeps Android ".apk" downloads through the forward proxy from
+# triggering index look-ups against arbitrary sites.
+ALPINE_ARCHES = frozenset(
+    {
+        "aarch64",
+        "armhf",
+        "armv7",
+        "loongarch64",
+        "mips64",
+        "ppc64le",
+        "riscv64",
+        "s390x",
+        "x86",
+        "x86_64",
+    }
+)
+
+
+class ApkIndexError(Exception):
+    """
+    An C{APKINDEX.tar.gz} could not be read: corrupt gzip or tar, no
+    C{APKINDEX} member, or an entry with missing or malformed fields.
+    """
+
+
+class ApkMismatch(Exception):
+    """
+    A downloaded package does not match its index entry.
+
+    @ivar reason: human-readable explanation, also the exception's message.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@attrs.frozen
+class ApkIndexEntry:
+    """
+    One package block of an C{APKINDEX}.
+
+    @ivar control_sha1: raw 20-byte SHA-1 decoded from C{C:Q1...}.
+    @ivar installed_size: C{I:}, or L{None} when the block has none.
+    """
+
+    name: str
+    version: str
+    size: int
+    control_sha1: bytes
+    arch: str = ""
+    installed_size: int | None = None
+    depends: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def filename(self) -> str:
+        """The file name apk requests for this package: C{NAME-VERSION.apk}."""
+        return f"{self.name}-{self.version}.apk"
+
+    @property
+    def control_checksum(self) -> str:
+        """The C{C:} value as written in the index."""
+        return "Q1" + base64.b64encode(self.control_sha1).decode("ascii")
+
+
+@attrs.frozen
+class ApkIndex(Mapping[str, ApkIndexEntry]):
+    """
+    A parsed repository index: a read-only mapping from package file name
+    (C{NAME-VERSION.apk}) to its L{ApkIndexEntry}.
+
+    @ivar description: contents of the C{DESCRIPTION} member (stripped).
+    @ivar signed: whether the index carried C{.SIGN.*} members.  The
+        signature itself is not checked; apk does that.
+    """
+
+    entries: Mapping[str, ApkIndexEntry]
+    description: str = ""
+    signed: bool = False
+
+    def __getitem__(self, filename: str) -> ApkIndexEntry:
+        return self.entries[filename]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def repository_index_url(package_url: str) -> str | None:
+    """
+    The index that describes a package.
+
+    @param package_url: an absolute URL or a bare path, such as
+        C{http://host/alpine/v3.20/main/x86_64/busybox-1.36.1-r29.apk}.
+    @return: the C{APKINDEX.tar.gz} URL in the same directory (query and
+        fragment dropped), or L{None} when the URL does not end in
+        C{/<arch>/<name>.apk} for a known Alpine architecture.
+    """
+    parts = urlsplit(package_url)
+    segments = parts.path.split("/")
+    if len(segments) < 3:
+        return None
+    arch, filename = segments[-2], segments[-1]
+    if arch not in ALPINE_ARCHES or not filename.endswith(".apk"):
+        return None
+    if filename == ".apk":
+        return None
+    index_path = "/".join(segments[:-1] + ["APKINDEX.tar.gz"])
+    return urlunsplit((parts.scheme, parts.netloc, index_path, "", ""))
+
+
+def package_filename(package_url: str) -> str | None:
+    """
+    The key to look a package URL up in an L{ApkIndex}: its last path
+    segment, percent-decoded (clients may send C{libstdc%2B%2B-...apk}), or
+    L{None} when L{repository_index_url} does not recognise the URL.
+    """
+    if repository_index_url(package_url) is None:
+        return None
+    return unquote(urlsplit(package_url).path.rsplit("/", 1)[-1])
+
+
+class _ConcatenatedGzipReader(io.RawIOBase):
+    """
+    Read-only binary stream of the decompressed contents of every gzip
+    member in C{source}, one after the other, as apk reads them.
+    """
+
+    def __init__(self, source: IO[bytes], max_output: int) -> None:
+        super().__init__()
+        self._source = source
+        self._max_output = max_output
+        self._output_total = 0
+        self._decompressor: zlib._Decompress | None = None
+        self._members_started = 0
+        self._input = b""
+        self._pending = b""
+        self._output_may_be_pending = False
+        self._exhausted = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        target = memoryview(buffer).cast("B")
+        while not self._pending:
+            if self._exhausted:
+                return 0
+            self._inflate_more()
+        count = min(len(target), len(self._pending))
+        target[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    def _inflate_more(self) -> None:
+        member_open = self._decompressor is not None and not self._decompressor.eof
+        if not self._input and not self._output_may_be_pending:
+            self._input = self._source.read(_READ_SIZE)
+            if not self._input:
+                if member_open:
+                    raise ApkIndexError(
+                        "APKINDEX.tar.gz is truncated: gzip stream "
+                        f"{self._members_started} ends early"
+                    )
+                if self._members_started == 0:
+                    raise ApkIndexError("APKINDEX.tar.gz is empty")
+                self._exhausted = True
+                return
+        if not member_open:
+            self._decompressor = zlib.decompressobj(wbits=_GZIP_WBITS)
+            self._members_started += 1
+        assert self._decompressor is not None
+        try:
+            produced = self._decompressor.decompress(self._input, _INFLATE_STEP)
+        except zlib.error as error:
+            raise ApkIndexError(
+                f"APKINDEX.tar.gz gzip stream {self._members_started} is "
+                f"corrupt: {error}"
+            ) from None
+        if self._decompressor.eof:
+            self._input = self._decompressor.unused_data
+            self._output_may_be_pending = False
+        else:
+            self._input = self._decompressor.unconsumed_tail
+            self._output_may_be_pending = len(produced) == _INFLATE_STEP
+        self._output_total += len(produced)
+        if self._output_total > self._max_output:
+            raise ApkIndexError(
+                f"APKINDEX.tar.gz inflates to more than {self._max_output} bytes"
+            )
+        self._pending = produced
+
+
+def parse_apkindex(
+    fileobj: IO[bytes], *, max_index_bytes: int = 256 * 1024 * 1024
+) -> ApkIndex:
+    """
+    Read an C{APKINDEX.tar.gz} from C{fileobj}, streaming: memory grows with
+    the number of entries, not with the file.
+
+    @param max_index_bytes: refuse archives that inflate to more than this.
+    @raise ApkIndexError: for any malformed input.
+    """
+    reader = _ConcatenatedGzipReader(fileobj, max_index_bytes)
+    entries: dict[str, ApkIndexEntry] | None = None
+    description = ""
+    signed = False
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as archive:
+            for member in archive:
+                if member.name.startswith(".SIGN."):
+                    signed = True
+                if not member.isfile():
+                    continue
+                if member.name == "APKINDEX" and entries is None:
+                    content = archive.extractfile(member)
+                    assert content is not None
+                    entries = _parse_index_text(content)
+                elif member.name == "DESCRIPTION":
+                    content = archive.extractfile(member)
+                    assert content is not None
+                    description = _decode(
+                        content.read(_MAX_DESCRIPTION), "DESCRIPTION"
+                    ).strip()
+        # tarfile stops at the end-of-archive blocks; reading on to the end
+        # checks the gzip trailers (CRC, length) and catches truncation.
+        while reader.read(_READ_SIZE):
+            pass
+    except tarfile.TarError as error:
+        raise ApkIndexError(f"APKINDEX.tar.gz is not a valid tar: {error}") from None
+    if entries is None:
+        raise ApkIndexError("APKINDEX.tar.gz has no APKINDEX member")
+    _log.debug(
+        "Parsed apk index {description!r}: {count} packages, signed={signed}",
+        description=description,
+        count=len(entries),
+        signed=signed,
+    )
+    return ApkIndex(entries=entries, description=description, signed=signed)
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApkIndexError(f"{where} is not UTF-8: {error}") from None
+
+
+def _parse_index_text(content: IO[bytes]) -> dict[str, ApkIndexEntry]:
+    entries: dict[str, ApkIndexEntry] = {}
+    fields: dict[str, str] = {}
+    block_line = 0
+    line_number = 0
+    while True:
+        raw = content.readline(_MAX_INDEX_LINE)
+        if not raw:
+            break
+        line_number += 1
+        if not raw.endswith(b"\n") and len(raw) == _MAX_INDEX_LINE:
+            raise ApkIndexError(
+                f"APKINDEX line {line_number} is longer than {_MAX_INDEX_LINE} bytes"
+            )
+        line = _decode(raw, f"APKINDEX line {line_number}").rstrip("\r\n")
+        if not line:
+            if fields:
+                _add_entry(entries, fields, block_line)
+                fields = {}
+            continue
+        if len(line) < 2 or line[1] != ":":
+            raise ApkIndexError(
+                f"APKINDEX line {line_number}: expected 'X:value', got {line[:60]!r}"
+            )
+        if not fields:
+            block_line = line_number
+        fields.setdefault(line[0], line[2:])
+    if fields:
+        _add_entry(entries, fields, block_line)
+    return entries
+
+
+def _add_entry(
+    entries: dict[str, ApkIndexEntry], fields: Mapping[str, str], block_line: int
+) -> None:
+    where = f"APKINDEX entry at line {block_line}"
+    for key in "PVCS":
+        if not fields.get(key):
+            raise ApkIndexError(f"{where} has no {key}: field")
+    entry = ApkIndexEntry(
+        name=fields["P"],
+        version=fields["V"],
+        size=_parse_count(fields["S"], f"{where} S:"),
+        control_sha1=_parse_control_checksum(fields["C"], where),
+        arch=fields.get("A", ""),
+        installed_size=(
+            _parse_count(fields["I"], f"{where} I:") if "I" in fields else None
+        ),
+        depends=tuple(fields.get("D", "").split()),
+        description=fields.get("T", ""),
+    )
+    entries.setdefault(entry.filename, entry)
+
+
+def _parse_count(text: str, where: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ApkIndexError(f"{where} is not a byte count: {text[:40]!r}")
+    return int(text)
+
+
+def _parse_control_checksum(text: str, where: str) -> bytes:
+    if not text.startswith("Q1"):
+        raise ApkIndexError(
+            f"{where} C: is not a Q1 (SHA-1) checksum: {text[:40]!r}"
+        )
+    try:
+        digest = base64.b64decode(text[2:], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApkIndexError(f"{where} C: is not valid base64: {text[:40]!r}") from None
+    if len(digest) != _SHA1_LENGTH:
+        raise ApkIndexError(
+            f"{where} C: decodes to {len(digest)} bytes, a SHA-1 has {_SHA1_LENGTH}"
+        )
+    return digest
+
+
+class _GzipMember:
+    """
+    One gzip member of a package as it streams in: inflates it to find where
+    it ends, hashes its compressed bytes, and optionally keeps its inflated
+    contents up to a cap.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        compressed_hash: "hashlib._Hash",
+        keep_output_up_to: int | None,
+    ) -> None:
+        self.index = index
+        self.compressed_hash = compressed_hash
+        self.complete = False
+        self.overflowed = False
+        self.output = bytearray()
+        self._keep_output_up_to = keep_output_up_to
+        self._decompressor = zlib.decompressobj(wbits=_GZIP_WBITS)
+
+    def feed(self, data: bytes | memoryview) -> bytes:
+        """
+        Consume bytes of this member.
+
+        @return: the bytes that follow this member's end (empty unless the
+            member ended inside C{data}).
+        @raise zlib.error: the member is not valid gzip.
+        """
+        pending: bytes | memoryview = data
+        leftover = b""
+        while True:
+            produced = self._decompressor.decompress(pending, _INFLATE_STEP)
+            self._keep(produced)
+            if self._decompressor.eof:
+                leftover = self._decompressor.unused_data
+                self.complete = True
+                break
+            pending = self._decompressor.unconsumed_tail
+            if not pending and len(produced) < _INFLATE_STEP:
+                break
+        self.compressed_hash.update(memoryview(data)[: len(data) - len(leftover)])
+        return leftover
+
+    def _keep(self, produced: bytes) -> None:
+        if self._keep_output_up_to is None or self.overflowed:
+            return
+        if len(self.output) + len(produced) > self._keep_output_up_to:
+            self.overflowed = True
+            self.output = bytearray()
+            return
+        self.output += produced
+
+
+@attrs.frozen
+class _ControlFacts:
+    member_index: int
+    sha1: bytes
+    datahash: str | None
+
+
+@attrs.define
+class ApkVerifier:
+    """
+    Checks a package against its index entry while it streams in.
+
+    Call L{update} with each chunk as it arrives (any boundaries), then
+    L{finish}.  C{update} never raises for bad content: it records the first
+    problem (see L{mismatch}, which lets a caller abandon a download early)
+    and C{finish} raises it.
+
+    Memory stays bounded whatever the package size: compressed bytes are
+    hashed and dropped, inflated output is only kept for members that may
+    still be the signature or control stream, up to C{max_control_bytes}.
+
+    @ivar entry: the index entry the package must match.
+    @ivar max_control_bytes: largest inflated signature or control stream
+        accepted; real ones are a few kilobytes.
+    """
+
+    entry: ApkIndexEntry
+    max_control_bytes: int = 1024 * 1024
+    _bytes_received: int = attrs.field(init=False, default=0)
+    _mismatch: ApkMismatch | None = attrs.field(init=False, default=None)
+    _finished: bool = attrs.field(init=False, default=False)
+    _current: _GzipMember | None = attrs.field(init=False, default=None)
+    _members_completed: int = attrs.field(init=False, default=0)
+    _signed: bool = attrs.field(init=False, default=False)
+    _control: _ControlFacts | None = attrs.field(init=False, default=None)
+    _data_sha256: str | None = attrs.field(init=False, default=None)
+
+    @property
+    def bytes_received(self) -> int:
+        """Total bytes passed to L{update} so far."""
+        return self._bytes_received
+
+    @property
+    def mismatch(self) -> ApkMismatch | None:
+        """
+        The first problem found so far, if any.  Size shortfalls and
+        checksum mismatches only show up in L{finish}.
+        """
+        return self._mismatch
+
+    def update(self, chunk: bytes) -> None:
+        """
+        Account for the next bytes of the package.
+
+        @raise RuntimeError: after L{finish}.
+        """
+        if self._finished:
+            raise RuntimeError("ApkVerifier.update() called after finish()")
+        self._bytes_received += len(chunk)
+        if self._mismatch is not None or not chunk:
+            return
+        if self._bytes_received > self.entry.size:
+            self._fail(
+                f"{self.entry.filename}: more than the {self.entry.size} bytes "
+                "the index lists"
+            )
+            return
+        remaining: bytes = chunk
+        while remaining:
+            member = self._current
+            if member is None:
+                member = self._start_member()
+                if member is None:
+                    return
+                self._current = member
+            try:
+                remaining = member.feed(remaining)
+            except zlib.error as error:
+                self._fail(
+                    f"{self.entry.filename}: gzip stream {member.index} is "
+                    f"corrupt: {error}"
+                )
+                return
+            if member.overflowed:
+                self._fail(
+                    f"{self.entry.filename}: gzip stream {member.index} inflates "
+                    f"to more than {self.max_control_bytes} bytes before any "
+                    ".PKGINFO, so it is neither a signature nor a control stream"
+                )
+                return
+            if member.complete:
+                self._current = None
+                self._members_completed += 1
+                self._complete_member(member)
+                if self._mismatch is not None:
+                    return
+
+    def finish(self) -> None:
+        """
+        Decide, once the whole package has been passed to L{update}.
+
+        @raise ApkMismatch: the package does not match the index entry.
+        @raise RuntimeError: called twice.
+        """
+        if self._finished:
+            raise RuntimeError("ApkVerifier.finish() called twice")
+        self._finished = True
+        name = self.entry.filename
+        if self._bytes_received != self.entry.size:
+            raise self._logged(
+                ApkMismatch(
+                    f"{name}: size is {self._bytes_received} bytes, the index "
+                    f"says {self.entry.size}"
+                )
+            )
+        if self._mismatch is not None:
+            raise self._logged(self._mismatch)
+        if self._current is not None:
+            raise self._logged(
+                ApkMismatch(
+                    f"{name}: truncated, gzip stream {self._current.index} "
+                    "has no end"
+                )
+            )
+        if self._control is None:
+            raise self._logged(ApkMismatch(f"{name}: no control stream (.PKGINFO)"))
+        if self._data_sha256 is None:
+            raise self._logged(
+                ApkMismatch(f"{name}: no data stream after the control stream")
+            )
+        if self._control.sha1 != self.entry.control_sha1:
+            actual = "Q1" + base64.b64encode(self._control.sha1).decode("ascii")
+            raise self._logged(
+                ApkMismatch(
+                    f"{name}: control stream checksum {actual} does not match "
+                    f"the index's C:{self.entry.control_checksum}"
+                )
+            )
+        datahash = self._control.datahash
+        if datahash is not None and datahash != self._data_sha256:
+            raise self._logged(
+                ApkMismatch(
+                    f"{name}: data stream sha256 {self._data_sha256} does not "
+                    f"match .PKGINFO datahash {datahash}"
+                )
+            )
+        _log.debug(
+            "{filename} matches its index entry ({size} bytes, signed={signed})",
+            filename=name,
+            size=self._bytes_received,
+            signed=self._signed,
+        )
+
+    def _logged(self, mismatch: ApkMismatch) -> ApkMismatch:
+        _log.info(
+            "apk verification failed: {reason}",
+            reason=mismatch.reason,
+            filename=self.entry.filename,
+        )
+        return mismatch
+
+    def _fail(self, reason: str) -> None:
+        if self._mismatch is None:
+            self._mismatch = ApkMismatch(reason)
+
+    def _start_member(self) -> _GzipMember | None:
+        index = self._members_completed
+        if self._control is None:
+            # Either the signature or the control stream: only the control
+            # stream's SHA-1 is ever compared, and its inflated tar is needed
+            # to tell the two apart.
+            return _GzipMember(index, hashlib.sha1(), self.max_control_bytes)
+        if index == self._control.member_index + 1:
+            return _GzipMember(index, hashlib.sha256(), None)
+        self._fail(
+            f"{self.entry.filename}: unexpected gzip stream {index} after the "
+            "data stream"
+        )
+        return None
+
+    def _complete_member(self, member: _GzipMember) -> None:
+        if self._control is not None:
+            self._data_sha256 = member.compressed_hash.hexdigest()
+            return
+        name = self.entry.filename
+        try:
+            names, pkginfo = _read_control_tar(bytes(member.output))
+        except (tarfile.TarError, ValueError) as error:
+            self._fail(f"{name}: gzip stream {member.index} is not a tar: {error}")
+            return
+        if pkginfo is not None:
+            try:
+                datahash = _pkginfo_datahash(pkginfo)
+            except ValueError as error:
+                self._fail(f"{name}: bad .PKGINFO: {error}")
+                return
+            self._control = _ControlFacts(
+                member_index=member.index,
+                sha1=member.compressed_hash.digest(),
+                datahash=datahash,
+            )
+        elif member.index == 0 and names and all(
+            entry_name.startswith(".SIGN.") for entry_name in names
+        ):
+            self._signed = True
+        elif member.index == 0:
+            self._fail(
+                f"{name}: first gzip stream holds neither .PKGINFO nor a "
+                f".SIGN.* signature (found {names[:5]!r})"
+            )
+        else:
+            self._fail(f"{name}: no .PKGINFO in the first two gzip streams")
+
+
+def _read_control_tar(content: bytes) -> tuple[list[str], bytes | None]:
+    """
+    Names in a (possibly end-of-archive-less) tar, and the contents of its
+    C{.PKGINFO} if it has one.
+    """
+    names: list[str] = []
+    pkginfo: bytes | None = None
+    with tarfile.open(fileobj=io.BytesIO(content), mode="r:") as archive:
+        for member in archive:
+            names.append(member.name)
+            if member.name == ".PKGINFO" and member.isfile() and pkginfo is None:
+                extracted = archive.extractfile(member)
+                assert extracted is not None
+                pkginfo = extracted.read()
+    return names, pkginfo
+
+
+def _pkginfo_datahash(pkginfo: bytes) -> str | None:
+    """
+    The C{datahash} of a C{.PKGINFO} (C{key = value} lines, C{#} comments),
+    or L{None} when it has none.
+
+    @raise ValueError: undecodable, or a C{datahash} that is not hex SHA-256.
+    """
+    text = pkginfo.decode("utf-8")
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, separator, value = line.partition("=")
+        if separator and key.strip() == "datahash":
+            datahash = value.strip().lower()
+            if not _HEX_SHA256.fullmatch(datahash):
+                raise ValueError(f"datahash is not a hex sha256: {value.strip()!r}")
+            return datahash
+    return None
+

@@ -1,0 +1,87 @@
+"""
+Finding the index entry that a downloaded ``.apk`` must match.
+
+The store may hold the repository's ``APKINDEX.tar.gz``; when it does, a
+package fetched from that repository is checked against its entry while it
+streams (see :class:`buildcache.apk.ApkVerifier`).  Parsed indexes are kept
+in memory, keyed by the stored copy's digest, so a changed index is parsed
+again and an unchanged one never is.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from attrs import Factory, define
+from twisted.logger import Logger
+
+from buildcache.apk import (
+    ApkIndex,
+    ApkIndexEntry,
+    ApkIndexError,
+    ApkVerifier,
+    package_filename,
+    parse_apkindex,
+    repository_index_url,
+)
+from buildcache.store import Store
+
+
+@define
+class ApkIndexes:
+    """
+    Parsed ``APKINDEX.tar.gz`` files from the store, a few at a time.
+    """
+
+    log = Logger()
+
+    store: Store
+    keep: int = 16
+    _parsed: OrderedDict[tuple[str, str], ApkIndex] = Factory(OrderedDict)
+
+    def entry_for(
+        self, package_url: str, key_of: Callable[[str], str]
+    ) -> ApkIndexEntry | None:
+        """
+        The stored index's entry for the package at ``package_url``, or
+        ``None`` when the store has no index for it or the index does not
+        list it.  ``key_of`` maps a URL to its cache key.
+        """
+        index_url = repository_index_url(package_url)
+        filename = package_filename(package_url)
+        if index_url is None or filename is None:
+            return None
+        index = self._load(key_of(index_url))
+        if index is None:
+            return None
+        return index.get(filename)
+
+    def _load(self, index_key: str) -> ApkIndex | None:
+        entry = self.store.peek(index_key)
+        if entry is None or entry.sha256 is None:
+            return None
+        cache_key = (index_key, entry.sha256)
+        parsed = self._parsed.get(cache_key)
+        if parsed is not None:
+            self._parsed.move_to_end(cache_key)
+            return parsed
+        path = self.store.object_path(index_key)
+        try:
+            with open(path, "rb") as f:
+                parsed = parse_apkindex(f)
+        except FileNotFoundError:
+            return None
+        except ApkIndexError as e:
+            self.log.warn(
+                "Stored index {key} cannot be read: {error}", key=index_key, error=str(e)
+            )
+            return None
+        self._parsed[cache_key] = parsed
+        while len(self._parsed) > self.keep:
+            self._parsed.popitem(last=False)
+        return parsed
+
+
+def verifier_for(entry: ApkIndexEntry) -> Callable[[], ApkVerifier]:
+    return lambda: ApkVerifier(entry)

@@ -1,0 +1,199 @@
+"""
+Streaming object bodies to HTTP clients.
+
+A body comes either from a stored file or from a download still arriving
+(its temporary file, read at the client's own pace).  :class:`BodySender`
+writes a byte range of it to a ``twisted.web`` request as a push producer,
+so a slow client only delays its own reads, never the download, and
+memory stays at one chunk per client.  A download that fails part-way ends
+the client's connection without completing the response, so the client's
+HTTP library reports an error instead of a short body.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from attrs import define
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from buildcache.store import StoredObject
+
+CHUNK_SIZE = 256 * 1024
+
+
+class BodySource(Protocol):
+    """
+    Bytes ``[0, available())`` of ``fd`` are readable with ``os.pread``.
+    """
+
+    fd: int
+
+    def available(self) -> int: ...
+
+    def finished(self) -> bool:
+        """
+        True once no more bytes will arrive (successfully or not).
+        """
+
+    def failure(self) -> Failure | None: ...
+
+    def when_more(self, callback: Callable[[], None]) -> None:
+        """
+        Call ``callback`` once, when more bytes arrive or the body ends.
+        """
+
+    def close(self) -> None: ...
+
+
+@define
+class StoredBody:
+    """
+    The body of a stored object: complete from the start.
+    """
+
+    stored: StoredObject
+
+    @property
+    def fd(self) -> int:
+        return self.stored.fd
+
+    def available(self) -> int:
+        return self.stored.entry.size
+
+    def finished(self) -> bool:
+        return True
+
+    def failure(self) -> Failure | None:
+        return None
+
+    def when_more(self, callback: Callable[[], None]) -> None:
+        callback()
+
+    def close(self) -> None:
+        self.stored.close()
+
+
+@implementer(IPushProducer)
+class BodySender:
+    """
+    Writes bytes ``[start, end)`` of a body to a request, then finishes it.
+
+    ``end`` is ``None`` for "until the body ends" (a download of unknown
+    length).  ``on_sent`` is told how many bytes went out, for counters.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        request: IRequest,
+        source: BodySource,
+        start: int = 0,
+        end: int | None = None,
+        on_sent: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self._request = request
+        self._source = source
+        self._offset = start
+        self._end = end
+        self._on_sent = on_sent
+        self._paused = False
+        self._waiting = False
+        self._done = False
+        self._pumping = False
+
+    def start(self) -> None:
+        self._request.notifyFinish().addErrback(self._client_gone)
+        self._request.registerProducer(self, True)
+        self._pump()
+
+    def _client_gone(self, reason: Failure) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if not self._done:
+            self._done = True
+            self._source.close()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._stop()
+
+    def _more_arrived(self) -> None:
+        self._waiting = False
+        self._pump()
+
+    def _pump(self) -> None:
+        # Writing can synchronously pause us (transport buffer full); the
+        # flag keeps a resume from re-entering the loop below.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._pump_loop()
+        finally:
+            self._pumping = False
+
+    def _pump_loop(self) -> None:
+        source = self._source
+        while not (self._done or self._paused or self._waiting):
+            limit = source.available()
+            if self._end is not None:
+                limit = min(limit, self._end)
+            if self._offset < limit:
+                chunk = os.pread(
+                    source.fd, min(CHUNK_SIZE, limit - self._offset), self._offset
+                )
+                if not chunk:
+                    self._fail("the body file ended early")
+                    return
+                self._offset += len(chunk)
+                self._request.write(chunk)
+                self._on_sent(len(chunk))
+                continue
+            if self._end is not None and self._offset >= self._end:
+                self._finish()
+                return
+            if source.finished():
+                failure = source.failure()
+                if failure is None and self._end is None:
+                    self._finish()
+                else:
+                    self._fail(
+                        failure.getErrorMessage() if failure else "body ended early"
+                    )
+                return
+            self._waiting = True
+            source.when_more(self._more_arrived)
+
+    def _finish(self) -> None:
+        self._stop()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _fail(self, why: str) -> None:
+        self.log.warn(
+            "Ending response to {uri} incomplete after {sent} bytes: {why}",
+            uri=self._request.uri,
+            sent=self._offset,
+            why=why,
+        )
+        self._stop()
+        self._request.unregisterProducer()
+        # Closing without finishing the response leaves a short
+        # Content-Length or a chunked body without its last chunk: every
+        # HTTP client treats that as an error, never as a complete file.
+        self._request.loseConnection()

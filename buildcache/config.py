@@ -1,0 +1,739 @@
+"""
+Command-line options of buildcache and their validation.
+
+This module owns every option the server accepts (L{Options}, used by the
+twistd plugin and by C{buildcache.tac}), the parsers for their value syntaxes
+(sizes, durations, endpoints, mirrors, networks, upstream patterns) and the
+frozen L{Config} that the rest of the server is built from.  Nothing here
+touches the network or the reactor; the only side effect is creating the
+cache directory when options are validated.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+import tempfile
+from fractions import Fraction
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.python import usage
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_PROXY_PORT = 8899
+DEFAULT_INDEX_PORT = 3141
+DEFAULT_PROXY_ENDPOINT = f"tcp:{DEFAULT_PROXY_PORT}"
+DEFAULT_INDEX_ENDPOINT = f"tcp:{DEFAULT_INDEX_PORT}"
+DEFAULT_MAX_SIZE = 10 * 1024**3
+DEFAULT_INDEX_TTL = 300.0
+DEFAULT_UPSTREAM_TIMEOUT = 30.0
+LOG_FORMATS = ("text", "json")
+DEFAULT_LOG_FORMAT = "text"
+
+_SIZE_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+_SIZE_PATTERN = re.compile(
+    r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*"
+    r"(?P<unit>[KMGTP]?)(?:I?B)?",
+    re.IGNORECASE,
+)
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PATTERN = re.compile(
+    r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[smhd]?)",
+    re.IGNORECASE,
+)
+_MIRROR_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# A host glob: dot-separated labels of letters, digits, hyphens and the
+# wildcards * and ?, e.g. "*.example.org" or "mirror-?.local".
+_HOST_GLOB_PATTERN = re.compile(r"[a-z0-9*?_-]+(?:\.[a-z0-9*?_-]+)*\.?")
+# Endpoint types whose description carries a listening port.
+_PORTED_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl"})
+
+
+def _network_tuple(values: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    return tuple(values)
+
+
+def _string_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _mirror_tuple(values: Iterable[Mirror]) -> tuple[Mirror, ...]:
+    return tuple(values)
+
+
+def _absolute_path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _without_trailing_slash(url: str) -> str:
+    return url.rstrip("/")
+
+
+def check_http_url(url: str) -> str:
+    """
+    Check that C{url} is an absolute http or https URL with a host, and
+    return it.
+    """
+    try:
+        parts = urlsplit(url)
+        # .port parses lazily: read it so a bad port fails here.
+        parts.port
+    except ValueError as error:
+        raise ValueError(f"{url!r} is not a valid URL: {error}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http or https URL with a host")
+    return url
+
+
+def _check_mirror_name(instance: object, attribute: Any, name: str) -> None:
+    if not _MIRROR_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"mirror name {name!r} must match [a-z0-9][a-z0-9._-]*"
+        )
+
+
+def _check_http_url(instance: object, attribute: Any, url: str) -> None:
+    check_http_url(url)
+
+
+@attrs.frozen
+class Mirror:
+    """
+    A mirror route: requests for C{/NAME/...} on the proxy port are served
+    from C{URL/...}.
+
+    @ivar name: the first path segment of the route.
+    @ivar url: the upstream base URL, http or https, without trailing slash.
+    """
+
+    name: str = attrs.field(validator=_check_mirror_name)
+    url: str = attrs.field(
+        converter=_without_trailing_slash, validator=_check_http_url
+    )
+
+
+DEFAULT_MIRRORS: tuple[Mirror, ...] = (
+    Mirror(name="alpine", url="https://dl-cdn.alpinelinux.org/alpine"),
+)
+
+DEFAULT_ALLOW_FROM: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(cidr)
+    for cidr in (
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+    )
+)
+
+
+@attrs.frozen
+class Config:
+    """
+    The validated configuration of one buildcache server.
+
+    Built by L{Options.postOptions}; tests may build it directly, giving only
+    C{cache_dir}.  The command line resolves C{pypi_upstreams} from pip's own
+    settings when none is given; a directly built C{Config} has no PyPI
+    upstream unless one is passed, so a test never reaches a real registry by
+    accident.
+
+    @ivar cache_dir: absolute path of the store's directory.
+    @ivar proxy_endpoint: server endpoint description of the proxy and
+        mirror front end.
+    @ivar index_endpoint: server endpoint description of the pip index.
+    @ivar max_size: the store's size limit in bytes.
+    @ivar index_ttl: seconds an index file (APKINDEX, simple page) stays
+        fresh before it is revalidated.
+    @ivar upstream_timeout: seconds an upstream may stay silent before the
+        download is abandoned.
+    @ivar mirrors: mirror routes, in the order they were declared.
+    @ivar allow_from: client networks allowed to use the server.
+    @ivar allow_upstream: patterns (see L{upstream_pattern_matches}) of
+        upstreams the forward proxy may reach besides the mirrors.
+    @ivar pypi_upstreams: simple-index base URLs without trailing slash, in
+        priority order.
+    @ivar log_format: C{"text"} or C{"json"}.
+    """
+
+    cache_dir: str = attrs.field(converter=_absolute_path)
+    proxy_endpoint: str = attrs.field(default=DEFAULT_PROXY_ENDPOINT)
+    index_endpoint: str = attrs.field(default=DEFAULT_INDEX_ENDPOINT)
+    max_size: int = attrs.field(
+        default=DEFAULT_MAX_SIZE, validator=attrs.validators.gt(0)
+    )
+    index_ttl: float = attrs.field(
+        default=DEFAULT_INDEX_TTL, converter=float, validator=attrs.validators.ge(0)
+    )
+    upstream_timeout: float = attrs.field(
+        default=DEFAULT_UPSTREAM_TIMEOUT,
+        converter=float,
+        validator=attrs.validators.gt(0),
+    )
+    mirrors: tuple[Mirror, ...] = attrs.field(
+        default=DEFAULT_MIRRORS, converter=_mirror_tuple
+    )
+    allow_from: tuple[IPNetwork, ...] = attrs.field(
+        default=DEFAULT_ALLOW_FROM, converter=_network_tuple
+    )
+    allow_upstream: tuple[str, ...] = attrs.field(
+        default=(), converter=_string_tuple
+    )
+    pypi_upstreams: tuple[str, ...] = attrs.field(
+        default=(), converter=_string_tuple
+    )
+    log_format: str = attrs.field(
+        default=DEFAULT_LOG_FORMAT, validator=attrs.validators.in_(LOG_FORMATS)
+    )
+
+
+# Value parsers.  Each raises ValueError with a message that does not name
+# the option; Options prefixes the option's name.
+
+
+def parse_size(text: str) -> int:
+    """
+    Parse a size in bytes: C{"500M"}, C{"20G"}, C{"1.5T"}, C{"1024K"},
+    C{"1048576"}, optionally followed by C{B} or C{iB}.  Units are powers of
+    1024 and case-insensitive.
+    """
+    match = _SIZE_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a size (examples: 500M, 20G, 1.5T, 1048576)"
+        )
+    # Fraction keeps "1.5T" and long byte counts exact.
+    size = int(Fraction(match["number"]) * 1024 ** _SIZE_UNITS[match["unit"].upper()])
+    if size <= 0:
+        raise ValueError(f"{text!r} is not a positive size")
+    return size
+
+
+def format_size(size: int) -> str:
+    """
+    Write C{size} bytes in the largest unit that keeps it a whole number, as
+    L{parse_size} reads it back: C{10737418240} becomes C{"10G"}.
+    """
+    for unit, power in sorted(_SIZE_UNITS.items(), key=lambda item: -item[1]):
+        if power and size % 1024**power == 0:
+            return f"{size // 1024**power}{unit}"
+    return str(size)
+
+
+def parse_duration(text: str) -> float:
+    """
+    Parse a non-negative duration in seconds: C{"300"}, C{"30s"}, C{"5m"},
+    C{"1h"}, C{"1d"}, with an optional fraction (C{"1.5h"}).
+    """
+    match = _DURATION_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration (examples: 300, 30s, 5m, 1h)"
+        )
+    return float(match["number"]) * _DURATION_UNITS[match["unit"].lower()]
+
+
+def parse_positive_duration(text: str) -> float:
+    """
+    Parse a duration as L{parse_duration} does, refusing zero.
+    """
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """
+    Write a duration as L{parse_duration} reads it back: C{300.0} becomes
+    C{"300s"}.
+    """
+    return f"{seconds:g}s"
+
+
+def _check_port(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"port {text!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not between 1 and 65535")
+    return port
+
+
+def _split_endpoint(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split a server endpoint description into positional and keyword
+    arguments, with the grammar of L{twisted.internet.endpoints}: fields are
+    separated by C{:}, the first C{=} of a field makes it a keyword, and a
+    backslash escapes the next character.
+    """
+    positional: list[str] = []
+    keywords: dict[str, str] = {}
+    fields: list[list[str]] = [[""]]
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            fields[-1][-1] += next(characters, "")
+        elif character == ":":
+            fields.append([""])
+        elif character == "=" and len(fields[-1]) == 1:
+            fields[-1].append("")
+        else:
+            fields[-1][-1] += character
+    for field in fields:
+        if len(field) == 1:
+            positional.append(field[0])
+        else:
+            keywords[field[0]] = field[1]
+    return positional, keywords
+
+
+def _known_plugin_endpoint_types() -> frozenset[str]:
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    return frozenset(
+        plugin.prefix.lower()
+        for plugin in getPlugins(IStreamServerEndpointStringParser)
+    )
+
+
+def parse_endpoint(text: str) -> str:
+    """
+    Parse a listening address: a bare port number becomes C{"tcp:PORT"}; a
+    server endpoint description (C{"tcp:8899:interface=127.0.0.1"},
+    C{"tcp6:port=8899"}, C{"unix:/run/buildcache.sock"},
+    C{"systemd:domain=INET:index=0"}) is checked and returned unchanged.
+    """
+    text = text.strip()
+    if text.isdigit():
+        return f"tcp:{_check_port(text)}"
+    positional, keywords = _split_endpoint(text)
+    endpoint_type = positional[0]
+    arguments = positional[1:]
+    if not endpoint_type:
+        raise ValueError(f"{text!r} is neither a port nor an endpoint description")
+    if endpoint_type in _PORTED_ENDPOINT_TYPES:
+        if "port" in keywords:
+            port = keywords["port"]
+        elif arguments:
+            port = arguments[0]
+        else:
+            raise ValueError(f"endpoint {text!r} has no port")
+        _check_port(port)
+    elif endpoint_type == "unix":
+        if not (arguments and arguments[0]) and not keywords.get("address"):
+            raise ValueError(f"endpoint {text!r} has no socket path")
+    elif endpoint_type.lower() not in _known_plugin_endpoint_types():
+        raise ValueError(f"endpoint type {endpoint_type!r} of {text!r} is unknown")
+    return text
+
+
+def parse_mirror(text: str) -> Mirror:
+    """
+    Parse C{"NAME=URL"} into a L{Mirror}.
+    """
+    name, separator, url = text.partition("=")
+    if not separator:
+        raise ValueError(f"{text!r} is not NAME=URL")
+    return Mirror(name=name.strip(), url=url.strip())
+
+
+def parse_network(text: str) -> IPNetwork:
+    """
+    Parse an address or CIDR network (C{"10.0.0.0/8"}, C{"::1"}); host bits
+    set in a CIDR are cleared (C{"10.1.2.3/8"} is C{10.0.0.0/8}).
+    """
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or network") from None
+
+
+def parse_upstream_pattern(text: str) -> str:
+    """
+    Check and normalise an upstream pattern:
+
+      - a host glob with an optional port: C{"*.example.org"},
+        C{"mirror.local:8080"};
+      - an IP address with an optional port: C{"127.0.0.1:8080"},
+        C{"[::1]:8080"};
+      - an IP network: C{"10.0.0.0/8"}, C{"::1/128"}.
+
+    Host names come back in lower case; an IP network comes back in CIDR
+    form (C{"127.0.0.1"} alone is C{"127.0.0.1/32"}).
+    """
+    pattern = text.strip().lower()
+    if not pattern:
+        raise ValueError("an empty upstream pattern matches nothing")
+    try:
+        return str(ipaddress.ip_network(pattern, strict=False))
+    except ValueError:
+        pass
+    host, port = _split_host_port(pattern)
+    if port is not None:
+        _check_port(port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_GLOB_PATTERN.fullmatch(host):
+            raise ValueError(
+                f"{text!r} is not a host glob, host:port, IP address or network"
+            ) from None
+    return pattern
+
+
+def _split_host_port(text: str) -> tuple[str, str | None]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r} has an unclosed IPv6 address")
+        return host, (rest[1:] if rest else None)
+    host, colon, port = text.partition(":")
+    if colon:
+        return host, port
+    return host, None
+
+
+def upstream_pattern_matches(pattern: str, host: str, port: int) -> bool:
+    """
+    Whether an upstream C{host}:C{port} is covered by C{pattern}, a value
+    returned by L{parse_upstream_pattern}.  Host globs match host names case
+    insensitively (C{*} also crosses dots, and C{*.example.org} does not
+    cover C{example.org} itself); networks match only IP literals, never a
+    name, so no DNS answer can widen them.
+    """
+    host = host.strip("[]").lower().rstrip(".")
+    if "/" in pattern:
+        try:
+            return ipaddress.ip_address(host) in ipaddress.ip_network(pattern)
+        except ValueError:
+            return False
+    pattern_host, pattern_port = _split_host_port(pattern)
+    if pattern_port is not None and int(pattern_port) != port:
+        return False
+    return fnmatch.fnmatchcase(host, pattern_host.rstrip("."))
+
+
+# Environment-dependent defaults.
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> str:
+    """
+    The cache directory used when none is given: systemd's
+    C{$CACHE_DIRECTORY} (the first, when it lists several), else
+    C{$XDG_CACHE_HOME/buildcache}, else C{~/.cache/buildcache}.
+    """
+    systemd_directories = [
+        path for path in environ.get("CACHE_DIRECTORY", "").split(":") if path
+    ]
+    if systemd_directories:
+        return os.path.abspath(systemd_directories[0])
+    xdg_cache_home = environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    if not os.path.isabs(xdg_cache_home):
+        home = environ.get("HOME") or os.path.expanduser("~")
+        xdg_cache_home = os.path.join(home, ".cache")
+    return os.path.abspath(os.path.join(xdg_cache_home, "buildcache"))
+
+
+def pip_configured_index_url() -> str | None:
+    """
+    The C{index-url} from pip's configuration files (what C{pip config get
+    global.index-url} reports, C{[install]} taking precedence as it does for
+    C{pip install}), or L{None} when pip is absent or sets none.
+    """
+    try:
+        from pip._internal.configuration import Configuration
+
+        configuration = Configuration(isolated=False)
+        configuration.load()
+        settings = dict(configuration.items())
+    except Exception:
+        # pip's internals are not an API: any failure means "unknown".
+        return None
+    for key in ("install.index-url", "global.index-url"):
+        if settings.get(key):
+            return str(settings[key])
+    return None
+
+
+def pip_builtin_index_url() -> str | None:
+    """
+    The index pip uses when nothing configures one, read from pip itself, or
+    L{None} when pip is absent.
+    """
+    try:
+        from pip._internal.models.index import PyPI
+
+        return str(PyPI.simple_url)
+    except Exception:
+        return None
+
+
+class NoPyPIUpstream(Exception):
+    """
+    No default PyPI upstream could be found, or the one found is unusable.
+    """
+
+
+def default_pypi_upstreams(
+    environ: Mapping[str, str],
+    configured_index_url: Callable[[], str | None] = pip_configured_index_url,
+    builtin_index_url: Callable[[], str | None] = pip_builtin_index_url,
+) -> tuple[str, ...]:
+    """
+    The index pip itself uses on this machine: C{$PIP_INDEX_URL}, else pip's
+    configured C{index-url}, else pip's built-in default.
+
+    @return: a one-element tuple holding that URL without trailing slash.
+    @raise NoPyPIUpstream: when none is found or it is not http(s).
+    """
+    sources: list[tuple[str, Callable[[], str | None]]] = [
+        ("PIP_INDEX_URL", lambda: environ.get("PIP_INDEX_URL") or None),
+        ("pip's configured index-url", configured_index_url),
+        ("pip's built-in default", builtin_index_url),
+    ]
+    for source, lookup in sources:
+        url = lookup()
+        if url:
+            url = url.strip()
+            try:
+                check_http_url(url)
+            except ValueError as error:
+                raise NoPyPIUpstream(f"{source}: {error}") from None
+            return (_without_trailing_slash(url),)
+    raise NoPyPIUpstream("pip is not installed and PIP_INDEX_URL is not set")
+
+
+def prepare_cache_dir(path: str) -> str:
+    """
+    Create the cache directory if needed and check that files can be
+    written in it.
+
+    @return: its absolute path.
+    @raise ValueError: naming the problem.
+    """
+    path = _absolute_path(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        # Writing a file is the only check that also catches read-only
+        # mounts and does not trust root's permission bypass.
+        probe_fd, probe_path = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(probe_fd)
+        os.unlink(probe_path)
+    except OSError as error:
+        raise ValueError(
+            f"cannot use {path!r} as the cache directory: {error.strerror or error}"
+        ) from None
+    return path
+
+
+def parse_log_format(text: str) -> str:
+    """
+    Check a log format name: C{"text"} or C{"json"}.
+    """
+    if text not in LOG_FORMATS:
+        raise ValueError(f"{text!r} is not one of {', '.join(LOG_FORMATS)}")
+    return text
+
+
+def _coercer(option: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    Wrap C{parse} so that a bad value becomes a L{usage.UsageError} naming
+    C{--option}.
+    """
+
+    def coerce(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise usage.UsageError(f"--{option}: {error}") from None
+
+    return coerce
+
+
+class Options(usage.Options):
+    """
+    buildcache's command line.  After L{parseOptions}, C{self.config} holds
+    the resulting L{Config}.
+
+    @param environ: the environment the defaults are read from
+        (C{os.environ} when omitted).
+    """
+
+    longdesc = (
+        "Caching proxy for Alpine apk, Debian apt and pip on one box. "
+        "Sizes take K/M/G/T suffixes (powers of 1024); durations take "
+        "s/m/h/d suffixes. Endpoints are a port number or a Twisted endpoint "
+        "description such as tcp:8899:interface=127.0.0.1."
+    )
+
+    optParameters = [
+        [
+            "port",
+            None,
+            DEFAULT_PROXY_ENDPOINT,
+            "Endpoint of the HTTP proxy and mirror routes.",
+            _coercer("port", parse_endpoint),
+        ],
+        [
+            "pypi-port",
+            None,
+            DEFAULT_INDEX_ENDPOINT,
+            "Endpoint of the pip simple index.",
+            _coercer("pypi-port", parse_endpoint),
+        ],
+        [
+            "cache-dir",
+            None,
+            None,
+            "Directory of the store, created if missing; $CACHE_DIRECTORY, "
+            "else $XDG_CACHE_HOME/buildcache, else ~/.cache/buildcache.",
+            _coercer("cache-dir", _absolute_path),
+        ],
+        [
+            "max-size",
+            None,
+            DEFAULT_MAX_SIZE,
+            "Size limit of the store (e.g. 500M, 20G, 1.5T).",
+            _coercer("max-size", parse_size),
+        ],
+        [
+            "index-ttl",
+            None,
+            DEFAULT_INDEX_TTL,
+            "Seconds an index (APKINDEX, simple page) stays fresh (e.g. 300, 5m).",
+            _coercer("index-ttl", parse_duration),
+        ],
+        [
+            "upstream-timeout",
+            None,
+            DEFAULT_UPSTREAM_TIMEOUT,
+            "Seconds an upstream may stay silent before the fetch fails.",
+            _coercer("upstream-timeout", parse_positive_duration),
+        ],
+        [
+            "log-format",
+            None,
+            DEFAULT_LOG_FORMAT,
+            "Log output: text or json.",
+            _coercer("log-format", parse_log_format),
+        ],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ: Mapping[str, str] = (
+            os.environ if environ is None else environ
+        )
+        # Method docstrings keep their line breaks and indentation; --help
+        # wraps text itself.
+        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items()}
+        self["cache-dir"] = self.defaults["cache-dir"] = default_cache_dir(
+            self._environ
+        )
+        self["mirror"] = []
+        self["allow-from"] = []
+        self["allow-upstream"] = []
+        self["pypi-upstream"] = []
+        # self.defaults only feeds --help: show values as they are written.
+        self.defaults["max-size"] = format_size(DEFAULT_MAX_SIZE)
+        self.defaults["index-ttl"] = format_duration(DEFAULT_INDEX_TTL)
+        self.defaults["upstream-timeout"] = format_duration(
+            DEFAULT_UPSTREAM_TIMEOUT
+        )
+        self.defaults["mirror"] = " ".join(
+            f"{mirror.name}={mirror.url}" for mirror in DEFAULT_MIRRORS
+        )
+        self.defaults["allow-from"] = " ".join(
+            str(network) for network in DEFAULT_ALLOW_FROM
+        )
+        self.defaults["allow-upstream"] = "none"
+
+    def opt_mirror(self, value: str) -> None:
+        """
+        Mirror route NAME=URL: /NAME/... on the proxy port is served from
+        URL/... Repeatable; a NAME given here replaces the built-in one.
+        """
+        mirror = _coercer("mirror", parse_mirror)(value)
+        if any(known.name == mirror.name for known in self["mirror"]):
+            raise usage.UsageError(f"--mirror: {mirror.name!r} is given twice")
+        self["mirror"].append(mirror)
+
+    def opt_allow_from(self, value: str) -> None:
+        """
+        Client network (CIDR) allowed to use the server. Repeatable; giving
+        any replaces the default list.
+        """
+        self["allow-from"].append(_coercer("allow-from", parse_network)(value))
+
+    def opt_allow_upstream(self, value: str) -> None:
+        """
+        Upstream the forward proxy may reach besides the mirrors: a host glob
+        (*.example.org) with an optional :port, or an IP network. Repeatable.
+        """
+        self["allow-upstream"].append(
+            _coercer("allow-upstream", parse_upstream_pattern)(value)
+        )
+
+    def opt_pypi_upstream(self, value: str) -> None:
+        """
+        Simple-index URL to mirror, in priority order: the first that has a
+        project serves all of it. Repeatable; the default is the index pip
+        uses here (PIP_INDEX_URL, pip's index-url setting, pip's default).
+        """
+        url = _coercer("pypi-upstream", check_http_url)(value.strip())
+        self["pypi-upstream"].append(_without_trailing_slash(url))
+
+    def getUsage(self, width: int | None = None) -> str:
+        # Resolved here, not in __init__, so that only --help and errors pay
+        # for importing pip's configuration code.
+        if "pypi-upstream" not in self.defaults:
+            try:
+                upstreams = " ".join(default_pypi_upstreams(self._environ))
+            except NoPyPIUpstream as error:
+                upstreams = f"none ({error})"
+            self.defaults["pypi-upstream"] = upstreams
+        return super().getUsage(width)
+
+    def postOptions(self) -> None:
+        """
+        Resolve the remaining defaults, create the cache directory, and build
+        C{self.config}.
+        """
+        pypi_upstreams = tuple(self["pypi-upstream"])
+        if not pypi_upstreams:
+            try:
+                pypi_upstreams = default_pypi_upstreams(self._environ)
+            except NoPyPIUpstream as error:
+                raise usage.UsageError(
+                    f"--pypi-upstream: no default ({error}); give one"
+                ) from None
+        given_mirrors: list[Mirror] = self["mirror"]
+        given_names = {mirror.name for mirror in given_mirrors}
+        mirrors = tuple(
+            mirror for mirror in DEFAULT_MIRRORS if mirror.name not in given_names
+        ) + tuple(given_mirrors)
+        cache_dir = _coercer("cache-dir", prepare_cache_dir)(self["cache-dir"])
+        self.config = Config(
+            cache_dir=cache_dir,
+            proxy_endpoint=self["port"],
+            index_endpoint=self["pypi-port"],
+            max_size=self["max-size"],
+            index_ttl=self["index-ttl"],
+            upstream_timeout=self["upstream-timeout"],
+            mirrors=mirrors,
+            allow_from=tuple(self["allow-from"]) or DEFAULT_ALLOW_FROM,
+            allow_upstream=tuple(self["allow-upstream"]),
+            pypi_upstreams=pypi_upstreams,
+            log_format=self["log-format"],
+        )

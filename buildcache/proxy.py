@@ -1,0 +1,434 @@
+"""
+The package proxy on ``--port``: a caching HTTP forward proxy for
+absolute-URI requests (apk, apt, curl with ``HTTP_PROXY``) and mirror
+routes for origin-form requests (``/alpine/v3.20/main/...``), answered
+from the shared store.
+
+This module owns the translation from an HTTP request to a target URL and
+cache key, the order of cache decisions (hit, revalidate, stale, miss) and
+the proxy's own headers (``Via``, ``X-Cache``, ``Connection: keep-alive``).
+Package-format knowledge lives in :mod:`buildcache.freshness`; CONNECT in
+:mod:`buildcache.tunnel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from urllib.parse import unquote, urlsplit
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from buildcache.access import AccessPolicy
+from buildcache.apk import ApkIndexEntry, repository_index_url
+from buildcache.apkcheck import ApkIndexes, verifier_for
+from buildcache.config import Mirror
+from buildcache.freshness import (
+    Decision,
+    Kind,
+    classify,
+    client_cache_control,
+    decide,
+    is_storable,
+)
+from buildcache.respond import (
+    CacheStatus,
+    request_headers,
+    send_error,
+    serve_answer,
+    serve_stored,
+)
+from buildcache.store import IntegrityError, Store, StoredObject
+from buildcache.upstream import (
+    Fetcher,
+    UpstreamAnswer,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamTimeout,
+)
+from buildcache.connect import TargetRefused
+
+VIA = "1.1 buildcache"
+#: Client request headers passed on to the upstream.
+FORWARDED_HEADERS = ("user-agent", "accept", "authorization", "accept-language")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class BadTarget(Exception):
+    """
+    The request names no URL this proxy may fetch; the message says why.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def cache_key(url: str) -> str:
+    """
+    The store key of an upstream URL: host, non-default port, path and
+    query.  The scheme is left out so that ``http://host/x`` fetched
+    through the proxy and ``https://host/x`` behind a mirror route share
+    one entry (package repositories serve the same files on both).
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        host = f"{host}:{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{host}{parts.path or '/'}{query}"
+
+
+def _validators(headers: Mapping[str, str]) -> dict[str, str]:
+    conditional = {}
+    if "etag" in headers:
+        conditional["if-none-match"] = headers["etag"]
+    if "last-modified" in headers:
+        conditional["if-modified-since"] = headers["last-modified"]
+    return conditional
+
+
+@frozen
+class Target:
+    url: str
+    key: str
+    kind: Kind
+    route: str  # "proxy" or the mirror's name
+
+
+def _checked_path(rest: str) -> None:
+    """
+    Refuse a mirror sub-path that could climb out of the mirror's base,
+    however it is encoded.
+    """
+    decoded = unquote(rest)
+    if "\x00" in decoded or "\\" in decoded:
+        raise BadTarget(400, "path contains a NUL byte or a backslash")
+    if any(segment in ("..", ".") for segment in decoded.split("/")):
+        raise BadTarget(400, "path contains a '.' or '..' segment")
+
+
+@frozen
+class Router:
+    """
+    Turns a request target into an upstream URL, or refuses it.
+    """
+
+    mirrors: Sequence[Mirror]
+    policy: AccessPolicy
+
+    def target(self, request: IRequest) -> Target:
+        uri = request.uri.decode("latin-1")
+        if uri.startswith("/"):
+            return self._mirror_target(uri)
+        parts = urlsplit(uri)
+        if parts.scheme != "http":
+            raise BadTarget(
+                400,
+                "only http:// URLs are proxied; https goes through CONNECT,"
+                " or through a mirror route",
+            )
+        if not parts.hostname:
+            raise BadTarget(400, "the URL has no host")
+        if parts.username is not None or parts.password is not None:
+            raise BadTarget(400, "user information in proxied URLs is not accepted")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise BadTarget(400, "the URL has an invalid port")
+        verdict = self.policy.host_allowed(parts.hostname, port)
+        if not verdict:
+            raise BadTarget(403, f"not an allowed upstream: {verdict.reason}")
+        url = parts._replace(fragment="").geturl()
+        return Target(url, cache_key(url), classify(parts.path), "proxy")
+
+    def _mirror_target(self, uri: str) -> Target:
+        name, _, rest = uri[1:].partition("/")
+        for mirror in self.mirrors:
+            if mirror.name == name:
+                break
+        else:
+            known = ", ".join(f"/{m.name}/" for m in self.mirrors)
+            raise BadTarget(
+                404, f"no mirror route /{name}/ (routes: {known}); to proxy, send"
+                " an absolute URL"
+            )
+        path, _, query = rest.partition("?")
+        _checked_path(path)
+        url = f"{mirror.url}/{path}" + (f"?{query}" if query else "")
+        return Target(url, cache_key(url), classify("/" + path), mirror.name)
+
+
+class ProxyResource(Resource):
+    """
+    Serves GET and HEAD through the store; see the module docstring.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        store: Store,
+        fetcher: Fetcher,
+        router: Router,
+        index_ttl: float,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.fetcher = fetcher
+        self.router = router
+        self.index_ttl = index_ttl
+        self.apk_indexes = ApkIndexes(store)
+
+    def render(self, request: IRequest) -> object:
+        client = request.getClientAddress()
+        client_ip = getattr(client, "host", "")
+        if not self.router.policy.client_allowed(client_ip):
+            self.log.warn("Refused client {client}", client=client_ip)
+            send_error(request, 403, f"client {client_ip} is not allowed to use this proxy")
+            return NOT_DONE_YET
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader("allow", "GET, HEAD")
+            send_error(
+                request, 405,
+                f"{request.method.decode('latin-1')} is not served: this cache"
+                " answers GET and HEAD (and CONNECT to port 443)",
+            )
+            return NOT_DONE_YET
+        try:
+            target = self.router.target(request)
+        except BadTarget as e:
+            self.log.info(
+                "Refused {method} {uri}: {reason}",
+                method=request.method.decode("latin-1"),
+                uri=request.uri.decode("latin-1"),
+                reason=str(e),
+            )
+            send_error(request, e.code, str(e))
+            return NOT_DONE_YET
+        request.setHeader("via", VIA)
+        if request.clientproto == b"HTTP/1.1" and not (
+            request.requestHeaders.getRawHeaders(b"connection", [b""])[0].lower()
+            == b"close"
+        ):
+            # apk's libfetch reuses a connection only when it sees this.
+            request.setHeader("connection", "keep-alive")
+        d = Deferred.fromCoroutine(self._serve(request, target))
+        d.addErrback(self._crashed, request)
+        return NOT_DONE_YET
+
+    def _crashed(self, failure: Failure, request: IRequest) -> None:
+        self.log.failure("Proxy failed on {uri}", failure, uri=request.uri)
+        if not request.startedWriting:
+            send_error(request, 500, "internal error")
+        else:
+            request.loseConnection()
+
+    def _upstream_request(
+        self,
+        target: Target,
+        headers: Mapping[str, str],
+        conditional: Mapping[str, str],
+        apk_entry: ApkIndexEntry | None,
+    ) -> UpstreamRequest:
+        forwarded = {k: headers[k] for k in FORWARDED_HEADERS if k in headers}
+        forwarded["via"] = VIA
+        kind = target.kind
+
+        def storable(status: int, response_headers: Mapping[str, str]) -> bool:
+            return is_storable(kind, status, response_headers, headers)
+
+        return UpstreamRequest(
+            key=target.key,
+            url=target.url,
+            headers={**forwarded, **conditional},
+            verify=verifier_for(apk_entry) if apk_entry is not None else None,
+            storable=storable,
+            follow_redirects=target.route != "proxy",
+        )
+
+    async def _serve(self, request: IRequest, target: Target) -> None:
+        headers = request_headers(request)
+        stored = self.store.lookup(target.key)
+        if stored is not None:
+            entry = stored.entry
+            decision = decide(
+                target.kind, entry.headers, entry.validated_at,
+                self.store.clock.seconds(), headers, self.index_ttl,
+            )
+            if decision is Decision.FRESH:
+                self.store.counters.hits += 1
+                self._serve_stored(request, target, stored, CacheStatus.HIT)
+                return
+            await self._revalidate(request, target, headers, stored)
+            return
+        await self._miss(request, target, headers)
+
+    def _serve_stored(
+        self, request: IRequest, target: Target, stored: StoredObject,
+        status: CacheStatus,
+    ) -> None:
+        serve_stored(
+            request, stored, status, self.store.counters,
+            cache_control=client_cache_control(
+                target.kind, self.index_ttl, stored.entry.headers
+            ),
+        )
+
+    async def _revalidate(
+        self, request: IRequest, target: Target, headers: Mapping[str, str],
+        stored: StoredObject,
+    ) -> None:
+        upstream = self._upstream_request(
+            target, headers, _validators(stored.entry.headers), None
+        )
+        try:
+            answer = await self.fetcher.fetch(upstream)
+        except TargetRefused as e:
+            stored.close()
+            send_error(request, 403, str(e))
+            return
+        except UpstreamError as e:
+            self._serve_stale(request, target, stored, str(e))
+            return
+        if answer.status == 304:
+            stored.close()
+            fresh = self.store.lookup(target.key)
+            if fresh is None:
+                await self._miss(request, target, headers)
+                return
+            self.store.counters.revalidations += 1
+            self._serve_stored(request, target, fresh, CacheStatus.REVALIDATED)
+            return
+        if answer.status >= 500:
+            assert answer.body is not None
+            answer.body.close()
+            self._serve_stale(request, target, stored, f"upstream answered {answer.status}")
+            return
+        stored.close()
+        self.store.counters.misses += 1
+        self._serve_answer(request, target, answer)
+
+    def _serve_stale(
+        self, request: IRequest, target: Target, stored: StoredObject, why: str
+    ) -> None:
+        self.log.warn(
+            "Serving stale {key}: revalidation failed: {why}", key=target.key, why=why
+        )
+        self.store.counters.hits += 1
+        self._serve_stored(request, target, stored, CacheStatus.STALE)
+
+    def _serve_answer(
+        self, request: IRequest, target: Target, answer: UpstreamAnswer
+    ) -> None:
+        serve_answer(
+            request, answer, self.store.counters,
+            cache_control=client_cache_control(target.kind, self.index_ttl, answer.headers),
+        )
+
+    async def _miss(
+        self, request: IRequest, target: Target, headers: Mapping[str, str]
+    ) -> None:
+        self.store.counters.misses += 1
+        apk_entry = self.apk_indexes.entry_for(target.url, cache_key)
+        try:
+            answer = await self.fetcher.fetch(
+                self._upstream_request(target, headers, {}, apk_entry)
+            )
+        except IntegrityError as e:
+            if apk_entry is None:
+                send_error(request, 502, f"upstream sent a bad body: {e}")
+                return
+            answer_or_none = await self._retry_with_fresh_index(
+                request, target, headers, apk_entry, str(e)
+            )
+            if answer_or_none is None:
+                return
+            answer = answer_or_none
+        except TargetRefused as e:
+            send_error(request, 403, str(e))
+            return
+        except UpstreamTimeout as e:
+            send_error(request, 504, str(e))
+            return
+        except UpstreamError as e:
+            send_error(request, 502, str(e))
+            return
+        self._serve_answer(request, target, answer)
+
+    async def _retry_with_fresh_index(
+        self,
+        request: IRequest,
+        target: Target,
+        headers: Mapping[str, str],
+        old_entry: ApkIndexEntry,
+        why: str,
+    ) -> UpstreamAnswer | None:
+        """
+        A package failed its index check: the index may just be older than
+        the package, so revalidate the index once and try again with its
+        new entry; if the entry is unchanged the package is bad.
+        """
+        index_url = repository_index_url(target.url)
+        assert index_url is not None
+        index_key = cache_key(index_url)
+        index_entry = self.store.peek(index_key)
+        conditional = _validators(index_entry.headers) if index_entry else {}
+        index_target = Target(index_url, index_key, Kind.INDEX, target.route)
+        try:
+            answer = await self.fetcher.fetch(
+                self._upstream_request(index_target, {}, conditional, None)
+            )
+            if answer.body is not None:
+                # Wait for the whole index to be committed before reading it.
+                await _drained(answer)
+        except UpstreamError as e:
+            self.log.warn("Could not revalidate {key}: {error}", key=index_key, error=str(e))
+        new_entry = self.apk_indexes.entry_for(target.url, cache_key)
+        if new_entry is None or new_entry == old_entry:
+            self.log.error(
+                "Refusing {url}: it does not match its index entry: {why}",
+                url=target.url, why=why,
+            )
+            send_error(request, 502, f"package does not match its index entry: {why}")
+            return None
+        try:
+            return await self.fetcher.fetch(
+                self._upstream_request(target, headers, {}, new_entry)
+            )
+        except (UpstreamError, IntegrityError) as e:
+            self.log.error(
+                "Refusing {url}: it does not match its index entry: {error}",
+                url=target.url, error=str(e),
+            )
+            send_error(request, 502, f"package does not match its index entry: {e}")
+            return None
+
+
+def _drained(answer: UpstreamAnswer) -> Deferred[None]:
+    """
+    Fires when the download behind ``answer`` has ended (and so has been
+    committed, if it was storable); releases the answer's body.
+    """
+    body = answer.body
+    assert body is not None
+    done: Deferred[None] = Deferred()
+
+    def check() -> None:
+        if body.finished():
+            body.close()
+            done.callback(None)
+        else:
+            body.when_more(check)
+
+    check()
+    return done

@@ -1,0 +1,176 @@
+"""
+Answering a ``twisted.web`` request with a stored object or an upstream
+answer: status, replayed headers, ``X-Cache``, conditional 304, single byte
+ranges, HEAD, and the streamed body.  Both front ends answer through here,
+so every cached response behaves the same whichever port served it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from twisted.web.iweb import IRequest
+
+from buildcache.body import BodySender, BodySource, StoredBody
+from buildcache.freshness import RangeOutcome, not_modified, parse_range
+from buildcache.store import Counters, StoredObject
+from buildcache.upstream import REPLAYED_HEADERS, UpstreamAnswer
+
+#: Upstream headers passed to clients: those stored with an object, and
+#: those that give meaning to an error or redirect (which are not stored).
+_PASSED_ON = (REPLAYED_HEADERS - {"date"}) | {"location", "retry-after", "www-authenticate"}
+
+
+class CacheStatus(enum.Enum):
+    """
+    How a response was served, sent as ``X-Cache``.
+    """
+
+    HIT = "HIT"
+    MISS = "MISS"
+    REVALIDATED = "REVALIDATED"
+    STALE = "STALE"
+
+
+def request_headers(request: IRequest) -> dict[str, str]:
+    """
+    The request's headers as one lowercase-keyed dict.
+    """
+    return {
+        name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
+        for name, values in request.requestHeaders.getAllRawHeaders()
+    }
+
+
+def _set_headers(
+    request: IRequest,
+    headers: Mapping[str, str],
+    status: CacheStatus,
+    cache_control: str | None,
+    extra: Mapping[str, str],
+) -> None:
+    for name, value in headers.items():
+        if name in _PASSED_ON:
+            request.setHeader(name, value)
+    if cache_control is not None:
+        request.setHeader("cache-control", cache_control)
+    request.setHeader("x-cache", status.value)
+    for name, value in extra.items():
+        request.setHeader(name, value)
+
+
+def _send(
+    request: IRequest,
+    source: BodySource,
+    size: int | None,
+    headers: Mapping[str, str],
+    stored_at: float | None,
+    on_sent: object,
+) -> None:
+    """
+    Send ``source`` (``size`` bytes, or unknown) honouring conditionals,
+    Range and HEAD; headers other than length and range are already set.
+    """
+    wanted = request_headers(request)
+    if not_modified(wanted, headers, stored_at):
+        request.setResponseCode(304)
+        source.close()
+        request.finish()
+        return
+    if size is None:
+        # Length unknown until the download ends: whole body, chunked.
+        BodySender(request, source, 0, None, on_sent).start()  # type: ignore[arg-type]
+        return
+    request.setHeader("accept-ranges", "bytes")
+    ranged = parse_range(
+        wanted.get("range"), size, if_range=wanted.get("if-range"),
+        stored_headers=headers,
+    )
+    if ranged.outcome is RangeOutcome.UNSATISFIABLE:
+        request.setResponseCode(416)
+        request.setHeader("content-range", ranged.content_range or "")
+        request.setHeader("content-length", "0")
+        source.close()
+        request.finish()
+        return
+    if ranged.outcome is RangeOutcome.PARTIAL:
+        request.setResponseCode(206)
+        request.setHeader("content-range", ranged.content_range or "")
+    request.setHeader("content-length", str(ranged.length))
+    if request.method == b"HEAD" or ranged.length == 0:
+        source.close()
+        request.finish()
+        return
+    BodySender(
+        request, source, ranged.start, ranged.end + 1, on_sent  # type: ignore[arg-type]
+    ).start()
+
+
+def serve_stored(
+    request: IRequest,
+    stored: StoredObject,
+    status: CacheStatus,
+    counters: Counters,
+    cache_control: str | None = None,
+    extra_headers: Mapping[str, str] = {},
+) -> None:
+    """
+    Answer from the store (a HIT, REVALIDATED or STALE response).
+    """
+    entry = stored.entry
+    _set_headers(request, entry.headers, status, cache_control, extra_headers)
+    request.setResponseCode(200)
+
+    def sent_from_cache(n: int) -> None:
+        counters.bytes_from_cache += n
+
+    _send(request, StoredBody(stored), entry.size, entry.headers,
+          entry.fetched_at, sent_from_cache)
+
+
+def serve_answer(
+    request: IRequest,
+    answer: UpstreamAnswer,
+    counters: Counters,
+    cache_control: str | None = None,
+    extra_headers: Mapping[str, str] = {},
+) -> None:
+    """
+    Answer with a download (a MISS), streaming it as it arrives.
+
+    A 200 gets the same conditional and range handling as a hit: the
+    whole object is being fetched into the cache and the requested range is
+    served from it as soon as those bytes are there.  Other statuses pass
+    through unchanged.
+    """
+    assert answer.body is not None
+    headers = answer.headers
+    _set_headers(request, headers, CacheStatus.MISS, cache_control, extra_headers)
+    request.setResponseCode(answer.status)
+    length = headers.get("content-length")
+    size = int(length) if length is not None and length.isdigit() else None
+    if answer.status != 200:
+        if size is not None:
+            request.setHeader("content-length", str(size))
+        if request.method == b"HEAD":
+            answer.body.close()
+            request.finish()
+            return
+        BodySender(request, answer.body, 0, size).start()
+        return
+    _send(request, answer.body, size, headers, None, lambda n: None)
+
+
+def send_error(request: IRequest, code: int, message: str) -> None:
+    """
+    Finish ``request`` with ``code`` and a one-line plain-text explanation.
+    """
+    body = f"{code} {message}\n".encode("utf-8", "replace")
+    request.setResponseCode(code)
+    request.setHeader("content-type", "text/plain; charset=utf-8")
+    request.setHeader("content-length", str(len(body)))
+    request.setHeader("cache-control", "no-store")
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()

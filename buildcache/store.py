@@ -1,0 +1,662 @@
+"""
+The durable cache store: object files under the cache directory, their
+metadata in an SQLite index, LRU eviction under a size limit, start-up
+reconciliation, and the counters the status page reads.
+
+Layout of a cache directory::
+
+    index.sqlite        metadata (WAL mode), one row per stored object
+    objects/ab/<name>   object bodies, <name> is the sha256 of the cache key
+    tmp/                bodies being written; emptied at start-up
+    lock                held (flock) by the one server using the directory
+
+An object becomes visible only after its body has been checked, fsynced and
+renamed into ``objects/`` and its row committed.  The order (file first, row
+second; row first, file second on removal) means a crash leaves at worst a
+file without a row, which start-up removes.
+
+The store knows nothing about HTTP front ends: keys are opaque strings and
+headers are an opaque mapping the front ends replay.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from attrs import Factory, define, field, frozen
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+#: ``PRAGMA application_id`` of a buildcache index ("bcac").
+APPLICATION_ID = 0x62636163
+SCHEMA_VERSION = 1
+INDEX_NAME = "index.sqlite"
+_SCHEMA = """
+CREATE TABLE entries (
+    key TEXT PRIMARY KEY,
+    file TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    headers TEXT NOT NULL,
+    sha256 TEXT,
+    fetched_at REAL NOT NULL,
+    validated_at REAL NOT NULL,
+    last_access REAL NOT NULL
+);
+CREATE INDEX entries_lru ON entries (last_access);
+"""
+
+
+class StoreError(Exception):
+    """
+    The cache directory cannot be used; the message says why and what to do.
+    """
+
+
+class IntegrityError(Exception):
+    """
+    A body did not match what was expected of it, and was not stored.
+    """
+
+
+def object_name(key: str) -> str:
+    """
+    A new file name for a version of ``key``'s body: the key's digest
+    (for the fan-out directory and for people looking) and a random part,
+    so a new version never overwrites the file of the row still in force.
+    """
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return f"{digest}.{secrets.token_hex(6)}"
+
+
+def _file_path(directory: str, name: str) -> str:
+    return os.path.join(directory, "objects", name[:2], name)
+
+
+@frozen
+class Entry:
+    """
+    The metadata of one stored object.
+    """
+
+    key: str
+    size: int
+    headers: Mapping[str, str] = field(eq=False, hash=False)
+    sha256: str | None
+    fetched_at: float
+    validated_at: float
+    last_access: float
+    file: str = field(default="", eq=False)
+
+
+@define
+class StoredObject:
+    """
+    An open stored object: ``fd`` stays readable (``os.pread``) until
+    :meth:`close`, even if the entry is evicted or replaced meanwhile.
+    """
+
+    entry: Entry
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@frozen
+class StoreStats:
+    """
+    One consistent snapshot of the store's counters and size.
+    """
+
+    hits: int
+    misses: int
+    revalidations: int
+    bytes_from_cache: int
+    bytes_from_upstream: int
+    evictions: int
+    entries: int
+    bytes_stored: int
+    max_size: int
+
+
+@define
+class Counters:
+    """
+    Running totals since start-up, bumped by whoever serves a request.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    revalidations: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_upstream: int = 0
+    evictions: int = 0
+
+
+class ObjectWriter:
+    """
+    Streams one body into a temporary file in the cache tree.
+
+    The same descriptor is readable with ``os.pread`` while the body is
+    still arriving, which is how concurrent clients of one download follow
+    it; :meth:`reader_fd` hands out independent descriptors for them.
+    """
+
+    def __init__(self, store: Store, key: str, path: str, fd: int) -> None:
+        self._store = store
+        self.key = key
+        self.path = path
+        self._fd = fd
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._hash.update(data)
+        self.size += len(data)
+
+    def reader_fd(self) -> int:
+        """
+        A new descriptor on the body being written; the caller closes it.
+        """
+        return os.dup(self._fd)
+
+    def commit(
+        self,
+        headers: Mapping[str, str],
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> Entry | None:
+        """
+        Check, fsync and publish the body under the writer's key.
+
+        Raises :class:`IntegrityError` (and stores nothing) when the size or
+        digest differs from what was expected. Returns ``None`` when the
+        object is larger than the whole cache and so is not kept.
+        """
+        digest = self._hash.hexdigest()
+        try:
+            if expected_size is not None and self.size != expected_size:
+                raise IntegrityError(
+                    f"expected {expected_size} bytes, received {self.size}"
+                )
+            if expected_sha256 is not None and digest != expected_sha256.lower():
+                raise IntegrityError(
+                    f"expected sha256 {expected_sha256}, received {digest}"
+                )
+        except IntegrityError:
+            self.abort()
+            raise
+        if not self._store.fits(self.size):
+            self._store.log.info(
+                "Not storing {key}: {size} bytes exceed the cache size limit",
+                key=self.key,
+                size=self.size,
+            )
+            self.abort()
+            return None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self.closed = True
+        return self._store._publish(self.key, self.path, self.size, digest, headers)
+
+    def abort(self) -> None:
+        """
+        Forget the body; descriptors from :meth:`reader_fd` stay readable.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        os.close(self._fd)
+        _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@define
+class Store:
+    """
+    The on-disk store shared by every front end.
+
+    Open one with :meth:`open`; call :meth:`flush` now and then (the service
+    does) to write batched access times, and :meth:`close` at shutdown.
+    """
+
+    log = Logger()
+
+    directory: str
+    max_size: int
+    clock: IReactorTime
+    _db: sqlite3.Connection
+    _lock_fd: int
+    total_size: int = 0
+    entry_count: int = 0
+    counters: Counters = Factory(Counters)
+    _pending_access: dict[str, float] = Factory(dict)
+    _temp_serial: int = 0
+
+    @classmethod
+    def open(cls, directory: str, max_size: int, clock: IReactorTime) -> Store:
+        """
+        Open (creating if needed) the cache in ``directory`` and reconcile
+        it with its index.
+
+        Raises :class:`StoreError` with an explanation when the directory
+        is unusable, locked by another server, or holds an index that is not
+        a buildcache index or is corrupt.  Such an index is never deleted:
+        it may belong to someone else.
+        """
+        directory = os.path.abspath(directory)
+        try:
+            for sub in ("objects", "tmp"):
+                os.makedirs(os.path.join(directory, sub), exist_ok=True)
+            lock_fd = os.open(
+                os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o644
+            )
+        except OSError as e:
+            raise StoreError(f"cannot use cache directory {directory}: {e}") from e
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(lock_fd)
+            raise StoreError(
+                f"cache directory {directory} is in use by another buildcache "
+                "server; give each server its own --cache-dir"
+            ) from e
+        try:
+            db = open_index(directory)
+        except StoreError:
+            os.close(lock_fd)
+            raise
+        store = cls(directory, max_size, clock, db, lock_fd)
+        try:
+            store._reconcile()
+        except (OSError, sqlite3.DatabaseError) as e:
+            store.close()
+            raise StoreError(f"cannot reconcile cache directory {directory}: {e}") from e
+        return store
+
+    # -- reading ---------------------------------------------------------
+
+    def _row(self, key: str) -> Entry | None:
+        row = self._db.execute(
+            "SELECT key, size, headers, sha256, fetched_at, validated_at,"
+            " last_access, file FROM entries WHERE key = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            return None
+        return _entry_from_row(row, self._pending_access.get(key))
+
+    def peek(self, key: str) -> Entry | None:
+        """
+        The entry stored under ``key``, without counting it as an access.
+        """
+        return self._row(key)
+
+    def lookup(self, key: str) -> StoredObject | None:
+        """
+        Open the object stored under ``key`` and record the access.
+
+        The access time is batched in memory: a hit costs no disk write.
+        """
+        entry = self._row(key)
+        if entry is None:
+            return None
+        try:
+            fd = os.open(_file_path(self.directory, entry.file), os.O_RDONLY)
+        except FileNotFoundError:
+            self.log.warn("Index row without a file for {key}; dropping it", key=key)
+            self._delete_rows([(key, entry.size, entry.file)])
+            return None
+        self._pending_access[key] = self.clock.seconds()
+        return StoredObject(entry, fd)
+
+    def object_path(self, key: str) -> str | None:
+        """
+        The file holding ``key``'s current body, or None.
+        """
+        entry = self._row(key)
+        return None if entry is None else _file_path(self.directory, entry.file)
+
+    def keys(self) -> Iterator[Entry]:
+        """
+        Every entry, in no particular order (for admin tools and tests).
+        """
+        for row in self._db.execute(
+            "SELECT key, size, headers, sha256, fetched_at, validated_at,"
+            " last_access, file FROM entries"
+        ).fetchall():
+            yield _entry_from_row(row, self._pending_access.get(row[0]))
+
+    # -- writing ---------------------------------------------------------
+
+    def fits(self, size: int) -> bool:
+        return size <= self.max_size
+
+    def writer(self, key: str) -> ObjectWriter:
+        """
+        Start writing a new body for ``key``; nothing is visible until
+        :meth:`ObjectWriter.commit`.
+        """
+        self._temp_serial += 1
+        path = os.path.join(
+            self.directory, "tmp", f"{os.getpid()}-{self._temp_serial}.part"
+        )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        return ObjectWriter(self, key, path, fd)
+
+    def _publish(
+        self, key: str, temp_path: str, size: int, digest: str,
+        headers: Mapping[str, str],
+    ) -> Entry:
+        name = object_name(key)
+        final = _file_path(self.directory, name)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(temp_path, final)
+        _fsync_directory(os.path.dirname(final))
+        now = self.clock.seconds()
+        old = self._db.execute(
+            "SELECT size, file FROM entries WHERE key = ?", (key,)
+        ).fetchone()
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
+                " fetched_at, validated_at, last_access)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, name, size, json.dumps(dict(headers)), digest, now, now, now),
+            )
+        self._pending_access.pop(key, None)
+        if old is None:
+            self.entry_count += 1
+        else:
+            self.total_size -= old[0]
+            # Readers of the old version keep their descriptors.
+            _unlink_quietly(_file_path(self.directory, old[1]))
+        self.total_size += size
+        self.log.debug("Stored {key} ({size} bytes)", key=key, size=size)
+        self._evict(keep=key)
+        return Entry(key, size, dict(headers), digest, now, now, now, name)
+
+    def mark_validated(
+        self, key: str, headers: Mapping[str, str] | None = None
+    ) -> Entry | None:
+        """
+        Record that upstream confirmed the stored copy (a 304), merging
+        any refreshed headers.
+        """
+        entry = self._row(key)
+        if entry is None:
+            return None
+        merged = dict(entry.headers)
+        if headers:
+            merged.update(headers)
+        now = self.clock.seconds()
+        with self._db:
+            self._db.execute(
+                "UPDATE entries SET validated_at = ?, headers = ? WHERE key = ?",
+                (now, json.dumps(merged), key),
+            )
+        return Entry(
+            key, entry.size, merged, entry.sha256, entry.fetched_at, now,
+            entry.last_access, entry.file,
+        )
+
+    def remove(self, key: str) -> bool:
+        entry = self._row(key)
+        if entry is None:
+            return False
+        self._delete_rows([(key, entry.size, entry.file)])
+        return True
+
+    def _delete_rows(self, victims: list[tuple[str, int, str]]) -> None:
+        with self._db:
+            self._db.executemany(
+                "DELETE FROM entries WHERE key = ?", [(k,) for k, _, _ in victims]
+            )
+        for key, size, name in victims:
+            self._pending_access.pop(key, None)
+            _unlink_quietly(_file_path(self.directory, name))
+            self.total_size -= size
+            self.entry_count -= 1
+
+    def _evict(self, keep: str | None = None) -> None:
+        """
+        Remove least recently used entries until the total fits.
+
+        Readers holding a descriptor keep reading: unlinking does not cut
+        an open file short.
+        """
+        if self.total_size <= self.max_size:
+            return
+        self.flush()
+        while self.total_size > self.max_size:
+            rows = self._db.execute(
+                "SELECT key, size, file FROM entries WHERE key != ?"
+                " ORDER BY last_access LIMIT 64",
+                (keep or "",),
+            ).fetchall()
+            if not rows:
+                break
+            victims = []
+            excess = self.total_size - self.max_size
+            for key, size, name in rows:
+                victims.append((key, size, name))
+                excess -= size
+                if excess <= 0:
+                    break
+            self._delete_rows(victims)
+            self.counters.evictions += len(victims)
+            for key, size, _ in victims:
+                self.log.info("Evicted {key} ({size} bytes)", key=key, size=size)
+
+    def set_max_size(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._evict()
+
+    # -- housekeeping ----------------------------------------------------
+
+    def flush(self) -> None:
+        """
+        Write batched access times in one transaction (no fsync in WAL mode
+        with synchronous=NORMAL).
+        """
+        if not self._pending_access:
+            return
+        pending, self._pending_access = self._pending_access, {}
+        with self._db:
+            self._db.executemany(
+                "UPDATE entries SET last_access = ? WHERE key = ?",
+                [(when, key) for key, when in pending.items()],
+            )
+
+    def close(self) -> None:
+        if self._lock_fd < 0:
+            return
+        self.flush()
+        self._db.close()
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def stats(self) -> StoreStats:
+        c = self.counters
+        return StoreStats(
+            hits=c.hits,
+            misses=c.misses,
+            revalidations=c.revalidations,
+            bytes_from_cache=c.bytes_from_cache,
+            bytes_from_upstream=c.bytes_from_upstream,
+            evictions=c.evictions,
+            entries=self.entry_count,
+            bytes_stored=self.total_size,
+            max_size=self.max_size,
+        )
+
+    def _reconcile(self) -> None:
+        """
+        Bring files and rows into agreement without reading any body:
+        remove interrupted writes, files without rows, and rows whose file
+        is missing or has the wrong size.
+        """
+        started = time.monotonic()
+        temp_dir = os.path.join(self.directory, "tmp")
+        removed_temp = 0
+        for name in os.listdir(temp_dir):
+            _unlink_quietly(os.path.join(temp_dir, name))
+            removed_temp += 1
+        rows = {
+            name: (key, size, name)
+            for key, name, size in self._db.execute(
+                "SELECT key, file, size FROM entries"
+            )
+        }
+        seen: set[str] = set()
+        orphans = 0
+        bad: list[tuple[str, int, str]] = []
+        objects = os.path.join(self.directory, "objects")
+        for fanout in os.scandir(objects):
+            if not fanout.is_dir(follow_symlinks=False):
+                continue
+            for item in os.scandir(fanout.path):
+                row = rows.get(item.name)
+                if row is None:
+                    _remove_foreign(item)
+                    orphans += 1
+                elif item.stat(follow_symlinks=False).st_size != row[1]:
+                    bad.append(row)
+                else:
+                    seen.add(item.name)
+        missing = [row for name, row in rows.items() if name not in seen]
+        # Rows of bad files and missing files are both dropped; _delete_rows
+        # also unlinks, which is harmless for a file that is not there.
+        dropped = {row[0]: row for row in bad + missing}
+        self.entry_count = len(rows)
+        self.total_size = sum(size for _, size, _ in rows.values())
+        if dropped:
+            self._delete_rows(list(dropped.values()))
+        self.log.info(
+            "Cache {directory}: {entries} entries, {size} bytes; removed"
+            " {temp} interrupted writes, {orphans} orphan files, {dropped}"
+            " rows without a good file in {elapsed:.3f}s",
+            directory=self.directory,
+            entries=self.entry_count,
+            size=self.total_size,
+            temp=removed_temp,
+            orphans=orphans,
+            dropped=len(dropped),
+            elapsed=time.monotonic() - started,
+        )
+        self._evict()
+
+
+def _remove_foreign(item: os.DirEntry[str]) -> None:
+    """
+    Remove something in ``objects/`` that no row names (an interrupted
+    publish, or debris); a stray directory goes too, being ours by place.
+    """
+    if item.is_dir(follow_symlinks=False):
+        shutil.rmtree(item.path, ignore_errors=True)
+    else:
+        _unlink_quietly(item.path)
+
+
+def _entry_from_row(row: tuple[Any, ...], pending_access: float | None) -> Entry:
+    key, size, headers, sha256, fetched_at, validated_at, last_access, file = row
+    return Entry(
+        key=key,
+        size=size,
+        headers=json.loads(headers),
+        sha256=sha256,
+        fetched_at=fetched_at,
+        validated_at=validated_at,
+        last_access=pending_access if pending_access is not None else last_access,
+        file=file,
+    )
+
+
+def open_index(directory: str) -> sqlite3.Connection:
+    """
+    Open or create the SQLite index of a cache directory.
+
+    An index that is corrupt or belongs to another program is refused with
+    a :class:`StoreError` naming the file: buildcache does not delete what
+    it cannot identify.
+    """
+    path = os.path.join(directory, INDEX_NAME)
+    advice = (
+        f"move {path} aside (buildcache then starts with an empty index and"
+        " removes the object files it no longer knows)"
+    )
+    try:
+        db = sqlite3.connect(path)
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = [
+            name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )
+        ]
+    except sqlite3.DatabaseError as e:
+        db.close()
+        raise StoreError(f"{path} is not a readable SQLite database ({e}); {advice}") from e
+    if application_id == 0 and not tables:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            # One transaction: a crash cannot leave tables without the
+            # application id that marks them as ours.
+            db.executescript(
+                "BEGIN;" + _SCHEMA + f"PRAGMA application_id = {APPLICATION_ID};"
+                f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise StoreError(f"cannot create the cache index {path}: {e}") from e
+    elif application_id != APPLICATION_ID:
+        db.close()
+        raise StoreError(f"{path} is not a buildcache index (it belongs to another program); {advice}")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has index schema version {version}, this buildcache"
+                f" reads version {SCHEMA_VERSION}; {advice}"
+            )
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise StoreError(f"{path} is corrupt ({check}); {advice}")
+    except sqlite3.DatabaseError as e:
+        db.close()
+        raise StoreError(f"{path} is corrupt ({e}); {advice}") from e
+    except StoreError:
+        db.close()
+        raise
+    return db
