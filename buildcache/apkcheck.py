@@ -67,6 +67,8 @@ class ApkIndexes:
             self._parsed.move_to_end(cache_key)
             return parsed
         path = self.store.object_path(index_key)
+        if path is None:
+            return None
         try:
             with open(path, "rb") as f:
                 parsed = parse_apkindex(f)

@@ -19,7 +19,7 @@ from typing import Protocol
 from attrs import define
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
@@ -33,7 +33,8 @@ class BodySource(Protocol):
     Bytes ``[0, available())`` of ``fd`` are readable with ``os.pread``.
     """
 
-    fd: int
+    @property
+    def fd(self) -> int: ...
 
     def available(self) -> int: ...
 
@@ -93,7 +94,7 @@ class BodySender:
 
     def __init__(
         self,
-        request: IRequest,
+        request: Request,
         source: BodySource,
         start: int = 0,
         end: int | None = None,

@@ -11,7 +11,6 @@ cache directory when options are validated.
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import os
 import re
@@ -23,6 +22,8 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.python import usage
+
+from buildcache.access import DEFAULT_ALLOW_FROM, UpstreamPattern
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -48,9 +49,6 @@ _DURATION_PATTERN = re.compile(
     re.IGNORECASE,
 )
 _MIRROR_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-# A host glob: dot-separated labels of letters, digits, hyphens and the
-# wildcards * and ?, e.g. "*.example.org" or "mirror-?.local".
-_HOST_GLOB_PATTERN = re.compile(r"[a-z0-9*?_-]+(?:\.[a-z0-9*?_-]+)*\.?")
 # Endpoint types whose description carries a listening port.
 _PORTED_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl"})
 
@@ -122,18 +120,6 @@ DEFAULT_MIRRORS: tuple[Mirror, ...] = (
     Mirror(name="alpine", url="https://dl-cdn.alpinelinux.org/alpine"),
 )
 
-DEFAULT_ALLOW_FROM: tuple[IPNetwork, ...] = tuple(
-    ipaddress.ip_network(cidr)
-    for cidr in (
-        "127.0.0.0/8",
-        "::1/128",
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "fc00::/7",
-    )
-)
-
 
 @attrs.frozen
 class Config:
@@ -157,7 +143,7 @@ class Config:
         download is abandoned.
     @ivar mirrors: mirror routes, in the order they were declared.
     @ivar allow_from: client networks allowed to use the server.
-    @ivar allow_upstream: patterns (see L{upstream_pattern_matches}) of
+    @ivar allow_upstream: patterns (see L{buildcache.access.UpstreamPattern}) of
         upstreams the forward proxy may reach besides the mirrors.
     @ivar pypi_upstreams: simple-index base URLs without trailing slash, in
         priority order.
@@ -360,67 +346,13 @@ def parse_network(text: str) -> IPNetwork:
 
 def parse_upstream_pattern(text: str) -> str:
     """
-    Check and normalise an upstream pattern:
-
-      - a host glob with an optional port: C{"*.example.org"},
-        C{"mirror.local:8080"};
-      - an IP address with an optional port: C{"127.0.0.1:8080"},
-        C{"[::1]:8080"};
-      - an IP network: C{"10.0.0.0/8"}, C{"::1/128"}.
-
-    Host names come back in lower case; an IP network comes back in CIDR
-    form (C{"127.0.0.1"} alone is C{"127.0.0.1/32"}).
+    Check an upstream pattern (see L{buildcache.access.UpstreamPattern}:
+    a host glob such as C{"*.example.org"}, optionally with C{:port}; an IP
+    address or network such as C{"10.0.0.0/8"}) and return it stripped.
     """
-    pattern = text.strip().lower()
-    if not pattern:
-        raise ValueError("an empty upstream pattern matches nothing")
-    try:
-        return str(ipaddress.ip_network(pattern, strict=False))
-    except ValueError:
-        pass
-    host, port = _split_host_port(pattern)
-    if port is not None:
-        _check_port(port)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOST_GLOB_PATTERN.fullmatch(host):
-            raise ValueError(
-                f"{text!r} is not a host glob, host:port, IP address or network"
-            ) from None
+    pattern = text.strip()
+    UpstreamPattern.parse(pattern)
     return pattern
-
-
-def _split_host_port(text: str) -> tuple[str, str | None]:
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r} has an unclosed IPv6 address")
-        return host, (rest[1:] if rest else None)
-    host, colon, port = text.partition(":")
-    if colon:
-        return host, port
-    return host, None
-
-
-def upstream_pattern_matches(pattern: str, host: str, port: int) -> bool:
-    """
-    Whether an upstream C{host}:C{port} is covered by C{pattern}, a value
-    returned by L{parse_upstream_pattern}.  Host globs match host names case
-    insensitively (C{*} also crosses dots, and C{*.example.org} does not
-    cover C{example.org} itself); networks match only IP literals, never a
-    name, so no DNS answer can widen them.
-    """
-    host = host.strip("[]").lower().rstrip(".")
-    if "/" in pattern:
-        try:
-            return ipaddress.ip_address(host) in ipaddress.ip_network(pattern)
-        except ValueError:
-            return False
-    pattern_host, pattern_port = _split_host_port(pattern)
-    if pattern_port is not None and int(pattern_port) != port:
-        return False
-    return fnmatch.fnmatchcase(host, pattern_host.rstrip("."))
 
 
 # Environment-dependent defaults.

@@ -32,7 +32,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
     IAddress,
@@ -247,7 +247,8 @@ class GuardedTCPEndpoint:
                 )
             try:
                 return await endpoint.connect(protocolFactory)
-            except CancelledError:
+            except (CancelledError, ConnectingCancelledError):
+                # Given up by the caller: no other address is tried.
                 raise
             except ConnectTimeoutError as error:
                 last_error = UpstreamTimeout(

@@ -20,9 +20,8 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
 from buildcache.apk import ApkIndexEntry, repository_index_url
@@ -125,7 +124,7 @@ class Router:
     mirrors: Sequence[Mirror]
     policy: AccessPolicy
 
-    def target(self, request: IRequest) -> Target:
+    def target(self, request: Request) -> Target:
         uri = request.uri.decode("latin-1")
         if uri.startswith("/"):
             return self._mirror_target(uri)
@@ -189,7 +188,7 @@ class ProxyResource(Resource):
         self.index_ttl = index_ttl
         self.apk_indexes = ApkIndexes(store)
 
-    def render(self, request: IRequest) -> object:
+    def render(self, request: Request) -> object:
         client = request.getClientAddress()
         client_ip = getattr(client, "host", "")
         if not self.router.policy.client_allowed(client_ip):
@@ -226,7 +225,7 @@ class ProxyResource(Resource):
         d.addErrback(self._crashed, request)
         return NOT_DONE_YET
 
-    def _crashed(self, failure: Failure, request: IRequest) -> None:
+    def _crashed(self, failure: Failure, request: Request) -> None:
         self.log.failure("Proxy failed on {uri}", failure, uri=request.uri)
         if not request.startedWriting:
             send_error(request, 500, "internal error")
@@ -256,7 +255,7 @@ class ProxyResource(Resource):
             follow_redirects=target.route != "proxy",
         )
 
-    async def _serve(self, request: IRequest, target: Target) -> None:
+    async def _serve(self, request: Request, target: Target) -> None:
         headers = request_headers(request)
         stored = self.store.lookup(target.key)
         if stored is not None:
@@ -274,7 +273,7 @@ class ProxyResource(Resource):
         await self._miss(request, target, headers)
 
     def _serve_stored(
-        self, request: IRequest, target: Target, stored: StoredObject,
+        self, request: Request, target: Target, stored: StoredObject,
         status: CacheStatus,
     ) -> None:
         serve_stored(
@@ -285,7 +284,7 @@ class ProxyResource(Resource):
         )
 
     async def _revalidate(
-        self, request: IRequest, target: Target, headers: Mapping[str, str],
+        self, request: Request, target: Target, headers: Mapping[str, str],
         stored: StoredObject,
     ) -> None:
         upstream = self._upstream_request(
@@ -319,7 +318,7 @@ class ProxyResource(Resource):
         self._serve_answer(request, target, answer)
 
     def _serve_stale(
-        self, request: IRequest, target: Target, stored: StoredObject, why: str
+        self, request: Request, target: Target, stored: StoredObject, why: str
     ) -> None:
         self.log.warn(
             "Serving stale {key}: revalidation failed: {why}", key=target.key, why=why
@@ -328,7 +327,7 @@ class ProxyResource(Resource):
         self._serve_stored(request, target, stored, CacheStatus.STALE)
 
     def _serve_answer(
-        self, request: IRequest, target: Target, answer: UpstreamAnswer
+        self, request: Request, target: Target, answer: UpstreamAnswer
     ) -> None:
         serve_answer(
             request, answer, self.store.counters,
@@ -336,7 +335,7 @@ class ProxyResource(Resource):
         )
 
     async def _miss(
-        self, request: IRequest, target: Target, headers: Mapping[str, str]
+        self, request: Request, target: Target, headers: Mapping[str, str]
     ) -> None:
         self.store.counters.misses += 1
         apk_entry = self.apk_indexes.entry_for(target.url, cache_key)
@@ -367,7 +366,7 @@ class ProxyResource(Resource):
 
     async def _retry_with_fresh_index(
         self,
-        request: IRequest,
+        request: Request,
         target: Target,
         headers: Mapping[str, str],
         old_entry: ApkIndexEntry,

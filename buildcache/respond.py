@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from buildcache.body import BodySender, BodySource, StoredBody
 from buildcache.freshness import RangeOutcome, not_modified, parse_range
@@ -33,7 +33,7 @@ class CacheStatus(enum.Enum):
     STALE = "STALE"
 
 
-def request_headers(request: IRequest) -> dict[str, str]:
+def request_headers(request: Request) -> dict[str, str]:
     """
     The request's headers as one lowercase-keyed dict.
     """
@@ -44,7 +44,7 @@ def request_headers(request: IRequest) -> dict[str, str]:
 
 
 def _set_headers(
-    request: IRequest,
+    request: Request,
     headers: Mapping[str, str],
     status: CacheStatus,
     cache_control: str | None,
@@ -61,7 +61,7 @@ def _set_headers(
 
 
 def _send(
-    request: IRequest,
+    request: Request,
     source: BodySource,
     size: int | None,
     headers: Mapping[str, str],
@@ -108,7 +108,7 @@ def _send(
 
 
 def serve_stored(
-    request: IRequest,
+    request: Request,
     stored: StoredObject,
     status: CacheStatus,
     counters: Counters,
@@ -130,7 +130,7 @@ def serve_stored(
 
 
 def serve_answer(
-    request: IRequest,
+    request: Request,
     answer: UpstreamAnswer,
     counters: Counters,
     cache_control: str | None = None,
@@ -162,7 +162,7 @@ def serve_answer(
     _send(request, answer.body, size, headers, None, lambda n: None)
 
 
-def send_error(request: IRequest, code: int, message: str) -> None:
+def send_error(request: Request, code: int, message: str) -> None:
     """
     Finish ``request`` with ``code`` and a one-line plain-text explanation.
     """

@@ -15,11 +15,11 @@ from __future__ import annotations
 import os
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol as TypingProtocol
+from typing import Any, Protocol as TypingProtocol, cast
 
 from attrs import Factory, define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -125,14 +125,6 @@ class UpstreamAnswer:
     status: int
     headers: Mapping[str, str] = field(eq=False)
     body: DownloadBody | None
-
-
-class HTTPClient(TypingProtocol):
-    """
-    The part of ``treq.client.HTTPClient`` used here.
-    """
-
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
 
 
 def end_to_end_headers(headers: Headers) -> dict[str, str]:
@@ -248,6 +240,7 @@ class _BodyReceiver(Protocol):
         self.timed_out = False
         self.write_error: OSError | None = None
         self.verify_error: Exception | None = None
+        self.reason: Failure | None = None
 
     def connectionMade(self) -> None:
         self._arm()
@@ -262,8 +255,11 @@ class _BodyReceiver(Protocol):
 
     def _idle(self) -> None:
         self.timed_out = True
-        assert self.transport is not None
-        self.transport.stopProducing()
+        self._stop()
+
+    def _stop(self) -> None:
+        # The transport of a response body is a producer proxy.
+        IPushProducer(self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         download = self._download
@@ -276,8 +272,7 @@ class _BodyReceiver(Protocol):
             writer.write(data)
         except OSError as e:
             self.write_error = e
-            assert self.transport is not None
-            self.transport.stopProducing()
+            self._stop()
             return
         if self._verifier is not None and self.verify_error is None:
             try:
@@ -291,7 +286,9 @@ class _BodyReceiver(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self._done.callback(reason)
+        # A Failure passed to callback() would turn into an errback.
+        self.reason = reason
+        self._done.callback(None)
 
     def verify(self) -> None:
         if self.verify_error is not None:
@@ -309,13 +306,25 @@ class Fetcher:
     log = Logger()
 
     store: Store
-    http: HTTPClient
+    http: treq.client.HTTPClient
     clock: IReactorTime
     idle_timeout: float = 30.0
     _downloads: dict[str, Download] = Factory(dict)
+    _idle_waiters: list[Deferred[None]] = Factory(list)
 
     def in_flight(self) -> int:
         return len(self._downloads)
+
+    def when_idle(self) -> Deferred[None]:
+        """
+        Fires once no download is running (at once if none is).
+        """
+        idle: Deferred[None] = Deferred()
+        if not self._downloads:
+            idle.callback(None)
+        else:
+            self._idle_waiters.append(idle)
+        return idle
 
     def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamAnswer]:
         """
@@ -339,12 +348,18 @@ class Fetcher:
             await self._download(download)
         except Exception:
             failure = Failure()
+            if not failure.check(UpstreamError, IntegrityError):
+                self.log.failure("Download of {url} failed", failure, url=request.url)
             self._fail(download, failure)
         finally:
             del self._downloads[request.key]
             if download._read_fd >= 0:
                 os.close(download._read_fd)
                 download._read_fd = -1
+            if not self._downloads:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for idle in waiters:
+                    idle.callback(None)
 
     def _fail(self, download: Download, failure: Failure) -> None:
         if download._writer is not None:
@@ -358,11 +373,10 @@ class Fetcher:
 
     async def _download(self, download: Download) -> None:
         request = download.request
-        headers = {"accept-encoding": "identity", **request.headers}
         requested = self.http.request(
             "GET",
             request.url,
-            headers={k: [v] for k, v in headers.items()},
+            headers=Headers({k: [v] for k, v in request.headers.items()}),
             unbuffered=True,
             allow_redirects=request.follow_redirects,
         )
@@ -403,10 +417,12 @@ class Fetcher:
         download._read_fd = download._writer.reader_fd()
         if not request.holds_until_checked:
             download._answer()
-        done: Deferred[Failure] = Deferred()
+        done: Deferred[None] = Deferred()
         receiver = _BodyReceiver(self, download, done)
         response.deliverBody(receiver)
-        reason = await done
+        await done
+        reason = receiver.reason
+        assert reason is not None
         complete = reason.check(ResponseDone) is not None
         length = response.length if isinstance(response.length, int) else None
         if reason.check(PotentialDataLoss) and length is None:
@@ -519,5 +535,6 @@ def treq_client(agent: IAgent) -> treq.client.HTTPClient:
     upstream stores them, and no cookie jar shared between clients.
     """
     return treq.client.HTTPClient(
-        _IdentityEncodingAgent(agent), cookiejar=CookieJar(policy=_NoCookies())
+        _IdentityEncodingAgent(agent),
+        cookiejar=cast(Any, CookieJar(policy=_NoCookies())),
     )

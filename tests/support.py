@@ -99,7 +99,7 @@ class FakeUpstream(Resource):
         first = body.data[: body.before_gate] if body.gate else body.data
         if body.cut_at is not None:
             request.write(body.data[: body.cut_at])
-            request.channel.transport.loseConnection()
+            request.loseConnection()
             return NOT_DONE_YET
         request.write(first)
         if body.gate is None:

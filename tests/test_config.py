@@ -33,7 +33,6 @@ from buildcache.config import (
     pip_builtin_index_url,
     pip_configured_index_url,
     prepare_cache_dir,
-    upstream_pattern_matches,
 )
 
 LOCAL_INDEX = "http://127.0.0.1:3999/simple"
@@ -159,70 +158,15 @@ class ParseEndpointTests(SynchronousTestCase):
 class UpstreamPatternTests(SynchronousTestCase):
     def test_valid_patterns(self) -> None:
         """
-        Host globs and host:port are lower-cased; addresses and networks
-        come back in CIDR form.
+        Patterns are checked by buildcache.access (whose tests cover
+        matching) and returned stripped.
         """
-        cases = {
-            "*.Example.org": "*.example.org",
-            "mirror.local": "mirror.local",
-            "mirror.local:8080": "mirror.local:8080",
-            "127.0.0.1": "127.0.0.1/32",
-            "10.0.0.0/8": "10.0.0.0/8",
-            "10.1.2.3/8": "10.0.0.0/8",
-            "::1": "::1/128",
-            "127.0.0.1:8080": "127.0.0.1:8080",
-            "[::1]:8080": "[::1]:8080",
-            "*": "*",
-        }
-        for text, expected in cases.items():
-            self.assertEqual(parse_upstream_pattern(text), expected, text)
+        for text in ["*.Example.org", " mirror.local:8080", "127.0.0.1", "10.0.0.0/8", "[::1]:8080"]:
+            self.assertEqual(parse_upstream_pattern(text), text.strip(), text)
 
     def test_invalid_patterns(self) -> None:
-        for text in [
-            "",
-            "a b",
-            "http://mirror.local",
-            "mirror.local:0",
-            "mirror.local:http",
-            "[::1",
-            "[::1]x",
-            "10.0.0.0/33",
-            "host/path",
-        ]:
+        for text in ["", "a b", "http://mirror.local", "mirror.local:0", "[::1", "10.0.0.0/33", "*"]:
             self.assertRaises(ValueError, parse_upstream_pattern, text)
-
-    def test_matching(self) -> None:
-        """
-        Globs cover subdomains but not the bare domain, ports must agree when
-        the pattern names one, and networks cover IP literals only.
-        """
-        matches = [
-            ("*.example.org", "a.example.org", 80),
-            ("*.example.org", "A.B.Example.org.", 443),
-            ("mirror.local:8080", "mirror.local", 8080),
-            ("10.0.0.0/8", "10.9.8.7", 3128),
-            ("::1/128", "[::1]", 80),
-            ("[::1]:8080", "[::1]", 8080),
-            ("127.0.0.1:8080", "127.0.0.1", 8080),
-        ]
-        for pattern, host, port in matches:
-            self.assertTrue(
-                upstream_pattern_matches(parse_upstream_pattern(pattern), host, port),
-                (pattern, host, port),
-            )
-        mismatches = [
-            ("*.example.org", "example.org", 80),
-            ("*.example.org", "example.org.evil", 80),
-            ("mirror.local:8080", "mirror.local", 80),
-            ("10.0.0.0/8", "11.0.0.1", 80),
-            ("10.0.0.0/8", "ten.example", 80),
-            ("127.0.0.1:8080", "127.0.0.1", 80),
-        ]
-        for pattern, host, port in mismatches:
-            self.assertFalse(
-                upstream_pattern_matches(parse_upstream_pattern(pattern), host, port),
-                (pattern, host, port),
-            )
 
 
 class NetworkTests(SynchronousTestCase):
@@ -535,7 +479,7 @@ class OptionsTests(SynchronousTestCase):
             config.allow_from,
             (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("::1/128")),
         )
-        self.assertEqual(config.allow_upstream, ("*.example.org", "127.0.0.1/32"))
+        self.assertEqual(config.allow_upstream, ("*.Example.org", "127.0.0.1"))
         self.assertEqual(
             config.pypi_upstreams,
             ("http://127.0.0.1:4000/simple", "https://127.0.0.1:4001/root/simple"),

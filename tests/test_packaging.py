@@ -63,12 +63,24 @@ def _twistd_command() -> list[str]:
     ]
 
 
-def _is_installed() -> bool:
-    try:
-        importlib.metadata.distribution("buildcache")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+def _is_installed(directory: str, environ: dict[str, str]) -> bool:
+    """
+    Whether buildcache is installed for this Python as seen from
+    C{directory}: checked in a subprocess, because in this process the
+    source tree (and any egg-info a build left in it) is on sys.path.
+    """
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib.metadata as m; m.distribution('buildcache')",
+        ],
+        cwd=directory,
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
+    return result.returncode == 0
 
 
 def _isolated_environment(home: str) -> dict[str, str]:
@@ -194,14 +206,14 @@ class InstalledCommandTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        if not _is_installed():
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.environ = _isolated_environment(os.path.join(self.directory, "home"))
+        if not _is_installed(self.directory, self.environ):
             raise self.skipTest(
                 "buildcache is not installed in this Python: "
                 "run pip install -e '.[test]' first"
             )
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        self.environ = _isolated_environment(os.path.join(self.directory, "home"))
 
     def twistd(self, *arguments: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

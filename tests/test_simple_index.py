@@ -1,0 +1,980 @@
+"""
+Tests for L{buildcache.simple_index}: the pip / uv simple index, served on
+127.0.0.1 from in-process L{tests.pyindex.StaticSimpleIndex} upstreams
+(PEP 691 JSON and HTML-only), through a real store and fetcher.
+
+The store, the fetcher and the index share one L{Clock}, so TTLs and the
+one-minute memory of upstream 404s are tested by advancing it; network I/O
+runs on the real reactor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
+
+from buildcache.access import AccessPolicy
+from buildcache.proxy import cache_key
+from buildcache.simple_index import (
+    CLIENT_REVALIDATION_FLOOR,
+    NEGATIVE_TTL,
+    UPSTREAM_FAILURE_BACKOFF,
+    IndexResource,
+    file_link,
+    page_key,
+)
+from buildcache.simple_model import (
+    MEDIA_TYPE_HTML,
+    MEDIA_TYPE_JSON,
+    MEDIA_TYPE_LEGACY_HTML,
+    UPSTREAM_ACCEPT,
+    ProjectPage,
+    parse_html_page,
+    parse_json_page,
+    render_root_html,
+)
+from buildcache.store import Store
+from buildcache.upstream import Fetcher, treq_client
+from tests.pyindex import (
+    FIXTURE_EPOCH,
+    DemoRelease,
+    IndexFixture,
+    StaticSimpleIndex,
+    build_index,
+)
+from tests.support import Client, Received, listen, reactor
+
+PIP_ACCEPT = (
+    "application/vnd.pypi.simple.v1+json, "
+    "application/vnd.pypi.simple.v1+html; q=0.1, text/html; q=0.01"
+)
+UV_ACCEPT = (
+    "application/vnd.pypi.simple.v1+json, "
+    "application/vnd.pypi.simple.v1+html; q=0.2, text/html; q=0.01"
+)
+TTL = 300.0
+WHEEL_A2 = "bcdemo_a-2.0-py3-none-any.whl"
+SDIST_A2 = "bcdemo_a-2.0.tar.gz"
+WHEEL_B1 = "bcdemo_b-1.0-py3-none-any.whl"
+
+
+@attrs.define
+class Got(Received):
+    """
+    A L{Received} that also knows the announced length: Twisted's client
+    moves C{Content-Length} of a GET response out of the headers.
+    """
+
+    length: int | None = None
+
+    def header(self, name: str) -> str | None:
+        value = super().header(name)
+        if value is None and name.lower() == "content-length" and self.length is not None:
+            return str(self.length)
+        return value
+
+
+class _Collector(Protocol):
+    def __init__(self, done: Deferred[tuple[bytes, Failure]]) -> None:
+        self._chunks: list[bytes] = []
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._done.callback((b"".join(self._chunks), reason))
+
+
+async def fetch(
+    agent: Any, url: str, headers: Mapping[str, str] | None = None,
+    method: bytes = b"GET",
+) -> Got:
+    raw = Headers({k: [v] for k, v in (headers or {}).items()})
+    response = await agent.request(method, url.encode(), raw)
+    done: Deferred[tuple[bytes, Failure]] = Deferred()
+    response.deliverBody(_Collector(done))
+    body, reason = await done
+    complete = reason.check(ResponseDone) is not None
+    length = response.length if isinstance(response.length, int) else None
+    return Got(
+        response.code, response.headers, body, complete,
+        None if complete else reason, length,
+    )
+
+
+@implementer(IAgent)
+class CountingAgent:
+    """
+    The agent under the fetcher's treq client, recording every upstream
+    request it makes.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        self.agent = agent
+        self.urls: list[str] = []
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None,
+        bodyProducer: Any = None,
+    ) -> Deferred[IResponse]:
+        self.urls.append(uri.decode("ascii"))
+        return self.agent.request(method, uri, headers, bodyProducer)
+
+
+def port_number(port: IListeningPort) -> int:
+    return int(getattr(port.getHost(), "port"))
+
+
+async def stop(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped
+
+
+def stop_later(port: IListeningPort) -> Deferred[None]:
+    return Deferred.fromCoroutine(stop(port))
+
+
+@attrs.define
+class Upstream:
+    index: StaticSimpleIndex
+    port: IListeningPort
+    stopped: bool = False
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{port_number(self.port)}/simple"
+
+    def requests_for(self, path: str) -> int:
+        return self.index.requests[path]
+
+    async def stop(self) -> None:
+        self.stopped = True
+        await stop(self.port)
+
+
+class Harness:
+    """
+    An L{IndexResource} on 127.0.0.1 in front of some upstreams, with its
+    store, fetcher and clock.
+    """
+
+    def __init__(
+        self,
+        testcase: TestCase,
+        indexes: Sequence[StaticSimpleIndex],
+        index_ttl: float = TTL,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.testcase = testcase
+        if clock is None:
+            fake = Clock()
+            fake.advance(FIXTURE_EPOCH + 86400)
+            clock = fake
+        self.clock: Any = clock
+        self.store = Store.open(testcase.mktemp(), 1 << 30, self.clock)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = CountingAgent(Agent(reactor, pool=self.pool))
+        self.fetcher = Fetcher(self.store, treq_client(self.http), self.clock)
+        self.upstreams = [Upstream(index, listen(index)) for index in indexes]
+        self.resource = self.make_resource(index_ttl)
+        self.port = listen(self.resource)
+        self.client = Client()
+        testcase.addCleanup(lambda: Deferred.fromCoroutine(self._shut()))
+
+    def make_resource(self, index_ttl: float = TTL) -> IndexResource:
+        return IndexResource(
+            self.store, self.fetcher, [u.base for u in self.upstreams],
+            index_ttl, self.clock,
+        )
+
+    async def _shut(self) -> None:
+        await stop(self.port)
+        for upstream in self.upstreams:
+            if not upstream.stopped:
+                await stop(upstream.port)
+        await self.pool.closeCachedConnections()
+        await self.client.close()
+        self.store.close()
+
+    @property
+    def index_port(self) -> int:
+        return port_number(self.port)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.index_port}{path}"
+
+    async def get(
+        self, path: str, headers: Mapping[str, str] | None = None,
+        method: bytes = b"GET",
+    ) -> Got:
+        return await fetch(self.client.agent(), self.url(path), headers, method)
+
+    async def page(
+        self, name: str, accept: str | None = PIP_ACCEPT, **headers: str
+    ) -> Got:
+        wanted = dict(headers)
+        if accept is not None:
+            wanted["accept"] = accept
+        return await self.get(f"/simple/{name}/", wanted)
+
+
+def fixture_for(
+    testcase: TestCase,
+    releases: Sequence[DemoRelease] | None = None,
+    with_metadata: bool = True,
+) -> IndexFixture:
+    directory = Path(testcase.mktemp())
+    if releases is None:
+        return build_index(directory, with_metadata=with_metadata)
+    return build_index(directory, releases=releases, with_metadata=with_metadata)
+
+
+def log_events(testcase: TestCase) -> EventLoggingObserver:
+    return EventLoggingObserver.createWithCleanup(testcase, globalLogPublisher)
+
+
+def logged(observer: EventLoggingObserver, level: LogLevel, text: str) -> bool:
+    return any(
+        event.get("log_level") == level and text in event.get("log_format", "")
+        for event in observer
+    )
+
+
+class PageTests(TestCase):
+    """
+    Project pages: negotiation, rendering, redirects, conditional requests.
+    """
+
+    def setUp(self) -> None:
+        self.fixture = fixture_for(self)
+        self.harness = Harness(self, [StaticSimpleIndex(self.fixture)])
+        self.upstream = self.harness.upstreams[0]
+
+    def expected(self, name: str) -> ProjectPage:
+        return self.fixture.page(name, "http://x/")
+
+    async def test_json_page(self) -> None:
+        """
+        pip's Accept gets the PEP 691 JSON page with every field of the
+        upstream's model, file links relative to this port, and the cache
+        headers pip and uv rely on.
+        """
+        received = await self.harness.page("bcdemo-a")
+        self.assertEqual(received.status, 200, received.body)
+        self.assertEqual(received.header("content-type"), MEDIA_TYPE_JSON)
+        self.assertEqual(received.header("vary"), "Accept")
+        self.assertEqual(received.header("cache-control"), "max-age=300")
+        self.assertEqual(received.header("x-cache"), "MISS")
+        self.assertTrue(received.header("etag"))
+        self.assertEqual(received.header("content-length"), str(len(received.body)))
+        document = json.loads(received.body)
+        self.assertEqual(document["meta"]["api-version"], "1.1")
+        self.assertEqual(document["versions"], ["1.0", "2.0", "3.0"])
+        page_url = self.harness.url("/simple/bcdemo-a/")
+        page = parse_json_page(received.body, page_url)
+        expected = self.expected("bcdemo-a")
+        self.assertEqual(
+            [f.filename for f in page.files], [f.filename for f in expected.files]
+        )
+        for got, want in zip(page.files, expected.files):
+            self.assertEqual(
+                got.url, self.harness.url(f"/files/bcdemo-a/{want.filename}")
+            )
+            self.assertEqual(got.hashes, want.hashes)
+            self.assertEqual(got.requires_python, want.requires_python)
+            self.assertEqual(got.yanked, want.yanked)
+            self.assertEqual(got.core_metadata, want.core_metadata)
+            self.assertEqual(got.size, want.size)
+            self.assertEqual(got.upload_time, want.upload_time)
+        raw_urls = [entry["url"] for entry in document["files"]]
+        self.assertTrue(all(url.startswith("../../files/bcdemo-a/") for url in raw_urls))
+        # The upstream was asked for JSON first.
+        self.assertEqual(self.upstream.index.request_log[0].headers["accept"], UPSTREAM_ACCEPT)
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 1)
+
+    async def test_html_page(self) -> None:
+        """
+        HTML clients get PEP 503 anchors: text equal to the file name, the
+        hash fragment kept, requires-python escaped, yanks and core
+        metadata mirrored.
+        """
+        received = await self.harness.page("bcdemo-b", accept="text/html")
+        self.assertEqual(received.header("content-type"), MEDIA_TYPE_LEGACY_HTML)
+        body = received.body
+        yanked_wheel = "bcdemo_b-2.0-py3-none-any.whl"
+        digest = self.fixture.file(yanked_wheel).sha256
+        self.assertIn(
+            f'<a href="../../files/bcdemo-b/{yanked_wheel}#sha256={digest}"'.encode(),
+            body,
+        )
+        self.assertIn(f">{yanked_wheel}</a>".encode(), body)
+        self.assertIn(b'data-yanked="broken build"', body)
+        self.assertIn(b'data-core-metadata="sha256=', body)
+        self.assertIn(b'data-dist-info-metadata="sha256=', body)
+        page = parse_html_page(body, self.harness.url("/simple/bcdemo-b/"))
+        expected = self.expected("bcdemo-b")
+        for got, want in zip(page.files, expected.files, strict=True):
+            self.assertEqual(
+                (got.filename, got.hashes, got.yanked, got.core_metadata),
+                (want.filename, want.hashes, want.yanked, want.core_metadata),
+            )
+
+        a_page = await self.harness.page("bcdemo-a", accept=MEDIA_TYPE_HTML)
+        self.assertEqual(a_page.header("content-type"), MEDIA_TYPE_HTML)
+        self.assertIn(b'data-requires-python="&gt;=3.8"', a_page.body)
+        self.assertIn(b'data-requires-python="&gt;=4"', a_page.body)
+        self.assertNotIn(b'">=', a_page.body)
+
+    async def test_negotiation_from_one_upstream_request(self) -> None:
+        """
+        Every representation comes from one upstream fetch of the page;
+        no Accept and C{*/*} mean plain HTML.
+        """
+        cases = [
+            (PIP_ACCEPT, MEDIA_TYPE_JSON),
+            (UV_ACCEPT, MEDIA_TYPE_JSON),
+            (MEDIA_TYPE_HTML, MEDIA_TYPE_HTML),
+            ("text/html", MEDIA_TYPE_LEGACY_HTML),
+            ("*/*", MEDIA_TYPE_LEGACY_HTML),
+            (None, MEDIA_TYPE_LEGACY_HTML),
+        ]
+        etags = set()
+        for accept, media_type in cases:
+            received = await self.harness.page("bcdemo-a", accept=accept)
+            self.assertEqual(received.status, 200)
+            self.assertEqual(received.header("content-type"), media_type, accept)
+            self.assertEqual(received.header("vary"), "Accept")
+            etags.add((media_type, received.header("etag")))
+        self.assertEqual(len({tag for _, tag in etags}), 3)
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 1)
+
+    async def test_not_acceptable(self) -> None:
+        """
+        An Accept header naming none of the three types gets 406 with
+        C{Vary: Accept}, without asking upstream.
+        """
+        received = await self.harness.page("bcdemo-a", accept="application/xml")
+        self.assertEqual(received.status, 406)
+        self.assertEqual(received.header("vary"), "Accept")
+        self.assertIn(MEDIA_TYPE_JSON.encode(), received.body)
+        self.assertEqual(self.upstream.index.request_log, [])
+
+    async def test_redirects(self) -> None:
+        """
+        Non-normalised and slash-less project paths get a 301 to the
+        normalised page, as does C{/simple}; nothing is asked upstream.
+        """
+        for path, location in [
+            ("/simple/BcDemo_A/", "/simple/bcdemo-a/"),
+            ("/simple/bcdemo.a/", "/simple/bcdemo-a/"),
+            ("/simple/bcdemo-a", "/simple/bcdemo-a/"),
+            ("/simple/BCDEMO__A", "/simple/bcdemo-a/"),
+            ("/simple", "/simple/"),
+        ]:
+            received = await self.harness.get(path)
+            self.assertEqual((received.status, received.header("location")), (301, location), path)
+        self.assertEqual(self.upstream.index.request_log, [])
+
+    async def test_invalid_names(self) -> None:
+        """
+        A name that is not a PEP 508 name is a 404 that says why.
+        """
+        for path in ["/simple/-bad/", "/simple/a%20b/", "/simple/bad_/", "/simple/%2E%2E/"]:
+            received = await self.harness.get(path)
+            self.assertEqual(received.status, 404, path)
+            self.assertIn(b"not a valid project name", received.body)
+        self.assertEqual(self.upstream.index.request_log, [])
+
+    async def test_etag_and_304(self) -> None:
+        """
+        Each representation has its own ETag; C{If-None-Match} with it gets
+        a 304 carrying the same headers and no body.
+        """
+        first = await self.harness.page("bcdemo-a")
+        etag = first.header("etag")
+        assert etag is not None
+        again = await self.harness.page("bcdemo-a", **{"if-none-match": etag})
+        self.assertEqual(again.status, 304)
+        self.assertEqual(again.body, b"")
+        self.assertEqual(again.header("etag"), etag)
+        self.assertEqual(again.header("vary"), "Accept")
+        self.assertEqual(again.header("cache-control"), "max-age=300")
+        html = await self.harness.page("bcdemo-a", accept="text/html", **{"if-none-match": etag})
+        self.assertEqual(html.status, 200)
+        self.assertNotEqual(html.header("etag"), etag)
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 1)
+
+    async def test_head(self) -> None:
+        """
+        HEAD of a page gives the GET's headers without a body.
+        """
+        get = await self.harness.page("bcdemo-a")
+        head = await self.harness.get(
+            "/simple/bcdemo-a/", {"accept": PIP_ACCEPT}, b"HEAD"
+        )
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.body, b"")
+        self.assertEqual(head.header("content-length"), str(len(get.body)))
+        self.assertEqual(head.header("etag"), get.header("etag"))
+
+    async def test_page_stored_by_key(self) -> None:
+        """
+        The upstream's page body is stored under the page key, as the
+        upstream sent it.
+        """
+        await self.harness.page("bcdemo-a")
+        entry = self.harness.store.peek(page_key(self.upstream.base, "bcdemo-a"))
+        assert entry is not None
+        self.assertEqual(entry.headers["content-type"], MEDIA_TYPE_JSON)
+
+    async def test_front_page_and_unknown_paths(self) -> None:
+        """
+        C{/} points at C{/simple/}; other paths are 404 with a hint.
+        """
+        front = await self.harness.get("/")
+        self.assertEqual(front.status, 200)
+        self.assertEqual(front.header("content-type"), "text/plain; charset=utf-8")
+        self.assertIn(f"http://127.0.0.1:{self.harness.index_port}/simple/".encode(), front.body)
+        for path in ["/nothing", "/simple/bcdemo-a/extra/", "/files/bcdemo-a"]:
+            received = await self.harness.get(path)
+            self.assertEqual(received.status, 404, path)
+            self.assertIn(b"/simple/", received.body)
+        post = await self.harness.get("/simple/bcdemo-a/", method=b"POST")
+        self.assertEqual(post.status, 405)
+
+    async def test_absolute_uri(self) -> None:
+        """
+        An absolute-form request (as the proxy port forwards one addressed
+        to the index port) is served by its path.
+        """
+        through = Client(proxy_port=self.harness.index_port)
+        self.addCleanup(lambda: Deferred.fromCoroutine(through.close()))
+        received = await through.get(
+            f"http://box.invalid:3141/simple/bcdemo-a/", {"accept": PIP_ACCEPT}
+        )
+        self.assertEqual(received.status, 200)
+        self.assertEqual(received.header("content-type"), MEDIA_TYPE_JSON)
+        redirected = await through.get("http://box.invalid:3141/simple/BcDemo_A/")
+        self.assertEqual(redirected.status, 301)
+        self.assertEqual(redirected.header("location"), "/simple/bcdemo-a/")
+
+    async def test_client_policy(self) -> None:
+        """
+        With an access policy, a client outside C{allow_from} gets 403 and
+        nothing is asked upstream; one inside is served.
+        """
+        refusing = IndexResource(
+            self.harness.store, self.harness.fetcher, [self.upstream.base], TTL,
+            self.harness.clock,
+            policy=AccessPolicy.from_config(["10.0.0.0/8"], [], []),
+        )
+        allowing = IndexResource(
+            self.harness.store, self.harness.fetcher, [self.upstream.base], TTL,
+            self.harness.clock,
+            policy=AccessPolicy.from_config(["127.0.0.0/8"], [], []),
+        )
+        for resource, status in ((refusing, 403), (allowing, 200)):
+            port = listen(resource)
+            self.addCleanup(stop_later, port)
+            received = await fetch(
+                self.harness.client.agent(),
+                f"http://127.0.0.1:{port_number(port)}/simple/bcdemo-a/",
+            )
+            self.assertEqual(received.status, status)
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 1)
+
+    async def test_concurrent_cold_requests(self) -> None:
+        """
+        Concurrent requests for a page nobody has fetched share one
+        upstream request.
+        """
+        received = await gatherResults(
+            [Deferred.fromCoroutine(self.harness.page("bcdemo-a")) for _ in range(5)]
+        )
+        self.assertEqual({r.status for r in received}, {200})
+        self.assertEqual(len({r.body for r in received}), 1)
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 1)
+
+    def test_file_link_resolves(self) -> None:
+        """
+        Links on C{/simple/<name>/} resolve to C{/files/<name>/<filename>},
+        and the last segment is the file name.
+        """
+        from urllib.parse import unquote, urljoin
+
+        for filename in [WHEEL_A2, "x-1.0+local-py3-none-any.whl", "a b.tar.gz"]:
+            link = file_link("bcdemo-a", filename)
+            resolved = urljoin("http://h:1/simple/bcdemo-a/", link)
+            self.assertTrue(resolved.startswith("http://h:1/files/bcdemo-a/"))
+            self.assertEqual(unquote(resolved.rpartition("/")[2]), filename)
+
+
+class HtmlOnlyUpstreamTests(TestCase):
+    """
+    An upstream that only speaks HTML: its page is parsed from HTML and
+    still served as JSON.
+    """
+
+    async def test_json_from_html_upstream(self) -> None:
+        fixture = fixture_for(self)
+        harness = Harness(self, [StaticSimpleIndex(fixture, json=False)])
+        received = await harness.page("bcdemo-a")
+        self.assertEqual(received.header("content-type"), MEDIA_TYPE_JSON)
+        document = json.loads(received.body)
+        self.assertEqual(document["meta"]["api-version"], "1.0")
+        page = parse_json_page(received.body, harness.url("/simple/bcdemo-a/"))
+        expected = fixture.page("bcdemo-a", "http://x/")
+        for got, want in zip(page.files, expected.files, strict=True):
+            self.assertEqual(
+                (got.filename, got.hashes, got.requires_python, got.yanked, got.core_metadata),
+                (want.filename, want.hashes, want.requires_python, want.yanked, want.core_metadata),
+            )
+            self.assertIsNone(got.size)
+        entry = harness.store.peek(page_key(harness.upstreams[0].base, "bcdemo-a"))
+        assert entry is not None
+        self.assertEqual(entry.headers["content-type"], "text/html")
+        metadata = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}.metadata")
+        self.assertEqual(metadata.status, 200)
+        self.assertEqual(metadata.body, fixture.metadata[WHEEL_A2])
+
+
+class MetadataTests(TestCase):
+    """
+    PEP 658 metadata: advertised and served when the upstream has it,
+    neither when it does not.
+    """
+
+    async def test_metadata_served(self) -> None:
+        fixture = fixture_for(self)
+        harness = Harness(self, [StaticSimpleIndex(fixture)])
+        page = json.loads((await harness.page("bcdemo-a")).body)
+        entry = next(f for f in page["files"] if f["filename"] == WHEEL_A2)
+        digest = hashlib.sha256(fixture.metadata[WHEEL_A2]).hexdigest()
+        self.assertEqual(entry["core-metadata"], {"sha256": digest})
+        sdist = next(f for f in page["files"] if f["filename"] == SDIST_A2)
+        self.assertNotIn("core-metadata", sdist)
+        for expected_status in ["MISS", "HIT"]:
+            received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}.metadata")
+            self.assertEqual(received.status, 200)
+            self.assertEqual(received.body, fixture.metadata[WHEEL_A2])
+            self.assertEqual(received.header("x-cache"), expected_status)
+            self.assertEqual(received.header("cache-control"), "max-age=31536000, immutable")
+        self.assertEqual(
+            harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}.metadata"), 1
+        )
+        # The sdist's metadata is not advertised, so not served.
+        missing = await harness.get(f"/files/bcdemo-a/{SDIST_A2}.metadata")
+        self.assertEqual(missing.status, 404)
+        self.assertIn(b"no core metadata", missing.body)
+
+    async def test_metadata_not_advertised(self) -> None:
+        fixture = fixture_for(self, with_metadata=False)
+        harness = Harness(self, [StaticSimpleIndex(fixture)])
+        page = json.loads((await harness.page("bcdemo-a")).body)
+        for entry in page["files"]:
+            self.assertNotIn("core-metadata", entry)
+            self.assertNotIn("dist-info-metadata", entry)
+        html = await harness.page("bcdemo-a", accept="text/html")
+        self.assertNotIn(b"metadata", html.body)
+        received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}.metadata")
+        self.assertEqual(received.status, 404)
+        self.assertEqual(
+            harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}.metadata"), 0
+        )
+
+
+class FileTests(TestCase):
+    """
+    Distribution files: checked, stored once, served with lengths, ranges
+    and immutable caching.
+    """
+
+    def setUp(self) -> None:
+        self.fixture = fixture_for(self)
+        self.harness = Harness(self, [StaticSimpleIndex(self.fixture)])
+        self.upstream = self.harness.upstreams[0]
+
+    async def test_file_miss_then_hit(self) -> None:
+        await self.harness.page("bcdemo-a")
+        data = self.fixture.content(SDIST_A2)
+        for expected_status in ["MISS", "HIT"]:
+            received = await self.harness.get(
+                f"/files/bcdemo-a/{SDIST_A2}", {"accept-encoding": "gzip"}
+            )
+            self.assertEqual(received.status, 200)
+            self.assertEqual(received.body, data)
+            self.assertEqual(received.header("x-cache"), expected_status)
+            self.assertEqual(received.header("content-length"), str(len(data)))
+            self.assertEqual(received.header("accept-ranges"), "bytes")
+            self.assertEqual(received.header("cache-control"), "max-age=31536000, immutable")
+            self.assertIsNone(received.header("content-encoding"))
+        self.assertEqual(self.upstream.requests_for(f"/files/{SDIST_A2}"), 1)
+        url = f"{self.upstream.base.removesuffix('/simple')}/files/{SDIST_A2}"
+        entry = self.harness.store.peek(cache_key(url))
+        assert entry is not None
+        self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
+
+    async def test_head_and_ranges(self) -> None:
+        """
+        What uv does without metadata: HEAD, then a suffix range; both
+        correct on a cold file, with one upstream request.
+        """
+        await self.harness.page("bcdemo-a")
+        data = self.fixture.content(WHEEL_A2)
+        head = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}", method=b"HEAD")
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.body, b"")
+        self.assertEqual(head.header("content-length"), str(len(data)))
+        self.assertEqual(head.header("accept-ranges"), "bytes")
+        tail = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}", {"range": "bytes=-100"})
+        self.assertEqual(tail.status, 206)
+        self.assertEqual(tail.body, data[-100:])
+        self.assertEqual(
+            tail.header("content-range"),
+            f"bytes {len(data) - 100}-{len(data) - 1}/{len(data)}",
+        )
+        self.assertEqual(tail.header("content-length"), "100")
+        middle = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}", {"range": "bytes=10-19"})
+        self.assertEqual((middle.status, middle.body), (206, data[10:20]))
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+
+    async def test_range_on_cold_file(self) -> None:
+        await self.harness.page("bcdemo-b")
+        data = self.fixture.content(WHEEL_B1)
+        received = await self.harness.get(f"/files/bcdemo-b/{WHEEL_B1}", {"range": "bytes=-64"})
+        self.assertEqual((received.status, received.body), (206, data[-64:]))
+        self.assertEqual(received.header("x-cache"), "MISS")
+
+    async def test_hash_mismatch(self) -> None:
+        """
+        A file whose bytes do not match the page's sha256 is a 502 and an
+        error event, and is not stored: the next request tries again.
+        """
+        observer = log_events(self)
+        await self.harness.page("bcdemo-a")
+        self.fixture.path_for(WHEEL_A2).write_bytes(b"not the wheel you are looking for")
+        for attempt in (1, 2):
+            received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+            self.assertEqual(received.status, 502)
+            self.assertIn(b"sha256", received.body)
+            self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), attempt)
+        url = f"{self.upstream.base.removesuffix('/simple')}/files/{WHEEL_A2}"
+        self.assertIsNone(self.harness.store.peek(cache_key(url)))
+        self.assertTrue(logged(observer, LogLevel.error, "does not match the sha256"))
+
+    async def test_file_without_page(self) -> None:
+        """
+        A file of a project whose page was never served is a 404 that
+        says where to look, and nothing is asked upstream.
+        """
+        received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual(received.status, 404)
+        self.assertIn(b"/simple/bcdemo-a/", received.body)
+        self.assertEqual(self.upstream.index.request_log, [])
+
+    async def test_file_not_on_page(self) -> None:
+        await self.harness.page("bcdemo-a")
+        for filename in [WHEEL_B1, "bcdemo_a-9.0-py3-none-any.whl"]:
+            received = await self.harness.get(f"/files/bcdemo-a/{filename}")
+            self.assertEqual(received.status, 404)
+            self.assertIn(b"not listed", received.body)
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_B1}"), 0)
+
+    async def test_one_request_per_page_and_file(self) -> None:
+        """
+        Within the TTL, repeated requests (pip's max-age=0 included) make
+        exactly one upstream request per page, per file and per metadata
+        file, and are counted as hits.
+        """
+        for _ in range(3):
+            for accept in (PIP_ACCEPT, UV_ACCEPT, "text/html"):
+                received = await self.harness.page(
+                    "bcdemo-a", accept=accept, **{"cache-control": "max-age=0"}
+                )
+                self.assertEqual(received.status, 200)
+            for path in (WHEEL_A2, f"{WHEEL_A2}.metadata", SDIST_A2):
+                received = await self.harness.get(f"/files/bcdemo-a/{path}")
+                self.assertEqual(received.status, 200)
+        for path in ("/simple/bcdemo-a/", f"/files/{WHEEL_A2}",
+                     f"/files/{WHEEL_A2}.metadata", f"/files/{SDIST_A2}"):
+            self.assertEqual(self.upstream.requests_for(path), 1, path)
+        self.assertEqual(len(self.harness.http.urls), 4)
+        counters = self.harness.store.counters
+        self.assertEqual((counters.misses, counters.hits), (4, 8 + 6))
+
+    async def test_concurrent_cold_file(self) -> None:
+        await self.harness.page("bcdemo-a")
+        data = self.fixture.content(WHEEL_A2)
+        received = await gatherResults(
+            [Deferred.fromCoroutine(self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}"))
+             for _ in range(5)]
+        )
+        self.assertEqual({(r.status, r.body) for r in received}, {(200, data)})
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+
+    async def test_page_from_store_after_restart(self) -> None:
+        """
+        A new index on the same store (a restart) finds the project's
+        files through the stored page, without asking upstream again.
+        """
+        await self.harness.page("bcdemo-a")
+        restarted = self.harness.make_resource()
+        port = listen(restarted)
+        self.addCleanup(stop_later, port)
+        received = await self.harness.client.get(
+            f"http://127.0.0.1:{port_number(port)}/files/bcdemo-a/{WHEEL_A2}"
+        )
+        self.assertEqual(received.status, 200)
+        self.assertEqual(received.body, self.fixture.content(WHEEL_A2))
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 1)
+
+
+class FreshnessTests(TestCase):
+    """
+    Page revalidation: after the TTL, on pip's max-age=0 past the floor,
+    and stale service when the upstream fails.
+    """
+
+    def setUp(self) -> None:
+        self.fixture = fixture_for(self)
+        self.harness = Harness(self, [StaticSimpleIndex(self.fixture)])
+        self.upstream = self.harness.upstreams[0]
+
+    async def test_revalidation_after_ttl(self) -> None:
+        first = await self.harness.page("bcdemo-a")
+        self.harness.clock.advance(TTL + 1)
+        again = await self.harness.page("bcdemo-a")
+        self.assertEqual(again.status, 200)
+        self.assertEqual(again.header("x-cache"), "REVALIDATED")
+        self.assertEqual(again.body, first.body)
+        self.assertEqual(again.header("etag"), first.header("etag"))
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
+        conditional = self.upstream.index.request_log[-1]
+        self.assertIn("if-none-match", conditional.headers)
+        self.assertEqual(self.harness.store.counters.revalidations, 1)
+        third = await self.harness.page("bcdemo-a")
+        self.assertEqual(third.header("x-cache"), "HIT")
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
+
+    async def test_changed_page_after_ttl(self) -> None:
+        """
+        A yank made upstream shows after the TTL; the ETag changes.
+        """
+        first = await self.harness.page("bcdemo-b")
+        page = self.upstream.index.projects["bcdemo-b"]
+        self.upstream.index.projects["bcdemo-b"] = attrs.evolve(
+            page,
+            files=tuple(attrs.evolve(f, yanked="withdrawn") for f in page.files),
+        )
+        self.assertEqual((await self.harness.page("bcdemo-b")).body, first.body)
+        self.harness.clock.advance(TTL + 1)
+        changed = await self.harness.page("bcdemo-b")
+        self.assertEqual(changed.header("x-cache"), "MISS")
+        self.assertNotEqual(changed.header("etag"), first.header("etag"))
+        yanks = {f["yanked"] for f in json.loads(changed.body)["files"]}
+        self.assertEqual(yanks, {"withdrawn"})
+
+    async def test_client_max_age_zero_floor(self) -> None:
+        """
+        pip's max-age=0 revalidates only a page validated more than the
+        floor ago; without it the page waits for the TTL.
+        """
+        await self.harness.page("bcdemo-a")
+        self.harness.clock.advance(CLIENT_REVALIDATION_FLOOR - 1)
+        early = await self.harness.page("bcdemo-a", **{"cache-control": "max-age=0"})
+        self.assertEqual(early.header("x-cache"), "HIT")
+        self.harness.clock.advance(2)
+        plain = await self.harness.page("bcdemo-a")
+        self.assertEqual(plain.header("x-cache"), "HIT")
+        late = await self.harness.page("bcdemo-a", **{"cache-control": "max-age=0"})
+        self.assertEqual(late.header("x-cache"), "REVALIDATED")
+        no_cache = await self.harness.page("bcdemo-a", **{"cache-control": "no-cache"})
+        self.assertEqual(no_cache.header("x-cache"), "HIT")
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
+
+    async def test_stale_when_upstream_fails(self) -> None:
+        """
+        A 503 from upstream serves the stored page STALE with a warning;
+        the failing upstream is left alone for a while, then asked again.
+        """
+        observer = log_events(self)
+        first = await self.harness.page("bcdemo-a")
+        self.harness.clock.advance(TTL + 1)
+        self.upstream.index.broken = True
+        stale = await self.harness.page("bcdemo-a")
+        self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        self.assertEqual(stale.body, first.body)
+        self.assertTrue(logged(observer, LogLevel.warn, "stale"))
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
+        again = await self.harness.page("bcdemo-a")
+        self.assertEqual(again.header("x-cache"), "STALE")
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
+        self.upstream.index.broken = False
+        self.harness.clock.advance(UPSTREAM_FAILURE_BACKOFF + 1)
+        back = await self.harness.page("bcdemo-a")
+        self.assertEqual(back.header("x-cache"), "REVALIDATED")
+
+    async def test_stale_when_upstream_unreachable(self) -> None:
+        """
+        With the upstream gone, stored pages are STALE, stored files are
+        hits, and a project never fetched is a 502 that says why.
+        """
+        await self.harness.page("bcdemo-a")
+        await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        await self.upstream.stop()
+        self.harness.clock.advance(TTL + 1)
+        stale = await self.harness.page("bcdemo-a")
+        self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        hit = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((hit.status, hit.header("x-cache")), (200, "HIT"))
+        unknown = await self.harness.page("bcdemo-b")
+        self.assertEqual(unknown.status, 502)
+        self.assertIn(b"no copy of 'bcdemo-b' is cached", unknown.body)
+
+    async def test_nothing_stored_upstream_broken(self) -> None:
+        self.upstream.index.broken = True
+        received = await self.harness.page("bcdemo-a")
+        self.assertEqual(received.status, 502)
+        self.assertIn(b"answered 503", received.body)
+        self.assertIn(self.upstream.base.encode(), received.body)
+
+
+class UpstreamPriorityTests(TestCase):
+    """
+    Several upstreams: the first that has a project serves all of it; a
+    404 is remembered for a minute.
+    """
+
+    def setUp(self) -> None:
+        self.first_fixture = fixture_for(self)
+        self.second_fixture = fixture_for(
+            self,
+            releases=(DemoRelease("bcdemo-a", "9.0"), DemoRelease("bcdemo-c", "1.0")),
+        )
+        self.harness = Harness(
+            self,
+            [StaticSimpleIndex(self.first_fixture), StaticSimpleIndex(self.second_fixture)],
+        )
+        self.first, self.second = self.harness.upstreams
+
+    async def test_first_upstream_owns_project(self) -> None:
+        received = await self.harness.page("bcdemo-a")
+        filenames = {f["filename"] for f in json.loads(received.body)["files"]}
+        self.assertEqual(
+            filenames, {f.filename for f in self.first_fixture.projects["bcdemo-a"].files}
+        )
+        self.assertNotIn("bcdemo_a-9.0-py3-none-any.whl", filenames)
+        self.assertEqual(self.second.requests_for("/simple/bcdemo-a/"), 0)
+        # A file only the second upstream has is not reachable through it.
+        other = await self.harness.get("/files/bcdemo-a/bcdemo_a-9.0-py3-none-any.whl")
+        self.assertEqual(other.status, 404)
+        self.assertEqual(self.second.index.request_log, [])
+
+    async def test_project_only_on_second(self) -> None:
+        received = await self.harness.page("bcdemo-c")
+        self.assertEqual(received.status, 200)
+        wheel = "bcdemo_c-1.0-py3-none-any.whl"
+        self.assertEqual([f["filename"] for f in json.loads(received.body)["files"]], [wheel])
+        self.assertEqual(self.first.requests_for("/simple/bcdemo-c/"), 1)
+        self.assertEqual(self.second.requests_for("/simple/bcdemo-c/"), 1)
+        downloaded = await self.harness.get(f"/files/bcdemo-c/{wheel}")
+        self.assertEqual(downloaded.body, self.second_fixture.content(wheel))
+        self.assertEqual(self.second.requests_for(f"/files/{wheel}"), 1)
+        # Within the minute, the first upstream's 404 is believed.
+        again = await self.harness.page("bcdemo-c", **{"cache-control": "max-age=0"})
+        self.assertEqual(again.header("x-cache"), "HIT")
+        self.assertEqual(self.first.requests_for("/simple/bcdemo-c/"), 1)
+
+    async def test_404_cached_for_a_minute(self) -> None:
+        missing = await self.harness.page("no-such-project")
+        self.assertEqual(missing.status, 404)
+        self.assertIn(b"not found", missing.body)
+        path = "/simple/no-such-project/"
+        self.assertEqual((self.first.requests_for(path), self.second.requests_for(path)), (1, 1))
+        self.harness.clock.advance(NEGATIVE_TTL - 1)
+        self.assertEqual((await self.harness.page("no-such-project")).status, 404)
+        self.assertEqual((self.first.requests_for(path), self.second.requests_for(path)), (1, 1))
+        self.harness.clock.advance(2)
+        self.assertEqual((await self.harness.page("no-such-project")).status, 404)
+        self.assertEqual((self.first.requests_for(path), self.second.requests_for(path)), (2, 2))
+
+    async def test_project_appears_on_first(self) -> None:
+        """
+        After the 404 memory expires, a project the first upstream now
+        has is served from it.
+        """
+        await self.harness.page("bcdemo-c")
+        self.first.index.projects["bcdemo-c"] = self.first.index.projects["bcdemo-b"]
+        self.harness.clock.advance(NEGATIVE_TTL + 1)
+        received = await self.harness.page("bcdemo-c")
+        filenames = [f["filename"] for f in json.loads(received.body)["files"]]
+        self.assertIn(WHEEL_B1, filenames)
+
+    async def test_first_failing_does_not_fall_through(self) -> None:
+        """
+        A failing first upstream does not hand its projects to the next
+        one: with nothing stored, the client gets a 502.
+        """
+        self.first.index.broken = True
+        received = await self.harness.page("bcdemo-a")
+        self.assertEqual(received.status, 502)
+        self.assertEqual(self.second.requests_for("/simple/bcdemo-a/"), 0)
+
+
+class RootTests(TestCase):
+    """
+    The root C{/simple/}: streamed from the first upstream and stored.
+    """
+
+    async def test_root_streamed_and_cached(self) -> None:
+        fixture = fixture_for(self)
+        harness = Harness(self, [StaticSimpleIndex(fixture)])
+        upstream = harness.upstreams[0]
+        expected = b"".join(render_root_html(sorted(fixture.projects)))
+        for status in ("MISS", "HIT"):
+            received = await harness.get("/simple/")
+            self.assertEqual(received.status, 200)
+            self.assertEqual(received.body, expected)
+            self.assertEqual(received.header("x-cache"), status)
+            self.assertEqual(received.header("vary"), "Accept")
+            self.assertEqual(received.header("content-type"), MEDIA_TYPE_LEGACY_HTML)
+        self.assertEqual(upstream.requests_for("/simple/"), 1)
+        as_json = await harness.get("/simple/", {"accept": PIP_ACCEPT})
+        self.assertEqual(as_json.header("content-type"), MEDIA_TYPE_JSON)
+        self.assertEqual(
+            [p["name"] for p in json.loads(as_json.body)["projects"]], sorted(fixture.projects)
+        )
+        self.assertEqual(upstream.requests_for("/simple/"), 2)
+        refused = await harness.get("/simple/", {"accept": "image/png"})
+        self.assertEqual(refused.status, 406)
+
+    async def test_root_stale_when_upstream_down(self) -> None:
+        fixture = fixture_for(self)
+        harness = Harness(self, [StaticSimpleIndex(fixture)])
+        first = await harness.get("/simple/")
+        await harness.upstreams[0].stop()
+        harness.clock.advance(2 * 86400)
+        stale = await harness.get("/simple/")
+        self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        self.assertEqual(stale.body, first.body)
+        cold = await harness.get("/simple/", {"accept": MEDIA_TYPE_JSON})
+        self.assertEqual(cold.status, 502)
