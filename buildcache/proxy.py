@@ -14,6 +14,9 @@ Package-format knowledge lives in :mod:`buildcache.freshness`; CONNECT in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import ipaddress
+import socket
+from typing import Protocol as TypingProtocol
 from urllib.parse import unquote, urlsplit
 
 from attrs import frozen
@@ -44,6 +47,7 @@ from buildcache.respond import (
 )
 from buildcache.store import IntegrityError, Store, StoredObject
 from buildcache.upstream import (
+    cache_key,
     Fetcher,
     UpstreamAnswer,
     UpstreamError,
@@ -55,7 +59,6 @@ from buildcache.connect import TargetRefused
 VIA = "1.1 buildcache"
 #: Client request headers passed on to the upstream.
 FORWARDED_HEADERS = ("user-agent", "accept", "authorization", "accept-language")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class BadTarget(Exception):
@@ -68,24 +71,6 @@ class BadTarget(Exception):
         self.code = code
 
 
-def cache_key(url: str) -> str:
-    """
-    The store key of an upstream URL: host, non-default port, path and
-    query.  The scheme is left out so that ``http://host/x`` fetched
-    through the proxy and ``https://host/x`` behind a mirror route share
-    one entry (package repositories serve the same files on both).
-    """
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port
-    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
-        host = f"{host}:{port}"
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{host}{parts.path or '/'}{query}"
-
-
 def _validators(headers: Mapping[str, str]) -> dict[str, str]:
     conditional = {}
     if "etag" in headers:
@@ -93,6 +78,42 @@ def _validators(headers: Mapping[str, str]) -> dict[str, str]:
     if "last-modified" in headers:
         conditional["if-modified-since"] = headers["last-modified"]
     return conditional
+
+
+class IndexServer(TypingProtocol):
+    """
+    The pip index front end, as the proxy forwards to it.
+    """
+
+    def serve(self, request: Request, path: str) -> None: ...
+
+
+@frozen
+class OwnIndex:
+    """
+    Recognises requests for this box's own index port, whatever name or
+    address the client used for the box: a client with ``HTTP_PROXY``
+    pointing here sends its index requests here too, and without this they
+    would be refused as loopback or private targets.
+    """
+
+    server: IndexServer
+    port: int
+    names: frozenset[str] = frozenset(
+        {"localhost", "host.docker.internal", socket.gethostname().lower(),
+         socket.getfqdn().lower()}
+    )
+
+    def addressed(self, request: Request, host: str, port: int) -> bool:
+        if port != self.port:
+            return False
+        host = host.lower().rstrip(".")
+        if host in self.names or host == getattr(request.getHost(), "host", None):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
 
 @frozen
@@ -187,6 +208,8 @@ class ProxyResource(Resource):
         self.router = router
         self.index_ttl = index_ttl
         self.apk_indexes = ApkIndexes(store)
+        #: Set once the index port is known (see :class:`OwnIndex`).
+        self.own_index: OwnIndex | None = None
 
     def render(self, request: Request) -> object:
         client = request.getClientAddress()
@@ -202,6 +225,8 @@ class ProxyResource(Resource):
                 f"{request.method.decode('latin-1')} is not served: this cache"
                 " answers GET and HEAD (and CONNECT to port 443)",
             )
+            return NOT_DONE_YET
+        if self._serve_own_index(request):
             return NOT_DONE_YET
         try:
             target = self.router.target(request)
@@ -224,6 +249,21 @@ class ProxyResource(Resource):
         d = Deferred.fromCoroutine(self._serve(request, target))
         d.addErrback(self._crashed, request)
         return NOT_DONE_YET
+
+    def _serve_own_index(self, request: Request) -> bool:
+        if self.own_index is None or request.uri.startswith(b"/"):
+            return False
+        try:
+            parts = urlsplit(request.uri.decode("latin-1"))
+            port = parts.port or 80
+        except ValueError:
+            return False
+        if parts.scheme != "http" or not parts.hostname:
+            return False
+        if not self.own_index.addressed(request, parts.hostname, port):
+            return False
+        self.own_index.server.serve(request, parts.path or "/")
+        return True
 
     def _crashed(self, failure: Failure, request: Request) -> None:
         self.log.failure("Proxy failed on {uri}", failure, uri=request.uri)

@@ -9,25 +9,34 @@ housekeeping for ``twistd buildcache`` and ``buildcache.tac``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.application.strports import service as endpoint_service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy
 from buildcache.config import Config
 from buildcache.connect import make_http_client
-from buildcache.proxy import ProxyResource, Router
+from buildcache.proxy import OwnIndex, ProxyResource, Router
+from buildcache.simple_index import IndexResource
 from buildcache.store import Store
 from buildcache.tunnel import ProxySite
 from buildcache.upstream import Fetcher
 
 #: Seconds between writes of batched access times.
 FLUSH_INTERVAL = 5.0
+#: Seconds a stopping server waits for downloads in flight.
+STOP_GRACE = 10.0
 
 
 @frozen
@@ -40,7 +49,10 @@ class Server:
     store: Store
     policy: AccessPolicy
     fetcher: Fetcher
+    proxy: ProxyResource
+    index: IndexResource
     proxy_site: Site
+    index_site: Site
 
     @classmethod
     def build(cls, config: Config, reactor: Any, store: Store) -> Server:
@@ -55,30 +67,112 @@ class Server:
             store, fetcher, Router(tuple(config.mirrors), policy), config.index_ttl
         )
         proxy_site = ProxySite(proxy, reactor=reactor, policy=policy)
-        return cls(config, store, policy, fetcher, proxy_site)
+        index = IndexResource(
+            store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
+            policy=policy,
+        )
+        index_site = Site(index, reactor=reactor)
+        return cls(
+            config, store, policy, fetcher, proxy, index, proxy_site, index_site
+        )
+
+    def index_listening(self, port: IListeningPort) -> None:
+        """
+        Tell the proxy which port is the index's, so that clients whose
+        ``HTTP_PROXY`` points at the proxy reach the index through it.
+        """
+        address = port.getHost()
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            self.proxy.own_index = OwnIndex(self.index, address.port)
 
 
-class StoreService(Service):
+class ListeningService(Service):
     """
-    Flushes batched access times now and then, and closes the store (a
-    last flush included) when the server stops.
+    Listens on a server endpoint description while running, and reports
+    the listening port (its number is only known then, e.g. for port 0).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: Site,
+        on_listening: Callable[[IListeningPort], None] = lambda port: None,
+    ) -> None:
+        self._endpoint = serverFromString(reactor, description)
+        self._factory = factory
+        self._on_listening = on_listening
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures: list[Failure] = []
+        self._endpoint.listen(self._factory).addCallbacks(
+            self._listened, failures.append
+        )
+        # A port in use must stop twistd at start-up, not leave a server
+        # running without it.
+        if failures:
+            failures[0].raiseException()
+
+    def _listened(self, port: IListeningPort) -> None:
+        self.port = port
+        self._on_listening(port)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+class BuildcacheService(MultiService):
+    """
+    The running server: the ports as children, the store's housekeeping
+    around them.
+
+    Stopping (SIGTERM) closes the ports first, gives downloads in flight
+    up to ``grace`` seconds to finish (their clients keep streaming), and
+    only then writes the last access times and closes the store, so the
+    cache is consistent whatever was under way.
     """
 
     log = Logger()
 
-    def __init__(self, store: Store, reactor: Any) -> None:
-        self.store = store
-        self._timer = TimerService(FLUSH_INTERVAL, store.flush)
-        self._timer.clock = reactor
+    def __init__(self, server: Server, reactor: Any, grace: float = STOP_GRACE) -> None:
+        super().__init__()
+        self.server = server
+        self.reactor = reactor
+        self.grace = grace
+        self._flusher = TimerService(FLUSH_INTERVAL, server.store.flush)
+        self._flusher.clock = reactor
 
     def startService(self) -> None:
         super().startService()
-        self._timer.startService()
+        self._flusher.startService()
 
-    def stopService(self) -> None:
-        super().stopService()
-        self._timer.stopService()
-        self.store.close()
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        in_flight = self.server.fetcher.in_flight()
+        if in_flight:
+            self.log.info(
+                "Waiting up to {grace}s for {count} downloads in flight",
+                grace=self.grace, count=in_flight,
+            )
+            idle = self.server.fetcher.when_idle()
+            idle.addTimeout(self.grace, self.reactor)
+            try:
+                await idle
+            except defer.TimeoutError:
+                self.log.warn(
+                    "Stopping with {count} downloads unfinished; they are not"
+                    " stored", count=self.server.fetcher.in_flight(),
+                )
+        self._flusher.stopService()
+        self.server.store.close()
         self.log.info("Cache closed cleanly")
 
 
@@ -91,9 +185,9 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     """
     store = Store.open(config.cache_dir, config.max_size, reactor)
     server = Server.build(config, reactor, store)
-    top = MultiService()
-    # Listening ports stop before the store closes: services stop in
-    # reverse order of addition.
-    StoreService(store, reactor).setServiceParent(top)
-    endpoint_service(config.proxy_endpoint, server.proxy_site, reactor=reactor).setServiceParent(top)
+    top = BuildcacheService(server, reactor)
+    ListeningService(reactor, config.proxy_endpoint, server.proxy_site).setServiceParent(top)
+    ListeningService(
+        reactor, config.index_endpoint, server.index_site, server.index_listening
+    ).setServiceParent(top)
     return top

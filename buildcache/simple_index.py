@@ -72,7 +72,6 @@ from buildcache.freshness import (
     client_demands_revalidation,
     not_modified,
 )
-from buildcache.proxy import cache_key
 from buildcache.respond import (
     CacheStatus,
     request_headers,
@@ -94,6 +93,7 @@ from buildcache.simple_model import (
 )
 from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
 from buildcache.upstream import (
+    cache_key,
     DownloadBody,
     Fetcher,
     UpstreamAnswer,
@@ -589,6 +589,7 @@ class IndexResource(Resource):
                 return self._stale_or_refuse(name, position, failed)
             if resolved is not None:
                 return resolved
+        self._served.pop(name, None)
         asked = ", ".join(self.upstreams)
         raise _Refusal(
             404,
@@ -868,12 +869,14 @@ class IndexResource(Resource):
         else the stored page of the first upstream that has one.
         """
         served = self._served.get(name)
+        candidates = list(self.upstreams)
         if served is not None:
             upstream, digest = served
             page = self._models.get((page_key(upstream, name), digest))
             if page is not None:
                 return page
-        for upstream in self.upstreams:
+            candidates.insert(0, upstream)
+        for upstream in candidates:
             if self.store.peek(page_key(upstream, name)) is not None:
                 try:
                     return self._stored_page(upstream, name, CacheStatus.HIT).page

@@ -13,6 +13,7 @@ client reading it sees its response cut short.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol as TypingProtocol, cast
@@ -31,6 +32,8 @@ from zope.interface import implementer
 import treq.client
 
 from buildcache.store import Entry, IntegrityError, ObjectWriter, Store
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 #: Response headers that describe the connection, not the object.
 HOP_BY_HOP = frozenset(
@@ -125,6 +128,24 @@ class UpstreamAnswer:
     status: int
     headers: Mapping[str, str] = field(eq=False)
     body: DownloadBody | None
+
+
+def cache_key(url: str) -> str:
+    """
+    The store key of an upstream URL: host, non-default port, path and
+    query.  The scheme is left out so that ``http://host/x`` fetched
+    through the proxy and ``https://host/x`` behind a mirror route share
+    one entry (package repositories serve the same files on both).
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        host = f"{host}:{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{host}{parts.path or '/'}{query}"
 
 
 def end_to_end_headers(headers: Headers) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from attrs import Factory, define, field
 from twisted.internet import reactor as _reactor
@@ -213,9 +214,10 @@ class Running:
     A buildcache server built from a Config, listening on 127.0.0.1.
     """
 
-    server: object
-    store: object
+    server: Any
+    store: Any
     proxy_port: int
+    index_port: int
     upstream: FakeUpstream | None = None
 
 
@@ -244,12 +246,15 @@ def start_server(
     store = Store.open(config.cache_dir, config.max_size, reactor)
     server = Server.build(config, reactor, store)
     port = reactor.listenTCP(0, server.proxy_site, interface="127.0.0.1")
+    index_port = reactor.listenTCP(0, server.index_site, interface="127.0.0.1")
+    server.index_listening(index_port)
 
     async def shut() -> None:
         await port.stopListening()
+        await index_port.stopListening()
         await server.fetcher.http._agent._pool.closeCachedConnections()  # type: ignore[attr-defined]
         store.close()
 
     testcase.addCleanup(lambda: Deferred.fromCoroutine(shut()))  # type: ignore[attr-defined]
-    return Running(server, store, port.getHost().port,
+    return Running(server, store, port.getHost().port, index_port.getHost().port,
                    upstream if isinstance(upstream, FakeUpstream) else None)

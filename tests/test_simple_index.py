@@ -721,6 +721,25 @@ class FileTests(TestCase):
         counters = self.harness.store.counters
         self.assertEqual((counters.misses, counters.hits), (4, 8 + 6))
 
+    async def test_stored_body_with_wrong_digest_is_replaced(self) -> None:
+        """
+        A body stored under the file's key by another route (the proxy
+        port, unchecked) that does not match the page is not served: the
+        checked file is fetched and replaces it.
+        """
+        await self.harness.page("bcdemo-a")
+        url = f"{self.upstream.base.removesuffix('/simple')}/files/{WHEEL_A2}"
+        writer = self.harness.store.writer(cache_key(url))
+        writer.write(b"something else")
+        writer.commit({"content-type": "application/octet-stream"})
+        received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        data = self.fixture.content(WHEEL_A2)
+        self.assertEqual((received.status, received.body), (200, data))
+        self.assertEqual(received.header("x-cache"), "MISS")
+        entry = self.harness.store.peek(cache_key(url))
+        assert entry is not None
+        self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
+
     async def test_concurrent_cold_file(self) -> None:
         await self.harness.page("bcdemo-a")
         data = self.fixture.content(WHEEL_A2)
@@ -792,6 +811,22 @@ class FreshnessTests(TestCase):
         self.assertNotEqual(changed.header("etag"), first.header("etag"))
         yanks = {f["yanked"] for f in json.loads(changed.body)["files"]}
         self.assertEqual(yanks, {"withdrawn"})
+
+    async def test_project_removed_upstream(self) -> None:
+        """
+        A project the upstream no longer has is a 404 after the TTL; its
+        stored page and its files go with it.
+        """
+        await self.harness.page("bcdemo-a")
+        del self.upstream.index.projects["bcdemo-a"]
+        self.harness.clock.advance(TTL + 1)
+        gone = await self.harness.page("bcdemo-a")
+        self.assertEqual(gone.status, 404)
+        self.assertIsNone(
+            self.harness.store.peek(page_key(self.upstream.base, "bcdemo-a"))
+        )
+        received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual(received.status, 404)
 
     async def test_client_max_age_zero_floor(self) -> None:
         """
