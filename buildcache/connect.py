@@ -45,12 +45,13 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, URI
+from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from buildcache.access import AccessPolicy, InvalidHost, normalize_host
-from buildcache.upstream import UpstreamError, UpstreamTimeout
+from buildcache.access import AccessPolicy, normalize_host
+from buildcache.upstream import UpstreamError, UpstreamTimeout, treq_client
 
 __all__ = [
     "TargetRefused",
@@ -179,10 +180,8 @@ class GuardedTCPEndpoint:
         if not verdict:
             self._refused(host, None, verdict.reason)
             raise TargetRefused(host, self.port, verdict.reason)
-        try:
-            name = normalize_host(host)
-        except InvalidHost as error:
-            raise TargetRefused(host, self.port, str(error)) from None
+        # host_allowed normalised it already, so this cannot fail.
+        name = normalize_host(host)
         literal = _ip_literal(name)
         addresses = [literal] if literal is not None else await self._resolve(name)
         allowed: list[str] = []
@@ -335,27 +334,45 @@ def guarded_endpoint(
     )
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    Upstream connections come and go all day: no log line for each.
+    """
+
+    noisy = False
+
+
+def upstream_pool(
+    reactor: _TCPReactor,
+    persistent: bool = True,
+    max_persistent_per_host: int = 8,
+    cached_connection_timeout: int = 60,
+) -> HTTPConnectionPool:
+    """
+    The pool of upstream connections: keep-alive connections are kept per
+    (scheme, host, port), up to ``max_persistent_per_host`` idle ones, each
+    for ``cached_connection_timeout`` seconds.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool.maxPersistentPerHost = max_persistent_per_host
+    pool.cachedConnectionTimeout = cached_connection_timeout
+    pool._factory = _QuietClientFactory
+    return pool
+
+
 def make_http_client(
     reactor: _TCPReactor,
     policy: AccessPolicy,
     connect_timeout: float,
     persistent: bool = True,
     *,
+    pool: HTTPConnectionPool | None = None,
     tls_policy: TLSPolicy | None = None,
     resolver: HostnameResolver | None = None,
-    max_persistent_per_host: int = 8,
-    cached_connection_timeout: int = 60,
 ) -> HTTPClient:
     """
     The treq client for upstream fetches: all its connections are guarded.
-
-    Keep-alive connections are kept per (scheme, host, port): up to
-    ``max_persistent_per_host`` idle ones, each for
-    ``cached_connection_timeout`` seconds.
     """
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
-    pool.maxPersistentPerHost = max_persistent_per_host
-    pool.cachedConnectionTimeout = cached_connection_timeout
     factory = GuardedEndpointFactory(
         reactor,
         policy,
@@ -363,7 +380,9 @@ def make_http_client(
         tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS(),
         resolver,
     )
-    return HTTPClient(Agent.usingEndpointFactory(reactor, factory, pool=pool))
+    if pool is None:
+        pool = upstream_pool(reactor, persistent)
+    return treq_client(Agent.usingEndpointFactory(reactor, factory, pool=pool))
 
 
 def connect_tcp(

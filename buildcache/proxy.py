@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
+from buildcache.activity import Activity
 from buildcache.apk import ApkIndexEntry, repository_index_url
 from buildcache.apkcheck import ApkIndexes, verifier_for
 from buildcache.config import Mirror
@@ -78,6 +79,19 @@ def _validators(headers: Mapping[str, str]) -> dict[str, str]:
     if "last-modified" in headers:
         conditional["if-modified-since"] = headers["last-modified"]
     return conditional
+
+
+_PACKAGE_SUFFIXES = (".apk", ".deb", ".udeb", ".whl", ".tar.gz", ".zip", ".rpm")
+
+
+def package_name(uri: str) -> str | None:
+    """
+    The package file a request is for (its last path segment), for the
+    most-requested table; None for indexes and other files.
+    """
+    path = urlsplit(uri).path if not uri.startswith("/") else uri.partition("?")[0]
+    last = unquote(path.rsplit("/", 1)[-1])
+    return last if last.endswith(_PACKAGE_SUFFIXES) else None
 
 
 class IndexServer(TypingProtocol):
@@ -210,8 +224,15 @@ class ProxyResource(Resource):
         self.apk_indexes = ApkIndexes(store)
         #: Set once the index port is known (see :class:`OwnIndex`).
         self.own_index: OwnIndex | None = None
+        self.activity: Activity | None = None
 
     def render(self, request: Request) -> object:
+        if self.activity is not None:
+            self.activity.track(
+                request,
+                "mirror" if request.uri.startswith(b"/") else "proxy",
+                package_name(request.uri.decode("latin-1")),
+            )
         client = request.getClientAddress()
         client_ip = getattr(client, "host", "")
         if not self.router.policy.client_allowed(client_ip):
@@ -363,6 +384,8 @@ class ProxyResource(Resource):
         self.log.warn(
             "Serving stale {key}: revalidation failed: {why}", key=target.key, why=why
         )
+        if self.activity is not None:
+            self.activity.stale_served(target.url)
         self.store.counters.hits += 1
         self._serve_stored(request, target, stored, CacheStatus.STALE)
 

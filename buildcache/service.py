@@ -22,11 +22,13 @@ from twisted.python.failure import Failure
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy
+from buildcache.activity import Activity
 from buildcache.config import Config
-from buildcache.connect import make_http_client
+from buildcache.connect import make_http_client, upstream_pool
 from buildcache.proxy import OwnIndex, ProxyResource, Router
 from buildcache.simple_index import IndexResource
 from buildcache.store import Store
@@ -48,6 +50,8 @@ class Server:
     config: Config
     store: Store
     policy: AccessPolicy
+    activity: Activity
+    pool: HTTPConnectionPool
     fetcher: Fetcher
     proxy: ProxyResource
     index: IndexResource
@@ -61,19 +65,26 @@ class Server:
             config.allow_upstream,
             [m.url for m in config.mirrors] + list(config.pypi_upstreams),
         )
-        http = make_http_client(reactor, policy, config.upstream_timeout)
-        fetcher = Fetcher(store, http, reactor, idle_timeout=config.upstream_timeout)
+        activity = Activity(reactor)
+        pool = upstream_pool(reactor)
+        http = make_http_client(reactor, policy, config.upstream_timeout, pool=pool)
+        fetcher = Fetcher(
+            store, http, reactor, idle_timeout=config.upstream_timeout,
+            activity=activity,
+        )
         proxy = ProxyResource(
             store, fetcher, Router(tuple(config.mirrors), policy), config.index_ttl
         )
+        proxy.activity = activity
         proxy_site = ProxySite(proxy, reactor=reactor, policy=policy)
         index = IndexResource(
             store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
-            policy=policy,
+            policy=policy, activity=activity,
         )
         index_site = Site(index, reactor=reactor)
         return cls(
-            config, store, policy, fetcher, proxy, index, proxy_site, index_site
+            config, store, policy, activity, pool, fetcher, proxy, index,
+            proxy_site, index_site,
         )
 
     def index_listening(self, port: IListeningPort) -> None:
@@ -171,6 +182,7 @@ class BuildcacheService(MultiService):
                     "Stopping with {count} downloads unfinished; they are not"
                     " stored", count=self.server.fetcher.in_flight(),
                 )
+        await self.server.pool.closeCachedConnections()
         self._flusher.stopService()
         self.server.store.close()
         self.log.info("Cache closed cleanly")

@@ -66,6 +66,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache import __version__
 from buildcache.access import AccessPolicy
+from buildcache.activity import Activity
 from buildcache.freshness import (
     Kind,
     client_cache_control,
@@ -336,6 +337,17 @@ async def _drained(body: DownloadBody) -> None:
         body.close()
 
 
+def _project_of(path: str) -> str | None:
+    """
+    The normalised project a request path is about, for the
+    most-requested table: ``/simple/<name>/`` and ``/files/<name>/...``.
+    """
+    segments = path.split("/")
+    if len(segments) >= 3 and segments[1] in ("simple", "files") and segments[2]:
+        return normalize_project_name(unquote(segments[2]))
+    return None
+
+
 class IndexResource(Resource):
     """
     The simple index; see the module docstring.
@@ -357,9 +369,11 @@ class IndexResource(Resource):
         index_ttl: float,
         clock: IReactorTime,
         policy: AccessPolicy | None = None,
+        activity: Activity | None = None,
     ) -> None:
         super().__init__()
         self.policy = policy
+        self.activity = activity
         self.store = store
         self.fetcher = fetcher
         self.upstreams = tuple(u.rstrip("/") for u in upstreams)
@@ -406,6 +420,8 @@ class IndexResource(Resource):
         request target, without query), finishing it asynchronously: a
         ``render`` calling this returns ``NOT_DONE_YET``.
         """
+        if self.activity is not None:
+            self.activity.track(request, "index", _project_of(path))
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader("allow", "GET, HEAD")
             send_error(
@@ -770,6 +786,8 @@ class IndexResource(Resource):
                 "Serving stale page of {name} from {upstream}: {why}",
                 name=name, upstream=upstream, why=failed.message,
             )
+            if self.activity is not None:
+                self.activity.stale_served(upstream)
             return self._stored_page(upstream, name, CacheStatus.STALE)
         raise _Refusal(
             504 if failed.timed_out else 502,
@@ -855,6 +873,8 @@ class IndexResource(Resource):
             )
             return
         self.log.warn("Serving stale root index: {why}", why=why)
+        if self.activity is not None:
+            self.activity.stale_served(url)
         self.store.counters.hits += 1
         serve_stored(
             request, stored, CacheStatus.STALE, self.store.counters,

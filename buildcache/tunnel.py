@@ -218,7 +218,7 @@ class ProxyChannel(HTTPChannel):
         # body; HTTPChannel skips it, and the request line still follows.
         if self._awaiting_request_line and line and self.persistent:
             self._awaiting_request_line = False
-            if False:
+            if line.startswith(b"CONNECT "):
                 self._begin_connect(line)
                 return
         super().lineReceived(line)
@@ -319,9 +319,9 @@ class ProxyChannel(HTTPChannel):
             status=status,
             reason=reason,
         )
-        self.send_final_response(status, reason)
+        self.answer_and_close(status, reason)
 
-    def send_final_response(self, status: int, explanation: str) -> None:
+    def answer_and_close(self, status: int, explanation: str) -> None:
         """
         Answer the ``CONNECT`` with an error and close the connection.
         """
@@ -423,27 +423,28 @@ class _Tunnel:
             # The client left while we were connecting.
             return
         except TargetRefused as error:
-            self._fail(403, error.reason, error)
+            self._fail(403, error.reason)
             return
         except UpstreamTimeout as error:
-            self._fail(504, str(error), error)
+            self._fail(504, str(error))
             return
         except UpstreamError as error:
-            self._fail(502, str(error), error)
+            self._fail(502, str(error))
             return
         except Exception as error:
+            # A bug, not a network condition: log it with its traceback.
             self.log.failure(
                 "CONNECT {target}: unexpected connection failure",
                 target=str(self.target),
             )
-            self._fail(502, f"cannot connect to {self.target}: {error}", error)
+            self._fail(502, f"cannot connect to {self.target}: {error}")
             return
         finally:
             self._connecting = None
         assert isinstance(upstream, _UpstreamSide)
         self._established(upstream)
 
-    def _fail(self, status: int, reason: str, error: Exception) -> None:
+    def _fail(self, status: int, reason: str) -> None:
         self.log.warn(
             "CONNECT {target} from {client} failed ({status}): {reason}",
             event="tunnel_refused" if status == 403 else "tunnel_failed",
@@ -454,7 +455,7 @@ class _Tunnel:
         )
         self._finished = True
         if not self._client_closed:
-            self.channel.send_final_response(status, reason)
+            self.channel.answer_and_close(status, reason)
 
     def _established(self, upstream: _UpstreamSide) -> None:
         self._upstream = upstream

@@ -31,6 +31,7 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 import treq.client
 
+from buildcache.activity import Activity
 from buildcache.store import Entry, IntegrityError, ObjectWriter, Store
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -330,6 +331,7 @@ class Fetcher:
     http: treq.client.HTTPClient
     clock: IReactorTime
     idle_timeout: float = 30.0
+    activity: Activity | None = None
     _downloads: dict[str, Download] = Factory(dict)
     _idle_waiters: list[Deferred[None]] = Factory(list)
 
@@ -346,6 +348,10 @@ class Fetcher:
         else:
             self._idle_waiters.append(idle)
         return idle
+
+    def _report_failure(self, url: str, error: str) -> None:
+        if self.activity is not None:
+            self.activity.upstream_failed(url, error)
 
     def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamAnswer]:
         """
@@ -402,12 +408,15 @@ class Fetcher:
             allow_redirects=request.follow_redirects,
         )
         timer = self.clock.callLater(self.idle_timeout, requested.cancel)
+        started = self.clock.seconds()
         try:
             response = await requested
-        except UpstreamError:
+        except UpstreamError as e:
+            self._report_failure(request.url, str(e))
             raise
         except CancelledError:
             self.log.warn("Upstream {url} did not answer in time", url=request.url)
+            self._report_failure(request.url, "timeout")
             raise UpstreamTimeout(
                 f"{request.url} did not answer within {self.idle_timeout:g}s"
             )
@@ -415,10 +424,18 @@ class Fetcher:
             self.log.warn(
                 "Upstream {url} failed: {error}", url=request.url, error=repr(e)
             )
+            self._report_failure(request.url, str(e) or repr(e))
             raise UpstreamError(f"{request.url}: {e}") from e
         finally:
             if timer.active():
                 timer.cancel()
+        if self.activity is not None:
+            if response.code >= 500:
+                self.activity.upstream_failed(request.url, f"HTTP {response.code}")
+            else:
+                self.activity.upstream_succeeded(
+                    request.url, self.clock.seconds() - started
+                )
         download.status = response.code
         download.headers = end_to_end_headers(response.headers)
         download.headers.pop("content-length", None)
@@ -457,6 +474,7 @@ class Fetcher:
                 or request.verify is not None
             )
         if receiver.timed_out:
+            self._report_failure(request.url, "stalled mid-body")
             raise UpstreamTimeout(
                 f"{request.url} stalled for {self.idle_timeout:g}s after"
                 f" {download.received} bytes"
@@ -464,6 +482,7 @@ class Fetcher:
         if receiver.write_error is not None:
             raise receiver.write_error
         if not complete:
+            self._report_failure(request.url, "body cut short")
             raise UpstreamError(
                 f"{request.url} ended after {download.received} bytes:"
                 f" {reason.getErrorMessage()}"

@@ -108,7 +108,12 @@ class FakeUpstream(Resource):
             request.finish()
             return NOT_DONE_YET
 
+        lost: list[object] = []
+        request.notifyFinish().addErrback(lost.append)
+
         def rest(_: object) -> None:
+            if lost:
+                return
             request.write(body.data[body.before_gate:])
             self.sent_everything[path] = self.sent_everything.get(path, 0) + 1
             request.finish()
@@ -252,7 +257,7 @@ def start_server(
     async def shut() -> None:
         await port.stopListening()
         await index_port.stopListening()
-        await server.fetcher.http._agent._pool.closeCachedConnections()  # type: ignore[attr-defined]
+        await server.pool.closeCachedConnections()
         store.close()
 
     testcase.addCleanup(lambda: Deferred.fromCoroutine(shut()))  # type: ignore[attr-defined]

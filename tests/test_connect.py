@@ -9,9 +9,10 @@ MemoryReactor, which connects nowhere.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from attrs import Factory as AttrsFactory, define
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
@@ -35,6 +36,9 @@ from buildcache.connect import (
 )
 from buildcache.upstream import UpstreamError, UpstreamTimeout
 
+#: The global reactor, typed loosely: its zope interfaces are opaque to mypy.
+reactor: Any = _reactor
+
 
 @define
 class FakeResolver:
@@ -57,7 +61,7 @@ class FakeResolver:
     ) -> object:
         self.asked.append(hostName)
         receiver: object = resolutionReceiver
-        receiver.resolutionBegan(None)  # type: ignore[attr-defined]
+        receiver.resolutionBegan(None)
         if hostName in self.hang:
             return None
         for address in self.table.get(hostName, ()):
@@ -65,8 +69,8 @@ class FakeResolver:
                 resolved: object = IPv6Address("TCP", address, portNumber)
             else:
                 resolved = IPv4Address("TCP", address, portNumber)
-            receiver.addressResolved(resolved)  # type: ignore[attr-defined]
-        receiver.resolutionComplete()  # type: ignore[attr-defined]
+            receiver.addressResolved(resolved)
+        receiver.resolutionComplete()
         return None
 
 
@@ -158,17 +162,17 @@ async def close_client(protocol: ConnectedClient) -> None:
 class GuardTestMixin:
     def listen(self, factory: ServerFactory, interface: str) -> tuple[Listener, IListeningPort]:
         listener = Listener(factory)
-        port: IListeningPort = reactor.listenTCP(0, listener, interface=interface)  # type: ignore[attr-defined]
+        port: IListeningPort = reactor.listenTCP(0, listener, interface=interface)
 
         async def cleanup() -> None:
             await port.stopListening()
             await listener.close_all()
 
-        self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))  # type: ignore[attr-defined]
+        self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
         return listener, port
 
     def port_of(self, listening: IListeningPort) -> int:
-        port: int = listening.getHost().port  # type: ignore[attr-defined]
+        port: int = listening.getHost().port
         return port
 
     async def connect_guarded(
@@ -188,7 +192,7 @@ class GuardTestMixin:
             resolver if resolver is not None else FakeResolver(),
         )
         assert isinstance(protocol, ConnectedClient)
-        self.addCleanup(lambda: Deferred.fromCoroutine(close_client(protocol)))  # type: ignore[attr-defined]
+        self.addCleanup(lambda: Deferred.fromCoroutine(close_client(protocol)))
         return protocol
 
     async def settle(self, listener: Listener, port: IListeningPort, policy: AccessPolicy) -> None:
@@ -199,7 +203,7 @@ class GuardTestMixin:
         refused connection got through.
         """
         before = listener.accepted
-        host = port.getHost().host  # type: ignore[attr-defined]
+        host = port.getHost().host
         await self.connect_guarded(policy, host, self.port_of(port))
         await listener.until_accepted(before + 1)
 
@@ -212,6 +216,9 @@ class GuardOverRealTCPTests(GuardTestMixin, TestCase):
     """
     The guard against listeners on 127.0.0.1 and 127.0.0.2.
     """
+
+    # A broken tunnel would leave a test waiting for bytes: fail fast.
+    timeout = 15
 
     async def test_loopback_refused_by_default(self) -> None:
         """
@@ -296,7 +303,7 @@ class GuardOverRealTCPTests(GuardTestMixin, TestCase):
         self.assertEqual(resolver.asked, [])
 
     async def test_refused_connection_is_upstream_error(self) -> None:
-        closed = reactor.listenTCP(0, sink_factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        closed = reactor.listenTCP(0, sink_factory(), interface="127.0.0.1")
         number = self.port_of(closed)
         await closed.stopListening()
         with self.assertRaises(UpstreamError) as caught:
@@ -318,6 +325,9 @@ class HTTPClientTests(GuardTestMixin, TestCase):
     make_http_client: a treq client whose connections are guarded.
     """
 
+    # A broken tunnel would leave a test waiting for bytes: fail fast.
+    timeout = 15
+
     async def test_refusal_reaches_caller_as_target_refused(self) -> None:
         listener, port = self.listen(Site(Hello()), "127.0.0.1")
         client = make_http_client(reactor, AccessPolicy(), 5.0, persistent=False)
@@ -329,7 +339,7 @@ class HTTPClientTests(GuardTestMixin, TestCase):
     async def test_allowed_fetch_reuses_connection(self) -> None:
         listener, port = self.listen(Site(Hello()), "127.0.0.1")
         client = make_http_client(reactor, AccessPolicy(allow_upstream=["127.0.0.1"]), 5.0)
-        pool = client._agent._pool  # type: ignore[attr-defined]
+        pool = client._agent.agent._pool
         self.addCleanup(pool.closeCachedConnections)
         url = f"http://127.0.0.1:{self.port_of(port)}/"
         for _ in range(2):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -36,6 +36,9 @@ from buildcache.tunnel import (
     parse_connect_target,
 )
 from tests.test_connect import FakeResolver, GuardTestMixin, Hello, Sink
+
+#: The global reactor, typed loosely: its zope interfaces are opaque to mypy.
+reactor: Any = _reactor
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 MEGABYTE = 1024 * 1024
@@ -168,6 +171,9 @@ class TunnelOverTCPTests(GuardTestMixin, TestCase):
     Client -> ProxySite -> target, all on 127.0.0.0/8.
     """
 
+    # A broken tunnel would leave a test waiting for bytes: fail fast.
+    timeout = 15
+
     def setUp(self) -> None:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
@@ -175,7 +181,7 @@ class TunnelOverTCPTests(GuardTestMixin, TestCase):
         site = TrackedProxySite(
             Hello(), reactor=reactor, policy=policy, resolver=FakeResolver(), **kwargs
         )
-        port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
 
         async def cleanup() -> None:
             await port.stopListening()
@@ -315,7 +321,7 @@ class TunnelOverTCPTests(GuardTestMixin, TestCase):
         self.assertEqual(listener.accepted, 1)
 
     async def test_connection_refused_by_target_is_502(self) -> None:
-        closed = reactor.listenTCP(0, ServerFactory.forProtocol(Sink), interface="127.0.0.1")  # type: ignore[attr-defined]
+        closed = reactor.listenTCP(0, ServerFactory.forProtocol(Sink), interface="127.0.0.1")
         target_port = self.port_of(closed)
         await closed.stopListening()
         _, proxy_port = self.start_proxy(

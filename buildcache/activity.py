@@ -1,0 +1,208 @@
+"""
+What the server has been doing: one record per finished request (the
+access log line, per-front-end totals, the 24-hour traffic series, the most
+requested names) and the health of each upstream.  The status page, the
+JSON stats and the Prometheus metrics all read from here; the front ends
+only call :meth:`Activity.track` and the fetcher reports upstream results.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from attrs import Factory, define, field, frozen
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+#: Front ends, as they appear in stats and metric labels.
+FRONT_ENDS = ("proxy", "mirror", "index")
+#: Cache statuses (``X-Cache``), plus "none" for refusals and errors.
+CACHE_STATUSES = ("HIT", "MISS", "REVALIDATED", "STALE", "none")
+#: Width of one bucket of the traffic series, and how many are kept.
+BUCKET_SECONDS = 300
+BUCKETS = 24 * 3600 // BUCKET_SECONDS
+#: Names kept in the most-requested table before the tail is pruned.
+TOP_NAMES_KEPT = 2000
+_FROM_CACHE = frozenset({"HIT", "REVALIDATED", "STALE"})
+_USERINFO = re.compile(r"//[^/@]*@")
+
+
+def redact(url: str) -> str:
+    """
+    A URL fit for logs and pages: credentials replaced by ``***``.
+    """
+    if "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub("//***@", url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+@define
+class Totals:
+    """
+    Counts for one front end since start-up.
+    """
+
+    requests: int = 0
+    by_status: Counter[str] = Factory(Counter)
+    bytes_from_cache: int = 0
+    bytes_from_upstream: int = 0
+    errors: int = 0
+
+    @property
+    def hit_ratio(self) -> float | None:
+        served = sum(self.by_status[s] for s in ("HIT", "MISS", "REVALIDATED", "STALE"))
+        if not served:
+            return None
+        hits = sum(self.by_status[s] for s in _FROM_CACHE)
+        return hits / served
+
+
+@frozen
+class Bucket:
+    start: float
+    from_cache: int
+    from_upstream: int
+
+
+@define
+class UpstreamHealth:
+    """
+    The last things one upstream (by host) did.
+    """
+
+    host: str
+    successes: int = 0
+    errors: int = 0
+    stale_served: int = 0
+    last_success: float | None = None
+    last_error: float | None = None
+    last_error_message: str | None = None
+
+
+@define
+class Activity:
+    """
+    Per-request accounting for one server.
+    """
+
+    log = Logger()
+
+    clock: IReactorTime
+    totals: dict[str, Totals] = field(
+        factory=lambda: {name: Totals() for name in FRONT_ENDS}
+    )
+    top_names: Counter[tuple[str, str]] = Factory(Counter)
+    upstreams: dict[str, UpstreamHealth] = Factory(dict)
+    _series: deque[list[float]] = Factory(lambda: deque(maxlen=BUCKETS))
+    #: Observers of upstream latencies (the metrics' histogram).
+    latency_observers: list[Callable[[float], None]] = Factory(list)
+
+    def track(self, request: Request, front_end: str, name: str | None = None) -> None:
+        """
+        Account for ``request`` when it ends: call once, when the front end
+        starts answering it.  ``name`` is the package or project it was
+        for, if any (for the most-requested table).
+        """
+        started = self.clock.seconds()
+
+        def ended(result: object) -> None:
+            self._record(request, front_end, name, started, result is None)
+
+        request.notifyFinish().addBoth(ended)
+
+    def _record(
+        self, request: Request, front_end: str, name: str | None,
+        started: float, completed: bool,
+    ) -> None:
+        now = self.clock.seconds()
+        status_header = request.responseHeaders.getRawHeaders(b"x-cache")
+        cache_status = status_header[0].decode("ascii", "replace") if status_header else "none"
+        sent = int(getattr(request, "sentLength", 0))
+        totals = self.totals[front_end]
+        totals.requests += 1
+        totals.by_status[cache_status] += 1
+        if request.code >= 400 or not completed:
+            totals.errors += 1
+        bucket = self._bucket(now)
+        if cache_status in _FROM_CACHE:
+            totals.bytes_from_cache += sent
+            bucket[1] += sent
+        elif cache_status == "MISS":
+            totals.bytes_from_upstream += sent
+            bucket[2] += sent
+        if name is not None and request.code < 400:
+            self.top_names[(front_end, name)] += 1
+            if len(self.top_names) > TOP_NAMES_KEPT * 2:
+                self.top_names = Counter(dict(self.top_names.most_common(TOP_NAMES_KEPT)))
+        client = request.getClientAddress()
+        self.log.info(
+            "{client} {method} {url} {status} {bytes} {cache} {duration:.3f}s"
+            "{incomplete}",
+            log_system="access",
+            client=getattr(client, "host", "-"),
+            method=request.method.decode("latin-1"),
+            url=redact(request.uri.decode("latin-1")),
+            status=request.code,
+            bytes=sent,
+            cache=cache_status,
+            duration=now - started,
+            front_end=front_end,
+            incomplete="" if completed else " (client or upstream ended early)",
+        )
+
+    def _bucket(self, now: float) -> list[float]:
+        start = now - now % BUCKET_SECONDS
+        if not self._series or self._series[-1][0] != start:
+            self._series.append([start, 0, 0])
+        return self._series[-1]
+
+    def series(self) -> Iterator[Bucket]:
+        """
+        Bytes served from cache and from upstream per bucket over the last
+        24 hours, oldest first, empty buckets included.
+        """
+        now = self.clock.seconds()
+        last = now - now % BUCKET_SECONDS
+        recorded = {int(b[0]): b for b in self._series}
+        for i in range(BUCKETS - 1, -1, -1):
+            start = last - i * BUCKET_SECONDS
+            b = recorded.get(int(start))
+            yield Bucket(start, int(b[1]), int(b[2])) if b else Bucket(start, 0, 0)
+
+    def _health(self, url: str) -> UpstreamHealth:
+        host = urlsplit(url).netloc.rpartition("@")[2] or url
+        health = self.upstreams.get(host)
+        if health is None:
+            health = self.upstreams[host] = UpstreamHealth(host)
+        return health
+
+    def upstream_succeeded(self, url: str, latency: float) -> None:
+        health = self._health(url)
+        health.successes += 1
+        health.last_success = self.clock.seconds()
+        for observe in self.latency_observers:
+            observe(latency)
+
+    def upstream_failed(self, url: str, error: str) -> None:
+        health = self._health(url)
+        health.errors += 1
+        health.last_error = self.clock.seconds()
+        health.last_error_message = error
+
+    def stale_served(self, url: str) -> None:
+        self._health(url).stale_served += 1

@@ -1,0 +1,235 @@
+"""
+The assembled service: make_service's parts, the real ``twistd buildcache``
+process killed with SIGKILL mid-write and restarted into a consistent cache,
+a refused corrupt index, and a clean stop with a download in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import sys
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from buildcache.config import Config, Mirror
+from buildcache.service import BuildcacheService, make_service
+from buildcache.store import Store
+from tests.support import (
+    Client,
+    FakeUpstream,
+    GatedBody,
+    listen,
+    pattern_bytes,
+    reactor,
+    url_of,
+)
+
+MB = 1024 * 1024
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@define(eq=False)
+class ServerProcess(ProcessProtocol):
+    """
+    A ``twistd buildcache`` child whose log (on stdout) can be awaited.
+    """
+
+    output: bytearray = field(factory=bytearray)
+    ended: Deferred[None] = field(factory=Deferred)
+    reason: Failure | None = None
+    _waiting: list[tuple[bytes, Deferred[None]]] = field(factory=list)
+
+    def wait_for(self, text: bytes) -> Deferred[None]:
+        found: Deferred[None] = Deferred()
+        self._waiting.append((text, found))
+        self._check()
+        return found
+
+    def _check(self) -> None:
+        for item in list(self._waiting):
+            if item[0] in self.output:
+                self._waiting.remove(item)
+                item[1].callback(None)
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        self._check()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        for text, found in self._waiting:
+            found.errback(AssertionError(f"server ended before logging {text!r}:\n"
+                                         + self.output.decode(errors="replace")))
+        self._waiting.clear()
+        # A Failure given to callback() would become an errback.
+        self.reason = reason
+        self.ended.callback(None)
+
+
+def spawn_server(testcase: TestCase, *arguments: str) -> tuple[ServerProcess, int]:
+    if not os.access(TWISTD, os.X_OK):
+        testcase.skipTest("twistd of this Python is not installed")
+    proxy_port = free_port()
+    process = ServerProcess()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    environ["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    transport = reactor.spawnProcess(
+        process, TWISTD,
+        [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "buildcache",
+         "--port", f"tcp:{proxy_port}:interface=127.0.0.1",
+         "--pypi-port", f"tcp:{free_port()}:interface=127.0.0.1",
+         "--pypi-upstream", "http://127.0.0.1:9/simple",
+         *arguments],
+        env=environ,
+    )
+
+    def end() -> Deferred[None] | None:
+        if process.ended.called:
+            return None
+        transport.signalProcess("KILL")
+        return process.ended
+
+    testcase.addCleanup(end)
+    process.transport = transport
+    return process, proxy_port
+
+
+class CrashTests(TestCase):
+    async def test_sigkill_during_large_write(self) -> None:
+        """
+        A server killed with SIGKILL while a large body is being written
+        restarts into a consistent cache: what was committed is intact,
+        the interrupted body left nothing behind.
+        """
+        small = pattern_bytes(300_000, b"small")
+        big = pattern_bytes(24 * MB, b"big")
+        gate: Deferred[None] = Deferred()
+        upstream = FakeUpstream()
+        upstream.bodies["/pool/small.deb"] = GatedBody(small)
+        upstream.bodies["/pool/big.deb"] = GatedBody(big, before_gate=8 * MB, gate=gate)
+        up_port = listen(upstream)
+        self.addCleanup(up_port.stopListening)
+        cache_dir = os.path.abspath(self.mktemp())
+        process, port = spawn_server(
+            self, "--cache-dir", cache_dir,
+            "--mirror", f"up={url_of(up_port).rstrip('/')}",
+        )
+        await process.wait_for(b"ProxySite starting on")
+        client = Client()
+        received = await client.get(f"http://127.0.0.1:{port}/up/pool/small.deb")
+        self.assertEqual((received.status, received.body), (200, small))
+        first: Deferred[None] = Deferred()
+        streaming = Deferred.fromCoroutine(
+            client.get(f"http://127.0.0.1:{port}/up/pool/big.deb", first_bytes=first)
+        )
+        await first  # the server is writing the big body now
+        self.assertTrue(os.listdir(os.path.join(cache_dir, "tmp")))
+        os.kill(process.transport.pid, signal.SIGKILL)
+        await process.ended
+        assert process.reason is not None
+        self.assertIsInstance(process.reason.value, ProcessTerminated)
+        cut = await streaming
+        self.assertFalse(cut.complete)
+        gate.callback(None)
+
+        store = Store.open(cache_dir, 1 << 30, Clock())
+        self.addCleanup(store.close)
+        self.assertEqual(os.listdir(os.path.join(cache_dir, "tmp")), [])
+        entries = {entry.key: entry for entry in store.keys()}
+        self.assertEqual(list(entries), [f"127.0.0.1:{up_port.getHost().port}/pool/small.deb"])
+        (entry,) = entries.values()
+        stored = store.lookup(entry.key)
+        assert stored is not None
+        self.addCleanup(stored.close)
+        self.assertEqual(os.pread(stored.fd, len(small) + 1, 0), small)
+        self.assertEqual(entry.sha256, hashlib.sha256(small).hexdigest())
+        files = [f for _, _, names in os.walk(os.path.join(cache_dir, "objects")) for f in names]
+        self.assertEqual(files, [entry.file])
+
+
+class StartupTests(TestCase):
+    async def test_corrupt_index_refused(self) -> None:
+        """
+        A corrupt index stops the server at start-up with a message naming
+        the file, and the file is left as it was.
+        """
+        cache_dir = os.path.abspath(self.mktemp())
+        os.makedirs(cache_dir)
+        index = os.path.join(cache_dir, "index.sqlite")
+        garbage = b"this is not a database at all" * 100
+        with open(index, "wb") as f:
+            f.write(garbage)
+        process, _ = spawn_server(self, "--cache-dir", cache_dir)
+        await process.ended
+        assert process.reason is not None
+        self.assertIsInstance(process.reason.value, ProcessTerminated)
+        self.assertNotEqual(process.reason.value.exitCode, 0)
+        self.assertIn(index.encode(), process.output)
+        self.assertIn(b"is not a readable SQLite database", process.output)
+        self.assertNotIn(b"starting on", process.output)
+        with open(index, "rb") as f:
+            self.assertEqual(f.read(), garbage)
+
+
+class ServiceTests(TestCase):
+    async def test_parts_and_graceful_stop(self) -> None:
+        """
+        make_service holds both ports; stopping it with a download in
+        flight closes the ports, lets the download finish into the cache,
+        then closes the store (its lock is free again).
+        """
+        data = pattern_bytes(3 * MB, b"grace")
+        gate: Deferred[None] = Deferred()
+        upstream = FakeUpstream()
+        upstream.bodies["/pool/g.deb"] = GatedBody(data, before_gate=MB, gate=gate)
+        up_port = listen(upstream)
+        self.addCleanup(up_port.stopListening)
+        proxy_port, index_port = free_port(), free_port()
+        config = Config(
+            cache_dir=self.mktemp(),
+            proxy_endpoint=f"tcp:{proxy_port}:interface=127.0.0.1",
+            index_endpoint=f"tcp:{index_port}:interface=127.0.0.1",
+            mirrors=(Mirror("up", url_of(up_port).rstrip("/")),),
+        )
+        service = make_service(config, reactor)
+        self.assertIsInstance(service, BuildcacheService)
+        service.privilegedStartService()
+        service.startService()
+        client = Client(persistent=True)
+        index_page = await client.get(f"http://127.0.0.1:{index_port}/")
+        self.assertEqual(index_page.status, 200)
+        first: Deferred[None] = Deferred()
+        downloading = Deferred.fromCoroutine(
+            client.get(f"http://127.0.0.1:{proxy_port}/up/pool/g.deb", first_bytes=first)
+        )
+        await first
+        stopped = service.stopService()
+        # The store waits for the download before closing.
+        self.assertFalse(stopped.called)
+        gate.callback(None)
+        await stopped
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy_port), timeout=5).close()
+        received = await downloading
+        await client.close()
+        self.assertEqual((received.complete, received.sha256),
+                         (True, hashlib.sha256(data).hexdigest()))
+        store = Store.open(config.cache_dir, config.max_size, Clock())
+        self.addCleanup(store.close)
+        self.assertEqual(store.entry_count, 1)
