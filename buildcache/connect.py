@@ -7,7 +7,7 @@ connection, whether for an HTTP fetch (through the treq client built by
 is opened by :class:`GuardedTCPEndpoint`, which
 
 1. checks the host name with :meth:`AccessPolicy.host_allowed`;
-2. resolves it with an ``HostnameResolver`` (IP literals need no lookup);
+2. resolves it with an ``IHostnameResolver`` (IP literals need no lookup);
 3. checks every resolved address with :meth:`AccessPolicy.address_allowed`;
 4. connects to an allowed address itself, by IP.
 

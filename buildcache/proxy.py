@@ -94,6 +94,29 @@ def package_name(uri: str) -> str | None:
     return last if last.endswith(_PACKAGE_SUFFIXES) else None
 
 
+#: Names a client may use for this box, besides its addresses.
+OWN_NAMES = frozenset(
+    {"localhost", "host.docker.internal", socket.gethostname().lower(),
+     socket.getfqdn().lower()}
+)
+
+
+def names_this_box(
+    request: Request, host: str, names: frozenset[str] = OWN_NAMES
+) -> bool:
+    """
+    Whether ``host`` in an absolute URI names the box ``request`` reached:
+    one of its names, the address the client connected to, or loopback.
+    """
+    host = host.lower().rstrip(".")
+    if host in names or host == getattr(request.getHost(), "host", None):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class IndexServer(TypingProtocol):
     """
     The pip index front end, as the proxy forwards to it.
@@ -113,21 +136,10 @@ class OwnIndex:
 
     server: IndexServer
     port: int
-    names: frozenset[str] = frozenset(
-        {"localhost", "host.docker.internal", socket.gethostname().lower(),
-         socket.getfqdn().lower()}
-    )
+    names: frozenset[str] = OWN_NAMES
 
     def addressed(self, request: Request, host: str, port: int) -> bool:
-        if port != self.port:
-            return False
-        host = host.lower().rstrip(".")
-        if host in self.names or host == getattr(request.getHost(), "host", None):
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return port == self.port and names_this_box(request, host, self.names)
 
 
 @frozen
@@ -178,6 +190,15 @@ class Router:
             port = parts.port or 80
         except ValueError:
             raise BadTarget(400, "the URL has an invalid port")
+        if port == getattr(request.getHost(), "port", None) and names_this_box(
+            request, parts.hostname
+        ):
+            # HTTP_PROXY points here and the repository URL is already a
+            # mirror route on this port (apk after the Dockerfile's sed):
+            # fetching it from ourselves would be refused as a loopback or
+            # private target.
+            query = f"?{parts.query}" if parts.query else ""
+            return self._mirror_target((parts.path or "/") + query)
         verdict = self.policy.host_allowed(parts.hostname, port)
         if not verdict:
             raise BadTarget(403, f"not an allowed upstream: {verdict.reason}")

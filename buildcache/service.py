@@ -76,7 +76,10 @@ class Server:
             store, fetcher, Router(tuple(config.mirrors), policy), config.index_ttl
         )
         proxy.activity = activity
-        proxy_site = ProxySite(proxy, reactor=reactor, policy=policy)
+        proxy_site = ProxySite(
+            proxy, reactor=reactor, policy=policy,
+            connect_timeout=config.upstream_timeout,
+        )
         index = IndexResource(
             store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
             policy=policy, activity=activity,

@@ -162,6 +162,8 @@ class _ConnectHead:
 
     target: ConnectTarget | None
     error: str | None
+    #: The target as sent, for logs (shortened: it may be garbage).
+    requested: str
     size: int
     header_count: int = 0
 
@@ -229,7 +231,7 @@ class ProxyChannel(HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._head is not None:
-            self._refuse(self._head.target, 400, "request header line too long")
+            self._refuse(self._head.requested, 400, "request header line too long")
             return
         super().lineLengthExceeded(line)
 
@@ -245,7 +247,11 @@ class ProxyChannel(HTTPChannel):
                 target = parse_connect_target(parts[1])
             except ValueError as e:
                 error = str(e)
-        self._head = _ConnectHead(target, error, len(line))
+        words = line.split()
+        requested = (words[1] if len(words) > 1 else b"")[:200].decode(
+            "ascii", "backslashreplace"
+        )
+        self._head = _ConnectHead(target, error, requested, len(line))
 
     def _connect_head_line(self, head: _ConnectHead, line: bytes) -> None:
         if not line:
@@ -261,31 +267,31 @@ class ProxyChannel(HTTPChannel):
             valid = bool(colon) and _HEADER_NAME.fullmatch(name) is not None
             head.header_count += 1
         if not valid:
-            self._refuse(head.target, 400, "malformed header line")
+            self._refuse(head.requested, 400, "malformed header line")
         elif (
             head.size > self.totalHeadersSize
             or head.header_count > self.max_connect_headers
         ):
-            self._refuse(head.target, 400, "request headers too large")
+            self._refuse(head.requested, 400, "request headers too large")
 
     def _end_of_connect_head(self, head: _ConnectHead) -> None:
         # The HTTP idle timeout no longer applies: the tunnel has its own.
         self.setTimeout(None)
         settings = self.tunnel_settings
         if settings is None:
-            self._refuse(head.target, 405, "CONNECT is not supported here")
+            self._refuse(head.requested, 405, "CONNECT is not supported here")
             return
         client = self._client_host()
         client_verdict = settings.policy.client_allowed(client)
         if not client_verdict:
-            self._refuse(head.target, 403, client_verdict.reason)
+            self._refuse(head.requested, 403, client_verdict.reason)
             return
         if head.target is None:
-            self._refuse(None, 400, head.error or "malformed CONNECT request")
+            self._refuse(head.requested, 400, head.error or "malformed CONNECT request")
             return
         target_verdict = settings.target_verdict(head.target)
         if not target_verdict:
-            self._refuse(head.target, 403, target_verdict.reason)
+            self._refuse(str(head.target), 403, target_verdict.reason)
             return
         self._mode = _Mode.TUNNEL
         # Bytes still in the line buffer go to rawDataReceived from here on.
@@ -309,13 +315,13 @@ class ProxyChannel(HTTPChannel):
             return str(peer)
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _refuse(self, target: ConnectTarget | None, status: int, reason: str) -> None:
+    def _refuse(self, target: str, status: int, reason: str) -> None:
         self._head = None
         self.log.warn(
             "CONNECT {target} from {client} refused ({status}): {reason}",
             event="tunnel_refused",
             client=self._peer_text(),
-            target=str(target) if target is not None else None,
+            target=target,
             status=status,
             reason=reason,
         )

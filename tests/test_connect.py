@@ -15,7 +15,6 @@ from attrs import Factory as AttrsFactory, define
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.protocols.policies import WrappingFactory
 from twisted.internet.ssl import optionsForClientTLS
@@ -60,7 +59,7 @@ class FakeResolver:
         transportSemantics: str = "TCP",
     ) -> object:
         self.asked.append(hostName)
-        receiver: object = resolutionReceiver
+        receiver: Any = resolutionReceiver
         receiver.resolutionBegan(None)
         if hostName in self.hang:
             return None
@@ -80,7 +79,7 @@ class Listener(WrappingFactory):
     close them all at the end of a test.
     """
 
-    def __init__(self, wrapped: ServerFactory):
+    def __init__(self, wrapped: Any):
         super().__init__(wrapped)
         self.accepted = 0
         self._accept_waiters: list[tuple[int, Deferred[None]]] = []
@@ -145,24 +144,34 @@ class ConnectedClient(Protocol):
     def __init__(self) -> None:
         self.lost: Deferred[None] = Deferred()
 
+    @property
+    def tcp(self) -> Any:
+        """The TCP transport."""
+        return self.transport
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost.callback(None)
 
 
-def client_factory() -> Factory:
+def client_factory() -> Factory[ConnectedClient]:
     return Factory.forProtocol(ConnectedClient)
 
 
 async def close_client(protocol: ConnectedClient) -> None:
     if not protocol.lost.called:
-        protocol.transport.abortConnection()  # type: ignore[union-attr]
+        protocol.tcp.abortConnection()
     await protocol.lost
 
 
-class GuardTestMixin:
-    def listen(self, factory: ServerFactory, interface: str) -> tuple[Listener, IListeningPort]:
+class GuardTestCase(TestCase):
+    """Real TCP helpers: listeners that count, guarded client connections."""
+
+    # A broken guard or tunnel would leave a test waiting for bytes.
+    timeout = 15
+
+    def listen(self, factory: Any, interface: str) -> tuple[Listener, Any]:
         listener = Listener(factory)
-        port: IListeningPort = reactor.listenTCP(0, listener, interface=interface)
+        port = reactor.listenTCP(0, listener, interface=interface)
 
         async def cleanup() -> None:
             await port.stopListening()
@@ -171,7 +180,7 @@ class GuardTestMixin:
         self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
         return listener, port
 
-    def port_of(self, listening: IListeningPort) -> int:
+    def port_of(self, listening: Any) -> int:
         port: int = listening.getHost().port
         return port
 
@@ -195,7 +204,7 @@ class GuardTestMixin:
         self.addCleanup(lambda: Deferred.fromCoroutine(close_client(protocol)))
         return protocol
 
-    async def settle(self, listener: Listener, port: IListeningPort, policy: AccessPolicy) -> None:
+    async def settle(self, listener: Listener, port: Any, policy: AccessPolicy) -> None:
         """
         Open one allowed connection to the listener and wait until it was
         accepted: a connection attempted before it would have been
@@ -208,17 +217,14 @@ class GuardTestMixin:
         await listener.until_accepted(before + 1)
 
 
-def sink_factory() -> ServerFactory:
+def sink_factory() -> Factory[Sink]:
     return ServerFactory.forProtocol(Sink)
 
 
-class GuardOverRealTCPTests(GuardTestMixin, TestCase):
+class GuardOverRealTCPTests(GuardTestCase):
     """
     The guard against listeners on 127.0.0.1 and 127.0.0.2.
     """
-
-    # A broken tunnel would leave a test waiting for bytes: fail fast.
-    timeout = 15
 
     async def test_loopback_refused_by_default(self) -> None:
         """
@@ -240,7 +246,7 @@ class GuardOverRealTCPTests(GuardTestMixin, TestCase):
         protocol = await self.connect_guarded(
             AccessPolicy(allow_upstream=["127.0.0.0/8"]), "127.0.0.1", self.port_of(port)
         )
-        peer = protocol.transport.getPeer()  # type: ignore[union-attr]
+        peer = protocol.tcp.getPeer()
         self.assertEqual((peer.host, peer.port), ("127.0.0.1", self.port_of(port)))
         await listener.until_accepted(1)
 
@@ -289,7 +295,7 @@ class GuardOverRealTCPTests(GuardTestMixin, TestCase):
             self.port_of(port),
             resolver,
         )
-        self.assertEqual(protocol.transport.getPeer().host, "127.0.0.2")  # type: ignore[union-attr]
+        self.assertEqual(protocol.tcp.getPeer().host, "127.0.0.2")
         await listener.until_accepted(1)
 
     async def test_name_outside_allow_upstream_is_never_resolved(self) -> None:
@@ -320,13 +326,10 @@ class GuardOverRealTCPTests(GuardTestMixin, TestCase):
         self.assertIn("nowhere.example", str(caught.exception))
 
 
-class HTTPClientTests(GuardTestMixin, TestCase):
+class HTTPClientTests(GuardTestCase):
     """
     make_http_client: a treq client whose connections are guarded.
     """
-
-    # A broken tunnel would leave a test waiting for bytes: fail fast.
-    timeout = 15
 
     async def test_refusal_reaches_caller_as_target_refused(self) -> None:
         listener, port = self.listen(Site(Hello()), "127.0.0.1")
@@ -339,7 +342,8 @@ class HTTPClientTests(GuardTestMixin, TestCase):
     async def test_allowed_fetch_reuses_connection(self) -> None:
         listener, port = self.listen(Site(Hello()), "127.0.0.1")
         client = make_http_client(reactor, AccessPolicy(allow_upstream=["127.0.0.1"]), 5.0)
-        pool = client._agent.agent._pool
+        agent: Any = client._agent
+        pool = agent.agent._pool
         self.addCleanup(pool.closeCachedConnections)
         url = f"http://127.0.0.1:{self.port_of(port)}/"
         for _ in range(2):
@@ -426,6 +430,7 @@ class EndpointFactoryTests(SynchronousTestCase):
         self.assertEqual((host, port, timeout), ("203.0.113.7", 443, 7.0))
         wire = StringTransport()
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
         protocol.makeConnection(wire)
         hello = wire.value()
         self.assertEqual(hello[:1], b"\x16")  # TLS handshake record

@@ -16,7 +16,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.task import Clock
 from twisted.internet.testing import (
@@ -26,7 +25,7 @@ from twisted.internet.testing import (
 )
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.access import AccessPolicy
 from buildcache.tunnel import (
@@ -35,7 +34,7 @@ from buildcache.tunnel import (
     ProxySite,
     parse_connect_target,
 )
-from tests.test_connect import FakeResolver, GuardTestMixin, Hello, Sink
+from tests.test_connect import FakeResolver, GuardTestCase, Hello, Sink
 
 #: The global reactor, typed loosely: its zope interfaces are opaque to mypy.
 reactor: Any = _reactor
@@ -58,6 +57,7 @@ class Receiver(Protocol):
 
     def __init__(self) -> None:
         self.received = b""
+        self.greeting = b""
         self.lost: Deferred[None] = Deferred()
         self._waiters: list[tuple[int, Deferred[bytes]]] = []
 
@@ -84,22 +84,23 @@ class Receiver(Protocol):
             d.errback(reason)
         self.lost.callback(None)
 
+    @property
+    def tcp(self) -> Any:
+        """The TCP transport."""
+        return self.transport
+
     def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        self.tcp.write(data)
 
 
 class Echo(Receiver):
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
-        assert self.transport is not None
-        self.transport.write(data)
+        self.send(data)
 
 
 class Source(Receiver):
     """Sends ``greeting`` as soon as it is connected, and keeps what it gets."""
-
-    greeting = b""
 
     def connectionMade(self) -> None:
         self.send(self.greeting)
@@ -108,15 +109,15 @@ class Source(Receiver):
 class TargetFactory(ServerFactory):
     """Builds ``protocol`` instances and remembers them."""
 
-    def __init__(self, protocol: type[Receiver], greeting: bytes = b""):
-        self.protocol = protocol
+    def __init__(self, protocol_class: type[Receiver], greeting: bytes = b""):
+        self.protocol_class = protocol_class
         self.greeting = greeting
         self.built: list[Receiver] = []
         self._waiters: list[Deferred[Receiver]] = []
 
     def buildProtocol(self, addr: Any) -> Receiver:
-        protocol = self.protocol()
-        protocol.greeting = self.greeting  # type: ignore[misc]
+        protocol = self.protocol_class()
+        protocol.greeting = self.greeting
         self.built.append(protocol)
         waiting, self._waiters = self._waiters, []
         for d in waiting:
@@ -166,13 +167,10 @@ def split_response(data: bytes) -> tuple[bytes, bytes]:
     return head + b"\r\n\r\n", rest
 
 
-class TunnelOverTCPTests(GuardTestMixin, TestCase):
+class TunnelOverTCPTests(GuardTestCase):
     """
     Client -> ProxySite -> target, all on 127.0.0.0/8.
     """
-
-    # A broken tunnel would leave a test waiting for bytes: fail fast.
-    timeout = 15
 
     def setUp(self) -> None:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -181,13 +179,13 @@ class TunnelOverTCPTests(GuardTestMixin, TestCase):
         site = TrackedProxySite(
             Hello(), reactor=reactor, policy=policy, resolver=FakeResolver(), **kwargs
         )
-        port: IListeningPort = reactor.listenTCP(0, site, interface="127.0.0.1")
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
 
         async def cleanup() -> None:
             await port.stopListening()
             for channel in site.channels:
                 if not channel.lost.called:
-                    channel.transport.abortConnection()
+                    channel.client_transport.abortConnection()
                 await channel.lost
 
         self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
@@ -200,13 +198,13 @@ class TunnelOverTCPTests(GuardTestMixin, TestCase):
 
         async def cleanup() -> None:
             if not protocol.lost.called:
-                protocol.transport.abortConnection()  # type: ignore[union-attr]
+                protocol.tcp.abortConnection()
             await protocol.lost
 
         self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
         return protocol
 
-    def target(self, factory: ServerFactory, interface: str = "127.0.0.1") -> tuple[Any, int]:
+    def target(self, factory: Any, interface: str = "127.0.0.1") -> tuple[Any, int]:
         listener, port = self.listen(factory, interface)
         self.target_port = port
         return listener, self.port_of(port)
@@ -237,7 +235,7 @@ class TunnelOverTCPTests(GuardTestMixin, TestCase):
         received = await client.until_received(len(ESTABLISHED) + MEGABYTE)
         self.assertEqual(received, ESTABLISHED + down)
 
-        client.transport.loseConnection()  # type: ignore[union-attr]
+        client.tcp.loseConnection()
         await target.lost
         await site.channels[0].lost
         [opened] = self.events_named("tunnel_open")
@@ -274,7 +272,7 @@ class TunnelOverTCPTests(GuardTestMixin, TestCase):
         client.send(connect_head(f"127.0.0.1:{target_port}"))
         await client.until_received(len(ESTABLISHED) + 3)
         target = await targets.first()
-        target.transport.loseConnection()  # type: ignore[union-attr]
+        target.tcp.loseConnection()
         await client.lost
         self.assertEqual(client.received, ESTABLISHED + b"bye")
 
@@ -500,7 +498,7 @@ class ChannelInMemoryTests(SynchronousTestCase):
         self.assertEqual((host, port, timeout), ("203.0.113.9", 443, 30.0))
 
         upstream = StringTransport(peerAddress=IPv4Address("TCP", host, port))
-        protocol = factory.buildProtocol(upstream.getPeer())
+        protocol: Any = factory.buildProtocol(upstream.getPeer())
         protocol.makeConnection(upstream)
         self.assertEqual(transport.value(), ESTABLISHED)
         self.assertEqual(upstream.value(), b"early")
