@@ -30,7 +30,8 @@ LATENCY_BUCKETS = (
 )
 
 
-@define
+# Compared by identity: the registry keys its collectors in a dict.
+@define(eq=False)
 class ActivityCollector(Collector):
     """
     Reads the request, upstream and store figures when Prometheus scrapes.
@@ -142,7 +143,7 @@ class ActivityCollector(Collector):
             yield gauge
 
 
-@define
+@define(eq=False)
 class Metrics:
     """
     The registry of one server and its exposition.

@@ -248,15 +248,18 @@ class ProxyResource(Resource):
         self.activity: Activity | None = None
 
     def render(self, request: Request) -> object:
+        client = request.getClientAddress()
+        client_ip = getattr(client, "host", "")
+        allowed = self.router.policy.client_allowed(client_ip)
+        if allowed and self._serve_own_index(request):
+            return NOT_DONE_YET
         if self.activity is not None:
             self.activity.track(
                 request,
                 "mirror" if request.uri.startswith(b"/") else "proxy",
                 package_name(request.uri.decode("latin-1")),
             )
-        client = request.getClientAddress()
-        client_ip = getattr(client, "host", "")
-        if not self.router.policy.client_allowed(client_ip):
+        if not allowed:
             self.log.warn("Refused client {client}", client=client_ip)
             send_error(request, 403, f"client {client_ip} is not allowed to use this proxy")
             return NOT_DONE_YET
@@ -267,8 +270,6 @@ class ProxyResource(Resource):
                 f"{request.method.decode('latin-1')} is not served: this cache"
                 " answers GET and HEAD (and CONNECT to port 443)",
             )
-            return NOT_DONE_YET
-        if self._serve_own_index(request):
             return NOT_DONE_YET
         try:
             target = self.router.target(request)

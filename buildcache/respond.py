@@ -43,6 +43,17 @@ def request_headers(request: Request) -> dict[str, str]:
     }
 
 
+def client_gone(request: Request) -> bool:
+    """
+    Whether the client left while its answer was being prepared (waiting
+    for a checked download or a revalidation): nothing can be sent to it,
+    and ``finish`` would raise.
+    """
+    # Request.connectionLost sets this (and Request.finish checks it); a
+    # request that never had a connection (a test double) is not gone.
+    return bool(getattr(request, "_disconnected", False))
+
+
 def _set_headers(
     request: Request,
     headers: Mapping[str, str],
@@ -118,6 +129,9 @@ def serve_stored(
     """
     Answer from the store (a HIT, REVALIDATED or STALE response).
     """
+    if client_gone(request):
+        stored.close()
+        return
     entry = stored.entry
     _set_headers(request, entry.headers, status, cache_control, extra_headers)
     request.setResponseCode(200)
@@ -145,6 +159,9 @@ def serve_answer(
     through unchanged.
     """
     assert answer.body is not None
+    if client_gone(request):
+        answer.body.close()
+        return
     headers = answer.headers
     _set_headers(request, headers, CacheStatus.MISS, cache_control, extra_headers)
     request.setResponseCode(answer.status)
@@ -166,6 +183,8 @@ def send_error(request: Request, code: int, message: str) -> None:
     """
     Finish ``request`` with ``code`` and a one-line plain-text explanation.
     """
+    if client_gone(request):
+        return
     body = f"{code} {message}\n".encode("utf-8", "replace")
     request.setResponseCode(code)
     request.setHeader("content-type", "text/plain; charset=utf-8")

@@ -559,15 +559,14 @@ def _upstreams_section(upstreams: Iterable[Mapping[str, Any]], now: float) -> st
         )
         state = "failing" if failing else "healthy"
         message = health["last_error_message"]
-        error_cell = _time(health["last_error"], now)
-        if message:
-            error_cell += f'<br><span class="message">{_e(message)}</span>'
+        message_html = f'<br><span class="message">{_e(message)}</span>' if message else ""
         rows.append(
-            f'<tr class="{state}"><td><span class="dot {state}" title="{state}"></span>'
-            f'{_e(health["host"])}</td>'
+            f'<tr class="{state}"><td class="host"><span class="dot {state}"'
+            f' title="{state}"></span>{_e(health["host"])}</td>'
             f'<td>{_time(health["last_success"], now)}'
-            f' <span class="muted">({health["successes"]:,} ok)</span></td>'
-            f'<td>{error_cell} <span class="muted">({health["errors"]:,} failed)</span></td>'
+            f'<br><span class="muted">{health["successes"]:,} ok</span></td>'
+            f'<td>{_time(health["last_error"], now)}'
+            f' <span class="muted">· {health["errors"]:,} failed</span>{message_html}</td>'
             f'<td class="number">{health["stale_served"]:,}</td></tr>\n'
         )
     if not rows:
@@ -584,7 +583,7 @@ def _upstreams_section(upstreams: Iterable[Mapping[str, Any]], now: float) -> st
 def _list(values: Sequence[str]) -> str:
     if not values:
         return '<span class="muted">none</span>'
-    return "<br>".join(f"<code>{_e(v)}</code>" for v in values)
+    return " ".join(f'<code class="item">{_e(v)}</code>' for v in values)
 
 
 def _config_section(config: Mapping[str, Any]) -> str:
@@ -631,14 +630,13 @@ h1 { margin: 0; font-size: 1.6rem; }
 h2 { margin: 0 0 8px; font-size: 1.1rem; }
 h3 { margin: 0 0 6px; font-size: 1rem; }
 main { display: grid; gap: 12px;
-  grid-template-columns: repeat(auto-fit, minmax(min(100%, 360px), 1fr)); }
+  grid-template-columns: repeat(auto-fit, minmax(min(100%, 420px), 1fr)); }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 10px;
   padding: 14px 16px; min-width: 0; }
 .wide { grid-column: 1 / -1; }
 .muted, .note, .axis { color: var(--muted); }
 .headline { font-size: 1.5rem; font-weight: 600; margin: 0 0 10px; }
-.figures { display: grid; gap: 8px 16px;
-  grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); }
+.figures { display: grid; gap: 8px 16px; grid-template-columns: repeat(2, minmax(0, 1fr)); }
 .figure .label, .figure .note { display: block; font-size: .8rem; }
 .figure .value { display: block; font-size: 1.15rem; font-weight: 600; }
 .bar { height: 14px; border-radius: 7px; background: var(--line); overflow: hidden;
@@ -659,12 +657,14 @@ ol.top li { padding: 1px 0; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line);
   vertical-align: top; }
+td.host { white-space: nowrap; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 .message { color: var(--bad); font-size: .85rem; overflow-wrap: anywhere; }
 .dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%;
   margin-right: 6px; background: var(--cache); }
 .dot.failing { background: var(--bad); }
 code { font-size: .9em; overflow-wrap: anywhere; }
+code.item { display: inline-block; margin-right: 1.2em; }
 footer { padding-bottom: 16px; }
 .chart { display: block; font-size: 12px; overflow: visible; }
 .chart .grid { stroke: var(--line); stroke-width: 1; }

@@ -15,15 +15,20 @@ feed them.  The reactor keeps serving while they run
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from twisted.internet import ssl
+from twisted.internet.error import CannotListenError
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web.server import Site
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.pyindex import StaticSimpleIndex, build_index
-from tests.support import reactor
+from tests.support import listen, reactor, start_server, url_of
 from tests.test_simple_index import Harness
 
 #: Environment variables that could point a client at another index, a
@@ -152,3 +157,95 @@ class InstallTests(TestCase):
             "--index-url", self.index_url, "--target",
         ]
         await self.cold_then_warm(command, environment)
+
+
+def self_signed(directory: Path, host: str) -> tuple[Path, Path]:
+    """
+    A certificate for ``host`` (and 127.0.0.1) and its key, made with the
+    openssl command; the certificate is its own CA.
+    """
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", f"/CN={host}", "-addext", f"subjectAltName=DNS:{host},IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+class ThroughProxyTests(TestCase):
+    """
+    pip pointed at the proxy port with HTTP_PROXY (or HTTPS_PROXY) and at
+    the box's index: no ``no_proxy`` needed.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.fixture = build_index(Path(self.mktemp()))
+        self.upstream = StaticSimpleIndex(self.fixture)
+        self.work = Path(self.mktemp()).resolve()
+        self.work.mkdir()
+
+    async def pip(self, index_url: str, environment: Mapping[str, str], *extra: str) -> Path:
+        target = self.work / "target"
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+             "--no-input", "--index-url", index_url, *extra, "--target", str(target),
+             "bcdemo-a"],
+            env=clean_environment({"PIP_CONFIG_FILE": os.devnull, **environment}),
+            path=str(self.work), reactor=reactor,
+        )
+        self.assertEqual(code, 0, err.decode(errors="replace"))
+        self.assertEqual(
+            (target / "bcdemo_a" / "__init__.py").read_text(), '__version__ = "2.0"\n'
+        )
+        return target
+
+    async def test_http_proxy_to_own_index(self) -> None:
+        """
+        Requests for the box's own index port that arrive at the proxy (as
+        absolute URIs, by whatever name the client used) are served by the
+        index: the install succeeds and is cached.
+        """
+        up = listen(self.upstream)
+        self.addCleanup(up.stopListening)
+        running = start_server(
+            self, {"pypi_upstreams": (url_of(up, "/simple"),)}
+        )
+        proxy = f"http://127.0.0.1:{running.proxy_port}"
+        await self.pip(
+            f"http://localhost:{running.index_port}/simple/",
+            {"HTTP_PROXY": proxy, "http_proxy": proxy},
+        )
+        totals = running.server.activity.totals
+        self.assertGreater(totals["index"].requests, 0)
+        self.assertEqual(totals["proxy"].requests, 0)
+        self.assertEqual(self.upstream.requests["/files/bcdemo_a-2.0-py3-none-any.whl"], 1)
+
+    async def test_https_proxy_connect(self) -> None:
+        """
+        With HTTPS_PROXY pointing at the proxy port, pip reaches an https
+        index through CONNECT (tunnelled, not cached).
+        """
+        if shutil.which("openssl") is None:
+            raise SkipTest("the openssl command is not installed")
+        cert, key = self_signed(self.work, "localhost")
+        context = ssl.DefaultOpenSSLContextFactory(str(key), str(cert))
+        try:
+            tls_port = reactor.listenSSL(443, Site(self.upstream), context, interface="127.0.0.1")
+        except CannotListenError as e:
+            raise SkipTest(f"cannot listen on 127.0.0.1:443 for the https index: {e}")
+        self.addCleanup(tls_port.stopListening)
+        running = start_server(self, {"allow_upstream": ("localhost",)})
+        proxy = f"http://127.0.0.1:{running.proxy_port}"
+        await self.pip(
+            "https://localhost/simple/",
+            # requests lets REQUESTS_CA_BUNDLE override pip's --cert.
+            {"HTTPS_PROXY": proxy, "https_proxy": proxy,
+             "REQUESTS_CA_BUNDLE": str(cert)},
+            "--cert", str(cert),
+        )
+        self.assertEqual(self.upstream.requests["/files/bcdemo_a-2.0-py3-none-any.whl"], 1)

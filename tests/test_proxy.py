@@ -18,12 +18,14 @@ L{tests.test_apk_e2e} too.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from attrs import define, field
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
@@ -184,7 +186,7 @@ async def raw_connection(testcase: TestCase, port: int) -> RawConnection:
     async def cleanup() -> None:
         if not connection.closed:
             assert connection.transport is not None
-            connection.transport.abortConnection()  # type: ignore[attr-defined]
+            connection.transport.abortConnection()
         await connection.lost
 
     testcase.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
@@ -201,6 +203,12 @@ def raw_request(
 
 
 # -- the proxy in front of an Alpine-style origin ---------------------------
+
+
+def port_number(port: IListeningPort) -> int:
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    return address.port
 
 
 @define
@@ -240,9 +248,9 @@ class ProxyHarness:
             Mirror("up", url_of(origin_port).rstrip("/")),
         )
         running = start_server(testcase, changes)
-        address = origin_port.getHost()
         return cls(
-            testcase, root, origin, origin_port, f"{address.host}:{address.port}", running,
+            testcase, root, origin, origin_port, f"127.0.0.1:{port_number(origin_port)}",
+            running,
             {apk.filename: apk for apk in packages},
         )
 
@@ -276,7 +284,7 @@ class ProxyHarness:
         return received
 
     async def idle(self) -> None:
-        await self.running.server.fetcher.when_idle()  # type: ignore[attr-defined]
+        await self.running.server.fetcher.when_idle()
 
     def requests_for(self, path: str) -> int:
         return self.origin.request_counts[path]
@@ -285,7 +293,7 @@ class ProxyHarness:
         return sum(self.origin.request_counts.values())
 
     def stored_keys(self) -> set[str]:
-        return {entry.key for entry in self.running.store.keys()}  # type: ignore[attr-defined]
+        return {entry.key for entry in self.running.store.keys()}
 
     def package_path(self, name: str) -> str:
         return f"{ARCH_PATH}/{name}"
@@ -297,8 +305,6 @@ class ProxyHarness:
         target = self.root / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
-        import os
-
         os.utime(target, (mtime, mtime))
 
     async def stop_origin(self) -> None:
@@ -306,7 +312,9 @@ class ProxyHarness:
         The origin goes away: no listener, and no idle keep-alive
         connection left in the proxy's pool to reach it through.
         """
-        await self.origin_port.stopListening()
+        stopping = self.origin_port.stopListening()
+        if stopping is not None:
+            await stopping
         await self.running.server.pool.closeCachedConnections()
 
 
@@ -342,7 +350,7 @@ def silent_listener(testcase: TestCase, interface: str) -> tuple[_ConnectionCoun
     factory = _ConnectionCounter()
     port = reactor.listenTCP(0, factory, interface=interface)
     testcase.addCleanup(port.stopListening)
-    return factory, port.getHost().port
+    return factory, port_number(port)
 
 
 # -- tests -----------------------------------------------------------------
@@ -1138,7 +1146,7 @@ class AptAndHTTPFreshnessTests(TestCase):
                 first.header("etag"),
             )
 
-    async def _fake_upstream(self) -> tuple[FakeUpstream, Running]:
+    def _fake_upstream(self) -> tuple[FakeUpstream, Running]:
         upstream = FakeUpstream()
         return upstream, start_server(self, upstream=upstream)
 
@@ -1147,7 +1155,7 @@ class AptAndHTTPFreshnessTests(TestCase):
         A response with C{Cache-Control: no-store} (or C{private}) is
         passed on and fetched again next time.
         """
-        upstream, running = await self._fake_upstream()
+        upstream, running = self._fake_upstream()
         for path, cache_control in (("/a.json", "no-store"), ("/b.json", "private, max-age=600")):
             upstream.bodies[path] = GatedBody(
                 b'{"x": 1}', headers={"cache-control": cache_control}
@@ -1155,23 +1163,23 @@ class AptAndHTTPFreshnessTests(TestCase):
             url = f"http://127.0.0.1:{running.proxy_port}/up{path}"
             for _ in range(2):
                 received = await Client().get(url)
-                await running.server.fetcher.when_idle()  # type: ignore[attr-defined]
+                await running.server.fetcher.when_idle()
                 self.assertEqual((received.status, received.body), (200, b'{"x": 1}'))
                 self.assertEqual(received.header("x-cache"), "MISS")
             self.assertEqual(upstream.requests[path], 2)
-        self.assertEqual(running.store.stats().entries, 0)  # type: ignore[attr-defined]
+        self.assertEqual(running.store.stats().entries, 0)
 
     async def test_cacheable_http_response_is_stored(self) -> None:
         """
         The same kind of response with C{max-age} is stored and hit.
         """
-        upstream, running = await self._fake_upstream()
+        upstream, running = self._fake_upstream()
         upstream.bodies["/c.json"] = GatedBody(
             b"{}", headers={"cache-control": "max-age=600"}
         )
         url = f"http://127.0.0.1:{running.proxy_port}/up/c.json"
         await Client().get(url)
-        await running.server.fetcher.when_idle()  # type: ignore[attr-defined]
+        await running.server.fetcher.when_idle()
         second = await Client().get(url)
         self.assertEqual(second.header("x-cache"), "HIT")
         self.assertEqual(second.header("cache-control"), "max-age=600")
