@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.server import Request
+from twisted.web import http
+from twisted.web.server import Request, Site
 
 #: Front ends, as they appear in stats and metric labels.
 FRONT_ENDS = ("proxy", "mirror", "index")
@@ -206,3 +207,16 @@ class Activity:
 
     def stale_served(self, url: str) -> None:
         self._health(url).stale_served += 1
+
+
+class QuietSite(Site):
+    """
+    A ``twisted.web`` site that leaves the access log to :class:`Activity`
+    (one structured line per request, with the cache status) instead of
+    writing its own.
+    """
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        pass

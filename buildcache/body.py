@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from attrs import define
+from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -26,6 +27,8 @@ from twisted.internet.interfaces import IPushProducer
 from buildcache.store import StoredObject
 
 CHUNK_SIZE = 256 * 1024
+#: Most bytes one sendfile call may move (keeps the reactor responsive).
+SENDFILE_MAX = 4 * 1024 * 1024
 
 
 class BodySource(Protocol):
@@ -109,10 +112,12 @@ class BodySender:
         self._waiting = False
         self._done = False
         self._pumping = False
+        self._direct: Callable[[int, int, int], int] | None = None
 
     def start(self) -> None:
         self._request.notifyFinish().addErrback(self._client_gone)
         self._request.registerProducer(self, True)
+        self._direct = direct_sender(self._request) if self._end is not None else None
         self._pump()
 
     def _client_gone(self, reason: Failure) -> None:
@@ -150,11 +155,21 @@ class BodySender:
 
     def _pump_loop(self) -> None:
         source = self._source
+        # After this many sendfile bytes in one go, one ordinary write lets
+        # flow control hand the reactor to other clients.
+        burst = 0
         while not (self._done or self._paused or self._waiting):
             limit = source.available()
             if self._end is not None:
                 limit = min(limit, self._end)
             if self._offset < limit:
+                if self._direct is not None and burst < SENDFILE_MAX:
+                    sent = self._direct(source.fd, self._offset, limit - self._offset)
+                    if sent:
+                        burst += sent
+                        self._offset += sent
+                        self._on_sent(sent)
+                        continue
                 chunk = os.pread(
                     source.fd, min(CHUNK_SIZE, limit - self._offset), self._offset
                 )
@@ -198,3 +213,45 @@ class BodySender:
         # Content-Length or a chunked body without its last chunk: every
         # HTTP client treats that as an error, never as a complete file.
         self._request.loseConnection()
+
+
+def direct_sender(request: Request) -> Callable[[int, int, int], int] | None:
+    """
+    A function that copies file bytes straight to the client's socket with
+    ``sendfile`` (no copy through Python), or None where that cannot be
+    done: a non-TCP transport, a HEAD, or a chunked response.
+
+    It sends only while Twisted's own write buffer is empty, so bytes stay
+    in order; when the socket is full it returns 0 and the caller writes
+    one chunk the ordinary way, which lets twisted.web's flow control
+    pause the sender until the client has caught up.
+    """
+    channel = request.channel
+    transport = getattr(channel, "transport", None)
+    if not isinstance(transport, tcp.Connection) or request.method == b"HEAD":
+        return None
+    request.write(b"")  # the status line and headers, through Twisted
+    if request.chunked or getattr(request, "_disconnected", False):
+        return None
+    socket_fd = transport.fileno()
+
+    def buffered() -> int:
+        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+
+    def send(file_fd: int, offset: int, count: int) -> int:
+        if buffered():
+            # Usually just the headers: push them out now if the socket
+            # takes them, else write this chunk the ordinary way.
+            transport.doWrite()
+            if buffered():
+                return 0
+        try:
+            sent = os.sendfile(socket_fd, file_fd, offset, min(count, SENDFILE_MAX))
+        except OSError:
+            # EAGAIN, or a connection error the transport reports itself.
+            return 0
+        request.sentLength += sent
+        channel.resetTimeout()
+        return sent
+
+    return send

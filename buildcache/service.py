@@ -26,7 +26,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy
-from buildcache.activity import Activity
+from buildcache.activity import Activity, QuietSite
 from buildcache.config import Config
 from buildcache.connect import make_http_client, upstream_pool
 from buildcache.proxy import OwnIndex, ProxyResource, Router
@@ -84,7 +84,7 @@ class Server:
             store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
             policy=policy, activity=activity,
         )
-        index_site = Site(index, reactor=reactor)
+        index_site = QuietSite(index, reactor=reactor)
         return cls(
             config, store, policy, activity, pool, fetcher, proxy, index,
             proxy_site, index_site,

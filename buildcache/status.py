@@ -428,6 +428,8 @@ def _nice_maximum(largest: int) -> tuple[float, str]:
 
 
 def _label(value: float, unit: str) -> str:
+    if not value:
+        return "0 B"
     scaled = value / 1024.0 ** _BYTE_UNITS.index(unit)
     text = f"{scaled:.2f}".rstrip("0").rstrip(".")
     return f"{text} {unit}"
@@ -441,12 +443,12 @@ def _series_path(values: Sequence[int], maximum: float) -> tuple[str, str]:
     heights = [
         _PLOT_SCALE - round(min(v / maximum, 1.0) * _PLOT_SCALE, 1) for v in values
     ]
-    steps = [f"M0 {heights[0]:g}"]
-    for index, height in enumerate(heights):
-        if index and height != heights[index - 1]:
-            steps.append(f"V{height:g}")
-        steps.append(f"H{index + 1}")
-    line = " ".join(steps)
+    commands = [f"M0 {heights[0]:g}"]
+    for index in range(1, len(heights)):
+        if heights[index] != heights[index - 1]:
+            commands.append(f"H{index} V{heights[index]:g}")
+    commands.append(f"H{len(heights)}")
+    line = " ".join(commands)
     area = f"{line} V{_PLOT_SCALE} H0 Z"
     return line, area
 
@@ -573,11 +575,15 @@ def _upstreams_section(upstreams: Iterable[Mapping[str, Any]], now: float) -> st
         table = '<p class="muted">No upstream contacted yet.</p>\n'
     else:
         table = (
-            '<div class="scroll">\n<table id="upstreams">\n<thead><tr><th>Upstream</th>'
+            '<div class="scroll">\n<table>\n<thead><tr><th>Upstream</th>'
             "<th>Last success</th><th>Last error</th><th>Stale answers served</th>"
             "</tr></thead>\n<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n</div>\n"
         )
-    return '<section class="card wide">\n<h2>Upstream health</h2>\n' + table + "</section>\n"
+    return (
+        '<section class="card wide" id="upstreams">\n<h2>Upstream health</h2>\n'
+        + table
+        + "</section>\n"
+    )
 
 
 def _list(values: Sequence[str]) -> str:
@@ -604,8 +610,8 @@ def _config_section(config: Mapping[str, Any]) -> str:
         ("Log format", _e(config["log_format"])),
     ]
     return (
-        '<section class="card wide">\n<h2>Configuration</h2>\n'
-        '<dl class="config" id="config">\n'
+        '<section class="card wide" id="config">\n<h2>Configuration</h2>\n'
+        '<dl class="config">\n'
         + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>\n" for k, v in rows)
         + "</dl>\n</section>\n"
     )

@@ -32,9 +32,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
-from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, InvalidHost, Verdict, normalize_host
+from buildcache.activity import QuietSite
 from buildcache.connect import HostnameResolver, TargetRefused, connect_tcp
 from buildcache.upstream import UpstreamError, UpstreamTimeout
 
@@ -573,7 +573,7 @@ class _Tunnel:
         )
 
 
-class ProxySite(Site):
+class ProxySite(QuietSite):
     """
     The proxy port's factory: ``resource`` answers every request except
     ``CONNECT``, which :class:`ProxyChannel` tunnels.

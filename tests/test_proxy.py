@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -329,6 +330,32 @@ def events_at(
         dict(event) for event in observer
         if event.get("log_level") == level and text in event.get("log_format", "")
     ]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """
+    Wait, turn by turn of the reactor, until ``condition`` holds (the
+    test's timeout bounds it).
+    """
+    while not condition():
+        await deferLater(reactor, 0.005)
+
+
+def open_bodies(store_directory: str) -> list[str]:
+    """
+    The object and temporary files of a store this process holds open.
+    """
+    held = []
+    for descriptor in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{descriptor}")
+        except OSError:
+            continue
+        if target.startswith(
+            (os.path.join(store_directory, "objects"), os.path.join(store_directory, "tmp"))
+        ):
+            held.append(target)
+    return held
 
 
 def sha256(data: bytes) -> str:
@@ -1003,6 +1030,8 @@ class PackageCheckTests(TestCase):
         # The index was asked once more (it might have been newer than the
         # package), then the package was refused.
         self.assertEqual(harness.requests_for(INDEX_PATH), 2)
+        index_requests = [r for r in harness.origin.requests if r.path == INDEX_PATH]
+        self.assertIn("if-none-match", index_requests[-1].headers)
         self.assertEqual(harness.requests_for(path), 1)
         refusals = events_at(events, LogLevel.error, "does not match its index entry")
         self.assertEqual(len(refusals), 1)
@@ -1053,6 +1082,37 @@ class PackageCheckTests(TestCase):
         await harness.get(INDEX_PATH)
         apk = harness.packages["world-2.0-r0.apk"]
         await self._refused(harness, apk, apk.content[: apk.size - 1000])
+
+    async def test_client_leaving_during_the_check(self) -> None:
+        """
+        A client that disconnects while its package is held for checking
+        costs nothing: no error, no descriptor left open, and the checked
+        package is stored for the next client.
+        """
+        events = log_events(self)
+        harness = ProxyHarness.start(self)
+        await harness.get(INDEX_PATH)
+        apk = harness.packages["world-2.0-r0.apk"]
+        path = harness.package_path(apk.filename)
+        harness.origin.hold(path)
+        connection = await raw_connection(self, harness.proxy_port)
+        connection.send(raw_request("GET", f"/up{path}", f"127.0.0.1:{harness.proxy_port}"))
+        await until(lambda: harness.requests_for(path) == 1)
+        self.assertEqual(connection.buffer, b"")
+        assert connection.transport is not None
+        connection.transport.abortConnection()  # type: ignore[attr-defined]
+        await connection.lost
+        # Let the proxy see the connection go before the body completes.
+        await deferLater(reactor, 0.05)
+        harness.origin.release(path)
+        await until(lambda: harness.running.server.fetcher.in_flight() == 0)
+        await harness.idle()
+        self.assertEqual(open_bodies(harness.running.store.directory), [])
+        self.assertEqual(
+            [e for e in events if e["log_level"] in (LogLevel.error, LogLevel.critical)], []
+        )
+        hit = await harness.get(path)
+        self.assertEqual((hit.header("x-cache"), hit.body), ("HIT", apk.content))
 
     async def test_package_newer_than_stored_index(self) -> None:
         """

@@ -1,0 +1,1050 @@
+"""
+pip-index benchmark: the full dependency closure of ``jupyter`` downloaded
+with pip through buildcache's simple index, cold and warm, side by side with
+devpi-server and proxpi on the same local origin, against the two baselines
+``pip --no-index --find-links`` (the floor) and pip straight from the origin.
+
+    /work/venv/bin/python bench/pypi.py [--json bench/pypi.json] [--repeats 3]
+
+The workload is built once and kept under ``bench/tmp/`` (git-ignored):
+
+  - ``bench/pypi-requirements.txt`` (committed) pins every project of the
+    closure as ``name==version``, with the file pip chose named in a comment.
+    When it is missing it is regenerated with ``pip download jupyter`` from
+    pip's built-in default index (``PIP_CONFIG_FILE=/dev/null``, no ``PIP_*``
+    variables), so it holds exactly the files pip picks for this Python and
+    platform;
+  - ``bench/tmp/files/`` holds those files, downloaded once;
+  - ``bench/tmp/venvs/{devpi,proxpi}`` are virtualenvs with devpi-server and
+    proxpi + gunicorn, installed with the machine's ordinary pip.
+
+Every run then generates a static simple index (PEP 503 HTML and PEP 691
+JSON pages, sha256 fragments, ``data-requires-python``, PEP 658/714
+``.metadata`` files) and serves it with nginx on 127.0.0.1; nginx picks JSON
+or HTML from the ``Accept`` header and logs every request, which is how
+upstream requests are counted.
+
+The client is ``pip download -r bench/pypi-requirements.txt -d <fresh dir>
+--no-cache-dir`` with dependency resolution on (the pins are complete, so
+the resolver reads every file's metadata and asks for nothing else), with
+``PIP_CONFIG_FILE=/dev/null``, no ``PIP_*`` or proxy variables, and
+``--disable-pip-version-check`` so pip does not ask the index under test for
+its own page.  Each contender gets a fresh server and cache directory per
+repeat: a cold run, then a warm run against the same cache into a new
+directory.  Runs are interleaved (the order rotates per repeat) and the
+median of the repeats is reported, with ratios to the floor and to the
+direct run of the same bench.
+
+Before measuring, the bench waits until no other benchmark (bench/proxy.py,
+bench/store.py) is running on the machine.  All traffic stays on 127.0.0.1;
+every process the bench starts is stopped by its PID and the scratch
+directory is removed, also on error, Ctrl-C or ``kill``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import email.parser
+import hashlib
+import html
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import attrs
+
+try:
+    from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+except ImportError:  # pip always carries a copy
+    from pip._vendor.packaging.utils import (  # type: ignore[no-redef, assignment]
+        canonicalize_name,
+        parse_sdist_filename,
+        parse_wheel_filename,
+    )
+
+KB = 1024
+MB = 1024 * KB
+
+BENCH = Path(__file__).resolve().parent
+REPOSITORY = BENCH.parent
+TMP = BENCH / "tmp"
+FILES = TMP / "files"
+VENVS = TMP / "venvs"
+REQUIREMENTS = BENCH / "pypi-requirements.txt"
+ROOT_REQUIREMENT = "jupyter"
+
+REPEATS = 3
+PIP_TIMEOUT = 300
+INSTALL_TIMEOUT = 900
+OTHER_BENCHMARKS = r"bench/(proxy|store)\.py"
+TARGET_WARM_OVER_FLOOR = 1.05
+TARGET_COLD_OVER_DIRECT = 1.1
+TARGET_PEAK_RSS_MB = 150.0
+
+# Packages for the anchors' virtualenvs, installed with the machine's pip.
+ANCHOR_PACKAGES = {"devpi": ["devpi-server"], "proxpi": ["proxpi", "gunicorn"]}
+
+
+def clean_pip_environment() -> dict[str, str]:
+    """
+    The environment for every pip the bench runs as a client: no machine
+    configuration, no ``PIP_*`` variable, no proxy, so no other index or
+    cache leaks in.
+    """
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith("PIP_") and not name.lower().endswith("_proxy")
+    }
+    env["PIP_CONFIG_FILE"] = os.devnull
+    return env
+
+
+CLIENT_ENV = clean_pip_environment()
+# Servers reach the origin on 127.0.0.1 directly, whatever the shell exports.
+SERVER_ENV = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
+
+
+# ---------------------------------------------------------------- workload
+
+
+@attrs.frozen
+class Pin:
+    """One project of the closure and the one file pip chose for it."""
+
+    name: str
+    version: str
+    filename: str
+
+    @property
+    def path(self) -> Path:
+        return FILES / self.filename
+
+
+PIN_LINE = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)==(?P<version>\S+)\s+#\s+(?P<filename>\S+)\s*$")
+
+
+def name_and_version(filename: str) -> tuple[str, str]:
+    if filename.endswith(".whl"):
+        name, version, _, _ = parse_wheel_filename(filename)
+    else:
+        name, version = parse_sdist_filename(filename)
+    return str(name), str(version)
+
+
+def read_pins() -> list[Pin]:
+    pins = []
+    for line in REQUIREMENTS.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = PIN_LINE.match(line)
+        if match is None:
+            raise SystemExit(f"{REQUIREMENTS}: cannot read pin {line!r}")
+        pins.append(Pin(canonicalize_name(match["name"]), match["version"], match["filename"]))
+    return pins
+
+
+def pip_version() -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "--version"], capture_output=True, text=True, env=CLIENT_ENV, check=True
+    )
+    return done.stdout.split()[1]
+
+
+def default_index_download(arguments: Sequence[str], destination: Path) -> None:
+    """``pip download`` from pip's built-in default index into ``destination``."""
+    shutil.rmtree(destination, ignore_errors=True)
+    command = [
+        sys.executable, "-m", "pip", "download", *arguments, "-d", str(destination),
+        "--no-cache-dir", "--disable-pip-version-check", "--progress-bar", "off", "-q",
+    ]
+    subprocess.run(command, env=CLIENT_ENV, check=True, timeout=INSTALL_TIMEOUT)
+
+
+def resolve_closure() -> None:
+    """Write the requirements file from one ``pip download jupyter``."""
+    resolved = TMP / "resolve"
+    print(f"resolving the closure of {ROOT_REQUIREMENT} with pip's default index ...", flush=True)
+    default_index_download([ROOT_REQUIREMENT], resolved)
+    pins = []
+    for path in sorted(resolved.iterdir()):
+        name, version = name_and_version(path.name)
+        pins.append(Pin(canonicalize_name(name), version, path.name))
+    pins.sort(key=lambda pin: pin.name)
+    header = textwrap.dedent(
+        f"""\
+        # The full dependency closure of `{ROOT_REQUIREMENT}`, as `pip download {ROOT_REQUIREMENT}`
+        # (pip {pip_version()}, CPython {platform.python_version()}, {platform.system()} {platform.machine()})
+        # chose it from pip's default index on {date.today().isoformat()}: {len(pins)} files.
+        # Written by bench/pypi.py, which serves exactly these files from its local
+        # origin; the comment on each pin names the file pip chose.
+        """
+    )
+    width = max(len(f"{pin.name}=={pin.version}") for pin in pins)
+    lines = [f"{pin.name + '==' + pin.version:{width}}  # {pin.filename}" for pin in pins]
+    REQUIREMENTS.write_text(header + "\n".join(lines) + "\n")
+    shutil.rmtree(FILES, ignore_errors=True)
+    resolved.rename(FILES)
+
+
+def ensure_files(pins: Sequence[Pin]) -> None:
+    """Download the pinned files once, and check pip chose the same ones."""
+    if all(pin.path.is_file() for pin in pins):
+        return
+    print(f"downloading the {len(pins)} pinned files with pip's default index ...", flush=True)
+    fetched = TMP / "fetch"
+    default_index_download(["-r", str(REQUIREMENTS), "--no-deps"], fetched)
+    got = sorted(path.name for path in fetched.iterdir())
+    wanted = sorted(pin.filename for pin in pins)
+    if got != wanted:
+        raise SystemExit(
+            f"pip chose other files than {REQUIREMENTS} names:\n"
+            f"  unexpected: {sorted(set(got) - set(wanted))}\n  missing: {sorted(set(wanted) - set(got))}"
+        )
+    shutil.rmtree(FILES, ignore_errors=True)
+    fetched.rename(FILES)
+
+
+def ensure_workload() -> list[Pin]:
+    TMP.mkdir(exist_ok=True)
+    if not REQUIREMENTS.exists():
+        resolve_closure()
+    pins = read_pins()
+    ensure_files(pins)
+    return pins
+
+
+def ensure_anchor_venvs() -> dict[str, str]:
+    """Create the anchors' virtualenvs once; return their versions."""
+    versions = {}
+    for name, packages in ANCHOR_PACKAGES.items():
+        venv = VENVS / name
+        marker = venv / ".bench-installed"
+        if not marker.exists():
+            print(f"installing {', '.join(packages)} into {venv} ...", flush=True)
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=INSTALL_TIMEOUT)
+            subprocess.run(
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *packages],
+                check=True, timeout=INSTALL_TIMEOUT, env=SERVER_ENV,
+            )
+            marker.write_text(" ".join(packages) + "\n")
+        listed = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
+            check=True, capture_output=True, text=True, env=CLIENT_ENV,
+        )
+        for entry in json.loads(listed.stdout):
+            if entry["name"].lower() in packages:
+                versions[entry["name"].lower()] = entry["version"]
+    return versions
+
+
+# ---------------------------------------------------------------- origin index
+
+
+@attrs.frozen
+class Distribution:
+    """What the origin's pages say about one file."""
+
+    pin: Pin
+    sha256: str
+    size: int
+    requires_python: str | None
+    metadata_sha256: str | None
+    upload_time: str
+
+
+def wheel_metadata(path: Path, name: str, version: str) -> bytes:
+    """The METADATA file of a wheel's top-level ``.dist-info`` directory."""
+    with zipfile.ZipFile(path) as wheel:
+        candidates = [
+            entry for entry in wheel.namelist()
+            if entry.count("/") == 1 and entry.endswith(".dist-info/METADATA")
+        ]
+        wanted = f"{name}-{version}.dist-info".lower().replace("-", "_")
+        for entry in candidates:
+            if entry.split("/")[0].lower().replace("-", "_") == wanted:
+                return wheel.read(entry)
+        if len(candidates) == 1:
+            return wheel.read(candidates[0])
+    raise RuntimeError(f"{path.name}: no single .dist-info/METADATA")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_origin_tree(www: Path, pins: Sequence[Pin]) -> list[Distribution]:
+    """
+    A static simple index: ``/simple/`` and ``/simple/<name>/`` as
+    ``index.html`` and ``index.json``, files and ``.metadata`` under
+    ``/files/``, linked relatively from the pages.
+    """
+    files = www / "files"
+    files.mkdir(parents=True)
+    distributions = []
+    for pin in pins:
+        os.link(pin.path, files / pin.filename)
+        requires_python = metadata_sha256 = None
+        if pin.filename.endswith(".whl"):
+            wheel_name, wheel_version = pin.filename.split("-")[:2]
+            metadata = wheel_metadata(pin.path, wheel_name, wheel_version)
+            (files / f"{pin.filename}.metadata").write_bytes(metadata)
+            metadata_sha256 = hashlib.sha256(metadata).hexdigest()
+            headers = email.parser.BytesHeaderParser().parsebytes(metadata)
+            requires_python = headers.get("Requires-Python")
+        stat = pin.path.stat()
+        distributions.append(
+            Distribution(
+                pin=pin,
+                sha256=sha256_of(pin.path),
+                size=stat.st_size,
+                requires_python=str(requires_python).strip() if requires_python else None,
+                metadata_sha256=metadata_sha256,
+                upload_time=datetime.fromtimestamp(stat.st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            )
+        )
+    simple = www / "simple"
+    simple.mkdir()
+    meta = {"api-version": "1.1"}
+    for dist in distributions:
+        page = simple / dist.pin.name
+        page.mkdir()
+        url = f"../../files/{dist.pin.filename}"
+        attributes = f'href="{html.escape(url)}#sha256={dist.sha256}"'
+        entry: dict[str, object] = {
+            "filename": dist.pin.filename,
+            "url": url,
+            "hashes": {"sha256": dist.sha256},
+            "size": dist.size,
+            "upload-time": dist.upload_time,
+        }
+        if dist.requires_python:
+            attributes += f' data-requires-python="{html.escape(dist.requires_python)}"'
+            entry["requires-python"] = dist.requires_python
+        if dist.metadata_sha256:
+            value = f"sha256={dist.metadata_sha256}"
+            attributes += f' data-core-metadata="{value}" data-dist-info-metadata="{value}"'
+            entry["core-metadata"] = entry["dist-info-metadata"] = {"sha256": dist.metadata_sha256}
+        (page / "index.html").write_text(
+            "<!DOCTYPE html>\n<html><head>"
+            '<meta name="pypi:repository-version" content="1.1">'
+            f"<title>Links for {dist.pin.name}</title></head>\n<body><h1>Links for {dist.pin.name}</h1>\n"
+            f"<a {attributes}>{html.escape(dist.pin.filename)}</a><br/>\n</body></html>\n"
+        )
+        (page / "index.json").write_text(
+            json.dumps({"meta": meta, "name": dist.pin.name, "versions": [dist.pin.version], "files": [entry]})
+        )
+    names = sorted(dist.pin.name for dist in distributions)
+    (simple / "index.html").write_text(
+        '<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" content="1.1">'
+        "<title>Simple index</title></head><body>\n"
+        + "".join(f'<a href="{name}/">{name}</a>\n' for name in names)
+        + "</body></html>\n"
+    )
+    (simple / "index.json").write_text(json.dumps({"meta": meta, "projects": [{"name": n} for n in names]}))
+    return distributions
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop one process the bench started, by its PID."""
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(20)
+
+
+def status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name == field:
+                    return int(value.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+@attrs.define
+class Running:
+    """A server the bench started: its process, its log, where it listens."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int
+    scan_log: bool = False
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the process plus its children (workers), in MB."""
+        pids = [self.process.pid, *children_of(self.process.pid)]
+        return sum(status_kb(pid, "VmHWM") for pid in pids) / KB
+
+    def log_problems(self, limit: int = 20) -> list[str]:
+        if not self.scan_log or not self.log.exists():
+            return []
+        pattern = re.compile(r"error|traceback|unhandled|exception|fail|critical|stale|mismatch", re.I)
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [line[:400] for line in lines if pattern.search(line)][:limit]
+
+    def log_tail(self, characters: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-characters:] if self.log.exists() else ""
+
+
+def spawn(command: Sequence[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as output:
+        return subprocess.Popen(
+            list(command), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(env if env is not None else SERVER_ENV), cwd=cwd,
+        )
+
+
+def wait_for_port(port: int, running_process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if running_process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"server did not start on {port}:\n{tail}")
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- origin
+
+
+@attrs.frozen
+class Request:
+    method: str
+    uri: str
+    status: int
+
+
+@attrs.define
+class Origin:
+    """The nginx origin and its access log, one line per request."""
+
+    running: Running
+    access_log: Path
+
+    @property
+    def index_url(self) -> str:
+        return f"http://127.0.0.1:{self.running.port}/simple/"
+
+    def mark(self) -> int:
+        return self.access_log.stat().st_size if self.access_log.exists() else 0
+
+    def requests_since(self, mark: int) -> list[Request]:
+        """
+        Requests logged after ``mark``.  nginx logs a request when it ends,
+        so wait until the count holds still.
+        """
+        def read() -> list[Request]:
+            with open(self.access_log, "rb") as f:
+                f.seek(mark)
+                lines = f.read().decode(errors="replace").splitlines()
+            requests = []
+            for line in lines:
+                method, uri, status = line.split()[:3]
+                requests.append(Request(method, uri, int(status)))
+            return requests
+
+        previous = read()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = read()
+            if len(now) == len(previous):
+                return now
+            previous = now
+        return previous
+
+
+def start_origin(scratch: Path, www: Path) -> Origin:
+    prefix = scratch / "origin"
+    prefix.mkdir()
+    port = free_port()
+    access_log = prefix / "access.log"
+    config = textwrap.dedent(
+        f"""\
+        daemon off;
+        master_process on;
+        worker_processes auto;
+        user root root;
+        pid {prefix}/nginx.pid;
+        error_log {prefix}/error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            default_type application/octet-stream;
+            sendfile on;
+            tcp_nopush off;
+            keepalive_requests 1000000;
+            client_body_temp_path {prefix}/client_body;
+            proxy_temp_path {prefix}/proxy_temp;
+            log_format bench '$request_method $request_uri $status $body_bytes_sent $request_time';
+            access_log {access_log} bench;
+            # PEP 691: JSON for clients that ask for it (every client here
+            # that names it prefers it), HTML otherwise.
+            map $http_accept $simple_format {{
+                default html;
+                "~application/vnd\\.pypi\\.simple\\.v1\\+json" json;
+            }}
+            server {{
+                listen 127.0.0.1:{port};
+                root {www};
+                location / {{ }}
+                location ~ ^/simple/([^/]+/)?$ {{
+                    types {{
+                        text/html html;
+                        application/vnd.pypi.simple.v1+json json;
+                    }}
+                    add_header Vary Accept;
+                    try_files ${{uri}}index.$simple_format =404;
+                }}
+            }}
+        }}
+        """
+    )
+    (prefix / "nginx.conf").write_text(config)
+    log = prefix / "error.log"
+    process = subprocess.Popen(
+        ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(log)],
+        stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "wb"),
+    )
+    running = Running(process, log, port)
+    try:
+        wait_for_port(port, process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return Origin(running, access_log)
+
+
+def check_origin(origin: Origin, pins: Sequence[Pin]) -> None:
+    """The origin answers JSON and HTML pages, files and metadata."""
+    name = pins[0].name
+    base = origin.index_url
+
+    def get(url: str, accept: str | None = None) -> tuple[str, bytes]:
+        request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.headers["Content-Type"], response.read()
+
+    kind, body = get(f"{base}{name}/", "application/vnd.pypi.simple.v1+json, text/html; q=0.01")
+    assert kind == "application/vnd.pypi.simple.v1+json", kind
+    assert json.loads(body)["files"][0]["filename"] == pins[0].filename
+    kind, body = get(f"{base}{name}/")
+    assert kind.startswith("text/html") and pins[0].filename.encode() in body, kind
+    kind, body = get(f"{base}{name}/../../files/{pins[0].filename}.metadata")
+    assert body.startswith(b"Metadata-Version"), body[:40]
+
+
+# ---------------------------------------------------------------- upstream requests
+
+
+def upstream_summary(requests: Sequence[Request], pins: Sequence[Pin]) -> dict[str, object]:
+    """
+    The origin's requests during one client run, by kind, and whether every
+    page and every file was asked for exactly once (and nothing else but
+    each ``.metadata`` file at most once).
+    """
+    pages = {f"/simple/{pin.name}/" for pin in pins}
+    files = {f"/files/{pin.filename}" for pin in pins}
+    metadata = {f"{uri}.metadata" for uri in files}
+    counts = Counter(request.uri for request in requests)
+    kinds: Counter[str] = Counter()
+    for request in requests:
+        if request.uri in pages:
+            kinds["pages"] += 1
+        elif request.uri in files:
+            kinds["files"] += 1
+        elif request.uri in metadata:
+            kinds["metadata"] += 1
+        else:
+            kinds["other"] += 1
+    unusual = sorted(
+        {f"{r.method} {r.uri} {r.status}" for r in requests if r.method != "GET" or r.status != 200 or r.uri not in pages | files | metadata}
+    )
+    duplicates = sorted(uri for uri, n in counts.items() if n > 1)
+    exactly_once = (
+        not duplicates
+        and kinds["other"] == 0
+        and all(r.method == "GET" and r.status == 200 for r in requests)
+        and pages <= counts.keys()
+        and files <= counts.keys()
+    )
+    return {
+        "requests": len(requests),
+        "pages": kinds["pages"],
+        "metadata": kinds["metadata"],
+        "files": kinds["files"],
+        "other": kinds["other"],
+        "methods": dict(Counter(r.method for r in requests)),
+        "statuses": dict(Counter(str(r.status) for r in requests)),
+        "duplicates": duplicates[:20],
+        "unusual": unusual[:20],
+        "exactly_once_per_page_and_file": exactly_once,
+    }
+
+
+# ---------------------------------------------------------------- client
+
+
+class ClientFailed(Exception):
+    pass
+
+
+def pip_download(index_arguments: Sequence[str], destination: Path, pins: Sequence[Pin]) -> float:
+    """One timed ``pip download`` of the pinned closure; checks what arrived."""
+    command = [
+        sys.executable, "-m", "pip", "download", "-r", str(REQUIREMENTS), "-d", str(destination),
+        "--no-cache-dir", "--disable-pip-version-check", "--progress-bar", "off", "-q",
+        *index_arguments,
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=CLIENT_ENV, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise ClientFailed(f"pip exited {done.returncode}:\n{done.stderr[-3000:]}")
+    got = {path.name: path.stat().st_size for path in destination.iterdir()}
+    wanted = {pin.filename: pin.path.stat().st_size for pin in pins}
+    if got != wanted:
+        raise ClientFailed(
+            f"downloaded files differ: unexpected {sorted(set(got.items()) - set(wanted.items()))[:5]}, "
+            f"missing {sorted(set(wanted.items()) - set(got.items()))[:5]}"
+        )
+    shutil.rmtree(destination)
+    return elapsed
+
+
+# ---------------------------------------------------------------- contenders
+
+
+@attrs.frozen
+class Server:
+    """A caching index: how to start it in a fresh directory, and its URL."""
+
+    name: str
+    start: Callable[[Path, Origin], Running]
+    index_path: str
+
+
+def start_buildcache(run_dir: Path, origin: Origin) -> Running:
+    port, index_port = free_port(), free_port()
+    log = run_dir / "buildcache.log"
+    twistd = Path(sys.executable).parent / "twistd"
+    process = spawn(
+        [
+            str(twistd), "--nodaemon", "--pidfile=", "--logfile", str(log), "buildcache",
+            "--port", f"tcp:{port}:interface=127.0.0.1",
+            "--pypi-port", f"tcp:{index_port}:interface=127.0.0.1",
+            "--cache-dir", str(run_dir / "cache"),
+            "--pypi-upstream", origin.index_url,
+        ],
+        run_dir / "stdout.log", cwd=run_dir,
+    )
+    running = Running(process, log, index_port, scan_log=True)
+    try:
+        wait_for_port(index_port, process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return running
+
+
+DEVPI_ROOT_PASSWORD = "bench"
+
+
+def start_devpi(run_dir: Path, origin: Origin) -> Running:
+    bin_dir = VENVS / "devpi" / "bin"
+    server_dir = run_dir / "server"
+    log = run_dir / "devpi.log"
+    subprocess.run(
+        [str(bin_dir / "devpi-init"), "--serverdir", str(server_dir), "--no-root-pypi",
+         "--root-passwd", DEVPI_ROOT_PASSWORD],
+        check=True, capture_output=True, timeout=120, env=SERVER_ENV,
+    )
+    port = free_port()
+    process = spawn(
+        [str(bin_dir / "devpi-server"), "--serverdir", str(server_dir), "--host", "127.0.0.1", "--port", str(port)],
+        log,
+    )
+    running = Running(process, log, port)
+    try:
+        wait_for_port(port, process, log)
+        credentials = base64.b64encode(f"root:{DEVPI_ROOT_PASSWORD}".encode()).decode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/root/pypi",
+            data=json.dumps({"type": "mirror", "mirror_url": origin.index_url}).encode(),
+            method="PUT",
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "Authorization": f"Basic {credentials}",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+    except BaseException:
+        stop(process)
+        raise
+    return running
+
+
+def start_proxpi(run_dir: Path, origin: Origin) -> Running:
+    port = free_port()
+    log = run_dir / "proxpi.log"
+    env = dict(
+        SERVER_ENV,
+        PROXPI_INDEX_URL=origin.index_url,
+        PROXPI_EXTRA_INDEX_URLS="",
+        PROXPI_CACHE_DIR=str(run_dir / "cache"),
+    )
+    # One process with two threads, as proxpi's own container runs it:
+    # its cache is not shared between processes.
+    process = spawn(
+        [str(VENVS / "proxpi" / "bin" / "gunicorn"), "--workers", "1", "--threads", "2",
+         "--bind", f"127.0.0.1:{port}", "proxpi.server:app"],
+        log, env=env, cwd=run_dir,
+    )
+    running = Running(process, log, port)
+    try:
+        wait_for_port(port, process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return running
+
+
+SERVERS = (
+    Server("buildcache", start_buildcache, "/simple/"),
+    Server("devpi-server", start_devpi, "/root/pypi/+simple/"),
+    Server("proxpi", start_proxpi, "/index/"),
+)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def wait_for_quiet_machine(max_wait: float) -> float:
+    """Wait until no other benchmark runs; returns the seconds waited."""
+    started = time.monotonic()
+    announced = False
+    while True:
+        found = subprocess.run(["pgrep", "-f", OTHER_BENCHMARKS], capture_output=True, text=True)
+        others = [pid for pid in found.stdout.split() if int(pid) != os.getpid()]
+        if not others:
+            return time.monotonic() - started
+        if time.monotonic() - started > max_wait:
+            raise SystemExit(f"another benchmark is still running (pids {' '.join(others)}); giving up")
+        if not announced:
+            print(f"waiting for another benchmark to end (pids {' '.join(others)}) ...", flush=True)
+            announced = True
+        time.sleep(5)
+
+
+@attrs.define
+class Column:
+    """Measurements of one row of the table across repeats."""
+
+    seconds: list[float] = attrs.Factory(list)
+    upstream: list[dict[str, object]] = attrs.Factory(list)
+    peak_rss_mb: list[float] = attrs.Factory(list)
+    error: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        result: dict[str, object] = {"runs_s": self.seconds}
+        if self.seconds:
+            result["median_s"] = statistics.median(self.seconds)
+        if self.upstream:
+            result["upstream"] = self.upstream
+        if self.peak_rss_mb:
+            result["peak_rss_mb"] = max(self.peak_rss_mb)
+        if self.error:
+            result["error"] = self.error
+        return result
+
+
+def measure(pins: Sequence[Pin], origin: Origin, scratch: Path, repeats: int) -> tuple[dict[str, Column], dict[str, list[str]]]:
+    columns: dict[str, Column] = {"floor": Column(), "direct": Column()}
+    for server in SERVERS:
+        columns[f"{server.name} cold"] = Column()
+        columns[f"{server.name} warm"] = Column()
+    problems: dict[str, list[str]] = {}
+    downloads = scratch / "downloads"
+    downloads.mkdir()
+    counter = iter(range(1_000_000))
+
+    def fresh_destination() -> Path:
+        return downloads / f"run-{next(counter)}"
+
+    def floor() -> None:
+        columns["floor"].seconds.append(
+            pip_download(["--no-index", "--find-links", str(FILES)], fresh_destination(), pins)
+        )
+
+    def direct() -> None:
+        mark = origin.mark()
+        columns["direct"].seconds.append(pip_download(["--index-url", origin.index_url], fresh_destination(), pins))
+        columns["direct"].upstream.append(upstream_summary(origin.requests_since(mark), pins))
+
+    def cache(server: Server, repeat: int) -> Callable[[], None]:
+        def run() -> None:
+            cold, warm = columns[f"{server.name} cold"], columns[f"{server.name} warm"]
+            if cold.error or warm.error:
+                return
+            run_dir = scratch / f"{server.name}-{repeat}"
+            run_dir.mkdir()
+            running: Running | None = None
+            try:
+                running = server.start(run_dir, origin)
+                url = ["--index-url", f"http://127.0.0.1:{running.port}{server.index_path}"]
+                for column in (cold, warm):
+                    mark = origin.mark()
+                    try:
+                        column.seconds.append(pip_download(url, fresh_destination(), pins))
+                    finally:
+                        column.upstream.append(upstream_summary(origin.requests_since(mark), pins))
+                if running.process.poll() is not None:
+                    raise RuntimeError(f"{server.name} exited during the run")
+                rss = running.peak_rss_mb()
+                cold.peak_rss_mb.append(rss)
+                warm.peak_rss_mb.append(rss)
+            except Exception as error:
+                message = f"{type(error).__name__}: {error}"
+                if running is not None:
+                    message += f"\n--- {running.log.name} (tail) ---\n{running.log_tail()}"
+                cold.error = cold.error or message
+                warm.error = warm.error or message
+                print(f"{server.name}: FAILED in repeat {repeat + 1}: {message}", flush=True)
+            finally:
+                if running is not None:
+                    stop(running.process)
+                    found = running.log_problems()
+                    if found:
+                        problems.setdefault(server.name, []).extend(found)
+                shutil.rmtree(run_dir, ignore_errors=True)
+        return run
+
+    for repeat in range(repeats):
+        steps: list[tuple[str, Callable[[], None]]] = [("floor", floor), ("direct", direct)]
+        steps += [(server.name, cache(server, repeat)) for server in SERVERS]
+        # Rotate the order so no contender always runs first or last.
+        shift = repeat % len(steps)
+        steps = steps[shift:] + steps[:shift]
+        began = time.monotonic()
+        for _, step in steps:
+            step()
+        print(
+            f"repeat {repeat + 1}/{repeats} done in {time.monotonic() - began:.0f} s: "
+            + ", ".join(f"{name} {c.seconds[-1]:.2f}" for name, c in columns.items() if len(c.seconds) > repeat),
+            flush=True,
+        )
+    return columns, problems
+
+
+def targets(columns: Mapping[str, Column]) -> dict[str, bool | None]:
+    def median(name: str) -> float | None:
+        column = columns[name]
+        return None if column.error or not column.seconds else statistics.median(column.seconds)
+
+    floor, direct = median("floor"), median("direct")
+    cold, warm = median("buildcache cold"), median("buildcache warm")
+    anchors = [m for m in (median("devpi-server warm"), median("proxpi warm")) if m is not None]
+    rss = columns["buildcache cold"].peak_rss_mb
+    cold_upstream = columns["buildcache cold"].upstream
+
+    def check(value: float | None, limit: float | None) -> bool | None:
+        return None if value is None or limit is None else value <= limit
+
+    return {
+        f"warm within {TARGET_WARM_OVER_FLOOR}x of the find-links floor": check(
+            warm, None if floor is None else TARGET_WARM_OVER_FLOOR * floor
+        ),
+        "warm no slower than the faster of devpi-server and proxpi": check(warm, min(anchors) if anchors else None),
+        f"cold within {TARGET_COLD_OVER_DIRECT}x of straight from the origin": check(
+            cold, None if direct is None else TARGET_COLD_OVER_DIRECT * direct
+        ),
+        "cold: exactly one upstream request per page and per file": (
+            all(u["exactly_once_per_page_and_file"] for u in cold_upstream) if cold_upstream else None
+        ),
+        f"peak RSS under {TARGET_PEAK_RSS_MB:.0f} MB": check(max(rss) if rss else None, TARGET_PEAK_RSS_MB),
+    }
+
+
+def print_table(columns: Mapping[str, Column], pins: Sequence[Pin], checks: Mapping[str, bool | None]) -> None:
+    def median(name: str) -> float | None:
+        c = columns[name]
+        return statistics.median(c.seconds) if c.seconds and not c.error else None
+
+    floor, direct = median("floor"), median("direct")
+    header = (
+        f"{'':18} {'median s':>9} {'x floor':>8} {'x direct':>9}   "
+        f"{'upstream requests (pages/meta/files/other)':>42}  {'peak RSS MB':>11}"
+    )
+    print(header)
+    for name, column in columns.items():
+        m = median(name)
+        if m is None:
+            print(f"{name:18} {'FAILED' if column.error else '-':>9}")
+            continue
+        ratio_floor = f"{m / floor:.2f}" if floor else "-"
+        ratio_direct = f"{m / direct:.2f}" if direct else "-"
+        if column.upstream:
+            last = column.upstream[-1]
+            totals = sorted({int(u["requests"]) for u in column.upstream})  # type: ignore[call-overload]
+            upstream = (
+                f"{'/'.join(str(t) for t in totals)} = {last['pages']}/{last['metadata']}/{last['files']}/{last['other']}"
+            )
+        else:
+            upstream = "-"
+        rss = f"{max(column.peak_rss_mb):.1f}" if column.peak_rss_mb else "-"
+        print(f"{name:18} {m:9.2f} {ratio_floor:>8} {ratio_direct:>9}   {upstream:>42}  {rss:>11}")
+    print(f"\n{len(pins)} projects, {len(pins)} files, {sum(p.path.stat().st_size for p in pins) / MB:.1f} MB")
+    print("\nbuildcache against the targets of issue 4:")
+    for target, passed in checks.items():
+        verdict = "n/a " if passed is None else "PASS" if passed else "FAIL"
+        print(f"  {verdict}  {target}")
+
+
+def environment(anchor_versions: Mapping[str, str]) -> dict[str, str]:
+    import twisted
+
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPOSITORY), "status", "--porcelain", "buildcache"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "pip": pip_version(),
+        "twisted": twisted.__version__,
+        "nginx": nginx,
+        "buildcache_commit": commit + ("+modified" if dirty else ""),
+        "cpus": str(os.cpu_count()),
+        **anchor_versions,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--json", default=str(BENCH / "pypi.json"))
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument(
+        "--max-wait", type=float, default=1800, help="seconds to wait for other benchmarks to end"
+    )
+    parser.add_argument(
+        "--no-wait", action="store_true",
+        help="measure even while another benchmark runs (to try the bench out; numbers are then distorted)",
+    )
+    args = parser.parse_args()
+    # "kill PID" should clean up like Ctrl-C does: unwind through finally.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
+    if shutil.which("nginx") is None:
+        raise SystemExit("nginx is missing: apt-get install nginx-light (or nginx)")
+    pins = ensure_workload()
+    anchor_versions = ensure_anchor_venvs()
+    scratch = Path(tempfile.mkdtemp(prefix="buildcache-pypi-bench-"))
+    origin: Origin | None = None
+    try:
+        build_origin_tree(scratch / "www", pins)
+        origin = start_origin(scratch, scratch / "www")
+        check_origin(origin, pins)
+        waited = 0.0 if args.no_wait else wait_for_quiet_machine(args.max_wait)
+        started_at = time.monotonic()
+        # One unmeasured pass of each baseline warms the page cache and pip's imports.
+        warmup = scratch / "warmup"
+        pip_download(["--no-index", "--find-links", str(FILES)], warmup, pins)
+        pip_download(["--index-url", origin.index_url], warmup, pins)
+        columns, problems = measure(pins, origin, scratch, args.repeats)
+        checks = targets(columns)
+        print()
+        print_table(columns, pins, checks)
+        for name, lines in problems.items():
+            print(f"\n{name} log lines that mention problems:")
+            for line in lines[:20]:
+                print("  " + line)
+        report = {
+            "environment": environment(anchor_versions),
+            "workload": {
+                "requirement": ROOT_REQUIREMENT,
+                "projects": len(pins),
+                "files": len(pins),
+                "wheels": sum(p.filename.endswith(".whl") for p in pins),
+                "total_mb": sum(p.path.stat().st_size for p in pins) / MB,
+                "client": "pip download -r bench/pypi-requirements.txt -d <fresh dir> --no-cache-dir"
+                " --disable-pip-version-check (dependency resolution on); PIP_CONFIG_FILE=/dev/null,"
+                " no PIP_* variables",
+                "origin": "nginx, static PEP 503 HTML + PEP 691 JSON by Accept, PEP 658 .metadata",
+            },
+            "repeats": args.repeats,
+            "results": {name: column.as_json() for name, column in columns.items()},
+            "targets": checks,
+            "log_problems": problems,
+            "waited_for_other_benchmarks_s": waited,
+            "runtime_s": time.monotonic() - started_at,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.json} after {report['runtime_s']:.0f} s of measuring")
+    finally:
+        if origin is not None:
+            stop(origin.running.process)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
