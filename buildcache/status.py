@@ -63,7 +63,7 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 # Scale maxima of the traffic chart, per unit: a quarter of each is a
 # round number too, so every gridline label reads cleanly.
-_NICE_STEPS = (1, 2, 4, 10, 20, 40, 100, 200, 400, 1000)
+_NICE_STEPS = (1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600, 800, 1000)
 # The chart's plot area: SVG user units of the outer element are CSS
 # pixels, so text keeps its size whatever the width of the screen.
 _CHART_HEIGHT = 250
@@ -98,9 +98,14 @@ def human_bytes(size: float) -> str:
 
 def percent(ratio: float | None) -> str:
     """
-    A ratio as a percentage with one decimal, or ``"n/a"`` when unknown.
+    A ratio as a percentage with one decimal, or ``"n/a"`` when unknown;
+    a ratio too small to show is not rounded down to nothing.
     """
-    return "n/a" if ratio is None else f"{ratio * 100:.1f}%"
+    if ratio is None:
+        return "n/a"
+    if 0 < ratio * 100 < 0.05:
+        return "<0.1%"
+    return f"{ratio * 100:.1f}%"
 
 
 def human_duration(seconds: float) -> str:
@@ -411,7 +416,7 @@ def _front_ends_section(front_ends: Mapping[str, Mapping[str, Any]]) -> str:
     )
 
 
-def _nice_maximum(largest: int) -> tuple[float, str]:
+def nice_maximum(largest: int) -> tuple[float, str]:
     """
     The chart's scale: a round number of bytes at least ``largest``, and
     the unit its gridlines are labelled in.
@@ -422,8 +427,9 @@ def _nice_maximum(largest: int) -> tuple[float, str]:
         value /= 1024
         unit_index += 1
     step = next((s for s in _NICE_STEPS if s >= value), _NICE_STEPS[-1])
-    if unit_index == 0 and step < 4:
-        step = 4
+    if unit_index == 0:
+        # Whole bytes on every gridline.
+        step = max(4, -(-step // 4) * 4)
     return step * 1024.0**unit_index, _BYTE_UNITS[unit_index]
 
 
@@ -457,7 +463,7 @@ def _traffic_chart(buckets: Sequence[Mapping[str, Any]], now: float) -> str:
     from_cache = [int(b["from_cache"]) for b in buckets]
     from_upstream = [int(b["from_upstream"]) for b in buckets]
     count = len(buckets)
-    maximum, unit = _nice_maximum(max(from_cache + from_upstream, default=0))
+    maximum, unit = nice_maximum(max(from_cache + from_upstream, default=0))
     cache_line, cache_area = _series_path(from_cache, maximum)
     upstream_line, upstream_area = _series_path(from_upstream, maximum)
     grid = []

@@ -1102,8 +1102,10 @@ class PackageCheckTests(TestCase):
         assert connection.transport is not None
         connection.transport.abortConnection()  # type: ignore[attr-defined]
         await connection.lost
-        # Let the proxy see the connection go before the body completes.
-        await deferLater(reactor, 0.05)
+        # The proxy has seen the client go (its request is accounted for)
+        # before the body completes.
+        totals = harness.running.server.activity.totals["mirror"]
+        await until(lambda: totals.requests == 2)
         harness.origin.release(path)
         await until(lambda: harness.running.server.fetcher.in_flight() == 0)
         await harness.idle()

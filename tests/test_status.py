@@ -29,6 +29,8 @@ from buildcache.status import (
     StatusResource,
     human_bytes,
     human_duration,
+    nice_maximum,
+    percent,
     redact_text,
 )
 from buildcache.store import Store
@@ -787,3 +789,21 @@ class FormattingTests(SynchronousTestCase):
             redact_text("GET https://u:p@127.0.0.1:8/x failed; see http://127.0.0.1/"),
             "GET https://***@127.0.0.1:8/x failed; see http://127.0.0.1/",
         )
+
+    def test_percent(self) -> None:
+        self.assertEqual(percent(None), "n/a")
+        self.assertEqual(percent(0.0), "0.0%")
+        self.assertEqual(percent(0.75), "75.0%")
+        self.assertEqual(percent(1.4e-5), "<0.1%")
+
+    def test_chart_scale(self) -> None:
+        """
+        The chart's maximum is the next round value in the largest unit
+        that keeps it at most 1000, so gridline labels stay short.
+        """
+        self.assertEqual(nice_maximum(0), (4.0, "B"))
+        self.assertEqual(nice_maximum(7), (8.0, "B"))
+        self.assertEqual(nice_maximum(999), (1000.0, "B"))
+        self.assertEqual(nice_maximum(4000), (4096.0, "KiB"))
+        self.assertEqual(nice_maximum(450_000), (600 * 1024.0, "KiB"))
+        self.assertEqual(nice_maximum(3 * 1024**3 + 1), (4 * 1024.0**3, "GiB"))
