@@ -28,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
 from buildcache.activity import Activity
+from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.apk import ApkIndexEntry, repository_index_url
 from buildcache.apkcheck import ApkIndexes, verifier_for
 from buildcache.config import Mirror
@@ -246,6 +247,7 @@ class ProxyResource(Resource):
         #: Set once the index port is known (see :class:`OwnIndex`).
         self.own_index: OwnIndex | None = None
         self.activity: Activity | None = None
+        self.status: StatusResource | None = None
 
     def render(self, request: Request) -> object:
         client = request.getClientAddress()
@@ -253,6 +255,12 @@ class ProxyResource(Resource):
         allowed = self.router.policy.client_allowed(client_ip)
         if allowed and self._serve_own_index(request):
             return NOT_DONE_YET
+        if allowed and self.status is not None and request.uri.startswith(b"/"):
+            path = request.uri.decode("latin-1").partition("?")[0]
+            if path in STATUS_PATHS:
+                # Kept out of the activity figures it shows.
+                self.status.serve(request, path)
+                return NOT_DONE_YET
         if self.activity is not None:
             self.activity.track(
                 request,

@@ -31,6 +31,8 @@ from buildcache.config import Config
 from buildcache.connect import make_http_client, upstream_pool
 from buildcache.proxy import OwnIndex, ProxyResource, Router
 from buildcache.simple_index import IndexResource
+from buildcache.status import StatusPage, StatusResource
+from buildcache.metrics import Metrics
 from buildcache.store import Store
 from buildcache.tunnel import ProxySite
 from buildcache.upstream import Fetcher
@@ -55,6 +57,7 @@ class Server:
     fetcher: Fetcher
     proxy: ProxyResource
     index: IndexResource
+    status: StatusResource
     proxy_site: Site
     index_site: Site
 
@@ -85,9 +88,14 @@ class Server:
             policy=policy, activity=activity,
         )
         index_site = QuietSite(index, reactor=reactor)
+        status = StatusResource(
+            StatusPage(config, store, fetcher, activity, reactor),
+            Metrics(activity, store, fetcher),
+        )
+        proxy.status = index.status = status
         return cls(
             config, store, policy, activity, pool, fetcher, proxy, index,
-            proxy_site, index_site,
+            status, proxy_site, index_site,
         )
 
     def index_listening(self, port: IListeningPort) -> None:

@@ -67,6 +67,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from buildcache import __version__
 from buildcache.access import AccessPolicy
 from buildcache.activity import Activity
+from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.freshness import (
     Kind,
     client_cache_control,
@@ -374,6 +375,7 @@ class IndexResource(Resource):
         super().__init__()
         self.policy = policy
         self.activity = activity
+        self.status: StatusResource | None = None
         self.store = store
         self.fetcher = fetcher
         self.upstreams = tuple(u.rstrip("/") for u in upstreams)
@@ -420,6 +422,9 @@ class IndexResource(Resource):
         request target, without query), finishing it asynchronously: a
         ``render`` calling this returns ``NOT_DONE_YET``.
         """
+        if self.status is not None and path in STATUS_PATHS:
+            self.status.serve(request, path)
+            return
         if self.activity is not None:
             self.activity.track(request, "index", _project_of(path))
         if request.method not in (b"GET", b"HEAD"):

@@ -300,7 +300,7 @@ class StatusPage:
             _summary_section(stats),
             _fill_section(stats["store"]),
             _front_ends_section(stats["front_ends"]),
-            _traffic_section(stats["traffic"], now),
+            _traffic_section(stats["traffic"]),
             _top_section(stats["top"], stats["front_ends"]),
             _upstreams_section(stats["upstreams"], now),
             _config_section(stats["config"]),
@@ -369,6 +369,8 @@ def _summary_section(stats: Mapping[str, Any]) -> str:
 def _fill_section(store: Mapping[str, Any]) -> str:
     fill = store["fill"] or 0.0
     shown = min(max(fill, 0.0), 1.0) * 100
+    # A sliver, so that a cache that holds anything never looks empty.
+    drawn = max(shown, 0.5) if fill > 0 else 0.0
     level = "full" if fill >= 0.9 else "ok"
     return (
         '<section class="card">\n<h2>Cache fill</h2>\n'
@@ -377,7 +379,7 @@ def _fill_section(store: Mapping[str, Any]) -> str:
         f' <span class="muted">({_e(percent(fill))})</span></p>\n'
         f'<div class="bar" role="meter" aria-valuemin="0" aria-valuemax="100"'
         f' aria-valuenow="{shown:.1f}" aria-label="cache fill">'
-        f'<span class="{level}" style="width: {shown:.1f}%"></span></div>\n'
+        f'<span class="{level}" style="width: {drawn:.1f}%"></span></div>\n'
         '<div class="figures">\n'
         + _figure("Objects", f"{store['entries']:,}", "entries")
         + _figure("Evictions", f"{store['evictions']:,}", note="to stay under the limit")
@@ -459,20 +461,29 @@ def _series_path(values: Sequence[int], maximum: float) -> tuple[str, str]:
     return line, area
 
 
-def _traffic_chart(buckets: Sequence[Mapping[str, Any]], now: float) -> str:
+def _traffic_chart(buckets: Sequence[Mapping[str, Any]]) -> str:
     from_cache = [int(b["from_cache"]) for b in buckets]
     from_upstream = [int(b["from_upstream"]) for b in buckets]
     count = len(buckets)
-    maximum, unit = nice_maximum(max(from_cache + from_upstream, default=0))
+    largest = max(from_cache + from_upstream, default=0)
+    maximum, unit = nice_maximum(largest)
     cache_line, cache_area = _series_path(from_cache, maximum)
     upstream_line, upstream_area = _series_path(from_upstream, maximum)
     grid = []
     for quarter in range(5):
         y = _PLOT_TOP + _PLOT_HEIGHT - _PLOT_HEIGHT * quarter / 4
+        grid.append(f'<line class="grid" x1="0" x2="100%" y1="{y:g}" y2="{y:g}"></line>')
+        # An empty chart has no scale worth labelling beyond its baseline.
+        if largest or not quarter:
+            grid.append(
+                f'<text class="axis" x="4" y="{y - 4:g}">'
+                f"{_e(_label(maximum * quarter / 4, unit))}</text>"
+            )
+        grid.append("\n")
+    if not largest:
         grid.append(
-            f'<line class="grid" x1="0" x2="100%" y1="{y:g}" y2="{y:g}"></line>'
-            f'<text class="axis" x="4" y="{y - 4:g}">'
-            f"{_e(_label(maximum * quarter / 4, unit))}</text>\n"
+            f'<text id="traffic-empty" class="axis" x="50%" y="{_PLOT_TOP + _PLOT_HEIGHT / 2:g}"'
+            ' text-anchor="middle">No traffic in the last 24 hours</text>\n'
         )
     ticks = []
     label_y = _PLOT_TOP + _PLOT_HEIGHT + 18
@@ -516,7 +527,7 @@ def _traffic_chart(buckets: Sequence[Mapping[str, Any]], now: float) -> str:
     )
 
 
-def _traffic_section(traffic: Mapping[str, Any], now: float) -> str:
+def _traffic_section(traffic: Mapping[str, Any]) -> str:
     buckets = traffic["buckets"]
     cached = sum(int(b["from_cache"]) for b in buckets)
     fetched = sum(int(b["from_upstream"]) for b in buckets)
@@ -525,7 +536,7 @@ def _traffic_section(traffic: Mapping[str, Any], now: float) -> str:
         f'<p class="muted">{_e(human_bytes(cached))} from the cache,'
         f" {_e(human_bytes(fetched))} from upstream; bytes per"
         f" {traffic['bucket_seconds'] // 60} minutes, times in UTC.</p>\n"
-        + _traffic_chart(buckets, now)
+        + _traffic_chart(buckets)
         + "</section>\n"
     )
 
@@ -569,19 +580,20 @@ def _upstreams_section(upstreams: Iterable[Mapping[str, Any]], now: float) -> st
         message = health["last_error_message"]
         message_html = f'<br><span class="message">{_e(message)}</span>' if message else ""
         rows.append(
-            f'<tr class="{state}"><td class="host"><span class="dot {state}"'
-            f' title="{state}"></span>{_e(health["host"])}</td>'
-            f'<td>{_time(health["last_success"], now)}'
+            f'<tr class="{state}"><td class="host" data-label="Upstream">'
+            f'<span class="dot {state}" title="{state}"></span>{_e(health["host"])}</td>'
+            f'<td data-label="Last success">{_time(health["last_success"], now)}'
             f'<br><span class="muted">{health["successes"]:,} ok</span></td>'
-            f'<td>{_time(health["last_error"], now)}'
+            f'<td data-label="Last error">{_time(health["last_error"], now)}'
             f' <span class="muted">· {health["errors"]:,} failed</span>{message_html}</td>'
-            f'<td class="number">{health["stale_served"]:,}</td></tr>\n'
+            f'<td class="number" data-label="Stale answers served">'
+            f'{health["stale_served"]:,}</td></tr>\n'
         )
     if not rows:
         table = '<p class="muted">No upstream contacted yet.</p>\n'
     else:
         table = (
-            '<div class="scroll">\n<table>\n<thead><tr><th>Upstream</th>'
+            '<div class="scroll">\n<table class="health">\n<thead><tr><th>Upstream</th>'
             "<th>Last success</th><th>Last error</th><th>Stale answers served</th>"
             "</tr></thead>\n<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n</div>\n"
         )
@@ -628,12 +640,14 @@ _CSS = """
   color-scheme: light dark;
   --bg: #f4f5f7; --card: #fff; --fg: #1d2330; --muted: #667085;
   --line: #d9dde5; --cache: #1a9e63; --upstream: #d9822b; --bad: #d14343;
+  --link: #2459c9;
 }
 @media (prefers-color-scheme: dark) {
   :root { --bg: #12151b; --card: #1c2029; --fg: #e6e8ee; --muted: #98a0b3;
-          --line: #343a48; }
+          --line: #343a48; --link: #8fb4ff; }
 }
 * { box-sizing: border-box; }
+a { color: var(--link); }
 body { margin: 0; background: var(--bg); color: var(--fg);
   font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
 header, main, footer { max-width: 1200px; margin: 0 auto; padding: 0 12px; }
@@ -671,6 +685,17 @@ th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line
   vertical-align: top; }
 td.host { white-space: nowrap; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
+@media (max-width: 640px) {
+  table.health thead { display: none; }
+  table.health tr, table.health td { display: block; }
+  table.health tr { border-bottom: 1px solid var(--line); padding: 6px 0; }
+  table.health td { border: 0; padding: 2px 0; text-align: left; }
+  table.health td::before { content: attr(data-label); display: block;
+    font-size: .8rem; color: var(--muted); }
+  table.health td.host::before { display: none; }
+  dl.config { grid-template-columns: 1fr; }
+  dl.config dd { margin-bottom: 6px; }
+}
 .message { color: var(--bad); font-size: .85rem; overflow-wrap: anywhere; }
 .dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%;
   margin-right: 6px; background: var(--cache); }

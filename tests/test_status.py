@@ -193,8 +193,8 @@ class NoDownloads:
 @define
 class StatusServer:
     """
-    A running buildcache server with an Activity attached to its front
-    ends and fetcher, and its status resource on a port of its own.
+    A running buildcache server and its status resource, built from the
+    server's parts, on a port of its own.
     """
 
     running: Running
@@ -234,10 +234,7 @@ def start_status_server(
 ) -> StatusServer:
     running = start_server(testcase, config_changes, upstream)
     server = running.server
-    activity = Activity(reactor)
-    server.proxy.activity = activity
-    server.index.activity = activity
-    server.fetcher.activity = activity
+    activity = server.activity
     page = StatusPage(server.config, running.store, server.fetcher, activity, reactor)
     metrics = Metrics(activity, running.store, server.fetcher)
     port = listen(StatusResource(page, metrics))
@@ -565,6 +562,7 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(page.text("requests"), "Requests 0")
         for line in ("chart-from-cache", "chart-from-upstream"):
             self.assertEqual(set(step_heights(page.attribute(line, "d"))), {1000})
+        self.assertEqual(page.text("traffic-empty"), "No traffic in the last 24 hours")
         self.assertIn("No upstream contacted yet.", page.text("upstreams"))
         self.assertIn("0 B of 1 GiB", page.text("cache-fill"))
 
@@ -589,6 +587,7 @@ class PageTests(SynchronousTestCase):
         chart = chart[chart.index('<svg id="traffic-chart"'):chart.index("</svg>\n</section>")]
         for label in ("4 KiB", "2 KiB", "0 B", "now", "From cache", "From upstream"):
             self.assertIn(f">{label}</text>", chart)
+        self.assertNotIn("traffic-empty", page.by_id)
         stats = self.page.stats()
         self.assertEqual(stats["traffic"]["buckets"][BUCKETS - 13]["from_cache"], 4000)
         self.assertEqual(stats["traffic"]["buckets"][BUCKETS - 1]["from_upstream"], 1000)
@@ -699,7 +698,7 @@ class PageTests(SynchronousTestCase):
         self.activity.stale_served("http://127.0.0.1:4/a")
         document = self.page.render_html().decode()
         self.assertIn('<tr class="failing">', document)
-        self.assertIn('<td class="number">1</td>', document)
+        self.assertIn('data-label="Stale answers served">1</td>', document)
         self.clock.advance(10)
         self.activity.upstream_succeeded("http://127.0.0.1:4/a", 0.1)
         document = self.page.render_html().decode()
@@ -807,3 +806,27 @@ class FormattingTests(SynchronousTestCase):
         self.assertEqual(nice_maximum(4000), (4096.0, "KiB"))
         self.assertEqual(nice_maximum(450_000), (600 * 1024.0, "KiB"))
         self.assertEqual(nice_maximum(3 * 1024**3 + 1), (4 * 1024.0**3, "GiB"))
+
+
+class RoutingTests(TestCase):
+    async def test_status_on_both_ports(self) -> None:
+        """
+        The page, the JSON and the metrics answer on the proxy port and on
+        the index port, and are not counted in the figures they show.
+        """
+        from tests.support import Client, start_server
+
+        running = start_server(self)
+        client = Client()
+        for port in (running.proxy_port, running.index_port):
+            page = await client.get(f"http://127.0.0.1:{port}/")
+            self.assertEqual(page.status, 200)
+            self.assertTrue(page.header("content-type").startswith("text/html"))
+            self.assertIn(b'id="hit-ratio"', page.body)
+            stats = await client.get(f"http://127.0.0.1:{port}/-/stats.json")
+            self.assertEqual(stats.header("content-type"), "application/json")
+            metrics = await client.get(f"http://127.0.0.1:{port}/-/metrics")
+            self.assertIn(b"buildcache_store_entries", metrics.body)
+        self.assertEqual(
+            sum(t.requests for t in running.server.activity.totals.values()), 0
+        )
