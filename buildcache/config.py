@@ -24,6 +24,7 @@ import attrs
 from twisted.python import usage
 
 from buildcache.access import DEFAULT_ALLOW_FROM, UpstreamPattern
+from buildcache.logs import JSON_OBSERVER, use_logfile
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -669,3 +670,9 @@ class Options(usage.Options):
             pypi_upstreams=pypi_upstreams,
             log_format=self["log-format"],
         )
+        if self.config.log_format == "json" and self.parent is not None:
+            # twistd builds its log observer from its own "logger" option
+            # after parsing the command line, so setting it here makes the
+            # whole process (twistd's lines too) log JSON.
+            use_logfile(self.parent.get("logfile"))
+            self.parent["logger"] = JSON_OBSERVER

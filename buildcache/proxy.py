@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
-from buildcache.activity import Activity
+from buildcache.activity import Activity, redact
 from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.apk import ApkIndexEntry, repository_index_url
 from buildcache.apkcheck import ApkIndexes, verifier_for
@@ -285,7 +285,7 @@ class ProxyResource(Resource):
             self.log.info(
                 "Refused {method} {uri}: {reason}",
                 method=request.method.decode("latin-1"),
-                uri=request.uri.decode("latin-1"),
+                uri=redact(request.uri.decode("latin-1")),
                 reason=str(e),
             )
             send_error(request, e.code, str(e))
