@@ -33,7 +33,14 @@ its own page.  Each contender gets a fresh server and cache directory per
 repeat: a cold run, then a warm run against the same cache into a new
 directory.  Runs are interleaved (the order rotates per repeat) and the
 median of the repeats is reported, with ratios to the floor and to the
-direct run of the same bench.
+direct run of the same bench, the CPU time pip and the server used, the
+origin's requests (by kind, and the TCP connections they came on) and the
+server's peak RSS (VmHWM, with its worker processes).
+
+The machine is shared, so each run also records how much CPU other
+processes took meanwhile; a repeat in which they took more than
+``--quiet-cores`` during any run is set aside and replaced (up to
+``--extra-repeats`` more), and the least disturbed repeats are kept.
 
 Before measuring, the bench waits until no other benchmark (bench/proxy.py,
 bench/store.py) is running on the machine.  All traffic stays on 127.0.0.1;
@@ -52,6 +59,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -400,6 +408,27 @@ def status_kb(pid: int, field: str) -> int:
     return 0
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one live process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -424,10 +453,16 @@ class Running:
     port: int
     scan_log: bool = False
 
+    def pids(self) -> list[int]:
+        return [self.process.pid, *children_of(self.process.pid)]
+
     def peak_rss_mb(self) -> float:
         """VmHWM of the process plus its children (workers), in MB."""
-        pids = [self.process.pid, *children_of(self.process.pid)]
-        return sum(status_kb(pid, "VmHWM") for pid in pids) / KB
+        return sum(status_kb(pid, "VmHWM") for pid in self.pids()) / KB
+
+    def cpu_seconds(self) -> float:
+        """CPU used so far by the process and its live children."""
+        return sum(cpu_seconds(pid) for pid in self.pids())
 
     def log_problems(self, limit: int = 20) -> list[str]:
         if not self.scan_log or not self.log.exists():
@@ -469,6 +504,8 @@ class Request:
     method: str
     uri: str
     status: int
+    # nginx's connection serial number: distinct values = TCP connections.
+    connection: str
 
 
 @attrs.define
@@ -496,8 +533,8 @@ class Origin:
                 lines = f.read().decode(errors="replace").splitlines()
             requests = []
             for line in lines:
-                method, uri, status = line.split()[:3]
-                requests.append(Request(method, uri, int(status)))
+                method, uri, status, connection = line.split()[:4]
+                requests.append(Request(method, uri, int(status), connection))
             return requests
 
         previous = read()
@@ -532,7 +569,7 @@ def start_origin(scratch: Path, www: Path) -> Origin:
             keepalive_requests 1000000;
             client_body_temp_path {prefix}/client_body;
             proxy_temp_path {prefix}/proxy_temp;
-            log_format bench '$request_method $request_uri $status $body_bytes_sent $request_time';
+            log_format bench '$request_method $request_uri $status $connection $body_bytes_sent $request_time';
             access_log {access_log} bench;
             # PEP 691: JSON for clients that ask for it (every client here
             # that names it prefers it), HTML otherwise.
@@ -626,6 +663,7 @@ def upstream_summary(requests: Sequence[Request], pins: Sequence[Pin]) -> dict[s
     )
     return {
         "requests": len(requests),
+        "connections": len({r.connection for r in requests}),
         "pages": kinds["pages"],
         "metadata": kinds["metadata"],
         "files": kinds["files"],
@@ -645,16 +683,53 @@ class ClientFailed(Exception):
     pass
 
 
-def pip_download(index_arguments: Sequence[str], destination: Path, pins: Sequence[Pin]) -> float:
+@attrs.frozen
+class Measurement:
+    """
+    One client run: its wall time, the CPU the client and the server under
+    test used, and the CPU used meanwhile by everything else on the machine
+    (other sessions' tests, the origin), which is what distorts wall times.
+    """
+
+    seconds: float
+    client_cpu_s: float
+    server_cpu_s: float
+    origin_cpu_s: float
+    foreign_cpu_s: float
+
+    @property
+    def foreign_cores(self) -> float:
+        return self.foreign_cpu_s / self.seconds
+
+
+def pip_download(
+    index_arguments: Sequence[str],
+    destination: Path,
+    pins: Sequence[Pin],
+    server: Running | None = None,
+    origin: Running | None = None,
+) -> Measurement:
     """One timed ``pip download`` of the pinned closure; checks what arrived."""
     command = [
         sys.executable, "-m", "pip", "download", "-r", str(REQUIREMENTS), "-d", str(destination),
         "--no-cache-dir", "--disable-pip-version-check", "--progress-bar", "off", "-q",
         *index_arguments,
     ]
+    def ours() -> tuple[float, float, float, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        return (
+            children.ru_utime + children.ru_stime + me.ru_utime + me.ru_stime,
+            server.cpu_seconds() if server else 0.0,
+            origin.cpu_seconds() if origin else 0.0,
+            machine_busy_seconds(),
+        )
+
+    before = ours()
     started = time.perf_counter()
     done = subprocess.run(command, env=CLIENT_ENV, capture_output=True, text=True, timeout=PIP_TIMEOUT)
     elapsed = time.perf_counter() - started
+    client, served, originated, busy = (b - a for a, b in zip(before, ours()))
     if done.returncode != 0:
         raise ClientFailed(f"pip exited {done.returncode}:\n{done.stderr[-3000:]}")
     got = {path.name: path.stat().st_size for path in destination.iterdir()}
@@ -665,7 +740,13 @@ def pip_download(index_arguments: Sequence[str], destination: Path, pins: Sequen
             f"missing {sorted(set(wanted.items()) - set(got.items()))[:5]}"
         )
     shutil.rmtree(destination)
-    return elapsed
+    return Measurement(
+        seconds=elapsed,
+        client_cpu_s=client,
+        server_cpu_s=served,
+        origin_cpu_s=originated,
+        foreign_cpu_s=max(0.0, busy - client - served - originated),
+    )
 
 
 # ---------------------------------------------------------------- contenders
@@ -794,35 +875,35 @@ def wait_for_quiet_machine(max_wait: float) -> float:
         time.sleep(5)
 
 
-@attrs.define
-class Column:
-    """Measurements of one row of the table across repeats."""
+@attrs.frozen
+class Run:
+    """One row's outcome in one repeat."""
 
-    seconds: list[float] = attrs.Factory(list)
-    upstream: list[dict[str, object]] = attrs.Factory(list)
-    peak_rss_mb: list[float] = attrs.Factory(list)
-    error: str | None = None
-
-    def as_json(self) -> dict[str, object]:
-        result: dict[str, object] = {"runs_s": self.seconds}
-        if self.seconds:
-            result["median_s"] = statistics.median(self.seconds)
-        if self.upstream:
-            result["upstream"] = self.upstream
-        if self.peak_rss_mb:
-            result["peak_rss_mb"] = max(self.peak_rss_mb)
-        if self.error:
-            result["error"] = self.error
-        return result
+    measurement: Measurement
+    upstream: dict[str, object] | None = None
+    peak_rss_mb: float | None = None
 
 
-def measure(pins: Sequence[Pin], origin: Origin, scratch: Path, repeats: int) -> tuple[dict[str, Column], dict[str, list[str]]]:
-    columns: dict[str, Column] = {"floor": Column(), "direct": Column()}
-    for server in SERVERS:
-        columns[f"{server.name} cold"] = Column()
-        columns[f"{server.name} warm"] = Column()
-    problems: dict[str, list[str]] = {}
-    downloads = scratch / "downloads"
+Repeat = dict[str, Run]
+ROWS = ["floor", "direct"] + [f"{server.name} {state}" for server in SERVERS for state in ("cold", "warm")]
+
+
+def disturbance(repeat: Repeat) -> float:
+    """The most CPU (in cores) that other processes took during any run of a repeat."""
+    return max((run.measurement.foreign_cores for run in repeat.values()), default=0.0)
+
+
+def run_repeat(
+    number: int, pins: Sequence[Pin], origin: Origin, scratch: Path, errors: dict[str, str],
+    problems: dict[str, list[str]],
+) -> Repeat:
+    """
+    Every row once: the baselines, then each server cold and warm with a
+    fresh server and cache directory.  The order rotates with ``number`` so
+    no contender always runs first or last.
+    """
+    repeat: Repeat = {}
+    downloads = scratch / f"downloads-{number}"
     downloads.mkdir()
     counter = iter(range(1_000_000))
 
@@ -830,44 +911,41 @@ def measure(pins: Sequence[Pin], origin: Origin, scratch: Path, repeats: int) ->
         return downloads / f"run-{next(counter)}"
 
     def floor() -> None:
-        columns["floor"].seconds.append(
-            pip_download(["--no-index", "--find-links", str(FILES)], fresh_destination(), pins)
+        repeat["floor"] = Run(
+            pip_download(["--no-index", "--find-links", str(FILES)], fresh_destination(), pins, origin=origin.running)
         )
 
     def direct() -> None:
         mark = origin.mark()
-        columns["direct"].seconds.append(pip_download(["--index-url", origin.index_url], fresh_destination(), pins))
-        columns["direct"].upstream.append(upstream_summary(origin.requests_since(mark), pins))
+        measurement = pip_download(["--index-url", origin.index_url], fresh_destination(), pins, origin=origin.running)
+        repeat["direct"] = Run(measurement, upstream_summary(origin.requests_since(mark), pins))
 
-    def cache(server: Server, repeat: int) -> Callable[[], None]:
+    def cache(server: Server) -> Callable[[], None]:
         def run() -> None:
-            cold, warm = columns[f"{server.name} cold"], columns[f"{server.name} warm"]
-            if cold.error or warm.error:
+            if server.name in errors:
                 return
-            run_dir = scratch / f"{server.name}-{repeat}"
+            run_dir = scratch / f"{server.name}-{number}"
             run_dir.mkdir()
             running: Running | None = None
             try:
                 running = server.start(run_dir, origin)
                 url = ["--index-url", f"http://127.0.0.1:{running.port}{server.index_path}"]
-                for column in (cold, warm):
+                for state in ("cold", "warm"):
                     mark = origin.mark()
-                    try:
-                        column.seconds.append(pip_download(url, fresh_destination(), pins))
-                    finally:
-                        column.upstream.append(upstream_summary(origin.requests_since(mark), pins))
+                    measurement = pip_download(
+                        url, fresh_destination(), pins, server=running, origin=origin.running
+                    )
+                    repeat[f"{server.name} {state}"] = Run(
+                        measurement, upstream_summary(origin.requests_since(mark), pins), running.peak_rss_mb()
+                    )
                 if running.process.poll() is not None:
                     raise RuntimeError(f"{server.name} exited during the run")
-                rss = running.peak_rss_mb()
-                cold.peak_rss_mb.append(rss)
-                warm.peak_rss_mb.append(rss)
             except Exception as error:
                 message = f"{type(error).__name__}: {error}"
                 if running is not None:
                     message += f"\n--- {running.log.name} (tail) ---\n{running.log_tail()}"
-                cold.error = cold.error or message
-                warm.error = warm.error or message
-                print(f"{server.name}: FAILED in repeat {repeat + 1}: {message}", flush=True)
+                errors[server.name] = message
+                print(f"{server.name}: FAILED in repeat {number + 1}: {message}", flush=True)
             finally:
                 if running is not None:
                     stop(running.process)
@@ -877,33 +955,77 @@ def measure(pins: Sequence[Pin], origin: Origin, scratch: Path, repeats: int) ->
                 shutil.rmtree(run_dir, ignore_errors=True)
         return run
 
-    for repeat in range(repeats):
-        steps: list[tuple[str, Callable[[], None]]] = [("floor", floor), ("direct", direct)]
-        steps += [(server.name, cache(server, repeat)) for server in SERVERS]
-        # Rotate the order so no contender always runs first or last.
-        shift = repeat % len(steps)
-        steps = steps[shift:] + steps[:shift]
+    steps: list[Callable[[], None]] = [floor, direct, *(cache(server) for server in SERVERS)]
+    shift = number % len(steps)
+    for step in steps[shift:] + steps[:shift]:
+        step()
+    shutil.rmtree(downloads, ignore_errors=True)
+    return repeat
+
+
+def measure(
+    pins: Sequence[Pin], origin: Origin, scratch: Path, repeats: int, extra_repeats: int, quiet_cores: float,
+) -> tuple[list[Repeat], list[Repeat], dict[str, str], dict[str, list[str]]]:
+    """
+    Run repeats until ``repeats`` of them were quiet (no run lost more than
+    ``quiet_cores`` of CPU to other processes), or ``extra_repeats`` more
+    were spent; then keep the ``repeats`` least disturbed.  Returns the kept
+    repeats, the set-aside ones, errors by server, and log problems.
+    """
+    done: list[Repeat] = []
+    errors: dict[str, str] = {}
+    problems: dict[str, list[str]] = {}
+    for number in range(repeats + extra_repeats):
         began = time.monotonic()
-        for _, step in steps:
-            step()
+        repeat = run_repeat(number, pins, origin, scratch, errors, problems)
+        done.append(repeat)
         print(
-            f"repeat {repeat + 1}/{repeats} done in {time.monotonic() - began:.0f} s: "
-            + ", ".join(f"{name} {c.seconds[-1]:.2f}" for name, c in columns.items() if len(c.seconds) > repeat),
+            f"repeat {number + 1} in {time.monotonic() - began:.0f} s, other load up to "
+            f"{disturbance(repeat):.2f} cores: "
+            + ", ".join(f"{name} {run.measurement.seconds:.2f}" for name, run in repeat.items()),
             flush=True,
         )
-    return columns, problems
+        if sum(disturbance(r) <= quiet_cores for r in done) >= repeats:
+            break
+    ranked = sorted(done, key=disturbance)
+    kept = ranked[:repeats]
+    return kept, ranked[repeats:], errors, problems
 
 
-def targets(columns: Mapping[str, Column]) -> dict[str, bool | None]:
-    def median(name: str) -> float | None:
-        column = columns[name]
-        return None if column.error or not column.seconds else statistics.median(column.seconds)
+def summarise(kept: Sequence[Repeat], errors: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    """Per row: medians over the kept repeats, and every run."""
+    rows: dict[str, dict[str, object]] = {}
+    for name in ROWS:
+        runs = [repeat[name] for repeat in kept if name in repeat]
+        row: dict[str, object] = {}
+        server = name.rsplit(" ", 1)[0]
+        if server in errors:
+            row["error"] = errors[server]
+        elif runs:
+            row["median_s"] = statistics.median(r.measurement.seconds for r in runs)
+            row["median_client_cpu_s"] = statistics.median(r.measurement.client_cpu_s for r in runs)
+            row["median_server_cpu_s"] = statistics.median(r.measurement.server_cpu_s for r in runs)
+            row["runs"] = [attrs.asdict(r.measurement) for r in runs]
+            upstream = [r.upstream for r in runs if r.upstream is not None]
+            if upstream:
+                row["upstream"] = upstream
+            rss = [r.peak_rss_mb for r in runs if r.peak_rss_mb is not None]
+            if rss:
+                row["peak_rss_mb"] = max(rss)
+        rows[name] = row
+    return rows
 
-    floor, direct = median("floor"), median("direct")
-    cold, warm = median("buildcache cold"), median("buildcache warm")
-    anchors = [m for m in (median("devpi-server warm"), median("proxpi warm")) if m is not None]
-    rss = columns["buildcache cold"].peak_rss_mb
-    cold_upstream = columns["buildcache cold"].upstream
+
+def targets(rows: Mapping[str, Mapping[str, object]]) -> dict[str, bool | None]:
+    def number(name: str, key: str) -> float | None:
+        value = rows.get(name, {}).get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    floor, direct = number("floor", "median_s"), number("direct", "median_s")
+    cold, warm = number("buildcache cold", "median_s"), number("buildcache warm", "median_s")
+    anchors = [m for m in (number("devpi-server warm", "median_s"), number("proxpi warm", "median_s")) if m is not None]
+    rss = number("buildcache warm", "peak_rss_mb")
+    cold_upstream = rows.get("buildcache cold", {}).get("upstream")
 
     def check(value: float | None, limit: float | None) -> bool | None:
         return None if value is None or limit is None else value <= limit
@@ -917,40 +1039,43 @@ def targets(columns: Mapping[str, Column]) -> dict[str, bool | None]:
             cold, None if direct is None else TARGET_COLD_OVER_DIRECT * direct
         ),
         "cold: exactly one upstream request per page and per file": (
-            all(u["exactly_once_per_page_and_file"] for u in cold_upstream) if cold_upstream else None
+            all(u["exactly_once_per_page_and_file"] for u in cold_upstream)  # type: ignore[union-attr]
+            if isinstance(cold_upstream, list) and cold_upstream else None
         ),
-        f"peak RSS under {TARGET_PEAK_RSS_MB:.0f} MB": check(max(rss) if rss else None, TARGET_PEAK_RSS_MB),
+        f"peak RSS under {TARGET_PEAK_RSS_MB:.0f} MB": check(rss, TARGET_PEAK_RSS_MB),
     }
 
 
-def print_table(columns: Mapping[str, Column], pins: Sequence[Pin], checks: Mapping[str, bool | None]) -> None:
-    def median(name: str) -> float | None:
-        c = columns[name]
-        return statistics.median(c.seconds) if c.seconds and not c.error else None
-
-    floor, direct = median("floor"), median("direct")
-    header = (
-        f"{'':18} {'median s':>9} {'x floor':>8} {'x direct':>9}   "
-        f"{'upstream requests (pages/meta/files/other)':>42}  {'peak RSS MB':>11}"
+def print_table(rows: Mapping[str, Mapping[str, object]], pins: Sequence[Pin], checks: Mapping[str, bool | None]) -> None:
+    floor, direct = rows["floor"].get("median_s"), rows["direct"].get("median_s")
+    print(
+        f"{'':18} {'median s':>8} {'x floor':>7} {'x direct':>8} {'server CPU s':>12} {'pip CPU s':>9}  "
+        f"{'upstream: requests (pages/meta/files/other) conns':>50} {'peak RSS MB':>11}"
     )
-    print(header)
-    for name, column in columns.items():
-        m = median(name)
-        if m is None:
-            print(f"{name:18} {'FAILED' if column.error else '-':>9}")
+    for name, row in rows.items():
+        seconds = row.get("median_s")
+        if not isinstance(seconds, float):
+            print(f"{name:18} {'FAILED' if 'error' in row else '-':>8}")
             continue
-        ratio_floor = f"{m / floor:.2f}" if floor else "-"
-        ratio_direct = f"{m / direct:.2f}" if direct else "-"
-        if column.upstream:
-            last = column.upstream[-1]
-            totals = sorted({int(u["requests"]) for u in column.upstream})  # type: ignore[call-overload]
+        ratio_floor = f"{seconds / floor:.2f}" if isinstance(floor, float) else "-"
+        ratio_direct = f"{seconds / direct:.2f}" if isinstance(direct, float) else "-"
+        server_cpu = f"{row['median_server_cpu_s']:.2f}" if name not in ("floor", "direct") else "-"
+        upstream_runs = row.get("upstream")
+        if isinstance(upstream_runs, list) and upstream_runs:
+            totals = "/".join(str(t) for t in sorted({u["requests"] for u in upstream_runs}))
+            last = upstream_runs[-1]
             upstream = (
-                f"{'/'.join(str(t) for t in totals)} = {last['pages']}/{last['metadata']}/{last['files']}/{last['other']}"
+                f"{totals} ({last['pages']}/{last['metadata']}/{last['files']}/{last['other']})"
+                f" {last['connections']}"
             )
         else:
             upstream = "-"
-        rss = f"{max(column.peak_rss_mb):.1f}" if column.peak_rss_mb else "-"
-        print(f"{name:18} {m:9.2f} {ratio_floor:>8} {ratio_direct:>9}   {upstream:>42}  {rss:>11}")
+        rss = row.get("peak_rss_mb")
+        rss_text = f"{rss:.1f}" if isinstance(rss, float) else "-"
+        print(
+            f"{name:18} {seconds:8.2f} {ratio_floor:>7} {ratio_direct:>8} {server_cpu:>12}"
+            f" {row['median_client_cpu_s']:9.2f}  {upstream:>50} {rss_text:>11}"
+        )
     print(f"\n{len(pins)} projects, {len(pins)} files, {sum(p.path.stat().st_size for p in pins) / MB:.1f} MB")
     print("\nbuildcache against the targets of issue 4:")
     for target, passed in checks.items():
@@ -990,6 +1115,14 @@ def main() -> None:
         "--no-wait", action="store_true",
         help="measure even while another benchmark runs (to try the bench out; numbers are then distorted)",
     )
+    parser.add_argument(
+        "--extra-repeats", type=int, default=3,
+        help="repeats allowed beyond --repeats to replace ones disturbed by other processes",
+    )
+    parser.add_argument(
+        "--quiet-cores", type=float, default=0.25,
+        help="a repeat is disturbed when other processes took more CPU than this during one of its runs",
+    )
     args = parser.parse_args()
     # "kill PID" should clean up like Ctrl-C does: unwind through finally.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
@@ -1009,10 +1142,18 @@ def main() -> None:
         warmup = scratch / "warmup"
         pip_download(["--no-index", "--find-links", str(FILES)], warmup, pins)
         pip_download(["--index-url", origin.index_url], warmup, pins)
-        columns, problems = measure(pins, origin, scratch, args.repeats)
-        checks = targets(columns)
+        kept, set_aside, errors, problems = measure(
+            pins, origin, scratch, args.repeats, args.extra_repeats, args.quiet_cores
+        )
+        rows = summarise(kept, errors)
+        checks = targets(rows)
         print()
-        print_table(columns, pins, checks)
+        print_table(rows, pins, checks)
+        if set_aside:
+            print(
+                f"\n{len(set_aside)} repeat(s) set aside: other processes took up to "
+                + ", ".join(f"{disturbance(r):.2f}" for r in set_aside) + " cores"
+            )
         for name, lines in problems.items():
             print(f"\n{name} log lines that mention problems:")
             for line in lines[:20]:
@@ -1026,13 +1167,15 @@ def main() -> None:
                 "wheels": sum(p.filename.endswith(".whl") for p in pins),
                 "total_mb": sum(p.path.stat().st_size for p in pins) / MB,
                 "client": "pip download -r bench/pypi-requirements.txt -d <fresh dir> --no-cache-dir"
-                " --disable-pip-version-check (dependency resolution on); PIP_CONFIG_FILE=/dev/null,"
-                " no PIP_* variables",
+                " --disable-pip-version-check --progress-bar off -q (dependency resolution on);"
+                " PIP_CONFIG_FILE=/dev/null, no PIP_* variables",
                 "origin": "nginx, static PEP 503 HTML + PEP 691 JSON by Accept, PEP 658 .metadata",
             },
             "repeats": args.repeats,
-            "results": {name: column.as_json() for name, column in columns.items()},
+            "results": rows,
             "targets": checks,
+            "disturbance_cores_kept": [disturbance(r) for r in kept],
+            "disturbance_cores_set_aside": [disturbance(r) for r in set_aside],
             "log_problems": problems,
             "waited_for_other_benchmarks_s": waited,
             "runtime_s": time.monotonic() - started_at,

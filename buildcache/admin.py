@@ -660,6 +660,8 @@ def verify(index: CacheIndex, progress: Progress | None = None) -> VerifyResult:
         except FileNotFoundError:
             if index.remove([row]):
                 missing.append(row)
+            if progress is not None:
+                progress.finished(row.key, 0, "missing")
             continue
         checked += 1
         checked_bytes += row.size
