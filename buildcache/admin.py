@@ -775,15 +775,21 @@ def resolve_apk_closure(
     name; the first repository that lists a name provides it.
 
     Dependencies on something other than a package name (``so:``,
-    ``cmd:``, ``pc:``, file paths) are only satisfied through the
-    ``provides`` of other packages, which the parsed index does not carry:
-    they are returned in ``unresolved``.  Named packages no repository
-    lists are returned in ``not_found``.
+    ``cmd:``, ``pc:``) are satisfied through the ``p:`` (provides) of
+    other packages; package names come first.  What nothing provides is
+    returned in ``unresolved``, and named packages no repository lists in
+    ``not_found``.
     """
     by_name: dict[str, tuple[str, ApkIndexEntry]] = {}
     for repository, index in indexes:
         for entry in index.values():
             by_name.setdefault(entry.name, (repository, entry))
+    for repository, index in indexes:
+        for entry in index.values():
+            for provided in entry.provides:
+                name = _dependency_name(provided)
+                if name is not None:
+                    by_name.setdefault(name, (repository, entry))
     chosen: dict[str, tuple[str, ApkIndexEntry]] = {}
     unresolved: dict[str, None] = {}
     not_found: list[str] = []

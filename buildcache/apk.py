@@ -118,6 +118,7 @@ class ApkIndexEntry:
     arch: str = ""
     installed_size: int | None = None
     depends: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
     description: str = ""
 
     @property
@@ -365,6 +366,7 @@ def _add_entry(
             _parse_count(fields["I"], f"{where} I:") if "I" in fields else None
         ),
         depends=tuple(fields.get("D", "").split()),
+        provides=tuple(fields.get("p", "").split()),
         description=fields.get("T", ""),
     )
     entries.setdefault(entry.filename, entry)

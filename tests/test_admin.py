@@ -512,11 +512,37 @@ def index_of(*entries: ApkIndexEntry) -> ApkIndex:
     return ApkIndex({entry.filename: entry for entry in entries})
 
 
-def entry(name: str, version: str = "1.0-r0", depends: Sequence[str] = ()) -> ApkIndexEntry:
-    return ApkIndexEntry(name, version, 100, b"\0" * 20, "x86_64", depends=tuple(depends))
+def entry(
+    name: str, version: str = "1.0-r0", depends: Sequence[str] = (),
+    provides: Sequence[str] = (),
+) -> ApkIndexEntry:
+    return ApkIndexEntry(
+        name, version, 100, b"\0" * 20, "x86_64", depends=tuple(depends),
+        provides=tuple(provides),
+    )
 
 
 class ResolveTests(SynchronousTestCase):
+    def test_provides(self) -> None:
+        """
+        ``so:`` and ``cmd:`` dependencies resolve through other packages'
+        ``p:`` lines, version stripped; a package name beats a provider.
+        """
+        resolution = resolve_apk_closure(
+            [("http://s/main", index_of(
+                entry("curl", depends=["so:libcurl.so.4", "cmd:sh", "musl"]),
+                entry("libcurl", provides=["so:libcurl.so.4=4.8.0"]),
+                entry("busybox", provides=["cmd:sh=1.36.1-r29", "cmd:musl"]),
+                entry("musl", provides=["so:libc.musl-x86_64.so.1=1"]),
+            ))],
+            ["curl"],
+        )
+        self.assertEqual(
+            [found.name for _, found in resolution.packages],
+            ["curl", "libcurl", "busybox", "musl"],
+        )
+        self.assertEqual(resolution.unresolved, ())
+
     def test_closure(self) -> None:
         """
         Dependencies are followed by name, without their version
