@@ -38,12 +38,12 @@ origin's requests (by kind, and the TCP connections they came on) and the
 server's peak RSS (VmHWM, with its worker processes).
 
 The machine is shared, so each run also records how much CPU other
-processes took meanwhile; a repeat in which they took more than
-``--quiet-cores`` during any run is set aside and replaced (up to
-``--extra-repeats`` more), and the least disturbed repeats are kept.
+processes took meanwhile; a run during which they took more than
+``--quiet-cores`` on average is retried (up to ``--retries`` times; a cold
+run with a fresh server and cache) and the least disturbed attempt counts.
 
-Before measuring, the bench waits until no other benchmark (bench/proxy.py,
-bench/store.py) is running on the machine.  All traffic stays on 127.0.0.1;
+Before measuring, the bench waits until no other benchmark that started
+before it (any other ``bench/*.py``) is running on the machine.  All traffic stays on 127.0.0.1;
 every process the bench starts is stopped by its PID and the scratch
 directory is removed, also on error, Ctrl-C or ``kill``.
 """
@@ -101,7 +101,7 @@ ROOT_REQUIREMENT = "jupyter"
 REPEATS = 3
 PIP_TIMEOUT = 300
 INSTALL_TIMEOUT = 900
-OTHER_BENCHMARKS = r"bench/(proxy|store)\.py"
+OTHER_BENCHMARKS = r"bench/[A-Za-z0-9_]+\.py"
 TARGET_WARM_OVER_FLOOR = 1.05
 TARGET_COLD_OVER_DIRECT = 1.1
 TARGET_PEAK_RSS_MB = 150.0
@@ -126,6 +126,8 @@ def clean_pip_environment() -> dict[str, str]:
 
 
 CLIENT_ENV = clean_pip_environment()
+# The bench's own HTTP requests go to 127.0.0.1, never through a proxy.
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # Servers reach the origin on 127.0.0.1 directly, whatever the shell exports.
 SERVER_ENV = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
 
@@ -595,10 +597,7 @@ def start_origin(scratch: Path, www: Path) -> Origin:
     )
     (prefix / "nginx.conf").write_text(config)
     log = prefix / "error.log"
-    process = subprocess.Popen(
-        ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(log)],
-        stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "wb"),
-    )
+    process = spawn(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(log)], prefix / "stderr.log")
     running = Running(process, log, port)
     try:
         wait_for_port(port, process, log)
@@ -615,7 +614,7 @@ def check_origin(origin: Origin, pins: Sequence[Pin]) -> None:
 
     def get(url: str, accept: str | None = None) -> tuple[str, bytes]:
         request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with LOCAL.open(request, timeout=10) as response:
             return response.headers["Content-Type"], response.read()
 
     kind, body = get(f"{base}{name}/", "application/vnd.pypi.simple.v1+json, text/html; q=0.01")
@@ -686,9 +685,10 @@ class ClientFailed(Exception):
 @attrs.frozen
 class Measurement:
     """
-    One client run: its wall time, the CPU the client and the server under
-    test used, and the CPU used meanwhile by everything else on the machine
-    (other sessions' tests, the origin), which is what distorts wall times.
+    One client run: its wall time, the CPU that pip (with this bench), the
+    server under test and the origin used, and the CPU that everything else
+    on the machine (other sessions' tests, the hypervisor's steal) took
+    meanwhile, which is what distorts wall times.
     """
 
     seconds: float
@@ -815,7 +815,7 @@ def start_devpi(run_dir: Path, origin: Origin) -> Running:
                 "Authorization": f"Basic {credentials}",
             },
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with LOCAL.open(request, timeout=30) as response:
             response.read()
     except BaseException:
         stop(process)
@@ -858,21 +858,45 @@ SERVERS = (
 # ---------------------------------------------------------------- measuring
 
 
+def started_at_ticks(pid: int) -> int:
+    """A process's start time, in clock ticks since boot."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def other_benchmarks() -> list[str]:
+    """
+    Processes running another ``bench/*.py`` that started before this one.
+    Benchmarks started later wait for this one (they all follow this rule,
+    or wait for every other), so two of them never wait for each other.
+    """
+    found = subprocess.run(["pgrep", "-af", OTHER_BENCHMARKS], capture_output=True, text=True)
+    mine = started_at_ticks(os.getpid())
+    others = []
+    for line in found.stdout.splitlines():
+        pid = int(line.split()[0])
+        if pid == os.getpid() or "bench/pypi.py" in line:
+            continue
+        try:
+            if started_at_ticks(pid) <= mine:
+                others.append(line)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return others
+
+
 def wait_for_quiet_machine(max_wait: float) -> float:
     """Wait until no other benchmark runs; returns the seconds waited."""
     started = time.monotonic()
     announced = False
-    while True:
-        found = subprocess.run(["pgrep", "-f", OTHER_BENCHMARKS], capture_output=True, text=True)
-        others = [pid for pid in found.stdout.split() if int(pid) != os.getpid()]
-        if not others:
-            return time.monotonic() - started
+    while others := other_benchmarks():
         if time.monotonic() - started > max_wait:
-            raise SystemExit(f"another benchmark is still running (pids {' '.join(others)}); giving up")
+            raise SystemExit("another benchmark is still running; giving up:\n" + "\n".join(others))
         if not announced:
-            print(f"waiting for another benchmark to end (pids {' '.join(others)}) ...", flush=True)
+            print("waiting for another benchmark to end:\n  " + "\n  ".join(o[:200] for o in others), flush=True)
             announced = True
         time.sleep(5)
+    return time.monotonic() - started
 
 
 @attrs.frozen
@@ -882,25 +906,50 @@ class Run:
     measurement: Measurement
     upstream: dict[str, object] | None = None
     peak_rss_mb: float | None = None
+    # Runs disturbed by other processes are retried; the least disturbed counts.
+    attempts: int = 1
+
+
+@attrs.frozen
+class Quiet:
+    """When a run counts as undisturbed, and how often a disturbed one is retried."""
+
+    cores: float
+    retries: int
 
 
 Repeat = dict[str, Run]
 ROWS = ["floor", "direct"] + [f"{server.name} {state}" for server in SERVERS for state in ("cold", "warm")]
 
 
-def disturbance(repeat: Repeat) -> float:
-    """The most CPU (in cores) that other processes took during any run of a repeat."""
-    return max((run.measurement.foreign_cores for run in repeat.values()), default=0.0)
+def least_disturbed(quiet: Quiet, take: Callable[[], tuple[Run, ...]]) -> tuple[Run, ...]:
+    """
+    Call ``take`` until its first run was quiet, at most ``1 + retries``
+    times; return the attempt whose first run lost the least CPU to other
+    processes, each run marked with the number of attempts.
+    """
+    best: tuple[Run, ...] | None = None
+    attempts = 0
+    for attempts in range(1, quiet.retries + 2):
+        runs = take()
+        if best is None or runs[0].measurement.foreign_cores < best[0].measurement.foreign_cores:
+            best = runs
+        if runs[0].measurement.foreign_cores <= quiet.cores:
+            break
+    assert best is not None
+    return tuple(attrs.evolve(run, attempts=max(run.attempts, attempts)) for run in best)
 
 
 def run_repeat(
-    number: int, pins: Sequence[Pin], origin: Origin, scratch: Path, errors: dict[str, str],
-    problems: dict[str, list[str]],
+    number: int, pins: Sequence[Pin], origin: Origin, scratch: Path, quiet: Quiet,
+    errors: dict[str, str], problems: dict[str, list[str]],
 ) -> Repeat:
     """
     Every row once: the baselines, then each server cold and warm with a
     fresh server and cache directory.  The order rotates with ``number`` so
-    no contender always runs first or last.
+    no contender always runs first or last.  A run during which other
+    processes took more than ``quiet.cores`` is retried (a cold one with a
+    fresh server and cache).
     """
     repeat: Repeat = {}
     downloads = scratch / f"downloads-{number}"
@@ -911,41 +960,45 @@ def run_repeat(
         return downloads / f"run-{next(counter)}"
 
     def floor() -> None:
-        repeat["floor"] = Run(
-            pip_download(["--no-index", "--find-links", str(FILES)], fresh_destination(), pins, origin=origin.running)
-        )
+        (repeat["floor"],) = least_disturbed(quiet, lambda: (
+            Run(pip_download(
+                ["--no-index", "--find-links", str(FILES)], fresh_destination(), pins, origin=origin.running
+            )),
+        ))
 
-    def direct() -> None:
+    def direct_once() -> tuple[Run]:
         mark = origin.mark()
         measurement = pip_download(["--index-url", origin.index_url], fresh_destination(), pins, origin=origin.running)
-        repeat["direct"] = Run(measurement, upstream_summary(origin.requests_since(mark), pins))
+        return (Run(measurement, upstream_summary(origin.requests_since(mark), pins)),)
+
+    def direct() -> None:
+        (repeat["direct"],) = least_disturbed(quiet, direct_once)
 
     def cache(server: Server) -> Callable[[], None]:
-        def run() -> None:
-            if server.name in errors:
-                return
-            run_dir = scratch / f"{server.name}-{number}"
+        attempt_numbers = iter(range(1_000_000))
+
+        def through(running: Running, url: list[str]) -> Run:
+            mark = origin.mark()
+            measurement = pip_download(url, fresh_destination(), pins, server=running, origin=origin.running)
+            return Run(measurement, upstream_summary(origin.requests_since(mark), pins), running.peak_rss_mb())
+
+        def cold_and_warm() -> tuple[Run, Run]:
+            run_dir = scratch / f"{server.name}-{number}-{next(attempt_numbers)}"
             run_dir.mkdir()
             running: Running | None = None
             try:
-                running = server.start(run_dir, origin)
-                url = ["--index-url", f"http://127.0.0.1:{running.port}{server.index_path}"]
-                for state in ("cold", "warm"):
-                    mark = origin.mark()
-                    measurement = pip_download(
-                        url, fresh_destination(), pins, server=running, origin=origin.running
-                    )
-                    repeat[f"{server.name} {state}"] = Run(
-                        measurement, upstream_summary(origin.requests_since(mark), pins), running.peak_rss_mb()
-                    )
-                if running.process.poll() is not None:
+                running = live = server.start(run_dir, origin)
+                url = ["--index-url", f"http://127.0.0.1:{live.port}{server.index_path}"]
+                cold = through(live, url)
+                (warm,) = least_disturbed(quiet, lambda: (through(live, url),))
+                if live.process.poll() is not None:
                     raise RuntimeError(f"{server.name} exited during the run")
+                return cold, warm
             except Exception as error:
                 message = f"{type(error).__name__}: {error}"
                 if running is not None:
                     message += f"\n--- {running.log.name} (tail) ---\n{running.log_tail()}"
-                errors[server.name] = message
-                print(f"{server.name}: FAILED in repeat {number + 1}: {message}", flush=True)
+                raise ServerFailed(message) from error
             finally:
                 if running is not None:
                     stop(running.process)
@@ -953,6 +1006,17 @@ def run_repeat(
                     if found:
                         problems.setdefault(server.name, []).extend(found)
                 shutil.rmtree(run_dir, ignore_errors=True)
+
+        def run() -> None:
+            if server.name in errors:
+                return
+            try:
+                cold, warm = least_disturbed(quiet, cold_and_warm)
+            except ServerFailed as failure:
+                errors[server.name] = str(failure)
+                print(f"{server.name}: FAILED in repeat {number + 1}: {failure}", flush=True)
+                return
+            repeat[f"{server.name} cold"], repeat[f"{server.name} warm"] = cold, warm
         return run
 
     steps: list[Callable[[], None]] = [floor, direct, *(cache(server) for server in SERVERS)]
@@ -963,40 +1027,38 @@ def run_repeat(
     return repeat
 
 
+class ServerFailed(Exception):
+    pass
+
+
 def measure(
-    pins: Sequence[Pin], origin: Origin, scratch: Path, repeats: int, extra_repeats: int, quiet_cores: float,
-) -> tuple[list[Repeat], list[Repeat], dict[str, str], dict[str, list[str]]]:
-    """
-    Run repeats until ``repeats`` of them were quiet (no run lost more than
-    ``quiet_cores`` of CPU to other processes), or ``extra_repeats`` more
-    were spent; then keep the ``repeats`` least disturbed.  Returns the kept
-    repeats, the set-aside ones, errors by server, and log problems.
-    """
+    pins: Sequence[Pin], origin: Origin, scratch: Path, repeats: int, quiet: Quiet,
+) -> tuple[list[Repeat], dict[str, str], dict[str, list[str]]]:
+    """All repeats; returns them, errors by server, and log problems by server."""
     done: list[Repeat] = []
     errors: dict[str, str] = {}
     problems: dict[str, list[str]] = {}
-    for number in range(repeats + extra_repeats):
+    for number in range(repeats):
         began = time.monotonic()
-        repeat = run_repeat(number, pins, origin, scratch, errors, problems)
+        repeat = run_repeat(number, pins, origin, scratch, quiet, errors, problems)
         done.append(repeat)
         print(
-            f"repeat {number + 1} in {time.monotonic() - began:.0f} s, other load up to "
-            f"{disturbance(repeat):.2f} cores: "
-            + ", ".join(f"{name} {run.measurement.seconds:.2f}" for name, run in repeat.items()),
+            f"repeat {number + 1}/{repeats} in {time.monotonic() - began:.0f} s: "
+            + ", ".join(
+                f"{name} {run.measurement.seconds:.2f}"
+                + (f" ({run.attempts} tries)" if run.attempts > 1 else "")
+                for name, run in repeat.items()
+            ),
             flush=True,
         )
-        if sum(disturbance(r) <= quiet_cores for r in done) >= repeats:
-            break
-    ranked = sorted(done, key=disturbance)
-    kept = ranked[:repeats]
-    return kept, ranked[repeats:], errors, problems
+    return done, errors, problems
 
 
-def summarise(kept: Sequence[Repeat], errors: Mapping[str, str]) -> dict[str, dict[str, object]]:
-    """Per row: medians over the kept repeats, and every run."""
+def summarise(repeats: Sequence[Repeat], errors: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    """Per row: medians over the repeats, and every run."""
     rows: dict[str, dict[str, object]] = {}
     for name in ROWS:
-        runs = [repeat[name] for repeat in kept if name in repeat]
+        runs = [repeat[name] for repeat in repeats if name in repeat]
         row: dict[str, object] = {}
         server = name.rsplit(" ", 1)[0]
         if server in errors:
@@ -1005,7 +1067,10 @@ def summarise(kept: Sequence[Repeat], errors: Mapping[str, str]) -> dict[str, di
             row["median_s"] = statistics.median(r.measurement.seconds for r in runs)
             row["median_client_cpu_s"] = statistics.median(r.measurement.client_cpu_s for r in runs)
             row["median_server_cpu_s"] = statistics.median(r.measurement.server_cpu_s for r in runs)
-            row["runs"] = [attrs.asdict(r.measurement) for r in runs]
+            row["runs"] = [
+                {**attrs.asdict(r.measurement), "foreign_cores": r.measurement.foreign_cores, "attempts": r.attempts}
+                for r in runs
+            ]
             upstream = [r.upstream for r in runs if r.upstream is not None]
             if upstream:
                 row["upstream"] = upstream
@@ -1039,7 +1104,7 @@ def targets(rows: Mapping[str, Mapping[str, object]]) -> dict[str, bool | None]:
             cold, None if direct is None else TARGET_COLD_OVER_DIRECT * direct
         ),
         "cold: exactly one upstream request per page and per file": (
-            all(u["exactly_once_per_page_and_file"] for u in cold_upstream)  # type: ignore[union-attr]
+            all(u["exactly_once_per_page_and_file"] for u in cold_upstream)
             if isinstance(cold_upstream, list) and cold_upstream else None
         ),
         f"peak RSS under {TARGET_PEAK_RSS_MB:.0f} MB": check(rss, TARGET_PEAK_RSS_MB),
@@ -1116,13 +1181,10 @@ def main() -> None:
         help="measure even while another benchmark runs (to try the bench out; numbers are then distorted)",
     )
     parser.add_argument(
-        "--extra-repeats", type=int, default=3,
-        help="repeats allowed beyond --repeats to replace ones disturbed by other processes",
-    )
-    parser.add_argument(
         "--quiet-cores", type=float, default=0.25,
-        help="a repeat is disturbed when other processes took more CPU than this during one of its runs",
+        help="a run is disturbed when other processes took more cores than this on average meanwhile",
     )
+    parser.add_argument("--retries", type=int, default=2, help="retries of a disturbed run")
     args = parser.parse_args()
     # "kill PID" should clean up like Ctrl-C does: unwind through finally.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
@@ -1142,18 +1204,18 @@ def main() -> None:
         warmup = scratch / "warmup"
         pip_download(["--no-index", "--find-links", str(FILES)], warmup, pins)
         pip_download(["--index-url", origin.index_url], warmup, pins)
-        kept, set_aside, errors, problems = measure(
-            pins, origin, scratch, args.repeats, args.extra_repeats, args.quiet_cores
-        )
-        rows = summarise(kept, errors)
+        quiet = Quiet(args.quiet_cores, args.retries)
+        repeats, errors, problems = measure(pins, origin, scratch, args.repeats, quiet)
+        rows = summarise(repeats, errors)
         checks = targets(rows)
         print()
         print_table(rows, pins, checks)
-        if set_aside:
-            print(
-                f"\n{len(set_aside)} repeat(s) set aside: other processes took up to "
-                + ", ".join(f"{disturbance(r):.2f}" for r in set_aside) + " cores"
-            )
+        disturbed = [
+            f"{name} {run.measurement.foreign_cores:.2f}"
+            for repeat in repeats for name, run in repeat.items() if run.measurement.foreign_cores > quiet.cores
+        ]
+        if disturbed:
+            print(f"\nruns still disturbed after {quiet.retries} retries (other processes' cores): {', '.join(disturbed)}")
         for name, lines in problems.items():
             print(f"\n{name} log lines that mention problems:")
             for line in lines[:20]:
@@ -1174,8 +1236,7 @@ def main() -> None:
             "repeats": args.repeats,
             "results": rows,
             "targets": checks,
-            "disturbance_cores_kept": [disturbance(r) for r in kept],
-            "disturbance_cores_set_aside": [disturbance(r) for r in set_aside],
+            "quiet": {"max_foreign_cores": quiet.cores, "retries": quiet.retries},
             "log_problems": problems,
             "waited_for_other_benchmarks_s": waited,
             "runtime_s": time.monotonic() - started_at,

@@ -46,8 +46,12 @@ connections to close; both counts must match), the X-Cache distribution,
 the origin's request counts and lines of the server's log that mention
 errors.  It prints a table and writes everything as JSON.
 
-Before starting, the bench waits until no other benchmark (bench/proxy.py,
-bench/pypi.py, bench/store.py) is running.  All traffic stays on 127.0.0.1;
+Before the warm-up and again before the clients start, the bench waits until
+no other benchmark (bench/proxy.py, bench/pypi.py, bench/store.py) is
+running.  It measures the CPU the rest of the machine used while the clients
+ran; a run during which that exceeds ``--quiet-cores`` is repeated (up to
+``--retries`` times, fresh server and cache each time) and the least
+disturbed run is reported, with a summary of all.  All traffic stays on 127.0.0.1;
 every process it starts is stopped by its PID and the scratch directory is
 removed, also on error, Ctrl-C or ``kill``.
 """
@@ -76,8 +80,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urljoin
 
 import attrs
@@ -92,6 +97,11 @@ MB = 1024 * KB
 
 MIRROR = "origin"
 REPOSITORY = "alpine/v3.20/main"
+# A second repository whose index clients only read plainly or with
+# If-Modified-Since, so its revalidations come from the TTL alone (the
+# main index also gets apk update's no-cache, which keeps it fresh).
+TTL_REPOSITORY = "alpine/v3.20/community"
+TTL_REPOSITORY_PACKAGES = 3
 ARCH = "x86_64"
 APK_COUNT = 30
 APK_SMALLEST = 10 * KB
@@ -102,7 +112,7 @@ QUERY_MISS_MAX = 64 * KB
 RANGE_MAX = 64 * KB
 SUFFIX_RANGE_MAX = 8 * KB
 HOT_PROJECTS = 40
-DEFAULT_PROJECTS = 4000
+DEFAULT_PROJECTS = 6000
 INDEX_TTL = "2s"
 REQUEST_TIMEOUT = 60.0
 OTHER_BENCHMARKS = r"bench/(proxy|pypi|store)\.py"
@@ -121,8 +131,9 @@ OPERATIONS: dict[str, int] = {
     "apk_hit": 22,
     "apk_range": 10,
     "apk_miss": 6,
-    "apkindex": 8,
+    "apkindex": 5,
     "apkindex_no_cache": 2,
+    "apkindex_ttl": 3,
     "apkindex_if_modified_since": 3,
     "page_json": 14,
     "page_html": 3,
@@ -171,6 +182,7 @@ class Project:
 @attrs.frozen
 class Workload:
     index: Blob
+    ttl_index: Blob
     hot_packages: tuple[Blob, ...]
     cold_packages: tuple[Blob, ...]
     small_packages: tuple[Blob, ...]
@@ -182,7 +194,7 @@ class Workload:
 
     @property
     def apk_bytes(self) -> int:
-        return self.index.size + sum(p.size for p in self.packages)
+        return self.index.size + self.ttl_index.size + sum(p.size for p in self.packages)
 
 
 def apk_sizes() -> list[int]:
@@ -208,15 +220,23 @@ def build_workload(scratch: Path, project_count: int) -> Workload:
     Write both origins' files under ``scratch`` (the index fixture is also
     pickled for the origin child) and describe them with their bytes.
     """
+    yesterday = time.time() - 86400
     packages = [
         padded_apk(f"soak{number:02d}", size, seed=number)
         for number, size in enumerate(apk_sizes())
     ]
-    arch_dir = write_repository(
-        scratch / "www" / REPOSITORY, packages, ARCH, mtime=time.time() - 86400
-    )
+    arch_dir = write_repository(scratch / "www" / REPOSITORY, packages, ARCH, mtime=yesterday)
     base = f"/{MIRROR}/{REPOSITORY}/{ARCH}"
     blobs = [Blob.of(f"{base}/{apk.filename}", apk.content) for apk in packages]
+    ttl_packages = [
+        padded_apk(f"soakttl{number}", APK_SMALLEST * (number + 1), seed=100 + number)
+        for number in range(TTL_REPOSITORY_PACKAGES)
+    ]
+    ttl_dir = write_repository(
+        scratch / "www" / TTL_REPOSITORY, ttl_packages, ARCH, mtime=yesterday
+    )
+    ttl_base = f"/{MIRROR}/{TTL_REPOSITORY}/{ARCH}"
+    ttl_blobs = [Blob.of(f"{ttl_base}/{apk.filename}", apk.content) for apk in ttl_packages]
     fixture = build_index(
         scratch / "pypi",
         releases=[DemoRelease(project_name(n), "1.0") for n in range(project_count)],
@@ -237,8 +257,11 @@ def build_workload(scratch: Path, project_count: int) -> Workload:
         )
     return Workload(
         index=Blob.of(f"{base}/APKINDEX.tar.gz", (arch_dir / "APKINDEX.tar.gz").read_bytes()),
+        ttl_index=Blob.of(
+            f"{ttl_base}/APKINDEX.tar.gz", (ttl_dir / "APKINDEX.tar.gz").read_bytes()
+        ),
         hot_packages=tuple(blobs[0::2]),
-        cold_packages=tuple(blobs[1::2]),
+        cold_packages=tuple(blobs[1::2]) + tuple(ttl_blobs),
         small_packages=tuple(b for b in blobs if b.size <= QUERY_MISS_MAX),
         projects=tuple(projects),
     )
@@ -253,7 +276,7 @@ def serve_origins(scratch: Path) -> None:
     ports, print them, and count requests into ``origin-counts.json`` until
     SIGTERM stops the reactor.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed_reactor
     from twisted.internet.task import LoopingCall
     from twisted.web.server import Site
 
@@ -266,21 +289,24 @@ def serve_origins(scratch: Path) -> None:
         def log(self, request: object) -> None:
             pass
 
+    reactor: Any = installed_reactor
     with open(scratch / "fixture.pickle", "rb") as f:
         fixture: IndexFixture = pickle.load(f)
     repository = RepositoryResource(scratch / "www")
     index = StaticSimpleIndex(fixture)
-    counts = {"apk": collections.Counter(), "index": collections.Counter()}
+    counts: dict[str, collections.Counter[str]] = {
+        "apk": collections.Counter(), "index": collections.Counter(),
+    }
 
     def record() -> None:
         # The resources remember every request; keep only counts, so the
         # child's memory stays flat over a long run.
-        for request in repository.requests:
-            counts["apk"][_origin_kind(request.path, request.headers)] += 1
+        for apk_request in repository.requests:
+            counts["apk"][_origin_kind(apk_request.path, apk_request.headers)] += 1
         repository.requests.clear()
         repository.request_counts.clear()
-        for request in index.request_log:
-            counts["index"][_origin_kind(request.path, request.headers)] += 1
+        for index_request in index.request_log:
+            counts["index"][_origin_kind(index_request.path, index_request.headers)] += 1
         index.request_log.clear()
         index.requests.clear()
         temporary = scratch / "origin-counts.json.new"
@@ -532,6 +558,8 @@ class Sampler:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started = 0.0
+        #: PIDs of other benchmarks seen while the clients ran.
+        self.others_seen: list[str] = []
 
     def __enter__(self) -> Sampler:
         self._started = time.monotonic()
@@ -543,7 +571,16 @@ class Sampler:
         self._thread.join()
 
     def _run(self) -> None:
+        ticks = 0
         while not self._stopping.wait(self.interval):
+            ticks += 1
+            if ticks % 5 == 0:
+                found = subprocess.run(
+                    ["pgrep", "-f", OTHER_BENCHMARKS], capture_output=True, text=True
+                )
+                for other in found.stdout.split():
+                    if other not in self.others_seen:
+                        self.others_seen.append(other)
             files = open_files(self.pid, self.ports, self.cache_dir)
             self.samples.append({
                 "t": round(time.monotonic() - self._started, 1),
@@ -554,19 +591,51 @@ class Sampler:
             })
 
 
-def log_problems(log: Path, limit: int = 30) -> tuple[int, list[str]]:
-    if not log.exists():
-        return 0, []
-    pattern = re.compile(r"error|traceback|unhandled|exception|failed|critical|stale", re.I)
-    found = []
-    count = 0
-    with open(log, errors="replace") as f:
-        for line in f:
-            if pattern.search(line):
-                count += 1
-                if len(found) < limit:
-                    found.append(line.rstrip()[:400])
-    return count, found
+def log_files(log: Path) -> list[Path]:
+    """The server's log and its rotated parts (server.log.1, ...), oldest first."""
+    rotated = sorted(
+        log.parent.glob(log.name + ".*"),
+        key=lambda path: -int(path.suffix[1:]) if path.suffix[1:].isdigit() else 0,
+    )
+    return [*rotated, log] if log.exists() else rotated
+
+
+def log_problems(log: Path, limit: int = 30) -> tuple[int, list[str], int]:
+    """
+    Lines of the server's log that mention errors: how many, the first
+    ``limit`` of them, and how many lines the log has in all.
+    """
+    pattern = re.compile(r"error|traceback|unhandled|exception|failed|critical|stale|warn", re.I)
+    found: list[str] = []
+    count = lines = 0
+    for part in log_files(log):
+        with open(part, errors="replace") as f:
+            for line in f:
+                lines += 1
+                if pattern.search(line):
+                    count += 1
+                    if len(found) < limit:
+                        found.append(line.rstrip()[:400])
+    return count, found, lines
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes on the machine have used (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(value) for value in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- HTTP client
@@ -732,6 +801,8 @@ class Category:
     latencies: list[float] = attrs.Factory(list)
     x_cache: collections.Counter[str] = attrs.Factory(collections.Counter)
     statuses: collections.Counter[int] = attrs.Factory(collections.Counter)
+    #: The slowest requests, as (seconds, path, bytes), slowest first.
+    slowest: list[tuple[float, str, int]] = attrs.Factory(list)
 
 
 class Recorder:
@@ -749,6 +820,10 @@ class Recorder:
         stats = self.categories[category]
         stats.requests += 1
         stats.latencies.append(seconds)
+        if len(stats.slowest) < 5 or seconds > stats.slowest[-1][0]:
+            stats.slowest.append((seconds, path, response.length if response else 0))
+            stats.slowest.sort(reverse=True)
+            del stats.slowest[5:]
         if response is not None:
             stats.bytes += response.length
             stats.statuses[response.status] += 1
@@ -798,8 +873,8 @@ class Shared:
         self.next_project = HOT_PROJECTS
         self.query_counter = 0
         self.pool_exhausted = 0
+        self.connections_opened = 0
         self.pages: dict[str, PageSeen] = {}
-        self.projects = {p.name: p for p in workload.projects}
 
     def new_project(self) -> Project | None:
         if self.next_project >= len(self.workload.projects):
@@ -912,11 +987,15 @@ class Client:
             lambda r: check_full(r, index.size, index.sha256),
         )
 
+    async def apkindex_ttl(self) -> None:
+        await self.apk_get("APKINDEX, TTL only", self.shared.workload.ttl_index)
+
     async def apkindex_if_modified_since(self) -> None:
         # apk sends its own copy's download time: now, for a fresh copy.
         since = email.utils.formatdate(time.time(), usegmt=True)
         await self.exchange(
-            "APKINDEX If-Modified-Since", self.proxy, self.shared.workload.index.path,
+            "APKINDEX If-Modified-Since, TTL only", self.proxy,
+            self.shared.workload.ttl_index.path,
             {**APK_HEADERS, "if-modified-since": since}, check_not_modified,
         )
 
@@ -925,13 +1004,11 @@ class Client:
     def hot_project(self) -> Project:
         return self.shared.workload.projects[self.random.randrange(HOT_PROJECTS)]
 
-    async def page(
-        self, category: str, project: Project, accept: str, extra: Mapping[str, str] = {},
-    ) -> Response | None:
+    async def page(self, category: str, project: Project, accept: str) -> Response | None:
         json_wanted = accept == PIP_ACCEPT
         return await self.exchange(
             category, self.index, f"/simple/{project.name}/",
-            {**PIP_HEADERS, "accept": accept, "cache-control": "max-age=0", **extra},
+            {**PIP_HEADERS, "accept": accept, "cache-control": "max-age=0"},
             lambda r: check_page(r, project, json_wanted), keep_body=True,
         )
 
@@ -988,18 +1065,18 @@ class Client:
         if project is None:
             await self.page_json()
             return
-        await self.install(project, "new")
+        await self.install(project, "new project:")
 
     async def install(self, project: Project, label: str) -> bool:
         """pip's requests for one project: the page, the metadata, the wheel."""
-        response = await self.page(f"page, {label}", project, PIP_ACCEPT)
+        response = await self.page(f"{label} page", project, PIP_ACCEPT)
         if response is None:
             return False
         seen = page_links(response, project)
         seen.etags[PIP_ACCEPT] = response.headers["etag"]
         self.shared.pages.setdefault(project.name, seen)
-        ok = await self.metadata(f"metadata, {label}", project, seen) is not None
-        ok = await self.wheel(f"wheel, {label}", project, seen) is not None and ok
+        ok = await self.metadata(f"{label} metadata", project, seen) is not None
+        ok = await self.wheel(f"{label} wheel", project, seen) is not None and ok
         return ok
 
 
@@ -1055,13 +1132,19 @@ async def warm_up(shared: Shared, concurrency: int = 8) -> None:
     representations, metadata, wheel), remembering links and ETags.
     """
     workload = shared.workload
-    jobs: list[Callable[[Client], object]] = []
-    jobs.append(lambda client: client.apk_get("warm-up: APKINDEX", workload.index))
-    for blob in workload.hot_packages:
-        jobs.append(lambda client, blob=blob: client.apk_get("warm-up: package", blob))
+    Job = Callable[[Client], Awaitable[None]]
+
+    def fetch(category: str, blob: Blob) -> Job:
+        return lambda client: client.apk_get(category, blob)
+
+    jobs: list[Job] = [
+        fetch("warm-up: APKINDEX", workload.index),
+        fetch("warm-up: APKINDEX", workload.ttl_index),
+        *(fetch("warm-up: package", blob) for blob in workload.hot_packages),
+    ]
     for project in workload.projects[:HOT_PROJECTS]:
         async def warm_project(client: Client, project: Project = project) -> None:
-            if not await client.install(project, "warm-up"):
+            if not await client.install(project, "warm-up:"):
                 return
             response = await client.page("warm-up: page HTML", project, "text/html")
             if response is not None:
@@ -1073,7 +1156,7 @@ async def warm_up(shared: Shared, concurrency: int = 8) -> None:
         client = Client(shared, seed)
         try:
             while queue:
-                await queue.popleft()(client)  # type: ignore[misc]
+                await queue.popleft()(client)
         finally:
             await client.close()
 
@@ -1096,7 +1179,7 @@ async def soak(shared: Shared, clients: int, seconds: float, ramp: float, seed: 
             await client.close()
 
     await asyncio.gather(*(one(n) for n in range(clients)))
-    shared.connections_opened = sum(c.proxy.opened + c.index.opened for c in opened)  # type: ignore[attr-defined]
+    shared.connections_opened = sum(c.proxy.opened + c.index.opened for c in opened)
     return time.monotonic() - started
 
 
@@ -1122,6 +1205,10 @@ def summarise(recorder: Recorder) -> dict[str, dict[str, object]]:
             "max_ms": round(max(stats.latencies, default=0) * 1000, 1),
             "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
             "x_cache": dict(stats.x_cache.most_common()),
+            "slowest": [
+                {"ms": round(seconds * 1000, 1), "path": path, "bytes": size}
+                for seconds, path, size in stats.slowest
+            ],
         }
     return rows
 
@@ -1140,6 +1227,18 @@ def fetch_stats(port: int) -> object:
         return json.loads(body)
     except (OSError, ValueError) as error:
         return {"error": str(error)}
+
+
+def server_count(report: Mapping[str, object]) -> str:
+    """The server's stats page figures, next to the bench's own count."""
+    stats = report.get("server_stats")
+    if not isinstance(stats, dict) or "requests" not in stats:
+        return "unavailable"
+    by_status = stats.get("by_status", {})
+    return (
+        f"{stats['requests']} requests (bench: {report['requests_including_warm_up']}"
+        f" with the warm-up), errors={stats.get('errors')}, STALE={by_status.get('STALE')}"
+    )
 
 
 def print_table(report: dict[str, object]) -> None:
@@ -1169,14 +1268,19 @@ def print_table(report: dict[str, object]) -> None:
         ("latency p50 / p99 / max", f"{total['p50_ms']:.2f} / {total['p99_ms']:.2f} / {total['max_ms']:.0f} ms"),
         ("throughput", f"{total['requests_per_s']:.0f} requests/s, {total['mb_per_s']:.0f} MB/s"),
         ("X-Cache", " ".join(f"{k}={v}" for k, v in total["x_cache"].items())),
+        ("CPU seconds during the run", " ".join(f"{k}={v}" for k, v in report["cpu_seconds_during_run"].items())),  # type: ignore[attr-defined]
         ("server RSS after warm-up / peak (VmHWM)", f"{report['server_rss_idle_mb']:.1f} / {report['server_peak_rss_mb']:.1f} MB"),
         ("server fds start / end (must match)", f"{fds['start']['total']} / {fds['end']['total']}  {'MATCH' if fds['match'] else 'DIFFER'}"),
         ("server fds peak during run", f"{fds['peak_during_run']}"),
-        ("fds start", json.dumps(fds["start"])),
+        ("fds start", json.dumps(fds["start"]) + f" after {fds['start_wait_s']:.1f} s"),
+        ("fds as the clients left", json.dumps(fds["right_after_clients"])),
         ("fds end", json.dumps(fds["end"]) + f" after {fds['end_wait_s']:.1f} s"),
         ("origin requests", json.dumps(report["origin_requests"])),
+        ("server's own count (stats page)", server_count(report)),
         ("new projects used / pool", f"{report['projects_used']} / {report['project_pool']}"),
-        ("server log lines mentioning errors", f"{report['server_log']['problem_lines']}"),
+        ("server log lines mentioning errors", f"{report['server_log']['problem_lines']} of {report['server_log']['lines']}"),  # type: ignore[index]
+        ("other benchmarks seen during the run", " ".join(report["other_benchmarks_seen_during_run"]) or "none"),  # type: ignore[arg-type]
+        ("other processes' CPU during the run", f"{report['other_processes_cores_during_run']} cores"),
     ]
     width = max(len(label) for label, _ in lines)
     for label, value in lines:
@@ -1230,12 +1334,29 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             f" {start_wait:.1f} s; {args.clients} clients for {args.seconds:g} s ...",
             flush=True,
         )
+        # Another benchmark may have started during the warm-up and settling.
+        waited_for_others += 0.0 if args.no_wait else wait_for_quiet_machine(args.quiet_timeout)
         soak_recorder = Recorder()
         shared.recorder = soak_recorder
+        cpu_before = (cpu_seconds(pid), cpu_seconds(origin.pid), time.process_time())
+        machine_before = machine_busy_seconds()
         with Sampler(pid, ports, cache_dir) as sampler:
             measured = asyncio.run(
                 soak(shared, args.clients, args.seconds, args.ramp, args.seed)
             )
+        machine_used = machine_busy_seconds() - machine_before
+        cpu_used = {
+            name: round(after - before, 1)
+            for name, before, after in zip(
+                ("server", "origins", "bench clients"),
+                cpu_before,
+                (cpu_seconds(pid), cpu_seconds(origin.pid), time.process_time()),
+            )
+        }
+        # What the rest of the machine took meanwhile, in cores: a busy
+        # neighbour makes every figure here worse.
+        cpu_used["other processes"] = round(max(0.0, machine_used - sum(cpu_used.values())), 1)
+        other_cores = cpu_used["other processes"] / measured
         fds_after_clients = open_files(pid, ports, cache_dir)
         server_stats = fetch_stats(ports.proxy)
         print(
@@ -1253,7 +1374,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         stop(origin)
         counts_file = scratch / "origin-counts.json"
         origin_counts = json.loads(counts_file.read_text()) if counts_file.exists() else {}
-        problem_count, problem_lines = log_problems(log)
+        problem_count, problem_lines, log_lines = log_problems(log)
         all_latencies = [x for c in soak_recorder.categories.values() for x in c.latencies]
         x_cache: collections.Counter[str] = collections.Counter()
         statuses: collections.Counter[int] = collections.Counter()
@@ -1298,12 +1419,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 "mb": round(total_bytes / MB, 1),
                 "statuses": {str(k): v for k, v in sorted(statuses.items())},
                 "x_cache": dict(x_cache.most_common()),
-                "client_connections_opened": getattr(shared, "connections_opened", None),
+                "client_connections_opened": shared.connections_opened,
             },
             "categories": categories,
             "error_reasons": dict(soak_recorder.error_reasons.most_common()),
             "error_samples": soak_recorder.error_samples,
             "warm_up_errors": warm_errors,
+            "requests_including_warm_up": recorder.requests + soak_recorder.requests,
             "projects_used": shared.next_project - HOT_PROJECTS,
             "project_pool": len(workload.projects) - HOT_PROJECTS,
             "project_pool_exhausted_picks": shared.pool_exhausted,
@@ -1327,7 +1449,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "server_stats": server_stats,
             "server_exit_code": server_exit,
             "origin_requests": origin_counts,
-            "server_log": {"problem_lines": problem_count, "samples": problem_lines},
+            "server_log": {
+                "lines": log_lines, "problem_lines": problem_count, "samples": problem_lines,
+            },
+            "cpu_seconds_during_run": cpu_used,
+            "other_benchmarks_seen_during_run": sampler.others_seen,
+            "other_processes_cores_during_run": round(other_cores, 2),
             "runtime_s": round(time.monotonic() - began, 1),
         }
     finally:
@@ -1358,6 +1485,12 @@ def main() -> None:
                         help="longest wait for other benchmarks to end")
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for other benchmarks to end")
+    parser.add_argument("--quiet-cores", type=float, default=0.25,
+                        help="a run during which other processes used more CPU than this"
+                        " (in cores) is disturbed, and repeated")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="how many times a disturbed run is repeated; the least"
+                        " disturbed one is reported")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "soak.json"))
     parser.add_argument("--origin-child", help=argparse.SUPPRESS)
@@ -1371,14 +1504,42 @@ def main() -> None:
         parser.error(f"--projects must be more than {HOT_PROJECTS}")
     # "kill PID" should clean up like Ctrl-C does: unwind through finally.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
-    report = run(args)
+    reports = []
+    for attempt in range(args.retries + 1):
+        report = run(args)
+        reports.append(report)
+        disturbance = report["other_processes_cores_during_run"]
+        assert isinstance(disturbance, float)
+        if disturbance <= args.quiet_cores:
+            break
+        if attempt < args.retries:
+            print(
+                f"run disturbed: other processes used {disturbance:.2f} cores"
+                f" (limit {args.quiet_cores}); running again ...", flush=True,
+            )
+    report = min(reports, key=lambda r: float(r["other_processes_cores_during_run"]))  # type: ignore[arg-type]
+    attempts: list[dict[str, object]] = []
+    for each in reports:
+        total: Any = each["total"]
+        fds: Any = each["server_fds"]
+        attempts.append({
+            "other_processes_cores": each["other_processes_cores_during_run"],
+            "requests": total["requests"],
+            "errors": total["errors"],
+            "requests_per_s": round(total["requests_per_s"], 1),
+            "p99_ms": total["p99_ms"],
+            "fds_match": fds["match"],
+        })
+    report["attempts"] = attempts
+    if len(reports) > 1:
+        print(f"\n{len(reports)} runs; reporting the least disturbed:")
+        for number, summary in enumerate(attempts, 1):
+            print(f"  run {number}: {json.dumps(summary)}")
     print_table(report)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.json} after {report['runtime_s']:.0f} s")
-    total = report["total"]
-    fds = report["server_fds"]
-    if total["errors"] or not fds["match"]:  # type: ignore[index]
+    if any(a["errors"] or not a["fds_match"] for a in attempts):
         sys.exit(1)
 
 

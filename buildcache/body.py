@@ -33,13 +33,26 @@ SENDFILE_MAX = 4 * 1024 * 1024
 
 class BodySource(Protocol):
     """
-    Bytes ``[0, available())`` of ``fd`` are readable with ``os.pread``.
+    Bytes ``[0, available())`` of a body, readable with :meth:`read`; the
+    first ``in_file()`` of them are also in ``fd`` (for ``sendfile``).
     """
 
     @property
     def fd(self) -> int: ...
 
     def available(self) -> int: ...
+
+    def in_file(self) -> int: ...
+
+    def read(self, offset: int, count: int) -> bytes:
+        """
+        Up to ``count`` bytes at ``offset``; empty if they are gone.
+        """
+
+    def advance(self, offset: int) -> None:
+        """
+        The reader needs no byte before ``offset`` any more.
+        """
 
     def finished(self) -> bool:
         """
@@ -70,6 +83,15 @@ class StoredBody:
 
     def available(self) -> int:
         return self.stored.entry.size
+
+    def in_file(self) -> int:
+        return self.stored.entry.size
+
+    def read(self, offset: int, count: int) -> bytes:
+        return os.pread(self.stored.fd, count, offset)
+
+    def advance(self, offset: int) -> None:
+        pass
 
     def finished(self) -> bool:
         return True
@@ -118,6 +140,7 @@ class BodySender:
         self._request.notifyFinish().addErrback(self._client_gone)
         self._request.registerProducer(self, True)
         self._direct = direct_sender(self._request) if self._end is not None else None
+        self._source.advance(self._offset)
         self._pump()
 
     def _client_gone(self, reason: Failure) -> None:
@@ -163,22 +186,23 @@ class BodySender:
             if self._end is not None:
                 limit = min(limit, self._end)
             if self._offset < limit:
-                if self._direct is not None and burst < SENDFILE_MAX:
-                    sent = self._direct(source.fd, self._offset, limit - self._offset)
+                in_file = min(limit, source.in_file())
+                if (
+                    self._direct is not None
+                    and burst < SENDFILE_MAX
+                    and self._offset < in_file
+                ):
+                    sent = self._direct(source.fd, self._offset, in_file - self._offset)
                     if sent:
                         burst += sent
-                        self._offset += sent
-                        self._on_sent(sent)
+                        self._sent(sent)
                         continue
-                chunk = os.pread(
-                    source.fd, min(CHUNK_SIZE, limit - self._offset), self._offset
-                )
+                chunk = source.read(self._offset, min(CHUNK_SIZE, limit - self._offset))
                 if not chunk:
-                    self._fail("the body file ended early")
+                    self._fail("the body is no longer available")
                     return
-                self._offset += len(chunk)
+                self._sent(len(chunk))
                 self._request.write(chunk)
-                self._on_sent(len(chunk))
                 continue
             if self._end is not None and self._offset >= self._end:
                 self._finish()
@@ -194,6 +218,11 @@ class BodySender:
                 return
             self._waiting = True
             source.when_more(self._more_arrived)
+
+    def _sent(self, count: int) -> None:
+        self._offset += count
+        self._on_sent(count)
+        self._source.advance(self._offset)
 
     def _finish(self) -> None:
         self._stop()

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import ipaddress
+import re
 import socket
+import unicodedata
 from typing import Protocol as TypingProtocol
 from urllib.parse import unquote, urlsplit
 
@@ -59,6 +61,13 @@ from buildcache.upstream import (
 from buildcache.connect import TargetRefused
 
 VIA = "1.1 buildcache"
+#: Decoding rounds a mirror path may need before it stops changing: one
+#: for the request, one for a file name holding a literal ``%``; more
+#: is only ever an attack, and each round costs a pass over the path.
+_MAX_DECODING_ROUNDS = 3
+#: A request target: printable ASCII only (twisted.web lets some bytes
+#: above 0x7e through).
+_REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
 #: Client request headers passed on to the upstream.
 FORWARDED_HEADERS = ("user-agent", "accept", "authorization", "accept-language")
 
@@ -90,7 +99,11 @@ def package_name(uri: str) -> str | None:
     The package file a request is for (its last path segment), for the
     most-requested table; None for indexes and other files.
     """
-    path = urlsplit(uri).path if not uri.startswith("/") else uri.partition("?")[0]
+    try:
+        path = urlsplit(uri).path if not uri.startswith("/") else uri.partition("?")[0]
+    except ValueError:
+        # Not a URL (an unbalanced "[" in the host): the router refuses it.
+        return None
     last = unquote(path.rsplit("/", 1)[-1])
     return last if last.endswith(_PACKAGE_SUFFIXES) else None
 
@@ -154,13 +167,49 @@ class Target:
 def _checked_path(rest: str) -> None:
     """
     Refuse a mirror sub-path that could climb out of the mirror's base,
-    however it is encoded.
+    however it is encoded: percent-encoded once or several times, with
+    backslashes or NUL, as ``..;param`` (which Java servers read as
+    ``..``), as compatibility forms of the dot (U+FF0E, U+2024, which
+    NFKC turns into ``.``), or with bytes that are not UTF-8 (overlong forms of
+    ``.`` and ``/``).
     """
-    decoded = unquote(rest)
-    if "\x00" in decoded or "\\" in decoded:
-        raise BadTarget(400, "path contains a NUL byte or a backslash")
-    if any(segment in ("..", ".") for segment in decoded.split("/")):
-        raise BadTarget(400, "path contains a '.' or '..' segment")
+    decoded = rest
+    for _ in range(_MAX_DECODING_ROUNDS):
+        if "\x00" in decoded or "\\" in decoded:
+            raise BadTarget(400, "path contains a NUL byte or a backslash")
+        for segment in decoded.split("/"):
+            bare = unicodedata.normalize("NFKC", segment.split(";", 1)[0])
+            if bare in ("..", "."):
+                raise BadTarget(400, "path contains a '.' or '..' segment")
+        try:
+            once_more = unquote(decoded, errors="strict")
+        except UnicodeDecodeError:
+            raise BadTarget(400, "path is not percent-encoded UTF-8") from None
+        if once_more == decoded:
+            return
+        decoded = once_more
+    raise BadTarget(400, "path is percent-encoded too many times")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _port_of(port: int | None) -> int:
+    """
+    The port of an ``http://`` URL (``urlsplit``'s, which lets 0 through).
+
+    @raise ValueError: port 0.
+    """
+    if port is None:
+        return 80
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port}")
+    return port
 
 
 @frozen
@@ -174,25 +223,31 @@ class Router:
 
     def target(self, request: Request) -> Target:
         uri = request.uri.decode("latin-1")
+        if _REQUEST_TARGET.fullmatch(uri) is None:
+            raise BadTarget(400, "the request target holds bytes other than printable ASCII")
         if uri.startswith("/"):
             return self._mirror_target(uri)
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+            hostname = parts.hostname
+        except ValueError:
+            raise BadTarget(400, "the URL's host is not valid")
         if parts.scheme != "http":
             raise BadTarget(
                 400,
                 "only http:// URLs are proxied; https goes through CONNECT,"
                 " or through a mirror route",
             )
-        if not parts.hostname:
+        if not hostname:
             raise BadTarget(400, "the URL has no host")
         if parts.username is not None or parts.password is not None:
             raise BadTarget(400, "user information in proxied URLs is not accepted")
         try:
-            port = parts.port or 80
+            port = _port_of(parts.port)
         except ValueError:
             raise BadTarget(400, "the URL has an invalid port")
         if port == getattr(request.getHost(), "port", None) and names_this_box(
-            request, parts.hostname
+            request, hostname
         ):
             # HTTP_PROXY points here and the repository URL is already a
             # mirror route on this port (apk after the Dockerfile's sed):
@@ -200,13 +255,21 @@ class Router:
             # private target.
             query = f"?{parts.query}" if parts.query else ""
             return self._mirror_target((parts.path or "/") + query)
-        verdict = self.policy.host_allowed(parts.hostname, port)
+        verdict = self.policy.host_allowed(hostname, port)
+        if verdict and _is_ip_literal(hostname):
+            # An address needs no lookup: judge it here, as the connection
+            # guard would, before a download is set up for it.
+            verdict = self.policy.address_allowed(hostname, port, hostname)
         if not verdict:
             raise BadTarget(403, f"not an allowed upstream: {verdict.reason}")
         url = parts._replace(fragment="").geturl()
         return Target(url, cache_key(url), classify(parts.path), "proxy")
 
     def _mirror_target(self, uri: str) -> Target:
+        if "#" in uri:
+            # Not allowed in a request target, and the upstream request
+            # would leave out what follows it: "/x/..#" would fetch "/x/..".
+            raise BadTarget(400, "a request target has no fragment ('#')")
         name, _, rest = uri[1:].partition("/")
         for mirror in self.mirrors:
             if mirror.name == name:
@@ -306,12 +369,13 @@ class ProxyResource(Resource):
             return False
         try:
             parts = urlsplit(request.uri.decode("latin-1"))
-            port = parts.port or 80
+            hostname = parts.hostname
+            port = _port_of(parts.port)
         except ValueError:
             return False
-        if parts.scheme != "http" or not parts.hostname:
+        if parts.scheme != "http" or not hostname:
             return False
-        if not self.own_index.addressed(request, parts.hostname, port):
+        if not self.own_index.addressed(request, hostname, port):
             return False
         self.own_index.server.serve(request, parts.path or "/")
         return True

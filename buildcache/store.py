@@ -29,7 +29,7 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from attrs import Factory, define, field, frozen
@@ -163,9 +163,13 @@ class ObjectWriter:
         self.closed = False
 
     def write(self, data: bytes) -> None:
+        """
+        Append ``data``; an ``OSError`` (a full or failing disk) leaves
+        :attr:`size` at the bytes written before this call.
+        """
         view = memoryview(data)
         while view:
-            written = os.write(self._fd, view)
+            written = self._store.write_file(self._fd, view)
             view = view[written:]
         self._hash.update(data)
         self.size += len(data)
@@ -186,8 +190,10 @@ class ObjectWriter:
         Check, fsync and publish the body under the writer's key.
 
         Raises :class:`IntegrityError` (and stores nothing) when the size or
-        digest differs from what was expected. Returns ``None`` when the
-        object is larger than the whole cache and so is not kept.
+        digest differs from what was expected, and ``OSError`` (storing
+        nothing either, and leaving no file behind) when the disk or the
+        index refuses it. Returns ``None`` when the object is larger than
+        the whole cache and so is not kept.
         """
         digest = self._hash.hexdigest()
         try:
@@ -210,7 +216,11 @@ class ObjectWriter:
             )
             self.abort()
             return None
-        os.fsync(self._fd)
+        try:
+            self._store.sync_file(self._fd)
+        except OSError:
+            self.abort()
+            raise
         os.close(self._fd)
         self.closed = True
         return self._store._publish(self.key, self.path, self.size, digest, headers)
@@ -262,6 +272,10 @@ class Store:
     counters: Counters = Factory(Counters)
     _pending_access: dict[str, float] = Factory(dict)
     _temp_serial: int = 0
+    #: How body bytes reach the disk (``os.write``, ``os.fsync``); the
+    #: fault tests replace them to make the disk fail.
+    write_file: Callable[[int, memoryview], int] = os.write
+    sync_file: Callable[[int], None] = os.fsync
 
     @classmethod
     def open(cls, directory: str, max_size: int, clock: IReactorTime) -> Store:
@@ -380,20 +394,32 @@ class Store:
     ) -> Entry:
         name = object_name(key)
         final = _file_path(self.directory, name)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.rename(temp_path, final)
-        _fsync_directory(os.path.dirname(final))
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(temp_path, final)
+        except OSError:
+            _unlink_quietly(temp_path)
+            raise
         now = self.clock.seconds()
-        old = self._db.execute(
-            "SELECT size, file FROM entries WHERE key = ?", (key,)
-        ).fetchone()
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
-                " fetched_at, validated_at, last_access)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, name, size, json.dumps(dict(headers)), digest, now, now, now),
-            )
+        try:
+            _fsync_directory(os.path.dirname(final))
+            old = self._db.execute(
+                "SELECT size, file FROM entries WHERE key = ?", (key,)
+            ).fetchone()
+            with self._db:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
+                    " fetched_at, validated_at, last_access)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, name, size, json.dumps(dict(headers)), digest, now, now, now),
+                )
+        except (OSError, sqlite3.Error) as e:
+            # No row names the file: remove it now rather than at the next
+            # start-up.
+            _unlink_quietly(final)
+            if isinstance(e, OSError):
+                raise
+            raise OSError(f"cannot record {key} in the cache index: {e}") from e
         self._pending_access.pop(key, None)
         if old is None:
             self.entry_count += 1
@@ -492,10 +518,21 @@ class Store:
         if not self._pending_access:
             return
         pending, self._pending_access = self._pending_access, {}
-        with self._db:
-            self._db.executemany(
-                "UPDATE entries SET last_access = ? WHERE key = ?",
-                [(when, key) for key, when in pending.items()],
+        try:
+            with self._db:
+                self._db.executemany(
+                    "UPDATE entries SET last_access = ? WHERE key = ?",
+                    [(when, key) for key, when in pending.items()],
+                )
+        except sqlite3.Error as e:
+            # A full or failing disk: keep the times for the next flush,
+            # and keep serving (this runs from a timer that would stop for
+            # good on an exception).
+            for key, when in pending.items():
+                self._pending_access.setdefault(key, when)
+            self.log.error(
+                "Cannot write access times to the cache index: {error}",
+                error=str(e),
             )
 
     def close(self) -> None:

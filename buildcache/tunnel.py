@@ -9,7 +9,10 @@ upstream connection through the connection guard
 (:func:`buildcache.connect.connect_tcp`, so the address connected to is the
 address checked) and then splices bytes both ways until either side
 closes or the tunnel stays idle too long.  Every other request goes the
-ordinary twisted.web way to the site's root resource.
+ordinary twisted.web way to the site's root resource, once the channel
+has refused what ``HTTPChannel`` would drop without an answer or accept
+silently: an over-long request line (414) or header line (431), and
+obsolete line folding (400).
 
 A tunnel carries opaque (TLS) bytes: nothing in it is inspected or cached.
 Flow control is end to end: each side's transport is the other's streaming
@@ -61,6 +64,8 @@ _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     405: "Method Not Allowed",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
     502: "Bad Gateway",
     504: "Gateway Timeout",
 }
@@ -216,13 +221,21 @@ class ProxyChannel(HTTPChannel):
         if self._head is not None:
             self._connect_head_line(self._head, line)
             return
-        # An empty line here is the stray CRLF some clients send after a
-        # body; HTTPChannel skips it, and the request line still follows.
-        if self._awaiting_request_line and line and self.persistent:
-            self._awaiting_request_line = False
-            if line.startswith(b"CONNECT "):
-                self._begin_connect(line)
-                return
+        if self._awaiting_request_line:
+            # An empty line here is the stray CRLF some clients send after
+            # a body; HTTPChannel skips it, and the request line still
+            # follows.
+            if line and self.persistent:
+                self._awaiting_request_line = False
+                if line.startswith(b"CONNECT "):
+                    self._begin_connect(line)
+                    return
+        elif line[:1] in (b" ", b"\t"):
+            # Obsolete line folding: HTTPChannel would join it to the
+            # previous header; refusing it (RFC 9112 5.2) leaves no header
+            # that two parsers could read differently.
+            self._refuse_request(400, "obsolete line folding in the request headers")
+            return
         super().lineReceived(line)
 
     def allContentReceived(self) -> None:
@@ -230,10 +243,17 @@ class ProxyChannel(HTTPChannel):
         super().allContentReceived()
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        # HTTPChannel would drop the connection without an answer.
         if self._head is not None:
             self._refuse(self._head.requested, 400, "request header line too long")
-            return
-        super().lineLengthExceeded(line)
+        elif self._awaiting_request_line:
+            self._refuse_request(
+                414, f"request line longer than {self.MAX_LENGTH} bytes"
+            )
+        else:
+            self._refuse_request(
+                431, f"request header line longer than {self.MAX_LENGTH} bytes"
+            )
 
     def _begin_connect(self, line: bytes) -> None:
         self._mode = _Mode.CONNECT_HEAD
@@ -260,12 +280,11 @@ class ProxyChannel(HTTPChannel):
             return
         head.size += len(line)
         if line[:1] in (b" ", b"\t"):
-            # Obsolete line folding continues the previous header.
-            valid = head.header_count > 0
-        else:
-            name, colon, _ = line.partition(b":")
-            valid = bool(colon) and _HEADER_NAME.fullmatch(name) is not None
-            head.header_count += 1
+            self._refuse(head.requested, 400, "obsolete line folding in the request headers")
+            return
+        name, colon, _ = line.partition(b":")
+        valid = bool(colon) and _HEADER_NAME.fullmatch(name) is not None
+        head.header_count += 1
         if not valid:
             self._refuse(head.requested, 400, "malformed header line")
         elif (
@@ -327,9 +346,22 @@ class ProxyChannel(HTTPChannel):
         )
         self.answer_and_close(status, reason)
 
+    def _refuse_request(self, status: int, reason: str) -> None:
+        """
+        Answer a request that is not well-formed HTTP, and close.
+        """
+        self.log.info(
+            "Malformed request from {client} refused ({status}): {reason}",
+            event="bad_request",
+            client=self._peer_text(),
+            status=status,
+            reason=reason,
+        )
+        self.answer_and_close(status, reason)
+
     def answer_and_close(self, status: int, explanation: str) -> None:
         """
-        Answer the ``CONNECT`` with an error and close the connection.
+        Answer with an error and close the connection.
         """
         self._mode = _Mode.CLOSED
         self.setTimeout(None)

@@ -77,6 +77,15 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class CacheWriteError(UpstreamError):
+    """
+    The cache disk refused a body that had to be checked before anyone
+    could see it (or that nobody was reading any more), so it was neither
+    stored nor served.  An :class:`UpstreamError` so that front ends answer
+    it like a failed fetch (502, or a stale copy).
+    """
+
+
 class BodyVerifier(TypingProtocol):
     """
     Checks a body while it streams; ``finish`` raises on a mismatch.
@@ -159,17 +168,50 @@ def end_to_end_headers(headers: Headers) -> dict[str, str]:
     return result
 
 
-@define
+@define(eq=False)
 class DownloadBody:
     """
     One client's view of a download in progress (a :class:`BodySource`).
+
+    ``fd`` reads the download's spool file (-1 when it has none).  A
+    streaming reader reports its progress with :meth:`advance`; that is
+    what a download kept in memory waits for (see :class:`Download`).
     """
 
     download: Download
     fd: int
+    #: The offset this reader has reached, -1 until it first reports one.
+    position: int = -1
+    #: Set when the reader fell too far behind a download kept in memory:
+    #: the bytes it needs next are gone.
+    dropped: bool = False
+    closed: bool = False
 
     def available(self) -> int:
         return self.download.received
+
+    def in_file(self) -> int:
+        return self.download.spooled
+
+    def read(self, offset: int, count: int) -> bytes:
+        """
+        Up to ``count`` bytes at ``offset``, from the spool file or from
+        memory; empty when they are no longer (or not yet) there.
+        """
+        download = self.download
+        if offset < download.spooled:
+            return os.pread(self.fd, min(count, download.spooled - offset), offset)
+        if self.dropped:
+            return b""
+        return download.from_memory(offset, count)
+
+    def advance(self, offset: int) -> None:
+        """
+        This reader needs no byte before ``offset`` any more.
+        """
+        if not self.dropped:
+            self.position = offset
+            self.download.reader_moved()
 
     def finished(self) -> bool:
         return self.download.finished
@@ -181,15 +223,31 @@ class DownloadBody:
         self.download.when_more(callback)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self.download.reader_closed(self)
+
+
+#: Most bytes a download that cannot be spooled to disk keeps in memory for
+#: its slowest reader before it pauses the upstream.
+MEMORY_BUFFER = 1024 * 1024
 
 
 @define(eq=False)
 class Download:
     """
     One upstream request in flight, shared by every client of its key.
+
+    The body goes to a spool file in the store.  If the disk refuses it
+    (full, failing), the bytes from there on are kept in memory for the
+    readers already attached, and nothing is stored: the upstream is
+    paused whenever the slowest streaming reader is more than
+    :data:`MEMORY_BUFFER` bytes behind, so memory stays bounded and the
+    download goes at the pace of its slowest reader.
     """
 
     log = Logger()
@@ -197,17 +255,29 @@ class Download:
     request: UpstreamRequest
     store: Store
     received: int = 0
+    #: Bytes of the body in the spool file: all of them unless writing
+    #: failed (see :attr:`spool_error`).
+    spooled: int = 0
+    spool_error: OSError | None = None
     finished: bool = False
     failure: Failure | None = None
     entry: Entry | None = None
     status: int = 0
     headers: dict[str, str] = Factory(dict)
+    #: Every reader lost interest in a download that cannot be stored.
+    abandoned: bool = False
     _writer: ObjectWriter | None = None
     _read_fd: int = -1
+    _has_body: bool = False
     _answered: bool = False
     _answer_waiters: list[Deferred[UpstreamAnswer]] = Factory(list)
     _more_waiters: list[Callable[[], None]] = Factory(list)
     _answer_failure: Failure | None = None
+    _bodies: list[DownloadBody] = Factory(list)
+    _memory: bytearray = Factory(bytearray)
+    _memory_start: int = 0
+    _upstream: IPushProducer | None = None
+    _held_back: bool = False
 
     def join(self) -> Deferred[UpstreamAnswer]:
         """
@@ -225,8 +295,10 @@ class Download:
             failed.errback(self._answer_failure)
             return failed
         body = None
-        if self._read_fd >= 0:
-            body = DownloadBody(self, os.dup(self._read_fd))
+        if self._has_body:
+            fd = os.dup(self._read_fd) if self._read_fd >= 0 else -1
+            body = DownloadBody(self, fd)
+            self._bodies.append(body)
         return succeed(UpstreamAnswer(self.status, dict(self.headers), body))
 
     def _answer(self) -> None:
@@ -246,11 +318,125 @@ class Download:
         for callback in waiters:
             callback()
 
+    # -- the body ---------------------------------------------------------
+
+    def _spool(self, writer: ObjectWriter) -> None:
+        self._has_body = True
+        self._writer = writer
+        try:
+            self._read_fd = writer.reader_fd()
+        except OSError as e:
+            self._spool_failed(e)
+
+    def _unspooled(self, error: OSError) -> None:
+        self._has_body = True
+        self._spool_failed(error)
+
+    def _spool_failed(self, error: OSError) -> None:
+        self.spool_error = error
+        self._memory_start = self.spooled
+        if self._writer is not None:
+            # Readers' descriptors keep the bytes already written.
+            self._writer.abort()
+        self.log.error(
+            "Cannot write {url} to the cache after {size} bytes: {error};"
+            " streaming it to its clients from memory, not storing it",
+            url=self.request.url,
+            size=self.spooled,
+            error=str(error),
+        )
+
+    def _take(self, data: bytes) -> None:
+        if self.spool_error is None:
+            writer = self._writer
+            assert writer is not None
+            try:
+                writer.write(data)
+            except OSError as e:
+                self._spool_failed(e)
+            else:
+                self.spooled += len(data)
+        self.received += len(data)
+        self.store.counters.bytes_from_upstream += len(data)
+        if self.spool_error is not None:
+            self._memory += data
+            # Keep only what a streaming reader still needs.
+            self.reader_moved()
+        self._notify()
+        if (
+            self._upstream is not None
+            and not self._held_back
+            and len(self._memory) > MEMORY_BUFFER
+        ):
+            self._held_back = True
+            self._upstream.pauseProducing()
+
+    def from_memory(self, offset: int, count: int) -> bytes:
+        start = offset - self._memory_start
+        if start < 0:
+            return b""
+        return bytes(self._memory[start:start + count])
+
+    def reader_moved(self) -> None:
+        """
+        Forget the bytes every streaming reader has passed, and let the
+        upstream go on once the slowest has caught up.
+        """
+        if self.spool_error is None:
+            return
+        positions = [b.position for b in self._bodies if b.position >= 0]
+        floor = min(positions) if positions else self.received
+        if floor > self._memory_start:
+            del self._memory[: floor - self._memory_start]
+            self._memory_start = floor
+        if (
+            self._held_back
+            and self._upstream is not None
+            and len(self._memory) <= MEMORY_BUFFER // 2
+        ):
+            self._held_back = False
+            self._upstream.resumeProducing()
+
+    def reader_closed(self, body: DownloadBody) -> None:
+        self._bodies.remove(body)
+        if self.spool_error is None:
+            return
+        length = self.headers.get("content-length")
+        whole = length is not None and self.received >= int(length)
+        if not (self._bodies or self.finished or whole) and self._upstream is not None:
+            # Nothing will be stored and nobody is reading.
+            self.abandoned = True
+            self._upstream.stopProducing()
+            return
+        self.reader_moved()
+
+    def drop_laggards(self) -> bool:
+        """
+        The upstream has been held back for a whole idle timeout: give up
+        on the readers holding it (their responses end incomplete) so the
+        others go on.  False when it was not held back.
+        """
+        if not self._held_back:
+            return False
+        limit = self.received - MEMORY_BUFFER // 2
+        laggards = [b for b in self._bodies if 0 <= b.position < limit]
+        for body in laggards:
+            body.dropped = True
+            body.position = -1
+        self.log.warn(
+            "Dropped {count} clients of {url}: they kept it from being"
+            " fetched for the upstream timeout while it could not be spooled",
+            count=len(laggards),
+            url=self.request.url,
+        )
+        self.reader_moved()
+        return True
+
 
 class _BodyReceiver(Protocol):
     """
-    Writes an upstream body to the download's file, resetting the idle
-    timer on every chunk.
+    Passes an upstream body to its download, resetting the idle timer on
+    every chunk.
     """
 
     def __init__(self, fetcher: Fetcher, download: Download, done: Deferred[None]):
@@ -260,12 +446,29 @@ class _BodyReceiver(Protocol):
         self._timer: IDelayedCall | None = None
         self._verifier = download.request.verify() if download.request.verify else None
         self.timed_out = False
-        self.write_error: OSError | None = None
         self.verify_error: Exception | None = None
         self.reason: Failure | None = None
 
     def connectionMade(self) -> None:
+        # The transport of a response body is a producer proxy.
+        self._download._upstream = IPushProducer(self.transport)
         self._arm()
+        self._abandon_if_unspoolable()
+
+    def _abandon_if_unspoolable(self) -> bool:
+        """
+        Stop a download that cannot be spooled when nobody may see it
+        before it is checked, or nobody is reading it: it cannot be kept,
+        so it is not worth fetching.
+        """
+        download = self._download
+        if download.spool_error is None or not (
+            download.request.holds_until_checked or not download._bodies
+        ):
+            return False
+        download.abandoned = True
+        self._stop()
+        return True
 
     def _arm(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -276,38 +479,37 @@ class _BodyReceiver(Protocol):
             )
 
     def _idle(self) -> None:
+        if self._download.drop_laggards():
+            # Held back by its readers, not silent on its own.
+            self._arm()
+            return
         self.timed_out = True
         self._stop()
 
     def _stop(self) -> None:
-        # The transport of a response body is a producer proxy.
         IPushProducer(self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         download = self._download
         self._arm()
-        writer = download._writer
-        assert writer is not None
-        if self.write_error is not None:
+        if download.abandoned:
             return
-        try:
-            writer.write(data)
-        except OSError as e:
-            self.write_error = e
-            self._stop()
-            return
+        spooling = download.spool_error is None
+        download._take(data)
+        if spooling and download.spool_error is not None:
+            self._fetcher._unjoinable(download)
+            if self._abandon_if_unspoolable():
+                return
         if self._verifier is not None and self.verify_error is None:
             try:
                 self._verifier.update(data)
             except Exception as e:
                 self.verify_error = e
-        download.received += len(data)
-        download.store.counters.bytes_from_upstream += len(data)
-        download._notify()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        self._download._upstream = None
         # A Failure passed to callback() would turn into an errback.
         self.reason = reason
         self._done.callback(None)
@@ -333,17 +535,19 @@ class Fetcher:
     idle_timeout: float = 30.0
     activity: Activity | None = None
     _downloads: dict[str, Download] = Factory(dict)
+    #: Downloads still running that new requests may not join.
+    _detached: list[Download] = Factory(list)
     _idle_waiters: list[Deferred[None]] = Factory(list)
 
     def in_flight(self) -> int:
-        return len(self._downloads)
+        return len(self._downloads) + len(self._detached)
 
     def when_idle(self) -> Deferred[None]:
         """
         Fires once no download is running (at once if none is).
         """
         idle: Deferred[None] = Deferred()
-        if not self._downloads:
+        if not self.in_flight():
             idle.callback(None)
         else:
             self._idle_waiters.append(idle)
@@ -379,14 +583,26 @@ class Fetcher:
                 self.log.failure("Download of {url} failed", failure, url=request.url)
             self._fail(download, failure)
         finally:
-            del self._downloads[request.key]
+            if self._downloads.get(request.key) is download:
+                del self._downloads[request.key]
+            else:
+                self._detached.remove(download)
             if download._read_fd >= 0:
                 os.close(download._read_fd)
                 download._read_fd = -1
-            if not self._downloads:
+            if not self.in_flight():
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for idle in waiters:
                     idle.callback(None)
+
+    def _unjoinable(self, download: Download) -> None:
+        """
+        New requests for the download's key start a download of their own:
+        this one no longer holds the bytes they would need from the start.
+        """
+        if self._downloads.get(download.request.key) is download:
+            del self._downloads[download.request.key]
+            self._detached.append(download)
 
     def _fail(self, download: Download, failure: Failure) -> None:
         if download._writer is not None:
@@ -407,25 +623,34 @@ class Fetcher:
             unbuffered=True,
             allow_redirects=request.follow_redirects,
         )
-        timer = self.clock.callLater(self.idle_timeout, requested.cancel)
+        given_up: list[bool] = []
+
+        def give_up() -> None:
+            given_up.append(True)
+            requested.cancel()
+
+        timer = self.clock.callLater(self.idle_timeout, give_up)
         started = self.clock.seconds()
         try:
             response = await requested
         except UpstreamError as e:
             self._report_failure(request.url, str(e))
             raise
-        except CancelledError:
+        except Exception as e:
+            # Cancelled once the request has gone out, the agent fails with
+            # ResponseNeverReceived (wrapping the CancelledError), not with
+            # CancelledError itself: the timer says which it was.
+            if not (given_up or isinstance(e, CancelledError)):
+                self.log.warn(
+                    "Upstream {url} failed: {error}", url=request.url, error=repr(e)
+                )
+                self._report_failure(request.url, str(e) or repr(e))
+                raise UpstreamError(f"{request.url}: {e}") from e
             self.log.warn("Upstream {url} did not answer in time", url=request.url)
             self._report_failure(request.url, "timeout")
             raise UpstreamTimeout(
                 f"{request.url} did not answer within {self.idle_timeout:g}s"
             )
-        except Exception as e:
-            self.log.warn(
-                "Upstream {url} failed: {error}", url=request.url, error=repr(e)
-            )
-            self._report_failure(request.url, str(e) or repr(e))
-            raise UpstreamError(f"{request.url}: {e}") from e
         finally:
             if timer.active():
                 timer.cancel()
@@ -451,8 +676,14 @@ class Fetcher:
             download._answer()
             return
         storable = request.storable(download.status, download.headers)
-        download._writer = self.store.writer(request.key)
-        download._read_fd = download._writer.reader_fd()
+        try:
+            spool = self.store.writer(request.key)
+        except OSError as e:
+            download._unspooled(e)
+        else:
+            download._spool(spool)
+        if download.spool_error is not None:
+            self._unjoinable(download)
         if not request.holds_until_checked:
             download._answer()
         done: Deferred[None] = Deferred()
@@ -461,6 +692,16 @@ class Fetcher:
         await done
         reason = receiver.reason
         assert reason is not None
+        if download.abandoned:
+            why = (
+                "it must be checked before it is served"
+                if request.holds_until_checked
+                else "no client is reading it"
+            )
+            raise CacheWriteError(
+                f"cannot write {request.url} to the cache"
+                f" ({download.spool_error}), and {why}"
+            )
         complete = reason.check(ResponseDone) is not None
         length = response.length if isinstance(response.length, int) else None
         if reason.check(PotentialDataLoss) and length is None:
@@ -479,8 +720,6 @@ class Fetcher:
                 f"{request.url} stalled for {self.idle_timeout:g}s after"
                 f" {download.received} bytes"
             )
-        if receiver.write_error is not None:
-            raise receiver.write_error
         if not complete:
             self._report_failure(request.url, "body cut short")
             raise UpstreamError(
@@ -488,7 +727,7 @@ class Fetcher:
                 f" {reason.getErrorMessage()}"
             )
         writer = download._writer
-        if storable:
+        if storable and writer is not None and download.spool_error is None:
             try:
                 receiver.verify()
                 download.entry = writer.commit(
@@ -500,8 +739,14 @@ class Fetcher:
                     ),
                     expected_sha256=request.expected_sha256,
                 )
-            except OSError:
-                raise
+            except OSError as e:
+                # The body is whole and checked: its clients get it all;
+                # it is just not kept.
+                self.log.error(
+                    "Cannot store {url}: {error}; served, not stored",
+                    url=request.url,
+                    error=str(e),
+                )
             except Exception as e:
                 writer.abort()
                 self.log.error(
@@ -513,7 +758,7 @@ class Fetcher:
                 if isinstance(e, IntegrityError):
                     raise
                 raise IntegrityError(str(e)) from e
-        else:
+        elif writer is not None:
             writer.abort()
         download.finished = True
         if request.holds_until_checked:
