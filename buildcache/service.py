@@ -26,7 +26,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy
-from buildcache.activity import Activity, QuietSite
+from buildcache.activity import Activity
 from buildcache.config import Config
 from buildcache.connect import make_http_client, upstream_pool
 from buildcache.proxy import OwnIndex, ProxyResource, Router
@@ -34,7 +34,7 @@ from buildcache.simple_index import IndexResource
 from buildcache.status import StatusPage, StatusResource
 from buildcache.metrics import Metrics
 from buildcache.store import Store
-from buildcache.tunnel import ProxySite
+from buildcache.tunnel import ProxySite, StrictSite
 from buildcache.upstream import Fetcher
 
 #: Seconds between writes of batched access times.
@@ -87,7 +87,7 @@ class Server:
             store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
             policy=policy, activity=activity,
         )
-        index_site = QuietSite(index, reactor=reactor)
+        index_site = StrictSite(index, reactor=reactor)
         status = StatusResource(
             StatusPage(config, store, fetcher, activity, reactor),
             Metrics(activity, store, fetcher),

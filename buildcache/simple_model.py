@@ -67,7 +67,9 @@ UPSTREAM_ACCEPT: Final = (
 _HASH_PREFERENCE: Final = ("sha256", "sha512", "sha384", "sha224", "sha1", "md5")
 
 _NAME_SEPARATORS = re.compile(r"[-_.]+")
-_VALID_NAME = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+# ASCII only, and fullmatch: IGNORECASE would let [A-Z] match the Kelvin
+# sign and dotless i, and "$" would accept a trailing newline.
+_VALID_NAME = re.compile(r"[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9]")
 _SERIAL_COMMENT = re.compile(r"\s*SERIAL\s+(\d+)\s*")
 
 
@@ -88,7 +90,7 @@ def is_valid_project_name(name: str) -> bool:
     """
     Whether C{name} is a valid distribution name under PEP 508.
     """
-    return _VALID_NAME.match(name) is not None
+    return _VALID_NAME.fullmatch(name) is not None
 
 
 def _is_safe_filename(filename: str) -> bool:

@@ -605,15 +605,23 @@ class _Tunnel:
         )
 
 
-class ProxySite(QuietSite):
+class StrictSite(QuietSite):
+    """
+    A site whose connections get :class:`ProxyChannel`'s request-line and
+    header limits and strict parsing; without tunnel settings a
+    ``CONNECT`` is answered 405 (the index port).
+    """
+
+    protocol = ProxyChannel  # type: ignore[assignment]
+
+
+class ProxySite(StrictSite):
     """
     The proxy port's factory: ``resource`` answers every request except
     ``CONNECT``, which :class:`ProxyChannel` tunnels.
 
     Keyword arguments other than the tunnel's go to ``Site``.
     """
-
-    protocol = ProxyChannel  # type: ignore[assignment]
 
     def __init__(
         self,

@@ -1144,12 +1144,6 @@ class ParserProperties(SynchronousTestCase):
         for raw in ("a\n", "\u212a", "\u0130", "a\u017f"):
             self.assertFalse(is_valid_project_name(raw), repr(raw))
 
-    test_valid_names_are_ascii_letters_digits_and_separators.todo = (  # type: ignore[attr-defined]
-        "simple_model.is_valid_project_name: re.match with '$' accepts a trailing"
-        " newline, and IGNORECASE lets [A-Z] match U+212A, U+0130, U+0131, U+017F;"
-        " simple_index guards its own route"
-    )
-
 
 @attrs.define
 class RecordingFetcher:
