@@ -61,6 +61,8 @@ from buildcache.upstream import (
 from buildcache.connect import TargetRefused
 
 VIA = "1.1 buildcache"
+#: Packages larger than this are streamed before their index check ends.
+STREAM_CHECKED_ABOVE = 4 * 1024 * 1024
 #: Decoding rounds a mirror path may need before it stops changing: one
 #: for the request, one for a file name holding a literal ``%``; more
 #: is only ever an attack, and each round costs a pass over the path.
@@ -406,6 +408,12 @@ class ProxyResource(Resource):
             url=target.url,
             headers={**forwarded, **conditional},
             verify=verifier_for(apk_entry) if apk_entry is not None else None,
+            # Small packages wait for their check (a mismatch is a clean
+            # 502); large ones stream, all but their tail, so that many
+            # clients of one cold package finish with the download.
+            stream_before_check=(
+                apk_entry is not None and apk_entry.size > STREAM_CHECKED_ABOVE
+            ),
             storable=storable,
             follow_redirects=target.route != "proxy",
         )

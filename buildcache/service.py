@@ -39,6 +39,8 @@ from buildcache.upstream import Fetcher
 
 #: Seconds between writes of batched access times.
 FLUSH_INTERVAL = 5.0
+#: Seconds an idle client connection (keep-alive) is kept open.
+CLIENT_IDLE_TIMEOUT = 60.0
 #: Seconds a stopping server waits for downloads in flight.
 STOP_GRACE = 10.0
 
@@ -81,13 +83,13 @@ class Server:
         proxy.activity = activity
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,
-            connect_timeout=config.upstream_timeout,
+            connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
         )
         index = IndexResource(
             store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
             policy=policy, activity=activity,
         )
-        index_site = StrictSite(index, reactor=reactor)
+        index_site = StrictSite(index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT)
         status = StatusResource(
             StatusPage(config, store, fetcher, activity, reactor),
             Metrics(activity, store, fetcher),

@@ -272,6 +272,7 @@ class Store:
     counters: Counters = Factory(Counters)
     _pending_access: dict[str, float] = Factory(dict)
     _temp_serial: int = 0
+    _data_version: int = -1
     #: How body bytes reach the disk (``os.write``, ``os.fsync``); the
     #: fault tests replace them to make the disk fail.
     write_file: Callable[[int, memoryview], int] = os.write
@@ -464,11 +465,18 @@ class Store:
         return True
 
     def _delete_rows(self, victims: list[tuple[str, int, str]]) -> None:
+        deleted = []
         with self._db:
-            self._db.executemany(
-                "DELETE FROM entries WHERE key = ?", [(k,) for k, _, _ in victims]
-            )
-        for key, size, name in victims:
+            for victim in victims:
+                # Only rows still naming that file: ``buildcache purge`` may
+                # have removed it, or the key may hold a newer version.
+                cursor = self._db.execute(
+                    "DELETE FROM entries WHERE key = ? AND file = ?",
+                    (victim[0], victim[2]),
+                )
+                if cursor.rowcount == 1:
+                    deleted.append(victim)
+        for key, size, name in deleted:
             self._pending_access.pop(key, None)
             _unlink_quietly(_file_path(self.directory, name))
             self.total_size -= size
@@ -515,6 +523,7 @@ class Store:
         Write batched access times in one transaction (no fsync in WAL mode
         with synchronous=NORMAL).
         """
+        self._follow_other_writers()
         if not self._pending_access:
             return
         pending, self._pending_access = self._pending_access, {}
@@ -534,6 +543,34 @@ class Store:
                 "Cannot write access times to the cache index: {error}",
                 error=str(e),
             )
+
+    def _follow_other_writers(self) -> None:
+        """
+        Take in what another process (``buildcache purge`` or ``verify``)
+        committed to the index: SQLite bumps ``data_version`` only for
+        other connections' commits, so this costs one pragma when nothing
+        happened.
+        """
+        try:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return
+            self._data_version = version
+            count, total = self._db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM entries"
+            ).fetchone()
+        except sqlite3.Error as e:
+            self.log.error("Cannot read the cache index: {error}", error=str(e))
+            return
+        if (count, total) != (self.entry_count, self.total_size):
+            self.log.info(
+                "Index changed by another process: {entries} entries,"
+                " {size} bytes (was {old_entries}, {old_size})",
+                entries=count, size=total,
+                old_entries=self.entry_count, old_size=self.total_size,
+            )
+            self.entry_count, self.total_size = count, total
+            self._evict()
 
     def close(self) -> None:
         if self._lock_fd < 0:

@@ -109,6 +109,12 @@ class UpstreamRequest:
     ``expected_sha256``/``expected_size`` come from an index page.  When
     either is given, clients get the response only once the body is
     complete and checked, so a mismatch is a clean 502, never wrong bytes.
+
+    ``stream_before_check`` trades that for speed on large files: clients
+    are streamed the body as it arrives except its last
+    :data:`WITHHELD_TAIL` bytes, which are released only once the check
+    passes; on a mismatch the response ends incomplete, which no client
+    takes for a whole file.
     """
 
     key: str
@@ -119,10 +125,19 @@ class UpstreamRequest:
     verify: Callable[[], BodyVerifier] | None = None
     storable: Callable[[int, Mapping[str, str]], bool] = _default_storable
     follow_redirects: bool = False
+    stream_before_check: bool = False
+
+    @property
+    def checked(self) -> bool:
+        return self.verify is not None or self.expected_sha256 is not None
 
     @property
     def holds_until_checked(self) -> bool:
-        return self.verify is not None or self.expected_sha256 is not None
+        return self.checked and not self.stream_before_check
+
+    @property
+    def withholds_tail(self) -> bool:
+        return self.checked and self.stream_before_check
 
 
 @frozen
@@ -188,7 +203,12 @@ class DownloadBody:
     closed: bool = False
 
     def available(self) -> int:
-        return self.download.received
+        download = self.download
+        if download.request.withholds_tail and (
+            not download.finished or download.failure is not None
+        ):
+            return max(0, download.received - WITHHELD_TAIL)
+        return download.received
 
     def in_file(self) -> int:
         return self.download.spooled
@@ -231,6 +251,10 @@ class DownloadBody:
             self.fd = -1
         self.download.reader_closed(self)
 
+
+#: Bytes of a body streamed before its check that are held back until the
+#: check has passed (see :attr:`UpstreamRequest.stream_before_check`).
+WITHHELD_TAIL = 64 * 1024
 
 #: Most bytes a download that cannot be spooled to disk keeps in memory for
 #: its slowest reader before it pauses the upstream.
@@ -463,7 +487,7 @@ class _BodyReceiver(Protocol):
         """
         download = self._download
         if download.spool_error is None or not (
-            download.request.holds_until_checked or not download._bodies
+            download.request.checked or not download._bodies
         ):
             return False
         download.abandoned = True
@@ -616,13 +640,19 @@ class Fetcher:
 
     async def _download(self, download: Download) -> None:
         request = download.request
-        requested = self.http.request(
-            "GET",
-            request.url,
-            headers=Headers({k: [v] for k, v in request.headers.items()}),
-            unbuffered=True,
-            allow_redirects=request.follow_redirects,
-        )
+        try:
+            requested = self.http.request(
+                "GET",
+                request.url,
+                headers=Headers({k: [v] for k, v in request.headers.items()}),
+                unbuffered=True,
+                allow_redirects=request.follow_redirects,
+            )
+        except Exception as e:
+            # treq refuses some URLs before any I/O (hyperlink cannot
+            # encode every IPv6 literal, say).
+            self._report_failure(request.url, str(e) or repr(e))
+            raise UpstreamError(f"cannot request {request.url}: {e}") from e
         given_up: list[bool] = []
 
         def give_up() -> None:
@@ -727,9 +757,21 @@ class Fetcher:
                 f" {reason.getErrorMessage()}"
             )
         writer = download._writer
-        if storable and writer is not None and download.spool_error is None:
+        if request.verify is not None and download.status == 200:
             try:
                 receiver.verify()
+            except Exception as e:
+                if writer is not None:
+                    writer.abort()
+                self.log.error(
+                    "Upstream {url} sent a body that fails its check;"
+                    " not stored: {error}",
+                    url=request.url,
+                    error=str(e),
+                )
+                raise IntegrityError(str(e)) from e
+        if storable and writer is not None and download.spool_error is None:
+            try:
                 download.entry = writer.commit(
                     _replayed(download.headers),
                     expected_size=(

@@ -343,9 +343,12 @@ class PurgeTests(CacheTestCase):
         self.assertEqual(
             os.pread(reading.fd, SAMPLE[APK_320] + 1, 0), body_of(SAMPLE[APK_320], APK_320)
         )
-        # The pending access time of a purged key is written harmlessly.
+        # The pending access time of a purged key is written harmlessly,
+        # and the store's totals follow the purge.
         store.flush()
         self.assertEqual(stored_keys(self.cache_dir), set(SAMPLE) - {APK_320})
+        self.assertEqual(store.entry_count, len(SAMPLE) - 1)
+        self.assertEqual(store.total_size, sum(SAMPLE.values()) - SAMPLE[APK_320])
 
     def test_replaced_meanwhile(self) -> None:
         """

@@ -38,6 +38,8 @@ from twisted.trial.unittest import TestCase
 
 from buildcache.config import Mirror
 from buildcache.freshness import format_http_date
+from buildcache.proxy import STREAM_CHECKED_ABOVE
+from buildcache.upstream import WITHHELD_TAIL
 from tests.apkrepo import (
     BUILD_TIME,
     BuiltApk,
@@ -61,6 +63,7 @@ from tests.support import (
 REPOSITORY = "/alpine/v3.20/main"
 ARCH_PATH = f"{REPOSITORY}/x86_64"
 INDEX_PATH = f"{ARCH_PATH}/APKINDEX.tar.gz"
+MB = 1024 * 1024
 #: The origin's Last-Modified for the first version of the repository.
 PUBLISHED = float(BUILD_TIME)
 
@@ -1064,6 +1067,52 @@ class PackageCheckTests(TestCase):
         tampered = bytearray(apk.content)
         tampered[-100] ^= 0x01
         await self._refused(harness, apk, bytes(tampered))
+
+    async def test_large_package_streams_before_its_check(self) -> None:
+        """
+        A package above STREAM_CHECKED_ABOVE reaches its clients while the
+        origin is still sending it (all but its last bytes), and is stored
+        once it matches.
+        """
+        big = build_apk("big", "1.0-r0", data_size_pad=STREAM_CHECKED_ABOVE + MB)
+        harness = ProxyHarness.start(self, packages=[*default_packages(), big])
+        await harness.get(INDEX_PATH)
+        path = harness.package_path(big.filename)
+        harness.origin.hold(path)
+        first: Deferred[None] = Deferred()
+        result = Deferred.fromCoroutine(
+            harness.client.get(harness.mirrored(path), first_bytes=first)
+        )
+        await first  # the origin is holding the second half
+        harness.origin.release(path)
+        received = await result
+        await harness.idle()
+        self.assertEqual((received.status, received.complete), (200, True))
+        self.assertEqual(received.body, big.content)
+        self.assertIn(f"{harness.origin_authority}{path}", harness.stored_keys())
+
+    async def test_large_tampered_package_never_completes(self) -> None:
+        """
+        A large package that fails its check was streamed but its last
+        bytes are withheld: the response ends incomplete, nothing is
+        stored, an error event is logged.
+        """
+        events = log_events(self)
+        big = build_apk("big", "1.0-r0", data_size_pad=STREAM_CHECKED_ABOVE + MB)
+        harness = ProxyHarness.start(self, packages=[*default_packages(), big])
+        await harness.get(INDEX_PATH)
+        path = harness.package_path(big.filename)
+        tampered = bytearray(big.content)
+        tampered[-100] ^= 0x01
+        harness.replace_file(path, bytes(tampered), PUBLISHED)
+        received = await harness.get(path)
+        self.assertEqual(received.status, 200)
+        self.assertFalse(received.complete)
+        self.assertLessEqual(len(received.body), big.size - WITHHELD_TAIL)
+        self.assertNotIn(f"{harness.origin_authority}{path}", harness.stored_keys())
+        self.assertEqual(
+            len(events_at(events, LogLevel.error, "fails its check")), 1
+        )
 
     async def test_wrong_size_is_refused(self) -> None:
         """
