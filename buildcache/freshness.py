@@ -45,6 +45,7 @@ __all__ = [
     "current_age",
     "client_demands_revalidation",
     "not_modified",
+    "validators_of",
     "parse_http_date",
     "format_http_date",
     "parse_cache_control",
@@ -457,6 +458,20 @@ def _stored_entity_tag(stored: Mapping[str, str]) -> tuple[bool, str] | None:
     if not parsed:
         return None
     return parsed[0]
+
+
+def validators_of(stored_headers: Mapping[str, str]) -> dict[str, str]:
+    """
+    The conditional request headers that revalidate a stored response
+    upstream: its ``ETag`` and ``Last-Modified``, as given.
+    """
+    stored = _lowered(stored_headers)
+    conditional = {}
+    if "etag" in stored:
+        conditional["if-none-match"] = stored["etag"]
+    if "last-modified" in stored:
+        conditional["if-modified-since"] = stored["last-modified"]
+    return conditional
 
 
 def not_modified(

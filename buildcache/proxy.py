@@ -41,6 +41,7 @@ from buildcache.freshness import (
     client_cache_control,
     decide,
     is_storable,
+    validators_of,
 )
 from buildcache.respond import (
     CacheStatus,
@@ -82,15 +83,6 @@ class BadTarget(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _validators(headers: Mapping[str, str]) -> dict[str, str]:
-    conditional = {}
-    if "etag" in headers:
-        conditional["if-none-match"] = headers["etag"]
-    if "last-modified" in headers:
-        conditional["if-modified-since"] = headers["last-modified"]
-    return conditional
 
 
 _PACKAGE_SUFFIXES = (".apk", ".deb", ".udeb", ".whl", ".tar.gz", ".zip", ".rpm")
@@ -451,7 +443,7 @@ class ProxyResource(Resource):
         stored: StoredObject,
     ) -> None:
         upstream = self._upstream_request(
-            target, headers, _validators(stored.entry.headers), None
+            target, headers, validators_of(stored.entry.headers), None
         )
         try:
             answer = await self.fetcher.fetch(upstream)
@@ -546,7 +538,7 @@ class ProxyResource(Resource):
         assert index_url is not None
         index_key = cache_key(index_url)
         index_entry = self.store.peek(index_key)
-        conditional = _validators(index_entry.headers) if index_entry else {}
+        conditional = validators_of(index_entry.headers) if index_entry else {}
         index_target = Target(index_url, index_key, Kind.INDEX, target.route)
         try:
             answer = await self.fetcher.fetch(

@@ -183,13 +183,21 @@ def send_error(request: Request, code: int, message: str) -> None:
     """
     Finish ``request`` with ``code`` and a one-line plain-text explanation.
     """
+    send_text(request, code, f"{code} {message}\n".encode("utf-8", "replace"))
+
+
+def send_text(
+    request: Request, code: int, body: bytes, cache_control: str = "no-store"
+) -> None:
+    """
+    Finish ``request`` with a small plain-text body.
+    """
     if client_gone(request):
         return
-    body = f"{code} {message}\n".encode("utf-8", "replace")
     request.setResponseCode(code)
     request.setHeader("content-type", "text/plain; charset=utf-8")
     request.setHeader("content-length", str(len(body)))
-    request.setHeader("cache-control", "no-store")
+    request.setHeader("cache-control", cache_control)
     if request.method != b"HEAD":
         request.write(body)
     request.finish()

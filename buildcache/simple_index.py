@@ -73,11 +73,13 @@ from buildcache.freshness import (
     client_cache_control,
     client_demands_revalidation,
     not_modified,
+    validators_of,
 )
 from buildcache.respond import (
     CacheStatus,
     request_headers,
     send_error,
+    send_text,
     serve_answer,
     serve_stored,
 )
@@ -183,15 +185,6 @@ def _metadata_servable(file: ProjectFile) -> bool:
     # Metadata is fetched from "<url>.metadata" (PEP 658), which a URL with
     # a query string does not have.
     return not urlsplit(file.url).query
-
-
-def _validators(headers: Mapping[str, str]) -> dict[str, str]:
-    conditional = {}
-    if "etag" in headers:
-        conditional["if-none-match"] = headers["etag"]
-    if "last-modified" in headers:
-        conditional["if-modified-since"] = headers["last-modified"]
-    return conditional
 
 
 def _gone(request: Request) -> bool:
@@ -487,13 +480,7 @@ class IndexResource(Resource):
             f"Use it with:  pip install --index-url {base}/simple/ NAME\n"
             f"         or:  uv pip install --index-url {base}/simple/ NAME\n"
         ).encode("utf-8", "replace")
-        request.setResponseCode(200)
-        request.setHeader("content-type", "text/plain; charset=utf-8")
-        request.setHeader("content-length", str(len(body)))
-        request.setHeader("cache-control", "no-cache")
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
+        send_text(request, 200, body, "no-cache")
 
     def _redirect(self, request: Request, location: str) -> None:
         request.setResponseCode(301)
@@ -650,7 +637,7 @@ class IndexResource(Resource):
                     "the upstream failed moments ago",
                     remembered=True,
                 )
-        conditional = _validators(entry.headers) if entry is not None else {}
+        conditional = validators_of(entry.headers) if entry is not None else {}
         outcome = await self._fetch_page(upstream, name, conditional)
         if outcome == _NOT_MODIFIED:
             self._failing_until.pop(upstream, None)
@@ -826,7 +813,7 @@ class IndexResource(Resource):
             serve_stored(request, stored, CacheStatus.HIT, counters, cache_control, extra)
             return
         url = f"{upstream}/"
-        conditional = _validators(stored.entry.headers) if stored is not None else {}
+        conditional = validators_of(stored.entry.headers) if stored is not None else {}
         try:
             answer = await self.fetcher.fetch(
                 UpstreamRequest(

@@ -31,7 +31,7 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 import treq.client
 
-from buildcache.activity import Activity
+from buildcache.activity import Activity, redact
 from buildcache.store import Entry, IntegrityError, ObjectWriter, Store
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -365,7 +365,7 @@ class Download:
         self.log.error(
             "Cannot write {url} to the cache after {size} bytes: {error};"
             " streaming it to its clients from memory, not storing it",
-            url=self.request.url,
+            url=redact(self.request.url),
             size=self.spooled,
             error=str(error),
         )
@@ -451,7 +451,7 @@ class Download:
             "Dropped {count} clients of {url}: they kept it from being"
             " fetched for the upstream timeout while it could not be spooled",
             count=len(laggards),
-            url=self.request.url,
+            url=redact(self.request.url),
         )
         self.reader_moved()
         return True
@@ -577,6 +577,25 @@ class Fetcher:
             self._idle_waiters.append(idle)
         return idle
 
+    def _refused(
+        self, request: UpstreamRequest, writer: ObjectWriter | None, error: Exception
+    ) -> IntegrityError:
+        """
+        Forget a body that failed its check, and say so.
+        """
+        if writer is not None:
+            writer.abort()
+        self.log.error(
+            "Upstream {url} sent a body that fails its check; not stored: {error}",
+            url=redact(request.url),
+            error=str(error),
+        )
+        if isinstance(error, IntegrityError):
+            return error
+        refused = IntegrityError(str(error))
+        refused.__cause__ = error
+        return refused
+
     def _report_failure(self, url: str, error: str) -> None:
         if self.activity is not None:
             self.activity.upstream_failed(url, error)
@@ -604,7 +623,7 @@ class Fetcher:
         except Exception:
             failure = Failure()
             if not failure.check(UpstreamError, IntegrityError):
-                self.log.failure("Download of {url} failed", failure, url=request.url)
+                self.log.failure("Download of {url} failed", failure, url=redact(request.url))
             self._fail(download, failure)
         finally:
             if self._downloads.get(request.key) is download:
@@ -652,7 +671,7 @@ class Fetcher:
             # treq refuses some URLs before any I/O (hyperlink cannot
             # encode every IPv6 literal, say).
             self._report_failure(request.url, str(e) or repr(e))
-            raise UpstreamError(f"cannot request {request.url}: {e}") from e
+            raise UpstreamError(f"cannot request {redact(request.url)}: {e}") from e
         given_up: list[bool] = []
 
         def give_up() -> None:
@@ -672,14 +691,14 @@ class Fetcher:
             # CancelledError itself: the timer says which it was.
             if not (given_up or isinstance(e, CancelledError)):
                 self.log.warn(
-                    "Upstream {url} failed: {error}", url=request.url, error=repr(e)
+                    "Upstream {url} failed: {error}", url=redact(request.url), error=repr(e)
                 )
                 self._report_failure(request.url, str(e) or repr(e))
-                raise UpstreamError(f"{request.url}: {e}") from e
-            self.log.warn("Upstream {url} did not answer in time", url=request.url)
+                raise UpstreamError(f"{redact(request.url)}: {e}") from e
+            self.log.warn("Upstream {url} did not answer in time", url=redact(request.url))
             self._report_failure(request.url, "timeout")
             raise UpstreamTimeout(
-                f"{request.url} did not answer within {self.idle_timeout:g}s"
+                f"{redact(request.url)} did not answer within {self.idle_timeout:g}s"
             )
         finally:
             if timer.active():
@@ -729,7 +748,7 @@ class Fetcher:
                 else "no client is reading it"
             )
             raise CacheWriteError(
-                f"cannot write {request.url} to the cache"
+                f"cannot write {redact(request.url)} to the cache"
                 f" ({download.spool_error}), and {why}"
             )
         complete = reason.check(ResponseDone) is not None
@@ -747,13 +766,13 @@ class Fetcher:
         if receiver.timed_out:
             self._report_failure(request.url, "stalled mid-body")
             raise UpstreamTimeout(
-                f"{request.url} stalled for {self.idle_timeout:g}s after"
+                f"{redact(request.url)} stalled for {self.idle_timeout:g}s after"
                 f" {download.received} bytes"
             )
         if not complete:
             self._report_failure(request.url, "body cut short")
             raise UpstreamError(
-                f"{request.url} ended after {download.received} bytes:"
+                f"{redact(request.url)} ended after {download.received} bytes:"
                 f" {reason.getErrorMessage()}"
             )
         writer = download._writer
@@ -761,15 +780,7 @@ class Fetcher:
             try:
                 receiver.verify()
             except Exception as e:
-                if writer is not None:
-                    writer.abort()
-                self.log.error(
-                    "Upstream {url} sent a body that fails its check;"
-                    " not stored: {error}",
-                    url=request.url,
-                    error=str(e),
-                )
-                raise IntegrityError(str(e)) from e
+                raise self._refused(request, writer, e)
         if storable and writer is not None and download.spool_error is None:
             try:
                 download.entry = writer.commit(
@@ -786,20 +797,11 @@ class Fetcher:
                 # it is just not kept.
                 self.log.error(
                     "Cannot store {url}: {error}; served, not stored",
-                    url=request.url,
+                    url=redact(request.url),
                     error=str(e),
                 )
             except Exception as e:
-                writer.abort()
-                self.log.error(
-                    "Upstream {url} sent a body that fails its check;"
-                    " not stored: {error}",
-                    url=request.url,
-                    error=str(e),
-                )
-                if isinstance(e, IntegrityError):
-                    raise
-                raise IntegrityError(str(e)) from e
+                raise self._refused(request, writer, e)
         elif writer is not None:
             writer.abort()
         download.finished = True
