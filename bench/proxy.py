@@ -679,7 +679,7 @@ def hot_throughput(route: Route, workload: Workload) -> float:
 
 
 def requests_per_second(route: Route, origin: Origin, workload: Workload, scratch: Path) -> dict[str, object]:
-    command = ["wrk", f"-t2", f"-c{WRK_CONNECTIONS}", f"-d{WRK_SECONDS}s"]
+    command = ["wrk", "-t2", f"-c{WRK_CONNECTIONS}", f"-d{WRK_SECONDS}s"]
     if route.proxy:
         # wrk has no proxy option: send the absolute URI as the request
         # target to the proxy's address.

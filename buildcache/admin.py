@@ -50,7 +50,13 @@ from attrs import Factory, define, frozen
 from twisted.logger import Logger
 
 from buildcache import __version__
-from buildcache.apk import ALPINE_ARCHES, ApkIndex, ApkIndexEntry, ApkIndexError, parse_apkindex
+from buildcache.apk import (
+    ALPINE_ARCHES,
+    ApkIndex,
+    ApkIndexEntry,
+    ApkIndexError,
+    parse_apkindex,
+)
 from buildcache.config import DEFAULT_INDEX_PORT, DEFAULT_PROXY_PORT, default_cache_dir
 from buildcache.simple_model import normalize_project_name
 from buildcache.store import APPLICATION_ID, INDEX_NAME, SCHEMA_VERSION

@@ -18,11 +18,11 @@ from typing import Protocol
 
 from attrs import define
 from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from buildcache.store import StoredObject
 

@@ -15,8 +15,8 @@ import ipaddress
 import os
 import re
 import tempfile
-from fractions import Fraction
 from collections.abc import Callable, Iterable, Mapping
+from fractions import Fraction
 from typing import Any
 from urllib.parse import urlsplit
 

@@ -13,11 +13,11 @@ Package-format knowledge lives in :mod:`buildcache.freshness`; CONNECT in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import ipaddress
 import re
 import socket
 import unicodedata
+from collections.abc import Mapping, Sequence
 from typing import Protocol as TypingProtocol
 from urllib.parse import unquote, urlsplit
 
@@ -30,10 +30,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
 from buildcache.activity import Activity, redact
-from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.apk import ApkIndexEntry, repository_index_url
 from buildcache.apkcheck import ApkIndexes, verifier_for
 from buildcache.config import Mirror
+from buildcache.connect import TargetRefused
 from buildcache.freshness import (
     Decision,
     Kind,
@@ -50,16 +50,16 @@ from buildcache.respond import (
     serve_answer,
     serve_stored,
 )
+from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.store import IntegrityError, Store, StoredObject
 from buildcache.upstream import (
-    cache_key,
     Fetcher,
     UpstreamAnswer,
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
+    cache_key,
 )
-from buildcache.connect import TargetRefused
 
 VIA = "1.1 buildcache"
 #: Packages larger than this are streamed before their index check ends.

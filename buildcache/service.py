@@ -15,13 +15,13 @@ from typing import Any
 from attrs import frozen
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
@@ -29,10 +29,10 @@ from buildcache.access import AccessPolicy
 from buildcache.activity import Activity
 from buildcache.config import Config
 from buildcache.connect import make_http_client, upstream_pool
+from buildcache.metrics import Metrics
 from buildcache.proxy import OwnIndex, ProxyResource, Router
 from buildcache.simple_index import IndexResource
 from buildcache.status import StatusPage, StatusResource
-from buildcache.metrics import Metrics
 from buildcache.store import Store
 from buildcache.tunnel import ProxySite, StrictSite
 from buildcache.upstream import Fetcher

@@ -67,7 +67,6 @@ from twisted.web.server import NOT_DONE_YET, Request
 from buildcache import __version__
 from buildcache.access import AccessPolicy
 from buildcache.activity import Activity
-from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.freshness import (
     Kind,
     client_cache_control,
@@ -95,15 +94,15 @@ from buildcache.simple_model import (
     parse_page,
     render_page,
 )
+from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
 from buildcache.upstream import (
-    cache_key,
     DownloadBody,
     Fetcher,
-    UpstreamAnswer,
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
+    cache_key,
 )
 
 __all__ = [

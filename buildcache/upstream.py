@@ -13,11 +13,13 @@ client reading it sees its response cut short.
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol as TypingProtocol, cast
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
+from urllib.parse import urlsplit
 
+import treq.client
 from attrs import Factory, define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -29,7 +31,6 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
-import treq.client
 
 from buildcache.activity import Activity, redact
 from buildcache.store import Entry, IntegrityError, ObjectWriter, Store

@@ -644,10 +644,9 @@ class RepositoryResourceTests(TestCase):
     """
 
     def setUp(self) -> None:
+        import treq.client
         from twisted.internet import reactor
         from twisted.web.client import Agent, HTTPConnectionPool
-
-        import treq.client
 
         self.directory = self.mktemp()
         write_repository(self.directory, [signed_package()], "x86_64", mtime=1_600_000_000)

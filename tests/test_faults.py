@@ -55,7 +55,7 @@ from tests.support import (
     url_of,
 )
 from tests.test_proxy import events_at, log_events, sha256, silent_listener, until
-from tests.test_service import TWISTD, ServerProcess, free_port
+from tests.test_service import TWISTD, spawn_server
 
 KB = 1024
 MB = 1024 * KB
@@ -1230,27 +1230,7 @@ class StartupTests(TestCase):
         else:
             os.chmod(cache_dir, 0o555)
             self.addCleanup(os.chmod, cache_dir, 0o755)
-        proxy_port = free_port()
-        process = ServerProcess()
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-        environ["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        transport = reactor.spawnProcess(
-            process, TWISTD,
-            [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "buildcache",
-             "--port", f"tcp:{proxy_port}:interface=127.0.0.1",
-             "--pypi-port", f"tcp:{free_port()}:interface=127.0.0.1",
-             "--pypi-upstream", "http://127.0.0.1:9/simple",
-             "--cache-dir", cache_dir],
-            env=environ,
-        )
-
-        def end() -> Deferred[None] | None:
-            if process.ended.called:
-                return None
-            transport.signalProcess("KILL")
-            return process.ended
-
-        self.addCleanup(end)
+        process, _ = spawn_server(self, "--cache-dir", cache_dir)
         await process.ended
         assert process.reason is not None
         self.assertIsInstance(process.reason.value, ProcessTerminated)

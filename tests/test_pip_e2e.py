@@ -24,8 +24,8 @@ from pathlib import Path
 from twisted.internet import ssl
 from twisted.internet.error import CannotListenError
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.web.server import Site
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.server import Site
 
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import listen, reactor, start_server, url_of

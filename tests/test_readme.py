@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.apkrepo import RepositoryResource, build_apk, write_repository
 from tests.pyindex import DemoRelease, StaticSimpleIndex, build_index
 from tests.support import listen, reactor, url_of
-from tests.test_service import ServerProcess, TWISTD
+from tests.test_service import TWISTD, ServerProcess
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -23,8 +23,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import TestCase
 from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
@@ -469,7 +469,7 @@ class PageTests(TestCase):
         through = Client(proxy_port=self.harness.index_port)
         self.addCleanup(lambda: Deferred.fromCoroutine(through.close()))
         received = await through.get(
-            f"http://box.invalid:3141/simple/bcdemo-a/", {"accept": PIP_ACCEPT}
+            "http://box.invalid:3141/simple/bcdemo-a/", {"accept": PIP_ACCEPT}
         )
         self.assertEqual(received.status, 200)
         self.assertEqual(received.header("content-type"), MEDIA_TYPE_JSON)

@@ -14,6 +14,7 @@ import zlib
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from buildcache.activity import BUCKETS
 from tests.support import reactor
 from tests.test_status import (
     PACKAGE,
@@ -22,7 +23,6 @@ from tests.test_status import (
     start_status_server,
     step_heights,
 )
-from buildcache.activity import BUCKETS
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = (
