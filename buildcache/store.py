@@ -243,14 +243,6 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @define
 class Store:
     """
@@ -403,7 +395,10 @@ class Store:
             raise
         now = self.clock.seconds()
         try:
-            _fsync_directory(os.path.dirname(final))
+            # No fsync of the directory: if a power loss forgets the rename
+            # while the row survives, start-up drops the row without a file.
+            # The file's own fsync (in commit) is what keeps a row from ever
+            # naming a file of the right size with the wrong bytes.
             old = self._db.execute(
                 "SELECT size, file FROM entries WHERE key = ?", (key,)
             ).fetchone()
@@ -429,7 +424,6 @@ class Store:
             # Readers of the old version keep their descriptors.
             _unlink_quietly(_file_path(self.directory, old[1]))
         self.total_size += size
-        self.log.debug("Stored {key} ({size} bytes)", key=key, size=size)
         self._evict(keep=key)
         return Entry(key, size, dict(headers), digest, now, now, now, name)
 

@@ -518,6 +518,7 @@ class AccessBatchingTests(StoreTestMixin, SynchronousTestCase):
             real_fsync(fd)
 
         self.patch(os, "fsync", counting_fsync)
+        store.sync_file = counting_fsync
         body = body_of(20 * KB, "hit")
         self.put(store, "k", body)
         self.put(store, "other", b"o")
