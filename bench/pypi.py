@@ -5,6 +5,7 @@ devpi-server and proxpi on the same local origin, against the two baselines
 ``pip --no-index --find-links`` (the floor) and pip straight from the origin.
 
     /work/venv/bin/python bench/pypi.py [--json bench/pypi.json] [--repeats 3]
+        [--quiet-cores 0.25] [--retries 2] [--max-wait 1800] [--no-wait]
 
 The workload is built once and kept under ``bench/tmp/`` (git-ignored):
 
@@ -43,9 +44,11 @@ processes took meanwhile; a run during which they took more than
 run with a fresh server and cache) and the least disturbed attempt counts.
 
 Before measuring, the bench waits until no other benchmark that started
-before it (any other ``bench/*.py``) is running on the machine.  All traffic stays on 127.0.0.1;
-every process the bench starts is stopped by its PID and the scratch
-directory is removed, also on error, Ctrl-C or ``kill``.
+before it (any other ``bench/*.py``) is running on the machine.  All
+traffic stays on 127.0.0.1; every process the bench starts is stopped by
+its PID and the scratch directory is removed, also on error, Ctrl-C or
+``kill``.  It takes about 3 minutes of measuring on 2 cores (more when runs
+are retried), plus a few minutes the first time to build the workload.
 """
 
 from __future__ import annotations
@@ -62,7 +65,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -77,9 +79,22 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 import attrs
+from processes import (  # noqa: E402
+    children_of,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    status_kb,
+    stop,
+    wait_for_port,
+)
 
 try:
-    from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+    from packaging.utils import (
+        canonicalize_name,
+        parse_sdist_filename,
+        parse_wheel_filename,
+    )
 except ImportError:  # pip always carries a copy
     from pip._vendor.packaging.utils import (  # type: ignore[no-redef, assignment]
         canonicalize_name,
@@ -99,6 +114,7 @@ REQUIREMENTS = BENCH / "pypi-requirements.txt"
 ROOT_REQUIREMENT = "jupyter"
 
 REPEATS = 3
+RETRY_PAUSE_S = 5.0
 PIP_TIMEOUT = 300
 INSTALL_TIMEOUT = 900
 OTHER_BENCHMARKS = r"bench/[A-Za-z0-9_]+\.py"
@@ -380,72 +396,6 @@ def build_origin_tree(www: Path, pins: Sequence[Pin]) -> list[Distribution]:
 # ---------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop one process the bench started, by its PID."""
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(20)
-
-
-def status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name == field:
-                    return int(value.split()[0])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of one live process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
 @attrs.define
 class Running:
     """A server the bench started: its process, its log, where it listens."""
@@ -483,19 +433,6 @@ def spawn(command: Sequence[str], log: Path, env: Mapping[str, str] | None = Non
             list(command), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=dict(env if env is not None else SERVER_ENV), cwd=cwd,
         )
-
-
-def wait_for_port(port: int, running_process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if running_process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                raise RuntimeError(f"server did not start on {port}:\n{tail}")
-            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- origin
@@ -922,11 +859,14 @@ Repeat = dict[str, Run]
 ROWS = ["floor", "direct"] + [f"{server.name} {state}" for server in SERVERS for state in ("cold", "warm")]
 
 
-def least_disturbed(quiet: Quiet, take: Callable[[], tuple[Run, ...]]) -> tuple[Run, ...]:
+def least_disturbed(
+    quiet: Quiet, take: Callable[[], tuple[Run, ...]], pause_s: float = RETRY_PAUSE_S
+) -> tuple[Run, ...]:
     """
     Call ``take`` until its first run was quiet, at most ``1 + retries``
-    times; return the attempt whose first run lost the least CPU to other
-    processes, each run marked with the number of attempts.
+    times, ``pause_s`` apart; return the attempt whose first run lost the
+    least CPU to other processes, each run marked with the number of
+    attempts.
     """
     best: tuple[Run, ...] | None = None
     attempts = 0
@@ -936,6 +876,9 @@ def least_disturbed(quiet: Quiet, take: Callable[[], tuple[Run, ...]]) -> tuple[
             best = runs
         if runs[0].measurement.foreign_cores <= quiet.cores:
             break
+        if attempts <= quiet.retries:
+            # Let a burst of someone else's work pass before trying again.
+            time.sleep(pause_s)
     assert best is not None
     return tuple(attrs.evolve(run, attempts=max(run.attempts, attempts)) for run in best)
 
@@ -990,7 +933,10 @@ def run_repeat(
                 running = live = server.start(run_dir, origin)
                 url = ["--index-url", f"http://127.0.0.1:{live.port}{server.index_path}"]
                 cold = through(live, url)
-                (warm,) = least_disturbed(quiet, lambda: (through(live, url),))
+                # No pause: a warm run must follow the cold one closely, as
+                # pages older than buildcache's revalidation floor (30 s) are
+                # revalidated upstream on pip's "max-age=0".
+                (warm,) = least_disturbed(quiet, lambda: (through(live, url),), pause_s=0.0)
                 if live.process.poll() is not None:
                     raise RuntimeError(f"{server.name} exited during the run")
                 return cold, warm

@@ -89,6 +89,15 @@ import attrs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from processes import (  # noqa: E402
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    status_kb,
+    stop,
+    wait_for_port,
+)
+
 from tests.apkrepo import BuiltApk, build_apk, write_repository  # noqa: E402
 from tests.pyindex import DemoRelease, IndexFixture, build_index  # noqa: E402
 
@@ -335,37 +344,6 @@ def _origin_kind(path: str, headers: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop one process the bench started, by its PID."""
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(15)
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-                raise RuntimeError(f"server did not start on port {port}:\n{tail}")
-            time.sleep(0.05)
-
-
 def start_origins(scratch: Path) -> tuple[subprocess.Popen[bytes], int, int]:
     process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--origin-child", str(scratch)],
@@ -460,18 +438,6 @@ def wait_for_quiet_machine(max_wait: float, idle_window: float = 30.0) -> float:
 
 
 # ---------------------------------------------------------------- server probes
-
-
-def status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name == field:
-                    return int(value.split()[0])
-    except FileNotFoundError:
-        pass
-    return 0
 
 
 def _tcp_sockets(pid: int) -> dict[int, tuple[int, int, int]]:
@@ -636,25 +602,6 @@ def log_problems(log: Path, limit: int = 30) -> tuple[int, list[str], int]:
                     if len(found) < limit:
                         found.append(line.rstrip()[:400])
     return count, found, lines
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all processes on the machine have used (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(value) for value in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...: all but idle and iowait.
-    busy = sum(fields[:3]) + sum(fields[5:8])
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- HTTP client

@@ -17,7 +17,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -26,9 +25,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from processes import free_port, status_kb, wait_for_port  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
 from buildcache.store import Store, object_name  # noqa: E402
@@ -115,19 +116,8 @@ class _SparseFileHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def peak_rss_mb(pid: int) -> tuple[float, float]:
-    fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            fields[name] = value.strip()
-    return int(fields["VmHWM"].split()[0]) / KB, int(fields["VmRSS"].split()[0]) / KB
+    return status_kb(pid, "VmHWM") / KB, status_kb(pid, "VmRSS") / KB
 
 
 def bench_big_miss(scratch: str, size_mb: int) -> dict[str, float]:
@@ -156,15 +146,7 @@ def bench_big_miss(scratch: str, size_mb: int) -> dict[str, float]:
     )
     try:
         url = f"http://127.0.0.1:{proxy_port}/origin/big.bin"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", proxy_port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("buildcache did not start; see server.log")
-                time.sleep(0.1)
+        wait_for_port(proxy_port, server, Path(scratch) / "server.log", timeout=30)
         idle_mb = peak_rss_mb(server.pid)[1]
         started = time.perf_counter()
         curl = subprocess.run(

@@ -150,20 +150,28 @@ class Activity:
             self.top_names[(front_end, name)] += 1
             if len(self.top_names) > TOP_NAMES_KEPT * 2:
                 self.top_names = Counter(dict(self.top_names.most_common(TOP_NAMES_KEPT)))
-        client = request.getClientAddress()
+        client = getattr(request.getClientAddress(), "host", "-")
+        method = request.method.decode("latin-1")
+        url = redact(request.uri.decode("latin-1"))
+        duration = now - started
+        incomplete = "" if completed else " (client or upstream ended early)"
+        # The text line is formatted here, once and cheaply: the log
+        # observers format "{line}" only; the fields stay for JSON logs.
         self.log.info(
-            "{client} {method} {url} {status} {bytes} {cache} {duration:.3f}s"
-            "{incomplete}",
+            "{line}",
+            line=(
+                f"{client} {method} {url} {request.code} {sent} {cache_status}"
+                f" {duration:.3f}s{incomplete}"
+            ),
             log_system="access",
-            client=getattr(client, "host", "-"),
-            method=request.method.decode("latin-1"),
-            url=redact(request.uri.decode("latin-1")),
+            client=client,
+            method=method,
+            url=url,
             status=request.code,
             bytes=sent,
             cache=cache_status,
-            duration=now - started,
+            duration=duration,
             front_end=front_end,
-            incomplete="" if completed else " (client or upstream ended early)",
         )
 
     def _bucket(self, now: float) -> list[float]:

@@ -27,6 +27,8 @@ from zope.interface import implementer
 from buildcache.store import StoredObject
 
 CHUNK_SIZE = 256 * 1024
+#: Bodies up to this size are written through Twisted, not sendfile.
+SENDFILE_ABOVE = CHUNK_SIZE
 #: Most bytes one sendfile call may move (keeps the reactor responsive).
 SENDFILE_MAX = 4 * 1024 * 1024
 
@@ -139,7 +141,10 @@ class BodySender:
     def start(self) -> None:
         self._request.notifyFinish().addErrback(self._client_gone)
         self._request.registerProducer(self, True)
-        self._direct = direct_sender(self._request) if self._end is not None else None
+        # A small body goes out with the headers in one ordinary write;
+        # sendfile pays off above that.
+        if self._end is not None and self._end - self._offset > SENDFILE_ABOVE:
+            self._direct = direct_sender(self._request)
         self._source.advance(self._offset)
         self._pump()
 
