@@ -22,6 +22,7 @@ a reason a front end can log and put in a 403 body.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -462,6 +463,8 @@ class AccessPolicy:
             configured_upstreams=frozenset(upstream_endpoint(url) for url in upstream_urls),
         )
 
+    # Pure functions of a frozen policy, asked on every request: memoised.
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
     def client_allowed(self, ip: str) -> Verdict:
         """Whether a client at ``ip`` may use the cache (``::ffff:a.b.c.d`` is IPv4)."""
         try:
@@ -476,6 +479,8 @@ class AccessPolicy:
     def _configured(self, host: str, port: int) -> bool:
         return (host, port) in self.configured_upstreams
 
+    # Pure functions of a frozen policy, asked on every request: memoised.
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
     def host_allowed(self, host: str, port: int) -> Verdict:
         """
         Whether a client may ask for ``host:port`` at all, before DNS.
@@ -498,6 +503,8 @@ class AccessPolicy:
                 return Verdict.allow(f"{_endpoint_text(name, port)} matches allow_upstream {pattern.text!r}")
         return Verdict.refuse(f"{_endpoint_text(name, port)} is not in allow_upstream")
 
+    # Pure functions of a frozen policy, asked on every request: memoised.
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
     def address_allowed(self, host: str, port: int, ip: str) -> Verdict:
         """
         Whether the fetch for ``host:port`` may connect to ``ip``, the

@@ -32,10 +32,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import attrs
 from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+#: Index rows kept in memory for hits before the lot is dropped.
+ROWS_KEPT = 20_000
 #: ``PRAGMA application_id`` of a buildcache index ("bcac").
 APPLICATION_ID = 0x62636163
 SCHEMA_VERSION = 1
@@ -265,6 +268,7 @@ class Store:
     _pending_access: dict[str, float] = Factory(dict)
     _temp_serial: int = 0
     _data_version: int = -1
+    _rows: dict[str, Entry] = Factory(dict)
     #: How body bytes reach the disk (``os.write``, ``os.fsync``); the
     #: fault tests replace them to make the disk fail.
     write_file: Callable[[int, memoryview], int] = os.write
@@ -314,14 +318,29 @@ class Store:
     # -- reading ---------------------------------------------------------
 
     def _row(self, key: str) -> Entry | None:
-        row = self._db.execute(
-            "SELECT key, size, headers, sha256, fetched_at, validated_at,"
-            " last_access, file FROM entries WHERE key = ?",
-            (key,),
-        ).fetchone()
-        if row is None:
-            return None
-        return _entry_from_row(row, self._pending_access.get(key))
+        # Rows read on hits are kept in memory: every write to a row goes
+        # through this object and drops it from here (see _forget), and
+        # another process's writes clear it all (_follow_other_writers).
+        entry = self._rows.get(key)
+        if entry is None:
+            row = self._db.execute(
+                "SELECT key, size, headers, sha256, fetched_at, validated_at,"
+                " last_access, file FROM entries WHERE key = ?",
+                (key,),
+            ).fetchone()
+            if row is None:
+                return None
+            entry = _entry_from_row(row, None)
+            if len(self._rows) >= ROWS_KEPT:
+                self._rows.clear()
+            self._rows[key] = entry
+        pending = self._pending_access.get(key)
+        if pending is not None:
+            return attrs.evolve(entry, last_access=pending)
+        return entry
+
+    def _forget(self, key: str) -> None:
+        self._rows.pop(key, None)
 
     def peek(self, key: str) -> Entry | None:
         """
@@ -417,6 +436,7 @@ class Store:
                 raise
             raise OSError(f"cannot record {key} in the cache index: {e}") from e
         self._pending_access.pop(key, None)
+        self._forget(key)
         if old is None:
             self.entry_count += 1
         else:
@@ -446,6 +466,7 @@ class Store:
                 "UPDATE entries SET validated_at = ?, headers = ? WHERE key = ?",
                 (now, json.dumps(merged), key),
             )
+        self._forget(key)
         return Entry(
             key, entry.size, merged, entry.sha256, entry.fetched_at, now,
             entry.last_access, entry.file,
@@ -460,6 +481,8 @@ class Store:
 
     def _delete_rows(self, victims: list[tuple[str, int, str]]) -> None:
         deleted = []
+        for victim in victims:
+            self._forget(victim[0])
         with self._db:
             for victim in victims:
                 # Only rows still naming that file: ``buildcache purge`` may
@@ -522,6 +545,8 @@ class Store:
             return
         pending, self._pending_access = self._pending_access, {}
         try:
+            for key in pending:
+                self._forget(key)
             with self._db:
                 self._db.executemany(
                     "UPDATE entries SET last_access = ? WHERE key = ?",
@@ -550,6 +575,7 @@ class Store:
             if version == self._data_version:
                 return
             self._data_version = version
+            self._rows.clear()
             count, total = self._db.execute(
                 "SELECT count(*), coalesce(sum(size), 0) FROM entries"
             ).fetchone()
