@@ -195,24 +195,25 @@ class ProxyChannel(HTTPChannel):
         self._head: _ConnectHead | None = None
         self._tunnel: _Tunnel | None = None
 
-    def dataReceived(self, data: bytes) -> None:
+    def _took(self, data: bytes) -> bool:
+        """
+        Whether ``data`` belongs to an open tunnel (or a closed channel)
+        rather than to HTTP parsing.
+        """
         if self._mode is _Mode.TUNNEL:
             assert self._tunnel is not None
             self._tunnel.from_client(data)
-        elif self._mode is _Mode.CLOSED:
-            return
-        else:
+            return True
+        return self._mode is _Mode.CLOSED
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._took(data):
             super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
-        # Reached with the bytes that followed the CONNECT head in the same
-        # read (a TLS ClientHello, say): they belong to the tunnel.
-        if self._mode is _Mode.TUNNEL:
-            assert self._tunnel is not None
-            self._tunnel.from_client(data)
-        elif self._mode is _Mode.CLOSED:
-            return
-        else:
+        # Also reached with the bytes that followed the CONNECT head in the
+        # same read (a TLS ClientHello, say): they belong to the tunnel.
+        if not self._took(data):
             super().rawDataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
