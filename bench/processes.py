@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -97,3 +98,21 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry))
     return found
+
+
+def buildcache_command(
+    log: Path | str, proxy_port: int, index_port: int, cache_dir: Path | str,
+    *options: str,
+) -> list[str]:
+    """
+    The ``twistd buildcache`` command line of this Python's virtualenv,
+    listening on 127.0.0.1 only, with ``options`` appended.
+    """
+    return [
+        os.path.join(os.path.dirname(sys.executable), "twistd"),
+        "--nodaemon", "--pidfile=", "--logfile", str(log), "buildcache",
+        "--port", f"tcp:{proxy_port}:interface=127.0.0.1",
+        "--pypi-port", f"tcp:{index_port}:interface=127.0.0.1",
+        "--cache-dir", str(cache_dir),
+        *options,
+    ]

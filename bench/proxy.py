@@ -51,9 +51,16 @@ import attrs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from processes import children_of, free_port, status_kb, stop, wait_for_port  # noqa: E402
+from processes import (  # noqa: E402
+    buildcache_command,
+    children_of,
+    free_port,
+    status_kb,
+    stop,
+    wait_for_port,
+)
 
-from tests.apkrepo import BuiltApk, build_apk, write_repository  # noqa: E402
+from tests.apkrepo import build_apk_of_size, write_repository  # noqa: E402
 
 KB = 1024
 MB = 1024 * KB
@@ -185,15 +192,6 @@ def package_sizes() -> list[int]:
     return [BIG_BYTES, SMALL_BYTES, *spread(low)]
 
 
-def padded_apk(name: str, target_size: int, seed: int) -> BuiltApk:
-    """A package whose file is very close to ``target_size`` bytes."""
-    probe = build_apk(name, "1.0-r0", ARCH, data_size_pad=1, pad_seed=seed)
-    overhead = probe.size - 1
-    return build_apk(
-        name, "1.0-r0", ARCH, data_size_pad=max(1, target_size - overhead), pad_seed=seed
-    )
-
-
 @attrs.frozen
 class Workload:
     www: Path
@@ -229,7 +227,7 @@ class Workload:
 
 def build_workload(www: Path) -> Workload:
     packages = [
-        padded_apk(f"bench{number:02d}", size, seed=number)
+        build_apk_of_size(f"bench{number:02d}", size, ARCH, number)
         for number, size in enumerate(package_sizes())
     ]
     arch_dir = write_repository(www / REPOSITORY, packages, ARCH, mtime=time.time() - 86400)
@@ -382,17 +380,12 @@ class Contender:
 
 
 def start_buildcache(origin: Origin, forward_proxy: bool) -> Callable[[Path], Running]:
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
 
     def start(run_dir: Path) -> Running:
         port, index_port = free_port(), free_port()
         log = run_dir / "server.log"
         command = [
-            twistd, "--nodaemon", "--pidfile=", "--logfile", str(log),
-            "buildcache",
-            "--port", f"tcp:{port}:interface=127.0.0.1",
-            "--pypi-port", f"tcp:{index_port}:interface=127.0.0.1",
-            "--cache-dir", str(run_dir / "cache"),
+            *buildcache_command(log, port, index_port, run_dir / "cache"),
             "--max-size", "2G",
             "--mirror", f"origin={origin.base}",
         ]

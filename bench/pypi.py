@@ -80,6 +80,7 @@ from pathlib import Path
 
 import attrs
 from processes import (  # noqa: E402
+    buildcache_command,
     children_of,
     cpu_seconds,
     free_port,
@@ -701,15 +702,10 @@ class Server:
 def start_buildcache(run_dir: Path, origin: Origin) -> Running:
     port, index_port = free_port(), free_port()
     log = run_dir / "buildcache.log"
-    twistd = Path(sys.executable).parent / "twistd"
     process = spawn(
-        [
-            str(twistd), "--nodaemon", "--pidfile=", "--logfile", str(log), "buildcache",
-            "--port", f"tcp:{port}:interface=127.0.0.1",
-            "--pypi-port", f"tcp:{index_port}:interface=127.0.0.1",
-            "--cache-dir", str(run_dir / "cache"),
-            "--pypi-upstream", origin.index_url,
-        ],
+        buildcache_command(
+            log, port, index_port, run_dir / "cache", "--pypi-upstream", origin.index_url
+        ),
         run_dir / "stdout.log", cwd=run_dir,
     )
     running = Running(process, log, index_port, scan_log=True)

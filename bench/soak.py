@@ -90,6 +90,7 @@ import attrs
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from processes import (  # noqa: E402
+    buildcache_command,
     cpu_seconds,
     free_port,
     machine_busy_seconds,
@@ -98,7 +99,7 @@ from processes import (  # noqa: E402
     wait_for_port,
 )
 
-from tests.apkrepo import BuiltApk, build_apk, write_repository  # noqa: E402
+from tests.apkrepo import build_apk_of_size, write_repository  # noqa: E402
 from tests.pyindex import DemoRelease, IndexFixture, build_index  # noqa: E402
 
 KB = 1024
@@ -211,15 +212,6 @@ def apk_sizes() -> list[int]:
     return [int(APK_SMALLEST * ratio**i) for i in range(APK_COUNT)]
 
 
-def padded_apk(name: str, target_size: int, seed: int) -> BuiltApk:
-    """A package whose file is very close to ``target_size`` bytes."""
-    probe = build_apk(name, "1.0-r0", ARCH, data_size_pad=1, pad_seed=seed)
-    overhead = probe.size - 1
-    return build_apk(
-        name, "1.0-r0", ARCH, data_size_pad=max(1, target_size - overhead), pad_seed=seed
-    )
-
-
 def project_name(number: int) -> str:
     return f"soak-{number:05d}"
 
@@ -231,14 +223,14 @@ def build_workload(scratch: Path, project_count: int) -> Workload:
     """
     yesterday = time.time() - 86400
     packages = [
-        padded_apk(f"soak{number:02d}", size, seed=number)
+        build_apk_of_size(f"soak{number:02d}", size, ARCH, number)
         for number, size in enumerate(apk_sizes())
     ]
     arch_dir = write_repository(scratch / "www" / REPOSITORY, packages, ARCH, mtime=yesterday)
     base = f"/{MIRROR}/{REPOSITORY}/{ARCH}"
     blobs = [Blob.of(f"{base}/{apk.filename}", apk.content) for apk in packages]
     ttl_packages = [
-        padded_apk(f"soakttl{number}", APK_SMALLEST * (number + 1), seed=100 + number)
+        build_apk_of_size(f"soakttl{number}", APK_SMALLEST * (number + 1), ARCH, 100 + number)
         for number in range(TTL_REPOSITORY_PACKAGES)
     ]
     ttl_dir = write_repository(
@@ -376,13 +368,8 @@ class Ports:
 
 def start_buildcache(scratch: Path, ports: Ports) -> tuple[subprocess.Popen[bytes], Path]:
     log = scratch / "server.log"
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     command = [
-        twistd, "--nodaemon", "--pidfile=", "--logfile", str(log),
-        "buildcache",
-        "--port", f"tcp:{ports.proxy}:interface=127.0.0.1",
-        "--pypi-port", f"tcp:{ports.index}:interface=127.0.0.1",
-        "--cache-dir", str(scratch / "cache"),
+        *buildcache_command(log, ports.proxy, ports.index, scratch / "cache"),
         "--max-size", "2G",
         "--index-ttl", INDEX_TTL,
         "--mirror", f"{MIRROR}=http://127.0.0.1:{ports.apk_origin}",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from processes import free_port, status_kb, wait_for_port  # noqa: E402
+from processes import buildcache_command, free_port, status_kb, wait_for_port  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
 from buildcache.store import Store, object_name  # noqa: E402
@@ -131,17 +131,13 @@ def bench_big_miss(scratch: str, size_mb: int) -> dict[str, float]:
     )
     threading.Thread(target=origin.serve_forever, daemon=True).start()
     proxy_port, index_port = free_port(), free_port()
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     server = subprocess.Popen(
-        [
-            twistd, "--nodaemon", "--pidfile=", "--logfile", os.path.join(scratch, "server.log"),
-            "buildcache",
-            "--port", f"tcp:{proxy_port}:interface=127.0.0.1",
-            "--pypi-port", f"tcp:{index_port}:interface=127.0.0.1",
-            "--cache-dir", os.path.join(scratch, "cache"),
+        buildcache_command(
+            os.path.join(scratch, "server.log"), proxy_port, index_port,
+            os.path.join(scratch, "cache"),
             "--max-size", f"{2 * size_mb}M",
             "--mirror", f"origin=http://127.0.0.1:{origin.server_address[1]}",
-        ],
+        ),
         cwd=scratch,
     )
     try:

@@ -592,3 +592,17 @@ def listen_on_loopback(reactor: _ListensOnTCP, resource: Resource) -> tuple[tcp.
     """
     port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
     return port, f"http://127.0.0.1:{port.getHost().port}"
+
+
+def build_apk_of_size(
+    name: str, target_size: int, arch: str = "x86_64", seed: int = 0
+) -> BuiltApk:
+    """
+    A package whose file is very close to ``target_size`` bytes (the data
+    stream is padded with seeded, incompressible bytes).
+    """
+    probe = build_apk(name, "1.0-r0", arch, data_size_pad=1, pad_seed=seed)
+    overhead = probe.size - 1
+    return build_apk(
+        name, "1.0-r0", arch, data_size_pad=max(1, target_size - overhead), pad_seed=seed
+    )
