@@ -590,7 +590,7 @@ class Options(usage.Options):
         self.defaults["allow-from"] = " ".join(
             str(network) for network in DEFAULT_ALLOW_FROM
         )
-        self.defaults["allow-upstream"] = "none"
+        self.defaults["allow-upstream"] = "any public host"
 
     def opt_mirror(self, value: str) -> None:
         """
@@ -611,8 +611,10 @@ class Options(usage.Options):
 
     def opt_allow_upstream(self, value: str) -> None:
         """
-        Upstream the forward proxy may reach besides the mirrors: a host glob
-        (*.example.org) with an optional :port, or an IP network. Repeatable.
+        Limit the forward proxy to these upstreams (besides the mirrors and
+        pip upstreams): a host glob (*.example.org) with an optional :port,
+        or an IP network; a listed loopback or private target is allowed.
+        Repeatable. Without any: every host with a public address.
         """
         self["allow-upstream"].append(
             _coercer("allow-upstream", parse_upstream_pattern)(value)

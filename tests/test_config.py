@@ -521,7 +521,7 @@ class OptionsTests(SynchronousTestCase):
             "[default: alpine=https://dl-cdn.alpinelinux.org/alpine]",
             "[default: 127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 "
             "192.168.0.0/16 fc00::/7]",
-            "[default: none]",
+            "[default: any public host]",
             f"[default: {LOCAL_INDEX}]",
             f"[default: {options['cache-dir']}]",
         ]:
