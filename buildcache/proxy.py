@@ -59,6 +59,7 @@ from buildcache.upstream import (
     UpstreamRequest,
     UpstreamTimeout,
     cache_key,
+    drained,
 )
 
 VIA = "1.1 buildcache"
@@ -495,6 +496,11 @@ class ProxyResource(Resource):
         self, request: Request, target: Target, headers: Mapping[str, str]
     ) -> None:
         self.store.counters.misses += 1
+        index_url = repository_index_url(target.url)
+        if index_url is not None:
+            # apk asks for packages right after their index: check them
+            # against that index, which may still be being stored.
+            await self.fetcher.stored(cache_key(index_url))
         apk_entry = self.apk_indexes.entry_for(target.url, cache_key)
         try:
             answer = await self.fetcher.fetch(
@@ -546,7 +552,7 @@ class ProxyResource(Resource):
             )
             if answer.body is not None:
                 # Wait for the whole index to be committed before reading it.
-                await _drained(answer)
+                await drained(answer.body)
         except UpstreamError as e:
             self.log.warn("Could not revalidate {key}: {error}", key=index_key, error=str(e))
         new_entry = self.apk_indexes.entry_for(target.url, cache_key)
@@ -568,23 +574,3 @@ class ProxyResource(Resource):
             )
             send_error(request, 502, f"package does not match its index entry: {e}")
             return None
-
-
-def _drained(answer: UpstreamAnswer) -> Deferred[None]:
-    """
-    Fires when the download behind ``answer`` has ended (and so has been
-    committed, if it was storable); releases the answer's body.
-    """
-    body = answer.body
-    assert body is not None
-    done: Deferred[None] = Deferred()
-
-    def check() -> None:
-        if body.finished():
-            body.close()
-            done.callback(None)
-        else:
-            body.when_more(check)
-
-    check()
-    return done

@@ -33,7 +33,7 @@ from buildcache.metrics import Metrics
 from buildcache.proxy import OwnIndex, ProxyResource, Router
 from buildcache.simple_index import IndexResource
 from buildcache.status import StatusPage, StatusResource
-from buildcache.store import Store
+from buildcache.store import Store, in_thread_pool
 from buildcache.tunnel import ProxySite, StrictSite
 from buildcache.upstream import Fetcher
 
@@ -208,7 +208,10 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     Raises :class:`buildcache.store.StoreError` (before anything listens)
     when the cache directory cannot be used.
     """
-    store = Store.open(config.cache_dir, config.max_size, reactor)
+    store = Store.open(
+        config.cache_dir, config.max_size, reactor,
+        run_blocking=in_thread_pool(reactor, reactor.getThreadPool()),
+    )
     server = Server.build(config, reactor, store)
     top = BuildcacheService(server, reactor)
     ListeningService(reactor, config.proxy_endpoint, server.proxy_site).setServiceParent(top)

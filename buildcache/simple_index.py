@@ -103,6 +103,7 @@ from buildcache.upstream import (
     UpstreamRequest,
     UpstreamTimeout,
     cache_key,
+    drained,
 )
 
 __all__ = [
@@ -312,20 +313,6 @@ async def _read_whole(body: DownloadBody) -> bytes:
             chunks.append(chunk)
             offset += len(chunk)
         return b"".join(chunks)
-    finally:
-        body.close()
-
-
-async def _drained(body: DownloadBody) -> None:
-    """
-    Wait until the download behind ``body`` has ended (and so been
-    committed, if it was storable); releases ``body``.
-    """
-    try:
-        while not body.finished():
-            more: Deferred[None] = Deferred()
-            body.when_more(lambda: more.callback(None))
-            await more
     finally:
         body.close()
 
@@ -983,45 +970,29 @@ class IndexResource(Resource):
                     f"upstream answered {answer.status} for {url}",
                 )
             return
-        if expected is None:
-            # Nothing to check against: stream it as it arrives.
-            if _gone(request):
-                body.close()
-                return
+        if expected is None or body.download.request.expected_sha256 == expected:
+            # Nothing to check against, streamed as it arrives; or the
+            # answer waited for the whole body to match the page, and is
+            # sent from the download (with Content-Length and ranges)
+            # while it is being stored.
             serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
             return
-        checked = body.download.request.expected_sha256 == expected
-        if not checked:
-            # Joined a download started without this digest (the proxy
-            # port's): judge what it stored once it has ended.
-            await _drained(body)
+        # Joined a download started without this digest (the proxy port's):
+        # judge what it stored once it has ended.
+        await drained(body)
         stored = self.store.lookup(key)
         if stored is not None and stored.entry.sha256 != expected:
             stored.close()
             stored = None
-        if stored is None and not checked:
+        if stored is None:
             self._refuse_mismatch(
                 request, name, url, "the stored body does not have the expected sha256"
             )
             return
-        if _gone(request):
-            if stored is not None:
-                stored.close()
-            if checked:
-                body.close()
-            return
-        if stored is not None:
-            if checked:
-                body.close()
-            # Checked and complete: serve the stored copy, which gives
-            # Content-Length and ranges whatever the upstream sent.  Its
-            # bytes came from upstream, so they do not count as from cache.
-            serve_stored(
-                request, stored, CacheStatus.MISS, _NO_COUNTERS, _FILE_CACHE_CONTROL
-            )
-            return
-        # Checked but not kept (larger than the whole cache).
-        serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
+        # Its bytes came from upstream, so they do not count as from cache.
+        serve_stored(
+            request, stored, CacheStatus.MISS, _NO_COUNTERS, _FILE_CACHE_CONTROL
+        )
 
     def _refuse_mismatch(self, request: Request, name: str, url: str, why: str) -> None:
         self.log.error(

@@ -30,11 +30,15 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
+from typing import Protocol as TypingProtocol
 
 import attrs
 from attrs import Factory, define, field, frozen
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
 
 #: Index rows kept in memory for hits before the lot is dropped.
@@ -82,6 +86,46 @@ def object_name(key: str) -> str:
 
 def _file_path(directory: str, name: str) -> str:
     return os.path.join(directory, "objects", name[:2], name)
+
+
+def _make_fanout_directories(objects: str) -> None:
+    """
+    Create the 256 fan-out directories once, so that publishing a body
+    never waits for a ``mkdir``.
+    """
+    present = set(os.listdir(objects))
+    for prefix in range(256):
+        name = f"{prefix:02x}"
+        if name not in present:
+            os.mkdir(os.path.join(objects, name))
+
+
+_T = TypeVar("_T")
+
+
+class BlockingRunner(TypingProtocol):
+    """
+    Runs ``call`` (which may block) and fires with its result.
+    """
+
+    def __call__(self, call: Callable[[], _T]) -> Deferred[_T]: ...
+
+
+def run_here(call: Callable[[], _T]) -> Deferred[_T]:
+    """
+    The :class:`BlockingRunner` that runs ``call`` at once, in this thread.
+    """
+    return maybeDeferred(call)
+
+
+def in_thread_pool(reactor: IReactorFromThreads, pool: ThreadPool) -> BlockingRunner:
+    """
+    The :class:`BlockingRunner` of the server: ``pool``'s threads.
+    """
+    def run(call: Callable[[], _T]) -> Deferred[_T]:
+        return deferToThreadPool(reactor, pool, call)
+
+    return run
 
 
 @frozen
@@ -183,27 +227,19 @@ class ObjectWriter:
         """
         return os.dup(self._fd)
 
-    def commit(
-        self,
-        headers: Mapping[str, str],
-        expected_size: int | None = None,
-        expected_sha256: str | None = None,
-    ) -> Entry | None:
+    def check(
+        self, expected_size: int | None = None, expected_sha256: str | None = None
+    ) -> None:
         """
-        Check, fsync and publish the body under the writer's key.
-
-        Raises :class:`IntegrityError` (and stores nothing) when the size or
-        digest differs from what was expected, and ``OSError`` (storing
-        nothing either, and leaving no file behind) when the disk or the
-        index refuses it. Returns ``None`` when the object is larger than
-        the whole cache and so is not kept.
+        Raise :class:`IntegrityError`, forgetting the body, when its size or
+        digest differs from what was expected.
         """
-        digest = self._hash.hexdigest()
         try:
             if expected_size is not None and self.size != expected_size:
                 raise IntegrityError(
                     f"expected {expected_size} bytes, received {self.size}"
                 )
+            digest = self._hash.hexdigest()
             if expected_sha256 is not None and digest != expected_sha256.lower():
                 raise IntegrityError(
                     f"expected sha256 {expected_sha256}, received {digest}"
@@ -211,22 +247,72 @@ class ObjectWriter:
         except IntegrityError:
             self.abort()
             raise
-        if not self._store.fits(self.size):
-            self._store.log.info(
-                "Not storing {key}: {size} bytes exceed the cache size limit",
-                key=self.key,
-                size=self.size,
-            )
-            self.abort()
+
+    def commit(
+        self,
+        headers: Mapping[str, str],
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> Entry | None:
+        """
+        Check, fsync and publish the body under the writer's key, all
+        before returning.
+
+        Raises :class:`IntegrityError` (and stores nothing) when the size or
+        digest differs from what was expected, and ``OSError`` (storing
+        nothing either, and leaving no file behind) when the disk or the
+        index refuses it. Returns ``None`` when the object is larger than
+        the whole cache and so is not kept.
+        """
+        self.check(expected_size, expected_sha256)
+        if not self._keepable():
             return None
+        return self._store._record(self.key, self._make_durable(), self.size,
+                                   self._hash.hexdigest(), headers)
+
+    async def persist(self, headers: Mapping[str, str]) -> Entry | None:
+        """
+        Publish a body that has passed :meth:`check`, with the fsync and
+        rename done by the store's ``run_blocking`` (a thread, in the
+        server), so the reactor serves other requests meanwhile.  Raises
+        and returns as :meth:`commit`.
+        """
+        if not self._keepable():
+            return None
+        # From here the file belongs to the blocking call: abort() must
+        # not close the descriptor under it.
+        self.closed = True
+        name = await self._store.run_blocking(self._make_durable)
+        return self._store._record(
+            self.key, name, self.size, self._hash.hexdigest(), headers
+        )
+
+    def _keepable(self) -> bool:
+        if self._store.fits(self.size):
+            return True
+        self._store.log.info(
+            "Not storing {key}: {size} bytes exceed the cache size limit",
+            key=self.key,
+            size=self.size,
+        )
+        self.abort()
+        return False
+
+    def _make_durable(self) -> str:
+        """
+        Fsync the body and move it to a new name under ``objects/``; the
+        name, or ``OSError`` with nothing left behind.  Touches no shared
+        state, so it may run in a thread.
+        """
+        self.closed = True
         try:
             self._store.sync_file(self._fd)
         except OSError:
-            self.abort()
+            os.close(self._fd)
+            _unlink_quietly(self.path)
             raise
         os.close(self._fd)
-        self.closed = True
-        return self._store._publish(self.key, self.path, self.size, digest, headers)
+        return self._store._place(self.key, self.path)
 
     def abort(self) -> None:
         """
@@ -273,12 +359,18 @@ class Store:
     #: fault tests replace them to make the disk fail.
     write_file: Callable[[int, memoryview], int] = os.write
     sync_file: Callable[[int], None] = os.fsync
+    #: Runs a blocking call (a body's fsync and rename) and gives its
+    #: result: in a thread pool in the server, here and now by default.
+    run_blocking: BlockingRunner = run_here
 
     @classmethod
-    def open(cls, directory: str, max_size: int, clock: IReactorTime) -> Store:
+    def open(
+        cls, directory: str, max_size: int, clock: IReactorTime,
+        run_blocking: BlockingRunner | None = None,
+    ) -> Store:
         """
         Open (creating if needed) the cache in ``directory`` and reconcile
-        it with its index.
+        it with its index.  ``run_blocking`` is described on the class.
 
         Raises :class:`StoreError` with an explanation when the directory
         is unusable, locked by another server, or holds an index that is not
@@ -289,6 +381,7 @@ class Store:
         try:
             for sub in ("objects", "tmp"):
                 os.makedirs(os.path.join(directory, sub), exist_ok=True)
+            _make_fanout_directories(os.path.join(directory, "objects"))
             lock_fd = os.open(
                 os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o644
             )
@@ -308,6 +401,8 @@ class Store:
             os.close(lock_fd)
             raise
         store = cls(directory, max_size, clock, db, lock_fd)
+        if run_blocking is not None:
+            store.run_blocking = run_blocking
         try:
             store._reconcile()
         except (OSError, sqlite3.DatabaseError) as e:
@@ -400,18 +495,32 @@ class Store:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         return ObjectWriter(self, key, path, fd)
 
-    def _publish(
-        self, key: str, temp_path: str, size: int, digest: str,
-        headers: Mapping[str, str],
-    ) -> Entry:
+    def _place(self, key: str, temp_path: str) -> str:
+        """
+        Rename a durable body to a new name under ``objects/``; the name.
+        """
         name = object_name(key)
         final = _file_path(self.directory, name)
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.rename(temp_path, final)
+            try:
+                os.rename(temp_path, final)
+            except FileNotFoundError:
+                # Its fan-out directory was removed since start-up.
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.rename(temp_path, final)
         except OSError:
             _unlink_quietly(temp_path)
             raise
+        return name
+
+    def _record(
+        self, key: str, name: str, size: int, digest: str,
+        headers: Mapping[str, str],
+    ) -> Entry:
+        """
+        Commit the row of a body already placed under ``name``.
+        """
+        final = _file_path(self.directory, name)
         now = self.clock.seconds()
         try:
             # No fsync of the directory: if a power loss forgets the rename

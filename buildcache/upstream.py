@@ -291,6 +291,9 @@ class Download:
     headers: dict[str, str] = Factory(dict)
     #: Every reader lost interest in a download that cannot be stored.
     abandoned: bool = False
+    #: Ended, and stored if it was to be (see :meth:`when_settled`).
+    settled: bool = False
+    _settled_waiters: list[Deferred[None]] = Factory(list)
     _writer: ObjectWriter | None = None
     _read_fd: int = -1
     _has_body: bool = False
@@ -303,6 +306,24 @@ class Download:
     _memory_start: int = 0
     _upstream: IPushProducer | None = None
     _held_back: bool = False
+
+    def when_settled(self) -> Deferred[None]:
+        """
+        Fires once the download has ended and what it stores (if anything)
+        is in the store: later lookups of its key see it.
+        """
+        settled: Deferred[None] = Deferred()
+        if self.settled:
+            settled.callback(None)
+        else:
+            self._settled_waiters.append(settled)
+        return settled
+
+    def _settle(self) -> None:
+        self.settled = True
+        waiters, self._settled_waiters = self._settled_waiters, []
+        for settled in waiters:
+            settled.callback(None)
 
     def join(self) -> Deferred[UpstreamAnswer]:
         """
@@ -634,10 +655,22 @@ class Fetcher:
             if download._read_fd >= 0:
                 os.close(download._read_fd)
                 download._read_fd = -1
+            download._settle()
             if not self.in_flight():
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for idle in waiters:
                     idle.callback(None)
+
+    def stored(self, key: str) -> Deferred[None]:
+        """
+        Fires once the body of ``key`` that has just arrived is in the
+        store (at once unless one is being stored): a lookup that must see
+        the newest copy waits for this, not for a download still running.
+        """
+        download = self._downloads.get(key)
+        if download is None or not download.finished:
+            return succeed(None)
+        return download.when_settled()
 
     def _unjoinable(self, download: Download) -> None:
         """
@@ -782,10 +815,10 @@ class Fetcher:
                 receiver.verify()
             except Exception as e:
                 raise self._refused(request, writer, e)
-        if storable and writer is not None and download.spool_error is None:
+        kept = writer if storable and download.spool_error is None else None
+        if kept is not None:
             try:
-                download.entry = writer.commit(
-                    _replayed(download.headers),
+                kept.check(
                     expected_size=(
                         request.expected_size
                         if request.expected_size is not None
@@ -793,22 +826,37 @@ class Fetcher:
                     ),
                     expected_sha256=request.expected_sha256,
                 )
+            except IntegrityError as e:
+                raise self._refused(request, writer, e)
+        elif writer is not None:
+            writer.abort()
+        # Whole and checked: clients get it now, from the spool file,
+        # while the fsync and rename run (in a thread, in the server).
+        download.finished = True
+        if request.holds_until_checked:
+            download.headers["content-length"] = str(download.received)
+            download._answer()
+        download._notify()
+        if kept is not None:
+            try:
+                download.entry = await kept.persist(_replayed(download.headers))
             except OSError as e:
-                # The body is whole and checked: its clients get it all;
-                # it is just not kept.
                 self.log.error(
                     "Cannot store {url}: {error}; served, not stored",
                     url=redact(request.url),
                     error=str(e),
                 )
-            except Exception as e:
-                raise self._refused(request, writer, e)
-        elif writer is not None:
-            writer.abort()
-        download.finished = True
-        if request.holds_until_checked:
-            download._answer()
-        download._notify()
+
+
+async def drained(body: DownloadBody) -> None:
+    """
+    Wait until the download behind ``body`` has settled (ended and, if it
+    was storable, been stored); releases ``body``.
+    """
+    try:
+        await body.download.when_settled()
+    finally:
+        body.close()
 
 
 def _replayed(headers: Mapping[str, str]) -> dict[str, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from attrs import Factory, define, field
@@ -23,6 +23,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+from buildcache.store import BlockingRunner
 
 reactor = _reactor
 
@@ -203,6 +205,34 @@ class Client:
         await self.pool.closeCachedConnections()
 
 
+class HeldRunner:
+    """
+    A store's ``run_blocking`` that keeps every call until the test runs
+    it: the window in which a checked body is served but not yet stored.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, call: Callable[[], Any]) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.calls.append((call, done))
+        return done
+
+    def run_next(self) -> None:
+        call, done = self.calls.pop(0)
+        try:
+            result = call()
+        except BaseException:
+            done.errback()
+        else:
+            done.callback(result)
+
+    def run_all(self) -> None:
+        while self.calls:
+            self.run_next()
+
+
 def stop_all(ports: Iterable[IListeningPort]) -> Deferred[object]:
     from twisted.internet.defer import gatherResults
 
@@ -229,11 +259,13 @@ class Running:
 def start_server(
     testcase: object, config_changes: Mapping[str, object] | None = None,
     upstream: Resource | None = None,
+    run_blocking: BlockingRunner | None = None,
 ) -> Running:
     """
     Build a server on a fresh cache directory with the upstream (if any)
     behind a mirror route named ``up``, listen on port 0, and register
-    clean-up on ``testcase`` (a trial TestCase).
+    clean-up on ``testcase`` (a trial TestCase).  The store runs its
+    blocking calls with ``run_blocking`` (by default at once).
     """
     from buildcache.config import Config, Mirror
     from buildcache.service import Server
@@ -248,7 +280,7 @@ def start_server(
         mirrors.append(Mirror("up", url_of(up_port).rstrip("/")))
     cache_dir = testcase.mktemp()  # type: ignore[attr-defined]
     config = Config(cache_dir=cache_dir, mirrors=tuple(mirrors), **changes)  # type: ignore[arg-type]
-    store = Store.open(config.cache_dir, config.max_size, reactor)
+    store = Store.open(config.cache_dir, config.max_size, reactor, run_blocking)
     server = Server.build(config, reactor, store)
     port = reactor.listenTCP(0, server.proxy_site, interface="127.0.0.1")
     index_port = reactor.listenTCP(0, server.index_site, interface="127.0.0.1")

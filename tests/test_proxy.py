@@ -39,7 +39,8 @@ from twisted.trial.unittest import TestCase
 from buildcache.config import Mirror
 from buildcache.freshness import format_http_date
 from buildcache.proxy import STREAM_CHECKED_ABOVE
-from buildcache.upstream import WITHHELD_TAIL
+from buildcache.store import BlockingRunner
+from buildcache.upstream import WITHHELD_TAIL, Fetcher
 from tests.apkrepo import (
     BUILD_TIME,
     BuiltApk,
@@ -51,6 +52,7 @@ from tests.support import (
     Client,
     FakeUpstream,
     GatedBody,
+    HeldRunner,
     Received,
     Running,
     listen,
@@ -238,6 +240,7 @@ class ProxyHarness:
         testcase: TestCase,
         config_changes: Mapping[str, object] | None = None,
         packages: Sequence[BuiltApk] | None = None,
+        run_blocking: BlockingRunner | None = None,
     ) -> ProxyHarness:
         root = Path(testcase.mktemp())
         if packages is None:
@@ -251,7 +254,7 @@ class ProxyHarness:
             *changes.get("mirrors", ()),  # type: ignore[misc]
             Mirror("up", url_of(origin_port).rstrip("/")),
         )
-        running = start_server(testcase, changes)
+        running = start_server(testcase, changes, run_blocking=run_blocking)
         return cls(
             testcase, root, origin, origin_port, f"127.0.0.1:{port_number(origin_port)}",
             running,
@@ -1113,6 +1116,41 @@ class PackageCheckTests(TestCase):
         self.assertEqual(
             len(events_at(events, LogLevel.error, "fails its check")), 1
         )
+
+    async def test_package_asked_while_its_index_is_being_stored(self) -> None:
+        """
+        apk asks for packages the moment its index has arrived, which may
+        be before the index is in the store: the package waits for it and
+        is checked against it (a tampered one is refused, not served
+        unchecked).
+        """
+        runner = HeldRunner()
+        harness = ProxyHarness.start(self, run_blocking=runner)
+        self.addCleanup(runner.run_all)
+        apk = harness.packages["world-2.0-r0.apk"]
+        path = harness.package_path(apk.filename)
+        tampered = bytearray(apk.content)
+        tampered[-100] ^= 0x01
+        harness.replace_file(path, bytes(tampered), PUBLISHED)
+        index = await harness.client.get(harness.mirrored(INDEX_PATH))
+        self.assertEqual(index.status, 200)
+        index_key = f"{harness.origin_authority}{INDEX_PATH}"
+        self.assertIsNone(harness.running.store.peek(index_key))
+        asked: list[str] = []
+        real_stored = Fetcher.stored
+
+        def stored_then_let_it_finish(fetcher: Fetcher, key: str) -> Deferred[None]:
+            asked.append(key)
+            waiting = real_stored(fetcher, key)
+            reactor.callLater(0, runner.run_all)
+            return waiting
+
+        self.patch(Fetcher, "stored", stored_then_let_it_finish)
+        received = await harness.get(path)
+        self.assertEqual(asked, [index_key])
+        self.assertEqual(received.status, 502)
+        self.assertNotIn(f"{harness.origin_authority}{path}", harness.stored_keys())
+        self.assertIn(index_key, harness.stored_keys())
 
     async def test_wrong_size_is_refused(self) -> None:
         """

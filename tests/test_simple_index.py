@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from buildcache.simple_model import (
     parse_json_page,
     render_root_html,
 )
-from buildcache.store import Store
+from buildcache.store import BlockingRunner, Store
 from buildcache.upstream import Fetcher, treq_client
 from tests.pyindex import (
     FIXTURE_EPOCH,
@@ -59,7 +60,7 @@ from tests.pyindex import (
     StaticSimpleIndex,
     build_index,
 )
-from tests.support import Client, Received, listen, reactor
+from tests.support import Client, HeldRunner, Received, listen, reactor
 
 PIP_ACCEPT = (
     "application/vnd.pypi.simple.v1+json, "
@@ -183,6 +184,7 @@ class Harness:
         indexes: Sequence[StaticSimpleIndex],
         index_ttl: float = TTL,
         clock: IReactorTime | None = None,
+        run_blocking: BlockingRunner | None = None,
     ) -> None:
         self.testcase = testcase
         if clock is None:
@@ -190,7 +192,7 @@ class Harness:
             fake.advance(FIXTURE_EPOCH + 86400)
             clock = fake
         self.clock: Any = clock
-        self.store = Store.open(testcase.mktemp(), 1 << 30, self.clock)
+        self.store = Store.open(testcase.mktemp(), 1 << 30, self.clock, run_blocking)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = CountingAgent(Agent(reactor, pool=self.pool))
         self.fetcher = Fetcher(self.store, treq_client(self.http), self.clock)
@@ -765,6 +767,84 @@ class FileTests(TestCase):
         self.assertEqual(received.status, 200)
         self.assertEqual(received.body, self.fixture.content(WHEEL_A2))
         self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 1)
+
+
+class ServedBeforeStoredTests(TestCase):
+    """
+    A checked file is answered as soon as its digest matches, from the
+    download, while its fsync and rename are still to run (in a thread, in
+    the server); until they have run, requests for it join the download.
+    """
+
+    def setUp(self) -> None:
+        self.fixture = fixture_for(self)
+        self.runner = HeldRunner()
+        self.harness = Harness(
+            self, [StaticSimpleIndex(self.fixture)], run_blocking=self.runner
+        )
+        self.upstream = self.harness.upstreams[0]
+        self.addCleanup(self.runner.run_all)
+
+    def file_key(self, filename: str) -> str:
+        return cache_key(f"{self.upstream.base.removesuffix('/simple')}/files/{filename}")
+
+    async def test_answered_while_being_stored(self) -> None:
+        page = await self.harness.page("bcdemo-a")
+        self.assertEqual(page.status, 200)
+        data = self.fixture.content(WHEEL_A2)
+        first = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((first.status, first.body), (200, data))
+        self.assertEqual(first.header("content-length"), str(len(data)))
+        self.assertEqual(first.header("x-cache"), "MISS")
+        key = self.file_key(WHEEL_A2)
+        self.assertIsNone(self.harness.store.peek(key))
+        stored = self.harness.fetcher.stored(key)
+        self.assertNoResult(stored)
+        # Joining the download being stored: no second upstream request,
+        # whole body, ranges and HEAD from the spool file.
+        again = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((again.status, again.body), (200, data))
+        tail = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}", {"range": "bytes=-10"})
+        self.assertEqual((tail.status, tail.body), (206, data[-10:]))
+        head = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}", method=b"HEAD")
+        self.assertEqual(
+            (head.status, head.body, head.header("content-length")), (200, b"", str(len(data)))
+        )
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+        self.runner.run_all()
+        await stored
+        await self.harness.fetcher.when_idle()
+        entry = self.harness.store.peek(key)
+        assert entry is not None
+        self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
+        hit = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((hit.header("x-cache"), hit.body), ("HIT", data))
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+
+    async def test_failing_disk_after_the_answer(self) -> None:
+        """
+        The disk failing at the fsync loses the copy, not the answer: the
+        client has the checked body, an error is logged, and the next
+        request fetches it again.
+        """
+        observer = log_events(self)
+        await self.harness.page("bcdemo-a")
+
+        def failing_fsync(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.harness.store.sync_file = failing_fsync
+        data = self.fixture.content(WHEEL_A2)
+        received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((received.status, received.body), (200, data))
+        self.runner.run_all()
+        await self.harness.fetcher.when_idle()
+        self.assertIsNone(self.harness.store.peek(self.file_key(WHEEL_A2)))
+        self.assertTrue(logged(observer, LogLevel.error, "served, not stored"))
+        self.harness.store.sync_file = os.fsync
+        again = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((again.status, again.body), (200, data))
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 2)
 
 
 class FreshnessTests(TestCase):

@@ -12,7 +12,15 @@ import os
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from tests.support import Client, FakeUpstream, GatedBody, pattern_bytes, start_server
+from buildcache.store import in_thread_pool
+from tests.support import (
+    Client,
+    FakeUpstream,
+    GatedBody,
+    pattern_bytes,
+    reactor,
+    start_server,
+)
 
 MB = 1024 * 1024
 
@@ -25,7 +33,12 @@ class SingleFlightTests(TestCase):
         upstream.bodies["/big.bin"] = GatedBody(
             data, before_gate=MB, gate=gate, headers={"cache-control": "max-age=3600"}
         )
-        running = start_server(self, upstream=upstream)
+        # As in the server: the fsync and rename run in the reactor's
+        # thread pool while clients are being answered.
+        running = start_server(
+            self, upstream=upstream,
+            run_blocking=in_thread_pool(reactor, reactor.getThreadPool()),
+        )
         url = f"http://127.0.0.1:{running.proxy_port}/up/big.bin"
         firsts = [Deferred() for _ in range(clients)]
         client = Client()

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
@@ -33,6 +34,7 @@ from buildcache.store import (
     object_name,
 )
 from tests import crashwriter
+from tests.support import HeldRunner
 
 KB = 1024
 MB = 1024 * KB
@@ -381,6 +383,95 @@ class WriteTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(dict(unchanged_headers.headers), dict(entry.headers))
         self.assertEqual(unchanged_headers.validated_at, 1061)
         self.assertIsNone(self.store.mark_validated("missing"))
+
+
+class PersistTests(StoreTestMixin, SynchronousTestCase):
+    """
+    :meth:`ObjectWriter.persist` hands the fsync and rename to the store's
+    ``run_blocking`` and records the row only when they are done.
+    """
+
+    def setUp(self) -> None:
+        self.runner = HeldRunner()
+        directory = self.make_directory()
+        self.store = Store.open(directory, 64 * MB, as_clock(Clock()), run_blocking=self.runner)
+        self.addCleanup(self.close_store, self.store)
+        self.fsyncs: list[int] = []
+
+        def recording_fsync(fd: int) -> None:
+            self.fsyncs.append(fd)
+            os.fsync(fd)
+
+        self.store.sync_file = recording_fsync
+
+    def persist(self, key: str, body: bytes) -> tuple[Deferred[Any], Any]:
+        writer = self.store.writer(key)
+        writer.write(body)
+        writer.check(expected_size=len(body), expected_sha256=hashlib.sha256(body).hexdigest())
+        return Deferred.fromCoroutine(writer.persist({"etag": '"1"'})), writer
+
+    def test_row_only_after_the_blocking_part(self) -> None:
+        body = body_of(100 * KB, "p")
+        persisted, writer = self.persist("k", body)
+        # Nothing synced, renamed or recorded until the runner runs it.
+        self.assertEqual(self.fsyncs, [])
+        self.assertNoResult(persisted)
+        self.assertIsNone(self.store.peek("k"))
+        self.assertEqual(len(files_under(os.path.join(self.store.directory, "tmp"))), 1)
+        # An abort now (a failing download) must leave the file alone.
+        writer.abort()
+        self.runner.run_next()
+        entry = self.successResultOf(persisted)
+        self.assertEqual(len(self.fsyncs), 1)
+        self.assertEqual(self.store.peek("k"), entry)
+        self.assertEqual(file_bytes(self.store.object_path("k")), body)
+        self.assertEqual(os.listdir(os.path.join(self.store.directory, "tmp")), [])
+        self.assert_consistent(self.store)
+
+    def test_failed_fsync_leaves_nothing(self) -> None:
+        def failing_fsync(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.store.sync_file = failing_fsync
+        persisted, _ = self.persist("k", body_of(10 * KB, "f"))
+        self.runner.run_next()
+        self.failureResultOf(persisted, OSError)
+        self.assertIsNone(self.store.peek("k"))
+        self.assertEqual(files_under(self.store.directory + "/tmp"), {})
+        self.assertEqual(files_under(self.store.directory + "/objects"), {})
+        self.assert_consistent(self.store)
+
+    def test_too_large_is_not_handed_over(self) -> None:
+        self.store.set_max_size(KB)
+        persisted, _ = self.persist("k", body_of(2 * KB, "big"))
+        self.assertIsNone(self.successResultOf(persisted))
+        self.assertEqual(self.runner.calls, [])
+        self.assertEqual(files_under(self.store.directory + "/tmp"), {})
+
+    def test_check_refuses_before_anything_is_handed_over(self) -> None:
+        writer = self.store.writer("k")
+        writer.write(b"abc")
+        self.assertRaises(IntegrityError, writer.check, expected_sha256="00" * 32)
+        self.assertRaises(IntegrityError, self.store.writer("j").check, expected_size=1)
+        self.assertEqual(self.runner.calls, [])
+        self.assertEqual(files_under(self.store.directory + "/tmp"), {})
+
+
+class FanOutTests(StoreTestMixin, SynchronousTestCase):
+    """
+    The 256 fan-out directories exist from start-up, so publishing needs
+    no ``mkdir``; one removed behind the server's back comes back.
+    """
+
+    def test_created_at_open_and_recreated_when_removed(self) -> None:
+        store = self.open_store(self.make_directory())
+        objects = os.path.join(store.directory, "objects")
+        self.assertEqual(sorted(os.listdir(objects)), [f"{i:02x}" for i in range(256)])
+        fanout = os.path.join(objects, object_name("k")[:2])
+        os.rmdir(fanout)
+        entry = self.put(store, "k", b"body")
+        self.assertEqual(os.listdir(fanout), [entry.file])
+        self.assert_consistent(store)
 
 
 class EvictionTests(StoreTestMixin, SynchronousTestCase):
