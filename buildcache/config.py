@@ -37,6 +37,9 @@ DEFAULT_INDEX_TTL = 300.0
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
 LOG_FORMATS = ("text", "json")
 DEFAULT_LOG_FORMAT = "text"
+#: Largest distribution file read ahead after its metadata (see
+#: buildcache.prefetch).
+DEFAULT_PREFETCH_MAX_SIZE = 32 * 1024**2
 
 _SIZE_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 _SIZE_PATTERN = re.compile(
@@ -149,6 +152,8 @@ class Config:
     @ivar pypi_upstreams: simple-index base URLs without trailing slash, in
         priority order.
     @ivar log_format: C{"text"} or C{"json"}.
+    @ivar prefetch_max_size: largest distribution file fetched ahead once a
+        client has read its metadata; 0 turns read-ahead off.
     """
 
     cache_dir: str = attrs.field(converter=_absolute_path)
@@ -180,6 +185,9 @@ class Config:
     log_format: str = attrs.field(
         default=DEFAULT_LOG_FORMAT, validator=attrs.validators.in_(LOG_FORMATS)
     )
+    prefetch_max_size: int = attrs.field(
+        default=DEFAULT_PREFETCH_MAX_SIZE, validator=attrs.validators.ge(0)
+    )
 
 
 # Value parsers.  Each raises ValueError with a message that does not name
@@ -202,6 +210,15 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ValueError(f"{text!r} is not a positive size")
     return size
+
+
+def parse_size_or_zero(text: str) -> int:
+    """
+    Parse a size as L{parse_size} does, or C{"0"} for none.
+    """
+    if text.strip() == "0":
+        return 0
+    return parse_size(text)
 
 
 def format_size(size: int) -> str:
@@ -555,6 +572,14 @@ class Options(usage.Options):
             _coercer("upstream-timeout", parse_positive_duration),
         ],
         [
+            "prefetch-max-size",
+            None,
+            DEFAULT_PREFETCH_MAX_SIZE,
+            "Largest distribution file fetched ahead once pip or uv has read"
+            " its metadata (e.g. 32M); 0 turns read-ahead off.",
+            _coercer("prefetch-max-size", parse_size_or_zero),
+        ],
+        [
             "log-format",
             None,
             DEFAULT_LOG_FORMAT,
@@ -580,6 +605,7 @@ class Options(usage.Options):
         self["pypi-upstream"] = []
         # self.defaults only feeds --help: show values as they are written.
         self.defaults["max-size"] = format_size(DEFAULT_MAX_SIZE)
+        self.defaults["prefetch-max-size"] = format_size(DEFAULT_PREFETCH_MAX_SIZE)
         self.defaults["index-ttl"] = format_duration(DEFAULT_INDEX_TTL)
         self.defaults["upstream-timeout"] = format_duration(
             DEFAULT_UPSTREAM_TIMEOUT
@@ -671,6 +697,7 @@ class Options(usage.Options):
             allow_upstream=tuple(self["allow-upstream"]),
             pypi_upstreams=pypi_upstreams,
             log_format=self["log-format"],
+            prefetch_max_size=self["prefetch-max-size"],
         )
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own "logger" option

@@ -137,6 +137,17 @@ class ActivityCollector(Collector):
         evictions.add_metric([], stats.evictions)
         yield evictions
         for name, documentation, value in (
+            ("buildcache_prefetches",
+             "Distribution files read ahead after a client read their metadata.",
+             stats.prefetches),
+            ("buildcache_prefetch_hits",
+             "Read-ahead files that a client asked for afterwards.",
+             stats.prefetch_hits),
+        ):
+            counter = CounterMetricFamily(name, documentation)
+            counter.add_metric([], value)
+            yield counter
+        for name, documentation, value in (
             ("buildcache_store_size_bytes", "Bytes of bodies in the store.",
              stats.bytes_stored),
             ("buildcache_store_entries", "Objects in the store.", stats.entries),

@@ -33,6 +33,7 @@ from buildcache.metrics import Metrics
 from buildcache.proxy import OwnIndex, ProxyResource, Router
 from buildcache.simple_index import IndexResource
 from buildcache.status import StatusPage, StatusResource
+from buildcache.prefetch import Prefetcher
 from buildcache.store import Store, in_thread_pool
 from buildcache.tunnel import ProxySite, StrictSite
 from buildcache.upstream import Fetcher
@@ -88,6 +89,7 @@ class Server:
         index = IndexResource(
             store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
             policy=policy, activity=activity,
+            prefetcher=Prefetcher(store, fetcher, reactor, config.prefetch_max_size),
         )
         index_site = StrictSite(index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT)
         status = StatusResource(

@@ -95,6 +95,7 @@ from buildcache.simple_model import (
     render_page,
 )
 from buildcache.status import STATUS_PATHS, StatusResource
+from buildcache.prefetch import Prefetcher, file_request
 from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
 from buildcache.upstream import (
     DownloadBody,
@@ -102,7 +103,6 @@ from buildcache.upstream import (
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
-    cache_key,
     drained,
 )
 
@@ -350,8 +350,10 @@ class IndexResource(Resource):
         clock: IReactorTime,
         policy: AccessPolicy | None = None,
         activity: Activity | None = None,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         super().__init__()
+        self.prefetcher = prefetcher
         self.policy = policy
         self.activity = activity
         self.status: StatusResource | None = None
@@ -913,19 +915,29 @@ class IndexResource(Resource):
                 request, 404, f"{filename} is not listed on the page of {name!r}"
             )
             return
-        if is_metadata:
-            url = wanted.metadata_url
-            expected = wanted.core_metadata_hashes.get("sha256")
-        else:
-            url = wanted.url
-            expected = wanted.sha256
-        expected = expected.lower() if expected else None
-        await self._serve_file(request, name, url, expected)
+        distribution = file_request(
+            wanted.url, wanted.sha256.lower() if wanted.sha256 else None, _USER_AGENT
+        )
+        if not is_metadata:
+            if self.prefetcher is not None:
+                self.prefetcher.claim(distribution.key)
+            await self._serve_file(request, name, distribution)
+            return
+        expected = wanted.core_metadata_hashes.get("sha256")
+        await self._serve_file(
+            request, name,
+            file_request(
+                wanted.metadata_url, expected.lower() if expected else None, _USER_AGENT
+            ),
+        )
+        if self.prefetcher is not None and request.code == 200:
+            self.prefetcher.after_metadata(distribution, wanted.size)
 
     async def _serve_file(
-        self, request: Request, name: str, url: str, expected: str | None
+        self, request: Request, name: str, upstream_request: UpstreamRequest
     ) -> None:
-        key = cache_key(url)
+        key, url = upstream_request.key, upstream_request.url
+        expected = upstream_request.expected_sha256
         counters = self.store.counters
         stored = self.store.lookup(key)
         if stored is not None:
@@ -940,15 +952,7 @@ class IndexResource(Resource):
             stored.close()
         counters.misses += 1
         try:
-            answer = await self.fetcher.fetch(
-                UpstreamRequest(
-                    key=key,
-                    url=url,
-                    headers={"user-agent": _USER_AGENT},
-                    expected_sha256=expected,
-                    follow_redirects=True,
-                )
-            )
+            answer = await self.fetcher.fetch(upstream_request)
         except IntegrityError as e:
             self._refuse_mismatch(request, name, url, str(e))
             return

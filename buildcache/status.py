@@ -212,6 +212,8 @@ class StatusPage:
                 "hits": store.hits,
                 "misses": store.misses,
                 "revalidations": store.revalidations,
+                "prefetches": store.prefetches,
+                "prefetch_hits": store.prefetch_hits,
             },
             "downloads_in_flight": self.fetcher.in_flight(),
             "traffic": {
@@ -383,6 +385,10 @@ def _fill_section(store: Mapping[str, Any]) -> str:
         '<div class="figures">\n'
         + _figure("Objects", f"{store['entries']:,}", "entries")
         + _figure("Evictions", f"{store['evictions']:,}", note="to stay under the limit")
+        + _figure(
+            "Read ahead", f"{store['prefetches']:,}", "prefetches",
+            note=f"{store['prefetch_hits']:,} asked for since",
+        )
         + "</div>\n</section>\n"
     )
 

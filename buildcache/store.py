@@ -172,6 +172,8 @@ class StoreStats:
     bytes_from_cache: int
     bytes_from_upstream: int
     evictions: int
+    prefetches: int
+    prefetch_hits: int
     entries: int
     bytes_stored: int
     max_size: int
@@ -189,6 +191,10 @@ class Counters:
     bytes_from_cache: int = 0
     bytes_from_upstream: int = 0
     evictions: int = 0
+    #: Files read ahead (see :mod:`buildcache.prefetch`), and how many of
+    #: them clients asked for afterwards.
+    prefetches: int = 0
+    prefetch_hits: int = 0
 
 
 class ObjectWriter:
@@ -718,6 +724,8 @@ class Store:
             bytes_from_cache=c.bytes_from_cache,
             bytes_from_upstream=c.bytes_from_upstream,
             evictions=c.evictions,
+            prefetches=c.prefetches,
+            prefetch_hits=c.prefetch_hits,
             entries=self.entry_count,
             bytes_stored=self.total_size,
             max_size=self.max_size,

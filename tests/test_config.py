@@ -43,6 +43,7 @@ ALL_OPTIONS = {
     "max-size",
     "index-ttl",
     "upstream-timeout",
+    "prefetch-max-size",
     "mirror",
     "allow-from",
     "allow-upstream",
@@ -352,6 +353,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.proxy_endpoint, "tcp:8899")
         self.assertEqual(config.index_endpoint, "tcp:3141")
         self.assertEqual(config.max_size, 10 * 1024**3)
+        self.assertEqual(config.prefetch_max_size, 32 * 1024**2)
         self.assertEqual(config.index_ttl, 300.0)
         self.assertEqual(config.upstream_timeout, 30.0)
         self.assertEqual(config.mirrors, DEFAULT_MIRRORS)
@@ -470,6 +472,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.index_endpoint, "tcp:3142")
         self.assertEqual(config.max_size, 3 * 1024**4 // 2)
         self.assertEqual(config.index_ttl, 300.0)
+        self.assertEqual(self.parse("--prefetch-max-size", "0").prefetch_max_size, 0)
+        self.assertEqual(self.parse("--prefetch-max-size", "8M").prefetch_max_size, 8 * 1024**2)
         self.assertEqual(config.upstream_timeout, 3600.0)
         self.assertEqual(
             config.mirrors,
@@ -518,6 +522,7 @@ class OptionsTests(SynchronousTestCase):
             "[default: 300s]",
             "[default: 30s]",
             "[default: text]",
+            "[default: 32M]",
             "[default: alpine=https://dl-cdn.alpinelinux.org/alpine]",
             "[default: 127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 "
             "192.168.0.0/16 fc00::/7]",
@@ -571,6 +576,8 @@ class OptionsTests(SynchronousTestCase):
             ("--pypi-upstream", "file:///srv/simple"),
             ("--pypi-upstream", "127.0.0.1/simple"),
             ("--log-format", "xml"),
+            ("--prefetch-max-size", "-1"),
+            ("--prefetch-max-size", "lots"),
         ]
         for option, value in cases:
             message = self.usage_error(option, value)

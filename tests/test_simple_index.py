@@ -51,6 +51,7 @@ from buildcache.simple_model import (
     parse_json_page,
     render_root_html,
 )
+from buildcache.prefetch import Prefetcher
 from buildcache.store import BlockingRunner, Store
 from buildcache.upstream import Fetcher, treq_client
 from tests.pyindex import (
@@ -185,6 +186,7 @@ class Harness:
         index_ttl: float = TTL,
         clock: IReactorTime | None = None,
         run_blocking: BlockingRunner | None = None,
+        prefetch_max_size: int | None = None,
     ) -> None:
         self.testcase = testcase
         if clock is None:
@@ -196,6 +198,10 @@ class Harness:
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = CountingAgent(Agent(reactor, pool=self.pool))
         self.fetcher = Fetcher(self.store, treq_client(self.http), self.clock)
+        self.prefetcher = (
+            None if prefetch_max_size is None
+            else Prefetcher(self.store, self.fetcher, reactor, prefetch_max_size)
+        )
         self.upstreams = [Upstream(index, listen(index)) for index in indexes]
         self.resource = self.make_resource(index_ttl)
         self.port = listen(self.resource)
@@ -205,7 +211,7 @@ class Harness:
     def make_resource(self, index_ttl: float = TTL) -> IndexResource:
         return IndexResource(
             self.store, self.fetcher, [u.base for u in self.upstreams],
-            index_ttl, self.clock,
+            index_ttl, self.clock, prefetcher=self.prefetcher,
         )
 
     async def _shut(self) -> None:
@@ -767,6 +773,80 @@ class FileTests(TestCase):
         self.assertEqual(received.status, 200)
         self.assertEqual(received.body, self.fixture.content(WHEEL_A2))
         self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 1)
+
+
+class ReadAheadTests(TestCase):
+    """
+    Once a client has read a distribution's core metadata, the distribution
+    is fetched into the store: pip asks for it after resolving.
+    """
+
+    def harness(self, fixture: IndexFixture, max_size: int = 32 * 1024**2, json: bool = True) -> Harness:
+        return Harness(self, [StaticSimpleIndex(fixture, json=json)], prefetch_max_size=max_size)
+
+    def wheel_key(self, harness: Harness) -> str:
+        return cache_key(f"{harness.upstreams[0].base.removesuffix('/simple')}/files/{WHEEL_A2}")
+
+    async def read_metadata(self, harness: Harness) -> None:
+        await harness.page("bcdemo-a")
+        metadata = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}.metadata")
+        self.assertEqual(metadata.status, 200)
+        assert harness.prefetcher is not None
+        await harness.prefetcher.when_done()
+        await harness.fetcher.when_idle()
+
+    async def test_distribution_fetched_after_its_metadata(self) -> None:
+        fixture = fixture_for(self)
+        harness = self.harness(fixture)
+        await self.read_metadata(harness)
+        data = fixture.content(WHEEL_A2)
+        upstream = harness.upstreams[0]
+        self.assertEqual(upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+        entry = harness.store.peek(self.wheel_key(harness))
+        assert entry is not None
+        self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
+        counters = harness.store.counters
+        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 0))
+        received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((received.status, received.body), (200, data))
+        self.assertEqual(received.header("x-cache"), "HIT")
+        # Reading the metadata again reads nothing ahead: the file is here.
+        again = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}.metadata")
+        self.assertEqual(again.header("x-cache"), "HIT")
+        assert harness.prefetcher is not None
+        await harness.prefetcher.when_done()
+        self.assertEqual(upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 1))
+
+    async def test_nothing_read_ahead_when_off_too_large_or_size_unknown(self) -> None:
+        size = len(fixture_for(self).content(WHEEL_A2))
+        for max_size, json_pages in [(0, True), (size - 1, True), (32 * 1024**2, False)]:
+            fixture = fixture_for(self)
+            harness = self.harness(fixture, max_size, json=json_pages)
+            await self.read_metadata(harness)
+            self.assertEqual(
+                harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}"), 0,
+                (max_size, json_pages),
+            )
+            self.assertEqual(harness.store.counters.prefetches, 0)
+            self.assertIsNone(harness.store.peek(self.wheel_key(harness)))
+
+    async def test_bad_distribution_is_not_kept(self) -> None:
+        """
+        A read-ahead is checked like any file: a body that does not match
+        the page is not stored, and the client's own request is refused.
+        """
+        observer = log_events(self)
+        fixture = fixture_for(self)
+        harness = self.harness(fixture)
+        fixture.path_for(WHEEL_A2).write_bytes(b"x" * len(fixture.content(WHEEL_A2)))
+        await self.read_metadata(harness)
+        self.assertEqual(harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}"), 1)
+        self.assertIsNone(harness.store.peek(self.wheel_key(harness)))
+        self.assertTrue(logged(observer, LogLevel.error, "fails its check"))
+        received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual(received.status, 502)
+        self.assertEqual(harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}"), 2)
 
 
 class ServedBeforeStoredTests(TestCase):

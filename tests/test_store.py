@@ -1012,8 +1012,8 @@ class StatsTests(StoreTestMixin, SynchronousTestCase):
             store.stats(),
             StoreStats(
                 hits=0, misses=0, revalidations=0, bytes_from_cache=0,
-                bytes_from_upstream=0, evictions=0, entries=0, bytes_stored=0,
-                max_size=MB,
+                bytes_from_upstream=0, evictions=0, prefetches=0, prefetch_hits=0,
+                entries=0, bytes_stored=0, max_size=MB,
             ),
         )
         self.put(store, "a", body_of(600 * KB, "a"))
@@ -1024,13 +1024,15 @@ class StatsTests(StoreTestMixin, SynchronousTestCase):
         store.counters.revalidations += 1
         store.counters.bytes_from_cache += 1234
         store.counters.bytes_from_upstream += 5678
+        store.counters.prefetches += 4
+        store.counters.prefetch_hits += 3
         snapshot = store.stats()
         self.assertEqual(
             snapshot,
             StoreStats(
                 hits=3, misses=2, revalidations=1, bytes_from_cache=1234,
-                bytes_from_upstream=5678, evictions=1, entries=2,
-                bytes_stored=500 * KB, max_size=MB,
+                bytes_from_upstream=5678, evictions=1, prefetches=4, prefetch_hits=3,
+                entries=2, bytes_stored=500 * KB, max_size=MB,
             ),
         )
         store.counters.hits += 1
