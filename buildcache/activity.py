@@ -19,6 +19,8 @@ from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.server import Request, Site
 
+from buildcache.turns import after_io
+
 #: Front ends, as they appear in stats and metric labels.
 FRONT_ENDS = ("proxy", "mirror", "index")
 #: Cache statuses (``X-Cache``), plus "none" for refusals and errors.
@@ -157,22 +159,18 @@ class Activity:
         incomplete = "" if completed else " (client or upstream ended early)"
         # The text line is formatted here, once and cheaply: the log
         # observers format "{line}" only; the fields stay for JSON logs.
-        self.log.info(
-            "{line}",
-            line=(
-                f"{client} {method} {url} {request.code} {sent} {cache_status}"
-                f" {duration:.3f}s{incomplete}"
-            ),
-            log_system="access",
-            client=client,
-            method=method,
-            url=url,
-            status=request.code,
-            bytes=sent,
-            cache=cache_status,
-            duration=duration,
-            front_end=front_end,
+        line = (
+            f"{client} {method} {url} {request.code} {sent} {cache_status}"
+            f" {duration:.3f}s{incomplete}"
         )
+        fields = dict(
+            log_system="access", client=client, method=method, url=url,
+            status=request.code, bytes=sent, cache=cache_status,
+            duration=duration, front_end=front_end,
+        )
+        # Written once the response has gone out: formatting and writing a
+        # log line would hold it up.
+        after_io(self.clock).addCallback(lambda _: self.log.info("{line}", line=line, **fields))
 
     def _bucket(self, now: float) -> list[float]:
         start = now - now % BUCKET_SECONDS

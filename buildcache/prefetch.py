@@ -25,25 +25,13 @@ from twisted.logger import Logger
 
 from buildcache.activity import redact
 from buildcache.store import IntegrityError, Store
+from buildcache.turns import after_io
 from buildcache.upstream import Fetcher, UpstreamError, UpstreamRequest, cache_key
 
 #: Read-aheads running at once; more are skipped, not queued.
 MAX_RUNNING = 4
 #: Read-ahead keys remembered until a client asks for them.
 UNCLAIMED_KEPT = 4096
-
-
-def after_io(clock: IReactorTime) -> Deferred[None]:
-    """
-    Fires after the reactor's next pass over its descriptors, so that what
-    follows runs once the responses written in this turn have gone out.
-
-    The reactor runs timed calls, then polls; a call scheduled by a timed
-    call waits for the next round.  Two hops therefore land after one poll.
-    """
-    later: Deferred[None] = Deferred()
-    clock.callLater(0, clock.callLater, 0, later.callback, None)
-    return later
 
 
 @define

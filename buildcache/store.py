@@ -36,10 +36,12 @@ from typing import Protocol as TypingProtocol
 import attrs
 from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
+
+from buildcache.turns import after_io
 
 #: Index rows kept in memory for hits before the lot is dropped.
 ROWS_KEPT = 20_000
@@ -118,12 +120,17 @@ def run_here(call: Callable[[], _T]) -> Deferred[_T]:
     return maybeDeferred(call)
 
 
-def in_thread_pool(reactor: IReactorFromThreads, pool: ThreadPool) -> BlockingRunner:
+def in_thread_pool(reactor: Any, pool: ThreadPool) -> BlockingRunner:
     """
-    The :class:`BlockingRunner` of the server: ``pool``'s threads.
+    The :class:`BlockingRunner` of the server: ``pool``'s threads, once the
+    responses of the current turn have gone out (waking a thread there
+    would hold them up).  ``reactor`` provides ``IReactorTime`` and
+    ``IReactorFromThreads``.
     """
     def run(call: Callable[[], _T]) -> Deferred[_T]:
-        return deferToThreadPool(reactor, pool, call)
+        return after_io(reactor).addCallback(
+            lambda _: deferToThreadPool(reactor, pool, call)
+        )
 
     return run
 

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from buildcache import logs
 from buildcache.activity import redact
 from buildcache.config import Options
-from tests.support import Client, FakeUpstream, GatedBody, start_server
+from buildcache.turns import after_io
+from tests.support import Client, FakeUpstream, GatedBody, reactor, start_server
 from tests.test_proxy import raw_connection, raw_request, until
 
 
@@ -32,6 +33,8 @@ class AccessLogTests(TestCase):
         url = f"http://127.0.0.1:{running.proxy_port}/up/pool/a.deb"
         await client.get(url)
         await client.get(url)
+        # Access lines are written after the response has gone out.
+        await after_io(reactor)
         access = [e for e in events if e.get("log_system") == "access"]
         self.assertEqual(
             [(e["method"], e["url"], e["status"], e["bytes"], e["cache"], e["front_end"])
