@@ -1009,6 +1009,12 @@ def summarise(repeats: Sequence[Repeat], errors: Mapping[str, str]) -> dict[str,
             row["median_s"] = statistics.median(r.measurement.seconds for r in runs)
             row["median_client_cpu_s"] = statistics.median(r.measurement.client_cpu_s for r in runs)
             row["median_server_cpu_s"] = statistics.median(r.measurement.server_cpu_s for r in runs)
+            # Wall time pip did not spend computing: what the index cost it.
+            # Steadier than wall time on a shared machine, whose slow spells
+            # stretch pip's own CPU time too.
+            row["median_wait_s"] = statistics.median(
+                r.measurement.seconds - r.measurement.client_cpu_s for r in runs
+            )
             row["runs"] = [
                 {**attrs.asdict(r.measurement), "foreign_cores": r.measurement.foreign_cores, "attempts": r.attempts}
                 for r in runs
@@ -1056,7 +1062,8 @@ def targets(rows: Mapping[str, Mapping[str, object]]) -> dict[str, bool | None]:
 def print_table(rows: Mapping[str, Mapping[str, object]], pins: Sequence[Pin], checks: Mapping[str, bool | None]) -> None:
     floor, direct = rows["floor"].get("median_s"), rows["direct"].get("median_s")
     print(
-        f"{'':18} {'median s':>8} {'x floor':>7} {'x direct':>8} {'server CPU s':>12} {'pip CPU s':>9}  "
+        f"{'':18} {'median s':>8} {'x floor':>7} {'x direct':>8} {'server CPU s':>12} {'pip CPU s':>9}"
+        f" {'pip waiting s':>13}  "
         f"{'upstream: requests (pages/meta/files/other) conns':>50} {'peak RSS MB':>11}"
     )
     for name, row in rows.items():
@@ -1081,7 +1088,7 @@ def print_table(rows: Mapping[str, Mapping[str, object]], pins: Sequence[Pin], c
         rss_text = f"{rss:.1f}" if isinstance(rss, float) else "-"
         print(
             f"{name:18} {seconds:8.2f} {ratio_floor:>7} {ratio_direct:>8} {server_cpu:>12}"
-            f" {row['median_client_cpu_s']:9.2f}  {upstream:>50} {rss_text:>11}"
+            f" {row['median_client_cpu_s']:9.2f} {row['median_wait_s']:13.2f}  {upstream:>50} {rss_text:>11}"
         )
     print(f"\n{len(pins)} projects, {len(pins)} files, {sum(p.path.stat().st_size for p in pins) / MB:.1f} MB")
     print("\nbuildcache against the targets of issue 4:")
