@@ -51,6 +51,12 @@ class Prefetcher:
     _unclaimed: OrderedDict[str, None] = Factory(OrderedDict)
     _done_waiters: list[Deferred[None]] = Factory(list)
 
+    def running(self) -> int:
+        """
+        Read-aheads scheduled or running.
+        """
+        return len(self._running)
+
     def when_done(self) -> Deferred[None]:
         """
         Fires once no read-ahead is scheduled or running (at once if none

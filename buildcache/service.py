@@ -180,15 +180,23 @@ class BuildcacheService(MultiService):
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
+    async def _downloads_ended(self) -> None:
+        # Read-aheads first: one just scheduled is not a download yet.
+        prefetcher = self.server.index.prefetcher
+        if prefetcher is not None:
+            await prefetcher.when_done()
+        await self.server.fetcher.when_idle()
+
     async def _stop(self) -> None:
         await super().stopService()
+        prefetcher = self.server.index.prefetcher
         in_flight = self.server.fetcher.in_flight()
-        if in_flight:
+        if in_flight or (prefetcher is not None and prefetcher.running()):
             self.log.info(
                 "Waiting up to {grace}s for {count} downloads in flight",
                 grace=self.grace, count=in_flight,
             )
-            idle = self.server.fetcher.when_idle()
+            idle = Deferred.fromCoroutine(self._downloads_ended())
             idle.addTimeout(self.grace, self.reactor)
             try:
                 await idle

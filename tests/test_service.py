@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
@@ -23,6 +24,7 @@ from twisted.trial.unittest import TestCase
 from buildcache.config import Config, Mirror
 from buildcache.service import BuildcacheService, make_service
 from buildcache.store import Store
+from tests.pyindex import DemoRelease, StaticSimpleIndex, build_index
 from tests.support import (
     Client,
     FakeUpstream,
@@ -233,3 +235,39 @@ class ServiceTests(TestCase):
         store = Store.open(config.cache_dir, config.max_size, Clock())
         self.addCleanup(store.close)
         self.assertEqual(store.entry_count, 1)
+
+    async def test_stop_keeps_a_read_ahead(self) -> None:
+        """
+        Stopping right after a client read a wheel's metadata: the wheel
+        read ahead (in the thread-pool store of make_service) is stored
+        whole before the store closes.
+        """
+        index = build_index(Path(self.mktemp()), releases=(DemoRelease("six", "1.16.0"),))
+        pypi_port = listen(StaticSimpleIndex(index))
+        self.addCleanup(pypi_port.stopListening)
+        index_port = free_port()
+        config = Config(
+            cache_dir=self.mktemp(),
+            proxy_endpoint=f"tcp:{free_port()}:interface=127.0.0.1",
+            index_endpoint=f"tcp:{index_port}:interface=127.0.0.1",
+            pypi_upstreams=(url_of(pypi_port, "/simple"),),
+        )
+        service = make_service(config, reactor)
+        service.privilegedStartService()
+        service.startService()
+        client = Client()
+        page = await client.get(
+            f"http://127.0.0.1:{index_port}/simple/six/",
+            {"accept": "application/vnd.pypi.simple.v1+json"},
+        )
+        self.assertEqual(page.status, 200)
+        wheel = "six-1.16.0-py3-none-any.whl"
+        metadata = await client.get(f"http://127.0.0.1:{index_port}/files/six/{wheel}.metadata")
+        self.assertEqual(metadata.status, 200)
+        await client.close()
+        await service.stopService()
+        store = Store.open(config.cache_dir, config.max_size, Clock())
+        self.addCleanup(store.close)
+        stored = {entry.key.rsplit("/", 1)[-1]: entry for entry in store.keys()}
+        self.assertIn(wheel, stored)
+        self.assertEqual(stored[wheel].sha256, hashlib.sha256(index.content(wheel)).hexdigest())
