@@ -114,6 +114,8 @@ class Activity:
     _series: deque[list[float]] = Factory(lambda: deque(maxlen=BUCKETS))
     #: Observers of upstream latencies (the metrics' histogram).
     latency_observers: list[Callable[[float], None]] = Factory(list)
+    #: Access lines of this turn, written after its responses.
+    _unwritten: list[tuple[str, dict[str, object]]] = Factory(list)
 
     def track(self, request: Request, front_end: str, name: str | None = None) -> None:
         """
@@ -168,9 +170,16 @@ class Activity:
             status=request.code, bytes=sent, cache=cache_status,
             duration=duration, front_end=front_end,
         )
-        # Written once the response has gone out: formatting and writing a
-        # log line would hold it up.
-        after_io(self.clock).addCallback(lambda _: self.log.info("{line}", line=line, **fields))
+        # Written once the response has gone out (formatting and writing a
+        # log line would hold it up), with the others of this turn.
+        if not self._unwritten:
+            after_io(self.clock).addCallback(self._write_lines)
+        self._unwritten.append((line, fields))
+
+    def _write_lines(self, _: object) -> None:
+        unwritten, self._unwritten = self._unwritten, []
+        for line, fields in unwritten:
+            self.log.info("{line}", line=line, **fields)
 
     def _bucket(self, now: float) -> list[float]:
         start = now - now % BUCKET_SECONDS

@@ -115,6 +115,8 @@ class BodySender:
 
     ``end`` is ``None`` for "until the body ends" (a download of unknown
     length).  ``on_sent`` is told how many bytes went out, for counters.
+    ``refuse`` answers instead, with the reason, when the body fails before
+    anything (the status line included) has gone out.
     """
 
     log = Logger()
@@ -126,8 +128,10 @@ class BodySender:
         start: int = 0,
         end: int | None = None,
         on_sent: Callable[[int], None] = lambda n: None,
+        refuse: Callable[[str], None] | None = None,
     ) -> None:
         self._request = request
+        self._refuse = refuse
         self._source = source
         self._offset = start
         self._end = end
@@ -243,6 +247,9 @@ class BodySender:
         )
         self._stop()
         self._request.unregisterProducer()
+        if self._refuse is not None and not self._request.startedWriting:
+            self._refuse(why)
+            return
         # Closing without finishing the response leaves a short
         # Content-Length or a chunked body without its last chunk: every
         # HTTP client treats that as an error, never as a complete file.

@@ -200,13 +200,7 @@ def parse_size(text: str) -> int:
     C{"1048576"}, optionally followed by C{B} or C{iB}.  Units are powers of
     1024 and case-insensitive.
     """
-    match = _SIZE_PATTERN.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(
-            f"{text!r} is not a size (examples: 500M, 20G, 1.5T, 1048576)"
-        )
-    # Fraction keeps "1.5T" and long byte counts exact.
-    size = int(Fraction(match["number"]) * 1024 ** _SIZE_UNITS[match["unit"].upper()])
+    size = parse_size_or_zero(text)
     if size <= 0:
         raise ValueError(f"{text!r} is not a positive size")
     return size
@@ -214,11 +208,15 @@ def parse_size(text: str) -> int:
 
 def parse_size_or_zero(text: str) -> int:
     """
-    Parse a size as L{parse_size} does, or C{"0"} for none.
+    Parse a size as L{parse_size} does, zero included (C{"0"}, C{"0M"}).
     """
-    if text.strip() == "0":
-        return 0
-    return parse_size(text)
+    match = _SIZE_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a size (examples: 500M, 20G, 1.5T, 1048576)"
+        )
+    # Fraction keeps "1.5T" and long byte counts exact.
+    return int(Fraction(match["number"]) * 1024 ** _SIZE_UNITS[match["unit"].upper()])
 
 
 def format_size(size: int) -> str:

@@ -53,6 +53,7 @@ from buildcache.respond import (
 from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.store import IntegrityError, Store, StoredObject
 from buildcache.upstream import (
+    STREAM_CHECKED_ABOVE,
     Fetcher,
     UpstreamAnswer,
     UpstreamError,
@@ -63,8 +64,6 @@ from buildcache.upstream import (
 )
 
 VIA = "1.1 buildcache"
-#: Packages larger than this are streamed before their index check ends.
-STREAM_CHECKED_ABOVE = 4 * 1024 * 1024
 #: Decoding rounds a mirror path may need before it stops changing: one
 #: for the request, one for a file name holding a literal ``%``; more
 #: is only ever an attack, and each round costs a pass over the path.
@@ -388,13 +387,19 @@ class ProxyResource(Resource):
         headers: Mapping[str, str],
         conditional: Mapping[str, str],
         apk_entry: ApkIndexEntry | None,
+        vouched: bool = True,
     ) -> UpstreamRequest:
+        """
+        The upstream request for ``target``, checked against ``apk_entry``
+        when there is one; an ``.apk`` no stored index vouches for is
+        served but not ``vouched`` for storing.
+        """
         forwarded = {k: headers[k] for k in FORWARDED_HEADERS if k in headers}
         forwarded["via"] = VIA
         kind = target.kind
 
         def storable(status: int, response_headers: Mapping[str, str]) -> bool:
-            return is_storable(kind, status, response_headers, headers)
+            return vouched and is_storable(kind, status, response_headers, headers)
 
         return UpstreamRequest(
             key=target.key,
@@ -502,9 +507,21 @@ class ProxyResource(Resource):
             # against that index, which may still be being stored.
             await self.fetcher.stored(cache_key(index_url))
         apk_entry = self.apk_indexes.entry_for(target.url, cache_key)
+        if index_url is not None and apk_entry is None:
+            # Its index was never fetched here, or is older than the
+            # package: fetch or revalidate it, to check the package.
+            apk_entry = await self._revalidated_index_entry(target, index_url)
+        vouched = index_url is None or apk_entry is not None
+        if not vouched:
+            # Immutable once stored: a body nothing checked (an error page
+            # sent as 200, say) would be served for good.
+            self.log.info(
+                "Serving {url} without storing it: its index does not list it",
+                url=target.url,
+            )
         try:
             answer = await self.fetcher.fetch(
-                self._upstream_request(target, headers, {}, apk_entry)
+                self._upstream_request(target, headers, {}, apk_entry, vouched)
             )
         except IntegrityError as e:
             if apk_entry is None:
@@ -527,6 +544,28 @@ class ProxyResource(Resource):
             return
         self._serve_answer(request, target, answer)
 
+    async def _revalidated_index_entry(
+        self, target: Target, index_url: str
+    ) -> ApkIndexEntry | None:
+        """
+        The package's entry in its index once the index has been fetched or
+        revalidated (and stored), or None.
+        """
+        index_key = cache_key(index_url)
+        index_entry = self.store.peek(index_key)
+        conditional = validators_of(index_entry.headers) if index_entry else {}
+        index_target = Target(index_url, index_key, Kind.INDEX, target.route)
+        try:
+            answer = await self.fetcher.fetch(
+                self._upstream_request(index_target, {}, conditional, None)
+            )
+            if answer.body is not None:
+                # Wait for the whole index to be stored before reading it.
+                await drained(answer.body)
+        except UpstreamError as e:
+            self.log.warn("Could not revalidate {key}: {error}", key=index_key, error=str(e))
+        return self.apk_indexes.entry_for(target.url, cache_key)
+
     async def _retry_with_fresh_index(
         self,
         request: Request,
@@ -542,20 +581,7 @@ class ProxyResource(Resource):
         """
         index_url = repository_index_url(target.url)
         assert index_url is not None
-        index_key = cache_key(index_url)
-        index_entry = self.store.peek(index_key)
-        conditional = validators_of(index_entry.headers) if index_entry else {}
-        index_target = Target(index_url, index_key, Kind.INDEX, target.route)
-        try:
-            answer = await self.fetcher.fetch(
-                self._upstream_request(index_target, {}, conditional, None)
-            )
-            if answer.body is not None:
-                # Wait for the whole index to be committed before reading it.
-                await drained(answer.body)
-        except UpstreamError as e:
-            self.log.warn("Could not revalidate {key}: {error}", key=index_key, error=str(e))
-        new_entry = self.apk_indexes.entry_for(target.url, cache_key)
+        new_entry = await self._revalidated_index_entry(target, index_url)
         if new_entry is None or new_entry == old_entry:
             self.log.error(
                 "Refusing {url}: it does not match its index entry: {why}",

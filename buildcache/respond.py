@@ -8,8 +8,9 @@ so every cached response behaves the same whichever port served it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from buildcache.body import BodySender, BodySource, StoredBody
@@ -91,7 +92,9 @@ def _send(
         return
     if size is None:
         # Length unknown until the download ends: whole body, chunked.
-        BodySender(request, source, 0, None, on_sent).start()  # type: ignore[arg-type]
+        BodySender(
+            request, source, 0, None, on_sent, _refuse_unsent(request)  # type: ignore[arg-type]
+        ).start()
         return
     request.setHeader("accept-ranges", "bytes")
     ranged = parse_range(
@@ -114,8 +117,22 @@ def _send(
         request.finish()
         return
     BodySender(
-        request, source, ranged.start, ranged.end + 1, on_sent  # type: ignore[arg-type]
+        request, source, ranged.start, ranged.end + 1, on_sent,  # type: ignore[arg-type]
+        _refuse_unsent(request),
     ).start()
+
+
+def _refuse_unsent(request: Request) -> Callable[[str], None]:
+    """
+    What a body that fails before anything went out is answered with: a
+    clean 502 (not the headers of the answer it could not give), rather than
+    a connection closed without a response.
+    """
+    def refuse(why: str) -> None:
+        request.responseHeaders = Headers()
+        send_error(request, 502, f"the upstream body failed: {why}")
+
+    return refuse
 
 
 def serve_stored(
@@ -174,7 +191,9 @@ def serve_answer(
             answer.body.close()
             request.finish()
             return
-        BodySender(request, answer.body, 0, size).start()
+        BodySender(
+            request, answer.body, 0, size, refuse=_refuse_unsent(request)
+        ).start()
         return
     _send(request, answer.body, size, headers, None, lambda n: None)
 

@@ -22,6 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
@@ -44,6 +45,8 @@ FLUSH_INTERVAL = 5.0
 CLIENT_IDLE_TIMEOUT = 60.0
 #: Seconds a stopping server waits for downloads in flight.
 STOP_GRACE = 10.0
+#: Threads that fsync and rename stored bodies.
+STORE_THREADS = 4
 
 
 @frozen
@@ -165,15 +168,23 @@ class BuildcacheService(MultiService):
 
     log = Logger()
 
-    def __init__(self, server: Server, reactor: Any, grace: float = STOP_GRACE) -> None:
+    def __init__(
+        self, server: Server, reactor: Any, grace: float = STOP_GRACE,
+        store_threads: ThreadPool | None = None,
+    ) -> None:
         super().__init__()
         self.server = server
         self.reactor = reactor
         self.grace = grace
+        #: The store's fsync and rename threads (see make_service), stopped
+        #: after the downloads that use them.
+        self.store_threads = store_threads
         self._flusher = TimerService(FLUSH_INTERVAL, server.store.flush)
         self._flusher.clock = reactor
 
     def startService(self) -> None:
+        if self.store_threads is not None:
+            self.store_threads.start()
         super().startService()
         self._flusher.startService()
 
@@ -188,10 +199,15 @@ class BuildcacheService(MultiService):
         await self.server.fetcher.when_idle()
 
     async def _stop(self) -> None:
-        await super().stopService()
         prefetcher = self.server.index.prefetcher
-        in_flight = self.server.fetcher.in_flight()
-        if in_flight or (prefetcher is not None and prefetcher.running()):
+        if prefetcher is not None:
+            # Clients still connected may go on reading metadata.
+            prefetcher.stop()
+        await super().stopService()
+        in_flight = self.server.fetcher.in_flight() + (
+            prefetcher.running() if prefetcher is not None else 0
+        )
+        if in_flight:
             self.log.info(
                 "Waiting up to {grace}s for {count} downloads in flight",
                 grace=self.grace, count=in_flight,
@@ -207,6 +223,9 @@ class BuildcacheService(MultiService):
                 )
         await self.server.pool.closeCachedConnections()
         self._flusher.stopService()
+        if self.store_threads is not None:
+            # Joins a thread still in an fsync (after the grace only).
+            self.store_threads.stop()
         self.server.store.close()
         self.log.info("Cache closed cleanly")
 
@@ -218,12 +237,15 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     Raises :class:`buildcache.store.StoreError` (before anything listens)
     when the cache directory cannot be used.
     """
+    # Their own threads, not the reactor's: those also resolve names, and a
+    # slow disk must not hold up connecting to upstreams.
+    store_threads = ThreadPool(1, STORE_THREADS, "buildcache-store")
     store = Store.open(
         config.cache_dir, config.max_size, reactor,
-        run_blocking=in_thread_pool(reactor, reactor.getThreadPool()),
+        run_blocking=in_thread_pool(reactor, store_threads),
     )
     server = Server.build(config, reactor, store)
-    top = BuildcacheService(server, reactor)
+    top = BuildcacheService(server, reactor, store_threads=store_threads)
     ListeningService(reactor, config.proxy_endpoint, server.proxy_site).setServiceParent(top)
     ListeningService(
         reactor, config.index_endpoint, server.index_site, server.index_listening

@@ -76,6 +76,7 @@ from buildcache.freshness import (
 )
 from buildcache.respond import (
     CacheStatus,
+    client_gone,
     request_headers,
     send_error,
     send_text,
@@ -98,12 +99,12 @@ from buildcache.status import STATUS_PATHS, StatusResource
 from buildcache.prefetch import Prefetcher, file_request
 from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
 from buildcache.upstream import (
+    STREAM_CHECKED_ABOVE,
     DownloadBody,
     Fetcher,
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
-    drained,
 )
 
 __all__ = [
@@ -185,13 +186,6 @@ def _metadata_servable(file: ProjectFile) -> bool:
     # Metadata is fetched from "<url>.metadata" (PEP 658), which a URL with
     # a query string does not have.
     return not urlsplit(file.url).query
-
-
-def _gone(request: Request) -> bool:
-    """
-    Whether the client hung up while the answer was being prepared.
-    """
-    return bool(getattr(request, "_disconnected", False))
 
 
 class _LRU(Generic[_K, _V]):
@@ -296,6 +290,8 @@ async def _read_whole(body: DownloadBody) -> bytes:
     when the download failed.
     """
     try:
+        # Keep every byte for this reader should the disk refuse the spool.
+        body.advance(0)
         while not body.finished():
             more: Deferred[None] = Deferred()
             body.when_more(lambda: more.callback(None))
@@ -307,7 +303,8 @@ async def _read_whole(body: DownloadBody) -> bytes:
         chunks = []
         offset = 0
         while offset < size:
-            chunk = os.pread(body.fd, min(1024 * 1024, size - offset), offset)
+            # From the spool file, or from memory when the disk refused it.
+            chunk = body.read(offset, min(1024 * 1024, size - offset))
             if not chunk:
                 raise UpstreamError("the page body ended early")
             chunks.append(chunk)
@@ -421,7 +418,7 @@ class IndexResource(Resource):
 
     def _crashed(self, failure: Failure, request: Request) -> None:
         self.log.failure("Index failed on {uri}", failure, uri=request.uri)
-        if _gone(request):
+        if client_gone(request):
             return
         if not request.startedWriting:
             send_error(request, 500, "internal error")
@@ -514,8 +511,7 @@ class IndexResource(Resource):
         try:
             resolved = await self._resolve(name, headers)
         except _Refusal as refusal:
-            if not _gone(request):
-                send_error(request, refusal.code, refusal.message)
+            send_error(request, refusal.code, refusal.message)
             return
         body, etag = self._render(resolved, media_type)
         counters = self.store.counters
@@ -525,7 +521,7 @@ class IndexResource(Resource):
             counters.revalidations += 1
         else:
             counters.hits += 1
-        if _gone(request):
+        if client_gone(request):
             return
         request.setHeader("content-type", media_type)
         request.setHeader("vary", "Accept")
@@ -814,7 +810,7 @@ class IndexResource(Resource):
         except UpstreamError as e:
             self._root_failed(request, stored, url, str(e), isinstance(e, UpstreamTimeout))
             return
-        if _gone(request):
+        if client_gone(request):
             if answer.body is not None:
                 answer.body.close()
             if stored is not None:
@@ -844,7 +840,7 @@ class IndexResource(Resource):
         self, request: Request, stored: StoredObject | None, url: str,
         why: str, timed_out: bool,
     ) -> None:
-        if _gone(request):
+        if client_gone(request):
             if stored is not None:
                 stored.close()
             return
@@ -916,87 +912,91 @@ class IndexResource(Resource):
             )
             return
         distribution = file_request(
-            wanted.url, wanted.sha256.lower() if wanted.sha256 else None, _USER_AGENT
+            wanted.url, wanted.sha256.lower() if wanted.sha256 else None, _USER_AGENT,
+            may_be_large=wanted.size is None or wanted.size > STREAM_CHECKED_ABOVE,
         )
         if not is_metadata:
-            if self.prefetcher is not None:
-                self.prefetcher.claim(distribution.key)
             await self._serve_file(request, name, distribution)
             return
         expected = wanted.core_metadata_hashes.get("sha256")
-        await self._serve_file(
-            request, name,
-            file_request(
-                wanted.metadata_url, expected.lower() if expected else None, _USER_AGENT
-            ),
+        metadata = file_request(
+            wanted.metadata_url, expected.lower() if expected else None, _USER_AGENT,
+            may_be_large=False,
         )
-        if self.prefetcher is not None and request.code == 200:
+        if await self._serve_file(request, name, metadata) and self.prefetcher:
             self.prefetcher.after_metadata(distribution, wanted.size)
+
+    def _claimed_read_ahead(self, key: str, stored: bool) -> bool:
+        return self.prefetcher is not None and self.prefetcher.claim(key, stored)
 
     async def _serve_file(
         self, request: Request, name: str, upstream_request: UpstreamRequest
-    ) -> None:
+    ) -> bool:
+        """
+        Answer with a file or its metadata; whether it was sent (200).
+        """
         key, url = upstream_request.key, upstream_request.url
         expected = upstream_request.expected_sha256
         counters = self.store.counters
         stored = self.store.lookup(key)
         if stored is not None:
             if expected is None or stored.entry.sha256 == expected:
-                counters.hits += 1
-                serve_stored(
-                    request, stored, CacheStatus.HIT, counters, _FILE_CACHE_CONTROL
-                )
-                return
+                if self._claimed_read_ahead(key, stored=True):
+                    # Read ahead for this request: its bytes crossed the
+                    # line for it, only earlier.
+                    counters.misses += 1
+                    serve_stored(
+                        request, stored, CacheStatus.MISS, _NO_COUNTERS,
+                        _FILE_CACHE_CONTROL,
+                    )
+                else:
+                    counters.hits += 1
+                    serve_stored(
+                        request, stored, CacheStatus.HIT, counters, _FILE_CACHE_CONTROL
+                    )
+                return True
             # Stored by another route without this check, and different
             # from what the page promises: fetch the checked one.
             stored.close()
         counters.misses += 1
+        self._claimed_read_ahead(key, stored=False)
         try:
             answer = await self.fetcher.fetch(upstream_request)
         except IntegrityError as e:
             self._refuse_mismatch(request, name, url, str(e))
-            return
+            return False
         except UpstreamTimeout as e:
-            if not _gone(request):
-                send_error(request, 504, f"upstream {url} timed out: {e}")
-            return
+            send_error(request, 504, f"upstream {url} timed out: {e}")
+            return False
         except UpstreamError as e:
-            if not _gone(request):
-                send_error(request, 502, f"upstream {url} failed: {e}")
-            return
+            send_error(request, 502, f"upstream {url} failed: {e}")
+            return False
         body = answer.body
         assert body is not None
         if answer.status != 200:
             body.close()
-            if not _gone(request):
-                send_error(
-                    request, 404 if answer.status in (404, 410) else 502,
-                    f"upstream answered {answer.status} for {url}",
-                )
-            return
-        if expected is None or body.download.request.expected_sha256 == expected:
-            # Nothing to check against, streamed as it arrives; or the
-            # answer waited for the whole body to match the page, and is
-            # sent from the download (with Content-Length and ranges)
-            # while it is being stored.
-            serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
-            return
-        # Joined a download started without this digest (the proxy port's):
-        # judge what it stored once it has ended.
-        await drained(body)
-        stored = self.store.lookup(key)
-        if stored is not None and stored.entry.sha256 != expected:
-            stored.close()
-            stored = None
-        if stored is None:
-            self._refuse_mismatch(
-                request, name, url, "the stored body does not have the expected sha256"
+            send_error(
+                request, 404 if answer.status in (404, 410) else 502,
+                f"upstream answered {answer.status} for {url}",
             )
-            return
-        # Its bytes came from upstream, so they do not count as from cache.
-        serve_stored(
-            request, stored, CacheStatus.MISS, _NO_COUNTERS, _FILE_CACHE_CONTROL
-        )
+            return False
+        download = body.download
+        if download.request.expected_sha256 != expected:
+            # Joined a download started without this digest (the proxy
+            # port's): judge the whole body once it has ended.
+            await download.when_settled()
+            if download.failure is not None or download.sha256 != expected:
+                body.close()
+                self._refuse_mismatch(
+                    request, name, url,
+                    f"received sha256 {download.sha256 or 'unknown'}",
+                )
+                return False
+        # Checked (the answer waited for the whole body to match the page,
+        # or streams all but its tail until it does), or nothing to check
+        # against: sent from the download while it is being stored.
+        serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
+        return not client_gone(request)
 
     def _refuse_mismatch(self, request: Request, name: str, url: str, why: str) -> None:
         self.log.error(
@@ -1004,12 +1004,11 @@ class IndexResource(Resource):
             " its index page gives ({why}); not stored",
             url=url, name=name, why=why,
         )
-        if not _gone(request):
-            send_error(
-                request, 502,
-                f"{url} does not match the sha256 its index page gives ({why});"
-                " it was neither stored nor served",
-            )
+        send_error(
+            request, 502,
+            f"{url} does not match the sha256 its index page gives ({why});"
+            " it was neither stored nor served",
+        )
 
 
 def _read_stored(stored: StoredObject) -> bytes:

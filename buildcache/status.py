@@ -277,6 +277,7 @@ class StatusPage:
             "allow_from": [str(network) for network in config.allow_from],
             "allow_upstream": list(config.allow_upstream),
             "log_format": config.log_format,
+            "prefetch_max_size": config.prefetch_max_size,
         }
 
     # -- page --------------------------------------------------------------
@@ -631,6 +632,13 @@ def _config_section(config: Mapping[str, Any]) -> str:
         ("Pip upstreams", _list(config["pypi_upstreams"])),
         ("Clients allowed from", _list(config["allow_from"])),
         ("Proxy upstreams allowed", _list(config["allow_upstream"])),
+        (
+            "Read-ahead of distributions",
+            _e(
+                f"up to {human_bytes(config['prefetch_max_size'])} each"
+                if config["prefetch_max_size"] else "off"
+            ),
+        ),
         ("Log format", _e(config["log_format"])),
     ]
     return (

@@ -234,6 +234,13 @@ class ObjectWriter:
         self._hash.update(data)
         self.size += len(data)
 
+    @property
+    def sha256(self) -> str:
+        """
+        The digest of the bytes written so far.
+        """
+        return self._hash.hexdigest()
+
     def reader_fd(self) -> int:
         """
         A new descriptor on the body being written; the caller closes it.
@@ -252,7 +259,7 @@ class ObjectWriter:
                 raise IntegrityError(
                     f"expected {expected_size} bytes, received {self.size}"
                 )
-            digest = self._hash.hexdigest()
+            digest = self.sha256
             if expected_sha256 is not None and digest != expected_sha256.lower():
                 raise IntegrityError(
                     f"expected sha256 {expected_sha256}, received {digest}"
@@ -280,8 +287,9 @@ class ObjectWriter:
         self.check(expected_size, expected_sha256)
         if not self._keepable():
             return None
-        return self._store._record(self.key, self._make_durable(), self.size,
-                                   self._hash.hexdigest(), headers)
+        return self._store._record(
+            self.key, self._make_durable(), self.size, self.sha256, headers
+        )
 
     async def persist(self, headers: Mapping[str, str]) -> Entry | None:
         """
@@ -296,9 +304,7 @@ class ObjectWriter:
         # not close the descriptor under it.
         self.closed = True
         name = await self._store.run_blocking(self._make_durable)
-        return self._store._record(
-            self.key, name, self.size, self._hash.hexdigest(), headers
-        )
+        return self._store._record(self.key, name, self.size, self.sha256, headers)
 
     def _keepable(self) -> bool:
         if self._store.fits(self.size):

@@ -1,5 +1,6 @@
 """
-Scheduling work for after the responses of this reactor turn have gone out.
+When deferred work runs: after the responses of this reactor turn have gone
+out (:func:`after_io`), or once something has happened (:class:`Waiters`).
 
 Twisted writes to a socket on the reactor's next pass over its descriptors,
 not when ``write`` is called; bookkeeping done in the turn that answers a
@@ -9,6 +10,7 @@ answer by as much.  :func:`after_io` moves such work behind that pass.
 
 from __future__ import annotations
 
+from attrs import Factory, define
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
@@ -23,3 +25,30 @@ def after_io(clock: IReactorTime) -> Deferred[None]:
     later: Deferred[None] = Deferred()
     clock.callLater(0, clock.callLater, 0, later.callback, None)
     return later
+
+
+@define
+class Waiters:
+    """
+    Deferreds waiting for one condition (a download settled, nothing in
+    flight): each fires once, when :meth:`fire` is called after it was made.
+    """
+
+    _waiting: list[Deferred[None]] = Factory(list)
+
+    def wait(self, already: bool) -> Deferred[None]:
+        """
+        A Deferred that fires at the next :meth:`fire`, or at once if the
+        condition ``already`` holds.
+        """
+        waiter: Deferred[None] = Deferred()
+        if already:
+            waiter.callback(None)
+        else:
+            self._waiting.append(waiter)
+        return waiter
+
+    def fire(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)

@@ -33,7 +33,8 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from buildcache.activity import Activity, redact
-from buildcache.store import Entry, IntegrityError, ObjectWriter, Store
+from buildcache.store import IntegrityError, ObjectWriter, Store
+from buildcache.turns import Waiters
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -253,6 +254,12 @@ class DownloadBody:
         self.download.reader_closed(self)
 
 
+#: Checked files larger than this (or of unknown size) are streamed before
+#: their check ends (see :attr:`UpstreamRequest.stream_before_check`):
+#: holding a large file back until it has all arrived would leave its
+#: clients without a byte for longer than they wait (pip: 15 s).
+STREAM_CHECKED_ABOVE = 4 * 1024 * 1024
+
 #: Bytes of a body streamed before its check that are held back until the
 #: check has passed (see :attr:`UpstreamRequest.stream_before_check`).
 WITHHELD_TAIL = 64 * 1024
@@ -286,14 +293,17 @@ class Download:
     spool_error: OSError | None = None
     finished: bool = False
     failure: Failure | None = None
-    entry: Entry | None = None
     status: int = 0
     headers: dict[str, str] = Factory(dict)
     #: Every reader lost interest in a download that cannot be stored.
     abandoned: bool = False
     #: Ended, and stored if it was to be (see :meth:`when_settled`).
     settled: bool = False
-    _settled_waiters: list[Deferred[None]] = Factory(list)
+    #: The digest of the whole body, once it has ended whole in its spool
+    #: file: what a request with a digest of its own checks when it joined
+    #: a download started without one.
+    sha256: str | None = None
+    _settled_waiters: Waiters = Factory(Waiters)
     _writer: ObjectWriter | None = None
     _read_fd: int = -1
     _has_body: bool = False
@@ -312,18 +322,11 @@ class Download:
         Fires once the download has ended and what it stores (if anything)
         is in the store: later lookups of its key see it.
         """
-        settled: Deferred[None] = Deferred()
-        if self.settled:
-            settled.callback(None)
-        else:
-            self._settled_waiters.append(settled)
-        return settled
+        return self._settled_waiters.wait(self.settled)
 
     def _settle(self) -> None:
         self.settled = True
-        waiters, self._settled_waiters = self._settled_waiters, []
-        for settled in waiters:
-            settled.callback(None)
+        self._settled_waiters.fire()
 
     def join(self) -> Deferred[UpstreamAnswer]:
         """
@@ -583,7 +586,7 @@ class Fetcher:
     _downloads: dict[str, Download] = Factory(dict)
     #: Downloads still running that new requests may not join.
     _detached: list[Download] = Factory(list)
-    _idle_waiters: list[Deferred[None]] = Factory(list)
+    _idle_waiters: Waiters = Factory(Waiters)
 
     def in_flight(self) -> int:
         return len(self._downloads) + len(self._detached)
@@ -592,12 +595,7 @@ class Fetcher:
         """
         Fires once no download is running (at once if none is).
         """
-        idle: Deferred[None] = Deferred()
-        if not self.in_flight():
-            idle.callback(None)
-        else:
-            self._idle_waiters.append(idle)
-        return idle
+        return self._idle_waiters.wait(not self.in_flight())
 
     def _refused(
         self, request: UpstreamRequest, writer: ObjectWriter | None, error: Exception
@@ -657,9 +655,13 @@ class Fetcher:
                 download._read_fd = -1
             download._settle()
             if not self.in_flight():
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for idle in waiters:
-                    idle.callback(None)
+                self._idle_waiters.fire()
+
+    def downloading(self, key: str) -> bool:
+        """
+        Whether a download of ``key`` is running (or being stored).
+        """
+        return key in self._downloads
 
     def stored(self, key: str) -> Deferred[None]:
         """
@@ -752,7 +754,7 @@ class Fetcher:
         if response.code == 304:
             # Nothing to read; the caller serves its stored copy.
             response.deliverBody(Protocol())
-            download.entry = self.store.mark_validated(
+            self.store.mark_validated(
                 request.key, _replayed(download.headers)
             )
             download.finished = True
@@ -830,17 +832,24 @@ class Fetcher:
                 raise self._refused(request, writer, e)
         elif writer is not None:
             writer.abort()
+        if writer is not None and download.spool_error is None:
+            download.sha256 = writer.sha256
         # Whole and checked: clients get it now, from the spool file,
         # while the fsync and rename run (in a thread, in the server).
         download.finished = True
-        if request.holds_until_checked:
+        if download._has_body:
+            # Whole: clients joining from now on (also while it is being
+            # stored) get its length, and so ranges.
             download.headers["content-length"] = str(download.received)
+        if request.holds_until_checked:
             download._answer()
         download._notify()
         if kept is not None:
             try:
-                download.entry = await kept.persist(_replayed(download.headers))
-            except OSError as e:
+                await kept.persist(_replayed(download.headers))
+            except Exception as e:
+                # Whatever keeps it from the store (a full disk, the thread
+                # pool stopping at shutdown), its clients have it all.
                 self.log.error(
                     "Cannot store {url}: {error}; served, not stored",
                     url=redact(request.url),

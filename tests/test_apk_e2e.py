@@ -235,7 +235,10 @@ class CurlTests(TestCase):
             self.assertEqual(headers.get("via"), "1.1 buildcache")
             self.assertEqual(output.read_bytes(), apk.content)
         self.assertEqual(harness.requests_for(path), 1)
-        self.assertEqual(harness.origin.requests[0].headers["user-agent"][:5], "curl/")
+        # Its index was fetched first (nothing had fetched it), to check it.
+        self.assertEqual(harness.requests_for(INDEX_PATH), 1)
+        package_requests = [r for r in harness.origin.requests if r.path == path]
+        self.assertEqual(package_requests[0].headers["user-agent"][:5], "curl/")
 
     async def test_curl_against_mirror_route(self) -> None:
         """

@@ -38,9 +38,8 @@ from twisted.trial.unittest import TestCase
 
 from buildcache.config import Mirror
 from buildcache.freshness import format_http_date
-from buildcache.proxy import STREAM_CHECKED_ABOVE
 from buildcache.store import BlockingRunner
-from buildcache.upstream import WITHHELD_TAIL, Fetcher
+from buildcache.upstream import STREAM_CHECKED_ABOVE, WITHHELD_TAIL, Fetcher
 from tests.apkrepo import (
     BUILD_TIME,
     BuiltApk,
@@ -1232,16 +1231,26 @@ class PackageCheckTests(TestCase):
 
     async def test_package_not_in_index_is_served(self) -> None:
         """
-        A package the stored index does not list (newer than the index) is
-        not refused: there is nothing to check it against.
+        A package no stored index lists (newer than the index, or its index
+        never fetched through the proxy) is served, not refused: there is
+        nothing to check it against.  Nor is it stored: an immutable file
+        nothing checked (an error page sent as 200) would be served for good.
         """
+        events = log_events(self)
         harness = ProxyHarness.start(self)
-        await harness.get(INDEX_PATH)
         newer = build_apk("newer", "1.0-r0")
         path = harness.package_path(newer.filename)
         harness.replace_file(path, newer.content, PUBLISHED)
-        received = await harness.get(path)
-        self.assertEqual((received.status, received.body), (200, newer.content))
+        for with_index in (False, True):
+            if with_index:
+                await harness.get(INDEX_PATH)
+            received = await harness.get(path)
+            self.assertEqual((received.status, received.body), (200, newer.content))
+            self.assertNotIn(f"{harness.origin_authority}{path}", harness.stored_keys())
+        self.assertEqual(harness.requests_for(path), 2)
+        self.assertEqual(
+            len(events_at(events, LogLevel.info, "without storing it")), 2
+        )
 
 
 class AptAndHTTPFreshnessTests(TestCase):
@@ -1337,7 +1346,7 @@ class AptAndHTTPFreshnessTests(TestCase):
     async def test_errors_are_never_stored(self) -> None:
         """
         A 404 or a 500 is passed on with its status and asked again next
-        time; nothing is stored.
+        time; nothing is stored (but the index, fetched to check packages).
         """
         harness = ProxyHarness.start(self)
         missing = harness.package_path("absent-1.0-r0.apk")
@@ -1348,7 +1357,7 @@ class AptAndHTTPFreshnessTests(TestCase):
                 received = await harness.get(path)
                 self.assertEqual(received.status, status, path)
             self.assertEqual(harness.requests_for(path), 2, path)
-        self.assertEqual(harness.stored_keys(), set())
+        self.assertEqual(harness.stored_keys(), {f"{harness.origin_authority}{INDEX_PATH}"})
 
 
 class UpstreamIsolationTests(TestCase):
@@ -1390,11 +1399,11 @@ class UpstreamIsolationTests(TestCase):
         """
         apk = build_apk("hello", "1.0-r0")
         upstream = FakeUpstream()
-        upstream.bodies["/x86_64/hello-1.0-r0.apk"] = GatedBody(
+        upstream.bodies["/pool/hello-1.0.tar.gz"] = GatedBody(
             apk.content, headers={"content-encoding": "gzip"}
         )
         running = start_server(self, upstream=upstream)
-        url = f"http://127.0.0.1:{running.proxy_port}/up/x86_64/hello-1.0-r0.apk"
+        url = f"http://127.0.0.1:{running.proxy_port}/up/pool/hello-1.0.tar.gz"
         for cache in ("MISS", "HIT"):
             received = await Client().get(url, {"accept-encoding": "gzip"})
             await running.server.fetcher.when_idle()

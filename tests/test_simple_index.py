@@ -689,6 +689,34 @@ class FileTests(TestCase):
         self.assertIsNone(self.harness.store.peek(cache_key(url)))
         self.assertTrue(logged(observer, LogLevel.error, "does not match the sha256"))
 
+    async def test_file_of_unknown_size_streams_before_its_check(self) -> None:
+        """
+        A file the page gives no size for may be large: it streams (a
+        client waiting for the whole of a big wheel would time out), all but
+        its last 64 KB until the check passes.  This one is smaller than
+        that, so a mismatch is still a clean 502 before any byte; nothing
+        is stored, and an error is logged.
+        """
+        observer = log_events(self)
+        fixture = fixture_for(self)
+        harness = Harness(self, [StaticSimpleIndex(fixture, json=False)])
+        await harness.page("bcdemo-a")
+        good = fixture.content(WHEEL_A2)
+        fixture.path_for(WHEEL_A2).write_bytes(b"x" * len(good))
+        received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual(received.status, 502)
+        self.assertIn(b"sha256", received.body)
+        url = f"{harness.upstreams[0].base.removesuffix('/simple')}/files/{WHEEL_A2}"
+        await harness.fetcher.when_idle()
+        self.assertIsNone(harness.store.peek(cache_key(url)))
+        self.assertTrue(logged(observer, LogLevel.error, "fails its check"))
+        # The right bytes stream whole and are stored.
+        fixture.path_for(WHEEL_A2).write_bytes(good)
+        again = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((again.status, again.complete, again.body), (200, True, good))
+        await harness.fetcher.when_idle()
+        self.assertIsNotNone(harness.store.peek(cache_key(url)))
+
     async def test_file_without_page(self) -> None:
         """
         A file of a project whose page was never served is a 404 that
@@ -807,9 +835,17 @@ class ReadAheadTests(TestCase):
         self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
         counters = harness.store.counters
         self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 0))
+        # The client's first request is served from the store, but its
+        # bytes crossed the line for it: a MISS, not bytes saved.
+        saved_before = counters.bytes_from_cache
         received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
         self.assertEqual((received.status, received.body), (200, data))
-        self.assertEqual(received.header("x-cache"), "HIT")
+        self.assertEqual(received.header("x-cache"), "MISS")
+        self.assertEqual(received.header("content-length"), str(len(data)))
+        self.assertEqual(counters.bytes_from_cache, saved_before)
+        again = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((again.header("x-cache"), again.body), ("HIT", data))
+        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 1))
         # Reading the metadata again reads nothing ahead: the file is here.
         again = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}.metadata")
         self.assertEqual(again.header("x-cache"), "HIT")

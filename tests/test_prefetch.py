@@ -1,0 +1,161 @@
+"""
+Tests for :mod:`buildcache.prefetch`: when a read-ahead starts, and how it
+is counted (each read-ahead at most one hit, never more hits than
+read-aheads).  The end-to-end behaviour through the index is in
+``tests/test_simple_index.py`` (``ReadAheadTests``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, cast
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from buildcache.prefetch import MAX_RUNNING, Prefetcher, file_request
+from buildcache.store import Store
+from buildcache.upstream import UpstreamAnswer
+
+BODY = b"wheel bytes"
+DIGEST = hashlib.sha256(BODY).hexdigest()
+
+
+@define
+class _Download:
+    settled: Deferred[None] = field(factory=Deferred)
+
+    def when_settled(self) -> Deferred[None]:
+        return self.settled
+
+
+@define
+class _Body:
+    download: _Download
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@define
+class _Fetcher:
+    """Records fetches; the test decides when and how each one ends."""
+
+    answers: dict[str, Deferred[UpstreamAnswer]] = field(factory=dict)
+    busy: set[str] = field(factory=set)
+
+    def fetch(self, request: Any) -> Deferred[UpstreamAnswer]:
+        answer: Deferred[UpstreamAnswer] = Deferred()
+        self.answers[request.key] = answer
+        return answer
+
+    def downloading(self, key: str) -> bool:
+        return key in self.busy
+
+
+class PrefetcherTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = Store.open(self.mktemp(), 1 << 20, cast(Any, self.clock))
+        self.addCleanup(self.store.close)
+        self.fetcher = _Fetcher()
+        self.prefetcher = Prefetcher(
+            self.store, cast(Any, self.fetcher), cast(Any, self.clock), 1024
+        )
+
+    def request(self, name: str = "a.whl", digest: str | None = DIGEST) -> Any:
+        return file_request(f"http://127.0.0.1:1/files/{name}", digest, "test", False)
+
+    def start(self, request: Any, size: int | None = len(BODY)) -> None:
+        self.prefetcher.after_metadata(request, size)
+        self.clock.advance(0)
+
+    def finish(self, request: Any) -> _Body:
+        """The read-ahead's download ends with the body stored."""
+        writer = self.store.writer(request.key)
+        writer.write(BODY)
+        writer.commit({})
+        body = _Body(_Download())
+        self.fetcher.answers[request.key].callback(
+            UpstreamAnswer(200, {}, cast(Any, body))
+        )
+        body.download.settled.callback(None)
+        return body
+
+    def counts(self) -> tuple[int, int]:
+        counters = self.store.counters
+        return counters.prefetches, counters.prefetch_hits
+
+    def test_claimed_while_running_counts_once(self) -> None:
+        request = self.request()
+        self.start(request)
+        self.assertEqual(list(self.fetcher.answers), [request.key])
+        self.assertTrue(self.prefetcher.claim(request.key, stored=False))
+        self.assertFalse(self.prefetcher.claim(request.key, stored=False))
+        body = self.finish(request)
+        self.assertTrue(body.closed)
+        self.assertFalse(self.prefetcher.claim(request.key, stored=True))
+        self.assertEqual(self.counts(), (1, 1))
+        self.assertEqual(self.prefetcher.running(), 0)
+
+    def test_claimed_after_it_was_stored_counts_once(self) -> None:
+        request = self.request()
+        self.start(request)
+        self.finish(request)
+        self.assertEqual(self.counts(), (1, 0))
+        self.assertTrue(self.prefetcher.claim(request.key, stored=True))
+        self.assertFalse(self.prefetcher.claim(request.key, stored=True))
+        self.assertEqual(self.counts(), (1, 1))
+
+    def test_evicted_before_anyone_asked_is_no_hit(self) -> None:
+        request = self.request()
+        self.start(request)
+        self.finish(request)
+        self.store.remove(request.key)
+        self.assertFalse(self.prefetcher.claim(request.key, stored=False))
+        self.assertFalse(self.prefetcher.claim(request.key, stored=True))
+        self.assertEqual(self.counts(), (1, 0))
+
+    def test_not_started(self) -> None:
+        """
+        Off, unknown or too large a size, no digest, already stored, already
+        being downloaded (by the client itself), or stopping: no upstream
+        request and nothing counted.
+        """
+        self.start(self.request("nosize.whl"), size=None)
+        self.start(self.request("big.whl"), size=1025)
+        self.start(self.request("nodigest.whl", digest=None))
+        stored = self.request("stored.whl")
+        self.put(stored.key)
+        self.start(stored)
+        busy = self.request("busy.whl")
+        self.fetcher.busy.add(busy.key)
+        self.start(busy)
+        # A client asking while it was only scheduled started the download
+        # itself: no hit either.
+        self.assertFalse(self.prefetcher.claim(busy.key, stored=False))
+        self.prefetcher.stop()
+        self.start(self.request("late.whl"))
+        self.assertEqual(self.fetcher.answers, {})
+        self.assertEqual(self.counts(), (0, 0))
+        self.assertEqual(self.prefetcher.running(), 0)
+        self.successResultOf(self.prefetcher.when_done())
+
+    def test_at_most_max_running(self) -> None:
+        requests = [self.request(f"w{i}.whl") for i in range(MAX_RUNNING + 2)]
+        for request in requests:
+            self.start(request)
+        self.assertEqual(len(self.fetcher.answers), MAX_RUNNING)
+        done = self.prefetcher.when_done()
+        self.assertNoResult(done)
+        for request in requests[:MAX_RUNNING]:
+            self.finish(request)
+        self.successResultOf(done)
+
+    def put(self, key: str) -> None:
+        writer = self.store.writer(key)
+        writer.write(BODY)
+        writer.commit({})
