@@ -23,6 +23,12 @@ from buildcache.upstream import REPLAYED_HEADERS, UpstreamAnswer
 _PASSED_ON = (REPLAYED_HEADERS - {"date"}) | {"location", "retry-after", "www-authenticate"}
 
 
+#: Sent with a stale answer instead of the usual lifetime: the client (uv,
+#: a downstream cache) should come back as soon as it can, by when the
+#: upstream may answer again.
+STALE_CACHE_CONTROL = "max-age=0"
+
+
 class CacheStatus(enum.Enum):
     """
     How a response was served, sent as ``X-Cache``.
@@ -149,6 +155,8 @@ def serve_stored(
     if client_gone(request):
         stored.close()
         return
+    if status is CacheStatus.STALE:
+        cache_control = STALE_CACHE_CONTROL
     entry = stored.entry
     _set_headers(request, entry.headers, status, cache_control, extra_headers)
     request.setResponseCode(200)

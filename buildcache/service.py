@@ -119,6 +119,8 @@ class ListeningService(Service):
     """
     Listens on a server endpoint description while running, and reports
     the listening port (its number is only known then, e.g. for port 0).
+    ``option`` is the command-line option that gave the description, for
+    the message when it cannot listen.
     """
 
     def __init__(
@@ -127,7 +129,10 @@ class ListeningService(Service):
         description: str,
         factory: Site,
         on_listening: Callable[[IListeningPort], None] = lambda port: None,
+        option: str = "--port",
     ) -> None:
+        self._description = description
+        self._option = option
         self._endpoint = serverFromString(reactor, description)
         self._factory = factory
         self._on_listening = on_listening
@@ -140,9 +145,12 @@ class ListeningService(Service):
             self._listened, failures.append
         )
         # A port in use must stop twistd at start-up, not leave a server
-        # running without it.
+        # running without it; with a line that says so, not a traceback.
         if failures:
-            failures[0].raiseException()
+            raise SystemExit(
+                f"buildcache: {self._option} {self._description}: cannot listen:"
+                f" {failures[0].getErrorMessage()}"
+            )
 
     def _listened(self, port: IListeningPort) -> None:
         self.port = port
@@ -246,8 +254,11 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     )
     server = Server.build(config, reactor, store)
     top = BuildcacheService(server, reactor, store_threads=store_threads)
-    ListeningService(reactor, config.proxy_endpoint, server.proxy_site).setServiceParent(top)
     ListeningService(
-        reactor, config.index_endpoint, server.index_site, server.index_listening
+        reactor, config.proxy_endpoint, server.proxy_site, option="--port"
+    ).setServiceParent(top)
+    ListeningService(
+        reactor, config.index_endpoint, server.index_site, server.index_listening,
+        option="--pypi-port",
     ).setServiceParent(top)
     return top

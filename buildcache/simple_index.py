@@ -75,6 +75,7 @@ from buildcache.freshness import (
     validators_of,
 )
 from buildcache.respond import (
+    STALE_CACHE_CONTROL,
     CacheStatus,
     client_gone,
     request_headers,
@@ -526,7 +527,11 @@ class IndexResource(Resource):
         request.setHeader("content-type", media_type)
         request.setHeader("vary", "Accept")
         request.setHeader("etag", etag)
-        request.setHeader("cache-control", client_cache_control(Kind.INDEX, self.index_ttl))
+        request.setHeader(
+            "cache-control",
+            STALE_CACHE_CONTROL if resolved.status is CacheStatus.STALE
+            else client_cache_control(Kind.INDEX, self.index_ttl),
+        )
         request.setHeader("x-cache", resolved.status.value)
         if not_modified(headers, {"etag": etag}):
             request.setResponseCode(304)

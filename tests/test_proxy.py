@@ -572,6 +572,8 @@ class IndexFreshnessTests(TestCase):
         harness.origin.set_status(INDEX_PATH, 503)
         stale = await harness.get(INDEX_PATH)
         self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        # Not fresh for a whole TTL downstream: ask again soon.
+        self.assertEqual(stale.header("cache-control"), "max-age=0")
         self.assertEqual(stale.body, first.body)
         self.assertEqual(harness.requests_for(INDEX_PATH), 2)
         warnings = events_at(events, LogLevel.warn, "Serving stale")

@@ -271,3 +271,25 @@ class ServiceTests(TestCase):
         stored = {entry.key.rsplit("/", 1)[-1]: entry for entry in store.keys()}
         self.assertIn(wheel, stored)
         self.assertEqual(stored[wheel].sha256, hashlib.sha256(index.content(wheel)).hexdigest())
+
+    def test_port_in_use_is_one_line_naming_the_option(self) -> None:
+        """
+        A port another program holds (devpi on 3141, say) stops start-up
+        with one line naming the option and the address, not a traceback.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = Config(
+            cache_dir=self.mktemp(),
+            proxy_endpoint=f"tcp:{port}:interface=127.0.0.1",
+            index_endpoint=f"tcp:{free_port()}:interface=127.0.0.1",
+        )
+        service = make_service(config, reactor)
+        self.addCleanup(service.server.store.close)  # type: ignore[attr-defined]
+        error = self.assertRaises(SystemExit, service.privilegedStartService)
+        message = str(error.code)
+        self.assertTrue(message.startswith(f"buildcache: --port tcp:{port}:"), message)
+        self.assertIn("Address already in use", message)

@@ -1053,6 +1053,7 @@ class FreshnessTests(TestCase):
         self.upstream.index.broken = True
         stale = await self.harness.page("bcdemo-a")
         self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        self.assertEqual(stale.header("cache-control"), "max-age=0")
         self.assertEqual(stale.body, first.body)
         self.assertTrue(logged(observer, LogLevel.warn, "stale"))
         self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
