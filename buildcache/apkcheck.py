@@ -11,7 +11,7 @@ again and an unchanged one never is.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from attrs import Factory, define
 from twisted.logger import Logger
@@ -85,5 +85,5 @@ class ApkIndexes:
         return parsed
 
 
-def verifier_for(entry: ApkIndexEntry) -> Callable[[], ApkVerifier]:
-    return lambda: ApkVerifier(entry)
+def verifier_for(entry: ApkIndexEntry) -> Callable[[Mapping[str, str]], ApkVerifier]:
+    return lambda headers: ApkVerifier(entry)

@@ -261,6 +261,36 @@ class _Fetched:
 
     data: bytes
     content_type: str | None
+    #: sha256 of ``data``.
+    digest: str
+
+
+class _PageCheck:
+    """
+    Checks that an upstream page is a simple-index page before it is
+    stored (so a captive portal's 200 never replaces a good page), and
+    keeps the parsed model for the request that asked for it.
+    """
+
+    def __init__(
+        self, url: str, content_type: str | None, key: str,
+        models: _LRU[tuple[str, str], ProjectPage],
+    ) -> None:
+        self._url = url
+        self._content_type = content_type
+        self._key = key
+        self._models = models
+        self._data = bytearray()
+
+    def update(self, data: bytes) -> None:
+        self._data += data
+
+    def finish(self) -> None:
+        data = bytes(self._data)
+        page = parse_page(data, self._content_type, self._url)
+        self._models.put(
+            (self._key, hashlib.sha256(data).hexdigest()), page, len(data)
+        )
 
 
 _NOT_MODIFIED = "not-modified"
@@ -671,13 +701,17 @@ class IndexResource(Resource):
         :data:`_MISSING`.  Raises :class:`_UpstreamFailed`.
         """
         url = self._page_url(upstream, name)
+        key = page_key(upstream, name)
         upstream_request = UpstreamRequest(
-            key=page_key(upstream, name),
+            key=key,
             url=url,
             headers={"accept": UPSTREAM_ACCEPT, "user-agent": _USER_AGENT, **conditional},
             # An index may redirect to its own spelling of the page (same
             # depth, so relative file links still resolve from our URL).
             follow_redirects=True,
+            verify=lambda headers: _PageCheck(
+                url, headers.get("content-type"), key, self._models
+            ),
         )
         try:
             answer = await self.fetcher.fetch(upstream_request)
@@ -697,11 +731,13 @@ class IndexResource(Resource):
         if answer.status != 200:
             body.close()
             raise _UpstreamFailed(url, f"{url} answered {answer.status}")
+        download = body.download
         try:
             data = await _read_whole(body)
         except UpstreamError as e:
             raise _UpstreamFailed(url, f"{url}: {e}") from e
-        return _Fetched(data, answer.headers.get("content-type"))
+        digest = download.sha256 or hashlib.sha256(data).hexdigest()
+        return _Fetched(data, answer.headers.get("content-type"), digest)
 
     def _parse(self, upstream: str, name: str, data: bytes, content_type: str | None) -> ProjectPage:
         url = self._page_url(upstream, name)
@@ -717,7 +753,7 @@ class IndexResource(Resource):
             ) from e
 
     def _fresh_page(self, upstream: str, name: str, fetched: _Fetched) -> _Resolved:
-        digest = hashlib.sha256(fetched.data).hexdigest()
+        digest = fetched.digest
         slot = (page_key(upstream, name), digest)
         page = self._models.get(slot)
         if page is None:

@@ -107,7 +107,8 @@ class UpstreamRequest:
     """
     What to fetch for a cache key, and how to judge the answer.
 
-    ``verify`` builds a checker for the body (an apk index entry, say);
+    ``verify`` builds a checker for the body from the response headers
+    (one against an apk index entry, say; it checks 200 responses only);
     ``expected_sha256``/``expected_size`` come from an index page.  When
     either is given, clients get the response only once the body is
     complete and checked, so a mismatch is a clean 502, never wrong bytes.
@@ -124,7 +125,7 @@ class UpstreamRequest:
     headers: Mapping[str, str] = Factory(dict)
     expected_size: int | None = None
     expected_sha256: str | None = None
-    verify: Callable[[], BodyVerifier] | None = None
+    verify: Callable[[Mapping[str, str]], BodyVerifier] | None = None
     storable: Callable[[int, Mapping[str, str]], bool] = _default_storable
     follow_redirects: bool = False
     stream_before_check: bool = False
@@ -493,7 +494,8 @@ class _BodyReceiver(Protocol):
         self._download = download
         self._done = done
         self._timer: IDelayedCall | None = None
-        self._verifier = download.request.verify() if download.request.verify else None
+        verify = download.request.verify
+        self._verifier = verify(download.headers) if verify is not None else None
         self.timed_out = False
         self.verify_error: Exception | None = None
         self.reason: Failure | None = None

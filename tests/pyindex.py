@@ -343,6 +343,8 @@ class StaticSimpleIndex(Resource):
     @ivar projects: The pages served, by normalised name; tests may replace
         entries (e.g. to yank a file) while serving.
     @ivar broken: When true, every request gets 503.
+    @ivar garbage_pages: When true, project pages are a 200 that is not a
+        simple-index page (what a captive portal sends).
     @ivar serve_metadata: When false, metadata files 404 even if advertised.
     @ivar last_modified: The modification time announced for everything.
     @ivar requests: Count of requests (any method) per request path.
@@ -360,6 +362,7 @@ class StaticSimpleIndex(Resource):
         self.absolute_urls = absolute_urls
         self.projects: dict[str, ProjectPage] = dict(fixture.projects)
         self.broken = False
+        self.garbage_pages = False
         self.serve_metadata = True
         self.last_modified = FIXTURE_EPOCH
         self.requests: Counter[str] = Counter()
@@ -465,6 +468,9 @@ class StaticSimpleIndex(Resource):
         page = self.projects.get(name)
         if page is None:
             return self._not_found(request)
+        if self.garbage_pages:
+            request.setHeader(b"content-type", MEDIA_TYPE_JSON.encode("ascii"))
+            return b'{"error": "please log in to the guest network"}'
         media_type = self._negotiate(request)
         if media_type is None:
             request.setResponseCode(NOT_ACCEPTABLE)

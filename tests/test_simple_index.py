@@ -1065,6 +1065,27 @@ class FreshnessTests(TestCase):
         back = await self.harness.page("bcdemo-a")
         self.assertEqual(back.header("x-cache"), "REVALIDATED")
 
+    async def test_garbage_page_keeps_the_good_one(self) -> None:
+        """
+        A 200 that is not a simple-index page (a captive portal's login
+        page, say) is not stored over the good page: clients get the good
+        one STALE, and an error names the upstream page.
+        """
+        observer = log_events(self)
+        first = await self.harness.page("bcdemo-a")
+        key = page_key(self.upstream.base, "bcdemo-a")
+        good = self.harness.store.peek(key)
+        assert good is not None
+        self.harness.clock.advance(TTL + 1)
+        self.upstream.index.garbage_pages = True
+        stale = await self.harness.page("bcdemo-a", **{"cache-control": "max-age=0"})
+        self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        self.assertEqual(stale.body, first.body)
+        await self.harness.fetcher.when_idle()
+        self.assertEqual(self.harness.store.peek(key).sha256, good.sha256)  # type: ignore[union-attr]
+        self.assertTrue(logged(observer, LogLevel.error, "fails its check"))
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
+
     async def test_stale_when_upstream_unreachable(self) -> None:
         """
         With the upstream gone, stored pages are STALE, stored files are
