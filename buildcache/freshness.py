@@ -485,9 +485,9 @@ def not_modified(
 
     ``If-None-Match`` (weak comparison, ``*``, lists) takes precedence: when
     present, ``If-Modified-Since`` is not looked at.  ``If-Modified-Since``
-    is a date comparison, at one-second resolution: 304 only when the
-    stored ``Last-Modified`` (or, without one, ``stored_at``) is not later
-    than the date given.  An unparsable date is ignored.  Without either
+    is a date comparison, at one-second resolution: 304 when the date is
+    the stored ``Last-Modified``, or when neither it nor ``stored_at`` is
+    later than the date given.  An unparsable date is ignored.  Without either
     header the answer is always False: a 304 to an unconditional request
     breaks clients that hold no copy (apk fails the install).
 
@@ -514,11 +514,17 @@ def not_modified(
     if since is None:
         return False
     modified = parse_http_date(stored.get("last-modified"))
-    if modified is None:
-        if stored_at is None:
-            return False
-        modified = float(math.floor(stored_at))
-    return modified <= since
+    if modified is not None and modified == since:
+        # The client's copy is this one (apt sends its Last-Modified back).
+        return True
+    if stored_at is None:
+        return False
+    # A later date (apk sends its own download time) proves the client's
+    # copy current only if it is after this copy arrived here as well: a
+    # client may hold an older copy it got after the upstream published
+    # this one (served stale while the upstream was unreachable).
+    arrived = float(math.floor(stored_at))
+    return max(modified or arrived, arrived) <= since
 
 
 class RangeOutcome(enum.Enum):

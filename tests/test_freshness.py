@@ -380,10 +380,16 @@ class NotModifiedTests(SynchronousTestCase):
         self.assertTrue(not_modified(request, self.stored, T0))
 
     def test_if_modified_since_last_modified(self) -> None:
+        """
+        The stored Last-Modified itself (what apt sends back) is a 304; a
+        later date only once it is after the copy arrived here too.
+        """
         cases: list[tuple[str, bool]] = [
             (_date(0), True),
-            (_date(1), True),
-            (_date(86400), True),
+            (_date(1), False),
+            (_date(86400), False),
+            (_date(99999), True),
+            (_date(100000), True),
             (_date(-1), False),
             ("not a date", False),
             ("", False),
@@ -395,6 +401,20 @@ class NotModifiedTests(SynchronousTestCase):
                 expected,
                 value,
             )
+
+    def test_copy_served_stale_is_not_taken_for_the_new_one(self) -> None:
+        """
+        The upstream published at T0; its copy reached the cache at T0+20,
+        after an outage during which a client got the older copy at T0+10
+        (served stale) and now asks If-Modified-Since T0+10: it must get
+        the new one, though T0+10 is after the new Last-Modified.
+        """
+        self.assertFalse(
+            not_modified({"If-Modified-Since": _date(10)}, {"Last-Modified": _date(0)}, T0 + 20)
+        )
+        self.assertFalse(
+            not_modified({"If-Modified-Since": _date(10)}, {"Last-Modified": _date(0)}, None)
+        )
 
     def test_if_modified_since_fetch_time(self) -> None:
         """Without Last-Modified, the download time stands in (apk sends its own)."""
