@@ -98,6 +98,10 @@ class BodyVerifier(TypingProtocol):
     def finish(self) -> None: ...
 
 
+#: Request headers that make an answer belong to that request alone.
+_IDENTIFYING_HEADERS = ("authorization", "if-none-match", "if-modified-since")
+
+
 def _default_storable(status: int, headers: Mapping[str, str]) -> bool:
     return status == 200
 
@@ -129,6 +133,21 @@ class UpstreamRequest:
     storable: Callable[[int, Mapping[str, str]], bool] = _default_storable
     follow_redirects: bool = False
     stream_before_check: bool = False
+
+    def may_join(self, running: UpstreamRequest) -> bool:
+        """
+        Whether this request may share the answer of ``running`` (same key):
+        not when they carry different credentials (one client's would
+        reach another) or conditions (a 304 answers only the conditional
+        one), nor a checked request a download nobody checks.
+        """
+        return (
+            all(
+                self.headers.get(name) == running.headers.get(name)
+                for name in _IDENTIFYING_HEADERS
+            )
+            and (self.verify is None or running.verify is not None)
+        )
 
     @property
     def checked(self) -> bool:
@@ -632,7 +651,12 @@ class Fetcher:
         not match.
         """
         download = self._downloads.get(request.key)
-        if download is None:
+        if download is not None and not request.may_join(download.request):
+            # Its own download, which later requests do not join.
+            download = Download(request, self.store)
+            self._detached.append(download)
+            Deferred.fromCoroutine(self._run(download))
+        elif download is None:
             download = Download(request, self.store)
             self._downloads[request.key] = download
             Deferred.fromCoroutine(self._run(download))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
@@ -127,3 +128,47 @@ class SingleFlightTests(TestCase):
         self.assertLess(len(received.body), size)
         self.assertEqual(running.store.stats().entries, 0)
 
+
+
+class JoinTests(TestCase):
+    timeout = 10
+
+    async def test_credentials_are_not_shared(self) -> None:
+        """
+        A client without credentials asking while another client's
+        authenticated download of the same URL runs gets its own upstream
+        request, never the other's answer.  (Joined, the second request
+        would never reach the upstream, and the test times out.)
+        """
+        gate: Deferred[None] = Deferred()
+        upstream = FakeUpstream()
+        upstream.bodies["/private.bin"] = GatedBody(
+            pattern_bytes(200_000, b"p"), before_gate=1000, gate=gate
+        )
+        second_arrived: Deferred[None] = Deferred()
+        render = upstream.render
+
+        def counting_render(request: Any) -> object:
+            result = render(request)
+            if upstream.requests["/private.bin"] == 2:
+                second_arrived.callback(None)
+            return result
+
+        upstream.render = counting_render  # type: ignore[method-assign]
+        running = start_server(self, upstream=upstream)
+        url = f"http://127.0.0.1:{running.proxy_port}/up/private.bin"
+        client = Client()
+        first: Deferred[None] = Deferred()
+        with_credentials = Deferred.fromCoroutine(
+            client.get(url, {"authorization": "Basic dXNlcjpwYXNz"}, first_bytes=first)
+        )
+        await first
+        without = Deferred.fromCoroutine(client.get(url))
+        await second_arrived
+        gate.callback(None)
+        received = await gatherResults([with_credentials, without])
+        self.assertEqual([r.status for r in received], [200, 200])
+        self.assertEqual(
+            [h.getRawHeaders("authorization") for h in upstream.seen_headers],
+            [["Basic dXNlcjpwYXNz"], None],
+        )
