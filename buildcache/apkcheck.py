@@ -38,7 +38,9 @@ class ApkIndexes:
 
     store: Store
     keep: int = 16
-    _parsed: OrderedDict[tuple[str, str], ApkIndex] = Factory(OrderedDict)
+    #: Per index key, the digest of the stored index parsed and its entries;
+    #: a new version replaces the old one.
+    _parsed: OrderedDict[str, tuple[str, ApkIndex]] = Factory(OrderedDict)
 
     def entry_for(
         self, package_url: str, key_of: Callable[[str], str]
@@ -61,11 +63,10 @@ class ApkIndexes:
         entry = self.store.peek(index_key)
         if entry is None or entry.sha256 is None:
             return None
-        cache_key = (index_key, entry.sha256)
-        parsed = self._parsed.get(cache_key)
-        if parsed is not None:
-            self._parsed.move_to_end(cache_key)
-            return parsed
+        known = self._parsed.get(index_key)
+        if known is not None and known[0] == entry.sha256:
+            self._parsed.move_to_end(index_key)
+            return known[1]
         path = self.store.object_path(index_key)
         if path is None:
             return None
@@ -79,7 +80,8 @@ class ApkIndexes:
                 "Stored index {key} cannot be read: {error}", key=index_key, error=str(e)
             )
             return None
-        self._parsed[cache_key] = parsed
+        self._parsed[index_key] = (entry.sha256, parsed)
+        self._parsed.move_to_end(index_key)
         while len(self._parsed) > self.keep:
             self._parsed.popitem(last=False)
         return parsed
