@@ -767,29 +767,27 @@ class IndexResource(Resource):
         The stored page of ``name`` from ``upstream`` (recording the access
         for the store's LRU), parsed or from memory.
         """
-        stored = self.store.lookup(page_key(upstream, name))
-        if stored is None:
+        key = page_key(upstream, name)
+        entry = self.store.touch(key)
+        if entry is None:
             raise _Refusal(502, f"the stored page of {name!r} disappeared; try again")
-        try:
-            page, digest = self._model_of(upstream, name, stored)
-        finally:
-            stored.close()
+        page = self._models.get((key, entry.sha256)) if entry.sha256 else None
+        if page is not None and entry.sha256 is not None:
+            digest = entry.sha256
+        else:
+            # Not parsed since start-up (or pushed out of memory): read it.
+            stored = self.store.lookup(key)
+            if stored is None:
+                raise _Refusal(502, f"the stored page of {name!r} disappeared; try again")
+            try:
+                data = _read_stored(stored)
+            finally:
+                stored.close()
+            digest = hashlib.sha256(data).hexdigest()
+            page = self._parse(upstream, name, data, stored.entry.headers.get("content-type"))
+            self._models.put((key, digest), page, len(data))
         self._served[name] = (upstream, digest)
         return _Resolved(upstream, name, page, digest, status)
-
-    def _model_of(
-        self, upstream: str, name: str, stored: StoredObject
-    ) -> tuple[ProjectPage, str]:
-        entry = stored.entry
-        if entry.sha256 is not None:
-            page = self._models.get((entry.key, entry.sha256))
-            if page is not None:
-                return page, entry.sha256
-        data = _read_stored(stored)
-        digest = hashlib.sha256(data).hexdigest()
-        page = self._parse(upstream, name, data, entry.headers.get("content-type"))
-        self._models.put((entry.key, digest), page, len(data))
-        return page, digest
 
     def _stale_or_refuse(
         self, name: str, position: int, failed: _UpstreamFailed

@@ -462,6 +462,16 @@ class Store:
         """
         return self._row(key)
 
+    def touch(self, key: str) -> Entry | None:
+        """
+        The entry stored under ``key``, recording the access (as
+        :meth:`lookup` does) without opening its file.
+        """
+        entry = self._row(key)
+        if entry is not None:
+            self._pending_access[key] = self.clock.seconds()
+        return entry
+
     def lookup(self, key: str) -> StoredObject | None:
         """
         Open the object stored under ``key`` and record the access.

@@ -529,6 +529,23 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
             self.assertIsNone(self.store.object_path(key))
         self.assert_consistent(self.store)
 
+    def test_touch_is_an_access_without_opening(self) -> None:
+        """
+        ``touch`` (a page hit served from memory) keeps an entry recent as
+        ``lookup`` does, without opening its file.
+        """
+        self.put_at("a", 400 * KB)  # t=1
+        self.put_at("b", 400 * KB)  # t=2
+        descriptors = len(os.listdir("/proc/self/fd"))
+        self.clock.advance(1)
+        entry = self.store.touch("a")  # t=3: a is now more recent than b
+        self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors)
+        assert entry is not None
+        self.assertEqual(entry.key, "a")
+        self.assertIsNone(self.store.touch("missing"))
+        self.put_at("c", 400 * KB)  # b goes, not a
+        self.assertEqual(self.present(), {"a", "c"})
+
     def test_only_as_many_as_needed(self) -> None:
         for key in "pqrst":
             self.put_at(key, 200 * KB)
