@@ -21,6 +21,13 @@ try:
     options.parseOptions(shlex.split(os.environ.get("BUILDCACHE_ARGS", "")))
 except UsageError as error:
     raise SystemExit(f"BUILDCACHE_ARGS: {error}") from None
+if options.config.log_format == "json":
+    # twistd reads --logger only from its own command line, which a .tac
+    # cannot see: say so rather than log text while claiming JSON.
+    raise SystemExit(
+        "BUILDCACHE_ARGS: --log-format json works with `twistd buildcache`;"
+        " with a .tac, pass twistd --logger=buildcache.logs.json_observer"
+    )
 
 application = Application("buildcache")
 make_service(options.config, reactor).setServiceParent(application)

@@ -701,5 +701,9 @@ class Options(usage.Options):
             # twistd builds its log observer from its own "logger" option
             # after parsing the command line, so setting it here makes the
             # whole process (twistd's lines too) log JSON.
-            use_logfile(self.parent.get("logfile"))
+            logfile = self.parent.get("logfile")
+            if not logfile and not self.parent.get("nodaemon"):
+                # What twistd itself writes to once it has daemonized.
+                logfile = "twistd.log"
+            use_logfile(logfile)
             self.parent["logger"] = JSON_OBSERVER

@@ -90,6 +90,24 @@ class JSONFormatTests(SynchronousTestCase):
             (line,) = f.read().splitlines()
         self.assertEqual(json.loads(line)["name"], "world")
 
+    def test_daemon_without_logfile_writes_twistd_log(self) -> None:
+        """
+        Daemonized without --logfile, twistd's own output is twistd.log
+        (standard output is gone): the JSON lines go there too.
+        """
+        for nodaemon, expected in ((False, "twistd.log"), (True, None)):
+            parent = usage.Options()
+            parent["logfile"] = None
+            parent["nodaemon"] = nodaemon
+            options = Options({})
+            options.parent = parent
+            options.parseOptions(
+                ["--cache-dir", self.mktemp(), "--log-format", "json",
+                 "--pypi-upstream", "http://127.0.0.1:9/simple"]
+            )
+            self.addCleanup(logs.use_logfile, None)
+            self.assertEqual(logs._logfile, expected)
+
     def test_text_leaves_twistd_alone(self) -> None:
         parent = usage.Options()
         options = Options({})

@@ -293,3 +293,25 @@ class ServiceTests(TestCase):
         message = str(error.code)
         self.assertTrue(message.startswith(f"buildcache: --port tcp:{port}:"), message)
         self.assertIn("Address already in use", message)
+
+
+class TacTests(TestCase):
+    async def test_json_log_format_refused_with_a_reason(self) -> None:
+        """
+        A .tac cannot hand twistd a log observer: --log-format json in
+        BUILDCACHE_ARGS stops start-up with a line saying what to do.
+        """
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        tac = os.path.join(os.path.dirname(os.path.dirname(__file__)), "buildcache.tac")
+        environ = {
+            **os.environ,
+            "BUILDCACHE_ARGS": f"--log-format json --cache-dir {self.mktemp()}"
+            " --pypi-upstream http://127.0.0.1:9/simple",
+        }
+        out, err, code = await getProcessOutputAndValue(
+            TWISTD, ["--nodaemon", "--pidfile=", "--logfile=-", "-y", tac],
+            env=environ, reactor=reactor,
+        )
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"--logger=buildcache.logs.json_observer", out + err)
