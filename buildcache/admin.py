@@ -991,11 +991,11 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         ),
     )
     warm.add_argument(
-        "--server", default=DEFAULT_SERVER,
+        "--server", type=_http_url, default=DEFAULT_SERVER,
         help="the server's proxy port URL (default: %(default)s)",
     )
     warm.add_argument(
-        "--index", default=DEFAULT_INDEX,
+        "--index", type=_http_url, default=DEFAULT_INDEX,
         help="the server's simple index URL (default: %(default)s)",
     )
     warm.add_argument(
@@ -1024,10 +1024,28 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="Alpine architecture (default: %(default)s)",
     )
     warm.add_argument(
-        "--timeout", type=float, default=DEFAULT_HTTP_TIMEOUT,
+        "--timeout", type=_positive_seconds, default=DEFAULT_HTTP_TIMEOUT,
         help="seconds the server may stay silent (default: %(default)s)",
     )
     return parser
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http:// URL (e.g. {DEFAULT_SERVER})"
+        )
+    return text
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
 
 
 def _run_stats(options: argparse.Namespace, stdout: TextIO) -> int:

@@ -357,7 +357,10 @@ def _summary_section(stats: Mapping[str, Any]) -> str:
             "Bytes saved", human_bytes(stats["bytes_saved"]), "bytes-saved",
             "served from the cache instead of upstream",
         )
-        + _figure("From upstream", human_bytes(stats["bytes_from_upstream"]))
+        + _figure(
+            "From upstream", human_bytes(stats["bytes_from_upstream"]),
+            note="served on a miss, per client",
+        )
         + _figure("Requests", f"{stats['requests']:,}", "requests")
         + _figure(
             "Hits / misses",

@@ -616,6 +616,22 @@ class WarmArgumentsTests(SynchronousTestCase):
         self.assertEqual(code, 2)
         self.assertIn("mirror route", err)
 
+    def test_bad_values_name_their_option(self) -> None:
+        for option, value, says in [
+            ("--timeout", "-1", "above 0"),
+            ("--timeout", "soon", "above 0"),
+            ("--server", "127.0.0.1:8899", "not an http:// URL"),
+            ("--index", "127.0.0.1:3141/simple/", "not an http:// URL"),
+        ]:
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            code, _, _ = run(
+                "warm", option, value, "--apk", "curl", "--alpine-repo", "alpine/v3.20/main"
+            )
+            self.assertEqual(code, 2, option)
+            self.assertIn(f"argument {option}", stderr.getvalue())
+            self.assertIn(says, stderr.getvalue())
+
     def test_server_down(self) -> None:
         server = f"http://127.0.0.1:{closed_port()}"
         code, _, err = run(
