@@ -421,6 +421,11 @@ DEFAULT_ALLOW_FROM: tuple[IPNetwork, ...] = _networks(
 )
 
 
+#: The ports below 1024 a forward request may reach without its port being
+#: listed in ``allow_upstream``; from 1024 up, any.
+WEB_PORTS = frozenset({80, 443})
+
+
 @attrs.frozen
 class AccessPolicy:
     """
@@ -496,6 +501,18 @@ class AccessPolicy:
             return Verdict.refuse(f"invalid port {port}")
         if self._configured(name, port):
             return Verdict.allow(f"{_endpoint_text(name, port)} is a configured upstream")
+        if port < 1024 and port not in WEB_PORTS:
+            # Another protocol's port (SMTP, IMAP, ...): reached through an
+            # HTTP proxy only to abuse it; squid refuses these too.
+            for pattern in self._patterns:
+                if pattern.port == port and pattern.matches_host(name, port):
+                    return Verdict.allow(
+                        f"{_endpoint_text(name, port)} matches allow_upstream {pattern.text!r}"
+                    )
+            return Verdict.refuse(
+                f"port {port} is not a web port; list {_endpoint_text(name, port)}"
+                " (with its port) in allow_upstream to reach it"
+            )
         if not self._patterns:
             return Verdict.allow("allow_upstream is empty: any host, public addresses only")
         for pattern in self._patterns:

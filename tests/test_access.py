@@ -353,6 +353,24 @@ class HostAllowedTests(SynchronousTestCase):
             verdict = policy.host_allowed(host, port)
             self.assertIs(verdict.allowed, expected, (host, port, verdict.reason))
 
+    def test_other_protocols_ports_only_when_listed_with_the_port(self) -> None:
+        """
+        Below 1024 only the web ports, unless a pattern names the port
+        itself (squid's Safe_ports): an open proxy to port 25 is a spam
+        relay.  From 1024 up, as any other port.
+        """
+        for policy in (_policy(), _policy("*.example.org")):
+            for port in (25, 110, 143, 22, 1023):
+                verdict = policy.host_allowed("mail.example.org", port)
+                self.assertFalse(verdict, port)
+                self.assertIn("not a web port", verdict.reason)
+            for port in (80, 443, 1024, 8080):
+                self.assertTrue(policy.host_allowed("mail.example.org", port), port)
+        listed = _policy("mail.example.org:119", upstreams=(("news.local", 563),))
+        self.assertTrue(listed.host_allowed("mail.example.org", 119))
+        self.assertFalse(listed.host_allowed("mail.example.org", 25))
+        self.assertTrue(listed.host_allowed("news.local", 563))
+
     def test_reasons(self) -> None:
         policy = _policy("*.example.org", upstreams=(("::1", 3141),))
         self.assertIn("'*.example.org'", policy.host_allowed("a.example.org", 80).reason)
