@@ -56,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from typing import Generic, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
-from attrs import frozen
+from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -265,6 +265,7 @@ class _Fetched:
     digest: str
 
 
+@define
 class _PageCheck:
     """
     Checks that an upstream page is a simple-index page before it is
@@ -272,25 +273,19 @@ class _PageCheck:
     keeps the parsed model for the request that asked for it.
     """
 
-    def __init__(
-        self, url: str, content_type: str | None, key: str,
-        models: _LRU[tuple[str, str], ProjectPage],
-    ) -> None:
-        self._url = url
-        self._content_type = content_type
-        self._key = key
-        self._models = models
-        self._data = bytearray()
+    url: str
+    content_type: str | None
+    key: str
+    models: _LRU[tuple[str, str], ProjectPage]
+    _data: bytearray = Factory(bytearray)
 
     def update(self, data: bytes) -> None:
         self._data += data
 
     def finish(self) -> None:
         data = bytes(self._data)
-        page = parse_page(data, self._content_type, self._url)
-        self._models.put(
-            (self._key, hashlib.sha256(data).hexdigest()), page, len(data)
-        )
+        page = parse_page(data, self.content_type, self.url)
+        self.models.put((self.key, hashlib.sha256(data).hexdigest()), page, len(data))
 
 
 _NOT_MODIFIED = "not-modified"
