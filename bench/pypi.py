@@ -929,9 +929,9 @@ def run_repeat(
                 running = live = server.start(run_dir, origin)
                 url = ["--index-url", f"http://127.0.0.1:{live.port}{server.index_path}"]
                 cold = through(live, url)
-                # No pause: a warm run must follow the cold one closely, as
-                # pages older than buildcache's revalidation floor (30 s) are
-                # revalidated upstream on pip's "max-age=0".
+                # No pause: a warm run follows the cold one well within every
+                # contender's index TTL (buildcache 300 s, devpi-server and
+                # proxpi 1800 s), so no page is revalidated upstream.
                 (warm,) = least_disturbed(quiet, lambda: (through(live, url),), pause_s=0.0)
                 if live.process.poll() is not None:
                     raise RuntimeError(f"{server.name} exited during the run")

@@ -43,6 +43,7 @@ __all__ = [
     "client_cache_control",
     "freshness_lifetime",
     "current_age",
+    "client_asks_refresh",
     "client_demands_revalidation",
     "not_modified",
     "validators_of",
@@ -294,14 +295,25 @@ def client_demands_revalidation(request_headers: Mapping[str, str], age: float) 
     ``Cache-Control: no-cache``, ``max-age=0``, ``max-age`` shorter than
     the age, or ``Pragma: no-cache``.
     """
-    headers = _lowered(request_headers)
-    directives = parse_cache_control(headers.get("cache-control"))
-    if "no-cache" in directives:
+    if client_asks_refresh(request_headers):
         return True
+    directives = parse_cache_control(_lowered(request_headers).get("cache-control"))
     if "max-age" in directives:
         limit = _delta_seconds(directives["max-age"])
         if limit is None or limit == 0 or age > limit:
             return True
+    return False
+
+
+def client_asks_refresh(request_headers: Mapping[str, str]) -> bool:
+    """
+    Whether the request says ``Cache-Control: no-cache`` or ``Pragma:
+    no-cache``: what a client sends when its user asks for fresh data
+    (``apk update``, ``uv --refresh``, a browser's reload, ``curl -H``).
+    """
+    headers = _lowered(request_headers)
+    if "no-cache" in parse_cache_control(headers.get("cache-control")):
+        return True
     pragma = headers.get("pragma", "")
     return any(token.strip().lower() == "no-cache" for token in pragma.split(","))
 

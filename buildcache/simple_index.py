@@ -28,11 +28,14 @@ and the policy behind it:
   file links rewritten to ``../../files/<project>/<filename>`` on this port.
   A page is revalidated upstream (conditionally) when it is ``index_ttl``
   old.  pip sends ``Cache-Control: max-age=0`` on every page request,
-  whatever the user wants, so that request header triggers a revalidation
-  only for a page validated more than :data:`CLIENT_REVALIDATION_FLOOR`
-  seconds ago: one pip run (and a burst of parallel builds) never fetches a
-  page twice, and a pip run started a little later still sees a release made
-  meanwhile, at the cost of one conditional request per page.  After an
+  whatever the user wants, so a request's ``max-age`` is not heeded: obeying
+  it would cost every warm install one upstream round trip per project, on
+  the slow line this cache exists to spare (devpi-server and proxpi ignore
+  it too).  A client that asks for fresh data on purpose (``Cache-Control:
+  no-cache`` or ``Pragma: no-cache``, as ``uv --refresh`` and ``curl -H``
+  send) gets a revalidation, but only of a page validated more than
+  :data:`CLIENT_REVALIDATION_FLOOR` seconds ago, so a burst of parallel
+  builds never fetches a page twice.  After an
   upstream failure, stored pages from that upstream are served stale without
   asking it again for :data:`UPSTREAM_FAILURE_BACKOFF` seconds, so an
   install on a box that lost its network does not wait for a timeout per
@@ -70,7 +73,7 @@ from buildcache.activity import Activity
 from buildcache.freshness import (
     Kind,
     client_cache_control,
-    client_demands_revalidation,
+    client_asks_refresh,
     not_modified,
     validators_of,
 )
@@ -126,9 +129,8 @@ NEGATIVE_TTL = 60.0
 #: anyway, and nothing here depends on it.
 ROOT_TTL = 24 * 3600.0
 
-#: A client's ``max-age=0`` / ``no-cache`` revalidates a page upstream only
-#: when the page was validated longer ago than this (see the module
-#: docstring).
+#: A client's ``no-cache`` revalidates a page upstream only when the page
+#: was validated longer ago than this (see the module docstring).
 CLIENT_REVALIDATION_FLOOR = 30.0
 
 #: Seconds during which an upstream that just failed is not asked to
@@ -628,9 +630,7 @@ class IndexResource(Resource):
         age = max(0.0, now - entry.validated_at)
         if age >= self.index_ttl:
             return True
-        return age >= CLIENT_REVALIDATION_FLOOR and client_demands_revalidation(
-            headers, age
-        )
+        return age >= CLIENT_REVALIDATION_FLOOR and client_asks_refresh(headers)
 
     async def _from_upstream(
         self, upstream: str, name: str, headers: Mapping[str, str]
