@@ -426,7 +426,8 @@ DEFAULT_ALLOW_FROM: tuple[IPNetwork, ...] = _networks(
 WEB_PORTS = frozenset({80, 443})
 
 
-@attrs.frozen
+# The memoised methods below hash the policy on every request.
+@attrs.frozen(cache_hash=True)
 class AccessPolicy:
     """
     Who may use the cache, and what it may fetch for them.

@@ -114,8 +114,9 @@ class Activity:
     _series: deque[list[float]] = Factory(lambda: deque(maxlen=BUCKETS))
     #: Observers of upstream latencies (the metrics' histogram).
     latency_observers: list[Callable[[float], None]] = Factory(list)
-    #: Access lines of this turn, written after its responses.
-    _unwritten: list[tuple[str, dict[str, object]]] = Factory(list)
+    #: Requests of this turn whose access lines are written after its
+    #: responses: (request, front end, X-Cache, bytes, seconds, completed).
+    _unwritten: list[tuple[Request, str, str, int, float, bool]] = Factory(list)
 
     def track(self, request: Request, front_end: str, name: str | None = None) -> None:
         """
@@ -154,32 +155,32 @@ class Activity:
             self.top_names[(front_end, name)] += 1
             if len(self.top_names) > TOP_NAMES_KEPT * 2:
                 self.top_names = Counter(dict(self.top_names.most_common(TOP_NAMES_KEPT)))
-        client = getattr(request.getClientAddress(), "host", "-")
-        method = request.method.decode("latin-1")
-        url = redact(request.uri.decode("latin-1"))
-        duration = now - started
-        incomplete = "" if completed else " (client or upstream ended early)"
-        # The text line is formatted here, once and cheaply: the log
-        # observers format "{line}" only; the fields stay for JSON logs.
-        line = (
-            f"{client} {method} {url} {request.code} {sent} {cache_status}"
-            f" {duration:.3f}s{incomplete}"
-        )
-        fields = dict(
-            log_system="access", client=client, method=method, url=url,
-            status=request.code, bytes=sent, cache=cache_status,
-            duration=duration, front_end=front_end,
-        )
-        # Written once the response has gone out (formatting and writing a
-        # log line would hold it up), with the others of this turn.
+        # The line is formatted and written once the response has gone out
+        # (that work would hold it up), with the others of this turn.
         if not self._unwritten:
             after_io(self.clock).addCallback(self._write_lines)
-        self._unwritten.append((line, fields))
+        self._unwritten.append(
+            (request, front_end, cache_status, sent, now - started, completed)
+        )
 
     def _write_lines(self, _: object) -> None:
         unwritten, self._unwritten = self._unwritten, []
-        for line, fields in unwritten:
-            self.log.info("{line}", line=line, **fields)
+        for request, front_end, cache_status, sent, duration, completed in unwritten:
+            client = getattr(request.getClientAddress(), "host", "-")
+            method = request.method.decode("latin-1")
+            url = redact(request.uri.decode("latin-1"))
+            incomplete = "" if completed else " (client or upstream ended early)"
+            # The text line is formatted here, once: the log observers
+            # format "{line}" only; the fields stay for JSON logs.
+            line = (
+                f"{client} {method} {url} {request.code} {sent} {cache_status}"
+                f" {duration:.3f}s{incomplete}"
+            )
+            self.log.info(
+                "{line}", line=line, log_system="access", client=client,
+                method=method, url=url, status=request.code, bytes=sent,
+                cache=cache_status, duration=duration, front_end=front_end,
+            )
 
     def _bucket(self, now: float) -> list[float]:
         start = now - now % BUCKET_SECONDS

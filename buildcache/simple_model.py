@@ -12,6 +12,7 @@ decides where file links point, this module only translates.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -842,6 +843,12 @@ def choose_media_type(accept_header: bytes | str | None) -> str | None:
         accept_header = accept_header.decode("latin-1")
     if accept_header is None or not accept_header.strip():
         return MEDIA_TYPE_LEGACY_HTML
+    return _choose_media_type(accept_header)
+
+
+# Clients send the same few Accept headers over and over.
+@functools.lru_cache(maxsize=256)
+def _choose_media_type(accept_header: str) -> str | None:
     ranges = _parse_accept(accept_header)
     best: tuple[tuple[float, int, int, int], str] | None = None
     for preference, media_type in enumerate(_SERVER_PREFERENCE):

@@ -683,8 +683,13 @@ class Store:
             return
         pending, self._pending_access = self._pending_access, {}
         try:
-            for key in pending:
-                self._forget(key)
+            # Kept rows take their new access time rather than being
+            # dropped: dropping them would send the next hit of each of
+            # them to SQLite.
+            for key, when in pending.items():
+                kept = self._rows.get(key)
+                if kept is not None:
+                    self._rows[key] = attrs.evolve(kept, last_access=when)
             with self._db:
                 self._db.executemany(
                     "UPDATE entries SET last_access = ? WHERE key = ?",

@@ -29,7 +29,7 @@ from typing import Any, cast
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -194,6 +194,14 @@ class ProxyChannel(HTTPChannel):
         self._awaiting_request_line = True
         self._head: _ConnectHead | None = None
         self._tunnel: _Tunnel | None = None
+        self._local_address: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        # Every request asks (Request.requestReceived), each time with a
+        # getsockname call; a connection's own address never changes.
+        if self._local_address is None:
+            self._local_address = super().getHost()
+        return self._local_address
 
     def _took(self, data: bytes) -> bool:
         """

@@ -12,6 +12,7 @@ client reading it sees its response cut short.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -177,6 +178,7 @@ class UpstreamAnswer:
     body: DownloadBody | None
 
 
+@functools.lru_cache(maxsize=8192)
 def cache_key(url: str) -> str:
     """
     The store key of an upstream URL: host, non-default port, path and
