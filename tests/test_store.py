@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from buildcache.store import (
     APPLICATION_ID,
     INDEX_NAME,
+    SPARE_TEMP_FILES,
     IntegrityError,
     Store,
     StoredObject,
@@ -157,7 +158,9 @@ class StoreTestMixin:
         self.assertEqual(store.total_size, sum(objects.values()))
         self.assertEqual(store.entry_count, len(rows))
         self.assertLessEqual(store.total_size, store.max_size)
-        self.assertEqual(os.listdir(os.path.join(store.directory, "tmp")), [])
+        # Nothing in tmp/ but the temporary files kept ready for writers.
+        spare = {os.path.basename(path) for path, _ in store._spare_temp}
+        self.assertEqual(set(os.listdir(os.path.join(store.directory, "tmp"))), spare)
 
 
 class WriteTests(StoreTestMixin, SynchronousTestCase):
@@ -385,6 +388,64 @@ class WriteTests(StoreTestMixin, SynchronousTestCase):
         self.assertIsNone(self.store.mark_validated("missing"))
 
 
+class SpareTempFileTests(StoreTestMixin, SynchronousTestCase):
+    """
+    With a threaded ``run_blocking``, :meth:`Store.writer` takes temporary
+    files made ahead there, so a miss does not wait for a file creation.
+    """
+
+    def setUp(self) -> None:
+        self.runner = HeldRunner()
+        self.store = Store.open(
+            self.make_directory(), 64 * MB, as_clock(Clock()), run_blocking=self.runner
+        )
+        self.addCleanup(self.close_store, self.store)
+        self.temp = os.path.join(self.store.directory, "tmp")
+
+    def test_writers_take_spares_made_by_the_runner(self) -> None:
+        first = self.store.writer("a")
+        # The first writer makes its own file and asks for the spares.
+        self.assertEqual(len(self.runner.calls), SPARE_TEMP_FILES)
+        self.assertEqual(os.listdir(self.temp), [os.path.basename(first.path)])
+        self.runner.run_all()
+        spares = set(os.listdir(self.temp)) - {os.path.basename(first.path)}
+        self.assertEqual(len(spares), SPARE_TEMP_FILES)
+        second = self.store.writer("b")
+        self.assertIn(os.path.basename(second.path), spares)
+        # One replacement is asked for, not another full set.
+        self.assertEqual(len(self.runner.calls), 1)
+        body = body_of(10 * KB, "s")
+        second.write(body)
+        self.assertEqual(second.commit({}), self.store.peek("b"))
+        self.assertEqual(file_bytes(self.store.object_path("b")), body)
+        first.abort()
+        self.assert_consistent(self.store)
+
+    def test_close_removes_spares(self) -> None:
+        self.store.writer("a").abort()
+        self.runner.run_next()
+        self.store.close()
+        # A spare that is made after the store closed is removed too.
+        self.runner.run_all()
+        self.assertEqual(os.listdir(self.temp), [])
+
+    def test_failed_spare_leaves_writers_working(self) -> None:
+        self.store.writer("a").abort()
+        os.rmdir(self.temp)
+        self.runner.run_all()
+        os.mkdir(self.temp)
+        writer = self.store.writer("b")
+        self.assertEqual(os.listdir(self.temp), [os.path.basename(writer.path)])
+        writer.write(b"x")
+        writer.commit({})
+        self.assertEqual(file_bytes(self.store.object_path("b")), b"x")
+
+    def test_no_spares_without_a_thread(self) -> None:
+        store = self.open_store(self.make_directory())
+        store.writer("a").abort()
+        self.assertEqual(os.listdir(os.path.join(store.directory, "tmp")), [])
+
+
 class PersistTests(StoreTestMixin, SynchronousTestCase):
     """
     :meth:`ObjectWriter.persist` hands the fsync and rename to the store's
@@ -395,6 +456,9 @@ class PersistTests(StoreTestMixin, SynchronousTestCase):
         self.runner = HeldRunner()
         directory = self.make_directory()
         self.store = Store.open(directory, 64 * MB, as_clock(Clock()), run_blocking=self.runner)
+        # The runner holds only the blocking parts of persist() here (spare
+        # temporary files have their own tests).
+        self.store.spare_temp_files = 0
         self.addCleanup(self.close_store, self.store)
         self.fsyncs: list[int] = []
 
