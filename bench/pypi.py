@@ -4,7 +4,7 @@ with pip through buildcache's simple index, cold and warm, side by side with
 devpi-server and proxpi on the same local origin, against the two baselines
 ``pip --no-index --find-links`` (the floor) and pip straight from the origin.
 
-    /work/venv/bin/python bench/pypi.py [--json bench/pypi.json] [--repeats 3]
+    /work/venv/bin/python bench/pypi.py [--json bench/pypi.json] [--repeats 5]
         [--quiet-cores 0.25] [--retries 2] [--max-wait 1800] [--no-wait]
 
 The workload is built once and kept under ``bench/tmp/`` (git-ignored):
@@ -47,7 +47,7 @@ Before measuring, the bench waits until no other benchmark that started
 before it (any other ``bench/*.py``) is running on the machine.  All
 traffic stays on 127.0.0.1; every process the bench starts is stopped by
 its PID and the scratch directory is removed, also on error, Ctrl-C or
-``kill``.  It takes about 3 minutes of measuring on 2 cores (more when runs
+``kill``.  It takes about 6 minutes of measuring on 2 cores (more when runs
 are retried), plus a few minutes the first time to build the workload.
 """
 
@@ -114,7 +114,7 @@ VENVS = TMP / "venvs"
 REQUIREMENTS = BENCH / "pypi-requirements.txt"
 ROOT_REQUIREMENT = "jupyter"
 
-REPEATS = 3
+REPEATS = 5
 RETRY_PAUSE_S = 5.0
 PIP_TIMEOUT = 300
 INSTALL_TIMEOUT = 900
