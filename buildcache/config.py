@@ -574,7 +574,8 @@ class Options(usage.Options):
             None,
             DEFAULT_PREFETCH_MAX_SIZE,
             "Largest distribution file fetched ahead once pip or uv has read"
-            " its metadata (e.g. 32M); 0 turns read-ahead off.",
+            " its metadata (e.g. 32M); read-ahead pauses while 8 times this"
+            " is fetched and not asked for; 0 turns read-ahead off.",
             _coercer("prefetch-max-size", parse_size_or_zero),
         ],
         [

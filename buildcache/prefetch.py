@@ -5,11 +5,19 @@ as a client has read its core metadata (PEP 658).
 pip and uv resolve with the metadata files first and download the chosen
 distributions afterwards, one by one; by then each file is in the store
 (or on its way), so on a slow upstream the downloads overlap the
-resolution instead of following it.  A client that only resolves (``pip
-install --dry-run``, a lock, a resolver backtracking over candidates)
-leaves files fetched for nothing, so read-ahead is limited to files the
-page gives a sha256 and a size for, up to ``max_size`` each, and to
-:data:`MAX_RUNNING` at a time; ``max_size`` 0 turns it off.
+resolution instead of following it.
+
+A client that only resolves (``pip install --dry-run``, a lock, a resolver
+backtracking over candidates) leaves files fetched for nothing, and on the
+slow line this cache is for, bytes nobody asked for are the cost to keep
+down.  So read-ahead takes only files the page gives a sha256 and a size
+for, up to ``max_size`` each, :data:`MAX_RUNNING` at a time; one file per
+project until a client asks for it (a backtracking resolver reads the
+metadata of several versions, and installs one); and it pauses while the
+files it fetched that no client has asked for yet add up to
+:data:`UNCLAIMED_BUDGET_FILES` times ``max_size``: a file stops counting
+once asked for, or written off after :data:`UNCLAIMED_TTL` seconds.
+``max_size`` 0 turns it off.
 
 ``prefetches`` counts read-aheads that asked the upstream (one request
 each, the one the client would have caused); ``prefetch_hits`` counts
@@ -20,9 +28,9 @@ line for it, just earlier.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
-from attrs import Factory, define
+from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -42,6 +50,23 @@ from buildcache.upstream import (
 MAX_RUNNING = 4
 #: Stored read-aheads remembered until a client asks for them.
 UNCLAIMED_KEPT = 4096
+#: Read-ahead pauses while the files it fetched (or is fetching) that no
+#: client has asked for add up to this many times ``max_size``.
+UNCLAIMED_BUDGET_FILES = 8
+#: Seconds after which an unclaimed read-ahead is written off: it no
+#: longer counts against the budget (nor as a hit, should a client ask).
+UNCLAIMED_TTL = 30 * 60.0
+
+
+@frozen
+class _ReadAhead:
+    """
+    A read-ahead's size (as the page gave it), project, and start time.
+    """
+
+    size: int
+    project: str
+    started: float
 
 
 @define
@@ -58,13 +83,16 @@ class Prefetcher:
     reactor: IReactorTime
     max_size: int
     #: Scheduled or fetching.
-    _running: set[str] = Factory(set)
+    _running: dict[str, _ReadAhead] = Factory(dict)
     #: Fetching: asked the upstream (a subset of ``_running``).
     _fetching: set[str] = Factory(set)
     #: Fetching, and a client has already asked for it.
     _claimed: set[str] = Factory(set)
-    #: Stored, and no client has asked for it yet.
-    _unclaimed: OrderedDict[str, None] = Factory(OrderedDict)
+    #: Stored, and no client has asked for it yet; oldest first.
+    _unclaimed: OrderedDict[str, _ReadAhead] = Factory(OrderedDict)
+    #: Projects with a read-ahead running or unclaimed.
+    _projects: Counter[str] = Factory(Counter)
+    _paused: bool = False
     _stopped: bool = False
     _done: Waiters = Factory(Waiters)
 
@@ -87,12 +115,16 @@ class Prefetcher:
         """
         self._stopped = True
 
-    def after_metadata(self, request: UpstreamRequest, size: int | None) -> None:
+    def after_metadata(
+        self, request: UpstreamRequest, size: int | None, project: str
+    ) -> None:
         """
         A client has read the core metadata of the file ``request`` fetches
-        (``size`` bytes, if the page said): fetch the file, after this
-        turn's responses, unless read-ahead is off or busy, or the file is
-        of unknown size, too large, or without a digest.
+        (``size`` bytes, if the page said), of ``project``: fetch the file,
+        after this turn's responses, unless read-ahead is off or busy, the
+        file is of unknown size, too large, or without a digest, the
+        project already has a read-ahead no client asked for, or the
+        budget of unclaimed bytes is spent.
         """
         if (
             self._stopped
@@ -103,12 +135,59 @@ class Prefetcher:
             or request.expected_sha256 is None
             or request.key in self._running
             or len(self._running) >= MAX_RUNNING
+            or self._projects[project]
+            or not self._within_budget(size)
         ):
             return
-        self._running.add(request.key)
+        self._running[request.key] = _ReadAhead(size, project, self.reactor.seconds())
+        self._projects[project] += 1
         after_io(self.reactor).addCallback(
             lambda _: Deferred.fromCoroutine(self._fetch(request))
         )
+
+    def unclaimed_bytes(self) -> int:
+        """
+        Bytes of read-aheads running or stored that no client has asked
+        for (written-off ones aside).
+        """
+        self._write_off(self.reactor.seconds())
+        return sum(r.size for r in self._running.values()) + sum(
+            r.size for r in self._unclaimed.values()
+        )
+
+    def _within_budget(self, size: int) -> bool:
+        budget = UNCLAIMED_BUDGET_FILES * self.max_size
+        unclaimed = self.unclaimed_bytes()
+        if unclaimed + size <= budget:
+            self._paused = False
+            return True
+        if not self._paused:
+            self._paused = True
+            self.log.info(
+                "Read-ahead paused: {unclaimed} bytes it fetched have not been"
+                " asked for by any client (budget {budget}); it resumes as"
+                " clients ask for them, or as they are written off after"
+                " {ttl:g}s",
+                unclaimed=unclaimed, budget=budget, ttl=UNCLAIMED_TTL,
+            )
+        return False
+
+    def _write_off(self, now: float) -> None:
+        while self._unclaimed:
+            key, oldest = next(iter(self._unclaimed.items()))
+            if oldest.started + UNCLAIMED_TTL > now:
+                return
+            self._drop_unclaimed(key)
+
+    def _drop_unclaimed(self, key: str) -> None:
+        gone = self._unclaimed.pop(key, None)
+        if gone is not None:
+            self._release(gone.project)
+
+    def _release(self, project: str) -> None:
+        self._projects[project] -= 1
+        if self._projects[project] <= 0:
+            del self._projects[project]
 
     async def _fetch(self, request: UpstreamRequest) -> None:
         key = request.key
@@ -138,12 +217,14 @@ class Prefetcher:
         except Exception:
             self.log.failure("Read-ahead of {url} failed", url=redact(request.url))
         finally:
-            self._running.discard(key)
+            read_ahead = self._running.pop(key)
             self._fetching.discard(key)
             if stored and key not in self._claimed:
-                self._unclaimed[key] = None
+                self._unclaimed[key] = read_ahead
                 while len(self._unclaimed) > UNCLAIMED_KEPT:
-                    self._unclaimed.popitem(last=False)
+                    self._drop_unclaimed(next(iter(self._unclaimed)))
+            else:
+                self._release(read_ahead.project)
             self._claimed.discard(key)
             if not self._running:
                 self._done.fire()
@@ -154,13 +235,14 @@ class Prefetcher:
         whether this is the first request for a file a read-ahead fetched
         into the store, or is fetching.  Counted once per read-ahead.
         """
+        self._write_off(self.reactor.seconds())
         if stored:
             if key not in self._unclaimed:
                 return False
-            del self._unclaimed[key]
+            self._drop_unclaimed(key)
         else:
             # Evicted before anyone asked, if it was read ahead at all.
-            self._unclaimed.pop(key, None)
+            self._drop_unclaimed(key)
             if key not in self._fetching or key in self._claimed:
                 return False
             self._claimed.add(key)

@@ -958,7 +958,7 @@ class IndexResource(Resource):
             may_be_large=False,
         )
         if await self._serve_file(request, name, metadata) and self.prefetcher:
-            self.prefetcher.after_metadata(distribution, wanted.size)
+            self.prefetcher.after_metadata(distribution, wanted.size, name)
 
     def _claimed_read_ahead(self, key: str, stored: bool) -> bool:
         return self.prefetcher is not None and self.prefetcher.claim(key, stored)

@@ -38,6 +38,7 @@ from buildcache.activity import (
 )
 from buildcache.config import Config
 from buildcache.metrics import Metrics
+from buildcache.prefetch import UNCLAIMED_BUDGET_FILES
 from buildcache.respond import send_error
 from buildcache.store import Store
 from buildcache.upstream import Fetcher
@@ -638,7 +639,9 @@ def _config_section(config: Mapping[str, Any]) -> str:
         (
             "Read-ahead of distributions",
             _e(
-                f"up to {human_bytes(config['prefetch_max_size'])} each"
+                f"up to {human_bytes(config['prefetch_max_size'])} each, paused"
+                f" while {human_bytes(UNCLAIMED_BUDGET_FILES * config['prefetch_max_size'])}"
+                " wait unasked for"
                 if config["prefetch_max_size"] else "off"
             ),
         ),

@@ -13,9 +13,16 @@ from typing import Any, cast
 from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from buildcache.prefetch import MAX_RUNNING, Prefetcher, file_request
+from buildcache.prefetch import (
+    MAX_RUNNING,
+    UNCLAIMED_BUDGET_FILES,
+    UNCLAIMED_TTL,
+    Prefetcher,
+    file_request,
+)
 from buildcache.store import Store
 from buildcache.upstream import UpstreamAnswer
 
@@ -69,8 +76,12 @@ class PrefetcherTests(SynchronousTestCase):
     def request(self, name: str = "a.whl", digest: str | None = DIGEST) -> Any:
         return file_request(f"http://127.0.0.1:1/files/{name}", digest, "test", False)
 
-    def start(self, request: Any, size: int | None = len(BODY)) -> None:
-        self.prefetcher.after_metadata(request, size)
+    def start(
+        self, request: Any, size: int | None = len(BODY), project: str | None = None
+    ) -> None:
+        self.prefetcher.after_metadata(
+            request, size, project if project is not None else request.key
+        )
         self.clock.advance(0)
 
     def finish(self, request: Any) -> _Body:
@@ -159,3 +170,53 @@ class PrefetcherTests(SynchronousTestCase):
         writer = self.store.writer(key)
         writer.write(BODY)
         writer.commit({})
+
+    def test_one_per_project_until_asked_for(self) -> None:
+        """
+        A resolver backtracking over versions reads several metadata files
+        of one project: only the first starts a read-ahead, until a client
+        asks for that file.
+        """
+        newest, older = self.request("p-2.whl"), self.request("p-1.whl")
+        self.start(newest, project="p")
+        self.start(older, project="p")
+        self.assertEqual(list(self.fetcher.answers), [newest.key])
+        self.finish(newest)
+        self.start(older, project="p")
+        self.assertEqual(list(self.fetcher.answers), [newest.key])
+        self.assertTrue(self.prefetcher.claim(newest.key, stored=True))
+        self.start(older, project="p")
+        self.assertEqual(list(self.fetcher.answers), [newest.key, older.key])
+
+    def test_budget_of_unclaimed_bytes(self) -> None:
+        """
+        Read-ahead pauses (and says so once) when the files nobody asked
+        for reach the budget; a claim, or the write-off after the TTL,
+        lets it go on.  A written-off file is no hit.
+        """
+        size = self.prefetcher.max_size
+        requests = [self.request(f"w{i}.whl") for i in range(UNCLAIMED_BUDGET_FILES + 2)]
+        with capturedLogs() as events:
+            for request in requests[:UNCLAIMED_BUDGET_FILES]:
+                self.start(request, size=size)
+                self.finish(request)
+            self.assertEqual(self.prefetcher.unclaimed_bytes(), UNCLAIMED_BUDGET_FILES * size)
+            over = requests[UNCLAIMED_BUDGET_FILES]
+            self.start(over, size=size)
+            self.start(over, size=size)
+        self.assertNotIn(over.key, self.fetcher.answers)
+        paused = [e for e in events if "Read-ahead paused" in e.get("log_format", "")]
+        self.assertEqual(len(paused), 1)
+        self.assertTrue(self.prefetcher.claim(requests[0].key, stored=True))
+        self.start(over, size=size)
+        self.assertIn(over.key, self.fetcher.answers)
+        self.finish(over)
+        last = requests[-1]
+        self.start(last, size=size)
+        self.assertNotIn(last.key, self.fetcher.answers)
+        self.clock.advance(UNCLAIMED_TTL)
+        self.assertEqual(self.prefetcher.unclaimed_bytes(), 0)
+        self.start(last, size=size)
+        self.assertIn(last.key, self.fetcher.answers)
+        self.assertFalse(self.prefetcher.claim(requests[1].key, stored=True))
+        self.assertEqual(self.counts(), (UNCLAIMED_BUDGET_FILES + 2, 1))
