@@ -16,7 +16,8 @@ project until a client asks for it (a backtracking resolver reads the
 metadata of several versions, and installs one); and it pauses while the
 files it fetched that no client has asked for yet add up to
 :data:`UNCLAIMED_BUDGET_FILES` times ``max_size``: a file stops counting
-once asked for, or written off after :data:`UNCLAIMED_TTL` seconds.
+once asked for, or is written off :data:`UNCLAIMED_TTL` seconds after it
+was stored.
 ``max_size`` 0 turns it off.
 
 ``prefetches`` counts read-aheads that asked the upstream (one request
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
+import attrs
 from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -61,12 +63,13 @@ UNCLAIMED_TTL = 30 * 60.0
 @frozen
 class _ReadAhead:
     """
-    A read-ahead's size (as the page gave it), project, and start time.
+    A read-ahead's size (as the page gave it) and project; once stored,
+    when it was.
     """
 
     size: int
     project: str
-    started: float
+    stored_at: float = 0.0
 
 
 @define
@@ -90,6 +93,7 @@ class Prefetcher:
     _claimed: set[str] = Factory(set)
     #: Stored, and no client has asked for it yet; oldest first.
     _unclaimed: OrderedDict[str, _ReadAhead] = Factory(OrderedDict)
+    _unclaimed_size: int = 0
     #: Projects with a read-ahead running or unclaimed.
     _projects: Counter[str] = Factory(Counter)
     _paused: bool = False
@@ -126,6 +130,7 @@ class Prefetcher:
         project already has a read-ahead no client asked for, or the
         budget of unclaimed bytes is spent.
         """
+        self._write_off(self.reactor.seconds())
         if (
             self._stopped
             or self.max_size <= 0
@@ -139,7 +144,7 @@ class Prefetcher:
             or not self._within_budget(size)
         ):
             return
-        self._running[request.key] = _ReadAhead(size, project, self.reactor.seconds())
+        self._running[request.key] = _ReadAhead(size, project)
         self._projects[project] += 1
         after_io(self.reactor).addCallback(
             lambda _: Deferred.fromCoroutine(self._fetch(request))
@@ -151,9 +156,10 @@ class Prefetcher:
         for (written-off ones aside).
         """
         self._write_off(self.reactor.seconds())
-        return sum(r.size for r in self._running.values()) + sum(
-            r.size for r in self._unclaimed.values()
+        running = sum(
+            r.size for key, r in self._running.items() if key not in self._claimed
         )
+        return running + self._unclaimed_size
 
     def _within_budget(self, size: int) -> bool:
         budget = UNCLAIMED_BUDGET_FILES * self.max_size
@@ -175,13 +181,14 @@ class Prefetcher:
     def _write_off(self, now: float) -> None:
         while self._unclaimed:
             key, oldest = next(iter(self._unclaimed.items()))
-            if oldest.started + UNCLAIMED_TTL > now:
+            if oldest.stored_at + UNCLAIMED_TTL > now:
                 return
             self._drop_unclaimed(key)
 
     def _drop_unclaimed(self, key: str) -> None:
         gone = self._unclaimed.pop(key, None)
         if gone is not None:
+            self._unclaimed_size -= gone.size
             self._release(gone.project)
 
     def _release(self, project: str) -> None:
@@ -219,13 +226,19 @@ class Prefetcher:
         finally:
             read_ahead = self._running.pop(key)
             self._fetching.discard(key)
-            if stored and key not in self._claimed:
-                self._unclaimed[key] = read_ahead
+            if key in self._claimed:
+                # Released when the client asked.
+                self._claimed.discard(key)
+            elif stored:
+                self._drop_unclaimed(key)
+                self._unclaimed[key] = attrs.evolve(
+                    read_ahead, stored_at=self.reactor.seconds()
+                )
+                self._unclaimed_size += read_ahead.size
                 while len(self._unclaimed) > UNCLAIMED_KEPT:
                     self._drop_unclaimed(next(iter(self._unclaimed)))
             else:
                 self._release(read_ahead.project)
-            self._claimed.discard(key)
             if not self._running:
                 self._done.fire()
 
@@ -246,6 +259,9 @@ class Prefetcher:
             if key not in self._fetching or key in self._claimed:
                 return False
             self._claimed.add(key)
+            # From now on it is the client's download: off the budget, and
+            # no longer holding its project back.
+            self._release(self._running[key].project)
         self.store.counters.prefetch_hits += 1
         return True
 

@@ -7,7 +7,8 @@ Layout of a cache directory::
 
     index.sqlite        metadata (WAL mode), one row per stored object
     objects/ab/<name>   object bodies, <name> is the sha256 of the cache key
-    tmp/                bodies being written; emptied at start-up
+    tmp/                bodies being written, and a few empty files kept
+                        ready for the next ones; emptied at start-up
     lock                held (flock) by the one server using the directory
 
 An object becomes visible only after its body has been checked, fsynced and

@@ -178,7 +178,6 @@ class UpstreamAnswer:
     body: DownloadBody | None
 
 
-@functools.lru_cache(maxsize=8192)
 def cache_key(url: str) -> str:
     """
     The store key of an upstream URL: host, non-default port, path and
@@ -186,6 +185,18 @@ def cache_key(url: str) -> str:
     through the proxy and ``https://host/x`` behind a mirror route share
     one entry (package repositories serve the same files on both).
     """
+    # Every request asks; only ordinary URLs are remembered, so that odd
+    # long ones cannot fill memory.
+    if len(url) <= MEMOISED_URL_LENGTH:
+        return _memoised_cache_key(url)
+    return _cache_key(url)
+
+
+#: URLs up to this long have their cache key remembered (see cache_key).
+MEMOISED_URL_LENGTH = 512
+
+
+def _cache_key(url: str) -> str:
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if ":" in host:
@@ -195,6 +206,9 @@ def cache_key(url: str) -> str:
         host = f"{host}:{port}"
     query = f"?{parts.query}" if parts.query else ""
     return f"{host}{parts.path or '/'}{query}"
+
+
+_memoised_cache_key = functools.lru_cache(maxsize=4096)(_cache_key)
 
 
 def end_to_end_headers(headers: Headers) -> dict[str, str]:

@@ -220,3 +220,37 @@ class PrefetcherTests(SynchronousTestCase):
         self.assertIn(last.key, self.fetcher.answers)
         self.assertFalse(self.prefetcher.claim(requests[1].key, stored=True))
         self.assertEqual(self.counts(), (UNCLAIMED_BUDGET_FILES + 2, 1))
+
+    def test_asked_for_while_running_frees_project_and_budget(self) -> None:
+        """
+        A client asking for a file still being read ahead makes it the
+        client's download: it no longer counts against the budget, and
+        another file of its project may be read ahead.
+        """
+        size = self.prefetcher.max_size
+        newest, older = self.request("p-2.whl"), self.request("p-1.whl")
+        self.start(newest, size=size, project="p")
+        self.assertEqual(self.prefetcher.unclaimed_bytes(), size)
+        self.assertTrue(self.prefetcher.claim(newest.key, stored=False))
+        self.assertEqual(self.prefetcher.unclaimed_bytes(), 0)
+        self.start(older, size=size, project="p")
+        self.assertEqual(list(self.fetcher.answers), [newest.key, older.key])
+        self.finish(newest)
+        self.finish(older)
+        # The claimed one is not counted twice; the other waits, unasked.
+        self.assertEqual(self.prefetcher.unclaimed_bytes(), size)
+
+    def test_project_freed_by_write_off(self) -> None:
+        """
+        A read-ahead nobody asked for holds its project back only until it
+        is written off, with no other request in between.
+        """
+        newest, older = self.request("p-2.whl"), self.request("p-1.whl")
+        self.start(newest, project="p")
+        self.finish(newest)
+        self.clock.advance(UNCLAIMED_TTL - 1)
+        self.start(older, project="p")
+        self.assertNotIn(older.key, self.fetcher.answers)
+        self.clock.advance(1)
+        self.start(older, project="p")
+        self.assertIn(older.key, self.fetcher.answers)

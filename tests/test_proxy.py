@@ -34,12 +34,18 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from buildcache.config import Mirror
 from buildcache.freshness import format_http_date
 from buildcache.store import BlockingRunner
-from buildcache.upstream import STREAM_CHECKED_ABOVE, WITHHELD_TAIL, Fetcher
+from buildcache.upstream import (
+    MEMOISED_URL_LENGTH,
+    STREAM_CHECKED_ABOVE,
+    WITHHELD_TAIL,
+    Fetcher,
+    cache_key,
+)
 from tests.apkrepo import (
     BUILD_TIME,
     BuiltApk,
@@ -1415,3 +1421,25 @@ class UpstreamIsolationTests(TestCase):
         self.assertEqual(
             upstream.seen_headers[0].getRawHeaders("accept-encoding"), ["identity"]
         )
+
+
+class CacheKeyTests(SynchronousTestCase):
+    """
+    Store keys of upstream URLs: scheme and default port left out, so the
+    proxy's http and a mirror's https share one entry, however long the URL.
+    """
+
+    def test_scheme_and_default_port_left_out(self) -> None:
+        key = "mirror.test/alpine/v3.20/main/x86_64/APKINDEX.tar.gz"
+        for url in (
+            "http://mirror.test/alpine/v3.20/main/x86_64/APKINDEX.tar.gz",
+            "https://MIRROR.test:443/alpine/v3.20/main/x86_64/APKINDEX.tar.gz",
+            "http://mirror.test:80/alpine/v3.20/main/x86_64/APKINDEX.tar.gz",
+        ):
+            self.assertEqual(cache_key(url), key)
+        self.assertEqual(cache_key("http://127.0.0.1:8080/x?a=1"), "127.0.0.1:8080/x?a=1")
+
+    def test_long_urls_same_rule(self) -> None:
+        path = "/p/" + "a" * MEMOISED_URL_LENGTH
+        self.assertEqual(cache_key(f"https://mirror.test{path}?q"), f"mirror.test{path}?q")
+        self.assertEqual(cache_key(f"http://mirror.test:81{path}"), f"mirror.test:81{path}")

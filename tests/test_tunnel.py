@@ -441,6 +441,37 @@ class ChannelInMemoryTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         return body
 
+    def test_local_address_asked_once_per_connection(self) -> None:
+        """
+        Every request learns the address it came in on (the proxy compares
+        it with its own index port), from one question to the socket.
+        """
+        seen: list[object] = []
+
+        class Where(Hello):
+            def render_GET(self, request: Any) -> bytes:
+                seen.append(request.getHost())
+                return b"here"
+
+        class CountingTransport(StringTransport):
+            asked = 0
+
+            def getHost(self) -> Any:
+                self.asked += 1
+                return super().getHost()
+
+        local = IPv4Address("TCP", "192.0.2.7", 8899)
+        site = ProxySite(Where(), reactor=MemoryReactorClock(), policy=AccessPolicy())
+        peer = IPv4Address("TCP", "127.0.0.1", 50000)
+        channel = site.buildProtocol(peer)
+        transport = CountingTransport(hostAddress=local, peerAddress=peer)
+        channel.makeConnection(transport)
+        for _ in range(3):
+            channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: box\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 3)
+        self.assertEqual(seen, [local] * 3)
+        self.assertEqual(transport.asked, 1)
+
     def test_malformed_targets_are_400(self) -> None:
         for line in [
             b"CONNECT mirror.example HTTP/1.1",
