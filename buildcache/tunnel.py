@@ -53,6 +53,10 @@ __all__ = [
 #: ``CONNECT`` is for HTTPS; any other port would make the cache a generic
 #: TCP relay.
 DEFAULT_CONNECT_PORTS: frozenset[int] = frozenset({443})
+#: Neither port serves a method that takes a body (GET, HEAD, CONNECT): a
+#: larger request body is refused when its headers arrive, before Twisted
+#: would spool it to a temporary file.
+MAX_REQUEST_BODY = 64 * 1024
 
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
@@ -64,6 +68,7 @@ _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     405: "Method Not Allowed",
+    413: "Content Too Large",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
@@ -195,6 +200,7 @@ class ProxyChannel(HTTPChannel):
         self._head: _ConnectHead | None = None
         self._tunnel: _Tunnel | None = None
         self._local_address: IAddress | None = None
+        self._chunked_body_received = 0
 
     def getHost(self) -> IAddress:
         # Every request asks (Request.requestReceived), each time with a
@@ -221,8 +227,15 @@ class ProxyChannel(HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:
         # Also reached with the bytes that followed the CONNECT head in the
         # same read (a TLS ClientHello, say): they belong to the tunnel.
-        if not self._took(data):
-            super().rawDataReceived(data)
+        if self._took(data):
+            return
+        if self.length is None and not self._handlingRequest:
+            # A chunked body on its way in (framing counted too).
+            self._chunked_body_received += len(data)
+            if self._chunked_body_received > MAX_REQUEST_BODY:
+                self._refuse_large_body(self._chunked_body_received)
+                return
+        super().rawDataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if self._mode is _Mode.CLOSED:
@@ -246,6 +259,22 @@ class ProxyChannel(HTTPChannel):
             self._refuse_request(400, "obsolete line folding in the request headers")
             return
         super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        # HTTPChannel sets length to the Content-Length (0 without one), or
+        # to None for a chunked body, whose size shows only as it arrives
+        # (rawDataReceived).
+        if self.length is not None and self.length > MAX_REQUEST_BODY:
+            self._refuse_large_body(self.length)
+            return
+        self._chunked_body_received = 0
+        super().allHeadersReceived()
+
+    def _refuse_large_body(self, size: int) -> None:
+        self._refuse_request(
+            413, f"a request body of {size} bytes or more (this cache takes GET"
+            f" and HEAD only, and bodies up to {MAX_REQUEST_BODY} bytes)",
+        )
 
     def allContentReceived(self) -> None:
         self._awaiting_request_line = True
@@ -357,10 +386,11 @@ class ProxyChannel(HTTPChannel):
 
     def _refuse_request(self, status: int, reason: str) -> None:
         """
-        Answer a request that is not well-formed HTTP, and close.
+        Answer a request that is not well-formed HTTP, or that this cache
+        will not read (a large body), and close.
         """
         self.log.info(
-            "Malformed request from {client} refused ({status}): {reason}",
+            "Request from {client} refused ({status}): {reason}",
             event="bad_request",
             client=self._peer_text(),
             status=status,

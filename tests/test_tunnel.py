@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.access import AccessPolicy
 from buildcache.tunnel import (
+    MAX_REQUEST_BODY,
     ConnectTarget,
     ProxyChannel,
     ProxySite,
@@ -471,6 +472,39 @@ class ChannelInMemoryTests(SynchronousTestCase):
         self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 3)
         self.assertEqual(seen, [local] * 3)
         self.assertEqual(transport.asked, 1)
+
+    def test_request_bodies_refused_before_they_arrive(self) -> None:
+        """
+        A body over the limit is answered 413 as soon as the headers are
+        in (nothing spooled, the connection closed), a chunked one as soon
+        as it has grown past the limit; a small body on a GET is read and
+        the GET answered.
+        """
+        memory, channel, transport = self.channel()
+        channel.dataReceived(
+            b"POST http://mirror.example/x HTTP/1.1\r\nHost: mirror.example\r\n"
+            + b"Content-Length: %d\r\n\r\n" % (MAX_REQUEST_BODY + 1)
+        )
+        self.assertIn(b"GET and HEAD only", self.assertStatus(transport, b"413"))
+        # What the client goes on sending is read and dropped.
+        channel.dataReceived(b"x" * 100_000)
+        self.assertNotIn(b"hello from upstream", transport.value())
+        memory, channel, transport = self.channel()
+        channel.dataReceived(
+            b"POST /x HTTP/1.1\r\nHost: box\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"x" * 4096
+        for _ in range(MAX_REQUEST_BODY // len(chunk) - 1):
+            channel.dataReceived(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        self.assertStatus(transport, b"413")
+        memory, channel, transport = self.channel()
+        channel.dataReceived(
+            b"GET /x HTTP/1.1\r\nHost: box\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertFalse(transport.disconnecting)
 
     def test_malformed_targets_are_400(self) -> None:
         for line in [
