@@ -506,7 +506,7 @@ class ProxyResource(Resource):
             # apk asks for packages right after their index: check them
             # against that index, which may still be being stored.
             await self.fetcher.stored(cache_key(index_url))
-        apk_entry = self.apk_indexes.entry_for(target.url, cache_key)
+        apk_entry = await self.apk_indexes.entry_for(target.url, cache_key)
         if index_url is not None and apk_entry is None:
             # Its index was never fetched here, or is older than the
             # package: fetch or revalidate it, to check the package.
@@ -564,7 +564,7 @@ class ProxyResource(Resource):
                 await drained(answer.body)
         except UpstreamError as e:
             self.log.warn("Could not revalidate {key}: {error}", key=index_key, error=str(e))
-        return self.apk_indexes.entry_for(target.url, cache_key)
+        return await self.apk_indexes.entry_for(target.url, cache_key)
 
     async def _retry_with_fresh_index(
         self,

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
@@ -35,6 +36,9 @@ from buildcache.apk import (
     parse_apkindex,
     repository_index_url,
 )
+from buildcache.apkcheck import ApkIndexes
+from buildcache.store import Store
+from buildcache.upstream import cache_key
 from tests.apkrepo import (
     SIGNATURE_NAME,
     BuiltApk,
@@ -47,6 +51,7 @@ from tests.apkrepo import (
     listen_on_loopback,
     write_repository,
 )
+from tests.support import HeldRunner
 
 
 @functools.lru_cache(maxsize=None)
@@ -823,3 +828,39 @@ class RepositoryResourceTests(TestCase):
             self.assertEqual(b"".join(received), apk.content)
 
         return self.run_async(scenario())
+
+
+class StoredIndexTests(SynchronousTestCase):
+    """
+    :class:`buildcache.apkcheck.ApkIndexes` parses a stored index through
+    the store's ``run_blocking`` (a thread in the server), once per
+    version however many packages ask meanwhile.
+    """
+
+    def test_one_parse_off_the_caller_for_concurrent_packages(self) -> None:
+        runner = HeldRunner()
+        store = Store.open(self.mktemp(), 1 << 24, cast(Any, Clock()), run_blocking=runner)
+        store.spare_temp_files = 0
+        self.addCleanup(store.close)
+        hello, zlib_ = signed_package(), unsigned_package()
+        base = "http://mirror.test/alpine/v3.20/main/x86_64"
+        writer = store.writer(cache_key(f"{base}/APKINDEX.tar.gz"))
+        writer.write(build_apkindex([hello, zlib_]))
+        writer.commit({})
+        indexes = ApkIndexes(store)
+        asked = [
+            Deferred.fromCoroutine(indexes.entry_for(f"{base}/{apk.filename}", cache_key))
+            for apk in (hello, zlib_, hello)
+        ]
+        for waiting in asked:
+            self.assertNoResult(waiting)
+        self.assertEqual(len(runner.calls), 1)
+        runner.run_all()
+        self.assertEqual(
+            [self.successResultOf(d) for d in asked],
+            [entry_for(hello), entry_for(zlib_), entry_for(hello)],
+        )
+        # Parsed once: the next package needs no parse.
+        again = Deferred.fromCoroutine(indexes.entry_for(f"{base}/{zlib_.filename}", cache_key))
+        self.assertEqual(self.successResultOf(again), entry_for(zlib_))
+        self.assertEqual(runner.calls, [])
