@@ -7,6 +7,7 @@ a refused corrupt index, and a clean stop with a download in flight.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -112,6 +113,19 @@ def spawn_server(testcase: TestCase, *arguments: str) -> tuple[ServerProcess, in
     return process, proxy_port
 
 
+async def stored_entries(client: Client, port: int, count: int) -> None:
+    """
+    Wait until the server at ``port`` reports ``count`` stored entries
+    (polled, up to 10 s).
+    """
+    for _ in range(200):
+        stats = await client.get(f"http://127.0.0.1:{port}/-/stats.json")
+        if json.loads(stats.body)["store"]["entries"] >= count:
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"the server never reported {count} stored entries")
+
+
 class CrashTests(TestCase):
     async def test_sigkill_during_large_write(self) -> None:
         """
@@ -136,6 +150,9 @@ class CrashTests(TestCase):
         client = Client()
         received = await client.get(f"http://127.0.0.1:{port}/up/pool/small.deb")
         self.assertEqual((received.status, received.body), (200, small))
+        # A checked body is answered before its fsync and row (they run in
+        # the store's threads): the kill must come after it is stored.
+        await stored_entries(client, port, 1)
         first: Deferred[None] = Deferred()
         streaming = Deferred.fromCoroutine(
             client.get(f"http://127.0.0.1:{port}/up/pool/big.deb", first_bytes=first)
