@@ -156,14 +156,18 @@ class Prefetcher:
         for (written-off ones aside).
         """
         self._write_off(self.reactor.seconds())
+        return self._unclaimed_bytes()
+
+    def _unclaimed_bytes(self) -> int:
         running = sum(
             r.size for key, r in self._running.items() if key not in self._claimed
         )
         return running + self._unclaimed_size
 
     def _within_budget(self, size: int) -> bool:
+        # after_metadata has just written off what is due.
         budget = UNCLAIMED_BUDGET_FILES * self.max_size
-        unclaimed = self.unclaimed_bytes()
+        unclaimed = self._unclaimed_bytes()
         if unclaimed + size <= budget:
             self._paused = False
             return True
