@@ -2,7 +2,11 @@
 pip-index benchmark: the full dependency closure of ``jupyter`` downloaded
 with pip through buildcache's simple index, cold and warm, side by side with
 devpi-server and proxpi on the same local origin, against the two baselines
-``pip --no-index --find-links`` (the floor) and pip straight from the origin.
+``pip --no-index --find-links`` (the floor) and pip straight from the origin,
+and two forwarders without a cache, which fetch every request from the
+origin: nginx's ``proxy_pass`` and ``bench/forward.py`` (twisted.web and
+treq, nothing else).  They measure what fetching on demand costs pip, the
+part of a cold run no cache can avoid, in C and in buildcache's own stack.
 
     /work/venv/bin/python bench/pypi.py [--json bench/pypi.json] [--repeats 5]
         [--quiet-cores 0.25] [--retries 2] [--max-wait 1800] [--no-wait]
@@ -31,7 +35,7 @@ the resolver reads every file's metadata and asks for nothing else), with
 ``PIP_CONFIG_FILE=/dev/null``, no ``PIP_*`` or proxy variables, and
 ``--disable-pip-version-check`` so pip does not ask the index under test for
 its own page.  Each contender gets a fresh server and cache directory per
-repeat: a cold run, then a warm run against the same cache into a new
+repeat (each forwarder a fresh process): a cold run, then a warm run against the same cache into a new
 directory.  Runs are interleaved (the order rotates per repeat) and the
 median of the repeats is reported, with ratios to the floor and to the
 direct run of the same bench, the CPU time pip and the server used, the
@@ -47,7 +51,7 @@ Before measuring, the bench waits until no other benchmark that started
 before it (any other ``bench/*.py``) is running on the machine.  All
 traffic stays on 127.0.0.1; every process the bench starts is stopped by
 its PID and the scratch directory is removed, also on error, Ctrl-C or
-``kill``.  It takes about 6 minutes of measuring on 2 cores (more when runs
+``kill``.  It takes about 8 minutes of measuring on 2 cores (more when runs
 are retried), plus a few minutes the first time to build the workload.
 """
 
@@ -436,6 +440,16 @@ def spawn(command: Sequence[str], log: Path, env: Mapping[str, str] | None = Non
         )
 
 
+def listening(running: Running) -> Running:
+    """``running`` once it listens; stopped if it never does."""
+    try:
+        wait_for_port(running.port, running.process, running.log)
+    except BaseException:
+        stop(running.process)
+        raise
+    return running
+
+
 # ---------------------------------------------------------------- origin
 
 
@@ -488,61 +502,67 @@ class Origin:
         return previous
 
 
+NGINX_MAIN = """\
+daemon off;
+master_process on;
+worker_processes {workers};
+user root root;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy_temp;
+    keepalive_requests 1000000;
+{http}
+}}
+"""
+
+
+def start_nginx(prefix: Path, port: int, http: str, workers: str = "auto") -> Running:
+    """nginx in ``prefix`` (which must exist) with ``http`` in its http block."""
+    (prefix / "nginx.conf").write_text(
+        NGINX_MAIN.format(workers=workers, prefix=prefix, http=textwrap.indent(http, "    "))
+    )
+    log = prefix / "error.log"
+    process = spawn(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(log)], prefix / "stderr.log")
+    return listening(Running(process, log, port))
+
+
 def start_origin(scratch: Path, www: Path) -> Origin:
     prefix = scratch / "origin"
     prefix.mkdir()
     port = free_port()
     access_log = prefix / "access.log"
-    config = textwrap.dedent(
+    http = textwrap.dedent(
         f"""\
-        daemon off;
-        master_process on;
-        worker_processes auto;
-        user root root;
-        pid {prefix}/nginx.pid;
-        error_log {prefix}/error.log warn;
-        events {{ worker_connections 4096; }}
-        http {{
-            default_type application/octet-stream;
-            sendfile on;
-            tcp_nopush off;
-            keepalive_requests 1000000;
-            client_body_temp_path {prefix}/client_body;
-            proxy_temp_path {prefix}/proxy_temp;
-            log_format bench '$request_method $request_uri $status $connection $body_bytes_sent $request_time';
-            access_log {access_log} bench;
-            # PEP 691: JSON for clients that ask for it (every client here
-            # that names it prefers it), HTML otherwise.
-            map $http_accept $simple_format {{
-                default html;
-                "~application/vnd\\.pypi\\.simple\\.v1\\+json" json;
-            }}
-            server {{
-                listen 127.0.0.1:{port};
-                root {www};
-                location / {{ }}
-                location ~ ^/simple/([^/]+/)?$ {{
-                    types {{
-                        text/html html;
-                        application/vnd.pypi.simple.v1+json json;
-                    }}
-                    add_header Vary Accept;
-                    try_files ${{uri}}index.$simple_format =404;
+        default_type application/octet-stream;
+        sendfile on;
+        tcp_nopush off;
+        log_format bench '$request_method $request_uri $status $connection $body_bytes_sent $request_time';
+        access_log {access_log} bench;
+        # PEP 691: JSON for clients that ask for it (every client here
+        # that names it prefers it), HTML otherwise.
+        map $http_accept $simple_format {{
+            default html;
+            "~application/vnd\\.pypi\\.simple\\.v1\\+json" json;
+        }}
+        server {{
+            listen 127.0.0.1:{port};
+            root {www};
+            location / {{ }}
+            location ~ ^/simple/([^/]+/)?$ {{
+                types {{
+                    text/html html;
+                    application/vnd.pypi.simple.v1+json json;
                 }}
+                add_header Vary Accept;
+                try_files ${{uri}}index.$simple_format =404;
             }}
         }}
         """
     )
-    (prefix / "nginx.conf").write_text(config)
-    log = prefix / "error.log"
-    process = spawn(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(log)], prefix / "stderr.log")
-    running = Running(process, log, port)
-    try:
-        wait_for_port(port, process, log)
-    except BaseException:
-        stop(process)
-        raise
-    return Origin(running, access_log)
+    return Origin(start_nginx(prefix, port, http), access_log)
 
 
 def check_origin(origin: Origin, pins: Sequence[Pin]) -> None:
@@ -708,13 +728,7 @@ def start_buildcache(run_dir: Path, origin: Origin) -> Running:
         ),
         run_dir / "stdout.log", cwd=run_dir,
     )
-    running = Running(process, log, index_port, scan_log=True)
-    try:
-        wait_for_port(index_port, process, log)
-    except BaseException:
-        stop(process)
-        raise
-    return running
+    return listening(Running(process, log, index_port, scan_log=True))
 
 
 DEVPI_ROOT_PASSWORD = "bench"
@@ -772,19 +786,61 @@ def start_proxpi(run_dir: Path, origin: Origin) -> Running:
          "--bind", f"127.0.0.1:{port}", "proxpi.server:app"],
         log, env=env, cwd=run_dir,
     )
-    running = Running(process, log, port)
-    try:
-        wait_for_port(port, process, log)
-    except BaseException:
-        stop(process)
-        raise
-    return running
+    return listening(Running(process, log, port))
 
 
 SERVERS = (
     Server("buildcache", start_buildcache, "/simple/"),
     Server("devpi-server", start_devpi, "/root/pypi/+simple/"),
     Server("proxpi", start_proxpi, "/index/"),
+)
+
+
+@attrs.frozen
+class Forwarder:
+    """
+    A reference with no cache: it fetches every request from the origin, so
+    its run is what fetching on demand costs pip with that software.
+    """
+
+    name: str
+    start: Callable[[Path, Origin], Running]
+
+
+def start_nginx_forward(run_dir: Path, origin: Origin) -> Running:
+    port = free_port()
+    http = textwrap.dedent(
+        f"""\
+        access_log off;
+        upstream origin {{
+            server 127.0.0.1:{origin.running.port};
+            keepalive 8;
+        }}
+        server {{
+            listen 127.0.0.1:{port};
+            location / {{
+                proxy_pass http://origin;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+            }}
+        }}
+        """
+    )
+    return start_nginx(run_dir, port, http, workers="1")
+
+
+def start_treq_forward(run_dir: Path, origin: Origin) -> Running:
+    port = free_port()
+    log = run_dir / "forward.log"
+    process = spawn(
+        [sys.executable, str(BENCH / "forward.py"), str(port), f"http://127.0.0.1:{origin.running.port}"], log
+    )
+    return listening(Running(process, log, port))
+
+
+FORWARDERS = (
+    Forwarder("nginx forward", start_nginx_forward),
+    Forwarder("treq forward", start_treq_forward),
 )
 
 
@@ -852,7 +908,9 @@ class Quiet:
 
 
 Repeat = dict[str, Run]
-ROWS = ["floor", "direct"] + [f"{server.name} {state}" for server in SERVERS for state in ("cold", "warm")]
+ROWS = ["floor", "direct", *(forwarder.name for forwarder in FORWARDERS)] + [
+    f"{server.name} {state}" for server in SERVERS for state in ("cold", "warm")
+]
 
 
 def least_disturbed(
@@ -905,21 +963,35 @@ def run_repeat(
             )),
         ))
 
-    def direct_once() -> tuple[Run]:
+    def through(url: list[str], running: Running | None = None) -> Run:
+        """One run against ``url``, with the origin requests it caused."""
         mark = origin.mark()
-        measurement = pip_download(["--index-url", origin.index_url], fresh_destination(), pins, origin=origin.running)
-        return (Run(measurement, upstream_summary(origin.requests_since(mark), pins)),)
+        measurement = pip_download(url, fresh_destination(), pins, server=running, origin=origin.running)
+        return Run(
+            measurement, upstream_summary(origin.requests_since(mark), pins),
+            running.peak_rss_mb() if running is not None else None,
+        )
 
     def direct() -> None:
-        (repeat["direct"],) = least_disturbed(quiet, direct_once)
+        (repeat["direct"],) = least_disturbed(quiet, lambda: (through(["--index-url", origin.index_url]),))
+
+    def forward(forwarder: Forwarder) -> Callable[[], None]:
+        def once() -> tuple[Run]:
+            run_dir = scratch / f"{forwarder.name.replace(' ', '-')}-{number}-{next(counter)}"
+            run_dir.mkdir()
+            running = forwarder.start(run_dir, origin)
+            try:
+                return (through(["--index-url", f"http://127.0.0.1:{running.port}/simple/"], running),)
+            finally:
+                stop(running.process)
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+        def run() -> None:
+            (repeat[forwarder.name],) = least_disturbed(quiet, once)
+        return run
 
     def cache(server: Server) -> Callable[[], None]:
         attempt_numbers = iter(range(1_000_000))
-
-        def through(running: Running, url: list[str]) -> Run:
-            mark = origin.mark()
-            measurement = pip_download(url, fresh_destination(), pins, server=running, origin=origin.running)
-            return Run(measurement, upstream_summary(origin.requests_since(mark), pins), running.peak_rss_mb())
 
         def cold_and_warm() -> tuple[Run, Run]:
             run_dir = scratch / f"{server.name}-{number}-{next(attempt_numbers)}"
@@ -928,11 +1000,11 @@ def run_repeat(
             try:
                 running = live = server.start(run_dir, origin)
                 url = ["--index-url", f"http://127.0.0.1:{live.port}{server.index_path}"]
-                cold = through(live, url)
+                cold = through(url, live)
                 # No pause: a warm run follows the cold one well within every
                 # contender's index TTL (buildcache 300 s, devpi-server and
                 # proxpi 1800 s), so no page is revalidated upstream.
-                (warm,) = least_disturbed(quiet, lambda: (through(live, url),), pause_s=0.0)
+                (warm,) = least_disturbed(quiet, lambda: (through(url, live),), pause_s=0.0)
                 if live.process.poll() is not None:
                     raise RuntimeError(f"{server.name} exited during the run")
                 return cold, warm
@@ -961,7 +1033,9 @@ def run_repeat(
             repeat[f"{server.name} cold"], repeat[f"{server.name} warm"] = cold, warm
         return run
 
-    steps: list[Callable[[], None]] = [floor, direct, *(cache(server) for server in SERVERS)]
+    steps: list[Callable[[], None]] = [
+        floor, direct, *(forward(forwarder) for forwarder in FORWARDERS), *(cache(server) for server in SERVERS),
+    ]
     shift = number % len(steps)
     for step in steps[shift:] + steps[:shift]:
         step()
@@ -1091,6 +1165,17 @@ def print_table(rows: Mapping[str, Mapping[str, object]], pins: Sequence[Pin], c
             f" {row['median_client_cpu_s']:9.2f} {row['median_wait_s']:13.2f}  {upstream:>50} {rss_text:>11}"
         )
     print(f"\n{len(pins)} projects, {len(pins)} files, {sum(p.path.stat().st_size for p in pins) / MB:.1f} MB")
+    waits = {name: row.get("median_wait_s") for name, row in rows.items()}
+    direct_wait = waits.get("direct")
+    if isinstance(direct, float) and isinstance(direct_wait, float):
+        print(
+            f"\nThe cold target leaves {TARGET_COLD_OVER_DIRECT - 1:.0%} of direct = "
+            f"{(TARGET_COLD_OVER_DIRECT - 1) * direct:.2f} s more than direct; pip waited, over direct:"
+        )
+        for name in (*(forwarder.name for forwarder in FORWARDERS), "buildcache cold"):
+            wait = waits.get(name)
+            if isinstance(wait, float):
+                print(f"  {name:18} {wait - direct_wait:5.2f} s")
     print("\nbuildcache against the targets of issue 4:")
     for target, passed in checks.items():
         verdict = "n/a " if passed is None else "PASS" if passed else "FAIL"
