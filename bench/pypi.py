@@ -549,6 +549,9 @@ def start_origin(scratch: Path, www: Path) -> Origin:
         }}
         server {{
             listen 127.0.0.1:{port};
+            # Relative redirects ("/simple/x/" for "/simple/x"): a client
+            # that reached the origin through a forwarder stays behind it.
+            absolute_redirect off;
             root {www};
             location / {{ }}
             location ~ ^/simple/([^/]+/)?$ {{
@@ -829,13 +832,20 @@ def start_nginx_forward(run_dir: Path, origin: Origin) -> Running:
     return start_nginx(run_dir, port, http, workers="1")
 
 
-def start_treq_forward(run_dir: Path, origin: Origin) -> Running:
+def start_forward_py(run_dir: Path, upstream_port: int, delay_ms: float = 0.0) -> Running:
+    """``bench/forward.py`` in front of 127.0.0.1:``upstream_port``."""
     port = free_port()
     log = run_dir / "forward.log"
     process = spawn(
-        [sys.executable, str(BENCH / "forward.py"), str(port), f"http://127.0.0.1:{origin.running.port}"], log
+        [sys.executable, str(BENCH / "forward.py"), str(port), f"http://127.0.0.1:{upstream_port}",
+         "--delay-ms", str(delay_ms)],
+        log,
     )
     return listening(Running(process, log, port))
+
+
+def start_treq_forward(run_dir: Path, origin: Origin) -> Running:
+    return start_forward_py(run_dir, origin.running.port)
 
 
 FORWARDERS = (
@@ -1205,7 +1215,13 @@ def environment(anchor_versions: Mapping[str, str]) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--json", default=str(BENCH / "pypi.json"))
+    parser.add_argument("--json", help="where to write the results (default bench/pypi.json, or"
+                        " bench/pypi-latency.json with --origin-latency-ms)")
+    parser.add_argument(
+        "--origin-latency-ms", type=float, default=0.0,
+        help="hold every origin request this long (bench/forward.py in front of nginx): an index"
+        " across a slow line; everything but the floor goes through it",
+    )
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument(
         "--max-wait", type=float, default=1800, help="seconds to wait for other benchmarks to end"
@@ -1220,6 +1236,7 @@ def main() -> None:
     )
     parser.add_argument("--retries", type=int, default=2, help="retries of a disturbed run")
     args = parser.parse_args()
+    json_path = args.json or str(BENCH / ("pypi-latency.json" if args.origin_latency_ms else "pypi.json"))
     # "kill PID" should clean up like Ctrl-C does: unwind through finally.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
     if shutil.which("nginx") is None:
@@ -1228,18 +1245,25 @@ def main() -> None:
     anchor_versions = ensure_anchor_venvs()
     scratch = Path(tempfile.mkdtemp(prefix="buildcache-pypi-bench-"))
     origin: Origin | None = None
+    distant: Running | None = None
     try:
         build_origin_tree(scratch / "www", pins)
         origin = start_origin(scratch, scratch / "www")
         check_origin(origin, pins)
+        nearby = origin
+        if args.origin_latency_ms:
+            distant = start_forward_py(scratch, nearby.running.port, args.origin_latency_ms)
+            # Requests are still counted in nginx's log, behind the delay.
+            nearby = Origin(distant, origin.access_log)
+            check_origin(nearby, pins)
         waited = 0.0 if args.no_wait else wait_for_quiet_machine(args.max_wait)
         started_at = time.monotonic()
         # One unmeasured pass of each baseline warms the page cache and pip's imports.
         warmup = scratch / "warmup"
         pip_download(["--no-index", "--find-links", str(FILES)], warmup, pins)
-        pip_download(["--index-url", origin.index_url], warmup, pins)
+        pip_download(["--index-url", nearby.index_url], warmup, pins)
         quiet = Quiet(args.quiet_cores, args.retries)
-        repeats, errors, problems = measure(pins, origin, scratch, args.repeats, quiet)
+        repeats, errors, problems = measure(pins, nearby, scratch, args.repeats, quiet)
         rows = summarise(repeats, errors)
         checks = targets(rows)
         print()
@@ -1266,6 +1290,7 @@ def main() -> None:
                 " --disable-pip-version-check --progress-bar off -q (dependency resolution on);"
                 " PIP_CONFIG_FILE=/dev/null, no PIP_* variables",
                 "origin": "nginx, static PEP 503 HTML + PEP 691 JSON by Accept, PEP 658 .metadata",
+                "origin_latency_ms": args.origin_latency_ms,
             },
             "repeats": args.repeats,
             "results": rows,
@@ -1275,10 +1300,12 @@ def main() -> None:
             "waited_for_other_benchmarks_s": waited,
             "runtime_s": time.monotonic() - started_at,
         }
-        with open(args.json, "w") as f:
+        with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
-        print(f"\nwrote {args.json} after {report['runtime_s']:.0f} s of measuring")
+        print(f"\nwrote {json_path} after {report['runtime_s']:.0f} s of measuring")
     finally:
+        if distant is not None:
+            stop(distant.process)
         if origin is not None:
             stop(origin.running.process)
         shutil.rmtree(scratch, ignore_errors=True)
