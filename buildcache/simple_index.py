@@ -1019,11 +1019,32 @@ class IndexResource(Resource):
             # Joined a download started without this digest (the proxy
             # port's): judge the whole body once it has ended.
             await download.when_settled()
-            if download.failure is not None or download.sha256 != expected:
+            if download.failure is not None:
+                body.close()
+                send_error(
+                    request, 502,
+                    f"upstream {url} failed: {download.failure.getErrorMessage()}",
+                )
+                return False
+            if download.sha256 is None:
+                # Not kept on disk, so never hashed whole: unchecked bytes
+                # are not served from the index.
+                body.close()
+                self.log.error(
+                    "Cannot check {url} for project {name} against its page's"
+                    " sha256: the cache could not keep its body ({error})",
+                    url=url, name=name, error=str(download.spool_error),
+                )
+                send_error(
+                    request, 502,
+                    f"{url} could not be checked against the sha256 its index page"
+                    f" gives (the cache could not keep it: {download.spool_error})",
+                )
+                return False
+            if download.sha256 != expected:
                 body.close()
                 self._refuse_mismatch(
-                    request, name, url,
-                    f"received sha256 {download.sha256 or 'unknown'}",
+                    request, name, url, f"received sha256 {download.sha256}"
                 )
                 return False
         # Checked (the answer waited for the whole body to match the page,

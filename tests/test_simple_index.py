@@ -10,6 +10,7 @@ runs on the real reactor.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -53,7 +54,7 @@ from buildcache.simple_model import (
 )
 from buildcache.prefetch import Prefetcher
 from buildcache.store import BlockingRunner, Store
-from buildcache.upstream import Fetcher, treq_client
+from buildcache.upstream import Fetcher, UpstreamRequest, treq_client
 from tests.pyindex import (
     FIXTURE_EPOCH,
     DemoRelease,
@@ -775,6 +776,59 @@ class FileTests(TestCase):
         entry = self.harness.store.peek(cache_key(url))
         assert entry is not None
         self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
+
+    def start_unchecked_download(self, filename: str) -> None:
+        """
+        The proxy port's kind of download of ``filename``: same key, no
+        digest to check against.  An index request for it joins it.
+        """
+        url = f"{self.upstream.base.removesuffix('/simple')}/files/{filename}"
+        self.harness.fetcher.fetch(UpstreamRequest(key=cache_key(url), url=url))
+
+    async def test_joined_unchecked_download_is_served_once_it_matches(self) -> None:
+        await self.harness.page("bcdemo-a")
+        self.start_unchecked_download(WHEEL_A2)
+        received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        data = self.fixture.content(WHEEL_A2)
+        self.assertEqual((received.status, received.body), (200, data))
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+
+    async def test_joined_unchecked_download_that_mismatches(self) -> None:
+        """
+        Joined to a download nobody checks whose bytes differ from the
+        page's sha256: a 502 naming the digest received, and an error.
+        """
+        observer = log_events(self)
+        await self.harness.page("bcdemo-a")
+        wrong = b"not the wheel you are looking for"
+        self.fixture.path_for(WHEEL_A2).write_bytes(wrong)
+        self.start_unchecked_download(WHEEL_A2)
+        received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual(received.status, 502)
+        self.assertIn(hashlib.sha256(wrong).hexdigest().encode(), received.body)
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+        self.assertTrue(logged(observer, LogLevel.error, "does not match the sha256"))
+
+    async def test_joined_unchecked_download_the_disk_refused(self) -> None:
+        """
+        Joined to a download nobody checks that the disk could not keep
+        (so it was never hashed whole): a 502 that says it could not be
+        checked, not that it mismatched, and an error naming the disk's.
+        """
+        observer = log_events(self)
+        await self.harness.page("bcdemo-a")
+
+        def full(store: Store, key: str) -> Any:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(Store, "writer", full)
+        self.start_unchecked_download(WHEEL_A2)
+        received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual(received.status, 502)
+        self.assertIn(b"could not be checked", received.body)
+        self.assertIn(b"No space left", received.body)
+        self.assertTrue(logged(observer, LogLevel.error, "could not keep its body"))
+        self.assertFalse(logged(observer, LogLevel.error, "does not match the sha256"))
 
     async def test_concurrent_cold_file(self) -> None:
         await self.harness.page("bcdemo-a")
