@@ -59,7 +59,9 @@ from buildcache.apk import (
 )
 from buildcache.config import DEFAULT_INDEX_PORT, DEFAULT_PROXY_PORT, default_cache_dir
 from buildcache.simple_model import normalize_project_name
-from buildcache.store import APPLICATION_ID, INDEX_NAME, SCHEMA_VERSION
+from buildcache.store import (
+    APPLICATION_ID, INDEX_NAME, SCHEMA_VERSION, StoreError, migrate_index,
+)
 
 __all__ = [
     "AdminError",
@@ -181,11 +183,11 @@ class CacheIndex:
             db.close()
             raise AdminError(f"{path} is not a buildcache index")
         if version != SCHEMA_VERSION:
-            db.close()
-            raise AdminError(
-                f"{path} has index schema version {version}; this command"
-                f" reads version {SCHEMA_VERSION}"
-            )
+            try:
+                migrate_index(db, path)
+            except (StoreError, sqlite3.Error) as error:
+                db.close()
+                raise AdminError(str(error)) from error
         return cls(directory, db)
 
     def close(self) -> None:

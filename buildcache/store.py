@@ -52,8 +52,8 @@ ROWS_KEPT = 20_000
 SPARE_TEMP_FILES = 4
 #: ``PRAGMA application_id`` of a buildcache index ("bcac").
 APPLICATION_ID = 0x62636163
-SCHEMA_VERSION = 1
 INDEX_NAME = "index.sqlite"
+#: The first schema; newer ones are reached through :data:`MIGRATIONS`.
 _SCHEMA = """
 CREATE TABLE entries (
     key TEXT PRIMARY KEY,
@@ -67,6 +67,27 @@ CREATE TABLE entries (
 );
 CREATE INDEX entries_lru ON entries (last_access);
 """
+
+
+@frozen
+class Migration:
+    """
+    One step from an index schema version to the next: ``run`` changes the
+    tables inside the transaction that also records the new version, so a
+    crash leaves the old version or the new one, never half of a step.
+    ``run`` may delete rows it cannot carry over (start-up then removes
+    their files); it returns how many, for the log line.
+    """
+
+    name: str
+    run: Callable[[sqlite3.Connection], int]
+
+
+#: In order: step ``i`` takes version ``i + 1`` to ``i + 2``.  A new index
+#: is created at version 1 and goes through the same steps, so there is
+#: one way to every version.
+MIGRATIONS: tuple[Migration, ...] = ()
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
 class StoreError(Exception):
@@ -929,7 +950,7 @@ def open_index(directory: str) -> sqlite3.Connection:
             # application id that marks them as ours.
             db.executescript(
                 "BEGIN;" + _SCHEMA + f"PRAGMA application_id = {APPLICATION_ID};"
-                f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                " PRAGMA user_version = 1; COMMIT;"
             )
         except sqlite3.DatabaseError as e:
             db.close()
@@ -938,12 +959,7 @@ def open_index(directory: str) -> sqlite3.Connection:
         db.close()
         raise StoreError(f"{path} is not a buildcache index (it belongs to another program); {advice}")
     try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"{path} has index schema version {version}, this buildcache"
-                f" reads version {SCHEMA_VERSION}; {advice}"
-            )
+        migrate_index(db, path, advice)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         check = db.execute("PRAGMA quick_check").fetchone()[0]
@@ -956,3 +972,55 @@ def open_index(directory: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+_log = Logger()
+
+
+def migrate_index(db: sqlite3.Connection, path: str, advice: str = "") -> None:
+    """
+    Bring the index ``db`` (at ``path``, for messages) up to
+    :data:`SCHEMA_VERSION` through :data:`MIGRATIONS`, one transaction a
+    step, with a log line for each.  An index newer than this buildcache
+    (written by a later version) is refused with a :class:`StoreError`
+    ending in ``advice``; it is left untouched.
+    """
+    newest = 1 + len(MIGRATIONS)
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == newest:
+        return
+    if not 1 <= version < newest:
+        raise StoreError(
+            f"{path} has index schema version {version}, this buildcache"
+            f" reads versions 1 to {newest}"
+            + (f"; {advice}" if advice else "")
+        )
+    isolation = db.isolation_level
+    db.isolation_level = None
+    try:
+        for step in range(version, newest):
+            migration = MIGRATIONS[step - 1]
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                dropped = migration.run(db)
+                db.execute(f"PRAGMA user_version = {step + 1}")
+            except sqlite3.Error as e:
+                db.execute("ROLLBACK")
+                raise StoreError(
+                    f"cannot migrate {path} from schema version {step} to"
+                    f" {step + 1} ({migration.name}): {e}; it was left at"
+                    f" version {step}"
+                ) from e
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            _log.info(
+                "Migrated the cache index {path} from schema version {old} to"
+                " {new} ({step}); {dropped} entries it could not carry over"
+                " were dropped",
+                path=path, old=step, new=step + 1, step=migration.name,
+                dropped=dropped,
+            )
+    finally:
+        db.isolation_level = isolation

@@ -23,9 +23,11 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from buildcache import store as store_module
 from buildcache.store import (
     APPLICATION_ID,
     INDEX_NAME,
+    Migration,
     SPARE_TEMP_FILES,
     IntegrityError,
     Store,
@@ -1131,3 +1133,90 @@ class StatsTests(StoreTestMixin, SynchronousTestCase):
         stored.close()
         self.assertEqual(stored.fd, -1)
 
+
+
+def _add_note_column(db: sqlite3.Connection) -> int:
+    db.execute("ALTER TABLE entries ADD COLUMN note TEXT")
+    return 0
+
+
+def _drop_everything(db: sqlite3.Connection) -> int:
+    return db.execute("DELETE FROM entries").rowcount
+
+
+def _fail_half_way(db: sqlite3.Connection) -> int:
+    db.execute("ALTER TABLE entries ADD COLUMN half TEXT")
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+class MigrationTests(StoreTestMixin, SynchronousTestCase):
+    """
+    An index of an older schema is brought up to date in place at start-up,
+    one transaction a step, and keeps the entries each step carries over.
+    """
+
+    def stored_directory(self) -> str:
+        directory = self.make_directory()
+        store = self.open_store(directory)
+        self.put(store, "k", b"body")
+        self.close_store(store)
+        return directory
+
+    def version(self, directory: str) -> int:
+        db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
+        self.addCleanup(db.close)
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+    def columns(self, directory: str) -> list[str]:
+        db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
+        self.addCleanup(db.close)
+        return [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+
+    def test_older_index_migrated_and_served(self) -> None:
+        directory = self.stored_directory()
+        self.patch(store_module, "MIGRATIONS", (Migration("add a note", _add_note_column),))
+        with capturedLogs() as events:
+            store = self.open_store(directory)
+        stored = store.lookup("k")
+        assert stored is not None
+        self.assertEqual(os.read(stored.fd, 10), b"body")
+        stored.close()
+        self.close_store(store)
+        self.assertEqual(self.version(directory), 2)
+        self.assertIn("note", self.columns(directory))
+        migrated = [e for e in events if e.get("step") == "add a note"]
+        self.assertEqual([(e["old"], e["new"], e["dropped"]) for e in migrated], [(1, 2, 0)])
+
+    def test_new_index_goes_through_every_step(self) -> None:
+        self.patch(store_module, "MIGRATIONS", (Migration("add a note", _add_note_column),))
+        directory = self.make_directory()
+        self.close_store(self.open_store(directory))
+        self.assertEqual(self.version(directory), 2)
+        self.assertIn("note", self.columns(directory))
+
+    def test_dropped_rows_lose_their_files(self) -> None:
+        directory = self.stored_directory()
+        self.patch(store_module, "MIGRATIONS", (Migration("start over", _drop_everything),))
+        with capturedLogs() as events:
+            store = self.open_store(directory)
+        self.assertIsNone(store.lookup("k"))
+        self.assertEqual(store.stats().entries, 0)
+        self.close_store(store)
+        objects = [
+            name for sub in os.listdir(os.path.join(directory, "objects"))
+            for name in os.listdir(os.path.join(directory, "objects", sub))
+        ]
+        self.assertEqual(objects, [])
+        self.assertEqual([e["dropped"] for e in events if e.get("step") == "start over"], [1])
+
+    def test_failed_step_leaves_the_old_version(self) -> None:
+        directory = self.stored_directory()
+        self.patch(store_module, "MIGRATIONS", (Migration("fails", _fail_half_way),))
+        error = self.assertRaises(StoreError, self.open_store, directory)
+        self.assertIn("left at version 1", str(error))
+        self.assertEqual(self.version(directory), 1)
+        self.assertNotIn("half", self.columns(directory))
+        self.patch(store_module, "MIGRATIONS", ())
+        store = self.open_store(directory)
+        self.assertIsNotNone(store.peek("k"))
+        self.close_store(store)
