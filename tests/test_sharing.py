@@ -23,8 +23,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from buildcache import store as store_module
 from buildcache.config import Mirror
-from buildcache.store import SECRET_NAME, cache_secret
+from buildcache.store import MIGRATIONS, SECRET_NAME, cache_secret
 from buildcache.upstream import (
     PRIVATE_MARK,
     VARIANT_MARK,
@@ -218,6 +219,50 @@ class _Sniffing(ProtocolWrapper):
             return
         self._first = False
         super().dataReceived(data)
+
+
+class UpgradeTests(TestCase):
+    """
+    A cache written before keys named their scheme starts and serves its
+    entries on plain-http routes; an https route does not inherit them.
+    """
+
+    timeout = 20
+
+    async def test_old_cache_serves_its_entries(self) -> None:
+        origin = Origin()
+        factory = _TLSRefusing(Site(origin))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = url_of(port).rstrip("/")
+        cache_dir = self.mktemp()
+        # As the code before this change wrote it: schema version 1, and a
+        # key without a scheme.
+        self.patch(store_module, "MIGRATIONS", ())
+        old = store_module.Store.open(cache_dir, 1 << 30, reactor)
+        writer = old.writer(base.removeprefix("http://") + DEB)
+        writer.write(b"stored before the upgrade")
+        writer.commit({"content-type": "application/octet-stream"})
+        old.close()
+        self.patch(store_module, "MIGRATIONS", MIGRATIONS)
+        # start_server makes its cache directory with mktemp.
+        self.patch(self, "mktemp", lambda: cache_dir)
+        running = start_server(
+            self, {"mirrors": (Mirror("up", base), Mirror("sec", "https://" + base[7:]))}
+        )
+        self.assertEqual({e.key for e in running.store.keys()}, {base + DEB})
+        for received in (
+            await Client().get(f"http://127.0.0.1:{running.proxy_port}/up{DEB}"),
+            await Client(proxy_port=running.proxy_port).get(base + DEB),
+        ):
+            self.assertEqual(
+                (received.status, received.header("x-cache"), received.body),
+                (200, "HIT", b"stored before the upgrade"),
+            )
+        secure = await Client().get(f"http://127.0.0.1:{running.proxy_port}/sec{DEB}")
+        await running.server.fetcher.when_idle()
+        self.assertEqual((secure.status, factory.handshakes), (502, 1))
+        self.assertEqual(origin.requests[DEB], 0)
 
 
 # -- item 2: private responses --------------------------------------------
