@@ -8,6 +8,13 @@ it arrives; every client follows that file at its own pace (see
 stays flat.  When the body is complete and checked it is committed to the
 store; a failed, truncated or mismatching body is never committed and every
 client reading it sees its response cut short.
+
+It also owns the store keys of upstream URLs and who may be answered from
+them: :func:`cache_key` (scheme, host, port, path, query), the entries of
+one client's credentials (:func:`private_family`) and the ``Vary``
+variants of a URL (:func:`variant_key`, :func:`find_stored`,
+:func:`variants_to_drop`); the HTTP rules behind them are in
+:mod:`buildcache.freshness`.
 """
 
 from __future__ import annotations
