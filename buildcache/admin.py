@@ -293,11 +293,20 @@ def _unlink_quietly(path: str) -> None:
 # -- what a key is ---------------------------------------------------------
 
 
+def _key_url(key: str) -> str:
+    """
+    The URL part of a key (``scheme://host/path?query``), without what
+    names a private entry or a variant of it (``#p=...``, ``#v=...``).
+    """
+    return key.partition("#")[0]
+
+
 def _key_filename(key: str) -> str:
     """
-    The last path segment of a URL key (``host/path?query``), decoded.
+    The last path segment of a URL key (``scheme://host/path?query``),
+    decoded.
     """
-    path = key.partition("?")[0]
+    path = _key_url(key).partition("?")[0]
     return unquote(path.rpartition("/")[2])
 
 
@@ -316,7 +325,7 @@ def entry_kind(key: str) -> str:
         return "apk"
     if filename.endswith(_DEB_SUFFIXES):
         return "deb"
-    if "/dists/" in key.partition("?")[0] or filename.endswith(_METADATA_SUFFIX):
+    if "/dists/" in _key_url(key).partition("?")[0] or filename.endswith(_METADATA_SUFFIX):
         return "index"
     if filename.endswith((".whl", ".egg")):
         return "wheel"
@@ -353,17 +362,23 @@ def key_matcher(
     """
     A predicate on cache keys for ``purge``.
 
-    A pattern is an ``fnmatch`` glob over keys (``host/path?query``); a
-    URL pattern's ``scheme://`` is dropped, as keys have none.  A project
-    (any spelling) matches its simple-index pages and every distribution
-    file whose name belongs to it.
+    A pattern is an ``fnmatch`` glob over the URL of a key
+    (``scheme://host/path?query``; its private entries and variants go
+    with it); a pattern without ``scheme://`` matches either scheme, as
+    keys had none before.  A project (any spelling) matches its
+    simple-index pages and every distribution file whose name belongs to
+    it.
     """
-    globs = [pattern.partition("://")[2] if "://" in pattern else pattern
-             for pattern in patterns]
+    globs = list(patterns)
     names = {normalize_project_name(project) for project in projects}
 
     def matches(key: str) -> bool:
-        if any(fnmatchcase(key, glob) for glob in globs):
+        url = _key_url(key) if not key.startswith("simple-") else key
+        schemeless = url.partition("://")[2] if "://" in url else url
+        if any(
+            fnmatchcase(url, glob) or ("://" not in glob and fnmatchcase(schemeless, glob))
+            for glob in globs
+        ):
             return True
         if not names:
             return False
@@ -966,8 +981,9 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="remove entries by key glob or project name",
         description=(
             "Remove entries whose cache key matches a glob. Keys are upstream"
-            " URLs without their scheme (host[:port]/path[?query]), as"
-            " 'stats' lists them, e.g. '*/alpine/v3.19/*' or '*.apk'."
+            " URLs (scheme://host[:port]/path[?query]), as 'stats' lists"
+            " them, e.g. '*/alpine/v3.19/*' or '*.apk'; a glob without a"
+            " scheme matches http and https alike."
         ),
     )
     purge_command.add_argument("patterns", nargs="*", metavar="PATTERN", help="key glob")

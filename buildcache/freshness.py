@@ -13,7 +13,15 @@ This module owns:
 - the ``Cache-Control`` the cache itself sends to clients;
 - conditional request evaluation (``If-None-Match`` / ``If-Modified-Since``)
   and single byte-range parsing with ``If-Range``, shared by both front ends;
-- HTTP date and ``Cache-Control`` parsing.
+- HTTP date and ``Cache-Control`` parsing;
+- which stored response may answer which request: a response to a request
+  that carried the client's own credentials (``Authorization``,
+  ``Cookie``) is private to those credentials, and its own directives
+  alone decide its life (:func:`client_credentials`,
+  :func:`effective_kind`, :func:`may_serve_stale`); a response with
+  ``Vary`` answers only requests for which buildcache would send the same
+  values of the headers it names (:func:`varying_names`,
+  :func:`vary_values`, :func:`same_variant`).
 
 The store knows none of this: a front end classifies the request, then hands
 the store a kind and the TTL.  Everything here is pure: times are passed in
@@ -40,6 +48,16 @@ __all__ = [
     "classify",
     "decide",
     "is_storable",
+    "CREDENTIAL_HEADERS",
+    "client_credentials",
+    "effective_kind",
+    "may_serve_stale",
+    "NORMALISED_REQUEST_HEADERS",
+    "sent_headers",
+    "vary_names",
+    "varying_names",
+    "vary_values",
+    "same_variant",
     "client_cache_control",
     "freshness_lifetime",
     "current_age",
@@ -390,7 +408,8 @@ def is_storable(
     more than not storing it, and keeps it available for offline use.
 
     Two more refusals protect other clients' privacy: a response to a
-    request carrying ``Authorization`` needs ``public``, ``s-maxage`` or
+    request carrying the client's credentials (``Authorization`` or
+    ``Cookie``, see :func:`client_credentials`) needs ``public``, ``s-maxage`` or
     ``must-revalidate`` (RFC 9111 section 3.5), and an HTTP-kind response
     that sets a cookie is not stored (its session would be replayed to
     everyone).  Package files and indexes are exempt from the cookie rule:
@@ -405,12 +424,142 @@ def is_storable(
         return False
     if any(token.strip() == "*" for token in headers.get("vary", "").split(",")):
         return False
-    if request_headers is not None and "authorization" in _lowered(request_headers):
+    if request_headers is not None and client_credentials(request_headers):
         if not ({"public", "s-maxage", "must-revalidate"} & directives.keys()):
             return False
     if kind is Kind.HTTP and "set-cookie" in headers:
         return False
     return True
+
+
+#: Request headers that carry a client's own credentials: a response to a
+#: request with any of them belongs to whoever holds the same values.
+CREDENTIAL_HEADERS = ("authorization", "cookie")
+
+
+def client_credentials(request_headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """
+    The credentials a request carries, as ``(name, value)`` pairs in
+    :data:`CREDENTIAL_HEADERS` order; empty for an anonymous request.
+
+    These are the client's own.  Credentials the operator configures for
+    an upstream are added by the fetcher below this and are the cache's:
+    they never reach this function, and never split the cache.
+    """
+    headers = _lowered(request_headers)
+    return tuple(
+        (name, headers[name]) for name in CREDENTIAL_HEADERS if name in headers
+    )
+
+
+def effective_kind(kind: Kind, private: bool) -> Kind:
+    """
+    The kind that governs a stored response: a private one (answering a
+    request with the client's credentials) is HTTP whatever its path, so
+    only its own directives decide how long it is fresh and whether a
+    client's ``no-cache`` revalidates it (RFC 9111 section 3.5); a path's
+    kind never makes it fresher.  Anonymous responses keep their path's
+    kind.
+    """
+    return Kind.HTTP if private else kind
+
+
+def may_serve_stale(stored_headers: Mapping[str, str], private: bool) -> bool:
+    """
+    Whether a stored response may be served stale when its revalidation
+    fails (the upstream is down, or answers 5xx).
+
+    Anonymous responses keep today's rule: yes, so that builds carry on
+    offline.  A private one not when it says ``must-revalidate``,
+    ``proxy-revalidate``, ``s-maxage`` (which implies
+    ``proxy-revalidate`` for a shared cache) or ``no-cache``: RFC 9111
+    sections 4.2.4 and 5.2.2 forbid it, and its holder gets a 504 instead.
+    """
+    if not private:
+        return True
+    directives = parse_cache_control(_lowered(stored_headers).get("cache-control"))
+    forbidding = {"must-revalidate", "proxy-revalidate", "s-maxage", "no-cache"}
+    return not (forbidding & directives.keys())
+
+
+#: Request headers buildcache sends upstream with one value whatever the
+#: client sent (the fetcher always asks for the body as stored): a ``Vary``
+#: naming one of them never splits the cache.
+NORMALISED_REQUEST_HEADERS: Mapping[str, str] = {"accept-encoding": "identity"}
+
+
+def sent_headers(forwarded: Mapping[str, str]) -> dict[str, str]:
+    """
+    The request headers buildcache sends upstream for a request whose
+    forwarded headers are ``forwarded``: those, lowercased, and the ones it
+    normalises (:data:`NORMALISED_REQUEST_HEADERS`).
+    """
+    return {**_lowered(forwarded), **NORMALISED_REQUEST_HEADERS}
+
+
+def vary_names(response_headers: Mapping[str, str]) -> tuple[str, ...] | None:
+    """
+    The request field names a response's ``Vary`` lists, lowercased,
+    sorted and without repeats (empty without ``Vary``); None for
+    ``Vary: *``, which no request matches.
+    """
+    value = _lowered(response_headers).get("vary", "")
+    names = {token.strip().lower() for token in value.split(",")}
+    names.discard("")
+    if "*" in names:
+        return None
+    return tuple(sorted(names))
+
+
+def varying_names(response_headers: Mapping[str, str]) -> tuple[str, ...] | None:
+    """
+    The ``Vary`` names whose values can differ between two of buildcache's
+    upstream requests: :func:`vary_names` without the headers it sends
+    with one fixed value (``Vary: Accept-Encoding`` splits nothing).
+    Empty when the response answers every request alike; None for
+    ``Vary: *``.
+    """
+    names = vary_names(response_headers)
+    if names is None:
+        return None
+    return tuple(name for name in names if name not in NORMALISED_REQUEST_HEADERS)
+
+
+def _normalised_value(value: str) -> str:
+    # RFC 9111 section 4.1: values may be normalised before they are
+    # compared: whitespace around list separators does not count.
+    return ",".join(" ".join(part.split()) for part in value.split(","))
+
+
+def vary_values(
+    names: tuple[str, ...], sent: Mapping[str, str]
+) -> tuple[tuple[str, str | None], ...]:
+    """
+    The values of the request headers ``names`` in the headers buildcache
+    sent upstream (see :func:`sent_headers`), normalised; None for a header
+    not sent (which matches only another request without it).
+    """
+    headers = _lowered(sent)
+    return tuple(
+        (name, _normalised_value(headers[name]) if name in headers else None)
+        for name in names
+    )
+
+
+def same_variant(
+    response_headers: Mapping[str, str],
+    sent: Mapping[str, str],
+    other_sent: Mapping[str, str],
+) -> bool:
+    """
+    Whether a response to a request sent with ``sent`` headers also answers
+    one sent with ``other_sent`` (RFC 9111 section 4.1): the headers its
+    ``Vary`` names have the same values in both.  Never for ``Vary: *``.
+    """
+    names = varying_names(response_headers)
+    if names is None:
+        return False
+    return vary_values(names, sent) == vary_values(names, other_sent)
 
 
 def client_cache_control(

@@ -46,6 +46,7 @@ from buildcache.upstream import (
     UpstreamRequest,
     cache_key,
     drained,
+    find_stored,
 )
 
 #: Read-aheads scheduled or running at once; more are skipped, not queued.
@@ -206,7 +207,7 @@ class Prefetcher:
         try:
             if (
                 self._stopped
-                or self.store.peek(key) is not None
+                or find_stored(self.store, key, request.headers) is not None
                 or self.fetcher.downloading(key)
             ):
                 return
@@ -217,7 +218,9 @@ class Prefetcher:
                 # Until it is in the store (or not): a large file is
                 # answered while it still streams.
                 await drained(answer.body)
-            stored = answer.status == 200 and self.store.peek(key) is not None
+            stored = answer.status == 200 and (
+                find_stored(self.store, key, request.headers) is not None
+            )
         except (UpstreamError, IntegrityError) as e:
             # The fetcher has logged what went wrong; the client's own
             # request will try again.
@@ -286,4 +289,5 @@ def file_request(
         expected_sha256=expected_sha256,
         follow_redirects=True,
         stream_before_check=may_be_large,
+        variants=True,
     )

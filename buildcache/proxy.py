@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol as TypingProtocol
 from urllib.parse import unquote, urlsplit
 
+import attrs
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -39,8 +40,11 @@ from buildcache.freshness import (
     Kind,
     classify,
     client_cache_control,
+    client_credentials,
     decide,
+    effective_kind,
     is_storable,
+    may_serve_stale,
     validators_of,
 )
 from buildcache.respond import (
@@ -61,6 +65,8 @@ from buildcache.upstream import (
     UpstreamTimeout,
     cache_key,
     drained,
+    open_stored,
+    private_family,
 )
 
 VIA = "1.1 buildcache"
@@ -71,8 +77,12 @@ _MAX_DECODING_ROUNDS = 3
 #: A request target: printable ASCII only (twisted.web lets some bytes
 #: above 0x7e through).
 _REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
-#: Client request headers passed on to the upstream.
-FORWARDED_HEADERS = ("user-agent", "accept", "authorization", "accept-language")
+#: Client request headers passed on to the upstream.  A response to a
+#: request with the client's credentials among them is private to those
+#: credentials (see :func:`buildcache.freshness.client_credentials`).
+FORWARDED_HEADERS = (
+    "user-agent", "accept", "authorization", "cookie", "accept-language"
+)
 
 
 class BadTarget(Exception):
@@ -153,9 +163,13 @@ class OwnIndex:
 @frozen
 class Target:
     url: str
+    #: The key of the URL; for a private request, of its credentials'
+    #: entries (see :meth:`ProxyResource._for_client`).
     key: str
     kind: Kind
     route: str  # "proxy" or the mirror's name
+    #: The request carries the client's credentials.
+    private: bool = False
 
 
 def _checked_path(rest: str) -> None:
@@ -388,14 +402,14 @@ class ProxyResource(Resource):
         conditional: Mapping[str, str],
         apk_entry: ApkIndexEntry | None,
         vouched: bool = True,
+        revalidates: str | None = None,
     ) -> UpstreamRequest:
         """
         The upstream request for ``target``, checked against ``apk_entry``
         when there is one; an ``.apk`` no stored index vouches for is
         served but not ``vouched`` for storing.
         """
-        forwarded = {k: headers[k] for k in FORWARDED_HEADERS if k in headers}
-        forwarded["via"] = VIA
+        forwarded = self._forwarded(headers)
         kind = target.kind
 
         def storable(status: int, response_headers: Mapping[str, str]) -> bool:
@@ -414,11 +428,36 @@ class ProxyResource(Resource):
             ),
             storable=storable,
             follow_redirects=target.route != "proxy",
+            variants=True,
+            revalidates=revalidates,
+        )
+
+    @staticmethod
+    def _forwarded(headers: Mapping[str, str]) -> dict[str, str]:
+        forwarded = {k: headers[k] for k in FORWARDED_HEADERS if k in headers}
+        forwarded["via"] = VIA
+        return forwarded
+
+    def _for_client(self, target: Target, headers: Mapping[str, str]) -> Target:
+        """
+        ``target`` as this client may see it: with the client's own
+        credentials, its entries are keyed by them (an HMAC under the
+        cache's secret) and only their own directives decide their life.
+        """
+        credentials = client_credentials(headers)
+        if not credentials:
+            return target
+        return attrs.evolve(
+            target,
+            key=private_family(target.key, self.store.secret, credentials),
+            kind=effective_kind(target.kind, True),
+            private=True,
         )
 
     async def _serve(self, request: Request, target: Target) -> None:
         headers = request_headers(request)
-        stored = self.store.lookup(target.key)
+        target = self._for_client(target, headers)
+        stored = open_stored(self.store, target.key, self._forwarded(headers))
         if stored is not None:
             entry = stored.entry
             decision = decide(
@@ -449,7 +488,8 @@ class ProxyResource(Resource):
         stored: StoredObject,
     ) -> None:
         upstream = self._upstream_request(
-            target, headers, validators_of(stored.entry.headers), None
+            target, headers, validators_of(stored.entry.headers), None,
+            revalidates=stored.entry.key,
         )
         try:
             answer = await self.fetcher.fetch(upstream)
@@ -462,7 +502,7 @@ class ProxyResource(Resource):
             return
         if answer.status == 304:
             stored.close()
-            fresh = self.store.lookup(target.key)
+            fresh = self.store.lookup(stored.entry.key)
             if fresh is None:
                 await self._miss(request, target, headers)
                 return
@@ -481,6 +521,14 @@ class ProxyResource(Resource):
     def _serve_stale(
         self, request: Request, target: Target, stored: StoredObject, why: str
     ) -> None:
+        if not may_serve_stale(stored.entry.headers, target.private):
+            stored.close()
+            send_error(
+                request, 504,
+                f"the upstream could not revalidate this private response ({why}),"
+                " and its directives forbid serving it stale",
+            )
+            return
         self.log.warn(
             "Serving stale {key}: revalidation failed: {why}", key=target.key, why=why
         )
@@ -557,7 +605,10 @@ class ProxyResource(Resource):
         index_target = Target(index_url, index_key, Kind.INDEX, target.route)
         try:
             answer = await self.fetcher.fetch(
-                self._upstream_request(index_target, {}, conditional, None)
+                self._upstream_request(
+                    index_target, {}, conditional, None,
+                    revalidates=index_entry.key if index_entry else None,
+                )
             )
             if answer.body is not None:
                 # Wait for the whole index to be stored before reading it.

@@ -44,7 +44,13 @@ and the policy behind it:
   hit and is never revalidated; a missing one is fetched through the
   fetcher (single flight) with the page's sha256, so a mismatching body is
   never stored nor served (502).  Their store keys are the proxy's keys for
-  the upstream URL, so both ports share one copy.
+  the upstream URL (scheme included), so both ports share one copy, and
+  follow the same ``Vary`` rule (see :func:`buildcache.upstream.find_stored`).
+- **Credentials**: the index never forwards a client's ``Authorization``
+  or cookies upstream (pages and files are fetched with buildcache's own
+  headers), so nothing it stores is private to a client.  Pages are always
+  fetched with the same headers, so an upstream's ``Vary`` cannot split
+  them; the page keys are the index's own.
 - **The root** ``/simple/`` (hundreds of thousands of names upstream) is
   streamed from the first upstream and stored per media type for
   :data:`ROOT_TTL`; nothing here reads it, and no decision depends on it.
@@ -109,6 +115,7 @@ from buildcache.upstream import (
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
+    open_stored,
 )
 
 __all__ = [
@@ -972,7 +979,7 @@ class IndexResource(Resource):
         key, url = upstream_request.key, upstream_request.url
         expected = upstream_request.expected_sha256
         counters = self.store.counters
-        stored = self.store.lookup(key)
+        stored = open_stored(self.store, key, upstream_request.headers)
         if stored is not None:
             if expected is None or stored.entry.sha256 == expected:
                 if self._claimed_read_ahead(key, stored=True):

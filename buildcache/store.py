@@ -10,6 +10,9 @@ Layout of a cache directory::
     tmp/                bodies being written, and a few empty files kept
                         ready for the next ones; emptied at start-up
     lock                held (flock) by the one server using the directory
+    secret              random bytes (mode 0600), made once: the key of the
+                        HMACs that name private entries and variants in
+                        keys (see :func:`buildcache.upstream.private_family`)
 
 An object becomes visible only after its body has been checked, fsynced and
 renamed into ``objects/`` and its row committed.  The order (file first, row
@@ -86,7 +89,27 @@ class Migration:
 #: In order: step ``i`` takes version ``i + 1`` to ``i + 2``.  A new index
 #: is created at version 1 and goes through the same steps, so there is
 #: one way to every version.
-MIGRATIONS: tuple[Migration, ...] = ()
+def _keys_name_their_scheme(db: sqlite3.Connection) -> int:
+    """
+    Version 1 keys were ``host[:port]/path?query`` for ``http://`` and
+    ``https://`` alike.  Each becomes its ``http://`` key: a row a plain
+    fetch may have written must never answer an ``https://`` mirror
+    route, which fetches its files once more.  (A port written in the old
+    key stays: it was not the default of the scheme that fetched it, and
+    a ``:443`` is not the default of ``http://``.)  The index's own page
+    keys (``simple-page|<upstream URL>|<name>``, ``simple-root|...``)
+    already name their upstream's scheme and stay as they are.
+    """
+    db.execute(
+        "UPDATE entries SET key = 'http://' || key"
+        " WHERE key NOT LIKE 'simple-page|%' AND key NOT LIKE 'simple-root|%'"
+    )
+    return 0
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration("cache keys name their scheme", _keys_name_their_scheme),
+)
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -418,6 +441,8 @@ class Store:
     #: How many temporary files :meth:`writer` keeps ready, when
     #: ``run_blocking`` is not :func:`run_here`.
     spare_temp_files: int = SPARE_TEMP_FILES
+    #: This cache's secret (see the module docstring); never logged.
+    secret: bytes = field(default=b"", repr=False)
 
     @classmethod
     def open(
@@ -452,11 +477,12 @@ class Store:
                 "server; give each server its own --cache-dir"
             ) from e
         try:
+            secret = cache_secret(directory)
             db = open_index(directory)
         except StoreError:
             os.close(lock_fd)
             raise
-        store = cls(directory, max_size, clock, db, lock_fd)
+        store = cls(directory, max_size, clock, db, lock_fd, secret=secret)
         if run_blocking is not None:
             store.run_blocking = run_blocking
         try:
@@ -526,6 +552,25 @@ class Store:
             return None
         self._pending_access[key] = self.clock.seconds()
         return StoredObject(entry, fd)
+
+    def family(self, prefix: str) -> list[Entry]:
+        """
+        The entries whose keys start with ``prefix`` (the variants of one
+        URL: a few), with their latest access times.
+        """
+        if not prefix:
+            return []
+        # The primary key's index answers a range; LIKE would need escaping.
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        return [
+            _entry_from_row(row, self._pending_access.get(row[0]))
+            for row in self._db.execute(
+                "SELECT key, size, headers, sha256, fetched_at, validated_at,"
+                " last_access, file FROM entries WHERE key >= ? AND key < ?"
+                " LIMIT 64",
+                (prefix, upper),
+            ).fetchall()
+        ]
 
     def object_path(self, key: str) -> str | None:
         """
@@ -917,6 +962,44 @@ def _entry_from_row(row: tuple[Any, ...], pending_access: float | None) -> Entry
         last_access=pending_access if pending_access is not None else last_access,
         file=file,
     )
+
+
+SECRET_NAME = "secret"
+SECRET_SIZE = 32
+
+
+def cache_secret(directory: str) -> bytes:
+    """
+    The secret of the cache in ``directory``, made (with :mod:`secrets`,
+    mode 0600, written whole before it is renamed into place) on first
+    use.  A secret that is not whole is replaced: the private entries and
+    variants named with the old one are then never found, and age out.
+    """
+    path = os.path.join(directory, SECRET_NAME)
+    try:
+        with open(path, "rb") as existing:
+            secret = existing.read(SECRET_SIZE + 1)
+        if len(secret) == SECRET_SIZE:
+            return secret
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StoreError(f"cannot read the cache secret {path}: {e}") from e
+    secret = secrets.token_bytes(SECRET_SIZE)
+    temp = os.path.join(directory, f".{SECRET_NAME}.{os.getpid()}")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, secret)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except OSError as e:
+        _unlink_quietly(temp)
+        raise StoreError(f"cannot create the cache secret {path}: {e}") from e
+    return secret
 
 
 def open_index(directory: str) -> sqlite3.Connection:

@@ -8,13 +8,23 @@ it arrives; every client follows that file at its own pace (see
 stays flat.  When the body is complete and checked it is committed to the
 store; a failed, truncated or mismatching body is never committed and every
 client reading it sees its response cut short.
+
+It also owns the store keys of upstream URLs and who may be answered from
+them: :func:`cache_key` (scheme, host, port, path, query), the entries of
+one client's credentials (:func:`private_family`) and the ``Vary``
+variants of a URL (:func:`variant_key`, :func:`find_stored`,
+:func:`variants_to_drop`); the HTTP rules behind them are in
+:mod:`buildcache.freshness`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
+import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
@@ -34,7 +44,13 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from buildcache.activity import Activity, redact
-from buildcache.store import IntegrityError, ObjectWriter, Store
+from buildcache.freshness import (
+    same_variant,
+    sent_headers,
+    vary_values,
+    varying_names,
+)
+from buildcache.store import Entry, IntegrityError, ObjectWriter, Store, StoredObject
 from buildcache.turns import Waiters
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -100,7 +116,9 @@ class BodyVerifier(TypingProtocol):
 
 
 #: Request headers that make an answer belong to that request alone.
-_IDENTIFYING_HEADERS = ("authorization", "if-none-match", "if-modified-since")
+_IDENTIFYING_HEADERS = (
+    "authorization", "cookie", "if-none-match", "if-modified-since"
+)
 
 
 def _default_storable(status: int, headers: Mapping[str, str]) -> bool:
@@ -134,19 +152,31 @@ class UpstreamRequest:
     storable: Callable[[int, Mapping[str, str]], bool] = _default_storable
     follow_redirects: bool = False
     stream_before_check: bool = False
+    #: ``key`` names a family of entries, one per ``Vary`` variant: the
+    #: response is stored under :func:`stored_key_for`, and a request that
+    #: joins a download whose response varies on headers it sends with
+    #: other values gets a download of its own.  For URL keys; the index's
+    #: own pages are always fetched with the same headers.
+    variants: bool = False
+    #: The stored entry a conditional request revalidates (a variant of
+    #: ``key``): a 304 refreshes that one.
+    revalidates: str | None = None
 
     def may_join(self, running: UpstreamRequest) -> bool:
         """
         Whether this request may share the answer of ``running`` (same key):
         not when they carry different credentials (one client's would
         reach another) or conditions (a 304 answers only the conditional
-        one), nor a checked request a download nobody checks.
+        one), nor a checked request a download nobody checks.  (Whether the
+        answer's ``Vary`` lets them share is known only once it arrives; see
+        :meth:`Fetcher.fetch`.)
         """
         return (
             all(
                 self.headers.get(name) == running.headers.get(name)
                 for name in _IDENTIFYING_HEADERS
             )
+            and self.revalidates == running.revalidates
             and (self.verify is None or running.verify is not None)
         )
 
@@ -180,10 +210,12 @@ class UpstreamAnswer:
 
 def cache_key(url: str) -> str:
     """
-    The store key of an upstream URL: host, non-default port, path and
-    query.  The scheme is left out so that ``http://host/x`` fetched
-    through the proxy and ``https://host/x`` behind a mirror route share
-    one entry (package repositories serve the same files on both).
+    The store key of an upstream URL: scheme, host, non-default port, path
+    and query (``http://host:8080/x?y``).  The scheme is part of it: a
+    plain ``http://`` fetch through the proxy, which anyone on its path
+    can alter, must never fill the entry an ``https://`` mirror route
+    serves.  A key never holds ``#`` (the fragment is dropped), which
+    :func:`private_family` and :func:`variant_key` use.
     """
     # Every request asks; only ordinary URLs are remembered, so that odd
     # long ones cannot fill memory.
@@ -205,10 +237,131 @@ def _cache_key(url: str) -> str:
     if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
         host = f"{host}:{port}"
     query = f"?{parts.query}" if parts.query else ""
-    return f"{host}{parts.path or '/'}{query}"
+    return f"{parts.scheme.lower()}://{host}{parts.path or '/'}{query}"
 
 
 _memoised_cache_key = functools.lru_cache(maxsize=4096)(_cache_key)
+
+#: Marks the part of a key that names whose credentials an entry answers.
+PRIVATE_MARK = "#p="
+#: Marks the part of a key that names the variant (``Vary``) of an entry.
+VARIANT_MARK = "#v="
+#: Variants kept per URL (and per set of credentials); the least recently
+#: used goes first when another arrives.
+VARIANTS_KEPT = 4
+
+
+def _tag(secret: bytes, label: str, pairs: Sequence[tuple[str, str | None]]) -> str:
+    """
+    An HMAC of ``pairs`` under the cache's secret: keys may be read by
+    anyone who can read the index (``buildcache stats`` lists them), and a
+    bare digest of a password or token could be checked against guesses.
+    """
+    message = json.dumps([label, [list(pair) for pair in pairs]]).encode("utf-8")
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
+
+
+def private_family(
+    base: str, secret: bytes, credentials: Sequence[tuple[str, str]]
+) -> str:
+    """
+    The key under which responses to requests carrying ``credentials``
+    (see :func:`buildcache.freshness.client_credentials`) are stored:
+    ``base`` itself when there are none, else ``base#p=<HMAC>``, which no
+    request without the same credentials can name.
+    """
+    if not credentials:
+        return base
+    return f"{base}{PRIVATE_MARK}{_tag(secret, 'credentials', credentials)}"
+
+
+def variant_key(
+    family: str, secret: bytes, values: Sequence[tuple[str, str | None]]
+) -> str:
+    """
+    The key of the variant of ``family`` for the ``Vary`` values ``values``
+    (see :func:`buildcache.freshness.vary_values`): ``family`` itself when
+    the response does not vary, else ``family#v=<HMAC>`` (an HMAC, as a
+    ``Vary: Cookie`` would otherwise put a digest of a cookie in the key).
+    """
+    if not values:
+        return family
+    return f"{family}{VARIANT_MARK}{_tag(secret, 'vary', values)}"
+
+
+def stored_key_for(
+    family: str, secret: bytes, response_headers: Mapping[str, str],
+    sent: Mapping[str, str],
+) -> str | None:
+    """
+    The key a response of ``family`` to a request sent with ``sent``
+    headers is stored under, or None when it cannot be (``Vary: *``).
+    """
+    names = varying_names(response_headers)
+    if names is None:
+        return None
+    return variant_key(family, secret, vary_values(names, sent_headers(sent)))
+
+
+def find_stored(
+    store: Store, family: str, sent: Mapping[str, str]
+) -> Entry | None:
+    """
+    The entry of ``family`` that answers a request sent upstream with
+    ``sent`` headers (RFC 9111 section 4.1): the one stored under
+    ``family`` when it does not vary, else the variant whose key the
+    request's values give, most recently used first.  An entry under
+    ``family`` that varies (stored before variants were kept) answers
+    nobody; the next response replaces it.
+    """
+    entry = store.peek(family)
+    if entry is not None and varying_names(entry.headers) == ():
+        return entry
+    secret = store.secret
+    wanted = sent_headers(sent)
+    for candidate in sorted(
+        store.family(family + VARIANT_MARK), key=lambda e: -e.last_access
+    ):
+        names = varying_names(candidate.headers)
+        if not names:
+            continue
+        if variant_key(family, secret, vary_values(names, wanted)) == candidate.key:
+            return candidate
+    return None
+
+
+def open_stored(
+    store: Store, family: str, sent: Mapping[str, str]
+) -> StoredObject | None:
+    """
+    :func:`find_stored`, opened (and its access recorded).
+    """
+    entry = find_stored(store, family, sent)
+    return None if entry is None else store.lookup(entry.key)
+
+
+def variants_to_drop(
+    family: str, stored_key: str, siblings: Sequence[tuple[str, float]],
+    keep: int = VARIANTS_KEPT,
+) -> list[str]:
+    """
+    Which entries of ``family`` (``(key, last access)`` pairs, the one
+    under ``family`` itself and its variants) go once ``stored_key`` has
+    been stored: all variants when the new response does not vary (the
+    upstream stopped varying), else the unvarying one and the least
+    recently used variants beyond ``keep``.
+    """
+    others = [(key, used) for key, used in siblings if key != stored_key]
+    if stored_key == family:
+        return [key for key, _ in others if key.startswith(family + VARIANT_MARK)]
+    drop = [key for key, _ in others if key == family]
+    variants = sorted(
+        ((key, used) for key, used in others if key.startswith(family + VARIANT_MARK)),
+        key=lambda item: item[1],
+        reverse=True,
+    )
+    drop += [key for key, _ in variants[keep - 1:]]
+    return drop
 
 
 def end_to_end_headers(headers: Headers) -> dict[str, str]:
@@ -668,15 +821,41 @@ class Fetcher:
         """
         download = self._downloads.get(request.key)
         if download is not None and not request.may_join(download.request):
-            # Its own download, which later requests do not join.
-            download = Download(request, self.store)
-            self._detached.append(download)
-            Deferred.fromCoroutine(self._run(download))
+            return self._own_download(request)
         elif download is None:
             download = Download(request, self.store)
             self._downloads[request.key] = download
             Deferred.fromCoroutine(self._run(download))
+            return download.join()
+        joined = download.join()
+        if request.variants:
+            joined.addCallback(self._same_variant, request, download)
+        return joined
+
+    def _own_download(self, request: UpstreamRequest) -> Deferred[UpstreamAnswer]:
+        """
+        A download for ``request`` alone, which later requests do not join.
+        """
+        download = Download(request, self.store)
+        self._detached.append(download)
+        Deferred.fromCoroutine(self._run(download))
         return download.join()
+
+    def _same_variant(
+        self, answer: UpstreamAnswer, request: UpstreamRequest, download: Download
+    ) -> UpstreamAnswer | Deferred[UpstreamAnswer]:
+        """
+        The answer of the download ``request`` joined, if its ``Vary``
+        lets it answer ``request`` too; else a download of its own.
+        """
+        if same_variant(
+            answer.headers, sent_headers(request.headers),
+            sent_headers(download.request.headers),
+        ):
+            return answer
+        if answer.body is not None:
+            answer.body.close()
+        return self._own_download(request)
 
     async def _run(self, download: Download) -> None:
         request = download.request
@@ -797,14 +976,23 @@ class Fetcher:
             # Nothing to read; the caller serves its stored copy.
             response.deliverBody(Protocol())
             self.store.mark_validated(
-                request.key, _replayed(download.headers)
+                request.revalidates or request.key, _replayed(download.headers)
             )
             download.finished = True
             download._answer()
             return
         storable = request.storable(download.status, download.headers)
+        stored_key: str | None = request.key
+        if request.variants:
+            stored_key = stored_key_for(
+                request.key, self.store.secret, download.headers, request.headers
+            )
+        if stored_key is None:
+            # Vary: *, which no later request matches.
+            storable = False
+            stored_key = request.key
         try:
-            spool = self.store.writer(request.key)
+            spool = self.store.writer(stored_key)
         except OSError as e:
             download._unspooled(e)
         else:
@@ -888,7 +1076,9 @@ class Fetcher:
         download._notify()
         if kept is not None:
             try:
-                await kept.persist(_replayed(download.headers))
+                entry = await kept.persist(_replayed(download.headers))
+                if entry is not None and request.variants:
+                    self._drop_other_variants(request.key, entry.key)
             except Exception as e:
                 # Whatever keeps it from the store (a full disk, the thread
                 # pool stopping at shutdown), its clients have it all.
@@ -897,6 +1087,23 @@ class Fetcher:
                     url=redact(request.url),
                     error=str(e),
                 )
+
+
+    def _drop_other_variants(self, family: str, stored_key: str) -> None:
+        """
+        Keep the variants of ``family`` to what may still answer someone
+        (see :func:`variants_to_drop`).
+        """
+        siblings = [
+            (entry.key, entry.last_access)
+            for entry in self.store.family(family + VARIANT_MARK)
+        ]
+        base = self.store.peek(family)
+        if base is not None:
+            siblings.append((base.key, base.last_access))
+        for key in variants_to_drop(family, stored_key, siblings):
+            self.log.info("Dropping variant {key} of {family}", key=key, family=family)
+            self.store.remove(key)
 
 
 async def drained(body: DownloadBody) -> None:

@@ -49,20 +49,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCH = 1_700_000_000.0
 MB = 1024 * 1024
 
-APK_319 = "mirror.test/alpine/v3.19/main/x86_64/curl-8.5.0-r0.apk"
-APK_320 = "mirror.test/alpine/v3.20/main/x86_64/curl-8.9.0-r0.apk"
-APKINDEX_319 = "mirror.test/alpine/v3.19/main/x86_64/APKINDEX.tar.gz"
-DEB = "deb.test/debian/pool/main/c/curl/curl_7.88.1-10_amd64.deb"
-RELEASE = "deb.test/debian/dists/bookworm/InRelease"
-WHEEL_A = "127.0.0.1:9000/files/bcdemo_a-2.0-py3-none-any.whl"
-WHEEL_A_METADATA = "127.0.0.1:9000/files/bcdemo_a-2.0-py3-none-any.whl.metadata"
-SDIST_A = "127.0.0.1:9000/files/BCDemo.A-1.0.tar.gz"
-WHEEL_AB = "127.0.0.1:9000/files/bcdemo_ab-1.0-py3-none-any.whl"
-WHEEL_B = "127.0.0.1:9000/files/bcdemo_b-1.0-py3-none-any.whl"
+APK_319 = "https://mirror.test/alpine/v3.19/main/x86_64/curl-8.5.0-r0.apk"
+APK_320 = "https://mirror.test/alpine/v3.20/main/x86_64/curl-8.9.0-r0.apk"
+APKINDEX_319 = "https://mirror.test/alpine/v3.19/main/x86_64/APKINDEX.tar.gz"
+DEB = "http://deb.test/debian/pool/main/c/curl/curl_7.88.1-10_amd64.deb"
+RELEASE = "http://deb.test/debian/dists/bookworm/InRelease"
+WHEEL_A = "http://127.0.0.1:9000/files/bcdemo_a-2.0-py3-none-any.whl"
+WHEEL_A_METADATA = "http://127.0.0.1:9000/files/bcdemo_a-2.0-py3-none-any.whl.metadata"
+SDIST_A = "http://127.0.0.1:9000/files/BCDemo.A-1.0.tar.gz"
+WHEEL_AB = "http://127.0.0.1:9000/files/bcdemo_ab-1.0-py3-none-any.whl"
+WHEEL_B = "http://127.0.0.1:9000/files/bcdemo_b-1.0-py3-none-any.whl"
 PAGE_A = "simple-page|http://127.0.0.1:9000/simple|bcdemo-a"
 PAGE_B = "simple-page|http://127.0.0.1:9000/simple|bcdemo-b"
 ROOT_PAGE = "simple-root|http://127.0.0.1:9000/simple|text/html"
-OTHER = "example.test/downloads/tool.bin"
+OTHER = "http://example.test/downloads/tool.bin"
 
 
 def body_of(size: int, seed: str) -> bytes:
@@ -276,13 +276,35 @@ class PurgeTests(CacheTestCase):
 
     def test_url_glob(self) -> None:
         """
-        A glob written as a URL matches keys, which have no scheme.
+        A glob written as a URL matches keys, which name their scheme.
         """
         code, _, _ = run(
             "purge", "https://mirror.test/alpine/*/curl-*", "--cache-dir", self.cache_dir
         )
         self.assertEqual(code, 0)
         self.assert_removed({APK_319, APK_320})
+
+    def test_url_glob_of_the_other_scheme(self) -> None:
+        """
+        A URL glob matches only keys of its own scheme.
+        """
+        code, _, _ = run(
+            "purge", "http://mirror.test/alpine/*/curl-*", "--cache-dir", self.cache_dir
+        )
+        self.assertEqual(code, 0)
+        self.assert_removed(set())
+
+    def test_glob_without_scheme(self) -> None:
+        """
+        A glob without a scheme matches http and https keys alike, as it
+        did when keys had none.
+        """
+        code, _, _ = run(
+            "purge", "mirror.test/alpine/*/curl-*", "deb.test/*.deb",
+            "--cache-dir", self.cache_dir,
+        )
+        self.assertEqual(code, 0)
+        self.assert_removed({APK_319, APK_320, DEB})
 
     def test_project(self) -> None:
         """
@@ -497,6 +519,21 @@ class NamesTests(SynchronousTestCase):
             SDIST_A: "sdist", WHEEL_AB: "wheel", WHEEL_B: "wheel",
             PAGE_A: "index", PAGE_B: "index", ROOT_PAGE: "index", OTHER: "other",
         })
+
+    def test_private_entries_and_variants(self) -> None:
+        """
+        A private entry or a variant (``#p=``, ``#v=`` after the URL) has
+        its URL's kind, and goes with its URL's glob or project.
+        """
+        private = DEB + "#p=" + "a" * 32
+        variant = WHEEL_B + "#v=" + "b" * 32
+        both = APK_319 + "#p=" + "c" * 32 + "#v=" + "d" * 32
+        self.assertEqual(
+            [entry_kind(key) for key in (private, variant, both)], ["deb", "wheel", "apk"]
+        )
+        matches = key_matcher(["*.deb", "*/curl-8.5.0-r0.apk"], ["bcdemo-b"])
+        self.assertEqual([matches(key) for key in (private, variant, both)], [True] * 3)
+        self.assertFalse(key_matcher(["*.deb#p=*"], [])(private))
 
     def test_matcher(self) -> None:
         matches = key_matcher(["*/tool.*"], ["bcdemo.b"])
@@ -772,7 +809,7 @@ class WarmRequirementsTests(TestCase):
         keys = {entry.key for entry in running.store.keys()}
         authority = urlsplit(url_of(upstream_port)).netloc
         for wheel in wheels:
-            self.assertIn(f"{authority}/files/{wheel}", keys)
+            self.assertIn(f"http://{authority}/files/{wheel}", keys)
             self.assertEqual(upstream.requests[f"/files/{wheel}"], 1)
         self.assertEqual(upstream.requests["/simple/bcdemo-a/"], 1)
         self.assertEqual(upstream.requests["/simple/bcdemo-b/"], 1)

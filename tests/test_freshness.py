@@ -20,14 +20,22 @@ from buildcache.freshness import (
     RangeResult,
     classify,
     client_cache_control,
+    client_credentials,
     decide,
+    effective_kind,
     format_http_date,
     freshness_lifetime,
     is_storable,
+    may_serve_stale,
     not_modified,
     parse_cache_control,
     parse_http_date,
     parse_range,
+    same_variant,
+    sent_headers,
+    vary_names,
+    vary_values,
+    varying_names,
 )
 
 T0 = 1_700_000_000.0
@@ -326,6 +334,14 @@ class IsStorableTests(SynchronousTestCase):
             self.assertTrue(is_storable(Kind.HTTP, 200, {"cache-control": directive}, request), directive)
         self.assertTrue(is_storable(Kind.HTTP, 200, {}, {"accept": "*/*"}))
 
+    def test_cookie(self) -> None:
+        """
+        A client's cookie is a credential like ``Authorization``.
+        """
+        request = {"Cookie": "session=1"}
+        self.assertFalse(is_storable(Kind.IMMUTABLE, 200, {"cache-control": "max-age=60"}, request))
+        self.assertTrue(is_storable(Kind.HTTP, 200, {"cache-control": "public"}, request))
+
     def test_set_cookie(self) -> None:
         headers = {"Set-Cookie": "session=1"}
         self.assertFalse(is_storable(Kind.HTTP, 200, headers))
@@ -545,3 +561,87 @@ class ParseRangeTests(SynchronousTestCase):
         else:
             self.assertEqual(result.length, min(suffix, size))
             self.assertEqual(result.end, size - 1)
+
+
+class PrivateResponseRuleTests(SynchronousTestCase):
+    """
+    The rules for responses to requests with the client's credentials.
+    """
+
+    def test_client_credentials(self) -> None:
+        self.assertEqual(client_credentials({"Accept": "*/*"}), ())
+        self.assertEqual(
+            client_credentials({"Cookie": "a=1", "Authorization": "Bearer t"}),
+            (("authorization", "Bearer t"), ("cookie", "a=1")),
+        )
+
+    def test_effective_kind(self) -> None:
+        for kind in Kind:
+            self.assertIs(effective_kind(kind, False), kind)
+            self.assertIs(effective_kind(kind, True), Kind.HTTP)
+
+    def test_path_kind_never_makes_private_fresher(self) -> None:
+        """
+        A private ``.deb`` under ``max-age=0, must-revalidate`` is
+        revalidated; under ``public, max-age=600`` it is fresh until then,
+        and the client's ``no-cache`` revalidates it.
+        """
+        kind = effective_kind(classify("/debian/pool/main/h/hello_1_amd64.deb"), True)
+        stored = {"cache-control": "max-age=0, must-revalidate"}
+        self.assertIs(decide(kind, stored, T0, T0, {}, 1800), Decision.REVALIDATE)
+        public = {"cache-control": "public, max-age=600"}
+        self.assertIs(decide(kind, public, T0, T0 + 10, {}, 1800), Decision.FRESH)
+        self.assertIs(decide(kind, public, T0, T0 + 600, {}, 1800), Decision.REVALIDATE)
+        self.assertIs(
+            decide(kind, public, T0, T0 + 10, {"cache-control": "no-cache"}, 1800),
+            Decision.REVALIDATE,
+        )
+        self.assertIs(decide(kind, {"cache-control": "no-cache"}, T0, T0, {}, 1800), Decision.REVALIDATE)
+
+    def test_may_serve_stale(self) -> None:
+        for value in ("must-revalidate", "proxy-revalidate", "s-maxage=60", "no-cache, public"):
+            headers = {"Cache-Control": value}
+            self.assertFalse(may_serve_stale(headers, True), value)
+            self.assertTrue(may_serve_stale(headers, False), value)
+        self.assertTrue(may_serve_stale({"cache-control": "public, max-age=60"}, True))
+        self.assertTrue(may_serve_stale({}, True))
+
+
+class VaryRuleTests(SynchronousTestCase):
+    """
+    RFC 9111 section 4.1 over the headers buildcache sends upstream.
+    """
+
+    def test_vary_names(self) -> None:
+        self.assertEqual(vary_names({}), ())
+        self.assertEqual(
+            vary_names({"Vary": "Accept-Language, accept ,ACCEPT"}), ("accept", "accept-language")
+        )
+        self.assertIsNone(vary_names({"vary": "accept, *"}))
+
+    def test_accept_encoding_is_normalised_away(self) -> None:
+        self.assertEqual(varying_names({"vary": "Accept-Encoding"}), ())
+        self.assertEqual(varying_names({"vary": "Accept-Encoding, Accept"}), ("accept",))
+        self.assertIsNone(varying_names({"vary": "*"}))
+        self.assertEqual(sent_headers({"Accept-Encoding": "gzip"})["accept-encoding"], "identity")
+
+    def test_vary_values(self) -> None:
+        sent = {"Accept-Language": "en,  fr ;q=0.5", "User-Agent": "x"}
+        self.assertEqual(
+            vary_values(("accept-language", "cookie"), sent),
+            (("accept-language", "en,fr ;q=0.5"), ("cookie", None)),
+        )
+
+    def test_same_variant(self) -> None:
+        pip = sent_headers({"user-agent": "pip/24", "accept-encoding": "gzip"})
+        apk = sent_headers({"user-agent": "libfetch/2.0"})
+        self.assertTrue(same_variant({"vary": "Accept-Encoding"}, pip, apk))
+        self.assertTrue(same_variant({}, pip, apk))
+        self.assertFalse(same_variant({"vary": "User-Agent"}, pip, apk))
+        self.assertFalse(same_variant({"vary": "*"}, pip, pip))
+        self.assertTrue(
+            same_variant({"vary": "accept-language"}, {"Accept-Language": "en"}, {"accept-language": "en"})
+        )
+        self.assertFalse(
+            same_variant({"vary": "accept-language"}, {"accept-language": "en"}, {})
+        )

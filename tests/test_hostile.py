@@ -171,7 +171,7 @@ def cache_files(directory: str) -> list[str]:
 
 
 _OBJECT_FILE = re.compile(r"objects/([0-9a-f]{2})/\1[0-9a-f]{62}\.[0-9a-f]{12}")
-_INDEX_FILES = {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "lock"}
+_INDEX_FILES = {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "lock", "secret"}
 
 
 def assert_cache_layout(testcase: TestCase, directory: str) -> None:
@@ -595,7 +595,7 @@ class TraversalTests(TestCase):
         await box.idle()
         self.assertEqual(box.upstream_paths(), {path for _, path in allowed.values()})
         self.assertEqual(
-            box.stored_keys(), {f"127.0.0.1:{box.upstream_port}{BASE}/pool/ok.deb"}
+            box.stored_keys(), {f"http://127.0.0.1:{box.upstream_port}{BASE}/pool/ok.deb"}
         )
         assert_cache_layout(self, box.cache_dir)
 
@@ -1022,7 +1022,7 @@ class RouterProperties(SynchronousTestCase):
             return
         self.assertTrue(target.url.startswith(MIRROR_BASE + "/"), target.url)
         self.assertEqual(target.key, cache_key(target.url))
-        self.assertTrue(target.key.startswith("127.0.0.1:8000/base/"), target.key)
+        self.assertTrue(target.key.startswith("http://127.0.0.1:8000/base/"), target.key)
         sent = _sent_path(target.url)
         self.assertTrue(sent.startswith("/base/"), sent)
         segments = _worst_case_segments(urlsplit(sent).path)

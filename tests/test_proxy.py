@@ -933,7 +933,7 @@ class AccessTests(TestCase):
         self.assertEqual((other_address.connections, other_port.connections), (0, 0))
         allowed = await harness.get(INDEX_PATH, proxy=True)
         self.assertEqual(allowed.status, 200)
-        self.assertEqual(harness.stored_keys(), {f"{harness.origin_authority}{INDEX_PATH}"})
+        self.assertEqual(harness.stored_keys(), {f"http://{harness.origin_authority}{INDEX_PATH}"})
 
     async def test_allow_upstream_lifts_the_refusal(self) -> None:
         """
@@ -1099,7 +1099,7 @@ class PackageCheckTests(TestCase):
         await harness.idle()
         self.assertEqual((received.status, received.complete), (200, True))
         self.assertEqual(received.body, big.content)
-        self.assertIn(f"{harness.origin_authority}{path}", harness.stored_keys())
+        self.assertIn(f"http://{harness.origin_authority}{path}", harness.stored_keys())
 
     async def test_large_tampered_package_never_completes(self) -> None:
         """
@@ -1141,7 +1141,7 @@ class PackageCheckTests(TestCase):
         harness.replace_file(path, bytes(tampered), PUBLISHED)
         index = await harness.client.get(harness.mirrored(INDEX_PATH))
         self.assertEqual(index.status, 200)
-        index_key = f"{harness.origin_authority}{INDEX_PATH}"
+        index_key = f"http://{harness.origin_authority}{INDEX_PATH}"
         self.assertIsNone(harness.running.store.peek(index_key))
         asked: list[str] = []
         real_stored = Fetcher.stored
@@ -1365,7 +1365,7 @@ class AptAndHTTPFreshnessTests(TestCase):
                 received = await harness.get(path)
                 self.assertEqual(received.status, status, path)
             self.assertEqual(harness.requests_for(path), 2, path)
-        self.assertEqual(harness.stored_keys(), {f"{harness.origin_authority}{INDEX_PATH}"})
+        self.assertEqual(harness.stored_keys(), {f"http://{harness.origin_authority}{INDEX_PATH}"})
 
 
 class UpstreamIsolationTests(TestCase):
@@ -1425,21 +1425,42 @@ class UpstreamIsolationTests(TestCase):
 
 class CacheKeyTests(SynchronousTestCase):
     """
-    Store keys of upstream URLs: scheme and default port left out, so the
-    proxy's http and a mirror's https share one entry, however long the URL.
+    Store keys of upstream URLs: scheme, host, port unless the scheme's
+    default, path and query, however long the URL.
     """
 
-    def test_scheme_and_default_port_left_out(self) -> None:
-        key = "mirror.test/alpine/v3.20/main/x86_64/APKINDEX.tar.gz"
-        for url in (
-            "http://mirror.test/alpine/v3.20/main/x86_64/APKINDEX.tar.gz",
-            "https://MIRROR.test:443/alpine/v3.20/main/x86_64/APKINDEX.tar.gz",
-            "http://mirror.test:80/alpine/v3.20/main/x86_64/APKINDEX.tar.gz",
+    def test_default_port_left_out(self) -> None:
+        for url, key in (
+            ("http://mirror.test/alpine/x/APKINDEX.tar.gz",
+             "http://mirror.test/alpine/x/APKINDEX.tar.gz"),
+            ("http://mirror.test:80/alpine/x/APKINDEX.tar.gz",
+             "http://mirror.test/alpine/x/APKINDEX.tar.gz"),
+            ("HTTPS://MIRROR.test:443/alpine/x/APKINDEX.tar.gz",
+             "https://mirror.test/alpine/x/APKINDEX.tar.gz"),
+            ("https://mirror.test:80/alpine/x/APKINDEX.tar.gz",
+             "https://mirror.test:80/alpine/x/APKINDEX.tar.gz"),
+            ("http://mirror.test:443/alpine/x/APKINDEX.tar.gz",
+             "http://mirror.test:443/alpine/x/APKINDEX.tar.gz"),
         ):
-            self.assertEqual(cache_key(url), key)
-        self.assertEqual(cache_key("http://127.0.0.1:8080/x?a=1"), "127.0.0.1:8080/x?a=1")
+            self.assertEqual(cache_key(url), key, url)
+        self.assertEqual(
+            cache_key("http://127.0.0.1:8080/x?a=1#frag"), "http://127.0.0.1:8080/x?a=1"
+        )
+
+    def test_scheme_is_part_of_the_key(self) -> None:
+        """
+        A plain http fetch never names the entry an https route serves.
+        """
+        self.assertNotEqual(
+            cache_key("http://mirror.test/pool/a.deb"),
+            cache_key("https://mirror.test/pool/a.deb"),
+        )
 
     def test_long_urls_same_rule(self) -> None:
         path = "/p/" + "a" * MEMOISED_URL_LENGTH
-        self.assertEqual(cache_key(f"https://mirror.test{path}?q"), f"mirror.test{path}?q")
-        self.assertEqual(cache_key(f"http://mirror.test:81{path}"), f"mirror.test:81{path}")
+        self.assertEqual(
+            cache_key(f"https://mirror.test{path}?q"), f"https://mirror.test{path}?q"
+        )
+        self.assertEqual(
+            cache_key(f"http://mirror.test:81{path}"), f"http://mirror.test:81{path}"
+        )

@@ -171,7 +171,7 @@ class CrashTests(TestCase):
         self.addCleanup(store.close)
         self.assertEqual(os.listdir(os.path.join(cache_dir, "tmp")), [])
         entries = {entry.key: entry for entry in store.keys()}
-        self.assertEqual(list(entries), [f"127.0.0.1:{up_port.getHost().port}/pool/small.deb"])
+        self.assertEqual(list(entries), [f"http://127.0.0.1:{up_port.getHost().port}/pool/small.deb"])
         (entry,) = entries.values()
         stored = store.lookup(entry.key)
         assert stored is not None

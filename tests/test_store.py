@@ -14,7 +14,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -1156,11 +1157,24 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
     """
 
     def stored_directory(self) -> str:
+        """
+        A cache directory holding "k", its index at schema version 1.
+        """
         directory = self.make_directory()
-        store = self.open_store(directory)
-        self.put(store, "k", b"body")
-        self.close_store(store)
+        with self.patched_migrations(()):
+            store = self.open_store(directory)
+            self.put(store, "k", b"body")
+            self.close_store(store)
         return directory
+
+    @contextmanager
+    def patched_migrations(self, steps: tuple[Migration, ...]) -> Iterator[None]:
+        saved = store_module.MIGRATIONS
+        store_module.MIGRATIONS = steps
+        try:
+            yield
+        finally:
+            store_module.MIGRATIONS = saved
 
     def version(self, directory: str) -> int:
         db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
@@ -1185,6 +1199,48 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(self.version(directory), 2)
         self.assertIn("note", self.columns(directory))
         migrated = [e for e in events if e.get("step") == "add a note"]
+        self.assertEqual([(e["old"], e["new"], e["dropped"]) for e in migrated], [(1, 2, 0)])
+
+    def test_version_1_keys_get_their_scheme(self) -> None:
+        """
+        Keys written before keys named their scheme become ``http://``
+        keys (an https route fetches its copy once more); the index's page
+        keys stay; every entry is still served.
+        """
+        directory = self.make_directory()
+        old_keys = {
+            "mirror.test/alpine/v3.20/main/x86_64/curl-8.9.0-r0.apk": b"apk",
+            "127.0.0.1:8080/pool/a_1_amd64.deb": b"deb",
+            "mirror.test:443/x?y=1": b"odd port",
+            "simple-page|http://127.0.0.1:9000/simple|bcdemo-a": b"page",
+            "simple-root|https://index.test/simple|text/html": b"root",
+        }
+        with self.patched_migrations(()):
+            store = self.open_store(directory)
+            for key, body in old_keys.items():
+                self.put(store, key, body)
+            self.close_store(store)
+        self.assertEqual(self.version(directory), 1)
+        with capturedLogs() as events:
+            store = self.open_store(directory)
+        self.assertEqual(self.version(directory), 1 + len(store_module.MIGRATIONS))
+        expected = {
+            "http://mirror.test/alpine/v3.20/main/x86_64/curl-8.9.0-r0.apk": b"apk",
+            "http://127.0.0.1:8080/pool/a_1_amd64.deb": b"deb",
+            "http://mirror.test:443/x?y=1": b"odd port",
+            "simple-page|http://127.0.0.1:9000/simple|bcdemo-a": b"page",
+            "simple-root|https://index.test/simple|text/html": b"root",
+        }
+        self.assertEqual({entry.key for entry in store.keys()}, set(expected))
+        for key, body in expected.items():
+            stored = store.lookup(key)
+            assert stored is not None, key
+            self.assertEqual(os.read(stored.fd, 100), body)
+            stored.close()
+        self.assertIsNone(store.peek("https://mirror.test/alpine/v3.20/main/x86_64/curl-8.9.0-r0.apk"))
+        self.assertEqual(store.stats().entries, len(expected))
+        self.close_store(store)
+        migrated = [e for e in events if e.get("step") == "cache keys name their scheme"]
         self.assertEqual([(e["old"], e["new"], e["dropped"]) for e in migrated], [(1, 2, 0)])
 
     def test_new_index_goes_through_every_step(self) -> None:
