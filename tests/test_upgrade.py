@@ -71,6 +71,7 @@ class UpgradeTests(TestCase):
         process, proxy_port, index_port = self.spawn(cache_dir, manifest)
         await process.wait_for(b"ProxySite starting on")
         await process.wait_for(b"StrictSite starting on")
+        await process.wait_for(b"Migrated the cache index")
         direct, proxied = Client(), Client(proxy_port=proxy_port)
         entries = manifest["entries"]
         assert isinstance(entries, list)
