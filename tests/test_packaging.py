@@ -269,3 +269,16 @@ class CommandTests(SynchronousTestCase):
         with open(os.path.join(REPOSITORY, "README.md")) as f:
             readme = f.read()
         self.assertIn("\n" + match.group(1) + "\n", readme)
+
+    def test_ci_waits_for_the_dpkg_lock(self) -> None:
+        """
+        Every apt-get in .ci/run waits for a lock another apt-get holds
+        instead of failing the run at once.
+        """
+        with open(os.path.join(REPOSITORY, ".ci", "run")) as f:
+            lines = [line.strip() for line in f if line.strip().startswith("apt-get")]
+        self.assertTrue(lines)
+        with open(os.path.join(REPOSITORY, ".ci", "run")) as f:
+            self.assertIn("APT_WAIT=(-o DPkg::Lock::Timeout=600)", f.read())
+        for line in lines:
+            self.assertTrue(line.startswith('apt-get "${APT_WAIT[@]}" '), line)

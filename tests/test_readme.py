@@ -100,10 +100,18 @@ class QuickStartTests(TestCase):
             )
             self.assertEqual(code, 0, f"{command}\n{out.decode()}\n{err.decode()}")
             outputs.append(out.decode())
-        self.assertEqual(outputs[0].strip().lower(), "x-cache: miss")
-        self.assertEqual(outputs[1].strip().lower(), "x-cache: hit")
-        self.assertIn("six-1.16.0", outputs[2])
-        stats = json.loads(outputs[3])
+        # Up and configured before anything was fetched.
+        before = json.loads(outputs[0])
+        self.assertEqual(before["store"]["entries"], 0)
+        self.assertEqual(outputs[1].strip().lower(), "x-cache: miss")
+        self.assertEqual(outputs[2].strip().lower(), "x-cache: hit")
+        self.assertIn("six-1.16.0", outputs[3])
+        out, err, code = await getProcessOutputAndValue(
+            "/bin/bash", ["-c", check_commands()[0]], env=shell_environ,
+            path=str(work), reactor=reactor,
+        )
+        self.assertEqual(code, 0, err.decode())
+        stats = json.loads(out)
         # The APKINDEX, and pip's page, core metadata and wheel; one hit.
         # The wheel is read ahead once pip has its metadata (unless pip asks
         # first); pip's request for it is a MISS either way: its bytes
