@@ -26,7 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from buildcache.access import AccessPolicy
+from buildcache.access import AccessPolicy, upstream_host_key
 from buildcache.activity import Activity
 from buildcache.config import Config
 from buildcache.connect import make_http_client, upstream_pool
@@ -74,7 +74,13 @@ class Server:
             config.allow_upstream,
             [m.url for m in config.mirrors] + list(config.pypi_upstreams),
         )
-        activity = Activity(reactor)
+        upstream_urls = [m.url for m in config.mirrors] + list(config.pypi_upstreams)
+        activity = Activity(
+            reactor,
+            frozenset(
+                key for key in map(upstream_host_key, upstream_urls) if key is not None
+            ),
+        )
         pool = upstream_pool(reactor)
         http = make_http_client(reactor, policy, config.upstream_timeout, pool=pool)
         fetcher = Fetcher(
