@@ -140,7 +140,7 @@ class OverHTTPTests(TestCase):
         upstream = FakeUpstream()
         upstream.bodies[PACKAGE.removeprefix("/up")] = GatedBody(pattern_bytes(1000))
         running = start_server(self, upstream=upstream)
-        client = Client(running.proxy_port, persistent=True)
+        client = Client(running.proxy_port)
         self.addCleanup(client.close)
         served = await client.get(f"http://127.0.0.1:{running.proxy_port}{PACKAGE}")
         self.assertEqual(served.status, 200)
@@ -173,9 +173,10 @@ class OverHTTPTests(TestCase):
         running = start_server(
             self, {"allow_upstream": ("127.0.0.1",)}, upstream=upstream
         )
-        # Bound but not listening: each connection is refused at once.
-        ports = list(range(41000, 41300))
-        client = Client(running.proxy_port, persistent=True)
+        # Below the ephemeral range, so no test listens there: each
+        # connection is refused at once.
+        ports = list(range(20000, 20300))
+        client = Client(running.proxy_port)
         self.addCleanup(client.close)
 
         def fetch(port: int) -> Callable[[], Coroutine[Any, Any, Received]]:
@@ -189,8 +190,8 @@ class OverHTTPTests(TestCase):
         self.assertEqual(len(hosts), 1 + OTHER_UPSTREAMS_KEPT)
         configured = f"127.0.0.1:{running.server.config.mirrors[0].url.rsplit(':', 1)[1]}"
         self.assertIn(configured, hosts)
-        self.assertIn("127.0.0.1:41299", hosts)
-        self.assertNotIn("127.0.0.1:41000", hosts)
+        self.assertIn("127.0.0.1:20299", hosts)
+        self.assertNotIn("127.0.0.1:20000", hosts)
         metrics = await Client().get(f"http://127.0.0.1:{running.proxy_port}/-/metrics")
         text = metrics.body.decode()
         labelled = [
@@ -199,5 +200,5 @@ class OverHTTPTests(TestCase):
         ]
         self.assertEqual(len(labelled), 1 + OTHER_UPSTREAMS_KEPT)
         self.assertEqual(
-            sample(text, "buildcache_upstream_errors_total", host="127.0.0.1:41299"), 1
+            sample(text, "buildcache_upstream_errors_total", host="127.0.0.1:20299"), 1
         )
