@@ -185,8 +185,8 @@ class BuildcacheService(MultiService):
     Stopping (SIGTERM) closes the ports first, gives downloads in flight
     and the responses being sent to clients (hits included) up to
     ``grace`` seconds to finish, closing each client connection once its
-    response has gone out, and only then writes the last access times and closes the store, so the
-    cache is consistent whatever was under way.
+    response has gone out, and only then writes the last access times and
+    closes the store, so the cache is consistent whatever was under way.
     """
 
     log = Logger()

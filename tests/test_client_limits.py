@@ -11,13 +11,16 @@ also checked over real TCP on 127.0.0.1 with short configured limits.
 from __future__ import annotations
 
 import hashlib
+import json
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -222,7 +225,7 @@ class TimedRulesTests(SynchronousTestCase):
         other, other_transport = connect(site, "127.0.0.2")
         other.dataReceived(b"GET /x HTTP/1.1\r\nHost: box\r\n\r\n")
         self.assertIn(b"200 OK", other_transport.value())
-        first.connectionLost(None)
+        first.connectionLost(Failure(ConnectionDone()))
         again, again_transport = connect(site)
         self.assertFalse(again_transport.disconnecting)
 
@@ -355,6 +358,9 @@ class OverHTTPTests(TestCase):
         again = await connect_from(self, running.index_port)
         answer = await again.request(raw_request("GET", "/-/stats.json", "box"))
         self.assertEqual(answer.status, 200)
+        self.assertEqual(json.loads(answer.body)["config"]["max_connections_per_client"], 3)
+        page = await again.request(raw_request("GET", "/", "box"))
+        self.assertIn(b"<dt>Connections per client address</dt><dd>at most 3</dd>", page.body)
         limited = [e for e in events if e.get("event") == "client_connection_limit"]
         self.assertEqual([e["limit"] for e in limited], [3, 3])
 
