@@ -19,7 +19,9 @@ A warm-up stores the index, half of the packages and the first 40 projects
 (page, wheel, metadata).  When the server's open file descriptors have
 settled (its pooled upstream connections closed), the clients start: each
 keeps one HTTP/1.1 keep-alive connection per port (asyncio streams, in this
-process) and picks operations at random:
+process), from one of the loopback addresses 127.0.0.2-127.0.0.101 (so that
+no address nears the server's ``--max-connections-per-client``), and picks
+operations at random:
 
   - hits on stored packages, wheels and metadata files;
   - ``Range: bytes=a-b`` on stored packages, suffix ranges on stored wheels;
@@ -126,6 +128,9 @@ DEFAULT_PROJECTS = 6000
 INDEX_TTL = "2s"
 REQUEST_TIMEOUT = 60.0
 OTHER_BENCHMARKS = r"bench/(proxy|pypi|store)\.py"
+#: Loopback source addresses the clients are spread over (see
+#: source_address).
+SOURCE_ADDRESSES = 100
 
 PIP_ACCEPT = (
     "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;"
@@ -608,14 +613,26 @@ class Response:
     seconds: float
 
 
+def source_address(number: int) -> str:
+    """
+    The loopback address client ``number`` connects from: the clients are
+    spread over 127.0.0.2-127.0.0.101, so that no address comes near the
+    server's --max-connections-per-client (256; each client holds one
+    connection per port), as builds on many machines would.
+    """
+    return f"127.0.0.{2 + number % SOURCE_ADDRESSES}"
+
+
 class Connection:
     """
-    One persistent HTTP/1.1 connection to a port on 127.0.0.1, opened on
-    first use and again after the server (or an error) closed it.
+    One persistent HTTP/1.1 connection to a port on 127.0.0.1 from the
+    loopback address ``source``, opened on first use and again after the
+    server (or an error) closed it.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
         self.port = port
+        self.source = source
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.opened = 0
@@ -625,7 +642,9 @@ class Connection:
     ) -> Response:
         started = time.perf_counter()
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.reader, self.writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, local_addr=(self.source, 0)
+            )
             self.opened += 1
         assert self.reader is not None
         lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{self.port}"]
@@ -841,11 +860,11 @@ class Shared:
 class Client:
     """One simulated build: a connection per port, operations at random."""
 
-    def __init__(self, shared: Shared, seed: int) -> None:
+    def __init__(self, shared: Shared, seed: int, source: str = "127.0.0.1") -> None:
         self.shared = shared
         self.random = random.Random(seed)
-        self.proxy = Connection(shared.ports.proxy)
-        self.index = Connection(shared.ports.index)
+        self.proxy = Connection(shared.ports.proxy, source)
+        self.index = Connection(shared.ports.index, source)
 
     async def close(self) -> None:
         await self.proxy.aclose()
@@ -1124,7 +1143,7 @@ async def soak(shared: Shared, clients: int, seconds: float, ramp: float, seed: 
 
     async def one(number: int) -> None:
         await asyncio.sleep(ramp * number / clients)
-        client = Client(shared, seed * 100_003 + number)
+        client = Client(shared, seed * 100_003 + number, source_address(number))
         opened.append(client)
         try:
             await client.run_until(deadline)

@@ -43,6 +43,7 @@ __all__ = [
     "classify_address",
     "normalize_host",
     "upstream_endpoint",
+    "upstream_host_key",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -412,6 +413,38 @@ def upstream_endpoint(url: str) -> tuple[str, int]:
             raise ValueError(f"upstream URL without a port or known scheme: {url!r}")
         port = defaults[parts.scheme.lower()]
     return normalize_host(parts.hostname), port
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def upstream_host_key(url: str) -> str | None:
+    """
+    The name an upstream goes by in the health table and its metrics
+    labels: the normalised host (L{normalize_host}), IPv6 in brackets, and
+    the port only when it is not the scheme's default; never the userinfo.
+
+    ``http://LoCaLhOsT:80/x`` and ``http://localhost/y`` are one upstream,
+    ``localhost:8080`` another.  ``None`` for a URL without a usable host
+    or port: no upstream was reached, so no row is due.
+    """
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+        port = parts.port
+    except ValueError:
+        return None
+    if not hostname:
+        return None
+    try:
+        host = normalize_host(hostname)
+    except InvalidHost:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+        return host
+    return f"{host}:{port}"
 
 
 #: Loopback, RFC 1918 and IPv6 unique-local: a build box on a LAN, with

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.server import Request, Site
 
+from buildcache.access import upstream_host_key
 from buildcache.turns import after_io
 
 #: Front ends, as they appear in stats and metric labels.
@@ -30,6 +31,12 @@ BUCKET_SECONDS = 300
 BUCKETS = 24 * 3600 // BUCKET_SECONDS
 #: Names kept in the most-requested table before the tail is pruned.
 TOP_NAMES_KEPT = 2000
+#: Rows of the upstream-health table kept besides the configured upstreams:
+#: hosts that proxied requests reached, least recently updated out first.
+#: Per process.
+OTHER_UPSTREAMS_KEPT = 64
+#: Longest upstream error message kept in a row.
+ERROR_MESSAGE_KEPT = 500
 _FROM_CACHE = frozenset({"HIT", "REVALIDATED", "STALE"})
 _USERINFO = re.compile(r"//[^/@]*@")
 
@@ -106,10 +113,15 @@ class Activity:
     log = Logger()
 
     clock: IReactorTime
+    #: Health-table keys (see :func:`buildcache.access.upstream_host_key`)
+    #: of the configured mirrors and indexes: always kept.
+    configured_upstreams: frozenset[str] = frozenset()
     totals: dict[str, Totals] = field(
         factory=lambda: {name: Totals() for name in FRONT_ENDS}
     )
     top_names: Counter[tuple[str, str]] = Factory(Counter)
+    #: By host key: the configured upstreams, then at most
+    #: :data:`OTHER_UPSTREAMS_KEPT` others in order of their last update.
     upstreams: dict[str, UpstreamHealth] = Factory(dict)
     _series: deque[list[float]] = Factory(lambda: deque(maxlen=BUCKETS))
     #: Observers of upstream latencies (the metrics' histogram).
@@ -201,28 +213,44 @@ class Activity:
             b = recorded.get(int(start))
             yield Bucket(start, int(b[1]), int(b[2])) if b else Bucket(start, 0, 0)
 
-    def _health(self, url: str) -> UpstreamHealth:
-        host = urlsplit(url).netloc.rpartition("@")[2] or url
-        health = self.upstreams.get(host)
+    def _health(self, url: str) -> UpstreamHealth | None:
+        host = upstream_host_key(url)
+        if host is None:
+            return None
+        upstreams = self.upstreams
+        health = upstreams.pop(host, None)
         if health is None:
-            health = self.upstreams[host] = UpstreamHealth(host)
+            health = UpstreamHealth(host)
+            if host not in self.configured_upstreams:
+                others = [h for h in upstreams if h not in self.configured_upstreams]
+                # Proxied requests can name any number of hosts: the table
+                # (and the metrics labels read from it) keeps the latest.
+                for evicted in others[: max(0, len(others) - OTHER_UPSTREAMS_KEPT + 1)]:
+                    del upstreams[evicted]
+        # Re-inserted: the dict's order is the order of last updates.
+        upstreams[host] = health
         return health
 
     def upstream_succeeded(self, url: str, latency: float) -> None:
         health = self._health(url)
-        health.successes += 1
-        health.last_success = self.clock.seconds()
+        if health is not None:
+            health.successes += 1
+            health.last_success = self.clock.seconds()
         for observe in self.latency_observers:
             observe(latency)
 
     def upstream_failed(self, url: str, error: str) -> None:
         health = self._health(url)
+        if health is None:
+            return
         health.errors += 1
         health.last_error = self.clock.seconds()
-        health.last_error_message = error
+        health.last_error_message = error[:ERROR_MESSAGE_KEPT]
 
     def stale_served(self, url: str) -> None:
-        self._health(url).stale_served += 1
+        health = self._health(url)
+        if health is not None:
+            health.stale_served += 1
 
 
 class QuietSite(Site):

@@ -40,6 +40,8 @@ DEFAULT_LOG_FORMAT = "text"
 #: Largest distribution file read ahead after its metadata (see
 #: buildcache.prefetch).
 DEFAULT_PREFETCH_MAX_SIZE = 32 * 1024**2
+#: Open connections per client address (both ports together, per process).
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 
 _SIZE_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 _SIZE_PATTERN = re.compile(
@@ -154,6 +156,8 @@ class Config:
     @ivar log_format: C{"text"} or C{"json"}.
     @ivar prefetch_max_size: largest distribution file fetched ahead once a
         client has read its metadata; 0 turns read-ahead off.
+    @ivar max_connections_per_client: open connections one client address
+        may hold on both ports together; one more is answered 503.
     """
 
     cache_dir: str = attrs.field(converter=_absolute_path)
@@ -187,6 +191,9 @@ class Config:
     )
     prefetch_max_size: int = attrs.field(
         default=DEFAULT_PREFETCH_MAX_SIZE, validator=attrs.validators.ge(0)
+    )
+    max_connections_per_client: int = attrs.field(
+        default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT, validator=attrs.validators.gt(0)
     )
 
 
@@ -251,6 +258,16 @@ def parse_positive_duration(text: str) -> float:
     if seconds <= 0:
         raise ValueError(f"{text!r} must be longer than zero")
     return seconds
+
+
+def parse_positive_count(text: str) -> int:
+    """
+    Parse a whole number greater than zero: C{"256"}.
+    """
+    stripped = text.strip()
+    if not stripped.isdigit() or int(stripped) <= 0:
+        raise ValueError(f"{text!r} is not a whole number greater than zero")
+    return int(stripped)
 
 
 def format_duration(seconds: float) -> str:
@@ -579,6 +596,14 @@ class Options(usage.Options):
             _coercer("prefetch-max-size", parse_size_or_zero),
         ],
         [
+            "max-connections-per-client",
+            None,
+            DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            "Open connections one client address may hold on both ports"
+            " together; one more is answered 503 (per process).",
+            _coercer("max-connections-per-client", parse_positive_count),
+        ],
+        [
             "log-format",
             None,
             DEFAULT_LOG_FORMAT,
@@ -697,6 +722,7 @@ class Options(usage.Options):
             pypi_upstreams=pypi_upstreams,
             log_format=self["log-format"],
             prefetch_max_size=self["prefetch-max-size"],
+            max_connections_per_client=self["max-connections-per-client"],
         )
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own "logger" option

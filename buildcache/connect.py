@@ -79,6 +79,8 @@ class TargetRefused(UpstreamError):
     @ivar reason: the policy's explanation, fit for a 403 body.
     """
 
+    counts_against_upstream = False
+
     def __init__(self, host: str, port: int, reason: str, address: str | None = None):
         self.host = host
         self.port = port

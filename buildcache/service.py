@@ -26,7 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from buildcache.access import AccessPolicy
+from buildcache.access import AccessPolicy, upstream_host_key
 from buildcache.activity import Activity
 from buildcache.config import Config
 from buildcache.connect import make_http_client, upstream_pool
@@ -36,14 +36,15 @@ from buildcache.simple_index import IndexResource
 from buildcache.status import StatusPage, StatusResource
 from buildcache.prefetch import Prefetcher
 from buildcache.store import Store, in_thread_pool
-from buildcache.tunnel import ProxySite, StrictSite
+from buildcache.tunnel import ClientConnections, ProxySite, StrictSite
 from buildcache.upstream import Fetcher
 
 #: Seconds between writes of batched access times.
 FLUSH_INTERVAL = 5.0
 #: Seconds an idle client connection (keep-alive) is kept open.
 CLIENT_IDLE_TIMEOUT = 60.0
-#: Seconds a stopping server waits for downloads in flight.
+#: Seconds a stopping server waits for downloads in flight and responses
+#: being sent.
 STOP_GRACE = 10.0
 #: Threads that fsync and rename stored bodies.
 STORE_THREADS = 4
@@ -66,6 +67,9 @@ class Server:
     status: StatusResource
     proxy_site: Site
     index_site: Site
+    #: Both ports' client connections (the per-client cap, and what a
+    #: stopping server waits for).
+    connections: ClientConnections
 
     @classmethod
     def build(cls, config: Config, reactor: Any, store: Store) -> Server:
@@ -74,7 +78,13 @@ class Server:
             config.allow_upstream,
             [m.url for m in config.mirrors] + list(config.pypi_upstreams),
         )
-        activity = Activity(reactor)
+        upstream_urls = [m.url for m in config.mirrors] + list(config.pypi_upstreams)
+        activity = Activity(
+            reactor,
+            frozenset(
+                key for key in map(upstream_host_key, upstream_urls) if key is not None
+            ),
+        )
         pool = upstream_pool(reactor)
         http = make_http_client(reactor, policy, config.upstream_timeout, pool=pool)
         fetcher = Fetcher(
@@ -85,16 +95,20 @@ class Server:
             store, fetcher, Router(tuple(config.mirrors), policy), config.index_ttl
         )
         proxy.activity = activity
+        connections = ClientConnections(config.max_connections_per_client)
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
+            connections=connections,
         )
         index = IndexResource(
             store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
             policy=policy, activity=activity,
             prefetcher=Prefetcher(store, fetcher, reactor, config.prefetch_max_size),
         )
-        index_site = StrictSite(index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT)
+        index_site = StrictSite(
+            index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT, connections=connections
+        )
         status = StatusResource(
             StatusPage(config, store, fetcher, activity, reactor),
             Metrics(activity, store, fetcher),
@@ -102,7 +116,7 @@ class Server:
         proxy.status = index.status = status
         return cls(
             config, store, policy, activity, pool, fetcher, proxy, index,
-            status, proxy_site, index_site,
+            status, proxy_site, index_site, connections,
         )
 
     def index_listening(self, port: IListeningPort) -> None:
@@ -169,9 +183,10 @@ class BuildcacheService(MultiService):
     around them.
 
     Stopping (SIGTERM) closes the ports first, gives downloads in flight
-    up to ``grace`` seconds to finish (their clients keep streaming), and
-    only then writes the last access times and closes the store, so the
-    cache is consistent whatever was under way.
+    and the responses being sent to clients (hits included) up to
+    ``grace`` seconds to finish, closing each client connection once its
+    response has gone out, and only then writes the last access times and
+    closes the store, so the cache is consistent whatever was under way.
     """
 
     log = Logger()
@@ -206,28 +221,40 @@ class BuildcacheService(MultiService):
             await prefetcher.when_done()
         await self.server.fetcher.when_idle()
 
+    async def _ended(self, responses_sent: Deferred[None]) -> None:
+        await self._downloads_ended()
+        await responses_sent
+
     async def _stop(self) -> None:
         prefetcher = self.server.index.prefetcher
         if prefetcher is not None:
             # Clients still connected may go on reading metadata.
             prefetcher.stop()
         await super().stopService()
+        # Idle connections close now, the others once their response (a
+        # hit read from the store as much as a download) has gone out.
+        connections = self.server.connections
+        responses_sent = connections.drain()
         in_flight = self.server.fetcher.in_flight() + (
             prefetcher.running() if prefetcher is not None else 0
         )
-        if in_flight:
+        responding = connections.busy()
+        if in_flight or responding:
             self.log.info(
-                "Waiting up to {grace}s for {count} downloads in flight",
-                grace=self.grace, count=in_flight,
+                "Waiting up to {grace}s for {count} downloads in flight and"
+                " {responses} client connections still answered",
+                grace=self.grace, count=in_flight, responses=responding,
             )
-            idle = Deferred.fromCoroutine(self._downloads_ended())
+            idle = Deferred.fromCoroutine(self._ended(responses_sent))
             idle.addTimeout(self.grace, self.reactor)
             try:
                 await idle
             except defer.TimeoutError:
                 self.log.warn(
-                    "Stopping with {count} downloads unfinished; they are not"
-                    " stored", count=self.server.fetcher.in_flight(),
+                    "Stopping with {count} downloads unfinished (they are not"
+                    " stored) and {responses} responses cut short",
+                    count=self.server.fetcher.in_flight(),
+                    responses=connections.busy(),
                 )
         await self.server.pool.closeCachedConnections()
         self._flusher.stopService()

@@ -417,6 +417,10 @@ class IndexResource(Resource):
                     "Refused client {client}: {reason}",
                     client=client_ip, reason=verdict.reason,
                 )
+                if self.activity is not None:
+                    # An access line and an error count, as the proxy port
+                    # gives its refusals.
+                    self.activity.track(request, "index")
                 send_error(
                     request, 403,
                     f"client {client_ip} is not allowed to use this index",

@@ -279,6 +279,7 @@ class StatusPage:
             "allow_upstream": list(config.allow_upstream),
             "log_format": config.log_format,
             "prefetch_max_size": config.prefetch_max_size,
+            "max_connections_per_client": config.max_connections_per_client,
         }
 
     # -- page --------------------------------------------------------------
@@ -644,6 +645,10 @@ def _config_section(config: Mapping[str, Any]) -> str:
                 " wait unasked for"
                 if config["prefetch_max_size"] else "off"
             ),
+        ),
+        (
+            "Connections per client address",
+            _e(f"at most {config['max_connections_per_client']:,}"),
         ),
         ("Log format", _e(config["log_format"])),
     ]

@@ -14,6 +14,14 @@ has refused what ``HTTPChannel`` would drop without an answer or accept
 silently: an over-long request line (414) or header line (431), and
 obsolete line folding (400).
 
+The channel also bounds what a client can hold on to (both ports use it):
+the whole request (head, and the small body allowed) must arrive within
+:data:`REQUEST_HEAD_TIMEOUT` of its first byte, however slowly it trickles;
+a response whose bytes the client's socket stops taking is cut after
+:data:`SEND_STALL_TIMEOUT`; and :class:`ClientConnections` caps the open
+connections per client address (503 above it) and lets a stopping server
+finish the responses under way.
+
 A tunnel carries opaque (TLS) bytes: nothing in it is inspected or cached.
 Flow control is end to end: each side's transport is the other's streaming
 producer, so a slow reader pauses the fast writer and nothing buffers
@@ -23,7 +31,9 @@ without bound.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
+from collections import Counter
 from typing import Any, cast
 
 import attrs
@@ -38,16 +48,25 @@ from twisted.web.resource import IResource
 
 from buildcache.access import AccessPolicy, InvalidHost, Verdict, normalize_host
 from buildcache.activity import QuietSite
+from buildcache.config import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 from buildcache.connect import HostnameResolver, TargetRefused, connect_tcp
+from buildcache.turns import Waiters
 from buildcache.upstream import UpstreamError, UpstreamTimeout
 
 __all__ = [
     "DEFAULT_CONNECT_PORTS",
+    "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
+    "REQUEST_HEAD_TIMEOUT",
+    "SEND_STALL_TIMEOUT",
+    "ClientConnections",
     "ConnectTarget",
     "ProxyChannel",
     "ProxySite",
     "TunnelSettings",
+    "client_key",
+    "connection_admitted",
     "parse_connect_target",
+    "send_progressed",
 ]
 
 #: ``CONNECT`` is for HTTPS; any other port would make the cache a generic
@@ -57,6 +76,14 @@ DEFAULT_CONNECT_PORTS: frozenset[int] = frozenset({443})
 #: larger request body is refused when its headers arrive, before Twisted
 #: would spool it to a temporary file.
 MAX_REQUEST_BODY = 64 * 1024
+#: Seconds from the first byte of a request (on a new connection or after
+#: the previous response) until all of it has arrived; the idle timeout
+#: restarts on every byte, so a client trickling a header line now and then
+#: would otherwise hold its connection for ever.
+REQUEST_HEAD_TIMEOUT = 30.0
+#: Seconds a response may wait while the client's socket takes none of the
+#: bytes queued for it; a client that stops reading is then disconnected.
+SEND_STALL_TIMEOUT = 60.0
 
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
@@ -68,12 +95,122 @@ _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Content Too Large",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
+    503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+
+def client_key(host: str) -> str:
+    """
+    The address a client connection counts against: its IP address in
+    standard form, an IPv4-mapped IPv6 address as the IPv4 address it is.
+    Anything else (a UNIX socket's path) as given.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def connection_admitted(open_from_client: int, limit: int) -> bool:
+    """
+    Whether one more connection may be served from a client address that
+    already holds ``open_from_client`` open connections.
+    """
+    return open_from_client < limit
+
+
+def send_progressed(unsent_before: int | None, unsent_now: int | None) -> bool:
+    """
+    Whether a client took some of a response over a stall period: the bytes
+    waiting in the server's buffer for it went down.  Unknown counts (not a
+    TCP transport) show no progress.
+    """
+    if unsent_before is None or unsent_now is None:
+        return False
+    return unsent_now < unsent_before
+
+
+def _unsent(transport: Any) -> int | None:
+    """
+    Bytes the transport holds, not yet taken by the socket (the same
+    figure as ``buildcache.body.direct_sender``'s); None when unknown.
+    """
+    try:
+        return int(
+            transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+        )
+    except (AttributeError, TypeError):
+        return None
+
+
+@attrs.define(eq=False)
+class ClientConnections:
+    """
+    The open client connections of one server (both ports share one), by
+    client address.
+
+    Admits a connection only while its address holds fewer than
+    ``max_per_client`` (a limit per process: worker processes each count
+    their own), and lets a stopping server close them once their responses
+    have gone out (:meth:`drain`).
+    """
+
+    max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    _by_client: Counter[str] = attrs.Factory(Counter)
+    _channels: dict[ProxyChannel, str] = attrs.Factory(dict)
+    _draining: bool = False
+    _drained: Waiters = attrs.Factory(Waiters)
+
+    def open_from(self, host: str) -> int:
+        """Open connections admitted from ``host``."""
+        return self._by_client[client_key(host)]
+
+    def admit(self, channel: ProxyChannel, host: str) -> bool:
+        key = client_key(host)
+        if not connection_admitted(self._by_client[key], self.max_per_client):
+            return False
+        self._by_client[key] += 1
+        self._channels[channel] = key
+        if self._draining:
+            channel.drain()
+        return True
+
+    def release(self, channel: ProxyChannel) -> None:
+        key = self._channels.pop(channel, None)
+        if key is None:
+            return
+        self._by_client[key] -= 1
+        if not self._by_client[key]:
+            del self._by_client[key]
+        self.changed()
+
+    def busy(self) -> int:
+        """Connections with a request or response under way (tunnels aside)."""
+        return sum(1 for channel in self._channels if not channel.in_tunnel)
+
+    def changed(self) -> None:
+        if self._draining and not self.busy():
+            self._drained.fire()
+
+    def drain(self) -> Deferred[None]:
+        """
+        Close every connection once its response (if any) has gone out to
+        the client, and fire when no connection but ``CONNECT`` tunnels is
+        left.  Idle keep-alive connections close at once.
+        """
+        self._draining = True
+        for channel in list(self._channels):
+            channel.drain()
+        return self._drained.wait(not self.busy())
 
 
 @attrs.frozen
@@ -192,9 +329,17 @@ class ProxyChannel(HTTPChannel):
     #: Set by :class:`ProxySite`; ``CONNECT`` is refused with 405 without it.
     tunnel_settings: TunnelSettings | None = None
     max_connect_headers = 100
+    #: Set by :class:`StrictSite`: the connection cap and stop bookkeeping.
+    connections: ClientConnections | None = None
+    request_head_timeout: float = REQUEST_HEAD_TIMEOUT
+    send_stall_timeout: float = SEND_STALL_TIMEOUT
 
     def __init__(self) -> None:
         super().__init__()
+        self._head_call: Any = None
+        self._stall_call: Any = None
+        self._stall_unsent: int | None = None
+        self._draining = False
         self._mode = _Mode.HTTP
         self._awaiting_request_line = True
         self._head: _ConnectHead | None = None
@@ -220,9 +365,117 @@ class ProxyChannel(HTTPChannel):
             return True
         return self._mode is _Mode.CLOSED
 
+    @property
+    def in_tunnel(self) -> bool:
+        return self._mode is _Mode.TUNNEL
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        connections = self.connections
+        if connections is None or connections.admit(self, self._client_host()):
+            return
+        limit = connections.max_per_client
+        self.log.warn(
+            "Refused a connection from {client}: it already has {limit}"
+            " connections open",
+            event="client_connection_limit",
+            client=self._peer_text(),
+            limit=limit,
+        )
+        self.answer_and_close(
+            503, f"too many connections from {self._client_host()} (at most"
+            f" {limit} per client address: --max-connections-per-client);"
+            " close some or try again later",
+        )
+
     def dataReceived(self, data: bytes) -> None:
         if not self._took(data):
+            if (
+                self._head_call is None
+                and not self._handlingRequest
+                and self.line_mode
+            ):
+                # The first byte of a request: the whole of it must follow
+                # within the deadline.
+                self._head_call = self.callLater(
+                    self.request_head_timeout, self._request_too_slow
+                )
             super().dataReceived(data)
+
+    def _stop_head_deadline(self) -> None:
+        if self._head_call is not None:
+            if self._head_call.active():
+                self._head_call.cancel()
+            self._head_call = None
+
+    def _request_too_slow(self) -> None:
+        self._head_call = None
+        self.log.info(
+            "Request from {client} not received within {timeout}s: closing",
+            event="request_timeout",
+            client=self._peer_text(),
+            timeout=self.request_head_timeout,
+        )
+        self.answer_and_close(
+            408, f"the request did not arrive within {self.request_head_timeout:g}s"
+        )
+
+    def pauseProducing(self) -> None:
+        # Called by the transport when the client's socket stops taking the
+        # response: from then on the client has send_stall_timeout to take
+        # some of it.
+        super().pauseProducing()
+        if self._stall_call is None and self._mode is _Mode.HTTP:
+            self._stall_unsent = _unsent(self.client_transport)
+            self._stall_call = self.callLater(
+                self.send_stall_timeout, self._send_stalled
+            )
+
+    def resumeProducing(self) -> None:
+        self._stop_stall_timer()
+        super().resumeProducing()
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall_call is not None:
+            if self._stall_call.active():
+                self._stall_call.cancel()
+            self._stall_call = None
+
+    def _send_stalled(self) -> None:
+        self._stall_call = None
+        unsent = _unsent(self.client_transport)
+        if send_progressed(self._stall_unsent, unsent):
+            # Slow, but reading: Twisted resumes the response only once
+            # its whole buffer has gone, which a slow reader takes a while
+            # to empty.
+            self._stall_unsent = unsent
+            self._stall_call = self.callLater(
+                self.send_stall_timeout, self._send_stalled
+            )
+            return
+        self.log.info(
+            "Client {client} took nothing of its response for {timeout}s:"
+            " closing",
+            event="client_stalled",
+            client=self._peer_text(),
+            timeout=self.send_stall_timeout,
+        )
+        # A graceful close would wait for the client to read.
+        self.client_transport.abortConnection()
+
+    def drain(self) -> None:
+        """
+        Close this connection once the response under way has gone out (at
+        once when idle); a tunnel is left as it is.
+        """
+        self._draining = True
+        if self._mode is not _Mode.HTTP:
+            return
+        if self._handlingRequest:
+            self.persistent = False
+        else:
+            self._stop_head_deadline()
+            self.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         # Also reached with the bytes that followed the CONNECT head in the
@@ -277,7 +530,12 @@ class ProxyChannel(HTTPChannel):
         )
 
     def allContentReceived(self) -> None:
+        self._stop_head_deadline()
         self._awaiting_request_line = True
+        if self._draining:
+            # A request that arrived while the server stops: this is the
+            # connection's last response.
+            self.persistent = False
         super().allContentReceived()
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -334,6 +592,7 @@ class ProxyChannel(HTTPChannel):
     def _end_of_connect_head(self, head: _ConnectHead) -> None:
         # The HTTP idle timeout no longer applies: the tunnel has its own.
         self.setTimeout(None)
+        self._stop_head_deadline()
         settings = self.tunnel_settings
         if settings is None:
             self._refuse(head.requested, 405, "CONNECT is not supported here")
@@ -351,6 +610,9 @@ class ProxyChannel(HTTPChannel):
             self._refuse(str(head.target), 403, target_verdict.reason)
             return
         self._mode = _Mode.TUNNEL
+        self._stop_stall_timer()
+        if self.connections is not None:
+            self.connections.changed()
         # Bytes still in the line buffer go to rawDataReceived from here on.
         self.setRawMode()
         self._tunnel = _Tunnel(self, settings, head.target, self._peer_text())
@@ -404,6 +666,7 @@ class ProxyChannel(HTTPChannel):
         """
         self._mode = _Mode.CLOSED
         self.setTimeout(None)
+        self._stop_head_deadline()
         transport = self.client_transport
         transport.write(_response(status, explanation))
         # Keep reading (and discarding) what the client already sent, so
@@ -413,10 +676,14 @@ class ProxyChannel(HTTPChannel):
         transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._stop_head_deadline()
+        self._stop_stall_timer()
         if self._tunnel is not None:
             self._tunnel.client_lost()
         self._mode = _Mode.CLOSED
         super().connectionLost(reason)
+        if self.connections is not None:
+            self.connections.release(self)
 
 
 class _UpstreamSide(Protocol):
@@ -647,11 +914,37 @@ class _Tunnel:
 class StrictSite(QuietSite):
     """
     A site whose connections get :class:`ProxyChannel`'s request-line and
-    header limits and strict parsing; without tunnel settings a
-    ``CONNECT`` is answered 405 (the index port).
+    header limits and strict parsing, the request and send deadlines and
+    the per-client connection cap; without tunnel settings a ``CONNECT``
+    is answered 405 (the index port).
+
+    ``connections`` is shared with the server's other port (a cap of its
+    own with the default limit when not given).  Other keyword arguments
+    go to ``Site``; its ``reactor`` runs the deadlines.
     """
 
     protocol = ProxyChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        connections: ClientConnections | None = None,
+        request_head_timeout: float = REQUEST_HEAD_TIMEOUT,
+        send_stall_timeout: float = SEND_STALL_TIMEOUT,
+        **site_kwargs: Any,
+    ) -> None:
+        super().__init__(resource, **site_kwargs)
+        self.connections = connections if connections is not None else ClientConnections()
+        self.request_head_timeout = request_head_timeout
+        self.send_stall_timeout = send_stall_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.connections = self.connections
+        channel.request_head_timeout = self.request_head_timeout
+        channel.send_stall_timeout = self.send_stall_timeout
+        return channel
 
 
 class ProxySite(StrictSite):
@@ -659,7 +952,7 @@ class ProxySite(StrictSite):
     The proxy port's factory: ``resource`` answers every request except
     ``CONNECT``, which :class:`ProxyChannel` tunnels.
 
-    Keyword arguments other than the tunnel's go to ``Site``.
+    Keyword arguments other than the tunnel's go to :class:`StrictSite`.
     """
 
     def __init__(

@@ -91,6 +91,10 @@ class UpstreamError(Exception):
     The upstream could not be reached or did not answer in time.
     """
 
+    #: Whether the failure says something about the upstream's health; a
+    #: target the access policy refused was never contacted.
+    counts_against_upstream = True
+
 
 class UpstreamTimeout(UpstreamError):
     pass
@@ -940,7 +944,8 @@ class Fetcher:
         try:
             response = await requested
         except UpstreamError as e:
-            self._report_failure(request.url, str(e))
+            if e.counts_against_upstream:
+                self._report_failure(request.url, str(e))
             raise
         except Exception as e:
             # Cancelled once the request has gone out, the agent fails with

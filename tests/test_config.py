@@ -49,6 +49,7 @@ ALL_OPTIONS = {
     "allow-upstream",
     "pypi-upstream",
     "log-format",
+    "max-connections-per-client",
 }
 
 
@@ -474,6 +475,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.index_ttl, 300.0)
         self.assertEqual(self.parse("--prefetch-max-size", "0").prefetch_max_size, 0)
         self.assertEqual(self.parse("--prefetch-max-size", "8M").prefetch_max_size, 8 * 1024**2)
+        self.assertEqual(
+            self.parse("--max-connections-per-client", "1000").max_connections_per_client,
+            1000,
+        )
+        self.assertEqual(self.parse().max_connections_per_client, 256)
         self.assertEqual(config.upstream_timeout, 3600.0)
         self.assertEqual(
             config.mirrors,
@@ -523,6 +529,7 @@ class OptionsTests(SynchronousTestCase):
             "[default: 30s]",
             "[default: text]",
             "[default: 32M]",
+            "one more is answered 503 (per process). [default: 256]",
             "[default: alpine=https://dl-cdn.alpinelinux.org/alpine]",
             "[default: 127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 "
             "192.168.0.0/16 fc00::/7]",
@@ -578,6 +585,9 @@ class OptionsTests(SynchronousTestCase):
             ("--log-format", "xml"),
             ("--prefetch-max-size", "-1"),
             ("--prefetch-max-size", "lots"),
+            ("--max-connections-per-client", "0"),
+            ("--max-connections-per-client", "-3"),
+            ("--max-connections-per-client", "2.5"),
         ]
         for option, value in cases:
             message = self.usage_error(option, value)

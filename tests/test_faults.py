@@ -887,7 +887,8 @@ class ClientFaultTests(FaultTestCase):
         """
         data = pattern_bytes(10 * KB, b"idle")
         upstream = ScriptedUpstream.start(self, serves(data))
-        running, url = self.serve_through(upstream)
+        # All 500 from one address: above the default cap (256).
+        running, url = self.serve_through(upstream, max_connections_per_client=1000)
         warm = await raw_client(self, running.proxy_port, f"/up{PACKAGE}", close=True)
         await warm.lost
         self.assertEqual(warm.status, 200)
