@@ -134,6 +134,10 @@ class UpstreamRequest:
     storable: Callable[[int, Mapping[str, str]], bool] = _default_storable
     follow_redirects: bool = False
     stream_before_check: bool = False
+    #: Recorded with the stored body (:attr:`buildcache.store.Entry.source_digest`):
+    #: how the index that vouched for it identifies it, so that a later
+    #: version of that index can tell whether it still describes it.
+    source_digest: str | None = None
 
     def may_join(self, running: UpstreamRequest) -> bool:
         """
@@ -888,7 +892,9 @@ class Fetcher:
         download._notify()
         if kept is not None:
             try:
-                await kept.persist(_replayed(download.headers))
+                await kept.persist(
+                    _replayed(download.headers), request.source_digest
+                )
             except Exception as e:
                 # Whatever keeps it from the store (a full disk, the thread
                 # pool stopping at shutdown), its clients have it all.

@@ -1149,6 +1149,25 @@ def _fail_half_way(db: sqlite3.Connection) -> int:
     raise sqlite3.OperationalError("disk I/O error")
 
 
+def write_version_1_entry(directory: str, key: str, body: bytes) -> None:
+    """
+    Store ``body`` under ``key`` in a version-1 cache as the code of that
+    version did: the file, then its row.
+    """
+    name = store_module.object_name(key)
+    path = os.path.join(directory, "objects", name[:2], name)
+    with open(path, "wb") as f:
+        f.write(body)
+    db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
+    with db:
+        db.execute(
+            "INSERT INTO entries (key, file, size, headers, sha256, fetched_at,"
+            " validated_at, last_access) VALUES (?, ?, ?, ?, ?, 0, 0, 0)",
+            (key, name, len(body), "{}", hashlib.sha256(body).hexdigest()),
+        )
+    db.close()
+
+
 class MigrationTests(StoreTestMixin, SynchronousTestCase):
     """
     An index of an older schema is brought up to date in place at start-up,
@@ -1156,10 +1175,13 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
     """
 
     def stored_directory(self) -> str:
+        """
+        A cache at schema version 1 (before every real step) with one entry.
+        """
         directory = self.make_directory()
-        store = self.open_store(directory)
-        self.put(store, "k", b"body")
-        self.close_store(store)
+        self.patch(store_module, "MIGRATIONS", ())
+        self.close_store(self.open_store(directory))
+        write_version_1_entry(directory, "k", b"body")
         return directory
 
     def version(self, directory: str) -> int:
@@ -1174,7 +1196,11 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_older_index_migrated_and_served(self) -> None:
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", (Migration("add a note", _add_note_column),))
+        shipped = store_module.MIGRATIONS_AS_SHIPPED
+        self.patch(
+            store_module, "MIGRATIONS",
+            (*shipped, Migration("add a note", _add_note_column)),
+        )
         with capturedLogs() as events:
             store = self.open_store(directory)
         stored = store.lookup("k")
@@ -1182,10 +1208,14 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(os.read(stored.fd, 10), b"body")
         stored.close()
         self.close_store(store)
-        self.assertEqual(self.version(directory), 2)
+        newest = len(shipped) + 2
+        self.assertEqual(self.version(directory), newest)
         self.assertIn("note", self.columns(directory))
         migrated = [e for e in events if e.get("step") == "add a note"]
-        self.assertEqual([(e["old"], e["new"], e["dropped"]) for e in migrated], [(1, 2, 0)])
+        self.assertEqual(
+            [(e["old"], e["new"], e["dropped"]) for e in migrated],
+            [(newest - 1, newest, 0)],
+        )
 
     def test_new_index_goes_through_every_step(self) -> None:
         self.patch(store_module, "MIGRATIONS", (Migration("add a note", _add_note_column),))
@@ -1196,7 +1226,10 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_dropped_rows_lose_their_files(self) -> None:
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", (Migration("start over", _drop_everything),))
+        self.patch(
+            store_module, "MIGRATIONS",
+            (*store_module.MIGRATIONS_AS_SHIPPED, Migration("start over", _drop_everything)),
+        )
         with capturedLogs() as events:
             store = self.open_store(directory)
         self.assertIsNone(store.lookup("k"))
@@ -1209,6 +1242,35 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(objects, [])
         self.assertEqual([e["dropped"] for e in events if e.get("step") == "start over"], [1])
 
+    def test_version_1_gains_source_digest(self) -> None:
+        """
+        The real step: an index written before source digests were kept is
+        migrated at start-up; its entry is still served, with an unknown
+        source digest, and a new entry records one.
+        """
+        directory = self.stored_directory()
+        self.patch(store_module, "MIGRATIONS", store_module.MIGRATIONS_AS_SHIPPED)
+        store = self.open_store(directory)
+        stored = store.lookup("k")
+        assert stored is not None
+        self.assertEqual(os.read(stored.fd, 10), b"body")
+        self.assertIsNone(stored.entry.source_digest)
+        stored.close()
+        writer = store.writer("new")
+        writer.write(b"new body")
+        entry = writer.commit({}, source_digest="Q1abc")
+        assert entry is not None
+        self.assertEqual(entry.source_digest, "Q1abc")
+        self.close_store(store)
+        self.assertEqual(
+            self.version(directory), 1 + len(store_module.MIGRATIONS_AS_SHIPPED)
+        )
+        store = self.open_store(directory)
+        new = store.peek("new")
+        assert new is not None
+        self.assertEqual(new.source_digest, "Q1abc")
+        self.close_store(store)
+
     def test_failed_step_leaves_the_old_version(self) -> None:
         directory = self.stored_directory()
         self.patch(store_module, "MIGRATIONS", (Migration("fails", _fail_half_way),))
@@ -1216,7 +1278,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertIn("left at version 1", str(error))
         self.assertEqual(self.version(directory), 1)
         self.assertNotIn("half", self.columns(directory))
-        self.patch(store_module, "MIGRATIONS", ())
+        self.patch(store_module, "MIGRATIONS", store_module.MIGRATIONS_AS_SHIPPED)
         store = self.open_store(directory)
         self.assertIsNotNone(store.peek("k"))
         self.close_store(store)
