@@ -201,7 +201,7 @@ class ApkIndexes:
         if path is None:
             return None
         return await self.store.run_blocking(
-            partial(_read_control_checksum, path, stored.size)
+            partial(read_control_checksum, path, stored.size)
         )
 
     async def _load(self, index_key: str) -> CompactApkIndex | None:
@@ -276,7 +276,7 @@ def _read_index(path: str, max_entries: int) -> CompactApkIndex | None:
         return None
 
 
-def _read_control_checksum(path: str, size: int) -> str | None:
+def read_control_checksum(path: str, size: int) -> str | None:
     """
     The control checksum (``Q1...``) of the package stored at ``path``,
     reading only as far as its control stream; None if it has none there
@@ -304,4 +304,7 @@ def verifier_for(entry: PackageFacts) -> Callable[[Mapping[str, str]], ApkVerifi
     return lambda headers: ApkVerifier(entry)
 
 
-__all__ = ["ApkIndexes", "ApkMismatch", "directory_prefix", "verifier_for"]
+__all__ = [
+    "ApkIndexes", "ApkMismatch", "directory_prefix", "read_control_checksum",
+    "verifier_for",
+]
