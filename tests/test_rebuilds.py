@@ -13,6 +13,8 @@ drops) an entry its stored index describes differently.
 from __future__ import annotations
 
 import hashlib
+import os
+import sqlite3
 from typing import Any
 
 import attrs
@@ -22,6 +24,7 @@ from twisted.trial.unittest import TestCase
 from buildcache.admin import CacheIndex, verify
 from buildcache.apkcheck import ApkIndexes
 from buildcache.simple_index import page_key
+from buildcache.store import INDEX_NAME
 from buildcache.upstream import cache_key
 from tests.apkrepo import BuiltApk, build_apk, build_apkindex
 from tests.pyindex import StaticSimpleIndex
@@ -118,6 +121,44 @@ class ApkRebuildTests(TestCase):
             (await harness.get(harness.package_path(other().filename))).header("x-cache"),
             "HIT",
         )
+
+    async def test_same_size_rebuild_of_a_row_from_before_checksums(self) -> None:
+        """
+        A package stored before control checksums were recorded (NULL, as
+        the migration leaves it), rebuilt upstream to the same size: its
+        checksum is read from the stored file at the check, which tells
+        it apart, and the next request fetches the new build.
+        """
+        observer = log_events(self)
+        before = build_apk("same", "1.0-r0", data_files={"usr/f": b"a" * 1000})
+        after = build_apk("same", "1.0-r0", data_files={"usr/f": b"r" * 1000})
+        self.assertEqual(before.size, after.size)
+        harness = ProxyHarness.start(self, packages=[before, other()])
+        path = harness.package_path(before.filename)
+        await harness.get(INDEX_PATH)
+        self.assertEqual((await harness.get(path)).header("x-cache"), "MISS")
+        store = harness.running.store
+        package_key = cache_key(harness.proxied(path))
+        db = sqlite3.connect(os.path.join(store.directory, INDEX_NAME))
+        with db:
+            db.execute(
+                "UPDATE entries SET source_digest = NULL WHERE key = ?", (package_key,)
+            )
+        db.close()
+        store.flush()
+        self.assertIsNone(store.peek(package_key).source_digest)
+        harness.replace_file(path, after.content, PUBLISHED + 100)
+        harness.replace_file(
+            INDEX_PATH, build_apkindex([after, other()]), PUBLISHED + 100
+        )
+        await harness.get(INDEX_PATH, {"cache-control": "no-cache"})
+        fresh = await harness.get(path)
+        self.assertEqual((fresh.header("x-cache"), fresh.body), ("MISS", after.content))
+        again = await harness.get(path)
+        self.assertEqual((again.header("x-cache"), again.body), ("HIT", after.content))
+        removed = events_at(observer, LogLevel.info, "its index now describes another build")
+        self.assertEqual([event["key"] for event in removed], [package_key])
+        self.assertIn(before.control_checksum, removed[0]["reason"])
 
     async def test_checked_once_per_index_version(self) -> None:
         """
