@@ -54,6 +54,7 @@ __all__ = [
     "CompactApkIndex",
     "MAX_INDEX_ENTRIES",
     "MAX_INDEX_INFLATED",
+    "PackageFacts",
     "package_filename",
     "parse_apkindex",
     "parse_compact_apkindex",

@@ -51,6 +51,14 @@ from buildcache.apk import (
 from buildcache.store import Entry, Store
 from buildcache.turns import Waiters
 
+__all__ = [
+    "ApkIndexes",
+    "ApkMismatch",
+    "directory_prefix",
+    "read_control_checksum",
+    "verifier_for",
+]
+
 #: Bytes of parsed indexes kept in memory, per process: about 8 of the
 #: largest indexes allowed, or 40 of Alpine's largest.
 KEEP_BYTES = 64 * 1024 * 1024
@@ -303,8 +311,3 @@ def read_control_checksum(path: str, size: int) -> str | None:
 def verifier_for(entry: PackageFacts) -> Callable[[Mapping[str, str]], ApkVerifier]:
     return lambda headers: ApkVerifier(entry)
 
-
-__all__ = [
-    "ApkIndexes", "ApkMismatch", "directory_prefix", "read_control_checksum",
-    "verifier_for",
-]
