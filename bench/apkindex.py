@@ -2,23 +2,38 @@
 How long the reactor stops while a large stored ``APKINDEX.tar.gz`` is
 parsed for the first time (an apk package checked against a new index
 version): parsed on the reactor thread (``run_here``, how it was) and in
-the store's threads (how the server does it).
+the store's threads (how the server does it); and how much memory a parsed
+index costs.
 
     python bench/apkindex.py [--entries 25000] [--repeats 3] [--json bench/apkindex.json]
 
 A synthetic index of ``--entries`` packages (Alpine's community index has
 about 25,000) is stored in a scratch cache; a 1 ms ``LoopingCall`` records
-the longest gap between its ticks while one package is looked up.  Prints
-a table and writes the figures as JSON; the scratch directory is removed.
+the longest gap between its ticks while one package is looked up.
+
+Memory: each case runs in a child process that builds its index bytes,
+resets its peak RSS (``/proc/self/clear_refs``), parses, and reports its
+RSS kept afterwards and its peak, both above what it had before the parse:
+the full parse (``parse_apkindex``, every field: what was kept per index
+before the compact form) against the compact form the server keeps
+(``parse_compact_apkindex``), for 25,000 and 200,000 entries (the bound),
+for the 1M-entry index of 49 MiB inflated an attacker can send (the
+compact parse refuses it at the bound), and 16 directories of 25,000
+looked up through ``ApkIndexes`` (the server's cache, bounded in bytes).
+
+Prints tables and writes the figures as JSON; the scratch directory is
+removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +53,16 @@ from tests.apkrepo import gzip_tar  # noqa: E402
 BASE = "http://mirror.test/alpine/v3.20/main/x86_64"
 # Any well-formed control checksum: the lookup does not verify packages.
 CONTROL_CHECKSUM = "Q1YLd2JxG9/LvuLOv+OLzFgc3lh3k="
+
+
+def minimal_index(entries: int) -> bytes:
+    """
+    The smallest well-formed blocks: 1M of them inflate to about 49 MiB.
+    """
+    blocks = "".join(
+        f"C:{CONTROL_CHECKSUM}\nP:p{i}\nV:1-r0\nS:1\n\n" for i in range(entries)
+    )
+    return gzip_tar({"APKINDEX": blocks.encode()})
 
 
 def synthetic_index(entries: int) -> bytes:
@@ -112,6 +137,88 @@ async def measure(entries: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def _directory(n: int) -> str:
+    return BASE.replace("mirror.test", f"mirror{n}.test")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _child(case: str, form: str, entries: int) -> dict[str, Any]:
+    """
+    One memory case, in this (fresh) process.
+    """
+    from buildcache.apk import ApkIndexError, parse_apkindex, parse_compact_apkindex
+
+    make = minimal_index if case == "minimal" else synthetic_index
+    index = make(entries)
+    kept: list[Any] = []
+    outcome: dict[str, Any] = {"case": case, "form": form, "entries": entries,
+                               "index_bytes": len(index)}
+    if form == "cache of 16 directories":
+        scratch = tempfile.mkdtemp(prefix="bench-apkindex-")
+        store = Store.open(scratch, 1 << 30, reactor)
+        for n in range(16):
+            writer = store.writer(cache_key(f"{_directory(n)}/APKINDEX.tar.gz"))
+            writer.write(index)
+            writer.commit({})
+        indexes = ApkIndexes(store)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    started = time.perf_counter()
+    try:
+        if form == "full":
+            kept.append(parse_apkindex(io.BytesIO(index)))
+        elif form == "compact":
+            kept.append(parse_compact_apkindex(io.BytesIO(index)))
+        else:
+            for n in range(16):
+                done = ensureDeferred(
+                    indexes.entry_for(f"{_directory(n)}/pkg7-1.7-r0.apk", cache_key)
+                )
+                kept.append(done)
+            outcome["kept_indexes"] = indexes.kept()
+            outcome["kept_index_bytes"] = indexes.kept_bytes
+    except ApkIndexError as e:
+        outcome["refused"] = str(e)
+    outcome["parse_s"] = time.perf_counter() - started
+    outcome["kept_rss_mb"] = (_status_kb("VmRSS") - before) / 1024
+    outcome["peak_rss_above_start_mb"] = (_status_kb("VmHWM") - before) / 1024
+    outcome["peak_rss_mb"] = _status_kb("VmHWM") / 1024
+    if form == "cache of 16 directories":
+        store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return outcome
+
+
+MEMORY_CASES = (
+    ("synthetic", "full", 25_000),
+    ("synthetic", "compact", 25_000),
+    ("synthetic", "full", 200_000),
+    ("synthetic", "compact", 200_000),
+    ("minimal", "full", 1_000_000),
+    ("minimal", "compact", 1_000_000),
+    ("synthetic", "cache of 16 directories", 25_000),
+)
+
+
+def measure_memory() -> list[dict[str, Any]]:
+    rows = []
+    for case, form, entries in MEMORY_CASES:
+        finished = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--child", case, form, str(entries)],
+            check=True, capture_output=True, text=True,
+        )
+        rows.append(json.loads(finished.stdout))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--entries", type=int, default=25_000)
@@ -119,7 +226,12 @@ def main() -> None:
     parser.add_argument(
         "--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "apkindex.json")
     )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        case, form, entries = args.child
+        print(json.dumps(_child(case, form, int(entries))))
+        return
     outcome: dict[str, Any] = {}
 
     async def run() -> None:
@@ -131,10 +243,22 @@ def main() -> None:
     reactor.run()
     if "error" in outcome:
         raise SystemExit(outcome["error"])
+    outcome["memory"] = measure_memory()
     print(f"{outcome['entries']:,} entries, {outcome['index_bytes'] // 1024:,} KB compressed")
     print(f"{'parsed on':16} {'lookup s':>9} {'longest reactor gap ms':>23}")
     for name, row in outcome["results"].items():
         print(f"{name:16} {row['median_lookup_s']:9.3f} {row['median_longest_gap_ms']:23.1f}")
+    print()
+    print(
+        f"{'index':10} {'entries':>9} {'form':24} {'parse s':>8} {'kept RSS MB':>12}"
+        f" {'peak RSS above start MB':>24}  refused"
+    )
+    for row in outcome["memory"]:
+        print(
+            f"{row['case']:10} {row['entries']:9,} {row['form']:24} {row['parse_s']:8.2f}"
+            f" {row['kept_rss_mb']:12.1f} {row['peak_rss_above_start_mb']:24.1f}"
+            f"  {row.get('refused', '')}"
+        )
     with open(args.json, "w") as f:
         json.dump(outcome, f, indent=2)
     print(f"wrote {args.json}")

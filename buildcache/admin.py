@@ -56,9 +56,13 @@ from buildcache.apk import (
     ApkIndexEntry,
     ApkIndexError,
     parse_apkindex,
+    parse_compact_apkindex,
+    stale_reason,
 )
+from buildcache.apkcheck import directory_prefix, read_control_checksum
 from buildcache.config import DEFAULT_INDEX_PORT, DEFAULT_PROXY_PORT, default_cache_dir
-from buildcache.simple_model import normalize_project_name
+from buildcache.simple_index import page_digests
+from buildcache.simple_model import SimplePageError, normalize_project_name, parse_page
 from buildcache.store import (
     APPLICATION_ID, INDEX_NAME, SCHEMA_VERSION, StoreError, migrate_index,
 )
@@ -133,6 +137,12 @@ class Row:
     sha256: str | None
     fetched_at: float
     last_access: float
+    #: See :attr:`buildcache.store.Entry.source_digest`.
+    source_digest: str | None = None
+
+
+#: The columns of a :class:`Row`, in its order.
+_ROW_COLUMNS = "key, file, size, sha256, fetched_at, last_access, source_digest"
 
 
 @frozen
@@ -213,7 +223,7 @@ class CacheIndex:
         """
         Every entry, in key order, read :data:`BATCH_SIZE` at a time.
         """
-        columns = "key, file, size, sha256, fetched_at, last_access"
+        columns = _ROW_COLUMNS
         batch = self._db.execute(
             f"SELECT {columns} FROM entries ORDER BY key LIMIT ?", (BATCH_SIZE,)
         ).fetchall()
@@ -224,6 +234,24 @@ class CacheIndex:
                 f"SELECT {columns} FROM entries WHERE key > ? ORDER BY key LIMIT ?",
                 (batch[-1][0], BATCH_SIZE),
             ).fetchall()
+
+    def row(self, key: str) -> Row | None:
+        """
+        The entry stored under ``key``, or None.
+        """
+        values = self._db.execute(
+            f"SELECT {_ROW_COLUMNS} FROM entries WHERE key = ?", (key,)
+        ).fetchone()
+        return None if values is None else Row(*values)
+
+    def headers(self, row: Row) -> dict[str, str]:
+        """
+        The stored response headers of ``row`` (empty once it is gone).
+        """
+        values = self._db.execute(
+            "SELECT headers FROM entries WHERE key = ? AND file = ?", (row.key, row.file)
+        ).fetchone()
+        return {} if values is None else dict(json.loads(values[0]))
 
     def object_path(self, row: Row) -> str | None:
         """
@@ -626,10 +654,14 @@ class VerifyResult:
     corrupt: tuple[tuple[Row, str], ...]
     missing: tuple[Row, ...]
     without_digest: int
+    #: Entries their current stored index describes differently (an apk
+    #: package rebuilt under the same name, a file whose project page now
+    #: gives another sha256); removed too.
+    stale: tuple[tuple[Row, str], ...] = ()
 
     @property
     def clean(self) -> bool:
-        return not self.corrupt and not self.missing
+        return not self.corrupt and not self.missing and not self.stale
 
 
 def _check_body(path: str, row: Row, progress: Progress | None) -> str | None:
@@ -658,7 +690,10 @@ def _check_body(path: str, row: Row, progress: Progress | None) -> str | None:
 def verify(index: CacheIndex, progress: Progress | None = None) -> VerifyResult:
     """
     Re-hash every entry that has a known sha256 and remove those whose file
-    is missing or differs.
+    is missing or differs; then remove the entries their current stored
+    index describes differently: an apk package whose ``APKINDEX.tar.gz``
+    lists another size or control checksum, a pip file whose project page
+    gives another sha256.
 
     An entry the server replaced or evicted while it was being checked is
     neither reported nor touched: the removal only deletes a row that
@@ -669,7 +704,16 @@ def verify(index: CacheIndex, progress: Progress | None = None) -> VerifyResult:
     without_digest = 0
     corrupt: list[tuple[Row, str]] = []
     missing: list[Row] = []
+    apk_indexes: list[Row] = []
+    pages: list[Row] = []
+    packages: dict[str, list[Row]] = {}
     for row in index.rows():
+        if row.key.startswith("simple-page|"):
+            pages.append(row)
+        elif _key_filename(row.key) == "APKINDEX.tar.gz":
+            apk_indexes.append(row)
+        elif entry_kind(row.key) == "apk":
+            packages.setdefault(directory_prefix(row.key), []).append(row)
         if row.sha256 is None:
             without_digest += 1
             continue
@@ -693,7 +737,94 @@ def verify(index: CacheIndex, progress: Progress | None = None) -> VerifyResult:
         if reason is not None and index.remove([row]):
             log.warn("Removed corrupt {key}: {reason}", key=row.key, reason=reason)
             corrupt.append((row, reason))
-    return VerifyResult(checked, checked_bytes, tuple(corrupt), tuple(missing), without_digest)
+    gone = {row.key for row, _ in corrupt} | {row.key for row in missing}
+    stale: list[tuple[Row, str]] = []
+    for row, reason in [
+        *_stale_packages(index, apk_indexes, packages, gone),
+        *_stale_files(index, pages, gone),
+    ]:
+        if index.remove([row]):
+            log.warn("Removed stale {key}: {reason}", key=row.key, reason=reason)
+            stale.append((row, reason))
+    return VerifyResult(
+        checked, checked_bytes, tuple(corrupt), tuple(missing), without_digest,
+        tuple(stale),
+    )
+
+
+def _stale_packages(
+    index: CacheIndex,
+    apk_indexes: Sequence[Row],
+    packages: Mapping[str, Sequence[Row]],
+    gone: set[str],
+) -> Iterator[tuple[Row, str]]:
+    """
+    The apk packages whose stored ``APKINDEX.tar.gz`` (the current one)
+    lists them with another size or control checksum.
+    """
+    for index_row in apk_indexes:
+        beside = packages.get(directory_prefix(index_row.key), ())
+        path = index.object_path(index_row)
+        if not beside or path is None or index_row.key in gone:
+            continue
+        try:
+            with open(path, "rb") as f:
+                compact = parse_compact_apkindex(f)
+        except (OSError, ApkIndexError) as error:
+            log.warn(
+                "Cannot check packages against {key}: {error}",
+                key=index_row.key, error=str(error),
+            )
+            continue
+        for row in beside:
+            facts = compact.get(_key_filename(row.key))
+            if facts is None or row.key in gone:
+                continue
+            checksum = row.source_digest
+            package_path = index.object_path(row)
+            if checksum is None and row.size == facts.size and package_path:
+                checksum = read_control_checksum(package_path, row.size)
+            reason = stale_reason(facts, row.size, checksum)
+            if reason is not None:
+                yield row, f"{reason} (in {index_row.key})"
+
+
+def _stale_files(
+    index: CacheIndex, pages: Sequence[Row], gone: set[str]
+) -> Iterator[tuple[Row, str]]:
+    """
+    The pip files whose sha256 differs from the one their stored project
+    page gives.
+    """
+    for page_row in pages:
+        _, upstream, name = page_row.key.split("|", 2)
+        path = index.object_path(page_row)
+        if path is None or page_row.key in gone:
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            page = parse_page(
+                data, index.headers(page_row).get("content-type"),
+                f"{upstream}/{quote(name)}/",
+            )
+        except (OSError, SimplePageError) as error:
+            log.warn(
+                "Cannot check files against {key}: {error}",
+                key=page_row.key, error=str(error),
+            )
+            continue
+        digests = page_digests(page)
+        stored = {
+            key: row for key in digests
+            if key not in gone and (row := index.row(key)) is not None
+        }
+        for key, row in stored.items():
+            if row.sha256 is not None and row.sha256.lower() != digests[key]:
+                yield row, (
+                    f"sha256 {row.sha256} stored, the page of {name} gives"
+                    f" {digests[key]}"
+                )
 
 
 # -- warm ------------------------------------------------------------------
@@ -1105,10 +1236,13 @@ def _run_verify(options: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
         stdout.write(f"corrupt, removed: {row.key} ({reason})\n")
     for row in result.missing:
         stdout.write(f"file missing, row removed: {row.key}\n")
+    for row, reason in result.stale:
+        stdout.write(f"disagrees with its index, removed: {row.key} ({reason})\n")
     stdout.write(
         f"Checked {result.checked} entries, {human_size(result.checked_bytes)}"
         f" ({result.checked_bytes} bytes): {len(result.corrupt)} corrupt,"
-        f" {len(result.missing)} missing, {result.without_digest} without a digest\n"
+        f" {len(result.missing)} missing, {len(result.stale)} disagreeing with"
+        f" their index, {result.without_digest} without a digest\n"
     )
     return 0 if result.clean else 1
 

@@ -31,8 +31,10 @@ import io
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator, Mapping
-from typing import IO, TYPE_CHECKING
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
@@ -42,14 +44,22 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 __all__ = [
+    "ApkFacts",
     "ApkIndex",
     "ApkIndexEntry",
     "ApkIndexError",
+    "ApkIndexTooLarge",
     "ApkMismatch",
     "ApkVerifier",
+    "CompactApkIndex",
+    "MAX_INDEX_ENTRIES",
+    "MAX_INDEX_INFLATED",
+    "PackageFacts",
     "package_filename",
     "parse_apkindex",
+    "parse_compact_apkindex",
     "repository_index_url",
+    "stale_reason",
 ]
 
 _log = Logger()
@@ -63,6 +73,15 @@ _MAX_INDEX_LINE = 64 * 1024
 _MAX_DESCRIPTION = 4096
 _SHA1_LENGTH = 20
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+#: Most packages an index may list to be used for checking packages.
+#: Alpine's largest (community, x86_64) lists about 25,000; the compact
+#: form costs 36 bytes a package, so this bounds one parsed index to about
+#: 7 MB (and its parse to a few times that, briefly).
+MAX_INDEX_ENTRIES = 200_000
+#: Most bytes an index may inflate to (its tar, with every field of every
+#: entry): Alpine's largest inflates to about 12 MB.
+MAX_INDEX_INFLATED = 128 * 1024 * 1024
 
 # Directory names apk repositories use for architectures.  Matching only
 # these keeps Android ".apk" downloads through the forward proxy from
@@ -87,6 +106,13 @@ class ApkIndexError(Exception):
     """
     An C{APKINDEX.tar.gz} could not be read: corrupt gzip or tar, no
     C{APKINDEX} member, or an entry with missing or malformed fields.
+    """
+
+
+class ApkIndexTooLarge(ApkIndexError):
+    """
+    An C{APKINDEX.tar.gz} lists more packages, or inflates to more bytes,
+    than an index is allowed to (see L{MAX_INDEX_ENTRIES}).
     """
 
 
@@ -129,7 +155,145 @@ class ApkIndexEntry:
     @property
     def control_checksum(self) -> str:
         """The C{C:} value as written in the index."""
-        return "Q1" + base64.b64encode(self.control_sha1).decode("ascii")
+        return _control_checksum(self.control_sha1)
+
+    @property
+    def facts(self) -> ApkFacts:
+        return ApkFacts(self.filename, self.size, self.control_sha1)
+
+
+def _control_checksum(sha1: bytes) -> str:
+    return "Q1" + base64.b64encode(sha1).decode("ascii")
+
+
+@attrs.frozen
+class ApkFacts:
+    """
+    What an index vouches for about one package file: all a downloaded
+    C{.apk} is checked against.
+    """
+
+    filename: str
+    size: int
+    control_sha1: bytes
+
+    @property
+    def control_checksum(self) -> str:
+        """The C{C:} value as written in the index."""
+        return _control_checksum(self.control_sha1)
+
+
+class PackageFacts(Protocol):
+    """
+    An L{ApkFacts} or an L{ApkIndexEntry}: what L{ApkVerifier} checks.
+    """
+
+    @property
+    def filename(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def control_sha1(self) -> bytes: ...
+
+    @property
+    def control_checksum(self) -> str: ...
+
+
+def stale_reason(
+    facts: PackageFacts, size: int, control_checksum: str | None
+) -> str | None:
+    """
+    Why a stored package of C{size} bytes, whose control checksum (as
+    written in an index: C{Q1...}) is C{control_checksum} or unknown, is not
+    the file an index now describes with C{facts}; None when nothing shows
+    it (an unknown checksum with the right size).
+    """
+    if size != facts.size:
+        return f"{size} bytes stored, the index lists {facts.size}"
+    if control_checksum is not None and control_checksum != facts.control_checksum:
+        return (
+            f"control checksum {control_checksum} stored, the index lists"
+            f" {facts.control_checksum}"
+        )
+    return None
+
+
+#: Bytes of a record of L{CompactApkIndex}: size (8) and control SHA-1 (20).
+_RECORD = 8 + _SHA1_LENGTH
+
+
+def _name_hash(filename: str) -> int:
+    """
+    The 64-bit key of a file name in a L{CompactApkIndex}.  A collision
+    (about one in 2**64 / n) can only make a package be checked against
+    another's facts, which it then fails: it is served unstored.
+    """
+    return int.from_bytes(
+        hashlib.blake2b(filename.encode("utf-8"), digest_size=8).digest(), "big"
+    )
+
+
+@attrs.frozen(eq=False)
+class CompactApkIndex:
+    """
+    The part of an index that packages are checked against, in a compact
+    form: per package, a 64-bit hash of its file name, its size and its
+    control SHA-1, as fixed-size records sorted by hash (36 bytes a
+    package, against about 300 for a parsed L{ApkIndexEntry} in a dict).
+
+    @ivar hashes: sorted name hashes (see L{_name_hash}).
+    @ivar records: per hash, in the same order, the size (8 bytes, big
+        endian) and the control SHA-1 (20 bytes).
+    """
+
+    hashes: array[int]
+    records: bytes
+    description: str = ""
+
+    @classmethod
+    def build(
+        cls, entries: Iterator[tuple[str, int, bytes]], description: str = ""
+    ) -> CompactApkIndex:
+        """
+        From C{(filename, size, control_sha1)} triples; the first of
+        several entries of one file name wins, as in L{parse_apkindex}.
+        """
+        unsorted: array[int] = array("Q")
+        values = bytearray()
+        for filename, size, sha1 in entries:
+            unsorted.append(_name_hash(filename))
+            values += size.to_bytes(8, "big") + sha1
+        # A stable sort keeps the first of equal hashes first, and
+        # bisect_left finds that one.
+        order = sorted(range(len(unsorted)), key=unsorted.__getitem__)
+        hashes: array[int] = array("Q", (unsorted[i] for i in order))
+        records = bytearray(len(values))
+        for position, i in enumerate(order):
+            records[position * _RECORD : (position + 1) * _RECORD] = values[
+                i * _RECORD : (i + 1) * _RECORD
+            ]
+        return cls(hashes, bytes(records), description)
+
+    def get(self, filename: str) -> ApkFacts | None:
+        wanted = _name_hash(filename)
+        position = bisect_left(self.hashes, wanted)
+        if position == len(self.hashes) or self.hashes[position] != wanted:
+            return None
+        record = self.records[position * _RECORD : (position + 1) * _RECORD]
+        return ApkFacts(filename, int.from_bytes(record[:8], "big"), record[8:])
+
+    def __contains__(self, filename: str) -> bool:
+        return self.get(filename) is not None
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds, about: what a cache of indexes counts."""
+        return self.hashes.itemsize * len(self.hashes) + len(self.records) + 200
 
 
 @attrs.frozen
@@ -256,24 +420,25 @@ class _ConcatenatedGzipReader(io.RawIOBase):
             self._output_may_be_pending = len(produced) == _INFLATE_STEP
         self._output_total += len(produced)
         if self._output_total > self._max_output:
-            raise ApkIndexError(
+            raise ApkIndexTooLarge(
                 f"APKINDEX.tar.gz inflates to more than {self._max_output} bytes"
             )
         self._pending = produced
 
 
-def parse_apkindex(
-    fileobj: IO[bytes], *, max_index_bytes: int = 256 * 1024 * 1024
-) -> ApkIndex:
-    """
-    Read an C{APKINDEX.tar.gz} from C{fileobj}, streaming: memory grows with
-    the number of entries, not with the file.
+_T = TypeVar("_T")
 
-    @param max_index_bytes: refuse archives that inflate to more than this.
-    @raise ApkIndexError: for any malformed input.
+
+def _read_archive(
+    fileobj: IO[bytes], max_index_bytes: int, read_index: Callable[[IO[bytes]], _T]
+) -> tuple[_T, str, bool]:
+    """
+    Walk an C{APKINDEX.tar.gz}, streaming: C{read_index} reads the
+    C{APKINDEX} member; its result, the description, and whether the
+    archive was signed.
     """
     reader = _ConcatenatedGzipReader(fileobj, max_index_bytes)
-    entries: dict[str, ApkIndexEntry] | None = None
+    found: list[_T] = []
     description = ""
     signed = False
     try:
@@ -283,10 +448,10 @@ def parse_apkindex(
                     signed = True
                 if not member.isfile():
                     continue
-                if member.name == "APKINDEX" and entries is None:
+                if member.name == "APKINDEX" and not found:
                     content = archive.extractfile(member)
                     assert content is not None
-                    entries = _parse_index_text(content)
+                    found.append(read_index(content))
                 elif member.name == "DESCRIPTION":
                     content = archive.extractfile(member)
                     assert content is not None
@@ -299,8 +464,26 @@ def parse_apkindex(
             pass
     except tarfile.TarError as error:
         raise ApkIndexError(f"APKINDEX.tar.gz is not a valid tar: {error}") from None
-    if entries is None:
+    if not found:
         raise ApkIndexError("APKINDEX.tar.gz has no APKINDEX member")
+    return found[0], description, signed
+
+
+def parse_apkindex(
+    fileobj: IO[bytes], *, max_index_bytes: int = 256 * 1024 * 1024
+) -> ApkIndex:
+    """
+    Read an C{APKINDEX.tar.gz} from C{fileobj}, streaming: memory grows with
+    the number of entries, not with the file.  Every field is kept: for
+    resolving dependencies; checking packages needs only
+    L{parse_compact_apkindex}.
+
+    @param max_index_bytes: refuse archives that inflate to more than this.
+    @raise ApkIndexError: for any malformed input.
+    """
+    entries, description, signed = _read_archive(
+        fileobj, max_index_bytes, _parse_index_text
+    )
     _log.debug(
         "Parsed apk index {description!r}: {count} packages, signed={signed}",
         description=description,
@@ -310,6 +493,37 @@ def parse_apkindex(
     return ApkIndex(entries=entries, description=description, signed=signed)
 
 
+def parse_compact_apkindex(
+    fileobj: IO[bytes],
+    *,
+    max_entries: int = MAX_INDEX_ENTRIES,
+    max_index_bytes: int = MAX_INDEX_INFLATED,
+) -> CompactApkIndex:
+    """
+    Read an C{APKINDEX.tar.gz} into a L{CompactApkIndex}, streaming, and
+    checking every entry as L{parse_apkindex} does.
+
+    @raise ApkIndexTooLarge: more than C{max_entries} entries, or more than
+        C{max_index_bytes} inflated; the parse stops there.
+    @raise ApkIndexError: for any other malformed input.
+    """
+
+    def facts(content: IO[bytes]) -> CompactApkIndex:
+        def triples() -> Iterator[tuple[str, int, bytes]]:
+            for count, (fields, block_line) in enumerate(_index_blocks(content)):
+                if count == max_entries:
+                    raise ApkIndexTooLarge(
+                        f"APKINDEX lists more than {max_entries} packages"
+                    )
+                entry = _entry_facts(fields, block_line)
+                yield entry.filename, entry.size, entry.control_sha1
+
+        return CompactApkIndex.build(triples())
+
+    index, description, _ = _read_archive(fileobj, max_index_bytes, facts)
+    return attrs.evolve(index, description=description)
+
+
 def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -317,8 +531,11 @@ def _decode(raw: bytes, where: str) -> str:
         raise ApkIndexError(f"{where} is not UTF-8: {error}") from None
 
 
-def _parse_index_text(content: IO[bytes]) -> dict[str, ApkIndexEntry]:
-    entries: dict[str, ApkIndexEntry] = {}
+def _index_blocks(content: IO[bytes]) -> Iterator[tuple[dict[str, str], int]]:
+    """
+    The blocks of an C{APKINDEX}, one at a time: its fields (the first of
+    each letter) and the line it starts on.
+    """
     fields: dict[str, str] = {}
     block_line = 0
     line_number = 0
@@ -334,7 +551,7 @@ def _parse_index_text(content: IO[bytes]) -> dict[str, ApkIndexEntry]:
         line = _decode(raw, f"APKINDEX line {line_number}").rstrip("\r\n")
         if not line:
             if fields:
-                _add_entry(entries, fields, block_line)
+                yield fields, block_line
                 fields = {}
             continue
         if len(line) < 2 or line[1] != ":":
@@ -345,22 +562,38 @@ def _parse_index_text(content: IO[bytes]) -> dict[str, ApkIndexEntry]:
             block_line = line_number
         fields.setdefault(line[0], line[2:])
     if fields:
+        yield fields, block_line
+
+
+def _parse_index_text(content: IO[bytes]) -> dict[str, ApkIndexEntry]:
+    entries: dict[str, ApkIndexEntry] = {}
+    for fields, block_line in _index_blocks(content):
         _add_entry(entries, fields, block_line)
     return entries
+
+
+def _entry_facts(fields: Mapping[str, str], block_line: int) -> ApkFacts:
+    where = f"APKINDEX entry at line {block_line}"
+    for key in "PVCS":
+        if not fields.get(key):
+            raise ApkIndexError(f"{where} has no {key}: field")
+    return ApkFacts(
+        filename=f"{fields['P']}-{fields['V']}.apk",
+        size=_parse_count(fields["S"], f"{where} S:"),
+        control_sha1=_parse_control_checksum(fields["C"], where),
+    )
 
 
 def _add_entry(
     entries: dict[str, ApkIndexEntry], fields: Mapping[str, str], block_line: int
 ) -> None:
     where = f"APKINDEX entry at line {block_line}"
-    for key in "PVCS":
-        if not fields.get(key):
-            raise ApkIndexError(f"{where} has no {key}: field")
+    facts = _entry_facts(fields, block_line)
     entry = ApkIndexEntry(
         name=fields["P"],
         version=fields["V"],
-        size=_parse_count(fields["S"], f"{where} S:"),
-        control_sha1=_parse_control_checksum(fields["C"], where),
+        size=facts.size,
+        control_sha1=facts.control_sha1,
         arch=fields.get("A", ""),
         installed_size=(
             _parse_count(fields["I"], f"{where} I:") if "I" in fields else None
@@ -474,7 +707,7 @@ class ApkVerifier:
         accepted; real ones are a few kilobytes.
     """
 
-    entry: ApkIndexEntry
+    entry: PackageFacts
     max_control_bytes: int = 1024 * 1024
     _bytes_received: int = attrs.field(init=False, default=0)
     _mismatch: ApkMismatch | None = attrs.field(init=False, default=None)
@@ -489,6 +722,14 @@ class ApkVerifier:
     def bytes_received(self) -> int:
         """Total bytes passed to L{update} so far."""
         return self._bytes_received
+
+    @property
+    def control_sha1(self) -> bytes | None:
+        """
+        The SHA-1 of the package's control stream, once it has streamed in
+        (whatever the index says): what a stored package's C{C:} is.
+        """
+        return None if self._control is None else self._control.sha1
 
     @property
     def mismatch(self) -> ApkMismatch | None:
@@ -579,7 +820,7 @@ class ApkVerifier:
                 ApkMismatch(f"{name}: no data stream after the control stream")
             )
         if self._control.sha1 != self.entry.control_sha1:
-            actual = "Q1" + base64.b64encode(self._control.sha1).decode("ascii")
+            actual = _control_checksum(self._control.sha1)
             raise self._logged(
                 ApkMismatch(
                     f"{name}: control stream checksum {actual} does not match "

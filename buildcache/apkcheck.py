@@ -1,14 +1,27 @@
 """
-Finding the index entry that a downloaded ``.apk`` must match.
+Finding the index entry that a downloaded ``.apk`` must match, and
+dropping stored packages that their repository's current index describes
+differently.
 
 The store may hold the repository's ``APKINDEX.tar.gz``; when it does, a
 package fetched from that repository is checked against its entry while it
 streams (see :class:`buildcache.apk.ApkVerifier`).  Parsed indexes are kept
-in memory, keyed by the stored copy's digest, so a changed index is parsed
-again and an unchanged one never is.  A parse runs through the store's
-``run_blocking`` (a thread, in the server): a large index takes a good
-fraction of a second, which would otherwise hold up every client; requests
-that need the same version meanwhile wait for that one parse.
+in memory in their compact form (:class:`buildcache.apk.CompactApkIndex`),
+keyed by the stored copy's digest, so a changed index is parsed again and
+an unchanged one never is; the ones kept are bounded in bytes.  An index
+past :data:`buildcache.apk.MAX_INDEX_ENTRIES` is refused for checking (its
+packages are then served unstored, as for any package no index vouches
+for), and that version is not parsed again.  A parse runs through the
+store's ``run_blocking`` (a thread, in the server): a large index takes a
+good fraction of a second, which would otherwise hold up every client;
+requests that need the same version meanwhile wait for that one parse.
+
+A private repository may rebuild a package under the same file name.  Each
+stored package records the control checksum (``C:``) it was checked
+against; once per version of an index, before a package of its directory is
+served, the stored packages it now lists with another size or checksum are
+removed from the store, so the next request fetches and checks the new
+build (see :meth:`ApkIndexes.current`).
 """
 
 from __future__ import annotations
@@ -22,40 +35,96 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from buildcache.apk import (
-    ApkIndex,
-    ApkIndexEntry,
+    MAX_INDEX_ENTRIES,
+    ApkFacts,
     ApkIndexError,
+    ApkIndexTooLarge,
+    ApkMismatch,
     ApkVerifier,
+    CompactApkIndex,
+    PackageFacts,
     package_filename,
-    parse_apkindex,
+    parse_compact_apkindex,
     repository_index_url,
+    stale_reason,
 )
-from buildcache.store import Store
+from buildcache.store import Entry, Store
+from buildcache.turns import Waiters
+
+__all__ = [
+    "ApkIndexes",
+    "ApkMismatch",
+    "directory_prefix",
+    "read_control_checksum",
+    "verifier_for",
+]
+
+#: Bytes of parsed indexes kept in memory, per process: about 8 of the
+#: largest indexes allowed, or 40 of Alpine's largest.
+KEEP_BYTES = 64 * 1024 * 1024
+#: Index versions remembered as refused or as checked, per process.
+REMEMBERED_VERSIONS = 1024
+#: Most bytes of a stored package read to find its control checksum (the
+#: signature and control streams come first and are a few kilobytes).
+_CONTROL_READ_LIMIT = 4 * 1024 * 1024
+_READ_SIZE = 64 * 1024
+
+
+def directory_prefix(index_key: str) -> str:
+    """
+    The start shared by the keys of every file beside the index stored
+    under ``index_key`` (keys end with the URL's path).
+    """
+    return index_key.rpartition("/")[0] + "/"
+
+
+def _bounded_put(memo: OrderedDict[str, str], key: str, value: str) -> None:
+    memo[key] = value
+    memo.move_to_end(key)
+    while len(memo) > REMEMBERED_VERSIONS:
+        memo.popitem(last=False)
 
 
 @define
 class ApkIndexes:
     """
-    Parsed ``APKINDEX.tar.gz`` files from the store, a few at a time.
+    Parsed ``APKINDEX.tar.gz`` files from the store, up to ``keep_bytes``
+    of them (per process).
     """
 
     log = Logger()
 
     store: Store
-    keep: int = 16
-    #: Per index key, the digest of the stored index parsed and its entries;
-    #: a new version replaces the old one.
-    _parsed: OrderedDict[str, tuple[str, ApkIndex]] = Factory(OrderedDict)
+    keep_bytes: int = KEEP_BYTES
+    max_entries: int = MAX_INDEX_ENTRIES
+    #: Per index key, the digest of the stored index parsed and its
+    #: compact form; a new version replaces the old one.
+    _parsed: OrderedDict[str, tuple[str, CompactApkIndex]] = Factory(OrderedDict)
+    _parsed_bytes: int = 0
     #: Versions (key, digest) being parsed, and who waits for them.
-    _parsing: dict[tuple[str, str], list[Deferred[ApkIndex | None]]] = Factory(dict)
+    _parsing: dict[tuple[str, str], list[Deferred[CompactApkIndex | None]]] = Factory(dict)
+    #: Per index key, the digest of a stored version that cannot be used
+    #: (too large, malformed): not parsed again.
+    _refused: OrderedDict[str, str] = Factory(OrderedDict)
+    #: Per index key, the digest of the version stored packages were last
+    #: checked against (see :meth:`current`), and the checks running.
+    _checked: OrderedDict[str, str] = Factory(OrderedDict)
+    _checking: dict[str, Waiters] = Factory(dict)
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._parsed_bytes
+
+    def kept(self) -> int:
+        return len(self._parsed)
 
     async def entry_for(
         self, package_url: str, key_of: Callable[[str], str]
-    ) -> ApkIndexEntry | None:
+    ) -> ApkFacts | None:
         """
         The stored index's entry for the package at ``package_url``, or
-        ``None`` when the store has no index for it or the index does not
-        list it.  ``key_of`` maps a URL to its cache key.
+        ``None`` when the store has no usable index for it or the index
+        does not list it.  ``key_of`` maps a URL to its cache key.
         """
         index_url = repository_index_url(package_url)
         filename = package_filename(package_url)
@@ -66,7 +135,84 @@ class ApkIndexes:
             return None
         return index.get(filename)
 
-    async def _load(self, index_key: str) -> ApkIndex | None:
+    async def current(self, package_url: str, key_of: Callable[[str], str]) -> None:
+        """
+        Make sure the stored packages beside ``package_url`` have been
+        checked against the current version of their stored index (at
+        once when they have): a package it lists differently is removed.
+        Runs once per version of an index, per process; requests for that
+        directory meanwhile wait for the one check.
+        """
+        index_url = repository_index_url(package_url)
+        if index_url is None:
+            return
+        index_key = key_of(index_url)
+        entry = self.store.peek(index_key)
+        if entry is None or entry.sha256 is None:
+            return
+        if self._checked.get(index_key) == entry.sha256:
+            return
+        running = self._checking.get(index_key)
+        if running is not None:
+            await running.wait(False)
+            return
+        waiters = self._checking[index_key] = Waiters()
+        try:
+            await self._check_directory(index_key, entry.sha256)
+        except Exception:
+            self.log.failure("Checking stored packages against {key} failed", key=index_key)
+        finally:
+            del self._checking[index_key]
+            waiters.fire()
+
+    async def _check_directory(self, index_key: str, digest: str) -> None:
+        index = await self._load(index_key)
+        if index is None:
+            # Nothing to compare with: keep what was stored, and look again
+            # at the next version.
+            _bounded_put(self._checked, index_key, digest)
+            return
+        removed = 0
+        for stored in self.store.entries_under(directory_prefix(index_key)):
+            if repository_index_url(stored.key) is None or stored.key == index_key:
+                continue
+            if directory_prefix(stored.key) != directory_prefix(index_key):
+                continue
+            filename = package_filename(stored.key)
+            facts = index.get(filename) if filename is not None else None
+            if facts is None:
+                # No longer listed: its bytes are what an older version
+                # vouched for, and nobody is sent to them by this one.
+                continue
+            checksum = stored.source_digest
+            if checksum is None and stored.size == facts.size:
+                # Stored before checksums were recorded: read it once.
+                checksum = await self._control_checksum(stored)
+                if checksum is not None:
+                    self.store.set_source_digest(stored, checksum)
+            reason = stale_reason(facts, stored.size, checksum)
+            if reason is not None and self.store.remove_entry(stored):
+                removed += 1
+                self.log.info(
+                    "Removed {key}: its index now describes another build"
+                    " ({reason}); the next request fetches it",
+                    key=stored.key, index=index_key, reason=reason,
+                )
+        _bounded_put(self._checked, index_key, digest)
+        self.log.info(
+            "Checked stored packages against {key}: {removed} removed",
+            key=index_key, removed=removed,
+        )
+
+    async def _control_checksum(self, stored: Entry) -> str | None:
+        path = self.store.object_path(stored.key)
+        if path is None:
+            return None
+        return await self.store.run_blocking(
+            partial(read_control_checksum, path, stored.size)
+        )
+
+    async def _load(self, index_key: str) -> CompactApkIndex | None:
         entry = self.store.peek(index_key)
         if entry is None or entry.sha256 is None:
             return None
@@ -74,21 +220,33 @@ class ApkIndexes:
         if known is not None and known[0] == entry.sha256:
             self._parsed.move_to_end(index_key)
             return known[1]
+        if self._refused.get(index_key) == entry.sha256:
+            return None
         version = (index_key, entry.sha256)
         parsing = self._parsing.get(version)
         if parsing is not None:
-            waiter: Deferred[ApkIndex | None] = Deferred()
+            waiter: Deferred[CompactApkIndex | None] = Deferred()
             parsing.append(waiter)
             return await waiter
         path = self.store.object_path(index_key)
         if path is None:
             return None
-        waiters: list[Deferred[ApkIndex | None]] = []
+        waiters: list[Deferred[CompactApkIndex | None]] = []
         self._parsing[version] = waiters
-        parsed: ApkIndex | None = None
+        parsed: CompactApkIndex | None = None
         try:
-            parsed = await self.store.run_blocking(partial(_read_index, path))
+            parsed = await self.store.run_blocking(
+                partial(_read_index, path, self.max_entries)
+            )
+        except ApkIndexTooLarge as e:
+            _bounded_put(self._refused, index_key, entry.sha256)
+            self.log.warn(
+                "Not checking packages against {key}: {error}; it is served,"
+                " and the packages it lists are served without being stored",
+                key=index_key, error=str(e), refused="too large",
+            )
         except ApkIndexError as e:
+            _bounded_put(self._refused, index_key, entry.sha256)
             self.log.warn(
                 "Stored index {key} cannot be read: {error}", key=index_key, error=str(e)
             )
@@ -97,26 +255,59 @@ class ApkIndexes:
         finally:
             del self._parsing[version]
         if parsed is not None:
-            self._parsed[index_key] = (entry.sha256, parsed)
-            self._parsed.move_to_end(index_key)
-            while len(self._parsed) > self.keep:
-                self._parsed.popitem(last=False)
+            self._keep(index_key, entry.sha256, parsed)
         for waiter in waiters:
             waiter.callback(parsed)
         return parsed
 
+    def _keep(self, index_key: str, digest: str, parsed: CompactApkIndex) -> None:
+        old = self._parsed.pop(index_key, None)
+        if old is not None:
+            self._parsed_bytes -= old[1].nbytes
+        self._parsed[index_key] = (digest, parsed)
+        self._parsed_bytes += parsed.nbytes
+        # The newest always stays (one index is at most MAX_INDEX_ENTRIES).
+        while self._parsed_bytes > self.keep_bytes and len(self._parsed) > 1:
+            _, (_, dropped) = self._parsed.popitem(last=False)
+            self._parsed_bytes -= dropped.nbytes
 
-def _read_index(path: str) -> ApkIndex | None:
+
+def _read_index(path: str, max_entries: int) -> CompactApkIndex | None:
     """
     Parse the index stored at ``path``; None if it is gone (replaced or
     evicted since).  Touches no shared state: it may run in a thread.
     """
     try:
         with open(path, "rb") as f:
-            return parse_apkindex(f)
+            return parse_compact_apkindex(f, max_entries=max_entries)
     except FileNotFoundError:
         return None
 
 
-def verifier_for(entry: ApkIndexEntry) -> Callable[[Mapping[str, str]], ApkVerifier]:
+def read_control_checksum(path: str, size: int) -> str | None:
+    """
+    The control checksum (``Q1...``) of the package stored at ``path``,
+    reading only as far as its control stream; None if it has none there
+    or is gone.  May run in a thread.
+    """
+    verifier = ApkVerifier(ApkFacts("stored.apk", size, b""))
+    try:
+        with open(path, "rb") as f:
+            read = 0
+            while verifier.control_sha1 is None and read < _CONTROL_READ_LIMIT:
+                chunk = f.read(_READ_SIZE)
+                if not chunk:
+                    break
+                read += len(chunk)
+                verifier.update(chunk)
+                if verifier.mismatch is not None:
+                    return None
+    except FileNotFoundError:
+        return None
+    sha1 = verifier.control_sha1
+    return None if sha1 is None else ApkFacts("", 0, sha1).control_checksum
+
+
+def verifier_for(entry: PackageFacts) -> Callable[[Mapping[str, str]], ApkVerifier]:
     return lambda headers: ApkVerifier(entry)
+

@@ -31,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
 from buildcache.activity import Activity, redact
-from buildcache.apk import ApkIndexEntry, repository_index_url
+from buildcache.apk import ApkFacts, repository_index_url
 from buildcache.apkcheck import ApkIndexes, verifier_for
 from buildcache.config import Mirror
 from buildcache.connect import TargetRefused
@@ -400,7 +400,7 @@ class ProxyResource(Resource):
         target: Target,
         headers: Mapping[str, str],
         conditional: Mapping[str, str],
-        apk_entry: ApkIndexEntry | None,
+        apk_entry: ApkFacts | None,
         vouched: bool = True,
         revalidates: str | None = None,
     ) -> UpstreamRequest:
@@ -430,6 +430,9 @@ class ProxyResource(Resource):
             follow_redirects=target.route != "proxy",
             variants=True,
             revalidates=revalidates,
+            source_digest=(
+                apk_entry.control_checksum if apk_entry is not None else None
+            ),
         )
 
     @staticmethod
@@ -456,6 +459,14 @@ class ProxyResource(Resource):
 
     async def _serve(self, request: Request, target: Target) -> None:
         headers = request_headers(request)
+        index_url = repository_index_url(target.url) if ".apk" in target.url else None
+        if index_url is not None:
+            # An index just fetched may be being stored (apk asks for
+            # packages right after their index); once it is, the packages it
+            # now lists differently are dropped (once per version of it)
+            # before one of them is served or checked against it.
+            await self.fetcher.stored(cache_key(index_url))
+            await self.apk_indexes.current(target.url, cache_key)
         target = self._for_client(target, headers)
         stored = open_stored(self.store, target.key, self._forwarded(headers))
         if stored is not None:
@@ -549,11 +560,9 @@ class ProxyResource(Resource):
         self, request: Request, target: Target, headers: Mapping[str, str]
     ) -> None:
         self.store.counters.misses += 1
+        # apk asks for packages right after their index, which may still
+        # be being stored: _serve has waited for it.
         index_url = repository_index_url(target.url)
-        if index_url is not None:
-            # apk asks for packages right after their index: check them
-            # against that index, which may still be being stored.
-            await self.fetcher.stored(cache_key(index_url))
         apk_entry = await self.apk_indexes.entry_for(target.url, cache_key)
         if index_url is not None and apk_entry is None:
             # Its index was never fetched here, or is older than the
@@ -594,7 +603,7 @@ class ProxyResource(Resource):
 
     async def _revalidated_index_entry(
         self, target: Target, index_url: str
-    ) -> ApkIndexEntry | None:
+    ) -> ApkFacts | None:
         """
         The package's entry in its index once the index has been fetched or
         revalidated (and stored), or None.
@@ -622,7 +631,7 @@ class ProxyResource(Resource):
         request: Request,
         target: Target,
         headers: Mapping[str, str],
-        old_entry: ApkIndexEntry,
+        old_entry: ApkFacts,
         why: str,
     ) -> UpstreamAnswer | None:
         """

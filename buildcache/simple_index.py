@@ -51,6 +51,10 @@ and the policy behind it:
   headers), so nothing it stores is private to a client.  Pages are always
   fetched with the same headers, so an upstream's ``Vary`` cannot split
   them; the page keys are the index's own.
+- **Rebuilt files**: when a page is fetched anew, the stored files it now
+  gives another sha256 for (a file replaced upstream under the same name)
+  are removed from the store, so neither port serves the old bytes again
+  (see :func:`disowned_files`).
 - **The root** ``/simple/`` (hundreds of thousands of names upstream) is
   streamed from the first upstream and stored per media type for
   :data:`ROOT_TTL`; nothing here reads it, and no decision depends on it.
@@ -115,11 +119,14 @@ from buildcache.upstream import (
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
+    cache_key,
     open_stored,
 )
 
 __all__ = [
     "IndexResource",
+    "disowned_files",
+    "page_digests",
     "page_key",
     "root_key",
     "file_link",
@@ -190,6 +197,36 @@ def file_link(name: str, filename: str) -> str:
     resolving from ``/simple/<name>/`` to ``/files/<name>/<filename>``.
     """
     return f"../../files/{name}/{quote(filename, safe=_SEGMENT_SAFE)}"
+
+
+def page_digests(page: ProjectPage) -> dict[str, str]:
+    """
+    The store key and sha256 of every file (and core metadata file) that
+    ``page`` gives a sha256 for.
+    """
+    digests: dict[str, str] = {}
+    for file in page.files:
+        if file.sha256:
+            digests.setdefault(cache_key(file.url), file.sha256.lower())
+        metadata = file.core_metadata_hashes.get("sha256")
+        if metadata and _metadata_servable(file):
+            digests.setdefault(cache_key(file.metadata_url), metadata.lower())
+    return digests
+
+
+def disowned_files(
+    digests: Mapping[str, str], stored: Mapping[str, Entry]
+) -> list[tuple[Entry, str]]:
+    """
+    The stored entries whose sha256 differs from the one a page now gives
+    for their key (``digests``, from :func:`page_digests`), and why.
+    """
+    return [
+        (entry, f"sha256 {entry.sha256} stored, the page gives {digests[key]}")
+        for key, entry in stored.items()
+        if key in digests and entry.sha256 is not None
+        and entry.sha256.lower() != digests[key]
+    ]
 
 
 def _metadata_servable(file: ProjectFile) -> bool:
@@ -765,8 +802,24 @@ class IndexResource(Resource):
         if page is None:
             page = self._parse(upstream, name, fetched.data, fetched.content_type)
             self._models.put(slot, page, len(fetched.data))
+        self._drop_disowned_files(name, page)
         self._served[name] = (upstream, digest)
         return _Resolved(upstream, name, page, digest, CacheStatus.MISS)
+
+    def _drop_disowned_files(self, name: str, page: ProjectPage) -> None:
+        """
+        Remove the stored files the newly fetched ``page`` gives another
+        sha256 for: once per page fetched, not on every file request.
+        """
+        digests = page_digests(page)
+        stored = self.store.peek_many(digests)
+        for entry, why in disowned_files(digests, stored):
+            if self.store.remove_entry(entry):
+                self.log.info(
+                    "Removed {key}: the page of {name} now gives another"
+                    " digest ({why}); the next request fetches it",
+                    key=entry.key, name=name, why=why,
+                )
 
     def _stored_page(self, upstream: str, name: str, status: CacheStatus) -> _Resolved:
         """

@@ -33,7 +33,7 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
@@ -86,9 +86,13 @@ class Migration:
     run: Callable[[sqlite3.Connection], int]
 
 
-#: In order: step ``i`` takes version ``i + 1`` to ``i + 2``.  A new index
-#: is created at version 1 and goes through the same steps, so there is
-#: one way to every version.
+def _add_source_digest(db: sqlite3.Connection) -> int:
+    # Unknown (NULL) for the rows already there: whoever checks them
+    # against their source later fills it in or drops them.
+    db.execute("ALTER TABLE entries ADD COLUMN source_digest TEXT")
+    return 0
+
+
 def _keys_name_their_scheme(db: sqlite3.Connection) -> int:
     """
     Version 1 keys were ``host[:port]/path?query`` for ``http://`` and
@@ -107,10 +111,16 @@ def _keys_name_their_scheme(db: sqlite3.Connection) -> int:
     return 0
 
 
+#: In order: step ``i`` takes version ``i + 1`` to ``i + 2``.  A new index
+#: is created at version 1 and goes through the same steps, so there is
+#: one way to every version.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("cache keys name their scheme", _keys_name_their_scheme),
+    Migration("record the digest an object's source gave", _add_source_digest),
 )
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
+#: For tests that replace MIGRATIONS.
+MIGRATIONS_AS_SHIPPED = MIGRATIONS
 
 
 class StoreError(Exception):
@@ -202,6 +212,10 @@ class Entry:
     validated_at: float
     last_access: float
     file: str = field(default="", eq=False)
+    #: The digest by which the source that vouched for this object (a
+    #: repository index, say) identified it, in that source's notation;
+    #: None when unknown (nothing vouched, or stored before it was kept).
+    source_digest: str | None = None
 
 
 @define
@@ -326,6 +340,7 @@ class ObjectWriter:
         headers: Mapping[str, str],
         expected_size: int | None = None,
         expected_sha256: str | None = None,
+        source_digest: str | None = None,
     ) -> Entry | None:
         """
         Check, fsync and publish the body under the writer's key, all
@@ -335,16 +350,20 @@ class ObjectWriter:
         digest differs from what was expected, and ``OSError`` (storing
         nothing either, and leaving no file behind) when the disk or the
         index refuses it. Returns ``None`` when the object is larger than
-        the whole cache and so is not kept.
+        the whole cache and so is not kept.  ``source_digest`` is recorded
+        with the row (see :attr:`Entry.source_digest`).
         """
         self.check(expected_size, expected_sha256)
         if not self._keepable():
             return None
         return self._store._record(
-            self.key, self._make_durable(), self.size, self.sha256, headers
+            self.key, self._make_durable(), self.size, self.sha256, headers,
+            source_digest,
         )
 
-    async def persist(self, headers: Mapping[str, str]) -> Entry | None:
+    async def persist(
+        self, headers: Mapping[str, str], source_digest: str | None = None
+    ) -> Entry | None:
         """
         Publish a body that has passed :meth:`check`, with the fsync and
         rename done by the store's ``run_blocking`` (a thread, in the
@@ -357,7 +376,9 @@ class ObjectWriter:
         # not close the descriptor under it.
         self.closed = True
         name = await self._store.run_blocking(self._make_durable)
-        return self._store._record(self.key, name, self.size, self.sha256, headers)
+        return self._store._record(
+            self.key, name, self.size, self.sha256, headers, source_digest
+        )
 
     def _keepable(self) -> bool:
         if self._store.fits(self.size):
@@ -501,9 +522,7 @@ class Store:
         entry = self._rows.get(key)
         if entry is None:
             row = self._db.execute(
-                "SELECT key, size, headers, sha256, fetched_at, validated_at,"
-                " last_access, file FROM entries WHERE key = ?",
-                (key,),
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,),
             ).fetchone()
             if row is None:
                 return None
@@ -553,25 +572,6 @@ class Store:
         self._pending_access[key] = self.clock.seconds()
         return StoredObject(entry, fd)
 
-    def family(self, prefix: str) -> list[Entry]:
-        """
-        The entries whose keys start with ``prefix`` (the variants of one
-        URL: a few), with their latest access times.
-        """
-        if not prefix:
-            return []
-        # The primary key's index answers a range; LIKE would need escaping.
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        return [
-            _entry_from_row(row, self._pending_access.get(row[0]))
-            for row in self._db.execute(
-                "SELECT key, size, headers, sha256, fetched_at, validated_at,"
-                " last_access, file FROM entries WHERE key >= ? AND key < ?"
-                " LIMIT 64",
-                (prefix, upper),
-            ).fetchall()
-        ]
-
     def object_path(self, key: str) -> str | None:
         """
         The file holding ``key``'s current body, or None.
@@ -583,11 +583,40 @@ class Store:
         """
         Every entry, in no particular order (for admin tools and tests).
         """
-        for row in self._db.execute(
-            "SELECT key, size, headers, sha256, fetched_at, validated_at,"
-            " last_access, file FROM entries"
-        ).fetchall():
+        for row in self._db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries").fetchall():
             yield _entry_from_row(row, self._pending_access.get(row[0]))
+
+    def entries_under(self, prefix: str, limit: int = -1) -> list[Entry]:
+        """
+        The entries whose keys start with ``prefix``, in key order: every
+        one, or the first ``limit`` (the variants of one URL are a few).
+        """
+        # The primary key's index answers a range; LIKE would need escaping.
+        rows = self._db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key >= ? AND key < ?"
+            " ORDER BY key LIMIT ?",
+            (prefix, prefix + "\U0010ffff", limit),
+        ).fetchall()
+        return [
+            _entry_from_row(row, self._pending_access.get(row[0]))
+            for row in rows if row[0].startswith(prefix)
+        ]
+
+    def peek_many(self, keys: Iterable[str]) -> dict[str, Entry]:
+        """
+        The entries stored under those of ``keys`` that have one, without
+        counting an access; a few statements however many keys.
+        """
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, Entry] = {}
+        for start in range(0, len(wanted), _KEYS_PER_STATEMENT):
+            batch = wanted[start : start + _KEYS_PER_STATEMENT]
+            marks = ", ".join("?" * len(batch))
+            for row in self._db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key IN ({marks})", batch
+            ):
+                found[row[0]] = _entry_from_row(row, self._pending_access.get(row[0]))
+        return found
 
     # -- writing ---------------------------------------------------------
 
@@ -663,7 +692,7 @@ class Store:
 
     def _record(
         self, key: str, name: str, size: int, digest: str,
-        headers: Mapping[str, str],
+        headers: Mapping[str, str], source_digest: str | None = None,
     ) -> Entry:
         """
         Commit the row of a body already placed under ``name``.
@@ -681,9 +710,12 @@ class Store:
             with self._db:
                 self._db.execute(
                     "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
-                    " fetched_at, validated_at, last_access)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key, name, size, json.dumps(dict(headers)), digest, now, now, now),
+                    " fetched_at, validated_at, last_access, source_digest)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key, name, size, json.dumps(dict(headers)), digest, now, now,
+                        now, source_digest,
+                    ),
                 )
         except (OSError, sqlite3.Error) as e:
             # No row names the file: remove it now rather than at the next
@@ -702,7 +734,9 @@ class Store:
             _unlink_quietly(_file_path(self.directory, old[1]))
         self.total_size += size
         self._evict(keep=key)
-        return Entry(key, size, dict(headers), digest, now, now, now, name)
+        return Entry(
+            key, size, dict(headers), digest, now, now, now, name, source_digest
+        )
 
     def mark_validated(
         self, key: str, headers: Mapping[str, str] | None = None
@@ -726,7 +760,7 @@ class Store:
         self._forget(key)
         return Entry(
             key, entry.size, merged, entry.sha256, entry.fetched_at, now,
-            entry.last_access, entry.file,
+            entry.last_access, entry.file, entry.source_digest,
         )
 
     def remove(self, key: str) -> bool:
@@ -735,6 +769,27 @@ class Store:
             return False
         self._delete_rows([(key, entry.size, entry.file)])
         return True
+
+    def remove_entry(self, entry: Entry) -> bool:
+        """
+        Remove ``entry`` if its key still holds that version (not one
+        stored since); whether it did.
+        """
+        before = self.entry_count
+        self._delete_rows([(entry.key, entry.size, entry.file)])
+        return self.entry_count < before
+
+    def set_source_digest(self, entry: Entry, source_digest: str) -> None:
+        """
+        Record the source digest of ``entry`` found after it was stored,
+        if its key still holds that version.
+        """
+        self._forget(entry.key)
+        with self._db:
+            self._db.execute(
+                "UPDATE entries SET source_digest = ? WHERE key = ? AND file = ?",
+                (source_digest, entry.key, entry.file),
+            )
 
     def _delete_rows(self, victims: list[tuple[str, int, str]]) -> None:
         deleted = []
@@ -950,8 +1005,20 @@ def _remove_foreign(item: os.DirEntry[str]) -> None:
         _unlink_quietly(item.path)
 
 
+#: The columns :func:`_entry_from_row` reads, in its order.
+_ENTRY_COLUMNS = (
+    "key, size, headers, sha256, fetched_at, validated_at, last_access, file,"
+    " source_digest"
+)
+#: Keys per ``IN (...)`` list: well under SQLite's limit on parameters.
+_KEYS_PER_STATEMENT = 500
+
+
 def _entry_from_row(row: tuple[Any, ...], pending_access: float | None) -> Entry:
-    key, size, headers, sha256, fetched_at, validated_at, last_access, file = row
+    (
+        key, size, headers, sha256, fetched_at, validated_at, last_access, file,
+        source_digest,
+    ) = row
     return Entry(
         key=key,
         size=size,
@@ -961,6 +1028,7 @@ def _entry_from_row(row: tuple[Any, ...], pending_access: float | None) -> Entry
         validated_at=validated_at,
         last_access=pending_access if pending_access is not None else last_access,
         file=file,
+        source_digest=source_digest,
     )
 
 

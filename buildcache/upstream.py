@@ -165,6 +165,10 @@ class UpstreamRequest:
     #: The stored entry a conditional request revalidates (a variant of
     #: ``key``): a 304 refreshes that one.
     revalidates: str | None = None
+    #: Recorded with the stored body (:attr:`buildcache.store.Entry.source_digest`):
+    #: how the index that vouched for it identifies it, so that a later
+    #: version of that index can tell whether it still describes it.
+    source_digest: str | None = None
 
     def may_join(self, running: UpstreamRequest) -> bool:
         """
@@ -324,7 +328,7 @@ def find_stored(
     secret = store.secret
     wanted = sent_headers(sent)
     for candidate in sorted(
-        store.family(family + VARIANT_MARK), key=lambda e: -e.last_access
+        store.entries_under(family + VARIANT_MARK, limit=64), key=lambda e: -e.last_access
     ):
         names = varying_names(candidate.headers)
         if not names:
@@ -1081,7 +1085,9 @@ class Fetcher:
         download._notify()
         if kept is not None:
             try:
-                entry = await kept.persist(_replayed(download.headers))
+                entry = await kept.persist(
+                    _replayed(download.headers), request.source_digest
+                )
                 if entry is not None and request.variants:
                     self._drop_other_variants(request.key, entry.key)
             except Exception as e:
@@ -1101,7 +1107,7 @@ class Fetcher:
         """
         siblings = [
             (entry.key, entry.last_access)
-            for entry in self.store.family(family + VARIANT_MARK)
+            for entry in self.store.entries_under(family + VARIANT_MARK, limit=64)
         ]
         base = self.store.peek(family)
         if base is not None:

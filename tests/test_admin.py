@@ -400,7 +400,7 @@ class VerifyTests(CacheTestCase):
         total = sum(SAMPLE.values())
         self.assertIn(
             f"Checked {len(SAMPLE)} entries, {human_size(total)} ({total} bytes):"
-            " 0 corrupt, 0 missing, 0 without a digest",
+            " 0 corrupt, 0 missing, 0 disagreeing with their index, 0 without a digest",
             out,
         )
         self.assertEqual(stored_keys(self.cache_dir), set(SAMPLE))

@@ -36,6 +36,7 @@ from buildcache.upstream import (
     variant_key,
     variants_to_drop,
 )
+from tests.test_store import write_version_1_entry
 from tests.support import Client, Received, listen, start_server, url_of
 
 DEB = "/debian/pool/main/h/hello/hello_2.10-3_amd64.deb"
@@ -239,11 +240,11 @@ class UpgradeTests(TestCase):
         # As the code before this change wrote it: schema version 1, and a
         # key without a scheme.
         self.patch(store_module, "MIGRATIONS", ())
-        old = store_module.Store.open(cache_dir, 1 << 30, reactor)
-        writer = old.writer(base.removeprefix("http://") + DEB)
-        writer.write(b"stored before the upgrade")
-        writer.commit({"content-type": "application/octet-stream"})
-        old.close()
+        store_module.Store.open(cache_dir, 1 << 30, reactor).close()
+        write_version_1_entry(
+            os.path.abspath(cache_dir), base.removeprefix("http://") + DEB,
+            b"stored before the upgrade",
+        )
         self.patch(store_module, "MIGRATIONS", MIGRATIONS)
         # start_server makes its cache directory with mktemp.
         self.patch(self, "mktemp", lambda: cache_dir)

@@ -1150,6 +1150,30 @@ def _fail_half_way(db: sqlite3.Connection) -> int:
     raise sqlite3.OperationalError("disk I/O error")
 
 
+def write_version_1_entry(directory: str, key: str, body: bytes) -> None:
+    """
+    Store ``body`` under ``key`` in a version-1 cache as the code of that
+    version did: the file, then its row.
+    """
+    name = store_module.object_name(key)
+    path = os.path.join(directory, "objects", name[:2], name)
+    with open(path, "wb") as f:
+        f.write(body)
+    db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
+    with db:
+        db.execute(
+            "INSERT INTO entries (key, file, size, headers, sha256, fetched_at,"
+            " validated_at, last_access) VALUES (?, ?, ?, ?, ?, 0, 0, 0)",
+            (key, name, len(body), "{}", hashlib.sha256(body).hexdigest()),
+        )
+    db.close()
+
+
+#: The key of :meth:`MigrationTests.stored_directory`'s entry once the
+#: shipped steps have given it its scheme.
+MIGRATED_KEY = "http://mirror.test/k"
+
+
 class MigrationTests(StoreTestMixin, SynchronousTestCase):
     """
     An index of an older schema is brought up to date in place at start-up,
@@ -1158,13 +1182,12 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def stored_directory(self) -> str:
         """
-        A cache directory holding "k", its index at schema version 1.
+        A cache at schema version 1 (before every real step) with one entry.
         """
         directory = self.make_directory()
-        with self.patched_migrations(()):
-            store = self.open_store(directory)
-            self.put(store, "k", b"body")
-            self.close_store(store)
+        self.patch(store_module, "MIGRATIONS", ())
+        self.close_store(self.open_store(directory))
+        write_version_1_entry(directory, "mirror.test/k", b"body")
         return directory
 
     @contextmanager
@@ -1188,18 +1211,26 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_older_index_migrated_and_served(self) -> None:
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", (Migration("add a note", _add_note_column),))
+        shipped = store_module.MIGRATIONS_AS_SHIPPED
+        self.patch(
+            store_module, "MIGRATIONS",
+            (*shipped, Migration("add a note", _add_note_column)),
+        )
         with capturedLogs() as events:
             store = self.open_store(directory)
-        stored = store.lookup("k")
+        stored = store.lookup(MIGRATED_KEY)
         assert stored is not None
         self.assertEqual(os.read(stored.fd, 10), b"body")
         stored.close()
         self.close_store(store)
-        self.assertEqual(self.version(directory), 2)
+        newest = len(shipped) + 2
+        self.assertEqual(self.version(directory), newest)
         self.assertIn("note", self.columns(directory))
         migrated = [e for e in events if e.get("step") == "add a note"]
-        self.assertEqual([(e["old"], e["new"], e["dropped"]) for e in migrated], [(1, 2, 0)])
+        self.assertEqual(
+            [(e["old"], e["new"], e["dropped"]) for e in migrated],
+            [(newest - 1, newest, 0)],
+        )
 
     def test_version_1_keys_get_their_scheme(self) -> None:
         """
@@ -1216,10 +1247,9 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
             "simple-root|https://index.test/simple|text/html": b"root",
         }
         with self.patched_migrations(()):
-            store = self.open_store(directory)
-            for key, body in old_keys.items():
-                self.put(store, key, body)
-            self.close_store(store)
+            self.close_store(self.open_store(directory))
+        for key, body in old_keys.items():
+            write_version_1_entry(directory, key, body)
         self.assertEqual(self.version(directory), 1)
         with capturedLogs() as events:
             store = self.open_store(directory)
@@ -1252,10 +1282,13 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_dropped_rows_lose_their_files(self) -> None:
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", (Migration("start over", _drop_everything),))
+        self.patch(
+            store_module, "MIGRATIONS",
+            (*store_module.MIGRATIONS_AS_SHIPPED, Migration("start over", _drop_everything)),
+        )
         with capturedLogs() as events:
             store = self.open_store(directory)
-        self.assertIsNone(store.lookup("k"))
+        self.assertIsNone(store.lookup(MIGRATED_KEY))
         self.assertEqual(store.stats().entries, 0)
         self.close_store(store)
         objects = [
@@ -1265,6 +1298,35 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(objects, [])
         self.assertEqual([e["dropped"] for e in events if e.get("step") == "start over"], [1])
 
+    def test_version_1_gains_source_digest(self) -> None:
+        """
+        The real step: an index written before source digests were kept is
+        migrated at start-up; its entry is still served, with an unknown
+        source digest, and a new entry records one.
+        """
+        directory = self.stored_directory()
+        self.patch(store_module, "MIGRATIONS", store_module.MIGRATIONS_AS_SHIPPED)
+        store = self.open_store(directory)
+        stored = store.lookup(MIGRATED_KEY)
+        assert stored is not None
+        self.assertEqual(os.read(stored.fd, 10), b"body")
+        self.assertIsNone(stored.entry.source_digest)
+        stored.close()
+        writer = store.writer("new")
+        writer.write(b"new body")
+        entry = writer.commit({}, source_digest="Q1abc")
+        assert entry is not None
+        self.assertEqual(entry.source_digest, "Q1abc")
+        self.close_store(store)
+        self.assertEqual(
+            self.version(directory), 1 + len(store_module.MIGRATIONS_AS_SHIPPED)
+        )
+        store = self.open_store(directory)
+        new = store.peek("new")
+        assert new is not None
+        self.assertEqual(new.source_digest, "Q1abc")
+        self.close_store(store)
+
     def test_failed_step_leaves_the_old_version(self) -> None:
         directory = self.stored_directory()
         self.patch(store_module, "MIGRATIONS", (Migration("fails", _fail_half_way),))
@@ -1272,7 +1334,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertIn("left at version 1", str(error))
         self.assertEqual(self.version(directory), 1)
         self.assertNotIn("half", self.columns(directory))
-        self.patch(store_module, "MIGRATIONS", ())
+        self.patch(store_module, "MIGRATIONS", store_module.MIGRATIONS_AS_SHIPPED)
         store = self.open_store(directory)
-        self.assertIsNotNone(store.peek("k"))
+        self.assertIsNotNone(store.peek(MIGRATED_KEY))
         self.close_store(store)
