@@ -67,7 +67,7 @@ class Verdict:
     """
     The outcome of an access check: truthy when allowed.
 
-    ``reason`` explains either way (``"matches allow_upstream
+    ``reason`` explains either way (``"matches --allow-upstream
     '*.example.org'"``, ``"10.0.0.5 is a private address …"``).
     """
 
@@ -305,7 +305,7 @@ class UpstreamPattern:
         source = text
         text = text.strip().lower()
         if not text:
-            raise ValueError("empty allow_upstream entry")
+            raise ValueError("empty --allow-upstream entry")
         bracketed = re.fullmatch(r"\[([^\]]+)\](/[0-9]+)?(?::([^:]*))?", text)
         if bracketed is not None:
             inner, prefix, port_text = bracketed.groups()
@@ -360,7 +360,7 @@ def _compile_name_pattern(host_text: str, source: str) -> re.Pattern[str]:
     labels = host_text.split(".")
     if "*" in labels[-1]:
         raise ValueError(
-            f"{source!r}: the last label must be literal; leave allow_upstream "
+            f"{source!r}: the last label must be literal; leave --allow-upstream "
             "empty to allow any public host"
         )
     pieces: list[str] = []
@@ -512,8 +512,8 @@ class AccessPolicy:
             return Verdict.refuse(f"client address {ip!r} is not an IP address")
         for network in self.allow_from:
             if address in network:
-                return Verdict.allow(f"client {address} is in allow_from {network}")
-        return Verdict.refuse(f"client {address} is not in allow_from")
+                return Verdict.allow(f"client {address} is in --allow-from {network}")
+        return Verdict.refuse(f"client {address} is not in --allow-from")
 
     def _configured(self, host: str, port: int) -> bool:
         return (host, port) in self.configured_upstreams
@@ -541,18 +541,18 @@ class AccessPolicy:
             for pattern in self._patterns:
                 if pattern.port == port and pattern.matches_host(name, port):
                     return Verdict.allow(
-                        f"{_endpoint_text(name, port)} matches allow_upstream {pattern.text!r}"
+                        f"{_endpoint_text(name, port)} matches --allow-upstream {pattern.text!r}"
                     )
             return Verdict.refuse(
                 f"port {port} is not a web port; list {_endpoint_text(name, port)}"
-                " (with its port) in allow_upstream to reach it"
+                " (with its port) in --allow-upstream to reach it"
             )
         if not self._patterns:
-            return Verdict.allow("allow_upstream is empty: any host, public addresses only")
+            return Verdict.allow("--allow-upstream is empty: any host, public addresses only")
         for pattern in self._patterns:
             if pattern.matches_host(name, port):
-                return Verdict.allow(f"{_endpoint_text(name, port)} matches allow_upstream {pattern.text!r}")
-        return Verdict.refuse(f"{_endpoint_text(name, port)} is not in allow_upstream")
+                return Verdict.allow(f"{_endpoint_text(name, port)} matches --allow-upstream {pattern.text!r}")
+        return Verdict.refuse(f"{_endpoint_text(name, port)} is not in --allow-upstream")
 
     # Pure functions of a frozen policy, asked on every request: memoised.
     @functools.lru_cache(maxsize=4096)  # noqa: B019
@@ -583,11 +583,11 @@ class AccessPolicy:
             if pattern.matches_host(name, port) or pattern.matches_address(address, port):
                 return Verdict.allow(
                     f"{address_class.value} address {address} allowed by "
-                    f"allow_upstream {pattern.text!r}"
+                    f"--allow-upstream {pattern.text!r}"
                 )
         return Verdict.refuse(
             f"{name} resolved to {address}, a {address_class.value} address; "
-            "list the host or network in allow_upstream to reach it"
+            "list the host or network in --allow-upstream to reach it"
         )
 
     def connect_allowed(self, host: str, port: int) -> Verdict:

@@ -24,6 +24,14 @@ import attrs
 from twisted.python import usage
 
 from buildcache.access import DEFAULT_ALLOW_FROM, UpstreamPattern
+from buildcache.credentials import (
+    Credentials,
+    NetrcCredentials,
+    UpstreamCredentials,
+    hide_userinfo,
+    read_netrc,
+    split_userinfo,
+)
 from buildcache.logs import JSON_OBSERVER, use_logfile
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -82,28 +90,64 @@ def _without_trailing_slash(url: str) -> str:
 def check_http_url(url: str) -> str:
     """
     Check that C{url} is an absolute http or https URL with a host, and
-    return it.
+    return it.  The message of a refusal never quotes user information
+    (see L{hide_userinfo}).
     """
+    shown = hide_userinfo(url)
     try:
         parts = urlsplit(url)
-        # .port parses lazily: read it so a bad port fails here.
+    except ValueError:
+        raise ValueError(f"{shown!r} is not a valid URL") from None
+    try:
+        # .port parses lazily: read it so a bad port fails here.  Its
+        # message quotes the port, which may be part of a token.
         parts.port
-    except ValueError as error:
-        raise ValueError(f"{url!r} is not a valid URL: {error}") from None
+    except ValueError:
+        raise ValueError(f"{shown!r} has an invalid port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http or https URL with a host")
+        raise ValueError(f"{shown!r} is not an http or https URL with a host")
     return url
+
+
+def check_http_url_without_userinfo(url: str) -> str:
+    """
+    L{check_http_url}, refusing user information: a configured URL's
+    credentials are taken off it (see L{split_http_url}) and kept apart.
+    """
+    check_http_url(url)
+    if "@" in urlsplit(url).netloc:
+        raise ValueError(
+            f"{hide_userinfo(url)!r} carries user information; credentials"
+            " are kept apart from upstream URLs"
+        )
+    return url
+
+
+def split_http_url(url: str) -> tuple[str, Credentials | None]:
+    """
+    Check an upstream URL and take its user information off: the URL
+    without it, and the credentials it gave (or L{None}).
+    """
+    check_http_url(url)
+    return split_userinfo(url)
 
 
 def _check_mirror_name(instance: object, attribute: Any, name: str) -> None:
     if not _MIRROR_NAME_PATTERN.fullmatch(name):
+        # A "name" holding ":" or "@" is likely a URL with a token in it.
+        shown = f" {name!r}" if re.fullmatch(r"[\w.-]*", name) else ""
         raise ValueError(
-            f"mirror name {name!r} must match [a-z0-9][a-z0-9._-]*"
+            f"mirror name{shown} must match [a-z0-9][a-z0-9._-]*"
         )
 
 
 def _check_http_url(instance: object, attribute: Any, url: str) -> None:
-    check_http_url(url)
+    check_http_url_without_userinfo(url)
+
+
+def _check_http_urls(instance: object, attribute: Any, urls: tuple[str, ...]) -> None:
+    for url in urls:
+        check_http_url_without_userinfo(url)
 
 
 @attrs.frozen
@@ -113,7 +157,8 @@ class Mirror:
     from C{URL/...}.
 
     @ivar name: the first path segment of the route.
-    @ivar url: the upstream base URL, http or https, without trailing slash.
+    @ivar url: the upstream base URL, http or https, without trailing slash
+        and without user information (see L{Config.upstream_credentials}).
     """
 
     name: str = attrs.field(validator=_check_mirror_name)
@@ -151,8 +196,12 @@ class Config:
     @ivar allow_from: client networks allowed to use the server.
     @ivar allow_upstream: patterns (see L{buildcache.access.UpstreamPattern}) of
         upstreams the forward proxy may reach besides the mirrors.
-    @ivar pypi_upstreams: simple-index base URLs without trailing slash, in
-        priority order.
+    @ivar pypi_upstreams: simple-index base URLs without trailing slash nor
+        user information, in priority order.
+    @ivar upstream_credentials: credentials sent to the mirror and index
+        upstreams (by origin), from their URLs' user information or the
+        netrc file.
+    @ivar netrc_file: the netrc file they were read from, if any.
     @ivar log_format: C{"text"} or C{"json"}.
     @ivar prefetch_max_size: largest distribution file fetched ahead once a
         client has read its metadata; 0 turns read-ahead off.
@@ -184,7 +233,7 @@ class Config:
         default=(), converter=_string_tuple
     )
     pypi_upstreams: tuple[str, ...] = attrs.field(
-        default=(), converter=_string_tuple
+        default=(), converter=_string_tuple, validator=_check_http_urls
     )
     log_format: str = attrs.field(
         default=DEFAULT_LOG_FORMAT, validator=attrs.validators.in_(LOG_FORMATS)
@@ -195,6 +244,10 @@ class Config:
     max_connections_per_client: int = attrs.field(
         default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT, validator=attrs.validators.gt(0)
     )
+    upstream_credentials: UpstreamCredentials = attrs.field(
+        factory=UpstreamCredentials
+    )
+    netrc_file: str | None = None
 
 
 # Value parsers.  Each raises ValueError with a message that does not name
@@ -356,14 +409,26 @@ def parse_endpoint(text: str) -> str:
     return text
 
 
-def parse_mirror(text: str) -> Mirror:
+def parse_mirror(text: str) -> tuple[Mirror, Credentials | None]:
     """
-    Parse C{"NAME=URL"} into a L{Mirror}.
+    Parse C{"NAME=URL"} into a L{Mirror}, and the credentials the URL's
+    user information gave (taken off the mirror's URL).
     """
     name, separator, url = text.partition("=")
     if not separator:
-        raise ValueError(f"{text!r} is not NAME=URL")
-    return Mirror(name=name.strip(), url=url.strip())
+        raise ValueError(f"{hide_userinfo(text)!r} is not NAME=URL")
+    _check_mirror_name(None, None, name.strip())
+    bare, credentials = split_http_url(url.strip())
+    return Mirror(name=name.strip(), url=bare), credentials
+
+
+def parse_netrc(path: str) -> tuple[str, NetrcCredentials]:
+    """
+    Read a netrc file (C{machine HOST login USER password PASS}): its
+    absolute path and its entries.
+    """
+    path = _absolute_path(path)
+    return path, read_netrc(path)
 
 
 def parse_network(text: str) -> IPNetwork:
@@ -475,6 +540,7 @@ def default_pypi_upstreams(
                 check_http_url(url)
             except ValueError as error:
                 raise NoPyPIUpstream(f"{source}: {error}") from None
+            # With its user information, if any: the caller takes it off.
             return (_without_trailing_slash(url),)
     raise NoPyPIUpstream("pip is not installed and PIP_INDEX_URL is not set")
 
@@ -610,6 +676,15 @@ class Options(usage.Options):
             "Log output: text or json.",
             _coercer("log-format", parse_log_format),
         ],
+        [
+            "netrc",
+            None,
+            None,
+            "netrc file (machine HOST login USER password PASS) with the"
+            " credentials of mirror and pip upstreams, sent to that upstream"
+            " only; a URL's own user:password@ wins.",
+            _coercer("netrc", parse_netrc),
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -627,6 +702,9 @@ class Options(usage.Options):
         self["allow-from"] = []
         self["allow-upstream"] = []
         self["pypi-upstream"] = []
+        # Credentials from the URLs' user information, kept off the URLs:
+        # (URL without it, credentials).
+        self._url_credentials: list[tuple[str, Credentials]] = []
         # self.defaults only feeds --help: show values as they are written.
         self.defaults["max-size"] = format_size(DEFAULT_MAX_SIZE)
         self.defaults["prefetch-max-size"] = format_size(DEFAULT_PREFETCH_MAX_SIZE)
@@ -641,16 +719,19 @@ class Options(usage.Options):
             str(network) for network in DEFAULT_ALLOW_FROM
         )
         self.defaults["allow-upstream"] = "any public host"
+        self.defaults["netrc"] = "none (~/.netrc is not read unless given)"
 
     def opt_mirror(self, value: str) -> None:
         """
         Mirror route NAME=URL: /NAME/... on the proxy port is served from
         URL/... Repeatable; a NAME given here replaces the built-in one.
         """
-        mirror = _coercer("mirror", parse_mirror)(value)
+        mirror, credentials = _coercer("mirror", parse_mirror)(value)
         if any(known.name == mirror.name for known in self["mirror"]):
             raise usage.UsageError(f"--mirror: {mirror.name!r} is given twice")
         self["mirror"].append(mirror)
+        if credentials is not None:
+            self._url_credentials.append((mirror.url, credentials))
 
     def opt_allow_from(self, value: str) -> None:
         """
@@ -676,8 +757,11 @@ class Options(usage.Options):
         project serves all of it. Repeatable; the default is the index pip
         uses here (PIP_INDEX_URL, pip's index-url setting, pip's default).
         """
-        url = _coercer("pypi-upstream", check_http_url)(value.strip())
-        self["pypi-upstream"].append(_without_trailing_slash(url))
+        url, credentials = _coercer("pypi-upstream", split_http_url)(value.strip())
+        url = _without_trailing_slash(url)
+        self["pypi-upstream"].append(url)
+        if credentials is not None:
+            self._url_credentials.append((url, credentials))
 
     def getUsage(self, width: int | None = None) -> str:
         # Resolved here, not in __init__, so that only --help and errors pay
@@ -687,6 +771,8 @@ class Options(usage.Options):
                 upstreams = " ".join(default_pypi_upstreams(self._environ))
             except NoPyPIUpstream as error:
                 upstreams = f"none ({error})"
+            # $PIP_INDEX_URL may carry a token; --help must not show it.
+            upstreams = hide_userinfo(upstreams)
             self.defaults["pypi-upstream"] = upstreams
         return super().getUsage(width)
 
@@ -696,19 +782,32 @@ class Options(usage.Options):
         C{self.config}.
         """
         pypi_upstreams = tuple(self["pypi-upstream"])
+        url_credentials = list(self._url_credentials)
         if not pypi_upstreams:
             try:
-                pypi_upstreams = default_pypi_upstreams(self._environ)
+                defaults = default_pypi_upstreams(self._environ)
             except NoPyPIUpstream as error:
                 raise usage.UsageError(
                     f"--pypi-upstream: no default ({error}); give one"
                 ) from None
+            split = [split_userinfo(url) for url in defaults]
+            pypi_upstreams = tuple(url for url, _ in split)
+            url_credentials += [
+                (url, credentials) for url, credentials in split
+                if credentials is not None
+            ]
         given_mirrors: list[Mirror] = self["mirror"]
         given_names = {mirror.name for mirror in given_mirrors}
         mirrors = tuple(
             mirror for mirror in DEFAULT_MIRRORS if mirror.name not in given_names
         ) + tuple(given_mirrors)
         cache_dir = _coercer("cache-dir", prepare_cache_dir)(self["cache-dir"])
+        netrc_file, netrc_entries = self["netrc"] or (None, None)
+        own = dict(url_credentials)
+        credentials = UpstreamCredentials.build(
+            [(url, own.get(url)) for url in [m.url for m in mirrors] + list(pypi_upstreams)],
+            netrc_entries,
+        )
         self.config = Config(
             cache_dir=cache_dir,
             proxy_endpoint=self["port"],
@@ -723,6 +822,8 @@ class Options(usage.Options):
             log_format=self["log-format"],
             prefetch_max_size=self["prefetch-max-size"],
             max_connections_per_client=self["max-connections-per-client"],
+            upstream_credentials=credentials,
+            netrc_file=netrc_file,
         )
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own "logger" option

@@ -2,7 +2,7 @@
 How buildcache opens connections to upstreams.
 
 This module owns the upstream connection guard: every outgoing TCP
-connection, whether for an HTTP fetch (through the treq client built by
+connection, whether for an HTTP fetch (through the client built by
 :func:`make_http_client`) or for a ``CONNECT`` tunnel (:func:`connect_tcp`),
 is opened by :class:`GuardedTCPEndpoint`, which
 
@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
 import attrs
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import (
@@ -56,7 +55,13 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from buildcache.access import AccessPolicy, normalize_host
-from buildcache.upstream import UpstreamError, UpstreamTimeout, treq_client
+from buildcache.credentials import UpstreamCredentials
+from buildcache.upstream import (
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeout,
+    upstream_client,
+)
 
 __all__ = [
     "TargetRefused",
@@ -390,9 +395,11 @@ def make_http_client(
     pool: HTTPConnectionPool | None = None,
     tls_policy: TLSPolicy | None = None,
     resolver: HostnameResolver | None = None,
-) -> HTTPClient:
+    credentials: UpstreamCredentials | None = None,
+) -> UpstreamClient:
     """
-    The treq client for upstream fetches: all its connections are guarded.
+    The client for upstream fetches: all its connections are guarded, and
+    the operator's ``credentials`` go to their own origins only.
     """
     factory = GuardedEndpointFactory(
         reactor,
@@ -403,7 +410,9 @@ def make_http_client(
     )
     if pool is None:
         pool = upstream_pool(reactor, persistent)
-    return treq_client(Agent.usingEndpointFactory(reactor, factory, pool=pool))
+    return upstream_client(
+        Agent.usingEndpointFactory(reactor, factory, pool=pool), credentials
+    )
 
 
 def connect_tcp(

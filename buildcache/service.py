@@ -86,7 +86,10 @@ class Server:
             ),
         )
         pool = upstream_pool(reactor)
-        http = make_http_client(reactor, policy, config.upstream_timeout, pool=pool)
+        http = make_http_client(
+            reactor, policy, config.upstream_timeout, pool=pool,
+            credentials=config.upstream_credentials,
+        )
         fetcher = Fetcher(
             store, http, reactor, idle_timeout=config.upstream_timeout,
             activity=activity,

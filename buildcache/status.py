@@ -37,6 +37,7 @@ from buildcache.activity import (
     redact,
 )
 from buildcache.config import Config
+from buildcache.credentials import shown_url
 from buildcache.metrics import Metrics
 from buildcache.prefetch import UNCLAIMED_BUDGET_FILES
 from buildcache.respond import send_error
@@ -263,6 +264,7 @@ class StatusPage:
 
     def _config(self) -> dict[str, Any]:
         config = self.config
+        credentials = config.upstream_credentials
         return {
             "proxy_endpoint": config.proxy_endpoint,
             "index_endpoint": config.index_endpoint,
@@ -270,11 +272,15 @@ class StatusPage:
             "max_size": config.max_size,
             "index_ttl": config.index_ttl,
             "upstream_timeout": config.upstream_timeout,
+            # "***@" marks an upstream sent credentials; they never show.
             "mirrors": [
-                {"name": mirror.name, "url": redact(mirror.url)}
+                {"name": mirror.name, "url": shown_url(redact(mirror.url), credentials)}
                 for mirror in config.mirrors
             ],
-            "pypi_upstreams": [redact(url) for url in config.pypi_upstreams],
+            "pypi_upstreams": [
+                shown_url(redact(url), credentials) for url in config.pypi_upstreams
+            ],
+            "netrc_file": config.netrc_file,
             "allow_from": [str(network) for network in config.allow_from],
             "allow_upstream": list(config.allow_upstream),
             "log_format": config.log_format,
@@ -637,6 +643,11 @@ def _config_section(config: Mapping[str, Any]) -> str:
         ("Pip upstreams", _list(config["pypi_upstreams"])),
         ("Clients allowed from", _list(config["allow_from"])),
         ("Proxy upstreams allowed", _list(config["allow_upstream"])),
+        (
+            "Upstream credentials file (--netrc)",
+            f"<code>{_e(config['netrc_file'])}</code>" if config.get("netrc_file")
+            else '<span class="muted">none</span>',
+        ),
         (
             "Read-ahead of distributions",
             _e(

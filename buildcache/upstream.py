@@ -1,5 +1,5 @@
 """
-Fetching from upstream servers with treq, one download per cache key.
+Fetching from upstream servers, one download per cache key.
 
 :class:`Fetcher` owns single flight: concurrent requests for one key share
 one upstream request.  The body goes to a temporary file in the store as
@@ -25,19 +25,18 @@ import hmac
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, cast
+from typing import Any
 from typing import Protocol as TypingProtocol
 from urllib.parse import urlsplit
 
-import treq.client
 from attrs import Factory, define, field, frozen
+from hyperlink import EncodedURL
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import RedirectAgent, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
@@ -50,6 +49,7 @@ from buildcache.freshness import (
     vary_values,
     varying_names,
 )
+from buildcache.credentials import CredentialsAgent, UpstreamCredentials
 from buildcache.store import Entry, IntegrityError, ObjectWriter, Store, StoredObject
 from buildcache.turns import Waiters
 
@@ -777,7 +777,7 @@ class Fetcher:
     log = Logger()
 
     store: Store
-    http: treq.client.HTTPClient
+    http: UpstreamClient
     clock: IReactorTime
     idle_timeout: float = 30.0
     activity: Activity | None = None
@@ -933,8 +933,8 @@ class Fetcher:
                 allow_redirects=request.follow_redirects,
             )
         except Exception as e:
-            # treq refuses some URLs before any I/O (hyperlink cannot
-            # encode every IPv6 literal, say).
+            # Some URLs cannot be requested at all, before any I/O (an
+            # IPv6 literal with a zone, say).
             self._report_failure(request.url, str(e) or repr(e))
             raise UpstreamError(f"cannot request {redact(request.url)}: {e}") from e
         given_up: list[bool] = []
@@ -1132,27 +1132,14 @@ def _replayed(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k in REPLAYED_HEADERS}
 
 
-class _NoCookies(DefaultCookiePolicy):
-    """
-    A shared cache must not carry one client's cookies into another's
-    requests: accept none, send none.
-    """
-
-    def set_ok(self, cookie: Any, request: Any) -> bool:
-        return False
-
-    def return_ok(self, cookie: Any, request: Any) -> bool:
-        return False
-
-
 @implementer(IAgent)
 @frozen
 class _IdentityEncodingAgent:
     """
-    Asks for bodies as stored on the upstream, and keeps treq's gzip
-    decoder from unpacking one that comes encoded anyway: a ``.tar.gz``
-    served with ``Content-Encoding: gzip`` is the archive itself, and
-    unpacking it would break its digest.
+    Asks for bodies as stored on the upstream, and hides the encoding of
+    one that comes encoded anyway from whatever would unpack it: a
+    ``.tar.gz`` served with ``Content-Encoding: gzip`` is the archive
+    itself, and unpacking it would break its digest.
     """
 
     agent: IAgent
@@ -1176,12 +1163,87 @@ class _IdentityEncodingAgent:
         return Deferred.fromCoroutine(self._request(method, uri, headers, bodyProducer))
 
 
-def treq_client(agent: IAgent) -> treq.client.HTTPClient:
+def request_uri(url: str) -> bytes:
     """
-    The treq client every upstream request goes through: bodies as the
-    upstream stores them, and no cookie jar shared between clients.
+    The URI bytes an upstream request for ``url`` is sent with: non-ASCII
+    characters percent-encoded and the host IDNA-encoded, as treq sends
+    them, except that an IPv6 literal host is kept as it is (bracketed):
+    hyperlink would try to IDNA-encode it, and fail.
+
+    @raise ValueError: ``url`` cannot be encoded (hyperlink's message).
     """
-    return treq.client.HTTPClient(
-        _IdentityEncodingAgent(agent),
-        cookiejar=cast(Any, CookieJar(policy=_NoCookies())),
-    )
+    parsed = EncodedURL.from_text(url)
+    host = parsed.host
+    if ":" in host:
+        # hyperlink accepts the literal, then refuses it in to_uri().
+        parsed = parsed.replace(host=_IPV6_STAND_IN).to_uri().replace(host=host)
+    else:
+        parsed = parsed.to_uri()
+    return parsed.to_text().encode("ascii")
+
+
+#: A name hyperlink can encode, standing in for an IPv6 literal while the
+#: rest of the URL is encoded (see request_uri); never sent.
+_IPV6_STAND_IN = "ipv6-literal.invalid"
+
+
+@frozen
+class UpstreamClient:
+    """
+    How every upstream request is sent: streamed bodies, redirects followed
+    only when asked (each hop through ``agent``, so what ``agent`` adds,
+    such as configured credentials, is judged hop by hop), and no cookies
+    kept between clients.
+
+    The same ``request`` keywords as treq's ``HTTPClient`` (which this
+    replaces because it cannot request an IPv6 literal host).
+    """
+
+    agent: IAgent
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Headers | None = None,
+        unbuffered: bool = True,
+        allow_redirects: bool = True,
+    ) -> Deferred[IResponse]:
+        """
+        Send ``method`` for ``url``; bodies are always streamed
+        (``unbuffered`` is accepted for treq's signature).
+
+        @raise ValueError: ``url`` cannot be requested (see
+            :func:`request_uri`), before any I/O.
+        """
+        uri = request_uri(url)
+        agent: IAgent = self.agent
+        if allow_redirects:
+            # Twisted's RedirectAgent drops a client's Authorization and
+            # Cookie headers when a redirect leaves the origin.
+            agent = RedirectAgent(agent)
+        return agent.request(
+            method.encode("ascii").upper(), uri,
+            headers.copy() if headers is not None else Headers(), None,
+        )
+
+    def get(self, url: str, **kwargs: Any) -> Deferred[IResponse]:
+        return self.request("GET", url, **kwargs)
+
+
+def upstream_client(
+    agent: IAgent, credentials: UpstreamCredentials | None = None
+) -> UpstreamClient:
+    """
+    The client every upstream request goes through: bodies as the upstream
+    stores them (see :class:`_IdentityEncodingAgent`), and the operator's
+    ``credentials`` added to requests for their own origins only.
+    """
+    inner: IAgent = _IdentityEncodingAgent(agent)
+    if credentials:
+        inner = CredentialsAgent(inner, credentials)
+    return UpstreamClient(inner)
+
+
+#: The name earlier code and tests know it by.
+treq_client = upstream_client

@@ -374,7 +374,7 @@ class HostAllowedTests(SynchronousTestCase):
     def test_reasons(self) -> None:
         policy = _policy("*.example.org", upstreams=(("::1", 3141),))
         self.assertIn("'*.example.org'", policy.host_allowed("a.example.org", 80).reason)
-        self.assertIn("not in allow_upstream", policy.host_allowed("b.org", 80).reason)
+        self.assertIn("not in --allow-upstream", policy.host_allowed("b.org", 80).reason)
         self.assertIn("[::1]:3141", policy.host_allowed("[::1]", 3141).reason)
         self.assertIn("configured upstream", policy.host_allowed("[::1]", 3141).reason)
 

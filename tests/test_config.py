@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 
 import attrs
@@ -50,6 +51,7 @@ ALL_OPTIONS = {
     "pypi-upstream",
     "log-format",
     "max-connections-per-client",
+    "netrc",
 }
 
 
@@ -592,6 +594,36 @@ class OptionsTests(SynchronousTestCase):
         for option, value in cases:
             message = self.usage_error(option, value)
             self.assertTrue(message.startswith(option + ": "), (option, value, message))
+
+    def test_usage_errors_spell_options_as_typed(self) -> None:
+        """
+        An error message names options as a user types them
+        (C{--allow-upstream}), never as the code spells them
+        (C{allow_upstream}).
+        """
+        internal = re.compile(
+            r"(?<![-\w])(allow_upstream|allow_from|pypi_upstream|max_size|index_ttl"
+            r"|upstream_timeout|prefetch_max_size|log_format|cache_dir)"
+        )
+        cases = [
+            ("--allow-upstream", "*"),
+            ("--allow-upstream", "example.*"),
+            ("--allow-upstream", " "),
+            ("--allow-upstream", "127.1"),
+            ("--allow-from", "everyone"),
+            ("--max-size", "0"),
+            ("--mirror", "Alpine=http://127.0.0.1/a"),
+            ("--pypi-upstream", "file:///srv/simple"),
+        ]
+        for option, value in cases:
+            message = self.usage_error(option, value)
+            self.assertIsNone(internal.search(message), message)
+        self.assertIn(
+            "leave --allow-upstream empty", self.usage_error("--allow-upstream", "*")
+        )
+        self.assertIn(
+            "empty --allow-upstream entry", self.usage_error("--allow-upstream", " ")
+        )
 
     def test_duplicate_mirror(self) -> None:
         message = self.usage_error(

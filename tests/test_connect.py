@@ -306,7 +306,7 @@ class GuardOverRealTCPTests(GuardTestCase):
                 AccessPolicy(allow_upstream=["mirror.example"]), "other.example", 80, resolver
             )
         self.assertIsNone(caught.exception.address)
-        self.assertIn("allow_upstream", caught.exception.reason)
+        self.assertIn("--allow-upstream", caught.exception.reason)
         self.assertEqual(resolver.asked, [])
 
     async def test_refused_connection_is_upstream_error(self) -> None:
@@ -329,7 +329,7 @@ class GuardOverRealTCPTests(GuardTestCase):
 
 class HTTPClientTests(GuardTestCase):
     """
-    make_http_client: a treq client whose connections are guarded.
+    make_http_client: a client whose connections are guarded.
     """
 
     async def test_refusal_reaches_caller_as_target_refused(self) -> None:
@@ -343,7 +343,7 @@ class HTTPClientTests(GuardTestCase):
     async def test_allowed_fetch_reuses_connection(self) -> None:
         listener, port = self.listen(Site(Hello()), "127.0.0.1")
         client = make_http_client(reactor, AccessPolicy(allow_upstream=["127.0.0.1"]), 5.0)
-        agent: Any = client._agent
+        agent: Any = client.agent
         pool = agent.agent._pool
         self.addCleanup(pool.closeCachedConnections)
         url = f"http://127.0.0.1:{self.port_of(port)}/"

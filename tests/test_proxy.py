@@ -957,7 +957,7 @@ class AccessTests(TestCase):
         # Not on the list: refused before any name lookup.
         refused = await proxy.get(f"http://elsewhere.invalid{INDEX_PATH}")
         self.assertEqual(refused.status, 403)
-        self.assertIn(b"allow_upstream", refused.body)
+        self.assertIn(b"--allow-upstream", refused.body)
         # The configured mirror upstream is still allowed.
         self.assertEqual((await harness.get(INDEX_PATH, proxy=True)).status, 200)
 

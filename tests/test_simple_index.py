@@ -780,10 +780,42 @@ class FileTests(TestCase):
     def start_unchecked_download(self, filename: str) -> None:
         """
         The proxy port's kind of download of ``filename``: same key, no
-        digest to check against.  An index request for it joins it.
+        digest to check against.  An index request for it joins it: the
+        upstream is asked only once that request has reached the fetcher
+        (else the download could end, or give up on being joined, first).
         """
         url = f"{self.upstream.base.removesuffix('/simple')}/files/{filename}"
-        self.harness.fetcher.fetch(UpstreamRequest(key=cache_key(url), url=url))
+        unchecked = UpstreamRequest(key=cache_key(url), url=url)
+        fetcher = self.harness.fetcher
+        counting = self.harness.http
+        agent = counting.agent
+        joined: Deferred[None] = Deferred()
+
+        @implementer(IAgent)
+        class HeldUntilJoined:
+            def request(
+                self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: Any = None,
+            ) -> Deferred[IResponse]:
+                async def later() -> IResponse:
+                    await joined
+                    return await agent.request(method, uri, headers, bodyProducer)
+
+                return Deferred.fromCoroutine(later())
+
+        fetch = Fetcher.fetch
+
+        def joining(self: Fetcher, request: UpstreamRequest) -> Deferred[Any]:
+            answer = fetch(self, request)
+            if self is fetcher and request.key == unchecked.key and request is not unchecked:
+                if not joined.called:
+                    counting.agent = agent
+                    joined.callback(None)
+            return answer
+
+        self.patch(Fetcher, "fetch", joining)
+        counting.agent = HeldUntilJoined()
+        fetcher.fetch(unchecked)
 
     async def test_joined_unchecked_download_is_served_once_it_matches(self) -> None:
         await self.harness.page("bcdemo-a")

@@ -23,6 +23,7 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from buildcache.activity import BUCKETS, Activity
 from buildcache.config import Config, Mirror
+from buildcache.credentials import UpstreamCredentials, split_userinfo
 from buildcache.metrics import Metrics
 from buildcache.status import (
     StatusPage,
@@ -540,8 +541,14 @@ class PageTests(SynchronousTestCase):
         self.clock.advance(1_700_000_000)
         self.config = Config(
             cache_dir=self.mktemp(),
-            mirrors=(Mirror("alpine", "http://mirror-user:hunter2@127.0.0.1:1/alpine"),),
-            pypi_upstreams=("https://token:s3cret@127.0.0.1:2/simple",),
+            mirrors=(Mirror("alpine", "http://127.0.0.1:1/alpine"),),
+            pypi_upstreams=("https://127.0.0.1:2/simple",),
+            # As the options give them, taken off the URLs.
+            upstream_credentials=UpstreamCredentials.build([
+                split_userinfo("http://mirror-user:hunter2@127.0.0.1:1/alpine"),
+                split_userinfo("https://token:s3cret@127.0.0.1:2/simple"),
+            ]),
+            netrc_file="/etc/buildcache/netrc",
             allow_upstream=("*.example.org",),
             max_size=1024**3,
         )
@@ -658,6 +665,7 @@ class PageTests(SynchronousTestCase):
         )
         config = page.text("config")
         self.assertIn("*.example.org", config)
+        self.assertIn("/etc/buildcache/netrc", config)
         self.assertIn("127.0.0.0/8", config)
         self.assertIn("1 GiB", config)
 

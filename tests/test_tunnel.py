@@ -315,7 +315,7 @@ class TunnelOverTCPTests(GuardTestCase):
         client.send(connect_head(f"127.0.0.1:{target_port}"))
         head, body = split_response(await self.refused(client))
         self.assertTrue(head.startswith(b"HTTP/1.1 403 "))
-        self.assertIn(b"allow_from", body)
+        self.assertIn(b"--allow-from", body)
         await self.settle(listener, self.target_port, AccessPolicy(allow_upstream=["127.0.0.1"]))
         self.assertEqual(listener.accepted, 1)
 
@@ -546,12 +546,12 @@ class ChannelInMemoryTests(SynchronousTestCase):
             AccessPolicy(allow_from=["10.0.0.0/8"]), peer="192.0.2.1"
         )
         channel.dataReceived(b"CONNECT not a target\r\n\r\n")
-        self.assertIn(b"allow_from", self.assertStatus(transport, b"403"))
+        self.assertIn(b"--allow-from", self.assertStatus(transport, b"403"))
 
     def test_host_outside_allow_upstream_is_403(self) -> None:
         memory, channel, transport = self.channel()
         channel.dataReceived(connect_head("elsewhere.example:443"))
-        self.assertIn(b"allow_upstream", self.assertStatus(transport, b"403"))
+        self.assertIn(b"--allow-upstream", self.assertStatus(transport, b"403"))
         self.assertEqual(memory.tcpClients, [])
 
     def test_connect_to_443_wires_flow_control_both_ways(self) -> None:
