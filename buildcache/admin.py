@@ -4,8 +4,9 @@ and ``warm``.
 
 This module owns the operator's view of a cache directory and the warming
 of a running server.  ``stats``, ``purge`` and ``verify`` work on the cache
-directory whether or not a server uses it: they never take the server's
-``lock`` (that is :meth:`buildcache.store.Store.open`'s), never touch
+directory whether or not a server uses it: they take the server's ``lock``
+(that is :meth:`buildcache.store.Store.open`'s) only for a moment, to
+migrate an index of an older schema that no server holds; they never touch
 ``tmp/``, and open the SQLite index directly (WAL mode lets the server and
 this command read and write it at the same time) with short transactions.
 
@@ -25,6 +26,7 @@ everything it asks for goes through the server's cache.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import heapq
 import http.client
@@ -145,6 +147,34 @@ class Row:
 _ROW_COLUMNS = "key, file, size, sha256, fetched_at, last_access, source_digest"
 
 
+def _migrate_unless_served(
+    db: sqlite3.Connection, directory: str, path: str, version: int
+) -> None:
+    """
+    Bring an older index up to date, as the server does at start-up, but
+    only when no server holds the directory: one still running is an older
+    buildcache (a newer one would have migrated it), and would go on
+    writing rows of its own schema into the migrated index.
+    """
+    if version > SCHEMA_VERSION:
+        migrate_index(db, path)  # refuses, saying which versions it reads
+        return
+    lock_fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            raise StoreError(
+                f"{path} has index schema version {version} and the server"
+                " using it is an older buildcache; restart the server with"
+                f" this version first (it brings the index to version"
+                f" {SCHEMA_VERSION} at start-up)"
+            ) from error
+        migrate_index(db, path)
+    finally:
+        os.close(lock_fd)
+
+
 @frozen
 class CacheIndex:
     """
@@ -194,7 +224,7 @@ class CacheIndex:
             raise AdminError(f"{path} is not a buildcache index")
         if version != SCHEMA_VERSION:
             try:
-                migrate_index(db, path)
+                _migrate_unless_served(db, directory, path, version)
             except (StoreError, sqlite3.Error) as error:
                 db.close()
                 raise AdminError(str(error)) from error
@@ -401,8 +431,13 @@ def key_matcher(
     names = {normalize_project_name(project) for project in projects}
 
     def matches(key: str) -> bool:
-        url = _key_url(key) if not key.startswith("simple-") else key
-        schemeless = url.partition("://")[2] if "://" in url else url
+        if key.startswith("simple-"):
+            # The index's own keys (``simple-page|https://…|name``) hold a
+            # URL inside, which a glob without a scheme must not reach into.
+            url = schemeless = key
+        else:
+            url = _key_url(key)
+            schemeless = url.partition("://")[2]
         if any(
             fnmatchcase(url, glob) or ("://" not in glob and fnmatchcase(schemeless, glob))
             for glob in globs

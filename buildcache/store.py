@@ -1039,31 +1039,52 @@ SECRET_SIZE = 32
 def cache_secret(directory: str) -> bytes:
     """
     The secret of the cache in ``directory``, made (with :mod:`secrets`,
-    mode 0600, written whole before it is renamed into place) on first
-    use.  A secret that is not whole is replaced: the private entries and
-    variants named with the old one are then never found, and age out.
+    mode 0600) on first use: written whole and synced in ``tmp/`` (which
+    start-up empties, should a crash leave one there), renamed into place,
+    and the rename synced, so a power loss cannot take back a secret that
+    entries were named with.  A secret that is not whole is replaced, with
+    a warning: the private entries and variants named with the old one are
+    then never found, and age out.  One others may read is made private.
     """
     path = os.path.join(directory, SECRET_NAME)
     try:
-        with open(path, "rb") as existing:
-            secret = existing.read(SECRET_SIZE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+                _log.warn(
+                    "The cache secret {path} could be read by other users;"
+                    " it is now private (mode 0600)", path=path,
+                )
+            secret = os.read(fd, SECRET_SIZE + 1)
+        finally:
+            os.close(fd)
         if len(secret) == SECRET_SIZE:
             return secret
+        _log.warn(
+            "The cache secret {path} is not whole ({size} bytes); making a"
+            " new one: entries private to a client's credentials, and"
+            " variants, are fetched again", path=path, size=len(secret),
+        )
     except FileNotFoundError:
         pass
     except OSError as e:
         raise StoreError(f"cannot read the cache secret {path}: {e}") from e
     secret = secrets.token_bytes(SECRET_SIZE)
-    temp = os.path.join(directory, f".{SECRET_NAME}.{os.getpid()}")
+    temp = os.path.join(directory, "tmp", f"{SECRET_NAME}.{secrets.token_hex(6)}")
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.fchmod(fd, 0o600)
             os.write(fd, secret)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temp, path)
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
     except OSError as e:
         _unlink_quietly(temp)
         raise StoreError(f"cannot create the cache secret {path}: {e}") from e

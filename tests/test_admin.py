@@ -12,6 +12,7 @@ in front of a local Alpine repository or a local simple index.
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import io
 import json
 import os
@@ -39,7 +40,8 @@ from buildcache.admin import (
     resolve_apk_closure,
 )
 from buildcache.apk import ApkIndex, ApkIndexEntry
-from buildcache.store import INDEX_NAME, Store
+from buildcache import store as store_module
+from buildcache.store import INDEX_NAME, SCHEMA_VERSION, Store
 from tests.apkrepo import BuiltApk, RepositoryResource, build_apk, write_repository
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import listen, reactor, start_server, url_of
@@ -535,6 +537,17 @@ class NamesTests(SynchronousTestCase):
         self.assertEqual([matches(key) for key in (private, variant, both)], [True] * 3)
         self.assertFalse(key_matcher(["*.deb#p=*"], [])(private))
 
+    def test_glob_without_scheme_does_not_reach_into_index_keys(self) -> None:
+        """
+        The index's page keys hold their upstream's URL after a prefix: a
+        host glob meant for files does not remove the pages (regression:
+        it did once globs without a scheme matched after ``://``).
+        """
+        page = "simple-page|https://index.test/simple|bcdemo-a"
+        self.assertFalse(key_matcher(["index.test/*"], [])(page))
+        self.assertTrue(key_matcher(["index.test/*"], [])("https://index.test/files/x.whl"))
+        self.assertTrue(key_matcher(["simple-page|*"], [])(page))
+
     def test_matcher(self) -> None:
         matches = key_matcher(["*/tool.*"], ["bcdemo.b"])
         self.assertEqual(
@@ -815,3 +828,42 @@ class WarmRequirementsTests(TestCase):
         self.assertEqual(upstream.requests["/simple/bcdemo-b/"], 1)
         self.assertEqual({p: n for p, n in upstream.requests.items() if n != 1}, {})
         self.assertEqual(list(temporary.iterdir()), [])
+
+
+class OlderIndexTests(SynchronousTestCase):
+    """
+    The admin commands on an index of an older schema: they migrate it as
+    the server would when no server holds the directory, and refuse while
+    one does (it is an older buildcache, which would go on writing rows of
+    its own schema into the migrated index).
+    """
+
+    def setUp(self) -> None:
+        from tests.test_store import write_version_1_entry
+
+        self.cache_dir = os.path.abspath(self.mktemp())
+        self.patch(store_module, "MIGRATIONS", ())
+        Store.open(self.cache_dir, 1 << 30, cast(IReactorTime, Clock())).close()
+        self.patch(store_module, "MIGRATIONS", store_module.MIGRATIONS_AS_SHIPPED)
+        write_version_1_entry(self.cache_dir, "mirror.test/pool/a.deb", b"deb")
+
+    def version(self) -> int:
+        with sqlite3.connect(os.path.join(self.cache_dir, INDEX_NAME)) as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+    def test_migrated_when_no_server_holds_it(self) -> None:
+        code, out, err = run("stats", "--cache-dir", self.cache_dir, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["entries"], 1)
+        self.assertEqual(self.version(), SCHEMA_VERSION)
+        self.assertEqual(stored_keys(self.cache_dir), {"http://mirror.test/pool/a.deb"})
+
+    def test_refused_while_an_older_server_holds_it(self) -> None:
+        lock_fd = os.open(os.path.join(self.cache_dir, "lock"), os.O_RDWR)
+        self.addCleanup(os.close, lock_fd)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, out, err = run("stats", "--cache-dir", self.cache_dir)
+        self.assertEqual(code, 2, out)
+        self.assertIn("restart the server with this version first", err)
+        self.assertEqual(self.version(), 1)
+        self.assertEqual(stored_keys(self.cache_dir), {"mirror.test/pool/a.deb"})

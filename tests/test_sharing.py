@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -25,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from buildcache import store as store_module
 from buildcache.config import Mirror
-from buildcache.store import MIGRATIONS, SECRET_NAME, cache_secret
+from buildcache.store import MIGRATIONS, SECRET_NAME, StoreError, cache_secret
 from buildcache.upstream import (
     PRIVATE_MARK,
     VARIANT_MARK,
@@ -580,9 +581,14 @@ class KeyRuleTests(SynchronousTestCase):
 
 
 class SecretTests(SynchronousTestCase):
+    def mktemp(self) -> str:
+        # A cache directory as Store.open lays it out before the secret.
+        directory = super().mktemp()
+        os.makedirs(os.path.join(directory, "tmp"))
+        return directory
+
     def test_made_once_private_to_its_owner(self) -> None:
         directory = self.mktemp()
-        os.makedirs(directory)
         secret = cache_secret(directory)
         self.assertEqual(len(secret), 32)
         path = os.path.join(directory, SECRET_NAME)
@@ -592,18 +598,37 @@ class SecretTests(SynchronousTestCase):
 
     def test_a_broken_secret_is_replaced(self) -> None:
         directory = self.mktemp()
-        os.makedirs(directory)
         path = os.path.join(directory, SECRET_NAME)
         with open(path, "wb") as half:
             half.write(b"short")
-        secret = cache_secret(directory)
+        with capturedLogs() as events:
+            secret = cache_secret(directory)
         self.assertEqual(len(secret), 32)
         with open(path, "rb") as written:
             self.assertEqual(written.read(), secret)
-        self.assertEqual(sorted(os.listdir(directory)), [SECRET_NAME])
+        # Nothing left beside it: the new one was written in tmp/.
+        self.assertEqual(sorted(os.listdir(directory)), [SECRET_NAME, "tmp"])
+        self.assertEqual(os.listdir(os.path.join(directory, "tmp")), [])
+        self.assertEqual([e["size"] for e in events if "size" in e], [5])
+
+    def test_a_secret_others_can_read_is_made_private(self) -> None:
+        directory = self.mktemp()
+        secret = cache_secret(directory)
+        path = os.path.join(directory, SECRET_NAME)
+        os.chmod(path, 0o644)
+        with capturedLogs() as events:
+            self.assertEqual(cache_secret(directory), secret)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(len([e for e in events if e.get("path") == path]), 1)
+
+    def test_a_link_is_not_followed(self) -> None:
+        directory = self.mktemp()
+        target = os.path.join(self._other(), "elsewhere")
+        with open(target, "wb") as f:
+            f.write(b"x" * 32)
+        os.symlink(target, os.path.join(directory, SECRET_NAME))
+        self.assertRaises(StoreError, cache_secret, directory)
 
     def _other(self) -> str:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        return directory
+        return self.mktemp()
 
