@@ -15,7 +15,6 @@ import json
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
@@ -47,7 +46,7 @@ from tests.support import (
     start_server,
 )
 from tests.test_faults import raw_client, record_channels, transport_of
-from tests.test_proxy import RawConnection, raw_request, until
+from tests.test_proxy import RawConnection, raw_connection, raw_request, until
 
 PACKAGE = "/files/curl-8.5.0-r0.apk"
 MB = 1024 * 1024
@@ -230,25 +229,6 @@ class TimedRulesTests(SynchronousTestCase):
         self.assertFalse(again_transport.disconnecting)
 
 
-async def connect_from(
-    testcase: TestCase, port: int, source: str = "127.0.0.1"
-) -> RawConnection:
-    """
-    A raw TCP connection to ``port`` from the loopback address ``source``.
-    """
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
-    connection = await connectProtocol(endpoint, RawConnection())
-
-    async def cleanup() -> None:
-        if not connection.closed:
-            assert connection.transport is not None
-            connection.transport.abortConnection()
-        await connection.lost
-
-    testcase.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
-    return connection
-
-
 def log_events(testcase: TestCase) -> EventLoggingObserver:
     return EventLoggingObserver.createWithCleanup(testcase, globalLogPublisher)
 
@@ -281,7 +261,7 @@ class OverHTTPTests(TestCase):
         for batch in range(6):
             port = running.proxy_port if batch % 2 else running.index_port
             crowd += await gatherResults([
-                Deferred.fromCoroutine(connect_from(self, port, f"127.0.0.{2 + n % 10}"))
+                Deferred.fromCoroutine(raw_connection(self, port, f"127.0.0.{2 + n % 10}"))
                 for n in range(50)
             ])
         for connection in crowd:
@@ -337,7 +317,7 @@ class OverHTTPTests(TestCase):
         events = log_events(self)
         running = self.start(max_connections_per_client=3)
         held = [
-            await connect_from(self, port)
+            await raw_connection(self, port)
             for port in (running.proxy_port, running.index_port, running.proxy_port)
         ]
         first = await held[0].request(
@@ -345,17 +325,17 @@ class OverHTTPTests(TestCase):
         )
         self.assertEqual(first.status, 200)
         for port in (running.index_port, running.proxy_port):
-            over = await connect_from(self, port)
+            over = await raw_connection(self, port)
             refused = await over.response()
             self.assertEqual(refused.status, 503)
             self.assertIn(b"--max-connections-per-client", refused.body)
             await over.lost
-        other = await connect_from(self, running.proxy_port, "127.0.0.2")
+        other = await raw_connection(self, running.proxy_port, "127.0.0.2")
         served = await other.request(raw_request("GET", f"/up{PACKAGE}", "box"))
         self.assertEqual((served.status, served.headers["x-cache"]), (200, ["HIT"]))
         await held[1].close()
         await until(lambda: running.server.connections.open_from("127.0.0.1") == 2)
-        again = await connect_from(self, running.index_port)
+        again = await raw_connection(self, running.index_port)
         answer = await again.request(raw_request("GET", "/-/stats.json", "box"))
         self.assertEqual(answer.status, 200)
         self.assertEqual(json.loads(answer.body)["config"]["max_connections_per_client"], 3)
@@ -405,7 +385,7 @@ class OverHTTPTests(TestCase):
         closed at once.
         """
         running = self.start()
-        idle = await connect_from(self, running.index_port)
+        idle = await raw_connection(self, running.index_port)
         answer = await idle.request(raw_request("GET", "/-/stats.json", "box"))
         self.assertEqual(answer.status, 200)
         service = BuildcacheService(running.server, reactor, grace=20)

@@ -190,8 +190,17 @@ class RawConnection(Protocol):
         await self.lost
 
 
-async def raw_connection(testcase: TestCase, port: int) -> RawConnection:
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+async def raw_connection(
+    testcase: TestCase, port: int, source: str | None = None
+) -> RawConnection:
+    """
+    A raw TCP connection to ``port``, from the loopback address ``source``
+    when one is given.
+    """
+    endpoint = TCP4ClientEndpoint(
+        reactor, "127.0.0.1", port,
+        bindAddress=None if source is None else (source, 0),
+    )
     connection = await connectProtocol(endpoint, RawConnection())
 
     async def cleanup() -> None:

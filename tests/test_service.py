@@ -85,7 +85,16 @@ class ServerProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
-def spawn_server(testcase: TestCase, *arguments: str) -> tuple[ServerProcess, int]:
+def spawn_server(
+    testcase: TestCase, *arguments: str,
+    index_port: int | None = None,
+    pypi_upstream: str = "http://127.0.0.1:9/simple",
+) -> tuple[ServerProcess, int]:
+    """
+    A real ``twistd buildcache`` on a free proxy port (returned) and on
+    ``index_port`` (a free one when not given), killed at the end of the
+    test if still running.
+    """
     if not os.access(TWISTD, os.X_OK):
         testcase.skipTest("twistd of this Python is not installed")
     proxy_port = free_port()
@@ -96,8 +105,8 @@ def spawn_server(testcase: TestCase, *arguments: str) -> tuple[ServerProcess, in
         process, TWISTD,
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "buildcache",
          "--port", f"tcp:{proxy_port}:interface=127.0.0.1",
-         "--pypi-port", f"tcp:{free_port()}:interface=127.0.0.1",
-         "--pypi-upstream", "http://127.0.0.1:9/simple",
+         "--pypi-port", f"tcp:{index_port or free_port()}:interface=127.0.0.1",
+         "--pypi-upstream", pypi_upstream,
          *arguments],
         env=environ,
     )

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from tests.support import Client, reactor
-from tests.test_service import TWISTD, ServerProcess, free_port
+from tests.support import Client
+from tests.test_service import ServerProcess, free_port, spawn_server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -33,37 +32,20 @@ class UpgradeTests(TestCase):
         return str((work / "cache").absolute()), manifest
 
     def spawn(self, cache_dir: str, manifest: dict[str, object]) -> tuple[ServerProcess, int, int]:
-        if not os.access(TWISTD, os.X_OK):
-            self.skipTest("twistd of this Python is not installed")
-        proxy_port, index_port = free_port(), free_port()
+        index_port = free_port()
         origin = f"http://127.0.0.1:{manifest['apk_port']}"
-        process = ServerProcess()
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-        environ["PYTHONPATH"] = str(Path(__file__).parent.parent)
-        transport = reactor.spawnProcess(
-            process, TWISTD,
-            [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "buildcache",
-             "--cache-dir", cache_dir,
-             "--port", f"tcp:{proxy_port}:interface=127.0.0.1",
-             "--pypi-port", f"tcp:{index_port}:interface=127.0.0.1",
-             "--pypi-upstream", f"http://127.0.0.1:{manifest['index_port']}/simple",
-             "--mirror", f"alpine={origin}/alpine",
-             "--allow-upstream", f"127.0.0.1:{manifest['apk_port']}",
-             # Stored indexes are served as they are, not revalidated: the
-             # origins of the fixture are gone.
-             "--index-ttl", "3650d",
-             "--prefetch-max-size", "0"],
-            env=environ,
+        process, proxy_port = spawn_server(
+            self,
+            "--cache-dir", cache_dir,
+            "--mirror", f"alpine={origin}/alpine",
+            "--allow-upstream", f"127.0.0.1:{manifest['apk_port']}",
+            # Stored indexes are served as they are, not revalidated: the
+            # origins of the fixture are gone.
+            "--index-ttl", "3650d",
+            "--prefetch-max-size", "0",
+            index_port=index_port,
+            pypi_upstream=f"http://127.0.0.1:{manifest['index_port']}/simple",
         )
-
-        def end() -> object:
-            if process.ended.called:
-                return None
-            transport.signalProcess("KILL")
-            return process.ended
-
-        self.addCleanup(end)
-        process.transport = transport
         return process, proxy_port, index_port
 
     async def test_version_1_cache_is_migrated_and_served(self) -> None:
