@@ -148,8 +148,15 @@ class ActivityCollector(Collector):
             counter.add_metric([], value)
             yield counter
         for name, documentation, value in (
-            ("buildcache_store_size_bytes", "Bytes of bodies in the store.",
+            ("buildcache_store_size_bytes",
+             "Bytes stored: bodies and their index rows (headers).",
              stats.bytes_stored),
+            ("buildcache_store_metadata_bytes",
+             "Of the bytes stored, the index rows' (headers, keys).",
+             stats.bytes_metadata),
+            ("buildcache_store_downloading_bytes",
+             "Room held for bodies being downloaded into tmp/.",
+             stats.bytes_downloading),
             ("buildcache_store_entries", "Objects in the store.", stats.entries),
             ("buildcache_store_max_size_bytes", "The store's size limit.",
              stats.max_size),

@@ -207,6 +207,8 @@ class StatusPage:
             "store": {
                 "entries": store.entries,
                 "bytes_stored": store.bytes_stored,
+                "bytes_metadata": store.bytes_metadata,
+                "bytes_downloading": store.bytes_downloading,
                 "max_size": store.max_size,
                 "fill": store.bytes_stored / store.max_size if store.max_size else None,
                 "evictions": store.evictions,
