@@ -56,6 +56,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from buildcache.access import AccessPolicy, normalize_host
+from buildcache.headlimit import HeadLimitedEndpointFactory
 from buildcache.upstream import UpstreamError, UpstreamTimeout, treq_client
 
 __all__ = [
@@ -390,7 +391,8 @@ def make_http_client(
     resolver: HostnameResolver | None = None,
 ) -> HTTPClient:
     """
-    The treq client for upstream fetches: all its connections are guarded.
+    The treq client for upstream fetches: all its connections are guarded,
+    and their response heads bounded (see :mod:`buildcache.headlimit`).
     """
     factory = GuardedEndpointFactory(
         reactor,
@@ -401,7 +403,11 @@ def make_http_client(
     )
     if pool is None:
         pool = upstream_pool(reactor, persistent)
-    return treq_client(Agent.usingEndpointFactory(reactor, factory, pool=pool))
+    return treq_client(
+        Agent.usingEndpointFactory(
+            reactor, HeadLimitedEndpointFactory(factory), pool=pool
+        )
+    )
 
 
 def connect_tcp(

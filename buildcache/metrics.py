@@ -74,6 +74,12 @@ class ActivityCollector(Collector):
             "Body bytes sent to clients, by where they came from.",
             labels=["front_end", "source"],
         )
+        fetched = CounterMetricFamily(
+            "buildcache_upstream_bytes",
+            "Body bytes received from upstreams, by the front end they were"
+            " fetched for (each counted once, however many clients shared it).",
+            labels=["front_end"],
+        )
         for front_end in FRONT_ENDS:
             totals = self.activity.totals[front_end]
             statuses = list(CACHE_STATUSES) + sorted(
@@ -83,10 +89,12 @@ class ActivityCollector(Collector):
                 requests.add_metric([front_end, status], totals.by_status[status])
             errors.add_metric([front_end], totals.errors)
             served.add_metric([front_end, "cache"], totals.bytes_from_cache)
-            served.add_metric([front_end, "upstream"], totals.bytes_from_upstream)
+            served.add_metric([front_end, "upstream"], totals.bytes_sent_on_miss)
+            fetched.add_metric([front_end], totals.bytes_from_upstream)
         yield requests
         yield errors
         yield served
+        yield fetched
 
     def _upstreams(self) -> Iterator[Metric]:
         successes = CounterMetricFamily(

@@ -286,4 +286,5 @@ def file_request(
         expected_sha256=expected_sha256,
         follow_redirects=True,
         stream_before_check=may_be_large,
+        front_end="index",
     )

@@ -414,6 +414,7 @@ class ProxyResource(Resource):
             ),
             storable=storable,
             follow_redirects=target.route != "proxy",
+            front_end="proxy" if target.route == "proxy" else "mirror",
         )
 
     async def _serve(self, request: Request, target: Target) -> None:

@@ -707,6 +707,7 @@ class IndexResource(Resource):
             verify=lambda headers: _PageCheck(
                 url, headers.get("content-type"), key, self._models
             ),
+            front_end="index",
         )
         try:
             answer = await self.fetcher.fetch(upstream_request)
@@ -839,6 +840,7 @@ class IndexResource(Resource):
                     url=url,
                     headers={"accept": media_type, "user-agent": _USER_AGENT, **conditional},
                     follow_redirects=True,
+                    front_end="index",
                 )
             )
         except UpstreamError as e:

@@ -320,6 +320,10 @@ class ObjectWriter:
         self.closed = False
         #: Room held in the store for this body (see :meth:`Store.reserve`).
         self.reserved = 0
+        #: Whether this body holds room as it grows; a small body that
+        #: must be checked whole before anyone sees it is spooled without
+        #: (see the fetcher).
+        self.counted = True
 
     def reserve(self, size: int) -> bool:
         """
@@ -350,7 +354,7 @@ class ObjectWriter:
         leaves :attr:`size` at the bytes written before this call.
         """
         needed = self.size + len(data)
-        if needed > self.reserved and not self.reserve(needed):
+        if self.counted and needed > self.reserved and not self.reserve(needed):
             raise NoRoom(
                 f"{needed} bytes would exceed what the cache can keep"
                 f" ({object_limit(self._store.max_size, self._store.max_object_size)}"

@@ -585,7 +585,9 @@ class PageTests(SynchronousTestCase):
         """
         finished_request(self.activity, "mirror", "a.apk", "HIT", 4000)
         self.clock.advance(3600)
-        finished_request(self.activity, "mirror", "b.apk", "MISS", 1000)
+        # The upstream series is what crossed the line, not what was sent.
+        self.activity.upstream_received("mirror", 1000)
+        finished_request(self.activity, "mirror", "b.apk", "MISS", 10)
         document = self.page.render_html()
         page = parse_page(self, document)
         cache = step_heights(page.attribute("chart-from-cache", "d"))
@@ -609,7 +611,10 @@ class PageTests(SynchronousTestCase):
         Totals add up the front ends; each front end has its own ratio and
         bytes; refusals count as errors but not against the hit ratio.
         """
-        finished_request(self.activity, "proxy", "libc6_2.36.deb", "MISS", 300)
+        # A range of 100 bytes from a 300-byte download (counted as it
+        # arrived, once), then the whole file from the cache.
+        self.activity.upstream_received("proxy", 300)
+        finished_request(self.activity, "proxy", "libc6_2.36.deb", "MISS", 100)
         finished_request(self.activity, "proxy", "libc6_2.36.deb", "HIT", 300)
         finished_request(self.activity, "proxy", None, None, 20, code=403)
         finished_request(self.activity, "index", "numpy", "REVALIDATED", 50)
@@ -620,6 +625,8 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(stats["hit_ratio"], 3 / 4)
         self.assertEqual(stats["bytes_from_cache"], 400)
         self.assertEqual(stats["bytes_from_upstream"], 300)
+        self.assertEqual(stats["bytes_saved"], 400)
+        self.assertEqual(stats["front_ends"]["proxy"]["bytes_from_upstream"], 300)
         self.assertEqual(stats["front_ends"]["proxy"]["hit_ratio"], 0.5)
         self.assertEqual(stats["front_ends"]["index"]["hit_ratio"], 1.0)
         self.assertEqual(stats["front_ends"]["proxy"]["by_status"]["none"], 1)
