@@ -154,6 +154,9 @@ class Config:
     @ivar log_format: C{"text"} or C{"json"}.
     @ivar prefetch_max_size: largest distribution file fetched ahead once a
         client has read its metadata; 0 turns read-ahead off.
+    @ivar max_object_size: largest body stored (squid's
+        C{maximum_object_size}); larger ones are streamed to their clients,
+        never stored nor spooled whole; 0: C{max_size}.
     """
 
     cache_dir: str = attrs.field(converter=_absolute_path)
@@ -188,6 +191,7 @@ class Config:
     prefetch_max_size: int = attrs.field(
         default=DEFAULT_PREFETCH_MAX_SIZE, validator=attrs.validators.ge(0)
     )
+    max_object_size: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 # Value parsers.  Each raises ValueError with a message that does not name
@@ -556,6 +560,14 @@ class Options(usage.Options):
             _coercer("max-size", parse_size),
         ],
         [
+            "max-object-size",
+            None,
+            0,
+            "Largest object stored (e.g. 2G); larger ones are streamed to"
+            " their clients, never stored; 0: as --max-size.",
+            _coercer("max-object-size", parse_size_or_zero),
+        ],
+        [
             "index-ttl",
             None,
             DEFAULT_INDEX_TTL,
@@ -697,6 +709,7 @@ class Options(usage.Options):
             pypi_upstreams=pypi_upstreams,
             log_format=self["log-format"],
             prefetch_max_size=self["prefetch-max-size"],
+            max_object_size=self["max-object-size"],
         )
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own "logger" option

@@ -270,6 +270,7 @@ class StatusPage:
             "index_endpoint": config.index_endpoint,
             "cache_dir": config.cache_dir,
             "max_size": config.max_size,
+            "max_object_size": config.max_object_size,
             "index_ttl": config.index_ttl,
             "upstream_timeout": config.upstream_timeout,
             "mirrors": [
@@ -629,6 +630,10 @@ def _config_section(config: Mapping[str, Any]) -> str:
         ("Pip index port", f"<code>{_e(config['index_endpoint'])}</code>"),
         ("Cache directory", f"<code>{_e(config['cache_dir'])}</code>"),
         ("Size limit", _e(human_bytes(config["max_size"]))),
+        (
+            "Largest object stored",
+            _e(human_bytes(config["max_object_size"] or config["max_size"])),
+        ),
         ("Index freshness", _e(f"{config['index_ttl']:g} s")),
         ("Upstream timeout", _e(f"{config['upstream_timeout']:g} s")),
         (

@@ -41,6 +41,7 @@ ALL_OPTIONS = {
     "pypi-port",
     "cache-dir",
     "max-size",
+    "max-object-size",
     "index-ttl",
     "upstream-timeout",
     "prefetch-max-size",
@@ -474,6 +475,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.index_ttl, 300.0)
         self.assertEqual(self.parse("--prefetch-max-size", "0").prefetch_max_size, 0)
         self.assertEqual(self.parse("--prefetch-max-size", "8M").prefetch_max_size, 8 * 1024**2)
+        self.assertEqual(self.parse().max_object_size, 0)
+        self.assertEqual(self.parse("--max-object-size", "2G").max_object_size, 2 * 1024**3)
         self.assertEqual(config.upstream_timeout, 3600.0)
         self.assertEqual(
             config.mirrors,
@@ -578,6 +581,8 @@ class OptionsTests(SynchronousTestCase):
             ("--log-format", "xml"),
             ("--prefetch-max-size", "-1"),
             ("--prefetch-max-size", "lots"),
+            ("--max-object-size", "-1"),
+            ("--max-object-size", "big"),
         ]
         for option, value in cases:
             message = self.usage_error(option, value)
