@@ -645,7 +645,8 @@ class FileTests(TestCase):
     async def test_head_and_ranges(self) -> None:
         """
         What uv does without metadata: HEAD, then a suffix range; both
-        correct on a cold file, with one upstream request.
+        correct on a cold file, the HEAD answered by a HEAD upstream (no
+        body fetched for it), the ranges by one download.
         """
         await self.harness.page("bcdemo-a")
         data = self.fixture.content(WHEEL_A2)
@@ -664,7 +665,13 @@ class FileTests(TestCase):
         self.assertEqual(tail.header("content-length"), "100")
         middle = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}", {"range": "bytes=10-19"})
         self.assertEqual((middle.status, middle.body), (206, data[10:20]))
-        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 2)
+        self.assertEqual(
+            [r.method for r in self.upstream.index.request_log if r.path == f"/files/{WHEEL_A2}"],
+            ["HEAD", "GET"],
+        )
+        # Nothing was stored for the HEAD; the download for the ranges was.
+        self.assertEqual(head.header("x-cache"), "MISS")
 
     async def test_range_on_cold_file(self) -> None:
         await self.harness.page("bcdemo-b")
