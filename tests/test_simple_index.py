@@ -725,6 +725,42 @@ class FileTests(TestCase):
         await harness.fetcher.when_idle()
         self.assertIsNotNone(harness.store.peek(cache_key(url)))
 
+    async def test_file_larger_than_max_object_size(self) -> None:
+        """
+        A file larger than ``--max-object-size`` is served, checked against
+        its page's sha256, and not stored: a small one that must be checked
+        before any byte goes out is spooled and checked whole; one that
+        streams before its check (no size on its page) is streamed without
+        being spooled and checked in memory, a mismatch cutting it.
+        """
+        observer = log_events(self)
+        for json_pages in (True, False):
+            fixture = fixture_for(self)
+            harness = Harness(self, [StaticSimpleIndex(fixture, json=json_pages)])
+            harness.store.max_object_size = 100
+            await harness.page("bcdemo-a")
+            good = fixture.content(WHEEL_A2)
+            url = f"{harness.upstreams[0].base.removesuffix('/simple')}/files/{WHEEL_A2}"
+            for _ in range(2):
+                received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+                self.assertEqual(
+                    (received.status, received.complete, received.body), (200, True, good)
+                )
+                await harness.fetcher.when_idle()
+                self.assertIsNone(harness.store.peek(cache_key(url)))
+                self.assertEqual(harness.store.reserved, 0)
+                self.assertEqual(os.listdir(os.path.join(harness.store.directory, "tmp")), [])
+            self.assertEqual(harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}"), 2)
+            fixture.path_for(WHEEL_A2).write_bytes(b"x" * len(good))
+            bad = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+            self.assertEqual(bad.status, 502)
+            self.assertIn(b"sha256", bad.body)
+        self.assertTrue(logged(observer, LogLevel.error, "fails its check"))
+        # Only the streaming ones (no size on the HTML page) were never
+        # spooled: three fetches.
+        streamed = [e for e in observer if e.get("event") == "streamed_not_stored"]
+        self.assertEqual(len(streamed), 3)
+
     async def test_file_without_page(self) -> None:
         """
         A file of a project whose page was never served is a 404 that

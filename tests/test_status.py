@@ -6,6 +6,8 @@ the traffic chart's geometry, escaping, and credential redaction.
 
 from __future__ import annotations
 
+import attrs
+
 import json
 from collections.abc import Mapping
 from html.parser import HTMLParser
@@ -563,6 +565,18 @@ class PageTests(SynchronousTestCase):
             self.config, self.store, self.fetcher,  # type: ignore[arg-type]
             self.activity, self.clock,
         )
+
+    def test_object_size_limit_shown(self) -> None:
+        """
+        The configuration block gives --max-object-size (0: the whole size
+        limit).
+        """
+        page = parse_page(self, self.page.render_html())
+        self.assertIn("Largest object stored 1 GiB", page.text("config"))
+        self.assertEqual(self.page.stats()["config"]["max_object_size"], 0)
+        self.page.config = attrs.evolve(self.config, max_object_size=2 * 1024**2)
+        page = parse_page(self, self.page.render_html())
+        self.assertIn("Largest object stored 2 MiB", page.text("config"))
 
     def test_nothing_served(self) -> None:
         """
