@@ -509,7 +509,9 @@ class Download:
         if self.spool_error is None:
             return
         positions = [b.position for b in self._bodies if b.position >= 0]
-        floor = min(positions) if positions else self.received
+        # A reader of a range may wait at an offset not yet received: the
+        # bytes kept start where the body has got to, at most.
+        floor = min(min(positions) if positions else self.received, self.received)
         if floor > self._memory_start:
             del self._memory[: floor - self._memory_start]
             self._memory_start = floor

@@ -320,6 +320,22 @@ class UnstorableDownloadTests(TestCase):
         self.assertEqual((again.header("x-cache"), len(again.body)), ("MISS", size))
         self.assertEqual(origin.requests[("GET", "/large.deb")], 2)
 
+    async def test_range_of_too_large_object(self) -> None:
+        """
+        uv's suffix range on a wheel too large to keep: the range, from a
+        download streamed in memory.
+        """
+        origin = Origin()
+        size = 3 * MB
+        origin.files["/large.deb"] = OriginFile(size)
+        running, client = serve(self, origin, max_object_size=MB)
+        data = OriginFile(size).data
+        for wanted, expected in (("bytes=-1000", data[-1000:]), ("bytes=10-19", data[10:20])):
+            received = await client.get(url(running, "/large.deb"), {"range": wanted})
+            self.assertEqual((received.status, received.body), (206, expected))
+        self.assertEqual(running.store.stats().entries, 0)
+        self.assertEqual(tmp_bytes(running), 0)
+
     async def test_too_large_and_nobody_reading_is_given_up(self) -> None:
         origin = Origin()
         size = 64 * MB
