@@ -513,7 +513,9 @@ class Store:
     total_size: int = 0
     metadata_bytes: int = 0
     entry_count: int = 0
-    #: Room held by bodies being written (see :meth:`reserve`).
+    #: Room held by bodies being written (see :meth:`reserve`).  Per
+    #: process: workers sharing a directory would each hold their own
+    #: against the same limit.
     reserved: int = 0
     #: The largest body kept (``--max-object-size``); 0: max_size.
     max_object_size: int = 0

@@ -349,6 +349,9 @@ class ServedFiguresTests(TestCase):
                    source="upstream"),
             len(BODY),
         )
+        self.assertEqual(
+            sample(text, "buildcache_upstream_bytes_total", front_end="mirror"), len(BODY)
+        )
         self.assertEqual(sample(text, "buildcache_upstream_latency_seconds_count"), 1)
         self.assertEqual(
             sample(text, "buildcache_upstream_latency_seconds_bucket", le="+Inf"), 1
