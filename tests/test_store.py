@@ -1389,14 +1389,28 @@ class MetadataTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(self.store.reserved, 0)
 
 
-def _downgrade_to_version_1(directory: str) -> None:
+def _version_1_index(directory: str, rows: dict[str, tuple[bytes, str]]) -> None:
     """
-    Turn an index into the schema before the metadata-size step.
+    A cache directory as the code before the metadata-size step wrote it:
+    schema version 1, with ``rows`` (key to body and headers JSON).
     """
+    for prefix in range(256):
+        os.makedirs(os.path.join(directory, "objects", f"{prefix:02x}"), exist_ok=True)
     db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
     try:
-        db.execute("ALTER TABLE entries DROP COLUMN meta_size")
-        db.execute("PRAGMA user_version = 1")
+        db.executescript(
+            "BEGIN;" + store_module._SCHEMA
+            + f"PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1; COMMIT;"
+        )
+        for key, (body, headers) in rows.items():
+            name = object_name(key)
+            with open(os.path.join(directory, "objects", name[:2], name), "wb") as f:
+                f.write(body)
+            db.execute(
+                "INSERT INTO entries (key, file, size, headers, sha256, fetched_at,"
+                " validated_at, last_access) VALUES (?, ?, ?, ?, ?, 1, 1, 1)",
+                (key, name, len(body), headers, hashlib.sha256(body).hexdigest()),
+            )
         db.commit()
     finally:
         db.close()
@@ -1410,19 +1424,11 @@ class MetadataMigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_version_1_index_migrated_and_served(self) -> None:
         directory = self.make_directory()
-        store = self.open_store(directory)
-        self.put(store, "small", b"body", {"etag": '"1"'})
-        self.put(store, "bloated", b"", {"etag": "z"})
-        self.close_store(store)
-        # Stored by the code before this step, which kept any headers.
-        db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
-        db.execute(
-            "UPDATE entries SET headers = ? WHERE key = 'bloated'",
-            (json.dumps({"etag": "z" * 70 * KB}),),
-        )
-        db.commit()
-        db.close()
-        _downgrade_to_version_1(directory)
+        # The code before this step kept headers of any size.
+        _version_1_index(directory, {
+            "small": (b"body", json.dumps({"etag": '"1"'})),
+            "bloated": (b"", json.dumps({"etag": "z" * 70 * KB})),
+        })
         with capturedLogs() as events:
             store = self.open_store(directory)
         steps = [e for e in events if e.get("step") == "metadata size"]
