@@ -69,8 +69,14 @@ class Totals:
 
     requests: int = 0
     by_status: Counter[str] = Factory(Counter)
+    #: Body bytes sent to clients from entries already stored (HIT,
+    #: REVALIDATED, STALE): the bytes saved.
     bytes_from_cache: int = 0
+    #: Body bytes that crossed the line from upstreams for this front end,
+    #: however many clients (or none, or a range) they were sent to.
     bytes_from_upstream: int = 0
+    #: Body bytes sent to clients on misses (X-Cache: MISS).
+    bytes_sent_on_miss: int = 0
     errors: int = 0
 
     @property
@@ -161,8 +167,10 @@ class Activity:
             totals.bytes_from_cache += sent
             bucket[1] += sent
         elif cache_status == "MISS":
-            totals.bytes_from_upstream += sent
-            bucket[2] += sent
+            # What crossed the line is counted as it arrives (see
+            # upstream_received): a HEAD or a range may start a whole
+            # download, and several clients may share one.
+            totals.bytes_sent_on_miss += sent
         if name is not None and request.code < 400:
             self.top_names[(front_end, name)] += 1
             if len(self.top_names) > TOP_NAMES_KEPT * 2:
@@ -212,6 +220,15 @@ class Activity:
             start = last - i * BUCKET_SECONDS
             b = recorded.get(int(start))
             yield Bucket(start, int(b[1]), int(b[2])) if b else Bucket(start, 0, 0)
+
+    def upstream_received(self, front_end: str, count: int) -> None:
+        """
+        ``count`` body bytes arrived from an upstream for ``front_end``.
+        """
+        totals = self.totals.get(front_end)
+        if totals is not None:
+            totals.bytes_from_upstream += count
+        self._bucket(self.clock.seconds())[2] += count
 
     def _health(self, url: str) -> UpstreamHealth | None:
         host = upstream_host_key(url)

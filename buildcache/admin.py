@@ -141,10 +141,14 @@ class Row:
     last_access: float
     #: See :attr:`buildcache.store.Entry.source_digest`.
     source_digest: str | None = None
+    #: What the row itself costs against the size limit (headers, key).
+    meta_size: int = 0
 
 
 #: The columns of a :class:`Row`, in its order.
-_ROW_COLUMNS = "key, file, size, sha256, fetched_at, last_access, source_digest"
+_ROW_COLUMNS = (
+    "key, file, size, sha256, fetched_at, last_access, source_digest, meta_size"
+)
 
 
 def _migrate_unless_served(
@@ -471,11 +475,14 @@ class CacheStats:
 
     cache_dir: str
     entries: int
+    #: Bodies and rows, as the server counts them against --max-size.
     bytes: int
     oldest: Row | None
     newest: Row | None
     largest: tuple[Row, ...]
     kinds: Mapping[str, KindTotal]
+    #: Of ``bytes``, the rows' part.
+    metadata_bytes: int = 0
 
     def as_json(self) -> dict[str, object]:
         def described(row: Row | None) -> dict[str, object] | None:
@@ -487,6 +494,7 @@ class CacheStats:
             "cache_dir": self.cache_dir,
             "entries": self.entries,
             "bytes": self.bytes,
+            "metadata_bytes": self.metadata_bytes,
             "oldest": described(self.oldest),
             "newest": described(self.newest),
             "largest": [{"key": row.key, "size": row.size} for row in self.largest],
@@ -503,13 +511,15 @@ def collect_stats(index: CacheIndex) -> CacheStats:
     """
     entries = 0
     stored = 0
+    metadata = 0
     oldest: Row | None = None
     newest: Row | None = None
     largest: list[tuple[int, str, Row]] = []
     kinds = {kind: [0, 0] for kind in KINDS}
     for row in index.rows():
         entries += 1
-        stored += row.size
+        stored += row.size + row.meta_size
+        metadata += row.meta_size
         if oldest is None or row.fetched_at < oldest.fetched_at:
             oldest = row
         if newest is None or row.fetched_at > newest.fetched_at:
@@ -522,7 +532,7 @@ def collect_stats(index: CacheIndex) -> CacheStats:
             heapq.heappushpop(largest, item)
         total = kinds[entry_kind(row.key)]
         total[0] += 1
-        total[1] += row.size
+        total[1] += row.size + row.meta_size
     return CacheStats(
         cache_dir=index.directory,
         entries=entries,
@@ -531,6 +541,7 @@ def collect_stats(index: CacheIndex) -> CacheStats:
         newest=newest,
         largest=tuple(row for _, _, row in sorted(largest, reverse=True)),
         kinds={kind: KindTotal(count, size) for kind, (count, size) in kinds.items()},
+        metadata_bytes=metadata,
     )
 
 
@@ -555,7 +566,8 @@ def render_stats(stats: CacheStats) -> str:
     lines = [
         f"Cache directory  {stats.cache_dir}",
         f"Entries          {stats.entries}",
-        f"Stored           {human_size(stats.bytes)} ({stats.bytes} bytes)",
+        f"Stored           {human_size(stats.bytes)} ({stats.bytes} bytes,"
+        f" {stats.metadata_bytes} of them index rows)",
     ]
     if stats.oldest is not None and stats.newest is not None:
         lines += [
@@ -585,7 +597,7 @@ class PurgeResult:
 
     @property
     def bytes(self) -> int:
-        return sum(row.size for row in self.rows)
+        return sum(row.size + row.meta_size for row in self.rows)
 
 
 def purge(index: CacheIndex, matches: Callable[[str], bool], dry_run: bool = False) -> PurgeResult:

@@ -207,6 +207,9 @@ class Config:
         client has read its metadata; 0 turns read-ahead off.
     @ivar max_connections_per_client: open connections one client address
         may hold on both ports together; one more is answered 503.
+    @ivar max_object_size: largest body stored (squid's
+        C{maximum_object_size}); larger ones are streamed to their clients,
+        never stored nor spooled whole; 0: C{max_size}.
     """
 
     cache_dir: str = attrs.field(converter=_absolute_path)
@@ -248,6 +251,7 @@ class Config:
         factory=UpstreamCredentials
     )
     netrc_file: str | None = None
+    max_object_size: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 # Value parsers.  Each raises ValueError with a message that does not name
@@ -639,6 +643,14 @@ class Options(usage.Options):
             _coercer("max-size", parse_size),
         ],
         [
+            "max-object-size",
+            None,
+            0,
+            "Largest object stored (e.g. 2G); larger ones are streamed to"
+            " their clients, never stored; 0: as --max-size.",
+            _coercer("max-object-size", parse_size_or_zero),
+        ],
+        [
             "index-ttl",
             None,
             DEFAULT_INDEX_TTL,
@@ -824,6 +836,7 @@ class Options(usage.Options):
             max_connections_per_client=self["max-connections-per-client"],
             upstream_credentials=credentials,
             netrc_file=netrc_file,
+            max_object_size=self["max-object-size"],
         )
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own "logger" option

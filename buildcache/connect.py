@@ -62,6 +62,7 @@ from buildcache.upstream import (
     UpstreamTimeout,
     upstream_client,
 )
+from buildcache.headlimit import HeadLimitedEndpointFactory
 
 __all__ = [
     "TargetRefused",
@@ -398,7 +399,8 @@ def make_http_client(
     credentials: UpstreamCredentials | None = None,
 ) -> UpstreamClient:
     """
-    The client for upstream fetches: all its connections are guarded, and
+    The client for upstream fetches: all its connections are guarded,
+    their response heads bounded (see :mod:`buildcache.headlimit`), and
     the operator's ``credentials`` go to their own origins only.
     """
     factory = GuardedEndpointFactory(
@@ -411,7 +413,10 @@ def make_http_client(
     if pool is None:
         pool = upstream_pool(reactor, persistent)
     return upstream_client(
-        Agent.usingEndpointFactory(reactor, factory, pool=pool), credentials
+        Agent.usingEndpointFactory(
+            reactor, HeadLimitedEndpointFactory(factory), pool=pool
+        ),
+        credentials,
     )
 
 

@@ -74,6 +74,12 @@ class ActivityCollector(Collector):
             "Body bytes sent to clients, by where they came from.",
             labels=["front_end", "source"],
         )
+        fetched = CounterMetricFamily(
+            "buildcache_upstream_bytes",
+            "Body bytes received from upstreams, by the front end they were"
+            " fetched for (each counted once, however many clients shared it).",
+            labels=["front_end"],
+        )
         for front_end in FRONT_ENDS:
             totals = self.activity.totals[front_end]
             statuses = list(CACHE_STATUSES) + sorted(
@@ -83,10 +89,12 @@ class ActivityCollector(Collector):
                 requests.add_metric([front_end, status], totals.by_status[status])
             errors.add_metric([front_end], totals.errors)
             served.add_metric([front_end, "cache"], totals.bytes_from_cache)
-            served.add_metric([front_end, "upstream"], totals.bytes_from_upstream)
+            served.add_metric([front_end, "upstream"], totals.bytes_sent_on_miss)
+            fetched.add_metric([front_end], totals.bytes_from_upstream)
         yield requests
         yield errors
         yield served
+        yield fetched
 
     def _upstreams(self) -> Iterator[Metric]:
         successes = CounterMetricFamily(
@@ -148,8 +156,15 @@ class ActivityCollector(Collector):
             counter.add_metric([], value)
             yield counter
         for name, documentation, value in (
-            ("buildcache_store_size_bytes", "Bytes of bodies in the store.",
+            ("buildcache_store_size_bytes",
+             "Bytes stored: bodies and their index rows (headers).",
              stats.bytes_stored),
+            ("buildcache_store_metadata_bytes",
+             "Of the bytes stored, the index rows' (headers, keys).",
+             stats.bytes_metadata),
+            ("buildcache_store_downloading_bytes",
+             "Room held for bodies being downloaded into tmp/.",
+             stats.bytes_downloading),
             ("buildcache_store_entries", "Objects in the store.", stats.entries),
             ("buildcache_store_max_size_bytes", "The store's size limit.",
              stats.max_size),

@@ -290,4 +290,5 @@ def file_request(
         follow_redirects=True,
         stream_before_check=may_be_large,
         variants=True,
+        front_end="index",
     )

@@ -52,6 +52,7 @@ from buildcache.respond import (
     request_headers,
     send_error,
     serve_answer,
+    serve_head,
     serve_stored,
 )
 from buildcache.status import STATUS_PATHS, StatusResource
@@ -430,6 +431,7 @@ class ProxyResource(Resource):
             follow_redirects=target.route != "proxy",
             variants=True,
             revalidates=revalidates,
+            front_end="proxy" if target.route == "proxy" else "mirror",
             source_digest=(
                 apk_entry.control_checksum if apk_entry is not None else None
             ),
@@ -481,7 +483,36 @@ class ProxyResource(Resource):
                 return
             await self._revalidate(request, target, headers, stored)
             return
+        if request.method == b"HEAD" and not self.fetcher.downloading(target.key):
+            await self._head(request, target, headers)
+            return
         await self._miss(request, target, headers)
+
+    async def _head(
+        self, request: Request, target: Target, headers: Mapping[str, str]
+    ) -> None:
+        """
+        A HEAD that missed goes upstream as a HEAD: nothing is fetched or
+        stored for it (a HEAD that joins a running download shares it).
+        """
+        self.store.counters.misses += 1
+        try:
+            answer = await self.fetcher.head(
+                self._upstream_request(target, headers, {}, None)
+            )
+        except TargetRefused as e:
+            send_error(request, 403, str(e))
+            return
+        except UpstreamTimeout as e:
+            send_error(request, 504, str(e))
+            return
+        except UpstreamError as e:
+            send_error(request, 502, str(e))
+            return
+        serve_head(
+            request, answer,
+            cache_control=client_cache_control(target.kind, self.index_ttl, answer.headers),
+        )
 
     def _serve_stored(
         self, request: Request, target: Target, stored: StoredObject,

@@ -206,6 +206,34 @@ def serve_answer(
     _send(request, answer.body, size, headers, None, lambda n: None)
 
 
+def serve_head(
+    request: Request,
+    answer: UpstreamAnswer,
+    cache_control: str | None = None,
+    extra_headers: Mapping[str, str] = {},
+) -> None:
+    """
+    Answer a HEAD that missed with the upstream's answer to a HEAD (a
+    MISS): its status and headers, its ``Content-Length``, no body.
+    """
+    if client_gone(request):
+        return
+    headers = answer.headers
+    _set_headers(request, headers, CacheStatus.MISS, cache_control, extra_headers)
+    length = headers.get("content-length")
+    if answer.status == 200 and not_modified(request_headers(request), headers, None):
+        request.setResponseCode(304)
+        request.finish()
+        return
+    request.setResponseCode(answer.status)
+    if length is not None and length.isdigit():
+        request.setHeader("content-length", length)
+        if answer.status == 200:
+            # What a GET of it would offer (uv reads wheels by ranges).
+            request.setHeader("accept-ranges", "bytes")
+    request.finish()
+
+
 def send_error(request: Request, code: int, message: str) -> None:
     """
     Finish ``request`` with ``code`` and a one-line plain-text explanation.

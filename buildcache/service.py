@@ -281,6 +281,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     store = Store.open(
         config.cache_dir, config.max_size, reactor,
         run_blocking=in_thread_pool(reactor, store_threads),
+        max_object_size=config.max_object_size,
     )
     server = Server.build(config, reactor, store)
     top = BuildcacheService(server, reactor, store_threads=store_threads)

@@ -95,6 +95,7 @@ from buildcache.respond import (
     send_error,
     send_text,
     serve_answer,
+    serve_head,
     serve_stored,
 )
 from buildcache.simple_model import (
@@ -755,6 +756,7 @@ class IndexResource(Resource):
             verify=lambda headers: _PageCheck(
                 url, headers.get("content-type"), key, self._models
             ),
+            front_end="index",
         )
         try:
             answer = await self.fetcher.fetch(upstream_request)
@@ -903,6 +905,7 @@ class IndexResource(Resource):
                     url=url,
                     headers={"accept": media_type, "user-agent": _USER_AGENT, **conditional},
                     follow_redirects=True,
+                    front_end="index",
                 )
             )
         except UpstreamError as e:
@@ -1057,6 +1060,9 @@ class IndexResource(Resource):
             # from what the page promises: fetch the checked one.
             stored.close()
         counters.misses += 1
+        if request.method == b"HEAD" and not self.fetcher.downloading(key):
+            # uv sends HEAD, then ranges: the HEAD alone fetches nothing.
+            return await self._head_file(request, url, upstream_request)
         self._claimed_read_ahead(key, stored=False)
         try:
             answer = await self.fetcher.fetch(upstream_request)
@@ -1116,6 +1122,30 @@ class IndexResource(Resource):
         # against: sent from the download while it is being stored.
         serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
         return not client_gone(request)
+
+    async def _head_file(
+        self, request: Request, url: str, upstream_request: UpstreamRequest
+    ) -> bool:
+        """
+        Answer a HEAD for a file that is not stored with the upstream's
+        answer to a HEAD; nothing is fetched or stored.
+        """
+        try:
+            answer = await self.fetcher.head(upstream_request)
+        except UpstreamTimeout as e:
+            send_error(request, 504, f"upstream {url} timed out: {e}")
+            return False
+        except UpstreamError as e:
+            send_error(request, 502, f"upstream {url} failed: {e}")
+            return False
+        if answer.status != 200:
+            send_error(
+                request, 404 if answer.status in (404, 410) else 502,
+                f"upstream answered {answer.status} for {url}",
+            )
+            return False
+        serve_head(request, answer, _FILE_CACHE_CONTROL)
+        return True
 
     def _refuse_mismatch(self, request: Request, name: str, url: str, why: str) -> None:
         self.log.error(

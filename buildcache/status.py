@@ -208,6 +208,8 @@ class StatusPage:
             "store": {
                 "entries": store.entries,
                 "bytes_stored": store.bytes_stored,
+                "bytes_metadata": store.bytes_metadata,
+                "bytes_downloading": store.bytes_downloading,
                 "max_size": store.max_size,
                 "fill": store.bytes_stored / store.max_size if store.max_size else None,
                 "evictions": store.evictions,
@@ -270,6 +272,7 @@ class StatusPage:
             "index_endpoint": config.index_endpoint,
             "cache_dir": config.cache_dir,
             "max_size": config.max_size,
+            "max_object_size": config.max_object_size,
             "index_ttl": config.index_ttl,
             "upstream_timeout": config.upstream_timeout,
             # "***@" marks an upstream sent credentials; they never show.
@@ -634,6 +637,10 @@ def _config_section(config: Mapping[str, Any]) -> str:
         ("Pip index port", f"<code>{_e(config['index_endpoint'])}</code>"),
         ("Cache directory", f"<code>{_e(config['cache_dir'])}</code>"),
         ("Size limit", _e(human_bytes(config["max_size"]))),
+        (
+            "Largest object stored",
+            _e(human_bytes(config["max_object_size"] or config["max_size"])),
+        ),
         ("Index freshness", _e(f"{config['index_ttl']:g} s")),
         ("Upstream timeout", _e(f"{config['upstream_timeout']:g} s")),
         (

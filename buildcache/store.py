@@ -49,8 +49,18 @@ from twisted.python.failure import Failure
 
 from buildcache.turns import after_io
 
-#: Index rows kept in memory for hits before the lot is dropped.
+#: Index rows kept in memory for hits before the lot is dropped, and the
+#: most metadata bytes (see :func:`metadata_size`) they may hold.  Per
+#: process: each worker keeps its own.
 ROWS_KEPT = 20_000
+ROWS_BYTES_KEPT = 16 * 1024 * 1024
+#: What a row costs against ``--max-size`` besides its key and headers: the
+#: row and its index entries in SQLite, roughly.  A zero-byte body is not
+#: free: without this a flood of them would grow ``index.sqlite`` unseen.
+ROW_OVERHEAD = 256
+#: The most header bytes (as stored, JSON) one entry may keep; a response
+#: with more is served but not stored.
+MAX_STORED_HEADERS = 64 * 1024
 #: Temporary files kept ready for new bodies (see :meth:`Store.writer`).
 SPARE_TEMP_FILES = 4
 #: ``PRAGMA application_id`` of a buildcache index ("bcac").
@@ -117,10 +127,9 @@ def _keys_name_their_scheme(db: sqlite3.Connection) -> int:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("cache keys name their scheme", _keys_name_their_scheme),
     Migration("record the digest an object's source gave", _add_source_digest),
+    Migration("metadata size", lambda db: _add_metadata_size(db)),
 )
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
-#: For tests that replace MIGRATIONS.
-MIGRATIONS_AS_SHIPPED = MIGRATIONS
 
 
 class StoreError(Exception):
@@ -133,6 +142,53 @@ class IntegrityError(Exception):
     """
     A body did not match what was expected of it, and was not stored.
     """
+
+
+class NoRoom(OSError):
+    """
+    A body being written cannot be kept: it is larger than an object may
+    be, or the downloads in progress leave no room for it.  An ``OSError``
+    so that its download goes on as one whose disk failed: streamed to the
+    clients reading it, not stored.
+    """
+
+
+def metadata_size(key: str, headers_json: str) -> int:
+    """
+    What an entry's row costs against the size limit besides its body.
+    """
+    return ROW_OVERHEAD + len(key.encode("utf-8")) + len(headers_json.encode("utf-8"))
+
+
+def headers_storable(headers_json: str) -> bool:
+    """
+    Whether an entry may keep these headers (see :data:`MAX_STORED_HEADERS`).
+    """
+    return len(headers_json.encode("utf-8")) <= MAX_STORED_HEADERS
+
+
+def object_limit(max_size: int, max_object_size: int) -> int:
+    """
+    The largest body the store keeps: ``--max-object-size`` (0: no limit
+    of its own), never more than the whole store.
+    """
+    if max_object_size <= 0:
+        return max_size
+    return min(max_size, max_object_size)
+
+
+def mismatch(
+    size: int, sha256: str, expected_size: int | None, expected_sha256: str | None
+) -> str | None:
+    """
+    Why a body of ``size`` bytes with digest ``sha256`` is not the one
+    expected, or None when it is.
+    """
+    if expected_size is not None and size != expected_size:
+        return f"expected {expected_size} bytes, received {size}"
+    if expected_sha256 is not None and sha256 != expected_sha256.lower():
+        return f"expected sha256 {expected_sha256}, received {sha256}"
+    return None
 
 
 def object_name(key: str) -> str:
@@ -216,6 +272,8 @@ class Entry:
     #: repository index, say) identified it, in that source's notation;
     #: None when unknown (nothing vouched, or stored before it was kept).
     source_digest: str | None = None
+    #: What the row costs besides the body (see :func:`metadata_size`).
+    meta_size: int = field(default=0, eq=False)
 
 
 @define
@@ -249,8 +307,14 @@ class StoreStats:
     prefetches: int
     prefetch_hits: int
     entries: int
+    #: Bodies and rows (metadata) together: what counts against max_size.
     bytes_stored: int
     max_size: int
+    #: Of bytes_stored, the rows' part.
+    bytes_metadata: int = 0
+    #: Room held by downloads being written to tmp/ (also counted against
+    #: max_size, not part of bytes_stored).
+    bytes_downloading: int = 0
 
 
 @define
@@ -288,12 +352,48 @@ class ObjectWriter:
         self._hash = hashlib.sha256()
         self.size = 0
         self.closed = False
+        #: Room held in the store for this body (see :meth:`Store.reserve`).
+        self.reserved = 0
+        #: Whether this body holds room as it grows; a small body that
+        #: must be checked whole before anyone sees it is spooled without
+        #: (see the fetcher).
+        self.counted = True
+
+    def reserve(self, size: int) -> bool:
+        """
+        Hold room for a body of ``size`` bytes (its declared length);
+        False, holding nothing more, when the store cannot keep it.
+        """
+        if size <= self.reserved:
+            return True
+        if not self._store.fits(size) or not self._store.reserve(size - self.reserved):
+            return False
+        self.reserved = size
+        return True
+
+    def _release(self) -> None:
+        self._store.release(self.reserved)
+        self.reserved = 0
+
+    def hash_state(self) -> Any:
+        """
+        A copy of the running digest of the bytes written so far.
+        """
+        return self._hash.copy()
 
     def write(self, data: bytes) -> None:
         """
-        Append ``data``; an ``OSError`` (a full or failing disk) leaves
-        :attr:`size` at the bytes written before this call.
+        Append ``data``; an ``OSError`` (a full or failing disk, or
+        :class:`NoRoom` for a body that outgrew what the store can hold)
+        leaves :attr:`size` at the bytes written before this call.
         """
+        needed = self.size + len(data)
+        if self.counted and needed > self.reserved and not self.reserve(needed):
+            raise NoRoom(
+                f"{needed} bytes would exceed what the cache can keep"
+                f" ({object_limit(self._store.max_size, self._store.max_object_size)}"
+                " bytes an object, room left beside other downloads)"
+            )
         view = memoryview(data)
         while view:
             written = self._store.write_file(self._fd, view)
@@ -321,19 +421,10 @@ class ObjectWriter:
         Raise :class:`IntegrityError`, forgetting the body, when its size or
         digest differs from what was expected.
         """
-        try:
-            if expected_size is not None and self.size != expected_size:
-                raise IntegrityError(
-                    f"expected {expected_size} bytes, received {self.size}"
-                )
-            digest = self.sha256
-            if expected_sha256 is not None and digest != expected_sha256.lower():
-                raise IntegrityError(
-                    f"expected sha256 {expected_sha256}, received {digest}"
-                )
-        except IntegrityError:
+        why = mismatch(self.size, self.sha256, expected_size, expected_sha256)
+        if why is not None:
             self.abort()
-            raise
+            raise IntegrityError(why)
 
     def commit(
         self,
@@ -354,11 +445,14 @@ class ObjectWriter:
         with the row (see :attr:`Entry.source_digest`).
         """
         self.check(expected_size, expected_sha256)
-        if not self._keepable():
+        if not self._keepable(headers):
             return None
+        try:
+            name = self._make_durable()
+        finally:
+            self._release()
         return self._store._record(
-            self.key, self._make_durable(), self.size, self.sha256, headers,
-            source_digest,
+            self.key, name, self.size, self.sha256, headers, source_digest
         )
 
     async def persist(
@@ -370,26 +464,41 @@ class ObjectWriter:
         server), so the reactor serves other requests meanwhile.  Raises
         and returns as :meth:`commit`.
         """
-        if not self._keepable():
+        if not self._keepable(headers):
             return None
         # From here the file belongs to the blocking call: abort() must
         # not close the descriptor under it.
         self.closed = True
-        name = await self._store.run_blocking(self._make_durable)
+        try:
+            name = await self._store.run_blocking(self._make_durable)
+        finally:
+            self._release()
         return self._store._record(
             self.key, name, self.size, self.sha256, headers, source_digest
         )
 
-    def _keepable(self) -> bool:
-        if self._store.fits(self.size):
-            return True
-        self._store.log.info(
-            "Not storing {key}: {size} bytes exceed the cache size limit",
-            key=self.key,
-            size=self.size,
-        )
-        self.abort()
-        return False
+    def _keepable(self, headers: Mapping[str, str]) -> bool:
+        if not self._store.fits(self.size):
+            self._store.log.info(
+                "Not storing {key}: {size} bytes exceed the cache's object size limit",
+                key=self.key,
+                size=self.size,
+            )
+            self.abort()
+            return False
+        header_bytes = len(json.dumps(dict(headers)))
+        if header_bytes > MAX_STORED_HEADERS:
+            self._store.log.warn(
+                "Not storing {key}: its headers take {header_bytes} bytes,"
+                " more than the {limit} an entry may keep",
+                event="headers_not_stored",
+                key=self.key,
+                header_bytes=header_bytes,
+                limit=MAX_STORED_HEADERS,
+            )
+            self.abort()
+            return False
+        return True
 
     def _make_durable(self) -> str:
         """
@@ -411,6 +520,7 @@ class ObjectWriter:
         """
         Forget the body; descriptors from :meth:`reader_fd` stay readable.
         """
+        self._release()
         if self.closed:
             return
         self.closed = True
@@ -441,8 +551,16 @@ class Store:
     clock: IReactorTime
     _db: sqlite3.Connection
     _lock_fd: int
+    #: Bytes of the stored bodies, and of their rows (metadata_size).
     total_size: int = 0
+    metadata_bytes: int = 0
     entry_count: int = 0
+    #: Room held by bodies being written (see :meth:`reserve`).  Per
+    #: process: workers sharing a directory would each hold their own
+    #: against the same limit.
+    reserved: int = 0
+    #: The largest body kept (``--max-object-size``); 0: max_size.
+    max_object_size: int = 0
     counters: Counters = Factory(Counters)
     _pending_access: dict[str, float] = Factory(dict)
     _temp_serial: int = 0
@@ -452,6 +570,7 @@ class Store:
     _spare_coming: int = 0
     _data_version: int = -1
     _rows: dict[str, Entry] = Factory(dict)
+    _rows_bytes: int = 0
     #: How body bytes reach the disk (``os.write``, ``os.fsync``); the
     #: fault tests replace them to make the disk fail.
     write_file: Callable[[int, memoryview], int] = os.write
@@ -469,6 +588,7 @@ class Store:
     def open(
         cls, directory: str, max_size: int, clock: IReactorTime,
         run_blocking: BlockingRunner | None = None,
+        max_object_size: int = 0,
     ) -> Store:
         """
         Open (creating if needed) the cache in ``directory`` and reconcile
@@ -504,6 +624,7 @@ class Store:
             os.close(lock_fd)
             raise
         store = cls(directory, max_size, clock, db, lock_fd, secret=secret)
+        store.max_object_size = max_object_size
         if run_blocking is not None:
             store.run_blocking = run_blocking
         try:
@@ -527,16 +648,23 @@ class Store:
             if row is None:
                 return None
             entry = _entry_from_row(row, None)
-            if len(self._rows) >= ROWS_KEPT:
+            if (
+                len(self._rows) >= ROWS_KEPT
+                or self._rows_bytes + entry.meta_size > ROWS_BYTES_KEPT
+            ):
                 self._rows.clear()
+                self._rows_bytes = 0
             self._rows[key] = entry
+            self._rows_bytes += entry.meta_size
         pending = self._pending_access.get(key)
         if pending is not None:
             return attrs.evolve(entry, last_access=pending)
         return entry
 
     def _forget(self, key: str) -> None:
-        self._rows.pop(key, None)
+        entry = self._rows.pop(key, None)
+        if entry is not None:
+            self._rows_bytes -= entry.meta_size
 
     def peek(self, key: str) -> Entry | None:
         """
@@ -567,7 +695,7 @@ class Store:
             fd = os.open(_file_path(self.directory, entry.file), os.O_RDONLY)
         except FileNotFoundError:
             self.log.warn("Index row without a file for {key}; dropping it", key=key)
-            self._delete_rows([(key, entry.size, entry.file)])
+            self._delete_rows([(key, entry.size, entry.meta_size, entry.file)])
             return None
         self._pending_access[key] = self.clock.seconds()
         return StoredObject(entry, fd)
@@ -621,7 +749,38 @@ class Store:
     # -- writing ---------------------------------------------------------
 
     def fits(self, size: int) -> bool:
-        return size <= self.max_size
+        """
+        Whether a body of ``size`` bytes may be kept at all.
+        """
+        return size <= object_limit(self.max_size, self.max_object_size)
+
+    def used(self) -> int:
+        """
+        Bytes counted against ``max_size``: bodies, rows, and the room
+        held by bodies being written.
+        """
+        return self.total_size + self.metadata_bytes + self.reserved
+
+    def reserve(self, size: int) -> bool:
+        """
+        Hold room for ``size`` more bytes of bodies being written in
+        ``tmp/``, evicting stored entries to make it, as squid does; False
+        (holding nothing) when the bodies being written would leave too
+        little room even with nothing stored.
+        """
+        if size <= 0:
+            return True
+        if self.reserved + size > self.max_size:
+            return False
+        self.reserved += size
+        self._evict()
+        return True
+
+    def release(self, size: int) -> None:
+        """
+        Give back room held by :meth:`reserve`.
+        """
+        self.reserved -= size
 
     def writer(self, key: str) -> ObjectWriter:
         """
@@ -699,22 +858,24 @@ class Store:
         """
         final = _file_path(self.directory, name)
         now = self.clock.seconds()
+        headers_json = json.dumps(dict(headers))
+        meta = metadata_size(key, headers_json)
         try:
             # No fsync of the directory: if a power loss forgets the rename
             # while the row survives, start-up drops the row without a file.
             # The file's own fsync (in commit) is what keeps a row from ever
             # naming a file of the right size with the wrong bytes.
             old = self._db.execute(
-                "SELECT size, file FROM entries WHERE key = ?", (key,)
+                "SELECT size, file, meta_size FROM entries WHERE key = ?", (key,)
             ).fetchone()
             with self._db:
                 self._db.execute(
                     "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
-                    " fetched_at, validated_at, last_access, source_digest)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " fetched_at, validated_at, last_access, source_digest, meta_size)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        key, name, size, json.dumps(dict(headers)), digest, now, now,
-                        now, source_digest,
+                        key, name, size, headers_json, digest, now, now, now,
+                        source_digest, meta,
                     ),
                 )
         except (OSError, sqlite3.Error) as e:
@@ -730,12 +891,15 @@ class Store:
             self.entry_count += 1
         else:
             self.total_size -= old[0]
+            self.metadata_bytes -= old[2]
             # Readers of the old version keep their descriptors.
             _unlink_quietly(_file_path(self.directory, old[1]))
         self.total_size += size
+        self.metadata_bytes += meta
         self._evict(keep=key)
         return Entry(
-            key, size, dict(headers), digest, now, now, now, name, source_digest
+            key, size, dict(headers), digest, now, now, now, name, source_digest,
+            meta,
         )
 
     def mark_validated(
@@ -751,23 +915,37 @@ class Store:
         merged = dict(entry.headers)
         if headers:
             merged.update(headers)
+        merged_json = json.dumps(merged)
+        if not headers_storable(merged_json):
+            self.log.warn(
+                "Keeping the stored headers of {key}: the refreshed ones would"
+                " take {header_bytes} bytes, more than the {limit} an entry may keep",
+                event="headers_not_stored", key=key,
+                header_bytes=len(merged_json), limit=MAX_STORED_HEADERS,
+            )
+            merged, merged_json = dict(entry.headers), json.dumps(dict(entry.headers))
+        meta = metadata_size(key, merged_json)
         now = self.clock.seconds()
         with self._db:
-            self._db.execute(
-                "UPDATE entries SET validated_at = ?, headers = ? WHERE key = ?",
-                (now, json.dumps(merged), key),
+            cursor = self._db.execute(
+                "UPDATE entries SET validated_at = ?, headers = ?, meta_size = ?"
+                " WHERE key = ? AND file = ?",
+                (now, merged_json, meta, key, entry.file),
             )
         self._forget(key)
+        if cursor.rowcount == 1:
+            self.metadata_bytes += meta - entry.meta_size
+            self._evict(keep=key)
         return Entry(
             key, entry.size, merged, entry.sha256, entry.fetched_at, now,
-            entry.last_access, entry.file, entry.source_digest,
+            entry.last_access, entry.file, entry.source_digest, meta,
         )
 
     def remove(self, key: str) -> bool:
         entry = self._row(key)
         if entry is None:
             return False
-        self._delete_rows([(key, entry.size, entry.file)])
+        self._delete_rows([(key, entry.size, entry.meta_size, entry.file)])
         return True
 
     def remove_entry(self, entry: Entry) -> bool:
@@ -776,7 +954,7 @@ class Store:
         stored since); whether it did.
         """
         before = self.entry_count
-        self._delete_rows([(entry.key, entry.size, entry.file)])
+        self._delete_rows([(entry.key, entry.size, entry.meta_size, entry.file)])
         return self.entry_count < before
 
     def set_source_digest(self, entry: Entry, source_digest: str) -> None:
@@ -791,7 +969,10 @@ class Store:
                 (source_digest, entry.key, entry.file),
             )
 
-    def _delete_rows(self, victims: list[tuple[str, int, str]]) -> None:
+    def _delete_rows(self, victims: list[tuple[str, int, int, str]]) -> None:
+        """
+        Delete rows (key, body size, metadata size, file) and their files.
+        """
         deleted = []
         for victim in victims:
             self._forget(victim[0])
@@ -801,45 +982,50 @@ class Store:
                 # have removed it, or the key may hold a newer version.
                 cursor = self._db.execute(
                     "DELETE FROM entries WHERE key = ? AND file = ?",
-                    (victim[0], victim[2]),
+                    (victim[0], victim[3]),
                 )
                 if cursor.rowcount == 1:
                     deleted.append(victim)
-        for key, size, name in deleted:
+        for key, size, meta, name in deleted:
             self._pending_access.pop(key, None)
             _unlink_quietly(_file_path(self.directory, name))
             self.total_size -= size
+            self.metadata_bytes -= meta
             self.entry_count -= 1
 
     def _evict(self, keep: str | None = None) -> None:
         """
-        Remove least recently used entries until the total fits.
+        Remove least recently used entries until bodies, rows and the room
+        held for bodies being written fit.
 
         Readers holding a descriptor keep reading: unlinking does not cut
         an open file short.
         """
-        if self.total_size <= self.max_size:
+        if self.used() <= self.max_size:
             return
         self.flush()
-        while self.total_size > self.max_size:
+        while self.used() > self.max_size:
             rows = self._db.execute(
-                "SELECT key, size, file FROM entries WHERE key != ?"
+                "SELECT key, size, meta_size, file FROM entries WHERE key != ?"
                 " ORDER BY last_access LIMIT 64",
                 (keep or "",),
             ).fetchall()
             if not rows:
                 break
             victims = []
-            excess = self.total_size - self.max_size
-            for key, size, name in rows:
-                victims.append((key, size, name))
-                excess -= size
+            excess = self.used() - self.max_size
+            for key, size, meta, name in rows:
+                victims.append((key, size, meta, name))
+                excess -= size + meta
                 if excess <= 0:
                     break
             self._delete_rows(victims)
             self.counters.evictions += len(victims)
-            for key, size, _ in victims:
-                self.log.info("Evicted {key} ({size} bytes)", key=key, size=size)
+            for key, size, meta, _ in victims:
+                self.log.info(
+                    "Evicted {key} ({size} bytes)", key=key, size=size,
+                    metadata_bytes=meta,
+                )
 
     def set_max_size(self, max_size: int) -> None:
         self.max_size = max_size
@@ -893,12 +1079,15 @@ class Store:
                 return
             self._data_version = version
             self._rows.clear()
-            count, total = self._db.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM entries"
+            self._rows_bytes = 0
+            count, total, meta = self._db.execute(
+                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(meta_size), 0)"
+                " FROM entries"
             ).fetchone()
         except sqlite3.Error as e:
             self.log.error("Cannot read the cache index: {error}", error=str(e))
             return
+        self.metadata_bytes = meta
         if (count, total) != (self.entry_count, self.total_size):
             self.log.info(
                 "Index changed by another process: {entries} entries,"
@@ -933,8 +1122,10 @@ class Store:
             prefetches=c.prefetches,
             prefetch_hits=c.prefetch_hits,
             entries=self.entry_count,
-            bytes_stored=self.total_size,
+            bytes_stored=self.total_size + self.metadata_bytes,
             max_size=self.max_size,
+            bytes_metadata=self.metadata_bytes,
+            bytes_downloading=self.reserved,
         )
 
     def _reconcile(self) -> None:
@@ -950,14 +1141,14 @@ class Store:
             _unlink_quietly(os.path.join(temp_dir, name))
             removed_temp += 1
         rows = {
-            name: (key, size, name)
-            for key, name, size in self._db.execute(
-                "SELECT key, file, size FROM entries"
+            name: (key, size, meta, name)
+            for key, name, size, meta in self._db.execute(
+                "SELECT key, file, size, meta_size FROM entries"
             )
         }
         seen: set[str] = set()
         orphans = 0
-        bad: list[tuple[str, int, str]] = []
+        bad: list[tuple[str, int, int, str]] = []
         objects = os.path.join(self.directory, "objects")
         for fanout in os.scandir(objects):
             if not fanout.is_dir(follow_symlinks=False):
@@ -976,7 +1167,8 @@ class Store:
         # also unlinks, which is harmless for a file that is not there.
         dropped = {row[0]: row for row in bad + missing}
         self.entry_count = len(rows)
-        self.total_size = sum(size for _, size, _ in rows.values())
+        self.total_size = sum(row[1] for row in rows.values())
+        self.metadata_bytes = sum(row[2] for row in rows.values())
         if dropped:
             self._delete_rows(list(dropped.values()))
         self.log.info(
@@ -1008,7 +1200,7 @@ def _remove_foreign(item: os.DirEntry[str]) -> None:
 #: The columns :func:`_entry_from_row` reads, in its order.
 _ENTRY_COLUMNS = (
     "key, size, headers, sha256, fetched_at, validated_at, last_access, file,"
-    " source_digest"
+    " source_digest, meta_size"
 )
 #: Keys per ``IN (...)`` list: well under SQLite's limit on parameters.
 _KEYS_PER_STATEMENT = 500
@@ -1017,7 +1209,7 @@ _KEYS_PER_STATEMENT = 500
 def _entry_from_row(row: tuple[Any, ...], pending_access: float | None) -> Entry:
     (
         key, size, headers, sha256, fetched_at, validated_at, last_access, file,
-        source_digest,
+        source_digest, meta,
     ) = row
     return Entry(
         key=key,
@@ -1029,7 +1221,28 @@ def _entry_from_row(row: tuple[Any, ...], pending_access: float | None) -> Entry
         last_access=pending_access if pending_access is not None else last_access,
         file=file,
         source_digest=source_digest,
+        meta_size=meta,
     )
+
+
+def _add_metadata_size(db: sqlite3.Connection) -> int:
+    """
+    Schema 2: each row records what it costs besides its body (see
+    :func:`metadata_size`), so that headers count against ``--max-size``.
+    Rows whose headers are over :data:`MAX_STORED_HEADERS` are dropped (a
+    newer server would not have stored them); the count of them.
+    """
+    db.execute("ALTER TABLE entries ADD COLUMN meta_size INTEGER NOT NULL DEFAULT 0")
+    dropped = db.execute(
+        "DELETE FROM entries WHERE length(CAST(headers AS BLOB)) > ?",
+        (MAX_STORED_HEADERS,),
+    ).rowcount
+    db.execute(
+        "UPDATE entries SET meta_size ="
+        " ? + length(CAST(key AS BLOB)) + length(CAST(headers AS BLOB))",
+        (ROW_OVERHEAD,),
+    )
+    return int(dropped)
 
 
 SECRET_NAME = "secret"

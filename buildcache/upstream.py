@@ -50,7 +50,10 @@ from buildcache.freshness import (
     varying_names,
 )
 from buildcache.credentials import CredentialsAgent, UpstreamCredentials
-from buildcache.store import Entry, IntegrityError, ObjectWriter, Store, StoredObject
+from buildcache.headlimit import head_too_large
+from buildcache.store import (
+    Entry, IntegrityError, NoRoom, ObjectWriter, Store, StoredObject, mismatch,
+)
 from buildcache.turns import Waiters
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -169,6 +172,9 @@ class UpstreamRequest:
     #: how the index that vouched for it identifies it, so that a later
     #: version of that index can tell whether it still describes it.
     source_digest: str | None = None
+    #: The front end the bytes fetched are counted for (see
+    #: :meth:`buildcache.activity.Activity.upstream_received`).
+    front_end: str = "proxy"
 
     def may_join(self, running: UpstreamRequest) -> bool:
         """
@@ -513,6 +519,11 @@ class Download:
     _memory_start: int = 0
     _upstream: IPushProducer | None = None
     _held_back: bool = False
+    #: The digest of the body, carried on from the spool file's once the
+    #: body goes on in memory, so that a digest can still be checked.
+    _memory_hash: Any = None
+    #: Told of every body byte received (the activity's upstream count).
+    on_received: Callable[[int], None] | None = None
 
     def when_settled(self) -> Deferred[None]:
         """
@@ -582,14 +593,39 @@ class Download:
         self.spool_error = error
         self._memory_start = self.spooled
         if self._writer is not None:
+            self._memory_hash = self._writer.hash_state()
             # Readers' descriptors keep the bytes already written.
             self._writer.abort()
+        else:
+            self._memory_hash = hashlib.sha256()
+        if isinstance(error, NoRoom):
+            self.log.info(
+                "Not storing {url} ({error}); streaming it to its clients"
+                " after {size} bytes in tmp/",
+                event="streamed_not_stored",
+                url=redact(self.request.url),
+                size=self.spooled,
+                error=str(error),
+            )
+            return
         self.log.error(
             "Cannot write {url} to the cache after {size} bytes: {error};"
             " streaming it to its clients from memory, not storing it",
             url=redact(self.request.url),
             size=self.spooled,
             error=str(error),
+        )
+
+    def memory_mismatch(self) -> str | None:
+        """
+        For a body that went on in memory: why it is not the one its
+        request expects, or None.
+        """
+        if self._memory_hash is None:
+            return None
+        return mismatch(
+            self.received, self._memory_hash.hexdigest(),
+            self.request.expected_size, self.request.expected_sha256,
         )
 
     def _take(self, data: bytes) -> None:
@@ -604,7 +640,11 @@ class Download:
                 self.spooled += len(data)
         self.received += len(data)
         self.store.counters.bytes_from_upstream += len(data)
+        if self.on_received is not None:
+            self.on_received(len(data))
         if self.spool_error is not None:
+            if self._memory_hash is not None:
+                self._memory_hash.update(data)
             self._memory += data
             # Keep only what a streaming reader still needs.
             self.reader_moved()
@@ -631,7 +671,9 @@ class Download:
         if self.spool_error is None:
             return
         positions = [b.position for b in self._bodies if b.position >= 0]
-        floor = min(positions) if positions else self.received
+        # A reader of a range may wait at an offset not yet received: the
+        # bytes kept start where the body has got to, at most.
+        floor = min(min(positions) if positions else self.received, self.received)
         if floor > self._memory_start:
             del self._memory[: floor - self._memory_start]
             self._memory_start = floor
@@ -706,11 +748,12 @@ class _BodyReceiver(Protocol):
         """
         Stop a download that cannot be spooled when nobody may see it
         before it is checked, or nobody is reading it: it cannot be kept,
-        so it is not worth fetching.
+        so it is not worth fetching.  (One streamed before its check is
+        checked in memory, see :meth:`Download.memory_mismatch`.)
         """
         download = self._download
         if download.spool_error is None or not (
-            download.request.checked or not download._bodies
+            download.request.holds_until_checked or not download._bodies
         ):
             return False
         download.abandoned = True
@@ -831,7 +874,7 @@ class Fetcher:
         if download is not None and not request.may_join(download.request):
             return self._own_download(request)
         elif download is None:
-            download = Download(request, self.store)
+            download = self._new_download(request)
             self._downloads[request.key] = download
             Deferred.fromCoroutine(self._run(download))
             return download.join()
@@ -844,7 +887,7 @@ class Fetcher:
         """
         A download for ``request`` alone, which later requests do not join.
         """
-        download = Download(request, self.store)
+        download = self._new_download(request)
         self._detached.append(download)
         Deferred.fromCoroutine(self._run(download))
         return download.join()
@@ -864,6 +907,28 @@ class Fetcher:
         if answer.body is not None:
             answer.body.close()
         return self._own_download(request)
+
+    def _new_download(self, request: UpstreamRequest) -> Download:
+        download = Download(request, self.store)
+        activity = self.activity
+        if activity is not None:
+            front_end = request.front_end
+            download.on_received = lambda n: activity.upstream_received(front_end, n)
+        return download
+
+    def head(self, request: UpstreamRequest) -> Deferred[UpstreamAnswer]:
+        """
+        The upstream's answer to a HEAD for ``request``: its status and
+        end-to-end headers (``content-length`` included), no body, nothing
+        stored.  Fails as :meth:`fetch` does.
+        """
+        return Deferred.fromCoroutine(self._head(request))
+
+    async def _head(self, request: UpstreamRequest) -> UpstreamAnswer:
+        response = await self._send("HEAD", request)
+        response.deliverBody(Protocol())
+        headers = end_to_end_headers(response.headers)
+        return UpstreamAnswer(response.code, headers, None)
 
     async def _run(self, download: Download) -> None:
         request = download.request
@@ -922,11 +987,14 @@ class Fetcher:
             download._answer()
         download._notify()
 
-    async def _download(self, download: Download) -> None:
-        request = download.request
+    async def _send(self, method: str, request: UpstreamRequest) -> IResponse:
+        """
+        Send ``request`` upstream and wait, up to the idle timeout, for the
+        response head; fails with :class:`UpstreamError`.
+        """
         try:
             requested = self.http.request(
-                "GET",
+                method,
                 request.url,
                 headers=Headers({k: [v] for k, v in request.headers.items()}),
                 unbuffered=True,
@@ -952,6 +1020,12 @@ class Fetcher:
                 self._report_failure(request.url, str(e))
             raise
         except Exception as e:
+            if head_too_large(e):
+                self._report_failure(request.url, "response head too large")
+                raise UpstreamError(
+                    f"{redact(request.url)} answered with a response head larger"
+                    " than this cache accepts"
+                ) from e
             # Cancelled once the request has gone out, the agent fails with
             # ResponseNeverReceived (wrapping the CancelledError), not with
             # CancelledError itself: the timer says which it was.
@@ -976,6 +1050,11 @@ class Fetcher:
                 self.activity.upstream_succeeded(
                     request.url, self.clock.seconds() - started
                 )
+        return response
+
+    async def _download(self, download: Download) -> None:
+        request = download.request
+        response = await self._send("GET", request)
         download.status = response.code
         download.headers = end_to_end_headers(response.headers)
         download.headers.pop("content-length", None)
@@ -1000,12 +1079,29 @@ class Fetcher:
             # Vary: *, which no later request matches.
             storable = False
             stored_key = request.key
+        length = response.length if isinstance(response.length, int) else None
         try:
             spool = self.store.writer(stored_key)
         except OSError as e:
             download._unspooled(e)
         else:
-            download._spool(spool)
+            if length is None or spool.reserve(length):
+                download._spool(spool)
+            elif request.holds_until_checked and length <= STREAM_CHECKED_ABOVE:
+                # Nobody may see it before its check, which needs it whole:
+                # spooled beside the limit (it is small), and stored only if
+                # it may be once checked.
+                spool.counted = False
+                download._spool(spool)
+            else:
+                spool.abort()
+                download._unspooled(NoRoom(
+                    f"its {length} bytes are more than the cache keeps"
+                    " beside the downloads in progress"
+                    if self.store.fits(length)
+                    else f"its {length} bytes are more than the cache keeps of"
+                    " one object"
+                ))
         if download.spool_error is not None:
             self._unjoinable(download)
         if not request.holds_until_checked:
@@ -1027,7 +1123,6 @@ class Fetcher:
                 f" ({download.spool_error}), and {why}"
             )
         complete = reason.check(ResponseDone) is not None
-        length = response.length if isinstance(response.length, int) else None
         if reason.check(PotentialDataLoss) and length is None:
             # A body delimited by closing the connection: it may be whole,
             # but nothing proves it, so it is served and not stored unless
@@ -1056,6 +1151,10 @@ class Fetcher:
                 receiver.verify()
             except Exception as e:
                 raise self._refused(request, writer, e)
+        if download.spool_error is not None and download.status == 200:
+            wrong = download.memory_mismatch()
+            if wrong is not None:
+                raise self._refused(request, None, IntegrityError(wrong))
         kept = writer if storable and download.spool_error is None else None
         if kept is not None:
             try:

@@ -280,7 +280,10 @@ def start_server(
         mirrors.append(Mirror("up", url_of(up_port).rstrip("/")))
     cache_dir = testcase.mktemp()  # type: ignore[attr-defined]
     config = Config(cache_dir=cache_dir, mirrors=tuple(mirrors), **changes)  # type: ignore[arg-type]
-    store = Store.open(config.cache_dir, config.max_size, reactor, run_blocking)
+    store = Store.open(
+        config.cache_dir, config.max_size, reactor, run_blocking,
+        max_object_size=config.max_object_size,
+    )
     server = Server.build(config, reactor, store)
     port = reactor.listenTCP(0, server.proxy_site, interface="127.0.0.1")
     index_port = reactor.listenTCP(0, server.index_site, interface="127.0.0.1")

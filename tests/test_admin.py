@@ -40,8 +40,7 @@ from buildcache.admin import (
     resolve_apk_closure,
 )
 from buildcache.apk import ApkIndex, ApkIndexEntry
-from buildcache import store as store_module
-from buildcache.store import INDEX_NAME, SCHEMA_VERSION, Store
+from buildcache.store import INDEX_NAME, SCHEMA_VERSION, Store, metadata_size
 from tests.apkrepo import BuiltApk, RepositoryResource, build_apk, write_repository
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import listen, reactor, start_server, url_of
@@ -109,6 +108,13 @@ def populate(directory: str, objects: Mapping[str, int]) -> None:
         store.close()
 
 
+def row_cost(key: str) -> int:
+    """
+    What the row of ``key`` costs as :func:`populate` writes it.
+    """
+    return metadata_size(key, json.dumps({"content-type": "application/octet-stream"}))
+
+
 def stored_keys(directory: str) -> set[str]:
     with sqlite3.connect(os.path.join(directory, INDEX_NAME)) as db:
         return {key for (key,) in db.execute("SELECT key FROM entries")}
@@ -153,7 +159,9 @@ class StatsTests(CacheTestCase):
         stats = json.loads(out)
         self.assertEqual(stats["cache_dir"], self.cache_dir)
         self.assertEqual(stats["entries"], len(SAMPLE))
-        self.assertEqual(stats["bytes"], sum(SAMPLE.values()))
+        # Rows count as the server counts them (see test_agrees_with_server).
+        self.assertGreater(stats["metadata_bytes"], 0)
+        self.assertEqual(stats["bytes"], sum(SAMPLE.values()) + stats["metadata_bytes"])
         self.assertEqual(stats["oldest"]["key"], APKINDEX_319)
         self.assertEqual(stats["oldest"]["fetched_at"], EPOCH)
         self.assertEqual(stats["newest"]["key"], OTHER)
@@ -175,8 +183,11 @@ class StatsTests(CacheTestCase):
             {kind: total["entries"] for kind, total in kinds.items()},
             {"apk": 2, "deb": 1, "wheel": 3, "sdist": 1, "index": 6, "other": 1},
         )
-        self.assertEqual(kinds["deb"]["bytes"], SAMPLE[DEB])
-        self.assertEqual(kinds["apk"]["bytes"], SAMPLE[APK_319] + SAMPLE[APK_320])
+        self.assertEqual(kinds["deb"]["bytes"], SAMPLE[DEB] + row_cost(DEB))
+        self.assertEqual(
+            kinds["apk"]["bytes"],
+            SAMPLE[APK_319] + SAMPLE[APK_320] + row_cost(APK_319) + row_cost(APK_320),
+        )
 
     def test_text(self) -> None:
         """
@@ -186,8 +197,13 @@ class StatsTests(CacheTestCase):
         code, out, _ = run("stats", "--cache-dir", self.cache_dir)
         self.assertEqual(code, 0)
         self.assertIn(f"Entries          {len(SAMPLE)}\n", out)
-        total = sum(SAMPLE.values())
-        self.assertIn(f"Stored           {human_size(total)} ({total} bytes)\n", out)
+        rows = sum(row_cost(key) for key in SAMPLE)
+        total = sum(SAMPLE.values()) + rows
+        self.assertIn(
+            f"Stored           {human_size(total)} ({total} bytes, {rows} of them"
+            " index rows)\n",
+            out,
+        )
         self.assertIn("Oldest entry     2023-11-14 22:13:20Z  " + APKINDEX_319, out)
         largest = out.split("Largest entries\n")[1].splitlines()
         self.assertEqual(largest[0].split(), ["2.4", "MiB", DEB])
@@ -204,6 +220,23 @@ class StatsTests(CacheTestCase):
         before = snapshot(), object_files(self.cache_dir)
         run("stats", "--cache-dir", self.cache_dir)
         self.assertEqual((snapshot(), object_files(self.cache_dir)), before)
+
+    def test_agrees_with_server(self) -> None:
+        """
+        ``stats`` counts what the server counts against --max-size: bodies
+        and rows.
+        """
+        _, out, _ = run("stats", "--json", "--cache-dir", self.cache_dir)
+        store = Store.open(self.cache_dir, 1 << 30, cast(IReactorTime, Clock()))
+        try:
+            server = store.stats()
+        finally:
+            store.close()
+        stats = json.loads(out)
+        self.assertEqual(
+            (stats["bytes"], stats["metadata_bytes"]),
+            (server.bytes_stored, server.bytes_metadata),
+        )
 
     def test_empty_cache(self) -> None:
         empty = self.mktemp()
@@ -267,7 +300,11 @@ class PurgeTests(CacheTestCase):
         code, out, _ = run("purge", "*/alpine/v3.19/*", "--cache-dir", self.cache_dir)
         self.assertEqual(code, 0)
         self.assert_removed({APK_319, APKINDEX_319})
-        freed = SAMPLE[APK_319] + SAMPLE[APKINDEX_319]
+        # Rows freed count too, as in stats.
+        freed = (
+            SAMPLE[APK_319] + SAMPLE[APKINDEX_319]
+            + row_cost(APK_319) + row_cost(APKINDEX_319)
+        )
         self.assertIn(f"removed {APK_319}", out)
         self.assertIn(f"Removed 2 entries, {human_size(freed)} freed ({freed} bytes)", out)
 
@@ -839,13 +876,10 @@ class OlderIndexTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        from tests.test_store import write_version_1_entry
+        from tests.test_store import make_version_1_cache
 
         self.cache_dir = os.path.abspath(self.mktemp())
-        self.patch(store_module, "MIGRATIONS", ())
-        Store.open(self.cache_dir, 1 << 30, cast(IReactorTime, Clock())).close()
-        self.patch(store_module, "MIGRATIONS", store_module.MIGRATIONS_AS_SHIPPED)
-        write_version_1_entry(self.cache_dir, "mirror.test/pool/a.deb", b"deb")
+        make_version_1_cache(self.cache_dir, {"mirror.test/pool/a.deb": b"deb"})
 
     def version(self) -> int:
         with sqlite3.connect(os.path.join(self.cache_dir, INDEX_NAME)) as db:
@@ -859,7 +893,7 @@ class OlderIndexTests(SynchronousTestCase):
         self.assertEqual(stored_keys(self.cache_dir), {"http://mirror.test/pool/a.deb"})
 
     def test_refused_while_an_older_server_holds_it(self) -> None:
-        lock_fd = os.open(os.path.join(self.cache_dir, "lock"), os.O_RDWR)
+        lock_fd = os.open(os.path.join(self.cache_dir, "lock"), os.O_RDWR | os.O_CREAT)
         self.addCleanup(os.close, lock_fd)
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code, out, err = run("stats", "--cache-dir", self.cache_dir)

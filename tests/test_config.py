@@ -42,6 +42,7 @@ ALL_OPTIONS = {
     "pypi-port",
     "cache-dir",
     "max-size",
+    "max-object-size",
     "index-ttl",
     "upstream-timeout",
     "prefetch-max-size",
@@ -482,6 +483,8 @@ class OptionsTests(SynchronousTestCase):
             1000,
         )
         self.assertEqual(self.parse().max_connections_per_client, 256)
+        self.assertEqual(self.parse().max_object_size, 0)
+        self.assertEqual(self.parse("--max-object-size", "2G").max_object_size, 2 * 1024**3)
         self.assertEqual(config.upstream_timeout, 3600.0)
         self.assertEqual(
             config.mirrors,
@@ -590,6 +593,8 @@ class OptionsTests(SynchronousTestCase):
             ("--max-connections-per-client", "0"),
             ("--max-connections-per-client", "-3"),
             ("--max-connections-per-client", "2.5"),
+            ("--max-object-size", "-1"),
+            ("--max-object-size", "big"),
         ]
         for option, value in cases:
             message = self.usage_error(option, value)

@@ -789,15 +789,20 @@ class RangeAndHeadTests(TestCase):
     async def test_head_on_miss_and_hit(self) -> None:
         """
         HEAD carries the file's Content-Length and no body, on a miss (the
-        file is fetched and stored anyway) and on a hit; the connection
-        stays usable, so no stray body bytes were sent.
+        upstream's answer to a HEAD: nothing is fetched or stored) and on a
+        hit; the connection stays usable, so no stray body bytes were sent.
         """
         connection = await raw_connection(self, self.harness.proxy_port)
         host = f"127.0.0.1:{self.harness.proxy_port}"
         target = f"/up{self.path}"
-        miss = await connection.request(raw_request("HEAD", target, host), head=True)
-        self.assertEqual((miss.status, miss.header("x-cache")), (200, "MISS"))
-        self.assertEqual(miss.header("content-length"), str(self.apk.size))
+        for _ in range(2):
+            miss = await connection.request(raw_request("HEAD", target, host), head=True)
+            self.assertEqual((miss.status, miss.header("x-cache")), (200, "MISS"))
+            self.assertEqual(miss.header("content-length"), str(self.apk.size))
+            await self.harness.idle()
+            self.assertEqual(self.harness.stored_keys(), set())
+        fetched = await connection.request(raw_request("GET", target, host))
+        self.assertEqual((fetched.status, fetched.header("x-cache")), (200, "MISS"))
         await self.harness.idle()
         hit = await connection.request(raw_request("HEAD", target, host), head=True)
         self.assertEqual((hit.status, hit.header("x-cache")), (200, "HIT"))
@@ -808,7 +813,8 @@ class RangeAndHeadTests(TestCase):
         self.assertEqual(whole.body, self.apk.content)
         self.assertEqual(connection.buffer, b"")
         await connection.close()
-        self.assertEqual(self.harness.requests_for(self.path), 1)
+        # Two HEADs and one GET.
+        self.assertEqual(self.harness.requests_for(self.path), 3)
 
 
 class ConnectionTests(TestCase):

@@ -24,9 +24,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from buildcache import store as store_module
 from buildcache.config import Mirror
-from buildcache.store import MIGRATIONS, SECRET_NAME, StoreError, cache_secret
+from buildcache.store import SECRET_NAME, StoreError, cache_secret
 from buildcache.upstream import (
     PRIVATE_MARK,
     VARIANT_MARK,
@@ -37,7 +36,7 @@ from buildcache.upstream import (
     variant_key,
     variants_to_drop,
 )
-from tests.test_store import write_version_1_entry
+from tests.test_store import make_version_1_cache
 from tests.support import Client, Received, listen, start_server, url_of
 
 DEB = "/debian/pool/main/h/hello/hello_2.10-3_amd64.deb"
@@ -240,13 +239,10 @@ class UpgradeTests(TestCase):
         cache_dir = self.mktemp()
         # As the code before this change wrote it: schema version 1, and a
         # key without a scheme.
-        self.patch(store_module, "MIGRATIONS", ())
-        store_module.Store.open(cache_dir, 1 << 30, reactor).close()
-        write_version_1_entry(
-            os.path.abspath(cache_dir), base.removeprefix("http://") + DEB,
-            b"stored before the upgrade",
+        make_version_1_cache(
+            os.path.abspath(cache_dir),
+            {base.removeprefix("http://") + DEB: b"stored before the upgrade"},
         )
-        self.patch(store_module, "MIGRATIONS", MIGRATIONS)
         # start_server makes its cache directory with mktemp.
         self.patch(self, "mktemp", lambda: cache_dir)
         running = start_server(

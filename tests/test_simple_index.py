@@ -645,7 +645,8 @@ class FileTests(TestCase):
     async def test_head_and_ranges(self) -> None:
         """
         What uv does without metadata: HEAD, then a suffix range; both
-        correct on a cold file, with one upstream request.
+        correct on a cold file, the HEAD answered by a HEAD upstream (no
+        body fetched for it), the ranges by one download.
         """
         await self.harness.page("bcdemo-a")
         data = self.fixture.content(WHEEL_A2)
@@ -664,7 +665,13 @@ class FileTests(TestCase):
         self.assertEqual(tail.header("content-length"), "100")
         middle = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}", {"range": "bytes=10-19"})
         self.assertEqual((middle.status, middle.body), (206, data[10:20]))
-        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
+        self.assertEqual(self.upstream.requests_for(f"/files/{WHEEL_A2}"), 2)
+        self.assertEqual(
+            [r.method for r in self.upstream.index.request_log if r.path == f"/files/{WHEEL_A2}"],
+            ["HEAD", "GET"],
+        )
+        # Nothing was stored for the HEAD; the download for the ranges was.
+        self.assertEqual(head.header("x-cache"), "MISS")
 
     async def test_range_on_cold_file(self) -> None:
         await self.harness.page("bcdemo-b")
@@ -717,6 +724,42 @@ class FileTests(TestCase):
         self.assertEqual((again.status, again.complete, again.body), (200, True, good))
         await harness.fetcher.when_idle()
         self.assertIsNotNone(harness.store.peek(cache_key(url)))
+
+    async def test_file_larger_than_max_object_size(self) -> None:
+        """
+        A file larger than ``--max-object-size`` is served, checked against
+        its page's sha256, and not stored: a small one that must be checked
+        before any byte goes out is spooled and checked whole; one that
+        streams before its check (no size on its page) is streamed without
+        being spooled and checked in memory, a mismatch cutting it.
+        """
+        observer = log_events(self)
+        for json_pages in (True, False):
+            fixture = fixture_for(self)
+            harness = Harness(self, [StaticSimpleIndex(fixture, json=json_pages)])
+            harness.store.max_object_size = 100
+            await harness.page("bcdemo-a")
+            good = fixture.content(WHEEL_A2)
+            url = f"{harness.upstreams[0].base.removesuffix('/simple')}/files/{WHEEL_A2}"
+            for _ in range(2):
+                received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+                self.assertEqual(
+                    (received.status, received.complete, received.body), (200, True, good)
+                )
+                await harness.fetcher.when_idle()
+                self.assertIsNone(harness.store.peek(cache_key(url)))
+                self.assertEqual(harness.store.reserved, 0)
+                self.assertEqual(os.listdir(os.path.join(harness.store.directory, "tmp")), [])
+            self.assertEqual(harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}"), 2)
+            fixture.path_for(WHEEL_A2).write_bytes(b"x" * len(good))
+            bad = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+            self.assertEqual(bad.status, 502)
+            self.assertIn(b"sha256", bad.body)
+        self.assertTrue(logged(observer, LogLevel.error, "fails its check"))
+        # Only the streaming ones (no size on the HTML page) were never
+        # spooled: three fetches.
+        streamed = [e for e in observer if e.get("event") == "streamed_not_stored"]
+        self.assertEqual(len(streamed), 3)
 
     async def test_file_without_page(self) -> None:
         """

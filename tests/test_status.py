@@ -6,6 +6,8 @@ the traffic chart's geometry, escaping, and credential redaction.
 
 from __future__ import annotations
 
+import attrs
+
 import json
 from collections.abc import Mapping
 from html.parser import HTMLParser
@@ -298,9 +300,13 @@ class ServedFiguresTests(TestCase):
         self.assertEqual(after["hit_ratio"], 0.5)
         self.assertEqual(after["bytes_saved"], len(BODY))
         self.assertEqual(after["store"]["entries"], 1)
-        self.assertEqual(after["store"]["bytes_stored"], len(BODY))
+        # The row counts too (its headers and a fixed overhead).
+        rows = after["store"]["bytes_metadata"]
+        self.assertGreater(rows, 0)
+        self.assertEqual(after["store"]["bytes_stored"], len(BODY) + rows)
         self.assertEqual(
-            after["store"]["fill"], len(BODY) / status.running.server.config.max_size
+            after["store"]["fill"],
+            (len(BODY) + rows) / status.running.server.config.max_size,
         )
         self.assertEqual(
             after["top"]["mirror"], [{"name": "curl-8.5.0-r0.apk", "requests": 2}]
@@ -344,12 +350,18 @@ class ServedFiguresTests(TestCase):
                    source="upstream"),
             len(BODY),
         )
+        self.assertEqual(
+            sample(text, "buildcache_upstream_bytes_total", front_end="mirror"), len(BODY)
+        )
         self.assertEqual(sample(text, "buildcache_upstream_latency_seconds_count"), 1)
         self.assertEqual(
             sample(text, "buildcache_upstream_latency_seconds_bucket", le="+Inf"), 1
         )
         self.assertEqual(sample(text, "buildcache_store_entries"), 1)
-        self.assertEqual(sample(text, "buildcache_store_size_bytes"), len(BODY))
+        self.assertEqual(
+            sample(text, "buildcache_store_size_bytes"),
+            len(BODY) + sample(text, "buildcache_store_metadata_bytes"),
+        )
         self.assertEqual(
             sample(text, "buildcache_store_max_size_bytes"),
             status.running.server.config.max_size,
@@ -440,7 +452,9 @@ class ServedFiguresTests(TestCase):
         stats = await status.stats()
         self.assertEqual(stats["store"]["evictions"], 1)
         self.assertEqual(stats["store"]["entries"], 1)
-        self.assertEqual(stats["store"]["bytes_stored"], 150_000)
+        self.assertEqual(
+            stats["store"]["bytes_stored"], 150_000 + stats["store"]["bytes_metadata"]
+        )
         self.assertEqual(stats["store"]["max_size"], 200_000)
         text = await status.metrics_text()
         self.assertEqual(sample(text, "buildcache_evictions_total"), 1)
@@ -486,7 +500,8 @@ class ServedFiguresTests(TestCase):
         self.assertEqual(page.text("hit-ratio"), "Hit ratio: 75.0%")
         self.assertIn(human_bytes(3 * len(BODY)), page.text("bytes-saved"))
         self.assertEqual(human_bytes(3 * len(BODY)), "439.5 KiB")
-        self.assertIn("146.5 KiB of 10 GiB", page.text("cache-fill"))
+        stored = (await status.stats())["store"]["bytes_stored"]
+        self.assertIn(f"{human_bytes(stored)} of 10 GiB", page.text("cache-fill"))
         self.assertIn("curl-8.5.0-r0.apk 4", page.text("top-mirror"))
         self.assertIn("75.0%", page.text("front-end-mirror"))
         self.assertIn(url_of_upstream(status), page.text("upstreams"))
@@ -561,6 +576,18 @@ class PageTests(SynchronousTestCase):
             self.activity, self.clock,
         )
 
+    def test_object_size_limit_shown(self) -> None:
+        """
+        The configuration block gives --max-object-size (0: the whole size
+        limit).
+        """
+        page = parse_page(self, self.page.render_html())
+        self.assertIn("Largest object stored 1 GiB", page.text("config"))
+        self.assertEqual(self.page.stats()["config"]["max_object_size"], 0)
+        self.page.config = attrs.evolve(self.config, max_object_size=2 * 1024**2)
+        page = parse_page(self, self.page.render_html())
+        self.assertIn("Largest object stored 2 MiB", page.text("config"))
+
     def test_nothing_served(self) -> None:
         """
         A new server's page says there is no hit ratio yet and draws both
@@ -582,7 +609,9 @@ class PageTests(SynchronousTestCase):
         """
         finished_request(self.activity, "mirror", "a.apk", "HIT", 4000)
         self.clock.advance(3600)
-        finished_request(self.activity, "mirror", "b.apk", "MISS", 1000)
+        # The upstream series is what crossed the line, not what was sent.
+        self.activity.upstream_received("mirror", 1000)
+        finished_request(self.activity, "mirror", "b.apk", "MISS", 10)
         document = self.page.render_html()
         page = parse_page(self, document)
         cache = step_heights(page.attribute("chart-from-cache", "d"))
@@ -606,7 +635,10 @@ class PageTests(SynchronousTestCase):
         Totals add up the front ends; each front end has its own ratio and
         bytes; refusals count as errors but not against the hit ratio.
         """
-        finished_request(self.activity, "proxy", "libc6_2.36.deb", "MISS", 300)
+        # A range of 100 bytes from a 300-byte download (counted as it
+        # arrived, once), then the whole file from the cache.
+        self.activity.upstream_received("proxy", 300)
+        finished_request(self.activity, "proxy", "libc6_2.36.deb", "MISS", 100)
         finished_request(self.activity, "proxy", "libc6_2.36.deb", "HIT", 300)
         finished_request(self.activity, "proxy", None, None, 20, code=403)
         finished_request(self.activity, "index", "numpy", "REVALIDATED", 50)
@@ -617,6 +649,8 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(stats["hit_ratio"], 3 / 4)
         self.assertEqual(stats["bytes_from_cache"], 400)
         self.assertEqual(stats["bytes_from_upstream"], 300)
+        self.assertEqual(stats["bytes_saved"], 400)
+        self.assertEqual(stats["front_ends"]["proxy"]["bytes_from_upstream"], 300)
         self.assertEqual(stats["front_ends"]["proxy"]["hit_ratio"], 0.5)
         self.assertEqual(stats["front_ends"]["index"]["hit_ratio"], 1.0)
         self.assertEqual(stats["front_ends"]["proxy"]["by_status"]["none"], 1)

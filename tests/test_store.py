@@ -14,8 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -42,6 +41,9 @@ from tests.support import HeldRunner
 
 KB = 1024
 MB = 1024 * KB
+#: The real migration steps, which the tests of the mechanism extend.
+CURRENT = store_module.MIGRATIONS
+CURRENT_VERSION = store_module.SCHEMA_VERSION
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -509,9 +511,12 @@ class PersistTests(StoreTestMixin, SynchronousTestCase):
         self.assert_consistent(self.store)
 
     def test_too_large_is_not_handed_over(self) -> None:
+        writer = self.store.writer("k")
+        writer.write(body_of(2 * KB, "big"))
         self.store.set_max_size(KB)
-        persisted, _ = self.persist("k", body_of(2 * KB, "big"))
+        persisted = Deferred.fromCoroutine(writer.persist({}))
         self.assertIsNone(self.successResultOf(persisted))
+        self.assertEqual(self.store.reserved, 0)
         self.assertEqual(self.runner.calls, [])
         self.assertEqual(files_under(self.store.directory + "/tmp"), {})
 
@@ -544,10 +549,12 @@ class FanOutTests(StoreTestMixin, SynchronousTestCase):
 class EvictionTests(StoreTestMixin, SynchronousTestCase):
     """
     The least recently used objects go first once the total exceeds the
-    limit, and only as many as needed.
+    limit, and only as many as needed.  Rows cost nothing here, so that
+    the sizes are the bodies' (MetadataTests count the rows).
     """
 
     def setUp(self) -> None:
+        self.patch(store_module, "metadata_size", lambda key, headers: 0)
         self.clock = Clock()
         self.store = self.open_store(self.make_directory(), max_size=MB, clock=self.clock)
 
@@ -642,12 +649,18 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
         reader = writer.reader_fd()
         self.addCleanup(os.close, reader)
         body = body_of(MB + 1, "huge")
-        writer.write(body)
-        self.assertIsNone(writer.commit({}))
+        # Refused as it outgrows the limit, not once all of it is in tmp/.
+        writer.write(body[:MB])
+        self.assertRaises(store_module.NoRoom, writer.write, body[MB:])
+        self.assertEqual(self.store.reserved, MB)
+        writer.abort()
+        self.assertEqual(self.store.reserved, 0)
+        body = body[:MB]
         self.assertIsNone(self.store.peek("huge"))
-        self.assertEqual(self.present(), {"a"})
-        self.assertEqual(self.store.counters.evictions, 0)
-        self.assertEqual(self.store.total_size, 100 * KB)
+        # The room its first MB took in tmp/ was made by evicting.
+        self.assertEqual(self.present(), set())
+        self.assertEqual(self.store.counters.evictions, 1)
+        self.assertEqual(self.store.total_size, 0)
         self.assertEqual(read_all(reader), body)
         self.assert_consistent(self.store)
 
@@ -741,6 +754,8 @@ class RestartTests(StoreTestMixin, SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        # Rows cost nothing here (see EvictionTests).
+        self.patch(store_module, "metadata_size", lambda key, headers: 0)
         self.directory = self.make_directory()
         self.clock = Clock()
         self.bodies = {
@@ -1110,20 +1125,25 @@ class StatsTests(StoreTestMixin, SynchronousTestCase):
         store.counters.bytes_from_upstream += 5678
         store.counters.prefetches += 4
         store.counters.prefetch_hits += 3
+        rows = sum(store_module.metadata_size(key, "{}") for key in "bc")
         snapshot = store.stats()
         self.assertEqual(
             snapshot,
             StoreStats(
                 hits=3, misses=2, revalidations=1, bytes_from_cache=1234,
                 bytes_from_upstream=5678, evictions=1, prefetches=4, prefetch_hits=3,
-                entries=2, bytes_stored=500 * KB, max_size=MB,
+                entries=2, bytes_stored=500 * KB + rows, max_size=MB,
+                bytes_metadata=rows,
             ),
         )
         store.counters.hits += 1
         store.remove("b")
         self.assertEqual((snapshot.hits, snapshot.entries), (3, 2))
         later = store.stats()
-        self.assertEqual((later.hits, later.entries, later.bytes_stored), (4, 1, 200 * KB))
+        self.assertEqual(
+            (later.hits, later.entries, later.bytes_stored),
+            (4, 1, 200 * KB + store_module.metadata_size("c", "{}")),
+        )
 
     def test_stored_object_close_is_idempotent(self) -> None:
         store = self.open_store(self.make_directory())
@@ -1150,25 +1170,6 @@ def _fail_half_way(db: sqlite3.Connection) -> int:
     raise sqlite3.OperationalError("disk I/O error")
 
 
-def write_version_1_entry(directory: str, key: str, body: bytes) -> None:
-    """
-    Store ``body`` under ``key`` in a version-1 cache as the code of that
-    version did: the file, then its row.
-    """
-    name = store_module.object_name(key)
-    path = os.path.join(directory, "objects", name[:2], name)
-    with open(path, "wb") as f:
-        f.write(body)
-    db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
-    with db:
-        db.execute(
-            "INSERT INTO entries (key, file, size, headers, sha256, fetched_at,"
-            " validated_at, last_access) VALUES (?, ?, ?, ?, ?, 0, 0, 0)",
-            (key, name, len(body), "{}", hashlib.sha256(body).hexdigest()),
-        )
-    db.close()
-
-
 #: The key of :meth:`MigrationTests.stored_directory`'s entry once the
 #: shipped steps have given it its scheme.
 MIGRATED_KEY = "http://mirror.test/k"
@@ -1185,19 +1186,8 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         A cache at schema version 1 (before every real step) with one entry.
         """
         directory = self.make_directory()
-        self.patch(store_module, "MIGRATIONS", ())
-        self.close_store(self.open_store(directory))
-        write_version_1_entry(directory, "mirror.test/k", b"body")
+        make_version_1_cache(directory, {"mirror.test/k": b"body"})
         return directory
-
-    @contextmanager
-    def patched_migrations(self, steps: tuple[Migration, ...]) -> Iterator[None]:
-        saved = store_module.MIGRATIONS
-        store_module.MIGRATIONS = steps
-        try:
-            yield
-        finally:
-            store_module.MIGRATIONS = saved
 
     def version(self, directory: str) -> int:
         db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
@@ -1211,11 +1201,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_older_index_migrated_and_served(self) -> None:
         directory = self.stored_directory()
-        shipped = store_module.MIGRATIONS_AS_SHIPPED
-        self.patch(
-            store_module, "MIGRATIONS",
-            (*shipped, Migration("add a note", _add_note_column)),
-        )
+        self.patch(store_module, "MIGRATIONS", CURRENT + (Migration("add a note", _add_note_column),))
         with capturedLogs() as events:
             store = self.open_store(directory)
         stored = store.lookup(MIGRATED_KEY)
@@ -1223,13 +1209,12 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(os.read(stored.fd, 10), b"body")
         stored.close()
         self.close_store(store)
-        newest = len(shipped) + 2
-        self.assertEqual(self.version(directory), newest)
+        self.assertEqual(self.version(directory), CURRENT_VERSION + 1)
         self.assertIn("note", self.columns(directory))
         migrated = [e for e in events if e.get("step") == "add a note"]
         self.assertEqual(
             [(e["old"], e["new"], e["dropped"]) for e in migrated],
-            [(newest - 1, newest, 0)],
+            [(CURRENT_VERSION, CURRENT_VERSION + 1, 0)],
         )
 
     def test_version_1_keys_get_their_scheme(self) -> None:
@@ -1246,10 +1231,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
             "simple-page|http://127.0.0.1:9000/simple|bcdemo-a": b"page",
             "simple-root|https://index.test/simple|text/html": b"root",
         }
-        with self.patched_migrations(()):
-            self.close_store(self.open_store(directory))
-        for key, body in old_keys.items():
-            write_version_1_entry(directory, key, body)
+        make_version_1_cache(directory, old_keys)
         self.assertEqual(self.version(directory), 1)
         with capturedLogs() as events:
             store = self.open_store(directory)
@@ -1274,18 +1256,15 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual([(e["old"], e["new"], e["dropped"]) for e in migrated], [(1, 2, 0)])
 
     def test_new_index_goes_through_every_step(self) -> None:
-        self.patch(store_module, "MIGRATIONS", (Migration("add a note", _add_note_column),))
+        self.patch(store_module, "MIGRATIONS", CURRENT + (Migration("add a note", _add_note_column),))
         directory = self.make_directory()
         self.close_store(self.open_store(directory))
-        self.assertEqual(self.version(directory), 2)
+        self.assertEqual(self.version(directory), CURRENT_VERSION + 1)
         self.assertIn("note", self.columns(directory))
 
     def test_dropped_rows_lose_their_files(self) -> None:
         directory = self.stored_directory()
-        self.patch(
-            store_module, "MIGRATIONS",
-            (*store_module.MIGRATIONS_AS_SHIPPED, Migration("start over", _drop_everything)),
-        )
+        self.patch(store_module, "MIGRATIONS", CURRENT + (Migration("start over", _drop_everything),))
         with capturedLogs() as events:
             store = self.open_store(directory)
         self.assertIsNone(store.lookup(MIGRATED_KEY))
@@ -1305,7 +1284,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         source digest, and a new entry records one.
         """
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", store_module.MIGRATIONS_AS_SHIPPED)
+        self.patch(store_module, "MIGRATIONS", CURRENT)
         store = self.open_store(directory)
         stored = store.lookup(MIGRATED_KEY)
         assert stored is not None
@@ -1319,7 +1298,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(entry.source_digest, "Q1abc")
         self.close_store(store)
         self.assertEqual(
-            self.version(directory), 1 + len(store_module.MIGRATIONS_AS_SHIPPED)
+            self.version(directory), 1 + len(CURRENT)
         )
         store = self.open_store(directory)
         new = store.peek("new")
@@ -1329,12 +1308,235 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_failed_step_leaves_the_old_version(self) -> None:
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", (Migration("fails", _fail_half_way),))
+        self.patch(store_module, "MIGRATIONS", CURRENT + (Migration("fails", _fail_half_way),))
         error = self.assertRaises(StoreError, self.open_store, directory)
-        self.assertIn("left at version 1", str(error))
-        self.assertEqual(self.version(directory), 1)
+        self.assertIn(f"left at version {CURRENT_VERSION}", str(error))
+        self.assertEqual(self.version(directory), CURRENT_VERSION)
         self.assertNotIn("half", self.columns(directory))
-        self.patch(store_module, "MIGRATIONS", store_module.MIGRATIONS_AS_SHIPPED)
+        self.patch(store_module, "MIGRATIONS", CURRENT)
         store = self.open_store(directory)
         self.assertIsNotNone(store.peek(MIGRATED_KEY))
         self.close_store(store)
+
+
+class MetadataRulesTests(SynchronousTestCase):
+    """
+    The pure rules of what an entry costs and may keep.
+    """
+
+    def test_metadata_size(self) -> None:
+        self.assertEqual(
+            store_module.metadata_size("host/k", '{"etag": "1"}'),
+            store_module.ROW_OVERHEAD + 6 + 13,
+        )
+        # Every row costs at least its overhead.
+        self.assertGreaterEqual(store_module.metadata_size("", ""), store_module.ROW_OVERHEAD)
+
+    def test_headers_storable(self) -> None:
+        limit = store_module.MAX_STORED_HEADERS
+        self.assertTrue(store_module.headers_storable("x" * limit))
+        self.assertFalse(store_module.headers_storable("x" * (limit + 1)))
+
+    def test_object_limit(self) -> None:
+        self.assertEqual(store_module.object_limit(10 * MB, 0), 10 * MB)
+        self.assertEqual(store_module.object_limit(10 * MB, MB), MB)
+        self.assertEqual(store_module.object_limit(MB, 10 * MB), MB)
+
+    def test_mismatch(self) -> None:
+        digest = hashlib.sha256(b"abc").hexdigest()
+        self.assertIsNone(store_module.mismatch(3, digest, 3, digest.upper()))
+        self.assertIsNone(store_module.mismatch(3, digest, None, None))
+        self.assertEqual(
+            store_module.mismatch(2, digest, 3, None), "expected 3 bytes, received 2"
+        )
+        self.assertIn("expected sha256", store_module.mismatch(3, digest, None, "00") or "")
+
+
+class MetadataTests(StoreTestMixin, SynchronousTestCase):
+    """
+    Stored headers and rows count against the size limit; an entry keeps
+    at most MAX_STORED_HEADERS of them; the rows kept in memory are
+    bounded in bytes; bodies being written hold room.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = self.open_store(
+            self.make_directory(), max_size=400 * KB, clock=self.clock
+        )
+
+    def big_headers(self, seed: str, size: int = 60 * KB) -> dict[str, str]:
+        return {"etag": '"' + seed * (size // len(seed)) + '"'}
+
+    def test_headers_count_and_evict(self) -> None:
+        for index in range(12):
+            self.clock.advance(1)
+            self.put(self.store, f"k{index}", b"", self.big_headers(f"{index:02d}"))
+            stats = self.store.stats()
+            self.assertLessEqual(stats.bytes_stored, 400 * KB)
+        # Six 60 KB rows fit in 400 KB: the older ones were evicted.
+        self.assertEqual(self.store.stats().entries, 6)
+        self.assertEqual(self.store.counters.evictions, 6)
+        self.assertEqual(self.store.total_size, 0)
+        stats = self.store.stats()
+        self.assertGreater(stats.bytes_metadata, 6 * 60 * KB)
+        self.assertEqual(stats.bytes_stored, stats.bytes_metadata)
+        self.assertEqual(
+            {entry.key for entry in self.store.keys()}, {f"k{i}" for i in range(6, 12)}
+        )
+        self.assert_consistent(self.store)
+
+    def test_zero_byte_bodies_cost_their_rows(self) -> None:
+        self.put(self.store, "empty", b"")
+        self.assertEqual(
+            self.store.stats().bytes_stored, store_module.metadata_size("empty", "{}")
+        )
+
+    def test_too_many_headers_not_stored(self) -> None:
+        writer = self.store.writer("k")
+        writer.write(b"body")
+        with capturedLogs() as events:
+            self.assertIsNone(writer.commit(self.big_headers("x", 65 * KB)))
+        self.assertIsNone(self.store.peek("k"))
+        self.assertEqual(
+            [e["key"] for e in events if e.get("event") == "headers_not_stored"], ["k"]
+        )
+        self.assertEqual(files_under(self.store.directory + "/tmp"), {})
+        self.assertEqual(self.store.stats().bytes_stored, 0)
+
+    def test_refreshed_headers_bounded(self) -> None:
+        self.put(self.store, "k", b"body", {"etag": '"1"'})
+        before = self.store.stats().bytes_stored
+        self.clock.advance(5)
+        entry = self.store.mark_validated("k", self.big_headers("y", 65 * KB))
+        assert entry is not None
+        self.assertEqual(entry.headers, {"etag": '"1"'})
+        self.assertEqual(entry.validated_at, 5)
+        self.assertEqual(self.store.stats().bytes_stored, before)
+        # A refresh that fits is counted.
+        self.store.mark_validated("k", {"etag": '"22"'})
+        self.assertEqual(self.store.stats().bytes_stored, before + 1)
+        self.assert_consistent(self.store)
+
+    def test_rows_kept_bounded_in_bytes(self) -> None:
+        self.store.set_max_size(64 * MB)
+        self.patch(store_module, "ROWS_BYTES_KEPT", 200 * KB)
+        for index in range(8):
+            self.put(self.store, f"k{index}", b"", self.big_headers(f"{index:02d}"))
+        for index in range(8):
+            self.assertIsNotNone(self.store.peek(f"k{index}"))
+            self.assertLessEqual(self.store._rows_bytes, 200 * KB)
+            self.assertEqual(
+                self.store._rows_bytes,
+                sum(entry.meta_size for entry in self.store._rows.values()),
+            )
+        self.assertLess(len(self.store._rows), 8)
+
+    def test_writing_holds_room(self) -> None:
+        self.put(self.store, "old", body_of(300 * KB, "old"))
+        writer = self.store.writer("new")
+        self.assertTrue(writer.reserve(200 * KB))
+        # Room for the new body was made before a byte of it arrived.
+        self.assertIsNone(self.store.peek("old"))
+        self.assertEqual(self.store.stats().bytes_downloading, 200 * KB)
+        other = self.store.writer("other")
+        self.assertFalse(other.reserve(250 * KB))
+        self.assertTrue(other.reserve(150 * KB))
+        self.assertRaises(store_module.NoRoom, other.write, body_of(210 * KB, "o"))
+        other.abort()
+        writer.write(body_of(200 * KB, "new"))
+        self.assertIsNotNone(writer.commit({}))
+        self.assertEqual(self.store.reserved, 0)
+        self.assert_consistent(self.store)
+
+    def test_max_object_size(self) -> None:
+        self.store.max_object_size = 100 * KB
+        self.assertTrue(self.store.fits(100 * KB))
+        self.assertFalse(self.store.fits(100 * KB + 1))
+        writer = self.store.writer("big")
+        self.assertFalse(writer.reserve(101 * KB))
+        self.assertEqual(self.store.reserved, 0)
+        writer.write(body_of(100 * KB, "b"))
+        self.assertRaises(store_module.NoRoom, writer.write, b"x")
+        writer.abort()
+        self.assertEqual(self.store.reserved, 0)
+
+
+def make_version_1_cache(
+    directory: str, rows: Mapping[str, bytes | tuple[bytes, str]] | None = None
+) -> None:
+    """
+    A cache directory as buildcache wrote it before the hardening issue:
+    index schema version 1, with ``rows`` (key to body, or to body and
+    headers JSON).
+    """
+    for prefix in range(256):
+        os.makedirs(os.path.join(directory, "objects", f"{prefix:02x}"), exist_ok=True)
+    os.makedirs(os.path.join(directory, "tmp"), exist_ok=True)
+    db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
+    try:
+        db.executescript(
+            "BEGIN;" + store_module._SCHEMA
+            + f"PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1; COMMIT;"
+        )
+    finally:
+        db.close()
+    for key, row in (rows or {}).items():
+        body, headers = row if isinstance(row, tuple) else (row, "{}")
+        write_version_1_entry(directory, key, body, headers)
+
+
+def write_version_1_entry(
+    directory: str, key: str, body: bytes, headers: str = "{}"
+) -> None:
+    """
+    Store ``body`` under ``key`` in a version-1 cache as the code of that
+    version did: the file, then its row.
+    """
+    name = object_name(key)
+    with open(os.path.join(directory, "objects", name[:2], name), "wb") as f:
+        f.write(body)
+    db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
+    try:
+        with db:
+            db.execute(
+                "INSERT INTO entries (key, file, size, headers, sha256, fetched_at,"
+                " validated_at, last_access) VALUES (?, ?, ?, ?, ?, 1, 1, 1)",
+                (key, name, len(body), headers, hashlib.sha256(body).hexdigest()),
+            )
+    finally:
+        db.close()
+
+
+class MetadataMigrationTests(StoreTestMixin, SynchronousTestCase):
+    """
+    An index from before rows had a metadata size is migrated: every row
+    gets its size, rows with more headers than allowed are dropped.
+    """
+
+    def test_version_1_index_migrated_and_served(self) -> None:
+        directory = self.make_directory()
+        # The code before this step kept headers of any size.
+        make_version_1_cache(directory, {
+            "small": (b"body", json.dumps({"etag": '"1"'})),
+            "bloated": (b"", json.dumps({"etag": "z" * 70 * KB})),
+        })
+        with capturedLogs() as events:
+            store = self.open_store(directory)
+        steps = [e for e in events if e.get("step") == "metadata size"]
+        step = [m.name for m in CURRENT].index("metadata size") + 1
+        self.assertEqual(
+            [(e["old"], e["new"], e["dropped"]) for e in steps], [(step, step + 1, 1)]
+        )
+        stored = store.lookup("http://small")
+        assert stored is not None
+        self.addCleanup(stored.close)
+        self.assertEqual(read_all(stored.fd), b"body")
+        self.assertEqual(
+            stored.entry.meta_size,
+            store_module.metadata_size("http://small", json.dumps({"etag": '"1"'})),
+        )
+        self.assertIsNone(store.peek("http://bloated"))
+        self.assertEqual(
+            store.stats().bytes_stored, 4 + stored.entry.meta_size
+        )
