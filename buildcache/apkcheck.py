@@ -50,13 +50,16 @@ from buildcache.apk import (
 )
 from buildcache.store import Entry, Store
 from buildcache.turns import Waiters
+from buildcache.upstream import PRIVATE_MARK
 
 __all__ = [
     "ApkIndexes",
     "ApkMismatch",
+    "credentials_mark",
     "directory_prefix",
     "read_control_checksum",
     "verifier_for",
+    "vouched_by",
 ]
 
 #: Bytes of parsed indexes kept in memory, per process: about 8 of the
@@ -73,9 +76,46 @@ _READ_SIZE = 64 * 1024
 def directory_prefix(index_key: str) -> str:
     """
     The start shared by the keys of every file beside the index stored
-    under ``index_key`` (keys end with the URL's path).
+    under ``index_key``: its URL part (a key may go on with ``#p=`` and
+    ``#v=`` marks, see :func:`buildcache.upstream.private_family`) up to
+    the last ``/`` of its path.
     """
-    return index_key.rpartition("/")[0] + "/"
+    url, _, _ = index_key.partition("#")
+    scheme, _, rest = url.partition("://")
+    path_start = rest.find("/")
+    if path_start < 0:
+        return url + "/"
+    authority, path = rest[:path_start], rest[path_start:].partition("?")[0]
+    return f"{scheme}://{authority}{path.rpartition('/')[0]}/"
+
+
+def credentials_mark(key: str) -> str:
+    """
+    The part of ``key`` that names whose credentials its entry answers
+    (``#p=<HMAC>``), or ``""`` for an anonymous entry.
+    """
+    _, mark, rest = key.partition(PRIVATE_MARK)
+    if not mark:
+        return ""
+    return mark + rest.partition("#")[0]
+
+
+def vouched_by(
+    index_key: str, package_key: str
+) -> bool:
+    """
+    Whether the index stored under ``index_key`` speaks for the package
+    stored under ``package_key``: a package of its directory (not in a
+    directory below it), fetched with the same credentials (an index a
+    client fetched with its own credentials describes that client's
+    packages, and an anonymous one the anonymous packages).
+    """
+    url = package_key.partition("#")[0]
+    return (
+        repository_index_url(url) is not None
+        and directory_prefix(package_key) == directory_prefix(index_key)
+        and credentials_mark(package_key) == credentials_mark(index_key)
+    )
 
 
 def _bounded_put(memo: OrderedDict[str, str], key: str, value: str) -> None:
@@ -124,7 +164,9 @@ class ApkIndexes:
         """
         The stored index's entry for the package at ``package_url``, or
         ``None`` when the store has no usable index for it or the index
-        does not list it.  ``key_of`` maps a URL to its cache key.
+        does not list it.  ``key_of`` maps the index's URL to the key its
+        stored copy is under (for the proxy, the ``Vary`` variant and
+        credentials of the client's request).
         """
         index_url = repository_index_url(package_url)
         filename = package_filename(package_url)
@@ -174,11 +216,9 @@ class ApkIndexes:
             return
         removed = 0
         for stored in self.store.entries_under(directory_prefix(index_key)):
-            if repository_index_url(stored.key) is None or stored.key == index_key:
+            if not vouched_by(index_key, stored.key):
                 continue
-            if directory_prefix(stored.key) != directory_prefix(index_key):
-                continue
-            filename = package_filename(stored.key)
+            filename = package_filename(stored.key.partition("#")[0])
             facts = index.get(filename) if filename is not None else None
             if facts is None:
                 # No longer listed: its bytes are what an older version
@@ -187,7 +227,7 @@ class ApkIndexes:
             checksum = stored.source_digest
             if checksum is None and stored.size == facts.size:
                 # Stored before checksums were recorded: read it once.
-                checksum = await self._control_checksum(stored)
+                checksum = await self.control_checksum(stored)
                 if checksum is not None:
                     self.store.set_source_digest(stored, checksum)
             reason = stale_reason(facts, stored.size, checksum)
@@ -204,7 +244,11 @@ class ApkIndexes:
             key=index_key, removed=removed,
         )
 
-    async def _control_checksum(self, stored: Entry) -> str | None:
+    async def control_checksum(self, stored: Entry) -> str | None:
+        """
+        The control checksum of the package stored as ``stored``, read
+        from its file (in a thread, in the server); None if it has none.
+        """
         path = self.store.object_path(stored.key)
         if path is None:
             return None

@@ -9,6 +9,7 @@ pure functions.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections import Counter
@@ -16,19 +17,25 @@ from collections.abc import Mapping
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from buildcache import store as store_module
+from buildcache.apkcheck import credentials_mark, directory_prefix, vouched_by
 from buildcache.config import Mirror
+from buildcache.proxy import client_headers
+from buildcache.respond import joined_header
 from buildcache.store import MIGRATIONS, SECRET_NAME, cache_secret
 from buildcache.upstream import (
     PRIVATE_MARK,
     VARIANT_MARK,
+    Fetcher,
+    UpstreamAnswer,
     UpstreamRequest,
     cache_key,
     private_family,
@@ -37,7 +44,8 @@ from buildcache.upstream import (
     variants_to_drop,
 )
 from tests.test_store import write_version_1_entry
-from tests.support import Client, Received, listen, start_server, url_of
+from tests.apkrepo import BuiltApk, build_apk, build_apkindex
+from tests.support import Client, Received, Running, listen, start_server, url_of
 
 DEB = "/debian/pool/main/h/hello/hello_2.10-3_amd64.deb"
 WHEEL = "/packages/bcdemo_a-2.0-py3-none-any.whl"
@@ -66,6 +74,25 @@ class Origin(Resource):
         self.requests: Counter[str] = Counter()
         self.seen: list[tuple[str, str | None, str | None]] = []
         self.gate: Deferred[None] | None = None
+        self._arrivals: list[tuple[str, int, Deferred[None]]] = []
+
+    def when_requests(self, path: str, count: int) -> Deferred[None]:
+        """
+        Fires once ``count`` requests for ``path`` have arrived.
+        """
+        arrived: Deferred[None] = Deferred()
+        self._arrivals.append((path, count, arrived))
+        self._fire_arrivals()
+        return arrived
+
+    def _fire_arrivals(self) -> None:
+        waiting = []
+        for path, count, arrived in self._arrivals:
+            if self.requests[path] >= count:
+                arrived.callback(None)
+            else:
+                waiting.append((path, count, arrived))
+        self._arrivals = waiting
 
     def body_for(self, request: IRequest) -> bytes:
         def header(name: bytes) -> str:
@@ -80,6 +107,7 @@ class Origin(Resource):
     def render(self, request: IRequest) -> object:
         path = request.uri.decode()
         self.requests[path] += 1
+        self._fire_arrivals()
         auth = request.getHeader(b"authorization")
         conditional = request.getHeader(b"if-none-match")
         self.seen.append((
@@ -345,16 +373,20 @@ class PrivateResponseTests(TestCase):
         self.assertEqual(box.keys(), set())
 
     async def test_cookie_is_a_credential(self) -> None:
+        """
+        On a forward-proxy request (an absolute URL) the cookies are the
+        named host's: forwarded, and the response is theirs alone.
+        """
         box = Box(self)
         box.origin.cache_control = "public, max-age=600"
-        await box.get(PAGE, {"cookie": "session=x"})
-        same = await box.get(PAGE, {"cookie": "session=x"})
+        await box.get(PAGE, {"cookie": "session=x"}, proxy=True)
+        same = await box.get(PAGE, {"cookie": "session=x"}, proxy=True)
         self.assertEqual(
             (same.header("x-cache"), same.body), ("HIT", expected(PAGE, cookie="session=x"))
         )
-        other = await box.get(PAGE, {"cookie": "session=y"})
+        other = await box.get(PAGE, {"cookie": "session=y"}, proxy=True)
         self.assertEqual(other.body, expected(PAGE, cookie="session=y"))
-        anonymous = await box.get(PAGE)
+        anonymous = await box.get(PAGE, proxy=True)
         self.assertEqual(anonymous.body, expected(PAGE))
         self.assertEqual(box.origin.requests[PAGE], 3)
         self.assertTrue(all("session" not in key for key in box.keys()))
@@ -381,11 +413,10 @@ class PrivateResponseTests(TestCase):
         box.origin.cache_control = "public, max-age=600"
         box.origin.gate = Deferred()
         requests = [
-            Deferred.fromCoroutine(box.get(PAGE, headers))
+            Deferred.fromCoroutine(box.get(PAGE, headers, proxy=True))
             for headers in ({"cookie": "a=1"}, {"cookie": "a=2"}, {})
         ]
-        while box.origin.requests[PAGE] < 3:
-            await _turn()
+        await box.origin.when_requests(PAGE, 3)
         box.origin.gate.callback(None)
         received = await gatherResults(requests)
         self.assertEqual(
@@ -393,9 +424,6 @@ class PrivateResponseTests(TestCase):
             [expected(PAGE, cookie="a=1"), expected(PAGE, cookie="a=2"), expected(PAGE)],
         )
 
-
-async def _turn() -> None:
-    await deferLater(reactor, 0.005)
 
 
 # -- item 3: Vary ---------------------------------------------------------
@@ -475,12 +503,28 @@ class VaryTests(TestCase):
         box.origin.cache_control = "max-age=600"
         box.origin.vary = "Accept-Language"
         box.origin.gate = gate = Deferred()
+        # The second and third requests have joined the first's download
+        # once the fetcher has been asked three times (joining is part of
+        # the call).
+        asked: list[UpstreamRequest] = []
+        joined: Deferred[None] = Deferred()
+        fetch = Fetcher.fetch
+
+        def counting(fetcher: Fetcher, request: UpstreamRequest) -> Deferred[UpstreamAnswer]:
+            answer = fetch(fetcher, request)
+            asked.append(request)
+            if len(asked) == 3:
+                joined.callback(None)
+            return answer
+
+        self.patch(Fetcher, "fetch", counting)
         first = Deferred.fromCoroutine(box.get(PAGE, {"accept-language": "en"}))
-        while box.origin.requests[PAGE] < 1:
-            await _turn()
+        await box.origin.when_requests(PAGE, 1)
         second = Deferred.fromCoroutine(box.get(PAGE, {"accept-language": "fr"}))
         third = Deferred.fromCoroutine(box.get(PAGE, {"accept-language": "en"}))
-        await _turn()
+        await joined
+        self.assertEqual(box.origin.requests[PAGE], 1)
+        self.assertTrue(box.running.server.fetcher.downloading(asked[0].key))
         box.origin.gate = None
         gate.callback(None)
         received = await gatherResults([first, second, third])
@@ -607,3 +651,341 @@ class SecretTests(SynchronousTestCase):
         os.makedirs(directory)
         return directory
 
+
+
+# -- cookies on mirror routes, and cookies sent on several lines -------------
+
+
+class MirrorCookieTests(TestCase):
+    """
+    A mirror route is a path on this box: the cookies a browser holds for
+    the box's host name (any ``localhost`` application's session) are not
+    the mirror's, so they are neither forwarded nor a credential.
+    """
+
+    timeout = 20
+
+    async def test_cookie_not_forwarded_to_a_mirror(self) -> None:
+        box = Box(self)
+        box.origin.cache_control = "public, max-age=600"
+        first = await box.get(PAGE, {"cookie": "grafana_session=topsecret"})
+        self.assertEqual((first.header("x-cache"), first.body), ("MISS", expected(PAGE)))
+        other = await box.get(PAGE, {"cookie": "jupyter=abc"})
+        anonymous = await box.get(PAGE)
+        for received in (other, anonymous):
+            self.assertEqual(
+                (received.header("x-cache"), received.body), ("HIT", expected(PAGE))
+            )
+        self.assertEqual(box.origin.requests[PAGE], 1)
+        self.assertEqual(box.keys(), {box.base + PAGE})
+
+    async def test_authorization_still_private_on_a_mirror(self) -> None:
+        """
+        ``Authorization`` is sent on purpose: forwarded and keying as
+        before, while the cookie beside it neither reaches the origin nor
+        splits the holder's entry.
+        """
+        box = Box(self)
+        box.origin.cache_control = "public, max-age=600"
+        first = await box.get(DEB, {"authorization": A, "cookie": "s=1"})
+        self.assertEqual(first.body, expected(DEB, auth=A))
+        again = await box.get(DEB, {"authorization": A, "cookie": "s=2"})
+        self.assertEqual((again.header("x-cache"), again.body), ("HIT", expected(DEB, auth=A)))
+        anonymous = await box.get(DEB)
+        self.assertEqual((anonymous.header("x-cache"), anonymous.body), ("MISS", expected(DEB)))
+        self.assertEqual(box.origin.requests[DEB], 2)
+        self.assertEqual(
+            sorted(key.startswith(box.base + DEB + PRIVATE_MARK) for key in box.keys()),
+            [False, True],
+        )
+
+
+class DuplicateCookieTests(TestCase):
+    timeout = 20
+
+    async def test_cookie_lines_joined_with_semicolons(self) -> None:
+        """
+        Two ``Cookie`` lines reach the origin as one ``a=1; b=2`` (a comma
+        would make ``b=2`` part of the value of ``a``).
+        """
+        box = Box(self)
+        box.origin.cache_control = "max-age=0"
+        client = Client(proxy_port=box.running.proxy_port)
+        response = await client.agent().request(
+            b"GET", (box.base + PAGE).encode(),
+            Headers({"cookie": ["a=1", "b=2"]}),
+        )
+        body = await readBody(response)
+        await box.running.server.fetcher.when_idle()
+        self.assertEqual(body, expected(PAGE, cookie="a=1; b=2"))
+
+
+# -- an apk index that varies or is private still vouches for packages ------
+
+
+APK_DIR = "/alpine/v3.20/main/x86_64"
+
+
+class ApkRepository(Resource):
+    """
+    An apk repository at :data:`APK_DIR` that may ask for ``Authorization``
+    and add headers (``Vary``, ``Cache-Control``) to its answers; requests
+    counted per path.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, bytes] = {}
+        self.requests: Counter[str] = Counter()
+        self.extra: dict[str, str] = {}
+        self.need_auth: str | None = None
+        self.cookies: list[str | None] = []
+
+    def publish(self, *apks: BuiltApk) -> None:
+        self.files = {f"{APK_DIR}/APKINDEX.tar.gz": build_apkindex(list(apks))}
+        for apk in apks:
+            self.files[f"{APK_DIR}/{apk.filename}"] = apk.content
+
+    def render(self, request: IRequest) -> bytes:
+        path = request.uri.decode()
+        self.requests[path] += 1
+        cookie = request.getHeader(b"cookie")
+        self.cookies.append(cookie.decode() if cookie is not None else None)
+        auth = request.getHeader(b"authorization")
+        if self.need_auth is not None and (auth is None or auth.decode() != self.need_auth):
+            request.setResponseCode(401)
+            return b"authorization needed\n"
+        body = self.files.get(path)
+        if body is None:
+            request.setResponseCode(404)
+            return b"no such file\n"
+        for name, value in self.extra.items():
+            request.setHeader(name.encode(), value.encode())
+        request.setHeader(b"etag", f'"{hashlib.sha256(body).hexdigest()[:16]}"'.encode())
+        return body
+
+
+class ApkIndexLookupTests(TestCase):
+    """
+    The package check reads the index the way the proxy serves it: the
+    ``Vary`` variant of the client's request, under the client's
+    credentials.
+    """
+
+    timeout = 20
+
+    def box(self, origin: ApkRepository) -> Running:
+        port = listen(origin)
+        self.addCleanup(port.stopListening)
+        return start_server(self, {"mirrors": (Mirror("up", url_of(port).rstrip("/")),)})
+
+    async def get(
+        self, running: Running, path: str, headers: Mapping[str, str] | None = None
+    ) -> Received:
+        received = await Client().get(
+            f"http://127.0.0.1:{running.proxy_port}/up{path}", headers
+        )
+        await running.server.fetcher.when_idle()
+        return received
+
+    async def test_varying_index_vouches_for_packages(self) -> None:
+        origin = ApkRepository()
+        apk = build_apk("hello", "1.0-r0")
+        origin.publish(apk)
+        origin.extra = {"vary": "User-Agent", "cache-control": "max-age=600"}
+        running = self.box(origin)
+        agent = {"user-agent": "apk-tools/2.14"}
+        index = await self.get(running, f"{APK_DIR}/APKINDEX.tar.gz", agent)
+        self.assertEqual(index.status, 200)
+        first = await self.get(running, f"{APK_DIR}/{apk.filename}", agent)
+        second = await self.get(running, f"{APK_DIR}/{apk.filename}", agent)
+        self.assertEqual((first.status, first.body), (200, apk.content))
+        self.assertEqual((second.header("x-cache"), second.body), ("HIT", apk.content))
+        self.assertEqual(origin.requests[f"{APK_DIR}/{apk.filename}"], 1)
+        # The index was read where it was stored, not fetched again.
+        self.assertEqual(origin.requests[f"{APK_DIR}/APKINDEX.tar.gz"], 1)
+
+    async def test_private_repository(self) -> None:
+        origin = ApkRepository()
+        apk = build_apk("hello", "1.0-r0")
+        origin.publish(apk)
+        origin.extra = {"cache-control": "public, max-age=600"}
+        origin.need_auth = A
+        running = self.box(origin)
+        auth = {"authorization": A}
+        index = await self.get(running, f"{APK_DIR}/APKINDEX.tar.gz", auth)
+        first = await self.get(running, f"{APK_DIR}/{apk.filename}", auth)
+        second = await self.get(running, f"{APK_DIR}/{apk.filename}", auth)
+        self.assertEqual((index.status, first.status, first.body), (200, 200, apk.content))
+        self.assertEqual((second.header("x-cache"), second.body), ("HIT", apk.content))
+        self.assertEqual(origin.requests[f"{APK_DIR}/{apk.filename}"], 1)
+        self.assertEqual(origin.requests[f"{APK_DIR}/APKINDEX.tar.gz"], 1)
+        # Not for anyone else: an anonymous client gets the origin's 401.
+        anonymous = await self.get(running, f"{APK_DIR}/{apk.filename}")
+        self.assertEqual(anonymous.status, 401)
+
+    async def test_private_package_not_yet_indexed_fetches_the_index_with_credentials(
+        self,
+    ) -> None:
+        """
+        A package asked for before its index: the index is fetched with the
+        client's credentials (not anonymously, which the origin refuses), and
+        the package is checked and stored.
+        """
+        origin = ApkRepository()
+        apk = build_apk("hello", "1.0-r0")
+        origin.publish(apk)
+        origin.extra = {"cache-control": "public, max-age=600"}
+        origin.need_auth = A
+        running = self.box(origin)
+        auth = {"authorization": A}
+        first = await self.get(running, f"{APK_DIR}/{apk.filename}", auth)
+        second = await self.get(running, f"{APK_DIR}/{apk.filename}", auth)
+        self.assertEqual((first.status, second.header("x-cache")), (200, "HIT"))
+        self.assertEqual(origin.requests[f"{APK_DIR}/APKINDEX.tar.gz"], 1)
+
+    async def test_private_rebuild_invalidates_the_private_package(self) -> None:
+        """
+        The rebuild check reads keys with ``#p=`` marks: a private index that
+        now lists another build of a stored private package drops it.
+        """
+        origin = ApkRepository()
+        old = build_apk("hello", "1.0-r0")
+        origin.publish(old)
+        origin.extra = {"cache-control": "public, max-age=600"}
+        origin.need_auth = A
+        running = self.box(origin)
+        auth = {"authorization": A}
+        package = f"{APK_DIR}/{old.filename}"
+        await self.get(running, f"{APK_DIR}/APKINDEX.tar.gz", auth)
+        await self.get(running, package, auth)
+        hit = await self.get(running, package, auth)
+        self.assertEqual((hit.header("x-cache"), hit.body), ("HIT", old.content))
+        new = build_apk("hello", "1.0-r0", description="rebuilt")
+        self.assertEqual(new.filename, old.filename)
+        origin.publish(new)
+        refreshed = await self.get(
+            running, f"{APK_DIR}/APKINDEX.tar.gz", {**auth, "cache-control": "no-cache"}
+        )
+        self.assertEqual(refreshed.status, 200)
+        rebuilt = await self.get(running, package, auth)
+        self.assertEqual((rebuilt.header("x-cache"), rebuilt.body), ("MISS", new.content))
+        self.assertEqual(origin.requests[package], 2)
+
+    async def test_cookie_not_forwarded_to_an_apk_mirror(self) -> None:
+        origin = ApkRepository()
+        apk = build_apk("hello", "1.0-r0")
+        origin.publish(apk)
+        running = self.box(origin)
+        session = {"cookie": "grafana_session=topsecret"}
+        await self.get(running, f"{APK_DIR}/APKINDEX.tar.gz", session)
+        await self.get(running, f"{APK_DIR}/{apk.filename}", session)
+        hit = await self.get(running, f"{APK_DIR}/{apk.filename}")
+        self.assertEqual(origin.cookies, [None, None])
+        self.assertEqual(hit.header("x-cache"), "HIT")
+
+
+# -- a 304 refreshes the variant or private entry it revalidated -------------
+
+
+class RevalidationTests(TestCase):
+    """
+    A stale variant (or private entry) is revalidated with its own
+    validators, and the 304 refreshes that entry: the client sees
+    REVALIDATED with that entry's body, and the refreshed lifetime holds.
+    """
+
+    timeout = 20
+
+    async def _revalidated(self, headers: Mapping[str, str], body: bytes) -> None:
+        box = Box(self)
+        box.origin.vary = "Accept-Language"
+        # public: a private response needs it to be stored at all.
+        box.origin.cache_control = "public, max-age=0"
+        other = {**headers, "accept-language": "fr"}
+        await box.get(PAGE, other)
+        await box.get(PAGE, headers)
+        self.assertEqual(box.origin.requests[PAGE], 2)
+        box.origin.cache_control = "public, max-age=600"
+        again = await box.get(PAGE, headers)
+        self.assertEqual(
+            (again.status, again.header("x-cache"), again.body), (200, "REVALIDATED", body)
+        )
+        self.assertEqual(box.origin.requests[PAGE], 3)
+        self.assertIsNotNone(box.origin.seen[-1][2])  # a conditional request
+        # The 304's max-age=600 was recorded on that variant.
+        hit = await box.get(PAGE, headers)
+        self.assertEqual((hit.header("x-cache"), hit.body), ("HIT", body))
+        self.assertEqual(box.origin.requests[PAGE], 3)
+        self.assertEqual(len(box.keys()), 2)
+
+    async def test_variant(self) -> None:
+        await self._revalidated({"accept-language": "en"}, expected(PAGE, lang="en"))
+
+    async def test_private_variant(self) -> None:
+        await self._revalidated(
+            {"authorization": A, "accept-language": "en"}, expected(PAGE, auth=A, lang="en")
+        )
+
+    async def test_private_entry(self) -> None:
+        box = Box(self)
+        box.origin.cache_control = "max-age=0, must-revalidate"
+        await box.get(PAGE, {"authorization": A})
+        box.origin.cache_control = "public, max-age=600"
+        again = await box.get(PAGE, {"authorization": A})
+        self.assertEqual(
+            (again.header("x-cache"), again.body), ("REVALIDATED", expected(PAGE, auth=A))
+        )
+        hit = await box.get(PAGE, {"authorization": A})
+        self.assertEqual(hit.header("x-cache"), "HIT")
+        self.assertEqual(box.origin.requests[PAGE], 2)
+
+
+class RequestRuleTests(SynchronousTestCase):
+    def test_client_headers_drop_cookies_on_mirror_routes(self) -> None:
+        headers = {"cookie": "s=1", "authorization": A, "accept-language": "en"}
+        self.assertEqual(
+            client_headers(headers, proxied=False),
+            {"authorization": A, "accept-language": "en"},
+        )
+        self.assertEqual(client_headers(headers, proxied=True), headers)
+        self.assertEqual(client_headers({}, proxied=False), {})
+
+    def test_joined_header(self) -> None:
+        self.assertEqual(joined_header("cookie", ["a=1", "b=2"]), "a=1; b=2")
+        self.assertEqual(joined_header("Cookie", ["a=1"]), "a=1")
+        self.assertEqual(joined_header("accept", ["a/b", "c/d"]), "a/b, c/d")
+
+
+class ApkKeyRuleTests(SynchronousTestCase):
+    index = "https://h:8/alpine/v3.20/main/x86_64/APKINDEX.tar.gz"
+    package = "https://h:8/alpine/v3.20/main/x86_64/hello-1.0-r0.apk"
+
+    def test_directory_prefix_reads_the_url_part(self) -> None:
+        directory = "https://h:8/alpine/v3.20/main/x86_64/"
+        self.assertEqual(directory_prefix(self.index), directory)
+        self.assertEqual(directory_prefix(self.index + "#p=ab#v=cd"), directory)
+        self.assertEqual(directory_prefix(self.index + "?a=/b"), directory)
+        self.assertEqual(directory_prefix("http://[::1]:8/x/y"), "http://[::1]:8/x/")
+
+    def test_credentials_mark(self) -> None:
+        self.assertEqual(credentials_mark(self.package), "")
+        self.assertEqual(credentials_mark(self.package + "#v=cd"), "")
+        self.assertEqual(credentials_mark(self.package + "#p=ab"), "#p=ab")
+        self.assertEqual(credentials_mark(self.package + "#p=ab#v=cd"), "#p=ab")
+
+    def test_vouched_by(self) -> None:
+        self.assertTrue(vouched_by(self.index, self.package))
+        self.assertTrue(vouched_by(self.index + "#v=1", self.package + "#v=2"))
+        self.assertTrue(vouched_by(self.index + "#p=a#v=1", self.package + "#p=a"))
+        # Another client's packages, or the anonymous ones.
+        self.assertFalse(vouched_by(self.index + "#p=a", self.package + "#p=b"))
+        self.assertFalse(vouched_by(self.index + "#p=a", self.package))
+        self.assertFalse(vouched_by(self.index, self.package + "#p=a"))
+        # Not a package of this directory.
+        self.assertFalse(vouched_by(self.index, self.index + "#v=2"))
+        self.assertFalse(
+            vouched_by(self.index, self.package.replace("x86_64/", "x86_64/sub/"))
+        )
