@@ -58,6 +58,7 @@ __all__ = [
     "credentials_mark",
     "directory_prefix",
     "read_control_checksum",
+    "stored_package_matches",
     "verifier_for",
     "vouched_by",
 ]
@@ -227,7 +228,7 @@ class ApkIndexes:
             checksum = stored.source_digest
             if checksum is None and stored.size == facts.size:
                 # Stored before checksums were recorded: read it once.
-                checksum = await self.control_checksum(stored)
+                checksum = await self._control_checksum(stored)
                 if checksum is not None:
                     self.store.set_source_digest(stored, checksum)
             reason = stale_reason(facts, stored.size, checksum)
@@ -244,11 +245,7 @@ class ApkIndexes:
             key=index_key, removed=removed,
         )
 
-    async def control_checksum(self, stored: Entry) -> str | None:
-        """
-        The control checksum of the package stored as ``stored``, read
-        from its file (in a thread, in the server); None if it has none.
-        """
+    async def _control_checksum(self, stored: Entry) -> str | None:
         path = self.store.object_path(stored.key)
         if path is None:
             return None
@@ -350,6 +347,30 @@ def read_control_checksum(path: str, size: int) -> str | None:
         return None
     sha1 = verifier.control_sha1
     return None if sha1 is None else ApkFacts("", 0, sha1).control_checksum
+
+
+def stored_package_matches(path: str, facts: PackageFacts) -> bool:
+    """
+    Whether the package stored at ``path`` is, byte for byte, the file
+    ``facts`` describe: its size, control checksum and the data stream's
+    ``datahash``, as a download is checked (:class:`ApkVerifier`).  What
+    lets an ``https://`` key take over a package stored over plain http
+    (see :func:`buildcache.upstream.http_twin`): only an index fetched over
+    https vouches for it, and a control stream alone would not cover the
+    data.  False if it is gone.  Reads the whole file: may run in a thread.
+    """
+    verifier = ApkVerifier(facts)
+    try:
+        with open(path, "rb") as f:
+            while verifier.mismatch is None:
+                chunk = f.read(_READ_SIZE)
+                if not chunk:
+                    break
+                verifier.update(chunk)
+        verifier.finish()
+    except (FileNotFoundError, ApkMismatch):
+        return False
+    return True
 
 
 def verifier_for(entry: PackageFacts) -> Callable[[Mapping[str, str]], ApkVerifier]:

@@ -18,6 +18,7 @@ import re
 import socket
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Protocol as TypingProtocol
 from urllib.parse import unquote, urlsplit
 
@@ -31,8 +32,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
 from buildcache.activity import Activity, redact
-from buildcache.apk import ApkFacts, repository_index_url
-from buildcache.apkcheck import ApkIndexes, verifier_for
+from buildcache.apk import ApkFacts, repository_index_url, stale_reason
+from buildcache.apkcheck import ApkIndexes, stored_package_matches, verifier_for
 from buildcache.config import Mirror
 from buildcache.connect import TargetRefused
 from buildcache.freshness import (
@@ -63,9 +64,11 @@ from buildcache.upstream import (
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
+    adopt_twin,
     cache_key,
     drained,
     find_stored,
+    http_twin,
     open_stored,
     private_family,
 )
@@ -611,6 +614,12 @@ class ProxyResource(Resource):
             # Its index was never fetched here, or is older than the
             # package: fetch or revalidate it, to check the package.
             apk_entry = await self._revalidated_index_entry(target, index_url, headers)
+        if apk_entry is not None:
+            adopted = await self._adopted_twin(target, headers, apk_entry)
+            if adopted is not None:
+                self.store.counters.hits += 1
+                self._serve_stored(request, target, adopted, CacheStatus.HIT)
+                return
         self.store.counters.misses += 1
         vouched = index_url is None or apk_entry is not None
         if not vouched:
@@ -644,6 +653,39 @@ class ProxyResource(Resource):
             send_error(request, 502, str(e))
             return
         self._serve_answer(request, target, answer)
+
+    async def _adopted_twin(
+        self, target: Target, headers: Mapping[str, str], apk_entry: ApkFacts
+    ) -> StoredObject | None:
+        """
+        The package of an ``https://`` target taken over from its plain-http
+        twin (see :func:`buildcache.upstream.http_twin`) when the index,
+        fetched over https, vouches for the twin's bytes (size, control
+        checksum, data hash: the check a download gets); None (nothing
+        moved) otherwise.
+        """
+        twin_family = http_twin(target.key)
+        if twin_family is None:
+            return None
+        twin = find_stored(self.store, twin_family, self._forwarded(headers))
+        # A recorded checksum that differs rules it out without a read.
+        if twin is None or stale_reason(apk_entry, twin.size, twin.source_digest):
+            return None
+        path = self.store.object_path(twin.key)
+        if path is None or not await self.store.run_blocking(
+            partial(stored_package_matches, path, apk_entry)
+        ):
+            self.log.info(
+                "Not adopting {twin} for {key}: it is not the build its index lists",
+                twin=twin.key, key=target.key,
+            )
+            return None
+        adopted = adopt_twin(self.store, target.key, twin_family, twin)
+        if adopted is None:
+            return None
+        if adopted.source_digest is None:
+            self.store.set_source_digest(adopted, apk_entry.control_checksum)
+        return self.store.lookup(adopted.key)
 
     async def _revalidated_index_entry(
         self, target: Target, index_url: str, headers: Mapping[str, str]

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import readBody
@@ -26,10 +27,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from buildcache import store as store_module
-from buildcache.apkcheck import credentials_mark, directory_prefix, vouched_by
+from buildcache.apk import ApkFacts
+from buildcache.apkcheck import (
+    credentials_mark,
+    directory_prefix,
+    stored_package_matches,
+    vouched_by,
+)
 from buildcache.config import Mirror
 from buildcache.proxy import client_headers
 from buildcache.respond import joined_header
+from buildcache.simple_index import page_key
 from buildcache.store import MIGRATIONS, SECRET_NAME, cache_secret
 from buildcache.upstream import (
     PRIVATE_MARK,
@@ -38,8 +46,10 @@ from buildcache.upstream import (
     UpstreamAnswer,
     UpstreamRequest,
     cache_key,
+    http_twin,
     private_family,
     stored_key_for,
+    twin_matches_digest,
     variant_key,
     variants_to_drop,
 )
@@ -989,3 +999,232 @@ class ApkKeyRuleTests(SynchronousTestCase):
         self.assertFalse(
             vouched_by(self.index, self.package.replace("x86_64/", "x86_64/sub/"))
         )
+
+
+# -- an upgraded cache keeps its https files, once https vouches for them ----
+
+
+WHEEL_NAME = "bcdemo-1.0-py3-none-any.whl"
+
+
+class TwinAdoptionTests(TestCase):
+    """
+    A cache from before keys named their scheme keeps its files under
+    ``http://`` keys (the upgrade cannot know which were fetched over
+    https).  An https route takes such a file over only when a digest it
+    obtained over https (the project page's sha256, the APKINDEX's size
+    and control checksum) matches the stored bytes; the origin here speaks
+    no TLS, so any fetch on the https route shows as a handshake and a 502.
+    """
+
+    timeout = 20
+
+    def upgraded(
+        self, old_entries: Mapping[str, bytes], config: Mapping[str, object]
+    ) -> tuple[Running, Origin, _TLSRefusing, str]:
+        origin = Origin()
+        factory = _TLSRefusing(Site(origin))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        authority = url_of(port).rstrip("/").removeprefix("http://")
+        cache_dir = self.mktemp()
+        self.patch(store_module, "MIGRATIONS", ())
+        store_module.Store.open(cache_dir, 1 << 30, reactor).close()
+        for path, body in old_entries.items():
+            write_version_1_entry(os.path.abspath(cache_dir), authority + path, body)
+        self.patch(store_module, "MIGRATIONS", MIGRATIONS)
+        self.patch(self, "mktemp", lambda: cache_dir)
+        https_base = "https://" + authority
+        running = start_server(self, {
+            key: value(https_base) if callable(value) else value
+            for key, value in config.items()
+        })
+        self.assertEqual(
+            {e.key for e in running.store.keys()},
+            {"http://" + authority + path for path in old_entries},
+        )
+        return running, origin, factory, https_base
+
+    def seed(self, running: Running, key: str, body: bytes, headers: Mapping[str, str]) -> None:
+        """
+        Store ``body`` under ``key`` as a fetch over https would have.
+        """
+        writer = running.store.writer(key)
+        writer.write(body)
+        writer.commit(headers)
+
+    def page(self, https_base: str, sha256: str) -> bytes:
+        url = f"{https_base}/packages/{WHEEL_NAME}#sha256={sha256}"
+        return (
+            f'<!DOCTYPE html><html><body><a href="{url}">{WHEEL_NAME}</a>'
+            "</body></html>"
+        ).encode()
+
+    async def wheel(self, page_sha256: str | None = None) -> tuple[Received, Running, _TLSRefusing, Origin, str]:
+        stored = b"a wheel stored before the upgrade"
+        running, origin, factory, https_base = self.upgraded(
+            {f"/packages/{WHEEL_NAME}": stored},
+            {"pypi_upstreams": lambda base: (base + "/simple",)},
+        )
+        self.seed(
+            running, page_key(https_base + "/simple", "bcdemo"),
+            self.page(https_base, page_sha256 or hashlib.sha256(stored).hexdigest()),
+            {"content-type": "text/html"},
+        )
+        received = await Client().get(
+            f"http://127.0.0.1:{running.index_port}/files/bcdemo/{WHEEL_NAME}"
+        )
+        await running.server.fetcher.when_idle()
+        return received, running, factory, origin, https_base
+
+    async def test_wheel_adopted_when_the_page_vouches(self) -> None:
+        received, running, factory, origin, https_base = await self.wheel()
+        self.assertEqual(
+            (received.status, received.header("x-cache"), received.body),
+            (200, "HIT", b"a wheel stored before the upgrade"),
+        )
+        self.assertEqual((factory.handshakes, sum(origin.requests.values())), (0, 0))
+        file_key = f"{https_base}/packages/{WHEEL_NAME}"
+        self.assertIn(file_key, {e.key for e in running.store.keys()})
+        self.assertNotIn(http_twin(file_key), {e.key for e in running.store.keys()})
+
+    async def test_wheel_with_another_digest_not_adopted(self) -> None:
+        received, running, factory, origin, https_base = await self.wheel("0" * 64)
+        self.assertEqual(received.status, 502)
+        self.assertNotIn(b"before the upgrade", received.body)
+        # The https upstream was asked (one TLS handshake); the twin stays
+        # where it was, for plain-http routes.
+        self.assertEqual(factory.handshakes, 1)
+        file_key = f"{https_base}/packages/{WHEEL_NAME}"
+        self.assertEqual(
+            {e.key for e in running.store.keys()} - {page_key(https_base + "/simple", "bcdemo")},
+            {http_twin(file_key)},
+        )
+
+    async def apk(self, stored: BuiltApk, listed: BuiltApk) -> tuple[Received, Running, _TLSRefusing, str]:
+        package = f"{APK_DIR}/{listed.filename}"
+        running, origin, factory, https_base = self.upgraded(
+            {package: stored.content},
+            {"mirrors": lambda base: (Mirror("sec", base),)},
+        )
+        self.seed(
+            running, https_base + f"{APK_DIR}/APKINDEX.tar.gz", build_apkindex([listed]),
+            {"cache-control": "max-age=600"},
+        )
+        received = await Client().get(f"http://127.0.0.1:{running.proxy_port}/sec{package}")
+        await running.server.fetcher.when_idle()
+        return received, running, factory, https_base + package
+
+    async def test_apk_adopted_when_the_index_vouches(self) -> None:
+        apk = build_apk("hello", "1.0-r0")
+        received, running, factory, key = await self.apk(apk, apk)
+        self.assertEqual(
+            (received.status, received.header("x-cache"), received.body),
+            (200, "HIT", apk.content),
+        )
+        again = await Client().get(
+            f"http://127.0.0.1:{running.proxy_port}/sec{APK_DIR}/{apk.filename}"
+        )
+        self.assertEqual((again.header("x-cache"), again.body), ("HIT", apk.content))
+        self.assertEqual(factory.handshakes, 0)
+        adopted = running.store.peek(key)
+        assert adopted is not None
+        # Read from the file once, and recorded for the rebuild check.
+        self.assertEqual(adopted.source_digest, apk.control_checksum)
+        self.assertIsNone(running.store.peek(http_twin(key)))
+
+    async def test_apk_of_another_build_not_adopted(self) -> None:
+        stored = build_apk("hello", "1.0-r0", description="another build")
+        listed = build_apk("hello", "1.0-r0")
+        self.assertEqual(stored.filename, listed.filename)
+        received, running, factory, key = await self.apk(stored, listed)
+        self.assertEqual(received.status, 502)
+        self.assertEqual(factory.handshakes, 1)
+        self.assertIsNone(running.store.peek(key))
+        self.assertIsNotNone(running.store.peek(http_twin(key)))
+
+
+class TwinRuleTests(SynchronousTestCase):
+    def test_http_twin(self) -> None:
+        self.assertEqual(http_twin("https://h/x.whl"), "http://h/x.whl")
+        self.assertEqual(http_twin("https://h:8443/x#p=ab#v=cd"), "http://h:8443/x#p=ab#v=cd")
+        self.assertIsNone(http_twin("http://h/x.whl"))
+        self.assertIsNone(http_twin("simple-page|https://h/simple|x"))
+
+    def test_twin_matches_digest(self) -> None:
+        self.assertTrue(twin_matches_digest("ab" * 32, ("AB" * 32)))
+        self.assertFalse(twin_matches_digest("ab" * 32, "cd" * 32))
+        self.assertFalse(twin_matches_digest(None, "ab" * 32))
+        self.assertFalse(twin_matches_digest("ab" * 32, None))
+
+    def test_stored_package_matches(self) -> None:
+        listed = build_apk("hello", "1.0-r0")
+        rebuilt = build_apk("hello", "1.0-r0", description="another build")
+        facts = ApkFacts(listed.filename, listed.size, listed.control_sha1)
+        directory = self.mktemp()
+        os.makedirs(directory)
+
+        def stored(body: bytes) -> str:
+            path = os.path.join(directory, str(len(os.listdir(directory))))
+            with open(path, "wb") as f:
+                f.write(body)
+            return path
+
+        self.assertTrue(stored_package_matches(stored(listed.content), facts))
+        self.assertFalse(stored_package_matches(stored(rebuilt.content), facts))
+        # The size and control stream of the listed build, other data: the
+        # datahash gives it away.
+        data = bytearray(listed.data_stream)
+        data[len(data) // 2] ^= 0xFF
+        forged = listed.signature_stream + listed.control_stream + bytes(data)
+        self.assertEqual(len(forged), listed.size)
+        self.assertFalse(stored_package_matches(stored(forged), facts))
+        self.assertFalse(stored_package_matches(stored(listed.content[:-1]), facts))
+        self.assertFalse(stored_package_matches(os.path.join(directory, "gone"), facts))
+
+
+class RenameEntryTests(SynchronousTestCase):
+    def store(self) -> store_module.Store:
+        store = store_module.Store.open(self.mktemp(), 1 << 20, Clock())
+        self.addCleanup(store.close)
+        return store
+
+    def put(self, store: store_module.Store, key: str, body: bytes) -> store_module.Entry:
+        writer = store.writer(key)
+        writer.write(body)
+        entry = writer.commit({"etag": '"1"'})
+        assert entry is not None
+        return entry
+
+    def test_renamed_with_its_file(self) -> None:
+        store = self.store()
+        old = self.put(store, "http://h/x", b"twin")
+        replaced = self.put(store, "https://h/x", b"older https copy")
+        store.peek("http://h/x")  # kept in the row cache
+        adopted = store.rename_entry(old, "https://h/x")
+        assert adopted is not None
+        self.assertEqual((adopted.key, adopted.size, adopted.file), ("https://h/x", 4, old.file))
+        self.assertIsNone(store.peek("http://h/x"))
+        stored = store.lookup("https://h/x")
+        assert stored is not None
+        self.addCleanup(stored.close)
+        self.assertEqual(os.pread(stored.fd, 100, 0), b"twin")
+        self.assertEqual((store.entry_count, store.total_size), (1, 4))
+        # The https copy it replaced is gone with its file.
+        self.assertFalse(os.path.exists(
+            os.path.join(store.directory, "objects", replaced.file[:2], replaced.file)
+        ))
+        # A later body for the old key gets a file of its own.
+        self.put(store, "http://h/x", b"new plain fetch")
+        again = store.lookup("https://h/x")
+        assert again is not None
+        self.addCleanup(again.close)
+        self.assertEqual(os.pread(again.fd, 100, 0), b"twin")
+
+    def test_gone_or_replaced_entry_not_renamed(self) -> None:
+        store = self.store()
+        old = self.put(store, "http://h/x", b"twin")
+        self.put(store, "http://h/x", b"replaced since")
+        self.assertIsNone(store.rename_entry(old, "https://h/x"))
+        self.assertIsNone(store.peek("https://h/x"))
+        self.assertIsNotNone(store.peek("http://h/x"))
