@@ -10,6 +10,7 @@ pure functions.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from collections import Counter
@@ -1100,6 +1101,48 @@ class TwinAdoptionTests(TestCase):
             {e.key for e in running.store.keys()} - {page_key(https_base + "/simple", "bcdemo")},
             {http_twin(file_key)},
         )
+
+    async def test_read_ahead_adopts_instead_of_fetching(self) -> None:
+        """
+        The read-ahead that follows a client's read of a wheel's metadata
+        takes the wheel over from its twin rather than fetching it.
+        """
+        wheel = b"a wheel stored before the upgrade"
+        metadata = b"Metadata-Version: 2.1\nName: bcdemo\nVersion: 1.0\n"
+        running, origin, factory, https_base = self.upgraded(
+            {
+                f"/packages/{WHEEL_NAME}": wheel,
+                f"/packages/{WHEEL_NAME}.metadata": metadata,
+            },
+            {"pypi_upstreams": lambda base: (base + "/simple",)},
+        )
+        page = {
+            "meta": {"api-version": "1.1"},
+            "name": "bcdemo",
+            "files": [{
+                "filename": WHEEL_NAME,
+                "url": f"{https_base}/packages/{WHEEL_NAME}",
+                "hashes": {"sha256": hashlib.sha256(wheel).hexdigest()},
+                "core-metadata": {"sha256": hashlib.sha256(metadata).hexdigest()},
+                "size": len(wheel),
+            }],
+        }
+        self.seed(
+            running, page_key(https_base + "/simple", "bcdemo"),
+            json.dumps(page).encode(),
+            {"content-type": "application/vnd.pypi.simple.v1+json"},
+        )
+        received = await Client().get(
+            f"http://127.0.0.1:{running.index_port}/files/bcdemo/{WHEEL_NAME}.metadata"
+        )
+        self.assertEqual((received.header("x-cache"), received.body), ("HIT", metadata))
+        await running.server.index.prefetcher.when_done()
+        wheel_key = f"{https_base}/packages/{WHEEL_NAME}"
+        self.assertEqual(
+            {e.key for e in running.store.keys()} - {page_key(https_base + "/simple", "bcdemo")},
+            {wheel_key, wheel_key + ".metadata"},
+        )
+        self.assertEqual(factory.handshakes, 0)
 
     async def apk(self, stored: BuiltApk, listed: BuiltApk) -> tuple[Received, Running, _TLSRefusing, str]:
         package = f"{APK_DIR}/{listed.filename}"
