@@ -50,13 +50,17 @@ from buildcache.apk import (
 )
 from buildcache.store import Entry, Store
 from buildcache.turns import Waiters
+from buildcache.upstream import PRIVATE_MARK
 
 __all__ = [
     "ApkIndexes",
     "ApkMismatch",
+    "credentials_mark",
     "directory_prefix",
     "read_control_checksum",
+    "stored_package_matches",
     "verifier_for",
+    "vouched_by",
 ]
 
 #: Bytes of parsed indexes kept in memory, per process: about 8 of the
@@ -73,9 +77,46 @@ _READ_SIZE = 64 * 1024
 def directory_prefix(index_key: str) -> str:
     """
     The start shared by the keys of every file beside the index stored
-    under ``index_key`` (keys end with the URL's path).
+    under ``index_key``: its URL part (a key may go on with ``#p=`` and
+    ``#v=`` marks, see :func:`buildcache.upstream.private_family`) up to
+    the last ``/`` of its path.
     """
-    return index_key.rpartition("/")[0] + "/"
+    url, _, _ = index_key.partition("#")
+    scheme, _, rest = url.partition("://")
+    path_start = rest.find("/")
+    if path_start < 0:
+        return url + "/"
+    authority, path = rest[:path_start], rest[path_start:].partition("?")[0]
+    return f"{scheme}://{authority}{path.rpartition('/')[0]}/"
+
+
+def credentials_mark(key: str) -> str:
+    """
+    The part of ``key`` that names whose credentials its entry answers
+    (``#p=<HMAC>``), or ``""`` for an anonymous entry.
+    """
+    _, mark, rest = key.partition(PRIVATE_MARK)
+    if not mark:
+        return ""
+    return mark + rest.partition("#")[0]
+
+
+def vouched_by(
+    index_key: str, package_key: str
+) -> bool:
+    """
+    Whether the index stored under ``index_key`` speaks for the package
+    stored under ``package_key``: a package of its directory (not in a
+    directory below it), fetched with the same credentials (an index a
+    client fetched with its own credentials describes that client's
+    packages, and an anonymous one the anonymous packages).
+    """
+    url = package_key.partition("#")[0]
+    return (
+        repository_index_url(url) is not None
+        and directory_prefix(package_key) == directory_prefix(index_key)
+        and credentials_mark(package_key) == credentials_mark(index_key)
+    )
 
 
 def _bounded_put(memo: OrderedDict[str, str], key: str, value: str) -> None:
@@ -124,7 +165,9 @@ class ApkIndexes:
         """
         The stored index's entry for the package at ``package_url``, or
         ``None`` when the store has no usable index for it or the index
-        does not list it.  ``key_of`` maps a URL to its cache key.
+        does not list it.  ``key_of`` maps the index's URL to the key its
+        stored copy is under (for the proxy, the ``Vary`` variant and
+        credentials of the client's request).
         """
         index_url = repository_index_url(package_url)
         filename = package_filename(package_url)
@@ -174,11 +217,9 @@ class ApkIndexes:
             return
         removed = 0
         for stored in self.store.entries_under(directory_prefix(index_key)):
-            if repository_index_url(stored.key) is None or stored.key == index_key:
+            if not vouched_by(index_key, stored.key):
                 continue
-            if directory_prefix(stored.key) != directory_prefix(index_key):
-                continue
-            filename = package_filename(stored.key)
+            filename = package_filename(stored.key.partition("#")[0])
             facts = index.get(filename) if filename is not None else None
             if facts is None:
                 # No longer listed: its bytes are what an older version
@@ -306,6 +347,30 @@ def read_control_checksum(path: str, size: int) -> str | None:
         return None
     sha1 = verifier.control_sha1
     return None if sha1 is None else ApkFacts("", 0, sha1).control_checksum
+
+
+def stored_package_matches(path: str, facts: PackageFacts) -> bool:
+    """
+    Whether the package stored at ``path`` is, byte for byte, the file
+    ``facts`` describe: its size, control checksum and the data stream's
+    ``datahash``, as a download is checked (:class:`ApkVerifier`).  What
+    lets an ``https://`` key take over a package stored over plain http
+    (see :func:`buildcache.upstream.http_twin`): only an index fetched over
+    https vouches for it, and a control stream alone would not cover the
+    data.  False if it is gone.  Reads the whole file: may run in a thread.
+    """
+    verifier = ApkVerifier(facts)
+    try:
+        with open(path, "rb") as f:
+            while verifier.mismatch is None:
+                chunk = f.read(_READ_SIZE)
+                if not chunk:
+                    break
+                verifier.update(chunk)
+        verifier.finish()
+    except (FileNotFoundError, ApkMismatch):
+        return False
+    return True
 
 
 def verifier_for(entry: PackageFacts) -> Callable[[Mapping[str, str]], ApkVerifier]:

@@ -44,6 +44,7 @@ from buildcache.upstream import (
     Fetcher,
     UpstreamError,
     UpstreamRequest,
+    adopt_verified_twin,
     cache_key,
     drained,
     find_stored,
@@ -209,6 +210,9 @@ class Prefetcher:
                 self._stopped
                 or find_stored(self.store, key, request.headers) is not None
                 or self.fetcher.downloading(key)
+                or adopt_verified_twin(
+                    self.store, key, request.headers, request.expected_sha256
+                ) is not None
             ):
                 return
             self._fetching.add(key)

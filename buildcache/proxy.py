@@ -17,7 +17,8 @@ import ipaddress
 import re
 import socket
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Protocol as TypingProtocol
 from urllib.parse import unquote, urlsplit
 
@@ -31,8 +32,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
 from buildcache.activity import Activity, redact
-from buildcache.apk import ApkFacts, repository_index_url
-from buildcache.apkcheck import ApkIndexes, verifier_for
+from buildcache.apk import ApkFacts, repository_index_url, stale_reason
+from buildcache.apkcheck import ApkIndexes, stored_package_matches, verifier_for
 from buildcache.config import Mirror
 from buildcache.connect import TargetRefused
 from buildcache.freshness import (
@@ -64,8 +65,11 @@ from buildcache.upstream import (
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
+    adopt_twin,
     cache_key,
     drained,
+    find_stored,
+    http_twin,
     open_stored,
     private_family,
 )
@@ -84,6 +88,22 @@ _REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
 FORWARDED_HEADERS = (
     "user-agent", "accept", "authorization", "cookie", "accept-language"
 )
+
+
+def client_headers(headers: Mapping[str, str], proxied: bool) -> dict[str, str]:
+    """
+    The headers of a request as the cache judges and forwards them.  A
+    mirror route (``/NAME/...``) is a path on this box, so a ``Cookie`` the
+    client sends there is the box's host's (a browser sends any
+    ``localhost`` application's session): it is neither forwarded to the
+    mirror nor a credential that makes the response private.  Only a
+    forward-proxy request (an absolute URL, ``proxied``) names the host its
+    cookies are for.  ``Authorization`` is sent on purpose and is kept on
+    both.
+    """
+    if proxied:
+        return dict(headers)
+    return {name: value for name, value in headers.items() if name != "cookie"}
 
 
 class BadTarget(Exception):
@@ -459,16 +479,41 @@ class ProxyResource(Resource):
             private=True,
         )
 
+    def _index_family(self, index_url: str, headers: Mapping[str, str]) -> str:
+        """
+        The key of the entries of an index as a client with ``headers``
+        gets it: of its credentials, as for any of its requests.
+        """
+        return private_family(
+            cache_key(index_url), self.store.secret, client_credentials(headers)
+        )
+
+    def _index_keys(self, headers: Mapping[str, str]) -> Callable[[str], str]:
+        """
+        Where the index at a URL that answers a client with ``headers`` is
+        stored: the variant the proxy would serve it (see
+        :func:`buildcache.upstream.find_stored`), among its credentials'
+        entries; what package checks read.
+        """
+        forwarded = self._forwarded(headers)
+
+        def stored_key(index_url: str) -> str:
+            family = self._index_family(index_url, headers)
+            found = find_stored(self.store, family, forwarded)
+            return family if found is None else found.key
+
+        return stored_key
+
     async def _serve(self, request: Request, target: Target) -> None:
-        headers = request_headers(request)
+        headers = client_headers(request_headers(request), target.route == "proxy")
         index_url = repository_index_url(target.url) if ".apk" in target.url else None
         if index_url is not None:
             # An index just fetched may be being stored (apk asks for
             # packages right after their index); once it is, the packages it
             # now lists differently are dropped (once per version of it)
             # before one of them is served or checked against it.
-            await self.fetcher.stored(cache_key(index_url))
-            await self.apk_indexes.current(target.url, cache_key)
+            await self.fetcher.stored(self._index_family(index_url, headers))
+            await self.apk_indexes.current(target.url, self._index_keys(headers))
         target = self._for_client(target, headers)
         stored = open_stored(self.store, target.key, self._forwarded(headers))
         if stored is not None:
@@ -590,15 +635,23 @@ class ProxyResource(Resource):
     async def _miss(
         self, request: Request, target: Target, headers: Mapping[str, str]
     ) -> None:
-        self.store.counters.misses += 1
         # apk asks for packages right after their index, which may still
         # be being stored: _serve has waited for it.
         index_url = repository_index_url(target.url)
-        apk_entry = await self.apk_indexes.entry_for(target.url, cache_key)
+        apk_entry = await self.apk_indexes.entry_for(
+            target.url, self._index_keys(headers)
+        )
         if index_url is not None and apk_entry is None:
             # Its index was never fetched here, or is older than the
             # package: fetch or revalidate it, to check the package.
-            apk_entry = await self._revalidated_index_entry(target, index_url)
+            apk_entry = await self._revalidated_index_entry(target, index_url, headers)
+        if apk_entry is not None:
+            adopted = await self._adopted_twin(target, headers, apk_entry)
+            if adopted is not None:
+                self.store.counters.hits += 1
+                self._serve_stored(request, target, adopted, CacheStatus.HIT)
+                return
+        self.store.counters.misses += 1
         vouched = index_url is None or apk_entry is not None
         if not vouched:
             # Immutable once stored: a body nothing checked (an error page
@@ -632,21 +685,57 @@ class ProxyResource(Resource):
             return
         self._serve_answer(request, target, answer)
 
+    async def _adopted_twin(
+        self, target: Target, headers: Mapping[str, str], apk_entry: ApkFacts
+    ) -> StoredObject | None:
+        """
+        The package of an ``https://`` target taken over from its plain-http
+        twin (see :func:`buildcache.upstream.http_twin`) when the index,
+        fetched over https, vouches for the twin's bytes (size, control
+        checksum, data hash: the check a download gets); None (nothing
+        moved) otherwise.
+        """
+        twin_family = http_twin(target.key)
+        if twin_family is None:
+            return None
+        twin = find_stored(self.store, twin_family, self._forwarded(headers))
+        # A recorded checksum that differs rules it out without a read.
+        if twin is None or stale_reason(apk_entry, twin.size, twin.source_digest):
+            return None
+        path = self.store.object_path(twin.key)
+        if path is None or not await self.store.run_blocking(
+            partial(stored_package_matches, path, apk_entry)
+        ):
+            self.log.info(
+                "Not adopting {twin} for {key}: it is not the build its index lists",
+                twin=twin.key, key=target.key,
+            )
+            return None
+        adopted = adopt_twin(self.store, target.key, twin_family, twin)
+        if adopted is None:
+            return None
+        if adopted.source_digest is None:
+            self.store.set_source_digest(adopted, apk_entry.control_checksum)
+        return self.store.lookup(adopted.key)
+
     async def _revalidated_index_entry(
-        self, target: Target, index_url: str
+        self, target: Target, index_url: str, headers: Mapping[str, str]
     ) -> ApkFacts | None:
         """
         The package's entry in its index once the index has been fetched or
-        revalidated (and stored), or None.
+        revalidated (and stored), or None.  The index is asked for as the
+        client would ask for it (its forwarded headers, its credentials),
+        so that the entry read is the one the client is served.
         """
-        index_key = cache_key(index_url)
-        index_entry = self.store.peek(index_key)
+        index_target = self._for_client(
+            Target(index_url, cache_key(index_url), Kind.INDEX, target.route), headers
+        )
+        index_entry = find_stored(self.store, index_target.key, self._forwarded(headers))
         conditional = validators_of(index_entry.headers) if index_entry else {}
-        index_target = Target(index_url, index_key, Kind.INDEX, target.route)
         try:
             answer = await self.fetcher.fetch(
                 self._upstream_request(
-                    index_target, {}, conditional, None,
+                    index_target, headers, conditional, None,
                     revalidates=index_entry.key if index_entry else None,
                 )
             )
@@ -654,8 +743,10 @@ class ProxyResource(Resource):
                 # Wait for the whole index to be stored before reading it.
                 await drained(answer.body)
         except UpstreamError as e:
-            self.log.warn("Could not revalidate {key}: {error}", key=index_key, error=str(e))
-        return await self.apk_indexes.entry_for(target.url, cache_key)
+            self.log.warn(
+                "Could not revalidate {key}: {error}", key=index_target.key, error=str(e)
+            )
+        return await self.apk_indexes.entry_for(target.url, self._index_keys(headers))
 
     async def _retry_with_fresh_index(
         self,
@@ -672,7 +763,7 @@ class ProxyResource(Resource):
         """
         index_url = repository_index_url(target.url)
         assert index_url is not None
-        new_entry = await self._revalidated_index_entry(target, index_url)
+        new_entry = await self._revalidated_index_entry(target, index_url, headers)
         if new_entry is None or new_entry == old_entry:
             self.log.error(
                 "Refusing {url}: it does not match its index entry: {why}",

@@ -42,12 +42,24 @@ class CacheStatus(enum.Enum):
 
 def request_headers(request: Request) -> dict[str, str]:
     """
-    The request's headers as one lowercase-keyed dict.
+    The request's headers as one lowercase-keyed dict (see
+    :func:`joined_header`).
     """
-    return {
-        name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
-        for name, values in request.requestHeaders.getAllRawHeaders()
-    }
+    result: dict[str, str] = {}
+    for raw_name, values in request.requestHeaders.getAllRawHeaders():
+        name = raw_name.decode("latin-1").lower()
+        result[name] = joined_header(name, [v.decode("latin-1") for v in values])
+    return result
+
+
+def joined_header(name: str, values: list[str]) -> str:
+    """
+    The one value of a header field sent on several lines: joined with
+    ``", "`` (RFC 9110 section 5.3), except ``Cookie``, whose pairs are
+    separated by ``"; "`` (RFC 6265 section 5.4: a comma would run two
+    cookies into one value).
+    """
+    return ("; " if name.lower() == "cookie" else ", ").join(values)
 
 
 def client_gone(request: Request) -> bool:

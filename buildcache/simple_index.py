@@ -46,6 +46,10 @@ and the policy behind it:
   never stored nor served (502).  Their store keys are the proxy's keys for
   the upstream URL (scheme included), so both ports share one copy, and
   follow the same ``Vary`` rule (see :func:`buildcache.upstream.find_stored`).
+  A file of an ``https://`` upstream that is stored only under its
+  ``http://`` key (a cache upgraded from before keys named their scheme)
+  is taken over when its sha256 is the one the page gives (see
+  :func:`buildcache.upstream.adopt_verified_twin`).
 - **Credentials**: the index never forwards a client's ``Authorization``
   or cookies upstream (pages and files are fetched with buildcache's own
   headers), so nothing it stores is private to a client.  Pages are always
@@ -120,6 +124,7 @@ from buildcache.upstream import (
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
+    adopt_verified_twin,
     cache_key,
     open_stored,
 )
@@ -1040,6 +1045,13 @@ class IndexResource(Resource):
         expected = upstream_request.expected_sha256
         counters = self.store.counters
         stored = open_stored(self.store, key, upstream_request.headers)
+        if stored is None and adopt_verified_twin(
+            self.store, key, upstream_request.headers, expected
+        ):
+            # Stored over plain http (by a version whose keys had no
+            # scheme, or by the proxy), and the page fetched from this
+            # https upstream vouches for its bytes.
+            stored = open_stored(self.store, key, upstream_request.headers)
         if stored is not None:
             if expected is None or stored.entry.sha256 == expected:
                 if self._claimed_read_ahead(key, stored=True):

@@ -108,7 +108,9 @@ def _keys_name_their_scheme(db: sqlite3.Connection) -> int:
     Version 1 keys were ``host[:port]/path?query`` for ``http://`` and
     ``https://`` alike.  Each becomes its ``http://`` key: a row a plain
     fetch may have written must never answer an ``https://`` mirror
-    route, which fetches its files once more.  (A port written in the old
+    route unchecked; that route takes over a package file only once a
+    digest it obtained over https matches (see
+    :func:`buildcache.upstream.http_twin`), and fetches the rest again.  (A port written in the old
     key stays: it was not the default of the scheme that fetched it, and
     a ``:443`` is not the default of ``http://``.)  The index's own page
     keys (``simple-page|<upstream URL>|<name>``, ``simple-root|...``)
@@ -135,6 +137,12 @@ SCHEMA_VERSION = 1 + len(MIGRATIONS)
 class StoreError(Exception):
     """
     The cache directory cannot be used; the message says why and what to do.
+    """
+
+
+class _NothingToRename(Exception):
+    """
+    Rolls back :meth:`Store.rename_entry` when its entry is no longer there.
     """
 
 
@@ -956,6 +964,48 @@ class Store:
         before = self.entry_count
         self._delete_rows([(entry.key, entry.size, entry.meta_size, entry.file)])
         return self.entry_count < before
+
+    def rename_entry(self, entry: Entry, new_key: str) -> Entry | None:
+        """
+        Move ``entry`` to ``new_key`` in one transaction, if its key still
+        holds that version, replacing whatever ``new_key`` held; the entry
+        under its new key, or None when ``entry`` is gone or was replaced.
+        Its file stays where it is: file names are unique per version
+        (:func:`object_name`), so a later body for the old key never
+        overwrites it.
+        """
+        self._forget(entry.key)
+        self._forget(new_key)
+        replaced = self._db.execute(
+            "SELECT size, file FROM entries WHERE key = ?", (new_key,)
+        ).fetchone()
+        try:
+            with self._db:
+                if replaced is not None:
+                    self._db.execute("DELETE FROM entries WHERE key = ?", (new_key,))
+                moved = self._db.execute(
+                    "UPDATE entries SET key = ? WHERE key = ? AND file = ?",
+                    (new_key, entry.key, entry.file),
+                ).rowcount
+                if moved != 1:
+                    raise _NothingToRename()
+        except _NothingToRename:
+            return None
+        except sqlite3.Error as e:
+            self.log.error(
+                "Cannot rename {key} in the cache index: {error}",
+                key=entry.key, error=str(e),
+            )
+            return None
+        if replaced is not None:
+            self.total_size -= replaced[0]
+            self.entry_count -= 1
+            _unlink_quietly(_file_path(self.directory, replaced[1]))
+        self._pending_access.pop(new_key, None)
+        self._pending_access[new_key] = self._pending_access.pop(
+            entry.key, self.clock.seconds()
+        )
+        return self._row(new_key)
 
     def set_source_digest(self, entry: Entry, source_digest: str) -> None:
         """

@@ -11,10 +11,11 @@ client reading it sees its response cut short.
 
 It also owns the store keys of upstream URLs and who may be answered from
 them: :func:`cache_key` (scheme, host, port, path, query), the entries of
-one client's credentials (:func:`private_family`) and the ``Vary``
+one client's credentials (:func:`private_family`), the ``Vary``
 variants of a URL (:func:`variant_key`, :func:`find_stored`,
-:func:`variants_to_drop`); the HTTP rules behind them are in
-:mod:`buildcache.freshness`.
+:func:`variants_to_drop`), and when an ``https://`` key may take over the
+entry its plain-http twin holds (:func:`http_twin`, :func:`adopt_twin`);
+the HTTP rules behind them are in :mod:`buildcache.freshness`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ from buildcache.store import (
     Entry, IntegrityError, NoRoom, ObjectWriter, Store, StoredObject, mismatch,
 )
 from buildcache.turns import Waiters
+
+_log = Logger()
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -352,6 +355,65 @@ def open_stored(
     """
     entry = find_stored(store, family, sent)
     return None if entry is None else store.lookup(entry.key)
+
+
+def http_twin(key: str) -> str | None:
+    """
+    The key the URL of the ``https://`` key ``key`` has over plain http
+    (with the same credential and variant marks): where a cache from before
+    keys named their scheme left the entry (the upgrade gave every old key
+    ``http://``), and where a plain-http fetch puts its copy.  None for
+    any other key.  Such an entry may answer ``key`` only once a digest
+    obtained over https vouches for its bytes (see :func:`adopt_twin`).
+    """
+    if not key.startswith("https://"):
+        return None
+    return "http://" + key[len("https://"):]
+
+
+def twin_matches_digest(twin_sha256: str | None, expected_sha256: str | None) -> bool:
+    """
+    Whether a stored body whose sha256 is ``twin_sha256`` is the one a
+    digest obtained over https (``expected_sha256``) names.
+    """
+    return (
+        twin_sha256 is not None
+        and expected_sha256 is not None
+        and twin_sha256.lower() == expected_sha256.lower()
+    )
+
+
+def adopt_twin(store: Store, family: str, twin_family: str, twin: Entry) -> Entry | None:
+    """
+    Move ``twin`` (an entry of ``twin_family``, the :func:`http_twin` of
+    ``family``) to the same place in ``family``, once the caller has
+    checked its bytes against a digest obtained over https; the entry
+    under its new key, or None if it is gone.
+    """
+    adopted = store.rename_entry(twin, family + twin.key[len(twin_family):])
+    if adopted is not None:
+        _log.info(
+            "Adopted {twin} as {key}: its digest matches the one obtained over https",
+            twin=twin.key, key=adopted.key,
+        )
+    return adopted
+
+
+def adopt_verified_twin(
+    store: Store, family: str, sent: Mapping[str, str], expected_sha256: str | None
+) -> Entry | None:
+    """
+    The entry of ``family`` (an ``https://`` file key) adopted from its
+    :func:`http_twin` when that twin's sha256 is ``expected_sha256``, which
+    a page fetched over https gave; else None (nothing moved).
+    """
+    twin_family = http_twin(family)
+    if twin_family is None or expected_sha256 is None:
+        return None
+    twin = find_stored(store, twin_family, sent)
+    if twin is None or not twin_matches_digest(twin.sha256, expected_sha256):
+        return None
+    return adopt_twin(store, family, twin_family, twin)
 
 
 def variants_to_drop(
