@@ -16,6 +16,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
+from buildcache.store import MIGRATIONS
 from tests.support import Client
 from tests.test_service import ServerProcess, free_port, spawn_server
 
@@ -78,3 +79,11 @@ class UpgradeTests(TestCase):
                     )
         await direct.close()
         await proxied.close()
+        # One log line a step, each carrying every row over.
+        migrated = [
+            line for line in bytes(process.output).decode().splitlines()
+            if "Migrated the cache index" in line
+        ]
+        self.assertEqual(len(migrated), len(MIGRATIONS), migrated)
+        for line in migrated:
+            self.assertIn("; 0 entries it could not carry over were dropped", line)
