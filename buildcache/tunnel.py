@@ -31,8 +31,11 @@ without bound.
 from __future__ import annotations
 
 import enum
+import fcntl
 import ipaddress
 import re
+import struct
+import termios
 from collections import Counter
 from typing import Any, cast
 
@@ -128,28 +131,47 @@ def connection_admitted(open_from_client: int, limit: int) -> bool:
     return open_from_client < limit
 
 
-def send_progressed(unsent_before: int | None, unsent_now: int | None) -> bool:
-    """
-    Whether a client took some of a response over a stall period: the bytes
-    waiting in the server's buffer for it went down.  Unknown counts (not a
-    TCP transport) show no progress.
-    """
-    if unsent_before is None or unsent_now is None:
-        return False
-    return unsent_now < unsent_before
+#: What is waiting to reach a client: the bytes the transport holds, and
+#: the bytes the kernel's send queue holds (sent, not yet acknowledged);
+#: each None when it cannot be told.
+Unsent = tuple[int | None, int | None]
 
 
-def _unsent(transport: Any) -> int | None:
+def send_progressed(before: Unsent, now: Unsent) -> bool:
     """
-    Bytes the transport holds, not yet taken by the socket (the same
-    figure as ``buildcache.body.direct_sender``'s); None when unknown.
+    Whether a client took some of a response over a stall period: either
+    count of bytes waiting for it went down.  The kernel's queue shrinks as
+    soon as the client acknowledges any bytes; the transport's buffer only
+    once the socket takes a large piece of it, which a slow reader may
+    take longer than a period to make room for.  Unknown counts show no
+    progress.
+    """
+    return any(
+        was is not None and is_now is not None and is_now < was
+        for was, is_now in zip(before, now)
+    )
+
+
+def _unsent(transport: Any) -> Unsent:
+    """
+    The :data:`Unsent` counts of ``transport``: its buffer (the same figure
+    as ``buildcache.body.direct_sender``'s), and the kernel's send queue of
+    its socket (``SIOCOUTQ``, Linux).
     """
     try:
-        return int(
+        buffered: int | None = int(
             transport._tempDataLen + len(transport.dataBuffer) - transport.offset
         )
     except (AttributeError, TypeError):
-        return None
+        buffered = None
+    try:
+        queued = fcntl.ioctl(
+            transport.getHandle().fileno(), termios.TIOCOUTQ, b"\0" * 4
+        )
+        in_kernel: int | None = struct.unpack("i", queued)[0]
+    except (AttributeError, OSError, TypeError, ValueError):
+        in_kernel = None
+    return buffered, in_kernel
 
 
 @attrs.define(eq=False)
@@ -338,7 +360,7 @@ class ProxyChannel(HTTPChannel):
         super().__init__()
         self._head_call: Any = None
         self._stall_call: Any = None
-        self._stall_unsent: int | None = None
+        self._stall_unsent: Unsent = (None, None)
         self._draining = False
         self._mode = _Mode.HTTP
         self._awaiting_request_line = True
@@ -681,9 +703,12 @@ class ProxyChannel(HTTPChannel):
         if self._tunnel is not None:
             self._tunnel.client_lost()
         self._mode = _Mode.CLOSED
-        super().connectionLost(reason)
-        if self.connections is not None:
-            self.connections.release(self)
+        try:
+            super().connectionLost(reason)
+        finally:
+            # Whatever went wrong above, the slot is free again.
+            if self.connections is not None:
+                self.connections.release(self)
 
 
 class _UpstreamSide(Protocol):

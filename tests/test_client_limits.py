@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+from typing import cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
@@ -33,6 +35,7 @@ from buildcache.tunnel import (
     StrictSite,
     client_key,
     connection_admitted,
+    _unsent,
     send_progressed,
 )
 from buildcache.turns import after_io
@@ -84,11 +87,16 @@ class RulesTests(SynchronousTestCase):
         self.assertFalse(connection_admitted(300, 256))
 
     def test_send_progressed(self) -> None:
-        self.assertTrue(send_progressed(65536, 1))
-        self.assertFalse(send_progressed(65536, 65536))
-        self.assertFalse(send_progressed(100, 200))
-        self.assertFalse(send_progressed(None, 10))
-        self.assertFalse(send_progressed(10, None))
+        self.assertTrue(send_progressed((65536, None), (1, None)))
+        self.assertFalse(send_progressed((65536, None), (65536, None)))
+        self.assertFalse(send_progressed((100, None), (200, None)))
+        self.assertFalse(send_progressed((None, None), (10, None)))
+        self.assertFalse(send_progressed((10, None), (None, None)))
+        # The kernel's queue shrank while the transport's buffer did not
+        # (a slow reader acknowledging bytes): progress.
+        self.assertTrue(send_progressed((65536, 2_500_000), (65536, 2_490_000)))
+        self.assertFalse(send_progressed((65536, 2_500_000), (65536, 2_500_000)))
+        self.assertTrue(send_progressed((65536, 2_500_000), (1000, 2_600_000)))
 
 
 def connect(
@@ -202,6 +210,51 @@ class TimedRulesTests(SynchronousTestCase):
         channel.pauseProducing()
         for _ in range(5):
             transport.offset += 1000  # type: ignore[attr-defined]
+            self.clock.advance(60)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(60)
+        self.assertTrue(transport.disconnecting)
+
+    def test_reader_acknowledging_bytes_kept(self) -> None:
+        """
+        A client that reads so slowly that Twisted's buffer does not shrink
+        within a period, but whose socket keeps taking some bytes (the
+        kernel's send queue shrinks), keeps its connection; once it stops
+        reading it is cut.  (Regression: a 64 kbit/s reader of a large
+        file was cut after 75 s.)  Real sockets on 127.0.0.1; the clock is
+        the test's.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        reader = socket.create_connection(listener.getsockname())
+        self.addCleanup(reader.close)
+        served, _ = listener.accept()
+        self.addCleanup(served.close)
+        served.setblocking(False)
+        try:
+            while True:
+                served.send(b"x" * 65536)
+        except BlockingIOError:
+            pass  # the kernel's queue is full, as for a slow reader
+
+        channel, transport = connect(self.site)
+        transport.getHandle = lambda: served  # type: ignore[method-assign]
+        channel.dataReceived(b"GET /wait HTTP/1.1\r\nHost: box\r\n\r\n")
+        transport.dataBuffer = b"x" * 65536  # type: ignore[attr-defined]
+        transport.offset = 0  # type: ignore[attr-defined]
+        transport._tempDataLen = 0  # type: ignore[attr-defined]
+        channel.pauseProducing()
+        for _ in range(3):
+            # The reader takes bytes until its socket acknowledges some
+            # (window updates come in steps), and no more.
+            queued = _unsent(transport)[1]
+            assert queued is not None
+            for _ in range(64):
+                reader.recv(65536)
+                if cast(int, _unsent(transport)[1]) < queued:
+                    break
             self.clock.advance(60)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(60)
