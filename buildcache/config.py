@@ -93,19 +93,21 @@ def check_http_url(url: str) -> str:
     return it.  The message of a refusal never quotes user information
     (see L{hide_userinfo}).
     """
-    shown = hide_userinfo(url)
+    # A URL with an "@" may carry a token, written in any way (a quote or
+    # a space in it defeats any pattern): such a URL is never quoted.
+    shown = repr(url) if "@" not in url else "the URL given (not shown: it has an '@')"
     try:
         parts = urlsplit(url)
     except ValueError:
-        raise ValueError(f"{shown!r} is not a valid URL") from None
+        raise ValueError(f"{shown} is not a valid URL") from None
     try:
         # .port parses lazily: read it so a bad port fails here.  Its
         # message quotes the port, which may be part of a token.
         parts.port
     except ValueError:
-        raise ValueError(f"{shown!r} has an invalid port") from None
+        raise ValueError(f"{shown} has an invalid port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{shown!r} is not an http or https URL with a host")
+        raise ValueError(f"{shown} is not an http or https URL with a host")
     return url
 
 
@@ -129,6 +131,15 @@ def split_http_url(url: str) -> tuple[str, Credentials | None]:
     without it, and the credentials it gave (or L{None}).
     """
     check_http_url(url)
+    parts = urlsplit(url)
+    if "@" in parts.path + parts.query + parts.fragment:
+        # "http://user:12/34@host/" parses as host "user", port 12: a token
+        # with a raw "/" would be taken for a path and shown everywhere.
+        raise ValueError(
+            "the URL given (not shown) has an '@' after its host; write an"
+            " '@', ':' or '/' inside a user name or password percent-encoded"
+            " (%40, %3A, %2F), or give the credentials in --netrc"
+        )
     return split_userinfo(url)
 
 

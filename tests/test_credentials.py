@@ -528,6 +528,13 @@ class OptionTests(SynchronousTestCase):
             (("--mirror", f"http://{USER}:{TOKEN[:3]}={TOKEN[3:]}@127.0.0.1/x"), {}),
             (("--mirror", f"a=http://{USER}:{TOKEN}@127.0.0.1:99999/x"), {}),
             ((), {"PIP_INDEX_URL": f"file://{USER}:{TOKEN}@127.0.0.1/simple"}),
+            # A quote, a space or "<" ended the pattern that hid tokens.
+            (("--pypi-upstream", f"http://{USER}:{TOKEN[:4]}'{TOKEN[4:]}@127.0.0.1:99999/simple/"), {}),
+            (("--pypi-upstream", f"http://{USER}:{TOKEN[:4]} {TOKEN[4:]}@127.0.0.1:99999/simple/"), {}),
+            (("--mirror", f"a=http://{USER}:{TOKEN[:4]}<{TOKEN[4:]}@127.0.0.1:bad/x"), {}),
+            # A raw "/" after a numeric start parsed as host:port and path.
+            (("--pypi-upstream", f"http://{USER}:1234/{TOKEN}@127.0.0.1/simple/"), {}),
+            (("--mirror", f"a=http://{USER}:1234/{TOKEN}@127.0.0.1/alpine"), {}),
         ]
         for arguments, environ in cases:
             message = self.usage_error(*arguments, **environ)
