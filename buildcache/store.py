@@ -63,6 +63,11 @@ ROW_OVERHEAD = 256
 MAX_STORED_HEADERS = 64 * 1024
 #: Temporary files kept ready for new bodies (see :meth:`Store.writer`).
 SPARE_TEMP_FILES = 4
+#: The least room, outside ``--max-size``, that bodies which must be checked
+#: whole before anyone sees them (index pages, small packages) may take in
+#: ``tmp/`` together when the limit leaves them none (see
+#: :func:`uncounted_limit`).  Per process: each worker holds its own.
+UNCOUNTED_LIMIT = 64 * 1024 * 1024
 #: ``PRAGMA application_id`` of a buildcache index ("bcac").
 APPLICATION_ID = 0x62636163
 INDEX_NAME = "index.sqlite"
@@ -183,6 +188,16 @@ def object_limit(max_size: int, max_object_size: int) -> int:
     if max_object_size <= 0:
         return max_size
     return min(max_size, max_object_size)
+
+
+def uncounted_limit(max_object_size: int) -> int:
+    """
+    The most bytes that bodies spooled outside the size limit may hold
+    together: the larger of ``--max-object-size`` and
+    :data:`UNCOUNTED_LIMIT`.  A body that must be checked before it is
+    served, and would take more, is refused rather than held.
+    """
+    return max(max_object_size, UNCOUNTED_LIMIT)
 
 
 def mismatch(
@@ -362,10 +377,14 @@ class ObjectWriter:
         self.closed = False
         #: Room held in the store for this body (see :meth:`Store.reserve`).
         self.reserved = 0
-        #: Whether this body holds room as it grows; a small body that
-        #: must be checked whole before anyone sees it is spooled without
-        #: (see the fetcher).
+        #: Whether the room this body holds counts against the size limit;
+        #: a body that must be checked whole before anyone sees it, and
+        #: finds no room there, holds room outside it instead (see
+        #: :meth:`uncount`).
         self.counted = True
+        #: Whether making room for this body may evict stored entries: not
+        #: for a body that will not be stored (see the fetcher).
+        self.evicts = True
 
     def reserve(self, size: int) -> bool:
         """
@@ -374,13 +393,38 @@ class ObjectWriter:
         """
         if size <= self.reserved:
             return True
-        if not self._store.fits(size) or not self._store.reserve(size - self.reserved):
+        more = size - self.reserved
+        if self.counted:
+            held = self._store.fits(size) and self._store.reserve(
+                more, evict=self.evicts, keep=self.key
+            )
+        else:
+            held = self._store.reserve_uncounted(more)
+        if not held:
             return False
         self.reserved = size
         return True
 
+    def uncount(self) -> bool:
+        """
+        Hold the room for this body outside the size limit from now on
+        (see :func:`uncounted_limit`); False when that is full too.
+        """
+        held = max(self.reserved, self.size)
+        self._release()
+        self.counted = False
+        self._store.log.info(
+            "No room under the size limit for {key}, which must be checked"
+            " whole before it is served: holding it beside the limit",
+            event="spooled_beside_limit", key=self.key, size=held,
+        )
+        return self.reserve(held)
+
     def _release(self) -> None:
-        self._store.release(self.reserved)
+        if self.counted:
+            self._store.release(self.reserved)
+        else:
+            self._store.release_uncounted(self.reserved)
         self.reserved = 0
 
     def hash_state(self) -> Any:
@@ -396,7 +440,13 @@ class ObjectWriter:
         leaves :attr:`size` at the bytes written before this call.
         """
         needed = self.size + len(data)
-        if self.counted and needed > self.reserved and not self.reserve(needed):
+        if needed > self.reserved and not self.reserve(needed):
+            if not self.counted:
+                raise NoRoom(
+                    f"{needed} bytes would exceed the"
+                    f" {uncounted_limit(self._store.max_object_size)} bytes the"
+                    " cache holds of bodies being checked beside its limit"
+                )
             raise NoRoom(
                 f"{needed} bytes would exceed what the cache can keep"
                 f" ({object_limit(self._store.max_size, self._store.max_object_size)}"
@@ -567,6 +617,9 @@ class Store:
     #: process: workers sharing a directory would each hold their own
     #: against the same limit.
     reserved: int = 0
+    #: Room held outside the limit (see :func:`uncounted_limit`).  Per
+    #: process, like :attr:`reserved`.
+    uncounted: int = 0
     #: The largest body kept (``--max-object-size``); 0: max_size.
     max_object_size: int = 0
     counters: Counters = Factory(Counters)
@@ -769,20 +822,47 @@ class Store:
         """
         return self.total_size + self.metadata_bytes + self.reserved
 
-    def reserve(self, size: int) -> bool:
+    def reserve(self, size: int, evict: bool = True, keep: str | None = None) -> bool:
         """
         Hold room for ``size`` more bytes of bodies being written in
-        ``tmp/``, evicting stored entries to make it, as squid does; False
-        (holding nothing) when the bodies being written would leave too
-        little room even with nothing stored.
+        ``tmp/``, evicting stored entries (other than ``keep``'s, which
+        the body would replace and which may still be served if its
+        download fails) to make it, as squid does; False (holding nothing)
+        when the bodies being written would leave too little room even
+        with nothing stored, when ``evict`` is false and the room is not
+        free already, or when the index fails while evicting.
         """
         if size <= 0:
             return True
         if self.reserved + size > self.max_size:
             return False
+        if not evict and self.used() + size > self.max_size:
+            return False
         self.reserved += size
-        self._evict()
+        try:
+            self._evict(keep=keep)
+        except sqlite3.Error as e:
+            self.reserved -= size
+            self.log.error(
+                "Cannot make room for {size} bytes being downloaded: {error};"
+                " that body is not stored",
+                event="reserve_failed", size=size, error=str(e),
+            )
+            return False
         return True
+
+    def reserve_uncounted(self, size: int) -> bool:
+        """
+        Hold room for ``size`` more bytes outside the size limit, within
+        :func:`uncounted_limit`; False (holding nothing) past it.
+        """
+        if self.uncounted + size > uncounted_limit(self.max_object_size):
+            return False
+        self.uncounted += size
+        return True
+
+    def release_uncounted(self, size: int) -> None:
+        self.uncounted -= size
 
     def release(self, size: int) -> None:
         """

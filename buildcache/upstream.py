@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import os
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -54,6 +55,7 @@ from buildcache.credentials import CredentialsAgent, UpstreamCredentials
 from buildcache.headlimit import head_too_large
 from buildcache.store import (
     Entry, IntegrityError, NoRoom, ObjectWriter, Store, StoredObject, mismatch,
+    uncounted_limit,
 )
 from buildcache.turns import Waiters
 
@@ -695,9 +697,12 @@ class Download:
             writer = self._writer
             assert writer is not None
             try:
-                writer.write(data)
+                self._write(writer, data)
             except OSError as e:
                 self._spool_failed(e)
+            except sqlite3.Error as e:
+                # Making room failed in the index: as a failing disk.
+                self._spool_failed(OSError(f"cache index: {e}"))
             else:
                 self.spooled += len(data)
         self.received += len(data)
@@ -718,6 +723,20 @@ class Download:
         ):
             self._held_back = True
             self._upstream.pauseProducing()
+
+    def _write(self, writer: ObjectWriter, data: bytes) -> None:
+        try:
+            writer.write(data)
+        except NoRoom:
+            # Out of room under the limit as it grew (a chunked body): one
+            # that must be checked whole goes on outside it.
+            if not (
+                writer.counted
+                and spool_plan(False, self.request.holds_until_checked) == "uncounted"
+                and writer.uncount()
+            ):
+                raise
+            writer.write(data)
 
     def from_memory(self, offset: int, count: int) -> bytes:
         start = offset - self._memory_start
@@ -781,6 +800,27 @@ class Download:
         )
         self.reader_moved()
         return True
+
+
+def spool_plan(counted: bool, held: bool) -> str:
+    """
+    Where a body goes (or its bytes from now on), given whether room for
+    it is held under the size limit (``counted``: a declared length
+    reserved, or the room of a body of unknown length still growing), and
+    whether nobody may see it before its check (``held``):
+
+    - ``"spool"``: to its spool file, counted against ``--max-size``;
+    - ``"uncounted"``: to its spool file, holding room outside the limit
+      (see :func:`buildcache.store.uncounted_limit`): its check needs it
+      whole, so memory will not do, and refusing it would fail a request
+      the cache used to serve (an index page beside a large download);
+    - ``"memory"``: streamed to its readers from memory, not stored.
+    """
+    if counted:
+        return "spool"
+    if held:
+        return "uncounted"
+    return "memory"
 
 
 class _BodyReceiver(Protocol):
@@ -1147,23 +1187,13 @@ class Fetcher:
         except OSError as e:
             download._unspooled(e)
         else:
-            if length is None or spool.reserve(length):
-                download._spool(spool)
-            elif request.holds_until_checked and length <= STREAM_CHECKED_ABOVE:
-                # Nobody may see it before its check, which needs it whole:
-                # spooled beside the limit (it is small), and stored only if
-                # it may be once checked.
-                spool.counted = False
-                download._spool(spool)
-            else:
+            try:
+                self._hold_room(download, spool, storable, length)
+            except BaseException:
+                # Whatever failed (the index, say), the body is not left
+                # holding room or a file.
                 spool.abort()
-                download._unspooled(NoRoom(
-                    f"its {length} bytes are more than the cache keeps"
-                    " beside the downloads in progress"
-                    if self.store.fits(length)
-                    else f"its {length} bytes are more than the cache keeps of"
-                    " one object"
-                ))
+                raise
         if download.spool_error is not None:
             self._unjoinable(download)
         if not request.holds_until_checked:
@@ -1260,6 +1290,43 @@ class Fetcher:
                     error=str(e),
                 )
 
+
+    def _hold_room(
+        self, download: Download, spool: ObjectWriter, storable: bool,
+        length: int | None,
+    ) -> None:
+        """
+        Spool the body of ``download`` to ``spool`` if room is held for it
+        (see :func:`spool_plan`), else go on in memory.
+        """
+        request = download.request
+        # A body that will not be stored takes only room already free.
+        spool.evicts = storable
+        counted = length is None or spool.reserve(length)
+        plan = spool_plan(counted, request.holds_until_checked)
+        if plan == "uncounted":
+            if spool.uncount() and spool.reserve(length or 0):
+                download._spool(spool)
+                return
+            plan = "refuse"
+        if plan == "spool":
+            download._spool(spool)
+            return
+        spool.abort()
+        if plan == "refuse":
+            download._unspooled(NoRoom(
+                f"its {length} bytes are more than the"
+                f" {uncounted_limit(self.store.max_object_size)} the cache holds"
+                " of bodies being checked beside its limit"
+            ))
+        else:
+            download._unspooled(NoRoom(
+                f"its {length} bytes are more than the cache keeps"
+                " beside the downloads in progress"
+                if length is not None and self.store.fits(length)
+                else f"its {length} bytes are more than the cache keeps of"
+                " one object"
+            ))
 
     def _drop_other_variants(self, family: str, stored_key: str) -> None:
         """

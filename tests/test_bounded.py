@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +29,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.headlimit import MAX_RESPONSE_HEAD, HeadMeter
-from buildcache.store import INDEX_NAME
-from tests.support import Client, Running, pattern_bytes, reactor, start_server
+from buildcache import store as store_module
+from buildcache.store import INDEX_NAME, Store
+from buildcache.upstream import spool_plan
+from tests.support import (
+    Client, Running, listen, pattern_bytes, reactor, start_server, url_of,
+)
 
 KB = 1024
 MB = 1024 * KB
@@ -46,6 +51,8 @@ class OriginFile:
     size: int
     #: Header lines (name, value), repeated names allowed.
     headers: list[tuple[str, str]] = Factory(list)
+    #: Sent chunked, with no Content-Length.
+    chunked: bool = False
 
     @property
     def data(self) -> bytes:
@@ -82,7 +89,8 @@ class Origin(Resource):
             return b""
         for name, value in found.headers:
             request.responseHeaders.addRawHeader(name, value)
-        request.setHeader("content-length", str(found.size))
+        if not found.chunked:
+            request.setHeader("content-length", str(found.size))
         if request.method == b"HEAD" or found.size == 0:
             request.finish()
             return NOT_DONE_YET
@@ -409,3 +417,230 @@ class BytesFromUpstreamTests(TestCase):
         self.assertEqual(figures["bytes_from_upstream"], origin.body_bytes)
         self.assertEqual(figures["front_ends"]["mirror"]["bytes_from_upstream"], origin.body_bytes)
         self.assertEqual(figures["bytes_saved"], 2 * 300 * KB)
+
+
+class Page(Resource):
+    """
+    A PEP 503 project page of about ``size`` bytes at any path, chunked or
+    with its length, counting the requests for it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, size: int, chunked: bool) -> None:
+        super().__init__()
+        line = (
+            b'<a href="http://127.0.0.1:1/x-1.0-py3-none-any.whl">'
+            b"x-1.0-py3-none-any.whl</a><br/>\n"
+        )
+        self.body = (
+            b"<!DOCTYPE html><html><body>\n" + line * (size // len(line))
+            + b"</body></html>\n"
+        )
+        self.chunked = chunked
+        self.hits = 0
+
+    def render(self, request: Request) -> object:  # type: ignore[override]
+        self.hits += 1
+        request.setHeader("content-type", "text/html")
+        if not self.chunked:
+            request.setHeader("content-length", str(len(self.body)))
+        for offset in range(0, len(self.body), PIECE):
+            request.write(self.body[offset:offset + PIECE])
+        request.finish()
+        return NOT_DONE_YET
+
+
+def page_port(testcase: TestCase, page: Page) -> str:
+    port = listen(page)
+    testcase.addCleanup(port.stopListening)
+    return url_of(port, "/simple")
+
+
+def uncounted(running: Running) -> int:
+    """
+    Room held now by bodies spooled outside ``--max-size``.
+    """
+    result: int = running.store.uncounted
+    return result
+
+
+class SpoolPlanTests(SynchronousTestCase):
+    """
+    Where a body goes, by whether room under the limit is held for it and
+    whether it must be checked whole before anyone sees it.
+    """
+
+    def test_plan(self) -> None:
+        self.assertEqual(spool_plan(True, False), "spool")
+        self.assertEqual(spool_plan(True, True), "spool")
+        self.assertEqual(spool_plan(False, True), "uncounted")
+        self.assertEqual(spool_plan(False, False), "memory")
+
+
+class CheckedPageTests(TestCase):
+    """
+    A page the index must parse before serving it, which the store has no
+    room for, is spooled outside the limit, served, and stored only if it
+    fits once whole; past the safety cap it is refused.
+    """
+
+    async def _page(
+        self, size: int, chunked: bool, **config: object
+    ) -> tuple[Running, Client, Page, Any]:
+        page = Page(size, chunked)
+        running = start_server(
+            self, {"pypi_upstreams": (page_port(self, page),), **config}
+        )
+        client = Client()
+        self.addCleanup(lambda: Deferred.fromCoroutine(client.close()))
+        received = await client.get(
+            f"http://127.0.0.1:{running.index_port}/simple/x/", {"accept": "text/html"}
+        )
+        await running.server.fetcher.when_idle()
+        return running, client, page, received
+
+    async def test_page_with_length_over_max_size(self) -> None:
+        running, _, page, received = await self._page(5 * MB, False, max_size=MB)
+        self.assertEqual(received.status, 200, received.body[:200])
+        self.assertEqual(received.body.count(b"x-1.0-py3-none-any.whl</a>"), 5 * MB // 84)
+        # Too large to keep: not stored, nothing left held or in tmp/.
+        self.assertEqual(running.store.stats().entries, 0)
+        self.assertEqual((running.store.reserved, uncounted(running)), (0, 0))
+        self.assertEqual(tmp_bytes(running), 0)
+
+    async def test_chunked_page_over_max_size(self) -> None:
+        running, _, page, received = await self._page(2 * MB, True, max_size=MB)
+        self.assertEqual(received.status, 200, received.body[:200])
+        self.assertEqual(running.store.stats().entries, 0)
+        self.assertEqual((running.store.reserved, uncounted(running)), (0, 0))
+        self.assertEqual(tmp_bytes(running), 0)
+
+    async def test_chunked_page_beside_download_holding_room(self) -> None:
+        """
+        ``--max-size 10M``, an 8 MB download in progress: a 3 MB chunked
+        page is served (before: 502).
+        """
+        origin = Origin()
+        origin.files["/big.deb"] = OriginFile(8 * MB)
+        origin.gate = Deferred()
+        page = Page(3 * MB, chunked=True)
+        running, client = serve(
+            self, origin, max_size=10 * MB, pypi_upstreams=(page_port(self, page),)
+        )
+        first: Deferred[None] = Deferred()
+        big = Deferred.fromCoroutine(client.get(url(running, "/big.deb"), first_bytes=first))
+        await first
+        self.assertEqual(running.store.reserved, 8 * MB)
+        received = await client.get(
+            f"http://127.0.0.1:{running.index_port}/simple/x/", {"accept": "text/html"}
+        )
+        self.assertEqual(received.status, 200, received.body[:200])
+        self.assertIn(b"x-1.0-py3-none-any.whl", received.body)
+        origin.gate.callback(None)
+        self.assertEqual(len((await big).body), 8 * MB)
+        await running.server.fetcher.when_idle()
+        self.assertEqual((running.store.reserved, uncounted(running)), (0, 0))
+        self.assertEqual(tmp_bytes(running), 0)
+
+    async def test_page_past_safety_cap_refused(self) -> None:
+        """
+        Past the cap on bodies spooled outside the limit (64 MiB, lowered
+        here), a page that cannot be checked unseen is refused.
+        """
+        self.patch(store_module, "UNCOUNTED_LIMIT", MB)
+        for chunked in (False, True):
+            running, _, page, received = await self._page(2 * MB, chunked, max_size=MB)
+            self.assertEqual(received.status, 502)
+            self.assertIn(b"it must be checked before it is served", received.body)
+            self.assertEqual((running.store.reserved, uncounted(running)), (0, 0))
+            self.assertEqual(tmp_bytes(running), 0)
+
+
+class ReserveFailureTests(TestCase):
+    """
+    An SQLite error while making room (the index locked by ``buildcache
+    purge``, say) holds no room for good: the body is served, not stored.
+    """
+
+    def _fail_once(self) -> list[int]:
+        real = Store._delete_rows
+        calls: list[int] = []
+
+        def failing(store: Store, victims: list[tuple[str, int, int, str]]) -> None:
+            if not calls:
+                calls.append(1)
+                raise sqlite3.OperationalError("database is locked")
+            real(store, victims)
+
+        self.patch(Store, "_delete_rows", failing)
+        return calls
+
+    async def test_locked_index_while_reserving(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for chunked in (False, True):
+            origin = Origin()
+            origin.files["/a.deb"] = OriginFile(3 * MB)
+            origin.files["/b.deb"] = OriginFile(3 * MB, chunked=chunked)
+            running, client = serve(self, origin, max_size=5 * MB)
+            await client.get(url(running, "/a.deb"))
+            calls = self._fail_once()
+            received = await client.get(url(running, "/b.deb"))
+            await running.server.fetcher.when_idle()
+            self.assertEqual(calls, [1])
+            self.assertEqual(
+                (received.status, received.body), (200, OriginFile(3 * MB).data)
+            )
+            # Nothing downloading now: nothing held, nothing in tmp/.
+            self.assertEqual(running.store.reserved, 0)
+            self.assertEqual(tmp_bytes(running), 0)
+            self.assertEqual(
+                [e.key.rsplit("/", 1)[-1] for e in running.store.keys()], ["a.deb"]
+            )
+            self.patch(Store, "_delete_rows", Store.__dict__["_delete_rows"])
+        self.assertEqual(
+            len([e for e in events if e.get("event") == "reserve_failed"]), 2
+        )
+
+
+class UnstorableKeepsEntriesTests(TestCase):
+    """
+    Room is made (entries evicted) only for bodies that may be stored, and
+    never by evicting the entry the download would replace.
+    """
+
+    async def test_no_store_response_evicts_nothing(self) -> None:
+        origin = Origin()
+        origin.files["/keep.deb"] = OriginFile(3 * MB)
+        origin.files["/private.deb"] = OriginFile(3 * MB, [("Cache-Control", "no-store")])
+        origin.files["/chunked.deb"] = OriginFile(
+            3 * MB, [("Cache-Control", "no-store")], chunked=True
+        )
+        running, client = serve(self, origin, max_size=5 * MB)
+        await client.get(url(running, "/keep.deb"))
+        for path in ("/private.deb", "/chunked.deb", "/missing.deb"):
+            received = await client.get(url(running, path))
+            self.assertEqual(
+                received.status, 404 if path == "/missing.deb" else 200
+            )
+            await running.server.fetcher.when_idle()
+        self.assertEqual(
+            [e.key.rsplit("/", 1)[-1] for e in running.store.keys()], ["keep.deb"]
+        )
+        self.assertEqual(running.store.counters.evictions, 0)
+        self.assertEqual((running.store.reserved, tmp_bytes(running)), (0, 0))
+
+    async def test_refetch_keeps_its_own_entry_while_downloading(self) -> None:
+        origin = Origin()
+        origin.files["/InRelease"] = OriginFile(3 * MB, [("Cache-Control", "max-age=0")])
+        running, client = serve(self, origin, max_size=5 * MB)
+        await client.get(url(running, "/InRelease"))
+        self.assertEqual(running.store.stats().entries, 1)
+        seen: list[int] = []
+        origin.on_piece = lambda: seen.append(running.store.stats().entries)
+        again = await client.get(url(running, "/InRelease"), {"cache-control": "max-age=0"})
+        self.assertEqual((again.status, again.header("x-cache")), (200, "MISS"))
+        # The old copy stayed until the new one replaced it.
+        self.assertEqual(set(seen), {1})
+        self.assertEqual(origin.requests[("GET", "/InRelease")], 2)
+        self.assertEqual(running.store.counters.evictions, 0)

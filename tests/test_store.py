@@ -1351,6 +1351,13 @@ class MetadataRulesTests(SynchronousTestCase):
         )
         self.assertIn("expected sha256", store_module.mismatch(3, digest, None, "00") or "")
 
+    def test_uncounted_limit(self) -> None:
+        floor = store_module.UNCOUNTED_LIMIT
+        self.assertEqual(floor, 64 * MB)
+        self.assertEqual(store_module.uncounted_limit(0), floor)
+        self.assertEqual(store_module.uncounted_limit(MB), floor)
+        self.assertEqual(store_module.uncounted_limit(200 * MB), 200 * MB)
+
 
 class MetadataTests(StoreTestMixin, SynchronousTestCase):
     """
@@ -1460,6 +1467,70 @@ class MetadataTests(StoreTestMixin, SynchronousTestCase):
         self.assertRaises(store_module.NoRoom, writer.write, b"x")
         writer.abort()
         self.assertEqual(self.store.reserved, 0)
+
+    def test_reserve_without_evicting(self) -> None:
+        self.put(self.store, "old", body_of(300 * KB, "old"))
+        writer = self.store.writer("new")
+        writer.evicts = False
+        # Only room already free: the stored entry stays.
+        self.assertFalse(writer.reserve(200 * KB))
+        self.assertTrue(writer.reserve(90 * KB))
+        self.assertIsNotNone(self.store.peek("old"))
+        self.assertEqual(self.store.counters.evictions, 0)
+        writer.abort()
+        self.assertEqual(self.store.reserved, 0)
+
+    def test_reserve_keeps_the_entry_it_replaces(self) -> None:
+        self.put(self.store, "k", body_of(300 * KB, "old"))
+        self.put(self.store, "other", body_of(50 * KB, "other"))
+        writer = self.store.writer("k")
+        self.assertTrue(writer.reserve(300 * KB))
+        # The other entry made way; k's current copy stays until replaced.
+        self.assertIsNotNone(self.store.peek("k"))
+        self.assertIsNone(self.store.peek("other"))
+        writer.write(body_of(300 * KB, "new"))
+        entry = writer.commit({})
+        assert entry is not None
+        self.assertEqual(self.store.stats().entries, 1)
+        self.assertEqual(self.store.reserved, 0)
+        self.assert_consistent(self.store)
+
+    def test_index_error_while_reserving_holds_nothing(self) -> None:
+        self.put(self.store, "old", body_of(300 * KB, "old"))
+
+        def locked(store: Store, victims: object) -> None:
+            raise sqlite3.OperationalError("database is locked")
+
+        self.patch(Store, "_delete_rows", locked)
+        writer = self.store.writer("new")
+        with capturedLogs() as events:
+            self.assertFalse(writer.reserve(200 * KB))
+        self.assertEqual((self.store.reserved, writer.reserved), (0, 0))
+        self.assertEqual(
+            [e["error"] for e in events if e.get("event") == "reserve_failed"],
+            ["database is locked"],
+        )
+        writer.abort()
+
+    def test_uncounted_room_is_bounded_in_total(self) -> None:
+        """
+        Bodies held outside the limit hold room against
+        uncounted_limit(), together: past it, NoRoom.
+        """
+        self.patch(store_module, "UNCOUNTED_LIMIT", 300 * KB)
+        first = self.store.writer("a")
+        second = self.store.writer("b")
+        self.assertFalse(first.reserve(500 * KB))
+        self.assertTrue(first.uncount())
+        self.assertTrue(first.reserve(200 * KB))
+        self.assertEqual((self.store.uncounted, self.store.reserved), (200 * KB, 0))
+        self.assertTrue(second.uncount())
+        second.write(body_of(100 * KB, "b"))
+        self.assertRaises(store_module.NoRoom, second.write, b"x")
+        first.abort()
+        second.write(b"x")
+        second.abort()
+        self.assertEqual(self.store.uncounted, 0)
 
 
 def make_version_1_cache(
