@@ -566,14 +566,20 @@ def client_cache_control(
     kind: Kind,
     index_ttl: float,
     upstream_headers: Mapping[str, str] | None = None,
+    status: int = 200,
 ) -> str | None:
     """
     The ``Cache-Control`` value to send to clients, or None for "send none".
 
-    IMMUTABLE: ``max-age=31536000, immutable``; INDEX: ``max-age=<ttl>``
-    (so uv and browsers do not come back before the cache itself would
-    revalidate); HTTP: the upstream's own value, passed through.
+    For a file or page (``status`` 200 or 206): IMMUTABLE: ``max-age=
+    31536000, immutable``; INDEX: ``max-age=<ttl>`` (so uv and browsers do
+    not come back before the cache itself would revalidate); HTTP: the
+    upstream's own value, passed through.  Any other answer (a 404, a 401,
+    a redirect) gets only the upstream's own value: a path's kind says how
+    long its *file* lives, not that "not found" does.
     """
+    if status not in (200, 206):
+        return None if upstream_headers is None else _lowered(upstream_headers).get("cache-control")
     if kind is Kind.IMMUTABLE:
         return f"max-age={IMMUTABLE_MAX_AGE}, immutable"
     if kind is Kind.INDEX:

@@ -556,7 +556,9 @@ class ProxyResource(Resource):
             return
         serve_head(
             request, answer,
-            cache_control=client_cache_control(target.kind, self.index_ttl, answer.headers),
+            cache_control=client_cache_control(
+                target.kind, self.index_ttl, answer.headers, answer.status
+            ),
         )
 
     def _serve_stored(
@@ -629,7 +631,9 @@ class ProxyResource(Resource):
     ) -> None:
         serve_answer(
             request, answer, self.store.counters,
-            cache_control=client_cache_control(target.kind, self.index_ttl, answer.headers),
+            cache_control=client_cache_control(
+                target.kind, self.index_ttl, answer.headers, answer.status
+            ),
         )
 
     async def _miss(

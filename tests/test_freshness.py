@@ -352,6 +352,17 @@ class IsStorableTests(SynchronousTestCase):
 class ClientCacheControlTests(SynchronousTestCase):
     def test_table(self) -> None:
         self.assertEqual(client_cache_control(Kind.IMMUTABLE, 1800), "max-age=31536000, immutable")
+        self.assertEqual(
+            client_cache_control(Kind.IMMUTABLE, 1800, {"cache-control": "max-age=60"}, 206),
+            "max-age=31536000, immutable",
+        )
+        # An error or redirect keeps the upstream's own value, or none.
+        self.assertIsNone(client_cache_control(Kind.IMMUTABLE, 1800, {}, 404))
+        self.assertIsNone(client_cache_control(Kind.INDEX, 1800, None, 401))
+        self.assertEqual(
+            client_cache_control(Kind.INDEX, 1800, {"Cache-Control": "no-store"}, 404),
+            "no-store",
+        )
         self.assertEqual(client_cache_control(Kind.INDEX, 1800), "max-age=1800")
         self.assertEqual(client_cache_control(Kind.INDEX, 1800.9), "max-age=1800")
         self.assertEqual(client_cache_control(Kind.INDEX, 1800, {"cache-control": "no-store"}), "max-age=1800")

@@ -1379,6 +1379,9 @@ class AptAndHTTPFreshnessTests(TestCase):
             for _ in range(2):
                 received = await harness.get(path)
                 self.assertEqual(received.status, status, path)
+                # "Not found" is not the package, which lives for a year:
+                # the origin sent no Cache-Control, so neither do we.
+                self.assertIsNone(received.header("cache-control"), path)
             self.assertEqual(harness.requests_for(path), 2, path)
         self.assertEqual(harness.stored_keys(), {f"http://{harness.origin_authority}{INDEX_PATH}"})
 
