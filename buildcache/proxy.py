@@ -452,6 +452,7 @@ class ProxyResource(Resource):
             variants=True,
             revalidates=revalidates,
             front_end="proxy" if target.route == "proxy" else "mirror",
+            operator_credentials=target.route != "proxy",
             source_digest=(
                 apk_entry.control_checksum if apk_entry is not None else None
             ),

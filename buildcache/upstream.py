@@ -177,6 +177,10 @@ class UpstreamRequest:
     #: how the index that vouched for it identifies it, so that a later
     #: version of that index can tell whether it still describes it.
     source_digest: str | None = None
+    #: Whether the credentials the operator configured for this URL's
+    #: origin go with it: for the mirror routes and the index, not for the
+    #: forward proxy, where any allowed client names any path of the host.
+    operator_credentials: bool = True
     #: The front end the bytes fetched are counted for (see
     #: :meth:`buildcache.activity.Activity.upstream_received`).
     front_end: str = "proxy"
@@ -196,6 +200,7 @@ class UpstreamRequest:
                 for name in _IDENTIFYING_HEADERS
             )
             and self.revalidates == running.revalidates
+            and self.operator_credentials == running.operator_credentials
             and (self.verify is None or running.verify is not None)
         )
 
@@ -1101,6 +1106,7 @@ class Fetcher:
                 headers=Headers({k: [v] for k, v in request.headers.items()}),
                 unbuffered=True,
                 allow_redirects=request.follow_redirects,
+                operator_credentials=request.operator_credentials,
             )
         except Exception as e:
             # Some URLs cannot be requested at all, before any I/O (an
@@ -1428,6 +1434,8 @@ class UpstreamClient:
     """
 
     agent: IAgent
+    #: The same without the operator's credentials (see ``request``).
+    anonymous_agent: IAgent | None = None
 
     def request(
         self,
@@ -1436,16 +1444,21 @@ class UpstreamClient:
         headers: Headers | None = None,
         unbuffered: bool = True,
         allow_redirects: bool = True,
+        operator_credentials: bool = True,
     ) -> Deferred[IResponse]:
         """
         Send ``method`` for ``url``; bodies are always streamed
-        (``unbuffered`` is accepted for treq's signature).
+        (``unbuffered`` is accepted for treq's signature).  Without
+        ``operator_credentials``, the credentials configured for upstreams
+        are not added even on their origins.
 
         @raise ValueError: ``url`` cannot be requested (see
             :func:`request_uri`), before any I/O.
         """
         uri = request_uri(url)
         agent: IAgent = self.agent
+        if not operator_credentials and self.anonymous_agent is not None:
+            agent = self.anonymous_agent
         if allow_redirects:
             # Twisted's RedirectAgent drops a client's Authorization and
             # Cookie headers when a redirect leaves the origin.
@@ -1469,7 +1482,7 @@ def upstream_client(
     """
     inner: IAgent = _IdentityEncodingAgent(agent)
     if credentials:
-        inner = CredentialsAgent(inner, credentials)
+        return UpstreamClient(CredentialsAgent(inner, credentials), inner)
     return UpstreamClient(inner)
 
 

@@ -416,6 +416,27 @@ class OverHTTPTests(TestCase):
             stats["config"]["mirrors"],
         )
 
+    async def test_not_sent_through_the_forward_proxy(self) -> None:
+        """
+        The operator's credentials go with the mirror route, not with a
+        forward-proxy request to the same origin: any allowed client can
+        name any path of that host there (before: an authenticated GET of
+        the whole host for anyone on the LAN).
+        """
+        running = serve_options(
+            self,
+            "--mirror", f"up=http://{USER}:{TOKEN}@{self.mirror_address}/base",
+            "--allow-upstream", self.mirror_address,
+        )
+        proxied = await Client(proxy_port=running.proxy_port).get(
+            f"http://{self.mirror_address}/admin/secret-area"
+        )
+        self.assertEqual(proxied.status, 401)
+        self.assertEqual(self.mirror_gate.seen, [("/admin/secret-area", None)])
+        mirrored = await self.client.get(f"http://127.0.0.1:{running.proxy_port}/up/pool/a.deb")
+        self.assertEqual((mirrored.status, mirrored.body), (200, self.deb))
+        self.assertEqual(self.mirror_gate.seen[-1], ("/base/pool/a.deb", BASIC))
+
     async def test_pip_index_url(self) -> None:
         """
         Credentials in $PIP_INDEX_URL, the default upstream.
