@@ -1151,8 +1151,20 @@ class Fetcher:
         finally:
             if timer.active():
                 timer.cancel()
+        if response.code in (401, 403) and request.operator_credentials:
+            # Credentials the operator configured for it that it refuses
+            # (or none configured for one that needs them): what an ops
+            # person must hear of, not a healthy upstream.
+            self.log.warn(
+                "Upstream {url} refused the request with {status}: check the"
+                " credentials configured for it (in its URL or --netrc)",
+                url=redact(request.url), status=response.code,
+                event="upstream_refused_credentials",
+            )
         if self.activity is not None:
-            if response.code >= 500:
+            if response.code >= 500 or (
+                response.code in (401, 403) and request.operator_credentials
+            ):
                 self.activity.upstream_failed(request.url, f"HTTP {response.code}")
             else:
                 self.activity.upstream_succeeded(

@@ -416,6 +416,26 @@ class OverHTTPTests(TestCase):
             stats["config"]["mirrors"],
         )
 
+    async def test_refused_credentials_make_an_unhealthy_upstream(self) -> None:
+        """
+        An upstream that refuses the configured credentials is shown as
+        failing on the status page, with a warning naming what to check
+        (before: counted as a success, and nothing logged).
+        """
+        running = serve_options(
+            self, "--mirror", f"up=http://{USER}:wrong-{TOKEN}@{self.mirror_address}/base",
+        )
+        refused = await self.client.get(f"http://127.0.0.1:{running.proxy_port}/up/pool/a.deb")
+        self.assertEqual(refused.status, 401)
+        stats = json.loads(
+            (await self.client.get(f"http://127.0.0.1:{running.proxy_port}/-/stats.json")).body
+        )
+        (health,) = [u for u in stats["upstreams"] if self.mirror_address in u["host"]]
+        self.assertEqual((health["errors"], health["successes"]), (1, 0), health)
+        warnings = [e for e in self.events if e.get("event") == "upstream_refused_credentials"]
+        self.assertEqual([e["status"] for e in warnings], [401])
+        self.assert_never_printed([refused.body])
+
     async def test_not_sent_through_the_forward_proxy(self) -> None:
         """
         The operator's credentials go with the mirror route, not with a
