@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.python.usage import UsageError
 
 from buildcache.config import Options
-from buildcache.service import make_service
+from buildcache.service import service_for_twistd
 
 options = Options()
 try:
@@ -30,4 +30,4 @@ if options.config.log_format == "json":
     )
 
 application = Application("buildcache")
-make_service(options.config, reactor).setServiceParent(application)
+service_for_twistd(options.config, reactor).setServiceParent(application)

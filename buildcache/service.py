@@ -35,7 +35,7 @@ from buildcache.proxy import OwnIndex, ProxyResource, Router
 from buildcache.simple_index import IndexResource
 from buildcache.status import StatusPage, StatusResource
 from buildcache.prefetch import Prefetcher
-from buildcache.store import Store, in_thread_pool
+from buildcache.store import Store, StoreError, in_thread_pool
 from buildcache.tunnel import ClientConnections, ProxySite, StrictSite
 from buildcache.upstream import Fetcher
 
@@ -293,3 +293,15 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         option="--pypi-port",
     ).setServiceParent(top)
     return top
+
+
+def service_for_twistd(config: Config, reactor: Any) -> MultiService:
+    """
+    :func:`make_service`, for ``twistd`` (the plugin and the ``.tac``
+    file): a cache directory that cannot be used stops it with one line
+    that says why and what to do, not a traceback that buries it.
+    """
+    try:
+        return make_service(config, reactor)
+    except StoreError as e:
+        raise SystemExit(f"buildcache: --cache-dir: {e}") from None

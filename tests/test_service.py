@@ -211,6 +211,9 @@ class StartupTests(TestCase):
         self.assertIn(index.encode(), process.output)
         self.assertIn(b"is not a readable SQLite database", process.output)
         self.assertNotIn(b"starting on", process.output)
+        # One line that says it, not a traceback that buries it.
+        self.assertNotIn(b"Traceback", process.output)
+        self.assertIn(b"buildcache: --cache-dir: ", process.output)
         with open(index, "rb") as f:
             self.assertEqual(f.read(), garbage)
 

@@ -32,9 +32,9 @@ class BuildcacheServiceMaker:
     def makeService(self, options: Options) -> MultiService:
         from twisted.internet import reactor
 
-        from buildcache.service import make_service
+        from buildcache.service import service_for_twistd
 
-        return make_service(options.config, reactor)
+        return service_for_twistd(options.config, reactor)
 
 
 serviceMaker = BuildcacheServiceMaker()
