@@ -370,7 +370,7 @@ def _summary_section(stats: Mapping[str, Any]) -> str:
         )
         + _figure(
             "From upstream", human_bytes(stats["bytes_from_upstream"]),
-            note="served on a miss, per client",
+            note="crossed the line, counted once per download",
         )
         + _figure("Requests", f"{stats['requests']:,}", "requests")
         + _figure(

@@ -1458,7 +1458,8 @@ def open_index(directory: str) -> sqlite3.Connection:
     except sqlite3.DatabaseError as e:
         db.close()
         raise StoreError(f"{path} is not a readable SQLite database ({e}); {advice}") from e
-    if application_id == 0 and not tables:
+    created = application_id == 0 and not tables
+    if created:
         try:
             db.execute("PRAGMA journal_mode = WAL")
             # One transaction: a crash cannot leave tables without the
@@ -1474,7 +1475,7 @@ def open_index(directory: str) -> sqlite3.Connection:
         db.close()
         raise StoreError(f"{path} is not a buildcache index (it belongs to another program); {advice}")
     try:
-        migrate_index(db, path, advice)
+        migrate_index(db, path, advice, quiet=created)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         check = db.execute("PRAGMA quick_check").fetchone()[0]
@@ -1492,11 +1493,15 @@ def open_index(directory: str) -> sqlite3.Connection:
 _log = Logger()
 
 
-def migrate_index(db: sqlite3.Connection, path: str, advice: str = "") -> None:
+def migrate_index(
+    db: sqlite3.Connection, path: str, advice: str = "", quiet: bool = False
+) -> None:
     """
     Bring the index ``db`` (at ``path``, for messages) up to
     :data:`SCHEMA_VERSION` through :data:`MIGRATIONS`, one transaction a
-    step, with a log line for each.  An index newer than this buildcache
+    step, with a log line for each (none when ``quiet``: a new index goes
+    through the steps too, and has nothing to report).  An index newer
+    than this buildcache
     (written by a later version) is refused with a :class:`StoreError`
     ending in ``advice``; it is left untouched.
     """
@@ -1530,6 +1535,8 @@ def migrate_index(db: sqlite3.Connection, path: str, advice: str = "") -> None:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            if quiet:
+                continue
             _log.info(
                 "Migrated the cache index {path} from schema version {old} to"
                 " {new} ({step}); {dropped} entries it could not carry over"
