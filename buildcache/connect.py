@@ -86,6 +86,7 @@ class TargetRefused(UpstreamError):
     """
 
     counts_against_upstream = False
+    status = 403
 
     def __init__(self, host: str, port: int, reason: str, address: str | None = None):
         self.host = host

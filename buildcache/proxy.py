@@ -64,7 +64,6 @@ from buildcache.upstream import (
     UpstreamAnswer,
     UpstreamError,
     UpstreamRequest,
-    UpstreamTimeout,
     adopt_twin,
     cache_key,
     drained,
@@ -546,14 +545,8 @@ class ProxyResource(Resource):
             answer = await self.fetcher.head(
                 self._upstream_request(target, headers, {}, None)
             )
-        except TargetRefused as e:
-            send_error(request, 403, str(e))
-            return
-        except UpstreamTimeout as e:
-            send_error(request, 504, str(e))
-            return
         except UpstreamError as e:
-            send_error(request, 502, str(e))
+            send_error(request, e.status, str(e))
             return
         serve_head(
             request, answer,
@@ -679,14 +672,8 @@ class ProxyResource(Resource):
             if answer_or_none is None:
                 return
             answer = answer_or_none
-        except TargetRefused as e:
-            send_error(request, 403, str(e))
-            return
-        except UpstreamTimeout as e:
-            send_error(request, 504, str(e))
-            return
         except UpstreamError as e:
-            send_error(request, 502, str(e))
+            send_error(request, e.status, str(e))
             return
         self._serve_answer(request, target, answer)
 

@@ -1081,11 +1081,8 @@ class IndexResource(Resource):
         except IntegrityError as e:
             self._refuse_mismatch(request, name, url, str(e))
             return False
-        except UpstreamTimeout as e:
-            send_error(request, 504, f"upstream {url} timed out: {e}")
-            return False
         except UpstreamError as e:
-            send_error(request, 502, f"upstream {url} failed: {e}")
+            send_error(request, e.status, f"upstream {url} failed: {e}")
             return False
         body = answer.body
         assert body is not None
@@ -1144,11 +1141,8 @@ class IndexResource(Resource):
         """
         try:
             answer = await self.fetcher.head(upstream_request)
-        except UpstreamTimeout as e:
-            send_error(request, 504, f"upstream {url} timed out: {e}")
-            return False
         except UpstreamError as e:
-            send_error(request, 502, f"upstream {url} failed: {e}")
+            send_error(request, e.status, f"upstream {url} failed: {e}")
             return False
         if answer.status != 200:
             send_error(

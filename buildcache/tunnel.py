@@ -54,7 +54,7 @@ from buildcache.activity import QuietSite
 from buildcache.config import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 from buildcache.connect import HostnameResolver, TargetRefused, connect_tcp
 from buildcache.turns import Waiters
-from buildcache.upstream import UpstreamError, UpstreamTimeout
+from buildcache.upstream import UpstreamError
 
 __all__ = [
     "DEFAULT_CONNECT_PORTS",
@@ -792,13 +792,10 @@ class _Tunnel:
             # The client left while we were connecting.
             return
         except TargetRefused as error:
-            self._fail(403, error.reason)
-            return
-        except UpstreamTimeout as error:
-            self._fail(504, str(error))
+            self._fail(error.status, error.reason)
             return
         except UpstreamError as error:
-            self._fail(502, str(error))
+            self._fail(error.status, str(error))
             return
         except Exception as error:
             # A bug, not a network condition: log it with its traceback.

@@ -102,10 +102,13 @@ class UpstreamError(Exception):
     #: Whether the failure says something about the upstream's health; a
     #: target the access policy refused was never contacted.
     counts_against_upstream = True
+    #: The status a client is answered with: the one place that maps
+    #: upstream failures to statuses (subclasses say theirs).
+    status = 502
 
 
 class UpstreamTimeout(UpstreamError):
-    pass
+    status = 504
 
 
 class CacheWriteError(UpstreamError):
