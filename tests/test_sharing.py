@@ -840,13 +840,20 @@ class ApkIndexLookupTests(TestCase):
         # The index was read where it was stored, not fetched again.
         self.assertEqual(origin.requests[f"{APK_DIR}/APKINDEX.tar.gz"], 1)
 
-    async def test_private_repository(self) -> None:
+    def private_repository(self) -> tuple[ApkRepository, BuiltApk, Running]:
+        """
+        A repository that answers only ``Authorization: A``, publicly
+        cacheable, holding one package, behind a box.
+        """
         origin = ApkRepository()
         apk = build_apk("hello", "1.0-r0")
         origin.publish(apk)
         origin.extra = {"cache-control": "public, max-age=600"}
         origin.need_auth = A
-        running = self.box(origin)
+        return origin, apk, self.box(origin)
+
+    async def test_private_repository(self) -> None:
+        origin, apk, running = self.private_repository()
         auth = {"authorization": A}
         index = await self.get(running, f"{APK_DIR}/APKINDEX.tar.gz", auth)
         first = await self.get(running, f"{APK_DIR}/{apk.filename}", auth)
@@ -867,12 +874,7 @@ class ApkIndexLookupTests(TestCase):
         client's credentials (not anonymously, which the origin refuses), and
         the package is checked and stored.
         """
-        origin = ApkRepository()
-        apk = build_apk("hello", "1.0-r0")
-        origin.publish(apk)
-        origin.extra = {"cache-control": "public, max-age=600"}
-        origin.need_auth = A
-        running = self.box(origin)
+        origin, apk, running = self.private_repository()
         auth = {"authorization": A}
         first = await self.get(running, f"{APK_DIR}/{apk.filename}", auth)
         second = await self.get(running, f"{APK_DIR}/{apk.filename}", auth)
