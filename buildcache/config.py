@@ -29,6 +29,7 @@ from buildcache.credentials import (
     NetrcCredentials,
     UpstreamCredentials,
     hide_userinfo,
+    masked_url,
     read_netrc,
     split_userinfo,
 )
@@ -93,9 +94,9 @@ def check_http_url(url: str) -> str:
     return it.  The message of a refusal never quotes user information
     (see L{hide_userinfo}).
     """
-    # A URL with an "@" may carry a token, written in any way (a quote or
-    # a space in it defeats any pattern): such a URL is never quoted.
-    shown = repr(url) if "@" not in url else "the URL given (not shown: it has an '@')"
+    # A URL with an "@" may carry a token written in any way (a quote or a
+    # space in it defeats a pattern): all before its last "@" is hidden.
+    shown = repr(masked_url(url))
     try:
         parts = urlsplit(url)
     except ValueError:

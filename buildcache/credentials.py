@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import netrc
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -161,6 +162,18 @@ def read_netrc(path: str) -> NetrcCredentials:
     except OSError as error:
         raise ValueError(f"cannot read {path!r}: {error.strerror or error}") from None
     return NetrcCredentials.from_entries(parsed.hosts)
+
+
+def readable_by_others(path: str) -> bool:
+    """
+    Whether users other than its owner may read the file at ``path`` (a
+    netrc file should be mode 0600, as curl and pip expect); False when it
+    cannot be examined.
+    """
+    try:
+        return bool(os.stat(path).st_mode & 0o077)
+    except OSError:
+        return False
 
 
 @attrs.frozen
@@ -321,6 +334,20 @@ def hide_userinfo(text: str) -> str:
     information (C{http://host/a@b} becomes C{http://***@b}), never less.
     """
     return _USERINFO_IN_TEXT.sub("***@", text)
+
+
+def masked_url(text: str) -> str:
+    """
+    C{text}, a URL as it was typed (it may not parse), fit for an error
+    message: when it holds an C{@}, everything between C{//} and its last
+    C{@} is C{***}, whatever characters a token there holds (C{http://u:t
+    'o k@host:99999/x} shows as C{http://***@host:99999/x}).
+    """
+    if "@" not in text:
+        return text
+    scheme, separator, _ = text.partition("//")
+    head = f"{scheme}{separator}" if separator else ""
+    return f"{head}***@{text.rpartition('@')[2]}"
 
 
 def shown_url(url: str, credentials: UpstreamCredentials) -> str:

@@ -29,6 +29,7 @@ from twisted.web.server import Site
 from buildcache.access import AccessPolicy, upstream_host_key
 from buildcache.activity import Activity
 from buildcache.config import Config
+from buildcache.credentials import readable_by_others
 from buildcache.connect import make_http_client, upstream_pool
 from buildcache.metrics import Metrics
 from buildcache.proxy import OwnIndex, ProxyResource, Router
@@ -268,6 +269,9 @@ class BuildcacheService(MultiService):
         self.log.info("Cache closed cleanly")
 
 
+_log = Logger()
+
+
 def make_service(config: Config, reactor: Any) -> MultiService:
     """
     The whole server for twistd: store housekeeping and both ports.
@@ -275,6 +279,12 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     Raises :class:`buildcache.store.StoreError` (before anything listens)
     when the cache directory cannot be used.
     """
+    if config.netrc_file is not None and readable_by_others(config.netrc_file):
+        _log.warn(
+            "The --netrc file {path} can be read by other users: make it"
+            " mode 0600 (chmod 600), as it holds passwords",
+            path=config.netrc_file, event="netrc_readable_by_others",
+        )
     # Their own threads, not the reactor's: those also resolve names, and a
     # slow disk must not hold up connecting to upstreams.
     store_threads = ThreadPool(1, STORE_THREADS, "buildcache-store")

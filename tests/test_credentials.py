@@ -32,6 +32,7 @@ from buildcache.credentials import (
     Origin,
     UpstreamCredentials,
     hide_userinfo,
+    masked_url,
     read_netrc,
     shown_url,
     split_userinfo,
@@ -152,6 +153,16 @@ class UpstreamCredentialsTests(SynchronousTestCase):
         table = UpstreamCredentials.build([split_userinfo("http://u:t@127.0.0.1:81/s")])
         self.assertEqual(shown_url("http://127.0.0.1:81/s", table), "http://***@127.0.0.1:81/s")
         self.assertEqual(shown_url("http://127.0.0.1:82/s", table), "http://127.0.0.1:82/s")
+
+
+class MaskedUrlTests(SynchronousTestCase):
+    def test_masked(self) -> None:
+        self.assertEqual(masked_url("http://h:1/x"), "http://h:1/x")
+        self.assertEqual(
+            masked_url("http://u:t'o k<@host:99999/x"), "http://***@host:99999/x"
+        )
+        self.assertEqual(masked_url("u:p@host/x"), "***@host/x")
+        self.assertEqual(masked_url("http://u:a@b@host/"), "http://***@host/")
 
 
 class HideUserinfoTests(SynchronousTestCase):
@@ -582,6 +593,17 @@ class OptionTests(SynchronousTestCase):
             self.assertNotIn(TOKEN, message)
             for piece in (TOKEN[:4], TOKEN[4:], TOKEN[:3], TOKEN[3:]):
                 self.assertNotIn(piece, message, (arguments, message))
+
+    def test_errors_show_where(self) -> None:
+        """
+        With the token hidden, the message still shows the host and port,
+        so an operator with several --mirror options can tell which is wrong.
+        """
+        message = self.usage_error(
+            "--mirror", f"a=http://{USER}:{TOKEN[:4]}'{TOKEN[4:]}@127.0.0.1:99999/x"
+        )
+        self.assertIn("http://***@127.0.0.1:99999/x", message)
+        self.assertNotIn(TOKEN[4:], message)
 
     def test_netrc_errors(self) -> None:
         broken = self.mktemp()

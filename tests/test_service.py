@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -344,3 +345,28 @@ class TacTests(TestCase):
         )
         self.assertNotEqual(code, 0)
         self.assertIn(b"--logger=buildcache.logs.json_observer", out + err)
+
+
+class NetrcPermissionTests(TestCase):
+    def make(self, mode: int) -> list[dict[str, object]]:
+        netrc = os.path.abspath(self.mktemp())
+        with open(netrc, "w") as f:
+            f.write("machine 127.0.0.1 login u password p\n")
+        os.chmod(netrc, mode)
+        config = Config(cache_dir=self.mktemp(), netrc_file=netrc)
+        with capturedLogs() as events:
+            service = make_service(config, reactor)
+        # Never started: only the store to close.
+        assert isinstance(service, BuildcacheService)
+        service.server.store.close()
+        return [e for e in events if e.get("event") == "netrc_readable_by_others"]
+
+    def test_readable_by_others_warned(self) -> None:
+        """
+        A --netrc file others can read is named in a warning at start-up
+        (curl and pip expect 0600); its content is not.
+        """
+        (warning,) = self.make(0o644)
+        self.assertTrue(str(warning["path"]).endswith(os.sep + "temp"), warning["path"])
+        self.assertNotIn("login u", repr(warning))
+        self.assertEqual(self.make(0o600), [])
