@@ -416,6 +416,9 @@ class ProxyChannel(HTTPChannel):
                 self._head_call is None
                 and not self._handlingRequest
                 and self.line_mode
+                # A stray CRLF after a response (some clients send one) is
+                # no request: the idle timeout still covers the connection.
+                and data.strip(b"\r\n")
             ):
                 # The first byte of a request: the whole of it must follow
                 # within the deadline.

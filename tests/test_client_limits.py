@@ -215,6 +215,20 @@ class TimedRulesTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertTrue(transport.disconnecting)
 
+    def test_stray_crlf_starts_no_deadline(self) -> None:
+        """
+        A bare CRLF on an idle keep-alive connection is no request: no 408
+        30 s later (before: an unsolicited 408 cut the idle connection);
+        a request that follows is served.
+        """
+        channel, transport = connect(self.site)
+        channel.dataReceived(b"\r\n")
+        self.clock.advance(31)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: box\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+
     def test_reader_acknowledging_bytes_kept(self) -> None:
         """
         A client that reads so slowly that Twisted's buffer does not shrink
