@@ -110,16 +110,21 @@ _REASONS = {
 
 def client_key(host: str) -> str:
     """
-    The address a client connection counts against: its IP address in
-    standard form, an IPv4-mapped IPv6 address as the IPv4 address it is.
+    The address a client connection counts against: an IPv4 address (an
+    IPv4-mapped IPv6 address as the IPv4 address it is); for other IPv6
+    addresses their /64, which one host holds whole (privacy addresses
+    would otherwise give it a cap each), but loopback as itself.
     Anything else (a UNIX socket's path) as given.
     """
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if not address.is_loopback:
+            return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
 
 

@@ -78,6 +78,10 @@ class RulesTests(SynchronousTestCase):
         self.assertEqual(client_key("127.0.0.1"), "127.0.0.1")
         self.assertEqual(client_key("::ffff:127.0.0.1"), "127.0.0.1")
         self.assertEqual(client_key("0:0::1"), "::1")
+        # One host's privacy addresses share its /64's cap.
+        self.assertEqual(client_key("fd00:1:2:3:aaaa::1"), "fd00:1:2:3::/64")
+        self.assertEqual(client_key("fd00:1:2:3:bbbb::9"), "fd00:1:2:3::/64")
+        self.assertNotEqual(client_key("fd00:1:2:4::1"), client_key("fd00:1:2:3::1"))
         self.assertEqual(client_key("/run/buildcache.sock"), "/run/buildcache.sock")
 
     def test_connection_admitted(self) -> None:
