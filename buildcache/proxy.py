@@ -539,15 +539,22 @@ class ProxyResource(Resource):
         """
         A HEAD that missed goes upstream as a HEAD: nothing is fetched or
         stored for it (a HEAD that joins a running download shares it).
+        An upstream that answers 405 or 501 to a HEAD is asked with a GET.
         """
-        self.store.counters.misses += 1
         try:
             answer = await self.fetcher.head(
                 self._upstream_request(target, headers, {}, None)
             )
         except UpstreamError as e:
+            self.store.counters.misses += 1
             send_error(request, e.status, str(e))
             return
+        if answer.status in (405, 501):
+            # An upstream that does not do HEAD: a GET answers it, as it
+            # did before HEADs went upstream as HEADs.
+            await self._miss(request, target, headers)
+            return
+        self.store.counters.misses += 1
         serve_head(
             request, answer,
             cache_control=client_cache_control(

@@ -1074,7 +1074,9 @@ class IndexResource(Resource):
         counters.misses += 1
         if request.method == b"HEAD" and not self.fetcher.downloading(key):
             # uv sends HEAD, then ranges: the HEAD alone fetches nothing.
-            return await self._head_file(request, url, upstream_request)
+            answered = await self._head_file(request, url, upstream_request)
+            if answered is not None:
+                return answered
         self._claimed_read_ahead(key, stored=False)
         try:
             answer = await self.fetcher.fetch(upstream_request)
@@ -1134,16 +1136,19 @@ class IndexResource(Resource):
 
     async def _head_file(
         self, request: Request, url: str, upstream_request: UpstreamRequest
-    ) -> bool:
+    ) -> bool | None:
         """
         Answer a HEAD for a file that is not stored with the upstream's
-        answer to a HEAD; nothing is fetched or stored.
+        answer to a HEAD; nothing is fetched or stored.  None, answering
+        nothing, when the upstream does not do HEAD (405, 501): a GET must.
         """
         try:
             answer = await self.fetcher.head(upstream_request)
         except UpstreamError as e:
             send_error(request, e.status, f"upstream {url} failed: {e}")
             return False
+        if answer.status in (405, 501):
+            return None
         if answer.status != 200:
             send_error(
                 request, 404 if answer.status in (404, 410) else 502,

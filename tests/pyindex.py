@@ -367,6 +367,18 @@ class StaticSimpleIndex(Resource):
         self.last_modified = FIXTURE_EPOCH
         self.requests: Counter[str] = Counter()
         self.request_log: list[RecordedRequest] = []
+        #: When false, a HEAD is answered 405, as by an origin that does
+        #: not do HEAD.
+        self.head_allowed = True
+
+    def render_HEAD(self, request: Request) -> bytes:
+        if self.head_allowed:
+            return self.render_GET(request)
+        path = request.path.decode("latin-1")
+        self.requests[path] += 1
+        self.request_log.append(RecordedRequest(method="HEAD", path=path, headers={}))
+        request.setResponseCode(405)
+        return b""
 
     def render_GET(self, request: Request) -> bytes:
         path = request.path.decode("latin-1")
@@ -398,8 +410,6 @@ class StaticSimpleIndex(Resource):
         if len(segments) == 2 and segments[0] == "files":
             return self._file(request, segments[1])
         return self._not_found(request)
-
-    render_HEAD = render_GET
 
     def _not_found(self, request: Request) -> bytes:
         request.setResponseCode(NOT_FOUND)

@@ -35,6 +35,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from buildcache.config import Mirror
 from buildcache.freshness import format_http_date
@@ -785,6 +787,40 @@ class RangeAndHeadTests(TestCase):
             self.path, {"range": "bytes=0-9", "if-range": etag}
         )
         self.assertEqual((matching.status, matching.body), (206, self.apk.content[:10]))
+
+    async def test_head_to_an_upstream_without_head(self) -> None:
+        """
+        An upstream that answers 405 to a HEAD is asked with a GET: the
+        client's HEAD gets the file's length, and the file is stored, so
+        the next HEAD is a HIT (before: the 405 was passed on).
+        """
+        body = b"package bytes\n" * 100
+
+        class NoHead(Resource):
+            isLeaf = True
+            methods: list[bytes] = []
+
+            def render_HEAD(self, request: Request) -> bytes:
+                self.methods.append(b"HEAD")
+                request.setResponseCode(405)
+                return b""
+
+            def render_GET(self, request: Request) -> bytes:
+                self.methods.append(b"GET")
+                return body
+
+        origin = NoHead()
+        running = start_server(self, {}, upstream=origin)
+        url = f"http://127.0.0.1:{running.proxy_port}/up/pool/a_1_amd64.deb"
+        first = await Client().get(url, method=b"HEAD")
+        self.assertEqual(
+            (first.status, first.header("x-cache"), first.header("content-length"), first.body),
+            (200, "MISS", str(len(body)), b""),
+        )
+        await running.server.fetcher.when_idle()
+        second = await Client().get(url, method=b"HEAD")
+        self.assertEqual((second.status, second.header("x-cache")), (200, "HIT"))
+        self.assertEqual(origin.methods, [b"HEAD", b"GET"])
 
     async def test_head_on_miss_and_hit(self) -> None:
         """

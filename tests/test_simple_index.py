@@ -642,6 +642,28 @@ class FileTests(TestCase):
         assert entry is not None
         self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
 
+    async def test_head_to_an_upstream_without_head(self) -> None:
+        """
+        An index that answers 405 to a HEAD for a file is asked with a GET:
+        the client's HEAD gets the file's length, and the checked file is
+        stored (before: a 502).
+        """
+        await self.harness.page("bcdemo-a")
+        self.upstream.index.head_allowed = False
+        data = self.fixture.content(WHEEL_A2)
+        head = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}", method=b"HEAD")
+        self.assertEqual(
+            (head.status, head.header("content-length"), head.body),
+            (200, str(len(data)), b""),
+        )
+        self.assertEqual(
+            [r.method for r in self.upstream.index.request_log if r.path == f"/files/{WHEEL_A2}"],
+            ["HEAD", "GET"],
+        )
+        await self.harness.fetcher.when_idle()
+        again = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+        self.assertEqual((again.header("x-cache"), again.body), ("HIT", data))
+
     async def test_head_and_ranges(self) -> None:
         """
         What uv does without metadata: HEAD, then a suffix range; both
