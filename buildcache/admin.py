@@ -1191,8 +1191,11 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="the server's proxy port URL (default: %(default)s)",
     )
     warm.add_argument(
-        "--index", type=_http_url, default=DEFAULT_INDEX,
-        help="the server's simple index URL (default: %(default)s)",
+        "--index", type=_http_url, default=None,
+        help=(
+            "the server's simple index URL (default: port"
+            f" {DEFAULT_INDEX_PORT} of --server's host, {DEFAULT_INDEX})"
+        ),
     )
     warm.add_argument(
         "--requirements", "-r", action="append", default=[], metavar="FILE",
@@ -1294,6 +1297,18 @@ def _run_verify(options: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
     return 0 if result.clean else 1
 
 
+def index_beside(server: str) -> str:
+    """
+    The simple index of the server whose proxy port is at ``server``: the
+    default index port of the same host (``--server http://box:8899`` is
+    ``http://box:3141/simple/``).
+    """
+    host = urlsplit(server).hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{DEFAULT_INDEX_PORT}/simple/"
+
+
 def _run_warm(
     options: argparse.Namespace, stdout: TextIO, stderr: TextIO,
     environ: Mapping[str, str],
@@ -1305,6 +1320,8 @@ def _run_warm(
             "--apk needs --alpine-repo, e.g."
             f" --alpine-repo {DEFAULT_SERVER}/alpine/v3.20/main"
         )
+    if options.index is None:
+        options.index = index_beside(options.server)
     results: list[WarmResult] = []
     if options.requirements:
         result = warm_requirements(

@@ -35,6 +35,7 @@ from buildcache.admin import (
     distribution_project,
     entry_kind,
     human_size,
+    index_beside,
     key_matcher,
     main,
     resolve_apk_closure,
@@ -682,6 +683,16 @@ def closed_port() -> int:
 
 
 class WarmArgumentsTests(SynchronousTestCase):
+    def test_index_beside_the_server(self) -> None:
+        """
+        Without --index, pip is sent to the index port of --server's host,
+        not to this machine's (regression: warm run from another machine
+        sent pip to 127.0.0.1).
+        """
+        self.assertEqual(index_beside("http://box.lan:8899"), "http://box.lan:3141/simple/")
+        self.assertEqual(index_beside("http://[fd00::5]:8899/"), "http://[fd00::5]:3141/simple/")
+        self.assertEqual(index_beside("http://127.0.0.1:8899"), "http://127.0.0.1:3141/simple/")
+
     def test_needs_something(self) -> None:
         code, _, err = run("warm")
         self.assertEqual(code, 2)
