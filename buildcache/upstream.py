@@ -1499,7 +1499,3 @@ def upstream_client(
     if credentials:
         return UpstreamClient(CredentialsAgent(inner, credentials), inner)
     return UpstreamClient(inner)
-
-
-#: The name earlier code and tests know it by.
-treq_client = upstream_client

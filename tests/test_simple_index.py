@@ -54,7 +54,7 @@ from buildcache.simple_model import (
 )
 from buildcache.prefetch import Prefetcher
 from buildcache.store import BlockingRunner, Store
-from buildcache.upstream import Fetcher, UpstreamRequest, treq_client
+from buildcache.upstream import Fetcher, UpstreamRequest, upstream_client
 from tests.pyindex import (
     FIXTURE_EPOCH,
     DemoRelease,
@@ -198,7 +198,7 @@ class Harness:
         self.store = Store.open(testcase.mktemp(), 1 << 30, self.clock, run_blocking)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = CountingAgent(Agent(reactor, pool=self.pool))
-        self.fetcher = Fetcher(self.store, treq_client(self.http), self.clock)
+        self.fetcher = Fetcher(self.store, upstream_client(self.http), self.clock)
         self.prefetcher = (
             None if prefetch_max_size is None
             else Prefetcher(self.store, self.fetcher, reactor, prefetch_max_size)
