@@ -107,6 +107,8 @@ def check_http_url(url: str) -> str:
         parts.port
     except ValueError:
         raise ValueError(f"{shown} has an invalid port") from None
+    if parts.port == 0:
+        raise ValueError(f"{shown} has port 0, which nothing can be reached on")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{shown} is not an http or https URL with a host")
     return url
@@ -820,6 +822,13 @@ class Options(usage.Options):
                 (url, credentials) for url, credentials in split
                 if credentials is not None
             ]
+        if self["max-object-size"] > self["max-size"]:
+            raise usage.UsageError(
+                f"--max-object-size {format_size(self['max-object-size'])} is"
+                f" larger than --max-size {format_size(self['max-size'])}: an"
+                " object that large could never be kept; give a smaller one,"
+                " or 0 for --max-size"
+            )
         given_mirrors: list[Mirror] = self["mirror"]
         given_names = {mirror.name for mirror in given_mirrors}
         mirrors = tuple(

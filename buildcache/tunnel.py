@@ -179,6 +179,14 @@ def _unsent(transport: Any) -> Unsent:
     return buffered, in_kernel
 
 
+def _cancel(call: Any) -> None:
+    """
+    Cancel the delayed ``call`` (a timer, or None) if it is still to run.
+    """
+    if call is not None and call.active():
+        call.cancel()
+
+
 @attrs.define(eq=False)
 class ClientConnections:
     """
@@ -433,10 +441,8 @@ class ProxyChannel(HTTPChannel):
             super().dataReceived(data)
 
     def _stop_head_deadline(self) -> None:
-        if self._head_call is not None:
-            if self._head_call.active():
-                self._head_call.cancel()
-            self._head_call = None
+        _cancel(self._head_call)
+        self._head_call = None
 
     def _request_too_slow(self) -> None:
         self._head_call = None
@@ -466,10 +472,8 @@ class ProxyChannel(HTTPChannel):
         super().resumeProducing()
 
     def _stop_stall_timer(self) -> None:
-        if self._stall_call is not None:
-            if self._stall_call.active():
-                self._stall_call.cancel()
-            self._stall_call = None
+        _cancel(self._stall_call)
+        self._stall_call = None
 
     def _send_stalled(self) -> None:
         self._stall_call = None

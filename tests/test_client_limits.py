@@ -118,6 +118,18 @@ def connect(
     return channel, transport
 
 
+def stall_with_a_full_buffer(channel: ProxyChannel, transport: StringTransport) -> None:
+    """
+    A response under way whose transport holds 64 KiB the client has not
+    taken, and which has paused the response: the send-stall timer runs.
+    """
+    channel.dataReceived(b"GET /wait HTTP/1.1\r\nHost: box\r\n\r\n")
+    transport.dataBuffer = b"x" * 65536  # type: ignore[attr-defined]
+    transport.offset = 0  # type: ignore[attr-defined]
+    transport._tempDataLen = 0  # type: ignore[attr-defined]
+    channel.pauseProducing()
+
+
 class TimedRulesTests(SynchronousTestCase):
     """
     The deadlines on a test clock, over in-memory transports.
@@ -207,11 +219,7 @@ class TimedRulesTests(SynchronousTestCase):
         empty, keeps its connection; once it stops it is cut.
         """
         channel, transport = connect(self.site)
-        channel.dataReceived(b"GET /wait HTTP/1.1\r\nHost: box\r\n\r\n")
-        transport.dataBuffer = b"x" * 65536  # type: ignore[attr-defined]
-        transport.offset = 0  # type: ignore[attr-defined]
-        transport._tempDataLen = 0  # type: ignore[attr-defined]
-        channel.pauseProducing()
+        stall_with_a_full_buffer(channel, transport)
         for _ in range(5):
             transport.offset += 1000  # type: ignore[attr-defined]
             self.clock.advance(60)
@@ -259,11 +267,7 @@ class TimedRulesTests(SynchronousTestCase):
 
         channel, transport = connect(self.site)
         transport.getHandle = lambda: served  # type: ignore[method-assign]
-        channel.dataReceived(b"GET /wait HTTP/1.1\r\nHost: box\r\n\r\n")
-        transport.dataBuffer = b"x" * 65536  # type: ignore[attr-defined]
-        transport.offset = 0  # type: ignore[attr-defined]
-        transport._tempDataLen = 0  # type: ignore[attr-defined]
-        channel.pauseProducing()
+        stall_with_a_full_buffer(channel, transport)
         for _ in range(3):
             # The reader takes bytes until its socket acknowledges some
             # (window updates come in steps), and no more.

@@ -595,6 +595,8 @@ class OptionsTests(SynchronousTestCase):
             ("--max-connections-per-client", "2.5"),
             ("--max-object-size", "-1"),
             ("--max-object-size", "big"),
+            ("--mirror", "a=http://127.0.0.1:0/"),
+            ("--pypi-upstream", "http://u:t@127.0.0.1:0/simple"),
         ]
         for option, value in cases:
             message = self.usage_error(option, value)
@@ -628,6 +630,19 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertIn(
             "empty --allow-upstream entry", self.usage_error("--allow-upstream", " ")
+        )
+
+    def test_object_larger_than_the_cache(self) -> None:
+        """
+        --max-object-size over --max-size could never be kept: refused,
+        naming both (before: accepted without a word).
+        """
+        message = self.usage_error("--max-size", "1G", "--max-object-size", "3G")
+        self.assertTrue(message.startswith("--max-object-size 3G"), message)
+        self.assertIn("--max-size 1G", message)
+        self.assertEqual(
+            self.parse("--max-size", "1G", "--max-object-size", "1G").max_object_size,
+            1 << 30,
         )
 
     def test_duplicate_mirror(self) -> None:

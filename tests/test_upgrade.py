@@ -1,7 +1,7 @@
 """
 Upgrades keep the cache: a cache directory written by buildcache as it was
 before the hardening issue (index schema version 1, ``tests/fixtures/
-cache-v1.tar.gz``, made by ``tests/fixtures/make_cache_v1.py`` with that
+cache-v1.tar.gz``, made by ``contrib/make_cache_v1.py`` with that
 version's real server) is migrated in place by the real ``twistd
 buildcache`` and every entry is served from it, with nothing listening
 upstream.
