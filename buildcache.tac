@@ -26,7 +26,7 @@ if options.config.log_format == "json":
     # cannot see: say so rather than log text while claiming JSON.
     raise SystemExit(
         "BUILDCACHE_ARGS: --log-format json works with `twistd buildcache`;"
-        " with a .tac, pass twistd --logger=buildcache.logs.json_observer"
+        " with a .tac, pass twistd --logger=buildcache.ops.logs.json_observer"
     )
 
 application = Application("buildcache")

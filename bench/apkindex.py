@@ -45,9 +45,9 @@ from twisted.internet import reactor, task  # noqa: E402
 from twisted.internet.defer import ensureDeferred  # noqa: E402
 from twisted.python.threadpool import ThreadPool  # noqa: E402
 
-from buildcache.apkcheck import ApkIndexes  # noqa: E402
+from buildcache.ecosystems.apk.check import ApkIndexes  # noqa: E402
+from buildcache.fetch.fetcher import cache_key  # noqa: E402
 from buildcache.store import Store, in_thread_pool, run_here  # noqa: E402
-from buildcache.upstream import cache_key  # noqa: E402
 from tests.apkrepo import gzip_tar  # noqa: E402
 
 BASE = "http://mirror.test/alpine/v3.20/main/x86_64"
@@ -153,7 +153,11 @@ def _child(case: str, form: str, entries: int) -> dict[str, Any]:
     """
     One memory case, in this (fresh) process.
     """
-    from buildcache.apk import ApkIndexError, parse_apkindex, parse_compact_apkindex
+    from buildcache.ecosystems.apk.index import (
+        ApkIndexError,
+        parse_apkindex,
+        parse_compact_apkindex,
+    )
 
     make = minimal_index if case == "minimal" else synthetic_index
     index = make(entries)

@@ -33,7 +33,8 @@ from buildcache.credentials import (
     read_netrc,
     split_userinfo,
 )
-from buildcache.logs import JSON_OBSERVER, use_logfile
+from buildcache.frontends.tunnel import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+from buildcache.ops.logs import JSON_OBSERVER, use_logfile
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -47,10 +48,8 @@ DEFAULT_UPSTREAM_TIMEOUT = 30.0
 LOG_FORMATS = ("text", "json")
 DEFAULT_LOG_FORMAT = "text"
 #: Largest distribution file read ahead after its metadata (see
-#: buildcache.prefetch).
+#: buildcache.ecosystems.pypi.prefetch).
 DEFAULT_PREFETCH_MAX_SIZE = 32 * 1024**2
-#: Open connections per client address (both ports together, per process).
-DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 
 _SIZE_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 _SIZE_PATTERN = re.compile(

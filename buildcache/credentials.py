@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -360,3 +360,26 @@ def shown_url(url: str, credentials: UpstreamCredentials) -> str:
         return url
     scheme, separator, rest = url.partition("://")
     return f"{scheme}{separator}***@{rest}" if separator else url
+
+
+_USERINFO = re.compile(r"//[^/@]*@")
+
+
+def redact(url: str) -> str:
+    """
+    A URL fit for logs and pages: credentials replaced by ``***``.
+    """
+    if "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub("//***@", url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))

@@ -27,18 +27,18 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, upstream_host_key
-from buildcache.activity import Activity
 from buildcache.config import Config
 from buildcache.credentials import readable_by_others
-from buildcache.connect import make_http_client, upstream_pool
-from buildcache.metrics import Metrics
-from buildcache.proxy import OwnIndex, ProxyResource, Router
-from buildcache.simple_index import IndexResource
-from buildcache.status import StatusPage, StatusResource
-from buildcache.prefetch import Prefetcher
+from buildcache.ecosystems.pypi.index import IndexResource
+from buildcache.ecosystems.pypi.prefetch import Prefetcher
+from buildcache.fetch.connect import make_http_client, upstream_pool
+from buildcache.fetch.fetcher import Fetcher
+from buildcache.frontends.proxy import OwnIndex, ProxyResource, Router
+from buildcache.frontends.tunnel import ClientConnections, ProxySite, StrictSite
+from buildcache.ops.activity import Activity
+from buildcache.ops.metrics import Metrics
+from buildcache.ops.status import StatusPage, StatusResource
 from buildcache.store import Store, StoreError, in_thread_pool
-from buildcache.tunnel import ClientConnections, ProxySite, StrictSite
-from buildcache.upstream import Fetcher
 
 #: Seconds between writes of batched access times.
 FLUSH_INTERVAL = 5.0

@@ -44,7 +44,7 @@ from twisted.web.http import (
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from buildcache.simple_model import (
+from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPE_JSON,
     MEDIA_TYPE_LEGACY_HTML,
     ProjectFile,

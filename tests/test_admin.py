@@ -1,18 +1,18 @@
 """
-Tests for :mod:`buildcache.admin`, the ``buildcache`` command.
+Tests for :mod:`buildcache.ops.cli`, the ``buildcache`` command.
 
 ``stats``, ``purge`` and ``verify`` run in-process on cache directories
 filled through a real :class:`~buildcache.store.Store`, also while a store
 holds the directory's lock as a running server does.  ``warm`` runs as a
-subprocess (``python -m buildcache.admin``) against a server in this
+subprocess (``python -m buildcache.ops.cli``) against a server in this
 process, which keeps serving while it runs (``getProcessOutputAndValue``),
 in front of a local Alpine repository or a local simple index.
 """
 
 from __future__ import annotations
 
-import hashlib
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -29,7 +29,8 @@ from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from buildcache.admin import (
+from buildcache.ecosystems.apk.index import ApkIndex, ApkIndexEntry
+from buildcache.ops.cli import (
     CacheIndex,
     Progress,
     distribution_project,
@@ -40,7 +41,6 @@ from buildcache.admin import (
     main,
     resolve_apk_closure,
 )
-from buildcache.apk import ApkIndex, ApkIndexEntry
 from buildcache.store import INDEX_NAME, SCHEMA_VERSION, Store, metadata_size
 from tests.apkrepo import BuiltApk, RepositoryResource, build_apk, write_repository
 from tests.pyindex import StaticSimpleIndex, build_index
@@ -741,11 +741,11 @@ class WarmArgumentsTests(SynchronousTestCase):
 
 async def run_command(argv: Sequence[str], **environment: str) -> tuple[int, str, str]:
     """
-    Run ``python -m buildcache.admin ARGV`` while the reactor keeps
+    Run ``python -m buildcache.ops.cli ARGV`` while the reactor keeps
     serving.
     """
     out, err, code = await getProcessOutputAndValue(
-        sys.executable, ["-m", "buildcache.admin", *argv],
+        sys.executable, ["-m", "buildcache.ops.cli", *argv],
         env=clean_environment(environment), path=REPO_ROOT, reactor=reactor,
     )
     return code, out.decode(), err.decode()

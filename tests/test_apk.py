@@ -1,5 +1,5 @@
 """
-Tests for L{buildcache.apk} (index parsing, streaming package verification,
+Tests for L{buildcache.ecosystems.apk.index} (index parsing, streaming package verification,
 index URLs) and for the test-support module L{tests.apkrepo} other test
 modules build on.
 """
@@ -26,7 +26,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
 from twisted.web.iweb import IAgent
 
-from buildcache.apk import (
+from buildcache.ecosystems.apk.check import ApkIndexes
+from buildcache.ecosystems.apk.index import (
     ApkIndex,
     ApkIndexEntry,
     ApkIndexError,
@@ -36,9 +37,8 @@ from buildcache.apk import (
     parse_apkindex,
     repository_index_url,
 )
-from buildcache.apkcheck import ApkIndexes
+from buildcache.engine.keys import cache_key
 from buildcache.store import Store
-from buildcache.upstream import cache_key
 from tests.apkrepo import (
     SIGNATURE_NAME,
     BuiltApk,
@@ -832,7 +832,7 @@ class RepositoryResourceTests(TestCase):
 
 class StoredIndexTests(SynchronousTestCase):
     """
-    :class:`buildcache.apkcheck.ApkIndexes` parses a stored index through
+    :class:`buildcache.ecosystems.apk.check.ApkIndexes` parses a stored index through
     the store's ``run_blocking`` (a thread in the server), once per
     version however many packages ask meanwhile.
     """

@@ -1,10 +1,10 @@
 """
 The compact form of a parsed ``APKINDEX`` and its bounds
-(:func:`buildcache.apk.parse_compact_apkindex`), the parsed-index cache
-bounded in bytes (:class:`buildcache.apkcheck.ApkIndexes`), the rule that
+(:func:`buildcache.ecosystems.apk.index.parse_compact_apkindex`), the parsed-index cache
+bounded in bytes (:class:`buildcache.ecosystems.apk.check.ApkIndexes`), the rule that
 says a stored package no longer matches its index
-(:func:`buildcache.apk.stale_reason`), its pip counterpart
-(:func:`buildcache.simple_index.disowned_files`), and the store calls they
+(:func:`buildcache.ecosystems.apk.index.stale_reason`), its pip counterpart
+(:func:`buildcache.ecosystems.pypi.index.disowned_files`), and the store calls they
 use.
 """
 
@@ -21,7 +21,8 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from buildcache.apk import (
+from buildcache.ecosystems.apk.check import ApkIndexes, read_control_checksum
+from buildcache.ecosystems.apk.index import (
     ApkFacts,
     ApkIndexError,
     ApkIndexTooLarge,
@@ -30,11 +31,10 @@ from buildcache.apk import (
     parse_compact_apkindex,
     stale_reason,
 )
-from buildcache.apkcheck import ApkIndexes, read_control_checksum
-from buildcache.simple_index import disowned_files, page_digests
-from buildcache.simple_model import ProjectFile, ProjectPage
+from buildcache.ecosystems.pypi.index import disowned_files, page_digests
+from buildcache.ecosystems.pypi.model import ProjectFile, ProjectPage
+from buildcache.engine.keys import cache_key
 from buildcache.store import Entry, Store
-from buildcache.upstream import cache_key
 from tests.apkrepo import build_apk, build_apkindex, gzip_tar, index_block
 from tests.support import HeldRunner
 

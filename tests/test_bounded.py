@@ -28,12 +28,18 @@ from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from buildcache.headlimit import MAX_RESPONSE_HEAD, HeadMeter
 from buildcache import store as store_module
+from buildcache.fetch.fetcher import spool_plan
+from buildcache.fetch.headlimit import MAX_RESPONSE_HEAD, HeadMeter
 from buildcache.store import INDEX_NAME, Store
-from buildcache.upstream import spool_plan
 from tests.support import (
-    Client, Running, listen, pattern_bytes, reactor, start_server, url_of,
+    Client,
+    Running,
+    listen,
+    pattern_bytes,
+    reactor,
+    start_server,
+    url_of,
 )
 
 KB = 1024

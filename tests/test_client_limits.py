@@ -27,17 +27,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
-from buildcache.service import BuildcacheService
-from buildcache.tunnel import (
+from buildcache.frontends.tunnel import (
     ClientConnections,
     ProxyChannel,
     ProxySite,
     StrictSite,
+    _unsent,
     client_key,
     connection_admitted,
-    _unsent,
     send_progressed,
 )
+from buildcache.service import BuildcacheService
 from buildcache.turns import after_io
 from tests.support import (
     Client,

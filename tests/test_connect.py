@@ -1,5 +1,5 @@
 """
-Tests for buildcache.connect: the upstream connection guard.
+Tests for buildcache.fetch.connect: the upstream connection guard.
 
 Real TCP only on 127.0.0.0/8 listeners; names are resolved by a fake
 resolver, and anything that would leave this machine runs on a
@@ -27,14 +27,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy
-from buildcache.connect import (
+from buildcache.fetch.connect import (
     GuardedEndpointFactory,
     GuardedTCPEndpoint,
     TargetRefused,
     connect_tcp,
     make_http_client,
 )
-from buildcache.upstream import UpstreamError, UpstreamTimeout
+from buildcache.fetch.fetcher import UpstreamError, UpstreamTimeout
 
 #: The global reactor, typed loosely: its zope interfaces are opaque to mypy.
 reactor: Any = _reactor

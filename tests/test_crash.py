@@ -28,7 +28,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 
-from buildcache.upstream import cache_key
+from buildcache.engine.keys import cache_key
 from tests.support import (
     Client,
     FakeUpstream,

@@ -20,7 +20,7 @@ from twisted.logger import eventAsJSON, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse, IRequest
+from twisted.web.iweb import IAgent, IRequest, IResponse
 from twisted.web.resource import Resource
 from zope.interface import implementer
 

@@ -39,9 +39,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from buildcache.config import Mirror
-from buildcache.connect import UPSTREAM_READ_SIZE
+from buildcache.fetch.connect import UPSTREAM_READ_SIZE
+from buildcache.fetch.fetcher import MEMORY_BUFFER
 from buildcache.store import ObjectWriter, Store
-from buildcache.upstream import MEMORY_BUFFER
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import (
     Client,

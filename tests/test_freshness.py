@@ -1,5 +1,5 @@
 """
-Tests for L{buildcache.freshness}: the rule table, RFC 9111 freshness,
+Tests for L{buildcache.engine.freshness}: the rule table, RFC 9111 freshness,
 storability, conditional requests, dates and byte ranges.
 """
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from buildcache.freshness import (
+from buildcache.engine.freshness import (
     HEURISTIC_CAP,
     RULES,
     Decision,

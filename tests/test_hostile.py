@@ -46,13 +46,17 @@ from twisted.web.resource import Resource
 
 from buildcache.access import AccessPolicy, InvalidHost, normalize_host
 from buildcache.config import Mirror
-from buildcache.connect import TargetRefused, connect_tcp, make_http_client
-from buildcache.proxy import BadTarget, Router, _checked_path
-from buildcache.simple_index import IndexResource
-from buildcache.simple_model import is_valid_project_name, normalize_project_name
+from buildcache.ecosystems.pypi.index import IndexResource
+from buildcache.ecosystems.pypi.model import (
+    is_valid_project_name,
+    normalize_project_name,
+)
+from buildcache.engine.keys import cache_key
+from buildcache.fetch.connect import TargetRefused, connect_tcp, make_http_client
+from buildcache.fetch.fetcher import UpstreamError, UpstreamRequest, request_uri
+from buildcache.frontends.proxy import BadTarget, Router, _checked_path
+from buildcache.frontends.tunnel import ProxyChannel, ProxySite, parse_connect_target
 from buildcache.store import Store
-from buildcache.tunnel import ProxyChannel, ProxySite, parse_connect_target
-from buildcache.upstream import UpstreamError, UpstreamRequest, cache_key, request_uri
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import (
     FakeUpstream,

@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI
 
 from buildcache.config import Mirror
-from buildcache.upstream import cache_key, request_uri
+from buildcache.engine.keys import cache_key
+from buildcache.fetch.fetcher import request_uri
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import Client, FakeUpstream, GatedBody, listen, start_server
 from tests.test_simple_index import PIP_ACCEPT, WHEEL_A2

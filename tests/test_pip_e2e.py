@@ -1,6 +1,6 @@
 """
 End-to-end: real C{pip install} and C{uv pip install} subprocesses against
-L{buildcache.simple_index.IndexResource} on 127.0.0.1, in front of an
+L{buildcache.ecosystems.pypi.index.IndexResource} on 127.0.0.1, in front of an
 in-process upstream serving the demo index of L{tests.pyindex}.
 
 Each test installs C{bcdemo-a} cold (one upstream request per page and per

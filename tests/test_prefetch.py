@@ -1,5 +1,5 @@
 """
-Tests for :mod:`buildcache.prefetch`: when a read-ahead starts, and how it
+Tests for :mod:`buildcache.ecosystems.pypi.prefetch`: when a read-ahead starts, and how it
 is counted (each read-ahead at most one hit, never more hits than
 read-aheads).  The end-to-end behaviour through the index is in
 ``tests/test_simple_index.py`` (``ReadAheadTests``).
@@ -16,15 +16,15 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from buildcache.prefetch import (
+from buildcache.ecosystems.pypi.prefetch import (
     MAX_RUNNING,
     UNCLAIMED_BUDGET_FILES,
     UNCLAIMED_TTL,
     Prefetcher,
     file_request,
 )
+from buildcache.fetch.fetcher import UpstreamAnswer
 from buildcache.store import Store
-from buildcache.upstream import UpstreamAnswer
 
 BODY = b"wheel bytes"
 DIGEST = hashlib.sha256(BODY).hexdigest()

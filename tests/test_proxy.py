@@ -39,15 +39,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from buildcache.config import Mirror
-from buildcache.freshness import format_http_date
+from buildcache.engine.freshness import format_http_date
+from buildcache.engine.keys import MEMOISED_URL_LENGTH, cache_key
+from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, WITHHELD_TAIL, Fetcher
 from buildcache.store import BlockingRunner
-from buildcache.upstream import (
-    MEMOISED_URL_LENGTH,
-    STREAM_CHECKED_ABOVE,
-    WITHHELD_TAIL,
-    Fetcher,
-    cache_key,
-)
 from tests.apkrepo import (
     BUILD_TIME,
     BuiltApk,

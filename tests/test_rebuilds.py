@@ -21,13 +21,14 @@ import attrs
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
-from buildcache.admin import CacheIndex, verify
-from buildcache.apkcheck import ApkIndexes
-from buildcache.simple_index import page_key
+from buildcache.ecosystems.apk.check import ApkIndexes
+from buildcache.ecosystems.pypi.index import page_key
+from buildcache.engine.keys import cache_key
+from buildcache.ops.cli import CacheIndex, verify
 from buildcache.store import INDEX_NAME
-from buildcache.upstream import cache_key
 from tests.apkrepo import BuiltApk, build_apk, build_apkindex
 from tests.pyindex import StaticSimpleIndex
+from tests.support import Client
 from tests.test_proxy import (
     INDEX_PATH,
     PUBLISHED,
@@ -43,7 +44,6 @@ from tests.test_simple_index import (
     fixture_for,
     logged,
 )
-from tests.support import Client
 
 
 def first_build() -> BuiltApk:

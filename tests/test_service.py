@@ -344,7 +344,7 @@ class TacTests(TestCase):
             env=environ, reactor=reactor,
         )
         self.assertNotEqual(code, 0)
-        self.assertIn(b"--logger=buildcache.logs.json_observer", out + err)
+        self.assertIn(b"--logger=buildcache.ops.logs.json_observer", out + err)
 
 
 class NetrcPermissionTests(TestCase):

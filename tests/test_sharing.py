@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.logger import capturedLogs
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
@@ -29,24 +29,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from buildcache import store as store_module
-from buildcache.apk import ApkFacts
-from buildcache.apkcheck import (
+from buildcache.config import Mirror
+from buildcache.ecosystems.apk.check import (
     credentials_mark,
     directory_prefix,
     stored_package_matches,
     vouched_by,
 )
-from buildcache.config import Mirror
-from buildcache.proxy import client_headers
-from buildcache.respond import joined_header
-from buildcache.simple_index import page_key
-from buildcache.store import SECRET_NAME, StoreError, cache_secret
-from buildcache.upstream import (
+from buildcache.ecosystems.apk.index import ApkFacts
+from buildcache.ecosystems.pypi.index import page_key
+from buildcache.engine.keys import (
     PRIVATE_MARK,
     VARIANT_MARK,
-    Fetcher,
-    UpstreamAnswer,
-    UpstreamRequest,
     cache_key,
     http_twin,
     private_family,
@@ -55,9 +49,13 @@ from buildcache.upstream import (
     variant_key,
     variants_to_drop,
 )
-from tests.test_store import make_version_1_cache
+from buildcache.engine.respond import joined_header
+from buildcache.fetch.fetcher import Fetcher, UpstreamAnswer, UpstreamRequest
+from buildcache.frontends.proxy import client_headers
+from buildcache.store import SECRET_NAME, StoreError, cache_secret
 from tests.apkrepo import BuiltApk, build_apk, build_apkindex
 from tests.support import Client, Received, Running, listen, start_server, url_of
+from tests.test_store import make_version_1_cache
 
 DEB = "/debian/pool/main/h/hello/hello_2.10-3_amd64.deb"
 WHEEL = "/packages/bcdemo_a-2.0-py3-none-any.whl"

@@ -1,5 +1,5 @@
 """
-Tests for L{buildcache.simple_index}: the pip / uv simple index, served on
+Tests for L{buildcache.ecosystems.pypi.index}: the pip / uv simple index, served on
 127.0.0.1 from in-process L{tests.pyindex.StaticSimpleIndex} upstreams
 (PEP 691 JSON and HTML-only), through a real store and fetcher.
 
@@ -33,8 +33,7 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from buildcache.access import AccessPolicy
-from buildcache.proxy import cache_key
-from buildcache.simple_index import (
+from buildcache.ecosystems.pypi.index import (
     CLIENT_REVALIDATION_FLOOR,
     NEGATIVE_TTL,
     UPSTREAM_FAILURE_BACKOFF,
@@ -42,7 +41,7 @@ from buildcache.simple_index import (
     file_link,
     page_key,
 )
-from buildcache.simple_model import (
+from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPE_HTML,
     MEDIA_TYPE_JSON,
     MEDIA_TYPE_LEGACY_HTML,
@@ -52,9 +51,10 @@ from buildcache.simple_model import (
     parse_json_page,
     render_root_html,
 )
-from buildcache.prefetch import Prefetcher
+from buildcache.ecosystems.pypi.prefetch import Prefetcher
+from buildcache.engine.keys import cache_key
+from buildcache.fetch.fetcher import Fetcher, UpstreamRequest, upstream_client
 from buildcache.store import BlockingRunner, Store
-from buildcache.upstream import Fetcher, UpstreamRequest, upstream_client
 from tests.pyindex import (
     FIXTURE_EPOCH,
     DemoRelease,

@@ -1,5 +1,5 @@
 """
-Tests for L{buildcache.simple_model} and the L{tests.pyindex} fixture.
+Tests for L{buildcache.ecosystems.pypi.model} and the L{tests.pyindex} fixture.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
-from buildcache.simple_model import (
+from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPE_HTML,
     MEDIA_TYPE_JSON,
     MEDIA_TYPE_LEGACY_HTML,

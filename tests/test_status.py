@@ -6,13 +6,12 @@ the traffic chart's geometry, escaping, and credential redaction.
 
 from __future__ import annotations
 
-import attrs
-
 import json
 from collections.abc import Mapping
 from html.parser import HTMLParser
 from typing import Any
 
+import attrs
 import prometheus_client
 from attrs import define, field
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,11 +22,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
-from buildcache.activity import BUCKETS, Activity
 from buildcache.config import Config, Mirror
 from buildcache.credentials import UpstreamCredentials, split_userinfo
-from buildcache.metrics import Metrics
-from buildcache.status import (
+from buildcache.ops.activity import BUCKETS, Activity
+from buildcache.ops.metrics import Metrics
+from buildcache.ops.status import (
     StatusPage,
     StatusResource,
     human_bytes,

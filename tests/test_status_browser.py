@@ -14,7 +14,7 @@ import zlib
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from buildcache.activity import BUCKETS
+from buildcache.ops.activity import BUCKETS
 from tests.support import reactor
 from tests.test_status import (
     PACKAGE,

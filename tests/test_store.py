@@ -27,9 +27,9 @@ from buildcache import store as store_module
 from buildcache.store import (
     APPLICATION_ID,
     INDEX_NAME,
-    Migration,
     SPARE_TEMP_FILES,
     IntegrityError,
+    Migration,
     Store,
     StoredObject,
     StoreError,

@@ -1,5 +1,5 @@
 """
-Tests for buildcache.tunnel: CONNECT on the proxy port.
+Tests for buildcache.frontends.tunnel: CONNECT on the proxy port.
 
 End-to-end tests use real TCP on 127.0.0.0/8: a client speaks to a
 ProxySite, which tunnels to a target listener.  Error paths that need a
@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.access import AccessPolicy
-from buildcache.tunnel import (
+from buildcache.frontends.tunnel import (
     MAX_REQUEST_BODY,
     ConnectTarget,
     ProxyChannel,

@@ -6,14 +6,14 @@ turn a renamed attribute into wrong behaviour).
 
 - ``HTTPConnectionPool._factory``: the pool's per-connection factory,
   replaced to keep "Starting factory" lines out of the log
-  (``buildcache.connect``).
+  (``buildcache.fetch.connect``).
 - ``Request._disconnected``: whether the client has gone
-  (``buildcache.respond.client_gone``, ``buildcache.body``).
+  (``buildcache.engine.respond.client_gone``, ``buildcache.engine.body``).
 - ``HTTPChannel._handlingRequest``: whether a request is being answered
-  (``buildcache.tunnel``: request deadlines, draining on stop).
+  (``buildcache.frontends.tunnel``: request deadlines, draining on stop).
 - ``FileDescriptor._tempDataLen``, ``dataBuffer`` and ``offset``: bytes a
-  TCP transport holds unsent (``buildcache.body`` for sendfile,
-  ``buildcache.tunnel`` for the send-stall check).
+  TCP transport holds unsent (``buildcache.engine.body`` for sendfile,
+  ``buildcache.frontends.tunnel`` for the send-stall check).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class PrivateAttributeTests(SynchronousTestCase):
                 held.append(request)
                 return NOT_DONE_YET
 
-        # The class buildcache.tunnel.ProxyChannel extends.
+        # The class buildcache.frontends.tunnel.ProxyChannel extends.
         site = Site(Hold())
         channel = HTTPChannel()
         channel.site = site

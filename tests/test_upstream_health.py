@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from buildcache.access import upstream_host_key
-from buildcache.activity import ERROR_MESSAGE_KEPT, OTHER_UPSTREAMS_KEPT, Activity
+from buildcache.ops.activity import ERROR_MESSAGE_KEPT, OTHER_UPSTREAMS_KEPT, Activity
 from tests.support import (
     Client,
     FakeUpstream,

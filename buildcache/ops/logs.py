@@ -6,7 +6,7 @@ log observer from its ``--logger`` option, a dotted name, after the command
 line is parsed.  With ``--log-format json`` the options point that hook at
 :func:`json_observer`, which writes the same structured events as one JSON
 object per line, ready for a log shipper.  Nothing here logs secrets: the
-events themselves carry redacted URLs (see :func:`buildcache.activity.redact`).
+events themselves carry redacted URLs (see :func:`buildcache.ops.activity.redact`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import IO, Any
 from twisted.logger import ILogObserver, jsonFileLogObserver
 
 #: The dotted name twistd's ``logger`` option takes.
-JSON_OBSERVER = "buildcache.logs.json_observer"
+JSON_OBSERVER = "buildcache.ops.logs.json_observer"
 
 # Where json_observer writes: twistd calls the factory without arguments,
 # so the --logfile value is recorded here when the options are parsed.

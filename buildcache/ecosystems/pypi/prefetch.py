@@ -37,18 +37,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from buildcache.activity import redact
+from buildcache.credentials import redact
+from buildcache.engine.keys import adopt_verified_twin, cache_key, find_stored
+from buildcache.fetch.fetcher import Fetcher, UpstreamError, UpstreamRequest, drained
 from buildcache.store import IntegrityError, Store
 from buildcache.turns import Waiters, after_io
-from buildcache.upstream import (
-    Fetcher,
-    UpstreamError,
-    UpstreamRequest,
-    adopt_verified_twin,
-    cache_key,
-    drained,
-    find_stored,
-)
 
 #: Read-aheads scheduled or running at once; more are skipped, not queued.
 MAX_RUNNING = 4

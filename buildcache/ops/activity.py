@@ -11,15 +11,14 @@ from __future__ import annotations
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web import http
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from buildcache.access import upstream_host_key
+from buildcache.credentials import redact
 from buildcache.turns import after_io
 
 #: Front ends, as they appear in stats and metric labels.
@@ -39,26 +38,6 @@ OTHER_UPSTREAMS_KEPT = 64
 ERROR_MESSAGE_KEPT = 500
 _FROM_CACHE = frozenset({"HIT", "REVALIDATED", "STALE"})
 _USERINFO = re.compile(r"//[^/@]*@")
-
-
-def redact(url: str) -> str:
-    """
-    A URL fit for logs and pages: credentials replaced by ``***``.
-    """
-    if "@" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return _USERINFO.sub("//***@", url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 @define
@@ -268,16 +247,3 @@ class Activity:
         health = self._health(url)
         if health is not None:
             health.stale_served += 1
-
-
-class QuietSite(Site):
-    """
-    A ``twisted.web`` site that leaves the access log to :class:`Activity`
-    (one structured line per request, with the cache status) instead of
-    writing its own.
-    """
-
-    noisy = False
-
-    def log(self, request: http.Request) -> None:
-        pass

@@ -12,7 +12,7 @@ Layout of a cache directory::
     lock                held (flock) by the one server using the directory
     secret              random bytes (mode 0600), made once: the key of the
                         HMACs that name private entries and variants in
-                        keys (see :func:`buildcache.upstream.private_family`)
+                        keys (see :func:`buildcache.fetch.fetcher.private_family`)
 
 An object becomes visible only after its body has been checked, fsynced and
 renamed into ``objects/`` and its row committed.  The order (file first, row
@@ -43,9 +43,9 @@ from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from buildcache.turns import after_io
 
@@ -115,7 +115,7 @@ def _keys_name_their_scheme(db: sqlite3.Connection) -> int:
     fetch may have written must never answer an ``https://`` mirror
     route unchecked; that route takes over a package file only once a
     digest it obtained over https matches (see
-    :func:`buildcache.upstream.http_twin`), and fetches the rest again.  (A port written in the old
+    :func:`buildcache.fetch.fetcher.http_twin`), and fetches the rest again.  (A port written in the old
     key stays: it was not the default of the scheme that fetched it, and
     a ``:443`` is not the default of ``http://``.)  The index's own page
     keys (``simple-page|<upstream URL>|<name>``, ``simple-root|...``)
@@ -352,7 +352,7 @@ class Counters:
     bytes_from_cache: int = 0
     bytes_from_upstream: int = 0
     evictions: int = 0
-    #: Files read ahead (see :mod:`buildcache.prefetch`), and how many of
+    #: Files read ahead (see :mod:`buildcache.ecosystems.pypi.prefetch`), and how many of
     #: them clients asked for afterwards.
     prefetches: int = 0
     prefetch_hits: int = 0

@@ -22,7 +22,7 @@ and the policy behind it:
   502/504.
 - **Pages**: the upstream page body is stored under
   ``simple-page|<upstream>|<name>`` (fetched as JSON where the upstream
-  offers it), parsed once into a :class:`~buildcache.simple_model.ProjectPage`
+  offers it), parsed once into a :class:`~buildcache.ecosystems.pypi.model.ProjectPage`
   kept in a small in-memory LRU keyed by the stored body's sha256, and
   rendered from that model in the representation the client negotiated, with
   file links rewritten to ``../../files/<project>/<filename>`` on this port.
@@ -45,11 +45,11 @@ and the policy behind it:
   fetcher (single flight) with the page's sha256, so a mismatching body is
   never stored nor served (502).  Their store keys are the proxy's keys for
   the upstream URL (scheme included), so both ports share one copy, and
-  follow the same ``Vary`` rule (see :func:`buildcache.upstream.find_stored`).
+  follow the same ``Vary`` rule (see :func:`buildcache.fetch.fetcher.find_stored`).
   A file of an ``https://`` upstream that is stored only under its
   ``http://`` key (a cache upgraded from before keys named their scheme)
   is taken over when its sha256 is the one the page gives (see
-  :func:`buildcache.upstream.adopt_verified_twin`).
+  :func:`buildcache.fetch.fetcher.adopt_verified_twin`).
 - **Credentials**: the index never forwards a client's ``Authorization``
   or cookies upstream (pages and files are fetched with buildcache's own
   headers), so nothing it stores is private to a client.  Pages are always
@@ -83,26 +83,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache import __version__
 from buildcache.access import AccessPolicy
-from buildcache.activity import Activity
-from buildcache.freshness import (
-    Kind,
-    client_cache_control,
-    client_asks_refresh,
-    not_modified,
-    validators_of,
-)
-from buildcache.respond import (
-    STALE_CACHE_CONTROL,
-    CacheStatus,
-    client_gone,
-    request_headers,
-    send_error,
-    send_text,
-    serve_answer,
-    serve_head,
-    serve_stored,
-)
-from buildcache.simple_model import (
+from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPES,
     UPSTREAM_ACCEPT,
     ProjectFile,
@@ -114,20 +95,36 @@ from buildcache.simple_model import (
     parse_page,
     render_page,
 )
-from buildcache.status import STATUS_PATHS, StatusResource
-from buildcache.prefetch import Prefetcher, file_request
-from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
-from buildcache.upstream import (
+from buildcache.ecosystems.pypi.prefetch import Prefetcher, file_request
+from buildcache.engine.events import CacheObserver, StatusPages
+from buildcache.engine.freshness import (
+    Kind,
+    client_asks_refresh,
+    client_cache_control,
+    not_modified,
+    validators_of,
+)
+from buildcache.engine.keys import adopt_verified_twin, cache_key, open_stored
+from buildcache.engine.respond import (
+    STALE_CACHE_CONTROL,
+    CacheStatus,
+    client_gone,
+    request_headers,
+    send_error,
+    send_text,
+    serve_answer,
+    serve_head,
+    serve_stored,
+)
+from buildcache.fetch.fetcher import (
     STREAM_CHECKED_ABOVE,
     DownloadBody,
     Fetcher,
     UpstreamError,
     UpstreamRequest,
     UpstreamTimeout,
-    adopt_verified_twin,
-    cache_key,
-    open_stored,
 )
+from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
 
 __all__ = [
     "IndexResource",
@@ -424,14 +421,14 @@ class IndexResource(Resource):
         index_ttl: float,
         clock: IReactorTime,
         policy: AccessPolicy | None = None,
-        activity: Activity | None = None,
+        activity: CacheObserver | None = None,
         prefetcher: Prefetcher | None = None,
     ) -> None:
         super().__init__()
         self.prefetcher = prefetcher
         self.policy = policy
         self.activity = activity
-        self.status: StatusResource | None = None
+        self.status: StatusPages | None = None
         self.store = store
         self.fetcher = fetcher
         self.upstreams = tuple(u.rstrip("/") for u in upstreams)
@@ -482,7 +479,7 @@ class IndexResource(Resource):
         request target, without query), finishing it asynchronously: a
         ``render`` calling this returns ``NOT_DONE_YET``.
         """
-        if self.status is not None and path in STATUS_PATHS:
+        if self.status is not None and path in self.status.paths:
             self.status.serve(request, path)
             return
         if self.activity is not None:

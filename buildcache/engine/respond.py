@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
-from buildcache.body import BodySender, BodySource, StoredBody
-from buildcache.freshness import RangeOutcome, not_modified, parse_range
+from buildcache.engine.body import BodySender, BodySource, StoredBody
+from buildcache.engine.freshness import RangeOutcome, not_modified, parse_range
+from buildcache.fetch.fetcher import REPLAYED_HEADERS, UpstreamAnswer
 from buildcache.store import Counters, StoredObject
-from buildcache.upstream import REPLAYED_HEADERS, UpstreamAnswer
 
 #: Upstream headers passed to clients: those stored with an object, and
 #: those that give meaning to an error or redirect (which are not stored).

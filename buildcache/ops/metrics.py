@@ -3,8 +3,8 @@ Prometheus metrics of one buildcache server, served at ``/-/metrics``.
 
 This module owns the server's private ``CollectorRegistry``.  Everything
 except the upstream latency histogram is read at scrape time from the
-objects that already count it (:class:`buildcache.activity.Activity`,
-:class:`buildcache.store.Store`, :class:`buildcache.upstream.Fetcher`), so
+objects that already count it (:class:`buildcache.ops.activity.Activity`,
+:class:`buildcache.store.Store`, :class:`buildcache.fetch.fetcher.Fetcher`), so
 there is one set of books; the histogram is a ``prometheus_client``
 ``Histogram`` fed through ``Activity.latency_observers``, because
 observations cannot be rebuilt from totals.
@@ -24,9 +24,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from buildcache.activity import CACHE_STATUSES, FRONT_ENDS, Activity
+from buildcache.fetch.fetcher import Fetcher
+from buildcache.ops.activity import CACHE_STATUSES, FRONT_ENDS, Activity
 from buildcache.store import Store
-from buildcache.upstream import Fetcher
 
 #: Upper bounds (seconds) of the upstream latency histogram: from a nearby
 #: mirror's few milliseconds to a registry that takes the whole timeout.

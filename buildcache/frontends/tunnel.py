@@ -6,7 +6,7 @@ proxy port: :class:`ProxyChannel` (an ``HTTPChannel``) takes the request
 line and header lines before twisted.web sees them, checks the client and
 the target against the :class:`~buildcache.access.AccessPolicy`, opens the
 upstream connection through the connection guard
-(:func:`buildcache.connect.connect_tcp`, so the address connected to is the
+(:func:`buildcache.fetch.connect.connect_tcp`, so the address connected to is the
 address checked) and then splices bytes both ways until either side
 closes or the tunnel stays idle too long.  Every other request goes the
 ordinary twisted.web way to the site's root resource, once the channel
@@ -46,15 +46,15 @@ from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
+from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, InvalidHost, Verdict, normalize_host
-from buildcache.activity import QuietSite
-from buildcache.config import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
-from buildcache.connect import HostnameResolver, TargetRefused, connect_tcp
+from buildcache.fetch.connect import HostnameResolver, TargetRefused, connect_tcp
+from buildcache.fetch.fetcher import UpstreamError
 from buildcache.turns import Waiters
-from buildcache.upstream import UpstreamError
 
 __all__ = [
     "DEFAULT_CONNECT_PORTS",
@@ -106,6 +106,9 @@ _REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+#: Open connections per client address (both ports together, per process).
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 
 
 def client_key(host: str) -> str:
@@ -160,7 +163,7 @@ def send_progressed(before: Unsent, now: Unsent) -> bool:
 def _unsent(transport: Any) -> Unsent:
     """
     The :data:`Unsent` counts of ``transport``: its buffer (the same figure
-    as ``buildcache.body.direct_sender``'s), and the kernel's send queue of
+    as ``buildcache.engine.body.direct_sender``'s), and the kernel's send queue of
     its socket (``SIOCOUTQ``, Linux).
     """
     try:
@@ -943,6 +946,19 @@ class _Tunnel:
             bytes_to_upstream=self.bytes_to_upstream,
             bytes_to_client=self.bytes_to_client,
         )
+
+
+class QuietSite(Site):
+    """
+    A ``twisted.web`` site that leaves the access log to :class:`Activity`
+    (one structured line per request, with the cache status) instead of
+    writing its own.
+    """
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        pass
 
 
 class StrictSite(QuietSite):

@@ -8,9 +8,9 @@ the 24-hour traffic series, the most requested names, upstream health and
 the effective configuration) into one JSON-able snapshot and renders it as
 a single self-contained HTML page (inline CSS and SVG, nothing fetched);
 :class:`StatusResource` answers the three paths.  Every figure is read at
-request time from :class:`buildcache.activity.Activity`, the store and the
+request time from :class:`buildcache.ops.activity.Activity`, the store and the
 fetcher; nothing is counted here.  URLs pass through
-:func:`buildcache.activity.redact` and all text through ``html.escape``.
+:func:`buildcache.ops.activity.redact` and all text through ``html.escape``.
 """
 
 from __future__ import annotations
@@ -28,21 +28,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from buildcache.activity import (
+from buildcache.config import Config
+from buildcache.credentials import redact, shown_url
+from buildcache.ecosystems.pypi.prefetch import UNCLAIMED_BUDGET_FILES
+from buildcache.engine.respond import send_error
+from buildcache.fetch.fetcher import Fetcher
+from buildcache.ops.activity import (
     BUCKET_SECONDS,
     CACHE_STATUSES,
     FRONT_ENDS,
     Activity,
     Totals,
-    redact,
 )
-from buildcache.config import Config
-from buildcache.credentials import shown_url
-from buildcache.metrics import Metrics
-from buildcache.prefetch import UNCLAIMED_BUDGET_FILES
-from buildcache.respond import send_error
+from buildcache.ops.metrics import Metrics
 from buildcache.store import Store
-from buildcache.upstream import Fetcher
 
 #: Paths this module answers, on either port.
 PAGE_PATH = "/"
@@ -769,6 +768,7 @@ class StatusResource(Resource):
     """
 
     isLeaf = True
+    paths = STATUS_PATHS
 
     def __init__(self, page: StatusPage, metrics: Metrics) -> None:
         super().__init__()

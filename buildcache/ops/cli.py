@@ -52,7 +52,9 @@ from attrs import Factory, define, frozen
 from twisted.logger import Logger
 
 from buildcache import __version__
-from buildcache.apk import (
+from buildcache.config import DEFAULT_INDEX_PORT, DEFAULT_PROXY_PORT, default_cache_dir
+from buildcache.ecosystems.apk.check import directory_prefix, read_control_checksum
+from buildcache.ecosystems.apk.index import (
     ALPINE_ARCHES,
     ApkIndex,
     ApkIndexEntry,
@@ -61,12 +63,18 @@ from buildcache.apk import (
     parse_compact_apkindex,
     stale_reason,
 )
-from buildcache.apkcheck import directory_prefix, read_control_checksum
-from buildcache.config import DEFAULT_INDEX_PORT, DEFAULT_PROXY_PORT, default_cache_dir
-from buildcache.simple_index import page_digests
-from buildcache.simple_model import SimplePageError, normalize_project_name, parse_page
+from buildcache.ecosystems.pypi.index import page_digests
+from buildcache.ecosystems.pypi.model import (
+    SimplePageError,
+    normalize_project_name,
+    parse_page,
+)
 from buildcache.store import (
-    APPLICATION_ID, INDEX_NAME, SCHEMA_VERSION, StoreError, migrate_index,
+    APPLICATION_ID,
+    INDEX_NAME,
+    SCHEMA_VERSION,
+    StoreError,
+    migrate_index,
 )
 
 __all__ = [
@@ -91,7 +99,7 @@ __all__ = [
     "warm_requirements",
 ]
 
-log = Logger(namespace="buildcache.admin")
+log = Logger(namespace="buildcache.ops.cli")
 
 #: Bytes read at a time when hashing or downloading.
 CHUNK_SIZE = 1024 * 1024

@@ -5,11 +5,11 @@ differently.
 
 The store may hold the repository's ``APKINDEX.tar.gz``; when it does, a
 package fetched from that repository is checked against its entry while it
-streams (see :class:`buildcache.apk.ApkVerifier`).  Parsed indexes are kept
-in memory in their compact form (:class:`buildcache.apk.CompactApkIndex`),
+streams (see :class:`buildcache.ecosystems.apk.index.ApkVerifier`).  Parsed indexes are kept
+in memory in their compact form (:class:`buildcache.ecosystems.apk.index.CompactApkIndex`),
 keyed by the stored copy's digest, so a changed index is parsed again and
 an unchanged one never is; the ones kept are bounded in bytes.  An index
-past :data:`buildcache.apk.MAX_INDEX_ENTRIES` is refused for checking (its
+past :data:`buildcache.ecosystems.apk.index.MAX_INDEX_ENTRIES` is refused for checking (its
 packages are then served unstored, as for any package no index vouches
 for), and that version is not parsed again.  A parse runs through the
 store's ``run_blocking`` (a thread, in the server): a large index takes a
@@ -34,7 +34,7 @@ from attrs import Factory, define
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from buildcache.apk import (
+from buildcache.ecosystems.apk.index import (
     MAX_INDEX_ENTRIES,
     ApkFacts,
     ApkIndexError,
@@ -48,9 +48,9 @@ from buildcache.apk import (
     repository_index_url,
     stale_reason,
 )
+from buildcache.engine.keys import PRIVATE_MARK
 from buildcache.store import Entry, Store
 from buildcache.turns import Waiters
-from buildcache.upstream import PRIVATE_MARK
 
 __all__ = [
     "ApkIndexes",
@@ -78,7 +78,7 @@ def directory_prefix(index_key: str) -> str:
     """
     The start shared by the keys of every file beside the index stored
     under ``index_key``: its URL part (a key may go on with ``#p=`` and
-    ``#v=`` marks, see :func:`buildcache.upstream.private_family`) up to
+    ``#v=`` marks, see :func:`buildcache.fetch.fetcher.private_family`) up to
     the last ``/`` of its path.
     """
     url, _, _ = index_key.partition("#")
@@ -355,7 +355,7 @@ def stored_package_matches(path: str, facts: PackageFacts) -> bool:
     ``facts`` describe: its size, control checksum and the data stream's
     ``datahash``, as a download is checked (:class:`ApkVerifier`).  What
     lets an ``https://`` key take over a package stored over plain http
-    (see :func:`buildcache.upstream.http_twin`): only an index fetched over
+    (see :func:`buildcache.fetch.fetcher.http_twin`): only an index fetched over
     https vouches for it, and a control stream alone would not cover the
     data.  False if it is gone.  Reads the whole file: may run in a thread.
     """

@@ -7,8 +7,8 @@ from the shared store.
 This module owns the translation from an HTTP request to a target URL and
 cache key, the order of cache decisions (hit, revalidate, stale, miss) and
 the proxy's own headers (``Via``, ``X-Cache``, ``Connection: keep-alive``).
-Package-format knowledge lives in :mod:`buildcache.freshness`; CONNECT in
-:mod:`buildcache.tunnel`.
+Package-format knowledge lives in :mod:`buildcache.engine.freshness`; CONNECT in
+:mod:`buildcache.frontends.tunnel`.
 """
 
 from __future__ import annotations
@@ -31,12 +31,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
-from buildcache.activity import Activity, redact
-from buildcache.apk import ApkFacts, repository_index_url, stale_reason
-from buildcache.apkcheck import ApkIndexes, stored_package_matches, verifier_for
-from buildcache.config import Mirror
-from buildcache.connect import TargetRefused
-from buildcache.freshness import (
+from buildcache.credentials import redact
+from buildcache.ecosystems.apk.check import (
+    ApkIndexes,
+    stored_package_matches,
+    verifier_for,
+)
+from buildcache.ecosystems.apk.index import ApkFacts, repository_index_url, stale_reason
+from buildcache.engine.events import CacheObserver, StatusPages
+from buildcache.engine.freshness import (
     Decision,
     Kind,
     classify,
@@ -48,7 +51,15 @@ from buildcache.freshness import (
     may_serve_stale,
     validators_of,
 )
-from buildcache.respond import (
+from buildcache.engine.keys import (
+    adopt_twin,
+    cache_key,
+    find_stored,
+    http_twin,
+    open_stored,
+    private_family,
+)
+from buildcache.engine.respond import (
     CacheStatus,
     request_headers,
     send_error,
@@ -56,22 +67,16 @@ from buildcache.respond import (
     serve_head,
     serve_stored,
 )
-from buildcache.status import STATUS_PATHS, StatusResource
-from buildcache.store import IntegrityError, Store, StoredObject
-from buildcache.upstream import (
+from buildcache.fetch.connect import TargetRefused
+from buildcache.fetch.fetcher import (
     STREAM_CHECKED_ABOVE,
     Fetcher,
     UpstreamAnswer,
     UpstreamError,
     UpstreamRequest,
-    adopt_twin,
-    cache_key,
     drained,
-    find_stored,
-    http_twin,
-    open_stored,
-    private_family,
 )
+from buildcache.store import IntegrityError, Store, StoredObject
 
 VIA = "1.1 buildcache"
 #: Decoding rounds a mirror path may need before it stops changing: one
@@ -83,7 +88,7 @@ _MAX_DECODING_ROUNDS = 3
 _REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
 #: Client request headers passed on to the upstream.  A response to a
 #: request with the client's credentials among them is private to those
-#: credentials (see :func:`buildcache.freshness.client_credentials`).
+#: credentials (see :func:`buildcache.engine.freshness.client_credentials`).
 FORWARDED_HEADERS = (
     "user-agent", "accept", "authorization", "cookie", "accept-language"
 )
@@ -103,6 +108,19 @@ def client_headers(headers: Mapping[str, str], proxied: bool) -> dict[str, str]:
     if proxied:
         return dict(headers)
     return {name: value for name, value in headers.items() if name != "cookie"}
+
+
+class MirrorRoute(TypingProtocol):
+    """
+    A mirror route (see :class:`buildcache.config.Mirror`): requests for
+    ``/NAME/...`` are served from ``URL/...``.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def url(self) -> str: ...
 
 
 class BadTarget(Exception):
@@ -246,7 +264,7 @@ class Router:
     Turns a request target into an upstream URL, or refuses it.
     """
 
-    mirrors: Sequence[Mirror]
+    mirrors: Sequence[MirrorRoute]
     policy: AccessPolicy
 
     def target(self, request: Request) -> Target:
@@ -337,8 +355,8 @@ class ProxyResource(Resource):
         self.apk_indexes = ApkIndexes(store)
         #: Set once the index port is known (see :class:`OwnIndex`).
         self.own_index: OwnIndex | None = None
-        self.activity: Activity | None = None
-        self.status: StatusResource | None = None
+        self.activity: CacheObserver | None = None
+        self.status: StatusPages | None = None
 
     def render(self, request: Request) -> object:
         client = request.getClientAddress()
@@ -348,7 +366,7 @@ class ProxyResource(Resource):
             return NOT_DONE_YET
         if allowed and self.status is not None and request.uri.startswith(b"/"):
             path = request.uri.decode("latin-1").partition("?")[0]
-            if path in STATUS_PATHS:
+            if path in self.status.paths:
                 # Kept out of the activity figures it shows.
                 self.status.serve(request, path)
                 return NOT_DONE_YET
@@ -492,7 +510,7 @@ class ProxyResource(Resource):
         """
         Where the index at a URL that answers a client with ``headers`` is
         stored: the variant the proxy would serve it (see
-        :func:`buildcache.upstream.find_stored`), among its credentials'
+        :func:`buildcache.fetch.fetcher.find_stored`), among its credentials'
         entries; what package checks read.
         """
         forwarded = self._forwarded(headers)
@@ -689,7 +707,7 @@ class ProxyResource(Resource):
     ) -> StoredObject | None:
         """
         The package of an ``https://`` target taken over from its plain-http
-        twin (see :func:`buildcache.upstream.http_twin`) when the index,
+        twin (see :func:`buildcache.fetch.fetcher.http_twin`) when the index,
         fetched over https, vouches for the twin's bytes (size, control
         checksum, data hash: the check a download gets); None (nothing
         moved) otherwise.

@@ -56,13 +56,13 @@ from zope.interface import implementer
 
 from buildcache.access import AccessPolicy, normalize_host
 from buildcache.credentials import UpstreamCredentials
-from buildcache.upstream import (
+from buildcache.fetch.fetcher import (
     UpstreamClient,
     UpstreamError,
     UpstreamTimeout,
     upstream_client,
 )
-from buildcache.headlimit import HeadLimitedEndpointFactory
+from buildcache.fetch.headlimit import HeadLimitedEndpointFactory
 
 __all__ = [
     "TargetRefused",
@@ -401,7 +401,7 @@ def make_http_client(
 ) -> UpstreamClient:
     """
     The client for upstream fetches: all its connections are guarded,
-    their response heads bounded (see :mod:`buildcache.headlimit`), and
+    their response heads bounded (see :mod:`buildcache.fetch.headlimit`), and
     the operator's ``credentials`` go to their own origins only.
     """
     factory = GuardedEndpointFactory(

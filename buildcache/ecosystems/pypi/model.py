@@ -48,7 +48,7 @@ __all__ = [
     "choose_media_type",
 ]
 
-_log = Logger(namespace="buildcache.simple_model")
+_log = Logger(namespace="buildcache.ecosystems.pypi.model")
 
 MEDIA_TYPE_JSON: Final = "application/vnd.pypi.simple.v1+json"
 MEDIA_TYPE_HTML: Final = "application/vnd.pypi.simple.v1+html"

@@ -1,0 +1,3 @@
+"""
+Alpine ``apk``: APKINDEX parsing, package checks against the index.
+"""

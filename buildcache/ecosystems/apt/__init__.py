@@ -1,0 +1,3 @@
+"""
+Debian ``apt``: which files of an apt repository are indexes and which are immutable.
+"""

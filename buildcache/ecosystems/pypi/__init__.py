@@ -1,0 +1,3 @@
+"""
+pip and uv: the PEP 503/691 simple index on ``--pypi-port``.
+"""

@@ -1,0 +1,4 @@
+"""
+The cache engine: lookup, the freshness decision, revalidation, stale
+serving, the miss through the fetcher, and the response.
+"""

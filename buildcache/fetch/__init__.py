@@ -1,0 +1,3 @@
+"""
+Fetching from upstreams: single flight, the download, guarded connections.
+"""

@@ -1,0 +1,3 @@
+"""
+The proxy port: its router, its resource and the CONNECT tunnel.
+"""
