@@ -10,9 +10,40 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from attrs import frozen
 from twisted.web.server import Request
 
 from buildcache.fetch.events import FetchObserver
+
+
+@frozen
+class Exchange:
+    """
+    One finished client request, as the engine (or, for a refusal, the
+    front end) answered it: what the access log, the totals, the traffic
+    series and the most-requested table are made of.
+    """
+
+    #: "proxy", "mirror" or "index" (the registry's later).
+    front_end: str
+    client: str
+    method: str
+    #: The request target as sent, credentials replaced (see
+    #: :func:`buildcache.credentials.redact`).
+    url: str
+    #: The HTTP status sent.
+    status: int
+    #: How it was served: "HIT", "MISS", "REVALIDATED", "STALE", or None
+    #: for a refusal or an error answered before any cache decision.
+    cache: str | None
+    #: Body bytes sent to the client.
+    bytes_sent: int
+    #: Seconds from the start of the answer to its end.
+    duration: float
+    #: False when the client or the upstream ended it early.
+    completed: bool
+    #: The package or project it was for, if any.
+    name: str | None = None
 
 
 class CacheObserver(FetchObserver, Protocol):
