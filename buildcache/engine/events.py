@@ -28,7 +28,7 @@ class Exchange:
     front_end: str
     client: str
     method: str
-    #: The request target as sent, credentials replaced (see
+    #: The request target as sent (the access log redacts it, see
     #: :func:`buildcache.credentials.redact`).
     url: str
     #: The HTTP status sent.
@@ -57,10 +57,31 @@ class CacheObserver(FetchObserver, Protocol):
         starts answering it.  ``name`` is the package or project it is for.
         """
 
+    def exchange_finished(self, exchange: Exchange) -> None:
+        """
+        A client request ended (see :class:`Exchange`).
+        """
+
     def stale_served(self, url: str) -> None:
         """
         A stored copy was served stale because its upstream (at ``url``)
         failed.
+        """
+
+    def read_ahead_started(self) -> None:
+        """
+        A file was fetched ahead of any client asking for it.
+        """
+
+    def read_ahead_claimed(self) -> None:
+        """
+        A client asked for a file read ahead for it.
+        """
+
+    def evicted(self, count: int, size: int) -> None:
+        """
+        The store evicted ``count`` entries of ``size`` bytes in all to stay
+        under its limit.
         """
 
 

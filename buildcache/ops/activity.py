@@ -19,6 +19,7 @@ from twisted.web.server import Request
 
 from buildcache.access import upstream_host_key
 from buildcache.credentials import redact
+from buildcache.engine.events import Exchange
 from buildcache.turns import after_io
 
 #: Front ends, as they appear in stats and metric labels.
@@ -109,39 +110,56 @@ class Activity:
     #: :data:`OTHER_UPSTREAMS_KEPT` others in order of their last update.
     upstreams: dict[str, UpstreamHealth] = Factory(dict)
     _series: deque[list[float]] = Factory(lambda: deque(maxlen=BUCKETS))
+    #: Files read ahead of clients, and how many of them were asked for.
+    read_ahead: int = 0
+    read_ahead_used: int = 0
+    #: Entries (and their bytes) the store evicted to stay under its limit.
+    evictions: int = 0
+    bytes_evicted: int = 0
     #: Observers of upstream latencies (the metrics' histogram).
     latency_observers: list[Callable[[float], None]] = Factory(list)
     #: Requests of this turn whose access lines are written after its
-    #: responses: (request, front end, X-Cache, bytes, seconds, completed).
-    _unwritten: list[tuple[Request, str, str, int, float, bool]] = Factory(list)
+    #: responses.
+    _unwritten: list[Exchange] = Factory(list)
 
     def track(self, request: Request, front_end: str, name: str | None = None) -> None:
         """
-        Account for ``request`` when it ends: call once, when the front end
-        starts answering it.  ``name`` is the package or project it was
-        for, if any (for the most-requested table).
+        Account for ``request`` when it ends, reading its cache status from
+        its ``X-Cache`` header: call once, when the front end starts
+        answering it.  ``name`` is the package or project it was for, if
+        any (for the most-requested table).
         """
         started = self.clock.seconds()
 
         def ended(result: object) -> None:
-            self._record(request, front_end, name, started, result is None)
+            status_header = request.responseHeaders.getRawHeaders(b"x-cache")
+            self.exchange_finished(Exchange(
+                front_end=front_end,
+                client=getattr(request.getClientAddress(), "host", "-"),
+                method=request.method.decode("latin-1"),
+                url=request.uri.decode("latin-1"),
+                status=request.code,
+                cache=status_header[0].decode("ascii", "replace") if status_header else None,
+                bytes_sent=int(getattr(request, "sentLength", 0)),
+                duration=self.clock.seconds() - started,
+                completed=result is None,
+                name=name,
+            ))
 
         request.notifyFinish().addBoth(ended)
 
-    def _record(
-        self, request: Request, front_end: str, name: str | None,
-        started: float, completed: bool,
-    ) -> None:
-        now = self.clock.seconds()
-        status_header = request.responseHeaders.getRawHeaders(b"x-cache")
-        cache_status = status_header[0].decode("ascii", "replace") if status_header else "none"
-        sent = int(getattr(request, "sentLength", 0))
-        totals = self.totals[front_end]
+    def exchange_finished(self, exchange: Exchange) -> None:
+        """
+        Account for one finished request (see :class:`Exchange`).
+        """
+        cache_status = exchange.cache or "none"
+        sent = exchange.bytes_sent
+        totals = self.totals[exchange.front_end]
         totals.requests += 1
         totals.by_status[cache_status] += 1
-        if request.code >= 400 or not completed:
+        if exchange.status >= 400 or not exchange.completed:
             totals.errors += 1
-        bucket = self._bucket(now)
+        bucket = self._bucket(self.clock.seconds())
         if cache_status in _FROM_CACHE:
             totals.bytes_from_cache += sent
             bucket[1] += sent
@@ -150,35 +168,34 @@ class Activity:
             # upstream_received): a HEAD or a range may start a whole
             # download, and several clients may share one.
             totals.bytes_sent_on_miss += sent
-        if name is not None and request.code < 400:
-            self.top_names[(front_end, name)] += 1
+        if exchange.name is not None and exchange.status < 400:
+            self.top_names[(exchange.front_end, exchange.name)] += 1
             if len(self.top_names) > TOP_NAMES_KEPT * 2:
                 self.top_names = Counter(dict(self.top_names.most_common(TOP_NAMES_KEPT)))
         # The line is formatted and written once the response has gone out
         # (that work would hold it up), with the others of this turn.
         if not self._unwritten:
             after_io(self.clock).addCallback(self._write_lines)
-        self._unwritten.append(
-            (request, front_end, cache_status, sent, now - started, completed)
-        )
+        self._unwritten.append(exchange)
 
     def _write_lines(self, _: object) -> None:
         unwritten, self._unwritten = self._unwritten, []
-        for request, front_end, cache_status, sent, duration, completed in unwritten:
-            client = getattr(request.getClientAddress(), "host", "-")
-            method = request.method.decode("latin-1")
-            url = redact(request.uri.decode("latin-1"))
-            incomplete = "" if completed else " (client or upstream ended early)"
+        for exchange in unwritten:
+            url = redact(exchange.url)
+            cache_status = exchange.cache or "none"
+            incomplete = "" if exchange.completed else " (client or upstream ended early)"
             # The text line is formatted here, once: the log observers
             # format "{line}" only; the fields stay for JSON logs.
             line = (
-                f"{client} {method} {url} {request.code} {sent} {cache_status}"
-                f" {duration:.3f}s{incomplete}"
+                f"{exchange.client} {exchange.method} {url} {exchange.status}"
+                f" {exchange.bytes_sent} {cache_status}"
+                f" {exchange.duration:.3f}s{incomplete}"
             )
             self.log.info(
-                "{line}", line=line, log_system="access", client=client,
-                method=method, url=url, status=request.code, bytes=sent,
-                cache=cache_status, duration=duration, front_end=front_end,
+                "{line}", line=line, log_system="access", client=exchange.client,
+                method=exchange.method, url=url, status=exchange.status,
+                bytes=exchange.bytes_sent, cache=cache_status,
+                duration=exchange.duration, front_end=exchange.front_end,
             )
 
     def _bucket(self, now: float) -> list[float]:
@@ -242,6 +259,16 @@ class Activity:
         health.errors += 1
         health.last_error = self.clock.seconds()
         health.last_error_message = error[:ERROR_MESSAGE_KEPT]
+
+    def read_ahead_started(self) -> None:
+        self.read_ahead += 1
+
+    def read_ahead_claimed(self) -> None:
+        self.read_ahead_used += 1
+
+    def evicted(self, count: int, size: int) -> None:
+        self.evictions += count
+        self.bytes_evicted += size
 
     def stale_served(self, url: str) -> None:
         health = self._health(url)
