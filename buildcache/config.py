@@ -33,7 +33,7 @@ from buildcache.credentials import (
     read_netrc,
     split_userinfo,
 )
-from buildcache.frontends.tunnel import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+from buildcache.frontends.connections import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 from buildcache.ops.logs import JSON_OBSERVER, use_logfile
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

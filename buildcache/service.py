@@ -33,8 +33,9 @@ from buildcache.ecosystems.pypi.index import IndexResource
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.fetch.connect import make_http_client, upstream_pool
 from buildcache.fetch.fetcher import Fetcher
+from buildcache.frontends.connections import ClientConnections
 from buildcache.frontends.proxy import OwnIndex, ProxyResource, Router
-from buildcache.frontends.tunnel import ClientConnections, ProxySite, StrictSite
+from buildcache.frontends.sites import ProxySite, StrictSite
 from buildcache.ops.activity import Activity
 from buildcache.ops.metrics import Metrics
 from buildcache.ops.status import StatusPage, StatusResource

@@ -1,6 +1,7 @@
 """
 When deferred work runs: after the responses of this reactor turn have gone
-out (:func:`after_io`), or once something has happened (:class:`Waiters`).
+out (:func:`after_io`), or once something has happened (:class:`Waiters`);
+and calling off a timer (:func:`cancel_call`).
 
 Twisted writes to a socket on the reactor's next pass over its descriptors,
 not when ``write`` is called; bookkeeping done in the turn that answers a
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from attrs import Factory, define
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
 def after_io(clock: IReactorTime) -> Deferred[None]:
@@ -25,6 +26,14 @@ def after_io(clock: IReactorTime) -> Deferred[None]:
     later: Deferred[None] = Deferred()
     clock.callLater(0, clock.callLater, 0, later.callback, None)
     return later
+
+
+def cancel_call(call: IDelayedCall | None) -> None:
+    """
+    Cancel the delayed ``call`` (a timer, or None) if it is still to run.
+    """
+    if call is not None and call.active():
+        call.cancel()
 
 
 @define

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-from typing import cast
+import struct
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
@@ -27,16 +27,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
-from buildcache.frontends.tunnel import (
-    ClientConnections,
+from buildcache.frontends.channel import (
     ProxyChannel,
-    ProxySite,
-    StrictSite,
-    _unsent,
-    client_key,
-    connection_admitted,
+    SendCounters,
+    send_counters,
     send_progressed,
 )
+from buildcache.frontends.connections import (
+    ClientConnections,
+    client_key,
+    connection_admitted,
+)
+from buildcache.frontends.sites import ProxySite, StrictSite
 from buildcache.service import BuildcacheService
 from buildcache.turns import after_io
 from tests.support import (
@@ -91,16 +93,46 @@ class RulesTests(SynchronousTestCase):
         self.assertFalse(connection_admitted(300, 256))
 
     def test_send_progressed(self) -> None:
-        self.assertTrue(send_progressed((65536, None), (1, None)))
-        self.assertFalse(send_progressed((65536, None), (65536, None)))
-        self.assertFalse(send_progressed((100, None), (200, None)))
-        self.assertFalse(send_progressed((None, None), (10, None)))
-        self.assertFalse(send_progressed((10, None), (None, None)))
-        # The kernel's queue shrank while the transport's buffer did not
-        # (a slow reader acknowledging bytes): progress.
-        self.assertTrue(send_progressed((65536, 2_500_000), (65536, 2_490_000)))
-        self.assertFalse(send_progressed((65536, 2_500_000), (65536, 2_500_000)))
-        self.assertTrue(send_progressed((65536, 2_500_000), (1000, 2_600_000)))
+        def counters(acknowledged: int | None, queued: int | None) -> SendCounters:
+            return SendCounters(acknowledged=acknowledged, queued=queued)
+
+        # The client's TCP acknowledged bytes: progress, whatever the queue.
+        self.assertTrue(send_progressed(counters(1000, None), counters(1001, None)))
+        self.assertTrue(send_progressed(counters(1000, 900), counters(2000, 2000)))
+        self.assertFalse(send_progressed(counters(1000, None), counters(1000, None)))
+        self.assertFalse(send_progressed(counters(None, None), counters(10, None)))
+        self.assertFalse(send_progressed(counters(10, None), counters(None, None)))
+        # The send queue shrank (the one count a UNIX socket gives).
+        self.assertTrue(send_progressed(counters(None, 2_500_000), counters(None, 2_490_000)))
+        self.assertFalse(send_progressed(counters(None, 2_500_000), counters(None, 2_500_000)))
+        self.assertFalse(send_progressed(counters(None, 100), counters(None, 200)))
+        self.assertFalse(send_progressed(counters(None, None), counters(None, 10)))
+
+    def test_send_counters(self) -> None:
+        """
+        A TCP socket gives both counts, a UNIX socket its queue only, a
+        transport without a socket neither.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        served, _ = listener.accept()
+        self.addCleanup(served.close)
+        transport = StringTransport()
+        self.assertEqual(send_counters(transport), SendCounters(None, None))
+        transport.getHandle = lambda: served  # type: ignore[attr-defined]
+        self.assertEqual(send_counters(transport), SendCounters(0, 0))
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        left.send(b"x" * 100)
+        transport.getHandle = lambda: left  # type: ignore[attr-defined]
+        counters = send_counters(transport)
+        self.assertIsNone(counters.acknowledged)
+        self.assertIsNotNone(counters.queued)
 
 
 def connect(
@@ -118,15 +150,30 @@ def connect(
     return channel, transport
 
 
-def stall_with_a_full_buffer(channel: ProxyChannel, transport: StringTransport) -> None:
+class AcknowledgingSocket:
     """
-    A response under way whose transport holds 64 KiB the client has not
-    taken, and which has paused the response: the send-stall timer runs.
+    The socket handle of a client connection whose TCP has acknowledged
+    ``acknowledged`` bytes: what ``TCP_INFO`` tells on Linux (its
+    ``tcpi_bytes_acked`` field), and no send queue.
+    """
+
+    def __init__(self) -> None:
+        self.acknowledged = 0
+
+    def fileno(self) -> int:
+        return -1
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        assert (level, option) == (socket.IPPROTO_TCP, socket.TCP_INFO)
+        return bytes(120) + struct.pack("=Q", self.acknowledged)
+
+
+def stall_response(channel: ProxyChannel) -> None:
+    """
+    A response under way that the transport has paused (its buffer is
+    full): the send-stall timer runs.
     """
     channel.dataReceived(b"GET /wait HTTP/1.1\r\nHost: box\r\n\r\n")
-    transport.dataBuffer = b"x" * 65536  # type: ignore[attr-defined]
-    transport.offset = 0  # type: ignore[attr-defined]
-    transport._tempDataLen = 0  # type: ignore[attr-defined]
     channel.pauseProducing()
 
 
@@ -219,9 +266,11 @@ class TimedRulesTests(SynchronousTestCase):
         empty, keeps its connection; once it stops it is cut.
         """
         channel, transport = connect(self.site)
-        stall_with_a_full_buffer(channel, transport)
+        handle = AcknowledgingSocket()
+        transport.getHandle = lambda: handle  # type: ignore[attr-defined]
+        stall_response(channel)
         for _ in range(5):
-            transport.offset += 1000  # type: ignore[attr-defined]
+            handle.acknowledged += 1000
             self.clock.advance(60)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(60)
@@ -244,8 +293,8 @@ class TimedRulesTests(SynchronousTestCase):
     def test_reader_acknowledging_bytes_kept(self) -> None:
         """
         A client that reads so slowly that Twisted's buffer does not shrink
-        within a period, but whose socket keeps taking some bytes (the
-        kernel's send queue shrinks), keeps its connection; once it stops
+        within a period, but whose TCP keeps acknowledging some bytes,
+        keeps its connection; once it stops
         reading it is cut.  (Regression: a 64 kbit/s reader of a large
         file was cut after 75 s.)  Real sockets on 127.0.0.1; the clock is
         the test's.
@@ -266,16 +315,47 @@ class TimedRulesTests(SynchronousTestCase):
             pass  # the kernel's queue is full, as for a slow reader
 
         channel, transport = connect(self.site)
-        transport.getHandle = lambda: served  # type: ignore[method-assign]
-        stall_with_a_full_buffer(channel, transport)
+        transport.getHandle = lambda: served  # type: ignore[attr-defined]
+        stall_response(channel)
         for _ in range(3):
             # The reader takes bytes until its socket acknowledges some
             # (window updates come in steps), and no more.
-            queued = _unsent(transport)[1]
-            assert queued is not None
+            before = send_counters(transport)
+            self.assertIsNotNone(before.acknowledged)
             for _ in range(64):
                 reader.recv(65536)
-                if cast(int, _unsent(transport)[1]) < queued:
+                if send_progressed(before, send_counters(transport)):
+                    break
+            self.clock.advance(60)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(60)
+        self.assertTrue(transport.disconnecting)
+
+    def test_unix_socket_reader_kept(self) -> None:
+        """
+        Over a UNIX socket, which has no TCP counts, a client that takes
+        bytes (the send queue shrinks) keeps its connection; once it stops
+        reading it is cut.
+        """
+        served, reader = socket.socketpair()
+        self.addCleanup(served.close)
+        self.addCleanup(reader.close)
+        served.setblocking(False)
+        try:
+            while True:
+                served.send(b"x" * 65536)
+        except BlockingIOError:
+            pass  # the queue is full, as for a slow reader
+        channel, transport = connect(self.site)
+        transport.getHandle = lambda: served  # type: ignore[attr-defined]
+        stall_response(channel)
+        for _ in range(3):
+            # The queue counts whole buffers: take bytes until one is freed.
+            before = send_counters(transport)
+            self.assertIsNone(before.acknowledged)
+            for _ in range(64):
+                reader.recv(4096)
+                if send_progressed(before, send_counters(transport)):
                     break
             self.clock.advance(60)
         self.assertFalse(transport.disconnecting)

@@ -54,8 +54,10 @@ from buildcache.ecosystems.pypi.model import (
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.connect import TargetRefused, connect_tcp, make_http_client
 from buildcache.fetch.fetcher import UpstreamError, UpstreamRequest, request_uri
+from buildcache.frontends.channel import ProxyChannel
 from buildcache.frontends.proxy import BadTarget, Router, _checked_path
-from buildcache.frontends.tunnel import ProxyChannel, ProxySite, parse_connect_target
+from buildcache.frontends.sites import ProxySite
+from buildcache.frontends.tunnel import parse_connect_target
 from buildcache.store import Store
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import (

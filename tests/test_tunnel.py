@@ -28,13 +28,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.access import AccessPolicy
-from buildcache.frontends.tunnel import (
-    MAX_REQUEST_BODY,
-    ConnectTarget,
-    ProxyChannel,
-    ProxySite,
-    parse_connect_target,
-)
+from buildcache.frontends.channel import MAX_REQUEST_BODY, ProxyChannel
+from buildcache.frontends.sites import ProxySite
+from buildcache.frontends.tunnel import ConnectTarget, parse_connect_target
 from tests.test_connect import FakeResolver, GuardTestCase, Hello, Sink
 
 #: The global reactor, typed loosely: its zope interfaces are opaque to mypy.

@@ -9,11 +9,14 @@ turn a renamed attribute into wrong behaviour).
   (``buildcache.fetch.connect``).
 - ``Request._disconnected``: whether the client has gone
   (``buildcache.engine.respond.client_gone``, ``buildcache.engine.body``).
-- ``HTTPChannel._handlingRequest``: whether a request is being answered
-  (``buildcache.frontends.tunnel``: request deadlines, draining on stop).
 - ``FileDescriptor._tempDataLen``, ``dataBuffer`` and ``offset``: bytes a
-  TCP transport holds unsent (``buildcache.engine.body`` for sendfile,
-  ``buildcache.frontends.tunnel`` for the send-stall check).
+  TCP transport holds unsent (``buildcache.engine.body``, before it hands
+  the socket to sendfile).
+
+The front ends' channel reads none: it follows a request's life through
+``HTTPChannel``'s public hooks (``allContentReceived``, ``requestDone``)
+and a client's progress through its socket (``getHandle``: ``TCP_INFO``,
+``SIOCOUTQ``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class PrivateAttributeTests(SynchronousTestCase):
                 held.append(request)
                 return NOT_DONE_YET
 
-        # The class buildcache.frontends.tunnel.ProxyChannel extends.
+        # The class buildcache.frontends.channel.ProxyChannel extends.
         site = Site(Hold())
         channel = HTTPChannel()
         channel.site = site
@@ -55,14 +58,8 @@ class PrivateAttributeTests(SynchronousTestCase):
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: box\r\n\r\n")
         (request,) = held
         self.assertIs(request._disconnected, False)
-        self.assertIs(channel._handlingRequest, True)
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertIs(request._disconnected, True)
-
-    def test_channel_handling_request(self) -> None:
-        channel = HTTPChannel()
-        channel.makeConnection(StringTransport())
-        self.assertIs(channel._handlingRequest, False)
 
     def test_unsent_bytes_of_a_transport(self) -> None:
         transport = FileDescriptor(reactor)

@@ -1,3 +1,4 @@
 """
-The proxy port: its router, its resource and the CONNECT tunnel.
+The proxy port's front end (router, resource, ``CONNECT`` tunnel) and the
+connection handling both ports share (channel, connection cap, sites).
 """
