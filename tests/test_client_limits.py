@@ -121,16 +121,13 @@ class RulesTests(SynchronousTestCase):
         self.addCleanup(client.close)
         served, _ = listener.accept()
         self.addCleanup(served.close)
-        transport = StringTransport()
-        self.assertEqual(send_counters(transport), SendCounters(None, None))
-        transport.getHandle = lambda: served  # type: ignore[attr-defined]
-        self.assertEqual(send_counters(transport), SendCounters(0, 0))
+        self.assertEqual(send_counters(StringTransport()), SendCounters(None, None))
+        self.assertEqual(send_counters_of(served), SendCounters(0, 0))
         left, right = socket.socketpair()
         self.addCleanup(left.close)
         self.addCleanup(right.close)
         left.send(b"x" * 100)
-        transport.getHandle = lambda: left  # type: ignore[attr-defined]
-        counters = send_counters(transport)
+        counters = send_counters_of(left)
         self.assertIsNone(counters.acknowledged)
         self.assertIsNotNone(counters.queued)
 
@@ -166,6 +163,13 @@ class AcknowledgingSocket:
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         assert (level, option) == (socket.IPPROTO_TCP, socket.TCP_INFO)
         return bytes(120) + struct.pack("=Q", self.acknowledged)
+
+
+def send_counters_of(handle: socket.socket) -> SendCounters:
+    """The :class:`SendCounters` of a transport whose socket is ``handle``."""
+    transport = StringTransport()
+    transport.getHandle = lambda: handle  # type: ignore[attr-defined]
+    return send_counters(transport)
 
 
 def stall_response(channel: ProxyChannel) -> None:
@@ -290,14 +294,44 @@ class TimedRulesTests(SynchronousTestCase):
         channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: box\r\n\r\n")
         self.assertIn(b"200 OK", transport.value())
 
+    def reader_kept_while_reading(
+        self, served: socket.socket, reader: socket.socket, piece: int
+    ) -> None:
+        """
+        A response whose client's socket is ``served`` (its send queue
+        filled, as for a slow reader) is kept while ``reader`` takes bytes
+        until the kernel shows progress, three periods running, and cut one
+        period after it stops.
+        """
+        served.setblocking(False)
+        try:
+            while True:
+                served.send(b"x" * 65536)
+        except BlockingIOError:
+            pass  # the kernel's queue is full, as for a slow reader
+        channel, transport = connect(self.site)
+        transport.getHandle = lambda: served  # type: ignore[attr-defined]
+        stall_response(channel)
+        for _ in range(3):
+            # Progress comes in steps (TCP window updates, whole buffers
+            # freed): the reader takes bytes until one shows, and no more.
+            before = send_counters(transport)
+            for _ in range(64):
+                reader.recv(piece)
+                if send_progressed(before, send_counters(transport)):
+                    break
+            self.clock.advance(60)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(60)
+        self.assertTrue(transport.disconnecting)
+
     def test_reader_acknowledging_bytes_kept(self) -> None:
         """
         A client that reads so slowly that Twisted's buffer does not shrink
         within a period, but whose TCP keeps acknowledging some bytes,
-        keeps its connection; once it stops
-        reading it is cut.  (Regression: a 64 kbit/s reader of a large
-        file was cut after 75 s.)  Real sockets on 127.0.0.1; the clock is
-        the test's.
+        keeps its connection; once it stops reading it is cut.
+        (Regression: a 64 kbit/s reader of a large file was cut after
+        75 s.)  Real sockets on 127.0.0.1; the clock is the test's.
         """
         listener = socket.socket()
         self.addCleanup(listener.close)
@@ -307,29 +341,8 @@ class TimedRulesTests(SynchronousTestCase):
         self.addCleanup(reader.close)
         served, _ = listener.accept()
         self.addCleanup(served.close)
-        served.setblocking(False)
-        try:
-            while True:
-                served.send(b"x" * 65536)
-        except BlockingIOError:
-            pass  # the kernel's queue is full, as for a slow reader
-
-        channel, transport = connect(self.site)
-        transport.getHandle = lambda: served  # type: ignore[attr-defined]
-        stall_response(channel)
-        for _ in range(3):
-            # The reader takes bytes until its socket acknowledges some
-            # (window updates come in steps), and no more.
-            before = send_counters(transport)
-            self.assertIsNotNone(before.acknowledged)
-            for _ in range(64):
-                reader.recv(65536)
-                if send_progressed(before, send_counters(transport)):
-                    break
-            self.clock.advance(60)
-        self.assertFalse(transport.disconnecting)
-        self.clock.advance(60)
-        self.assertTrue(transport.disconnecting)
+        self.assertIsNotNone(send_counters_of(served).acknowledged)
+        self.reader_kept_while_reading(served, reader, 65536)
 
     def test_unix_socket_reader_kept(self) -> None:
         """
@@ -340,27 +353,8 @@ class TimedRulesTests(SynchronousTestCase):
         served, reader = socket.socketpair()
         self.addCleanup(served.close)
         self.addCleanup(reader.close)
-        served.setblocking(False)
-        try:
-            while True:
-                served.send(b"x" * 65536)
-        except BlockingIOError:
-            pass  # the queue is full, as for a slow reader
-        channel, transport = connect(self.site)
-        transport.getHandle = lambda: served  # type: ignore[attr-defined]
-        stall_response(channel)
-        for _ in range(3):
-            # The queue counts whole buffers: take bytes until one is freed.
-            before = send_counters(transport)
-            self.assertIsNone(before.acknowledged)
-            for _ in range(64):
-                reader.recv(4096)
-                if send_progressed(before, send_counters(transport)):
-                    break
-            self.clock.advance(60)
-        self.assertFalse(transport.disconnecting)
-        self.clock.advance(60)
-        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(send_counters_of(served).acknowledged)
+        self.reader_kept_while_reading(served, reader, 4096)
 
     def test_connection_cap(self) -> None:
         """

@@ -112,7 +112,11 @@ def send_progressed(before: SendCounters, now: SendCounters) -> bool:
         and now.acknowledged > before.acknowledged
     ):
         return True
-    return before.queued is not None and now.queued is not None and now.queued < before.queued
+    return (
+        before.queued is not None
+        and now.queued is not None
+        and now.queued < before.queued
+    )
 
 
 def send_counters(transport: Any) -> SendCounters:

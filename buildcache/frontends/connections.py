@@ -5,8 +5,8 @@ This module owns the cap on connections per client address (both ports
 share one :class:`ClientConnections`; one more connection is answered
 503) and the graceful stop: :meth:`ClientConnections.drain` lets the
 responses under way go out and closes everything else.  What a
-connection is to it is :class:`Drainable`; :class:`buildcache.frontends.channel.ProxyChannel`
-is the one in service.
+connection is to it is :class:`Drainable`;
+:class:`buildcache.frontends.channel.ProxyChannel` is the one in service.
 """
 
 from __future__ import annotations
