@@ -1,9 +1,9 @@
 """
-buildcache as a twistd application file: C{twistd -ny buildcache.tac}.
+buildcache as a twistd application file: ``twistd -ny buildcache.tac``.
 
-It runs the same service as C{twistd buildcache}; options come from the
+It runs the same service as ``twistd buildcache``; options come from the
 environment variable BUILDCACHE_ARGS, split as a shell would, e.g.
-C{BUILDCACHE_ARGS="--max-size 20G --port tcp:8899:interface=127.0.0.1"}.
+``BUILDCACHE_ARGS="--max-size 20G --port tcp:8899:interface=127.0.0.1"``.
 """
 
 import os
@@ -13,7 +13,7 @@ from twisted.application.service import Application
 from twisted.internet import reactor
 from twisted.python.usage import UsageError
 
-from buildcache.config import Options
+from buildcache.options import Options
 from buildcache.service import service_for_twistd
 
 options = Options()

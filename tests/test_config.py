@@ -1,5 +1,6 @@
 """
-Tests for L{buildcache.config}: option parsing, defaults and usage errors.
+Tests for :mod:`buildcache.config` and :mod:`buildcache.options`: option
+parsing, defaults and usage errors.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from buildcache.config import (
     DEFAULT_MIRRORS,
     Config,
     Mirror,
-    NoPyPIUpstream,
-    Options,
     default_cache_dir,
-    default_pypi_upstreams,
     format_duration,
     format_size,
     parse_duration,
@@ -31,6 +29,11 @@ from buildcache.config import (
     parse_network,
     parse_size,
     parse_upstream_pattern,
+)
+from buildcache.options import (
+    NoPyPIUpstream,
+    Options,
+    default_pypi_upstreams,
     pip_builtin_index_url,
     pip_configured_index_url,
     prepare_cache_dir,
@@ -89,7 +92,7 @@ class ParseSizeTests(SynchronousTestCase):
     @given(st.integers(min_value=1, max_value=2**62))
     def test_format_round_trip(self, size: int) -> None:
         """
-        L{format_size} writes what L{parse_size} reads back exactly.
+        :func:`format_size` writes what :func:`parse_size` reads back exactly.
         """
         self.assertEqual(parse_size(format_size(size)), size)
 
@@ -405,7 +408,7 @@ class ConfigTests(SynchronousTestCase):
 
 class OptionsTests(SynchronousTestCase):
     """
-    L{Options} on an environment whose defaults stay inside the test's
+    :class:`Options` on an environment whose defaults stay inside the test's
     temporary directory and never consult the machine's pip settings.
     """
 
@@ -605,8 +608,8 @@ class OptionsTests(SynchronousTestCase):
     def test_usage_errors_spell_options_as_typed(self) -> None:
         """
         An error message names options as a user types them
-        (C{--allow-upstream}), never as the code spells them
-        (C{allow_upstream}).
+        (``--allow-upstream``), never as the code spells them
+        (``allow_upstream``).
         """
         internal = re.compile(
             r"(?<![-\w])(allow_upstream|allow_from|pypi_upstream|max_size|index_ttl"

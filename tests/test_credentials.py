@@ -1,9 +1,9 @@
 """
 Credentials for upstreams (issue 12, item 1): user information in
-C{--mirror} / C{--pypi-upstream} / C{$PIP_INDEX_URL} URLs and C{--netrc}
-entries become C{Authorization: Basic} on requests to that origin only
+``--mirror`` / ``--pypi-upstream`` / ``$PIP_INDEX_URL`` URLs and ``--netrc``
+entries become ``Authorization: Basic`` on requests to that origin only
 (never across a redirect to another one), and are never printed: not in
-responses, logs, the status page, metrics, C{--help} or option errors.
+responses, logs, the status page, metrics, ``--help`` or option errors.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from twisted.web.iweb import IAgent, IRequest, IResponse
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from buildcache.config import Options
 from buildcache.credentials import (
     Credentials,
     CredentialsAgent,
@@ -37,6 +36,7 @@ from buildcache.credentials import (
     shown_url,
     split_userinfo,
 )
+from buildcache.options import Options
 from buildcache.turns import after_io
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import (
@@ -70,7 +70,7 @@ class SplitUserinfoTests(SynchronousTestCase):
 
     def test_percent_decoded(self) -> None:
         """
-        A token holding C{@} or C{:} is written percent-encoded, as pip
+        A token holding ``@`` or ``:`` is written percent-encoded, as pip
         reads it.
         """
         url, credentials = split_userinfo("https://me%40corp:a%3Ab%40c@[::1]:8443/x")
@@ -254,7 +254,7 @@ class CredentialsAgentTests(SynchronousTestCase):
 class BasicAuthGate(Resource):
     """
     An origin that answers 401 unless the request carries the right Basic
-    credentials, and records the C{Authorization} of every request.
+    credentials, and records the ``Authorization`` of every request.
     """
 
     isLeaf = True

@@ -12,9 +12,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from buildcache.config import Options
 from buildcache.credentials import redact
 from buildcache.ops import logs
+from buildcache.options import Options
 from buildcache.turns import after_io
 from tests.support import Client, FakeUpstream, GatedBody, reactor, start_server
 from tests.test_proxy import raw_connection, raw_request, until

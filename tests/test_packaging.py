@@ -20,7 +20,7 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from buildcache.config import Options
+from buildcache.options import Options
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_INDEX = "http://127.0.0.1:3999/simple"

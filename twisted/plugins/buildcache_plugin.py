@@ -1,5 +1,5 @@
 """
-The twistd plugin of buildcache: C{twistd buildcache [options]}.
+The twistd plugin of buildcache: ``twistd buildcache [options]``.
 
 twistd imports every module in twisted/plugins/ when it scans for plugins,
 so this one only declares the plugin: the reactor and the server code are
@@ -13,14 +13,14 @@ from twisted.application.service import IServiceMaker, MultiService
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from buildcache.config import Options
+from buildcache.options import Options
 
 
 @implementer(IServiceMaker, IPlugin)
 @attrs.frozen
 class BuildcacheServiceMaker:
     """
-    Makes the buildcache service from parsed L{Options}.
+    Makes the buildcache service from parsed :class:`Options`.
     """
 
     tapname: str = "buildcache"
