@@ -15,7 +15,7 @@ This module owns, without any network I/O:
   spelling of the host reached us (``127.1``, ``0x7f000001``, …);
 - ``CONNECT`` tunnels: port 443 of an allowed host only.
 
-Every check returns a L{Verdict}: true or false in a boolean context, with
+Every check returns a :class:`Verdict`: true or false in a boolean context, with
 a reason a front end can log and put in a 403 body.
 """
 
@@ -181,7 +181,7 @@ def classify_address(ip: str | IPAddress) -> AddressClass:
     of the embedded address when it is not public: ``2002:7f00:1::`` is as
     good as loopback to anyone who can get it delivered.
 
-    @raise ValueError: ``ip`` is not an IP address.
+    :raise ValueError: ``ip`` is not an IP address.
     """
     address = _parse_address(ip)
     if isinstance(address, ipaddress.IPv6Address):
@@ -220,7 +220,7 @@ def normalize_host(host: str) -> str:
     ``0x7f000001``, ``2130706433``) stay names: the resolver may still turn
     them into an address, which the address check then judges.
 
-    @raise InvalidHost: empty, bad IDNA, bad characters, too long.
+    :raise InvalidHost: empty, bad IDNA, bad characters, too long.
     """
     text = host.strip()
     if text.startswith("[") or text.endswith("]"):
@@ -301,7 +301,11 @@ class UpstreamPattern:
 
     @classmethod
     def parse(cls, text: str) -> UpstreamPattern:
-        """@raise ValueError: an entry that follows no form above."""
+        """
+        The pattern ``text`` writes.
+
+        :raise ValueError: an entry that follows no form above.
+        """
         source = text
         text = text.strip().lower()
         if not text:
@@ -332,7 +336,7 @@ class UpstreamPattern:
         return self.port is None or self.port == port
 
     def matches_host(self, host: str, port: int) -> bool:
-        """Whether the normalised ``host`` (see L{normalize_host}) matches."""
+        """Whether the normalised ``host`` (see :func:`normalize_host`) matches."""
         if not self._port_matches(port):
             return False
         literal = _ip_literal(host)
@@ -400,7 +404,7 @@ def upstream_endpoint(url: str) -> tuple[str, int]:
     The (normalised host, port) an upstream URL connects to, default ports
     80 for http and 443 for https.
 
-    @raise ValueError: no host, an unknown scheme without a port, or a bad
+    :raise ValueError: no host, an unknown scheme without a port, or a bad
         port.
     """
     parts = urlsplit(url)
@@ -421,7 +425,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 def upstream_host_key(url: str) -> str | None:
     """
     The name an upstream goes by in the health table and its metrics
-    labels: the normalised host (L{normalize_host}), IPv6 in brackets, and
+    labels: the normalised host (:func:`normalize_host`), IPv6 in brackets, and
     the port only when it is not the scheme's default; never the userinfo.
 
     ``http://LoCaLhOsT:80/x`` and ``http://localhost/y`` are one upstream,
@@ -465,14 +469,14 @@ class AccessPolicy:
     """
     Who may use the cache, and what it may fetch for them.
 
-    @ivar allow_from: client networks; empty means no client at all.
-    @ivar allow_upstream: L{UpstreamPattern} texts; empty means any host
+    :ivar allow_from: client networks; empty means no client at all.
+    :ivar allow_upstream: :class:`UpstreamPattern` texts; empty means any host
         name (the address check still applies).
-    @ivar configured_upstreams: (host, port) of the mirror and index
+    :ivar configured_upstreams: (host, port) of the mirror and index
         upstreams from the configuration: always allowed, address check
         included, because an administrator chose them.
 
-    @raise ValueError: at construction, for a bad network, pattern or host.
+    :raise ValueError: at construction, for a bad network, pattern or host.
     """
 
     allow_from: tuple[IPNetwork, ...] = attrs.field(
@@ -559,7 +563,7 @@ class AccessPolicy:
     def address_allowed(self, host: str, port: int, ip: str) -> Verdict:
         """
         Whether the fetch for ``host:port`` may connect to ``ip``, the
-        address DNS gave.  Call it after L{host_allowed} passed, for every
+        address DNS gave.  Call it after :meth:`host_allowed` passed, for every
         address tried.
 
         Public addresses always; any other class only when ``host`` is a

@@ -3,17 +3,17 @@ Credentials the operator configured for upstreams.
 
 This module owns, without network I/O:
 
-- taking the user information off an upstream URL (C{http://user:token@host/})
+- taking the user information off an upstream URL (``http://user:token@host/``)
   when it is configured, so that the URL the rest of the server sees, stores
-  in keys, logs and shows carries no secret (L{split_userinfo});
-- finding credentials for an upstream in a netrc file (C{machine HOST login
-  USER password PASS}, the convention pip and curl follow;
-  L{read_netrc}, L{NetrcCredentials});
-- which request gets which credentials (L{UpstreamCredentials}): only a
+  in keys, logs and shows carries no secret (:func:`split_userinfo`);
+- finding credentials for an upstream in a netrc file (``machine HOST login
+  USER password PASS``, the convention pip and curl follow;
+  :func:`read_netrc`, :class:`NetrcCredentials`);
+- which request gets which credentials (:class:`UpstreamCredentials`): only a
   request to the same origin (scheme, host, port) as the configured
   upstream, hop by hop, so a redirect to another origin never carries them;
-- the agent that adds the C{Authorization: Basic} header
-  (L{CredentialsAgent}).
+- the agent that adds the ``Authorization: Basic`` header
+  (:class:`CredentialsAgent`).
 
 These are the cache's own credentials: responses fetched with them are
 shared by every client, like any other upstream response.  The header is
@@ -59,7 +59,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 class Credentials:
     """
     A user name and password for HTTP Basic authentication.  Neither is
-    ever part of C{repr()}: a logged object must not leak them.
+    ever part of ``repr()``: a logged object must not leak them.
     """
 
     username: str = attrs.field(repr=False)
@@ -67,7 +67,7 @@ class Credentials:
 
     def authorization(self) -> bytes:
         """
-        The value of the C{Authorization} header (RFC 7617, UTF-8).
+        The value of the ``Authorization`` header (RFC 7617, UTF-8).
         """
         pair = f"{self.username}:{self.password}".encode("utf-8")
         return b"Basic " + base64.b64encode(pair)
@@ -77,7 +77,7 @@ class Credentials:
 class Origin:
     """
     Where a request goes: scheme, normalised host (see
-    L{buildcache.access.normalize_host}) and port, the default one filled
+    :func:`buildcache.access.normalize_host`) and port, the default one filled
     in.
     """
 
@@ -90,7 +90,7 @@ class Origin:
         """
         The origin of an absolute http(s) URL.
 
-        @raise ValueError: not an http(s) URL with a host and a valid port.
+        :raise ValueError: not an http(s) URL with a host and a valid port.
         """
         if isinstance(url, bytes):
             url = url.decode("latin-1")
@@ -112,7 +112,7 @@ class Origin:
 
 def without_userinfo(url: str) -> str:
     """
-    C{url} with its user information (if any) removed; everything else is
+    ``url`` with its user information (if any) removed; everything else is
     left as written.
     """
     parts = urlsplit(url)
@@ -123,13 +123,13 @@ def without_userinfo(url: str) -> str:
 
 def split_userinfo(url: str) -> tuple[str, Credentials | None]:
     """
-    Take the user information off an upstream URL: C{"http://u:t@h/x"}
-    gives C{("http://h/x", Credentials("u", "t"))}.  Both parts are
-    percent-decoded, as pip does (a C{@} or C{:} in a token is written
-    C{%40}, C{%3A}).  A URL without user information is returned with
-    L{None}; one with a user name and no password gets an empty password.
+    Take the user information off an upstream URL: ``"http://u:t@h/x"``
+    gives ``("http://h/x", Credentials("u", "t"))``.  Both parts are
+    percent-decoded, as pip does (a ``@`` or ``:`` in a token is written
+    ``%40``, ``%3A``).  A URL without user information is returned with
+    ``None``; one with a user name and no password gets an empty password.
 
-    @raise ValueError: C{url} cannot be split as a URL (the message does
+    :raise ValueError: ``url`` cannot be split as a URL (the message does
         not quote it).
     """
     try:
@@ -148,7 +148,7 @@ def read_netrc(path: str) -> NetrcCredentials:
     """
     Read a netrc file.
 
-    @raise ValueError: it cannot be read or parsed; the message gives the
+    :raise ValueError: it cannot be read or parsed; the message gives the
         file and line, never the text there (it may be a password).
     """
     try:
@@ -179,8 +179,8 @@ def readable_by_others(path: str) -> bool:
 @attrs.frozen
 class NetrcCredentials:
     """
-    The entries of a netrc file: C{machine} names (lowercase, without
-    brackets) to credentials, and the C{default} entry if there is one.
+    The entries of a netrc file: ``machine`` names (lowercase, without
+    brackets) to credentials, and the ``default`` entry if there is one.
     """
 
     machines: Mapping[str, Credentials] = attrs.field(factory=dict, repr=False)
@@ -191,8 +191,8 @@ class NetrcCredentials:
         cls, hosts: Mapping[str, tuple[str, str | None, str | None]]
     ) -> NetrcCredentials:
         """
-        From C{netrc.netrc().hosts}: C{machine -> (login, account,
-        password)}; C{"default"} is the default entry.
+        From ``netrc.netrc().hosts``: ``machine -> (login, account,
+        password)``; ``"default"`` is the default entry.
         """
         machines: dict[str, Credentials] = {}
         default = None
@@ -206,8 +206,8 @@ class NetrcCredentials:
 
     def for_host(self, host: str) -> Credentials | None:
         """
-        The credentials of the C{machine} entry naming C{host}, else those
-        of the C{default} entry, else L{None} (as curl and pip read a
+        The credentials of the ``machine`` entry naming ``host``, else those
+        of the ``default`` entry, else ``None`` (as curl and pip read a
         netrc file).
         """
         return self.machines.get(_machine_name(host), self.default)
@@ -232,8 +232,8 @@ class UpstreamCredentials:
     The credentials of each configured upstream, by origin.
 
     A request gets the credentials of its own origin only: a configured
-    upstream's scheme, host and port must all match (C{http://h} and
-    C{https://h} are different origins, as are two ports of one host).
+    upstream's scheme, host and port must all match (``http://h`` and
+    ``https://h`` are different origins, as are two ports of one host).
     """
 
     by_origin: Mapping[Origin, Credentials] = attrs.field(
@@ -272,7 +272,7 @@ class UpstreamCredentials:
 
     def for_url(self, url: str | bytes) -> Credentials | None:
         """
-        The credentials to send with a request for C{url}, if any.
+        The credentials to send with a request for ``url``, if any.
         """
         if not self.by_origin:
             return None
@@ -284,7 +284,7 @@ class UpstreamCredentials:
 
     def has(self, url: str) -> bool:
         """
-        Whether requests for C{url} are sent with credentials (for the
+        Whether requests for ``url`` are sent with credentials (for the
         status page).
         """
         return self.for_url(url) is not None
@@ -298,7 +298,7 @@ class CredentialsAgent:
 
     It sits below the redirect handling, so each hop of a redirect is judged
     on its own URI: a redirect that leaves the origin is sent without them.
-    A request that already carries an C{Authorization} header (a client's
+    A request that already carries an ``Authorization`` header (a client's
     own) is sent as it is.
     """
 
@@ -327,21 +327,21 @@ _USERINFO_IN_TEXT = re.compile(r"(?<=//)[^\s'\"<>]*@")
 
 def hide_userinfo(text: str) -> str:
     """
-    C{text} (a URL, or a message quoting URLs, well formed or not) with
-    everything that could be user information replaced by C{***}: from
-    C{//} to the last C{@} of the same word.  For error messages, where
+    ``text`` (a URL, or a message quoting URLs, well formed or not) with
+    everything that could be user information replaced by ``***``: from
+    ``//`` to the last ``@`` of the same word.  For error messages, where
     the URL may not even parse; it may hide more than the user
-    information (C{http://host/a@b} becomes C{http://***@b}), never less.
+    information (``http://host/a@b`` becomes ``http://***@b``), never less.
     """
     return _USERINFO_IN_TEXT.sub("***@", text)
 
 
 def masked_url(text: str) -> str:
     """
-    C{text}, a URL as it was typed (it may not parse), fit for an error
-    message: when it holds an C{@}, everything between C{//} and its last
-    C{@} is C{***}, whatever characters a token there holds (C{http://u:t
-    'o k@host:99999/x} shows as C{http://***@host:99999/x}).
+    ``text``, a URL as it was typed (it may not parse), fit for an error
+    message: when it holds an ``@``, everything between ``//`` and its last
+    ``@`` is ``***``, whatever characters a token there holds (``http://u:t
+    'o k@host:99999/x`` shows as ``http://***@host:99999/x``).
     """
     if "@" not in text:
         return text
@@ -353,7 +353,7 @@ def masked_url(text: str) -> str:
 def shown_url(url: str, credentials: UpstreamCredentials) -> str:
     """
     A configured upstream URL (without user information) as the status page
-    shows it: with C{***@} before the host when requests to it carry
+    shows it: with ``***@`` before the host when requests to it carry
     credentials.
     """
     if not credentials.has(url):

@@ -1,5 +1,5 @@
 """
-Tests for L{buildcache.access}: address classes, host normalisation,
+Tests for :mod:`buildcache.access`: address classes, host normalisation,
 upstream patterns and the policy's four checks.
 """
 

@@ -1,8 +1,8 @@
 """
-IPv6-literal upstreams (issue 12, item 9): C{--mirror v6=http://[::1]:PORT},
-C{--pypi-upstream http://[::1]:PORT/simple/} and proxied
-C{http://[::1]:PORT/...} work end to end, against origins listening on
-C{::1}.  Skipped only when this machine has no IPv6 loopback.
+IPv6-literal upstreams (issue 12, item 9): ``--mirror v6=http://[::1]:PORT``,
+``--pypi-upstream http://[::1]:PORT/simple/`` and proxied
+``http://[::1]:PORT/...`` work end to end, against origins listening on
+``::1``.  Skipped only when this machine has no IPv6 loopback.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """
-Tests for C{contrib/buildcache.service}: C{systemd-analyze verify} accepts
+Tests for ``contrib/buildcache.service``: ``systemd-analyze verify`` accepts
 it (where systemd is installed), it carries the hardening it promises, its
-C{ExecStart} is a command line twistd and buildcache accept, and the one
-protection it leaves off (C{MemoryDenyWriteExecute}) is off for the reason
+``ExecStart`` is a command line twistd and buildcache accept, and the one
+protection it leaves off (``MemoryDenyWriteExecute``) is off for the reason
 its comment gives.
 """
 
