@@ -59,14 +59,20 @@ MB = 1024 * 1024
 
 class Hello(Resource):
     """
-    Answers at once, except ``/wait``, whose response stays under way.
+    Answers at once, except ``/wait``, whose response stays under way
+    (the request is kept in ``held``).
     """
 
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Request] = []
+
     def render_GET(self, request: Request) -> object:
         if request.path == b"/wait":
             request.write(b"started\n")
+            self.held.append(request)
             return NOT_DONE_YET
         return b"hello\n"
 
@@ -188,8 +194,9 @@ class TimedRulesTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
+        self.resource = Hello()
         self.site = ProxySite(
-            Hello(), reactor=self.clock, policy=AccessPolicy(), timeout=60,
+            self.resource, reactor=self.clock, policy=AccessPolicy(), timeout=60,
             connections=ClientConnections(1000),
         )
 
@@ -245,6 +252,47 @@ class TimedRulesTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
         self.assertIn(b"408 Request Timeout", transport.value())
+
+    def test_pipelined_request_timed_from_the_response_before(self) -> None:
+        """
+        A request sent while the one before is being answered waits in
+        the channel without a deadline; its 30 s start when that response
+        is done and it is read.
+        """
+        channel, transport = connect(self.site)
+        channel.dataReceived(
+            b"GET /wait HTTP/1.1\r\nHost: box\r\n\r\nGET /x HTTP/1.1\r\n"
+        )
+        self.clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+        (waiting,) = self.resource.held
+        waiting.finish()
+        self.clock.advance(29.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn(b"408 Request Timeout", transport.value())
+
+    def test_drain(self) -> None:
+        """
+        Draining closes an idle connection and one whose request is still
+        arriving at once, and one whose response is under way once that
+        response is done.
+        """
+        idle, idle_transport = connect(self.site)
+        arriving, arriving_transport = connect(self.site, port=40001)
+        arriving.dataReceived(b"GET /x HTTP/1.1\r\n")
+        answering, answering_transport = connect(self.site, port=40002)
+        answering.dataReceived(b"GET /wait HTTP/1.1\r\nHost: box\r\n\r\n")
+        for channel in (idle, arriving, answering):
+            channel.drain()
+        self.assertTrue(idle_transport.disconnecting)
+        self.assertTrue(arriving_transport.disconnecting)
+        self.assertFalse(answering_transport.disconnecting)
+        (waiting,) = self.resource.held
+        waiting.finish()
+        self.assertTrue(answering_transport.disconnecting)
+        self.assertTrue(answering_transport.value().endswith(b"0\r\n\r\n"))
 
     def test_stalled_reader_cut_after_send_timeout(self) -> None:
         """
