@@ -133,7 +133,9 @@ class UnitContentTests(SynchronousTestCase):
         self.assertIn("--nodaemon", twistd_options)
         self.assertIn("--pidfile=", twistd_options)
 
-        from twisted.scripts._twistd_unix import ServerOptions
+        # twistd's own options for this platform (the name twistd runs with,
+        # rather than its private per-platform module).
+        from twisted.scripts.twistd import ServerOptions
 
         cache_dir = os.path.abspath(self.mktemp())
         # The environment systemd gives the service, plus an upstream so
