@@ -119,14 +119,7 @@ class RulesTests(SynchronousTestCase):
         A TCP socket gives both counts, a UNIX socket its queue only, a
         transport without a socket neither.
         """
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.create_connection(listener.getsockname())
-        self.addCleanup(client.close)
-        served, _ = listener.accept()
-        self.addCleanup(served.close)
+        served, _ = tcp_connection(self)
         self.assertEqual(send_counters(StringTransport()), SendCounters(None, None))
         self.assertEqual(send_counters_of(served), SendCounters(0, 0))
         left, right = socket.socketpair()
@@ -169,6 +162,22 @@ class AcknowledgingSocket:
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         assert (level, option) == (socket.IPPROTO_TCP, socket.TCP_INFO)
         return bytes(120) + struct.pack("=Q", self.acknowledged)
+
+
+def tcp_connection(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
+    """
+    Both ends of a TCP connection on 127.0.0.1, closed after ``case``:
+    the server's and the client's.
+    """
+    listener = socket.socket()
+    case.addCleanup(listener.close)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    case.addCleanup(client.close)
+    served, _ = listener.accept()
+    case.addCleanup(served.close)
+    return served, client
 
 
 def send_counters_of(handle: socket.socket) -> SendCounters:
@@ -381,14 +390,7 @@ class TimedRulesTests(SynchronousTestCase):
         (Regression: a 64 kbit/s reader of a large file was cut after
         75 s.)  Real sockets on 127.0.0.1; the clock is the test's.
         """
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        reader = socket.create_connection(listener.getsockname())
-        self.addCleanup(reader.close)
-        served, _ = listener.accept()
-        self.addCleanup(served.close)
+        served, reader = tcp_connection(self)
         self.assertIsNotNone(send_counters_of(served).acknowledged)
         self.reader_kept_while_reading(served, reader, 65536)
 
