@@ -52,7 +52,7 @@ class PrivateAttributeTests(SynchronousTestCase):
         # The class buildcache.frontends.channel.ProxyChannel extends.
         site = Site(Hold())
         channel = HTTPChannel()
-        channel.site = site
+        channel.site = site  # type: ignore[attr-defined]
         channel.requestFactory = site.requestFactory
         channel.makeConnection(StringTransport())
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: box\r\n\r\n")
