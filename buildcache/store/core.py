@@ -191,7 +191,7 @@ class Store(StoreReader):
         Hold room for ``size`` more bytes of bodies being written in
         ``tmp/``, evicting stored entries (other than ``keep``'s, which
         the body would replace and which may still be served if its
-        download fails) to make it, as squid does; False (holding nothing)
+        new body fails) to make it, as squid does; False (holding nothing)
         when the bodies being written would leave too little room even
         with nothing stored, when ``evict`` is false and the room is not
         free already, or when the index fails while evicting.
@@ -241,7 +241,7 @@ class Store(StoreReader):
         :meth:`ObjectWriter.commit`.
 
         Creating a file costs a journal write (a fraction of a millisecond
-        on ext4) while a client waits for its miss, so with a threaded
+        on ext4) while a reader waits for the body, so with a threaded
         ``run_blocking`` the file comes from a few made ahead there, when
         one is ready.
         """

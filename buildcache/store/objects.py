@@ -45,9 +45,9 @@ class IntegrityError(Exception):
 class NoRoom(OSError):
     """
     A body being written cannot be kept: it is larger than an object may
-    be, or the downloads in progress leave no room for it.  An ``OSError``
-    so that its download goes on as one whose disk failed: streamed to the
-    clients reading it, not stored.
+    be, or the bodies being written leave no room for it.  An ``OSError``
+    so that its writer carries on as on a failed disk: the bytes go on to
+    whoever reads them, and are not stored.
     """
 
 
@@ -106,8 +106,8 @@ def run_here(call: Callable[[], _T]) -> Deferred[_T]:
 def in_thread_pool(reactor: Any, pool: ThreadPool) -> BlockingRunner:
     """
     The :class:`BlockingRunner` of the server: ``pool``'s threads, once the
-    responses of the current turn have gone out (waking a thread there
-    would hold them up).  ``reactor`` provides ``IReactorTime`` and
+    writes of the reactor's current turn have gone out (waking a thread
+    there would hold them up).  ``reactor`` provides ``IReactorTime`` and
     ``IReactorFromThreads``.
     """
     def run(call: Callable[[], _T]) -> Deferred[_T]:
@@ -139,8 +139,8 @@ class ObjectWriter:
     Streams one body into a temporary file in the cache tree.
 
     The same descriptor is readable with ``os.pread`` while the body is
-    still arriving, which is how concurrent clients of one download follow
-    it; :meth:`reader_fd` hands out independent descriptors for them.
+    still arriving, which is how concurrent readers follow a body being
+    written; :meth:`reader_fd` hands out independent descriptors for them.
     """
 
     def __init__(self, store: Store, key: str, path: str, fd: int) -> None:
@@ -226,7 +226,7 @@ class ObjectWriter:
             raise NoRoom(
                 f"{needed} bytes would exceed what the cache can keep"
                 f" ({object_limit(self._store.max_size, self._store.max_object_size)}"
-                " bytes an object, room left beside other downloads)"
+                " bytes an object, room left beside other bodies being written)"
             )
         view = memoryview(data)
         while view:
@@ -295,7 +295,7 @@ class ObjectWriter:
         """
         Publish a body that has passed :meth:`check`, with the fsync and
         rename done by the store's ``run_blocking`` (a thread, in the
-        server), so the reactor serves other requests meanwhile.  Raises
+        server), so the reactor does other work meanwhile.  Raises
         and returns as :meth:`commit`.
         """
         if not self._keepable(headers):

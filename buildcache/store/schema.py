@@ -35,8 +35,8 @@ _log = Logger()
 #: row and its index entries in SQLite, roughly.  A zero-byte body is not
 #: free: without this a flood of them would grow ``index.sqlite`` unseen.
 ROW_OVERHEAD = 256
-#: The most header bytes (as stored, JSON) one entry may keep; a response
-#: with more is served but not stored.
+#: The most header bytes (as stored, JSON) one entry may keep; a body
+#: with more is not stored.
 MAX_STORED_HEADERS = 64 * 1024
 #: ``PRAGMA application_id`` of a buildcache index ("bcac").
 APPLICATION_ID = 0x62636163
@@ -230,8 +230,8 @@ def cache_secret(directory: str, create: bool = True) -> bytes:
             raise StoreError(f"the cache secret {path} is not whole")
         _log.warn(
             "The cache secret {path} is not whole ({size} bytes); making a"
-            " new one: entries private to a client's credentials, and"
-            " variants, are fetched again", path=path, size=len(secret),
+            " new one: the entries named with the old one (private entries"
+            " and variants) are not found again, and age out", path=path, size=len(secret),
         )
     except FileNotFoundError:
         if not create:
