@@ -215,17 +215,18 @@ def _run_verify(options: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
         # A line per file only helps on a terminal; a log gets the summary.
         result = verify(index, progress if progress.interactive else None)
         progress.close()
-    for row, reason in result.corrupt:
+    bodies = result.bodies
+    for row, reason in bodies.corrupt:
         stdout.write(f"corrupt, removed: {row.key} ({reason})\n")
-    for row in result.missing:
+    for row in bodies.missing:
         stdout.write(f"file missing, row removed: {row.key}\n")
     for row, reason in result.stale:
         stdout.write(f"disagrees with its index, removed: {row.key} ({reason})\n")
     stdout.write(
-        f"Checked {result.checked} entries, {human_size(result.checked_bytes)}"
-        f" ({result.checked_bytes} bytes): {len(result.corrupt)} corrupt,"
-        f" {len(result.missing)} missing, {len(result.stale)} disagreeing with"
-        f" their index, {result.without_digest} without a digest\n"
+        f"Checked {bodies.checked} entries, {human_size(bodies.checked_bytes)}"
+        f" ({bodies.checked_bytes} bytes): {len(bodies.corrupt)} corrupt,"
+        f" {len(bodies.missing)} missing, {len(result.stale)} disagreeing with"
+        f" their index, {bodies.without_digest} without a digest\n"
     )
     return 0 if result.clean else 1
 

@@ -23,7 +23,7 @@ from buildcache.ecosystems.apk.index import (
 from buildcache.ecosystems.pypi.index import page_digests
 from buildcache.ecosystems.pypi.model import SimplePageError, parse_page
 from buildcache.ops.cli_keys import PAGE_PREFIX, entry_kind, key_filename
-from buildcache.store import Entry, OfflineIndex, verify_bodies
+from buildcache.store import BodyCheck, Entry, OfflineIndex, verify_bodies
 from buildcache.store.maintenance import Progress
 
 log = Logger(namespace="buildcache.ops.cli")
@@ -32,23 +32,19 @@ log = Logger(namespace="buildcache.ops.cli")
 @frozen
 class VerifyResult:
     """
-    What ``verify`` found; ``corrupt``, ``missing`` and ``stale`` were
-    removed.
+    What ``verify`` found: the store's check of every body (its corrupt
+    and missing entries were removed), and the entries their current
+    stored index describes differently (an apk package rebuilt under the
+    same name, a file whose project page now gives another sha256),
+    removed too.
     """
 
-    checked: int
-    checked_bytes: int
-    corrupt: tuple[tuple[Entry, str], ...]
-    missing: tuple[Entry, ...]
-    without_digest: int
-    #: Entries their current stored index describes differently (an apk
-    #: package rebuilt under the same name, a file whose project page now
-    #: gives another sha256).
+    bodies: BodyCheck
     stale: tuple[tuple[Entry, str], ...] = ()
 
     @property
     def clean(self) -> bool:
-        return not self.corrupt and not self.missing and not self.stale
+        return not self.bodies.corrupt and not self.bodies.missing and not self.stale
 
 
 def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResult:
@@ -85,10 +81,7 @@ def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResul
         if index.remove([row]):
             log.warn("Removed stale {key}: {reason}", key=row.key, reason=reason)
             stale.append((row, reason))
-    return VerifyResult(
-        bodies.checked, bodies.checked_bytes, bodies.corrupt, bodies.missing,
-        bodies.without_digest, tuple(stale),
-    )
+    return VerifyResult(bodies, tuple(stale))
 
 
 def _stale_packages(

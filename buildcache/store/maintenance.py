@@ -26,8 +26,8 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Protocol, TypeVar
-from urllib.parse import quote
 
 from attrs import frozen
 from twisted.logger import Logger
@@ -47,8 +47,8 @@ from buildcache.store.schema import (
     Entry,
     StoreError,
     entry_from_row,
-    identify_index,
     migrate_index,
+    open_existing_index,
 )
 
 log = Logger()
@@ -167,7 +167,7 @@ def reconcile(
 
 
 def _migrate_unless_served(
-    db: sqlite3.Connection, directory: str, path: str, version: int
+    db: sqlite3.Connection, path: str, version: int, directory: str
 ) -> None:
     """
     Bring an older index up to date, as the writing store does when it
@@ -218,31 +218,18 @@ class OfflineIndex:
         created: a wrong directory must not leave an empty cache behind.
         """
         directory = os.path.abspath(directory)
-        path = os.path.join(directory, INDEX_NAME)
-        if not os.path.isfile(path):
+        try:
+            db = open_existing_index(
+                directory, "rw", partial(_migrate_unless_served, directory=directory),
+                timeout=BUSY_TIMEOUT, isolation_level=None,
+            )
+        except StoreError as error:
+            if os.path.isfile(os.path.join(directory, INDEX_NAME)):
+                raise
             raise StoreError(
-                f"{directory} holds no buildcache index ({INDEX_NAME}); pass"
-                " the server's --cache-dir (the systemd unit's is"
-                " /var/cache/buildcache)"
-            )
-        try:
-            db = sqlite3.connect(
-                f"file:{quote(path)}?mode=rw", uri=True, timeout=BUSY_TIMEOUT,
-                isolation_level=None,
-            )
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot open {path}: {error}") from error
-        try:
-            identify_index(db, path)
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                _migrate_unless_served(db, directory, path, version)
-        except sqlite3.Error as error:
-            db.close()
-            raise StoreError(f"cannot read {path}: {error}") from error
-        except StoreError:
-            db.close()
-            raise
+                f"{error}; pass the server's --cache-dir (the systemd unit's"
+                " is /var/cache/buildcache)"
+            ) from None
         return cls(directory, db)
 
     def close(self) -> None:

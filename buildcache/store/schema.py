@@ -14,8 +14,9 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
 from urllib.parse import quote
 
 from attrs import field, frozen
@@ -302,54 +303,83 @@ def open_index(directory: str) -> sqlite3.Connection:
     elif application_id != APPLICATION_ID:
         db.close()
         raise StoreError(f"{path} is not a buildcache index (it belongs to another program); {advice}")
-    try:
+    with _closed_on_error(db, lambda e: f"{path} is corrupt ({e}); {advice}"):
         migrate_index(db, path, advice, quiet=created)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise StoreError(f"{path} is corrupt ({check}); {advice}")
-    except sqlite3.DatabaseError as e:
-        db.close()
-        raise StoreError(f"{path} is corrupt ({e}); {advice}") from e
-    except StoreError:
-        db.close()
-        raise
     return db
 
 
-def open_index_read_only(directory: str, timeout: float = 5.0) -> sqlite3.Connection:
+@contextmanager
+def _closed_on_error(
+    db: sqlite3.Connection, describe: Callable[[sqlite3.Error], str]
+) -> Iterator[None]:
     """
-    Open the index of a cache directory for reading only, beside the
-    writing store (a WAL reader): nothing is created, checked at length or
-    migrated, and SQLite refuses every write.  An index that is missing,
-    not a buildcache index, or of another schema version than
-    :data:`SCHEMA_VERSION` is refused with a :class:`StoreError`.
+    Close ``db`` when the block raises: a :class:`StoreError` as it is,
+    an SQLite error as a :class:`StoreError` that ``describe`` words.
+    """
+    try:
+        yield
+    except sqlite3.Error as e:
+        db.close()
+        raise StoreError(describe(e)) from e
+    except StoreError:
+        db.close()
+        raise
+
+
+def open_existing_index(
+    directory: str,
+    mode: str,
+    other_version: Callable[[sqlite3.Connection, str, int], None],
+    timeout: float = 5.0,
+    isolation_level: Literal["DEFERRED"] | None = "DEFERRED",
+) -> sqlite3.Connection:
+    """
+    Open the index a cache directory already has, in SQLite's URI
+    ``mode`` (``ro`` or ``rw``), creating nothing.  An index that is
+    missing or not a buildcache index is refused with a
+    :class:`StoreError`; one of another schema version than
+    :data:`SCHEMA_VERSION` is handed to ``other_version`` (with its path
+    and version), which migrates it or raises.
     """
     path = os.path.join(directory, INDEX_NAME)
     if not os.path.isfile(path):
         raise StoreError(f"{directory} holds no buildcache index ({INDEX_NAME})")
     try:
-        db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=timeout)
+        db = sqlite3.connect(
+            f"file:{quote(path)}?mode={mode}", uri=True, timeout=timeout,
+            isolation_level=isolation_level,
+        )
     except sqlite3.Error as e:
         raise StoreError(f"cannot open {path}: {e}") from e
-    try:
+    with _closed_on_error(db, lambda e: f"cannot read {path}: {e}"):
         identify_index(db, path)
         version = db.execute("PRAGMA user_version").fetchone()[0]
-    except sqlite3.Error as e:
-        db.close()
-        raise StoreError(f"cannot read {path}: {e}") from e
-    except StoreError:
-        db.close()
-        raise
-    if version != SCHEMA_VERSION:
-        db.close()
-        raise StoreError(
-            f"{path} has index schema version {version}, this buildcache reads"
-            f" version {SCHEMA_VERSION} without a writing store (one brings"
-            " the index to it when it opens)"
-        )
+        if version != SCHEMA_VERSION:
+            other_version(db, path, version)
     return db
+
+
+def open_index_read_only(directory: str) -> sqlite3.Connection:
+    """
+    Open the index of a cache directory for reading only, beside the
+    writing store (a WAL reader): nothing is created, checked at length or
+    migrated, and SQLite refuses every write.  An index of another schema
+    version is refused: the writing store migrates it when it opens.
+    """
+    return open_existing_index(directory, "ro", _refuse_other_version)
+
+
+def _refuse_other_version(db: sqlite3.Connection, path: str, version: int) -> None:
+    raise StoreError(
+        f"{path} has index schema version {version}, this buildcache reads"
+        f" version {SCHEMA_VERSION} without a writing store (one brings"
+        " the index to it when it opens)"
+    )
 
 
 def identify_index(db: sqlite3.Connection, path: str) -> None:
