@@ -114,19 +114,39 @@ class ReadOnlyTests(StoreTestMixin, SynchronousTestCase):
         )
         self.assertEqual(self.writer.peek("k"), entry)
 
-    def test_accesses_not_written(self) -> None:
+    def test_accesses_handed_to_the_writer(self) -> None:
         """
-        A read-only store keeps no access times (it could not write them),
-        and its flush writes nothing.
+        A read-only store writes no access times (its flush writes
+        nothing); it hands them over with ``take_accesses``, and the
+        writing store's ``record_accesses`` makes eviction follow them.
         """
-        self.put(self.writer, "k", b"body")
-        before = self.db_rows(self.writer)["k"]
-        stored = self.reader.lookup("k")
+        clock = Clock()
+        self.writer.clock = as_clock(clock)
+        self.reader.clock = as_clock(clock)
+        self.writer.set_max_size(MB)
+        half = b"x" * (MB // 2 - 4096)
+        clock.advance(1)
+        self.put(self.writer, "old", half)
+        clock.advance(1)
+        self.put(self.writer, "new", half)
+        before = self.db_rows(self.writer)["old"]
+        clock.advance(1)
+        stored = self.reader.lookup("old")
         assert stored is not None
         stored.close()
-        self.reader.touch("k")
         self.reader.flush()
-        self.assertEqual(self.db_rows(self.writer)["k"], before)
+        self.assertEqual(self.db_rows(self.writer)["old"], before)
+        accesses = self.reader.take_accesses()
+        self.assertEqual(accesses, {"old": 3})
+        self.assertEqual(self.reader.take_accesses(), {})
+        self.assertRaises(ReadOnlyStore, self.reader.record_accesses, accesses)
+        self.writer.record_accesses(accesses)
+        # "new" is now the least recently used, and makes room.
+        clock.advance(1)
+        self.put(self.writer, "newest", half)
+        self.assertEqual(
+            {entry.key for entry in self.writer.keys()}, {"old", "newest"}
+        )
 
 
 class ReadOnlyOpenTests(StoreTestMixin, SynchronousTestCase):

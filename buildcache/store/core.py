@@ -508,7 +508,6 @@ class Store(StoreReader):
                 if excess <= 0:
                     break
             self._delete_rows(victims)
-            self.counters.evictions += len(victims)  # removed after merge
             for key, size, meta, _ in victims:
                 self.log.info(
                     "Evicted {key} ({size} bytes)", key=key, size=size,
@@ -528,10 +527,11 @@ class Store(StoreReader):
         """
         Write batched access times in one transaction (no fsync in WAL mode
         with synchronous=NORMAL).  A read-only store only takes in what
-        the writing store committed.
+        the writing store committed; its access times wait for
+        :meth:`take_accesses`.
         """
         self._follow_other_writers()
-        if not self._pending_access:
+        if not self._pending_access or self.read_only:
             return
         pending, self._pending_access = self._pending_access, {}
         try:
@@ -557,6 +557,17 @@ class Store(StoreReader):
                 "Cannot write access times to the cache index: {error}",
                 error=str(e),
             )
+
+    def record_accesses(self, accesses: Mapping[str, float]) -> None:
+        """
+        Take in access times another process's read-only store recorded
+        (see :meth:`StoreReader.take_accesses`), so that eviction follows
+        its hits too; written with the next :meth:`flush`.
+        """
+        self._writable("record access times")
+        for key, when in accesses.items():
+            if when > self._pending_access.get(key, float("-inf")):
+                self._pending_access[key] = when
 
     def _follow_other_writers(self) -> bool:
         changed = super()._follow_other_writers()

@@ -136,10 +136,22 @@ class StoreReader:
             self._rows_bytes -= entry.meta_size
 
     def _accessed(self, key: str) -> None:
-        # A read-only store cannot write access times; it does not hold
-        # them either, where nothing would ever take them.
-        if not self.read_only:
-            self._pending_access[key] = self.clock.seconds()
+        # A read-only store cannot write access times: it holds them for
+        # take_accesses, and past ROWS_KEPT keys drops the new ones (the
+        # entry then merely looks older than it is).
+        if self.read_only and len(self._pending_access) >= ROWS_KEPT:
+            if key not in self._pending_access:
+                return
+        self._pending_access[key] = self.clock.seconds()
+
+    def take_accesses(self) -> dict[str, float]:
+        """
+        The access times recorded since the last call (key to time), for
+        a read-only store's process to hand to the writing store's
+        (:meth:`Store.record_accesses`); they are forgotten here.
+        """
+        taken, self._pending_access = self._pending_access, {}
+        return taken
 
     def peek(self, key: str) -> Entry | None:
         """
