@@ -31,7 +31,7 @@ from buildcache.store.layout import (
     create_temp,
     file_path,
     make_directories,
-    object_name,
+    place_object,
     temp_directory,
     unlink_quietly,
 )
@@ -285,22 +285,7 @@ class Store(StoreReader):
             self.run_blocking(partial(create_temp, path)).addCallbacks(made, failed)
 
     def _place(self, key: str, temp_path: str) -> str:
-        """
-        Rename a durable body to a new name under ``objects/``; the name.
-        """
-        name = object_name(key)
-        final = file_path(self.directory, name)
-        try:
-            try:
-                os.rename(temp_path, final)
-            except FileNotFoundError:
-                # Its fan-out directory was removed since start-up.
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.rename(temp_path, final)
-        except OSError:
-            unlink_quietly(temp_path)
-            raise
-        return name
+        return place_object(self.directory, key, temp_path)
 
     def _record(
         self, key: str, name: str, size: int, digest: str,

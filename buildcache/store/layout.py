@@ -84,6 +84,26 @@ def make_directories(directory: str) -> None:
             os.mkdir(os.path.join(objects, name))
 
 
+def place_object(directory: str, key: str, temp_path: str) -> str:
+    """
+    Rename a durable body from ``tmp/`` to a new name for ``key`` under
+    ``objects/``; the name.  On failure the body is removed.
+    """
+    name = object_name(key)
+    final = file_path(directory, name)
+    try:
+        try:
+            os.rename(temp_path, final)
+        except FileNotFoundError:
+            # Its fan-out directory was removed since start-up.
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(temp_path, final)
+    except OSError:
+        unlink_quietly(temp_path)
+        raise
+    return name
+
+
 def unlink_quietly(path: str) -> None:
     """
     Remove the file ``path`` if it is there.
