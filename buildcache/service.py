@@ -87,6 +87,7 @@ class Server:
                 key for key in map(upstream_host_key, upstream_urls) if key is not None
             ),
         )
+        store.on_evicted = activity.evicted
         pool = upstream_pool(reactor)
         http = make_http_client(
             reactor, policy, config.upstream_timeout, pool=pool,

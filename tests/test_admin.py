@@ -31,7 +31,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from buildcache.ecosystems.apk.index import ApkIndex, ApkIndexEntry
 from buildcache.ops.cli import (
-    CacheIndex,
     Progress,
     distribution_project,
     entry_kind,
@@ -41,7 +40,13 @@ from buildcache.ops.cli import (
     main,
     resolve_apk_closure,
 )
-from buildcache.store import INDEX_NAME, SCHEMA_VERSION, Store, metadata_size
+from buildcache.store import (
+    INDEX_NAME,
+    SCHEMA_VERSION,
+    OfflineIndex,
+    Store,
+    metadata_size,
+)
 from tests.apkrepo import BuiltApk, RepositoryResource, build_apk, write_repository
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import listen, reactor, start_server, url_of
@@ -417,7 +422,7 @@ class PurgeTests(CacheTestCase):
         An entry the server replaced after purge read it is not removed:
         the new version's row and file stay.
         """
-        with CacheIndex.open(self.cache_dir) as index:
+        with OfflineIndex.open(self.cache_dir) as index:
             (old,) = [row for row in index.rows() if row.key == OTHER]
             clock = Clock()
             store = Store.open(self.cache_dir, 1 << 30, cast(IReactorTime, clock))

@@ -28,10 +28,9 @@ from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from buildcache import store as store_module
 from buildcache.fetch.fetcher import spool_plan
 from buildcache.fetch.headlimit import MAX_RESPONSE_HEAD, HeadMeter
-from buildcache.store import INDEX_NAME, Store
+from buildcache.store import INDEX_NAME, Store, objects
 from tests.support import (
     Client,
     Running,
@@ -380,7 +379,7 @@ class UnstorableDownloadTests(TestCase):
         # Room for b was held (and a evicted) from its first byte.
         self.assertEqual(max(held), 3 * MB)
         self.assertEqual([e.key.rsplit("/", 1)[-1] for e in running.store.keys()], ["b.deb"])
-        self.assertEqual(running.store.counters.evictions, 1)
+        self.assertEqual(running.server.activity.evictions, 1)
 
 
 class BytesFromUpstreamTests(TestCase):
@@ -554,7 +553,7 @@ class CheckedPageTests(TestCase):
         Past the cap on bodies spooled outside the limit (64 MiB, lowered
         here), a page that cannot be checked unseen is refused.
         """
-        self.patch(store_module, "UNCOUNTED_LIMIT", MB)
+        self.patch(objects, "UNCOUNTED_LIMIT", MB)
         for chunked in (False, True):
             running, _, page, received = await self._page(2 * MB, chunked, max_size=MB)
             self.assertEqual(received.status, 502)
@@ -633,7 +632,7 @@ class UnstorableKeepsEntriesTests(TestCase):
         self.assertEqual(
             [e.key.rsplit("/", 1)[-1] for e in running.store.keys()], ["keep.deb"]
         )
-        self.assertEqual(running.store.counters.evictions, 0)
+        self.assertEqual(running.server.activity.evictions, 0)
         self.assertEqual((running.store.reserved, tmp_bytes(running)), (0, 0))
 
     async def test_refetch_keeps_its_own_entry_while_downloading(self) -> None:
@@ -649,4 +648,4 @@ class UnstorableKeepsEntriesTests(TestCase):
         # The old copy stayed until the new one replaced it.
         self.assertEqual(set(seen), {1})
         self.assertEqual(origin.requests[("GET", "/InRelease")], 2)
-        self.assertEqual(running.store.counters.evictions, 0)
+        self.assertEqual(running.server.activity.evictions, 0)

@@ -24,8 +24,8 @@ from twisted.trial.unittest import TestCase
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.pypi.index import page_key
 from buildcache.engine.keys import cache_key
-from buildcache.ops.cli import CacheIndex, verify
-from buildcache.store import INDEX_NAME
+from buildcache.ops.cli import verify
+from buildcache.store import INDEX_NAME, OfflineIndex
 from tests.apkrepo import BuiltApk, build_apk, build_apkindex
 from tests.pyindex import StaticSimpleIndex
 from tests.support import Client
@@ -185,7 +185,7 @@ class ApkRebuildTests(TestCase):
         writer = store.writer(cache_key(harness.proxied(INDEX_PATH)))
         writer.write(new_index)
         writer.commit({})
-        with CacheIndex.open(store.directory) as index:
+        with OfflineIndex.open(store.directory) as index:
             result = verify(index)
         package_key = cache_key(harness.proxied(path))
         self.assertEqual([row.key for row, _ in result.stale], [package_key])
@@ -292,7 +292,7 @@ class PipRebuildTests(TestCase):
         writer = store.writer(page_key(self.upstream.base, "bcdemo-a"))
         writer.write(upstream_page.body)
         writer.commit({"content-type": upstream_page.header("content-type") or ""})
-        with CacheIndex.open(store.directory) as index:
+        with OfflineIndex.open(store.directory) as index:
             result = verify(index)
         self.assertEqual([row.key for row, _ in result.stale], [self.file_key])
         self.assertIn(hashlib.sha256(self.new).hexdigest(), result.stale[0][1])

@@ -34,7 +34,11 @@ from buildcache.store import (
     StoredObject,
     StoreError,
     StoreStats,
+    core,
     object_name,
+    objects,
+    reader,
+    schema,
 )
 from tests import crashwriter
 from tests.support import HeldRunner
@@ -74,6 +78,20 @@ def read_all(fd: int) -> bytes:
         offset += len(chunk)
 
 
+class Evictions:
+    """
+    A :attr:`Store.on_evicted` listener that sums what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+
+    def __call__(self, count: int, size: int) -> None:
+        self.count += count
+        self.bytes += size
+
+
 def files_under(directory: str) -> dict[str, int]:
     """
     Every regular file below ``directory``, relative path to size.
@@ -109,9 +127,19 @@ class StoreTestMixin:
     def open_store(
         self, directory: str, max_size: int = 64 * MB, clock: Clock | None = None
     ) -> Store:
-        store = Store.open(directory, max_size, as_clock(clock if clock is not None else Clock()))
+        store = Store.open(
+            directory, max_size, as_clock(clock if clock is not None else Clock()),
+            on_evicted=Evictions(),
+        )
         self.addCleanup(self.close_store, store)
         return store
+
+    def evictions(self, store: Store) -> int:
+        """
+        How many entries ``store`` told its listener it evicted.
+        """
+        assert isinstance(store.on_evicted, Evictions)
+        return store.on_evicted.count
 
     def close_store(self, store: Store) -> None:
         """
@@ -554,7 +582,7 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.patch(store_module, "metadata_size", lambda key, headers: 0)
+        self.patch(core, "metadata_size", lambda key, headers: 0)
         self.clock = Clock()
         self.store = self.open_store(self.make_directory(), max_size=MB, clock=self.clock)
 
@@ -580,10 +608,10 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
             self.put_at("c", 50 * KB)  # t=3
             self.put_at("d", 400 * KB)  # t=4
             self.lookup_at("a")  # t=5: a is now more recent than b, c, d
-            self.assertEqual(self.store.counters.evictions, 0)
+            self.assertEqual(self.evictions(self.store), 0)
             self.put_at("e", 600 * KB)  # t=6: 1450 KB, b, c, d must go
             self.assertEqual(self.present(), {"a", "e"})
-            self.assertEqual(self.store.counters.evictions, 3)
+            self.assertEqual(self.evictions(self.store), 3)
             self.put_at("f", 50 * KB)  # t=7: 750 KB
             self.lookup_at("e")  # t=8
             self.put_at("g", 300 * KB)  # t=9: 1050 KB, a (t=5) goes
@@ -595,8 +623,7 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
             self.assertEqual(self.present(), {"f", "g", "h"})
         evicted = [e["key"] for e in events if e.get("log_format", "").startswith("Evicted")]
         self.assertEqual(evicted, ["b", "c", "d", "a", "e"])
-        self.assertEqual(self.store.counters.evictions, 5)
-        self.assertEqual(self.store.stats().evictions, 5)
+        self.assertEqual(self.evictions(self.store), 5)
         self.assertEqual(self.store.total_size, 550 * KB)
         for key in ("b", "c", "d", "a", "e"):
             self.assertIsNone(self.store.peek(key))
@@ -625,7 +652,7 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
             self.put_at(key, 200 * KB)
         self.put_at("u", 150 * KB)  # 1150 KB: only p must go
         self.assertEqual(self.present(), set("qrstu"))
-        self.assertEqual(self.store.counters.evictions, 1)
+        self.assertEqual(self.evictions(self.store), 1)
 
     def test_pending_access_counts_before_eviction(self) -> None:
         self.put_at("old", 400 * KB)
@@ -641,7 +668,7 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
         self.assertIsNotNone(entry)
         self.assertEqual(self.present(), {"whole"})
         self.assertEqual(self.store.total_size, MB)
-        self.assertEqual(self.store.counters.evictions, 2)
+        self.assertEqual(self.evictions(self.store), 2)
 
     def test_object_larger_than_cache_not_stored(self) -> None:
         self.put_at("a", 100 * KB)
@@ -659,7 +686,7 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
         self.assertIsNone(self.store.peek("huge"))
         # The room its first MB took in tmp/ was made by evicting.
         self.assertEqual(self.present(), set())
-        self.assertEqual(self.store.counters.evictions, 1)
+        self.assertEqual(self.evictions(self.store), 1)
         self.assertEqual(self.store.total_size, 0)
         self.assertEqual(read_all(reader), body)
         self.assert_consistent(self.store)
@@ -685,7 +712,7 @@ class EvictionTests(StoreTestMixin, SynchronousTestCase):
         self.lookup_at("a")
         self.store.set_max_size(450 * KB)
         self.assertEqual(self.present(), {"d", "a"})
-        self.assertEqual(self.store.counters.evictions, 2)
+        self.assertEqual(self.evictions(self.store), 2)
         self.assert_consistent(self.store)
 
 
@@ -755,7 +782,7 @@ class RestartTests(StoreTestMixin, SynchronousTestCase):
 
     def setUp(self) -> None:
         # Rows cost nothing here (see EvictionTests).
-        self.patch(store_module, "metadata_size", lambda key, headers: 0)
+        self.patch(core, "metadata_size", lambda key, headers: 0)
         self.directory = self.make_directory()
         self.clock = Clock()
         self.bodies = {
@@ -782,7 +809,7 @@ class RestartTests(StoreTestMixin, SynchronousTestCase):
             stored.close()
         self.assertEqual(store.entry_count, len(self.bodies))
         self.assertEqual(store.total_size, sum(map(len, self.bodies.values())))
-        self.assertEqual(store.counters.evictions, 0)
+        self.assertEqual(self.evictions(store), 0)
         self.assert_consistent(store)
 
     def test_reconciliation(self) -> None:
@@ -825,7 +852,7 @@ class RestartTests(StoreTestMixin, SynchronousTestCase):
             assert stored is not None
             self.assertEqual(read_all(stored.fd), self.bodies[key])
             stored.close()
-        self.assertEqual(store.counters.evictions, 0)
+        self.assertEqual(self.evictions(store), 0)
         self.assert_consistent(store)
 
     def test_lower_max_size_on_reopen_evicts_lru(self) -> None:
@@ -845,7 +872,7 @@ class RestartTests(StoreTestMixin, SynchronousTestCase):
             {entry.key for entry in smaller.keys()},
             {"key-0", "key-2", "key-4", "key-5"},
         )
-        self.assertEqual(smaller.counters.evictions, 2)
+        self.assertEqual(self.evictions(smaller), 2)
         self.assertEqual(smaller.total_size, limit)
         self.assert_consistent(smaller)
 
@@ -1102,47 +1129,39 @@ class CrashWindowTests(StoreTestMixin, SynchronousTestCase):
 
 class StatsTests(StoreTestMixin, SynchronousTestCase):
     """
-    :meth:`Store.stats` is a snapshot of the counters and the size.
+    :meth:`Store.stats` is a snapshot of the size; evictions are told to
+    the store's listener, which the store itself does not count.
     """
 
     def test_snapshot(self) -> None:
         store = self.open_store(self.make_directory(), max_size=MB)
         self.assertEqual(
-            store.stats(),
-            StoreStats(
-                hits=0, misses=0, revalidations=0, bytes_from_cache=0,
-                bytes_from_upstream=0, evictions=0, prefetches=0, prefetch_hits=0,
-                entries=0, bytes_stored=0, max_size=MB,
-            ),
+            store.stats(), StoreStats(entries=0, bytes_stored=0, max_size=MB)
         )
         self.put(store, "a", body_of(600 * KB, "a"))
         self.put(store, "b", body_of(300 * KB, "b"))
         self.put(store, "c", body_of(200 * KB, "c"))  # evicts a
-        store.counters.hits += 3
-        store.counters.misses += 2
-        store.counters.revalidations += 1
-        store.counters.bytes_from_cache += 1234
-        store.counters.bytes_from_upstream += 5678
-        store.counters.prefetches += 4
-        store.counters.prefetch_hits += 3
         rows = sum(store_module.metadata_size(key, "{}") for key in "bc")
         snapshot = store.stats()
         self.assertEqual(
             snapshot,
             StoreStats(
-                hits=3, misses=2, revalidations=1, bytes_from_cache=1234,
-                bytes_from_upstream=5678, evictions=1, prefetches=4, prefetch_hits=3,
                 entries=2, bytes_stored=500 * KB + rows, max_size=MB,
                 bytes_metadata=rows,
             ),
         )
-        store.counters.hits += 1
+        assert isinstance(store.on_evicted, Evictions)
+        self.assertEqual(
+            (store.on_evicted.count, store.on_evicted.bytes),
+            (1, 600 * KB + store_module.metadata_size("a", "{}")),
+        )
+        self.assertFalse(hasattr(snapshot, "hits"))
         store.remove("b")
-        self.assertEqual((snapshot.hits, snapshot.entries), (3, 2))
+        self.assertEqual(snapshot.entries, 2)
         later = store.stats()
         self.assertEqual(
-            (later.hits, later.entries, later.bytes_stored),
-            (4, 1, 200 * KB + store_module.metadata_size("c", "{}")),
+            (later.entries, later.bytes_stored),
+            (1, 200 * KB + store_module.metadata_size("c", "{}")),
         )
 
     def test_stored_object_close_is_idempotent(self) -> None:
@@ -1201,7 +1220,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_older_index_migrated_and_served(self) -> None:
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", CURRENT + (Migration("add a note", _add_note_column),))
+        self.patch(schema, "MIGRATIONS", CURRENT + (Migration("add a note", _add_note_column),))
         with capturedLogs() as events:
             store = self.open_store(directory)
         stored = store.lookup(MIGRATED_KEY)
@@ -1235,7 +1254,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(self.version(directory), 1)
         with capturedLogs() as events:
             store = self.open_store(directory)
-        self.assertEqual(self.version(directory), 1 + len(store_module.MIGRATIONS))
+        self.assertEqual(self.version(directory), 1 + len(schema.MIGRATIONS))
         expected = {
             "http://mirror.test/alpine/v3.20/main/x86_64/curl-8.9.0-r0.apk": b"apk",
             "http://127.0.0.1:8080/pool/a_1_amd64.deb": b"deb",
@@ -1256,7 +1275,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual([(e["old"], e["new"], e["dropped"]) for e in migrated], [(1, 2, 0)])
 
     def test_new_index_goes_through_every_step(self) -> None:
-        self.patch(store_module, "MIGRATIONS", CURRENT + (Migration("add a note", _add_note_column),))
+        self.patch(schema, "MIGRATIONS", CURRENT + (Migration("add a note", _add_note_column),))
         directory = self.make_directory()
         with capturedLogs() as events:
             self.close_store(self.open_store(directory))
@@ -1267,7 +1286,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_dropped_rows_lose_their_files(self) -> None:
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", CURRENT + (Migration("start over", _drop_everything),))
+        self.patch(schema, "MIGRATIONS", CURRENT + (Migration("start over", _drop_everything),))
         with capturedLogs() as events:
             store = self.open_store(directory)
         self.assertIsNone(store.lookup(MIGRATED_KEY))
@@ -1287,7 +1306,7 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
         source digest, and a new entry records one.
         """
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", CURRENT)
+        self.patch(schema, "MIGRATIONS", CURRENT)
         store = self.open_store(directory)
         stored = store.lookup(MIGRATED_KEY)
         assert stored is not None
@@ -1311,12 +1330,12 @@ class MigrationTests(StoreTestMixin, SynchronousTestCase):
 
     def test_failed_step_leaves_the_old_version(self) -> None:
         directory = self.stored_directory()
-        self.patch(store_module, "MIGRATIONS", CURRENT + (Migration("fails", _fail_half_way),))
+        self.patch(schema, "MIGRATIONS", CURRENT + (Migration("fails", _fail_half_way),))
         error = self.assertRaises(StoreError, self.open_store, directory)
         self.assertIn(f"left at version {CURRENT_VERSION}", str(error))
         self.assertEqual(self.version(directory), CURRENT_VERSION)
         self.assertNotIn("half", self.columns(directory))
-        self.patch(store_module, "MIGRATIONS", CURRENT)
+        self.patch(schema, "MIGRATIONS", CURRENT)
         store = self.open_store(directory)
         self.assertIsNotNone(store.peek(MIGRATED_KEY))
         self.close_store(store)
@@ -1386,7 +1405,7 @@ class MetadataTests(StoreTestMixin, SynchronousTestCase):
             self.assertLessEqual(stats.bytes_stored, 400 * KB)
         # Six 60 KB rows fit in 400 KB: the older ones were evicted.
         self.assertEqual(self.store.stats().entries, 6)
-        self.assertEqual(self.store.counters.evictions, 6)
+        self.assertEqual(self.evictions(self.store), 6)
         self.assertEqual(self.store.total_size, 0)
         stats = self.store.stats()
         self.assertGreater(stats.bytes_metadata, 6 * 60 * KB)
@@ -1430,7 +1449,7 @@ class MetadataTests(StoreTestMixin, SynchronousTestCase):
 
     def test_rows_kept_bounded_in_bytes(self) -> None:
         self.store.set_max_size(64 * MB)
-        self.patch(store_module, "ROWS_BYTES_KEPT", 200 * KB)
+        self.patch(reader, "ROWS_BYTES_KEPT", 200 * KB)
         for index in range(8):
             self.put(self.store, f"k{index}", b"", self.big_headers(f"{index:02d}"))
         for index in range(8):
@@ -1479,7 +1498,7 @@ class MetadataTests(StoreTestMixin, SynchronousTestCase):
         self.assertFalse(writer.reserve(200 * KB))
         self.assertTrue(writer.reserve(90 * KB))
         self.assertIsNotNone(self.store.peek("old"))
-        self.assertEqual(self.store.counters.evictions, 0)
+        self.assertEqual(self.evictions(self.store), 0)
         writer.abort()
         self.assertEqual(self.store.reserved, 0)
 
@@ -1520,7 +1539,7 @@ class MetadataTests(StoreTestMixin, SynchronousTestCase):
         Bodies held outside the limit hold room against
         uncounted_limit(), together: past it, NoRoom.
         """
-        self.patch(store_module, "UNCOUNTED_LIMIT", 300 * KB)
+        self.patch(objects, "UNCOUNTED_LIMIT", 300 * KB)
         first = self.store.writer("a")
         second = self.store.writer("b")
         self.assertFalse(first.reserve(500 * KB))
@@ -1550,7 +1569,7 @@ def make_version_1_cache(
     db = sqlite3.connect(os.path.join(directory, INDEX_NAME))
     try:
         db.executescript(
-            "BEGIN;" + store_module._SCHEMA
+            "BEGIN;" + schema._SCHEMA
             + f"PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1; COMMIT;"
         )
     finally:

@@ -142,15 +142,15 @@ class ActivityCollector(Collector):
             "buildcache_evictions",
             "Objects removed from the store to stay under its size limit.",
         )
-        evictions.add_metric([], stats.evictions)
+        evictions.add_metric([], self.activity.evictions)
         yield evictions
         for name, documentation, value in (
             ("buildcache_prefetches",
              "Distribution files read ahead after a client read their metadata.",
-             stats.prefetches),
+             self.store.counters.prefetches),  # removed after merge
             ("buildcache_prefetch_hits",
              "Read-ahead files that a client asked for afterwards.",
-             stats.prefetch_hits),
+             self.store.counters.prefetch_hits),  # removed after merge
         ):
             counter = CounterMetricFamily(name, documentation)
             counter.add_metric([], value)

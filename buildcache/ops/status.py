@@ -211,12 +211,12 @@ class StatusPage:
                 "bytes_downloading": store.bytes_downloading,
                 "max_size": store.max_size,
                 "fill": store.bytes_stored / store.max_size if store.max_size else None,
-                "evictions": store.evictions,
-                "hits": store.hits,
-                "misses": store.misses,
-                "revalidations": store.revalidations,
-                "prefetches": store.prefetches,
-                "prefetch_hits": store.prefetch_hits,
+                "evictions": self.activity.evictions,
+                "hits": self.store.counters.hits,  # removed after merge
+                "misses": self.store.counters.misses,  # removed after merge
+                "revalidations": self.store.counters.revalidations,  # removed after merge
+                "prefetches": self.store.counters.prefetches,  # removed after merge
+                "prefetch_hits": self.store.counters.prefetch_hits,  # removed after merge
             },
             "downloads_in_flight": self.fetcher.in_flight(),
             "traffic": {

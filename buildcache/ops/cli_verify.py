@@ -1,0 +1,159 @@
+"""
+``buildcache verify``: the store re-hashes every body
+(:func:`buildcache.store.verify_bodies`); this module then checks the
+stored packages and files against the stored indexes that describe them
+(an apk package against its ``APKINDEX.tar.gz``, a pip file against its
+project page), which needs the ecosystems' knowledge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from urllib.parse import quote
+
+from attrs import frozen
+from twisted.logger import Logger
+
+from buildcache.ecosystems.apk.check import directory_prefix, read_control_checksum
+from buildcache.ecosystems.apk.index import (
+    ApkIndexError,
+    parse_compact_apkindex,
+    stale_reason,
+)
+from buildcache.ecosystems.pypi.index import page_digests
+from buildcache.ecosystems.pypi.model import SimplePageError, parse_page
+from buildcache.ops.cli_keys import PAGE_PREFIX, entry_kind, key_filename
+from buildcache.store import BodyCheck, Entry, OfflineIndex, verify_bodies
+from buildcache.store.maintenance import Progress
+
+log = Logger(namespace="buildcache.ops.cli")
+
+
+@frozen
+class VerifyResult:
+    """
+    What ``verify`` found: the store's check of every body (its corrupt
+    and missing entries were removed), and the entries their current
+    stored index describes differently (an apk package rebuilt under the
+    same name, a file whose project page now gives another sha256),
+    removed too.
+    """
+
+    bodies: BodyCheck
+    stale: tuple[tuple[Entry, str], ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        return not self.bodies.corrupt and not self.bodies.missing and not self.stale
+
+
+def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResult:
+    """
+    Re-hash every entry that has a known sha256 and remove those whose file
+    is missing or differs; then remove the entries their current stored
+    index describes differently: an apk package whose ``APKINDEX.tar.gz``
+    lists another size or control checksum, a pip file whose project page
+    gives another sha256.
+
+    An entry the server replaced or evicted while it was being checked is
+    neither reported nor touched: the removal only deletes a row that
+    still names the file that was checked.
+    """
+    apk_indexes: list[Entry] = []
+    pages: list[Entry] = []
+    packages: dict[str, list[Entry]] = {}
+
+    def sort(row: Entry) -> None:
+        if row.key.startswith(PAGE_PREFIX):
+            pages.append(row)
+        elif key_filename(row.key) == "APKINDEX.tar.gz":
+            apk_indexes.append(row)
+        elif entry_kind(row.key) == "apk":
+            packages.setdefault(directory_prefix(row.key), []).append(row)
+
+    bodies = verify_bodies(index, progress, sort)
+    gone = {row.key for row, _ in bodies.corrupt} | {row.key for row in bodies.missing}
+    stale: list[tuple[Entry, str]] = []
+    for row, reason in [
+        *_stale_packages(index, apk_indexes, packages, gone),
+        *_stale_files(index, pages, gone),
+    ]:
+        if index.remove([row]):
+            log.warn("Removed stale {key}: {reason}", key=row.key, reason=reason)
+            stale.append((row, reason))
+    return VerifyResult(bodies, tuple(stale))
+
+
+def _stale_packages(
+    index: OfflineIndex,
+    apk_indexes: Sequence[Entry],
+    packages: Mapping[str, Sequence[Entry]],
+    gone: set[str],
+) -> Iterator[tuple[Entry, str]]:
+    """
+    The apk packages whose stored ``APKINDEX.tar.gz`` (the current one)
+    lists them with another size or control checksum.
+    """
+    for index_row in apk_indexes:
+        beside = packages.get(directory_prefix(index_row.key), ())
+        path = index.object_path(index_row)
+        if not beside or path is None or index_row.key in gone:
+            continue
+        try:
+            with open(path, "rb") as f:
+                compact = parse_compact_apkindex(f)
+        except (OSError, ApkIndexError) as error:
+            log.warn(
+                "Cannot check packages against {key}: {error}",
+                key=index_row.key, error=str(error),
+            )
+            continue
+        for row in beside:
+            facts = compact.get(key_filename(row.key))
+            if facts is None or row.key in gone:
+                continue
+            checksum = row.source_digest
+            package_path = index.object_path(row)
+            if checksum is None and row.size == facts.size and package_path:
+                checksum = read_control_checksum(package_path, row.size)
+            reason = stale_reason(facts, row.size, checksum)
+            if reason is not None:
+                yield row, f"{reason} (in {index_row.key})"
+
+
+def _stale_files(
+    index: OfflineIndex, pages: Sequence[Entry], gone: set[str]
+) -> Iterator[tuple[Entry, str]]:
+    """
+    The pip files whose sha256 differs from the one their stored project
+    page gives.
+    """
+    for page_row in pages:
+        _, upstream, name = page_row.key.split("|", 2)
+        path = index.object_path(page_row)
+        if path is None or page_row.key in gone:
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            page = parse_page(
+                data, page_row.headers.get("content-type"),
+                f"{upstream}/{quote(name)}/",
+            )
+        except (OSError, SimplePageError) as error:
+            log.warn(
+                "Cannot check files against {key}: {error}",
+                key=page_row.key, error=str(error),
+            )
+            continue
+        digests = page_digests(page)
+        stored = {
+            key: row for key in digests
+            if key not in gone and (row := index.row(key)) is not None
+        }
+        for key, row in stored.items():
+            if row.sha256 is not None and row.sha256.lower() != digests[key]:
+                yield row, (
+                    f"sha256 {row.sha256} stored, the page of {name} gives"
+                    f" {digests[key]}"
+                )
