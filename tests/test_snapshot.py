@@ -96,6 +96,19 @@ class SnapshotTests(SynchronousTestCase):
         self.assertEqual(snapshot["read_aheads_running"], 3)
         self.assertEqual(snapshot["downloads_in_flight"], 3)
 
+    def test_without_fetcher(self) -> None:
+        """
+        A process that fetches nothing (a hit worker) has nothing in
+        flight.
+        """
+        snapshot = SnapshotSources(
+            self.processes.config, self.processes.store, None, self.activity,
+            self.processes.clock,
+        ).snapshot()
+        self.assertEqual(
+            (snapshot["downloads_in_flight"], snapshot["read_aheads_running"]), (0, 0)
+        )
+
     def test_latency(self) -> None:
         """
         The upstream latency histogram is cumulative per bound, as

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
+from buildcache.ops.activity import Totals
 from buildcache.ops.snapshot import (
     FrontEndFigures,
     Latency,
@@ -19,7 +20,7 @@ from buildcache.ops.snapshot import (
     TrafficBucket,
     UpstreamFigures,
     assemble,
-    hit_ratio,
+    front_end_figures,
     sum_statuses,
     top_names,
 )
@@ -38,9 +39,13 @@ def combine(snapshots: Sequence[Snapshot]) -> Snapshot:
     first = snapshots[0]
     if len(snapshots) == 1:
         return first
+    # In order of first appearance, so the known front ends keep theirs.
     front_ends = {
-        name: _front_end([s["front_ends"][name] for s in snapshots if name in s["front_ends"]])
-        for name in _names(s["front_ends"] for s in snapshots)
+        name: _front_end(name, [figures for _, figures in parts])
+        for name, parts in _grouped(
+            (part for s in snapshots for part in s["front_ends"].items()),
+            lambda part: part[0],
+        ).items()
     }
     top: Counter[tuple[str, str]] = Counter()
     for snapshot in snapshots:
@@ -73,14 +78,6 @@ def combine(snapshots: Sequence[Snapshot]) -> Snapshot:
     )
 
 
-def _names(tables: Iterable[dict[str, _T]]) -> list[str]:
-    # In order of first appearance, so the known front ends keep theirs.
-    names: dict[str, None] = {}
-    for table in tables:
-        names.update(dict.fromkeys(table))
-    return list(names)
-
-
 def _grouped(items: Iterable[_T], key: Callable[[_T], _Key]) -> dict[_Key, list[_T]]:
     groups: dict[_Key, list[_T]] = {}
     for item in items:
@@ -88,20 +85,15 @@ def _grouped(items: Iterable[_T], key: Callable[[_T], _Key]) -> dict[_Key, list[
     return groups
 
 
-def _front_end(parts: Sequence[FrontEndFigures]) -> FrontEndFigures:
-    by_status = sum_statuses(part["by_status"] for part in parts)
-    from_cache = sum(part["bytes_from_cache"] for part in parts)
-    return {
-        "label": parts[0]["label"],
-        "requests": sum(part["requests"] for part in parts),
-        "by_status": by_status,
-        "errors": sum(part["errors"] for part in parts),
-        "bytes_from_cache": from_cache,
-        "bytes_from_upstream": sum(part["bytes_from_upstream"] for part in parts),
-        "bytes_saved": from_cache,
-        "bytes_sent_on_miss": sum(part["bytes_sent_on_miss"] for part in parts),
-        "hit_ratio": hit_ratio(by_status),
-    }
+def _front_end(name: str, parts: Sequence[FrontEndFigures]) -> FrontEndFigures:
+    return front_end_figures(name, Totals(
+        requests=sum(part["requests"] for part in parts),
+        by_status=Counter(sum_statuses(part["by_status"] for part in parts)),
+        bytes_from_cache=sum(part["bytes_from_cache"] for part in parts),
+        bytes_from_upstream=sum(part["bytes_from_upstream"] for part in parts),
+        bytes_sent_on_miss=sum(part["bytes_sent_on_miss"] for part in parts),
+        errors=sum(part["errors"] for part in parts),
+    ))
 
 
 def _store(parts: Sequence[StoreFigures]) -> StoreFigures:

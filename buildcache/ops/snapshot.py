@@ -343,12 +343,13 @@ def fill(bytes_stored: int, max_size: int) -> float | None:
 @define
 class SnapshotSources:
     """
-    What a snapshot of one server process is read from.
+    What a snapshot of one server process is read from.  A process that
+    fetches nothing (a hit worker) has no ``fetcher`` nor ``prefetcher``.
     """
 
     config: Config
     store: Store
-    fetcher: Downloads
+    fetcher: Downloads | None
     activity: Activity
     clock: IReactorTime
     prefetcher: ReadAheads | None = None
@@ -370,7 +371,7 @@ class SnapshotSources:
             started_at=self.started,
             front_ends=front_ends,
             store=self._store(sum_statuses(f["by_status"] for f in front_ends.values())),
-            downloads_in_flight=self.fetcher.in_flight(),
+            downloads_in_flight=0 if self.fetcher is None else self.fetcher.in_flight(),
             read_aheads_running=(
                 0 if self.prefetcher is None else self.prefetcher.running()
             ),
