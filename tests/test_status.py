@@ -437,6 +437,7 @@ class ServedFiguresTests(TestCase):
         await status.get("/up/files/other-1.0-r0.apk")
         stats = await status.stats()
         self.assertEqual(stats["store"]["evictions"], 1)
+        self.assertGreater(stats["store"]["bytes_evicted"], 150_000)
         self.assertEqual(stats["store"]["entries"], 1)
         self.assertEqual(
             stats["store"]["bytes_stored"], 150_000 + stats["store"]["bytes_metadata"]
@@ -444,7 +445,12 @@ class ServedFiguresTests(TestCase):
         self.assertEqual(stats["store"]["max_size"], 200_000)
         text = await status.metrics_text()
         self.assertEqual(sample(text, "buildcache_evictions_total"), 1)
+        self.assertEqual(
+            sample(text, "buildcache_evicted_bytes_total"), stats["store"]["bytes_evicted"]
+        )
         self.assertEqual(sample(text, "buildcache_store_entries"), 1)
+        page = parse_page(self, await status.page_html())
+        self.assertIn("Evictions 1", page.text("evictions"))
 
     async def test_pip_index_counted(self) -> None:
         """
@@ -592,6 +598,20 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(page.text("traffic-empty"), "No traffic in the last 24 hours")
         self.assertIn("No upstream contacted yet.", page.text("upstreams"))
         self.assertIn("0 B of 1 GiB", page.text("cache-fill"))
+
+    def test_evictions_and_read_ahead_shown(self) -> None:
+        """
+        Evictions and read-ahead show as the activity was told of them.
+        """
+        self.activity.evicted(2, 3 * 1024**2)
+        self.activity.read_ahead_started()
+        self.activity.read_ahead_started()
+        self.activity.read_ahead_claimed()
+        page = parse_page(self, self.render_html())
+        self.assertEqual(
+            page.text("evictions"), "Evictions 2 3 MiB freed to stay under the limit"
+        )
+        self.assertEqual(page.text("prefetches"), "Read ahead 2 1 asked for since")
 
     def test_chart_geometry(self) -> None:
         """
@@ -821,6 +841,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(sample(decoded, "buildcache_prefetches_total"), 2)
         self.assertEqual(sample(decoded, "buildcache_prefetch_hits_total"), 1)
         self.assertEqual(sample(decoded, "buildcache_evictions_total"), 3)
+        self.assertEqual(sample(decoded, "buildcache_evicted_bytes_total"), 3000)
 
 
 class FormattingTests(SynchronousTestCase):

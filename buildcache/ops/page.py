@@ -131,7 +131,10 @@ def _fill_section(store: StoreFigures) -> str:
         f'<span class="{level}" style="width: {drawn:.1f}%"></span></div>\n'
         '<div class="figures">\n'
         + _figure("Objects", f"{store['entries']:,}", "entries")
-        + _figure("Evictions", f"{store['evictions']:,}", note="to stay under the limit")
+        + _figure(
+            "Evictions", f"{store['evictions']:,}", "evictions",
+            note=f"{human_bytes(store['bytes_evicted'])} freed to stay under the limit",
+        )
         + _figure(
             "Read ahead", f"{store['prefetches']:,}", "prefetches",
             note=f"{store['prefetch_hits']:,} asked for since",
