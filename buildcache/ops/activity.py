@@ -189,11 +189,7 @@ class Activity:
         """
         cache_status = exchange.cache or "none"
         sent = exchange.bytes_sent
-        totals = self.totals.get(exchange.front_end)
-        if totals is None:
-            # A front end not in FRONT_ENDS (the names come from the code,
-            # not from clients: the table stays small).
-            totals = self.totals[exchange.front_end] = Totals()
+        totals = self._totals(exchange.front_end)
         totals.requests += 1
         totals.by_status[cache_status] += 1
         if exchange.status >= 400 or not exchange.completed:
@@ -260,8 +256,16 @@ class Activity:
         """
         ``count`` body bytes arrived from an upstream for ``front_end``.
         """
-        self.totals.setdefault(front_end, Totals()).bytes_from_upstream += count
+        self._totals(front_end).bytes_from_upstream += count
         self._bucket(self.clock.seconds())[2] += count
+
+    def _totals(self, front_end: str) -> Totals:
+        totals = self.totals.get(front_end)
+        if totals is None:
+            # A front end not in FRONT_ENDS (the names come from the code,
+            # not from clients: the table stays small).
+            totals = self.totals[front_end] = Totals()
+        return totals
 
     def _health(self, url: str) -> UpstreamHealth | None:
         host = upstream_host_key(url)
