@@ -70,6 +70,10 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 class FrontEndFigures(TypedDict):
+    """
+    One front end's figures since start-up.
+    """
+
     label: str
     requests: int
     #: By cache status (``X-Cache``; "none" for refusals and errors).
@@ -86,6 +90,10 @@ class FrontEndFigures(TypedDict):
 
 
 class StoreFigures(TypedDict):
+    """
+    The store's fill, and what left it or was read ahead into it.
+    """
+
     entries: int
     #: Bodies and rows together: what counts against ``max_size``.
     bytes_stored: int
@@ -105,22 +113,38 @@ class StoreFigures(TypedDict):
 
 
 class TrafficBucket(TypedDict):
+    """
+    Bytes served in one bucket of the traffic series.
+    """
+
     start: float
     from_cache: int
     from_upstream: int
 
 
 class Traffic(TypedDict):
+    """
+    The last 24 hours, oldest bucket first, empty ones included.
+    """
+
     bucket_seconds: int
     buckets: list[TrafficBucket]
 
 
 class TopName(TypedDict):
+    """
+    One row of the most-requested table.
+    """
+
     name: str
     requests: int
 
 
 class UpstreamFigures(TypedDict):
+    """
+    One upstream host's health (times are Unix seconds).
+    """
+
     host: str
     successes: int
     errors: int
@@ -131,6 +155,10 @@ class UpstreamFigures(TypedDict):
 
 
 class LatencyBucket(TypedDict):
+    """
+    One bound of the upstream latency histogram.
+    """
+
     #: Upper bound, seconds.
     le: float
     #: Observations at most ``le`` (cumulative, as Prometheus counts).
@@ -138,6 +166,10 @@ class LatencyBucket(TypedDict):
 
 
 class Latency(TypedDict):
+    """
+    The upstream latency histogram.
+    """
+
     buckets: list[LatencyBucket]
     #: All observations (the ``+Inf`` bucket).
     count: int
@@ -145,11 +177,19 @@ class Latency(TypedDict):
 
 
 class MirrorShown(TypedDict):
+    """
+    A mirror route, its URL redacted.
+    """
+
     name: str
     url: str
 
 
 class ConfigShown(TypedDict):
+    """
+    The effective configuration, without secrets.
+    """
+
     proxy_endpoint: str
     index_endpoint: str
     cache_dir: str
