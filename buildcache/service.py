@@ -37,8 +37,8 @@ from buildcache.frontends.connections import ClientConnections
 from buildcache.frontends.proxy import OwnIndex, ProxyResource, Router
 from buildcache.frontends.sites import ProxySite, StrictSite
 from buildcache.ops.activity import Activity
-from buildcache.ops.metrics import Metrics
-from buildcache.ops.status import StatusPage, StatusResource
+from buildcache.ops.snapshot import SnapshotSources
+from buildcache.ops.status import StatusResource
 from buildcache.store import Store, StoreError, in_thread_pool
 
 #: Seconds between writes of batched access times.
@@ -116,8 +116,9 @@ class Server:
             index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT, connections=connections
         )
         status = StatusResource(
-            StatusPage(config, store, fetcher, activity, reactor),
-            Metrics(activity, store, fetcher),
+            SnapshotSources(
+                config, store, fetcher, activity, reactor, prefetcher=index.prefetcher
+            ).snapshot
         )
         proxy.status = index.status = status
         return cls(

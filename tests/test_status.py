@@ -19,22 +19,17 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyChannel
 
 from buildcache.config import Config, Mirror
 from buildcache.credentials import UpstreamCredentials, split_userinfo
+from buildcache.engine.events import Exchange
 from buildcache.ops.activity import BUCKETS, Activity
-from buildcache.ops.metrics import Metrics
-from buildcache.ops.status import (
-    StatusPage,
-    StatusResource,
-    human_bytes,
-    human_duration,
-    nice_maximum,
-    percent,
-    redact_text,
-)
+from buildcache.ops.chart import nice_maximum
+from buildcache.ops.human import human_bytes, human_duration, percent
+from buildcache.ops.metrics import render_metrics
+from buildcache.ops.page import render_page
+from buildcache.ops.snapshot import Snapshot, SnapshotSources, redact_text
+from buildcache.ops.status import StatusResource
 from buildcache.store import Store
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import (
@@ -162,24 +157,18 @@ def sample(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name}{labels} in:\n{text}")
 
 
-def finished_request(
+def finished(
     activity: Activity, front_end: str, name: str | None, cache_status: str | None,
     size: int, code: int = 200,
 ) -> None:
     """
-    Run one real ``twisted.web`` request (on an in-memory channel) through
-    ``activity``, as a front end would answer it.
+    Report one finished request to ``activity`` as the engine does.
     """
-    request = Request(DummyChannel(), False)
-    request.method = b"GET"
-    request.uri = f"/{name or 'x'}".encode()
-    request.clientproto = b"HTTP/1.1"
-    activity.track(request, front_end, name)
-    request.setResponseCode(code)
-    if cache_status is not None:
-        request.setHeader("x-cache", cache_status)
-    request.write(b"x" * size)
-    request.finish()
+    activity.exchange_finished(Exchange(
+        front_end=front_end, client="127.0.0.1", method="GET", url=f"/{name or 'x'}",
+        status=code, cache=cache_status, bytes_sent=size, duration=0.0, completed=True,
+        name=name,
+    ))
 
 
 @define
@@ -203,8 +192,7 @@ class StatusServer:
 
     running: Running
     activity: Activity
-    page: StatusPage
-    metrics: Metrics
+    sources: SnapshotSources
     status_port: int
     client: Client = field(factory=Client)
 
@@ -239,13 +227,12 @@ def start_status_server(
     running = start_server(testcase, config_changes, upstream)
     server = running.server
     activity = server.activity
-    page = StatusPage(server.config, running.store, server.fetcher, activity, reactor)
-    metrics = Metrics(activity, running.store, server.fetcher)
-    port = listen(StatusResource(page, metrics))
+    sources = SnapshotSources(server.config, running.store, server.fetcher, activity, reactor)
+    port = listen(StatusResource(sources.snapshot))
     testcase.addCleanup(port.stopListening)
     address = port.getHost()
     assert isinstance(address, IPv4Address)
-    status = StatusServer(running, activity, page, metrics, address.port)
+    status = StatusServer(running, activity, sources, address.port)
     testcase.addCleanup(lambda: Deferred.fromCoroutine(status.client.close()))
     return status
 
@@ -450,6 +437,7 @@ class ServedFiguresTests(TestCase):
         await status.get("/up/files/other-1.0-r0.apk")
         stats = await status.stats()
         self.assertEqual(stats["store"]["evictions"], 1)
+        self.assertGreater(stats["store"]["bytes_evicted"], 150_000)
         self.assertEqual(stats["store"]["entries"], 1)
         self.assertEqual(
             stats["store"]["bytes_stored"], 150_000 + stats["store"]["bytes_metadata"]
@@ -457,7 +445,12 @@ class ServedFiguresTests(TestCase):
         self.assertEqual(stats["store"]["max_size"], 200_000)
         text = await status.metrics_text()
         self.assertEqual(sample(text, "buildcache_evictions_total"), 1)
+        self.assertEqual(
+            sample(text, "buildcache_evicted_bytes_total"), stats["store"]["bytes_evicted"]
+        )
         self.assertEqual(sample(text, "buildcache_store_entries"), 1)
+        page = parse_page(self, await status.page_html())
+        self.assertIn("Evictions 1", page.text("evictions"))
 
     async def test_pip_index_counted(self) -> None:
         """
@@ -570,21 +563,26 @@ class PageTests(SynchronousTestCase):
         self.addCleanup(self.store.close)
         self.activity = Activity(self.clock)
         self.fetcher = NoDownloads()
-        self.page = StatusPage(
-            self.config, self.store, self.fetcher,  # type: ignore[arg-type]
-            self.activity, self.clock,
+        self.sources = SnapshotSources(
+            self.config, self.store, self.fetcher, self.activity, self.clock
         )
+
+    def stats(self) -> Snapshot:
+        return self.sources.snapshot()
+
+    def render_html(self) -> bytes:
+        return render_page(self.sources.snapshot())
 
     def test_object_size_limit_shown(self) -> None:
         """
         The configuration block gives --max-object-size (0: the whole size
         limit).
         """
-        page = parse_page(self, self.page.render_html())
+        page = parse_page(self, self.render_html())
         self.assertIn("Largest object stored 1 GiB", page.text("config"))
-        self.assertEqual(self.page.stats()["config"]["max_object_size"], 0)
-        self.page.config = attrs.evolve(self.config, max_object_size=2 * 1024**2)
-        page = parse_page(self, self.page.render_html())
+        self.assertEqual(self.stats()["config"]["max_object_size"], 0)
+        self.sources.config = attrs.evolve(self.config, max_object_size=2 * 1024**2)
+        page = parse_page(self, self.render_html())
         self.assertIn("Largest object stored 2 MiB", page.text("config"))
 
     def test_nothing_served(self) -> None:
@@ -592,7 +590,7 @@ class PageTests(SynchronousTestCase):
         A new server's page says there is no hit ratio yet and draws both
         series flat on the baseline.
         """
-        page = parse_page(self, self.page.render_html())
+        page = parse_page(self, self.render_html())
         self.assertEqual(page.text("hit-ratio"), "Hit ratio: n/a (nothing served yet)")
         self.assertEqual(page.text("requests"), "Requests 0")
         for line in ("chart-from-cache", "chart-from-upstream"):
@@ -601,17 +599,31 @@ class PageTests(SynchronousTestCase):
         self.assertIn("No upstream contacted yet.", page.text("upstreams"))
         self.assertIn("0 B of 1 GiB", page.text("cache-fill"))
 
+    def test_evictions_and_read_ahead_shown(self) -> None:
+        """
+        Evictions and read-ahead show as the activity was told of them.
+        """
+        self.activity.evicted(2, 3 * 1024**2)
+        self.activity.read_ahead_started()
+        self.activity.read_ahead_started()
+        self.activity.read_ahead_claimed()
+        page = parse_page(self, self.render_html())
+        self.assertEqual(
+            page.text("evictions"), "Evictions 2 3 MiB freed to stay under the limit"
+        )
+        self.assertEqual(page.text("prefetches"), "Read ahead 2 1 asked for since")
+
     def test_chart_geometry(self) -> None:
         """
         Each series is drawn in its own five-minute bucket, scaled to a
         round maximum that labels the top gridline.
         """
-        finished_request(self.activity, "mirror", "a.apk", "HIT", 4000)
+        finished(self.activity, "mirror", "a.apk", "HIT", 4000)
         self.clock.advance(3600)
         # The upstream series is what crossed the line, not what was sent.
         self.activity.upstream_received("mirror", 1000)
-        finished_request(self.activity, "mirror", "b.apk", "MISS", 10)
-        document = self.page.render_html()
+        finished(self.activity, "mirror", "b.apk", "MISS", 10)
+        document = self.render_html()
         page = parse_page(self, document)
         cache = step_heights(page.attribute("chart-from-cache", "d"))
         upstream = step_heights(page.attribute("chart-from-upstream", "d"))
@@ -625,7 +637,7 @@ class PageTests(SynchronousTestCase):
         for label in ("4 KiB", "2 KiB", "0 B", "now", "From cache", "From upstream"):
             self.assertIn(f">{label}</text>", chart)
         self.assertNotIn("traffic-empty", page.by_id)
-        stats = self.page.stats()
+        stats = self.stats()
         self.assertEqual(stats["traffic"]["buckets"][BUCKETS - 13]["from_cache"], 4000)
         self.assertEqual(stats["traffic"]["buckets"][BUCKETS - 1]["from_upstream"], 1000)
 
@@ -637,12 +649,12 @@ class PageTests(SynchronousTestCase):
         # A range of 100 bytes from a 300-byte download (counted as it
         # arrived, once), then the whole file from the cache.
         self.activity.upstream_received("proxy", 300)
-        finished_request(self.activity, "proxy", "libc6_2.36.deb", "MISS", 100)
-        finished_request(self.activity, "proxy", "libc6_2.36.deb", "HIT", 300)
-        finished_request(self.activity, "proxy", None, None, 20, code=403)
-        finished_request(self.activity, "index", "numpy", "REVALIDATED", 50)
-        finished_request(self.activity, "index", "numpy", "STALE", 50)
-        stats = self.page.stats()
+        finished(self.activity, "proxy", "libc6_2.36.deb", "MISS", 100)
+        finished(self.activity, "proxy", "libc6_2.36.deb", "HIT", 300)
+        finished(self.activity, "proxy", None, None, 20, code=403)
+        finished(self.activity, "index", "numpy", "REVALIDATED", 50)
+        finished(self.activity, "index", "numpy", "STALE", 50)
+        stats = self.stats()
         self.assertEqual(stats["requests"], 5)
         self.assertEqual(stats["errors"], 1)
         self.assertEqual(stats["hit_ratio"], 3 / 4)
@@ -654,7 +666,7 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(stats["front_ends"]["index"]["hit_ratio"], 1.0)
         self.assertEqual(stats["front_ends"]["proxy"]["by_status"]["none"], 1)
         self.assertEqual(stats["front_ends"]["mirror"]["hit_ratio"], None)
-        page = parse_page(self, self.page.render_html())
+        page = parse_page(self, self.render_html())
         self.assertEqual(page.text("hit-ratio"), "Hit ratio: 75.0%")
         self.assertIn("apk/apt proxy", page.text("front-end-proxy"))
         self.assertIn("Errors 1", page.text("front-end-proxy"))
@@ -669,8 +681,9 @@ class PageTests(SynchronousTestCase):
         first.
         """
         for rank in range(20):
-            self.activity.top_names[("mirror", f"pkg{rank:02d}.apk")] = 100 - rank
-        top = self.page.stats()["top"]["mirror"]
+            for _ in range(100 - rank):
+                finished(self.activity, "mirror", f"pkg{rank:02d}.apk", "HIT", 1)
+        top = self.stats()["top"]["mirror"]
         self.assertEqual(len(top), 15)
         self.assertEqual(top[0], {"name": "pkg00.apk", "requests": 100})
         self.assertEqual(top[-1], {"name": "pkg14.apk", "requests": 86})
@@ -685,13 +698,13 @@ class PageTests(SynchronousTestCase):
             "GET http://mirror-user:hunter2@127.0.0.1:1/alpine/x: connection refused",
         )
         for document in (
-            self.page.render_html().decode(), json.dumps(self.page.stats())
+            self.render_html().decode(), json.dumps(self.stats())
         ):
             for secret in ("hunter2", "s3cret", "mirror-user", "token:"):
                 self.assertNotIn(secret, document)
             self.assertIn("http://***@127.0.0.1:1/alpine", document)
             self.assertIn("https://***@127.0.0.1:2/simple", document)
-        page = parse_page(self, self.page.render_html())
+        page = parse_page(self, self.render_html())
         self.assertIn(
             "GET http://***@127.0.0.1:1/alpine/x: connection refused",
             page.text("upstreams"),
@@ -708,9 +721,9 @@ class PageTests(SynchronousTestCase):
         markup.
         """
         hostile = '<img src=x onerror="alert(1)">'
-        self.activity.top_names[("index", hostile)] += 1
+        finished(self.activity, "index", hostile, "MISS", 1)
         self.activity.upstream_failed("http://127.0.0.1:3/", hostile)
-        document = self.page.render_html()
+        document = self.render_html()
         page = parse_page(self, document)
         self.assertNotIn("img", page.tags)
         self.assertNotIn(b"<img", document)
@@ -724,10 +737,10 @@ class PageTests(SynchronousTestCase):
         """
         self.clock.advance(3 * 3600 + 12 * 60)
         self.fetcher.running = 2
-        stats = self.page.stats()
+        stats = self.stats()
         self.assertEqual(stats["uptime_seconds"], 3 * 3600 + 12 * 60)
         self.assertEqual(stats["downloads_in_flight"], 2)
-        document = self.page.render_html().decode()
+        document = self.render_html().decode()
         self.assertIn("up 3 h 12 min · 2 downloads in flight", document)
 
     def test_upstream_health_state(self) -> None:
@@ -739,19 +752,19 @@ class PageTests(SynchronousTestCase):
         self.clock.advance(10)
         self.activity.upstream_failed("http://127.0.0.1:4/a", "timed out")
         self.activity.stale_served("http://127.0.0.1:4/a")
-        document = self.page.render_html().decode()
+        document = self.render_html().decode()
         self.assertIn('<tr class="failing">', document)
         self.assertIn('data-label="Stale answers served">1</td>', document)
         self.clock.advance(10)
         self.activity.upstream_succeeded("http://127.0.0.1:4/a", 0.1)
-        document = self.page.render_html().decode()
+        document = self.render_html().decode()
         self.assertIn('<tr class="healthy">', document)
         self.assertNotIn('<tr class="failing">', document)
 
 
 class MetricsTests(SynchronousTestCase):
     """
-    The metrics registry on its own.
+    The metrics of a snapshot on their own.
     """
 
     def setUp(self) -> None:
@@ -760,17 +773,22 @@ class MetricsTests(SynchronousTestCase):
         self.addCleanup(self.store.close)
         self.activity = Activity(self.clock)
 
+    def metrics_of(self, activity: Activity) -> tuple[str, str]:
+        sources = SnapshotSources(
+            Config(cache_dir=self.mktemp()), self.store, NoDownloads(), activity, self.clock
+        )
+        text, content_type = render_metrics(sources.snapshot())
+        return text.decode(), content_type
+
     def test_private_registries(self) -> None:
         """
         Two servers in one process keep separate metrics, and the global
         registry holds none of them.
         """
-        first = Metrics(self.activity, self.store, NoDownloads())  # type: ignore[arg-type]
         other_activity = Activity(self.clock)
-        second = Metrics(other_activity, self.store, NoDownloads())  # type: ignore[arg-type]
-        finished_request(self.activity, "proxy", "a.apk", "HIT", 10)
-        first_text = first.render_metrics()[0].decode()
-        second_text = second.render_metrics()[0].decode()
+        finished(self.activity, "proxy", "a.apk", "HIT", 10)
+        first_text = self.metrics_of(self.activity)[0]
+        second_text = self.metrics_of(other_activity)[0]
         self.assertEqual(
             sample(first_text, "buildcache_requests_total", cache_status="HIT",
                    front_end="proxy"), 1,
@@ -789,16 +807,15 @@ class MetricsTests(SynchronousTestCase):
         Upstream latencies reported to the activity land in the histogram's
         buckets.
         """
-        metrics = Metrics(self.activity, self.store, NoDownloads())  # type: ignore[arg-type]
         self.activity.upstream_succeeded("http://127.0.0.1:5/x", 0.2)
         self.activity.upstream_succeeded("http://127.0.0.1:5/y", 3.0)
-        text, content_type = metrics.render_metrics()
+        decoded, content_type = self.metrics_of(self.activity)
         self.assertEqual(content_type, prometheus_client.CONTENT_TYPE_LATEST)
-        decoded = text.decode()
         name = "buildcache_upstream_latency_seconds"
         self.assertEqual(sample(decoded, f"{name}_bucket", le="0.1"), 0)
         self.assertEqual(sample(decoded, f"{name}_bucket", le="0.25"), 1)
         self.assertEqual(sample(decoded, f"{name}_bucket", le="5.0"), 2)
+        self.assertEqual(sample(decoded, f"{name}_bucket", le="+Inf"), 2)
         self.assertEqual(sample(decoded, f"{name}_count"), 2)
         self.assertAlmostEqual(sample(decoded, f"{name}_sum"), 3.2)
         self.assertEqual(
@@ -810,6 +827,21 @@ class MetricsTests(SynchronousTestCase):
                    host="127.0.0.1:5"),
             self.clock.seconds(),
         )
+
+    def test_read_ahead_and_evictions(self) -> None:
+        """
+        Read-ahead and evictions are counted from what the activity was
+        told, under the metric names the store's counters had.
+        """
+        self.activity.read_ahead_started()
+        self.activity.read_ahead_started()
+        self.activity.read_ahead_claimed()
+        self.activity.evicted(3, 3000)
+        decoded = self.metrics_of(self.activity)[0]
+        self.assertEqual(sample(decoded, "buildcache_prefetches_total"), 2)
+        self.assertEqual(sample(decoded, "buildcache_prefetch_hits_total"), 1)
+        self.assertEqual(sample(decoded, "buildcache_evictions_total"), 3)
+        self.assertEqual(sample(decoded, "buildcache_evicted_bytes_total"), 3000)
 
 
 class FormattingTests(SynchronousTestCase):

@@ -1,16 +1,22 @@
 """
 What the server has been doing: one record per finished request (the
 access log line, per-front-end totals, the 24-hour traffic series, the most
-requested names) and the health of each upstream.  The status page, the
-JSON stats and the Prometheus metrics all read from here; the front ends
-only call :meth:`Activity.track` and the fetcher reports upstream results.
+requested names), the health and latency of each upstream, read-ahead and
+evictions.
+
+:class:`Activity` implements the observer interfaces the layers below
+report through (:class:`buildcache.engine.events.CacheObserver`, which
+includes :class:`buildcache.fetch.events.FetchObserver`): its figures are
+fed by those methods only, and read by :mod:`buildcache.ops.snapshot`,
+from which the status page, the JSON stats and the metrics are made.
 """
 
 from __future__ import annotations
 
-import re
+from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
@@ -19,7 +25,7 @@ from twisted.web.server import Request
 
 from buildcache.access import upstream_host_key
 from buildcache.credentials import redact
-from buildcache.engine.events import Exchange
+from buildcache.engine.events import CacheObserver, Exchange
 from buildcache.turns import after_io
 
 #: Front ends, as they appear in stats and metric labels.
@@ -37,8 +43,12 @@ TOP_NAMES_KEPT = 2000
 OTHER_UPSTREAMS_KEPT = 64
 #: Longest upstream error message kept in a row.
 ERROR_MESSAGE_KEPT = 500
+#: Upper bounds (seconds) of the upstream latency histogram: from a nearby
+#: mirror's few milliseconds to a registry that takes the whole timeout.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
 _FROM_CACHE = frozenset({"HIT", "REVALIDATED", "STALE"})
-_USERINFO = re.compile(r"//[^/@]*@")
 
 
 @define
@@ -76,6 +86,23 @@ class Bucket:
 
 
 @define
+class LatencyHistogram:
+    """
+    Upstream latencies by :data:`LATENCY_BUCKETS`: plain counts, so that
+    the histograms of several processes add up.
+    """
+
+    #: Observations per bucket (not cumulative); the last one is over the
+    #: largest bound.
+    counts: list[int] = Factory(lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+@define
 class UpstreamHealth:
     """
     The last things one upstream (by host) did.
@@ -93,7 +120,10 @@ class UpstreamHealth:
 @define
 class Activity:
     """
-    Per-request accounting for one server.
+    The accounts of one server process.
+
+    The attributes are read by :mod:`buildcache.ops.snapshot`; only the
+    observer methods change them.
     """
 
     log = Logger()
@@ -116,8 +146,8 @@ class Activity:
     #: Entries (and their bytes) the store evicted to stay under its limit.
     evictions: int = 0
     bytes_evicted: int = 0
-    #: Observers of upstream latencies (the metrics' histogram).
-    latency_observers: list[Callable[[float], None]] = Factory(list)
+    #: Seconds from an upstream request to its response headers.
+    latency: LatencyHistogram = Factory(LatencyHistogram)
     #: Requests of this turn whose access lines are written after its
     #: responses.
     _unwritten: list[Exchange] = Factory(list)
@@ -128,6 +158,9 @@ class Activity:
         its ``X-Cache`` header: call once, when the front end starts
         answering it.  ``name`` is the package or project it was for, if
         any (for the most-requested table).
+
+        The old path, until every front end reports through the engine's
+        :meth:`exchange_finished`: it builds the same :class:`Exchange`.
         """
         started = self.clock.seconds()
 
@@ -150,11 +183,13 @@ class Activity:
 
     def exchange_finished(self, exchange: Exchange) -> None:
         """
-        Account for one finished request (see :class:`Exchange`).
+        Account for one finished request (see :class:`Exchange`): its
+        front end's totals, the traffic series, the most-requested table,
+        and its access line (written after this turn's responses).
         """
         cache_status = exchange.cache or "none"
         sent = exchange.bytes_sent
-        totals = self.totals[exchange.front_end]
+        totals = self._totals(exchange.front_end)
         totals.requests += 1
         totals.by_status[cache_status] += 1
         if exchange.status >= 400 or not exchange.completed:
@@ -221,10 +256,16 @@ class Activity:
         """
         ``count`` body bytes arrived from an upstream for ``front_end``.
         """
-        totals = self.totals.get(front_end)
-        if totals is not None:
-            totals.bytes_from_upstream += count
+        self._totals(front_end).bytes_from_upstream += count
         self._bucket(self.clock.seconds())[2] += count
+
+    def _totals(self, front_end: str) -> Totals:
+        totals = self.totals.get(front_end)
+        if totals is None:
+            # A front end not in FRONT_ENDS (the names come from the code,
+            # not from clients: the table stays small).
+            totals = self.totals[front_end] = Totals()
+        return totals
 
     def _health(self, url: str) -> UpstreamHealth | None:
         host = upstream_host_key(url)
@@ -249,8 +290,7 @@ class Activity:
         if health is not None:
             health.successes += 1
             health.last_success = self.clock.seconds()
-        for observe in self.latency_observers:
-            observe(latency)
+        self.latency.observe(latency)
 
     def upstream_failed(self, url: str, error: str) -> None:
         health = self._health(url)
@@ -274,3 +314,9 @@ class Activity:
         health = self._health(url)
         if health is not None:
             health.stale_served += 1
+
+
+if TYPE_CHECKING:
+    # mypy checks here that Activity implements the whole observer
+    # interface the engine, the fetcher and the store report through.
+    _OBSERVER: type[CacheObserver] = Activity

@@ -6,7 +6,7 @@ log observer from its ``--logger`` option, a dotted name, after the command
 line is parsed.  With ``--log-format json`` the options point that hook at
 :func:`json_observer`, which writes the same structured events as one JSON
 object per line, ready for a log shipper.  Nothing here logs secrets: the
-events themselves carry redacted URLs (see :func:`buildcache.ops.activity.redact`).
+events themselves carry redacted URLs (see :func:`buildcache.credentials.redact`).
 """
 
 from __future__ import annotations
