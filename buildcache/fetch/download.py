@@ -331,6 +331,8 @@ class Download:
         cannot be spooled; clients are answered now unless the request
         holds its answer until the body is checked.
         """
+        if self._phase is not Phase.CONNECTING:
+            raise IllegalTransition(self._phase, "a second body")
         self._status, self._headers = status, headers
         if isinstance(spool, OSError):
             self._to_memory(spool)

@@ -351,7 +351,9 @@ class Fetcher:
                 del self._downloads[request.key]
             else:
                 self._detached.remove(download)
-            download.settle()
+            if download.finished:
+                # (Not when its coroutine was closed with no outcome, at exit.)
+                download.settle()
             if not self.in_flight():
                 self._idle_waiters.fire()
 
