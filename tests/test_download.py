@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +38,7 @@ from buildcache.fetch.fetcher import Fetcher, upstream_client
 from buildcache.fetch.reader import WITHHELD_TAIL, DownloadBody
 from buildcache.fetch.request import UpstreamAnswer, UpstreamRequest
 from buildcache.store import IntegrityError, NoRoom, Store
+from tests.test_faults import failing_disk
 
 URL = "http://upstream.test/pkg.bin"
 KEY = "http://upstream.test/pkg.bin"
@@ -137,23 +137,6 @@ class Observer:
         self.failed.append((url, error))
 
 
-def failing_writes(errno_value: int, after: int) -> Any:
-    """
-    A ``Store.write_file`` that writes ``after`` bytes, then fails.
-    """
-    written = [0]
-
-    def write(fd: int, data: memoryview) -> int:
-        room = after - written[0]
-        if room <= 0:
-            raise OSError(errno_value, os.strerror(errno_value))
-        count = os.write(fd, data[:room])
-        written[0] += count
-        return count
-
-    return write
-
-
 def read_all(body: DownloadBody) -> bytes:
     return body.read(0, body.available())
 
@@ -178,6 +161,23 @@ class TransitionTests(StoreCase):
     """
     Every legal transition of a :class:`Download`, and illegal ones raising.
     """
+
+    def in_memory(self, readers: int = 1) -> tuple[Download, StringTransport, list[DownloadBody]]:
+        """
+        A download the disk refused, with ``readers`` readers at offset 0
+        and its upstream's transport.
+        """
+        download = self.download()
+        producer = StringTransport()
+        download.start_body(200, {}, OSError(errno.ENOSPC, "full"))
+        bodies = []
+        for _ in range(readers):
+            body = self.answer_of(download).body
+            assert body is not None
+            body.advance(0)
+            bodies.append(body)
+        download.upstream_connected(producer)
+        return download, producer, bodies
 
     def test_spooled_to_settled(self) -> None:
         download = self.download()
@@ -245,7 +245,7 @@ class TransitionTests(StoreCase):
         SPOOLING → IN_MEMORY when a write fails: readers read the bytes
         written from the file and the rest from memory.
         """
-        self.store.write_file = failing_writes(errno.EIO, after=4)
+        self.store.write_file = failing_disk(errno.EIO, after=4)
         download = self.download()
         download.start_body(200, {}, self.store.writer(KEY))
         answer = self.answer_of(download)
@@ -338,55 +338,37 @@ class TransitionTests(StoreCase):
         reader is more than MEMORY_BUFFER behind, and resumes once it has
         caught up.
         """
-        download = self.download()
-        producer = StringTransport()
-        download.start_body(200, {}, OSError(errno.ENOSPC, "full"))
-        answer = self.answer_of(download)
-        assert answer.body is not None
-        download.upstream_connected(producer)
-        answer.body.advance(0)
+        download, producer, (body,) = self.in_memory()
         download.take(b"a" * MEMORY_BUFFER)
         self.assertIs(download.phase, Phase.IN_MEMORY)
         download.take(b"b")
         self.assertIs(download.phase, Phase.HELD_BACK)
         self.assertEqual(producer.producerState, "paused")
         self.assertEqual(download.memory_held, MEMORY_BUFFER + 1)
-        answer.body.advance(MEMORY_BUFFER)
+        body.advance(MEMORY_BUFFER)
         self.assertIs(download.phase, Phase.IN_MEMORY)
         self.assertEqual(producer.producerState, "producing")
         self.assertEqual(download.memory_held, 1)
-        self.assertEqual(answer.body.read(MEMORY_BUFFER, 10), b"b")
+        self.assertEqual(body.read(MEMORY_BUFFER, 10), b"b")
 
     def test_laggards_dropped(self) -> None:
-        download = self.download()
-        producer = StringTransport()
-        download.start_body(200, {}, OSError(errno.ENOSPC, "full"))
-        slow, quick = self.answer_of(download), self.answer_of(download)
-        assert slow.body is not None and quick.body is not None
-        download.upstream_connected(producer)
-        slow.body.advance(0)
-        quick.body.advance(0)
+        download, producer, (slow, quick) = self.in_memory(readers=2)
         self.assertFalse(download.drop_laggards())
         download.take(b"a" * (MEMORY_BUFFER + 1))
-        quick.body.advance(MEMORY_BUFFER + 1)
+        quick.advance(MEMORY_BUFFER + 1)
         self.assertIs(download.phase, Phase.HELD_BACK)
         self.assertTrue(download.drop_laggards())
-        self.assertTrue(slow.body.dropped)
-        self.assertEqual(slow.body.read(0, 1), b"")
-        self.assertFalse(quick.body.dropped)
+        self.assertTrue(slow.dropped)
+        self.assertEqual(slow.read(0, 1), b"")
+        self.assertFalse(quick.dropped)
         self.assertIs(download.phase, Phase.IN_MEMORY)
         self.assertEqual(producer.producerState, "producing")
 
     def test_abandoned_when_the_last_reader_leaves(self) -> None:
-        download = self.download()
-        producer = StringTransport()
-        download.start_body(200, {}, OSError(errno.ENOSPC, "full"))
-        answer = self.answer_of(download)
-        assert answer.body is not None
-        download.upstream_connected(producer)
+        download, producer, (body,) = self.in_memory()
         self.assertIs(download.phase, Phase.IN_MEMORY)
         download.take(b"abc")
-        answer.body.close()
+        body.close()
         self.assertIs(download.phase, Phase.ABANDONED)
         self.assertTrue(download.abandoned)
         self.assertEqual(producer.producerState, "stopped")
@@ -691,7 +673,7 @@ class FetcherTests(StoreCase):
         self.assertEqual((read_all(body), body.failure()), (b"other", None))
 
     def test_joiner_with_a_digest_of_a_body_not_kept(self) -> None:
-        self.store.write_file = failing_writes(errno.ENOSPC, after=0)
+        self.store.write_file = failing_disk(errno.ENOSPC, after=0)
         unchecked, checked, response = self.joined_unchecked(b"wheel", b"wheel")
         response.finish()
         failure = self.failureResultOf(checked, CacheWriteError)
