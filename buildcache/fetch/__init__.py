@@ -7,6 +7,7 @@ Fetching from upstreams, below the engine and above the store:
   (``UpstreamRequest``, its join rule and ``VariantRule``) and gets back
   (``UpstreamAnswer``);
 - :mod:`~buildcache.fetch.download`: the download state machine;
+  :mod:`~buildcache.fetch.receiver`: the protocol its body arrives on;
   :mod:`~buildcache.fetch.reader`: one client's view of a download;
 - :mod:`~buildcache.fetch.client`: the HTTP client and header rules;
 - :mod:`~buildcache.fetch.connect`: guarded connections;

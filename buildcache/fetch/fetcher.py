@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from attrs import Factory, define
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,6 +62,7 @@ from buildcache.fetch.errors import (
 from buildcache.fetch.events import FetchObserver
 from buildcache.fetch.headlimit import head_too_large
 from buildcache.fetch.reader import WITHHELD_TAIL, DownloadBody, drained
+from buildcache.fetch.receiver import BodyReceiver
 from buildcache.fetch.request import (
     BodyVerifier,
     UpstreamAnswer,
@@ -104,71 +105,6 @@ __all__ = [
     "spool_plan",
     "upstream_client",
 ]
-
-
-class _BodyReceiver(Protocol):
-    """
-    Passes an upstream body to its download, resetting the idle timer on
-    every chunk, and runs the request's verifier over it.
-    """
-
-    def __init__(
-        self, download: Download, clock: IReactorTime, idle_timeout: float,
-        done: Deferred[None],
-    ):
-        self._download = download
-        self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._done = done
-        self._timer: IDelayedCall | None = None
-        verify = download.request.verify
-        self._verifier = verify(download.headers) if verify is not None else None
-        self.timed_out = False
-        self.verify_error: Exception | None = None
-        self.reason: Failure | None = None
-
-    def connectionMade(self) -> None:
-        self._arm()
-        # The transport of a response body is a producer proxy.
-        self._download.upstream_connected(IPushProducer(self.transport))
-
-    def _arm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout)
-        else:
-            self._timer = self._clock.callLater(self._idle_timeout, self._idle)
-
-    def _idle(self) -> None:
-        if self._download.drop_laggards():
-            # Held back by its readers, not silent on its own.
-            self._arm()
-            return
-        self.timed_out = True
-        IPushProducer(self.transport).stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._arm()
-        if not self._download.take(data):
-            return
-        if self._verifier is not None and self.verify_error is None:
-            try:
-                self._verifier.update(data)
-            except Exception as e:
-                self.verify_error = e
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._download.upstream_lost()
-        # A Failure passed to callback() would turn into an errback.
-        self.reason = reason
-        self._done.callback(None)
-
-    def verify(self) -> None:
-        if self.verify_error is not None:
-            raise self.verify_error
-        if self._verifier is not None:
-            self._verifier.finish()
 
 
 @define
@@ -501,7 +437,7 @@ class Fetcher:
             stored_key = request.key
         download.start_body(status, headers, self._spool_for(request, stored_key, storable, length))
         done: Deferred[None] = Deferred()
-        receiver = _BodyReceiver(download, self.clock, self.idle_timeout, done)
+        receiver = BodyReceiver(download, self.clock, self.idle_timeout, done)
         response.deliverBody(receiver)
         await done
         reason = receiver.reason
@@ -562,7 +498,7 @@ class Fetcher:
                 )
 
     def _check(
-        self, download: Download, receiver: _BodyReceiver, length: int | None,
+        self, download: Download, receiver: BodyReceiver, length: int | None,
         storable: bool,
     ) -> None:
         """
