@@ -351,6 +351,25 @@ class TransitionTests(StoreCase):
         self.assertEqual(download.memory_held, 1)
         self.assertEqual(body.read(MEMORY_BUFFER, 10), b"b")
 
+    def test_held_back_until_the_end(self) -> None:
+        """
+        HELD_BACK → COMPLETE (the last bytes came with the pause) and
+        HELD_BACK → FAILED.
+        """
+        for end in ("complete", "fail"):
+            download, producer, (body,) = self.in_memory()
+            download.take(b"a" * (MEMORY_BUFFER + 1))
+            self.assertIs(download.phase, Phase.HELD_BACK)
+            if end == "complete":
+                download.complete()
+                self.assertIs(download.phase, Phase.COMPLETE)
+                self.assertEqual(body.read(0, 2), b"aa")
+            else:
+                download.fail(Failure(UpstreamError("cut")))
+                self.assertIs(download.phase, Phase.FAILED)
+            self.assertTrue(body.finished())
+            download.settle()
+
     def test_laggards_dropped(self) -> None:
         download, producer, (slow, quick) = self.in_memory(readers=2)
         self.assertFalse(download.drop_laggards())

@@ -1,20 +1,26 @@
 """
 One upstream response on its way to its clients and to the store: the
-:class:`Download` state machine, and each client's view of it
-(:class:`DownloadBody`).
+:class:`Download` state machine.  Each client's view of it is a
+:class:`buildcache.fetch.reader.DownloadBody`.
 
 The fetcher (:mod:`buildcache.fetch.fetcher`) owns every download and
 moves it through its :class:`Phase` with the transition methods below;
 each checks the phase it leaves and raises :class:`IllegalTransition`
-otherwise.  Readers only read (:class:`DownloadBody`)::
+otherwise.  Readers only read, and report their progress::
 
-    CONNECTING ──start_body──▶ SPOOLING ──(disk refuses)──▶ IN_MEMORY ⇄ HELD_BACK
-        │   └───start_body (no room)──────────────────────────▲    │         │
-        │                            │                             ▼         ▼
-        ├─not_modified─▶ NOT_MODIFIED │                         ABANDONED ────┤
-        │                    │        ▼                                       ▼
-        └────────────────────┼──▶ COMPLETE ─────────▶ SETTLED ◀──────────  FAILED
-                             └────────────────────────▲  (any phase before COMPLETE may fail)
+    from                          method (event)                       to
+    CONNECTING                    start_body                           SPOOLING
+    CONNECTING                    start_body (no room, disk refused)   IN_MEMORY
+    CONNECTING                    not_modified (a 304)                 NOT_MODIFIED
+    SPOOLING                      take (a write fails)                 IN_MEMORY
+    IN_MEMORY                     take (slowest reader too far behind) HELD_BACK
+    HELD_BACK                     reader_moved, drop_laggards          IN_MEMORY
+    IN_MEMORY, HELD_BACK          abandon (nobody can use it)          ABANDONED
+    SPOOLING, IN_MEMORY,
+      HELD_BACK                   complete (whole and checked)         COMPLETE
+    any of the five above         fail                                 FAILED
+    NOT_MODIFIED, COMPLETE,
+      FAILED                      settle (stored, if it was to be)     SETTLED
 
 - ``SPOOLING``: the body goes to a spool file in the store, which every
   reader follows at its own pace.
