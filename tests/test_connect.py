@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -352,6 +353,25 @@ class HTTPClientTests(GuardTestCase):
             self.assertEqual(await readBody(response), b"hello from upstream")
         self.assertEqual(listener.accepted, 1)
         self.assertEqual(pool.maxPersistentPerHost, 8)
+
+    async def test_upstream_connections_are_not_logged(self) -> None:
+        """
+        The pool's per-connection client factories are quiet: no "Starting
+        factory" line for each upstream connection.
+        """
+        listener, port = self.listen(Site(Hello()), "127.0.0.1")
+        client = make_http_client(
+            reactor, AccessPolicy(allow_upstream=["127.0.0.1"]), 5.0, persistent=False
+        )
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        response = await client.get(f"http://127.0.0.1:{self.port_of(port)}/")
+        self.assertEqual(await readBody(response), b"hello from upstream")
+        self.assertEqual(listener.accepted, 1)
+        self.assertEqual(
+            [e for e in events if "factory" in str(e.get("log_format", "")).lower()], []
+        )
 
     async def test_configured_upstream_allowed_implicitly(self) -> None:
         listener, port = self.listen(Site(Hello()), "127.0.0.1")

@@ -40,7 +40,7 @@ from twisted.web.server import Site
 
 from buildcache.config import Mirror
 from buildcache.fetch.connect import UPSTREAM_READ_SIZE
-from buildcache.fetch.fetcher import MEMORY_BUFFER
+from buildcache.fetch.fetcher import MEMORY_BUFFER, Phase
 from buildcache.store import ObjectWriter, Store
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import (
@@ -853,7 +853,7 @@ class ClientFaultTests(FaultTestCase):
         reader.stall()
         fetcher = running.server.fetcher
         await until(lambda: fetcher.in_flight() == 1)
-        (download,) = fetcher._downloads.values()
+        (download,) = fetcher.running()
         peak = [0]
 
         def sample() -> None:
@@ -1061,16 +1061,16 @@ class DiskFaultTests(FaultTestCase):
         reader.stall()
         fetcher = running.server.fetcher
         await until(lambda: fetcher.in_flight() == 1)
-        (download,) = fetcher._detached or list(fetcher._downloads.values())
+        (download,) = fetcher.running()
         peak = [0]
 
         def sample() -> None:
-            peak[0] = max(peak[0], len(download._memory))
+            peak[0] = max(peak[0], download.memory_held)
             if not download.finished:
                 download.when_more(sample)
 
         sample()
-        await until(lambda: download._held_back)
+        await until(lambda: download.phase is Phase.HELD_BACK)
         self.assertLess(download.received, size)
         reader.read_again()
         await reader.answered
@@ -1102,8 +1102,8 @@ class DiskFaultTests(FaultTestCase):
         fetcher = running.server.fetcher
         # Both clients have joined the download before its first byte.
         await until(lambda: upstream.requests[PACKAGE] == 1)
-        (download,) = fetcher._downloads.values()
-        await until(lambda: len(download._bodies) == 2)
+        (download,) = fetcher.running()
+        await until(lambda: download.readers == 2)
         gate.callback(None)
         await reader.answered
         self.assertEqual(reader.digest.hexdigest(), sha256(data))

@@ -4,9 +4,6 @@ caps Twisted below its next major version, and these tests fail loudly if a
 Twisted in that range no longer has them (a silent ``getattr`` default would
 turn a renamed attribute into wrong behaviour).
 
-- ``HTTPConnectionPool._factory``: the pool's per-connection factory,
-  replaced to keep "Starting factory" lines out of the log
-  (``buildcache.fetch.connect``).
 - ``Request._disconnected``: whether the client has gone
   (``buildcache.engine.respond.client_gone``, ``buildcache.engine.body``).
 - ``FileDescriptor._tempDataLen``, ``dataBuffer`` and ``offset``: bytes a
@@ -26,7 +23,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -35,10 +31,6 @@ from tests.support import reactor
 
 
 class PrivateAttributeTests(SynchronousTestCase):
-    def test_pool_factory(self) -> None:
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.assertTrue(isinstance(pool._factory, type))
-
     def test_request_disconnected(self) -> None:
         held: list[Request] = []
 

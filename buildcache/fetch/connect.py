@@ -48,7 +48,6 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
-    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
@@ -56,12 +55,8 @@ from zope.interface import implementer
 
 from buildcache.access import AccessPolicy, normalize_host
 from buildcache.credentials import UpstreamCredentials
-from buildcache.fetch.fetcher import (
-    UpstreamClient,
-    UpstreamError,
-    UpstreamTimeout,
-    upstream_client,
-)
+from buildcache.fetch.client import UpstreamClient, upstream_client
+from buildcache.fetch.errors import TargetRefused, UpstreamError, UpstreamTimeout
 from buildcache.fetch.headlimit import HeadLimitedEndpointFactory
 
 __all__ = [
@@ -71,32 +66,6 @@ __all__ = [
     "make_http_client",
     "connect_tcp",
 ]
-
-
-class TargetRefused(UpstreamError):
-    """
-    The access policy forbids connecting to this upstream.
-
-    @ivar host: the host as requested.
-    @ivar port: the port requested.
-    @ivar address: the resolved address refused, or ``None`` when the host
-        name itself was refused (or no address was allowed and several were
-        refused: then ``str()`` names them all).
-    @ivar reason: the policy's explanation, fit for a 403 body.
-    """
-
-    counts_against_upstream = False
-    status = 403
-
-    def __init__(self, host: str, port: int, reason: str, address: str | None = None):
-        self.host = host
-        self.port = port
-        self.reason = reason
-        self.address = address
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if address is not None:
-            where = f"{where} ({address})"
-        super().__init__(f"refused to connect to {where}: {reason}")
 
 
 #: A reactor providing IReactorTCP, IReactorTime and (unless a resolver is
@@ -362,14 +331,6 @@ def guarded_endpoint(
     )
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """
-    Upstream connections come and go all day: no log line for each.
-    """
-
-    noisy = False
-
-
 def upstream_pool(
     reactor: _TCPReactor,
     persistent: bool = True,
@@ -384,7 +345,6 @@ def upstream_pool(
     pool = HTTPConnectionPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = max_persistent_per_host
     pool.cachedConnectionTimeout = cached_connection_timeout
-    pool._factory = _QuietClientFactory
     return pool
 
 

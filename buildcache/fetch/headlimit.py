@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -151,6 +152,15 @@ class _HeadLimitedProtocol(ProtocolWrapper):
 class _HeadLimitedFactory(WrappingFactory):
     protocol = _HeadLimitedProtocol
     noisy = False
+
+    def __init__(self, wrappedFactory: IProtocolFactory) -> None:
+        super().__init__(wrappedFactory)
+        # The agent's pool makes a client factory per connection, and
+        # Twisted logs the start and stop of every noisy factory: upstream
+        # connections come and go all day, so not one line for each.
+        # ``noisy`` is a public attribute of Factory.
+        if isinstance(wrappedFactory, Factory):
+            wrappedFactory.noisy = False
 
 
 @attrs.frozen

@@ -67,6 +67,7 @@ from buildcache.engine.respond import (
     serve_head,
     serve_stored,
 )
+from buildcache.engine.variants import URL_VARIANTS
 from buildcache.fetch.connect import TargetRefused
 from buildcache.fetch.fetcher import (
     STREAM_CHECKED_ABOVE,
@@ -466,7 +467,7 @@ class ProxyResource(Resource):
             ),
             storable=storable,
             follow_redirects=target.route != "proxy",
-            variants=True,
+            variants=URL_VARIANTS,
             revalidates=revalidates,
             front_end="proxy" if target.route == "proxy" else "mirror",
             operator_credentials=target.route != "proxy",

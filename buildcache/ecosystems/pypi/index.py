@@ -778,12 +778,11 @@ class IndexResource(Resource):
         if answer.status != 200:
             body.close()
             raise _UpstreamFailed(url, f"{url} answered {answer.status}")
-        download = body.download
         try:
             data = await _read_whole(body)
         except UpstreamError as e:
             raise _UpstreamFailed(url, f"{url}: {e}") from e
-        digest = download.sha256 or hashlib.sha256(data).hexdigest()
+        digest = body.digest() or hashlib.sha256(data).hexdigest()
         return _Fetched(data, answer.headers.get("content-type"), digest)
 
     def _parse(self, upstream: str, name: str, data: bytes, content_type: str | None) -> ProjectPage:
@@ -1092,41 +1091,10 @@ class IndexResource(Resource):
                 f"upstream answered {answer.status} for {url}",
             )
             return False
-        download = body.download
-        if download.request.expected_sha256 != expected:
-            # Joined a download started without this digest (the proxy
-            # port's): judge the whole body once it has ended.
-            await download.when_settled()
-            if download.failure is not None:
-                body.close()
-                send_error(
-                    request, 502,
-                    f"upstream {url} failed: {download.failure.getErrorMessage()}",
-                )
-                return False
-            if download.sha256 is None:
-                # Not kept on disk, so never hashed whole: unchecked bytes
-                # are not served from the index.
-                body.close()
-                self.log.error(
-                    "Cannot check {url} for project {name} against its page's"
-                    " sha256: the cache could not keep its body ({error})",
-                    url=url, name=name, error=str(download.spool_error),
-                )
-                send_error(
-                    request, 502,
-                    f"{url} could not be checked against the sha256 its index page"
-                    f" gives (the cache could not keep it: {download.spool_error})",
-                )
-                return False
-            if download.sha256 != expected:
-                body.close()
-                self._refuse_mismatch(
-                    request, name, url, f"received sha256 {download.sha256}"
-                )
-                return False
         # Checked (the answer waited for the whole body to match the page,
-        # or streams all but its tail until it does), or nothing to check
+        # or streams all but its tail until it does; one that joined a
+        # download started without the page's digest, the proxy port's,
+        # was checked by the fetcher once whole), or nothing to check
         # against: sent from the download while it is being stored.
         serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
         return not client_gone(request)

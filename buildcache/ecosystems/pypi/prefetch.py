@@ -39,6 +39,7 @@ from twisted.logger import Logger
 
 from buildcache.credentials import redact
 from buildcache.engine.keys import adopt_verified_twin, cache_key, find_stored
+from buildcache.engine.variants import URL_VARIANTS
 from buildcache.fetch.fetcher import Fetcher, UpstreamError, UpstreamRequest, drained
 from buildcache.store import IntegrityError, Store
 from buildcache.turns import Waiters, after_io
@@ -286,6 +287,6 @@ def file_request(
         expected_sha256=expected_sha256,
         follow_redirects=True,
         stream_before_check=may_be_large,
-        variants=True,
+        variants=URL_VARIANTS,
         front_end="index",
     )

@@ -1,0 +1,195 @@
+"""
+The HTTP client every upstream request goes through, and what crosses
+from an upstream response into the cache.
+
+:func:`upstream_client` builds the :class:`UpstreamClient`: bodies streamed
+as the upstream stores them (never decoded), redirects followed only when
+asked, the operator's credentials added on their own origins only.
+:func:`request_uri` encodes a URL as it goes on the wire.
+:data:`HOP_BY_HOP` and :data:`REPLAYED_HEADERS` say which response headers
+describe the connection and which are kept with a stored body
+(:func:`end_to_end_headers`, :func:`replayed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import frozen
+from hyperlink import EncodedURL
+from twisted.internet.defer import Deferred
+from twisted.web.client import RedirectAgent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
+
+from buildcache.credentials import CredentialsAgent, UpstreamCredentials
+
+#: Response headers that describe the connection, not the object.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+#: Response headers kept with a stored object and replayed to clients.
+REPLAYED_HEADERS = frozenset(
+    {
+        "content-type",
+        "etag",
+        "last-modified",
+        "cache-control",
+        "expires",
+        "date",
+        "content-disposition",
+        "content-language",
+        "vary",
+    }
+)
+
+
+def end_to_end_headers(headers: Headers) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for name, values in headers.getAllRawHeaders():
+        lower = name.decode("latin-1").lower()
+        if lower in HOP_BY_HOP:
+            continue
+        result[lower] = ", ".join(v.decode("latin-1") for v in values)
+    return result
+
+
+def replayed(headers: Mapping[str, str]) -> dict[str, str]:
+    """
+    The headers of ``headers`` kept with a stored body (see
+    :data:`REPLAYED_HEADERS`).
+    """
+    return {k: v for k, v in headers.items() if k in REPLAYED_HEADERS}
+
+
+@implementer(IAgent)
+@frozen
+class _IdentityEncodingAgent:
+    """
+    Asks for bodies as stored on the upstream, and hides the encoding of
+    one that comes encoded anyway from whatever would unpack it: a
+    ``.tar.gz`` served with ``Content-Encoding: gzip`` is the archive
+    itself, and unpacking it would break its digest.
+    """
+
+    agent: IAgent
+
+    async def _request(
+        self, method: bytes, uri: bytes, headers: Headers | None, body: Any
+    ) -> IResponse:
+        headers = headers.copy() if headers is not None else Headers()
+        headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        response = await self.agent.request(method, uri, headers, body)
+        encoding = response.headers.getRawHeaders(b"content-encoding")
+        if encoding:
+            response.headers.removeHeader(b"content-encoding")
+            response.headers.setRawHeaders(b"x-upstream-content-encoding", encoding)
+        return response
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None,
+        bodyProducer: Any = None,
+    ) -> Deferred[IResponse]:
+        return Deferred.fromCoroutine(self._request(method, uri, headers, bodyProducer))
+
+
+def request_uri(url: str) -> bytes:
+    """
+    The URI bytes an upstream request for ``url`` is sent with: non-ASCII
+    characters percent-encoded and the host IDNA-encoded, as treq sends
+    them, except that an IPv6 literal host is kept as it is (bracketed):
+    hyperlink would try to IDNA-encode it, and fail.
+
+    :raises ValueError: ``url`` cannot be encoded (hyperlink's message).
+    """
+    parsed = EncodedURL.from_text(url)
+    host = parsed.host
+    if ":" in host:
+        # hyperlink accepts the literal, then refuses it in to_uri().
+        parsed = parsed.replace(host=_IPV6_STAND_IN).to_uri().replace(host=host)
+    else:
+        parsed = parsed.to_uri()
+    return parsed.to_text().encode("ascii")
+
+
+#: A name hyperlink can encode, standing in for an IPv6 literal while the
+#: rest of the URL is encoded (see request_uri); never sent.
+_IPV6_STAND_IN = "ipv6-literal.invalid"
+
+
+@frozen
+class UpstreamClient:
+    """
+    How every upstream request is sent: streamed bodies, redirects followed
+    only when asked (each hop through ``agent``, so what ``agent`` adds,
+    such as configured credentials, is judged hop by hop), and no cookies
+    kept between clients.
+
+    The same ``request`` keywords as treq's ``HTTPClient`` (which this
+    replaces because it cannot request an IPv6 literal host).
+    """
+
+    agent: IAgent
+    #: The same without the operator's credentials (see ``request``).
+    anonymous_agent: IAgent | None = None
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Headers | None = None,
+        unbuffered: bool = True,
+        allow_redirects: bool = True,
+        operator_credentials: bool = True,
+    ) -> Deferred[IResponse]:
+        """
+        Send ``method`` for ``url``; bodies are always streamed
+        (``unbuffered`` is accepted for treq's signature).  Without
+        ``operator_credentials``, the credentials configured for upstreams
+        are not added even on their origins.
+
+        :raises ValueError: ``url`` cannot be requested (see
+            :func:`request_uri`), before any I/O.
+        """
+        uri = request_uri(url)
+        agent: IAgent = self.agent
+        if not operator_credentials and self.anonymous_agent is not None:
+            agent = self.anonymous_agent
+        if allow_redirects:
+            # Twisted's RedirectAgent drops a client's Authorization and
+            # Cookie headers when a redirect leaves the origin.
+            agent = RedirectAgent(agent)
+        return agent.request(
+            method.encode("ascii").upper(), uri,
+            headers.copy() if headers is not None else Headers(), None,
+        )
+
+    def get(self, url: str, **kwargs: Any) -> Deferred[IResponse]:
+        return self.request("GET", url, **kwargs)
+
+
+def upstream_client(
+    agent: IAgent, credentials: UpstreamCredentials | None = None
+) -> UpstreamClient:
+    """
+    The client every upstream request goes through: bodies as the upstream
+    stores them (see :class:`_IdentityEncodingAgent`), and the operator's
+    ``credentials`` added to requests for their own origins only.
+    """
+    inner: IAgent = _IdentityEncodingAgent(agent)
+    if credentials:
+        return UpstreamClient(CredentialsAgent(inner, credentials), inner)
+    return UpstreamClient(inner)

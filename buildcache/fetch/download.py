@@ -1,0 +1,613 @@
+"""
+One upstream response on its way to its clients and to the store: the
+:class:`Download` state machine.  Each client's view of it is a
+:class:`buildcache.fetch.reader.DownloadBody`.
+
+The fetcher (:mod:`buildcache.fetch.fetcher`) owns every download and
+moves it through its :class:`Phase` with the transition methods below;
+each checks the phase it leaves and raises :class:`IllegalTransition`
+otherwise.  Readers only read, and report their progress::
+
+    from                          method (event)                       to
+    CONNECTING                    start_body                           SPOOLING
+    CONNECTING                    start_body (no room, disk refused)   IN_MEMORY
+    CONNECTING                    not_modified (a 304)                 NOT_MODIFIED
+    SPOOLING                      take (a write fails)                 IN_MEMORY
+    IN_MEMORY                     take (slowest reader too far behind) HELD_BACK
+    HELD_BACK                     reader_moved, drop_laggards          IN_MEMORY
+    IN_MEMORY, HELD_BACK          abandon (nobody can use it)          ABANDONED
+    SPOOLING, IN_MEMORY,
+      HELD_BACK                   complete (whole and checked)         COMPLETE
+    any of the five above         fail                                 FAILED
+    NOT_MODIFIED, COMPLETE,
+      FAILED                      settle (stored, if it was to be)     SETTLED
+
+- ``SPOOLING``: the body goes to a spool file in the store, which every
+  reader follows at its own pace.
+- ``IN_MEMORY``: the disk refused it (full, failing, no room under the
+  limit): the bytes from there on are kept in memory for the readers
+  already attached, and nothing is stored.  ``HELD_BACK``: the upstream is
+  paused because the slowest streaming reader is more than
+  :data:`MEMORY_BUFFER` bytes behind; it resumes when that reader has
+  caught up, or when readers stuck for a whole idle timeout are dropped
+  (:meth:`Download.drop_laggards`).  So memory stays bounded and the
+  download goes at the pace of its slowest reader.
+- ``ABANDONED``: in memory, and nobody can use it (every reader left, or
+  it must be checked whole before anyone sees it): the upstream is
+  stopped, and the fetcher fails it.
+- ``COMPLETE``: whole and checked; readers get all of it while it is
+  being stored.  ``SETTLED``: ended, and stored if it was to be
+  (:meth:`Download.when_settled`).
+
+Clients get their :class:`UpstreamAnswer` when the body starts, or, for a
+request that holds its answer until the body is checked, when it is
+complete; a download that fails before that fails their answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from attrs import Factory, define, field
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from buildcache.credentials import redact
+from buildcache.fetch.reader import DownloadBody
+from buildcache.fetch.request import UpstreamAnswer, UpstreamRequest
+from buildcache.store import NoRoom, ObjectWriter, Store, mismatch
+from buildcache.turns import Waiters
+
+#: Checked files larger than this (or of unknown size) are streamed before
+#: their check ends (see :attr:`UpstreamRequest.stream_before_check`):
+#: holding a large file back until it has all arrived would leave its
+#: clients without a byte for longer than they wait (pip: 15 s).
+STREAM_CHECKED_ABOVE = 4 * 1024 * 1024
+
+#: Most bytes a download that cannot be spooled to disk keeps in memory for
+#: its slowest reader before it pauses the upstream.
+MEMORY_BUFFER = 1024 * 1024
+
+
+class Phase(enum.Enum):
+    """
+    Where a :class:`Download` is (see the module docstring).
+    """
+
+    CONNECTING = "connecting"
+    SPOOLING = "spooling"
+    IN_MEMORY = "in memory"
+    HELD_BACK = "held back"
+    ABANDONED = "abandoned"
+    NOT_MODIFIED = "not modified"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    SETTLED = "settled"
+
+
+_NEXT: dict[Phase, frozenset[Phase]] = {
+    Phase.CONNECTING: frozenset(
+        {Phase.SPOOLING, Phase.IN_MEMORY, Phase.NOT_MODIFIED, Phase.FAILED}
+    ),
+    Phase.SPOOLING: frozenset({Phase.IN_MEMORY, Phase.COMPLETE, Phase.FAILED}),
+    Phase.IN_MEMORY: frozenset(
+        {Phase.HELD_BACK, Phase.ABANDONED, Phase.COMPLETE, Phase.FAILED}
+    ),
+    Phase.HELD_BACK: frozenset(
+        {Phase.IN_MEMORY, Phase.ABANDONED, Phase.COMPLETE, Phase.FAILED}
+    ),
+    Phase.ABANDONED: frozenset({Phase.FAILED}),
+    Phase.NOT_MODIFIED: frozenset({Phase.SETTLED}),
+    Phase.COMPLETE: frozenset({Phase.SETTLED}),
+    Phase.FAILED: frozenset({Phase.SETTLED}),
+    Phase.SETTLED: frozenset(),
+}
+
+#: Phases in which body bytes arrive.
+_RECEIVING = frozenset({Phase.SPOOLING, Phase.IN_MEMORY, Phase.HELD_BACK})
+#: Phases in which the body goes on in memory.
+_MEMORY = frozenset({Phase.IN_MEMORY, Phase.HELD_BACK})
+#: Phases after which no byte will arrive.
+_ENDED = frozenset({Phase.NOT_MODIFIED, Phase.COMPLETE, Phase.FAILED, Phase.SETTLED})
+
+
+class IllegalTransition(Exception):
+    """
+    A download was asked to move to a phase it cannot reach from its own.
+    """
+
+    def __init__(self, current: Phase, wanted: Phase | str):
+        self.current = current
+        self.wanted = wanted
+        name = wanted.name if isinstance(wanted, Phase) else wanted
+        super().__init__(f"a download cannot go from {current.name} to {name}")
+
+
+def spool_plan(counted: bool, held: bool) -> str:
+    """
+    Where a body goes (or its bytes from now on), given whether room for
+    it is held under the size limit (``counted``: a declared length
+    reserved, or the room of a body of unknown length still growing), and
+    whether nobody may see it before its check (``held``):
+
+    - ``"spool"``: to its spool file, counted against ``--max-size``;
+    - ``"uncounted"``: to its spool file, holding room outside the limit
+      (see :func:`buildcache.store.uncounted_limit`): its check needs it
+      whole, so memory will not do, and refusing it would fail a request
+      the cache used to serve (an index page beside a large download);
+    - ``"memory"``: streamed to its readers from memory, not stored.
+    """
+    if counted:
+        return "spool"
+    if held:
+        return "uncounted"
+    return "memory"
+
+
+@define(eq=False)
+class Download:
+    """
+    One upstream request in flight, shared by every client of its key; a
+    state machine (see the module docstring) that the fetcher drives.
+    """
+
+    log = Logger()
+
+    request: UpstreamRequest
+    store: Store
+    #: Told of every body byte received (the activity's upstream count).
+    on_received: Callable[[int], None] | None = None
+    #: Told when the body goes on in memory: it no longer holds the bytes
+    #: a new client would need from the start (the fetcher stops sharing it).
+    on_unspooled: Callable[[Download], None] | None = None
+    #: Body bytes received so far.
+    received: int = field(default=0, init=False)
+    #: Bytes of the body in the spool file: all of them unless the body
+    #: went on in memory (see :attr:`spool_error`).
+    spooled: int = field(default=0, init=False)
+    _phase: Phase = field(default=Phase.CONNECTING, init=False)
+    _status: int = field(default=0, init=False)
+    _headers: dict[str, str] = field(factory=dict, init=False)
+    _spool_error: OSError | None = field(default=None, init=False)
+    _failure: Failure | None = field(default=None, init=False)
+    #: The failure its answer fails with: set when it failed before it
+    #: answered anyone.
+    _answer_failure: Failure | None = field(default=None, init=False)
+    _sha256: str | None = field(default=None, init=False)
+    _writer: ObjectWriter | None = field(default=None, init=False)
+    _read_fd: int = field(default=-1, init=False)
+    _settled_waiters: Waiters = field(default=Factory(Waiters), init=False)
+    _answer_waiters: list[Deferred[UpstreamAnswer]] = field(factory=list, init=False)
+    _more_waiters: list[Callable[[], None]] = field(factory=list, init=False)
+    _bodies: list[DownloadBody] = field(factory=list, init=False)
+    _memory: bytearray = field(factory=bytearray, init=False)
+    _memory_start: int = field(default=0, init=False)
+    _upstream: IPushProducer | None = field(default=None, init=False)
+    #: The digest of the body, carried on from the spool file's once the
+    #: body goes on in memory, so that a digest can still be checked.
+    _memory_hash: Any = field(default=None, init=False)
+
+    # -- what readers see -------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def status(self) -> int:
+        """
+        The upstream status (0 until the response head has arrived).
+        """
+        return self._status
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """
+        The end-to-end response headers (a copy).
+        """
+        return dict(self._headers)
+
+    @property
+    def finished(self) -> bool:
+        """
+        No more bytes will arrive (the body is whole, or failed).
+        """
+        return self._phase in _ENDED
+
+    @property
+    def settled(self) -> bool:
+        return self._phase is Phase.SETTLED
+
+    @property
+    def abandoned(self) -> bool:
+        return self._phase is Phase.ABANDONED
+
+    @property
+    def failure(self) -> Failure | None:
+        return self._failure
+
+    @property
+    def spool_error(self) -> OSError | None:
+        """
+        Why the body went on in memory (None while it is spooled).
+        """
+        return self._spool_error
+
+    @property
+    def sha256(self) -> str | None:
+        """
+        The digest of the whole body, once it has ended whole in its spool
+        file (None when it went on in memory).
+        """
+        return self._sha256
+
+    @property
+    def spool(self) -> ObjectWriter | None:
+        """
+        The spool file the body is written to; None once it went on in
+        memory (or before the body started).
+        """
+        return self._writer if self._spool_error is None else None
+
+    @property
+    def readers(self) -> int:
+        return len(self._bodies)
+
+    @property
+    def memory_held(self) -> int:
+        """
+        Bytes of the body held in memory for its slowest reader.
+        """
+        return len(self._memory)
+
+    def when_settled(self) -> Deferred[None]:
+        """
+        Fires once the download has ended and what it stores (if anything)
+        is in the store: later lookups of its key see it.
+        """
+        return self._settled_waiters.wait(self.settled)
+
+    def join(self) -> Deferred[UpstreamAnswer]:
+        """
+        Wait for the answer; see :class:`UpstreamAnswer`.
+        """
+        if self._answered:
+            return self._make_answer()
+        d: Deferred[UpstreamAnswer] = Deferred()
+        self._answer_waiters.append(d)
+        return d
+
+    def when_more(self, callback: Callable[[], None]) -> None:
+        if self.finished:
+            callback()
+        else:
+            self._more_waiters.append(callback)
+
+    def from_memory(self, offset: int, count: int) -> bytes:
+        start = offset - self._memory_start
+        if start < 0:
+            return b""
+        return bytes(self._memory[start:start + count])
+
+    def memory_mismatch(self) -> str | None:
+        """
+        For a body that went on in memory: why it is not the one its
+        request expects, or None.
+        """
+        if self._memory_hash is None:
+            return None
+        return mismatch(
+            self.received, self._memory_hash.hexdigest(),
+            self.request.expected_size, self.request.expected_sha256,
+        )
+
+    # -- transitions ------------------------------------------------------
+
+    def _go(self, phase: Phase) -> Phase:
+        """
+        Move to ``phase``; the phase left.
+        """
+        left = self._phase
+        if phase not in _NEXT[left]:
+            raise IllegalTransition(left, phase)
+        self._phase = phase
+        return left
+
+    def not_modified(self, headers: dict[str, str]) -> None:
+        """
+        CONNECTING → NOT_MODIFIED: a 304, with no body; its clients serve
+        their stored copy.
+        """
+        self._go(Phase.NOT_MODIFIED)
+        self._status, self._headers = 304, headers
+        self._answer()
+
+    def start_body(
+        self, status: int, headers: dict[str, str], spool: ObjectWriter | OSError
+    ) -> None:
+        """
+        CONNECTING → SPOOLING, or IN_MEMORY when ``spool`` is why the body
+        cannot be spooled; clients are answered now unless the request
+        holds its answer until the body is checked.
+        """
+        if self._phase is not Phase.CONNECTING:
+            raise IllegalTransition(self._phase, "a second body")
+        self._status, self._headers = status, headers
+        if isinstance(spool, OSError):
+            self._to_memory(spool)
+        else:
+            self._go(Phase.SPOOLING)
+            self._writer = spool
+            try:
+                self._read_fd = spool.reader_fd()
+            except OSError as e:
+                self._to_memory(e)
+        if not self.request.holds_until_checked:
+            self._answer()
+
+    def upstream_connected(self, producer: IPushProducer) -> None:
+        """
+        The body's transport: paused, resumed or stopped for the readers.
+        A download that cannot be kept, and that nobody could use, is
+        abandoned at once.
+        """
+        self._upstream = producer
+        self._abandon_if_useless()
+
+    def upstream_lost(self) -> None:
+        self._upstream = None
+
+    def take(self, data: bytes) -> bool:
+        """
+        Body bytes have arrived; False when the download is abandoned (the
+        bytes are dropped).
+        """
+        phase = self._phase
+        if phase is Phase.ABANDONED:
+            return False
+        if phase not in _RECEIVING:
+            raise IllegalTransition(phase, "receiving bytes")
+        if phase is Phase.SPOOLING:
+            writer = self._writer
+            assert writer is not None
+            try:
+                self._write(writer, data)
+            except OSError as e:
+                self._to_memory(e)
+            except sqlite3.Error as e:
+                # Making room failed in the index: as a failing disk.
+                self._to_memory(OSError(f"cache index: {e}"))
+            else:
+                self.spooled += len(data)
+        self.received += len(data)
+        if self.on_received is not None:
+            self.on_received(len(data))
+        if self._phase in _MEMORY:
+            self._memory_hash.update(data)
+            self._memory += data
+            # Keep only what a streaming reader still needs.
+            self.reader_moved()
+        self._notify()
+        if (
+            self._phase is Phase.IN_MEMORY
+            and self._upstream is not None
+            and len(self._memory) > MEMORY_BUFFER
+        ):
+            self._go(Phase.HELD_BACK)
+            self._upstream.pauseProducing()
+        if phase is Phase.SPOOLING and self._spool_error is not None:
+            return not self._abandon_if_useless()
+        return True
+
+    def complete(self) -> None:
+        """
+        RECEIVING → COMPLETE: the body is whole and has passed its checks.
+        Clients joining from now on (also while it is being stored) get its
+        length, and so ranges.
+        """
+        self._go(Phase.COMPLETE)
+        if self.spool is not None:
+            self._sha256 = self.spool.sha256
+        self._headers["content-length"] = str(self.received)
+        if self.request.holds_until_checked:
+            self._answer()
+        self._notify()
+
+    def fail(self, failure: Failure) -> None:
+        """
+        Any phase before COMPLETE → FAILED: nothing is stored; readers see
+        their responses cut short, and clients not yet answered get
+        ``failure``.
+        """
+        answered = self._answered
+        self._go(Phase.FAILED)
+        if self._writer is not None:
+            self._writer.abort()
+        self._failure = failure
+        if not answered:
+            self._answer_failure = failure
+            self._answer()
+        self._notify()
+
+    def settle(self) -> None:
+        """
+        COMPLETE, NOT_MODIFIED or FAILED → SETTLED: what it stores is in
+        the store (see :meth:`when_settled`).
+        """
+        self._go(Phase.SETTLED)
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+        self._settled_waiters.fire()
+
+    def abandon(self) -> None:
+        """
+        IN_MEMORY or HELD_BACK → ABANDONED: stop the upstream.
+        """
+        self._go(Phase.ABANDONED)
+        if self._upstream is not None:
+            self._upstream.stopProducing()
+
+    def _to_memory(self, error: OSError) -> None:
+        """
+        CONNECTING or SPOOLING → IN_MEMORY: the disk refused the body.
+        """
+        self._go(Phase.IN_MEMORY)
+        self._spool_error = error
+        self._memory_start = self.spooled
+        if self._writer is not None:
+            self._memory_hash = self._writer.hash_state()
+            # Readers' descriptors keep the bytes already written.
+            self._writer.abort()
+        else:
+            self._memory_hash = hashlib.sha256()
+        if self.on_unspooled is not None:
+            self.on_unspooled(self)
+        if isinstance(error, NoRoom):
+            self.log.info(
+                "Not storing {url} ({error}); streaming it to its clients"
+                " after {size} bytes in tmp/",
+                event="streamed_not_stored",
+                url=redact(self.request.url),
+                size=self.spooled,
+                error=str(error),
+            )
+            return
+        self.log.error(
+            "Cannot write {url} to the cache after {size} bytes: {error};"
+            " streaming it to its clients from memory, not storing it",
+            url=redact(self.request.url),
+            size=self.spooled,
+            error=str(error),
+        )
+
+    def _abandon_if_useless(self) -> bool:
+        """
+        Abandon a download in memory when nobody may see it before it is
+        checked, or nobody is reading it: it cannot be kept, so it is not
+        worth fetching.  (One streamed before its check is checked in
+        memory, see :meth:`memory_mismatch`.)
+        """
+        if self._phase not in _MEMORY or not (
+            self.request.holds_until_checked or not self._bodies
+        ):
+            return False
+        self.abandon()
+        return True
+
+    # -- readers ----------------------------------------------------------
+
+    def reader_moved(self) -> None:
+        """
+        Forget the bytes every streaming reader has passed, and let the
+        upstream go on once the slowest has caught up.
+        """
+        if self._spool_error is None:
+            return
+        positions = [b.position for b in self._bodies if b.position >= 0]
+        # A reader of a range may wait at an offset not yet received: the
+        # bytes kept start where the body has got to, at most.
+        floor = min(min(positions) if positions else self.received, self.received)
+        if floor > self._memory_start:
+            del self._memory[: floor - self._memory_start]
+            self._memory_start = floor
+        if (
+            self._phase is Phase.HELD_BACK
+            and self._upstream is not None
+            and len(self._memory) <= MEMORY_BUFFER // 2
+        ):
+            self._go(Phase.IN_MEMORY)
+            self._upstream.resumeProducing()
+
+    def reader_closed(self, body: DownloadBody) -> None:
+        self._bodies.remove(body)
+        if self._spool_error is None:
+            return
+        length = self._headers.get("content-length")
+        whole = length is not None and self.received >= int(length)
+        if (
+            not (self._bodies or whole)
+            and self._phase in _MEMORY
+            and self._upstream is not None
+        ):
+            # Nothing will be stored and nobody is reading.
+            self.abandon()
+            return
+        self.reader_moved()
+
+    def drop_laggards(self) -> bool:
+        """
+        The upstream has been held back for a whole idle timeout: give up
+        on the readers holding it (their responses end incomplete) so the
+        others go on.  False when it was not held back.
+        """
+        if self._phase is not Phase.HELD_BACK:
+            return False
+        limit = self.received - MEMORY_BUFFER // 2
+        laggards = [b for b in self._bodies if 0 <= b.position < limit]
+        for body in laggards:
+            body.drop()
+        self.log.warn(
+            "Dropped {count} clients of {url}: they kept it from being"
+            " fetched for the upstream timeout while it could not be spooled",
+            count=len(laggards),
+            url=redact(self.request.url),
+        )
+        self.reader_moved()
+        return True
+
+    # -- inside -----------------------------------------------------------
+
+    @property
+    def _answered(self) -> bool:
+        """
+        Whether clients have been answered (see :meth:`join`).
+        """
+        if self._phase in _ENDED:
+            return True
+        if self._phase is Phase.CONNECTING:
+            return False
+        return not self.request.holds_until_checked
+
+    def _answer(self) -> None:
+        waiters, self._answer_waiters = self._answer_waiters, []
+        for d in waiters:
+            self._make_answer().chainDeferred(d)
+
+    def _make_answer(self) -> Deferred[UpstreamAnswer]:
+        if self._answer_failure is not None:
+            failed: Deferred[UpstreamAnswer] = Deferred()
+            failed.errback(self._answer_failure)
+            return failed
+        body = None
+        if self._status != 304:
+            fd = os.dup(self._read_fd) if self._read_fd >= 0 else -1
+            body = DownloadBody(self, fd)
+            self._bodies.append(body)
+        return succeed(UpstreamAnswer(self._status, dict(self._headers), body))
+
+    def _notify(self) -> None:
+        waiters, self._more_waiters = self._more_waiters, []
+        for callback in waiters:
+            callback()
+
+    def _write(self, writer: ObjectWriter, data: bytes) -> None:
+        try:
+            writer.write(data)
+        except NoRoom:
+            # Out of room under the limit as it grew (a chunked body): one
+            # that must be checked whole goes on outside it.
+            if not (
+                writer.counted
+                and spool_plan(False, self.request.holds_until_checked) == "uncounted"
+                and writer.uncount()
+            ):
+                raise
+            writer.write(data)
