@@ -46,7 +46,7 @@ from twisted.internet.defer import ensureDeferred  # noqa: E402
 from twisted.python.threadpool import ThreadPool  # noqa: E402
 
 from buildcache.ecosystems.apk.check import ApkIndexes  # noqa: E402
-from buildcache.fetch.fetcher import cache_key  # noqa: E402
+from buildcache.engine.keys import cache_key  # noqa: E402
 from buildcache.store import Store, in_thread_pool, run_here  # noqa: E402
 from tests.apkrepo import gzip_tar  # noqa: E402
 
