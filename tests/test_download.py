@@ -658,6 +658,23 @@ class FetcherTests(StoreCase):
         self.failureResultOf(d, IntegrityError)
         self.assertIsNone(self.store.peek(KEY))
 
+    def test_mismatch_fails_a_body_that_will_not_be_stored(self) -> None:
+        """
+        A body the cache will not keep (its policy says so, or ``Vary: *``
+        matches no later request) is still checked against the digest its
+        request expects before anyone sees it: it was served unchecked
+        before.
+        """
+        d = self.fetched(UpstreamRequest(
+            key=KEY, url=URL, expected_sha256=sha256(b"good"),
+            storable=lambda status, headers: False,
+        ))
+        response = self.agent.sent[0].answer(200, {}, length=3)
+        response.send(b"bad")
+        response.finish()
+        self.failureResultOf(d, IntegrityError)
+        self.assertIsNone(self.store.peek(KEY))
+
     def joined_unchecked(self, data: bytes, expected: bytes) -> tuple[
         Deferred[UpstreamAnswer], Deferred[UpstreamAnswer], FakeResponse
     ]:

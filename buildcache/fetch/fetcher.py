@@ -475,7 +475,7 @@ class Fetcher:
                 f"{redact(request.url)} ended after {download.received} bytes:"
                 f" {reason.getErrorMessage()}"
             )
-        self._check(download, receiver, length, storable)
+        self._check(download, receiver, length)
         writer = download.spool
         kept = writer if storable else None
         if kept is None and writer is not None:
@@ -499,14 +499,13 @@ class Fetcher:
 
     def _check(
         self, download: Download, receiver: BodyReceiver, length: int | None,
-        storable: bool,
     ) -> None:
         """
         Raise :class:`IntegrityError`, forgetting the body, when a whole 200
         body fails its request's checks: the verifier; then, for a body
-        kept in memory, its size and digest, and for one to be stored, the
-        size (the declared length when no size is expected) and digest of
-        its spool file.
+        kept in memory, its size and digest, and for one in its spool file
+        (stored or not), the size (the declared length when no size is
+        expected) and digest of that file.
         """
         request = download.request
         if download.status != 200:
@@ -522,8 +521,8 @@ class Fetcher:
             if wrong is not None:
                 raise self._refused(request, None, IntegrityError(wrong))
             return
-        if not storable:
-            return
+        # Checked whether or not it is to be stored: a body nobody keeps is
+        # still served, and must be what its request expects.
         try:
             writer.check(
                 expected_size=(
