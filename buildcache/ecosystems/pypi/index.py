@@ -124,7 +124,7 @@ from buildcache.fetch.fetcher import (
     UpstreamRequest,
     UpstreamTimeout,
 )
-from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
+from buildcache.store import Entry, IntegrityError, Store, StoredObject
 
 __all__ = [
     "IndexResource",
@@ -173,7 +173,6 @@ _USER_AGENT = f"buildcache/{__version__}"
 # name like "x-1.0+local-py3-none-any.whl" stays readable in links.
 _SEGMENT_SAFE = "!$&'()*+,;=:@~"
 _METADATA_SUFFIX = ".metadata"
-_NO_COUNTERS = Counters()
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -896,7 +895,7 @@ class IndexResource(Resource):
             self.clock.seconds() - stored.entry.validated_at < ROOT_TTL
         ):
             counters.hits += 1
-            serve_stored(request, stored, CacheStatus.HIT, counters, cache_control, extra)
+            serve_stored(request, stored, CacheStatus.HIT, cache_control, extra)
             return
         url = f"{upstream}/"
         conditional = validators_of(stored.entry.headers) if stored is not None else {}
@@ -927,7 +926,7 @@ class IndexResource(Resource):
                 send_error(request, 502, f"{url} answered 304 but nothing is stored; try again")
                 return
             counters.revalidations += 1
-            serve_stored(request, fresh, CacheStatus.REVALIDATED, counters, cache_control, extra)
+            serve_stored(request, fresh, CacheStatus.REVALIDATED, cache_control, extra)
             return
         assert answer.body is not None
         if answer.status != 200:
@@ -937,7 +936,7 @@ class IndexResource(Resource):
         if stored is not None:
             stored.close()
         counters.misses += 1
-        serve_answer(request, answer, counters, cache_control, extra)
+        serve_answer(request, answer, cache_control, extra)
 
     def _root_failed(
         self, request: Request, stored: StoredObject | None, url: str,
@@ -958,7 +957,7 @@ class IndexResource(Resource):
             self.activity.stale_served(url)
         self.store.counters.hits += 1
         serve_stored(
-            request, stored, CacheStatus.STALE, self.store.counters,
+            request, stored, CacheStatus.STALE,
             client_cache_control(Kind.INDEX, self.index_ttl), {"vary": "Accept"},
         )
 
@@ -1056,13 +1055,13 @@ class IndexResource(Resource):
                     # line for it, only earlier.
                     counters.misses += 1
                     serve_stored(
-                        request, stored, CacheStatus.MISS, _NO_COUNTERS,
+                        request, stored, CacheStatus.MISS,
                         _FILE_CACHE_CONTROL,
                     )
                 else:
                     counters.hits += 1
                     serve_stored(
-                        request, stored, CacheStatus.HIT, counters, _FILE_CACHE_CONTROL
+                        request, stored, CacheStatus.HIT, _FILE_CACHE_CONTROL
                     )
                 return True
             # Stored by another route without this check, and different
@@ -1128,7 +1127,7 @@ class IndexResource(Resource):
         # Checked (the answer waited for the whole body to match the page,
         # or streams all but its tail until it does), or nothing to check
         # against: sent from the download while it is being stored.
-        serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
+        serve_answer(request, answer, _FILE_CACHE_CONTROL)
         return not client_gone(request)
 
     async def _head_file(
