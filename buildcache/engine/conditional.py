@@ -102,7 +102,7 @@ def not_modified(
     holds (other methods use these headers as preconditions, and
     ``If-None-Match: *`` means "any stored representation").
 
-    @param stored_at: when the stored body was downloaded (not merely
+    :param stored_at: when the stored body was downloaded (not merely
         revalidated), used when the response has no ``Last-Modified``:
         apk sends its own download time as ``If-Modified-Since``.
     """

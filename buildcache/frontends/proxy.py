@@ -211,7 +211,7 @@ def _port_of(port: int | None) -> int:
     """
     The port of an ``http://`` URL (``urlsplit``'s, which lets 0 through).
 
-    @raise ValueError: port 0.
+    :raises ValueError: port 0.
     """
     if port is None:
         return 80
