@@ -97,6 +97,7 @@ from buildcache.ecosystems.pypi.model import (
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher, file_request
 from buildcache.engine.events import CacheObserver, StatusPages
+from buildcache.engine.exchanges import Exchanges
 from buildcache.engine.freshness import (
     Kind,
     client_asks_refresh,
@@ -115,6 +116,7 @@ from buildcache.engine.respond import (
     serve_answer,
     serve_head,
     serve_stored,
+    set_cache_status,
 )
 from buildcache.fetch.fetcher import (
     STREAM_CHECKED_ABOVE,
@@ -427,6 +429,7 @@ class IndexResource(Resource):
         self.prefetcher = prefetcher
         self.policy = policy
         self.activity = activity
+        self.exchanges = Exchanges(clock, activity)
         self.status: StatusPages | None = None
         self.store = store
         self.fetcher = fetcher
@@ -456,10 +459,9 @@ class IndexResource(Resource):
                     "Refused client {client}: {reason}",
                     client=client_ip, reason=verdict.reason,
                 )
-                if self.activity is not None:
-                    # An access line and an error count, as the proxy port
-                    # gives its refusals.
-                    self.activity.track(request, "index")
+                # An access line and an error count, as the proxy port
+                # gives its refusals.
+                self.exchanges.begin(request, "index")
                 send_error(
                     request, 403,
                     f"client {client_ip} is not allowed to use this index",
@@ -481,8 +483,7 @@ class IndexResource(Resource):
         if self.status is not None and path in self.status.paths:
             self.status.serve(request, path)
             return
-        if self.activity is not None:
-            self.activity.track(request, "index", _project_of(path))
+        self.exchanges.begin(request, "index", _project_of(path))
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader("allow", "GET, HEAD")
             send_error(
@@ -609,7 +610,7 @@ class IndexResource(Resource):
             STALE_CACHE_CONTROL if resolved.status is CacheStatus.STALE
             else client_cache_control(Kind.INDEX, self.index_ttl),
         )
-        request.setHeader("x-cache", resolved.status.value)
+        set_cache_status(request, resolved.status)
         if not_modified(headers, {"etag": etag}):
             request.setResponseCode(304)
             request.finish()
