@@ -242,13 +242,10 @@ class Engine:
             self.log.warn("Could not revalidate {key}: {error}", key=client.key, error=str(e))
 
     def _for_client(self, target: Target, policy: Policy) -> _ForClient:
-        kind = policy.kind(target)
-        credentials = client_credentials(target.headers)
-        if not credentials:
-            return _ForClient(target, target.key, kind, False)
+        private = bool(client_credentials(target.headers))
         return _ForClient(
-            target, private_family(target.key, self.store.secret, credentials),
-            effective_kind(kind, True), True,
+            target, self.family(target), effective_kind(policy.kind(target), private),
+            private,
         )
 
     def _upstream_request(
