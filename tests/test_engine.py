@@ -9,7 +9,9 @@ sockets, no sleeps.
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,10 +28,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from buildcache.engine.core import Engine
 from buildcache.engine.events import Exchange
+from buildcache.engine.exchanges import Exchanges, client_gone
 from buildcache.engine.fields import format_http_date
 from buildcache.engine.freshness import Kind
 from buildcache.engine.keys import cache_key
@@ -759,3 +763,28 @@ class HeadRevalidationTests(EngineTestCase):
     def test_down_serves_stale(self) -> None:
         self.h.line.down = True
         self.assertAnswer(self.h.get("/t.idx"), 200, "STALE", b"manifest 1")
+
+
+class ExchangeRecordTests(SynchronousTestCase):
+    def test_a_finished_request_is_not_kept(self) -> None:
+        """
+        The record of a request (kept so that ``client_gone`` can answer
+        for it) does not keep the request alive once it has finished.
+        """
+        exchanges = Exchanges(Clock())
+        request = DummyRequest([b"a.pkg"])
+        exchanges.begin(request, "proxy")
+        request.finish()
+        gone = weakref.ref(request)
+        del request
+        gc.collect()
+        self.assertIsNone(gone())
+
+    def test_gone(self) -> None:
+        exchanges = Exchanges(Clock())
+        request = DummyRequest([b"a.pkg"])
+        self.assertFalse(client_gone(request))
+        exchanges.begin(request, "proxy")
+        self.assertFalse(client_gone(request))
+        request.processingFailed(Failure(ConnectionDone()))
+        self.assertTrue(client_gone(request))

@@ -44,8 +44,8 @@ class CacheStatus(enum.Enum):
     STALE = "STALE"
 
 
-#: The record of each request begun and not yet collected; weak, so a
-#: request that ends takes its record with it.
+#: The record of each request begun, for as long as the request lives.  A
+#: record never refers to its request: that would keep both alive for good.
 _RECORDS: WeakKeyDictionary[Request, ClientExchange] = WeakKeyDictionary()
 
 
@@ -55,7 +55,6 @@ class ClientExchange:
     One client request being answered.
     """
 
-    request: Request
     front_end: str
     started: float
     name: str | None = None
@@ -116,7 +115,7 @@ class Exchanges:
         record = _RECORDS.get(request)
         if record is not None:
             return record
-        record = ClientExchange(request, front_end, self.clock.seconds(), name)
+        record = ClientExchange(front_end, self.clock.seconds(), name)
         _RECORDS[request] = record
 
         def ended(result: object) -> None:
@@ -124,15 +123,14 @@ class Exchanges:
                 ExchangeState.FINISHED if not isinstance(result, Failure)
                 else ExchangeState.GONE
             )
-            self._report(record)
+            self._report(request, record)
 
         request.notifyFinish().addBoth(ended)
         return record
 
-    def _report(self, record: ClientExchange) -> None:
+    def _report(self, request: Request, record: ClientExchange) -> None:
         if self.observer is None:
             return
-        request = record.request
         self.observer.exchange_finished(Exchange(
             front_end=record.front_end,
             client=getattr(request.getClientAddress(), "host", "-"),
