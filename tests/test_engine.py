@@ -772,7 +772,7 @@ class ExchangeRecordTests(SynchronousTestCase):
         for it) does not keep the request alive once it has finished.
         """
         exchanges = Exchanges(Clock())
-        request = DummyRequest([b"a.pkg"])
+        request: Any = DummyRequest([b"a.pkg"])
         exchanges.begin(request, "proxy")
         request.finish()
         gone = weakref.ref(request)
@@ -782,7 +782,7 @@ class ExchangeRecordTests(SynchronousTestCase):
 
     def test_gone(self) -> None:
         exchanges = Exchanges(Clock())
-        request = DummyRequest([b"a.pkg"])
+        request: Any = DummyRequest([b"a.pkg"])
         self.assertFalse(client_gone(request))
         exchanges.begin(request, "proxy")
         self.assertFalse(client_gone(request))
