@@ -370,7 +370,9 @@ class ProxyResource(Resource):
         ):
             # apk's libfetch reuses a connection only when it sees this.
             request.setHeader("connection", "keep-alive")
-        self.engine.serve(request, self.engine_target(request, route), self.policy_for(route.url))
+        self.engine.serve(
+            request, self.engine_target(request, route), self.policy_for(route.url)
+        )
         return NOT_DONE_YET
 
     @staticmethod
