@@ -22,7 +22,10 @@ from twisted.web.server import Request
 
 from buildcache.engine.events import CacheObserver, Exchange
 
-__all__ = ["CacheStatus", "ExchangeState", "ClientExchange", "Exchanges", "client_gone", "exchange_of"]
+__all__ = [
+    "CacheStatus", "ExchangeState", "ClientExchange", "Exchanges", "client_gone",
+    "exchange_of",
+]
 
 
 class ExchangeState(enum.Enum):

@@ -10,7 +10,10 @@ from __future__ import annotations
 from buildcache.engine.freshness import Kind
 from buildcache.engine.policy import GenericPolicy, PathRule, kind_by_rules, rule
 
-__all__ = ["FILE_RULES", "INDEX_FILE_RULES", "PAGE_RULES", "RULES", "INDEX_RULES", "PIP_FILES", "kind_of"]
+__all__ = [
+    "FILE_RULES", "INDEX_FILE_RULES", "PAGE_RULES", "RULES", "INDEX_RULES", "PIP_FILES",
+    "kind_of",
+]
 
 #: Wheels and their PEP 658 metadata: versioned by name everywhere.
 FILE_RULES: tuple[PathRule, ...] = (
