@@ -433,6 +433,25 @@ class FreshnessTableTests(EngineTestCase):
         self.assertAnswer(self.h.get("/a.pkg"), 200, "MISS")
         self.assertEqual(self.h.origin.count("/a.pkg"), 2)
 
+    def test_rfc_rules_win_over_the_policy(self) -> None:
+        """
+        A policy that would store everything still cannot store a response
+        RFC 9111 forbids a shared cache to keep.
+        """
+        self.h.front.policy = StoresAll()
+        for path, headers in (
+            ("/n.pkg", {"cache-control": "no-store"}),
+            ("/p.pkg", {"cache-control": "private"}),
+            ("/v.pkg", {"vary": "*"}),
+        ):
+            self.serve(path, b"body", headers=headers)
+            self.h.get(path)
+        self.serve("/ok.pkg", b"body")
+        self.h.get("/ok.pkg")
+        self.assertEqual(
+            [e.key for e in self.h.store.keys()], [cache_key(ORIGIN + "/ok.pkg")]
+        )
+
     def test_private_entries_are_their_credentials_own(self) -> None:
         """
         A response to a request with credentials is stored apart, answers
@@ -593,6 +612,19 @@ class StaleTests(EngineTestCase):
         answer = self.h.get("/c.pkg")
         self.assertEqual(answer.status, 502)
         self.assertEqual(list(self.h.store.keys()), [])
+
+
+@define
+class StoresAll(GenericPolicy):
+    """``POLICY`` with a storable rule that says yes to everything."""
+
+    rules: Any = POLICY.rules
+
+    def storable(
+        self, kind: Kind, status: int, response_headers: Mapping[str, str],
+        request_headers: Mapping[str, str],
+    ) -> bool:
+        return True
 
 
 @define

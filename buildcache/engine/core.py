@@ -45,6 +45,7 @@ from buildcache.engine.freshness import (
     client_credentials,
     decide,
     effective_kind,
+    is_storable,
     may_serve_stale,
 )
 from buildcache.engine.keys import find_stored, open_stored, private_family
@@ -260,8 +261,12 @@ class Engine:
         kind = client.kind
 
         def storable(status: int, response_headers: Mapping[str, str]) -> bool:
-            return expected.vouched and policy.storable(
-                kind, status, response_headers, target.headers
+            # RFC 9111's rules win over any ecosystem's; a policy may only
+            # narrow them.
+            return (
+                expected.vouched
+                and is_storable(kind, status, response_headers, target.headers)
+                and policy.storable(kind, status, response_headers, target.headers)
             )
 
         return UpstreamRequest(

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from attrs import Factory, frozen
 
-from buildcache.engine.freshness import Kind, client_cache_control, is_storable
+from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.keys import cache_key
 
 if TYPE_CHECKING:
@@ -129,8 +129,11 @@ class Policy(Protocol):
         request_headers: Mapping[str, str],
     ) -> bool:
         """
-        Whether a response may be stored (the engine adds the
-        expectation's ``vouched``).
+        The ecosystem's own rule for storing a response.  It only ever
+        narrows the engine's: RFC 9111's (:func:`buildcache.engine.freshness.is_storable`:
+        a complete 200, no ``no-store`` or ``private``, no ``Vary: *``, a
+        credentialed request's response only when it says it may be shared)
+        and the expectation's ``vouched`` always apply.
         """
 
     def cache_control(
@@ -211,7 +214,7 @@ class GenericPolicy:
         self, kind: Kind, status: int, response_headers: Mapping[str, str],
         request_headers: Mapping[str, str],
     ) -> bool:
-        return is_storable(kind, status, response_headers, request_headers)
+        return True
 
     def cache_control(
         self, kind: Kind, ttl: float, response_headers: Mapping[str, str] | None,
