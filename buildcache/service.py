@@ -31,6 +31,7 @@ from buildcache.config import Config
 from buildcache.credentials import readable_by_others
 from buildcache.ecosystems.pypi.index import IndexResource
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
+from buildcache.engine.core import Engine
 from buildcache.fetch.connect import make_http_client, upstream_pool
 from buildcache.fetch.fetcher import Fetcher
 from buildcache.frontends.connections import ClientConnections
@@ -97,10 +98,8 @@ class Server:
             store, http, reactor, idle_timeout=config.upstream_timeout,
             activity=activity,
         )
-        proxy = ProxyResource(
-            store, fetcher, Router(tuple(config.mirrors), policy), config.index_ttl
-        )
-        proxy.activity = activity
+        engine = Engine(store, fetcher, reactor, activity, config.index_ttl)
+        proxy = ProxyResource(engine, Router(tuple(config.mirrors), policy))
         connections = ClientConnections(config.max_connections_per_client)
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,

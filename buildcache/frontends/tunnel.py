@@ -35,15 +35,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from buildcache.access import AccessPolicy, InvalidHost, Verdict, normalize_host
-
-# UpstreamError is defined by the fetch layer's errors; connect re-exports
-# the name it raises (the front ends may not import the fetcher).
-from buildcache.fetch.connect import (
-    HostnameResolver,
-    TargetRefused,
-    UpstreamError,
-    connect_tcp,
-)
+from buildcache.engine.errors import UpstreamError, status_for
+from buildcache.fetch.connect import HostnameResolver, TargetRefused, connect_tcp
 from buildcache.turns import cancel_call
 
 __all__ = [
@@ -286,10 +279,10 @@ class Tunnel:
             # The client left while we were connecting.
             return
         except TargetRefused as error:
-            self._fail(error.status, error.reason)
+            self._fail(status_for(error), error.reason)
             return
         except UpstreamError as error:
-            self._fail(error.status, str(error))
+            self._fail(status_for(error), str(error))
             return
         except Exception as error:
             # A bug, not a network condition: log it with its traceback.

@@ -97,6 +97,7 @@ from buildcache.ecosystems.pypi.model import (
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher, file_request
 from buildcache.engine.events import CacheObserver, StatusPages
+from buildcache.engine.exchanges import Exchanges
 from buildcache.engine.freshness import (
     Kind,
     client_asks_refresh,
@@ -115,6 +116,7 @@ from buildcache.engine.respond import (
     serve_answer,
     serve_head,
     serve_stored,
+    set_cache_status,
 )
 from buildcache.fetch.fetcher import (
     STREAM_CHECKED_ABOVE,
@@ -124,7 +126,7 @@ from buildcache.fetch.fetcher import (
     UpstreamRequest,
     UpstreamTimeout,
 )
-from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
+from buildcache.store import Entry, IntegrityError, Store, StoredObject
 
 __all__ = [
     "IndexResource",
@@ -173,7 +175,6 @@ _USER_AGENT = f"buildcache/{__version__}"
 # name like "x-1.0+local-py3-none-any.whl" stays readable in links.
 _SEGMENT_SAFE = "!$&'()*+,;=:@~"
 _METADATA_SUFFIX = ".metadata"
-_NO_COUNTERS = Counters()
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -428,6 +429,7 @@ class IndexResource(Resource):
         self.prefetcher = prefetcher
         self.policy = policy
         self.activity = activity
+        self.exchanges = Exchanges(clock, activity)
         self.status: StatusPages | None = None
         self.store = store
         self.fetcher = fetcher
@@ -457,10 +459,9 @@ class IndexResource(Resource):
                     "Refused client {client}: {reason}",
                     client=client_ip, reason=verdict.reason,
                 )
-                if self.activity is not None:
-                    # An access line and an error count, as the proxy port
-                    # gives its refusals.
-                    self.activity.track(request, "index")
+                # An access line and an error count, as the proxy port
+                # gives its refusals.
+                self.exchanges.begin(request, "index")
                 send_error(
                     request, 403,
                     f"client {client_ip} is not allowed to use this index",
@@ -482,8 +483,7 @@ class IndexResource(Resource):
         if self.status is not None and path in self.status.paths:
             self.status.serve(request, path)
             return
-        if self.activity is not None:
-            self.activity.track(request, "index", _project_of(path))
+        self.exchanges.begin(request, "index", _project_of(path))
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader("allow", "GET, HEAD")
             send_error(
@@ -610,7 +610,7 @@ class IndexResource(Resource):
             STALE_CACHE_CONTROL if resolved.status is CacheStatus.STALE
             else client_cache_control(Kind.INDEX, self.index_ttl),
         )
-        request.setHeader("x-cache", resolved.status.value)
+        set_cache_status(request, resolved.status)
         if not_modified(headers, {"etag": etag}):
             request.setResponseCode(304)
             request.finish()
@@ -895,7 +895,7 @@ class IndexResource(Resource):
             self.clock.seconds() - stored.entry.validated_at < ROOT_TTL
         ):
             counters.hits += 1
-            serve_stored(request, stored, CacheStatus.HIT, counters, cache_control, extra)
+            serve_stored(request, stored, CacheStatus.HIT, cache_control, extra)
             return
         url = f"{upstream}/"
         conditional = validators_of(stored.entry.headers) if stored is not None else {}
@@ -926,7 +926,7 @@ class IndexResource(Resource):
                 send_error(request, 502, f"{url} answered 304 but nothing is stored; try again")
                 return
             counters.revalidations += 1
-            serve_stored(request, fresh, CacheStatus.REVALIDATED, counters, cache_control, extra)
+            serve_stored(request, fresh, CacheStatus.REVALIDATED, cache_control, extra)
             return
         assert answer.body is not None
         if answer.status != 200:
@@ -936,7 +936,7 @@ class IndexResource(Resource):
         if stored is not None:
             stored.close()
         counters.misses += 1
-        serve_answer(request, answer, counters, cache_control, extra)
+        serve_answer(request, answer, cache_control, extra)
 
     def _root_failed(
         self, request: Request, stored: StoredObject | None, url: str,
@@ -957,7 +957,7 @@ class IndexResource(Resource):
             self.activity.stale_served(url)
         self.store.counters.hits += 1
         serve_stored(
-            request, stored, CacheStatus.STALE, self.store.counters,
+            request, stored, CacheStatus.STALE,
             client_cache_control(Kind.INDEX, self.index_ttl), {"vary": "Accept"},
         )
 
@@ -1055,13 +1055,13 @@ class IndexResource(Resource):
                     # line for it, only earlier.
                     counters.misses += 1
                     serve_stored(
-                        request, stored, CacheStatus.MISS, _NO_COUNTERS,
+                        request, stored, CacheStatus.MISS,
                         _FILE_CACHE_CONTROL,
                     )
                 else:
                     counters.hits += 1
                     serve_stored(
-                        request, stored, CacheStatus.HIT, counters, _FILE_CACHE_CONTROL
+                        request, stored, CacheStatus.HIT, _FILE_CACHE_CONTROL
                     )
                 return True
             # Stored by another route without this check, and different
@@ -1096,7 +1096,7 @@ class IndexResource(Resource):
         # download started without the page's digest, the proxy port's,
         # was checked by the fetcher once whole), or nothing to check
         # against: sent from the download while it is being stored.
-        serve_answer(request, answer, counters, _FILE_CACHE_CONTROL)
+        serve_answer(request, answer, _FILE_CACHE_CONTROL)
         return not client_gone(request)
 
     async def _head_file(
