@@ -49,8 +49,10 @@ from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPE_LEGACY_HTML,
     ProjectFile,
     ProjectPage,
-    choose_media_type,
     normalize_project_name,
+)
+from buildcache.ecosystems.pypi.render import (
+    choose_media_type,
     render_page,
     render_root_html,
     render_root_json,

@@ -47,11 +47,15 @@ from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPE_LEGACY_HTML,
     UPSTREAM_ACCEPT,
     ProjectPage,
+)
+from buildcache.ecosystems.pypi.parse import (
     parse_html_page,
     parse_json_page,
-    render_root_html,
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
+from buildcache.ecosystems.pypi.render import (
+    render_root_html,
+)
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.fetcher import Fetcher, UpstreamRequest, upstream_client
 from buildcache.store import BlockingRunner, Store

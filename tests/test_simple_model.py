@@ -33,12 +33,16 @@ from buildcache.ecosystems.pypi.model import (
     ProjectFile,
     ProjectPage,
     SimplePageError,
-    choose_media_type,
     is_valid_project_name,
     normalize_project_name,
+)
+from buildcache.ecosystems.pypi.parse import (
     parse_html_page,
     parse_json_page,
     parse_page,
+)
+from buildcache.ecosystems.pypi.render import (
+    choose_media_type,
     render_html,
     render_json,
     render_page,

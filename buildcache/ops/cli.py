@@ -67,6 +67,8 @@ from buildcache.ecosystems.pypi.index import page_digests
 from buildcache.ecosystems.pypi.model import (
     SimplePageError,
     normalize_project_name,
+)
+from buildcache.ecosystems.pypi.parse import (
     parse_page,
 )
 from buildcache.store import (

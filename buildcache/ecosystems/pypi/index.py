@@ -89,13 +89,17 @@ from buildcache.ecosystems.pypi.model import (
     ProjectFile,
     ProjectPage,
     SimplePageError,
-    choose_media_type,
     is_valid_project_name,
     normalize_project_name,
+)
+from buildcache.ecosystems.pypi.parse import (
     parse_page,
-    render_page,
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher, file_request
+from buildcache.ecosystems.pypi.render import (
+    choose_media_type,
+    render_page,
+)
 from buildcache.engine.events import CacheObserver, StatusPages
 from buildcache.engine.freshness import (
     Kind,
