@@ -46,7 +46,7 @@ from twisted.web.resource import Resource
 
 from buildcache.access import AccessPolicy, InvalidHost, normalize_host
 from buildcache.config import Mirror
-from buildcache.ecosystems.pypi.index import IndexResource
+from buildcache.ecosystems.pypi.assemble import index_resource
 from buildcache.ecosystems.pypi.model import (
     is_valid_project_name,
     normalize_project_name,
@@ -1176,7 +1176,7 @@ class IndexRouteProperties(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         fetcher = RecordingFetcher()
-        index = IndexResource(
+        index = index_resource(
             self.store, fetcher, ["http://127.0.0.1:9/simple"], 300.0, Clock()  # type: ignore[arg-type]
         )
         for segment in (quote(raw, safe=""), quote(raw, safe="/")):

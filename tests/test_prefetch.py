@@ -24,6 +24,7 @@ from buildcache.ecosystems.pypi.prefetch import (
     file_request,
 )
 from buildcache.fetch.fetcher import UpstreamAnswer
+from buildcache.ops.activity import Activity
 from buildcache.store import Store
 
 BODY = b"wheel bytes"
@@ -69,8 +70,10 @@ class PrefetcherTests(SynchronousTestCase):
         self.store = Store.open(self.mktemp(), 1 << 20, cast(Any, self.clock))
         self.addCleanup(self.store.close)
         self.fetcher = _Fetcher()
+        self.activity = Activity(self.clock)
         self.prefetcher = Prefetcher(
-            self.store, cast(Any, self.fetcher), cast(Any, self.clock), 1024
+            self.store, cast(Any, self.fetcher), cast(Any, self.clock), 1024,
+            observer=self.activity,
         )
 
     def request(self, name: str = "a.whl", digest: str | None = DIGEST) -> Any:
@@ -97,8 +100,7 @@ class PrefetcherTests(SynchronousTestCase):
         return body
 
     def counts(self) -> tuple[int, int]:
-        counters = self.store.counters
-        return counters.prefetches, counters.prefetch_hits
+        return self.activity.read_ahead, self.activity.read_ahead_used
 
     def test_claimed_while_running_counts_once(self) -> None:
         request = self.request()

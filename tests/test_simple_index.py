@@ -33,20 +33,20 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from buildcache.access import AccessPolicy
-from buildcache.ecosystems.pypi.index import (
-    CLIENT_REVALIDATION_FLOOR,
-    NEGATIVE_TTL,
-    UPSTREAM_FAILURE_BACKOFF,
-    IndexResource,
-    file_link,
-    page_key,
-)
+from buildcache.ecosystems.pypi.assemble import index_resource
+from buildcache.ecosystems.pypi.index import IndexResource, file_link
 from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPE_HTML,
     MEDIA_TYPE_JSON,
     MEDIA_TYPE_LEGACY_HTML,
     UPSTREAM_ACCEPT,
     ProjectPage,
+)
+from buildcache.ecosystems.pypi.pages import (
+    CLIENT_REVALIDATION_FLOOR,
+    NEGATIVE_TTL,
+    UPSTREAM_FAILURE_BACKOFF,
+    page_key,
 )
 from buildcache.ecosystems.pypi.parse import (
     parse_html_page,
@@ -58,6 +58,7 @@ from buildcache.ecosystems.pypi.render import (
 )
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.fetcher import Fetcher, UpstreamRequest, upstream_client
+from buildcache.ops.activity import Activity
 from buildcache.store import BlockingRunner, Store
 from tests.pyindex import (
     FIXTURE_EPOCH,
@@ -203,9 +204,14 @@ class Harness:
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = CountingAgent(Agent(reactor, pool=self.pool))
         self.fetcher = Fetcher(self.store, upstream_client(self.http), self.clock)
+        # Outcomes, bytes and read-aheads, as the status page counts them.
+        self.activity = Activity(self.clock)
         self.prefetcher = (
             None if prefetch_max_size is None
-            else Prefetcher(self.store, self.fetcher, reactor, prefetch_max_size)
+            else Prefetcher(
+                self.store, self.fetcher, reactor, prefetch_max_size,
+                observer=self.activity,
+            )
         )
         self.upstreams = [Upstream(index, listen(index)) for index in indexes]
         self.resource = self.make_resource(index_ttl)
@@ -214,9 +220,10 @@ class Harness:
         testcase.addCleanup(lambda: Deferred.fromCoroutine(self._shut()))
 
     def make_resource(self, index_ttl: float = TTL) -> IndexResource:
-        return IndexResource(
+        return index_resource(
             self.store, self.fetcher, [u.base for u in self.upstreams],
-            index_ttl, self.clock, prefetcher=self.prefetcher,
+            index_ttl, self.clock, activity=self.activity,
+            prefetcher=self.prefetcher,
         )
 
     async def _shut(self) -> None:
@@ -495,12 +502,12 @@ class PageTests(TestCase):
         With an access policy, a client outside C{allow_from} gets 403 and
         nothing is asked upstream; one inside is served.
         """
-        refusing = IndexResource(
+        refusing = index_resource(
             self.harness.store, self.harness.fetcher, [self.upstream.base], TTL,
             self.harness.clock,
             policy=AccessPolicy.from_config(["10.0.0.0/8"], [], []),
         )
-        allowing = IndexResource(
+        allowing = index_resource(
             self.harness.store, self.harness.fetcher, [self.upstream.base], TTL,
             self.harness.clock,
             policy=AccessPolicy.from_config(["127.0.0.0/8"], [], []),
@@ -824,8 +831,8 @@ class FileTests(TestCase):
                      f"/files/{WHEEL_A2}.metadata", f"/files/{SDIST_A2}"):
             self.assertEqual(self.upstream.requests_for(path), 1, path)
         self.assertEqual(len(self.harness.http.urls), 4)
-        counters = self.harness.store.counters
-        self.assertEqual((counters.misses, counters.hits), (4, 8 + 6))
+        served = self.harness.activity.totals["index"].by_status
+        self.assertEqual((served["MISS"], served["HIT"]), (4, 8 + 6))
 
     async def test_stored_body_with_wrong_digest_is_replaced(self) -> None:
         """
@@ -988,26 +995,26 @@ class ReadAheadTests(TestCase):
         entry = harness.store.peek(self.wheel_key(harness))
         assert entry is not None
         self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
-        counters = harness.store.counters
-        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 0))
+        activity = harness.activity
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (1, 0))
         # The client's first request is served from the store, but its
         # bytes crossed the line for it: a MISS, not bytes saved.
-        saved_before = counters.bytes_from_cache
+        saved_before = activity.totals["index"].bytes_from_cache
         received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
         self.assertEqual((received.status, received.body), (200, data))
         self.assertEqual(received.header("x-cache"), "MISS")
         self.assertEqual(received.header("content-length"), str(len(data)))
-        self.assertEqual(counters.bytes_from_cache, saved_before)
+        self.assertEqual(activity.totals["index"].bytes_from_cache, saved_before)
         again = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
         self.assertEqual((again.header("x-cache"), again.body), ("HIT", data))
-        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 1))
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (1, 1))
         # Reading the metadata again reads nothing ahead: the file is here.
         again = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}.metadata")
         self.assertEqual(again.header("x-cache"), "HIT")
         assert harness.prefetcher is not None
         await harness.prefetcher.when_done()
         self.assertEqual(upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
-        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 1))
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (1, 1))
 
     async def test_nothing_read_ahead_when_off_too_large_or_size_unknown(self) -> None:
         size = len(fixture_for(self).content(WHEEL_A2))
@@ -1019,7 +1026,7 @@ class ReadAheadTests(TestCase):
                 harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}"), 0,
                 (max_size, json_pages),
             )
-            self.assertEqual(harness.store.counters.prefetches, 0)
+            self.assertEqual(harness.activity.read_ahead, 0)
             self.assertIsNone(harness.store.peek(self.wheel_key(harness)))
 
     async def test_bad_distribution_is_not_kept(self) -> None:
@@ -1140,7 +1147,9 @@ class FreshnessTests(TestCase):
         self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
         conditional = self.upstream.index.request_log[-1]
         self.assertIn("if-none-match", conditional.headers)
-        self.assertEqual(self.harness.store.counters.revalidations, 1)
+        self.assertEqual(
+            self.harness.activity.totals["index"].by_status["REVALIDATED"], 1
+        )
         third = await self.harness.page("bcdemo-a")
         self.assertEqual(third.header("x-cache"), "HIT")
         self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)

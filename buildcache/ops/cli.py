@@ -63,11 +63,11 @@ from buildcache.ecosystems.apk.index import (
     parse_compact_apkindex,
     stale_reason,
 )
-from buildcache.ecosystems.pypi.index import page_digests
 from buildcache.ecosystems.pypi.model import (
     SimplePageError,
     normalize_project_name,
 )
+from buildcache.ecosystems.pypi.pages import page_digests
 from buildcache.ecosystems.pypi.parse import (
     parse_page,
 )

@@ -20,9 +20,11 @@ once asked for, or is written off :data:`UNCLAIMED_TTL` seconds after it
 was stored.
 ``max_size`` 0 turns it off.
 
-``prefetches`` counts read-aheads that asked the upstream (one request
-each, the one the client would have caused); ``prefetch_hits`` counts
-those a client asked for afterwards.  That first request is answered
+The observer is told of each read-ahead that asked the upstream
+(:meth:`~buildcache.engine.events.CacheObserver.read_ahead_started`: one
+request each, the one the client would have caused) and of each a client
+asked for afterwards
+(:meth:`~buildcache.engine.events.CacheObserver.read_ahead_claimed`).  That first request is answered
 ``X-Cache: MISS`` and its bytes count as from upstream: they crossed the
 line for it, just earlier.
 """
@@ -38,6 +40,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.credentials import redact
+from buildcache.engine.events import CacheObserver
 from buildcache.engine.keys import adopt_verified_twin, cache_key, find_stored
 from buildcache.fetch.fetcher import Fetcher, UpstreamError, UpstreamRequest, drained
 from buildcache.store import IntegrityError, Store
@@ -80,6 +83,8 @@ class Prefetcher:
     #: Schedules read-aheads after the response that caused them is sent.
     reactor: IReactorTime
     max_size: int
+    #: Told when a read-ahead starts and when a client claims one.
+    observer: CacheObserver | None = None
     #: Scheduled or fetching.
     _running: dict[str, _ReadAhead] = Factory(dict)
     #: Fetching: asked the upstream (a subset of ``_running``).
@@ -209,7 +214,8 @@ class Prefetcher:
             ):
                 return
             self._fetching.add(key)
-            self.store.counters.prefetches += 1
+            if self.observer is not None:
+                self.observer.read_ahead_started()
             answer = await self.fetcher.fetch(request)
             if answer.body is not None:
                 # Until it is in the store (or not): a large file is
@@ -266,7 +272,8 @@ class Prefetcher:
             # From now on it is the client's download: off the budget, and
             # no longer holding its project back.
             self._release(self._running[key].project)
-        self.store.counters.prefetch_hits += 1
+        if self.observer is not None:
+            self.observer.read_ahead_claimed()
         return True
 
 
