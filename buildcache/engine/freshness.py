@@ -1,19 +1,19 @@
 """
-Freshness policy: the one place that knows package formats.
+The RFC 9111 freshness rules of a shared cache, and the one freshness
+decision every front end's requests go through.
 
 This module owns:
 
-- the rule table that sorts a URL path into IMMUTABLE (content-addressed or
-  versioned files that never change: ``.apk``, ``pool/**.deb``, ``by-hash``,
-  wheels and sdists), INDEX (index files that change under a fixed name and
-  are revalidated after a TTL) and HTTP (everything else, governed by the
-  response's own headers as RFC 9111 says);
-- the decision whether a stored response may be served as it is or must be
-  revalidated upstream, and whether a response may be stored at all;
+- the kinds a stored response can have: IMMUTABLE (a name the upstream
+  never reuses: a versioned package, a digest), INDEX (changes under a
+  fixed name, revalidated after the index TTL) and HTTP (its own headers
+  decide, as RFC 9111 says).  Which file is which kind is an ecosystem's
+  knowledge (its policy, see :mod:`buildcache.engine.policy`); nothing here
+  knows a file name;
+- the decision whether a stored response may answer a request as it is
+  or must be revalidated upstream (:func:`decide`), and whether a response
+  may be stored at all (:func:`is_storable`);
 - the ``Cache-Control`` the cache itself sends to clients;
-- conditional request evaluation (``If-None-Match`` / ``If-Modified-Since``)
-  and single byte-range parsing with ``If-Range``, shared by both front ends;
-- HTTP date and ``Cache-Control`` parsing;
 - which stored response may answer which request: a response to a request
   that carried the client's own credentials (``Authorization``,
   ``Cookie``) is private to those credentials, and its own directives
@@ -21,31 +21,33 @@ This module owns:
   :func:`effective_kind`, :func:`may_serve_stale`); a response with
   ``Vary`` answers only requests for which buildcache would send the same
   values of the headers it names (:func:`varying_names`,
-  :func:`vary_values`, :func:`same_variant`).
+  :func:`vary_values`, :func:`same_variant`).  These rules always win over
+  an ecosystem's kind.
 
-The store knows none of this: a front end classifies the request, then hands
-the store a kind and the TTL.  Everything here is pure: times are passed in
-as POSIX seconds, never read from a clock.
+Field parsing is in :mod:`buildcache.engine.fields`, conditional requests
+and ranges in :mod:`buildcache.engine.conditional`.  Everything here is
+pure: times are passed in as POSIX seconds, never read from a clock.
 """
 
 from __future__ import annotations
 
-import email.utils
 import enum
-import math
-import re
 from collections.abc import Mapping
-from datetime import timezone
-from urllib.parse import urlsplit
 
-import attrs
+from buildcache.engine.conditional import not_modified, validators_of
+from buildcache.engine.fields import delta_seconds as _delta_seconds
+from buildcache.engine.fields import (
+    format_http_date,
+    parse_cache_control,
+    parse_http_date,
+)
+from buildcache.engine.fields import (
+    lowered as _lowered,
+)
 
 __all__ = [
     "Kind",
     "Decision",
-    "Rule",
-    "RULES",
-    "classify",
     "decide",
     "is_storable",
     "CREDENTIAL_HEADERS",
@@ -63,17 +65,16 @@ __all__ = [
     "current_age",
     "client_asks_refresh",
     "client_demands_revalidation",
+    "IMMUTABLE_MAX_AGE",
+    "HEURISTIC_FRACTION",
+    "HEURISTIC_CAP",
+    # Re-exported from the modules split out of this one, for the callers
+    # that still import them from here (the pip index until its port).
     "not_modified",
     "validators_of",
     "parse_http_date",
     "format_http_date",
     "parse_cache_control",
-    "RangeOutcome",
-    "RangeResult",
-    "parse_range",
-    "IMMUTABLE_MAX_AGE",
-    "HEURISTIC_FRACTION",
-    "HEURISTIC_CAP",
 ]
 
 
@@ -102,165 +103,6 @@ HEURISTIC_FRACTION = 0.1
 #: Cap on the heuristic lifetime (squid's default refresh_pattern max is
 #: three days; a day keeps odd HTTP content reasonably current).
 HEURISTIC_CAP = 24 * 3600.0
-
-
-@attrs.frozen
-class Rule:
-    """
-    One row of the classification table.
-
-    ``pattern`` is searched in the URL path (no scheme, host or query).
-    ``index_only`` rows apply only to files served through the simple-index
-    front end, because the suffixes they match (``.tar.gz``, ``.zip``) are
-    immutable there (an index never reuses a file name) but are often
-    "latest" tarballs elsewhere on the web.
-    """
-
-    pattern: re.Pattern[str]
-    kind: Kind
-    index_only: bool = False
-
-
-def _rule(regex: str, kind: Kind, index_only: bool = False) -> Rule:
-    return Rule(re.compile(regex), kind, index_only)
-
-
-#: First matching row wins, so the order matters: ``by-hash`` before the
-#: ``dists`` index row, ``APKINDEX.tar.gz`` before the ``.tar.gz`` file row,
-#: distribution files before the simple-index pages.
-RULES: tuple[Rule, ...] = (
-    # apt: by-hash/<algo>/<digest>, the file name is its own checksum.
-    _rule(r"(?:^|/)by-hash/[A-Za-z0-9]+/[^/]+$", Kind.IMMUTABLE),
-    # apt: pool files are versioned by name and never replaced.
-    _rule(
-        r"(?:^|/)pool/(?:[^/]+/)*[^/]+\.(?:deb|udeb|dsc|diff\.gz|tar\.[A-Za-z0-9]+)$",
-        Kind.IMMUTABLE,
-    ),
-    # apt: suite metadata changes under a fixed name.
-    _rule(
-        r"(?:^|/)dists/(?:[^/]+/)+"
-        r"(?:InRelease|Release|Release\.gpg|Packages[^/]*|Sources[^/]*"
-        r"|Translation-[^/]+|Contents-[^/]+|[^/]+\.diff/Index)$",
-        Kind.INDEX,
-    ),
-    # apk: the repository index.
-    _rule(r"(?:^|/)APKINDEX\.tar\.gz$", Kind.INDEX),
-    # apk: NAME-VERSION-rN.apk, Alpine never rebuilds under the same name.
-    _rule(r"[^/]\.apk$", Kind.IMMUTABLE),
-    # wheels and their PEP 658 metadata: versioned by name everywhere.
-    _rule(r"[^/]\.whl(?:\.metadata)?$", Kind.IMMUTABLE),
-    # sdists and legacy distributions, only as served by an index.
-    _rule(
-        r"[^/]\.(?:tar\.gz|zip|tar\.bz2|tar\.xz|tgz|egg)(?:\.metadata)?$",
-        Kind.IMMUTABLE,
-        index_only=True,
-    ),
-    # simple index (PEP 503/691): the root and the project pages (after the
-    # file rows: a file name is never a project page), with
-    # devpi's "+simple" spelling.
-    _rule(r"(?:^|/)\+?simple(?:/[^/]*/?)?$", Kind.INDEX),
-)
-
-
-def classify(path: str, *, served_by_index: bool = False) -> Kind:
-    """
-    Classify a URL path by the first matching row of L{RULES}.
-
-    @param path: the URL path; an absolute URL or a path with a query string
-        is accepted too, only its path takes part.
-    @param served_by_index: True for files the simple-index front end serves
-        (enables the ``index_only`` rows).
-    """
-    if "://" in path:
-        path = urlsplit(path).path
-    else:
-        path = path.split("?", 1)[0].split("#", 1)[0]
-    for rule in RULES:
-        if rule.index_only and not served_by_index:
-            continue
-        if rule.pattern.search(path):
-            return rule.kind
-    return Kind.HTTP
-
-
-def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
-    return {name.lower(): value for name, value in headers.items()}
-
-
-_CACHE_CONTROL_ITEM = re.compile(
-    r"""\s*([^\s,=]+)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*)))?\s*(?:,|$)"""
-)
-
-
-def parse_cache_control(value: str | None) -> dict[str, str | None]:
-    """
-    Parse a ``Cache-Control`` value into ``{directive: argument or None}``.
-
-    Directive names are lowercased; quoted arguments are unquoted (they may
-    contain commas, as in ``no-cache="set-cookie, x"``).  The first
-    occurrence of a repeated directive wins.  Unparsable fragments are
-    skipped.
-    """
-    directives: dict[str, str | None] = {}
-    if not value:
-        return directives
-    position = 0
-    while position < len(value):
-        match = _CACHE_CONTROL_ITEM.match(value, position)
-        if match is None or match.end() == position:
-            # Skip to the next comma: a malformed directive must not hide
-            # the ones after it (no-store in particular).
-            comma = value.find(",", position)
-            if comma == -1:
-                break
-            position = comma + 1
-            continue
-        name, quoted, token = match.groups()
-        argument: str | None
-        if quoted is not None:
-            argument = re.sub(r"\\(.)", r"\1", quoted)
-        else:
-            argument = token
-        directives.setdefault(name.lower(), argument)
-        position = match.end()
-    return directives
-
-
-def _delta_seconds(argument: str | None) -> int | None:
-    """RFC 9111 delta-seconds, or None when missing or malformed."""
-    if argument is None or not re.fullmatch(r"[0-9]+", argument, re.ASCII):
-        return None
-    return int(argument)
-
-
-_TIME_OF_DAY = re.compile(r"\b\d{1,2}:\d{2}:\d{2}\b")
-
-
-def parse_http_date(value: str | None) -> float | None:
-    """
-    Parse an HTTP-date (IMF-fixdate, RFC 850 or asctime form) to POSIX
-    seconds; None when absent or unparsable.
-
-    A value that holds more than one date (two header lines joined by a
-    comma) is unparsable, as RFC 9110 section 13.1.3 asks for
-    ``If-Modified-Since``.  A date without a zone is read as GMT.
-    """
-    if not value:
-        return None
-    if len(_TIME_OF_DAY.findall(value)) != 1:
-        return None
-    try:
-        parsed = email.utils.parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()
-
-
-def format_http_date(timestamp: float) -> str:
-    """Format POSIX seconds as an IMF-fixdate (``Sun, 06 Nov 1994 08:49:37 GMT``)."""
-    return email.utils.formatdate(timestamp, usegmt=True)
 
 
 def freshness_lifetime(stored_headers: Mapping[str, str], received_at: float) -> float:
@@ -587,229 +429,3 @@ def client_cache_control(
     if upstream_headers is None:
         return None
     return _lowered(upstream_headers).get("cache-control")
-
-
-_ENTITY_TAG = re.compile(r'\s*(W/)?("[^"]*"|[^,\s]+)\s*(?:,|$)')
-
-
-def _entity_tags(value: str) -> list[tuple[bool, str]] | None:
-    """
-    Split an entity-tag list into (weak, opaque-tag) pairs; None for ``*``.
-
-    Unquoted tags (sent by sloppy servers and clients) are accepted as
-    they are.
-    """
-    if value.strip() == "*":
-        return None
-    tags: list[tuple[bool, str]] = []
-    position = 0
-    while position < len(value):
-        match = _ENTITY_TAG.match(value, position)
-        if match is None or match.end() == position:
-            comma = value.find(",", position)
-            if comma == -1:
-                break
-            position = comma + 1
-            continue
-        weak, opaque = match.groups()
-        tags.append((weak is not None, opaque.strip('"')))
-        position = match.end()
-    return tags
-
-
-def _stored_entity_tag(stored: Mapping[str, str]) -> tuple[bool, str] | None:
-    value = stored.get("etag", "").strip()
-    if not value:
-        return None
-    parsed = _entity_tags(value)
-    if not parsed:
-        return None
-    return parsed[0]
-
-
-def validators_of(stored_headers: Mapping[str, str]) -> dict[str, str]:
-    """
-    The conditional request headers that revalidate a stored response
-    upstream: its ``ETag`` and ``Last-Modified``, as given.
-    """
-    stored = _lowered(stored_headers)
-    conditional = {}
-    if "etag" in stored:
-        conditional["if-none-match"] = stored["etag"]
-    if "last-modified" in stored:
-        conditional["if-modified-since"] = stored["last-modified"]
-    return conditional
-
-
-def not_modified(
-    request_headers: Mapping[str, str],
-    stored_headers: Mapping[str, str],
-    stored_at: float | None = None,
-) -> bool:
-    """
-    RFC 9110 section 13.2.2 evaluation for a GET or HEAD of a stored
-    representation: True means answer ``304 Not Modified``.
-
-    ``If-None-Match`` (weak comparison, ``*``, lists) takes precedence: when
-    present, ``If-Modified-Since`` is not looked at.  ``If-Modified-Since``
-    is a date comparison, at one-second resolution: 304 when the date is
-    the stored ``Last-Modified``, or when neither it nor ``stored_at`` is
-    later than the date given.  An unparsable date is ignored.  Without either
-    header the answer is always False: a 304 to an unconditional request
-    breaks clients that hold no copy (apk fails the install).
-
-    The caller only calls this for GET and HEAD of a representation it
-    holds (other methods use these headers as preconditions, and
-    ``If-None-Match: *`` means "any stored representation").
-
-    @param stored_at: when the stored body was downloaded (not merely
-        revalidated), used when the response has no ``Last-Modified``:
-        apk sends its own download time as ``If-Modified-Since``.
-    """
-    request = _lowered(request_headers)
-    stored = _lowered(stored_headers)
-    if_none_match = request.get("if-none-match")
-    if if_none_match is not None:
-        wanted = _entity_tags(if_none_match)
-        if wanted is None:
-            return True
-        current = _stored_entity_tag(stored)
-        if current is None:
-            return False
-        return any(opaque == current[1] for _weak, opaque in wanted)
-    since = parse_http_date(request.get("if-modified-since"))
-    if since is None:
-        return False
-    modified = parse_http_date(stored.get("last-modified"))
-    if modified is not None and modified == since:
-        # The client's copy is this one (apt sends its Last-Modified back).
-        return True
-    if stored_at is None:
-        return False
-    # A later date (apk sends its own download time) proves the client's
-    # copy current only if it is after this copy arrived here as well: a
-    # client may hold an older copy it got after the upstream published
-    # this one (served stale while the upstream was unreachable).
-    arrived = float(math.floor(stored_at))
-    return max(modified or arrived, arrived) <= since
-
-
-class RangeOutcome(enum.Enum):
-    """How to answer a request that may carry ``Range``."""
-
-    FULL = 200
-    PARTIAL = 206
-    UNSATISFIABLE = 416
-
-
-@attrs.frozen
-class RangeResult:
-    """
-    The answer to a (possibly) ranged request over ``size`` bytes.
-
-    For FULL, ``start`` is 0 and ``end`` is ``size - 1``; for PARTIAL they
-    are the inclusive byte positions to send; for UNSATISFIABLE they are
-    meaningless (0 and -1).
-    """
-
-    outcome: RangeOutcome
-    size: int
-    start: int = 0
-    end: int = -1
-
-    @classmethod
-    def full(cls, size: int) -> RangeResult:
-        return cls(RangeOutcome.FULL, size, 0, size - 1)
-
-    @classmethod
-    def unsatisfiable(cls, size: int) -> RangeResult:
-        return cls(RangeOutcome.UNSATISFIABLE, size)
-
-    @property
-    def status(self) -> int:
-        """The response status code: 200, 206 or 416."""
-        return self.outcome.value
-
-    @property
-    def length(self) -> int:
-        """The number of body bytes to send (``Content-Length``)."""
-        if self.outcome is RangeOutcome.UNSATISFIABLE:
-            return 0
-        return self.end - self.start + 1
-
-    @property
-    def content_range(self) -> str | None:
-        """The ``Content-Range`` header value, None for a full response."""
-        if self.outcome is RangeOutcome.PARTIAL:
-            return f"bytes {self.start}-{self.end}/{self.size}"
-        if self.outcome is RangeOutcome.UNSATISFIABLE:
-            return f"bytes */{self.size}"
-        return None
-
-
-_BYTE_RANGE = re.compile(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.ASCII | re.IGNORECASE)
-
-
-def _if_range_holds(if_range: str, stored: Mapping[str, str]) -> bool:
-    """
-    RFC 9110 section 13.1.5: an entity-tag must match the stored ETag by
-    strong comparison (weak tags never match); a date must equal the
-    stored ``Last-Modified`` exactly.
-    """
-    value = if_range.strip()
-    if value.startswith('"') or value.startswith("W/"):
-        if value.startswith("W/"):
-            return False
-        current = _stored_entity_tag(stored)
-        if current is None or current[0]:
-            return False
-        return value.strip('"') == current[1]
-    since = parse_http_date(value)
-    modified = parse_http_date(stored.get("last-modified"))
-    return since is not None and modified is not None and since == modified
-
-
-def parse_range(
-    header: str | None,
-    size: int,
-    *,
-    if_range: str | None = None,
-    stored_headers: Mapping[str, str] | None = None,
-) -> RangeResult:
-    """
-    Evaluate a ``Range`` header over a representation of ``size`` bytes.
-
-    Only a single byte range is honoured: ``bytes=a-b``, ``bytes=a-`` and
-    the suffix ``bytes=-n``.  A missing, malformed, multi-range or
-    non-bytes header gives FULL (RFC 9110 lets a server ignore Range), as
-    does an ``If-Range`` that does not match ``stored_headers``.  A range
-    starting at or after the end (or ``bytes=-0``, or any range of an empty
-    body) is UNSATISFIABLE: answer 416 with ``Content-Range: bytes */size``.
-    """
-    if size < 0:
-        raise ValueError(f"negative representation size {size}")
-    if header is None:
-        return RangeResult.full(size)
-    if if_range is not None and not _if_range_holds(if_range, _lowered(stored_headers or {})):
-        return RangeResult.full(size)
-    match = _BYTE_RANGE.fullmatch(header)
-    if match is None:
-        return RangeResult.full(size)
-    first, last = match.groups()
-    if not first:
-        if not last:
-            return RangeResult.full(size)
-        suffix = int(last)
-        if suffix == 0 or size == 0:
-            return RangeResult.unsatisfiable(size)
-        return RangeResult(RangeOutcome.PARTIAL, size, max(0, size - suffix), size - 1)
-    start = int(first)
-    if last:
-        end = int(last)
-        if end < start:
-            return RangeResult.full(size)
-    else:
-        end = size - 1
-    if start >= size:
-        return RangeResult.unsatisfiable(size)
-    return RangeResult(RangeOutcome.PARTIAL, size, start, min(end, size - 1))

@@ -7,16 +7,16 @@ so every cached response behaves the same whichever port served it.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
 
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from buildcache.engine.body import BodySender, BodySource, StoredBody
-from buildcache.engine.freshness import RangeOutcome, not_modified, parse_range
+from buildcache.engine.conditional import RangeOutcome, not_modified, parse_range
+from buildcache.engine.exchanges import CacheStatus, client_gone, exchange_of
 from buildcache.fetch.fetcher import REPLAYED_HEADERS, UpstreamAnswer
-from buildcache.store import Counters, StoredObject
+from buildcache.store import StoredObject
 
 #: Upstream headers passed to clients: those stored with an object, and
 #: those that give meaning to an error or redirect (which are not stored).
@@ -27,17 +27,6 @@ _PASSED_ON = (REPLAYED_HEADERS - {"date"}) | {"location", "retry-after", "www-au
 #: a downstream cache) should come back as soon as it can, by when the
 #: upstream may answer again.
 STALE_CACHE_CONTROL = "max-age=0"
-
-
-class CacheStatus(enum.Enum):
-    """
-    How a response was served, sent as ``X-Cache``.
-    """
-
-    HIT = "HIT"
-    MISS = "MISS"
-    REVALIDATED = "REVALIDATED"
-    STALE = "STALE"
 
 
 def request_headers(request: Request) -> dict[str, str]:
@@ -62,17 +51,6 @@ def joined_header(name: str, values: list[str]) -> str:
     return ("; " if name.lower() == "cookie" else ", ").join(values)
 
 
-def client_gone(request: Request) -> bool:
-    """
-    Whether the client left while its answer was being prepared (waiting
-    for a checked download or a revalidation): nothing can be sent to it,
-    and ``finish`` would raise.
-    """
-    # Request.connectionLost sets this (and Request.finish checks it); a
-    # request that never had a connection (a test double) is not gone.
-    return bool(getattr(request, "_disconnected", False))
-
-
 def _set_headers(
     request: Request,
     headers: Mapping[str, str],
@@ -86,6 +64,9 @@ def _set_headers(
     if cache_control is not None:
         request.setHeader("cache-control", cache_control)
     request.setHeader("x-cache", status.value)
+    record = exchange_of(request)
+    if record is not None:
+        record.served(status)
     for name, value in extra.items():
         request.setHeader(name, value)
 
@@ -96,7 +77,6 @@ def _send(
     size: int | None,
     headers: Mapping[str, str],
     stored_at: float | None,
-    on_sent: object,
 ) -> None:
     """
     Send ``source`` (``size`` bytes, or unknown) honouring conditionals,
@@ -111,7 +91,7 @@ def _send(
     if size is None:
         # Length unknown until the download ends: whole body, chunked.
         BodySender(
-            request, source, 0, None, on_sent, _refuse_unsent(request)  # type: ignore[arg-type]
+            request, source, 0, None, refuse=_refuse_unsent(request)
         ).start()
         return
     request.setHeader("accept-ranges", "bytes")
@@ -135,8 +115,7 @@ def _send(
         request.finish()
         return
     BodySender(
-        request, source, ranged.start, ranged.end + 1, on_sent,  # type: ignore[arg-type]
-        _refuse_unsent(request),
+        request, source, ranged.start, ranged.end + 1, refuse=_refuse_unsent(request),
     ).start()
 
 
@@ -157,7 +136,6 @@ def serve_stored(
     request: Request,
     stored: StoredObject,
     status: CacheStatus,
-    counters: Counters,
     cache_control: str | None = None,
     extra_headers: Mapping[str, str] = {},
 ) -> None:
@@ -172,18 +150,12 @@ def serve_stored(
     entry = stored.entry
     _set_headers(request, entry.headers, status, cache_control, extra_headers)
     request.setResponseCode(200)
-
-    def sent_from_cache(n: int) -> None:
-        counters.bytes_from_cache += n
-
-    _send(request, StoredBody(stored), entry.size, entry.headers,
-          entry.fetched_at, sent_from_cache)
+    _send(request, StoredBody(stored), entry.size, entry.headers, entry.fetched_at)
 
 
 def serve_answer(
     request: Request,
     answer: UpstreamAnswer,
-    counters: Counters,
     cache_control: str | None = None,
     extra_headers: Mapping[str, str] = {},
 ) -> None:
@@ -215,7 +187,7 @@ def serve_answer(
             request, answer.body, 0, size, refuse=_refuse_unsent(request)
         ).start()
         return
-    _send(request, answer.body, size, headers, None, lambda n: None)
+    _send(request, answer.body, size, headers, None)
 
 
 def serve_head(
@@ -261,6 +233,9 @@ def send_text(
     """
     if client_gone(request):
         return
+    record = exchange_of(request)
+    if record is not None:
+        record.failed()
     request.setResponseCode(code)
     request.setHeader("content-type", "text/plain; charset=utf-8")
     request.setHeader("content-length", str(len(body)))

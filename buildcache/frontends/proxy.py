@@ -38,11 +38,12 @@ from buildcache.ecosystems.apk.check import (
     verifier_for,
 )
 from buildcache.ecosystems.apk.index import ApkFacts, repository_index_url, stale_reason
+from buildcache.ecosystems.apt.policy import RULES as APT_RULES
+from buildcache.ecosystems.pypi.kinds import RULES as PIP_RULES
 from buildcache.engine.events import CacheObserver, StatusPages
 from buildcache.engine.freshness import (
     Decision,
     Kind,
-    classify,
     client_cache_control,
     client_credentials,
     decide,
@@ -59,6 +60,7 @@ from buildcache.engine.keys import (
     open_stored,
     private_family,
 )
+from buildcache.engine.policy import kind_by_rules, rule
 from buildcache.engine.respond import (
     CacheStatus,
     request_headers,
@@ -79,6 +81,11 @@ from buildcache.fetch.fetcher import (
 from buildcache.store import IntegrityError, Store, StoredObject
 
 VIA = "1.1 buildcache"
+_APK_RULES = (rule(r"(?:^|/)APKINDEX\.tar\.gz$", Kind.INDEX), rule(r"[^/]\.apk$", Kind.IMMUTABLE))
+
+
+def classify(path: str) -> Kind:
+    return kind_by_rules(APT_RULES + _APK_RULES + PIP_RULES, path) or Kind.HTTP
 #: Decoding rounds a mirror path may need before it stops changing: one
 #: for the request, one for a file name holding a literal ``%``; more
 #: is only ever an attack, and each round costs a pass over the path.
@@ -585,7 +592,7 @@ class ProxyResource(Resource):
         status: CacheStatus,
     ) -> None:
         serve_stored(
-            request, stored, status, self.store.counters,
+            request, stored, status,
             cache_control=client_cache_control(
                 target.kind, self.index_ttl, stored.entry.headers
             ),
@@ -649,7 +656,7 @@ class ProxyResource(Resource):
         self, request: Request, target: Target, answer: UpstreamAnswer
     ) -> None:
         serve_answer(
-            request, answer, self.store.counters,
+            request, answer,
             cache_control=client_cache_control(
                 target.kind, self.index_ttl, answer.headers, answer.status
             ),

@@ -25,7 +25,6 @@ from twisted.web.server import Request
 
 from buildcache.ecosystems.pypi.model import normalize_project_name
 from buildcache.ecosystems.pypi.pages import (
-    UNCOUNTED,
     USER_AGENT,
     PageResolver,
     metadata_servable,
@@ -140,12 +139,12 @@ class FileServer:
                     # Read ahead for this request: its bytes crossed the
                     # line for it, only earlier.
                     serve_stored(
-                        request, stored, CacheStatus.MISS, UNCOUNTED,
+                        request, stored, CacheStatus.MISS,
                         _FILE_CACHE_CONTROL,
                     )
                 else:
                     serve_stored(
-                        request, stored, CacheStatus.HIT, UNCOUNTED,
+                        request, stored, CacheStatus.HIT,
                         _FILE_CACHE_CONTROL,
                     )
                 return True
@@ -211,7 +210,7 @@ class FileServer:
         # Checked (the answer waited for the whole body to match the page,
         # or streams all but its tail until it does), or nothing to check
         # against: sent from the download while it is being stored.
-        serve_answer(request, answer, UNCOUNTED, _FILE_CACHE_CONTROL)
+        serve_answer(request, answer, _FILE_CACHE_CONTROL)
         return not client_gone(request)
 
     async def _head_file(

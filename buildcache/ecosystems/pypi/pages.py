@@ -70,7 +70,7 @@ from buildcache.fetch.fetcher import (
     UpstreamRequest,
     UpstreamTimeout,
 )
-from buildcache.store import Counters, Entry, IntegrityError, Store, StoredObject
+from buildcache.store import Entry, IntegrityError, Store, StoredObject
 
 __all__ = [
     "PageResolver",
@@ -81,7 +81,6 @@ __all__ = [
     "disowned_files",
     "metadata_servable",
     "USER_AGENT",
-    "UNCOUNTED",
     "NEGATIVE_TTL",
     "CLIENT_REVALIDATION_FLOOR",
     "UPSTREAM_FAILURE_BACKOFF",
@@ -106,12 +105,6 @@ MODEL_CACHE_BYTES = 16 * 1024 * 1024
 
 #: Sent upstream with every page, file and root request of the index.
 USER_AGENT = f"buildcache/{__version__}"
-
-#: What the index's parts give the responders for byte counts: the
-#: observer reads outcomes and bytes from each finished request (see
-#: :meth:`buildcache.engine.events.CacheObserver.track`); the store keeps
-#: no counters.
-UNCOUNTED = Counters()
 
 #: Projects whose 404 is remembered, before the expired ones are pruned.
 _MISSING_KEPT = 4096

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from buildcache.ecosystems.pypi.pages import UNCOUNTED, USER_AGENT
+from buildcache.ecosystems.pypi.pages import USER_AGENT
 from buildcache.engine.events import CacheObserver
 from buildcache.engine.freshness import Kind, client_cache_control, validators_of
 from buildcache.engine.respond import (
@@ -74,7 +74,7 @@ class RootServer:
         if stored is not None and (
             self.clock.seconds() - stored.entry.validated_at < ROOT_TTL
         ):
-            serve_stored(request, stored, CacheStatus.HIT, UNCOUNTED, cache_control, extra)
+            serve_stored(request, stored, CacheStatus.HIT, cache_control, extra)
             return
         url = f"{upstream}/"
         conditional = validators_of(stored.entry.headers) if stored is not None else {}
@@ -104,7 +104,7 @@ class RootServer:
             if fresh is None:
                 send_error(request, 502, f"{url} answered 304 but nothing is stored; try again")
                 return
-            serve_stored(request, fresh, CacheStatus.REVALIDATED, UNCOUNTED, cache_control, extra)
+            serve_stored(request, fresh, CacheStatus.REVALIDATED, cache_control, extra)
             return
         assert answer.body is not None
         if answer.status != 200:
@@ -113,7 +113,7 @@ class RootServer:
             return
         if stored is not None:
             stored.close()
-        serve_answer(request, answer, UNCOUNTED, cache_control, extra)
+        serve_answer(request, answer, cache_control, extra)
 
     def _root_failed(
         self, request: Request, stored: StoredObject | None, url: str,
@@ -133,7 +133,7 @@ class RootServer:
         if self.observer is not None:
             self.observer.stale_served(url)
         serve_stored(
-            request, stored, CacheStatus.STALE, UNCOUNTED,
+            request, stored, CacheStatus.STALE,
             client_cache_control(Kind.INDEX, self.index_ttl), {"vary": "Accept"},
         )
 

@@ -1,0 +1,366 @@
+"""
+The cache engine: one flow for every front end.
+
+:meth:`Engine.serve` answers a client request for a :class:`Target` under
+an ecosystem's :class:`Policy`: look the target up (the client's own
+credentials' entries, the ``Vary`` variant its headers select), make the
+one freshness decision (:func:`buildcache.engine.freshness.decide`),
+revalidate (a 304 refreshes; a 304 for an entry evicted meanwhile becomes
+a miss), serve a stored copy stale when the upstream fails (unless a
+private response's directives forbid it), fetch a miss once through the
+fetcher (which joins concurrent clients), and respond.  Failures map to
+statuses in one table (:mod:`buildcache.engine.errors`), and the outcome is
+recorded for accounting (:mod:`buildcache.engine.exchanges`).
+
+:meth:`Engine.resolve` is the same flow without the response, for a front
+end that renders what it gets (the pip index's pages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from buildcache.engine.conditional import validators_of
+from buildcache.engine.errors import (
+    ERROR_STATUS,
+    IntegrityError,
+    StaleForbidden,
+    TargetRefused,
+    UpstreamError,
+    message_for,
+    status_for,
+)
+from buildcache.engine.events import CacheObserver
+from buildcache.engine.exchanges import CacheStatus, ClientExchange, Exchanges
+from buildcache.engine.freshness import (
+    Decision,
+    Kind,
+    client_credentials,
+    decide,
+    effective_kind,
+    may_serve_stale,
+)
+from buildcache.engine.keys import find_stored, open_stored, private_family
+from buildcache.engine.policy import NO_EXPECTATION, Expectation, Policy, Target
+from buildcache.engine.respond import send_error, serve_answer, serve_head, serve_stored
+from buildcache.fetch.fetcher import Fetcher, UpstreamAnswer, UpstreamRequest, drained
+from buildcache.store import Entry, Store, StoredObject
+
+__all__ = ["Engine", "Resolved"]
+
+#: What :meth:`Engine.serve` answers with a status instead of a crash.
+_ANSWERED = tuple(kind for kind, _ in ERROR_STATUS)
+
+
+@frozen
+class Resolved:
+    """
+    What the engine found for a target: a stored entry (HIT, REVALIDATED,
+    STALE: ``stored`` is open, the caller sends or closes it) or an upstream
+    answer (MISS: ``answer``, whose body is None when a HEAD was answered by
+    a HEAD upstream).
+    """
+
+    cache: CacheStatus
+    #: The kind that governed it (HTTP for a private request).
+    kind: Kind
+    stored: StoredObject | None = None
+    answer: UpstreamAnswer | None = None
+
+    def close(self) -> None:
+        """Give up what was resolved without sending it."""
+        if self.stored is not None:
+            self.stored.close()
+        elif self.answer is not None and self.answer.body is not None:
+            self.answer.body.close()
+
+
+@frozen
+class _ForClient:
+    """
+    A target as one client may see it: with the client's own credentials,
+    its entries are keyed by them (an HMAC under the cache's secret) and
+    only their own directives decide their life.
+    """
+
+    target: Target
+    key: str
+    kind: Kind
+    private: bool
+
+
+@define
+class Engine:
+    """
+    See the module docstring.
+    """
+
+    log = Logger()
+
+    store: Store
+    fetcher: Fetcher
+    clock: IReactorTime
+    observer: CacheObserver | None = None
+    index_ttl: float = 600.0
+    exchanges: Exchanges = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.exchanges = Exchanges(self.clock, self.observer)
+
+    def begin(
+        self, request: Request, front_end: str, name: str | None = None
+    ) -> ClientExchange:
+        """
+        Start accounting for ``request``: a front end calls this when it
+        starts answering one (refusals included).  ``name`` is the package
+        or project it is for.
+        """
+        return self.exchanges.begin(request, front_end, name)
+
+    def refuse(self, request: Request, code: int, message: str) -> None:
+        """Answer ``request`` with ``code`` and a one-line reason."""
+        send_error(request, code, message)
+
+    def answer_error(self, request: Request, error: BaseException) -> None:
+        """Answer ``request`` with the status the error table gives ``error``."""
+        send_error(request, status_for(error), message_for(error))
+
+    def serve(self, request: Request, target: Target, policy: Policy) -> Deferred[None]:
+        """
+        Answer ``request`` for ``target`` under ``policy``; see the module
+        docstring.  Fires when the answer has started (never fails).
+        """
+        d = Deferred.fromCoroutine(self._serve(request, target, policy))
+        d.addErrback(self._crashed, request)
+        return d
+
+    async def _serve(self, request: Request, target: Target, policy: Policy) -> None:
+        try:
+            resolved = await self.resolve(target, policy, request.method)
+        except _ANSWERED as e:
+            self.answer_error(request, e)
+            return
+        self.respond(request, target, policy, resolved)
+
+    def _crashed(self, failure: Failure, request: Request) -> None:
+        self.log.failure("Serving {uri} failed", failure, uri=request.uri)
+        if not request.startedWriting:
+            send_error(request, 500, "internal error")
+        else:
+            request.loseConnection()
+
+    def respond(
+        self, request: Request, target: Target, policy: Policy, resolved: Resolved
+    ) -> None:
+        """
+        Send what :meth:`resolve` found, with the policy's ``Cache-Control``
+        and extra headers.
+        """
+        kind = resolved.kind
+        ttl = policy.ttl(kind, self.index_ttl)
+        extra = policy.extra_headers(target)
+        if resolved.stored is not None:
+            stored = resolved.stored
+            serve_stored(
+                request, stored, resolved.cache,
+                policy.cache_control(kind, ttl, stored.entry.headers, 200), extra,
+            )
+            return
+        answer = resolved.answer
+        assert answer is not None
+        cache_control = policy.cache_control(kind, ttl, answer.headers, answer.status)
+        if answer.body is None:
+            serve_head(request, answer, cache_control, extra)
+        else:
+            serve_answer(request, answer, cache_control, extra)
+
+    async def resolve(
+        self, target: Target, policy: Policy, method: bytes = b"GET"
+    ) -> Resolved:
+        """
+        The stored entry or the upstream answer for ``target``, without
+        responding.  Fails with one of the failures in
+        :data:`buildcache.engine.errors.ERROR_STATUS`.
+        """
+        await policy.before_lookup(target, self)
+        client = self._for_client(target, policy)
+        stored = open_stored(self.store, client.key, target.upstream_headers)
+        if stored is not None:
+            entry = stored.entry
+            decision = decide(
+                client.kind, entry.headers, entry.validated_at, self.clock.seconds(),
+                target.headers, policy.ttl(client.kind, self.index_ttl),
+            )
+            if decision is Decision.FRESH:
+                return Resolved(CacheStatus.HIT, client.kind, stored=stored)
+            return await self._revalidate(client, policy, stored)
+        if method == b"HEAD" and not self.fetcher.downloading(client.key):
+            return await self._head(client, policy)
+        return await self._miss(client, policy)
+
+    def family(self, target: Target) -> str:
+        """
+        The key of ``target``'s entries as its client gets them: of its
+        credentials, if it sends any.
+        """
+        return private_family(
+            target.key, self.store.secret, client_credentials(target.headers)
+        )
+
+    def find(self, target: Target) -> Entry | None:
+        """
+        The stored entry (of the client's family, the variant its upstream
+        headers select) that would answer ``target``, without opening it.
+        """
+        return find_stored(self.store, self.family(target), target.upstream_headers)
+
+    async def refresh(self, target: Target, policy: Policy) -> None:
+        """
+        Fetch ``target`` upstream (conditionally, when a copy is stored)
+        and wait until the answer is stored: what a policy that checks
+        files against an index does before it reads the index.  A failed
+        upstream is logged; the stored copy stays.
+        """
+        client = self._for_client(target, policy)
+        entry = self.find(target)
+        conditional = validators_of(entry.headers) if entry is not None else {}
+        try:
+            answer = await self.fetcher.fetch(self._upstream_request(
+                client, policy, conditional, NO_EXPECTATION,
+                revalidates=entry.key if entry is not None else None,
+            ))
+            if answer.body is not None:
+                await drained(answer.body)
+        except UpstreamError as e:
+            self.log.warn("Could not revalidate {key}: {error}", key=client.key, error=str(e))
+
+    def _for_client(self, target: Target, policy: Policy) -> _ForClient:
+        kind = policy.kind(target)
+        credentials = client_credentials(target.headers)
+        if not credentials:
+            return _ForClient(target, target.key, kind, False)
+        return _ForClient(
+            target, private_family(target.key, self.store.secret, credentials),
+            effective_kind(kind, True), True,
+        )
+
+    def _upstream_request(
+        self,
+        client: _ForClient,
+        policy: Policy,
+        conditional: Mapping[str, str],
+        expected: Expectation,
+        revalidates: str | None = None,
+    ) -> UpstreamRequest:
+        target = client.target
+        kind = client.kind
+
+        def storable(status: int, response_headers: Mapping[str, str]) -> bool:
+            return expected.vouched and policy.storable(
+                kind, status, response_headers, target.headers
+            )
+
+        return UpstreamRequest(
+            key=client.key,
+            url=target.url,
+            headers={**target.upstream_headers, **conditional},
+            expected_size=expected.size,
+            expected_sha256=expected.sha256,
+            verify=expected.verify,
+            stream_before_check=expected.stream_before_check,
+            storable=storable,
+            follow_redirects=target.follow_redirects,
+            variants=target.variants,
+            revalidates=revalidates,
+            front_end=target.front_end,
+            operator_credentials=target.operator_credentials,
+            source_digest=expected.source_digest,
+        )
+
+    async def _revalidate(
+        self, client: _ForClient, policy: Policy, stored: StoredObject
+    ) -> Resolved:
+        upstream = self._upstream_request(
+            client, policy, validators_of(stored.entry.headers), NO_EXPECTATION,
+            revalidates=stored.entry.key,
+        )
+        try:
+            answer = await self.fetcher.fetch(upstream)
+        except TargetRefused:
+            stored.close()
+            raise
+        except UpstreamError as e:
+            return self._stale(client, stored, str(e))
+        if answer.status == 304:
+            stored.close()
+            fresh = self.store.lookup(stored.entry.key)
+            if fresh is None:
+                # Evicted while the upstream was being asked: fetch it.
+                return await self._miss(client, policy)
+            return Resolved(CacheStatus.REVALIDATED, client.kind, stored=fresh)
+        if answer.status >= 500:
+            assert answer.body is not None
+            answer.body.close()
+            return self._stale(client, stored, f"upstream answered {answer.status}")
+        stored.close()
+        return Resolved(CacheStatus.MISS, client.kind, answer=answer)
+
+    def _stale(self, client: _ForClient, stored: StoredObject, why: str) -> Resolved:
+        if not may_serve_stale(stored.entry.headers, client.private):
+            stored.close()
+            raise StaleForbidden(
+                f"the upstream could not revalidate this private response ({why}),"
+                " and its directives forbid serving it stale"
+            )
+        self.log.warn(
+            "Serving stale {key}: revalidation failed: {why}", key=client.key, why=why
+        )
+        if self.observer is not None:
+            self.observer.stale_served(client.target.url)
+        return Resolved(CacheStatus.STALE, client.kind, stored=stored)
+
+    async def _head(self, client: _ForClient, policy: Policy) -> Resolved:
+        """
+        A HEAD that missed goes upstream as a HEAD: nothing is fetched or
+        stored for it (a HEAD that joins a running download shares it).
+        An upstream that answers 405 or 501 to a HEAD is asked with a GET.
+        """
+        answer = await self.fetcher.head(
+            self._upstream_request(client, policy, {}, NO_EXPECTATION)
+        )
+        if answer.status in (405, 501):
+            return await self._miss(client, policy)
+        return Resolved(CacheStatus.MISS, client.kind, answer=answer)
+
+    async def _miss(self, client: _ForClient, policy: Policy) -> Resolved:
+        target = client.target
+        expected = await policy.expect(target, self)
+        adopted = await policy.adopt(target, self, expected)
+        if adopted is not None:
+            return Resolved(CacheStatus.HIT, client.kind, stored=adopted)
+        if not expected.vouched:
+            # Immutable once stored: a body nothing checked (an error page
+            # sent as 200, say) would be served for good.
+            self.log.info(
+                "Serving {url} without storing it: nothing vouches for it",
+                url=target.url,
+            )
+        try:
+            answer = await self.fetcher.fetch(
+                self._upstream_request(client, policy, {}, expected)
+            )
+        except IntegrityError as e:
+            newer = await policy.recheck(target, self, expected, e)
+            if newer is None:
+                raise
+            answer = await self.fetcher.fetch(
+                self._upstream_request(client, policy, {}, newer)
+            )
+        return Resolved(CacheStatus.MISS, client.kind, answer=answer)

@@ -1,0 +1,64 @@
+"""
+The one table that turns a failure into the status a client is answered
+with, and the failure types a front end may need to name (re-exported
+here, so that no front end imports the fetcher or the store for them).
+"""
+
+from __future__ import annotations
+
+from buildcache.fetch.connect import TargetRefused
+from buildcache.fetch.fetcher import CacheWriteError, UpstreamError, UpstreamTimeout
+from buildcache.store import IntegrityError
+
+__all__ = [
+    "UpstreamError",
+    "UpstreamTimeout",
+    "TargetRefused",
+    "IntegrityError",
+    "CacheWriteError",
+    "StaleForbidden",
+    "ERROR_STATUS",
+    "status_for",
+    "message_for",
+]
+
+
+class StaleForbidden(Exception):
+    """
+    A private response could not be revalidated, and its directives forbid
+    serving it stale (RFC 9111 sections 4.2.4 and 5.2.2).
+    """
+
+
+#: Failure type -> status, most specific first; :func:`status_for` takes
+#: the first row the failure is an instance of.
+ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (TargetRefused, 403),
+    (UpstreamTimeout, 504),
+    (CacheWriteError, 502),
+    (UpstreamError, 502),
+    (IntegrityError, 502),
+    (StaleForbidden, 504),
+)
+
+
+def status_for(error: BaseException) -> int:
+    """
+    The status a client gets for ``error``: its row of :data:`ERROR_STATUS`,
+    else 500 (a bug).
+    """
+    for kind, status in ERROR_STATUS:
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def message_for(error: BaseException) -> str:
+    """
+    The one-line explanation sent with :func:`status_for`'s status.
+    """
+    if isinstance(error, IntegrityError):
+        return f"upstream sent a bad body: {error}"
+    if isinstance(error, (UpstreamError, StaleForbidden)):
+        return str(error)
+    return "internal error"

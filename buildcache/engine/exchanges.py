@@ -1,0 +1,147 @@
+"""
+Accounting of client requests: the one place cache outcomes and byte
+counts are recorded.  A front end begins an :class:`ClientExchange` when it
+starts answering a request (refusals included); the engine records how it
+served it (:meth:`ClientExchange.served`); when the request ends the
+observer gets one :class:`buildcache.engine.events.Exchange`.
+
+The record also knows, through ``notifyFinish``, whether the client has
+gone (:func:`client_gone`), which an answer prepared at length (a checked
+download, a revalidation) must ask before it writes.
+"""
+
+from __future__ import annotations
+
+import enum
+from weakref import WeakKeyDictionary
+
+from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from buildcache.engine.events import CacheObserver, Exchange
+
+__all__ = ["CacheStatus", "ExchangeState", "ClientExchange", "Exchanges", "client_gone", "exchange_of"]
+
+
+class ExchangeState(enum.Enum):
+    """Where a client request is."""
+
+    ANSWERING = "answering"
+    #: The response went out whole.
+    FINISHED = "finished"
+    #: The connection was lost before the response ended.
+    GONE = "gone"
+
+
+class CacheStatus(enum.Enum):
+    """How a response was served, sent as ``X-Cache``."""
+
+    HIT = "HIT"
+    MISS = "MISS"
+    REVALIDATED = "REVALIDATED"
+    STALE = "STALE"
+
+
+#: The record of each request begun and not yet collected; weak, so a
+#: request that ends takes its record with it.
+_RECORDS: WeakKeyDictionary[Request, ClientExchange] = WeakKeyDictionary()
+
+
+@define
+class ClientExchange:
+    """
+    One client request being answered.
+    """
+
+    request: Request
+    front_end: str
+    started: float
+    name: str | None = None
+    #: How the engine served it; None for a refusal or an error.
+    cache: CacheStatus | None = None
+    state: ExchangeState = ExchangeState.ANSWERING
+    _ended: list[ExchangeState] = field(factory=list)
+
+    def served(self, cache: CacheStatus) -> None:
+        """The engine answered with ``cache``."""
+        self.cache = cache
+
+    def failed(self) -> None:
+        """The answer is an error: no cache outcome (a later one is replaced)."""
+        self.cache = None
+
+    def end(self, state: ExchangeState) -> None:
+        if self.state is ExchangeState.ANSWERING:
+            self.state = state
+
+    @property
+    def gone(self) -> bool:
+        return self.state is ExchangeState.GONE
+
+
+def exchange_of(request: Request) -> ClientExchange | None:
+    """The record of ``request``, if one was begun."""
+    return _RECORDS.get(request)
+
+
+def client_gone(request: Request) -> bool:
+    """
+    Whether the client left while its answer was being prepared: nothing
+    can be sent to it, and ``finish`` would raise.  A request nobody began
+    (a test double) is not gone.
+    """
+    record = _RECORDS.get(request)
+    return record is not None and record.gone
+
+
+@define
+class Exchanges:
+    """
+    Begins the record of each client request, and reports each one that
+    ends to ``observer``.
+    """
+
+    clock: IReactorTime
+    observer: CacheObserver | None = None
+
+    def begin(
+        self, request: Request, front_end: str, name: str | None = None
+    ) -> ClientExchange:
+        """
+        Start accounting for ``request`` (once, when a front end starts
+        answering it); ``name`` is the package or project it is for.
+        """
+        record = _RECORDS.get(request)
+        if record is not None:
+            return record
+        record = ClientExchange(request, front_end, self.clock.seconds(), name)
+        _RECORDS[request] = record
+
+        def ended(result: object) -> None:
+            record.end(
+                ExchangeState.FINISHED if not isinstance(result, Failure)
+                else ExchangeState.GONE
+            )
+            self._report(record)
+
+        request.notifyFinish().addBoth(ended)
+        return record
+
+    def _report(self, record: ClientExchange) -> None:
+        if self.observer is None:
+            return
+        request = record.request
+        self.observer.exchange_finished(Exchange(
+            front_end=record.front_end,
+            client=getattr(request.getClientAddress(), "host", "-"),
+            method=request.method.decode("latin-1"),
+            url=request.uri.decode("latin-1"),
+            status=request.code,
+            cache=None if record.cache is None else record.cache.value,
+            bytes_sent=int(getattr(request, "sentLength", 0)),
+            duration=self.clock.seconds() - record.started,
+            completed=record.state is ExchangeState.FINISHED,
+            name=record.name,
+        ))

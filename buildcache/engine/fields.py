@@ -1,0 +1,103 @@
+"""
+HTTP field values the cache reads: ``Cache-Control`` directives,
+delta-seconds and HTTP dates (RFC 9110, RFC 9111).  Pure functions, shared
+by the freshness decision (:mod:`buildcache.engine.freshness`) and the
+conditional requests (:mod:`buildcache.engine.conditional`).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Mapping
+from datetime import timezone
+
+__all__ = [
+    "lowered",
+    "parse_cache_control",
+    "delta_seconds",
+    "parse_http_date",
+    "format_http_date",
+]
+
+
+def lowered(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` with lowercase names."""
+    return {name.lower(): value for name, value in headers.items()}
+
+
+_CACHE_CONTROL_ITEM = re.compile(
+    r"""\s*([^\s,=]+)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*)))?\s*(?:,|$)"""
+)
+
+
+def parse_cache_control(value: str | None) -> dict[str, str | None]:
+    """
+    Parse a ``Cache-Control`` value into ``{directive: argument or None}``.
+
+    Directive names are lowercased; quoted arguments are unquoted (they may
+    contain commas, as in ``no-cache="set-cookie, x"``).  The first
+    occurrence of a repeated directive wins.  Unparsable fragments are
+    skipped.
+    """
+    directives: dict[str, str | None] = {}
+    if not value:
+        return directives
+    position = 0
+    while position < len(value):
+        match = _CACHE_CONTROL_ITEM.match(value, position)
+        if match is None or match.end() == position:
+            # Skip to the next comma: a malformed directive must not hide
+            # the ones after it (no-store in particular).
+            comma = value.find(",", position)
+            if comma == -1:
+                break
+            position = comma + 1
+            continue
+        name, quoted, token = match.groups()
+        argument: str | None
+        if quoted is not None:
+            argument = re.sub(r"\\(.)", r"\1", quoted)
+        else:
+            argument = token
+        directives.setdefault(name.lower(), argument)
+        position = match.end()
+    return directives
+
+
+def delta_seconds(argument: str | None) -> int | None:
+    """RFC 9111 delta-seconds, or None when missing or malformed."""
+    if argument is None or not re.fullmatch(r"[0-9]+", argument, re.ASCII):
+        return None
+    return int(argument)
+
+
+_TIME_OF_DAY = re.compile(r"\b\d{1,2}:\d{2}:\d{2}\b")
+
+
+def parse_http_date(value: str | None) -> float | None:
+    """
+    Parse an HTTP-date (IMF-fixdate, RFC 850 or asctime form) to POSIX
+    seconds; None when absent or unparsable.
+
+    A value that holds more than one date (two header lines joined by a
+    comma) is unparsable, as RFC 9110 section 13.1.3 asks for
+    ``If-Modified-Since``.  A date without a zone is read as GMT.
+    """
+    if not value:
+        return None
+    if len(_TIME_OF_DAY.findall(value)) != 1:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def format_http_date(timestamp: float) -> str:
+    """Format POSIX seconds as an IMF-fixdate (``Sun, 06 Nov 1994 08:49:37 GMT``)."""
+    return email.utils.formatdate(timestamp, usegmt=True)
+

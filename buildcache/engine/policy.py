@@ -1,0 +1,259 @@
+"""
+What the engine asks of an ecosystem: the :class:`Policy` protocol, the
+:class:`Target` a front end hands the engine with it, and the
+:class:`Expectation` a policy may have of a body (its size, its digest, a
+verifier).  :class:`GenericPolicy` is the plain RFC 9111 one the forward
+proxy uses for URLs no ecosystem claims; an ecosystem's policy usually
+extends it and overrides what it knows better.
+
+An ecosystem knows its file names (which are immutable, which are indexes:
+:class:`PathRule` tables) and how to check its files; the engine knows
+HTTP.  The engine's RFC 9111 rules (a request's credentials, ``Vary``, a
+response's ``no-store``/``private``) always win over a policy's kind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
+
+from attrs import Factory, frozen
+
+from buildcache.engine.freshness import Kind, client_cache_control, is_storable
+from buildcache.engine.keys import cache_key
+
+if TYPE_CHECKING:
+    from buildcache.engine.core import Engine
+    from buildcache.fetch.fetcher import BodyVerifier
+    from buildcache.store import StoredObject
+
+__all__ = [
+    "Target",
+    "Expectation",
+    "NO_EXPECTATION",
+    "Policy",
+    "GenericPolicy",
+    "PathRule",
+    "rule",
+    "kind_by_rules",
+]
+
+
+@frozen
+class Target:
+    """
+    One client request as the engine serves it: the upstream URL, the
+    store key of its anonymous entries, and the request headers, chosen by
+    the front end.
+    """
+
+    #: The upstream URL fetched on a miss.
+    url: str
+    #: Who served it, for accounting and the bytes fetched: "proxy",
+    #: "mirror", "index", "registry".
+    front_end: str
+    #: The client's request headers as the cache judges them (lowercase
+    #: names): its ``Cache-Control``, conditionals, ``Range`` and
+    #: credentials.  A front end leaves out what it ignores (the registry
+    #: ignores ``Authorization``, a mirror route a ``Cookie``).
+    headers: Mapping[str, str] = Factory(dict)
+    #: The request headers sent upstream (lowercase names); the ``Vary``
+    #: variant served is the one these select.
+    upstream_headers: Mapping[str, str] = Factory(dict)
+    #: The store key of the URL's anonymous entries; a client with
+    #: credentials gets its own family under it (see
+    #: :func:`buildcache.engine.keys.private_family`).
+    key: str = Factory(lambda self: cache_key(self.url), takes_self=True)
+    #: Whether redirects are followed upstream (the mirror routes and the
+    #: index, not the forward proxy, whose client follows them itself).
+    follow_redirects: bool = False
+    #: Whether the operator's credentials for the origin go with it (see
+    #: :attr:`buildcache.fetch.fetcher.UpstreamRequest.operator_credentials`).
+    operator_credentials: bool = False
+    #: Whether the URL's responses may vary (``Vary``): stored per variant,
+    #: and a client whose headers select another variant does not join a
+    #: download.  Off for requests always sent with the same headers.
+    variants: bool = True
+
+
+@frozen
+class Expectation:
+    """
+    What a policy knows of a body before it arrives: a download with a
+    size, a digest or a verifier is checked before it is stored (and, but
+    for ``stream_before_check``, before any client sees it).
+    """
+
+    size: int | None = None
+    #: Hex sha256 of the body (an index page's ``#sha256=``, an OCI digest).
+    sha256: str | None = None
+    #: Builds a checker from the response headers (checks 200s only).
+    verify: Callable[[Mapping[str, str]], BodyVerifier] | None = None
+    #: How the index that vouches for the body identifies it (recorded
+    #: with it, see :attr:`buildcache.store.Entry.source_digest`).
+    source_digest: str | None = None
+    #: Stream all but the tail before the check passes (large files).
+    stream_before_check: bool = False
+    #: False: a file its ecosystem would check but cannot (no index lists
+    #: it): served, never stored.
+    vouched: bool = True
+
+
+#: A body nothing is known about.
+NO_EXPECTATION = Expectation()
+
+
+class Policy(Protocol):
+    """
+    An ecosystem's rules for its files, as the engine asks for them.  Every
+    hook has a plain default in :class:`GenericPolicy`.
+    """
+
+    def kind(self, target: Target) -> Kind:
+        """
+        How ``target``'s file behaves over time, by the ecosystem's names.
+        The engine makes a private request's kind HTTP whatever this says.
+        """
+
+    def ttl(self, kind: Kind, default: float) -> float:
+        """
+        How long an INDEX of this ecosystem stays fresh; ``default`` is the
+        operator's ``--index-ttl``.
+        """
+
+    def storable(
+        self, kind: Kind, status: int, response_headers: Mapping[str, str],
+        request_headers: Mapping[str, str],
+    ) -> bool:
+        """
+        Whether a response may be stored (the engine adds the
+        expectation's ``vouched``).
+        """
+
+    def cache_control(
+        self, kind: Kind, ttl: float, response_headers: Mapping[str, str] | None,
+        status: int,
+    ) -> str | None:
+        """
+        The ``Cache-Control`` sent to clients with a response of ``status``.
+        """
+
+    def extra_headers(self, target: Target) -> Mapping[str, str]:
+        """
+        Headers added to every answer for ``target`` (``Vary: Accept`` on
+        the index's pages, say).
+        """
+
+    async def before_lookup(self, target: Target, engine: Engine) -> None:
+        """
+        Runs before the store is looked at: apk waits for an index still
+        being stored, and drops the packages it now lists differently.
+        """
+
+    async def expect(self, target: Target, engine: Engine) -> Expectation:
+        """
+        What the body fetched on a miss must be (its index entry, the
+        digest a page or a manifest gave).
+        """
+
+    async def adopt(
+        self, target: Target, engine: Engine, expected: Expectation
+    ) -> StoredObject | None:
+        """
+        A stored copy taken over on a miss (an ``http://`` twin whose bytes
+        ``expected`` vouches for), served as a HIT; None to fetch.
+        """
+
+    async def recheck(
+        self, target: Target, engine: Engine, expected: Expectation, error: Exception
+    ) -> Expectation | None:
+        """
+        A body failed its check against ``expected``: a newer expectation
+        to fetch it once more with (apk revalidates the index that listed
+        it), or None to answer the failure.
+        """
+
+
+@frozen
+class GenericPolicy:
+    """
+    The RFC 9111 policy: files have the kind their path rules give (HTTP
+    without rules), nothing is expected of a body, nothing is adopted.
+    """
+
+    rules: Sequence[PathRule] = ()
+
+    def kind(self, target: Target) -> Kind:
+        return kind_by_rules(self.rules, target.url) or Kind.HTTP
+
+    def ttl(self, kind: Kind, default: float) -> float:
+        return default
+
+    def storable(
+        self, kind: Kind, status: int, response_headers: Mapping[str, str],
+        request_headers: Mapping[str, str],
+    ) -> bool:
+        return is_storable(kind, status, response_headers, request_headers)
+
+    def cache_control(
+        self, kind: Kind, ttl: float, response_headers: Mapping[str, str] | None,
+        status: int,
+    ) -> str | None:
+        return client_cache_control(kind, ttl, response_headers, status)
+
+    def extra_headers(self, target: Target) -> Mapping[str, str]:
+        return {}
+
+    async def before_lookup(self, target: Target, engine: Engine) -> None:
+        return None
+
+    async def expect(self, target: Target, engine: Engine) -> Expectation:
+        return NO_EXPECTATION
+
+    async def adopt(
+        self, target: Target, engine: Engine, expected: Expectation
+    ) -> StoredObject | None:
+        return None
+
+    async def recheck(
+        self, target: Target, engine: Engine, expected: Expectation, error: Exception
+    ) -> Expectation | None:
+        return None
+
+
+@frozen
+class PathRule:
+    """
+    One row of an ecosystem's table of file names: ``pattern`` is searched
+    in the URL path (no scheme, host or query).
+    """
+
+    pattern: re.Pattern[str]
+    kind: Kind
+
+
+def rule(regex: str, kind: Kind) -> PathRule:
+    return PathRule(re.compile(regex), kind)
+
+
+def url_path(url: str) -> str:
+    """
+    The path of ``url``; a bare path may carry a query or fragment.
+    """
+    if "://" in url:
+        return urlsplit(url).path
+    return url.split("?", 1)[0].split("#", 1)[0]
+
+
+def kind_by_rules(rules: Sequence[PathRule], url: str) -> Kind | None:
+    """
+    The kind the first row of ``rules`` matching ``url``'s path gives, or
+    None when none matches.
+    """
+    path = url_path(url)
+    for row in rules:
+        if row.pattern.search(path):
+            return row.kind
+    return None
