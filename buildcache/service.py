@@ -32,6 +32,7 @@ from buildcache.credentials import readable_by_others
 from buildcache.ecosystems.pypi.assemble import index_resource
 from buildcache.ecosystems.pypi.index import IndexResource
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
+from buildcache.engine.core import Engine
 from buildcache.fetch.connect import make_http_client, upstream_pool
 from buildcache.fetch.fetcher import Fetcher
 from buildcache.frontends.proxy import OwnIndex, ProxyResource, Router
@@ -106,9 +107,9 @@ class Server:
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
             connections=connections,
         )
+        engine = Engine(store, fetcher, reactor, activity, config.index_ttl)
         index = index_resource(
-            store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
-            policy=policy, activity=activity,
+            engine, config.pypi_upstreams, config.index_ttl, policy=policy,
             prefetcher=Prefetcher(
                 store, fetcher, reactor, config.prefetch_max_size, observer=activity
             ),

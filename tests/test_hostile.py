@@ -51,6 +51,7 @@ from buildcache.ecosystems.pypi.model import (
     is_valid_project_name,
     normalize_project_name,
 )
+from buildcache.engine.core import Engine
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.connect import TargetRefused, connect_tcp, make_http_client
 from buildcache.fetch.fetcher import UpstreamError, UpstreamRequest, request_uri
@@ -1177,7 +1178,8 @@ class IndexRouteProperties(SynchronousTestCase):
 
         fetcher = RecordingFetcher()
         index = index_resource(
-            self.store, fetcher, ["http://127.0.0.1:9/simple"], 300.0, Clock()  # type: ignore[arg-type]
+            Engine(self.store, fetcher, Clock()),  # type: ignore[arg-type]
+            ["http://127.0.0.1:9/simple"], 300.0,
         )
         for segment in (quote(raw, safe=""), quote(raw, safe="/")):
             request = DummyRequest([])

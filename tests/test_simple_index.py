@@ -56,6 +56,7 @@ from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.ecosystems.pypi.render import (
     render_root_html,
 )
+from buildcache.engine.core import Engine
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.fetcher import Fetcher, UpstreamRequest, upstream_client
 from buildcache.ops.activity import Activity
@@ -221,10 +222,12 @@ class Harness:
 
     def make_resource(self, index_ttl: float = TTL) -> IndexResource:
         return index_resource(
-            self.store, self.fetcher, [u.base for u in self.upstreams],
-            index_ttl, self.clock, activity=self.activity,
+            self.engine(index_ttl), [u.base for u in self.upstreams], index_ttl,
             prefetcher=self.prefetcher,
         )
+
+    def engine(self, index_ttl: float = TTL) -> Engine:
+        return Engine(self.store, self.fetcher, self.clock, self.activity, index_ttl)
 
     async def _shut(self) -> None:
         await stop(self.port)
@@ -503,13 +506,11 @@ class PageTests(TestCase):
         nothing is asked upstream; one inside is served.
         """
         refusing = index_resource(
-            self.harness.store, self.harness.fetcher, [self.upstream.base], TTL,
-            self.harness.clock,
+            self.harness.engine(), [self.upstream.base], TTL,
             policy=AccessPolicy.from_config(["10.0.0.0/8"], [], []),
         )
         allowing = index_resource(
-            self.harness.store, self.harness.fetcher, [self.upstream.base], TTL,
-            self.harness.clock,
+            self.harness.engine(), [self.upstream.base], TTL,
             policy=AccessPolicy.from_config(["127.0.0.0/8"], [], []),
         )
         for resource, status in ((refusing, 403), (allowing, 200)):

@@ -1,15 +1,11 @@
 """
 Putting the index together: the page resolver, the file and root servers
-and the front end that routes to them, over one store and fetcher.  The
-front end (:mod:`.index`) is given its parts, so that it names neither the
-store nor the fetcher.
+and the front end that routes to them, all over one cache engine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from twisted.internet.interfaces import IReactorTime
 
 from buildcache.access import AccessPolicy
 from buildcache.ecosystems.pypi.files import FileServer
@@ -17,34 +13,30 @@ from buildcache.ecosystems.pypi.index import IndexResource
 from buildcache.ecosystems.pypi.pages import PageResolver
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.ecosystems.pypi.root import RootServer
-from buildcache.engine.events import CacheObserver
-from buildcache.fetch.fetcher import Fetcher
-from buildcache.store import Store
+from buildcache.engine.core import Engine
 
 __all__ = ["index_resource"]
 
 
 def index_resource(
-    store: Store,
-    fetcher: Fetcher,
+    engine: Engine,
     upstreams: Sequence[str],
     index_ttl: float,
-    clock: IReactorTime,
     policy: AccessPolicy | None = None,
-    activity: CacheObserver | None = None,
     prefetcher: Prefetcher | None = None,
 ) -> IndexResource:
     """
     The index over ``upstreams`` (simple-index base URLs such as
-    ``http://host/simple``, in priority order).  ``activity`` is told of
-    every request and stale answer (the ``prefetcher`` has its own
-    observer).
+    ``http://host/simple``, in priority order), answering through
+    ``engine``, whose observer is told of every request and stale answer
+    (the ``prefetcher`` has its own).  With ``policy``, clients outside its
+    ``allow_from`` are refused.
     """
-    pages = PageResolver.of(store, fetcher, upstreams, index_ttl, clock, activity)
+    pages = PageResolver.of(engine, upstreams, index_ttl, engine.clock, engine.observer)
     root = None
     if pages.upstreams:
-        root = RootServer(store, fetcher, pages.upstreams[0], index_ttl, clock, activity)
+        root = RootServer(engine, pages.upstreams[0], index_ttl)
     return IndexResource(
-        pages, FileServer(store, fetcher, pages, prefetcher), root, index_ttl,
-        policy=policy, activity=activity,
+        engine, pages, FileServer(engine, pages, prefetcher), root, index_ttl,
+        policy=policy,
     )

@@ -19,39 +19,90 @@ listed there is a 404, whatever the upstream holds.
 
 from __future__ import annotations
 
-from attrs import define
+from collections.abc import Mapping
+
+from attrs import define, frozen
 from twisted.logger import Logger
 from twisted.web.server import Request
 
 from buildcache.ecosystems.pypi.model import normalize_project_name
 from buildcache.ecosystems.pypi.pages import (
+    ANSWERED,
     USER_AGENT,
+    IndexPolicy,
     PageResolver,
     metadata_servable,
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher, file_request
+from buildcache.engine.core import Engine, Resolved
+from buildcache.engine.errors import IntegrityError
+from buildcache.engine.exchanges import CacheStatus, client_gone
 from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.keys import adopt_verified_twin, open_stored
-from buildcache.engine.respond import (
-    CacheStatus,
-    client_gone,
-    send_error,
-    serve_answer,
-    serve_head,
-    serve_stored,
-)
-from buildcache.fetch.fetcher import (
-    STREAM_CHECKED_ABOVE,
-    Fetcher,
-    UpstreamError,
-    UpstreamRequest,
-)
-from buildcache.store import IntegrityError, Store
+from buildcache.engine.policy import Expectation, Target
+from buildcache.engine.respond import send_error
+from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, UpstreamRequest
+from buildcache.store import StoredObject
 
-__all__ = ["FileServer"]
+__all__ = ["FileServer", "FilePolicy"]
 
 _FILE_CACHE_CONTROL = client_cache_control(Kind.IMMUTABLE, 0)
 _METADATA_SUFFIX = ".metadata"
+
+
+@frozen
+class FilePolicy(IndexPolicy):
+    """
+    How the engine treats one distribution or metadata file the index
+    serves: immutable, checked against the digest its page gives
+    (``expected``), a hit only when the stored copy has that digest, and
+    taken over from its ``http://`` twin when the digest vouches for it.
+    """
+
+    KIND = Kind.IMMUTABLE
+
+    expected: Expectation = Expectation()
+
+    def cache_control(
+        self, kind: Kind, ttl: float, response_headers: Mapping[str, str] | None,
+        status: int,
+    ) -> str | None:
+        return _FILE_CACHE_CONTROL
+
+    async def before_lookup(self, target: Target, engine: Engine) -> None:
+        # Stored by another route without this check (the proxy port), and
+        # different from what the page promises: it answers nobody here,
+        # and the checked download replaces it.
+        wanted = self.expected.sha256
+        entry = engine.find(target)
+        if wanted is not None and entry is not None and entry.sha256 != wanted:
+            engine.store.remove_entry(entry)
+
+    async def expect(self, target: Target, engine: Engine) -> Expectation:
+        return self.expected
+
+    async def adopt(
+        self, target: Target, engine: Engine, expected: Expectation
+    ) -> StoredObject | None:
+        # Stored over plain http (by a version whose keys had no scheme,
+        # or by the proxy), and the page fetched from this https upstream
+        # vouches for its bytes.
+        if adopt_verified_twin(
+            engine.store, target.key, target.upstream_headers, expected.sha256
+        ) is None:
+            return None
+        return open_stored(engine.store, target.key, target.upstream_headers)
+
+
+def _target(upstream_request: UpstreamRequest) -> Target:
+    return Target(
+        url=upstream_request.url,
+        front_end="index",
+        upstream_headers=upstream_request.headers,
+        key=upstream_request.key,
+        follow_redirects=True,
+        operator_credentials=True,
+    )
 
 
 @define
@@ -62,8 +113,7 @@ class FileServer:
 
     log = Logger()
 
-    store: Store
-    fetcher: Fetcher
+    engine: Engine
     pages: PageResolver
     prefetcher: Prefetcher | None = None
 
@@ -123,118 +173,94 @@ class FileServer:
         """
         Answer with a file or its metadata; whether it was sent (200).
         """
-        key, url = upstream_request.key, upstream_request.url
-        expected = upstream_request.expected_sha256
-        stored = open_stored(self.store, key, upstream_request.headers)
-        if stored is None and adopt_verified_twin(
-            self.store, key, upstream_request.headers, expected
-        ):
-            # Stored over plain http (by a version whose keys had no
-            # scheme, or by the proxy), and the page fetched from this
-            # https upstream vouches for its bytes.
-            stored = open_stored(self.store, key, upstream_request.headers)
-        if stored is not None:
-            if expected is None or stored.entry.sha256 == expected:
-                if self._claimed_read_ahead(key, stored=True):
-                    # Read ahead for this request: its bytes crossed the
-                    # line for it, only earlier.
-                    serve_stored(
-                        request, stored, CacheStatus.MISS,
-                        _FILE_CACHE_CONTROL,
-                    )
-                else:
-                    serve_stored(
-                        request, stored, CacheStatus.HIT,
-                        _FILE_CACHE_CONTROL,
-                    )
-                return True
-            # Stored by another route without this check, and different
-            # from what the page promises: fetch the checked one.
-            stored.close()
-        if request.method == b"HEAD" and not self.fetcher.downloading(key):
-            # uv sends HEAD, then ranges: the HEAD alone fetches nothing.
-            answered = await self._head_file(request, url, upstream_request)
-            if answered is not None:
-                return answered
-        self._claimed_read_ahead(key, stored=False)
+        target = _target(upstream_request)
+        url = target.url
+        policy = FilePolicy(expected=Expectation(
+            sha256=upstream_request.expected_sha256,
+            stream_before_check=upstream_request.stream_before_check,
+        ))
+        if self.engine.find(target) is None:
+            # Fetched for this client, or joining the read-ahead fetching it.
+            self._claimed_read_ahead(target.key, stored=False)
         try:
-            answer = await self.fetcher.fetch(upstream_request)
+            resolved = await self.engine.resolve(target, policy, request.method)
         except IntegrityError as e:
             self._refuse_mismatch(request, name, url, str(e))
             return False
-        except UpstreamError as e:
-            send_error(request, e.status, f"upstream {url} failed: {e}")
+        except ANSWERED as e:
+            self.engine.answer_error(request, e)
             return False
-        body = answer.body
-        assert body is not None
+        if resolved.stored is not None:
+            if self._claimed_read_ahead(target.key, stored=True):
+                # Read ahead for this request: its bytes crossed the line
+                # for it, only earlier.
+                resolved = Resolved(CacheStatus.MISS, resolved.kind, stored=resolved.stored)
+            self.engine.respond(request, target, policy, resolved)
+            return True
+        answer = resolved.answer
+        assert answer is not None
         if answer.status != 200:
-            body.close()
+            resolved.close()
             send_error(
                 request, 404 if answer.status in (404, 410) else 502,
                 f"upstream answered {answer.status} for {url}",
             )
             return False
-        download = body.download
-        if download.request.expected_sha256 != expected:
-            # Joined a download started without this digest (the proxy
-            # port's): judge the whole body once it has ended.
-            await download.when_settled()
-            if download.failure is not None:
-                body.close()
-                send_error(
-                    request, 502,
-                    f"upstream {url} failed: {download.failure.getErrorMessage()}",
-                )
-                return False
-            if download.sha256 is None:
-                # Not kept on disk, so never hashed whole: unchecked bytes
-                # are not served from the index.
-                body.close()
-                self.log.error(
-                    "Cannot check {url} for project {name} against its page's"
-                    " sha256: the cache could not keep its body ({error})",
-                    url=url, name=name, error=str(download.spool_error),
-                )
-                send_error(
-                    request, 502,
-                    f"{url} could not be checked against the sha256 its index page"
-                    f" gives (the cache could not keep it: {download.spool_error})",
-                )
-                return False
-            if download.sha256 != expected:
-                body.close()
-                self._refuse_mismatch(
-                    request, name, url, f"received sha256 {download.sha256}"
-                )
-                return False
+        if answer.body is not None and not await self._joined_checked(
+            request, name, resolved, upstream_request.expected_sha256
+        ):
+            return False
         # Checked (the answer waited for the whole body to match the page,
         # or streams all but its tail until it does), or nothing to check
         # against: sent from the download while it is being stored.
-        serve_answer(request, answer, _FILE_CACHE_CONTROL)
+        self.engine.respond(request, target, policy, resolved)
         return not client_gone(request)
 
-    async def _head_file(
-        self, request: Request, url: str, upstream_request: UpstreamRequest
-    ) -> bool | None:
+    async def _joined_checked(
+        self, request: Request, name: str, resolved: Resolved, expected: str | None
+    ) -> bool:
         """
-        Answer a HEAD for a file that is not stored with the upstream's
-        answer to a HEAD; nothing is fetched or stored.  None, answering
-        nothing, when the upstream does not do HEAD (405, 501): a GET must.
+        Whether the download answering this request was checked against
+        ``expected``; one started without that digest (the proxy port's,
+        joined) is judged whole once it has ended.  Refuses the request
+        when it does not match.  Goes once the fetcher joins by digest.
         """
-        try:
-            answer = await self.fetcher.head(upstream_request)
-        except UpstreamError as e:
-            send_error(request, e.status, f"upstream {url} failed: {e}")
-            return False
-        if answer.status in (405, 501):
-            return None
-        if answer.status != 200:
+        answer = resolved.answer
+        assert answer is not None and answer.body is not None
+        body = answer.body
+        download = body.download
+        url = download.request.url
+        if download.request.expected_sha256 == expected:
+            return True
+        await download.when_settled()
+        if download.failure is not None:
+            body.close()
             send_error(
-                request, 404 if answer.status in (404, 410) else 502,
-                f"upstream answered {answer.status} for {url}",
+                request, 502,
+                f"upstream {url} failed: {download.failure.getErrorMessage()}",
             )
             return False
-        serve_head(request, answer, _FILE_CACHE_CONTROL)
+        if download.sha256 is None:
+            # Not kept on disk, so never hashed whole: unchecked bytes
+            # are not served from the index.
+            body.close()
+            self.log.error(
+                "Cannot check {url} for project {name} against its page's"
+                " sha256: the cache could not keep its body ({error})",
+                url=url, name=name, error=str(download.spool_error),
+            )
+            send_error(
+                request, 502,
+                f"{url} could not be checked against the sha256 its index page"
+                f" gives (the cache could not keep it: {download.spool_error})",
+            )
+            return False
+        if download.sha256 != expected:
+            body.close()
+            self._refuse_mismatch(
+                request, name, url, f"received sha256 {download.sha256}"
+            )
+            return False
         return True
 
     def _refuse_mismatch(self, request: Request, name: str, url: str, why: str) -> None:

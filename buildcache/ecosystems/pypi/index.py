@@ -42,18 +42,19 @@ from buildcache.ecosystems.pypi.model import (
 from buildcache.ecosystems.pypi.pages import (
     PageResolver,
     Refusal,
-    Resolved,
+    ResolvedPage,
     metadata_servable,
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.ecosystems.pypi.render import choose_media_type, render_page
 from buildcache.ecosystems.pypi.root import RootServer
-from buildcache.engine.events import CacheObserver, StatusPages
-from buildcache.engine.freshness import Kind, client_cache_control, not_modified
+from buildcache.engine.conditional import not_modified
+from buildcache.engine.core import Engine
+from buildcache.engine.events import StatusPages
+from buildcache.engine.exchanges import CacheStatus, ClientExchange, client_gone
+from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.respond import (
     STALE_CACHE_CONTROL,
-    CacheStatus,
-    client_gone,
     request_headers,
     send_error,
     send_text,
@@ -107,21 +108,21 @@ class IndexResource(Resource):
 
     def __init__(
         self,
+        engine: Engine,
         pages: PageResolver,
         files: FileServer,
         root: RootServer | None,
         index_ttl: float,
         policy: AccessPolicy | None = None,
-        activity: CacheObserver | None = None,
     ) -> None:
         super().__init__()
+        self.engine = engine
         self.pages = pages
         self.files = files
         #: None when no upstream is configured.
         self.root = root
         self.index_ttl = index_ttl
         self.policy = policy
-        self.activity = activity
         self.status: StatusPages | None = None
         self._rendered: LRU[tuple[str, str, str], tuple[bytes, str]] = LRU(
             RENDER_CACHE_ENTRIES, RENDER_CACHE_BYTES
@@ -142,11 +143,10 @@ class IndexResource(Resource):
                     "Refused client {client}: {reason}",
                     client=client_ip, reason=verdict.reason,
                 )
-                if self.activity is not None:
-                    # An access line and an error count, as the proxy port
-                    # gives its refusals.
-                    self.activity.track(request, "index")
-                send_error(
+                # An access line and an error count, as the proxy port
+                # gives its refusals.
+                self.engine.begin(request, "index")
+                self.engine.refuse(
                     request, 403,
                     f"client {client_ip} is not allowed to use this index",
                 )
@@ -167,8 +167,7 @@ class IndexResource(Resource):
         if self.status is not None and path in self.status.paths:
             self.status.serve(request, path)
             return
-        if self.activity is not None:
-            self.activity.track(request, "index", _project_of(path))
+        record = self.engine.begin(request, "index", _project_of(path))
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader("allow", "GET, HEAD")
             send_error(
@@ -177,7 +176,7 @@ class IndexResource(Resource):
                 " index answers GET and HEAD",
             )
             return
-        d = Deferred.fromCoroutine(self._route(request, path))
+        d = Deferred.fromCoroutine(self._route(request, path, record))
         d.addErrback(self._crashed, request)
 
     def _crashed(self, failure: Failure, request: Request) -> None:
@@ -189,7 +188,9 @@ class IndexResource(Resource):
         else:
             request.loseConnection()
 
-    async def _route(self, request: Request, path: str) -> None:
+    async def _route(
+        self, request: Request, path: str, record: ClientExchange
+    ) -> None:
         segments = path.split("/")
         if path == "/" or path == "":
             self._front_page(request)
@@ -202,10 +203,14 @@ class IndexResource(Resource):
                 if segments[2] == "":
                     await self._root(request)
                     return
-                await self._project_path(request, unquote(segments[2]), slash=False)
+                await self._project_path(
+                    request, record, unquote(segments[2]), slash=False
+                )
                 return
             if len(segments) == 4 and segments[3] == "":
-                await self._project_path(request, unquote(segments[2]), slash=True)
+                await self._project_path(
+                    request, record, unquote(segments[2]), slash=True
+                )
                 return
         if len(segments) == 4 and segments[0] == "" and segments[1] == "files":
             project = unquote(segments[2])
@@ -261,7 +266,9 @@ class IndexResource(Resource):
 
     # -- project pages -----------------------------------------------------
 
-    async def _project_path(self, request: Request, raw: str, slash: bool) -> None:
+    async def _project_path(
+        self, request: Request, record: ClientExchange, raw: str, slash: bool
+    ) -> None:
         # is_valid_project_name alone lets a trailing newline through, and
         # the four non-ASCII letters that match [A-Z] case-insensitively.
         if not (raw.isascii() and raw.isprintable() and is_valid_project_name(raw)):
@@ -299,6 +306,7 @@ class IndexResource(Resource):
             else client_cache_control(Kind.INDEX, self.index_ttl),
         )
         request.setHeader("x-cache", resolved.status.value)
+        record.served(resolved.status)
         if not_modified(headers, {"etag": etag}):
             request.setResponseCode(304)
             request.finish()
@@ -309,7 +317,7 @@ class IndexResource(Resource):
             request.write(body)
         request.finish()
 
-    def _render(self, resolved: Resolved, media_type: str) -> tuple[bytes, str]:
+    def _render(self, resolved: ResolvedPage, media_type: str) -> tuple[bytes, str]:
         """
         The page in ``media_type`` and its ETag, from memory when rendered
         before.

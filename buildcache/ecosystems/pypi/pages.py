@@ -43,8 +43,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 from urllib.parse import quote, urlsplit
 
+import attrs
 from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -59,28 +61,28 @@ from buildcache.ecosystems.pypi.model import (
     SimplePageError,
 )
 from buildcache.ecosystems.pypi.parse import parse_page
+from buildcache.engine.core import Engine
+from buildcache.engine.errors import ERROR_STATUS, UpstreamError, UpstreamTimeout
 from buildcache.engine.events import CacheObserver
-from buildcache.engine.freshness import client_asks_refresh, validators_of
+from buildcache.engine.exchanges import CacheStatus
+from buildcache.engine.freshness import Kind, client_asks_refresh
 from buildcache.engine.keys import cache_key
-from buildcache.engine.respond import CacheStatus
-from buildcache.fetch.fetcher import (
-    DownloadBody,
-    Fetcher,
-    UpstreamError,
-    UpstreamRequest,
-    UpstreamTimeout,
-)
-from buildcache.store import Entry, IntegrityError, Store, StoredObject
+from buildcache.engine.policy import Expectation, GenericPolicy, Target
+from buildcache.fetch.fetcher import DownloadBody
+from buildcache.store import Entry, Store, StoredObject
 
 __all__ = [
     "PageResolver",
-    "Resolved",
+    "ResolvedPage",
+    "PagePolicy",
+    "IndexPolicy",
     "Refusal",
     "page_key",
     "page_digests",
     "disowned_files",
     "metadata_servable",
     "USER_AGENT",
+    "ANSWERED",
     "NEGATIVE_TTL",
     "CLIENT_REVALIDATION_FLOOR",
     "UPSTREAM_FAILURE_BACKOFF",
@@ -105,6 +107,9 @@ MODEL_CACHE_BYTES = 16 * 1024 * 1024
 
 #: Sent upstream with every page, file and root request of the index.
 USER_AGENT = f"buildcache/{__version__}"
+
+#: The failures the engine answers with a status: what a resolve may raise.
+ANSWERED = tuple(kind for kind, _ in ERROR_STATUS)
 
 #: Projects whose 404 is remembered, before the expired ones are pruned.
 _MISSING_KEPT = 4096
@@ -186,18 +191,6 @@ class _UpstreamFailed(Exception):
         self.remembered = remembered
 
 
-@frozen
-class _Fetched:
-    """
-    A 200 page from upstream: the whole body, read back from the download.
-    """
-
-    data: bytes
-    content_type: str | None
-    #: sha256 of ``data``.
-    digest: str
-
-
 @define
 class _PageCheck:
     """
@@ -221,14 +214,8 @@ class _PageCheck:
         self.models.put((self.key, hashlib.sha256(data).hexdigest()), page, len(data))
 
 
-
-
-_NOT_MODIFIED = "not-modified"
-_MISSING = "missing"
-
-
 @frozen
-class Resolved:
+class ResolvedPage:
     """
     The page model that answers a request, and where it came from.
     """
@@ -276,6 +263,50 @@ async def _read_whole(body: DownloadBody) -> bytes:
         body.close()
 
 
+@frozen
+class IndexPolicy(GenericPolicy):
+    """
+    What the index's pages, root and files share as engine policies: their
+    kind is the class's, whatever the URL looks like, and only a 200 is
+    stored (an upstream's error page never replaces a good copy).
+    """
+
+    #: The kind of every target of this policy.
+    KIND: ClassVar[Kind] = Kind.INDEX
+
+    def kind(self, target: Target) -> Kind:
+        return self.KIND
+
+    def storable(
+        self, kind: Kind, status: int, response_headers: Mapping[str, str],
+        request_headers: Mapping[str, str],
+    ) -> bool:
+        return status == 200
+
+
+@frozen
+class PagePolicy(IndexPolicy):
+    """
+    How the engine treats a project page: an index file, fresh for
+    ``index_ttl``, whose body is checked to be a simple page before it is
+    stored (see :class:`_PageCheck`), so a captive portal's 200 never
+    replaces a good page.
+    """
+
+    index_ttl: float = 600.0
+    models: LRU[tuple[str, str], ProjectPage] | None = None
+
+    def ttl(self, kind: Kind, default: float) -> float:
+        return self.index_ttl
+
+    async def expect(self, target: Target, engine: Engine) -> Expectation:
+        models = self.models
+        assert models is not None
+        return Expectation(verify=lambda headers: _PageCheck(
+            target.url, headers.get("content-type"), target.key, models
+        ))
+
+
 @define
 class PageResolver:
     """
@@ -286,8 +317,7 @@ class PageResolver:
 
     log = Logger()
 
-    store: Store
-    fetcher: Fetcher
+    engine: Engine
     upstreams: tuple[str, ...]
     index_ttl: float
     clock: IReactorTime
@@ -301,23 +331,29 @@ class PageResolver:
     _models: LRU[tuple[str, str], ProjectPage] = Factory(
         lambda: LRU(MODEL_CACHE_ENTRIES, MODEL_CACHE_BYTES)
     )
+    _policy: PagePolicy = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._policy = PagePolicy(index_ttl=self.index_ttl, models=self._models)
 
     @classmethod
     def of(
-        cls, store: Store, fetcher: Fetcher, upstreams: Sequence[str],
-        index_ttl: float, clock: IReactorTime,
-        observer: CacheObserver | None = None,
+        cls, engine: Engine, upstreams: Sequence[str], index_ttl: float,
+        clock: IReactorTime, observer: CacheObserver | None = None,
     ) -> PageResolver:
         """
         A resolver for ``upstreams`` as configured (trailing slashes
         allowed).
         """
         return cls(
-            store, fetcher, tuple(u.rstrip("/") for u in upstreams),
-            index_ttl, clock, observer,
+            engine, tuple(u.rstrip("/") for u in upstreams), index_ttl, clock, observer
         )
 
-    async def resolve(self, name: str, headers: Mapping[str, str]) -> Resolved:
+    @property
+    def store(self) -> Store:
+        return self.engine.store
+
+    async def resolve(self, name: str, headers: Mapping[str, str]) -> ResolvedPage:
         """
         The page of the normalised ``name`` from the first upstream that has
         the project, fetched or revalidated as ``headers`` (the client's)
@@ -333,9 +369,7 @@ class PageResolver:
                 resolved = await self._from_upstream(upstream, name, headers)
             except _UpstreamFailed as failed:
                 if not failed.remembered:
-                    self._failing_until[upstream] = (
-                        self.clock.seconds() + UPSTREAM_FAILURE_BACKOFF
-                    )
+                    self._failed(upstream)
                 return self._stale_or_refuse(name, position, failed)
             if resolved is not None:
                 return resolved
@@ -348,58 +382,89 @@ class PageResolver:
             f" {NEGATIVE_TTL:g}s)",
         )
 
-    def _needs_revalidation(
-        self, entry: Entry, headers: Mapping[str, str], now: float
-    ) -> bool:
-        age = max(0.0, now - entry.validated_at)
-        if age >= self.index_ttl:
-            return True
-        return age >= CLIENT_REVALIDATION_FLOOR and client_asks_refresh(headers)
+    def _failed(self, upstream: str) -> None:
+        self._failing_until[upstream] = self.clock.seconds() + UPSTREAM_FAILURE_BACKOFF
+
+    def _target(self, upstream: str, name: str, judged: Mapping[str, str]) -> Target:
+        return Target(
+            url=self._page_url(upstream, name),
+            front_end="index",
+            # What the cache heeds of the client: a refresh past the floor.
+            headers=judged,
+            upstream_headers={"accept": UPSTREAM_ACCEPT, "user-agent": USER_AGENT},
+            key=page_key(upstream, name),
+            # An index may redirect to its own spelling of the page (same
+            # depth, so relative file links still resolve from our URL).
+            follow_redirects=True,
+            operator_credentials=True,
+            variants=False,
+        )
 
     async def _from_upstream(
         self, upstream: str, name: str, headers: Mapping[str, str]
-    ) -> Resolved | None:
+    ) -> ResolvedPage | None:
         """
         ``upstream``'s page of ``name``, or None when it does not have the
         project.  Raises :class:`_UpstreamFailed`.
         """
         key = page_key(upstream, name)
+        url = self._page_url(upstream, name)
         entry = self.store.peek(key)
         now = self.clock.seconds()
+        judged: dict[str, str] = {}
         if entry is not None:
-            if not self._needs_revalidation(entry, headers, now):
-                return self._stored_page(upstream, name, CacheStatus.HIT)
-            if self._failing_until.get(upstream, 0.0) > now:
+            # pip's max-age=0 is not heeded; a refresh asked on purpose is,
+            # past the floor (see the module docstring).
+            age = max(0.0, now - entry.validated_at)
+            if age >= CLIENT_REVALIDATION_FLOOR and client_asks_refresh(headers):
+                judged = {"cache-control": "no-cache"}
+            if (judged or age >= self.index_ttl) and (
+                self._failing_until.get(upstream, 0.0) > now
+            ):
                 raise _UpstreamFailed(
-                    self._page_url(upstream, name),
-                    "the upstream failed moments ago",
-                    remembered=True,
+                    url, "the upstream failed moments ago", remembered=True
                 )
-        conditional = validators_of(entry.headers) if entry is not None else {}
-        outcome = await self._fetch_page(upstream, name, conditional)
-        if outcome == _NOT_MODIFIED:
-            self._failing_until.pop(upstream, None)
-            if self.store.peek(key) is None:
-                # Evicted while revalidating: fetch it whole.
-                outcome = await self._fetch_page(upstream, name, {})
+        try:
+            resolved = await self.engine.resolve(
+                self._target(upstream, name, judged), self._policy
+            )
+        except UpstreamTimeout as e:
+            raise _UpstreamFailed(url, str(e), timed_out=True) from e
+        except ANSWERED as e:
+            raise _UpstreamFailed(url, str(e)) from e
+        if resolved.stored is not None:
+            if resolved.cache is CacheStatus.STALE:
+                # The engine could not revalidate it: the upstream failed.
+                self._failed(upstream)
             else:
-                return self._stored_page(upstream, name, CacheStatus.REVALIDATED)
-        self._failing_until.pop(upstream, None)
-        if outcome == _MISSING:
-            if entry is not None:
+                self._failing_until.pop(upstream, None)
+            return self._stored_page(upstream, name, resolved.cache, resolved.stored)
+        answer = resolved.answer
+        assert answer is not None and answer.body is not None
+        body = answer.body
+        if answer.status in (404, 410):
+            body.close()
+            self._failing_until.pop(upstream, None)
+            if self.store.remove(key):
                 self.log.info(
                     "Upstream {upstream} no longer has {name}; dropping its page",
                     upstream=upstream, name=name,
                 )
-                self.store.remove(key)
             self._remember_missing(upstream, name)
             return None
-        if not isinstance(outcome, _Fetched):
-            raise _UpstreamFailed(
-                self._page_url(upstream, name),
-                "the upstream answered 304 to an unconditional request",
-            )
-        return self._fresh_page(upstream, name, outcome)
+        if answer.status != 200:
+            body.close()
+            raise _UpstreamFailed(url, f"{url} answered {answer.status}")
+        self._failing_until.pop(upstream, None)
+        download = body.download
+        try:
+            data = await _read_whole(body)
+        except UpstreamError as e:
+            raise _UpstreamFailed(url, f"{url}: {e}") from e
+        digest = download.sha256 or hashlib.sha256(data).hexdigest()
+        return self._fresh_page(
+            upstream, name, data, answer.headers.get("content-type"), digest
+        )
 
     def _remember_missing(self, upstream: str, name: str) -> None:
         now = self.clock.seconds()
@@ -411,53 +476,6 @@ class PageResolver:
 
     def _page_url(self, upstream: str, name: str) -> str:
         return f"{upstream}/{quote(name)}/"
-
-    async def _fetch_page(
-        self, upstream: str, name: str, conditional: Mapping[str, str]
-    ) -> _Fetched | str:
-        """
-        Ask ``upstream`` for the page: the body, :data:`_NOT_MODIFIED` or
-        :data:`_MISSING`.  Raises :class:`_UpstreamFailed`.
-        """
-        url = self._page_url(upstream, name)
-        key = page_key(upstream, name)
-        upstream_request = UpstreamRequest(
-            key=key,
-            url=url,
-            headers={"accept": UPSTREAM_ACCEPT, "user-agent": USER_AGENT, **conditional},
-            # An index may redirect to its own spelling of the page (same
-            # depth, so relative file links still resolve from our URL).
-            follow_redirects=True,
-            verify=lambda headers: _PageCheck(
-                url, headers.get("content-type"), key, self._models
-            ),
-            front_end="index",
-        )
-        try:
-            answer = await self.fetcher.fetch(upstream_request)
-        except UpstreamTimeout as e:
-            raise _UpstreamFailed(url, str(e), timed_out=True) from e
-        except (UpstreamError, IntegrityError) as e:
-            raise _UpstreamFailed(url, str(e)) from e
-        if answer.status == 304:
-            if answer.body is not None:
-                answer.body.close()
-            return _NOT_MODIFIED
-        body = answer.body
-        assert body is not None
-        if answer.status in (404, 410):
-            body.close()
-            return _MISSING
-        if answer.status != 200:
-            body.close()
-            raise _UpstreamFailed(url, f"{url} answered {answer.status}")
-        download = body.download
-        try:
-            data = await _read_whole(body)
-        except UpstreamError as e:
-            raise _UpstreamFailed(url, f"{url}: {e}") from e
-        digest = download.sha256 or hashlib.sha256(data).hexdigest()
-        return _Fetched(data, answer.headers.get("content-type"), digest)
 
     def _parse(self, upstream: str, name: str, data: bytes, content_type: str | None) -> ProjectPage:
         url = self._page_url(upstream, name)
@@ -472,16 +490,22 @@ class PageResolver:
                 502, f"the upstream page {url} is not a simple-index page: {e}"
             ) from e
 
-    def _fresh_page(self, upstream: str, name: str, fetched: _Fetched) -> Resolved:
-        digest = fetched.digest
+    def _fresh_page(
+        self, upstream: str, name: str, data: bytes, content_type: str | None,
+        digest: str,
+    ) -> ResolvedPage:
+        """
+        The page just fetched whole (``data``, whose sha256 is ``digest``):
+        parsed, or as the page check parsed it.
+        """
         slot = (page_key(upstream, name), digest)
         page = self._models.get(slot)
         if page is None:
-            page = self._parse(upstream, name, fetched.data, fetched.content_type)
-            self._models.put(slot, page, len(fetched.data))
+            page = self._parse(upstream, name, data, content_type)
+            self._models.put(slot, page, len(data))
         self._drop_disowned_files(name, page)
         self._served[name] = (upstream, digest)
-        return Resolved(upstream, name, page, digest, CacheStatus.MISS)
+        return ResolvedPage(upstream, name, page, digest, CacheStatus.MISS)
 
     def _drop_disowned_files(self, name: str, page: ProjectPage) -> None:
         """
@@ -498,36 +522,38 @@ class PageResolver:
                     key=entry.key, name=name, why=why,
                 )
 
-    def _stored_page(self, upstream: str, name: str, status: CacheStatus) -> Resolved:
+    def _stored_page(
+        self, upstream: str, name: str, status: CacheStatus,
+        stored: StoredObject | None = None,
+    ) -> ResolvedPage:
         """
-        The stored page of ``name`` from ``upstream`` (recording the access
-        for the store's LRU), parsed or from memory.
+        The stored page of ``name`` from ``upstream`` (``stored``, as the
+        engine opened it, or looked up now), parsed or from memory.
         """
         key = page_key(upstream, name)
-        entry = self.store.touch(key)
-        if entry is None:
-            raise Refusal(502, f"the stored page of {name!r} disappeared; try again")
-        page = self._models.get((key, entry.sha256)) if entry.sha256 else None
-        if page is not None and entry.sha256 is not None:
-            digest = entry.sha256
-        else:
-            # Not parsed since start-up (or pushed out of memory): read it.
+        if stored is None:
             stored = self.store.lookup(key)
             if stored is None:
                 raise Refusal(502, f"the stored page of {name!r} disappeared; try again")
-            try:
+        try:
+            entry = stored.entry
+            page = self._models.get((key, entry.sha256)) if entry.sha256 else None
+            if page is not None and entry.sha256 is not None:
+                digest = entry.sha256
+            else:
+                # Not parsed since start-up (or pushed out of memory).
                 data = _read_stored(stored)
-            finally:
-                stored.close()
-            digest = hashlib.sha256(data).hexdigest()
-            page = self._parse(upstream, name, data, stored.entry.headers.get("content-type"))
-            self._models.put((key, digest), page, len(data))
+                digest = hashlib.sha256(data).hexdigest()
+                page = self._parse(upstream, name, data, entry.headers.get("content-type"))
+                self._models.put((key, digest), page, len(data))
+        finally:
+            stored.close()
         self._served[name] = (upstream, digest)
-        return Resolved(upstream, name, page, digest, status)
+        return ResolvedPage(upstream, name, page, digest, status)
 
     def _stale_or_refuse(
         self, name: str, position: int, failed: _UpstreamFailed
-    ) -> Resolved:
+    ) -> ResolvedPage:
         """
         Serve the first stored page of ``name`` from the failing upstream or
         one after it, or refuse with 502/504.

@@ -9,30 +9,18 @@ directly).  When the upstream fails, the stored copy is served stale.
 
 from __future__ import annotations
 
-from attrs import define
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from collections.abc import Mapping
+
+from attrs import define, frozen
 from twisted.web.server import Request
 
-from buildcache.ecosystems.pypi.pages import USER_AGENT
-from buildcache.engine.events import CacheObserver
-from buildcache.engine.freshness import Kind, client_cache_control, validators_of
-from buildcache.engine.respond import (
-    CacheStatus,
-    client_gone,
-    send_error,
-    serve_answer,
-    serve_stored,
-)
-from buildcache.fetch.fetcher import (
-    Fetcher,
-    UpstreamError,
-    UpstreamRequest,
-    UpstreamTimeout,
-)
-from buildcache.store import Store, StoredObject
+from buildcache.ecosystems.pypi.pages import ANSWERED, USER_AGENT, IndexPolicy
+from buildcache.engine.core import Engine
+from buildcache.engine.freshness import Kind, client_cache_control
+from buildcache.engine.policy import Target
+from buildcache.engine.respond import send_error
 
-__all__ = ["RootServer", "root_key", "ROOT_TTL"]
+__all__ = ["RootServer", "RootPolicy", "root_key", "ROOT_TTL"]
 
 #: Seconds the stored upstream root stays fresh: it is huge, lags upstream
 #: anyway, and nothing here depends on it.
@@ -46,94 +34,66 @@ def root_key(upstream: str, media_type: str) -> str:
     return f"simple-root|{upstream}|{media_type}"
 
 
+@frozen
+class RootPolicy(IndexPolicy):
+    """
+    How the engine treats the root: an index file fresh for
+    :data:`ROOT_TTL`, sent to clients with the pages' lifetime
+    (``index_ttl``) and ``Vary: Accept``.
+    """
+
+    index_ttl: float = 600.0
+
+    def ttl(self, kind: Kind, default: float) -> float:
+        return ROOT_TTL
+
+    def cache_control(
+        self, kind: Kind, ttl: float, response_headers: Mapping[str, str] | None,
+        status: int,
+    ) -> str | None:
+        return client_cache_control(Kind.INDEX, self.index_ttl)
+
+    def extra_headers(self, target: Target) -> Mapping[str, str]:
+        return {"vary": "Accept"}
+
+
 @define
 class RootServer:
     """
     Answers ``/simple/``; see the module docstring.
     """
 
-    log = Logger()
-
-    store: Store
-    fetcher: Fetcher
+    engine: Engine
     #: The first upstream's base URL, without trailing slash.
     upstream: str
     index_ttl: float
-    clock: IReactorTime
-    observer: CacheObserver | None = None
 
     async def serve(self, request: Request, media_type: str) -> None:
         """
         Answer ``request`` with the root in ``media_type`` (negotiated).
         """
-        upstream = self.upstream
-        key = root_key(upstream, media_type)
-        cache_control = client_cache_control(Kind.INDEX, self.index_ttl)
-        extra = {"vary": "Accept"}
-        stored = self.store.lookup(key)
-        if stored is not None and (
-            self.clock.seconds() - stored.entry.validated_at < ROOT_TTL
-        ):
-            serve_stored(request, stored, CacheStatus.HIT, cache_control, extra)
-            return
-        url = f"{upstream}/"
-        conditional = validators_of(stored.entry.headers) if stored is not None else {}
-        try:
-            answer = await self.fetcher.fetch(
-                UpstreamRequest(
-                    key=key,
-                    url=url,
-                    headers={"accept": media_type, "user-agent": USER_AGENT, **conditional},
-                    follow_redirects=True,
-                    front_end="index",
-                )
-            )
-        except UpstreamError as e:
-            self._root_failed(request, stored, url, str(e), isinstance(e, UpstreamTimeout))
-            return
-        if client_gone(request):
-            if answer.body is not None:
-                answer.body.close()
-            if stored is not None:
-                stored.close()
-            return
-        if answer.status == 304:
-            if stored is not None:
-                stored.close()
-            fresh = self.store.lookup(key)
-            if fresh is None:
-                send_error(request, 502, f"{url} answered 304 but nothing is stored; try again")
-                return
-            serve_stored(request, fresh, CacheStatus.REVALIDATED, cache_control, extra)
-            return
-        assert answer.body is not None
-        if answer.status != 200:
-            answer.body.close()
-            self._root_failed(request, stored, url, f"{url} answered {answer.status}", False)
-            return
-        if stored is not None:
-            stored.close()
-        serve_answer(request, answer, cache_control, extra)
-
-    def _root_failed(
-        self, request: Request, stored: StoredObject | None, url: str,
-        why: str, timed_out: bool,
-    ) -> None:
-        if client_gone(request):
-            if stored is not None:
-                stored.close()
-            return
-        if stored is None:
-            send_error(
-                request, 504 if timed_out else 502,
-                f"upstream {url} failed ({why}) and no copy of the root is cached",
-            )
-            return
-        self.log.warn("Serving stale root index: {why}", why=why)
-        if self.observer is not None:
-            self.observer.stale_served(url)
-        serve_stored(
-            request, stored, CacheStatus.STALE,
-            client_cache_control(Kind.INDEX, self.index_ttl), {"vary": "Accept"},
+        url = f"{self.upstream}/"
+        target = Target(
+            url=url,
+            front_end="index",
+            # The client's Cache-Control is not heeded: the root lags
+            # upstream anyway, and is huge.
+            headers={},
+            upstream_headers={"accept": media_type, "user-agent": USER_AGENT},
+            key=root_key(self.upstream, media_type),
+            follow_redirects=True,
+            operator_credentials=True,
+            variants=False,
         )
-
+        policy = RootPolicy(index_ttl=self.index_ttl)
+        try:
+            resolved = await self.engine.resolve(target, policy, request.method)
+        except ANSWERED as e:
+            self.engine.answer_error(request, e)
+            return
+        answer = resolved.answer
+        if answer is not None and answer.status != 200:
+            resolved.close()
+            send_error(request, 502, f"{url} answered {answer.status}")
+            return
+        self.engine.respond(request, target, policy, resolved)
