@@ -1,9 +1,9 @@
 """
-Tests for L{buildcache.ecosystems.pypi.index}: the pip / uv simple index, served on
-127.0.0.1 from in-process L{tests.pyindex.StaticSimpleIndex} upstreams
+Tests for :func:`buildcache.ecosystems.pypi.index`: the pip / uv simple index, served on
+127.0.0.1 from in-process :func:`tests.pyindex.StaticSimpleIndex` upstreams
 (PEP 691 JSON and HTML-only), through a real store and fetcher.
 
-The store, the fetcher and the index share one L{Clock}, so TTLs and the
+The store, the fetcher and the index share one :class:`Clock`, so TTLs and the
 one-minute memory of upstream 404s are tested by advancing it; network I/O
 runs on the real reactor.
 """
@@ -87,8 +87,8 @@ WHEEL_B1 = "bcdemo_b-1.0-py3-none-any.whl"
 @attrs.define
 class Got(Received):
     """
-    A L{Received} that also knows the announced length: Twisted's client
-    moves C{Content-Length} of a GET response out of the headers.
+    A :class:`Received` that also knows the announced length: Twisted's client
+    moves ``Content-Length`` of a GET response out of the headers.
     """
 
     length: int | None = None
@@ -182,7 +182,7 @@ class Upstream:
 
 class Harness:
     """
-    An L{IndexResource} on 127.0.0.1 in front of some upstreams, with its
+    An :class:`IndexResource` on 127.0.0.1 in front of some upstreams, with its
     store, fetcher and clock.
     """
 
@@ -370,7 +370,7 @@ class PageTests(TestCase):
     async def test_negotiation_from_one_upstream_request(self) -> None:
         """
         Every representation comes from one upstream fetch of the page;
-        no Accept and C{*/*} mean plain HTML.
+        no Accept and ``*/*`` mean plain HTML.
         """
         cases = [
             (PIP_ACCEPT, MEDIA_TYPE_JSON),
@@ -393,7 +393,7 @@ class PageTests(TestCase):
     async def test_not_acceptable(self) -> None:
         """
         An Accept header naming none of the three types gets 406 with
-        C{Vary: Accept}, without asking upstream.
+        ``Vary: Accept``, without asking upstream.
         """
         received = await self.harness.page("bcdemo-a", accept="application/xml")
         self.assertEqual(received.status, 406)
@@ -404,7 +404,7 @@ class PageTests(TestCase):
     async def test_redirects(self) -> None:
         """
         Non-normalised and slash-less project paths get a 301 to the
-        normalised page, as does C{/simple}; nothing is asked upstream.
+        normalised page, as does ``/simple``; nothing is asked upstream.
         """
         for path, location in [
             ("/simple/BcDemo_A/", "/simple/bcdemo-a/"),
@@ -429,7 +429,7 @@ class PageTests(TestCase):
 
     async def test_etag_and_304(self) -> None:
         """
-        Each representation has its own ETag; C{If-None-Match} with it gets
+        Each representation has its own ETag; ``If-None-Match`` with it gets
         a 304 carrying the same headers and no body.
         """
         first = await self.harness.page("bcdemo-a")
@@ -471,7 +471,7 @@ class PageTests(TestCase):
 
     async def test_front_page_and_unknown_paths(self) -> None:
         """
-        C{/} points at C{/simple/}; other paths are 404 with a hint.
+        ``/`` points at ``/simple/``; other paths are 404 with a hint.
         """
         front = await self.harness.get("/")
         self.assertEqual(front.status, 200)
@@ -502,7 +502,7 @@ class PageTests(TestCase):
 
     async def test_client_policy(self) -> None:
         """
-        With an access policy, a client outside C{allow_from} gets 403 and
+        With an access policy, a client outside ``allow_from`` gets 403 and
         nothing is asked upstream; one inside is served.
         """
         refusing = index_resource(
@@ -537,7 +537,7 @@ class PageTests(TestCase):
 
     def test_file_link_resolves(self) -> None:
         """
-        Links on C{/simple/<name>/} resolve to C{/files/<name>/<filename>},
+        Links on ``/simple/<name>/`` resolve to ``/files/<name>/<filename>``,
         and the last segment is the file name.
         """
         from urllib.parse import unquote, urljoin
@@ -1363,7 +1363,7 @@ class UpstreamPriorityTests(TestCase):
 
 class RootTests(TestCase):
     """
-    The root C{/simple/}: streamed from the first upstream and stored.
+    The root ``/simple/``: streamed from the first upstream and stored.
     """
 
     async def test_root_streamed_and_cached(self) -> None:

@@ -1,5 +1,5 @@
 """
-Tests for L{buildcache.ecosystems.pypi.model} and the L{tests.pyindex} fixture.
+Tests for :func:`buildcache.ecosystems.pypi.model` and the :func:`tests.pyindex` fixture.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def same_link(file: ProjectFile) -> str:
 
 def strongest_hash_only(page: ProjectPage) -> ProjectPage:
     """
-    C{page} as HTML can carry it: one hash per link fragment.
+    ``page`` as HTML can carry it: one hash per link fragment.
     """
 
     def reduce(file: ProjectFile) -> ProjectFile:
