@@ -32,7 +32,7 @@ def index_resource(
     (the ``prefetcher`` has its own).  With ``policy``, clients outside its
     ``allow_from`` are refused.
     """
-    pages = PageResolver.of(engine, upstreams, index_ttl, engine.clock, engine.observer)
+    pages = PageResolver.of(engine, upstreams, index_ttl)
     root = None
     if pages.upstreams:
         root = RootServer(engine, pages.upstreams[0], index_ttl)

@@ -2,10 +2,13 @@
 Distribution files and their core metadata on the index port
 (``/files/<project>/<filename>[.metadata]``).
 
-Files are immutable: a stored file whose digest matches the page is a hit
-and is never revalidated; a missing one is fetched through the fetcher
-(single flight) with the page's sha256, so a mismatching body is never
-stored nor served (502).  Their store keys are the proxy's keys for the
+Each file is served by the cache engine under a :class:`FilePolicy` built
+from the page that lists it.  Files are immutable: a stored file whose
+digest matches the page is a hit and is never revalidated; a missing one is
+fetched once (single flight) with the page's sha256, so a mismatching body
+is never stored nor served (502).  Reading a wheel's core metadata starts a
+read-ahead of the wheel (:mod:`.prefetch`); the first request for a file
+read ahead is a MISS, its bytes having crossed the line for it.  Their store keys are the proxy's keys for the
 upstream URL (scheme included), so both ports share one copy, and follow
 the same ``Vary`` rule (see :func:`buildcache.engine.keys.find_stored`).  A
 file of an ``https://`` upstream that is stored only under its ``http://``
@@ -26,13 +29,8 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from buildcache.ecosystems.pypi.model import normalize_project_name
-from buildcache.ecosystems.pypi.pages import (
-    ANSWERED,
-    USER_AGENT,
-    IndexPolicy,
-    PageResolver,
-    metadata_servable,
-)
+from buildcache.ecosystems.pypi.pages import PageResolver, metadata_servable
+from buildcache.ecosystems.pypi.policy import ANSWERED, USER_AGENT, IndexPolicy
 from buildcache.ecosystems.pypi.prefetch import Prefetcher, file_request
 from buildcache.engine.core import Engine, Resolved
 from buildcache.engine.errors import IntegrityError

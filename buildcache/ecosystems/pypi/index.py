@@ -14,10 +14,12 @@ A project page is rendered from the parsed model that
 representation the client negotiated (PEP 691, ``Vary: Accept``), with file
 links rewritten to ``../../files/<project>/<filename>`` on this port, and an
 ETag of the upstream body and the representation (``If-None-Match`` gets a
-304).  The index never forwards a client's ``Authorization`` or cookies
-upstream, so nothing it stores is private to a client.  Which upstream
-serves a project, and when a page is fresh, stale or refetched, is
-:mod:`.pages`; how files are checked against the page, :mod:`.files`.
+304).  Every request is accounted by the engine (``Engine.begin``); a page
+records the outcome it was resolved with.  The index never forwards a
+client's ``Authorization`` or cookies upstream, so nothing it stores is
+private to a client.  Which upstream serves a project, and when a page is
+fresh, stale or refetched, is :mod:`.pages`; how files are checked against
+the page, :mod:`.files`.
 """
 
 from __future__ import annotations

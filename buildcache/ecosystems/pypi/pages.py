@@ -1,7 +1,13 @@
 """
 Project pages across the index's upstreams: which upstream owns a project,
-when its stored page is fresh, revalidated, refetched or served stale, and
-the parsed model a request is answered from.
+and the parsed model a request is answered from.
+
+One upstream's page is resolved by the cache engine under
+:class:`PagePolicy` (:meth:`buildcache.engine.core.Engine.resolve`):
+freshness, revalidation, a 304 for a page evicted meanwhile, a stale copy
+when its revalidation fails, and error statuses are the engine's.  What
+spans upstreams, or is about not asking at all, is this module's
+(:class:`PageResolver`):
 
 - **Which upstream serves a project**: the first, in priority order, that
   does not answer 404 serves all of it; files are never merged across
@@ -43,7 +49,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
 from urllib.parse import quote, urlsplit
 
 import attrs
@@ -52,7 +57,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from buildcache import __version__
 from buildcache.ecosystems.pypi.lru import LRU
 from buildcache.ecosystems.pypi.model import (
     UPSTREAM_ACCEPT,
@@ -61,28 +65,28 @@ from buildcache.ecosystems.pypi.model import (
     SimplePageError,
 )
 from buildcache.ecosystems.pypi.parse import parse_page
+from buildcache.ecosystems.pypi.policy import (
+    ANSWERED,
+    USER_AGENT,
+    PagePolicy,
+)
 from buildcache.engine.core import Engine
-from buildcache.engine.errors import ERROR_STATUS, UpstreamError, UpstreamTimeout
-from buildcache.engine.events import CacheObserver
+from buildcache.engine.errors import UpstreamError, UpstreamTimeout
 from buildcache.engine.exchanges import CacheStatus
-from buildcache.engine.freshness import Kind, client_asks_refresh
+from buildcache.engine.freshness import client_asks_refresh
 from buildcache.engine.keys import cache_key
-from buildcache.engine.policy import Expectation, GenericPolicy, Target
+from buildcache.engine.policy import Target
 from buildcache.fetch.fetcher import DownloadBody
 from buildcache.store import Entry, Store, StoredObject
 
 __all__ = [
     "PageResolver",
     "ResolvedPage",
-    "PagePolicy",
-    "IndexPolicy",
     "Refusal",
     "page_key",
     "page_digests",
     "disowned_files",
     "metadata_servable",
-    "USER_AGENT",
-    "ANSWERED",
     "NEGATIVE_TTL",
     "CLIENT_REVALIDATION_FLOOR",
     "UPSTREAM_FAILURE_BACKOFF",
@@ -104,12 +108,6 @@ UPSTREAM_FAILURE_BACKOFF = 30.0
 #: times its body's size).
 MODEL_CACHE_ENTRIES = 512
 MODEL_CACHE_BYTES = 16 * 1024 * 1024
-
-#: Sent upstream with every page, file and root request of the index.
-USER_AGENT = f"buildcache/{__version__}"
-
-#: The failures the engine answers with a status: what a resolve may raise.
-ANSWERED = tuple(kind for kind, _ in ERROR_STATUS)
 
 #: Projects whose 404 is remembered, before the expired ones are pruned.
 _MISSING_KEPT = 4096
@@ -191,29 +189,6 @@ class _UpstreamFailed(Exception):
         self.remembered = remembered
 
 
-@define
-class _PageCheck:
-    """
-    Checks that an upstream page is a simple-index page before it is
-    stored (so a captive portal's 200 never replaces a good page), and
-    keeps the parsed model for the request that asked for it.
-    """
-
-    url: str
-    content_type: str | None
-    key: str
-    models: LRU[tuple[str, str], ProjectPage]
-    _data: bytearray = Factory(bytearray)
-
-    def update(self, data: bytes) -> None:
-        self._data += data
-
-    def finish(self) -> None:
-        data = bytes(self._data)
-        page = parse_page(data, self.content_type, self.url)
-        self.models.put((self.key, hashlib.sha256(data).hexdigest()), page, len(data))
-
-
 @frozen
 class ResolvedPage:
     """
@@ -263,50 +238,6 @@ async def _read_whole(body: DownloadBody) -> bytes:
         body.close()
 
 
-@frozen
-class IndexPolicy(GenericPolicy):
-    """
-    What the index's pages, root and files share as engine policies: their
-    kind is the class's, whatever the URL looks like, and only a 200 is
-    stored (an upstream's error page never replaces a good copy).
-    """
-
-    #: The kind of every target of this policy.
-    KIND: ClassVar[Kind] = Kind.INDEX
-
-    def kind(self, target: Target) -> Kind:
-        return self.KIND
-
-    def storable(
-        self, kind: Kind, status: int, response_headers: Mapping[str, str],
-        request_headers: Mapping[str, str],
-    ) -> bool:
-        return status == 200
-
-
-@frozen
-class PagePolicy(IndexPolicy):
-    """
-    How the engine treats a project page: an index file, fresh for
-    ``index_ttl``, whose body is checked to be a simple page before it is
-    stored (see :class:`_PageCheck`), so a captive portal's 200 never
-    replaces a good page.
-    """
-
-    index_ttl: float = 600.0
-    models: LRU[tuple[str, str], ProjectPage] | None = None
-
-    def ttl(self, kind: Kind, default: float) -> float:
-        return self.index_ttl
-
-    async def expect(self, target: Target, engine: Engine) -> Expectation:
-        models = self.models
-        assert models is not None
-        return Expectation(verify=lambda headers: _PageCheck(
-            target.url, headers.get("content-type"), target.key, models
-        ))
-
-
 @define
 class PageResolver:
     """
@@ -321,8 +252,6 @@ class PageResolver:
     upstreams: tuple[str, ...]
     index_ttl: float
     clock: IReactorTime
-    #: Told when a stored page is served stale.
-    observer: CacheObserver | None = None
     _missing_until: dict[tuple[str, str], float] = Factory(dict)
     _failing_until: dict[str, float] = Factory(dict)
     #: The upstream and body digest of the page last served per project:
@@ -339,14 +268,13 @@ class PageResolver:
     @classmethod
     def of(
         cls, engine: Engine, upstreams: Sequence[str], index_ttl: float,
-        clock: IReactorTime, observer: CacheObserver | None = None,
     ) -> PageResolver:
         """
         A resolver for ``upstreams`` as configured (trailing slashes
         allowed).
         """
         return cls(
-            engine, tuple(u.rstrip("/") for u in upstreams), index_ttl, clock, observer
+            engine, tuple(u.rstrip("/") for u in upstreams), index_ttl, engine.clock
         )
 
     @property
@@ -436,7 +364,7 @@ class PageResolver:
             if resolved.cache is CacheStatus.STALE:
                 # The engine could not revalidate it: the upstream failed.
                 self._failed(upstream)
-            else:
+            elif resolved.cache is CacheStatus.REVALIDATED:
                 self._failing_until.pop(upstream, None)
             return self._stored_page(upstream, name, resolved.cache, resolved.stored)
         answer = resolved.answer
@@ -565,8 +493,8 @@ class PageResolver:
                 "Serving stale page of {name} from {upstream}: {why}",
                 name=name, upstream=upstream, why=failed.message,
             )
-            if self.observer is not None:
-                self.observer.stale_served(upstream)
+            if self.engine.observer is not None:
+                self.engine.observer.stale_served(upstream)
             return self._stored_page(upstream, name, CacheStatus.STALE)
         raise Refusal(
             504 if failed.timed_out else 502,

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from attrs import define, frozen
 from twisted.web.server import Request
 
-from buildcache.ecosystems.pypi.pages import ANSWERED, USER_AGENT, IndexPolicy
+from buildcache.ecosystems.pypi.policy import ANSWERED, USER_AGENT, IndexPolicy
 from buildcache.engine.core import Engine
 from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.policy import Target
