@@ -97,17 +97,14 @@ class Server:
             store, http, reactor, idle_timeout=config.upstream_timeout,
             activity=activity,
         )
-        proxy = ProxyResource(
-            store, fetcher, Router(tuple(config.mirrors), policy), config.index_ttl
-        )
-        proxy.activity = activity
+        engine = Engine(store, fetcher, reactor, activity, config.index_ttl)
+        proxy = ProxyResource(engine, Router(tuple(config.mirrors), policy))
         connections = ClientConnections(config.max_connections_per_client)
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
             connections=connections,
         )
-        engine = Engine(store, fetcher, reactor, activity, config.index_ttl)
         index = index_resource(
             engine, config.pypi_upstreams, config.index_ttl, policy=policy,
             prefetcher=Prefetcher(

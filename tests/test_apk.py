@@ -32,11 +32,11 @@ from buildcache.ecosystems.apk.index import (
     ApkIndexEntry,
     ApkIndexError,
     ApkMismatch,
-    ApkVerifier,
     package_filename,
     parse_apkindex,
     repository_index_url,
 )
+from buildcache.ecosystems.apk.verify import ApkVerifier
 from buildcache.engine.keys import cache_key
 from buildcache.store import Store
 from tests.apkrepo import (
@@ -420,8 +420,8 @@ class ApkVerifierTests(SynchronousTestCase):
 
     def test_extra_bytes_detected_early(self) -> None:
         """
-        Bytes beyond the index's size are flagged by L{ApkVerifier.mismatch}
-        before L{ApkVerifier.finish}, so a download can be abandoned.
+        Bytes beyond the index's size are flagged by :meth:`ApkVerifier.mismatch`
+        before :meth:`ApkVerifier.finish`, so a download can be abandoned.
         """
         apk = unsigned_package()
         verifier = ApkVerifier(entry_for(apk))

@@ -23,7 +23,7 @@ from pathlib import Path
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from buildcache.engine.freshness import format_http_date
+from buildcache.engine.fields import format_http_date
 from tests.apkrepo import BuiltApk, build_apk
 from tests.support import reactor
 from tests.test_proxy import (

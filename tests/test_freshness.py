@@ -1,6 +1,8 @@
 """
-Tests for L{buildcache.engine.freshness}: the rule table, RFC 9111 freshness,
-storability, conditional requests, dates and byte ranges.
+Tests for :mod:`buildcache.engine.freshness` (RFC 9111 freshness,
+storability), :mod:`buildcache.engine.conditional` (conditional requests,
+byte ranges), :mod:`buildcache.engine.fields` (dates) and the ecosystems'
+path tables.
 """
 
 from __future__ import annotations
@@ -11,32 +13,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from buildcache.engine.freshness import (
-    HEURISTIC_CAP,
-    RULES,
-    Decision,
-    Kind,
+from buildcache.ecosystems.apk.policy import RULES as APK_RULES
+from buildcache.ecosystems.apt.policy import RULES as APT_RULES
+from buildcache.ecosystems.pypi.kinds import FILE_RULES, INDEX_FILE_RULES, PAGE_RULES
+from buildcache.engine.conditional import (
     RangeOutcome,
     RangeResult,
-    classify,
+    not_modified,
+    parse_range,
+)
+from buildcache.engine.fields import (
+    format_http_date,
+    parse_cache_control,
+    parse_http_date,
+)
+from buildcache.engine.freshness import (
+    HEURISTIC_CAP,
+    Decision,
+    Kind,
     client_cache_control,
     client_credentials,
     decide,
     effective_kind,
-    format_http_date,
     freshness_lifetime,
     is_storable,
     may_serve_stale,
-    not_modified,
-    parse_cache_control,
-    parse_http_date,
-    parse_range,
     same_variant,
     sent_headers,
     vary_names,
     vary_values,
     varying_names,
 )
+from buildcache.engine.policy import PathRule, kind_by_rules
 
 T0 = 1_700_000_000.0
 SUNDAY = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
@@ -106,13 +114,26 @@ CLASSIFY_CASES: list[tuple[str, Kind, Kind]] = [
 ]
 
 
+#: The rows in the order the proxy tries them (apt, apk, pip); the index
+#: front end's sdist rows only for the files it serves.
+RULES = APT_RULES + APK_RULES + FILE_RULES + INDEX_FILE_RULES + PAGE_RULES
+_INDEX_ONLY = {id(row) for row in INDEX_FILE_RULES}
+
+
+def _rows(served_by_index: bool) -> list[PathRule]:
+    return [row for row in RULES if served_by_index or id(row) not in _INDEX_ONLY]
+
+
+def classify(path: str, *, served_by_index: bool = False) -> Kind:
+    """The kind the ecosystems' tables give ``path``, as the proxy (or the index) sees it."""
+    return kind_by_rules(_rows(served_by_index), path) or Kind.HTTP
+
+
 def _first_rule(path: str, served_by_index: bool) -> int | None:
     path = urlsplit(path).path
-    for number, rule in enumerate(RULES):
-        if rule.index_only and not served_by_index:
-            continue
-        if rule.pattern.search(path):
-            return number
+    for row in _rows(served_by_index):
+        if row.pattern.search(path):
+            return RULES.index(row)
     return None
 
 

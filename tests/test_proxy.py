@@ -39,7 +39,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from buildcache.config import Mirror
-from buildcache.engine.freshness import format_http_date
+from buildcache.engine.fields import format_http_date
 from buildcache.engine.keys import MEMOISED_URL_LENGTH, cache_key
 from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, WITHHELD_TAIL, Fetcher
 from buildcache.store import BlockingRunner

@@ -22,6 +22,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from buildcache.ecosystems.apk.check import ApkIndexes
+from buildcache.ecosystems.apk.policy import ApkPolicy
 from buildcache.ecosystems.pypi.pages import page_key
 from buildcache.engine.keys import cache_key
 from buildcache.ops.cli import CacheIndex, verify
@@ -206,7 +207,7 @@ class ApkRebuildTests(TestCase):
         observer = log_events(self)
         harness, path = self.start()
         proxy: Any = harness.running.server.proxy
-        proxy.apk_indexes = ApkIndexes(harness.running.store, max_entries=1)
+        proxy.apk = ApkPolicy(indexes=ApkIndexes(harness.running.store, max_entries=1))
         index = await harness.get(INDEX_PATH)
         self.assertEqual((index.status, index.body), (200, harness.index_bytes()))
         for _ in range(2):

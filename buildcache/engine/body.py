@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from buildcache.engine.exchanges import client_gone
 from buildcache.store import StoredObject
 
 CHUNK_SIZE = 256 * 1024
@@ -114,7 +115,7 @@ class BodySender:
     Writes bytes ``[start, end)`` of a body to a request, then finishes it.
 
     ``end`` is ``None`` for "until the body ends" (a download of unknown
-    length).  ``on_sent`` is told how many bytes went out, for counters.
+    length).
     ``refuse`` answers instead, with the reason, when the body fails before
     anything (the status line included) has gone out.
     """
@@ -127,7 +128,6 @@ class BodySender:
         source: BodySource,
         start: int = 0,
         end: int | None = None,
-        on_sent: Callable[[int], None] = lambda n: None,
         refuse: Callable[[str], None] | None = None,
     ) -> None:
         self._request = request
@@ -135,7 +135,6 @@ class BodySender:
         self._source = source
         self._offset = start
         self._end = end
-        self._on_sent = on_sent
         self._paused = False
         self._waiting = False
         self._done = False
@@ -230,7 +229,6 @@ class BodySender:
 
     def _sent(self, count: int) -> None:
         self._offset += count
-        self._on_sent(count)
         self._source.advance(self._offset)
 
     def _finish(self) -> None:
@@ -272,7 +270,7 @@ def direct_sender(request: Request) -> Callable[[int, int, int], int] | None:
     if not isinstance(transport, tcp.Connection) or request.method == b"HEAD":
         return None
     request.write(b"")  # the status line and headers, through Twisted
-    if request.chunked or getattr(request, "_disconnected", False):
+    if request.chunked or client_gone(request):
         return None
     socket_fd = transport.fileno()
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 import attrs
 
+from buildcache.engine.fields import list_items, parse_http_date
 from buildcache.engine.fields import lowered as _lowered
-from buildcache.engine.fields import parse_http_date
 
 __all__ = [
     "validators_of",
@@ -42,18 +42,9 @@ def _entity_tags(value: str) -> list[tuple[bool, str]] | None:
     if value.strip() == "*":
         return None
     tags: list[tuple[bool, str]] = []
-    position = 0
-    while position < len(value):
-        match = _ENTITY_TAG.match(value, position)
-        if match is None or match.end() == position:
-            comma = value.find(",", position)
-            if comma == -1:
-                break
-            position = comma + 1
-            continue
+    for match in list_items(_ENTITY_TAG, value):
         weak, opaque = match.groups()
         tags.append((weak is not None, opaque.strip('"')))
-        position = match.end()
     return tags
 
 
@@ -102,7 +93,7 @@ def not_modified(
     holds (other methods use these headers as preconditions, and
     ``If-None-Match: *`` means "any stored representation").
 
-    @param stored_at: when the stored body was downloaded (not merely
+    :param stored_at: when the stored body was downloaded (not merely
         revalidated), used when the response has no ``Last-Modified``:
         apk sends its own download time as ``If-Modified-Since``.
     """

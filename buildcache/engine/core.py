@@ -359,7 +359,7 @@ class Engine:
             # Immutable once stored: a body nothing checked (an error page
             # sent as 200, say) would be served for good.
             self.log.info(
-                "Serving {url} without storing it: nothing vouches for it",
+                "Serving {url} without storing it: what would vouch for it (an index) does not list it",
                 url=target.url,
             )
         try:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import email.utils
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timezone
 
 __all__ = [
     "lowered",
+    "list_items",
     "parse_cache_control",
     "delta_seconds",
     "parse_http_date",
@@ -41,19 +42,7 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
     skipped.
     """
     directives: dict[str, str | None] = {}
-    if not value:
-        return directives
-    position = 0
-    while position < len(value):
-        match = _CACHE_CONTROL_ITEM.match(value, position)
-        if match is None or match.end() == position:
-            # Skip to the next comma: a malformed directive must not hide
-            # the ones after it (no-store in particular).
-            comma = value.find(",", position)
-            if comma == -1:
-                break
-            position = comma + 1
-            continue
+    for match in list_items(_CACHE_CONTROL_ITEM, value or ""):
         name, quoted, token = match.groups()
         argument: str | None
         if quoted is not None:
@@ -61,8 +50,27 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
         else:
             argument = token
         directives.setdefault(name.lower(), argument)
-        position = match.end()
     return directives
+
+
+def list_items(item: re.Pattern[str], value: str) -> Iterator[re.Match[str]]:
+    """
+    The matches of ``item`` in the comma-separated list ``value``, each
+    anchored where the previous one ended.  A malformed member is skipped
+    to the next comma: it must not hide the ones after it (a ``no-store``
+    after a broken directive, say).
+    """
+    position = 0
+    while position < len(value):
+        match = item.match(value, position)
+        if match is None or match.end() == position:
+            comma = value.find(",", position)
+            if comma == -1:
+                return
+            position = comma + 1
+            continue
+        yield match
+        position = match.end()
 
 
 def delta_seconds(argument: str | None) -> int | None:

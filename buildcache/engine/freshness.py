@@ -115,7 +115,7 @@ def freshness_lifetime(stored_headers: Mapping[str, str], received_at: float) ->
     A malformed ``max-age`` or ``Expires`` means already stale (RFC 9111
     sections 1.2.2 and 5.3), not "fall through to the heuristic".
 
-    @param received_at: when the response was received; stands in for a
+    :param received_at: when the response was received; stands in for a
         missing ``Date``.
     """
     headers = _lowered(stored_headers)
@@ -203,9 +203,9 @@ def decide(
       when the client asks, when ``min-fresh`` cannot be met, or when its
       age has reached its freshness lifetime.
 
-    @param stored_headers: the stored response's headers.
-    @param validated_at: when the response was fetched or last revalidated.
-    @param now: the current time, POSIX seconds.
+    :param stored_headers: the stored response's headers.
+    :param validated_at: when the response was fetched or last revalidated.
+    :param now: the current time, POSIX seconds.
     """
     if kind is Kind.IMMUTABLE:
         return Decision.FRESH

@@ -35,6 +35,7 @@ __all__ = [
     "NO_EXPECTATION",
     "Policy",
     "GenericPolicy",
+    "GENERIC",
     "PathRule",
     "rule",
     "kind_by_rules",
@@ -221,6 +222,10 @@ class GenericPolicy:
         self, target: Target, engine: Engine, expected: Expectation, error: Exception
     ) -> Expectation | None:
         return None
+
+
+#: The generic policy: plain URLs on the forward proxy.
+GENERIC = GenericPolicy()
 
 
 @frozen

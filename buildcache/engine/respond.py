@@ -51,6 +51,19 @@ def joined_header(name: str, values: list[str]) -> str:
     return ("; " if name.lower() == "cookie" else ", ").join(values)
 
 
+def set_cache_status(request: Request, status: CacheStatus) -> None:
+    """
+    Say how ``request`` is being served: ``X-Cache`` for the client, and
+    the record accounting reads (see :mod:`buildcache.engine.exchanges`).
+    For a front end that renders its answer itself (the pip index's pages);
+    the ``serve_*`` functions call it.
+    """
+    request.setHeader("x-cache", status.value)
+    record = exchange_of(request)
+    if record is not None:
+        record.served(status)
+
+
 def _set_headers(
     request: Request,
     headers: Mapping[str, str],
@@ -63,10 +76,7 @@ def _set_headers(
             request.setHeader(name, value)
     if cache_control is not None:
         request.setHeader("cache-control", cache_control)
-    request.setHeader("x-cache", status.value)
-    record = exchange_of(request)
-    if record is not None:
-        record.served(status)
+    set_cache_status(request, status)
     for name, value in extra.items():
         request.setHeader(name, value)
 

@@ -52,8 +52,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, InvalidHost, Verdict, normalize_host
+from buildcache.engine.errors import UpstreamError
 from buildcache.fetch.connect import HostnameResolver, TargetRefused, connect_tcp
-from buildcache.fetch.fetcher import UpstreamError
 from buildcache.turns import Waiters
 
 __all__ = [

@@ -40,7 +40,6 @@ from buildcache.ecosystems.apk.index import (
     ApkIndexError,
     ApkIndexTooLarge,
     ApkMismatch,
-    ApkVerifier,
     CompactApkIndex,
     PackageFacts,
     package_filename,
@@ -48,6 +47,7 @@ from buildcache.ecosystems.apk.index import (
     repository_index_url,
     stale_reason,
 )
+from buildcache.ecosystems.apk.verify import ApkVerifier
 from buildcache.engine.keys import PRIVATE_MARK
 from buildcache.store import Entry, Store
 from buildcache.turns import Waiters

@@ -1,25 +1,22 @@
 """
-Alpine apk format knowledge: reading ``APKINDEX.tar.gz`` and checking a
-downloaded ``.apk`` against its index entry while it streams in.
+Alpine apk format knowledge: reading ``APKINDEX.tar.gz``, and the facts a
+downloaded ``.apk`` is checked against (the check itself, as it streams
+in, is :class:`buildcache.ecosystems.apk.verify.ApkVerifier`).
 
-Nothing else in buildcache knows what an apk package looks like.  The store
-feeds an L{ApkVerifier} every chunk it writes to disk and calls
-L{ApkVerifier.finish} before it commits the file, so a package whose size,
-control checksum (C{C:}) or data hash (C{datahash}) disagrees with the
-repository index is never kept.
+Nothing outside this package knows what an apk package looks like.
 
 Format facts relied on here (apk-tools 2.x, abuild):
   - A package is two or three concatenated gzip streams: an optional
-    signature stream (a tar holding C{.SIGN.*} entries), the control stream (a
-    tar holding C{.PKGINFO} and install scripts) and the data stream.  The
+    signature stream (a tar holding ``.SIGN.*`` entries), the control stream (a
+    tar holding ``.PKGINFO`` and install scripts) and the data stream.  The
     signature and control tars are written without end-of-archive blocks so
     that the decompressed streams read as one continuous tar.
-  - The index's C{C:Q1<base64>} is the SHA-1 of the compressed control
-    stream; C{S:} is the size of the whole C{.apk} in bytes; C{.PKGINFO}'s
-    C{datahash} is the hex SHA-256 of the compressed data stream.
-  - C{APKINDEX.tar.gz} is itself a signature stream followed by a gzip'd tar
-    holding C{DESCRIPTION} and C{APKINDEX}, so it must be read as
-    concatenated gzip members (Python's C{tarfile} stops after the first).
+  - The index's ``C:Q1<base64>`` is the SHA-1 of the compressed control
+    stream; ``S:`` is the size of the whole ``.apk`` in bytes; ``.PKGINFO``'s
+    ``datahash`` is the hex SHA-256 of the compressed data stream.
+  - ``APKINDEX.tar.gz`` is itself a signature stream followed by a gzip'd tar
+    holding ``DESCRIPTION`` and ``APKINDEX``, so it must be read as
+    concatenated gzip members (Python's ``tarfile`` stops after the first).
 """
 
 from __future__ import annotations
@@ -50,7 +47,6 @@ __all__ = [
     "ApkIndexError",
     "ApkIndexTooLarge",
     "ApkMismatch",
-    "ApkVerifier",
     "CompactApkIndex",
     "MAX_INDEX_ENTRIES",
     "MAX_INDEX_INFLATED",
@@ -64,15 +60,15 @@ __all__ = [
 
 _log = Logger()
 
-_GZIP_WBITS = 31
+GZIP_WBITS = 31
 # Upper bound on the output of one zlib call: keeps memory flat even for a
 # stream that inflates a thousandfold.
-_INFLATE_STEP = 64 * 1024
+INFLATE_STEP = 64 * 1024
 _READ_SIZE = 64 * 1024
 _MAX_INDEX_LINE = 64 * 1024
 _MAX_DESCRIPTION = 4096
 _SHA1_LENGTH = 20
-_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 #: Most packages an index may list to be used for checking packages.
 #: Alpine's largest (community, x86_64) lists about 25,000; the compact
@@ -104,15 +100,15 @@ ALPINE_ARCHES = frozenset(
 
 class ApkIndexError(Exception):
     """
-    An C{APKINDEX.tar.gz} could not be read: corrupt gzip or tar, no
-    C{APKINDEX} member, or an entry with missing or malformed fields.
+    An ``APKINDEX.tar.gz`` could not be read: corrupt gzip or tar, no
+    ``APKINDEX`` member, or an entry with missing or malformed fields.
     """
 
 
 class ApkIndexTooLarge(ApkIndexError):
     """
-    An C{APKINDEX.tar.gz} lists more packages, or inflates to more bytes,
-    than an index is allowed to (see L{MAX_INDEX_ENTRIES}).
+    An ``APKINDEX.tar.gz`` lists more packages, or inflates to more bytes,
+    than an index is allowed to (see :obj:`MAX_INDEX_ENTRIES`).
     """
 
 
@@ -120,7 +116,7 @@ class ApkMismatch(Exception):
     """
     A downloaded package does not match its index entry.
 
-    @ivar reason: human-readable explanation, also the exception's message.
+    :ivar reason: human-readable explanation, also the exception's message.
     """
 
     def __init__(self, reason: str) -> None:
@@ -131,10 +127,10 @@ class ApkMismatch(Exception):
 @attrs.frozen
 class ApkIndexEntry:
     """
-    One package block of an C{APKINDEX}.
+    One package block of an ``APKINDEX``.
 
-    @ivar control_sha1: raw 20-byte SHA-1 decoded from C{C:Q1...}.
-    @ivar installed_size: C{I:}, or L{None} when the block has none.
+    :ivar control_sha1: raw 20-byte SHA-1 decoded from ``C:Q1...``.
+    :ivar installed_size: ``I:``, or :obj:`None` when the block has none.
     """
 
     name: str
@@ -149,20 +145,20 @@ class ApkIndexEntry:
 
     @property
     def filename(self) -> str:
-        """The file name apk requests for this package: C{NAME-VERSION.apk}."""
+        """The file name apk requests for this package: ``NAME-VERSION.apk``."""
         return f"{self.name}-{self.version}.apk"
 
     @property
     def control_checksum(self) -> str:
-        """The C{C:} value as written in the index."""
-        return _control_checksum(self.control_sha1)
+        """The ``C:`` value as written in the index."""
+        return format_control_checksum(self.control_sha1)
 
     @property
     def facts(self) -> ApkFacts:
         return ApkFacts(self.filename, self.size, self.control_sha1)
 
 
-def _control_checksum(sha1: bytes) -> str:
+def format_control_checksum(sha1: bytes) -> str:
     return "Q1" + base64.b64encode(sha1).decode("ascii")
 
 
@@ -170,7 +166,7 @@ def _control_checksum(sha1: bytes) -> str:
 class ApkFacts:
     """
     What an index vouches for about one package file: all a downloaded
-    C{.apk} is checked against.
+    ``.apk`` is checked against.
     """
 
     filename: str
@@ -179,13 +175,13 @@ class ApkFacts:
 
     @property
     def control_checksum(self) -> str:
-        """The C{C:} value as written in the index."""
-        return _control_checksum(self.control_sha1)
+        """The ``C:`` value as written in the index."""
+        return format_control_checksum(self.control_sha1)
 
 
 class PackageFacts(Protocol):
     """
-    An L{ApkFacts} or an L{ApkIndexEntry}: what L{ApkVerifier} checks.
+    An :obj:`ApkFacts` or an :obj:`ApkIndexEntry`: what :obj:`ApkVerifier` checks.
     """
 
     @property
@@ -205,9 +201,9 @@ def stale_reason(
     facts: PackageFacts, size: int, control_checksum: str | None
 ) -> str | None:
     """
-    Why a stored package of C{size} bytes, whose control checksum (as
-    written in an index: C{Q1...}) is C{control_checksum} or unknown, is not
-    the file an index now describes with C{facts}; None when nothing shows
+    Why a stored package of ``size`` bytes, whose control checksum (as
+    written in an index: ``Q1...``) is ``control_checksum`` or unknown, is not
+    the file an index now describes with ``facts``; None when nothing shows
     it (an unknown checksum with the right size).
     """
     if size != facts.size:
@@ -220,13 +216,13 @@ def stale_reason(
     return None
 
 
-#: Bytes of a record of L{CompactApkIndex}: size (8) and control SHA-1 (20).
+#: Bytes of a record of :obj:`CompactApkIndex`: size (8) and control SHA-1 (20).
 _RECORD = 8 + _SHA1_LENGTH
 
 
 def _name_hash(filename: str) -> int:
     """
-    The 64-bit key of a file name in a L{CompactApkIndex}.  A collision
+    The 64-bit key of a file name in a :obj:`CompactApkIndex`.  A collision
     (about one in 2**64 / n) can only make a package be checked against
     another's facts, which it then fails: it is served unstored.
     """
@@ -241,10 +237,10 @@ class CompactApkIndex:
     The part of an index that packages are checked against, in a compact
     form: per package, a 64-bit hash of its file name, its size and its
     control SHA-1, as fixed-size records sorted by hash (36 bytes a
-    package, against about 300 for a parsed L{ApkIndexEntry} in a dict).
+    package, against about 300 for a parsed :obj:`ApkIndexEntry` in a dict).
 
-    @ivar hashes: sorted name hashes (see L{_name_hash}).
-    @ivar records: per hash, in the same order, the size (8 bytes, big
+    :ivar hashes: sorted name hashes (see :obj:`_name_hash`).
+    :ivar records: per hash, in the same order, the size (8 bytes, big
         endian) and the control SHA-1 (20 bytes).
     """
 
@@ -257,8 +253,8 @@ class CompactApkIndex:
         cls, entries: Iterator[tuple[str, int, bytes]], description: str = ""
     ) -> CompactApkIndex:
         """
-        From C{(filename, size, control_sha1)} triples; the first of
-        several entries of one file name wins, as in L{parse_apkindex}.
+        From ``(filename, size, control_sha1)`` triples; the first of
+        several entries of one file name wins, as in :obj:`parse_apkindex`.
         """
         unsorted: array[int] = array("Q")
         values = bytearray()
@@ -300,10 +296,10 @@ class CompactApkIndex:
 class ApkIndex(Mapping[str, ApkIndexEntry]):
     """
     A parsed repository index: a read-only mapping from package file name
-    (C{NAME-VERSION.apk}) to its L{ApkIndexEntry}.
+    (``NAME-VERSION.apk``) to its :obj:`ApkIndexEntry`.
 
-    @ivar description: contents of the C{DESCRIPTION} member (stripped).
-    @ivar signed: whether the index carried C{.SIGN.*} members.  The
+    :ivar description: contents of the ``DESCRIPTION`` member (stripped).
+    :ivar signed: whether the index carried ``.SIGN.*`` members.  The
         signature itself is not checked; apk does that.
     """
 
@@ -325,11 +321,11 @@ def repository_index_url(package_url: str) -> str | None:
     """
     The index that describes a package.
 
-    @param package_url: an absolute URL or a bare path, such as
-        C{http://host/alpine/v3.20/main/x86_64/busybox-1.36.1-r29.apk}.
-    @return: the C{APKINDEX.tar.gz} URL in the same directory (query and
-        fragment dropped), or L{None} when the URL does not end in
-        C{/<arch>/<name>.apk} for a known Alpine architecture.
+    :param package_url: an absolute URL or a bare path, such as
+        ``http://host/alpine/v3.20/main/x86_64/busybox-1.36.1-r29.apk``.
+    :return: the ``APKINDEX.tar.gz`` URL in the same directory (query and
+        fragment dropped), or :obj:`None` when the URL does not end in
+        ``/<arch>/<name>.apk`` for a known Alpine architecture.
     """
     parts = urlsplit(package_url)
     segments = parts.path.split("/")
@@ -346,9 +342,9 @@ def repository_index_url(package_url: str) -> str | None:
 
 def package_filename(package_url: str) -> str | None:
     """
-    The key to look a package URL up in an L{ApkIndex}: its last path
-    segment, percent-decoded (clients may send C{libstdc%2B%2B-...apk}), or
-    L{None} when L{repository_index_url} does not recognise the URL.
+    The key to look a package URL up in an :obj:`ApkIndex`: its last path
+    segment, percent-decoded (clients may send ``libstdc%2B%2B-...apk``), or
+    :obj:`None` when :obj:`repository_index_url` does not recognise the URL.
     """
     if repository_index_url(package_url) is None:
         return None
@@ -358,7 +354,7 @@ def package_filename(package_url: str) -> str | None:
 class _ConcatenatedGzipReader(io.RawIOBase):
     """
     Read-only binary stream of the decompressed contents of every gzip
-    member in C{source}, one after the other, as apk reads them.
+    member in ``source``, one after the other, as apk reads them.
     """
 
     def __init__(self, source: IO[bytes], max_output: int) -> None:
@@ -402,11 +398,11 @@ class _ConcatenatedGzipReader(io.RawIOBase):
                 self._exhausted = True
                 return
         if not member_open:
-            self._decompressor = zlib.decompressobj(wbits=_GZIP_WBITS)
+            self._decompressor = zlib.decompressobj(wbits=GZIP_WBITS)
             self._members_started += 1
         assert self._decompressor is not None
         try:
-            produced = self._decompressor.decompress(self._input, _INFLATE_STEP)
+            produced = self._decompressor.decompress(self._input, INFLATE_STEP)
         except zlib.error as error:
             raise ApkIndexError(
                 f"APKINDEX.tar.gz gzip stream {self._members_started} is "
@@ -417,7 +413,7 @@ class _ConcatenatedGzipReader(io.RawIOBase):
             self._output_may_be_pending = False
         else:
             self._input = self._decompressor.unconsumed_tail
-            self._output_may_be_pending = len(produced) == _INFLATE_STEP
+            self._output_may_be_pending = len(produced) == INFLATE_STEP
         self._output_total += len(produced)
         if self._output_total > self._max_output:
             raise ApkIndexTooLarge(
@@ -433,8 +429,8 @@ def _read_archive(
     fileobj: IO[bytes], max_index_bytes: int, read_index: Callable[[IO[bytes]], _T]
 ) -> tuple[_T, str, bool]:
     """
-    Walk an C{APKINDEX.tar.gz}, streaming: C{read_index} reads the
-    C{APKINDEX} member; its result, the description, and whether the
+    Walk an ``APKINDEX.tar.gz``, streaming: ``read_index`` reads the
+    ``APKINDEX`` member; its result, the description, and whether the
     archive was signed.
     """
     reader = _ConcatenatedGzipReader(fileobj, max_index_bytes)
@@ -473,13 +469,13 @@ def parse_apkindex(
     fileobj: IO[bytes], *, max_index_bytes: int = 256 * 1024 * 1024
 ) -> ApkIndex:
     """
-    Read an C{APKINDEX.tar.gz} from C{fileobj}, streaming: memory grows with
+    Read an ``APKINDEX.tar.gz`` from ``fileobj``, streaming: memory grows with
     the number of entries, not with the file.  Every field is kept: for
     resolving dependencies; checking packages needs only
-    L{parse_compact_apkindex}.
+    :obj:`parse_compact_apkindex`.
 
-    @param max_index_bytes: refuse archives that inflate to more than this.
-    @raise ApkIndexError: for any malformed input.
+    :param max_index_bytes: refuse archives that inflate to more than this.
+    :raises ApkIndexError: for any malformed input.
     """
     entries, description, signed = _read_archive(
         fileobj, max_index_bytes, _parse_index_text
@@ -500,12 +496,12 @@ def parse_compact_apkindex(
     max_index_bytes: int = MAX_INDEX_INFLATED,
 ) -> CompactApkIndex:
     """
-    Read an C{APKINDEX.tar.gz} into a L{CompactApkIndex}, streaming, and
-    checking every entry as L{parse_apkindex} does.
+    Read an ``APKINDEX.tar.gz`` into a :obj:`CompactApkIndex`, streaming, and
+    checking every entry as :obj:`parse_apkindex` does.
 
-    @raise ApkIndexTooLarge: more than C{max_entries} entries, or more than
-        C{max_index_bytes} inflated; the parse stops there.
-    @raise ApkIndexError: for any other malformed input.
+    :raises ApkIndexTooLarge: more than ``max_entries`` entries, or more than
+        ``max_index_bytes`` inflated; the parse stops there.
+    :raises ApkIndexError: for any other malformed input.
     """
 
     def facts(content: IO[bytes]) -> CompactApkIndex:
@@ -533,7 +529,7 @@ def _decode(raw: bytes, where: str) -> str:
 
 def _index_blocks(content: IO[bytes]) -> Iterator[tuple[dict[str, str], int]]:
     """
-    The blocks of an C{APKINDEX}, one at a time: its fields (the first of
+    The blocks of an ``APKINDEX``, one at a time: its fields (the first of
     each letter) and the line it starts on.
     """
     fields: dict[str, str] = {}
@@ -625,317 +621,3 @@ def _parse_control_checksum(text: str, where: str) -> bytes:
             f"{where} C: decodes to {len(digest)} bytes, a SHA-1 has {_SHA1_LENGTH}"
         )
     return digest
-
-
-class _GzipMember:
-    """
-    One gzip member of a package as it streams in: inflates it to find where
-    it ends, hashes its compressed bytes, and optionally keeps its inflated
-    contents up to a cap.
-    """
-
-    def __init__(
-        self,
-        index: int,
-        compressed_hash: "hashlib._Hash",
-        keep_output_up_to: int | None,
-    ) -> None:
-        self.index = index
-        self.compressed_hash = compressed_hash
-        self.complete = False
-        self.overflowed = False
-        self.output = bytearray()
-        self._keep_output_up_to = keep_output_up_to
-        self._decompressor = zlib.decompressobj(wbits=_GZIP_WBITS)
-
-    def feed(self, data: bytes | memoryview) -> bytes:
-        """
-        Consume bytes of this member.
-
-        @return: the bytes that follow this member's end (empty unless the
-            member ended inside C{data}).
-        @raise zlib.error: the member is not valid gzip.
-        """
-        pending: bytes | memoryview = data
-        leftover = b""
-        while True:
-            produced = self._decompressor.decompress(pending, _INFLATE_STEP)
-            self._keep(produced)
-            if self._decompressor.eof:
-                leftover = self._decompressor.unused_data
-                self.complete = True
-                break
-            pending = self._decompressor.unconsumed_tail
-            if not pending and len(produced) < _INFLATE_STEP:
-                break
-        self.compressed_hash.update(memoryview(data)[: len(data) - len(leftover)])
-        return leftover
-
-    def _keep(self, produced: bytes) -> None:
-        if self._keep_output_up_to is None or self.overflowed:
-            return
-        if len(self.output) + len(produced) > self._keep_output_up_to:
-            self.overflowed = True
-            self.output = bytearray()
-            return
-        self.output += produced
-
-
-@attrs.frozen
-class _ControlFacts:
-    member_index: int
-    sha1: bytes
-    datahash: str | None
-
-
-@attrs.define
-class ApkVerifier:
-    """
-    Checks a package against its index entry while it streams in.
-
-    Call L{update} with each chunk as it arrives (any boundaries), then
-    L{finish}.  C{update} never raises for bad content: it records the first
-    problem (see L{mismatch}, which lets a caller abandon a download early)
-    and C{finish} raises it.
-
-    Memory stays bounded whatever the package size: compressed bytes are
-    hashed and dropped, inflated output is only kept for members that may
-    still be the signature or control stream, up to C{max_control_bytes}.
-
-    @ivar entry: the index entry the package must match.
-    @ivar max_control_bytes: largest inflated signature or control stream
-        accepted; real ones are a few kilobytes.
-    """
-
-    entry: PackageFacts
-    max_control_bytes: int = 1024 * 1024
-    _bytes_received: int = attrs.field(init=False, default=0)
-    _mismatch: ApkMismatch | None = attrs.field(init=False, default=None)
-    _finished: bool = attrs.field(init=False, default=False)
-    _current: _GzipMember | None = attrs.field(init=False, default=None)
-    _members_completed: int = attrs.field(init=False, default=0)
-    _signed: bool = attrs.field(init=False, default=False)
-    _control: _ControlFacts | None = attrs.field(init=False, default=None)
-    _data_sha256: str | None = attrs.field(init=False, default=None)
-
-    @property
-    def bytes_received(self) -> int:
-        """Total bytes passed to L{update} so far."""
-        return self._bytes_received
-
-    @property
-    def control_sha1(self) -> bytes | None:
-        """
-        The SHA-1 of the package's control stream, once it has streamed in
-        (whatever the index says): what a stored package's C{C:} is.
-        """
-        return None if self._control is None else self._control.sha1
-
-    @property
-    def mismatch(self) -> ApkMismatch | None:
-        """
-        The first problem found so far, if any.  Size shortfalls and
-        checksum mismatches only show up in L{finish}.
-        """
-        return self._mismatch
-
-    def update(self, chunk: bytes) -> None:
-        """
-        Account for the next bytes of the package.
-
-        @raise RuntimeError: after L{finish}.
-        """
-        if self._finished:
-            raise RuntimeError("ApkVerifier.update() called after finish()")
-        self._bytes_received += len(chunk)
-        if self._mismatch is not None or not chunk:
-            return
-        if self._bytes_received > self.entry.size:
-            self._fail(
-                f"{self.entry.filename}: more than the {self.entry.size} bytes "
-                "the index lists"
-            )
-            return
-        remaining: bytes = chunk
-        while remaining:
-            member = self._current
-            if member is None:
-                member = self._start_member()
-                if member is None:
-                    return
-                self._current = member
-            try:
-                remaining = member.feed(remaining)
-            except zlib.error as error:
-                self._fail(
-                    f"{self.entry.filename}: gzip stream {member.index} is "
-                    f"corrupt: {error}"
-                )
-                return
-            if member.overflowed:
-                self._fail(
-                    f"{self.entry.filename}: gzip stream {member.index} inflates "
-                    f"to more than {self.max_control_bytes} bytes before any "
-                    ".PKGINFO, so it is neither a signature nor a control stream"
-                )
-                return
-            if member.complete:
-                self._current = None
-                self._members_completed += 1
-                self._complete_member(member)
-                if self._mismatch is not None:
-                    return
-
-    def finish(self) -> None:
-        """
-        Decide, once the whole package has been passed to L{update}.
-
-        @raise ApkMismatch: the package does not match the index entry.
-        @raise RuntimeError: called twice.
-        """
-        if self._finished:
-            raise RuntimeError("ApkVerifier.finish() called twice")
-        self._finished = True
-        name = self.entry.filename
-        if self._bytes_received != self.entry.size:
-            raise self._logged(
-                ApkMismatch(
-                    f"{name}: size is {self._bytes_received} bytes, the index "
-                    f"says {self.entry.size}"
-                )
-            )
-        if self._mismatch is not None:
-            raise self._logged(self._mismatch)
-        if self._current is not None:
-            raise self._logged(
-                ApkMismatch(
-                    f"{name}: truncated, gzip stream {self._current.index} "
-                    "has no end"
-                )
-            )
-        if self._control is None:
-            raise self._logged(ApkMismatch(f"{name}: no control stream (.PKGINFO)"))
-        if self._data_sha256 is None:
-            raise self._logged(
-                ApkMismatch(f"{name}: no data stream after the control stream")
-            )
-        if self._control.sha1 != self.entry.control_sha1:
-            actual = _control_checksum(self._control.sha1)
-            raise self._logged(
-                ApkMismatch(
-                    f"{name}: control stream checksum {actual} does not match "
-                    f"the index's C:{self.entry.control_checksum}"
-                )
-            )
-        datahash = self._control.datahash
-        if datahash is not None and datahash != self._data_sha256:
-            raise self._logged(
-                ApkMismatch(
-                    f"{name}: data stream sha256 {self._data_sha256} does not "
-                    f"match .PKGINFO datahash {datahash}"
-                )
-            )
-        _log.debug(
-            "{filename} matches its index entry ({size} bytes, signed={signed})",
-            filename=name,
-            size=self._bytes_received,
-            signed=self._signed,
-        )
-
-    def _logged(self, mismatch: ApkMismatch) -> ApkMismatch:
-        _log.info(
-            "apk verification failed: {reason}",
-            reason=mismatch.reason,
-            filename=self.entry.filename,
-        )
-        return mismatch
-
-    def _fail(self, reason: str) -> None:
-        if self._mismatch is None:
-            self._mismatch = ApkMismatch(reason)
-
-    def _start_member(self) -> _GzipMember | None:
-        index = self._members_completed
-        if self._control is None:
-            # Either the signature or the control stream: only the control
-            # stream's SHA-1 is ever compared, and its inflated tar is needed
-            # to tell the two apart.
-            return _GzipMember(index, hashlib.sha1(), self.max_control_bytes)
-        if index == self._control.member_index + 1:
-            return _GzipMember(index, hashlib.sha256(), None)
-        self._fail(
-            f"{self.entry.filename}: unexpected gzip stream {index} after the "
-            "data stream"
-        )
-        return None
-
-    def _complete_member(self, member: _GzipMember) -> None:
-        if self._control is not None:
-            self._data_sha256 = member.compressed_hash.hexdigest()
-            return
-        name = self.entry.filename
-        try:
-            names, pkginfo = _read_control_tar(bytes(member.output))
-        except (tarfile.TarError, ValueError) as error:
-            self._fail(f"{name}: gzip stream {member.index} is not a tar: {error}")
-            return
-        if pkginfo is not None:
-            try:
-                datahash = _pkginfo_datahash(pkginfo)
-            except ValueError as error:
-                self._fail(f"{name}: bad .PKGINFO: {error}")
-                return
-            self._control = _ControlFacts(
-                member_index=member.index,
-                sha1=member.compressed_hash.digest(),
-                datahash=datahash,
-            )
-        elif member.index == 0 and names and all(
-            entry_name.startswith(".SIGN.") for entry_name in names
-        ):
-            self._signed = True
-        elif member.index == 0:
-            self._fail(
-                f"{name}: first gzip stream holds neither .PKGINFO nor a "
-                f".SIGN.* signature (found {names[:5]!r})"
-            )
-        else:
-            self._fail(f"{name}: no .PKGINFO in the first two gzip streams")
-
-
-def _read_control_tar(content: bytes) -> tuple[list[str], bytes | None]:
-    """
-    Names in a (possibly end-of-archive-less) tar, and the contents of its
-    C{.PKGINFO} if it has one.
-    """
-    names: list[str] = []
-    pkginfo: bytes | None = None
-    with tarfile.open(fileobj=io.BytesIO(content), mode="r:") as archive:
-        for member in archive:
-            names.append(member.name)
-            if member.name == ".PKGINFO" and member.isfile() and pkginfo is None:
-                extracted = archive.extractfile(member)
-                assert extracted is not None
-                pkginfo = extracted.read()
-    return names, pkginfo
-
-
-def _pkginfo_datahash(pkginfo: bytes) -> str | None:
-    """
-    The C{datahash} of a C{.PKGINFO} (C{key = value} lines, C{#} comments),
-    or L{None} when it has none.
-
-    @raise ValueError: undecodable, or a C{datahash} that is not hex SHA-256.
-    """
-    text = pkginfo.decode("utf-8")
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, separator, value = line.partition("=")
-        if separator and key.strip() == "datahash":
-            datahash = value.strip().lower()
-            if not _HEX_SHA256.fullmatch(datahash):
-                raise ValueError(f"datahash is not a hex sha256: {value.strip()!r}")
-            return datahash
-    return None
-

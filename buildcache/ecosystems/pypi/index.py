@@ -53,13 +53,14 @@ from buildcache.ecosystems.pypi.root import RootServer
 from buildcache.engine.conditional import not_modified
 from buildcache.engine.core import Engine
 from buildcache.engine.events import StatusPages
-from buildcache.engine.exchanges import CacheStatus, ClientExchange, client_gone
+from buildcache.engine.exchanges import CacheStatus, client_gone
 from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.respond import (
     STALE_CACHE_CONTROL,
     request_headers,
     send_error,
     send_text,
+    set_cache_status,
 )
 
 __all__ = ["IndexResource", "file_link"]
@@ -169,7 +170,7 @@ class IndexResource(Resource):
         if self.status is not None and path in self.status.paths:
             self.status.serve(request, path)
             return
-        record = self.engine.begin(request, "index", _project_of(path))
+        self.engine.begin(request, "index", _project_of(path))
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader("allow", "GET, HEAD")
             send_error(
@@ -178,7 +179,7 @@ class IndexResource(Resource):
                 " index answers GET and HEAD",
             )
             return
-        d = Deferred.fromCoroutine(self._route(request, path, record))
+        d = Deferred.fromCoroutine(self._route(request, path))
         d.addErrback(self._crashed, request)
 
     def _crashed(self, failure: Failure, request: Request) -> None:
@@ -190,9 +191,7 @@ class IndexResource(Resource):
         else:
             request.loseConnection()
 
-    async def _route(
-        self, request: Request, path: str, record: ClientExchange
-    ) -> None:
+    async def _route(self, request: Request, path: str) -> None:
         segments = path.split("/")
         if path == "/" or path == "":
             self._front_page(request)
@@ -205,14 +204,10 @@ class IndexResource(Resource):
                 if segments[2] == "":
                     await self._root(request)
                     return
-                await self._project_path(
-                    request, record, unquote(segments[2]), slash=False
-                )
+                await self._project_path(request, unquote(segments[2]), slash=False)
                 return
             if len(segments) == 4 and segments[3] == "":
-                await self._project_path(
-                    request, record, unquote(segments[2]), slash=True
-                )
+                await self._project_path(request, unquote(segments[2]), slash=True)
                 return
         if len(segments) == 4 and segments[0] == "" and segments[1] == "files":
             project = unquote(segments[2])
@@ -268,9 +263,7 @@ class IndexResource(Resource):
 
     # -- project pages -----------------------------------------------------
 
-    async def _project_path(
-        self, request: Request, record: ClientExchange, raw: str, slash: bool
-    ) -> None:
+    async def _project_path(self, request: Request, raw: str, slash: bool) -> None:
         if not is_valid_project_name(raw):
             send_error(
                 request, 404,
@@ -305,8 +298,7 @@ class IndexResource(Resource):
             STALE_CACHE_CONTROL if resolved.status is CacheStatus.STALE
             else client_cache_control(Kind.INDEX, self.index_ttl),
         )
-        request.setHeader("x-cache", resolved.status.value)
-        record.served(resolved.status)
+        set_cache_status(request, resolved.status)
         if not_modified(headers, {"etag": etag}):
             request.setResponseCode(304)
             request.finish()

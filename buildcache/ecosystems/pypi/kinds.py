@@ -8,9 +8,9 @@ name, while elsewhere on the web a ``.tar.gz`` is often a "latest").
 from __future__ import annotations
 
 from buildcache.engine.freshness import Kind
-from buildcache.engine.policy import PathRule, kind_by_rules, rule
+from buildcache.engine.policy import GenericPolicy, PathRule, kind_by_rules, rule
 
-__all__ = ["FILE_RULES", "INDEX_FILE_RULES", "PAGE_RULES", "RULES", "INDEX_RULES", "kind_of"]
+__all__ = ["FILE_RULES", "INDEX_FILE_RULES", "PAGE_RULES", "RULES", "INDEX_RULES", "PIP_FILES", "kind_of"]
 
 #: Wheels and their PEP 658 metadata: versioned by name everywhere.
 FILE_RULES: tuple[PathRule, ...] = (
@@ -40,3 +40,8 @@ def kind_of(url: str, *, served_by_index: bool = False) -> Kind | None:
     The kind of a pip file or page at ``url``, or None when it is neither.
     """
     return kind_by_rules(INDEX_RULES if served_by_index else RULES, url)
+
+
+#: Pip files and pages fetched through the proxy: generic HTTP with these
+#: kinds (the index front end serves them with its own policy).
+PIP_FILES = GenericPolicy(RULES)
