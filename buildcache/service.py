@@ -108,7 +108,7 @@ class Server:
         index = index_resource(
             engine, config.pypi_upstreams, config.index_ttl, policy=policy,
             prefetcher=Prefetcher(
-                store, fetcher, reactor, config.prefetch_max_size, observer=activity
+                engine, reactor, config.prefetch_max_size, observer=activity
             ),
         )
         index_site = StrictSite(

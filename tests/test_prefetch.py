@@ -16,13 +16,14 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from buildcache.ecosystems.pypi.policy import file_request
 from buildcache.ecosystems.pypi.prefetch import (
     MAX_RUNNING,
     UNCLAIMED_BUDGET_FILES,
     UNCLAIMED_TTL,
     Prefetcher,
-    file_request,
 )
+from buildcache.engine.core import Engine
 from buildcache.fetch.fetcher import UpstreamAnswer
 from buildcache.ops.activity import Activity
 from buildcache.store import Store
@@ -71,9 +72,9 @@ class PrefetcherTests(SynchronousTestCase):
         self.addCleanup(self.store.close)
         self.fetcher = _Fetcher()
         self.activity = Activity(self.clock)
+        self.engine = Engine(self.store, cast(Any, self.fetcher), cast(Any, self.clock))
         self.prefetcher = Prefetcher(
-            self.store, cast(Any, self.fetcher), cast(Any, self.clock), 1024,
-            observer=self.activity,
+            self.engine, cast(Any, self.clock), 1024, observer=self.activity,
         )
 
     def request(self, name: str = "a.whl", digest: str | None = DIGEST) -> Any:

@@ -1,6 +1,6 @@
 """
 Tests for the pip index's engine policies (:mod:`buildcache.ecosystems.pypi.policy`,
-:class:`buildcache.ecosystems.pypi.files.FilePolicy`), its in-memory
+with its :class:`~buildcache.ecosystems.pypi.policy.FilePolicy`), its in-memory
 :class:`~buildcache.ecosystems.pypi.lru.LRU`, and the engine's lookup of a
 target without variants, which the index's pages and root rely on.  A real
 store in a temporary directory, a fake clock, no network: nothing here
@@ -17,10 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from buildcache.ecosystems.pypi.files import FilePolicy
 from buildcache.ecosystems.pypi.lru import LRU
 from buildcache.ecosystems.pypi.model import MEDIA_TYPE_JSON, SimplePageError
-from buildcache.ecosystems.pypi.policy import IndexPolicy, PagePolicy
+from buildcache.ecosystems.pypi.policy import FilePolicy, IndexPolicy, PagePolicy
 from buildcache.engine.core import Engine
 from buildcache.engine.exchanges import CacheStatus
 from buildcache.engine.freshness import Kind

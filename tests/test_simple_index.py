@@ -207,12 +207,10 @@ class Harness:
         self.fetcher = Fetcher(self.store, upstream_client(self.http), self.clock)
         # Outcomes, bytes and read-aheads, as the status page counts them.
         self.activity = Activity(self.clock)
+        self.engine = Engine(self.store, self.fetcher, self.clock, self.activity, index_ttl)
         self.prefetcher = (
             None if prefetch_max_size is None
-            else Prefetcher(
-                self.store, self.fetcher, reactor, prefetch_max_size,
-                observer=self.activity,
-            )
+            else Prefetcher(self.engine, reactor, prefetch_max_size, observer=self.activity)
         )
         self.upstreams = [Upstream(index, listen(index)) for index in indexes]
         self.resource = self.make_resource(index_ttl)
@@ -222,12 +220,9 @@ class Harness:
 
     def make_resource(self, index_ttl: float = TTL) -> IndexResource:
         return index_resource(
-            self.engine(index_ttl), [u.base for u in self.upstreams], index_ttl,
+            self.engine, [u.base for u in self.upstreams], index_ttl,
             prefetcher=self.prefetcher,
         )
-
-    def engine(self, index_ttl: float = TTL) -> Engine:
-        return Engine(self.store, self.fetcher, self.clock, self.activity, index_ttl)
 
     async def _shut(self) -> None:
         await stop(self.port)
@@ -506,11 +501,11 @@ class PageTests(TestCase):
         nothing is asked upstream; one inside is served.
         """
         refusing = index_resource(
-            self.harness.engine(), [self.upstream.base], TTL,
+            self.harness.engine, [self.upstream.base], TTL,
             policy=AccessPolicy.from_config(["10.0.0.0/8"], [], []),
         )
         allowing = index_resource(
-            self.harness.engine(), [self.upstream.base], TTL,
+            self.harness.engine, [self.upstream.base], TTL,
             policy=AccessPolicy.from_config(["127.0.0.0/8"], [], []),
         )
         for resource, status in ((refusing, 403), (allowing, 200)):

@@ -22,85 +22,28 @@ listed there is a 404, whatever the upstream holds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from attrs import define, frozen
+from attrs import define
 from twisted.logger import Logger
 from twisted.web.server import Request
 
 from buildcache.ecosystems.pypi.model import normalize_project_name
 from buildcache.ecosystems.pypi.pages import PageResolver, metadata_servable
-from buildcache.ecosystems.pypi.policy import ANSWERED, USER_AGENT, IndexPolicy
-from buildcache.ecosystems.pypi.prefetch import Prefetcher, file_request
+from buildcache.ecosystems.pypi.policy import (
+    ANSWERED,
+    USER_AGENT,
+    FileRequest,
+    file_request,
+)
+from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.engine.core import Engine, Resolved
 from buildcache.engine.errors import IntegrityError
 from buildcache.engine.exchanges import CacheStatus, client_gone
-from buildcache.engine.freshness import Kind, client_cache_control
-from buildcache.engine.keys import adopt_verified_twin, open_stored
-from buildcache.engine.policy import Expectation, Target
 from buildcache.engine.respond import send_error
-from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, UpstreamRequest
-from buildcache.store import StoredObject
+from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE
 
-__all__ = ["FileServer", "FilePolicy"]
+__all__ = ["FileServer"]
 
-_FILE_CACHE_CONTROL = client_cache_control(Kind.IMMUTABLE, 0)
 _METADATA_SUFFIX = ".metadata"
-
-
-@frozen
-class FilePolicy(IndexPolicy):
-    """
-    How the engine treats one distribution or metadata file the index
-    serves: immutable, checked against the digest its page gives
-    (``expected``), a hit only when the stored copy has that digest, and
-    taken over from its ``http://`` twin when the digest vouches for it.
-    """
-
-    KIND = Kind.IMMUTABLE
-
-    expected: Expectation = Expectation()
-
-    def cache_control(
-        self, kind: Kind, ttl: float, response_headers: Mapping[str, str] | None,
-        status: int,
-    ) -> str | None:
-        return _FILE_CACHE_CONTROL
-
-    async def before_lookup(self, target: Target, engine: Engine) -> None:
-        # Stored by another route without this check (the proxy port), and
-        # different from what the page promises: it answers nobody here,
-        # and the checked download replaces it.
-        wanted = self.expected.sha256
-        entry = engine.find(target)
-        if wanted is not None and entry is not None and entry.sha256 != wanted:
-            engine.store.remove_entry(entry)
-
-    async def expect(self, target: Target, engine: Engine) -> Expectation:
-        return self.expected
-
-    async def adopt(
-        self, target: Target, engine: Engine, expected: Expectation
-    ) -> StoredObject | None:
-        # Stored over plain http (by a version whose keys had no scheme,
-        # or by the proxy), and the page fetched from this https upstream
-        # vouches for its bytes.
-        if adopt_verified_twin(
-            engine.store, target.key, target.upstream_headers, expected.sha256
-        ) is None:
-            return None
-        return open_stored(engine.store, target.key, target.upstream_headers)
-
-
-def _target(upstream_request: UpstreamRequest) -> Target:
-    return Target(
-        url=upstream_request.url,
-        front_end="index",
-        upstream_headers=upstream_request.headers,
-        key=upstream_request.key,
-        follow_redirects=True,
-        operator_credentials=True,
-    )
 
 
 @define
@@ -166,17 +109,13 @@ class FileServer:
         return self.prefetcher is not None and self.prefetcher.claim(key, stored)
 
     async def _serve_file(
-        self, request: Request, name: str, upstream_request: UpstreamRequest
+        self, request: Request, name: str, wanted: FileRequest
     ) -> bool:
         """
         Answer with a file or its metadata; whether it was sent (200).
         """
-        target = _target(upstream_request)
+        target, policy = wanted.target, wanted.policy
         url = target.url
-        policy = FilePolicy(expected=Expectation(
-            sha256=upstream_request.expected_sha256,
-            stream_before_check=upstream_request.stream_before_check,
-        ))
         if self.engine.find(target) is None:
             # Fetched for this client, or joining the read-ahead fetching it.
             self._claimed_read_ahead(target.key, stored=False)
@@ -205,7 +144,7 @@ class FileServer:
             )
             return False
         if answer.body is not None and not await self._joined_checked(
-            request, name, resolved, upstream_request.expected_sha256
+            request, name, resolved, wanted.expected_sha256
         ):
             return False
         # Checked (the answer waited for the whole body to match the page,
