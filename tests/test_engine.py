@@ -703,3 +703,59 @@ class AccountingTests(EngineTestCase):
         last = self.h.observer.exchanges[-1]
         self.assertEqual((last.completed, last.bytes_sent), (False, 0))
         self.assertAnswer(self.h.get("/i.idx"), 200, "HIT")
+
+
+@define
+class ByDigest(GenericPolicy):
+    """
+    A registry's shape: indexes (tags) carry their version in a header and
+    are revalidated by a HEAD; 429 is a failure to serve stale for.  (The
+    version header is ``ETag`` here, which the store keeps today; a
+    registry's ``Docker-Content-Digest`` needs the fetcher to keep it too.)
+    """
+
+    rules: Any = POLICY.rules
+
+    def head_validator(self, kind: Kind) -> str | None:
+        return "etag" if kind is Kind.INDEX else None
+
+    def stale_on(self, status: int) -> bool:
+        return status == 429 or super().stale_on(status)
+
+
+class HeadRevalidationTests(EngineTestCase):
+    """
+    The seams a registry uses: revalidation by a HEAD that compares a
+    version header, and stale serving on a status of its choosing.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.h.front.policy = ByDigest()
+        self.tag = self.serve("/t.idx", b"manifest 1", etag='"sha256:1"')
+        self.assertAnswer(self.h.get("/t.idx"), 200, "MISS")
+        self.h.later(TTL)
+
+    def methods(self) -> list[str]:
+        return [s.method for s in self.h.origin.seen]
+
+    def test_same_version_refreshes(self) -> None:
+        self.assertAnswer(self.h.get("/t.idx"), 200, "REVALIDATED", b"manifest 1")
+        self.assertEqual(self.methods(), ["GET", "HEAD"])
+        self.h.later(TTL - 1)
+        self.assertAnswer(self.h.get("/t.idx"), 200, "HIT")
+
+    def test_new_version_is_fetched(self) -> None:
+        self.tag.body, self.tag.etag = b"manifest 2", '"sha256:2"'
+        self.assertAnswer(self.h.get("/t.idx"), 200, "MISS", b"manifest 2")
+        self.assertEqual(self.methods(), ["GET", "HEAD", "GET"])
+        self.assertAnswer(self.h.get("/t.idx"), 200, "HIT", b"manifest 2")
+
+    def test_rate_limited_serves_stale(self) -> None:
+        self.tag.status = 429
+        self.assertAnswer(self.h.get("/t.idx"), 200, "STALE", b"manifest 1")
+        self.assertEqual(self.h.observer.stale, [ORIGIN + "/t.idx"])
+
+    def test_down_serves_stale(self) -> None:
+        self.h.line.down = True
+        self.assertAnswer(self.h.get("/t.idx"), 200, "STALE", b"manifest 1")

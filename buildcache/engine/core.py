@@ -249,13 +249,10 @@ class Engine:
             self.log.warn("Could not revalidate {key}: {error}", key=client.key, error=str(e))
 
     def _for_client(self, target: Target, policy: Policy) -> _ForClient:
-        kind = policy.kind(target)
-        credentials = client_credentials(target.headers)
-        if not credentials:
-            return _ForClient(target, target.key, kind, False)
+        private = bool(client_credentials(target.headers))
         return _ForClient(
-            target, private_family(target.key, self.store.secret, credentials),
-            effective_kind(kind, True), True,
+            target, self.family(target), effective_kind(policy.kind(target), private),
+            private,
         )
 
     def _upstream_request(
@@ -294,6 +291,10 @@ class Engine:
     async def _revalidate(
         self, client: _ForClient, policy: Policy, stored: StoredObject
     ) -> Resolved:
+        validator = policy.head_validator(client.kind)
+        version = None if validator is None else stored.entry.headers.get(validator)
+        if validator is not None and version is not None:
+            return await self._revalidate_by_head(client, policy, stored, validator, version)
         # A 200 replaces the stored copy: it is checked as a miss's body is
         # (a captive portal's page must not replace a good index page).
         expected = await policy.expect(client.target, self)
@@ -310,17 +311,49 @@ class Engine:
             return self._stale(client, stored, str(e))
         if answer.status == 304:
             stored.close()
-            fresh = self.store.lookup(stored.entry.key)
-            if fresh is None:
-                # Evicted while the upstream was being asked: fetch it.
-                return await self._miss(client, policy)
-            return Resolved(CacheStatus.REVALIDATED, client.kind, stored=fresh)
-        if answer.status >= 500:
+            return await self._refreshed(client, policy, stored.entry.key)
+        if policy.stale_on(answer.status):
             assert answer.body is not None
             answer.body.close()
             return self._stale(client, stored, f"upstream answered {answer.status}")
         stored.close()
         return Resolved(CacheStatus.MISS, client.kind, answer=answer)
+
+    async def _revalidate_by_head(
+        self, client: _ForClient, policy: Policy, stored: StoredObject,
+        validator: str, version: str,
+    ) -> Resolved:
+        """
+        Ask for the file's version with a HEAD: the same version refreshes
+        the stored copy, another one is fetched (a registry does not count
+        a HEAD against its pull limit, as it does a GET).
+        """
+        try:
+            answer = await self.fetcher.head(
+                self._upstream_request(client, policy, {}, NO_EXPECTATION)
+            )
+        except TargetRefused:
+            stored.close()
+            raise
+        except UpstreamError as e:
+            return self._stale(client, stored, str(e))
+        if policy.stale_on(answer.status):
+            return self._stale(client, stored, f"upstream answered {answer.status}")
+        stored.close()
+        if answer.status == 200 and answer.headers.get(validator) == version:
+            self.store.mark_validated(stored.entry.key)
+            return await self._refreshed(client, policy, stored.entry.key)
+        return await self._miss(client, policy)
+
+    async def _refreshed(self, client: _ForClient, policy: Policy, key: str) -> Resolved:
+        """
+        The entry under ``key`` the upstream just confirmed, or, when it
+        was evicted while the upstream was asked, a fetch of it.
+        """
+        fresh = self.store.lookup(key)
+        if fresh is None:
+            return await self._miss(client, policy)
+        return Resolved(CacheStatus.REVALIDATED, client.kind, stored=fresh)
 
     def _stale(self, client: _ForClient, stored: StoredObject, why: str) -> Resolved:
         if not may_serve_stale(stored.entry.headers, client.private):

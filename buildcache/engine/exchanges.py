@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from weakref import WeakKeyDictionary
 
-from attrs import define, field
+from attrs import define
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -62,7 +62,6 @@ class ClientExchange:
     #: How the engine served it; None for a refusal or an error.
     cache: CacheStatus | None = None
     state: ExchangeState = ExchangeState.ANSWERING
-    _ended: list[ExchangeState] = field(factory=list)
 
     def served(self, cache: CacheStatus) -> None:
         """The engine answered with ``cache``."""
@@ -73,6 +72,7 @@ class ClientExchange:
         self.cache = None
 
     def end(self, state: ExchangeState) -> None:
+        """The request ended (once: the first ending counts)."""
         if self.state is ExchangeState.ANSWERING:
             self.state = state
 

@@ -36,14 +36,8 @@ from collections.abc import Mapping
 
 from buildcache.engine.conditional import not_modified, validators_of
 from buildcache.engine.fields import delta_seconds as _delta_seconds
-from buildcache.engine.fields import (
-    format_http_date,
-    parse_cache_control,
-    parse_http_date,
-)
-from buildcache.engine.fields import (
-    lowered as _lowered,
-)
+from buildcache.engine.fields import lowered as _lowered
+from buildcache.engine.fields import parse_cache_control, parse_http_date
 
 __all__ = [
     "Kind",
@@ -68,13 +62,10 @@ __all__ = [
     "IMMUTABLE_MAX_AGE",
     "HEURISTIC_FRACTION",
     "HEURISTIC_CAP",
-    # Re-exported from the modules split out of this one, for the callers
-    # that still import them from here (the pip index until its port).
+    # Re-exported from engine.conditional for the pip index until its port
+    # onto the engine; new code imports them from there.
     "not_modified",
     "validators_of",
-    "parse_http_date",
-    "format_http_date",
-    "parse_cache_control",
 ]
 
 

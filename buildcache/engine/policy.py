@@ -147,6 +147,21 @@ class Policy(Protocol):
         the index's pages, say).
         """
 
+    def stale_on(self, status: int) -> bool:
+        """
+        Whether an upstream answer of ``status`` to a revalidation is a
+        failure a stored copy is served stale for (5xx; a registry adds
+        429, its rate limit).
+        """
+
+    def head_validator(self, kind: Kind) -> str | None:
+        """
+        A response header naming the version of a file of ``kind`` (a
+        registry's ``Docker-Content-Digest``): the engine then revalidates
+        with a HEAD and compares it, instead of a conditional GET.  None
+        for a conditional GET.
+        """
+
     async def before_lookup(self, target: Target, engine: Engine) -> None:
         """
         Runs before the store is looked at: apk waits for an index still
@@ -206,6 +221,12 @@ class GenericPolicy:
 
     def extra_headers(self, target: Target) -> Mapping[str, str]:
         return {}
+
+    def stale_on(self, status: int) -> bool:
+        return status >= 500
+
+    def head_validator(self, kind: Kind) -> str | None:
+        return None
 
     async def before_lookup(self, target: Target, engine: Engine) -> None:
         return None

@@ -1,8 +1,10 @@
 """
 Answering a ``twisted.web`` request with a stored object or an upstream
 answer: status, replayed headers, ``X-Cache``, conditional 304, single byte
-ranges, HEAD, and the streamed body.  Both front ends answer through here,
-so every cached response behaves the same whichever port served it.
+ranges, HEAD, and the streamed body.  Every front end answers through here
+(mostly by way of :meth:`buildcache.engine.core.Engine.respond`), so every
+cached response behaves the same whichever port served it; the cache
+status sent is also the one accounting records (:func:`set_cache_status`).
 """
 
 from __future__ import annotations

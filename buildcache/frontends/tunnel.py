@@ -52,7 +52,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, InvalidHost, Verdict, normalize_host
-from buildcache.engine.errors import UpstreamError
+from buildcache.engine.errors import UpstreamError, status_for
 from buildcache.fetch.connect import HostnameResolver, TargetRefused, connect_tcp
 from buildcache.turns import Waiters
 
@@ -807,10 +807,10 @@ class _Tunnel:
             # The client left while we were connecting.
             return
         except TargetRefused as error:
-            self._fail(error.status, error.reason)
+            self._fail(status_for(error), error.reason)
             return
         except UpstreamError as error:
-            self._fail(error.status, str(error))
+            self._fail(status_for(error), str(error))
             return
         except Exception as error:
             # A bug, not a network condition: log it with its traceback.
