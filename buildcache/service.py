@@ -29,6 +29,7 @@ from twisted.web.server import Site
 from buildcache.access import AccessPolicy, upstream_host_key
 from buildcache.config import Config
 from buildcache.credentials import readable_by_others
+from buildcache.ecosystems.pypi.assemble import index_resource
 from buildcache.ecosystems.pypi.index import IndexResource
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.engine.core import Engine
@@ -106,10 +107,11 @@ class Server:
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
             connections=connections,
         )
-        index = IndexResource(
-            store, fetcher, config.pypi_upstreams, config.index_ttl, reactor,
-            policy=policy, activity=activity,
-            prefetcher=Prefetcher(store, fetcher, reactor, config.prefetch_max_size),
+        index = index_resource(
+            engine, config.pypi_upstreams, config.index_ttl, policy=policy,
+            prefetcher=Prefetcher(
+                engine, reactor, config.prefetch_max_size, observer=activity
+            ),
         )
         index_site = StrictSite(
             index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT, connections=connections

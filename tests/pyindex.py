@@ -1,21 +1,21 @@
 """
 A small, real Python package index for tests.
 
-L{build_index} writes installable wheels (with correct C{RECORD}), sdists
+:func:`build_index` writes installable wheels (with correct ``RECORD``), sdists
 and PEP 658 metadata files for two demo projects to a directory and returns
-the L{IndexFixture} describing them; L{StaticSimpleIndex} serves that fixture
+the :class:`IndexFixture` describing them; :class:`StaticSimpleIndex` serves that fixture
 over HTTP as a PEP 503/691 upstream, counting requests and able to fail on
 demand.
 
 The projects:
 
-  - C{bcdemo-b}: 0.5 (wheel, yanked without reason), 1.0 (wheel + sdist),
+  - ``bcdemo-b``: 0.5 (wheel, yanked without reason), 1.0 (wheel + sdist),
     2.0 (wheel, yanked "broken build").
-  - C{bcdemo-a}: 1.0 (wheel + sdist, needs C{bcdemo-b}), 2.0 (wheel + sdist,
-    needs C{bcdemo-b>=1.0}, Python >=3.8), 3.0 (wheel, Python >=4).
+  - ``bcdemo-a``: 1.0 (wheel + sdist, needs ``bcdemo-b``), 2.0 (wheel + sdist,
+    needs ``bcdemo-b>=1.0``, Python >=3.8), 3.0 (wheel, Python >=4).
 
-So a resolver honouring the index installs C{bcdemo-a 2.0} and
-C{bcdemo-b 1.0}.
+So a resolver honouring the index installs ``bcdemo-a 2.0`` and
+``bcdemo-b 1.0``.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPE_LEGACY_HTML,
     ProjectFile,
     ProjectPage,
-    choose_media_type,
     normalize_project_name,
+)
+from buildcache.ecosystems.pypi.render import (
+    choose_media_type,
     render_page,
     render_root_html,
     render_root_json,
@@ -100,7 +102,7 @@ def _distribution_name(project: str) -> str:
 
 def core_metadata(release: DemoRelease) -> bytes:
     """
-    The C{METADATA} / C{PKG-INFO} text of a release.
+    The ``METADATA`` / ``PKG-INFO`` text of a release.
     """
     lines = [
         "Metadata-Version: 2.1",
@@ -121,7 +123,7 @@ def _record_digest(data: bytes) -> str:
 
 def make_wheel(release: DemoRelease) -> tuple[str, bytes]:
     """
-    Build a pure-Python wheel for C{release}: (file name, bytes).
+    Build a pure-Python wheel for ``release``: (file name, bytes).
 
     The bytes are deterministic, so digests are stable across runs.
     """
@@ -159,7 +161,7 @@ def make_wheel(release: DemoRelease) -> tuple[str, bytes]:
 
 def make_sdist(release: DemoRelease) -> tuple[str, bytes]:
     """
-    Build a source distribution for C{release}: (file name, bytes).
+    Build a source distribution for ``release``: (file name, bytes).
     """
     distribution = _distribution_name(release.project)
     root = f"{distribution}-{release.version}"
@@ -205,11 +207,11 @@ class IndexFixture:
     """
     The demo index written to disk.
 
-    @ivar directory: Where the files are: C{directory/files/<filename>} and
-        C{directory/files/<wheel>.metadata}.
-    @ivar projects: Normalised name to page; file URLs are the path-absolute
-        C{/files/<filename>} (see L{IndexFixture.page} for absolute ones).
-    @ivar metadata: Wheel file name to its core metadata bytes, for wheels
+    :ivar directory: Where the files are: ``directory/files/<filename>`` and
+        ``directory/files/<wheel>.metadata``.
+    :ivar projects: Normalised name to page; file URLs are the path-absolute
+        ``/files/<filename>`` (see :meth:`IndexFixture.page` for absolute ones).
+    :ivar metadata: Wheel file name to its core metadata bytes, for wheels
         whose metadata file exists.
     """
 
@@ -236,8 +238,8 @@ class IndexFixture:
 
     def page(self, name: str, root_url: str) -> ProjectPage:
         """
-        The page of project C{name} with file URLs made absolute against
-        C{root_url} (e.g. C{"http://127.0.0.1:8080/"}).
+        The page of project ``name`` with file URLs made absolute against
+        ``root_url`` (e.g. ``"http://127.0.0.1:8080/"``).
         """
         page = self.projects[normalize_project_name(name)]
         return attrs.evolve(
@@ -256,9 +258,9 @@ def build_index(
     with_metadata: bool = True,
 ) -> IndexFixture:
     """
-    Write the demo index under C{directory} and describe it.
+    Write the demo index under ``directory`` and describe it.
 
-    @param with_metadata: Write C{<wheel>.metadata} files and advertise them
+    :param with_metadata: Write ``<wheel>.metadata`` files and advertise them
         with their sha256 (PEP 658); when false, neither.
     """
     files_directory = Path(directory) / "files"
@@ -327,28 +329,28 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
 
 class StaticSimpleIndex(Resource):
     """
-    A test upstream serving an L{IndexFixture}.
+    A test upstream serving an :class:`IndexFixture`.
 
-    Routes: C{/simple/} (root), C{/simple/<name>/} (301 to the normalised,
-    slashed path when needed, 404 for unknown projects), C{/files/<file>}
-    and C{/files/<wheel>.metadata}.  Pages and files carry an C{ETag} and
-    C{Last-Modified} and answer C{If-None-Match} / C{If-Modified-Since} with
+    Routes: ``/simple/`` (root), ``/simple/<name>/`` (301 to the normalised,
+    slashed path when needed, 404 for unknown projects), ``/files/<file>``
+    and ``/files/<wheel>.metadata``.  Pages and files carry an ``ETag`` and
+    ``Last-Modified`` and answer ``If-None-Match`` / ``If-Modified-Since`` with
     304.
 
-    @ivar json: Negotiate PEP 691 (JSON and both HTML types; 406 when
-        nothing fits); when false, always answer C{text/html} like an old
+    :ivar json: Negotiate PEP 691 (JSON and both HTML types; 406 when
+        nothing fits); when false, always answer ``text/html`` like an old
         index.
-    @ivar absolute_urls: Link files by absolute URL built from the request's
-        C{Host}, instead of C{../../files/<file>}.
-    @ivar projects: The pages served, by normalised name; tests may replace
+    :ivar absolute_urls: Link files by absolute URL built from the request's
+        ``Host``, instead of ``../../files/<file>``.
+    :ivar projects: The pages served, by normalised name; tests may replace
         entries (e.g. to yank a file) while serving.
-    @ivar broken: When true, every request gets 503.
-    @ivar garbage_pages: When true, project pages are a 200 that is not a
+    :ivar broken: When true, every request gets 503.
+    :ivar garbage_pages: When true, project pages are a 200 that is not a
         simple-index page (what a captive portal sends).
-    @ivar serve_metadata: When false, metadata files 404 even if advertised.
-    @ivar last_modified: The modification time announced for everything.
-    @ivar requests: Count of requests (any method) per request path.
-    @ivar request_log: Every request, in order.
+    :ivar serve_metadata: When false, metadata files 404 even if advertised.
+    :ivar last_modified: The modification time announced for everything.
+    :ivar requests: Count of requests (any method) per request path.
+    :ivar request_log: Every request, in order.
     """
 
     isLeaf = True

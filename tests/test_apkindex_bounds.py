@@ -31,8 +31,8 @@ from buildcache.ecosystems.apk.index import (
     parse_compact_apkindex,
     stale_reason,
 )
-from buildcache.ecosystems.pypi.index import disowned_files, page_digests
 from buildcache.ecosystems.pypi.model import ProjectFile, ProjectPage
+from buildcache.ecosystems.pypi.pages import disowned_files, page_digests
 from buildcache.engine.keys import cache_key
 from buildcache.store import Entry, Store
 from tests.apkrepo import build_apk, build_apkindex, gzip_tar, index_block

@@ -46,11 +46,12 @@ from twisted.web.resource import Resource
 
 from buildcache.access import AccessPolicy, InvalidHost, normalize_host
 from buildcache.config import Mirror
-from buildcache.ecosystems.pypi.index import IndexResource
+from buildcache.ecosystems.pypi.assemble import index_resource
 from buildcache.ecosystems.pypi.model import (
     is_valid_project_name,
     normalize_project_name,
 )
+from buildcache.engine.core import Engine
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.connect import TargetRefused, connect_tcp, make_http_client
 from buildcache.fetch.fetcher import UpstreamError, UpstreamRequest, request_uri
@@ -1178,8 +1179,9 @@ class IndexRouteProperties(SynchronousTestCase):
         from twisted.web.test.requesthelper import DummyRequest
 
         fetcher = RecordingFetcher()
-        index = IndexResource(
-            self.store, fetcher, ["http://127.0.0.1:9/simple"], 300.0, Clock()  # type: ignore[arg-type]
+        index = index_resource(
+            Engine(self.store, fetcher, Clock()),  # type: ignore[arg-type]
+            ["http://127.0.0.1:9/simple"], 300.0,
         )
         for segment in (quote(raw, safe=""), quote(raw, safe="/")):
             request = DummyRequest([])

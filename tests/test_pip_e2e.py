@@ -1,15 +1,15 @@
 """
-End-to-end: real C{pip install} and C{uv pip install} subprocesses against
-L{buildcache.ecosystems.pypi.index.IndexResource} on 127.0.0.1, in front of an
-in-process upstream serving the demo index of L{tests.pyindex}.
+End-to-end: real ``pip install`` and ``uv pip install`` subprocesses against
+:func:`buildcache.ecosystems.pypi.index.IndexResource` on 127.0.0.1, in front of an
+in-process upstream serving the demo index of :func:`tests.pyindex`.
 
-Each test installs C{bcdemo-a} cold (one upstream request per page and per
+Each test installs ``bcdemo-a`` cold (one upstream request per page and per
 file), stops the upstream, and installs again into a fresh directory: the
 warm install must succeed without a single upstream request.  The clients
-run with a scrubbed environment (no C{PIP_*}, C{UV_*} or proxy variables,
+run with a scrubbed environment (no ``PIP_*``, ``UV_*`` or proxy variables,
 no configuration files, no download cache) so nothing but this index can
 feed them.  The reactor keeps serving while they run
-(C{getProcessOutputAndValue}).
+(``getProcessOutputAndValue``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
 
 def find_uv() -> str | None:
     """
-    The uv binary of the test extra: from the C{uv} package, else next to
+    The uv binary of the test extra: from the ``uv`` package, else next to
     this interpreter.
     """
     try:

@@ -16,14 +16,16 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from buildcache.ecosystems.pypi.policy import file_request
 from buildcache.ecosystems.pypi.prefetch import (
     MAX_RUNNING,
     UNCLAIMED_BUDGET_FILES,
     UNCLAIMED_TTL,
     Prefetcher,
-    file_request,
 )
+from buildcache.engine.core import Engine
 from buildcache.fetch.fetcher import UpstreamAnswer
+from buildcache.ops.activity import Activity
 from buildcache.store import Store
 
 BODY = b"wheel bytes"
@@ -69,8 +71,10 @@ class PrefetcherTests(SynchronousTestCase):
         self.store = Store.open(self.mktemp(), 1 << 20, cast(Any, self.clock))
         self.addCleanup(self.store.close)
         self.fetcher = _Fetcher()
+        self.activity = Activity(self.clock)
+        self.engine = Engine(self.store, cast(Any, self.fetcher), cast(Any, self.clock))
         self.prefetcher = Prefetcher(
-            self.store, cast(Any, self.fetcher), cast(Any, self.clock), 1024
+            self.engine, cast(Any, self.clock), 1024, observer=self.activity,
         )
 
     def request(self, name: str = "a.whl", digest: str | None = DIGEST) -> Any:
@@ -97,8 +101,7 @@ class PrefetcherTests(SynchronousTestCase):
         return body
 
     def counts(self) -> tuple[int, int]:
-        counters = self.store.counters
-        return counters.prefetches, counters.prefetch_hits
+        return self.activity.read_ahead, self.activity.read_ahead_used
 
     def test_claimed_while_running_counts_once(self) -> None:
         request = self.request()

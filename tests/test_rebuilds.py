@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.apk.policy import ApkPolicy
-from buildcache.ecosystems.pypi.index import page_key
+from buildcache.ecosystems.pypi.pages import page_key
 from buildcache.engine.keys import cache_key
 from buildcache.ops.cli import verify
 from buildcache.store import INDEX_NAME, OfflineIndex

@@ -37,7 +37,7 @@ from buildcache.ecosystems.apk.check import (
     vouched_by,
 )
 from buildcache.ecosystems.apk.index import ApkFacts
-from buildcache.ecosystems.pypi.index import page_key
+from buildcache.ecosystems.pypi.pages import page_key
 from buildcache.engine.keys import (
     PRIVATE_MARK,
     VARIANT_MARK,

@@ -1,9 +1,9 @@
 """
-Tests for L{buildcache.ecosystems.pypi.index}: the pip / uv simple index, served on
-127.0.0.1 from in-process L{tests.pyindex.StaticSimpleIndex} upstreams
+Tests for :func:`buildcache.ecosystems.pypi.index`: the pip / uv simple index, served on
+127.0.0.1 from in-process :func:`tests.pyindex.StaticSimpleIndex` upstreams
 (PEP 691 JSON and HTML-only), through a real store and fetcher.
 
-The store, the fetcher and the index share one L{Clock}, so TTLs and the
+The store, the fetcher and the index share one :class:`Clock`, so TTLs and the
 one-minute memory of upstream 404s are tested by advancing it; network I/O
 runs on the real reactor.
 """
@@ -33,27 +33,33 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from buildcache.access import AccessPolicy
-from buildcache.ecosystems.pypi.index import (
-    CLIENT_REVALIDATION_FLOOR,
-    NEGATIVE_TTL,
-    UPSTREAM_FAILURE_BACKOFF,
-    IndexResource,
-    file_link,
-    page_key,
-)
+from buildcache.ecosystems.pypi.assemble import index_resource
+from buildcache.ecosystems.pypi.index import IndexResource, file_link
 from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPE_HTML,
     MEDIA_TYPE_JSON,
     MEDIA_TYPE_LEGACY_HTML,
     UPSTREAM_ACCEPT,
     ProjectPage,
+)
+from buildcache.ecosystems.pypi.pages import (
+    CLIENT_REVALIDATION_FLOOR,
+    NEGATIVE_TTL,
+    UPSTREAM_FAILURE_BACKOFF,
+    page_key,
+)
+from buildcache.ecosystems.pypi.parse import (
     parse_html_page,
     parse_json_page,
-    render_root_html,
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
+from buildcache.ecosystems.pypi.render import (
+    render_root_html,
+)
+from buildcache.engine.core import Engine
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.fetcher import Fetcher, UpstreamRequest, upstream_client
+from buildcache.ops.activity import Activity
 from buildcache.store import BlockingRunner, Store
 from tests.pyindex import (
     FIXTURE_EPOCH,
@@ -81,8 +87,8 @@ WHEEL_B1 = "bcdemo_b-1.0-py3-none-any.whl"
 @attrs.define
 class Got(Received):
     """
-    A L{Received} that also knows the announced length: Twisted's client
-    moves C{Content-Length} of a GET response out of the headers.
+    A :class:`Received` that also knows the announced length: Twisted's client
+    moves ``Content-Length`` of a GET response out of the headers.
     """
 
     length: int | None = None
@@ -176,7 +182,7 @@ class Upstream:
 
 class Harness:
     """
-    An L{IndexResource} on 127.0.0.1 in front of some upstreams, with its
+    An :class:`IndexResource` on 127.0.0.1 in front of some upstreams, with its
     store, fetcher and clock.
     """
 
@@ -199,9 +205,12 @@ class Harness:
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = CountingAgent(Agent(reactor, pool=self.pool))
         self.fetcher = Fetcher(self.store, upstream_client(self.http), self.clock)
+        # Outcomes, bytes and read-aheads, as the status page counts them.
+        self.activity = Activity(self.clock)
+        self.engine = Engine(self.store, self.fetcher, self.clock, self.activity, index_ttl)
         self.prefetcher = (
             None if prefetch_max_size is None
-            else Prefetcher(self.store, self.fetcher, reactor, prefetch_max_size)
+            else Prefetcher(self.engine, reactor, prefetch_max_size, observer=self.activity)
         )
         self.upstreams = [Upstream(index, listen(index)) for index in indexes]
         self.resource = self.make_resource(index_ttl)
@@ -210,9 +219,9 @@ class Harness:
         testcase.addCleanup(lambda: Deferred.fromCoroutine(self._shut()))
 
     def make_resource(self, index_ttl: float = TTL) -> IndexResource:
-        return IndexResource(
-            self.store, self.fetcher, [u.base for u in self.upstreams],
-            index_ttl, self.clock, prefetcher=self.prefetcher,
+        return index_resource(
+            self.engine, [u.base for u in self.upstreams], index_ttl,
+            prefetcher=self.prefetcher,
         )
 
     async def _shut(self) -> None:
@@ -356,7 +365,7 @@ class PageTests(TestCase):
     async def test_negotiation_from_one_upstream_request(self) -> None:
         """
         Every representation comes from one upstream fetch of the page;
-        no Accept and C{*/*} mean plain HTML.
+        no Accept and ``*/*`` mean plain HTML.
         """
         cases = [
             (PIP_ACCEPT, MEDIA_TYPE_JSON),
@@ -379,7 +388,7 @@ class PageTests(TestCase):
     async def test_not_acceptable(self) -> None:
         """
         An Accept header naming none of the three types gets 406 with
-        C{Vary: Accept}, without asking upstream.
+        ``Vary: Accept``, without asking upstream.
         """
         received = await self.harness.page("bcdemo-a", accept="application/xml")
         self.assertEqual(received.status, 406)
@@ -390,7 +399,7 @@ class PageTests(TestCase):
     async def test_redirects(self) -> None:
         """
         Non-normalised and slash-less project paths get a 301 to the
-        normalised page, as does C{/simple}; nothing is asked upstream.
+        normalised page, as does ``/simple``; nothing is asked upstream.
         """
         for path, location in [
             ("/simple/BcDemo_A/", "/simple/bcdemo-a/"),
@@ -415,7 +424,7 @@ class PageTests(TestCase):
 
     async def test_etag_and_304(self) -> None:
         """
-        Each representation has its own ETag; C{If-None-Match} with it gets
+        Each representation has its own ETag; ``If-None-Match`` with it gets
         a 304 carrying the same headers and no body.
         """
         first = await self.harness.page("bcdemo-a")
@@ -457,7 +466,7 @@ class PageTests(TestCase):
 
     async def test_front_page_and_unknown_paths(self) -> None:
         """
-        C{/} points at C{/simple/}; other paths are 404 with a hint.
+        ``/`` points at ``/simple/``; other paths are 404 with a hint.
         """
         front = await self.harness.get("/")
         self.assertEqual(front.status, 200)
@@ -488,17 +497,15 @@ class PageTests(TestCase):
 
     async def test_client_policy(self) -> None:
         """
-        With an access policy, a client outside C{allow_from} gets 403 and
+        With an access policy, a client outside ``allow_from`` gets 403 and
         nothing is asked upstream; one inside is served.
         """
-        refusing = IndexResource(
-            self.harness.store, self.harness.fetcher, [self.upstream.base], TTL,
-            self.harness.clock,
+        refusing = index_resource(
+            self.harness.engine, [self.upstream.base], TTL,
             policy=AccessPolicy.from_config(["10.0.0.0/8"], [], []),
         )
-        allowing = IndexResource(
-            self.harness.store, self.harness.fetcher, [self.upstream.base], TTL,
-            self.harness.clock,
+        allowing = index_resource(
+            self.harness.engine, [self.upstream.base], TTL,
             policy=AccessPolicy.from_config(["127.0.0.0/8"], [], []),
         )
         for resource, status in ((refusing, 403), (allowing, 200)):
@@ -525,7 +532,7 @@ class PageTests(TestCase):
 
     def test_file_link_resolves(self) -> None:
         """
-        Links on C{/simple/<name>/} resolve to C{/files/<name>/<filename>},
+        Links on ``/simple/<name>/`` resolve to ``/files/<name>/<filename>``,
         and the last segment is the file name.
         """
         from urllib.parse import unquote, urljoin
@@ -820,8 +827,8 @@ class FileTests(TestCase):
                      f"/files/{WHEEL_A2}.metadata", f"/files/{SDIST_A2}"):
             self.assertEqual(self.upstream.requests_for(path), 1, path)
         self.assertEqual(len(self.harness.http.urls), 4)
-        counters = self.harness.store.counters
-        self.assertEqual((counters.misses, counters.hits), (4, 8 + 6))
+        served = self.harness.activity.totals["index"].by_status
+        self.assertEqual((served["MISS"], served["HIT"]), (4, 8 + 6))
 
     async def test_stored_body_with_wrong_digest_is_replaced(self) -> None:
         """
@@ -984,26 +991,26 @@ class ReadAheadTests(TestCase):
         entry = harness.store.peek(self.wheel_key(harness))
         assert entry is not None
         self.assertEqual(entry.sha256, hashlib.sha256(data).hexdigest())
-        counters = harness.store.counters
-        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 0))
+        activity = harness.activity
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (1, 0))
         # The client's first request is served from the store, but its
         # bytes crossed the line for it: a MISS, not bytes saved.
-        saved_before = counters.bytes_from_cache
+        saved_before = activity.totals["index"].bytes_from_cache
         received = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
         self.assertEqual((received.status, received.body), (200, data))
         self.assertEqual(received.header("x-cache"), "MISS")
         self.assertEqual(received.header("content-length"), str(len(data)))
-        self.assertEqual(counters.bytes_from_cache, saved_before)
+        self.assertEqual(activity.totals["index"].bytes_from_cache, saved_before)
         again = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
         self.assertEqual((again.header("x-cache"), again.body), ("HIT", data))
-        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 1))
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (1, 1))
         # Reading the metadata again reads nothing ahead: the file is here.
         again = await harness.get(f"/files/bcdemo-a/{WHEEL_A2}.metadata")
         self.assertEqual(again.header("x-cache"), "HIT")
         assert harness.prefetcher is not None
         await harness.prefetcher.when_done()
         self.assertEqual(upstream.requests_for(f"/files/{WHEEL_A2}"), 1)
-        self.assertEqual((counters.prefetches, counters.prefetch_hits), (1, 1))
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (1, 1))
 
     async def test_nothing_read_ahead_when_off_too_large_or_size_unknown(self) -> None:
         size = len(fixture_for(self).content(WHEEL_A2))
@@ -1015,7 +1022,7 @@ class ReadAheadTests(TestCase):
                 harness.upstreams[0].requests_for(f"/files/{WHEEL_A2}"), 0,
                 (max_size, json_pages),
             )
-            self.assertEqual(harness.store.counters.prefetches, 0)
+            self.assertEqual(harness.activity.read_ahead, 0)
             self.assertIsNone(harness.store.peek(self.wheel_key(harness)))
 
     async def test_bad_distribution_is_not_kept(self) -> None:
@@ -1136,7 +1143,9 @@ class FreshnessTests(TestCase):
         self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
         conditional = self.upstream.index.request_log[-1]
         self.assertIn("if-none-match", conditional.headers)
-        self.assertEqual(self.harness.store.counters.revalidations, 1)
+        self.assertEqual(
+            self.harness.activity.totals["index"].by_status["REVALIDATED"], 1
+        )
         third = await self.harness.page("bcdemo-a")
         self.assertEqual(third.header("x-cache"), "HIT")
         self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 2)
@@ -1349,7 +1358,7 @@ class UpstreamPriorityTests(TestCase):
 
 class RootTests(TestCase):
     """
-    The root C{/simple/}: streamed from the first upstream and stored.
+    The root ``/simple/``: streamed from the first upstream and stored.
     """
 
     async def test_root_streamed_and_cached(self) -> None:

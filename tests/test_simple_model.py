@@ -1,5 +1,5 @@
 """
-Tests for L{buildcache.ecosystems.pypi.model} and the L{tests.pyindex} fixture.
+Tests for :func:`buildcache.ecosystems.pypi.model` and the :func:`tests.pyindex` fixture.
 """
 
 from __future__ import annotations
@@ -33,12 +33,16 @@ from buildcache.ecosystems.pypi.model import (
     ProjectFile,
     ProjectPage,
     SimplePageError,
-    choose_media_type,
     is_valid_project_name,
     normalize_project_name,
+)
+from buildcache.ecosystems.pypi.parse import (
     parse_html_page,
     parse_json_page,
     parse_page,
+)
+from buildcache.ecosystems.pypi.render import (
+    choose_media_type,
     render_html,
     render_json,
     render_page,
@@ -129,7 +133,7 @@ def same_link(file: ProjectFile) -> str:
 
 def strongest_hash_only(page: ProjectPage) -> ProjectPage:
     """
-    C{page} as HTML can carry it: one hash per link fragment.
+    ``page`` as HTML can carry it: one hash per link fragment.
     """
 
     def reduce(file: ProjectFile) -> ProjectFile:

@@ -193,7 +193,12 @@ class Engine:
         """
         await policy.before_lookup(target, self)
         client = self._for_client(target, policy)
-        stored = open_stored(self.store, client.key, target.upstream_headers)
+        if target.variants:
+            stored = open_stored(self.store, client.key, target.upstream_headers)
+        else:
+            # Always asked with the same headers: its one entry answers,
+            # whatever its Vary says.
+            stored = self.store.lookup(client.key)
         if stored is not None:
             entry = stored.entry
             decision = decide(
@@ -221,6 +226,8 @@ class Engine:
         The stored entry (of the client's family, the variant its upstream
         headers select) that would answer ``target``, without opening it.
         """
+        if not target.variants:
+            return self.store.peek(self.family(target))
         return find_stored(self.store, self.family(target), target.upstream_headers)
 
     async def refresh(self, target: Target, policy: Policy) -> None:
@@ -294,8 +301,11 @@ class Engine:
         version = None if validator is None else stored.entry.headers.get(validator)
         if validator is not None and version is not None:
             return await self._revalidate_by_head(client, policy, stored, validator, version)
+        # A 200 replaces the stored copy: it is checked as a miss's body is
+        # (a captive portal's page must not replace a good index page).
+        expected = await policy.expect(client.target, self)
         upstream = self._upstream_request(
-            client, policy, validators_of(stored.entry.headers), NO_EXPECTATION,
+            client, policy, validators_of(stored.entry.headers), expected,
             revalidates=stored.entry.key,
         )
         try:

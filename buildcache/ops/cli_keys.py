@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from urllib.parse import unquote
 
-from buildcache.ecosystems.pypi.index import page_key, root_key
 from buildcache.ecosystems.pypi.model import normalize_project_name
+from buildcache.ecosystems.pypi.pages import page_key
+from buildcache.ecosystems.pypi.root import root_key
 
 #: Kinds of entries ``stats`` counts, in display order.
 KINDS = ("apk", "deb", "wheel", "sdist", "index", "other")

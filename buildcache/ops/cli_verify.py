@@ -20,8 +20,9 @@ from buildcache.ecosystems.apk.index import (
     parse_compact_apkindex,
     stale_reason,
 )
-from buildcache.ecosystems.pypi.index import page_digests
-from buildcache.ecosystems.pypi.model import SimplePageError, parse_page
+from buildcache.ecosystems.pypi.model import SimplePageError
+from buildcache.ecosystems.pypi.pages import page_digests
+from buildcache.ecosystems.pypi.parse import parse_page
 from buildcache.ops.cli_keys import PAGE_PREFIX, entry_kind, key_filename
 from buildcache.store import BodyCheck, Entry, OfflineIndex, verify_bodies
 from buildcache.store.maintenance import Progress

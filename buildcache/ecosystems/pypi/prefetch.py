@@ -20,9 +20,11 @@ once asked for, or is written off :data:`UNCLAIMED_TTL` seconds after it
 was stored.
 ``max_size`` 0 turns it off.
 
-``prefetches`` counts read-aheads that asked the upstream (one request
-each, the one the client would have caused); ``prefetch_hits`` counts
-those a client asked for afterwards.  That first request is answered
+The observer is told of each read-ahead that asked the upstream
+(:meth:`~buildcache.engine.events.CacheObserver.read_ahead_started`: one
+request each, the one the client would have caused) and of each a client
+asked for afterwards
+(:meth:`~buildcache.engine.events.CacheObserver.read_ahead_claimed`).  That first request is answered
 ``X-Cache: MISS`` and its bytes count as from upstream: they crossed the
 line for it, just earlier.
 """
@@ -38,10 +40,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.credentials import redact
-from buildcache.engine.keys import adopt_verified_twin, cache_key, find_stored
-from buildcache.engine.variants import URL_VARIANTS
-from buildcache.fetch.fetcher import Fetcher, UpstreamError, UpstreamRequest, drained
-from buildcache.store import IntegrityError, Store
+from buildcache.ecosystems.pypi.policy import ANSWERED, FileRequest
+from buildcache.engine.core import Engine
+from buildcache.engine.events import CacheObserver
+from buildcache.fetch.fetcher import drained
 from buildcache.turns import Waiters, after_io
 
 #: Read-aheads scheduled or running at once; more are skipped, not queued.
@@ -72,15 +74,19 @@ class _ReadAhead:
 class Prefetcher:
     """
     Starts read-aheads and keeps their count; see the module docstring.
+    A read-ahead is the file's own request without a client: the engine
+    resolves it under the file's policy (same key, same check, same
+    ``http://`` twin adoption), and the body is drained into the store.
     """
 
     log = Logger()
 
-    store: Store
-    fetcher: Fetcher
+    engine: Engine
     #: Schedules read-aheads after the response that caused them is sent.
     reactor: IReactorTime
     max_size: int
+    #: Told when a read-ahead starts and when a client claims one.
+    observer: CacheObserver | None = None
     #: Scheduled or fetching.
     _running: dict[str, _ReadAhead] = Factory(dict)
     #: Fetching: asked the upstream (a subset of ``_running``).
@@ -116,7 +122,7 @@ class Prefetcher:
         self._stopped = True
 
     def after_metadata(
-        self, request: UpstreamRequest, size: int | None, project: str
+        self, request: FileRequest, size: int | None, project: str
     ) -> None:
         """
         A client has read the core metadata of the file ``request`` fetches
@@ -132,7 +138,7 @@ class Prefetcher:
             or self.max_size <= 0
             or size is None
             or size > self.max_size
-            or not self.store.fits(size)
+            or not self.engine.store.fits(size)
             or request.expected_sha256 is None
             or request.key in self._running
             or len(self._running) >= MAX_RUNNING
@@ -196,38 +202,42 @@ class Prefetcher:
         if self._projects[project] <= 0:
             del self._projects[project]
 
-    async def _fetch(self, request: UpstreamRequest) -> None:
+    async def _fetch(self, request: FileRequest) -> None:
         key = request.key
+        target, policy, engine = request.target, request.policy, self.engine
+        url = target.url
         stored = False
         try:
-            if (
-                self._stopped
-                or find_stored(self.store, key, request.headers) is not None
-                or self.fetcher.downloading(key)
-                or adopt_verified_twin(
-                    self.store, key, request.headers, request.expected_sha256
-                ) is not None
+            if self._stopped or engine.find(target) is not None or (
+                engine.fetcher.downloading(key)
             ):
                 return
+            adopted = await policy.adopt(target, engine, policy.expected)
+            if adopted is not None:
+                adopted.close()
+                return
             self._fetching.add(key)
-            self.store.counters.prefetches += 1
-            answer = await self.fetcher.fetch(request)
+            if self.observer is not None:
+                self.observer.read_ahead_started()
+            resolved = await engine.resolve(target, policy)
+            answer = resolved.answer
+            if answer is None:
+                resolved.close()
+                return
             if answer.body is not None:
                 # Until it is in the store (or not): a large file is
                 # answered while it still streams.
                 await drained(answer.body)
-            stored = answer.status == 200 and (
-                find_stored(self.store, key, request.headers) is not None
-            )
-        except (UpstreamError, IntegrityError) as e:
+            stored = answer.status == 200 and engine.find(target) is not None
+        except ANSWERED as e:
             # The fetcher has logged what went wrong; the client's own
             # request will try again.
             self.log.info(
                 "Read-ahead of {url} failed: {error}",
-                url=redact(request.url), error=str(e),
+                url=redact(url), error=str(e),
             )
         except Exception:
-            self.log.failure("Read-ahead of {url} failed", url=redact(request.url))
+            self.log.failure("Read-ahead of {url} failed", url=redact(url))
         finally:
             read_ahead = self._running.pop(key)
             self._fetching.discard(key)
@@ -267,26 +277,6 @@ class Prefetcher:
             # From now on it is the client's download: off the budget, and
             # no longer holding its project back.
             self._release(self._running[key].project)
-        self.store.counters.prefetch_hits += 1
+        if self.observer is not None:
+            self.observer.read_ahead_claimed()
         return True
-
-
-def file_request(
-    url: str, expected_sha256: str | None, user_agent: str, may_be_large: bool,
-) -> UpstreamRequest:
-    """
-    The upstream request of a distribution or metadata file, checked
-    against the digest its page gives.  One that ``may_be_large`` streams
-    before its check ends (see :data:`STREAM_CHECKED_ABOVE`); a small one is
-    answered once checked, so that a mismatch is a clean 502.
-    """
-    return UpstreamRequest(
-        key=cache_key(url),
-        url=url,
-        headers={"user-agent": user_agent},
-        expected_sha256=expected_sha256,
-        follow_redirects=True,
-        stream_before_check=may_be_large,
-        variants=URL_VARIANTS,
-        front_end="index",
-    )

@@ -1,0 +1,537 @@
+"""
+Project pages across the index's upstreams: which upstream owns a project,
+and the parsed model a request is answered from.
+
+One upstream's page is resolved by the cache engine under
+:class:`PagePolicy` (:meth:`buildcache.engine.core.Engine.resolve`):
+freshness, revalidation, a 304 for a page evicted meanwhile, a stale copy
+when its revalidation fails, and error statuses are the engine's.  What
+spans upstreams, or is about not asking at all, is this module's
+(:class:`PageResolver`):
+
+- **Which upstream serves a project**: the first, in priority order, that
+  does not answer 404 serves all of it; files are never merged across
+  upstreams, so a later index cannot slip a file into a project that an
+  earlier one owns (dependency confusion).  An upstream 404 is remembered
+  for :data:`NEGATIVE_TTL` seconds.  An upstream that fails (unreachable,
+  5xx) is never skipped in favour of the next one: its stored page, or a
+  later upstream's stored page, is served stale, else the client gets a
+  502/504.
+- **Pages**: the upstream page body is stored under
+  ``simple-page|<upstream>|<name>`` (fetched as JSON where the upstream
+  offers it), parsed once into a
+  :class:`~buildcache.ecosystems.pypi.model.ProjectPage` kept in a small
+  in-memory LRU keyed by the stored body's sha256.  A page is revalidated
+  upstream (conditionally) when it is ``index_ttl`` old.  pip sends
+  ``Cache-Control: max-age=0`` on every page request, whatever the user
+  wants, so a request's ``max-age`` is not heeded: obeying it would cost
+  every warm install one upstream round trip per project, on the slow line
+  this cache exists to spare (devpi-server and proxpi ignore it too).  A
+  client that asks for fresh data on purpose (``Cache-Control: no-cache``
+  or ``Pragma: no-cache``, as ``uv --refresh`` and ``curl -H`` send) gets a
+  revalidation, but only of a page validated more than
+  :data:`CLIENT_REVALIDATION_FLOOR` seconds ago, so a burst of parallel
+  builds never fetches a page twice.  After an upstream failure, stored
+  pages from that upstream are served stale without asking it again for
+  :data:`UPSTREAM_FAILURE_BACKOFF` seconds, so an install on a box that
+  lost its network does not wait for a timeout per page.
+- **Rebuilt files**: when a page is fetched anew, the stored files it now
+  gives another sha256 for (a file replaced upstream under the same name)
+  are removed from the store, so neither port serves the old bytes again
+  (see :func:`disowned_files`).
+- Pages are always fetched with buildcache's own headers (never a client's
+  credentials), so an upstream's ``Vary`` cannot split them and nothing
+  stored is private to a client; the page keys are the index's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from urllib.parse import quote, urlsplit
+
+import attrs
+from attrs import Factory, define, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from buildcache.ecosystems.pypi.lru import LRU
+from buildcache.ecosystems.pypi.model import (
+    UPSTREAM_ACCEPT,
+    ProjectFile,
+    ProjectPage,
+    SimplePageError,
+)
+from buildcache.ecosystems.pypi.parse import parse_page
+from buildcache.ecosystems.pypi.policy import (
+    ANSWERED,
+    USER_AGENT,
+    PagePolicy,
+)
+from buildcache.engine.core import Engine
+from buildcache.engine.errors import UpstreamError, UpstreamTimeout
+from buildcache.engine.exchanges import CacheStatus
+from buildcache.engine.freshness import client_asks_refresh
+from buildcache.engine.keys import cache_key
+from buildcache.engine.policy import Target
+from buildcache.fetch.fetcher import DownloadBody
+from buildcache.store import Entry, Store, StoredObject
+
+__all__ = [
+    "PageResolver",
+    "ResolvedPage",
+    "Refusal",
+    "page_key",
+    "page_digests",
+    "disowned_files",
+    "metadata_servable",
+    "NEGATIVE_TTL",
+    "CLIENT_REVALIDATION_FLOOR",
+    "UPSTREAM_FAILURE_BACKOFF",
+]
+
+#: Seconds an upstream's 404 for a project is believed without asking again.
+NEGATIVE_TTL = 60.0
+
+#: A client's ``no-cache`` revalidates a page upstream only when the page
+#: was validated longer ago than this (see the module docstring).
+CLIENT_REVALIDATION_FLOOR = 30.0
+
+#: Seconds during which an upstream that just failed is not asked to
+#: revalidate pages it has stored here; they are served stale instead.
+UPSTREAM_FAILURE_BACKOFF = 30.0
+
+#: Parsed page models kept in memory: at most this many, and at most this
+#: many bytes of upstream page bodies behind them (a model takes a few
+#: times its body's size).
+MODEL_CACHE_ENTRIES = 512
+MODEL_CACHE_BYTES = 16 * 1024 * 1024
+
+#: Projects whose 404 is remembered, before the expired ones are pruned.
+_MISSING_KEPT = 4096
+
+
+def page_key(upstream: str, name: str) -> str:
+    """
+    The store key of ``upstream``'s page for the normalised ``name``.
+    """
+    return f"simple-page|{upstream}|{name}"
+
+
+def page_digests(page: ProjectPage) -> dict[str, str]:
+    """
+    The store key and sha256 of every file (and core metadata file) that
+    ``page`` gives a sha256 for.
+    """
+    digests: dict[str, str] = {}
+    for file in page.files:
+        if file.sha256:
+            digests.setdefault(cache_key(file.url), file.sha256.lower())
+        metadata = file.core_metadata_hashes.get("sha256")
+        if metadata and metadata_servable(file):
+            digests.setdefault(cache_key(file.metadata_url), metadata.lower())
+    return digests
+
+
+def disowned_files(
+    digests: Mapping[str, str], stored: Mapping[str, Entry]
+) -> list[tuple[Entry, str]]:
+    """
+    The stored entries whose sha256 differs from the one a page now gives
+    for their key (``digests``, from :func:`page_digests`), and why.
+    """
+    return [
+        (entry, f"sha256 {entry.sha256} stored, the page gives {digests[key]}")
+        for key, entry in stored.items()
+        if key in digests and entry.sha256 is not None
+        and entry.sha256.lower() != digests[key]
+    ]
+
+
+
+def metadata_servable(file: ProjectFile) -> bool:
+    """
+    Whether the core metadata of ``file`` can be fetched: from
+    ``<url>.metadata`` (PEP 658), which a URL with a query string does not
+    have.
+    """
+    return not urlsplit(file.url).query
+
+
+class Refusal(Exception):
+    """
+    The request ends with an error status; the message says why.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _UpstreamFailed(Exception):
+    """
+    An upstream could not give a page (unreachable, timed out, 5xx, or a
+    body that broke off).
+    """
+
+    def __init__(
+        self, url: str, message: str, timed_out: bool = False,
+        remembered: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.message = message
+        self.timed_out = timed_out
+        #: True when the upstream was not asked, having failed moments ago.
+        self.remembered = remembered
+
+
+@frozen
+class ResolvedPage:
+    """
+    The page model that answers a request, and where it came from.
+    """
+
+    upstream: str
+    name: str
+    page: ProjectPage
+    #: sha256 of the upstream body the model was parsed from.
+    sha256: str
+    status: CacheStatus
+
+    @property
+    def key(self) -> str:
+        return page_key(self.upstream, self.name)
+
+
+async def _read_whole(body: DownloadBody) -> bytes:
+    """
+    Wait for a download to end, then return its body (a page: small enough
+    to parse, and parsing needs all of it).  Raises :class:`UpstreamError`
+    when the download failed.
+    """
+    try:
+        # Keep every byte for this reader should the disk refuse the spool.
+        body.advance(0)
+        while not body.finished():
+            more: Deferred[None] = Deferred()
+            body.when_more(lambda: more.callback(None))
+            await more
+        failure = body.failure()
+        if failure is not None:
+            raise UpstreamError(failure.getErrorMessage())
+        size = body.available()
+        chunks = []
+        offset = 0
+        while offset < size:
+            # From the spool file, or from memory when the disk refused it.
+            chunk = body.read(offset, min(1024 * 1024, size - offset))
+            if not chunk:
+                raise UpstreamError("the page body ended early")
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        body.close()
+
+
+@define
+class PageResolver:
+    """
+    Finds the page that answers a request for a project; see the module
+    docstring.  ``upstreams`` are simple-index base URLs without trailing
+    slash, in priority order.
+    """
+
+    log = Logger()
+
+    engine: Engine
+    upstreams: tuple[str, ...]
+    index_ttl: float
+    clock: IReactorTime
+    _missing_until: dict[tuple[str, str], float] = Factory(dict)
+    _failing_until: dict[str, float] = Factory(dict)
+    #: The upstream and body digest of the page last served per project:
+    #: file requests follow the page the client saw.
+    _served: dict[str, tuple[str, str]] = Factory(dict)
+    _models: LRU[tuple[str, str], ProjectPage] = Factory(
+        lambda: LRU(MODEL_CACHE_ENTRIES, MODEL_CACHE_BYTES)
+    )
+    _policy: PagePolicy = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._policy = PagePolicy(index_ttl=self.index_ttl, models=self._models)
+
+    @classmethod
+    def of(
+        cls, engine: Engine, upstreams: Sequence[str], index_ttl: float,
+    ) -> PageResolver:
+        """
+        A resolver for ``upstreams`` as configured (trailing slashes
+        allowed).
+        """
+        return cls(
+            engine, tuple(u.rstrip("/") for u in upstreams), index_ttl, engine.clock
+        )
+
+    @property
+    def store(self) -> Store:
+        return self.engine.store
+
+    async def resolve(self, name: str, headers: Mapping[str, str]) -> ResolvedPage:
+        """
+        The page of the normalised ``name`` from the first upstream that has
+        the project, fetched or revalidated as ``headers`` (the client's)
+        and the page's age require.  Raises :class:`Refusal`.
+        """
+        if not self.upstreams:
+            raise Refusal(502, "this index has no upstream configured")
+        for position, upstream in enumerate(self.upstreams):
+            now = self.clock.seconds()
+            if self._missing_until.get((upstream, name), 0.0) > now:
+                continue
+            try:
+                resolved = await self._from_upstream(upstream, name, headers)
+            except _UpstreamFailed as failed:
+                if not failed.remembered:
+                    self._failed(upstream)
+                return self._stale_or_refuse(name, position, failed)
+            if resolved is not None:
+                return resolved
+        self._served.pop(name, None)
+        asked = ", ".join(self.upstreams)
+        raise Refusal(
+            404,
+            f"project {name!r} not found: no upstream index has it (asked"
+            f" {asked}; a missing project is asked again after"
+            f" {NEGATIVE_TTL:g}s)",
+        )
+
+    def _failed(self, upstream: str) -> None:
+        self._failing_until[upstream] = self.clock.seconds() + UPSTREAM_FAILURE_BACKOFF
+
+    def _target(self, upstream: str, name: str, judged: Mapping[str, str]) -> Target:
+        return Target(
+            url=self._page_url(upstream, name),
+            front_end="index",
+            # What the cache heeds of the client: a refresh past the floor.
+            headers=judged,
+            upstream_headers={"accept": UPSTREAM_ACCEPT, "user-agent": USER_AGENT},
+            key=page_key(upstream, name),
+            # An index may redirect to its own spelling of the page (same
+            # depth, so relative file links still resolve from our URL).
+            follow_redirects=True,
+            operator_credentials=True,
+            variants=False,
+        )
+
+    async def _from_upstream(
+        self, upstream: str, name: str, headers: Mapping[str, str]
+    ) -> ResolvedPage | None:
+        """
+        ``upstream``'s page of ``name``, or None when it does not have the
+        project.  Raises :class:`_UpstreamFailed`.
+        """
+        key = page_key(upstream, name)
+        url = self._page_url(upstream, name)
+        entry = self.store.peek(key)
+        now = self.clock.seconds()
+        judged: dict[str, str] = {}
+        if entry is not None:
+            # pip's max-age=0 is not heeded; a refresh asked on purpose is,
+            # past the floor (see the module docstring).
+            age = max(0.0, now - entry.validated_at)
+            if age >= CLIENT_REVALIDATION_FLOOR and client_asks_refresh(headers):
+                judged = {"cache-control": "no-cache"}
+            if (judged or age >= self.index_ttl) and (
+                self._failing_until.get(upstream, 0.0) > now
+            ):
+                raise _UpstreamFailed(
+                    url, "the upstream failed moments ago", remembered=True
+                )
+        try:
+            resolved = await self.engine.resolve(
+                self._target(upstream, name, judged), self._policy
+            )
+        except UpstreamTimeout as e:
+            raise _UpstreamFailed(url, str(e), timed_out=True) from e
+        except ANSWERED as e:
+            raise _UpstreamFailed(url, str(e)) from e
+        if resolved.stored is not None:
+            if resolved.cache is CacheStatus.STALE:
+                # The engine could not revalidate it: the upstream failed.
+                self._failed(upstream)
+            elif resolved.cache is CacheStatus.REVALIDATED:
+                self._failing_until.pop(upstream, None)
+            return self._stored_page(upstream, name, resolved.cache, resolved.stored)
+        answer = resolved.answer
+        assert answer is not None and answer.body is not None
+        body = answer.body
+        if answer.status in (404, 410):
+            body.close()
+            self._failing_until.pop(upstream, None)
+            if self.store.remove(key):
+                self.log.info(
+                    "Upstream {upstream} no longer has {name}; dropping its page",
+                    upstream=upstream, name=name,
+                )
+            self._remember_missing(upstream, name)
+            return None
+        if answer.status != 200:
+            body.close()
+            raise _UpstreamFailed(url, f"{url} answered {answer.status}")
+        self._failing_until.pop(upstream, None)
+        download = body.download
+        try:
+            data = await _read_whole(body)
+        except UpstreamError as e:
+            raise _UpstreamFailed(url, f"{url}: {e}") from e
+        digest = download.sha256 or hashlib.sha256(data).hexdigest()
+        return self._fresh_page(
+            upstream, name, data, answer.headers.get("content-type"), digest
+        )
+
+    def _remember_missing(self, upstream: str, name: str) -> None:
+        now = self.clock.seconds()
+        if len(self._missing_until) > _MISSING_KEPT:
+            self._missing_until = {
+                k: until for k, until in self._missing_until.items() if until > now
+            }
+        self._missing_until[(upstream, name)] = now + NEGATIVE_TTL
+
+    def _page_url(self, upstream: str, name: str) -> str:
+        return f"{upstream}/{quote(name)}/"
+
+    def _parse(self, upstream: str, name: str, data: bytes, content_type: str | None) -> ProjectPage:
+        url = self._page_url(upstream, name)
+        try:
+            return parse_page(data, content_type, url)
+        except SimplePageError as e:
+            self.log.error(
+                "Upstream page {url} is not a simple-index page: {error}",
+                url=url, error=str(e),
+            )
+            raise Refusal(
+                502, f"the upstream page {url} is not a simple-index page: {e}"
+            ) from e
+
+    def _fresh_page(
+        self, upstream: str, name: str, data: bytes, content_type: str | None,
+        digest: str,
+    ) -> ResolvedPage:
+        """
+        The page just fetched whole (``data``, whose sha256 is ``digest``):
+        parsed, or as the page check parsed it.
+        """
+        slot = (page_key(upstream, name), digest)
+        page = self._models.get(slot)
+        if page is None:
+            page = self._parse(upstream, name, data, content_type)
+            self._models.put(slot, page, len(data))
+        self._drop_disowned_files(name, page)
+        self._served[name] = (upstream, digest)
+        return ResolvedPage(upstream, name, page, digest, CacheStatus.MISS)
+
+    def _drop_disowned_files(self, name: str, page: ProjectPage) -> None:
+        """
+        Remove the stored files the newly fetched ``page`` gives another
+        sha256 for: once per page fetched, not on every file request.
+        """
+        digests = page_digests(page)
+        stored = self.store.peek_many(digests)
+        for entry, why in disowned_files(digests, stored):
+            if self.store.remove_entry(entry):
+                self.log.info(
+                    "Removed {key}: the page of {name} now gives another"
+                    " digest ({why}); the next request fetches it",
+                    key=entry.key, name=name, why=why,
+                )
+
+    def _stored_page(
+        self, upstream: str, name: str, status: CacheStatus,
+        stored: StoredObject | None = None,
+    ) -> ResolvedPage:
+        """
+        The stored page of ``name`` from ``upstream`` (``stored``, as the
+        engine opened it, or looked up now), parsed or from memory.
+        """
+        key = page_key(upstream, name)
+        if stored is None:
+            stored = self.store.lookup(key)
+            if stored is None:
+                raise Refusal(502, f"the stored page of {name!r} disappeared; try again")
+        try:
+            entry = stored.entry
+            page = self._models.get((key, entry.sha256)) if entry.sha256 else None
+            if page is not None and entry.sha256 is not None:
+                digest = entry.sha256
+            else:
+                # Not parsed since start-up (or pushed out of memory).
+                data = _read_stored(stored)
+                digest = hashlib.sha256(data).hexdigest()
+                page = self._parse(upstream, name, data, entry.headers.get("content-type"))
+                self._models.put((key, digest), page, len(data))
+        finally:
+            stored.close()
+        self._served[name] = (upstream, digest)
+        return ResolvedPage(upstream, name, page, digest, status)
+
+    def _stale_or_refuse(
+        self, name: str, position: int, failed: _UpstreamFailed
+    ) -> ResolvedPage:
+        """
+        Serve the first stored page of ``name`` from the failing upstream or
+        one after it, or refuse with 502/504.
+        """
+        for upstream in self.upstreams[position:]:
+            if self.store.peek(page_key(upstream, name)) is None:
+                continue
+            self.log.warn(
+                "Serving stale page of {name} from {upstream}: {why}",
+                name=name, upstream=upstream, why=failed.message,
+            )
+            if self.engine.observer is not None:
+                self.engine.observer.stale_served(upstream)
+            return self._stored_page(upstream, name, CacheStatus.STALE)
+        raise Refusal(
+            504 if failed.timed_out else 502,
+            f"upstream {failed.url} failed ({failed.message}) and no copy of"
+            f" {name!r} is cached",
+        )
+
+    def known_page(self, name: str) -> ProjectPage | None:
+        """
+        The page of ``name`` a client could have seen: the one last served,
+        else the stored page of the first upstream that has one.
+        """
+        served = self._served.get(name)
+        candidates = list(self.upstreams)
+        if served is not None:
+            upstream, digest = served
+            page = self._models.get((page_key(upstream, name), digest))
+            if page is not None:
+                return page
+            candidates.insert(0, upstream)
+        for upstream in candidates:
+            if self.store.peek(page_key(upstream, name)) is not None:
+                try:
+                    return self._stored_page(upstream, name, CacheStatus.HIT).page
+                except Refusal:
+                    continue
+        return None
+
+
+def _read_stored(stored: StoredObject) -> bytes:
+    size = stored.entry.size
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(stored.fd, min(1024 * 1024, size - offset), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,201 @@
+"""
+The index's rules as cache-engine policies: what its pages, root and files
+share (:class:`IndexPolicy`), a project page's (:class:`PagePolicy`, with
+the :class:`PageCheck` every page body passes before it is stored), and
+the headers the index sends upstream.  A file's policy
+(:class:`FilePolicy`) is built per request from the page that lists it
+(:func:`file_request`); the root's lives with its server (:mod:`.root`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import ClassVar
+
+from attrs import Factory, define, frozen
+
+from buildcache import __version__
+from buildcache.ecosystems.pypi.lru import LRU
+from buildcache.ecosystems.pypi.model import ProjectPage
+from buildcache.ecosystems.pypi.parse import parse_page
+from buildcache.engine.core import Engine
+from buildcache.engine.errors import ERROR_STATUS
+from buildcache.engine.freshness import Kind, client_cache_control
+from buildcache.engine.keys import adopt_verified_twin, open_stored
+from buildcache.engine.policy import Expectation, GenericPolicy, Target
+from buildcache.store import StoredObject
+
+__all__ = [
+    "USER_AGENT",
+    "ANSWERED",
+    "IndexPolicy",
+    "PagePolicy",
+    "PageCheck",
+    "FilePolicy",
+    "FileRequest",
+    "file_request",
+]
+
+#: What clients are told of a file: it never changes.
+_FILE_CACHE_CONTROL = client_cache_control(Kind.IMMUTABLE, 0)
+
+#: Sent upstream with every page, file and root request of the index.
+USER_AGENT = f"buildcache/{__version__}"
+
+#: The failures the engine answers with a status: what a resolve may raise.
+ANSWERED = tuple(kind for kind, _ in ERROR_STATUS)
+
+
+@frozen
+class IndexPolicy(GenericPolicy):
+    """
+    What the index's pages, root and files share as engine policies: their
+    kind is the class's, whatever the URL looks like, and only a 200 is
+    stored (an upstream's error page never replaces a good copy).
+    """
+
+    #: The kind of every target of this policy.
+    KIND: ClassVar[Kind] = Kind.INDEX
+
+    def kind(self, target: Target) -> Kind:
+        return self.KIND
+
+    def storable(
+        self, kind: Kind, status: int, response_headers: Mapping[str, str],
+        request_headers: Mapping[str, str],
+    ) -> bool:
+        return status == 200
+
+
+@frozen
+class PagePolicy(IndexPolicy):
+    """
+    How the engine treats a project page: an index file, fresh for
+    ``index_ttl``, whose body is checked to be a simple page before it is
+    stored (see :class:`PageCheck`), so a captive portal's 200 never
+    replaces a good page.
+    """
+
+    index_ttl: float = 600.0
+    models: LRU[tuple[str, str], ProjectPage] | None = None
+
+    def ttl(self, kind: Kind, default: float) -> float:
+        return self.index_ttl
+
+    async def expect(self, target: Target, engine: Engine) -> Expectation:
+        models = self.models
+        assert models is not None
+        return Expectation(verify=lambda headers: PageCheck(
+            target.url, headers.get("content-type"), target.key, models
+        ))
+
+
+@define
+class PageCheck:
+    """
+    Checks that an upstream page is a simple-index page before it is
+    stored (so a captive portal's 200 never replaces a good page), and
+    keeps the parsed model for the request that asked for it.
+    """
+
+    url: str
+    content_type: str | None
+    key: str
+    models: LRU[tuple[str, str], ProjectPage]
+    _data: bytearray = Factory(bytearray)
+
+    def update(self, data: bytes) -> None:
+        self._data += data
+
+    def finish(self) -> None:
+        data = bytes(self._data)
+        page = parse_page(data, self.content_type, self.url)
+        self.models.put((self.key, hashlib.sha256(data).hexdigest()), page, len(data))
+
+
+@frozen
+class FilePolicy(IndexPolicy):
+    """
+    How the engine treats one distribution or metadata file the index
+    serves: immutable, checked against the digest its page gives
+    (``expected``), a hit only when the stored copy has that digest, and
+    taken over from its ``http://`` twin when the digest vouches for it.
+    """
+
+    KIND = Kind.IMMUTABLE
+
+    expected: Expectation = Expectation()
+
+    def cache_control(
+        self, kind: Kind, ttl: float, response_headers: Mapping[str, str] | None,
+        status: int,
+    ) -> str | None:
+        return _FILE_CACHE_CONTROL
+
+    async def before_lookup(self, target: Target, engine: Engine) -> None:
+        # Stored by another route without this check (the proxy port), and
+        # different from what the page promises: it answers nobody here,
+        # and the checked download replaces it.
+        wanted = self.expected.sha256
+        entry = engine.find(target)
+        if wanted is not None and entry is not None and entry.sha256 != wanted:
+            engine.store.remove_entry(entry)
+
+    async def expect(self, target: Target, engine: Engine) -> Expectation:
+        return self.expected
+
+    async def adopt(
+        self, target: Target, engine: Engine, expected: Expectation
+    ) -> StoredObject | None:
+        # Stored over plain http (by a version whose keys had no scheme,
+        # or by the proxy), and the page fetched from this https upstream
+        # vouches for its bytes.
+        if adopt_verified_twin(
+            engine.store, target.key, target.upstream_headers, expected.sha256
+        ) is None:
+            return None
+        return open_stored(engine.store, target.key, target.upstream_headers)
+
+
+@frozen
+class FileRequest:
+    """
+    A distribution or metadata file as the engine is asked for it: the
+    target (its upstream URL, keyed as the proxy keys it) and the policy
+    that checks it against its page.
+    """
+
+    target: Target
+    policy: FilePolicy
+
+    @property
+    def key(self) -> str:
+        return self.target.key
+
+    @property
+    def expected_sha256(self) -> str | None:
+        return self.policy.expected.sha256
+
+
+def file_request(
+    url: str, expected_sha256: str | None, user_agent: str, may_be_large: bool,
+) -> FileRequest:
+    """
+    The request of a distribution or metadata file, checked against the
+    digest its page gives.  One that ``may_be_large`` streams before its
+    check ends (see :data:`buildcache.fetch.fetcher.STREAM_CHECKED_ABOVE`);
+    a small one is answered once checked, so that a mismatch is a clean 502.
+    """
+    return FileRequest(
+        Target(
+            url=url,
+            front_end="index",
+            upstream_headers={"user-agent": user_agent},
+            follow_redirects=True,
+            operator_credentials=True,
+        ),
+        FilePolicy(expected=Expectation(
+            sha256=expected_sha256, stream_before_check=may_be_large,
+        )),
+    )
