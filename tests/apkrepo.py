@@ -3,17 +3,17 @@ Test support: real Alpine-style packages and repositories built in Python,
 and a local HTTP origin that serves them.
 
 Owns the byte layout of test artifacts, matching what abuild writes:
-  - C{build_apk} makes a package from two or three concatenated gzip
-    streams: signature (C{.SIGN.RSA.key.rsa.pub}, dummy bytes), control
-    (C{.PKGINFO} with C{datahash}) and data.  Signature and control tars are
-    cut (no end-of-archive blocks, as C{abuild-tar --cut} does) so the
+  - ``build_apk`` makes a package from two or three concatenated gzip
+    streams: signature (``.SIGN.RSA.key.rsa.pub``, dummy bytes), control
+    (``.PKGINFO`` with ``datahash``) and data.  Signature and control tars are
+    cut (no end-of-archive blocks, as ``abuild-tar --cut`` does) so the
     inflated streams read as one tar; the data tar ends normally.
-  - C{build_apkindex} makes C{APKINDEX.tar.gz}: a signature stream followed
-    by a gzip'd tar of C{DESCRIPTION} and C{APKINDEX}.
-  - C{write_repository} lays them out as C{<dir>/<arch>/...}.
-  - L{RepositoryResource} serves a directory the way a plain static origin
-    does (C{Content-Length}, C{Last-Modified}, C{ETag}, 304 on conditional
-    requests, never C{Content-Encoding}), counts requests per path, and can
+  - ``build_apkindex`` makes ``APKINDEX.tar.gz``: a signature stream followed
+    by a gzip'd tar of ``DESCRIPTION`` and ``APKINDEX``.
+  - ``write_repository`` lays them out as ``<dir>/<arch>/...``.
+  - :class:`RepositoryResource` serves a directory the way a plain static origin
+    does (``Content-Length``, ``Last-Modified``, ``ETag``, 304 on conditional
+    requests, never ``Content-Encoding``), counts requests per path, and can
     hold a response half-way or answer with an error status on demand.
 
 Nothing here talks to anything but 127.0.0.1.
@@ -71,16 +71,16 @@ _COPY_BUFFER = 1024 * 1024
 @attrs.frozen
 class BuiltApk:
     """
-    A package built by L{build_apk}, with the facts an index lists about it.
+    A package built by :func:`build_apk`, with the facts an index lists about it.
 
-    @ivar content: the whole C{.apk} file.
-    @ivar signature_length: length of the leading signature gzip stream in
-        C{content}, 0 for an unsigned package.
-    @ivar control_length: length of the control gzip stream that follows.
-    @ivar control_sha1: SHA-1 of the compressed control stream (the index's
-        C{C:}).
-    @ivar datahash: hex SHA-256 of the compressed data stream, as written in
-        C{.PKGINFO} (also when C{.PKGINFO} leaves it out).
+    :ivar content: the whole ``.apk`` file.
+    :ivar signature_length: length of the leading signature gzip stream in
+        ``content``, 0 for an unsigned package.
+    :ivar control_length: length of the control gzip stream that follows.
+    :ivar control_sha1: SHA-1 of the compressed control stream (the index's
+        ``C:``).
+    :ivar datahash: hex SHA-256 of the compressed data stream, as written in
+        ``.PKGINFO`` (also when ``.PKGINFO`` leaves it out).
     """
 
     name: str
@@ -105,7 +105,7 @@ class BuiltApk:
 
     @property
     def control_checksum(self) -> str:
-        """The index's C{C:} value."""
+        """The index's ``C:`` value."""
         return "Q1" + base64.b64encode(self.control_sha1).decode("ascii")
 
     @property
@@ -123,15 +123,15 @@ class BuiltApk:
 
 
 def gzip_stream(data: bytes, level: int = 9) -> bytes:
-    """One gzip member, deterministic (no name, mtime 0) like C{gzip -n}."""
+    """One gzip member, deterministic (no name, mtime 0) like ``gzip -n``."""
     compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
     return compressor.compress(data) + compressor.flush()
 
 
 def gzip_tar(files: Mapping[str, bytes], *, end_of_archive: bool = True) -> bytes:
     """
-    A gzip stream of a tar of C{files}, in the given order.  With
-    C{end_of_archive=False} the tar is cut like C{abuild-tar --cut}.
+    A gzip stream of a tar of ``files``, in the given order.  With
+    ``end_of_archive=False`` the tar is cut like ``abuild-tar --cut``.
     """
     sink = _GzipSink(9)
     _write_tar(sink, [(path, content) for path, content in files.items()], end_of_archive)
@@ -154,15 +154,15 @@ def build_apk(
     """
     Build a package.
 
-    @param data_files: path (relative, C{/}-separated) to contents; parent
+    :param data_files: path (relative, ``/``-separated) to contents; parent
         directories are added as directory entries.  Defaults to a single
-        small C{usr/share/<name>/README}.
-    @param data_size_pad: add C{usr/share/<name>/padding.bin} with this many
-        pseudo-random (incompressible) bytes from C{random.Random(pad_seed)};
+        small ``usr/share/<name>/README``.
+    :param data_size_pad: add ``usr/share/<name>/padding.bin`` with this many
+        pseudo-random (incompressible) bytes from ``random.Random(pad_seed)``;
         a 40 MB package builds in well under a second.
-    @param signed: prepend the signature stream (real packages always have
+    :param signed: prepend the signature stream (real packages always have
         one; without it the package has two gzip streams).
-    @param include_datahash: write C{datahash} into C{.PKGINFO}.
+    :param include_datahash: write ``datahash`` into ``.PKGINFO``.
     """
     if description is None:
         description = f"{name} test package"
@@ -235,7 +235,7 @@ def build_apk(
 
 
 def index_block(apk: BuiltApk) -> str:
-    """The C{APKINDEX} block describing C{apk}, ending in a blank line."""
+    """The ``APKINDEX`` block describing ``apk``, ending in a blank line."""
     lines = [
         f"C:{apk.control_checksum}",
         f"P:{apk.name}",
@@ -261,9 +261,9 @@ def build_apkindex(
     signed: bool = True,
 ) -> bytes:
     """
-    An C{APKINDEX.tar.gz} listing C{packages}: a signature stream (unless
-    C{signed=False}) followed by a gzip'd tar of C{DESCRIPTION} and
-    C{APKINDEX}.
+    An ``APKINDEX.tar.gz`` listing ``packages``: a signature stream (unless
+    ``signed=False``) followed by a gzip'd tar of ``DESCRIPTION`` and
+    ``APKINDEX``.
     """
     text = "".join(index_block(apk) for apk in packages)
     index_stream = gzip_tar(
@@ -284,11 +284,11 @@ def write_repository(
     mtime: float | None = None,
 ) -> Path:
     """
-    Write C{<directory>/<arch>/APKINDEX.tar.gz} and every package next to it.
+    Write ``<directory>/<arch>/APKINDEX.tar.gz`` and every package next to it.
 
-    @param mtime: if given, set every written file's modification time to it
-        (the origin's C{Last-Modified}); otherwise they get the current time.
-    @return: the C{<directory>/<arch>} path.
+    :param mtime: if given, set every written file's modification time to it
+        (the origin's ``Last-Modified``); otherwise they get the current time.
+    :return: the ``<directory>/<arch>`` path.
     """
     arch_directory = Path(directory) / arch
     arch_directory.mkdir(parents=True, exist_ok=True)
@@ -305,7 +305,7 @@ def write_repository(
 
 
 class _SeededRandomReader:
-    """File-like source of C{size} reproducible pseudo-random bytes."""
+    """File-like source of ``size`` reproducible pseudo-random bytes."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
@@ -338,7 +338,7 @@ class _GzipSink:
 class _CuttingWriter:
     """
     Passes tar output to a sink until told to stop, so the end-of-archive
-    blocks C{TarFile.close} writes can be dropped.
+    blocks ``TarFile.close`` writes can be dropped.
     """
 
     def __init__(self, sink: _GzipSink) -> None:
@@ -425,12 +425,12 @@ class _FlowControl:
 
 class RepositoryResource(Resource):
     """
-    Serves the files under C{root} at their relative paths, like a plain
-    static web server (nginx-style C{ETag}), for tests.
+    Serves the files under ``root`` at their relative paths, like a plain
+    static web server (nginx-style ``ETag``), for tests.
 
-    @ivar request_counts: requests received per (percent-decoded) path,
+    :ivar request_counts: requests received per (percent-decoded) path,
         whatever the answer was.
-    @ivar requests: every request received, in order.
+    :ivar requests: every request received, in order.
     """
 
     isLeaf = True
@@ -446,18 +446,18 @@ class RepositoryResource(Resource):
 
     def hold(self, path: str) -> None:
         """
-        From now on, responses to C{GET path} send their headers and the
-        first half of the body, then wait for L{release}.
+        From now on, responses to ``GET path`` send their headers and the
+        first half of the body, then wait for :func:`release`.
         """
         self._held.setdefault(path, [])
 
     def release(self, path: str) -> None:
-        """Let held responses for C{path} finish, and stop holding it."""
+        """Let held responses for ``path`` finish, and stop holding it."""
         for waiting in self._held.pop(path, []):
             waiting.callback(None)
 
     def set_status(self, path: str, code: int | None) -> None:
-        """Answer C{path} with an empty C{code} response (L{None}: serve it)."""
+        """Answer ``path`` with an empty ``code`` response (``None``: serve it)."""
         if code is None:
             self._statuses.pop(path, None)
         else:
@@ -575,7 +575,7 @@ def _not_modified(request: Request, etag: str, mtime: int) -> bool:
 
 
 class _ListensOnTCP(Protocol):
-    """The part of C{IReactorTCP} used here (typed for mypy)."""
+    """The part of ``IReactorTCP`` used here (typed for mypy)."""
 
     def listenTCP(
         self, port: int, factory: Site, backlog: int = 50, interface: str = ""
@@ -584,11 +584,11 @@ class _ListensOnTCP(Protocol):
 
 def listen_on_loopback(reactor: _ListensOnTCP, resource: Resource) -> tuple[tcp.Port, str]:
     """
-    Serve C{resource} on an ephemeral 127.0.0.1 port.
+    Serve ``resource`` on an ephemeral 127.0.0.1 port.
 
-    @param reactor: an C{IReactorTCP} provider.
-    @return: the listening port (stop it in cleanup) and its base URL,
-        C{http://127.0.0.1:<port>} without a trailing slash.
+    :param reactor: an ``IReactorTCP`` provider.
+    :return: the listening port (stop it in cleanup) and its base URL,
+        ``http://127.0.0.1:<port>`` without a trailing slash.
     """
     port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
     return port, f"http://127.0.0.1:{port.getHost().port}"

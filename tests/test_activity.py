@@ -13,8 +13,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyChannel
 
 from buildcache.engine.events import Exchange
 from buildcache.ops.activity import (
@@ -161,39 +159,6 @@ class ExchangeFinishedTests(SynchronousTestCase):
         self.activity.upstream_received("registry", 10)
         self.assertEqual(self.activity.totals["registry"].requests, 1)
         self.assertEqual(self.activity.totals["registry"].bytes_from_upstream, 10)
-
-
-class TrackTests(SynchronousTestCase):
-    def test_track_reports_an_exchange(self) -> None:
-        """
-        ``track`` accounts for a ``twisted.web`` request, when it finishes,
-        as for the :class:`Exchange` the engine would report: status,
-        ``X-Cache``, bytes written, duration on the clock, and the name.
-        """
-        clock = Clock()
-        activity = Activity(clock)
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        request = Request(DummyChannel(), False)
-        request.method = b"GET"
-        request.uri = b"/simple/numpy/"
-        request.clientproto = b"HTTP/1.1"
-        activity.track(request, "index", "numpy")
-        clock.advance(2)
-        request.setResponseCode(200)
-        request.setHeader("x-cache", "REVALIDATED")
-        request.write(b"x" * 77)
-        request.finish()
-        clock.advance(0)
-        clock.advance(0)
-        [access] = [e for e in events if e.get("log_system") == "access"]
-        self.assertEqual(
-            formatEvent(access), "192.168.1.1 GET /simple/numpy/ 200 77 REVALIDATED 2.000s"
-        )
-        self.assertEqual(access["front_end"], "index")
-        totals = activity.totals["index"]
-        self.assertEqual((totals.requests, totals.by_status["REVALIDATED"]), (1, 1))
-        self.assertEqual(totals.bytes_from_cache, 77)
-        self.assertEqual(dict(activity.top_names), {("index", "numpy"): 1})
 
 
 class OtherEventsTests(SynchronousTestCase):

@@ -1,6 +1,6 @@
 """
-Tests for L{buildcache.ecosystems.apk.index} (index parsing, streaming package verification,
-index URLs) and for the test-support module L{tests.apkrepo} other test
+Tests for :func:`buildcache.ecosystems.apk.index` (index parsing, streaming package verification,
+index URLs) and for the test-support module :func:`tests.apkrepo` other test
 modules build on.
 """
 
@@ -118,7 +118,7 @@ def mismatch_reason(entry: ApkIndexEntry, content: bytes) -> str:
 
 class BuildApkTests(SynchronousTestCase):
     """
-    L{build_apk} writes the layout abuild does, so the verifier is tested
+    :func:`build_apk` writes the layout abuild does, so the verifier is tested
     against realistic bytes.
     """
 
@@ -159,7 +159,7 @@ class BuildApkTests(SynchronousTestCase):
 
     def test_pkginfo_datahash_and_index_fields(self) -> None:
         """
-        C{.PKGINFO} carries the SHA-256 of the compressed data stream, and
+        ``.PKGINFO`` carries the SHA-256 of the compressed data stream, and
         the computed fields match the bytes.
         """
         import hashlib
@@ -385,7 +385,7 @@ class ApkVerifierTests(SynchronousTestCase):
 
     def test_package_without_datahash(self) -> None:
         """
-        Older packages have no C{datahash}: size and control checksum still
+        Older packages have no ``datahash``: size and control checksum still
         decide.
         """
         apk = build_apk("old", "1.0-r0", include_datahash=False)
@@ -460,7 +460,7 @@ class ApkVerifierTests(SynchronousTestCase):
     def test_tampered_control_stream(self) -> None:
         """
         A control stream other than the one the index lists (here: same
-        data, different description) fails the C{C:} check.
+        data, different description) fails the ``C:`` check.
         """
         apk = signed_package()
         other = build_apk(
@@ -483,8 +483,8 @@ class ApkVerifierTests(SynchronousTestCase):
 
     def test_tampered_data_stream(self) -> None:
         """
-        A data stream that is valid gzip but not the one C{.PKGINFO}'s
-        C{datahash} names fails, even though C{C:} matches.
+        A data stream that is valid gzip but not the one ``.PKGINFO``'s
+        ``datahash`` names fails, even though ``C:`` matches.
         """
         apk = signed_package()
         other = build_apk(apk.name, apk.version, data_files={"evil": b"payload"})
@@ -644,7 +644,7 @@ class _CollectUntilClosed(Protocol):
 
 class RepositoryResourceTests(TestCase):
     """
-    L{RepositoryResource} over real loopback TCP, as other test modules
+    :class:`RepositoryResource` over real loopback TCP, as other test modules
     will use it.
     """
 
@@ -670,7 +670,7 @@ class RepositoryResourceTests(TestCase):
         self, path: str, headers: dict[bytes | str, bytes | str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
         """
-        GET C{path}; the C{content-length} entry comes from the response's
+        GET ``path``; the ``content-length`` entry comes from the response's
         length, as Twisted's client keeps connection headers apart.
         """
         import treq
@@ -687,7 +687,7 @@ class RepositoryResourceTests(TestCase):
 
     async def raw_exchange(self, request: bytes) -> tuple[bytes, bytes]:
         """
-        Send C{request} as-is (it must ask for C{Connection: close}) and
+        Send ``request`` as-is (it must ask for ``Connection: close``) and
         return the raw response head and body, before any client-side
         header handling.
         """
@@ -769,8 +769,8 @@ class RepositoryResourceTests(TestCase):
 
     def test_raw_response_headers(self) -> None:
         """
-        On the wire: C{Content-Length} on GET and HEAD, and no
-        C{Content-Encoding} for a C{.tar.gz}.
+        On the wire: ``Content-Length`` on GET and HEAD, and no
+        ``Content-Encoding`` for a ``.tar.gz``.
         """
 
         async def scenario() -> None:
@@ -797,7 +797,7 @@ class RepositoryResourceTests(TestCase):
     def test_hold_and_release(self) -> None:
         """
         A held path sends its headers and half its body, then waits for
-        L{RepositoryResource.release}.
+        :func:`RepositoryResource.release`.
         """
 
         async def scenario() -> None:

@@ -152,7 +152,7 @@ class ApkAddReplayTests(TestCase):
 
     async def test_apk_update(self) -> None:
         """
-        `apk update` sends C{Cache-Control: no-cache}: the index is
+        `apk update` sends ``Cache-Control: no-cache``: the index is
         revalidated with the origin (REVALIDATED), and while the origin is
         down the stored copy is served as STALE rather than failing.
         """
@@ -220,7 +220,7 @@ class CurlTests(TestCase):
 
     async def test_curl_through_proxy(self) -> None:
         """
-        C{curl -x http://127.0.0.1:<proxy>}: a package is fetched once and
+        ``curl -x http://127.0.0.1:<proxy>``: a package is fetched once and
         then served from the cache, byte for byte.
         """
         harness = ProxyHarness.start(self, packages=packages())
@@ -243,7 +243,7 @@ class CurlTests(TestCase):
     async def test_curl_against_mirror_route(self) -> None:
         """
         curl against a mirror-route URL: the index arrives as the origin's
-        archive (never unpacked, even with C{--compressed}), then from the
+        archive (never unpacked, even with ``--compressed``), then from the
         cache; a range of a package comes from the cache too.
         """
         harness = ProxyHarness.start(self, packages=packages())

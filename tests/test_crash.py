@@ -57,11 +57,11 @@ class DiskState:
     """
     What a cache directory holds, read directly (no Store involved).
 
-    @ivar rows: index rows by key: (object file name, size, sha256).
-    @ivar corrupt: keys whose file is missing, or differs from its row's
+    :ivar rows: index rows by key: (object file name, size, sha256).
+    :ivar corrupt: keys whose file is missing, or differs from its row's
         size or digest, or from the body the upstream served.
-    @ivar orphans: object files no row names.
-    @ivar temporary: files in ``tmp/``.
+    :ivar orphans: object files no row names.
+    :ivar temporary: files in ``tmp/``.
     """
 
     rows: dict[str, tuple[str, int, str]]

@@ -5,7 +5,7 @@ project names, and every spelling of a host or port that could slip past
 the open-proxy rules.
 
 Each hand-written case goes through the running service on 127.0.0.1
-(real TCP, the real L{buildcache.service.Server} wiring) and asserts what
+(real TCP, the real :class:`buildcache.service.Server` wiring) and asserts what
 the client saw, the exact request paths the in-process upstreams
 received, and what the cache directory holds.  Name resolution is
 answered by an in-process resolver, so no case ever reaches a real DNS
@@ -13,8 +13,8 @@ server; listeners on 127.0.0.1, 127.0.0.2 and ::1 that must receive
 nothing check the connection guard.
 
 Property tests (hypothesis) cover the parsers behind them: the router's
-mirror and absolute-URI targets, C{_checked_path}, C{parse_connect_target},
-C{normalize_host}, project-name normalisation and the index's project
+mirror and absolute-URI targets, ``_checked_path``, ``parse_connect_target``,
+``normalize_host``, project-name normalisation and the index's project
 route.
 """
 
@@ -133,7 +133,7 @@ async def exchange(
 
 async def closed(connection: RawConnection, what: str) -> None:
     """
-    Wait (L{CLOSE_WAIT} seconds at most) for the server to close
+    Wait (:class:`CLOSE_WAIT` seconds at most) for the server to close
     ``connection``.
     """
     if connection.closed:
@@ -196,8 +196,8 @@ def assert_cache_layout(testcase: TestCase, directory: str) -> None:
 class Box:
     """
     A running buildcache on 127.0.0.1: mirror route ``/up/`` leads to
-    L{BASE} on a L{FakeUpstream}; the index port's upstream is a demo pip
-    index; names resolve through L{RESOLVED} only.
+    :class:`BASE` on a :class:`FakeUpstream`; the index port's upstream is a demo pip
+    index; names resolve through :class:`RESOLVED` only.
     """
 
     running: Running
@@ -569,7 +569,7 @@ class TraversalTests(TestCase):
     async def test_mirror_route_traversal(self) -> None:
         """
         Every traversal spelling is a 400 with nothing fetched; the paths
-        that are allowed arrive upstream exactly as sent, under L{BASE}.
+        that are allowed arrive upstream exactly as sent, under :class:`BASE`.
         """
         box = Box.start(self)
         refused = [*TRAVERSALS]

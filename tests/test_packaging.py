@@ -1,7 +1,7 @@
 """
 Tests for buildcache's packaging: the wheel ships the twistd plugin, the
 plugin is found and has no import-time side effects, the installed
-C{twistd buildcache} command works from any directory, and the README's test
+``twistd buildcache`` command works from any directory, and the README's test
 command is the one CI runs.
 """
 
@@ -66,7 +66,7 @@ def _twistd_command() -> list[str]:
 def _is_installed(directory: str, environ: dict[str, str]) -> bool:
     """
     Whether buildcache is installed for this Python as seen from
-    C{directory}: checked in a subprocess, because in this process the
+    ``directory``: checked in a subprocess, because in this process the
     source tree (and any egg-info a build left in it) is on sys.path.
     """
     result = subprocess.run(
@@ -85,7 +85,7 @@ def _is_installed(directory: str, environ: dict[str, str]) -> bool:
 
 def _isolated_environment(home: str) -> dict[str, str]:
     """
-    The current environment with defaults pointed inside C{home} and a local
+    The current environment with defaults pointed inside ``home`` and a local
     PyPI upstream, so a subprocess neither writes to the real home nor reads
     the machine's pip settings.
     """
@@ -201,7 +201,7 @@ class PluginTests(SynchronousTestCase):
 
 class InstalledCommandTests(SynchronousTestCase):
     """
-    C{twistd buildcache}, run from an unrelated directory, as an installed
+    ``twistd buildcache``, run from an unrelated directory, as an installed
     package is.
     """
 

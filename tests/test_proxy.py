@@ -1,18 +1,18 @@
 """
 The package proxy through the running service: real TCP on 127.0.0.1, the
-real L{buildcache.service.Server} wiring, and an in-process Alpine-style
-origin (L{tests.apkrepo.RepositoryResource}) serving real packages and a
-real C{APKINDEX.tar.gz}.
+real :class:`buildcache.service.Server` wiring, and an in-process Alpine-style
+origin (:class:`tests.apkrepo.RepositoryResource`) serving real packages and a
+real ``APKINDEX.tar.gz``.
 
 Covers what issue 3 asks the proxy to show: the forward-proxy and mirror
 routes sharing one cache, index revalidation (conditional request,
-C{no-cache}, stale on failure), client conditionals, ranges, HEAD,
+``no-cache``, stale on failure), client conditionals, ranges, HEAD,
 keep-alive, refused methods and targets, checking packages against their
 index, and the freshness table for apt paths.  CONNECT itself is covered by
-L{tests.test_tunnel}; one refusal is checked here through the service.
+:func:`tests.test_tunnel`; one refusal is checked here through the service.
 
-Shared helpers (L{RawConnection}, L{ProxyHarness}) are used by
-L{tests.test_apk_e2e} too.
+Shared helpers (:class:`RawConnection`, :class:`ProxyHarness`) are used by
+:func:`tests.test_apk_e2e` too.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def port_number(port: IListeningPort) -> int:
 class ProxyHarness:
     """
     A running buildcache whose mirror route ``/up/`` leads to an origin on
-    127.0.0.1 serving a test repository under L{REPOSITORY}.
+    127.0.0.1 serving a test repository under :class:`REPOSITORY`.
     """
 
     testcase: TestCase
@@ -540,7 +540,7 @@ class IndexFreshnessTests(TestCase):
 
     async def test_client_no_cache_forces_revalidation(self) -> None:
         """
-        C{Cache-Control: no-cache} (apk update) revalidates a fresh index.
+        ``Cache-Control: no-cache`` (apk update) revalidates a fresh index.
         """
         harness = ProxyHarness.start(self, {"index_ttl": 3600})
         first = await harness.get(INDEX_PATH)
@@ -858,7 +858,7 @@ class ConnectionTests(TestCase):
     async def test_keep_alive_for_http11(self) -> None:
         """
         An HTTP/1.1 client (libfetch sends no Connection header) is told
-        C{Connection: keep-alive}, and its next requests on the same TCP
+        ``Connection: keep-alive``, and its next requests on the same TCP
         connection are answered, through the proxy and the mirror route.
         """
         harness = ProxyHarness.start(self)
@@ -899,7 +899,7 @@ class ConnectionTests(TestCase):
 
     async def test_other_methods_are_refused(self) -> None:
         """
-        POST, PUT and DELETE get 405 with C{Allow: GET, HEAD}, on both
+        POST, PUT and DELETE get 405 with ``Allow: GET, HEAD``, on both
         routes, and never reach the origin.
         """
         harness = ProxyHarness.start(self)
@@ -1102,7 +1102,7 @@ class PackageCheckTests(TestCase):
     async def test_tampered_package_same_size_is_refused(self) -> None:
         """
         Different bytes of the right size (one byte changed in the control
-        stream) fail the C{C:} check: 502, nothing stored, an error event.
+        stream) fail the ``C:`` check: 502, nothing stored, an error event.
         """
         harness = ProxyHarness.start(self)
         await harness.get(INDEX_PATH)
@@ -1207,7 +1207,7 @@ class PackageCheckTests(TestCase):
 
     async def test_wrong_size_is_refused(self) -> None:
         """
-        A package longer than its C{S:} size is refused.
+        A package longer than its ``S:`` size is refused.
         """
         harness = ProxyHarness.start(self)
         await harness.get(INDEX_PATH)
@@ -1216,7 +1216,7 @@ class PackageCheckTests(TestCase):
 
     async def test_truncated_package_is_refused(self) -> None:
         """
-        A package shorter than its C{S:} size is refused.
+        A package shorter than its ``S:`` size is refused.
         """
         harness = ProxyHarness.start(self)
         await harness.get(INDEX_PATH)
@@ -1317,7 +1317,7 @@ class AptAndHTTPFreshnessTests(TestCase):
 
     async def test_pool_deb_is_never_revalidated(self) -> None:
         """
-        C{pool/**.deb} and C{by-hash/} files are immutable: even with
+        ``pool/**.deb`` and ``by-hash/`` files are immutable: even with
         index_ttl=0 and a client no-cache they are served from the cache.
         """
         harness = ProxyHarness.start(self, {"index_ttl": 0})
@@ -1339,7 +1339,7 @@ class AptAndHTTPFreshnessTests(TestCase):
 
     async def test_dists_indexes_are_revalidated(self) -> None:
         """
-        C{dists/**/InRelease} and C{Packages.xz} revalidate like APKINDEX.
+        ``dists/**/InRelease`` and ``Packages.xz`` revalidate like APKINDEX.
         """
         harness = ProxyHarness.start(self, {"index_ttl": 0})
         for path in (
@@ -1364,7 +1364,7 @@ class AptAndHTTPFreshnessTests(TestCase):
 
     async def test_no_store_is_never_stored(self) -> None:
         """
-        A response with C{Cache-Control: no-store} (or C{private}) is
+        A response with ``Cache-Control: no-store`` (or ``private``) is
         passed on and fetched again next time.
         """
         upstream, running = self._fake_upstream()
@@ -1383,7 +1383,7 @@ class AptAndHTTPFreshnessTests(TestCase):
 
     async def test_cacheable_http_response_is_stored(self) -> None:
         """
-        The same kind of response with C{max-age} is stored and hit.
+        The same kind of response with ``max-age`` is stored and hit.
         """
         upstream, running = self._fake_upstream()
         upstream.bodies["/c.json"] = GatedBody(
@@ -1450,7 +1450,7 @@ class UpstreamIsolationTests(TestCase):
     async def test_encoded_archive_is_not_unpacked(self) -> None:
         """
         The proxy asks for identity encoding; an origin that labels a
-        C{.tar.gz} C{Content-Encoding: gzip} anyway gets its bytes passed
+        ``.tar.gz`` ``Content-Encoding: gzip`` anyway gets its bytes passed
         on and stored unchanged (unpacking them would break the
         checksum apk verifies), and without that label.
         """

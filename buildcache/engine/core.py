@@ -29,7 +29,7 @@ from twisted.web.server import Request
 
 from buildcache.engine.conditional import validators_of
 from buildcache.engine.errors import (
-    ERROR_STATUS,
+    ANSWERED_ERRORS,
     IntegrityError,
     StaleForbidden,
     TargetRefused,
@@ -58,7 +58,6 @@ from buildcache.store import Entry, Store, StoredObject
 __all__ = ["Engine", "Resolved"]
 
 #: What :meth:`Engine.serve` answers with a status instead of a crash.
-_ANSWERED = tuple(kind for kind, _ in ERROR_STATUS)
 
 
 @frozen
@@ -146,7 +145,7 @@ class Engine:
     async def _serve(self, request: Request, target: Target, policy: Policy) -> None:
         try:
             resolved = await self.resolve(target, policy, request.method)
-        except _ANSWERED as e:
+        except ANSWERED_ERRORS as e:
             self.answer_error(request, e)
             return
         self.respond(request, target, policy, resolved)

@@ -18,6 +18,7 @@ __all__ = [
     "CacheWriteError",
     "StaleForbidden",
     "ERROR_STATUS",
+    "ANSWERED_ERRORS",
     "status_for",
     "message_for",
 ]
@@ -39,6 +40,12 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (UpstreamError, 502),
     (IntegrityError, 502),
     (StaleForbidden, 504),
+)
+
+#: Every failure the table answers: what a caller of
+#: :meth:`buildcache.engine.core.Engine.resolve` catches.
+ANSWERED_ERRORS: tuple[type[BaseException], ...] = tuple(
+    kind for kind, _ in ERROR_STATUS
 )
 
 

@@ -51,12 +51,6 @@ class CacheObserver(FetchObserver, Protocol):
     Told of every client request and how it was served.
     """
 
-    def track(self, request: Request, front_end: str, name: str | None = None) -> None:
-        """
-        Account for ``request`` when it ends; called once, when a front end
-        starts answering it.  ``name`` is the package or project it is for.
-        """
-
     def exchange_finished(self, exchange: Exchange) -> None:
         """
         A client request ended (see :class:`Exchange`).

@@ -34,7 +34,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from buildcache.engine.conditional import not_modified, validators_of
 from buildcache.engine.fields import delta_seconds as _delta_seconds
 from buildcache.engine.fields import lowered as _lowered
 from buildcache.engine.fields import parse_cache_control, parse_http_date
@@ -62,10 +61,6 @@ __all__ = [
     "IMMUTABLE_MAX_AGE",
     "HEURISTIC_FRACTION",
     "HEURISTIC_CAP",
-    # Re-exported from engine.conditional for the pip index until its port
-    # onto the engine; new code imports them from there.
-    "not_modified",
-    "validators_of",
 ]
 
 

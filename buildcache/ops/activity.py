@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.server import Request
 
 from buildcache.access import upstream_host_key
 from buildcache.credentials import redact
@@ -151,35 +150,6 @@ class Activity:
     #: Requests of this turn whose access lines are written after its
     #: responses.
     _unwritten: list[Exchange] = Factory(list)
-
-    def track(self, request: Request, front_end: str, name: str | None = None) -> None:
-        """
-        Account for ``request`` when it ends, reading its cache status from
-        its ``X-Cache`` header: call once, when the front end starts
-        answering it.  ``name`` is the package or project it was for, if
-        any (for the most-requested table).
-
-        The old path, until every front end reports through the engine's
-        :meth:`exchange_finished`: it builds the same :class:`Exchange`.
-        """
-        started = self.clock.seconds()
-
-        def ended(result: object) -> None:
-            status_header = request.responseHeaders.getRawHeaders(b"x-cache")
-            self.exchange_finished(Exchange(
-                front_end=front_end,
-                client=getattr(request.getClientAddress(), "host", "-"),
-                method=request.method.decode("latin-1"),
-                url=request.uri.decode("latin-1"),
-                status=request.code,
-                cache=status_header[0].decode("ascii", "replace") if status_header else None,
-                bytes_sent=int(getattr(request, "sentLength", 0)),
-                duration=self.clock.seconds() - started,
-                completed=result is None,
-                name=name,
-            ))
-
-        request.notifyFinish().addBoth(ended)
 
     def exchange_finished(self, exchange: Exchange) -> None:
         """

@@ -17,7 +17,6 @@ The parts, bottom up: :mod:`~buildcache.store.layout` (where files live),
 the offline :class:`OfflineIndex` the ``buildcache`` command works on).
 """
 
-from buildcache.store._compat import Counters  # removed after merge
 from buildcache.store.core import Store
 from buildcache.store.layout import INDEX_NAME, SECRET_NAME, object_name
 from buildcache.store.maintenance import (
@@ -75,7 +74,6 @@ __all__ = [
     "BlockingRunner",
     "BodyCheck",
     "CacheStats",
-    "Counters",
     "Entry",
     "INDEX_NAME",
     "IntegrityError",

@@ -25,7 +25,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from buildcache.store import maintenance
-from buildcache.store._compat import Counters
 from buildcache.store.layout import (
     LOCK_NAME,
     create_temp,
@@ -76,7 +75,6 @@ class Store(StoreReader):
     uncounted: int = 0
     #: The largest body kept (``--max-object-size``); 0: max_size.
     max_object_size: int = 0
-    counters: Counters = Factory(Counters)  # removed after merge
     _temp_serial: int = 0
     #: Temporary files made ahead of need (see :meth:`writer`), and how
     #: many are being made.

@@ -29,14 +29,13 @@ from twisted.web.server import Request
 from buildcache.ecosystems.pypi.model import normalize_project_name
 from buildcache.ecosystems.pypi.pages import PageResolver, metadata_servable
 from buildcache.ecosystems.pypi.policy import (
-    ANSWERED,
     USER_AGENT,
     FileRequest,
     file_request,
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.engine.core import Engine, Resolved
-from buildcache.engine.errors import IntegrityError
+from buildcache.engine.errors import ANSWERED_ERRORS, IntegrityError
 from buildcache.engine.exchanges import CacheStatus, client_gone
 from buildcache.engine.respond import send_error
 from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE
@@ -124,7 +123,7 @@ class FileServer:
         except IntegrityError as e:
             self._refuse_mismatch(request, name, url, str(e))
             return False
-        except ANSWERED as e:
+        except ANSWERED_ERRORS as e:
             self.engine.answer_error(request, e)
             return False
         if resolved.stored is not None:

@@ -66,12 +66,11 @@ from buildcache.ecosystems.pypi.model import (
 )
 from buildcache.ecosystems.pypi.parse import parse_page
 from buildcache.ecosystems.pypi.policy import (
-    ANSWERED,
     USER_AGENT,
     PagePolicy,
 )
 from buildcache.engine.core import Engine
-from buildcache.engine.errors import UpstreamError, UpstreamTimeout
+from buildcache.engine.errors import ANSWERED_ERRORS, UpstreamError, UpstreamTimeout
 from buildcache.engine.exchanges import CacheStatus
 from buildcache.engine.freshness import client_asks_refresh
 from buildcache.engine.keys import cache_key
@@ -358,7 +357,7 @@ class PageResolver:
             )
         except UpstreamTimeout as e:
             raise _UpstreamFailed(url, str(e), timed_out=True) from e
-        except ANSWERED as e:
+        except ANSWERED_ERRORS as e:
             raise _UpstreamFailed(url, str(e)) from e
         if resolved.stored is not None:
             if resolved.cache is CacheStatus.STALE:

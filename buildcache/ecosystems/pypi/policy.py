@@ -20,7 +20,6 @@ from buildcache.ecosystems.pypi.lru import LRU
 from buildcache.ecosystems.pypi.model import ProjectPage
 from buildcache.ecosystems.pypi.parse import parse_page
 from buildcache.engine.core import Engine
-from buildcache.engine.errors import ERROR_STATUS
 from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.keys import adopt_verified_twin, open_stored
 from buildcache.engine.policy import Expectation, GenericPolicy, Target
@@ -28,7 +27,6 @@ from buildcache.store import StoredObject
 
 __all__ = [
     "USER_AGENT",
-    "ANSWERED",
     "IndexPolicy",
     "PagePolicy",
     "PageCheck",
@@ -42,10 +40,6 @@ _FILE_CACHE_CONTROL = client_cache_control(Kind.IMMUTABLE, 0)
 
 #: Sent upstream with every page, file and root request of the index.
 USER_AGENT = f"buildcache/{__version__}"
-
-#: The failures the engine answers with a status: what a resolve may raise.
-ANSWERED = tuple(kind for kind, _ in ERROR_STATUS)
-
 
 @frozen
 class IndexPolicy(GenericPolicy):

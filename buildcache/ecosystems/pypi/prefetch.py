@@ -40,8 +40,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.credentials import redact
-from buildcache.ecosystems.pypi.policy import ANSWERED, FileRequest
+from buildcache.ecosystems.pypi.policy import FileRequest
 from buildcache.engine.core import Engine
+from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.events import CacheObserver
 from buildcache.fetch.fetcher import drained
 from buildcache.turns import Waiters, after_io
@@ -229,7 +230,7 @@ class Prefetcher:
                 # answered while it still streams.
                 await drained(answer.body)
             stored = answer.status == 200 and engine.find(target) is not None
-        except ANSWERED as e:
+        except ANSWERED_ERRORS as e:
             # The fetcher has logged what went wrong; the client's own
             # request will try again.
             self.log.info(

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from attrs import define, frozen
 from twisted.web.server import Request
 
-from buildcache.ecosystems.pypi.policy import ANSWERED, USER_AGENT, IndexPolicy
+from buildcache.ecosystems.pypi.policy import USER_AGENT, IndexPolicy
 from buildcache.engine.core import Engine
+from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.policy import Target
 from buildcache.engine.respond import send_error
@@ -88,7 +89,7 @@ class RootServer:
         policy = RootPolicy(index_ttl=self.index_ttl)
         try:
             resolved = await self.engine.resolve(target, policy, request.method)
-        except ANSWERED as e:
+        except ANSWERED_ERRORS as e:
             self.engine.answer_error(request, e)
             return
         answer = resolved.answer
