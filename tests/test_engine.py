@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -515,6 +516,67 @@ class FreshnessTableTests(EngineTestCase):
         answer = self.h.get("/a.pkg", {"if-none-match": '"v1"'})
         self.assertEqual((answer.status, answer.body), (304, b""))
         self.assertEqual(self.h.origin.count("/a.pkg"), 1)
+
+
+class NoFetcher:
+    """Stands in for the fetcher where none may be used."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the hit path used the fetcher ({name})")
+
+
+class HitPathTests(EngineTestCase):
+    """
+    :meth:`Engine.fresh_hit`: what a process holding a read-only store and
+    no fetcher (a hit worker, issue 16) can answer.
+    """
+
+    def reader(self) -> Engine:
+        store = Store.open(self.h.directory, 100 * 1024 * 1024, self.h.clock, read_only=True)
+        self.addCleanup(store.close)
+        return Engine(store, NoFetcher(), self.h.clock, None, TTL)  # type: ignore[arg-type]
+
+    def target(self, path: str, headers: Mapping[str, str] | None = None) -> Target:
+        headers = dict(headers or {})
+        return Target(
+            url=ORIGIN + path, front_end="proxy", headers=headers,
+            upstream_headers={k: headers[k] for k in FORWARDED if k in headers},
+        )
+
+    def test_fresh_entries_are_hits_without_a_fetcher(self) -> None:
+        self.serve("/a.pkg", b"package")
+        self.serve("/i.idx", b"index")
+        self.h.get("/a.pkg")
+        self.h.get("/i.idx")
+        reader = self.reader()
+        hit = reader.fresh_hit(self.target("/a.pkg"), POLICY)
+        assert hit is not None and hit.stored is not None
+        self.addCleanup(hit.close)
+        self.assertEqual(hit.cache.value, "HIT")
+        self.assertEqual(os.pread(hit.stored.fd, 100, 0), b"package")
+        self.assertIsNotNone(reader.fresh_hit(self.target("/i.idx"), POLICY))
+        self.assertEqual(self.h.origin.count("/a.pkg") + self.h.origin.count("/i.idx"), 2)
+
+    def test_what_needs_the_upstream_is_not_a_hit(self) -> None:
+        """
+        A stale index, an entry not stored, and another client's private
+        entry are left to the process that fetches.
+        """
+        self.serve("/i.idx", b"index")
+        self.serve("/p.pkg", b"private", headers={"cache-control": "public, max-age=600"})
+        self.h.get("/i.idx")
+        self.h.get("/p.pkg", {"authorization": "Bearer mine"})
+        reader = self.reader()
+        self.assertIsNotNone(
+            reader.fresh_hit(self.target("/p.pkg", {"authorization": "Bearer mine"}), POLICY)
+        )
+        self.assertIsNone(
+            reader.fresh_hit(self.target("/p.pkg", {"authorization": "Bearer other"}), POLICY)
+        )
+        self.assertIsNone(reader.fresh_hit(self.target("/p.pkg"), POLICY))
+        self.assertIsNone(reader.fresh_hit(self.target("/none.pkg"), POLICY))
+        self.h.clock.advance(TTL + 1)
+        self.assertIsNone(reader.fresh_hit(self.target("/i.idx"), POLICY))
 
 
 class StaleTests(EngineTestCase):

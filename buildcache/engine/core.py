@@ -192,24 +192,46 @@ class Engine:
         """
         await policy.before_lookup(target, self)
         client = self._for_client(target, policy)
-        if target.variants:
-            stored = open_stored(self.store, client.key, target.upstream_headers)
-        else:
-            # Always asked with the same headers: its one entry answers,
-            # whatever its Vary says.
-            stored = self.store.lookup(client.key)
+        stored = self._open(client)
         if stored is not None:
-            entry = stored.entry
-            decision = decide(
-                client.kind, entry.headers, entry.validated_at, self.clock.seconds(),
-                target.headers, policy.ttl(client.kind, self.index_ttl),
-            )
-            if decision is Decision.FRESH:
+            if self._fresh(client, policy, stored.entry):
                 return Resolved(CacheStatus.HIT, client.kind, stored=stored)
             return await self._revalidate(client, policy, stored)
         if method == b"HEAD" and not self.fetcher.downloading(client.key):
             return await self._head(client, policy)
         return await self._miss(client, policy)
+
+    def fresh_hit(self, target: Target, policy: Policy) -> Resolved | None:
+        """
+        ``target``'s stored entry when it answers this client as it is (a
+        HIT), else None: the hit path alone.  It reads the store and the
+        clock and nothing else (no fetcher, no policy hook, no write but
+        the access time a read-only store keeps for its writer), so that a
+        process holding a read-only store can answer hits and hand the
+        rest to the process that fetches.
+        """
+        client = self._for_client(target, policy)
+        stored = self._open(client)
+        if stored is None:
+            return None
+        if self._fresh(client, policy, stored.entry):
+            return Resolved(CacheStatus.HIT, client.kind, stored=stored)
+        stored.close()
+        return None
+
+    def _open(self, client: _ForClient) -> StoredObject | None:
+        target = client.target
+        if target.variants:
+            return open_stored(self.store, client.key, target.upstream_headers)
+        # Always asked with the same headers: its one entry answers,
+        # whatever its Vary says.
+        return self.store.lookup(client.key)
+
+    def _fresh(self, client: _ForClient, policy: Policy, entry: Entry) -> bool:
+        return decide(
+            client.kind, entry.headers, entry.validated_at, self.clock.seconds(),
+            client.target.headers, policy.ttl(client.kind, self.index_ttl),
+        ) is Decision.FRESH
 
     def family(self, target: Target) -> str:
         """
