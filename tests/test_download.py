@@ -15,7 +15,7 @@ from typing import Any
 
 from attrs import define, field
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -534,6 +534,34 @@ class FetcherTests(StoreCase):
         assert answer.body is not None
         self.addCleanup(answer.body.close)
         return answer.body
+
+    def test_upstream_answering_at_once(self) -> None:
+        """
+        A download that ends inside :meth:`Fetcher.fetch` (an upstream in
+        memory answers at once) still gives its caller the whole body: the
+        caller got a reader of a spool file already closed before.
+        """
+        body = b"at once"
+
+        class AtOnce(FakeResponse):
+            def deliverBody(self, protocol: Any) -> None:
+                super().deliverBody(protocol)
+                self.send(body)
+                self.finish()
+
+        @implementer(IAgent)
+        class Immediate:
+            def request(
+                self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: Any = None,
+            ) -> Deferred[IResponse]:
+                return succeed(AtOnce(200, {}, len(body)))
+
+        fetcher = Fetcher(self.store, upstream_client(Immediate()), self.clock)
+        answer = self.successResultOf(fetcher.fetch(UpstreamRequest(key=KEY, url=URL)))
+        assert answer.body is not None
+        self.addCleanup(answer.body.close)
+        self.assertEqual(read_all(answer.body), body)
 
     def test_joiners_share_one_request(self) -> None:
         request = UpstreamRequest(key=KEY, url=URL, front_end="mirror")

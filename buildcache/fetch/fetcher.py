@@ -172,15 +172,17 @@ class Fetcher:
         """
         download = self._downloads.get(request.key)
         if download is None:
-            return self._start(request, joinable=True).join()
+            return self._start(request, joinable=True)
         if not request.may_join(download.request):
             return self._own_download(request)
         return download.join().addCallback(self._share, request, download)
 
-    def _start(self, request: UpstreamRequest, joinable: bool) -> Download:
+    def _start(
+        self, request: UpstreamRequest, joinable: bool
+    ) -> Deferred[UpstreamAnswer]:
         """
         Start a download for ``request``, which later requests for its key
-        join if it is ``joinable``.
+        join if it is ``joinable``; its answer.
         """
         activity = self.activity
         on_received = None
@@ -192,14 +194,18 @@ class Fetcher:
             self._downloads[request.key] = download
         else:
             self._detached.append(download)
+        # Joined before it runs: an upstream that answers at once (in
+        # memory) would otherwise have ended it, its spool file closed,
+        # before the caller is given a reader of it.
+        answer = download.join()
         Deferred.fromCoroutine(self._run(download))
-        return download
+        return answer
 
     def _own_download(self, request: UpstreamRequest) -> Deferred[UpstreamAnswer]:
         """
         A download for ``request`` alone, which later requests do not join.
         """
-        return self._start(request, joinable=False).join()
+        return self._start(request, joinable=False)
 
     def _share(
         self, answer: UpstreamAnswer, request: UpstreamRequest, download: Download
