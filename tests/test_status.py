@@ -585,6 +585,18 @@ class PageTests(SynchronousTestCase):
         page = parse_page(self, self.render_html())
         self.assertIn("Largest object stored 2 MiB", page.text("config"))
 
+    def test_default_upstream_rule_shown(self) -> None:
+        """
+        Without --allow-upstream the configuration block says the forward
+        proxy reaches any public host (it said "none", which reads as
+        nothing allowed); with it, the patterns.
+        """
+        page = parse_page(self, self.render_html())
+        self.assertIn("Proxy upstreams allowed *.example.org", page.text("config"))
+        self.sources.config = attrs.evolve(self.config, allow_upstream=())
+        page = parse_page(self, self.render_html())
+        self.assertIn("Proxy upstreams allowed any public host", page.text("config"))
+
     def test_nothing_served(self) -> None:
         """
         A new server's page says there is no hit ratio yet and draws both

@@ -106,7 +106,7 @@ def _summary_section(stats: Snapshot) -> str:
         )
         + _figure("Requests", f"{stats['requests']:,}", "requests")
         + _figure(
-            "Hits / misses",
+            "From the cache / misses",
             f"{served - by_status['MISS']:,} / {by_status['MISS']:,}",
             note=f"{by_status['REVALIDATED']:,} revalidated,"
             f" {by_status['STALE']:,} stale",
@@ -237,9 +237,9 @@ def _upstreams_section(upstreams: Iterable[UpstreamFigures], now: float) -> str:
     )
 
 
-def _list(values: Sequence[str]) -> str:
+def _list(values: Sequence[str], empty: str = "none") -> str:
     if not values:
-        return '<span class="muted">none</span>'
+        return f'<span class="muted">{_e(empty)}</span>'
     return " ".join(f'<code class="item">{_e(v)}</code>' for v in values)
 
 
@@ -261,7 +261,10 @@ def _config_section(config: ConfigShown) -> str:
         ),
         ("Pip upstreams", _list(config["pypi_upstreams"])),
         ("Clients allowed from", _list(config["allow_from"])),
-        ("Proxy upstreams allowed", _list(config["allow_upstream"])),
+        (
+            "Proxy upstreams allowed",
+            _list(config["allow_upstream"], "any public host"),
+        ),
         (
             "Upstream credentials file (--netrc)",
             f"<code>{_e(config['netrc_file'])}</code>" if config.get("netrc_file")
