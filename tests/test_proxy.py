@@ -48,6 +48,7 @@ from tests.apkrepo import (
     BuiltApk,
     RepositoryResource,
     build_apk,
+    build_apkindex,
     write_repository,
 )
 from tests.support import (
@@ -1435,7 +1436,8 @@ class UpstreamIsolationTests(TestCase):
         """
         upstream = FakeUpstream()
         upstream.bodies["/x86_64/APKINDEX.tar.gz"] = GatedBody(
-            b"index", headers={"set-cookie": "session=secret; Path=/"}
+            build_apkindex([build_apk("cookie", "1-r0")]),
+            headers={"set-cookie": "session=secret; Path=/"},
         )
         upstream.bodies["/x86_64/other.txt"] = GatedBody(b"other")
         running = start_server(self, upstream=upstream)

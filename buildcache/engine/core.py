@@ -339,13 +339,16 @@ class Engine:
         entry = self.find(target)
         conditional = validators_of(entry.headers) if entry is not None else {}
         try:
+            # Checked as any fetch of it is: what fails its policy's check
+            # does not replace the stored copy.
+            expected = await policy.expect(target, self)
             answer = await self.fetcher.fetch(self._upstream_request(
-                client, policy, conditional, NO_EXPECTATION,
+                client, policy, conditional, expected,
                 revalidates=entry.key if entry is not None else None,
             ))
             if answer.body is not None:
                 await drained(answer.body)
-        except UpstreamError as e:
+        except (UpstreamError, IntegrityError) as e:
             self.log.warn("Could not revalidate {key}: {error}", key=client.key, error=str(e))
 
     def _for_client(self, target: Target, policy: Policy) -> _ForClient:

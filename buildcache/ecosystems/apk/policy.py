@@ -41,6 +41,7 @@ from buildcache.ecosystems.apk.check import (
     verifier_for,
 )
 from buildcache.ecosystems.apk.index import ApkFacts, repository_index_url, stale_reason
+from buildcache.ecosystems.apk.indexcheck import ApkIndexCheck
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import IntegrityError
 from buildcache.engine.freshness import Kind
@@ -89,6 +90,10 @@ def expectation_for(facts: ApkFacts) -> ApkExpectation:
 #: (immutable once stored: an error page sent as 200 would stay).
 _UNVOUCHED = ApkExpectation(vouched=False)
 
+#: An APKINDEX: gzip that inflates whole to a tar (see
+#: :class:`buildcache.ecosystems.apk.indexcheck.ApkIndexCheck`).
+_INDEX_CHECKED = ApkExpectation(verify=lambda headers: ApkIndexCheck())
+
 
 @frozen
 class ApkPolicy(GenericPolicy):
@@ -126,6 +131,11 @@ class ApkPolicy(GenericPolicy):
         await self.indexes.current(target.url, self._index_keys(target, engine))
 
     async def expect(self, target: Target, engine: Engine) -> Expectation:
+        if self.kind(target) is Kind.INDEX:
+            # Checked before it may replace the stored index: a captive
+            # portal's 200 or a body cut short is refused (and the stored
+            # one served stale, on a revalidation).
+            return _INDEX_CHECKED
         index_url = repository_index_url(target.url)
         facts = await self.indexes.entry_for(target.url, self._index_keys(target, engine))
         if index_url is not None and facts is None:
