@@ -416,7 +416,11 @@ class PageTests(TestCase):
         """
         A name that is not a PEP 508 name is a 404 that says why.
         """
-        for path in ["/simple/-bad/", "/simple/a%20b/", "/simple/bad_/", "/simple/%2E%2E/"]:
+        for path in [
+            "/simple/-bad/", "/simple/a%20b/", "/simple/bad_/", "/simple/%2E%2E/",
+            # Not printable ASCII: refused whatever packaging version.
+            "/simple/numpy%0A/", "/simple/caf%C3%A9/", "/simple/%E2%84%AAelvin/",
+        ]:
             received = await self.harness.get(path)
             self.assertEqual(received.status, 404, path)
             self.assertIn(b"not a valid project name", received.body)
@@ -1266,6 +1270,29 @@ class FreshnessTests(TestCase):
         self.assertEqual(unknown.status, 502)
         self.assertIn(b"no copy of 'bcdemo-b' is cached", unknown.body)
 
+    async def test_private_or_no_store_page_not_stored(self) -> None:
+        """
+        RFC 9111 governs what the index stores: a page its upstream sends
+        ``Cache-Control: private`` or ``no-store`` is served (a MISS each
+        time) but not stored, as a shared cache must.
+        """
+        key = page_key(self.upstream.base, "bcdemo-a")
+        for directive in ("private", "no-store"):
+            self.upstream.index.page_cache_control = directive
+            for _ in range(2):
+                received = await self.harness.page("bcdemo-a")
+                self.assertEqual(
+                    (received.status, received.header("x-cache")), (200, "MISS"), directive
+                )
+                self.assertIn(b"bcdemo_a-2.0", received.body)
+            await self.harness.fetcher.when_idle()
+            self.assertIsNone(self.harness.store.peek(key), directive)
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 4)
+        self.upstream.index.page_cache_control = None
+        await self.harness.page("bcdemo-a")
+        await self.harness.fetcher.when_idle()
+        self.assertIsNotNone(self.harness.store.peek(key))
+
     async def test_nothing_stored_upstream_broken(self) -> None:
         self.upstream.index.broken = True
         received = await self.harness.page("bcdemo-a")
@@ -1394,3 +1421,22 @@ class RootTests(TestCase):
         self.assertEqual(stale.body, first.body)
         cold = await harness.get("/simple/", {"accept": MEDIA_TYPE_JSON})
         self.assertEqual(cold.status, 502)
+
+    async def test_root_stale_on_any_error_status(self) -> None:
+        """
+        The stored root is served stale for any error status of its
+        upstream, not only 5xx: a rate limit's 429, a 403, a 404.
+        """
+        fixture = fixture_for(self)
+        harness = Harness(self, [StaticSimpleIndex(fixture)])
+        upstream = harness.upstreams[0]
+        first = await harness.get("/simple/")
+        upstream.index.broken = True
+        for status in (429, 403, 404, 500):
+            upstream.index.broken_status = status
+            harness.clock.advance(2 * 86400)
+            stale = await harness.get("/simple/")
+            self.assertEqual(
+                (stale.status, stale.header("x-cache")), (200, "STALE"), status
+            )
+            self.assertEqual(stale.body, first.body)

@@ -4,7 +4,8 @@ The root page ``/simple/`` of the index port.
 The upstream root (hundreds of thousands of names) is streamed from the
 first upstream and stored per media type for :data:`ROOT_TTL`; nothing
 here reads it, and no decision depends on it (a project's page is fetched
-directly).  When the upstream fails, the stored copy is served stale.
+directly).  When the upstream fails or answers any error status (>= 400), the
+stored copy is served stale.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class RootPolicy(IndexPolicy):
 
     def extra_headers(self, target: Target) -> Mapping[str, str]:
         return {"vary": "Accept"}
+
+    def stale_on(self, status: int) -> bool:
+        # Any error serves the stored root (a rate limit's 429, a 403 from
+        # a proxy in the way, a 404 of a mis-set mirror): nothing depends
+        # on the root being current, and it lags upstream anyway.
+        return status >= 400
 
 
 @define
