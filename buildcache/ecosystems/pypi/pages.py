@@ -47,13 +47,11 @@ spans upstreams, or is about not asking at all, is this module's
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
 import attrs
 from attrs import Factory, define, frozen
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -68,15 +66,21 @@ from buildcache.ecosystems.pypi.parse import parse_page
 from buildcache.ecosystems.pypi.policy import (
     USER_AGENT,
     PagePolicy,
+    answer_status,
+    disowned_files,
+    drop_disowned_files,
+    forget,
+    open_entry,
+    read_stored,
+    read_whole,
+    stored_validated_at,
 )
-from buildcache.engine.core import Engine
-from buildcache.engine.errors import ANSWERED_ERRORS, UpstreamError, UpstreamTimeout
+from buildcache.engine.core import Engine, Resolved
+from buildcache.engine.errors import ANSWERED_ERRORS, UpstreamError, status_for
 from buildcache.engine.exchanges import CacheStatus
 from buildcache.engine.freshness import client_asks_refresh
 from buildcache.engine.keys import cache_key
 from buildcache.engine.policy import Target
-from buildcache.fetch.fetcher import DownloadBody
-from buildcache.store import Entry, Store, StoredObject
 
 __all__ = [
     "PageResolver",
@@ -134,22 +138,6 @@ def page_digests(page: ProjectPage) -> dict[str, str]:
     return digests
 
 
-def disowned_files(
-    digests: Mapping[str, str], stored: Mapping[str, Entry]
-) -> list[tuple[Entry, str]]:
-    """
-    The stored entries whose sha256 differs from the one a page now gives
-    for their key (``digests``, from :func:`page_digests`), and why.
-    """
-    return [
-        (entry, f"sha256 {entry.sha256} stored, the page gives {digests[key]}")
-        for key, entry in stored.items()
-        if key in digests and entry.sha256 is not None
-        and entry.sha256.lower() != digests[key]
-    ]
-
-
-
 def metadata_servable(file: ProjectFile) -> bool:
     """
     Whether the core metadata of ``file`` can be fetched: from
@@ -177,13 +165,13 @@ class _UpstreamFailed(Exception):
     """
 
     def __init__(
-        self, url: str, message: str, timed_out: bool = False,
-        remembered: bool = False,
+        self, url: str, message: str, status: int, remembered: bool = False,
     ) -> None:
         super().__init__(message)
         self.url = url
         self.message = message
-        self.timed_out = timed_out
+        #: What the client gets when no stored page answers instead.
+        self.status = status
         #: True when the upstream was not asked, having failed moments ago.
         self.remembered = remembered
 
@@ -204,37 +192,6 @@ class ResolvedPage:
     @property
     def key(self) -> str:
         return page_key(self.upstream, self.name)
-
-
-async def _read_whole(body: DownloadBody) -> bytes:
-    """
-    Wait for a download to end, then return its body (a page: small enough
-    to parse, and parsing needs all of it).  Raises :class:`UpstreamError`
-    when the download failed.
-    """
-    try:
-        # Keep every byte for this reader should the disk refuse the spool.
-        body.advance(0)
-        while not body.finished():
-            more: Deferred[None] = Deferred()
-            body.when_more(lambda: more.callback(None))
-            await more
-        failure = body.failure()
-        if failure is not None:
-            raise UpstreamError(failure.getErrorMessage())
-        size = body.available()
-        chunks = []
-        offset = 0
-        while offset < size:
-            # From the spool file, or from memory when the disk refused it.
-            chunk = body.read(offset, min(1024 * 1024, size - offset))
-            if not chunk:
-                raise UpstreamError("the page body ended early")
-            chunks.append(chunk)
-            offset += len(chunk)
-        return b"".join(chunks)
-    finally:
-        body.close()
 
 
 @define
@@ -276,10 +233,6 @@ class PageResolver:
             engine, tuple(u.rstrip("/") for u in upstreams), index_ttl, engine.clock
         )
 
-    @property
-    def store(self) -> Store:
-        return self.engine.store
-
     async def resolve(self, name: str, headers: Mapping[str, str]) -> ResolvedPage:
         """
         The page of the normalised ``name`` from the first upstream that has
@@ -303,7 +256,7 @@ class PageResolver:
         self._served.pop(name, None)
         asked = ", ".join(self.upstreams)
         raise Refusal(
-            404,
+            answer_status(404),
             f"project {name!r} not found: no upstream index has it (asked"
             f" {asked}; a missing project is asked again after"
             f" {NEGATIVE_TTL:g}s)",
@@ -336,43 +289,42 @@ class PageResolver:
         """
         key = page_key(upstream, name)
         url = self._page_url(upstream, name)
-        entry = self.store.peek(key)
+        validated_at = stored_validated_at(self.engine, key)
         now = self.clock.seconds()
         judged: dict[str, str] = {}
-        if entry is not None:
+        if validated_at is not None:
             # pip's max-age=0 is not heeded; a refresh asked on purpose is,
             # past the floor (see the module docstring).
-            age = max(0.0, now - entry.validated_at)
+            age = max(0.0, now - validated_at)
             if age >= CLIENT_REVALIDATION_FLOOR and client_asks_refresh(headers):
                 judged = {"cache-control": "no-cache"}
             if (judged or age >= self.index_ttl) and (
                 self._failing_until.get(upstream, 0.0) > now
             ):
                 raise _UpstreamFailed(
-                    url, "the upstream failed moments ago", remembered=True
+                    url, "the upstream failed moments ago",
+                    status_for(UpstreamError()), remembered=True,
                 )
         try:
             resolved = await self.engine.resolve(
                 self._target(upstream, name, judged), self._policy
             )
-        except UpstreamTimeout as e:
-            raise _UpstreamFailed(url, str(e), timed_out=True) from e
         except ANSWERED_ERRORS as e:
-            raise _UpstreamFailed(url, str(e)) from e
+            raise _UpstreamFailed(url, str(e), status_for(e)) from e
         if resolved.stored is not None:
             if resolved.cache is CacheStatus.STALE:
                 # The engine could not revalidate it: the upstream failed.
                 self._failed(upstream)
             elif resolved.cache is CacheStatus.REVALIDATED:
                 self._failing_until.pop(upstream, None)
-            return self._stored_page(upstream, name, resolved.cache, resolved.stored)
+            return self._stored_page(upstream, name, resolved)
         answer = resolved.answer
         assert answer is not None and answer.body is not None
         body = answer.body
         if answer.status in (404, 410):
             body.close()
             self._failing_until.pop(upstream, None)
-            if self.store.remove(key):
+            if forget(self.engine, key):
                 self.log.info(
                     "Upstream {upstream} no longer has {name}; dropping its page",
                     upstream=upstream, name=name,
@@ -381,13 +333,15 @@ class PageResolver:
             return None
         if answer.status != 200:
             body.close()
-            raise _UpstreamFailed(url, f"{url} answered {answer.status}")
+            raise _UpstreamFailed(
+                url, f"{url} answered {answer.status}", answer_status(answer.status)
+            )
         self._failing_until.pop(upstream, None)
         download = body.download
         try:
-            data = await _read_whole(body)
+            data = await read_whole(body)
         except UpstreamError as e:
-            raise _UpstreamFailed(url, f"{url}: {e}") from e
+            raise _UpstreamFailed(url, f"{url}: {e}", status_for(e)) from e
         digest = download.sha256 or hashlib.sha256(data).hexdigest()
         return self._fresh_page(
             upstream, name, data, answer.headers.get("content-type"), digest
@@ -439,29 +393,24 @@ class PageResolver:
         Remove the stored files the newly fetched ``page`` gives another
         sha256 for: once per page fetched, not on every file request.
         """
-        digests = page_digests(page)
-        stored = self.store.peek_many(digests)
-        for entry, why in disowned_files(digests, stored):
-            if self.store.remove_entry(entry):
-                self.log.info(
-                    "Removed {key}: the page of {name} now gives another"
-                    " digest ({why}); the next request fetches it",
-                    key=entry.key, name=name, why=why,
-                )
+        for key, why in drop_disowned_files(self.engine, page_digests(page)):
+            self.log.info(
+                "Removed {key}: the page of {name} now gives another"
+                " digest ({why}); the next request fetches it",
+                key=key, name=name, why=why,
+            )
 
     def _stored_page(
-        self, upstream: str, name: str, status: CacheStatus,
-        stored: StoredObject | None = None,
+        self, upstream: str, name: str, resolved: Resolved | None,
     ) -> ResolvedPage:
         """
-        The stored page of ``name`` from ``upstream`` (``stored``, as the
-        engine opened it, or looked up now), parsed or from memory.
+        The stored page of ``name`` from ``upstream`` (``resolved``: opened
+        by the engine or by :func:`open_entry`), parsed or from memory.
         """
         key = page_key(upstream, name)
-        if stored is None:
-            stored = self.store.lookup(key)
-            if stored is None:
-                raise Refusal(502, f"the stored page of {name!r} disappeared; try again")
+        if resolved is None or resolved.stored is None:
+            raise Refusal(502, f"the stored page of {name!r} disappeared; try again")
+        stored = resolved.stored
         try:
             entry = stored.entry
             page = self._models.get((key, entry.sha256)) if entry.sha256 else None
@@ -469,14 +418,14 @@ class PageResolver:
                 digest = entry.sha256
             else:
                 # Not parsed since start-up (or pushed out of memory).
-                data = _read_stored(stored)
+                data = read_stored(stored)
                 digest = hashlib.sha256(data).hexdigest()
                 page = self._parse(upstream, name, data, entry.headers.get("content-type"))
                 self._models.put((key, digest), page, len(data))
         finally:
             stored.close()
         self._served[name] = (upstream, digest)
-        return ResolvedPage(upstream, name, page, digest, status)
+        return ResolvedPage(upstream, name, page, digest, resolved.cache)
 
     def _stale_or_refuse(
         self, name: str, position: int, failed: _UpstreamFailed
@@ -486,7 +435,8 @@ class PageResolver:
         one after it, or refuse with 502/504.
         """
         for upstream in self.upstreams[position:]:
-            if self.store.peek(page_key(upstream, name)) is None:
+            stale = open_entry(self.engine, page_key(upstream, name), CacheStatus.STALE)
+            if stale is None:
                 continue
             self.log.warn(
                 "Serving stale page of {name} from {upstream}: {why}",
@@ -494,9 +444,9 @@ class PageResolver:
             )
             if self.engine.observer is not None:
                 self.engine.observer.stale_served(upstream)
-            return self._stored_page(upstream, name, CacheStatus.STALE)
+            return self._stored_page(upstream, name, stale)
         raise Refusal(
-            504 if failed.timed_out else 502,
+            failed.status,
             f"upstream {failed.url} failed ({failed.message}) and no copy of"
             f" {name!r} is cached",
         )
@@ -515,22 +465,10 @@ class PageResolver:
                 return page
             candidates.insert(0, upstream)
         for upstream in candidates:
-            if self.store.peek(page_key(upstream, name)) is not None:
+            stored = open_entry(self.engine, page_key(upstream, name), CacheStatus.HIT)
+            if stored is not None:
                 try:
-                    return self._stored_page(upstream, name, CacheStatus.HIT).page
+                    return self._stored_page(upstream, name, stored).page
                 except Refusal:
                     continue
         return None
-
-
-def _read_stored(stored: StoredObject) -> bytes:
-    size = stored.entry.size
-    chunks = []
-    offset = 0
-    while offset < size:
-        chunk = os.pread(stored.fd, min(1024 * 1024, size - offset), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)

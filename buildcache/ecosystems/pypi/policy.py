@@ -5,25 +5,36 @@ the :class:`PageCheck` every page body passes before it is stored), and
 the headers the index sends upstream.  A file's policy
 (:class:`FilePolicy`) is built per request from the page that lists it
 (:func:`file_request`); the root's lives with its server (:mod:`.root`).
+
+It also holds the index's one status rule for an upstream that answered
+other than 200 (:func:`answer_status`), and the few store operations its
+front end needs (reading a page body whole, dropping a page or the files a
+page disowns): the front end (:mod:`.index`, :mod:`.pages`, :mod:`.files`,
+:mod:`.root`) imports neither the store nor the fetcher.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from typing import ClassVar
 
 from attrs import Factory, define, frozen
+from twisted.internet.defer import Deferred
 
 from buildcache import __version__
 from buildcache.ecosystems.pypi.lru import LRU
 from buildcache.ecosystems.pypi.model import ProjectPage
 from buildcache.ecosystems.pypi.parse import parse_page
-from buildcache.engine.core import Engine
+from buildcache.engine.core import Engine, Resolved
+from buildcache.engine.errors import UpstreamError
+from buildcache.engine.exchanges import CacheStatus
 from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.keys import adopt_verified_twin, open_stored
 from buildcache.engine.policy import Expectation, GenericPolicy, Target
-from buildcache.store import StoredObject
+from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, DownloadBody
+from buildcache.store import Entry, StoredObject
 
 __all__ = [
     "USER_AGENT",
@@ -33,6 +44,14 @@ __all__ = [
     "FilePolicy",
     "FileRequest",
     "file_request",
+    "answer_status",
+    "disowned_files",
+    "drop_disowned_files",
+    "read_whole",
+    "read_stored",
+    "forget",
+    "open_entry",
+    "stored_validated_at",
 ]
 
 #: What clients are told of a file: it never changes.
@@ -173,13 +192,15 @@ class FileRequest:
 
 
 def file_request(
-    url: str, expected_sha256: str | None, user_agent: str, may_be_large: bool,
+    url: str, expected_sha256: str | None, user_agent: str, size: int | None,
 ) -> FileRequest:
     """
     The request of a distribution or metadata file, checked against the
-    digest its page gives.  One that ``may_be_large`` streams before its
-    check ends (see :data:`buildcache.fetch.fetcher.STREAM_CHECKED_ABOVE`);
-    a small one is answered once checked, so that a mismatch is a clean 502.
+    digest its page gives.  One that may be large (``size``, as the page
+    gives it, is None or above
+    :data:`buildcache.fetch.fetcher.STREAM_CHECKED_ABOVE`) streams before
+    its check ends; a small one is answered once checked, so that a
+    mismatch is a clean 502.
     """
     return FileRequest(
         Target(
@@ -190,6 +211,118 @@ def file_request(
             operator_credentials=True,
         ),
         FilePolicy(expected=Expectation(
-            sha256=expected_sha256, stream_before_check=may_be_large,
+            sha256=expected_sha256,
+            stream_before_check=size is None or size > STREAM_CHECKED_ABOVE,
         )),
     )
+
+
+def answer_status(upstream_status: int) -> int:
+    """
+    The status the index answers with when its upstream answered
+    ``upstream_status`` instead of 200 and no stored copy answers in its
+    place: the one rule for pages, files and the root.  The upstream's
+    "not found" (404, 410) is a 404 for the client, which then looks
+    elsewhere; any other status is the upstream's failure, a 502.  (A
+    failure to get any answer is mapped by the engine's table,
+    :data:`buildcache.engine.errors.ERROR_STATUS`: 504 for a timeout, 502
+    otherwise.)
+    """
+    return 404 if upstream_status in (404, 410) else 502
+
+
+def disowned_files(
+    digests: Mapping[str, str], stored: Mapping[str, Entry]
+) -> list[tuple[Entry, str]]:
+    """
+    The stored entries whose sha256 differs from the one a page now gives
+    for their key (``digests``, from
+    :func:`~buildcache.ecosystems.pypi.pages.page_digests`), and why.
+    """
+    return [
+        (entry, f"sha256 {entry.sha256} stored, the page gives {digests[key]}")
+        for key, entry in stored.items()
+        if key in digests and entry.sha256 is not None
+        and entry.sha256.lower() != digests[key]
+    ]
+
+
+def drop_disowned_files(
+    engine: Engine, digests: Mapping[str, str]
+) -> list[tuple[str, str]]:
+    """
+    Remove the stored files whose sha256 differs from the one a page now
+    gives (``digests``: store key to sha256); the keys removed, and why.
+    """
+    removed = []
+    for entry, why in disowned_files(digests, engine.store.peek_many(digests)):
+        if engine.store.remove_entry(entry):
+            removed.append((entry.key, why))
+    return removed
+
+
+async def read_whole(body: DownloadBody) -> bytes:
+    """
+    Wait for a download to end, then return its body (a page: small enough
+    to parse, and parsing needs all of it).  Raises :class:`UpstreamError`
+    when the download failed.
+    """
+    try:
+        # Keep every byte for this reader should the disk refuse the spool.
+        body.advance(0)
+        while not body.finished():
+            more: Deferred[None] = Deferred()
+            body.when_more(lambda: more.callback(None))
+            await more
+        failure = body.failure()
+        if failure is not None:
+            raise UpstreamError(failure.getErrorMessage())
+        size = body.available()
+        chunks = []
+        offset = 0
+        while offset < size:
+            # From the spool file, or from memory when the disk refused it.
+            chunk = body.read(offset, min(1024 * 1024, size - offset))
+            if not chunk:
+                raise UpstreamError("the page body ended early")
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        body.close()
+
+
+def read_stored(stored: StoredObject) -> bytes:
+    """The whole body of a stored page (opened; the caller closes it)."""
+    size = stored.entry.size
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(stored.fd, min(1024 * 1024, size - offset), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def forget(engine: Engine, key: str) -> bool:
+    """Remove the entry under the index's own ``key``; whether one was."""
+    return engine.store.remove(key)
+
+
+def stored_validated_at(engine: Engine, key: str) -> float | None:
+    """When the entry under ``key`` was last validated; None if none is."""
+    entry = engine.store.peek(key)
+    return None if entry is None else entry.validated_at
+
+
+def open_entry(engine: Engine, key: str, cache: CacheStatus) -> Resolved | None:
+    """
+    The entry under the index's own ``key`` (a page), opened, as an
+    answer of ``cache`` status; None when nothing is stored.
+    """
+    stored = engine.store.lookup(key)
+    if stored is None:
+        return None
+    return Resolved(cache, Kind.INDEX, stored=stored)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from attrs import define, frozen
 from twisted.web.server import Request
 
-from buildcache.ecosystems.pypi.policy import USER_AGENT, IndexPolicy
+from buildcache.ecosystems.pypi.policy import USER_AGENT, IndexPolicy, answer_status
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.freshness import Kind, client_cache_control
@@ -102,6 +102,6 @@ class RootServer:
         answer = resolved.answer
         if answer is not None and answer.status != 200:
             resolved.close()
-            send_error(request, 502, f"{url} answered {answer.status}")
+            send_error(request, answer_status(answer.status), f"{url} answered {answer.status}")
             return
         self.engine.respond(request, target, policy, resolved)
