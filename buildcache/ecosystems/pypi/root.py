@@ -4,8 +4,8 @@ The root page ``/simple/`` of the index port.
 The upstream root (hundreds of thousands of names) is streamed from the
 first upstream and stored per media type for :data:`ROOT_TTL`; nothing
 here reads it, and no decision depends on it (a project's page is fetched
-directly).  When the upstream fails or answers any error status (>= 400), the
-stored copy is served stale.
+directly).  When the upstream fails or answers an error status (429, 403, 5xx...),
+the stored copy is served stale.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class RootPolicy(IndexPolicy):
 
     def stale_on(self, status: int) -> bool:
         # Any error serves the stored root (a rate limit's 429, a 403 from
-        # a proxy in the way, a 404 of a mis-set mirror): nothing depends
-        # on the root being current, and it lags upstream anyway.
+        # a proxy in the way), not only a 5xx: nothing depends on the root
+        # being current, and it lags upstream anyway.  (The engine never
+        # hides a 404 or 410 behind a stored copy.)
         return status >= 400
 
 
