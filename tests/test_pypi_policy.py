@@ -149,7 +149,7 @@ class FilePolicyTests(_Base):
         self.put(twin.key, BODY)
         vouched = Expectation(sha256=DIGEST)
         adopted = self.run_async(Deferred.fromCoroutine(
-            FilePolicy(expected=vouched).adopt(target, self.engine, vouched)
+            self.engine.adopt(target, FilePolicy(expected=vouched), vouched)
         ))
         assert adopted is not None
         self.addCleanup(adopted.close)
@@ -162,7 +162,7 @@ class FilePolicyTests(_Base):
         self.put(twin.key, b"other bytes")
         vouched = Expectation(sha256=DIGEST)
         adopted = self.run_async(Deferred.fromCoroutine(
-            FilePolicy(expected=vouched).adopt(target, self.engine, vouched)
+            self.engine.adopt(target, FilePolicy(expected=vouched), vouched)
         ))
         self.assertIsNone(adopted)
         self.assertIsNotNone(self.store.peek(twin.key))

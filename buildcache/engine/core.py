@@ -14,6 +14,15 @@ recorded for accounting (:mod:`buildcache.engine.exchanges`).
 
 :meth:`Engine.resolve` is the same flow without the response, for a front
 end that renders what it gets (the pip index's pages).
+
+The RFC 9111 and credential rules are the engine's, whatever a policy
+says: a policy's stale statuses are heeded among error statuses only
+(:func:`buildcache.engine.freshness.stale_status`), a private request's
+client is never promised a longer life than its response's own
+(:func:`buildcache.engine.freshness.private_cache_control`), and a twin is
+taken over under the client's own key (:meth:`Engine.adopt`).  An upstream
+host that failed a revalidation is not asked again for a while
+(:mod:`buildcache.engine.backoff`).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from buildcache.engine.backoff import UPSTREAM_FAILURE_BACKOFF, UpstreamBackoff
 from buildcache.engine.conditional import validators_of
 from buildcache.engine.errors import (
     ANSWERED_ERRORS,
@@ -47,8 +57,16 @@ from buildcache.engine.freshness import (
     effective_kind,
     is_storable,
     may_serve_stale,
+    private_cache_control,
+    stale_status,
 )
-from buildcache.engine.keys import find_stored, open_stored, private_family
+from buildcache.engine.keys import (
+    adopt_twin,
+    find_stored,
+    http_twin,
+    open_stored,
+    private_family,
+)
 from buildcache.engine.policy import NO_EXPECTATION, Expectation, Policy, Target
 from buildcache.engine.respond import send_error, serve_answer, serve_head, serve_stored
 from buildcache.engine.variants import URL_VARIANTS
@@ -56,9 +74,6 @@ from buildcache.fetch.fetcher import Fetcher, UpstreamAnswer, UpstreamRequest, d
 from buildcache.store import Entry, Store, StoredObject
 
 __all__ = ["Engine", "Resolved"]
-
-#: What :meth:`Engine.serve` answers with a status instead of a crash.
-
 
 @frozen
 class Resolved:
@@ -74,6 +89,8 @@ class Resolved:
     kind: Kind
     stored: StoredObject | None = None
     answer: UpstreamAnswer | None = None
+    #: For a client with credentials (see :class:`_ForClient`).
+    private: bool = False
 
     def close(self) -> None:
         """Give up what was resolved without sending it."""
@@ -110,10 +127,15 @@ class Engine:
     clock: IReactorTime
     observer: CacheObserver | None = None
     index_ttl: float = 600.0
+    #: Seconds an upstream host that failed a revalidation is not asked
+    #: again (its stored entries are served stale at once meanwhile).
+    upstream_backoff: float = UPSTREAM_FAILURE_BACKOFF
     exchanges: Exchanges = field(init=False)
+    backoff: UpstreamBackoff = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.exchanges = Exchanges(self.clock, self.observer)
+        self.backoff = UpstreamBackoff(self.clock, self.upstream_backoff)
 
     def begin(
         self, request: Request, front_end: str, name: str | None = None
@@ -164,23 +186,34 @@ class Engine:
         Send what :meth:`resolve` found, with the policy's ``Cache-Control``
         and extra headers.
         """
-        kind = resolved.kind
-        ttl = policy.ttl(kind, self.index_ttl)
         extra = policy.extra_headers(target)
         if resolved.stored is not None:
             stored = resolved.stored
             serve_stored(
                 request, stored, resolved.cache,
-                policy.cache_control(kind, ttl, stored.entry.headers, 200), extra,
+                self._cache_control(policy, resolved, stored.entry.headers, 200), extra,
             )
             return
         answer = resolved.answer
         assert answer is not None
-        cache_control = policy.cache_control(kind, ttl, answer.headers, answer.status)
+        cache_control = self._cache_control(policy, resolved, answer.headers, answer.status)
         if answer.body is None:
             serve_head(request, answer, cache_control, extra)
         else:
             serve_answer(request, answer, cache_control, extra)
+
+    def _cache_control(
+        self, policy: Policy, resolved: Resolved, headers: Mapping[str, str], status: int
+    ) -> str | None:
+        """
+        The policy's ``Cache-Control`` for the client; a private one never
+        promises a longer life than the response's own.
+        """
+        kind = resolved.kind
+        chosen = policy.cache_control(kind, policy.ttl(kind, self.index_ttl), headers, status)
+        if not resolved.private:
+            return chosen
+        return private_cache_control(chosen, headers, status, self.clock.seconds())
 
     async def resolve(
         self, target: Target, policy: Policy, method: bytes = b"GET"
@@ -192,10 +225,10 @@ class Engine:
         """
         await policy.before_lookup(target, self)
         client = self._for_client(target, policy)
-        stored = self._open(client)
+        stored = self._open(client, policy)
         if stored is not None:
             if self._fresh(client, policy, stored.entry):
-                return Resolved(CacheStatus.HIT, client.kind, stored=stored)
+                return self._resolved(client, CacheStatus.HIT, stored=stored)
             return await self._revalidate(client, policy, stored)
         if method == b"HEAD" and not self.fetcher.downloading(client.key):
             return await self._head(client, policy)
@@ -211,21 +244,40 @@ class Engine:
         rest to the process that fetches.
         """
         client = self._for_client(target, policy)
-        stored = self._open(client)
+        stored = self._open(client, policy)
         if stored is None:
             return None
         if self._fresh(client, policy, stored.entry):
-            return Resolved(CacheStatus.HIT, client.kind, stored=stored)
+            return self._resolved(client, CacheStatus.HIT, stored=stored)
         stored.close()
         return None
 
-    def _open(self, client: _ForClient) -> StoredObject | None:
+    def _resolved(
+        self, client: _ForClient, cache: CacheStatus, *,
+        stored: StoredObject | None = None, answer: UpstreamAnswer | None = None,
+    ) -> Resolved:
+        return Resolved(cache, client.kind, stored, answer, client.private)
+
+    def _open(self, client: _ForClient, policy: Policy) -> StoredObject | None:
+        """
+        The stored entry that answers ``client``, opened, when the policy
+        lets it (see :meth:`Policy.answers`); None to fetch.
+        """
         target = client.target
         if target.variants:
-            return open_stored(self.store, client.key, target.upstream_headers)
-        # Always asked with the same headers: its one entry answers,
-        # whatever its Vary says.
-        return self.store.lookup(client.key)
+            stored = open_stored(self.store, client.key, target.upstream_headers)
+        else:
+            # Always asked with the same headers: its one entry answers,
+            # whatever its Vary says.
+            stored = self.store.lookup(client.key)
+        if stored is not None and not policy.answers(target, stored.entry):
+            self.log.info(
+                "Not answering {key} from {entry}: its policy rejects it",
+                key=client.key, entry=stored.entry.key,
+            )
+            stored.close()
+            return None
+        return stored
 
     def _fresh(self, client: _ForClient, policy: Policy, entry: Entry) -> bool:
         return decide(
@@ -250,6 +302,31 @@ class Engine:
         if not target.variants:
             return self.store.peek(self.family(target))
         return find_stored(self.store, self.family(target), target.upstream_headers)
+
+    async def adopt(
+        self, target: Target, policy: Policy, expected: Expectation
+    ) -> StoredObject | None:
+        """
+        The entry the ``http://`` twin of ``target``'s key holds in the
+        client's own family (:func:`buildcache.engine.keys.http_twin`),
+        taken over under the client's key when the policy vouches for its
+        bytes (:meth:`Policy.vouches_for`), and opened; else None.  The
+        key is the engine's choice, never the policy's: a client with
+        credentials is never answered from an anonymous twin.
+        """
+        family = self.family(target)
+        twin_family = http_twin(family)
+        if twin_family is None:
+            return None
+        twin = find_stored(self.store, twin_family, target.upstream_headers)
+        if twin is None or not await policy.vouches_for(target, self, twin, expected):
+            return None
+        adopted = adopt_twin(self.store, family, twin_family, twin)
+        if adopted is None:
+            return None
+        if adopted.source_digest is None and expected.source_digest is not None:
+            self.store.set_source_digest(adopted, expected.source_digest)
+        return self.store.lookup(adopted.key)
 
     async def refresh(self, target: Target, policy: Policy) -> None:
         """
@@ -322,29 +399,52 @@ class Engine:
         version = None if validator is None else stored.entry.headers.get(validator)
         if validator is not None and version is not None:
             return await self._revalidate_by_head(client, policy, stored, validator, version)
-        # A 200 replaces the stored copy: it is checked as a miss's body is
-        # (a captive portal's page must not replace a good index page).
-        expected = await policy.expect(client.target, self)
-        upstream = self._upstream_request(
-            client, policy, validators_of(stored.entry.headers), expected,
-            revalidates=stored.entry.key,
-        )
+        url = client.target.url
         try:
+            if self._backing_off(client, stored):
+                return self._stale(client, stored, "the upstream failed moments ago")
+            # A 200 replaces the stored copy: it is checked as a miss's
+            # body is (a captive portal's page must not replace a good
+            # index page).
+            expected = await policy.expect(client.target, self)
+            upstream = self._upstream_request(
+                client, policy, validators_of(stored.entry.headers), expected,
+                revalidates=stored.entry.key,
+            )
             answer = await self.fetcher.fetch(upstream)
         except TargetRefused:
             stored.close()
             raise
         except UpstreamError as e:
+            self.backoff.failed(url)
             return self._stale(client, stored, str(e))
-        if answer.status == 304:
+        except IntegrityError as e:
+            # A body that fails its check (a captive portal's 200) is a
+            # failed revalidation, as a 5xx is.
+            return self._stale(client, stored, str(e))
+        except BaseException:
             stored.close()
-            return await self._refreshed(client, policy, stored.entry.key)
-        if policy.stale_on(answer.status):
+            raise
+        if stale_status(answer.status, policy.stale_on(answer.status)):
             assert answer.body is not None
             answer.body.close()
+            self.backoff.failed(url)
             return self._stale(client, stored, f"upstream answered {answer.status}")
+        self.backoff.succeeded(url)
         stored.close()
-        return Resolved(CacheStatus.MISS, client.kind, answer=answer)
+        if answer.status == 304:
+            return await self._refreshed(client, policy, stored.entry.key)
+        return self._resolved(client, CacheStatus.MISS, answer=answer)
+
+    def _backing_off(self, client: _ForClient, stored: StoredObject) -> bool:
+        """
+        Whether ``stored`` is served stale without asking its upstream,
+        which failed moments ago (when it may be served stale at all;
+        else the upstream is asked).
+        """
+        return self.backoff.failing(client.target.url) and may_serve_stale(
+            stored.entry.headers, client.private
+        )
 
     async def _revalidate_by_head(
         self, client: _ForClient, policy: Policy, stored: StoredObject,
@@ -355,7 +455,10 @@ class Engine:
         the stored copy, another one is fetched (a registry does not count
         a HEAD against its pull limit, as it does a GET).
         """
+        url = client.target.url
         try:
+            if self._backing_off(client, stored):
+                return self._stale(client, stored, "the upstream failed moments ago")
             answer = await self.fetcher.head(
                 self._upstream_request(client, policy, {}, NO_EXPECTATION)
             )
@@ -363,9 +466,15 @@ class Engine:
             stored.close()
             raise
         except UpstreamError as e:
+            self.backoff.failed(url)
             return self._stale(client, stored, str(e))
-        if policy.stale_on(answer.status):
+        except BaseException:
+            stored.close()
+            raise
+        if stale_status(answer.status, policy.stale_on(answer.status)):
+            self.backoff.failed(url)
             return self._stale(client, stored, f"upstream answered {answer.status}")
+        self.backoff.succeeded(url)
         stored.close()
         if answer.status == 200 and answer.headers.get(validator) == version:
             self.store.mark_validated(stored.entry.key)
@@ -380,7 +489,7 @@ class Engine:
         fresh = self.store.lookup(key)
         if fresh is None:
             return await self._miss(client, policy)
-        return Resolved(CacheStatus.REVALIDATED, client.kind, stored=fresh)
+        return self._resolved(client, CacheStatus.REVALIDATED, stored=fresh)
 
     def _stale(self, client: _ForClient, stored: StoredObject, why: str) -> Resolved:
         if not may_serve_stale(stored.entry.headers, client.private):
@@ -394,7 +503,7 @@ class Engine:
         )
         if self.observer is not None:
             self.observer.stale_served(client.target.url)
-        return Resolved(CacheStatus.STALE, client.kind, stored=stored)
+        return self._resolved(client, CacheStatus.STALE, stored=stored)
 
     async def _head(self, client: _ForClient, policy: Policy) -> Resolved:
         """
@@ -407,14 +516,14 @@ class Engine:
         )
         if answer.status in (405, 501):
             return await self._miss(client, policy)
-        return Resolved(CacheStatus.MISS, client.kind, answer=answer)
+        return self._resolved(client, CacheStatus.MISS, answer=answer)
 
     async def _miss(self, client: _ForClient, policy: Policy) -> Resolved:
         target = client.target
         expected = await policy.expect(target, self)
-        adopted = await policy.adopt(target, self, expected)
+        adopted = await self.adopt(target, policy, expected)
         if adopted is not None:
-            return Resolved(CacheStatus.HIT, client.kind, stored=adopted)
+            return self._resolved(client, CacheStatus.HIT, stored=adopted)
         if not expected.vouched:
             # Immutable once stored: a body nothing checked (an error page
             # sent as 200, say) would be served for good.
@@ -434,4 +543,10 @@ class Engine:
             answer = await self.fetcher.fetch(
                 self._upstream_request(client, policy, {}, newer)
             )
-        return Resolved(CacheStatus.MISS, client.kind, answer=answer)
+        if answer.status == 304:
+            # Nothing was asked on condition: a 304 has no body to serve.
+            if answer.body is not None:
+                answer.body.close()
+            raise UpstreamError(f"{target.url} answered 304 to an unconditional request")
+        self.backoff.succeeded(target.url)
+        return self._resolved(client, CacheStatus.MISS, answer=answer)

@@ -47,6 +47,9 @@ __all__ = [
     "client_credentials",
     "effective_kind",
     "may_serve_stale",
+    "GONE_STATUSES",
+    "stale_status",
+    "private_cache_control",
     "NORMALISED_REQUEST_HEADERS",
     "sent_headers",
     "vary_names",
@@ -308,6 +311,50 @@ def may_serve_stale(stored_headers: Mapping[str, str], private: bool) -> bool:
     directives = parse_cache_control(_lowered(stored_headers).get("cache-control"))
     forbidding = {"must-revalidate", "proxy-revalidate", "s-maxage", "no-cache"}
     return not (forbidding & directives.keys())
+
+
+#: Statuses never served stale for, whatever a policy says: the upstream
+#: says the file is gone, and a stored copy must not hide that.
+GONE_STATUSES = frozenset({404, 410})
+
+
+def stale_status(status: int, policy_says: bool) -> bool:
+    """
+    Whether an upstream answer of ``status`` to a revalidation serves the
+    stored copy stale, when the policy's ``stale_on`` said ``policy_says``.
+    The policy decides among error statuses (5xx by default; a registry
+    adds 429) but cannot go further: a success or a redirect (< 400) and
+    an upstream saying the file is gone (404, 410) are never stale
+    triggers.
+    """
+    return policy_says and status >= 400 and status not in GONE_STATUSES
+
+
+def private_cache_control(
+    policy_value: str | None, response_headers: Mapping[str, str], status: int,
+    now: float,
+) -> str | None:
+    """
+    The ``Cache-Control`` sent to the client of a private request (one
+    with credentials), given the one its policy chose: the policy's value
+    when it promises no longer a life than the response's own (it says
+    ``no-store`` or ``no-cache``, or has a ``max-age`` no longer than the
+    response's freshness lifetime, and no ``immutable``), else the
+    response's own value.  A private response's own directives decide its
+    life, in the client's cache as in this one.
+    """
+    own = client_cache_control(Kind.HTTP, 0.0, response_headers, status)
+    if policy_value is None or policy_value == own:
+        return own if policy_value is None else policy_value
+    directives = parse_cache_control(policy_value)
+    if "no-store" in directives or "no-cache" in directives:
+        return policy_value
+    max_age = _delta_seconds(directives.get("max-age"))
+    if "immutable" in directives or max_age is None:
+        return own
+    if max_age <= freshness_lifetime(response_headers, now):
+        return policy_value
+    return own
 
 
 #: Request headers buildcache sends upstream with one value whatever the

@@ -201,23 +201,6 @@ def adopt_twin(store: Store, family: str, twin_family: str, twin: Entry) -> Entr
     return adopted
 
 
-def adopt_verified_twin(
-    store: Store, family: str, sent: Mapping[str, str], expected_sha256: str | None
-) -> Entry | None:
-    """
-    The entry of ``family`` (an ``https://`` file key) adopted from its
-    :func:`http_twin` when that twin's sha256 is ``expected_sha256``, which
-    a page fetched over https gave; else None (nothing moved).
-    """
-    twin_family = http_twin(family)
-    if twin_family is None or expected_sha256 is None:
-        return None
-    twin = find_stored(store, twin_family, sent)
-    if twin is None or not twin_matches_digest(twin.sha256, expected_sha256):
-        return None
-    return adopt_twin(store, family, twin_family, twin)
-
-
 def variants_to_drop(
     family: str, stored_key: str, siblings: Sequence[tuple[str, float]],
     keep: int = VARIANTS_KEPT,

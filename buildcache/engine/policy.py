@@ -27,7 +27,7 @@ from buildcache.engine.keys import cache_key
 if TYPE_CHECKING:
     from buildcache.engine.core import Engine
     from buildcache.fetch.fetcher import BodyVerifier
-    from buildcache.store import StoredObject
+    from buildcache.store import Entry
 
 __all__ = [
     "Target",
@@ -154,7 +154,11 @@ class Policy(Protocol):
         """
         Whether an upstream answer of ``status`` to a revalidation is a
         failure a stored copy is served stale for (5xx; a registry adds
-        429, its rate limit).
+        429, its rate limit).  The engine heeds a yes only for an error
+        status other than 404 and 410 (see
+        :func:`buildcache.engine.freshness.stale_status`): a success, a
+        redirect, or an upstream saying the file is gone is never hidden
+        behind a stored copy.
         """
 
     def head_validator(self, kind: Kind) -> str | None:
@@ -177,12 +181,27 @@ class Policy(Protocol):
         digest a page or a manifest gave).
         """
 
-    async def adopt(
-        self, target: Target, engine: Engine, expected: Expectation
-    ) -> StoredObject | None:
+    async def vouches_for(
+        self, target: Target, engine: Engine, twin: Entry, expected: Expectation
+    ) -> bool:
         """
-        A stored copy taken over on a miss (an ``http://`` twin whose bytes
-        ``expected`` vouches for), served as a HIT; None to fetch.
+        Whether ``twin``, the entry the ``http://`` twin of ``target``'s
+        key holds in the client's own family (see
+        :func:`buildcache.engine.keys.http_twin`), is the body ``expected``
+        describes, as checked over https (a digest, an index entry).  The
+        engine then takes it over under the client's key and serves it as
+        a HIT instead of fetching (see :meth:`Engine.adopt`); a policy
+        never chooses the key.
+        """
+
+    def answers(self, target: Target, entry: Entry) -> bool:
+        """
+        Whether the stored ``entry`` found for ``target`` may answer it
+        (a pure check of what the policy already knows: no I/O).  An
+        entry it rejects is no hit: :meth:`Engine.resolve` fetches as for
+        a miss, and :meth:`Engine.fresh_hit` returns None.  FilePolicy
+        compares the entry's sha256 with the page's; ApkPolicy its
+        recorded source digest with the index entry held in memory.
         """
 
     async def recheck(
@@ -199,7 +218,8 @@ class Policy(Protocol):
 class GenericPolicy:
     """
     The RFC 9111 policy: files have the kind their path rules give (HTTP
-    without rules), nothing is expected of a body, nothing is adopted.
+    without rules), nothing is expected of a body, every stored entry
+    answers, no twin is vouched for.
     """
 
     rules: Sequence[PathRule] = ()
@@ -237,10 +257,13 @@ class GenericPolicy:
     async def expect(self, target: Target, engine: Engine) -> Expectation:
         return NO_EXPECTATION
 
-    async def adopt(
-        self, target: Target, engine: Engine, expected: Expectation
-    ) -> StoredObject | None:
-        return None
+    async def vouches_for(
+        self, target: Target, engine: Engine, twin: Entry, expected: Expectation
+    ) -> bool:
+        return False
+
+    def answers(self, target: Target, entry: Entry) -> bool:
+        return True
 
     async def recheck(
         self, target: Target, engine: Engine, expected: Expectation, error: Exception

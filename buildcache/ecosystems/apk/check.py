@@ -178,6 +178,29 @@ class ApkIndexes:
             return None
         return index.get(filename)
 
+    def held_entry(self, package_key: str) -> ApkFacts | None:
+        """
+        The entry for the package stored under ``package_key`` in an index
+        of its directory and credentials already parsed in memory, and
+        still the version stored; None when none is held or lists it.
+        Reads no file (the hit path asks it).
+        """
+        url = package_key.partition("#")[0]
+        index_url = repository_index_url(url)
+        filename = package_filename(url)
+        if index_url is None or filename is None:
+            return None
+        for index_key, (digest, parsed) in self._parsed.items():
+            if index_key.partition("#")[0] != index_url or not vouched_by(
+                index_key, package_key
+            ):
+                continue
+            stored = self.store.peek(index_key)
+            facts = parsed.get(filename)
+            if facts is not None and stored is not None and stored.sha256 == digest:
+                return facts
+        return None
+
     async def current(self, package_url: str, key_of: Callable[[str], str]) -> None:
         """
         Make sure the stored packages beside ``package_url`` have been

@@ -13,9 +13,11 @@ name.  So, around the engine's flow:
   checksum, data hash) before it is stored; an index never fetched, or
   older than the package, is fetched or revalidated first, and a package
   no index lists is served but not stored (:meth:`ApkPolicy.expect`);
+- a stored package is no hit when the index held in memory lists another
+  build than the one recorded with it (:meth:`ApkPolicy.answers`);
 - an ``https://`` package is taken over from its plain-http twin when the
   index fetched over https vouches for the twin's bytes
-  (:meth:`ApkPolicy.adopt`);
+  (:meth:`ApkPolicy.vouches_for`; the engine moves it);
 - a package that fails its check is tried once more with a freshly
   revalidated index, which may be newer than the one it was checked
   against (:meth:`ApkPolicy.recheck`).
@@ -42,10 +44,10 @@ from buildcache.ecosystems.apk.index import ApkFacts, repository_index_url, stal
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import IntegrityError
 from buildcache.engine.freshness import Kind
-from buildcache.engine.keys import adopt_twin, cache_key, find_stored, http_twin
+from buildcache.engine.keys import cache_key
 from buildcache.engine.policy import Expectation, GenericPolicy, PathRule, Target, rule
 from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE
-from buildcache.store import StoredObject
+from buildcache.store import Entry
 
 __all__ = ["RULES", "ApkExpectation", "ApkPolicy"]
 
@@ -146,42 +148,48 @@ class ApkPolicy(GenericPolicy):
         await engine.refresh(self._index_target(target, index_url), self)
         return await self.indexes.entry_for(target.url, self._index_keys(target, engine))
 
-    async def adopt(
-        self, target: Target, engine: Engine, expected: Expectation
-    ) -> StoredObject | None:
+    def answers(self, target: Target, entry: Entry) -> bool:
         """
-        The package of an ``https://`` target taken over from its
-        plain-http twin (see :func:`buildcache.engine.keys.http_twin`) when
-        the index, fetched over https, vouches for the twin's bytes (size,
-        control checksum, data hash: the check a download gets).
+        A stored package is no hit when the index held in memory for it
+        (the version stored now) lists another build than the one recorded
+        with it: it is fetched again, checked against that entry.  Nothing
+        held, or nothing recorded: it answers (the process that writes
+        drops the packages an index disowns, see :meth:`before_lookup`).
+        """
+        facts = self.indexes.held_entry(entry.key)
+        if facts is None or entry.source_digest is None:
+            return True
+        reason = stale_reason(facts, entry.size, entry.source_digest)
+        if reason is not None:
+            _log.info(
+                "Not serving {key}: its index now describes another build ({reason})",
+                key=entry.key, reason=reason,
+            )
+        return reason is None
+
+    async def vouches_for(
+        self, target: Target, engine: Engine, twin: Entry, expected: Expectation
+    ) -> bool:
+        """
+        Whether the plain-http ``twin`` of an ``https://`` package is the
+        build the index, fetched over https, lists (size, control
+        checksum, data hash: the check a download gets).
         """
         facts = expected.facts if isinstance(expected, ApkExpectation) else None
-        if facts is None:
-            return None
-        store = engine.store
-        family = engine.family(target)
-        twin_family = http_twin(family)
-        if twin_family is None:
-            return None
-        twin = find_stored(store, twin_family, target.upstream_headers)
         # A recorded checksum that differs rules it out without a read.
-        if twin is None or stale_reason(facts, twin.size, twin.source_digest):
-            return None
+        if facts is None or stale_reason(facts, twin.size, twin.source_digest):
+            return False
+        store = engine.store
         path = store.object_path(twin.key)
         if path is None or not await store.run_blocking(
             partial(stored_package_matches, path, facts)
         ):
             _log.info(
-                "Not adopting {twin} for {key}: it is not the build its index lists",
-                twin=twin.key, key=family,
+                "Not adopting {twin} for {url}: it is not the build its index lists",
+                twin=twin.key, url=target.url,
             )
-            return None
-        adopted = adopt_twin(store, family, twin_family, twin)
-        if adopted is None:
-            return None
-        if adopted.source_digest is None:
-            store.set_source_digest(adopted, facts.control_checksum)
-        return store.lookup(adopted.key)
+            return False
+        return True
 
     async def recheck(
         self, target: Target, engine: Engine, expected: Expectation, error: Exception

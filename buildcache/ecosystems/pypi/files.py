@@ -14,7 +14,7 @@ the same ``Vary`` rule (see :func:`buildcache.engine.keys.find_stored`).  A
 file of an ``https://`` upstream that is stored only under its ``http://``
 key (a cache upgraded from before keys named their scheme) is taken over
 when its sha256 is the one the page gives (see
-:func:`buildcache.engine.keys.adopt_verified_twin`).  A file is found
+:meth:`buildcache.engine.core.Engine.adopt`).  A file is found
 through the page the client last saw (see
 :meth:`~buildcache.ecosystems.pypi.pages.PageResolver.known_page`): one not
 listed there is a 404, whatever the upstream holds.

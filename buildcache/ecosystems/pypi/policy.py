@@ -31,7 +31,7 @@ from buildcache.engine.core import Engine, Resolved
 from buildcache.engine.errors import UpstreamError
 from buildcache.engine.exchanges import CacheStatus
 from buildcache.engine.freshness import Kind, client_cache_control
-from buildcache.engine.keys import adopt_verified_twin, open_stored
+from buildcache.engine.keys import twin_matches_digest
 from buildcache.engine.policy import Expectation, GenericPolicy, Target
 from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, DownloadBody
 from buildcache.store import Entry, StoredObject
@@ -158,17 +158,13 @@ class FilePolicy(IndexPolicy):
     async def expect(self, target: Target, engine: Engine) -> Expectation:
         return self.expected
 
-    async def adopt(
-        self, target: Target, engine: Engine, expected: Expectation
-    ) -> StoredObject | None:
+    async def vouches_for(
+        self, target: Target, engine: Engine, twin: Entry, expected: Expectation
+    ) -> bool:
         # Stored over plain http (by a version whose keys had no scheme,
         # or by the proxy), and the page fetched from this https upstream
         # vouches for its bytes.
-        if adopt_verified_twin(
-            engine.store, target.key, target.upstream_headers, expected.sha256
-        ) is None:
-            return None
-        return open_stored(engine.store, target.key, target.upstream_headers)
+        return twin_matches_digest(twin.sha256, expected.sha256)
 
 
 @frozen

@@ -213,7 +213,7 @@ class Prefetcher:
                 engine.fetcher.downloading(key)
             ):
                 return
-            adopted = await policy.adopt(target, engine, policy.expected)
+            adopted = await engine.adopt(target, policy, policy.expected)
             if adopted is not None:
                 adopted.close()
                 return
