@@ -42,20 +42,17 @@ from buildcache.ecosystems.pypi.model import (
     UPSTREAM_ACCEPT,
     ProjectPage,
 )
-from buildcache.ecosystems.pypi.pages import (
-    CLIENT_REVALIDATION_FLOOR,
-    NEGATIVE_TTL,
-    UPSTREAM_FAILURE_BACKOFF,
-    page_key,
-)
+from buildcache.ecosystems.pypi.pages import NEGATIVE_TTL, page_key
 from buildcache.ecosystems.pypi.parse import (
     parse_html_page,
     parse_json_page,
 )
+from buildcache.ecosystems.pypi.policy import CLIENT_REVALIDATION_FLOOR
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.ecosystems.pypi.render import (
     render_root_html,
 )
+from buildcache.engine.backoff import UPSTREAM_FAILURE_BACKOFF
 from buildcache.engine.core import Engine
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.fetcher import Fetcher, UpstreamRequest, upstream_client
@@ -1371,6 +1368,22 @@ class UpstreamPriorityTests(TestCase):
         received = await self.harness.page("bcdemo-c")
         filenames = [f["filename"] for f in json.loads(received.body)["files"]]
         self.assertIn(WHEEL_B1, filenames)
+
+    async def test_later_upstreams_copy_when_first_fails(self) -> None:
+        """
+        A project only the second upstream has, stored: when the first
+        upstream fails (and has no page of it for the engine to serve
+        stale), the second's stored page is served STALE without asking
+        the second.
+        """
+        first = await self.harness.page("bcdemo-c")
+        self.harness.clock.advance(NEGATIVE_TTL + 1)
+        self.first.index.broken = True
+        stale = await self.harness.page("bcdemo-c")
+        self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        self.assertEqual(stale.body, first.body)
+        self.assertEqual(self.first.requests_for("/simple/bcdemo-c/"), 2)
+        self.assertEqual(self.second.requests_for("/simple/bcdemo-c/"), 1)
 
     async def test_first_failing_does_not_fall_through(self) -> None:
         """

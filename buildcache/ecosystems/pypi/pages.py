@@ -3,42 +3,33 @@ Project pages across the index's upstreams: which upstream owns a project,
 and the parsed model a request is answered from.
 
 One upstream's page is resolved by the cache engine under
-:class:`PagePolicy` (:meth:`buildcache.engine.core.Engine.resolve`):
-freshness, revalidation, a 304 for a page evicted meanwhile, a stale copy
-when its revalidation fails, and error statuses are the engine's.  What
-spans upstreams, or is about not asking at all, is this module's
-(:class:`PageResolver`):
+:class:`~buildcache.ecosystems.pypi.policy.PagePolicy`
+(:meth:`buildcache.engine.core.Engine.resolve`): freshness (``index_ttl``,
+and the client-refresh floor the policy puts in the page target's
+headers), revalidation, a 304 for a page evicted meanwhile, the page's
+stale copy when its revalidation fails (an error status, an unreachable
+upstream, a body that fails the page check), the failing-upstream backoff
+(:mod:`buildcache.engine.backoff`), and error statuses are the engine's.
+What spans upstreams is this module's (:class:`PageResolver`):
 
 - **Which upstream serves a project**: the first, in priority order, that
   does not answer 404 serves all of it; files are never merged across
   upstreams, so a later index cannot slip a file into a project that an
   earlier one owns (dependency confusion).  An upstream 404 is remembered
   for :data:`NEGATIVE_TTL` seconds.  An upstream that fails (unreachable,
-  5xx) is never skipped in favour of the next one: its stored page, or a
-  later upstream's stored page, is served stale, else the client gets a
-  502/504.
+  an error status) is never skipped in favour of the next one: the engine
+  serves its stored page stale; when it has none, a later upstream's
+  stored page is served stale, else the client gets the failure's status
+  (502/504, see :func:`~buildcache.ecosystems.pypi.policy.answer_status`).
 - **Pages**: the upstream page body is stored under
   ``simple-page|<upstream>|<name>`` (fetched as JSON where the upstream
   offers it), parsed once into a
   :class:`~buildcache.ecosystems.pypi.model.ProjectPage` kept in a small
-  in-memory LRU keyed by the stored body's sha256.  A page is revalidated
-  upstream (conditionally) when it is ``index_ttl`` old.  pip sends
-  ``Cache-Control: max-age=0`` on every page request, whatever the user
-  wants, so a request's ``max-age`` is not heeded: obeying it would cost
-  every warm install one upstream round trip per project, on the slow line
-  this cache exists to spare (devpi-server and proxpi ignore it too).  A
-  client that asks for fresh data on purpose (``Cache-Control: no-cache``
-  or ``Pragma: no-cache``, as ``uv --refresh`` and ``curl -H`` send) gets a
-  revalidation, but only of a page validated more than
-  :data:`CLIENT_REVALIDATION_FLOOR` seconds ago, so a burst of parallel
-  builds never fetches a page twice.  After an upstream failure, stored
-  pages from that upstream are served stale without asking it again for
-  :data:`UPSTREAM_FAILURE_BACKOFF` seconds, so an install on a box that
-  lost its network does not wait for a timeout per page.
+  in-memory LRU keyed by the stored body's sha256.
 - **Rebuilt files**: when a page is fetched anew, the stored files it now
   gives another sha256 for (a file replaced upstream under the same name)
   are removed from the store, so neither port serves the old bytes again
-  (see :func:`disowned_files`).
+  (see :func:`~buildcache.ecosystems.pypi.policy.disowned_files`).
 - Pages are always fetched with buildcache's own headers (never a client's
   credentials), so an upstream's ``Vary`` cannot split them and nothing
   stored is private to a client; the page keys are the index's own.
@@ -73,12 +64,11 @@ from buildcache.ecosystems.pypi.policy import (
     open_entry,
     read_stored,
     read_whole,
-    stored_validated_at,
+    stale_copy,
 )
 from buildcache.engine.core import Engine, Resolved
 from buildcache.engine.errors import ANSWERED_ERRORS, UpstreamError, status_for
 from buildcache.engine.exchanges import CacheStatus
-from buildcache.engine.freshness import client_asks_refresh
 from buildcache.engine.keys import cache_key
 from buildcache.engine.policy import Target
 
@@ -91,20 +81,10 @@ __all__ = [
     "disowned_files",
     "metadata_servable",
     "NEGATIVE_TTL",
-    "CLIENT_REVALIDATION_FLOOR",
-    "UPSTREAM_FAILURE_BACKOFF",
 ]
 
 #: Seconds an upstream's 404 for a project is believed without asking again.
 NEGATIVE_TTL = 60.0
-
-#: A client's ``no-cache`` revalidates a page upstream only when the page
-#: was validated longer ago than this (see the module docstring).
-CLIENT_REVALIDATION_FLOOR = 30.0
-
-#: Seconds during which an upstream that just failed is not asked to
-#: revalidate pages it has stored here; they are served stale instead.
-UPSTREAM_FAILURE_BACKOFF = 30.0
 
 #: Parsed page models kept in memory: at most this many, and at most this
 #: many bytes of upstream page bodies behind them (a model takes a few
@@ -164,16 +144,12 @@ class _UpstreamFailed(Exception):
     body that broke off).
     """
 
-    def __init__(
-        self, url: str, message: str, status: int, remembered: bool = False,
-    ) -> None:
+    def __init__(self, url: str, message: str, status: int) -> None:
         super().__init__(message)
         self.url = url
         self.message = message
         #: What the client gets when no stored page answers instead.
         self.status = status
-        #: True when the upstream was not asked, having failed moments ago.
-        self.remembered = remembered
 
 
 @frozen
@@ -209,7 +185,6 @@ class PageResolver:
     index_ttl: float
     clock: IReactorTime
     _missing_until: dict[tuple[str, str], float] = Factory(dict)
-    _failing_until: dict[str, float] = Factory(dict)
     #: The upstream and body digest of the page last served per project:
     #: file requests follow the page the client saw.
     _served: dict[str, tuple[str, str]] = Factory(dict)
@@ -248,9 +223,7 @@ class PageResolver:
             try:
                 resolved = await self._from_upstream(upstream, name, headers)
             except _UpstreamFailed as failed:
-                if not failed.remembered:
-                    self._failed(upstream)
-                return self._stale_or_refuse(name, position, failed)
+                return self._later_or_refuse(name, position, failed)
             if resolved is not None:
                 return resolved
         self._served.pop(name, None)
@@ -262,15 +235,13 @@ class PageResolver:
             f" {NEGATIVE_TTL:g}s)",
         )
 
-    def _failed(self, upstream: str) -> None:
-        self._failing_until[upstream] = self.clock.seconds() + UPSTREAM_FAILURE_BACKOFF
-
-    def _target(self, upstream: str, name: str, judged: Mapping[str, str]) -> Target:
+    def _target(self, upstream: str, name: str, headers: Mapping[str, str]) -> Target:
         return Target(
             url=self._page_url(upstream, name),
             front_end="index",
-            # What the cache heeds of the client: a refresh past the floor.
-            headers=judged,
+            # What the cache heeds of the client: a refresh, past the
+            # floor (PagePolicy.judged).
+            headers=self._policy.judged(headers),
             upstream_headers={"accept": UPSTREAM_ACCEPT, "user-agent": USER_AGENT},
             key=page_key(upstream, name),
             # An index may redirect to its own spelling of the page (same
@@ -289,41 +260,21 @@ class PageResolver:
         """
         key = page_key(upstream, name)
         url = self._page_url(upstream, name)
-        validated_at = stored_validated_at(self.engine, key)
-        now = self.clock.seconds()
-        judged: dict[str, str] = {}
-        if validated_at is not None:
-            # pip's max-age=0 is not heeded; a refresh asked on purpose is,
-            # past the floor (see the module docstring).
-            age = max(0.0, now - validated_at)
-            if age >= CLIENT_REVALIDATION_FLOOR and client_asks_refresh(headers):
-                judged = {"cache-control": "no-cache"}
-            if (judged or age >= self.index_ttl) and (
-                self._failing_until.get(upstream, 0.0) > now
-            ):
-                raise _UpstreamFailed(
-                    url, "the upstream failed moments ago",
-                    status_for(UpstreamError()), remembered=True,
-                )
         try:
             resolved = await self.engine.resolve(
-                self._target(upstream, name, judged), self._policy
+                self._target(upstream, name, headers), self._policy
             )
         except ANSWERED_ERRORS as e:
             raise _UpstreamFailed(url, str(e), status_for(e)) from e
         if resolved.stored is not None:
-            if resolved.cache is CacheStatus.STALE:
-                # The engine could not revalidate it: the upstream failed.
-                self._failed(upstream)
-            elif resolved.cache is CacheStatus.REVALIDATED:
-                self._failing_until.pop(upstream, None)
+            # A hit, revalidated, or stale (the engine could not revalidate
+            # it, or the upstream failed moments ago).
             return self._stored_page(upstream, name, resolved)
         answer = resolved.answer
         assert answer is not None and answer.body is not None
         body = answer.body
         if answer.status in (404, 410):
             body.close()
-            self._failing_until.pop(upstream, None)
             if forget(self.engine, key):
                 self.log.info(
                     "Upstream {upstream} no longer has {name}; dropping its page",
@@ -336,7 +287,6 @@ class PageResolver:
             raise _UpstreamFailed(
                 url, f"{url} answered {answer.status}", answer_status(answer.status)
             )
-        self._failing_until.pop(upstream, None)
         download = body.download
         try:
             data = await read_whole(body)
@@ -427,24 +377,21 @@ class PageResolver:
         self._served[name] = (upstream, digest)
         return ResolvedPage(upstream, name, page, digest, resolved.cache)
 
-    def _stale_or_refuse(
+    def _later_or_refuse(
         self, name: str, position: int, failed: _UpstreamFailed
     ) -> ResolvedPage:
         """
-        Serve the first stored page of ``name`` from the failing upstream or
-        one after it, or refuse with 502/504.
+        When the upstream at ``position`` fails and has no stored page of
+        ``name`` to serve stale (the engine serves its own), serve the
+        first stored page of a later upstream stale, or refuse.
         """
-        for upstream in self.upstreams[position:]:
-            stale = open_entry(self.engine, page_key(upstream, name), CacheStatus.STALE)
-            if stale is None:
-                continue
-            self.log.warn(
-                "Serving stale page of {name} from {upstream}: {why}",
-                name=name, upstream=upstream, why=failed.message,
+        for upstream in self.upstreams[position + 1:]:
+            stale = stale_copy(
+                self.engine, self._target(upstream, name, {}), self._policy,
+                f"{failed.url} failed: {failed.message}",
             )
-            if self.engine.observer is not None:
-                self.engine.observer.stale_served(upstream)
-            return self._stored_page(upstream, name, stale)
+            if stale is not None:
+                return self._stored_page(upstream, name, stale)
         raise Refusal(
             failed.status,
             f"upstream {failed.url} failed ({failed.message}) and no copy of"

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from buildcache import __version__
 from buildcache.ecosystems.pypi.lru import LRU
@@ -30,11 +31,13 @@ from buildcache.ecosystems.pypi.parse import parse_page
 from buildcache.engine.core import Engine, Resolved
 from buildcache.engine.errors import UpstreamError
 from buildcache.engine.exchanges import CacheStatus
-from buildcache.engine.freshness import Kind, client_cache_control
+from buildcache.engine.freshness import Kind, client_asks_refresh, client_cache_control
 from buildcache.engine.keys import twin_matches_digest
 from buildcache.engine.policy import Expectation, GenericPolicy, Target
 from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, DownloadBody
 from buildcache.store import Entry, StoredObject
+
+_log = Logger()
 
 __all__ = [
     "USER_AGENT",
@@ -51,8 +54,14 @@ __all__ = [
     "read_stored",
     "forget",
     "open_entry",
-    "stored_validated_at",
+    "stale_copy",
+    "CLIENT_REVALIDATION_FLOOR",
 ]
+
+#: A client's refresh (``no-cache``) revalidates a page upstream only when
+#: the page was validated longer ago than this: a burst of parallel builds
+#: never fetches a page twice (see :meth:`PagePolicy.judged`).
+CLIENT_REVALIDATION_FLOOR = 30.0
 
 #: What clients are told of a file: it never changes.
 _FILE_CACHE_CONTROL = client_cache_control(Kind.IMMUTABLE, 0)
@@ -95,6 +104,30 @@ class PagePolicy(IndexPolicy):
 
     def ttl(self, kind: Kind, default: float) -> float:
         return self.index_ttl
+
+    def judged(self, client_headers: Mapping[str, str]) -> Mapping[str, str]:
+        """
+        The request headers the engine judges a page's freshness by, for a
+        client that sent ``client_headers``.  pip sends ``Cache-Control:
+        max-age=0`` on every page request, whatever the user wants, so a
+        client's ``max-age`` is dropped: obeying it would cost every warm
+        install one upstream round trip per project, on the slow line this
+        cache exists to spare (devpi-server and proxpi ignore it too).  A
+        client that asks for fresh data on purpose (``no-cache`` or
+        ``Pragma: no-cache``, as ``uv --refresh`` and ``curl -H`` send) is
+        judged as asking ``max-age=`` :data:`CLIENT_REVALIDATION_FLOOR`: a
+        page validated longer ago than the floor is revalidated, a younger
+        one is not.
+        """
+        if client_asks_refresh(client_headers):
+            return {"cache-control": f"max-age={CLIENT_REVALIDATION_FLOOR:g}"}
+        return {}
+
+    def stale_on(self, status: int) -> bool:
+        # Any error but "not found" serves the stored page (a 403 or 429
+        # from a proxy or rate limit in the way); a 404 or 410 says the
+        # project is gone, and the resolver drops its page.
+        return status >= 400 and status not in (404, 410)
 
     async def expect(self, target: Target, engine: Engine) -> Expectation:
         models = self.models
@@ -157,6 +190,13 @@ class FilePolicy(IndexPolicy):
 
     async def expect(self, target: Target, engine: Engine) -> Expectation:
         return self.expected
+
+    def answers(self, target: Target, entry: Entry) -> bool:
+        # Only the bytes the page vouches for are a hit (a wheel replaced
+        # upstream, or stored by the proxy port unchecked, is not), also
+        # on a worker's read-only hit path, which runs no before_lookup.
+        wanted = self.expected.sha256
+        return wanted is None or (entry.sha256 or "").lower() == wanted
 
     async def vouches_for(
         self, target: Target, engine: Engine, twin: Entry, expected: Expectation
@@ -307,12 +347,6 @@ def forget(engine: Engine, key: str) -> bool:
     return engine.store.remove(key)
 
 
-def stored_validated_at(engine: Engine, key: str) -> float | None:
-    """When the entry under ``key`` was last validated; None if none is."""
-    entry = engine.store.peek(key)
-    return None if entry is None else entry.validated_at
-
-
 def open_entry(engine: Engine, key: str, cache: CacheStatus) -> Resolved | None:
     """
     The entry under the index's own ``key`` (a page), opened, as an
@@ -322,3 +356,21 @@ def open_entry(engine: Engine, key: str, cache: CacheStatus) -> Resolved | None:
     if stored is None:
         return None
     return Resolved(cache, Kind.INDEX, stored=stored)
+
+
+def stale_copy(
+    engine: Engine, target: Target, policy: IndexPolicy, why: str
+) -> Resolved | None:
+    """
+    ``target``'s stored page, opened as a STALE answer because ``why``;
+    None when none is stored.  (Local adapter until the engine offers
+    ``Engine.serve_stale``, requested in F1_API_REQUESTS.md: it logs and
+    reports the stale answer as the engine's own do.)
+    """
+    stale = open_entry(engine, target.key, CacheStatus.STALE)
+    if stale is None:
+        return None
+    _log.warn("Serving stale {key}: {why}", key=target.key, why=why)
+    if engine.observer is not None:
+        engine.observer.stale_served(target.url)
+    return stale
