@@ -69,6 +69,7 @@ from buildcache.ecosystems.pypi.policy import (
 from buildcache.engine.core import Engine, Resolved
 from buildcache.engine.errors import ANSWERED_ERRORS, UpstreamError, status_for
 from buildcache.engine.exchanges import CacheStatus
+from buildcache.engine.freshness import GONE_STATUSES
 from buildcache.engine.keys import cache_key
 from buildcache.engine.policy import Target
 
@@ -273,7 +274,7 @@ class PageResolver:
         answer = resolved.answer
         assert answer is not None and answer.body is not None
         body = answer.body
-        if answer.status in (404, 410):
+        if answer.status in GONE_STATUSES:
             body.close()
             if forget(self.engine, key):
                 self.log.info(

@@ -31,7 +31,12 @@ from buildcache.ecosystems.pypi.parse import parse_page
 from buildcache.engine.core import Engine, Resolved
 from buildcache.engine.errors import UpstreamError
 from buildcache.engine.exchanges import CacheStatus
-from buildcache.engine.freshness import Kind, client_asks_refresh, client_cache_control
+from buildcache.engine.freshness import (
+    GONE_STATUSES,
+    Kind,
+    client_asks_refresh,
+    client_cache_control,
+)
 from buildcache.engine.keys import twin_matches_digest
 from buildcache.engine.policy import Expectation, GenericPolicy, Target
 from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, DownloadBody
@@ -127,7 +132,7 @@ class PagePolicy(IndexPolicy):
         # Any error but "not found" serves the stored page (a 403 or 429
         # from a proxy or rate limit in the way); a 404 or 410 says the
         # project is gone, and the resolver drops its page.
-        return status >= 400 and status not in (404, 410)
+        return status >= 400 and status not in GONE_STATUSES
 
     async def expect(self, target: Target, engine: Engine) -> Expectation:
         models = self.models
@@ -264,7 +269,7 @@ def answer_status(upstream_status: int) -> int:
     :data:`buildcache.engine.errors.ERROR_STATUS`: 504 for a timeout, 502
     otherwise.)
     """
-    return 404 if upstream_status in (404, 410) else 502
+    return 404 if upstream_status in GONE_STATUSES else 502
 
 
 def disowned_files(
