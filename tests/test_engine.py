@@ -882,3 +882,109 @@ class ExchangeRecordTests(SynchronousTestCase):
         self.assertFalse(client_gone(request))
         request.processingFailed(Failure(ConnectionDone()))
         self.assertTrue(client_gone(request))
+
+
+class Rejects:
+    """A verifier that refuses a captive portal's page."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def update(self, data: bytes) -> None:
+        self.data += data
+
+    def finish(self) -> None:
+        if self.data.startswith(b"PORTAL"):
+            raise ValueError("not an index: a captive portal")
+
+
+@define
+class Checking(GenericPolicy):
+    """``POLICY`` with a verifier on every body (as the pip pages have)."""
+
+    rules: Any = POLICY.rules
+
+    async def expect(self, target: Target, engine: Engine) -> Expectation:
+        return Expectation(verify=lambda headers: Rejects())
+
+
+def track_opened(case: SynchronousTestCase, store: Store) -> list[Any]:
+    """
+    Every stored object ``store`` opens from now on, for the test ``case``
+    (to find one left open).
+    """
+    opened: list[Any] = []
+    cls = type(store)
+    original = cls.lookup
+
+    def lookup(self: Store, key: str) -> Any:
+        stored = original(self, key)
+        if stored is not None:
+            opened.append(stored)
+        return stored
+
+    case.patch(cls, "lookup", lookup)
+    return opened
+
+
+def leaked(opened: list[Any]) -> list[Any]:
+    return [stored for stored in opened if stored.fd >= 0]
+
+
+class RevalidationIntegrityTests(EngineTestCase):
+    """
+    A revalidation whose 200 fails its check (a captive portal's page) is
+    a failed revalidation: the stored copy is served STALE, and every
+    stored object opened is closed.
+    """
+
+    def test_failed_check_serves_stale_and_closes(self) -> None:
+        self.h.front.policy = Checking()
+        self.serve("/a.idx", b"good index")
+        self.assertAnswer(self.h.get("/a.idx"), 200, "MISS", b"good index")
+        self.h.later(TTL + 1)
+        self.serve("/a.idx", b"PORTAL login here")
+        opened = track_opened(self, self.h.store)
+        answer = self.h.get("/a.idx")
+        self.h.settle()
+        self.assertAnswer(answer, 200, "STALE", b"good index")
+        self.assertEqual(self.h.observer.stale, [ORIGIN + "/a.idx"])
+        self.assertEqual(leaked(opened), [], "stored object left open")
+        self.assertEqual(len(opened), 1)
+        self.assertEqual(self.h.store.peek(cache_key(ORIGIN + "/a.idx")).size, 10)
+
+    def test_failing_expect_closes_the_stored_copy(self) -> None:
+        """
+        A policy hook that fails during a revalidation (a bug, say) still
+        leaves no stored object open.
+        """
+        @define
+        class Broken(GenericPolicy):
+            rules: Any = POLICY.rules
+
+            async def expect(self, target: Target, engine: Engine) -> Expectation:
+                raise RuntimeError("broken policy")
+
+        self.serve("/a.idx", b"index")
+        self.h.get("/a.idx")
+        self.h.later(TTL + 1)
+        self.h.front.policy = Broken()
+        opened = track_opened(self, self.h.store)
+        self.assertEqual(self.h.get("/a.idx").status, 500)
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(len(opened), 1)
+        self.assertEqual(leaked(opened), [])
+
+
+class Unconditional304Tests(EngineTestCase):
+    def test_304_to_an_unconditional_request_is_an_upstream_error(self) -> None:
+        """
+        An upstream that answers 304 to a request that asked nothing on
+        condition has sent no body: a 502, not a MISS without a body.
+        """
+        self.serve("/a.pkg", b"", status=304)
+        answer = self.h.get("/a.pkg")
+        self.assertEqual(answer.status, 502)
+        self.assertIn(b"answered 304 to an unconditional request", answer.body)
+        self.assertEqual(list(self.h.store.keys()), [])
+        self.assertEqual(self.h.observer.exchanges[-1].cache, None)
