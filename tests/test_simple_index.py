@@ -1290,6 +1290,20 @@ class FreshnessTests(TestCase):
         await self.harness.fetcher.when_idle()
         self.assertIsNotNone(self.harness.store.peek(key))
 
+    async def test_file_status_rule(self) -> None:
+        """
+        A file its upstream no longer has (404, 410) is a 404; any other
+        error status is a 502 (``answer_status``, the rule pages and the
+        root follow too).
+        """
+        await self.harness.page("bcdemo-a")
+        self.upstream.index.broken = True
+        for upstream_status, status in ((410, 404), (404, 404), (403, 502), (503, 502)):
+            self.upstream.index.broken_status = upstream_status
+            received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+            self.assertEqual(received.status, status, upstream_status)
+            self.assertIn(f"answered {upstream_status}".encode(), received.body)
+
     async def test_nothing_stored_upstream_broken(self) -> None:
         self.upstream.index.broken = True
         received = await self.harness.page("bcdemo-a")

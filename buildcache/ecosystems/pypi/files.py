@@ -36,7 +36,7 @@ from buildcache.ecosystems.pypi.policy import (
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.engine.core import Engine, Resolved
-from buildcache.engine.errors import ANSWERED_ERRORS, IntegrityError
+from buildcache.engine.errors import ANSWERED_ERRORS, IntegrityError, status_for
 from buildcache.engine.exchanges import CacheStatus, client_gone
 from buildcache.engine.respond import send_error
 
@@ -121,7 +121,7 @@ class FileServer:
         try:
             resolved = await self.engine.resolve(target, policy, request.method)
         except IntegrityError as e:
-            self._refuse_mismatch(request, name, url, str(e))
+            self._refuse_mismatch(request, name, url, e)
             return False
         except ANSWERED_ERRORS as e:
             self.engine.answer_error(request, e)
@@ -150,14 +150,17 @@ class FileServer:
         self.engine.respond(request, target, policy, resolved)
         return not client_gone(request)
 
-    def _refuse_mismatch(self, request: Request, name: str, url: str, why: str) -> None:
+    def _refuse_mismatch(
+        self, request: Request, name: str, url: str, error: IntegrityError
+    ) -> None:
+        why = str(error)
         self.log.error(
             "Refused {url} for project {name}: it does not match the sha256"
             " its index page gives ({why}); not stored",
             url=url, name=name, why=why,
         )
         send_error(
-            request, 502,
+            request, status_for(error),
             f"{url} does not match the sha256 its index page gives ({why});"
             " it was neither stored nor served",
         )
