@@ -327,6 +327,14 @@ class BackoffTests(EngineTestCase):
         self.assertAnswer(self.h.get("/new.pkg"), 200, "MISS")
         self.assertAnswer(self.h.get("/b.idx"), 200, "REVALIDATED")
 
+    def test_an_error_answer_does_not_clear_it(self) -> None:
+        self.h.line.down = True
+        self.assertAnswer(self.h.get("/a.idx"), 200, "STALE")
+        self.h.line.down = False
+        self.serve("/busy.pkg", b"busy", status=503)
+        self.assertEqual(self.h.get("/busy.pkg").status, 503)
+        self.assertAnswer(self.h.get("/b.idx"), 200, "STALE")
+
     def test_other_hosts_still_asked(self) -> None:
         self.h.engine.backoff.failed("http://elsewhere.test/x")
         self.assertAnswer(self.h.get("/a.idx"), 200, "REVALIDATED")

@@ -548,5 +548,7 @@ class Engine:
             if answer.body is not None:
                 answer.body.close()
             raise UpstreamError(f"{target.url} answered 304 to an unconditional request")
-        self.backoff.succeeded(target.url)
+        if not stale_status(answer.status, policy.stale_on(answer.status)):
+            # The host answers again: its stale entries are asked about.
+            self.backoff.succeeded(target.url)
         return self._resolved(client, CacheStatus.MISS, answer=answer)
