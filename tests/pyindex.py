@@ -344,7 +344,9 @@ class StaticSimpleIndex(Resource):
         ``Host``, instead of ``../../files/<file>``.
     :ivar projects: The pages served, by normalised name; tests may replace
         entries (e.g. to yank a file) while serving.
-    :ivar broken: When true, every request gets 503.
+    :ivar broken: When true, every request gets ``broken_status`` (503).
+    :ivar page_cache_control: When set, project pages are sent with this
+        ``Cache-Control``.
     :ivar garbage_pages: When true, project pages are a 200 that is not a
         simple-index page (what a captive portal sends).
     :ivar serve_metadata: When false, metadata files 404 even if advertised.
@@ -364,6 +366,8 @@ class StaticSimpleIndex(Resource):
         self.absolute_urls = absolute_urls
         self.projects: dict[str, ProjectPage] = dict(fixture.projects)
         self.broken = False
+        self.broken_status = SERVICE_UNAVAILABLE
+        self.page_cache_control: str | None = None
         self.garbage_pages = False
         self.serve_metadata = True
         self.last_modified = FIXTURE_EPOCH
@@ -396,7 +400,7 @@ class StaticSimpleIndex(Resource):
             )
         )
         if self.broken:
-            request.setResponseCode(SERVICE_UNAVAILABLE)
+            request.setResponseCode(self.broken_status)
             return b"upstream is down\n"
         segments = [unquote(segment) for segment in path.split("/")[1:]]
         if segments == ["simple"]:
@@ -408,6 +412,8 @@ class StaticSimpleIndex(Resource):
                 request, f"/simple/{normalize_project_name(segments[1])}/"
             )
         if len(segments) == 3 and segments[0] == "simple" and segments[2] == "":
+            if self.page_cache_control is not None:
+                request.setHeader(b"cache-control", self.page_cache_control.encode("ascii"))
             return self._project(request, segments[1])
         if len(segments) == 2 and segments[0] == "files":
             return self._file(request, segments[1])

@@ -78,7 +78,7 @@ class PrefetcherTests(SynchronousTestCase):
         )
 
     def request(self, name: str = "a.whl", digest: str | None = DIGEST) -> Any:
-        return file_request(f"http://127.0.0.1:1/files/{name}", digest, "test", False)
+        return file_request(f"http://127.0.0.1:1/files/{name}", digest, "test", 0)
 
     def start(
         self, request: Any, size: int | None = len(BODY), project: str | None = None

@@ -19,7 +19,13 @@ from twisted.trial.unittest import TestCase
 
 from buildcache.ecosystems.pypi.lru import LRU
 from buildcache.ecosystems.pypi.model import MEDIA_TYPE_JSON, SimplePageError
-from buildcache.ecosystems.pypi.policy import FilePolicy, IndexPolicy, PagePolicy
+from buildcache.ecosystems.pypi.policy import (
+    CLIENT_REVALIDATION_FLOOR,
+    FilePolicy,
+    IndexPolicy,
+    PagePolicy,
+    answer_status,
+)
 from buildcache.engine.core import Engine
 from buildcache.engine.exchanges import CacheStatus
 from buildcache.engine.freshness import Kind
@@ -166,6 +172,74 @@ class FilePolicyTests(_Base):
         ))
         self.assertIsNone(adopted)
         self.assertIsNotNone(self.store.peek(twin.key))
+
+
+class FileHitTests(_Base):
+    """
+    :meth:`FilePolicy.answers`, the pure hit predicate: only the bytes the
+    page vouches for answer, on the hit path alone too (a worker's
+    ``fresh_hit`` runs no ``before_lookup``).
+    """
+
+    def target(self) -> Target:
+        return Target(URL, "index", upstream_headers={"user-agent": "test"})
+
+    def test_answers_only_the_page_digest(self) -> None:
+        target = self.target()
+        self.put(target.key, BODY)
+        entry = self.store.peek(target.key)
+        assert entry is not None
+        self.assertTrue(FilePolicy(expected=Expectation(sha256=DIGEST)).answers(target, entry))
+        self.assertTrue(FilePolicy().answers(target, entry))
+        other = hashlib.sha256(b"rebuilt wheel").hexdigest()
+        self.assertFalse(FilePolicy(expected=Expectation(sha256=other)).answers(target, entry))
+
+    def test_fresh_hit_never_serves_a_replaced_wheel(self) -> None:
+        target = self.target()
+        self.put(target.key, BODY)
+        rebuilt = hashlib.sha256(b"rebuilt wheel").hexdigest()
+        self.assertIsNone(
+            self.engine.fresh_hit(target, FilePolicy(expected=Expectation(sha256=rebuilt)))
+        )
+        hit = self.engine.fresh_hit(target, FilePolicy(expected=Expectation(sha256=DIGEST)))
+        assert hit is not None
+        self.addCleanup(hit.close)
+        self.assertEqual(hit.cache, CacheStatus.HIT)
+        # The copy is left for the process that fetches to replace.
+        self.assertIsNotNone(self.store.peek(target.key))
+
+
+class PageFreshnessTests(_Base):
+    """
+    :class:`PagePolicy`'s part of a page's freshness: the headers the
+    engine judges it by, and the statuses it is served stale for.
+    """
+
+    def test_pips_max_age_is_dropped(self) -> None:
+        policy = PagePolicy()
+        self.assertEqual(policy.judged({"cache-control": "max-age=0"}), {})
+        self.assertEqual(policy.judged({}), {})
+
+    def test_refresh_becomes_the_floor(self) -> None:
+        policy = PagePolicy()
+        floor = {"cache-control": f"max-age={CLIENT_REVALIDATION_FLOOR:g}"}
+        self.assertEqual(policy.judged({"cache-control": "no-cache"}), floor)
+        self.assertEqual(policy.judged({"pragma": "no-cache"}), floor)
+
+    def test_stale_on_errors_but_not_found(self) -> None:
+        policy = PagePolicy()
+        self.assertEqual(
+            [policy.stale_on(s) for s in (200, 304, 403, 404, 410, 429, 500, 503)],
+            [False, False, True, False, False, True, True, True],
+        )
+
+
+class AnswerStatusTests(TestCase):
+    def test_one_rule(self) -> None:
+        self.assertEqual(
+            [answer_status(s) for s in (404, 410, 403, 429, 500, 503, 301)],
+            [404, 404, 502, 502, 502, 502, 502],
+        )
 
 
 class UnvariedLookupTests(_Base):

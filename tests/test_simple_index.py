@@ -42,20 +42,17 @@ from buildcache.ecosystems.pypi.model import (
     UPSTREAM_ACCEPT,
     ProjectPage,
 )
-from buildcache.ecosystems.pypi.pages import (
-    CLIENT_REVALIDATION_FLOOR,
-    NEGATIVE_TTL,
-    UPSTREAM_FAILURE_BACKOFF,
-    page_key,
-)
+from buildcache.ecosystems.pypi.pages import NEGATIVE_TTL, page_key
 from buildcache.ecosystems.pypi.parse import (
     parse_html_page,
     parse_json_page,
 )
+from buildcache.ecosystems.pypi.policy import CLIENT_REVALIDATION_FLOOR
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.ecosystems.pypi.render import (
     render_root_html,
 )
+from buildcache.engine.backoff import UPSTREAM_FAILURE_BACKOFF
 from buildcache.engine.core import Engine
 from buildcache.engine.keys import cache_key
 from buildcache.fetch.fetcher import Fetcher, UpstreamRequest, upstream_client
@@ -416,7 +413,11 @@ class PageTests(TestCase):
         """
         A name that is not a PEP 508 name is a 404 that says why.
         """
-        for path in ["/simple/-bad/", "/simple/a%20b/", "/simple/bad_/", "/simple/%2E%2E/"]:
+        for path in [
+            "/simple/-bad/", "/simple/a%20b/", "/simple/bad_/", "/simple/%2E%2E/",
+            # Not printable ASCII: refused whatever packaging version.
+            "/simple/numpy%0A/", "/simple/caf%C3%A9/", "/simple/%E2%84%AAelvin/",
+        ]:
             received = await self.harness.get(path)
             self.assertEqual(received.status, 404, path)
             self.assertIn(b"not a valid project name", received.body)
@@ -1266,6 +1267,43 @@ class FreshnessTests(TestCase):
         self.assertEqual(unknown.status, 502)
         self.assertIn(b"no copy of 'bcdemo-b' is cached", unknown.body)
 
+    async def test_private_or_no_store_page_not_stored(self) -> None:
+        """
+        RFC 9111 governs what the index stores: a page its upstream sends
+        ``Cache-Control: private`` or ``no-store`` is served (a MISS each
+        time) but not stored, as a shared cache must.
+        """
+        key = page_key(self.upstream.base, "bcdemo-a")
+        for directive in ("private", "no-store"):
+            self.upstream.index.page_cache_control = directive
+            for _ in range(2):
+                received = await self.harness.page("bcdemo-a")
+                self.assertEqual(
+                    (received.status, received.header("x-cache")), (200, "MISS"), directive
+                )
+                self.assertIn(b"bcdemo_a-2.0", received.body)
+            await self.harness.fetcher.when_idle()
+            self.assertIsNone(self.harness.store.peek(key), directive)
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-a/"), 4)
+        self.upstream.index.page_cache_control = None
+        await self.harness.page("bcdemo-a")
+        await self.harness.fetcher.when_idle()
+        self.assertIsNotNone(self.harness.store.peek(key))
+
+    async def test_file_status_rule(self) -> None:
+        """
+        A file its upstream no longer has (404, 410) is a 404; any other
+        error status is a 502 (``answer_status``, the rule pages and the
+        root follow too).
+        """
+        await self.harness.page("bcdemo-a")
+        self.upstream.index.broken = True
+        for upstream_status, status in ((410, 404), (404, 404), (403, 502), (503, 502)):
+            self.upstream.index.broken_status = upstream_status
+            received = await self.harness.get(f"/files/bcdemo-a/{WHEEL_A2}")
+            self.assertEqual(received.status, status, upstream_status)
+            self.assertIn(f"answered {upstream_status}".encode(), received.body)
+
     async def test_nothing_stored_upstream_broken(self) -> None:
         self.upstream.index.broken = True
         received = await self.harness.page("bcdemo-a")
@@ -1345,6 +1383,22 @@ class UpstreamPriorityTests(TestCase):
         filenames = [f["filename"] for f in json.loads(received.body)["files"]]
         self.assertIn(WHEEL_B1, filenames)
 
+    async def test_later_upstreams_copy_when_first_fails(self) -> None:
+        """
+        A project only the second upstream has, stored: when the first
+        upstream fails (and has no page of it for the engine to serve
+        stale), the second's stored page is served STALE without asking
+        the second.
+        """
+        first = await self.harness.page("bcdemo-c")
+        self.harness.clock.advance(NEGATIVE_TTL + 1)
+        self.first.index.broken = True
+        stale = await self.harness.page("bcdemo-c")
+        self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        self.assertEqual(stale.body, first.body)
+        self.assertEqual(self.first.requests_for("/simple/bcdemo-c/"), 2)
+        self.assertEqual(self.second.requests_for("/simple/bcdemo-c/"), 1)
+
     async def test_first_failing_does_not_fall_through(self) -> None:
         """
         A failing first upstream does not hand its projects to the next
@@ -1394,3 +1448,23 @@ class RootTests(TestCase):
         self.assertEqual(stale.body, first.body)
         cold = await harness.get("/simple/", {"accept": MEDIA_TYPE_JSON})
         self.assertEqual(cold.status, 502)
+
+    async def test_root_stale_on_any_error_status(self) -> None:
+        """
+        The stored root is served stale for any error status of its
+        upstream, not only 5xx: a rate limit's 429, a 403.
+        """
+        fixture = fixture_for(self)
+        harness = Harness(self, [StaticSimpleIndex(fixture)])
+        upstream = harness.upstreams[0]
+        first = await harness.get("/simple/")
+        upstream.index.broken = True
+        # (A 404 or 410 says the root is gone: the engine never hides it.)
+        for status in (429, 403, 500):
+            upstream.index.broken_status = status
+            harness.clock.advance(2 * 86400)
+            stale = await harness.get("/simple/")
+            self.assertEqual(
+                (stale.status, stale.header("x-cache")), (200, "STALE"), status
+            )
+            self.assertEqual(stale.body, first.body)

@@ -161,6 +161,22 @@ class ProjectNameTests(SynchronousTestCase):
         for name in ["", "-foo", "foo-", "foo bar", "foo/bar", "..", "fo\u00f6", "_x"]:
             self.assertFalse(is_valid_project_name(name), name)
 
+    def test_validity_guard_before_packaging(self) -> None:
+        """
+        A name that is not printable ASCII is refused before packaging is
+        asked: an older packaging (setup.cfg allows 23.2) validated with
+        ``re.match``, which accepts "numpy\\n", and without ``re.ASCII``.
+        """
+        from buildcache.ecosystems.pypi import model
+
+        def lenient(name: str, validate: bool = False) -> str:
+            return name.lower()
+
+        self.patch(model, "canonicalize_name", lenient)
+        self.assertTrue(is_valid_project_name("numpy"))
+        for name in ["numpy\n", "numpy\t", "\u212aelvin", "num\u0131py", "caf\u00e9"]:
+            self.assertFalse(is_valid_project_name(name), repr(name))
+
 
 class ModelTests(SynchronousTestCase):
     def test_hashes_mapping(self) -> None:

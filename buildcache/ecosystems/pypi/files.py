@@ -31,14 +31,14 @@ from buildcache.ecosystems.pypi.pages import PageResolver, metadata_servable
 from buildcache.ecosystems.pypi.policy import (
     USER_AGENT,
     FileRequest,
+    answer_status,
     file_request,
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.engine.core import Engine, Resolved
-from buildcache.engine.errors import ANSWERED_ERRORS, IntegrityError
+from buildcache.engine.errors import ANSWERED_ERRORS, IntegrityError, status_for
 from buildcache.engine.exchanges import CacheStatus, client_gone
 from buildcache.engine.respond import send_error
-from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE
 
 __all__ = ["FileServer"]
 
@@ -91,15 +91,15 @@ class FileServer:
             return
         distribution = file_request(
             wanted.url, wanted.sha256.lower() if wanted.sha256 else None, USER_AGENT,
-            may_be_large=wanted.size is None or wanted.size > STREAM_CHECKED_ABOVE,
+            wanted.size,
         )
         if not is_metadata:
             await self._serve_file(request, name, distribution)
             return
         expected = wanted.core_metadata_hashes.get("sha256")
         metadata = file_request(
-            wanted.metadata_url, expected.lower() if expected else None, USER_AGENT,
-            may_be_large=False,
+            # A file's core metadata is small: held until checked.
+            wanted.metadata_url, expected.lower() if expected else None, USER_AGENT, 0,
         )
         if await self._serve_file(request, name, metadata) and self.prefetcher:
             self.prefetcher.after_metadata(distribution, wanted.size, name)
@@ -121,7 +121,7 @@ class FileServer:
         try:
             resolved = await self.engine.resolve(target, policy, request.method)
         except IntegrityError as e:
-            self._refuse_mismatch(request, name, url, str(e))
+            self._refuse_mismatch(request, name, url, e)
             return False
         except ANSWERED_ERRORS as e:
             self.engine.answer_error(request, e)
@@ -138,7 +138,7 @@ class FileServer:
         if answer.status != 200:
             resolved.close()
             send_error(
-                request, 404 if answer.status in (404, 410) else 502,
+                request, answer_status(answer.status),
                 f"upstream answered {answer.status} for {url}",
             )
             return False
@@ -150,14 +150,17 @@ class FileServer:
         self.engine.respond(request, target, policy, resolved)
         return not client_gone(request)
 
-    def _refuse_mismatch(self, request: Request, name: str, url: str, why: str) -> None:
+    def _refuse_mismatch(
+        self, request: Request, name: str, url: str, error: IntegrityError
+    ) -> None:
+        why = str(error)
         self.log.error(
             "Refused {url} for project {name}: it does not match the sha256"
             " its index page gives ({why}); not stored",
             url=url, name=name, why=why,
         )
         send_error(
-            request, 502,
+            request, status_for(error),
             f"{url} does not match the sha256 its index page gives ({why});"
             " it was neither stored nor served",
         )

@@ -71,10 +71,11 @@ def is_valid_project_name(name: str) -> bool:
     """
     Whether ``name`` is a valid distribution name under PEP 508.
     """
-    # ASCII first: a packaging older than 24.1 matched case-insensitively
-    # without re.ASCII, which lets [A-Z] match the Kelvin sign and the
-    # dotless i.
-    if not name.isascii():
+    # Printable ASCII first, whatever packaging says: a packaging older
+    # than 24.1 (setup.cfg allows 23.2) matched with ``re.match`` (so
+    # "numpy\n" passed) and case-insensitively without re.ASCII (so [A-Z]
+    # matched the Kelvin sign and the dotless i).
+    if not (name.isascii() and name.isprintable()):
         return False
     try:
         canonicalize_name(name, validate=True)

@@ -3,42 +3,33 @@ Project pages across the index's upstreams: which upstream owns a project,
 and the parsed model a request is answered from.
 
 One upstream's page is resolved by the cache engine under
-:class:`PagePolicy` (:meth:`buildcache.engine.core.Engine.resolve`):
-freshness, revalidation, a 304 for a page evicted meanwhile, a stale copy
-when its revalidation fails, and error statuses are the engine's.  What
-spans upstreams, or is about not asking at all, is this module's
-(:class:`PageResolver`):
+:class:`~buildcache.ecosystems.pypi.policy.PagePolicy`
+(:meth:`buildcache.engine.core.Engine.resolve`): freshness (``index_ttl``,
+and the client-refresh floor the policy puts in the page target's
+headers), revalidation, a 304 for a page evicted meanwhile, the page's
+stale copy when its revalidation fails (an error status, an unreachable
+upstream, a body that fails the page check), the failing-upstream backoff
+(:mod:`buildcache.engine.backoff`), and error statuses are the engine's.
+What spans upstreams is this module's (:class:`PageResolver`):
 
 - **Which upstream serves a project**: the first, in priority order, that
   does not answer 404 serves all of it; files are never merged across
   upstreams, so a later index cannot slip a file into a project that an
   earlier one owns (dependency confusion).  An upstream 404 is remembered
   for :data:`NEGATIVE_TTL` seconds.  An upstream that fails (unreachable,
-  5xx) is never skipped in favour of the next one: its stored page, or a
-  later upstream's stored page, is served stale, else the client gets a
-  502/504.
+  an error status) is never skipped in favour of the next one: the engine
+  serves its stored page stale; when it has none, a later upstream's
+  stored page is served stale, else the client gets the failure's status
+  (502/504, see :func:`~buildcache.ecosystems.pypi.policy.answer_status`).
 - **Pages**: the upstream page body is stored under
   ``simple-page|<upstream>|<name>`` (fetched as JSON where the upstream
   offers it), parsed once into a
   :class:`~buildcache.ecosystems.pypi.model.ProjectPage` kept in a small
-  in-memory LRU keyed by the stored body's sha256.  A page is revalidated
-  upstream (conditionally) when it is ``index_ttl`` old.  pip sends
-  ``Cache-Control: max-age=0`` on every page request, whatever the user
-  wants, so a request's ``max-age`` is not heeded: obeying it would cost
-  every warm install one upstream round trip per project, on the slow line
-  this cache exists to spare (devpi-server and proxpi ignore it too).  A
-  client that asks for fresh data on purpose (``Cache-Control: no-cache``
-  or ``Pragma: no-cache``, as ``uv --refresh`` and ``curl -H`` send) gets a
-  revalidation, but only of a page validated more than
-  :data:`CLIENT_REVALIDATION_FLOOR` seconds ago, so a burst of parallel
-  builds never fetches a page twice.  After an upstream failure, stored
-  pages from that upstream are served stale without asking it again for
-  :data:`UPSTREAM_FAILURE_BACKOFF` seconds, so an install on a box that
-  lost its network does not wait for a timeout per page.
+  in-memory LRU keyed by the stored body's sha256.
 - **Rebuilt files**: when a page is fetched anew, the stored files it now
   gives another sha256 for (a file replaced upstream under the same name)
   are removed from the store, so neither port serves the old bytes again
-  (see :func:`disowned_files`).
+  (see :func:`~buildcache.ecosystems.pypi.policy.disowned_files`).
 - Pages are always fetched with buildcache's own headers (never a client's
   credentials), so an upstream's ``Vary`` cannot split them and nothing
   stored is private to a client; the page keys are the index's own.
@@ -47,13 +38,11 @@ spans upstreams, or is about not asking at all, is this module's
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
 import attrs
 from attrs import Factory, define, frozen
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -68,15 +57,21 @@ from buildcache.ecosystems.pypi.parse import parse_page
 from buildcache.ecosystems.pypi.policy import (
     USER_AGENT,
     PagePolicy,
+    answer_status,
+    disowned_files,
+    drop_disowned_files,
+    forget,
+    open_entry,
+    read_stored,
+    read_whole,
+    stale_copy,
 )
-from buildcache.engine.core import Engine
-from buildcache.engine.errors import ANSWERED_ERRORS, UpstreamError, UpstreamTimeout
+from buildcache.engine.core import Engine, Resolved
+from buildcache.engine.errors import ANSWERED_ERRORS, UpstreamError, status_for
 from buildcache.engine.exchanges import CacheStatus
-from buildcache.engine.freshness import client_asks_refresh
+from buildcache.engine.freshness import GONE_STATUSES
 from buildcache.engine.keys import cache_key
 from buildcache.engine.policy import Target
-from buildcache.fetch.fetcher import DownloadBody
-from buildcache.store import Entry, Store, StoredObject
 
 __all__ = [
     "PageResolver",
@@ -87,20 +82,10 @@ __all__ = [
     "disowned_files",
     "metadata_servable",
     "NEGATIVE_TTL",
-    "CLIENT_REVALIDATION_FLOOR",
-    "UPSTREAM_FAILURE_BACKOFF",
 ]
 
 #: Seconds an upstream's 404 for a project is believed without asking again.
 NEGATIVE_TTL = 60.0
-
-#: A client's ``no-cache`` revalidates a page upstream only when the page
-#: was validated longer ago than this (see the module docstring).
-CLIENT_REVALIDATION_FLOOR = 30.0
-
-#: Seconds during which an upstream that just failed is not asked to
-#: revalidate pages it has stored here; they are served stale instead.
-UPSTREAM_FAILURE_BACKOFF = 30.0
 
 #: Parsed page models kept in memory: at most this many, and at most this
 #: many bytes of upstream page bodies behind them (a model takes a few
@@ -134,22 +119,6 @@ def page_digests(page: ProjectPage) -> dict[str, str]:
     return digests
 
 
-def disowned_files(
-    digests: Mapping[str, str], stored: Mapping[str, Entry]
-) -> list[tuple[Entry, str]]:
-    """
-    The stored entries whose sha256 differs from the one a page now gives
-    for their key (``digests``, from :func:`page_digests`), and why.
-    """
-    return [
-        (entry, f"sha256 {entry.sha256} stored, the page gives {digests[key]}")
-        for key, entry in stored.items()
-        if key in digests and entry.sha256 is not None
-        and entry.sha256.lower() != digests[key]
-    ]
-
-
-
 def metadata_servable(file: ProjectFile) -> bool:
     """
     Whether the core metadata of ``file`` can be fetched: from
@@ -176,16 +145,12 @@ class _UpstreamFailed(Exception):
     body that broke off).
     """
 
-    def __init__(
-        self, url: str, message: str, timed_out: bool = False,
-        remembered: bool = False,
-    ) -> None:
+    def __init__(self, url: str, message: str, status: int) -> None:
         super().__init__(message)
         self.url = url
         self.message = message
-        self.timed_out = timed_out
-        #: True when the upstream was not asked, having failed moments ago.
-        self.remembered = remembered
+        #: What the client gets when no stored page answers instead.
+        self.status = status
 
 
 @frozen
@@ -206,37 +171,6 @@ class ResolvedPage:
         return page_key(self.upstream, self.name)
 
 
-async def _read_whole(body: DownloadBody) -> bytes:
-    """
-    Wait for a download to end, then return its body (a page: small enough
-    to parse, and parsing needs all of it).  Raises :class:`UpstreamError`
-    when the download failed.
-    """
-    try:
-        # Keep every byte for this reader should the disk refuse the spool.
-        body.advance(0)
-        while not body.finished():
-            more: Deferred[None] = Deferred()
-            body.when_more(lambda: more.callback(None))
-            await more
-        failure = body.failure()
-        if failure is not None:
-            raise UpstreamError(failure.getErrorMessage())
-        size = body.available()
-        chunks = []
-        offset = 0
-        while offset < size:
-            # From the spool file, or from memory when the disk refused it.
-            chunk = body.read(offset, min(1024 * 1024, size - offset))
-            if not chunk:
-                raise UpstreamError("the page body ended early")
-            chunks.append(chunk)
-            offset += len(chunk)
-        return b"".join(chunks)
-    finally:
-        body.close()
-
-
 @define
 class PageResolver:
     """
@@ -252,7 +186,6 @@ class PageResolver:
     index_ttl: float
     clock: IReactorTime
     _missing_until: dict[tuple[str, str], float] = Factory(dict)
-    _failing_until: dict[str, float] = Factory(dict)
     #: The upstream and body digest of the page last served per project:
     #: file requests follow the page the client saw.
     _served: dict[str, tuple[str, str]] = Factory(dict)
@@ -276,10 +209,6 @@ class PageResolver:
             engine, tuple(u.rstrip("/") for u in upstreams), index_ttl, engine.clock
         )
 
-    @property
-    def store(self) -> Store:
-        return self.engine.store
-
     async def resolve(self, name: str, headers: Mapping[str, str]) -> ResolvedPage:
         """
         The page of the normalised ``name`` from the first upstream that has
@@ -295,29 +224,25 @@ class PageResolver:
             try:
                 resolved = await self._from_upstream(upstream, name, headers)
             except _UpstreamFailed as failed:
-                if not failed.remembered:
-                    self._failed(upstream)
-                return self._stale_or_refuse(name, position, failed)
+                return self._later_or_refuse(name, position, failed)
             if resolved is not None:
                 return resolved
         self._served.pop(name, None)
         asked = ", ".join(self.upstreams)
         raise Refusal(
-            404,
+            answer_status(404),
             f"project {name!r} not found: no upstream index has it (asked"
             f" {asked}; a missing project is asked again after"
             f" {NEGATIVE_TTL:g}s)",
         )
 
-    def _failed(self, upstream: str) -> None:
-        self._failing_until[upstream] = self.clock.seconds() + UPSTREAM_FAILURE_BACKOFF
-
-    def _target(self, upstream: str, name: str, judged: Mapping[str, str]) -> Target:
+    def _target(self, upstream: str, name: str, headers: Mapping[str, str]) -> Target:
         return Target(
             url=self._page_url(upstream, name),
             front_end="index",
-            # What the cache heeds of the client: a refresh past the floor.
-            headers=judged,
+            # What the cache heeds of the client: a refresh, past the
+            # floor (PagePolicy.judged).
+            headers=self._policy.judged(headers),
             upstream_headers={"accept": UPSTREAM_ACCEPT, "user-agent": USER_AGENT},
             key=page_key(upstream, name),
             # An index may redirect to its own spelling of the page (same
@@ -336,43 +261,22 @@ class PageResolver:
         """
         key = page_key(upstream, name)
         url = self._page_url(upstream, name)
-        entry = self.store.peek(key)
-        now = self.clock.seconds()
-        judged: dict[str, str] = {}
-        if entry is not None:
-            # pip's max-age=0 is not heeded; a refresh asked on purpose is,
-            # past the floor (see the module docstring).
-            age = max(0.0, now - entry.validated_at)
-            if age >= CLIENT_REVALIDATION_FLOOR and client_asks_refresh(headers):
-                judged = {"cache-control": "no-cache"}
-            if (judged or age >= self.index_ttl) and (
-                self._failing_until.get(upstream, 0.0) > now
-            ):
-                raise _UpstreamFailed(
-                    url, "the upstream failed moments ago", remembered=True
-                )
         try:
             resolved = await self.engine.resolve(
-                self._target(upstream, name, judged), self._policy
+                self._target(upstream, name, headers), self._policy
             )
-        except UpstreamTimeout as e:
-            raise _UpstreamFailed(url, str(e), timed_out=True) from e
         except ANSWERED_ERRORS as e:
-            raise _UpstreamFailed(url, str(e)) from e
+            raise _UpstreamFailed(url, str(e), status_for(e)) from e
         if resolved.stored is not None:
-            if resolved.cache is CacheStatus.STALE:
-                # The engine could not revalidate it: the upstream failed.
-                self._failed(upstream)
-            elif resolved.cache is CacheStatus.REVALIDATED:
-                self._failing_until.pop(upstream, None)
-            return self._stored_page(upstream, name, resolved.cache, resolved.stored)
+            # A hit, revalidated, or stale (the engine could not revalidate
+            # it, or the upstream failed moments ago).
+            return self._stored_page(upstream, name, resolved)
         answer = resolved.answer
         assert answer is not None and answer.body is not None
         body = answer.body
-        if answer.status in (404, 410):
+        if answer.status in GONE_STATUSES:
             body.close()
-            self._failing_until.pop(upstream, None)
-            if self.store.remove(key):
+            if forget(self.engine, key):
                 self.log.info(
                     "Upstream {upstream} no longer has {name}; dropping its page",
                     upstream=upstream, name=name,
@@ -381,13 +285,14 @@ class PageResolver:
             return None
         if answer.status != 200:
             body.close()
-            raise _UpstreamFailed(url, f"{url} answered {answer.status}")
-        self._failing_until.pop(upstream, None)
+            raise _UpstreamFailed(
+                url, f"{url} answered {answer.status}", answer_status(answer.status)
+            )
         download = body.download
         try:
-            data = await _read_whole(body)
+            data = await read_whole(body)
         except UpstreamError as e:
-            raise _UpstreamFailed(url, f"{url}: {e}") from e
+            raise _UpstreamFailed(url, f"{url}: {e}", status_for(e)) from e
         digest = download.sha256 or hashlib.sha256(data).hexdigest()
         return self._fresh_page(
             upstream, name, data, answer.headers.get("content-type"), digest
@@ -439,29 +344,24 @@ class PageResolver:
         Remove the stored files the newly fetched ``page`` gives another
         sha256 for: once per page fetched, not on every file request.
         """
-        digests = page_digests(page)
-        stored = self.store.peek_many(digests)
-        for entry, why in disowned_files(digests, stored):
-            if self.store.remove_entry(entry):
-                self.log.info(
-                    "Removed {key}: the page of {name} now gives another"
-                    " digest ({why}); the next request fetches it",
-                    key=entry.key, name=name, why=why,
-                )
+        for key, why in drop_disowned_files(self.engine, page_digests(page)):
+            self.log.info(
+                "Removed {key}: the page of {name} now gives another"
+                " digest ({why}); the next request fetches it",
+                key=key, name=name, why=why,
+            )
 
     def _stored_page(
-        self, upstream: str, name: str, status: CacheStatus,
-        stored: StoredObject | None = None,
+        self, upstream: str, name: str, resolved: Resolved | None,
     ) -> ResolvedPage:
         """
-        The stored page of ``name`` from ``upstream`` (``stored``, as the
-        engine opened it, or looked up now), parsed or from memory.
+        The stored page of ``name`` from ``upstream`` (``resolved``: opened
+        by the engine or by :func:`open_entry`), parsed or from memory.
         """
         key = page_key(upstream, name)
-        if stored is None:
-            stored = self.store.lookup(key)
-            if stored is None:
-                raise Refusal(502, f"the stored page of {name!r} disappeared; try again")
+        if resolved is None or resolved.stored is None:
+            raise Refusal(502, f"the stored page of {name!r} disappeared; try again")
+        stored = resolved.stored
         try:
             entry = stored.entry
             page = self._models.get((key, entry.sha256)) if entry.sha256 else None
@@ -469,34 +369,32 @@ class PageResolver:
                 digest = entry.sha256
             else:
                 # Not parsed since start-up (or pushed out of memory).
-                data = _read_stored(stored)
+                data = read_stored(stored)
                 digest = hashlib.sha256(data).hexdigest()
                 page = self._parse(upstream, name, data, entry.headers.get("content-type"))
                 self._models.put((key, digest), page, len(data))
         finally:
             stored.close()
         self._served[name] = (upstream, digest)
-        return ResolvedPage(upstream, name, page, digest, status)
+        return ResolvedPage(upstream, name, page, digest, resolved.cache)
 
-    def _stale_or_refuse(
+    def _later_or_refuse(
         self, name: str, position: int, failed: _UpstreamFailed
     ) -> ResolvedPage:
         """
-        Serve the first stored page of ``name`` from the failing upstream or
-        one after it, or refuse with 502/504.
+        When the upstream at ``position`` fails and has no stored page of
+        ``name`` to serve stale (the engine serves its own), serve the
+        first stored page of a later upstream stale, or refuse.
         """
-        for upstream in self.upstreams[position:]:
-            if self.store.peek(page_key(upstream, name)) is None:
-                continue
-            self.log.warn(
-                "Serving stale page of {name} from {upstream}: {why}",
-                name=name, upstream=upstream, why=failed.message,
+        for upstream in self.upstreams[position + 1:]:
+            stale = stale_copy(
+                self.engine, self._target(upstream, name, {}), self._policy,
+                f"{failed.url} failed: {failed.message}",
             )
-            if self.engine.observer is not None:
-                self.engine.observer.stale_served(upstream)
-            return self._stored_page(upstream, name, CacheStatus.STALE)
+            if stale is not None:
+                return self._stored_page(upstream, name, stale)
         raise Refusal(
-            504 if failed.timed_out else 502,
+            failed.status,
             f"upstream {failed.url} failed ({failed.message}) and no copy of"
             f" {name!r} is cached",
         )
@@ -515,22 +413,10 @@ class PageResolver:
                 return page
             candidates.insert(0, upstream)
         for upstream in candidates:
-            if self.store.peek(page_key(upstream, name)) is not None:
+            stored = open_entry(self.engine, page_key(upstream, name), CacheStatus.HIT)
+            if stored is not None:
                 try:
-                    return self._stored_page(upstream, name, CacheStatus.HIT).page
+                    return self._stored_page(upstream, name, stored).page
                 except Refusal:
                     continue
         return None
-
-
-def _read_stored(stored: StoredObject) -> bytes:
-    size = stored.entry.size
-    chunks = []
-    offset = 0
-    while offset < size:
-        chunk = os.pread(stored.fd, min(1024 * 1024, size - offset), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)

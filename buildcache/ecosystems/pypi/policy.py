@@ -5,25 +5,44 @@ the :class:`PageCheck` every page body passes before it is stored), and
 the headers the index sends upstream.  A file's policy
 (:class:`FilePolicy`) is built per request from the page that lists it
 (:func:`file_request`); the root's lives with its server (:mod:`.root`).
+
+It also holds the index's one status rule for an upstream that answered
+other than 200 (:func:`answer_status`), and the few store operations its
+front end needs (reading a page body whole, dropping a page or the files a
+page disowns): the front end (:mod:`.index`, :mod:`.pages`, :mod:`.files`,
+:mod:`.root`) imports neither the store nor the fetcher.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from typing import ClassVar
 
 from attrs import Factory, define, frozen
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from buildcache import __version__
 from buildcache.ecosystems.pypi.lru import LRU
 from buildcache.ecosystems.pypi.model import ProjectPage
 from buildcache.ecosystems.pypi.parse import parse_page
-from buildcache.engine.core import Engine
-from buildcache.engine.freshness import Kind, client_cache_control
+from buildcache.engine.core import Engine, Resolved
+from buildcache.engine.errors import UpstreamError
+from buildcache.engine.exchanges import CacheStatus
+from buildcache.engine.freshness import (
+    GONE_STATUSES,
+    Kind,
+    client_asks_refresh,
+    client_cache_control,
+)
 from buildcache.engine.keys import twin_matches_digest
 from buildcache.engine.policy import Expectation, GenericPolicy, Target
-from buildcache.store import Entry
+from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE, DownloadBody
+from buildcache.store import Entry, StoredObject
+
+_log = Logger()
 
 __all__ = [
     "USER_AGENT",
@@ -33,7 +52,21 @@ __all__ = [
     "FilePolicy",
     "FileRequest",
     "file_request",
+    "answer_status",
+    "disowned_files",
+    "drop_disowned_files",
+    "read_whole",
+    "read_stored",
+    "forget",
+    "open_entry",
+    "stale_copy",
+    "CLIENT_REVALIDATION_FLOOR",
 ]
+
+#: A client's refresh (``no-cache``) revalidates a page upstream only when
+#: the page was validated longer ago than this: a burst of parallel builds
+#: never fetches a page twice (see :meth:`PagePolicy.judged`).
+CLIENT_REVALIDATION_FLOOR = 30.0
 
 #: What clients are told of a file: it never changes.
 _FILE_CACHE_CONTROL = client_cache_control(Kind.IMMUTABLE, 0)
@@ -76,6 +109,30 @@ class PagePolicy(IndexPolicy):
 
     def ttl(self, kind: Kind, default: float) -> float:
         return self.index_ttl
+
+    def judged(self, client_headers: Mapping[str, str]) -> Mapping[str, str]:
+        """
+        The request headers the engine judges a page's freshness by, for a
+        client that sent ``client_headers``.  pip sends ``Cache-Control:
+        max-age=0`` on every page request, whatever the user wants, so a
+        client's ``max-age`` is dropped: obeying it would cost every warm
+        install one upstream round trip per project, on the slow line this
+        cache exists to spare (devpi-server and proxpi ignore it too).  A
+        client that asks for fresh data on purpose (``no-cache`` or
+        ``Pragma: no-cache``, as ``uv --refresh`` and ``curl -H`` send) is
+        judged as asking ``max-age=`` :data:`CLIENT_REVALIDATION_FLOOR`: a
+        page validated longer ago than the floor is revalidated, a younger
+        one is not.
+        """
+        if client_asks_refresh(client_headers):
+            return {"cache-control": f"max-age={CLIENT_REVALIDATION_FLOOR:g}"}
+        return {}
+
+    def stale_on(self, status: int) -> bool:
+        # Any error but "not found" serves the stored page (a 403 or 429
+        # from a proxy or rate limit in the way); a 404 or 410 says the
+        # project is gone, and the resolver drops its page.
+        return status >= 400 and status not in GONE_STATUSES
 
     async def expect(self, target: Target, engine: Engine) -> Expectation:
         models = self.models
@@ -139,6 +196,13 @@ class FilePolicy(IndexPolicy):
     async def expect(self, target: Target, engine: Engine) -> Expectation:
         return self.expected
 
+    def answers(self, target: Target, entry: Entry) -> bool:
+        # Only the bytes the page vouches for are a hit (a wheel replaced
+        # upstream, or stored by the proxy port unchecked, is not), also
+        # on a worker's read-only hit path, which runs no before_lookup.
+        wanted = self.expected.sha256
+        return wanted is None or (entry.sha256 or "").lower() == wanted
+
     async def vouches_for(
         self, target: Target, engine: Engine, twin: Entry, expected: Expectation
     ) -> bool:
@@ -169,13 +233,15 @@ class FileRequest:
 
 
 def file_request(
-    url: str, expected_sha256: str | None, user_agent: str, may_be_large: bool,
+    url: str, expected_sha256: str | None, user_agent: str, size: int | None,
 ) -> FileRequest:
     """
     The request of a distribution or metadata file, checked against the
-    digest its page gives.  One that ``may_be_large`` streams before its
-    check ends (see :data:`buildcache.fetch.fetcher.STREAM_CHECKED_ABOVE`);
-    a small one is answered once checked, so that a mismatch is a clean 502.
+    digest its page gives.  One that may be large (``size``, as the page
+    gives it, is None or above
+    :data:`buildcache.fetch.fetcher.STREAM_CHECKED_ABOVE`) streams before
+    its check ends; a small one is answered once checked, so that a
+    mismatch is a clean 502.
     """
     return FileRequest(
         Target(
@@ -186,6 +252,130 @@ def file_request(
             operator_credentials=True,
         ),
         FilePolicy(expected=Expectation(
-            sha256=expected_sha256, stream_before_check=may_be_large,
+            sha256=expected_sha256,
+            stream_before_check=size is None or size > STREAM_CHECKED_ABOVE,
         )),
     )
+
+
+def answer_status(upstream_status: int) -> int:
+    """
+    The status the index answers with when its upstream answered
+    ``upstream_status`` instead of 200 and no stored copy answers in its
+    place: the one rule for pages, files and the root.  The upstream's
+    "not found" (404, 410) is a 404 for the client, which then looks
+    elsewhere; any other status is the upstream's failure, a 502.  (A
+    failure to get any answer is mapped by the engine's table,
+    :data:`buildcache.engine.errors.ERROR_STATUS`: 504 for a timeout, 502
+    otherwise.)
+    """
+    return 404 if upstream_status in GONE_STATUSES else 502
+
+
+def disowned_files(
+    digests: Mapping[str, str], stored: Mapping[str, Entry]
+) -> list[tuple[Entry, str]]:
+    """
+    The stored entries whose sha256 differs from the one a page now gives
+    for their key (``digests``, from
+    :func:`~buildcache.ecosystems.pypi.pages.page_digests`), and why.
+    """
+    return [
+        (entry, f"sha256 {entry.sha256} stored, the page gives {digests[key]}")
+        for key, entry in stored.items()
+        if key in digests and entry.sha256 is not None
+        and entry.sha256.lower() != digests[key]
+    ]
+
+
+def drop_disowned_files(
+    engine: Engine, digests: Mapping[str, str]
+) -> list[tuple[str, str]]:
+    """
+    Remove the stored files whose sha256 differs from the one a page now
+    gives (``digests``: store key to sha256); the keys removed, and why.
+    """
+    removed = []
+    for entry, why in disowned_files(digests, engine.store.peek_many(digests)):
+        if engine.store.remove_entry(entry):
+            removed.append((entry.key, why))
+    return removed
+
+
+async def read_whole(body: DownloadBody) -> bytes:
+    """
+    Wait for a download to end, then return its body (a page: small enough
+    to parse, and parsing needs all of it).  Raises :class:`UpstreamError`
+    when the download failed.
+    """
+    try:
+        # Keep every byte for this reader should the disk refuse the spool.
+        body.advance(0)
+        while not body.finished():
+            more: Deferred[None] = Deferred()
+            body.when_more(lambda: more.callback(None))
+            await more
+        failure = body.failure()
+        if failure is not None:
+            raise UpstreamError(failure.getErrorMessage())
+        size = body.available()
+        chunks = []
+        offset = 0
+        while offset < size:
+            # From the spool file, or from memory when the disk refused it.
+            chunk = body.read(offset, min(1024 * 1024, size - offset))
+            if not chunk:
+                raise UpstreamError("the page body ended early")
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        body.close()
+
+
+def read_stored(stored: StoredObject) -> bytes:
+    """The whole body of a stored page (opened; the caller closes it)."""
+    size = stored.entry.size
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(stored.fd, min(1024 * 1024, size - offset), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def forget(engine: Engine, key: str) -> bool:
+    """Remove the entry under the index's own ``key``; whether one was."""
+    return engine.store.remove(key)
+
+
+def open_entry(engine: Engine, key: str, cache: CacheStatus) -> Resolved | None:
+    """
+    The entry under the index's own ``key`` (a page), opened, as an
+    answer of ``cache`` status; None when nothing is stored.
+    """
+    stored = engine.store.lookup(key)
+    if stored is None:
+        return None
+    return Resolved(cache, Kind.INDEX, stored=stored)
+
+
+def stale_copy(
+    engine: Engine, target: Target, policy: IndexPolicy, why: str
+) -> Resolved | None:
+    """
+    ``target``'s stored page, opened as a STALE answer because ``why``;
+    None when none is stored.  (Local adapter until the engine offers
+    ``Engine.serve_stale``, requested in F1_API_REQUESTS.md: it logs and
+    reports the stale answer as the engine's own do.)
+    """
+    stale = open_entry(engine, target.key, CacheStatus.STALE)
+    if stale is None:
+        return None
+    _log.warn("Serving stale {key}: {why}", key=target.key, why=why)
+    if engine.observer is not None:
+        engine.observer.stale_served(target.url)
+    return stale

@@ -209,13 +209,14 @@ class Prefetcher:
         url = target.url
         stored = False
         try:
-            if self._stopped or engine.find(target) is not None or (
-                engine.fetcher.downloading(key)
-            ):
+            # Nothing to read ahead when a client's download runs, or the
+            # file is a hit (the engine's own hit path; a miss, the twin
+            # takeover included, is left to engine.resolve below).
+            if self._stopped or engine.fetcher.downloading(key):
                 return
-            adopted = await engine.adopt(target, policy, policy.expected)
-            if adopted is not None:
-                adopted.close()
+            hit = engine.fresh_hit(target, policy)
+            if hit is not None:
+                hit.close()
                 return
             self._fetching.add(key)
             if self.observer is not None:
@@ -223,6 +224,7 @@ class Prefetcher:
             resolved = await engine.resolve(target, policy)
             answer = resolved.answer
             if answer is None:
+                # Stored meanwhile, or taken over from its http:// twin.
                 resolved.close()
                 return
             if answer.body is not None:

@@ -4,7 +4,8 @@ The root page ``/simple/`` of the index port.
 The upstream root (hundreds of thousands of names) is streamed from the
 first upstream and stored per media type for :data:`ROOT_TTL`; nothing
 here reads it, and no decision depends on it (a project's page is fetched
-directly).  When the upstream fails, the stored copy is served stale.
+directly).  When the upstream fails or answers an error status (429, 403, 5xx...),
+the stored copy is served stale.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from attrs import define, frozen
 from twisted.web.server import Request
 
-from buildcache.ecosystems.pypi.policy import USER_AGENT, IndexPolicy
+from buildcache.ecosystems.pypi.policy import USER_AGENT, IndexPolicy, answer_status
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.freshness import Kind, client_cache_control
@@ -57,6 +58,13 @@ class RootPolicy(IndexPolicy):
     def extra_headers(self, target: Target) -> Mapping[str, str]:
         return {"vary": "Accept"}
 
+    def stale_on(self, status: int) -> bool:
+        # Any error serves the stored root (a rate limit's 429, a 403 from
+        # a proxy in the way), not only a 5xx: nothing depends on the root
+        # being current, and it lags upstream anyway.  (The engine never
+        # hides a 404 or 410 behind a stored copy.)
+        return status >= 400
+
 
 @define
 class RootServer:
@@ -95,6 +103,6 @@ class RootServer:
         answer = resolved.answer
         if answer is not None and answer.status != 200:
             resolved.close()
-            send_error(request, 502, f"{url} answered {answer.status}")
+            send_error(request, answer_status(answer.status), f"{url} answered {answer.status}")
             return
         self.engine.respond(request, target, policy, resolved)
