@@ -601,6 +601,30 @@ class IndexFreshnessTests(TestCase):
         self.assertEqual((again.header("x-cache"), again.body), ("STALE", first.body))
         self.assertEqual(harness.requests_for(INDEX_PATH), 2)
 
+    async def test_captive_portal_index_serves_stale(self) -> None:
+        """
+        A revalidation answered 200 with a login page (a captive portal)
+        is refused by the index check: the stored index is served STALE
+        and stays stored; with nothing stored, the client gets a 502
+        (before: the page was stored as the index and served as a HIT).
+        """
+        portal = b"<html><body>Log in to the guest network</body></html>"
+        harness = ProxyHarness.start(self, {"index_ttl": 0})
+        first = await harness.get(INDEX_PATH)
+        good = harness.index_bytes()
+        harness.replace_file(INDEX_PATH, portal, time.time() + 60)
+        stale = await harness.get(INDEX_PATH)
+        self.assertEqual((stale.status, stale.header("x-cache")), (200, "STALE"))
+        self.assertEqual(stale.body, first.body)
+        self.assertEqual(first.body, good)
+        other = "/v3.20/other/x86_64/APKINDEX.tar.gz"
+        harness.replace_file(other, portal, time.time())
+        refused = await harness.get(other)
+        self.assertEqual(refused.status, 502)
+        self.assertEqual(
+            harness.stored_keys(), {f"http://{harness.origin_authority}{INDEX_PATH}"}
+        )
+
     async def test_origin_down_serves_stale(self) -> None:
         """
         With the origin unreachable (connection refused) the stored index

@@ -48,7 +48,12 @@ from buildcache.engine.errors import (
     status_for,
 )
 from buildcache.engine.events import CacheObserver
-from buildcache.engine.exchanges import CacheStatus, ClientExchange, Exchanges
+from buildcache.engine.exchanges import (
+    CacheStatus,
+    ClientExchange,
+    Exchanges,
+    client_gone,
+)
 from buildcache.engine.freshness import (
     Decision,
     Kind,
@@ -161,7 +166,7 @@ class Engine:
         docstring.  Fires when the answer has started (never fails).
         """
         d = Deferred.fromCoroutine(self._serve(request, target, policy))
-        d.addErrback(self._crashed, request)
+        d.addErrback(self.crashed, request)
         return d
 
     async def _serve(self, request: Request, target: Target, policy: Policy) -> None:
@@ -172,8 +177,15 @@ class Engine:
             return
         self.respond(request, target, policy, resolved)
 
-    def _crashed(self, failure: Failure, request: Request) -> None:
+    def crashed(self, failure: Failure, request: Request) -> None:
+        """
+        Answer ``request`` after a bug: a 500 if nothing went out yet, else
+        the connection closed (its response cannot be whole).  A front end
+        that answers on its own path adds this as its errback too.
+        """
         self.log.failure("Serving {uri} failed", failure, uri=request.uri)
+        if client_gone(request):
+            return
         if not request.startedWriting:
             send_error(request, 500, "internal error")
         else:
@@ -493,6 +505,23 @@ class Engine:
         if fresh is None:
             return await self._miss(client, policy)
         return self._resolved(client, CacheStatus.REVALIDATED, stored=fresh)
+
+    def stale(self, target: Target, policy: Policy, why: str) -> Resolved | None:
+        """
+        ``target``'s stored copy as a STALE answer because ``why`` (another
+        source failed: the pip index serves a later upstream's page when
+        the one that owns the project fails), with the same rules, log and
+        report as a failed revalidation's; None when nothing is stored or
+        its directives forbid serving it stale.
+        """
+        client = self._for_client(target, policy)
+        stored = self._open(client, policy)
+        if stored is None:
+            return None
+        try:
+            return self._stale(client, stored, why)
+        except StaleForbidden:
+            return None
 
     def _stale(self, client: _ForClient, stored: StoredObject, why: str) -> Resolved:
         if not may_serve_stale(stored.entry.headers, client.private):

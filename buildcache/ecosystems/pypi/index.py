@@ -29,7 +29,6 @@ from urllib.parse import quote, unquote, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -180,16 +179,7 @@ class IndexResource(Resource):
             )
             return
         d = Deferred.fromCoroutine(self._route(request, path))
-        d.addErrback(self._crashed, request)
-
-    def _crashed(self, failure: Failure, request: Request) -> None:
-        self.log.failure("Index failed on {uri}", failure, uri=request.uri)
-        if client_gone(request):
-            return
-        if not request.startedWriting:
-            send_error(request, 500, "internal error")
-        else:
-            request.loseConnection()
+        d.addErrback(self.engine.crashed, request)
 
     async def _route(self, request: Request, path: str) -> None:
         segments = path.split("/")

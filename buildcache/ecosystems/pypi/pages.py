@@ -64,7 +64,6 @@ from buildcache.ecosystems.pypi.policy import (
     open_entry,
     read_stored,
     read_whole,
-    stale_copy,
 )
 from buildcache.engine.core import Engine, Resolved
 from buildcache.engine.errors import ANSWERED_ERRORS, UpstreamError, status_for
@@ -387,8 +386,8 @@ class PageResolver:
         first stored page of a later upstream stale, or refuse.
         """
         for upstream in self.upstreams[position + 1:]:
-            stale = stale_copy(
-                self.engine, self._target(upstream, name, {}), self._policy,
+            stale = self.engine.stale(
+                self._target(upstream, name, {}), self._policy,
                 f"{failed.url} failed: {failed.message}",
             )
             if stale is not None:

@@ -59,7 +59,6 @@ __all__ = [
     "read_stored",
     "forget",
     "open_entry",
-    "stale_copy",
     "CLIENT_REVALIDATION_FLOOR",
 ]
 
@@ -361,21 +360,3 @@ def open_entry(engine: Engine, key: str, cache: CacheStatus) -> Resolved | None:
     if stored is None:
         return None
     return Resolved(cache, Kind.INDEX, stored=stored)
-
-
-def stale_copy(
-    engine: Engine, target: Target, policy: IndexPolicy, why: str
-) -> Resolved | None:
-    """
-    ``target``'s stored page, opened as a STALE answer because ``why``;
-    None when none is stored.  (Local adapter until the engine offers
-    ``Engine.serve_stale``, requested in F1_API_REQUESTS.md: it logs and
-    reports the stale answer as the engine's own do.)
-    """
-    stale = open_entry(engine, target.key, CacheStatus.STALE)
-    if stale is None:
-        return None
-    _log.warn("Serving stale {key}: {why}", key=target.key, why=why)
-    if engine.observer is not None:
-        engine.observer.stale_served(target.url)
-    return stale
