@@ -15,17 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-from typing import Any
 
 import attrs
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from buildcache.ecosystems.apk.check import ApkIndexes
-from buildcache.ecosystems.apk.policy import ApkPolicy
 from buildcache.ecosystems.pypi.pages import page_key
 from buildcache.engine.keys import cache_key
 from buildcache.ops.cli import verify
+from buildcache.service import proxy_policies
 from buildcache.store import INDEX_NAME, OfflineIndex
 from tests.apkrepo import BuiltApk, build_apk, build_apkindex
 from tests.pyindex import StaticSimpleIndex
@@ -206,8 +205,9 @@ class ApkRebuildTests(TestCase):
         """
         observer = log_events(self)
         harness, path = self.start()
-        proxy: Any = harness.running.server.proxy
-        proxy.apk = ApkPolicy(indexes=ApkIndexes(harness.running.store, max_entries=1))
+        harness.running.server.proxy.policies = proxy_policies(
+            ApkIndexes(harness.running.store, max_entries=1)
+        )
         index = await harness.get(INDEX_PATH)
         self.assertEqual((index.status, index.body), (200, harness.index_bytes()))
         for _ in range(2):
