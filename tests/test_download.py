@@ -483,6 +483,25 @@ class JoinRuleTests(SynchronousTestCase):
         self.assertFalse(verified.may_join(plain))
         self.assertTrue(plain.may_join(verified))
 
+    def test_source_digest(self) -> None:
+        """
+        A request checked against one version of an index entry does not
+        join a download checked against another (its verifier was built
+        from the old entry), nor one checked against none; it joins one of
+        the same version.  A request without a source digest joins either.
+        """
+        def verify(headers: Any) -> Any:
+            return None
+
+        old = self.request(verify=verify, source_digest="Q1old")
+        new = self.request(verify=verify, source_digest="Q1new")
+        self.assertFalse(new.may_join(old))
+        self.assertFalse(old.may_join(new))
+        self.assertTrue(new.may_join(self.request(verify=verify, source_digest="Q1new")))
+        self.assertFalse(new.may_join(self.request(verify=verify)))
+        self.assertTrue(self.request(verify=verify).may_join(old))
+        self.assertTrue(self.request().may_join(old))
+
     def test_variants_flag_refused(self) -> None:
         """
         ``variants`` takes a rule: the old ``variants=True`` fails loudly.
