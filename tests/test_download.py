@@ -27,14 +27,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from buildcache.fetch.download import (
-    MEMORY_BUFFER,
-    Download,
-    IllegalTransition,
-    Phase,
-)
+from buildcache.fetch.download import MEMORY_BUFFER, Download
 from buildcache.fetch.errors import CacheWriteError, UpstreamError, UpstreamTimeout
 from buildcache.fetch.fetcher import Fetcher, upstream_client
+from buildcache.fetch.phase import IllegalTransition, Phase
 from buildcache.fetch.reader import WITHHELD_TAIL, DownloadBody
 from buildcache.fetch.request import UpstreamAnswer, UpstreamRequest
 from buildcache.store import IntegrityError, NoRoom, Store
