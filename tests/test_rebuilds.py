@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.pypi.pages import page_key
-from buildcache.engine.keys import cache_key
+from buildcache.engine.keys import PRIVATE_MARK, cache_key
 from buildcache.ops.cli import verify
 from buildcache.service import proxy_policies
 from buildcache.store import INDEX_NAME, OfflineIndex
@@ -196,6 +196,30 @@ class ApkRebuildTests(TestCase):
         self.assertFalse(result.clean)
         fresh = await harness.get(path)
         self.assertEqual((fresh.header("x-cache"), fresh.body), ("MISS", rebuilt().content))
+
+    async def test_verify_judges_private_packages_by_their_own_index(self) -> None:
+        """
+        A package stored for one client's credentials (``#p=``) is not
+        judged against the anonymous index (the server's rule,
+        :func:`buildcache.ecosystems.apk.check.vouched_by`): ``verify``
+        keeps it while it drops the anonymous copy that index disowns.
+        """
+        harness, path = self.start()
+        await self.fill(harness, path)
+        new_index = self.rebuild_upstream(harness, path)
+        store = harness.running.store
+        package_key = cache_key(harness.proxied(path))
+        private_key = f"{package_key}{PRIVATE_MARK}{'ab' * 32}"
+        writer = store.writer(private_key)
+        writer.write(first_build().content)
+        writer.commit({})
+        writer = store.writer(cache_key(harness.proxied(INDEX_PATH)))
+        writer.write(new_index)
+        writer.commit({})
+        with OfflineIndex.open(store.directory) as index:
+            result = verify(index)
+        self.assertEqual([row.key for row, _ in result.stale], [package_key])
+        self.assertIsNotNone(store.peek(private_key))
 
     async def test_oversized_index_is_refused_for_checking(self) -> None:
         """
