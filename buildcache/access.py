@@ -15,13 +15,15 @@ This module owns, without any network I/O:
   spelling of the host reached us (``127.1``, ``0x7f000001``, …);
 - ``CONNECT`` tunnels: port 443 of an allowed host only.
 
+Where an address leads (loopback, private, ...) is
+:mod:`buildcache.addresses`'s.
+
 Every check returns a :class:`Verdict`: true or false in a boolean context, with
 a reason a front end can log and put in a 403 body.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import ipaddress
 import re
@@ -30,6 +32,15 @@ from urllib.parse import urlsplit
 
 import attrs
 import idna
+
+from buildcache.addresses import (
+    AddressClass,
+    IPAddress,
+    IPNetwork,
+    classify_address,
+    parse_address,
+    unmapped,
+)
 
 __all__ = [
     "AddressClass",
@@ -45,22 +56,6 @@ __all__ = [
     "upstream_endpoint",
     "upstream_host_key",
 ]
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class AddressClass(enum.Enum):
-    """Where an IP address leads."""
-
-    PUBLIC = "public"
-    LOOPBACK = "loopback"
-    PRIVATE = "private"
-    LINK_LOCAL = "link-local"
-    MULTICAST = "multicast"
-    RESERVED = "reserved"
-    UNSPECIFIED = "unspecified"
-
 
 @attrs.frozen
 class Verdict:
@@ -88,115 +83,6 @@ class Verdict:
 
 class InvalidHost(ValueError):
     """A host name or literal that cannot be requested; str() is the reason."""
-
-
-_net = ipaddress.ip_network
-
-#: Checked in order, first match wins; anything else is PUBLIC.  Explicit
-#: tables rather than ipaddress's is_private/is_global, whose answers have
-#: changed between Python releases.
-_IPV4_CLASSES: tuple[tuple[IPNetwork, AddressClass], ...] = (
-    (_net("0.0.0.0/32"), AddressClass.UNSPECIFIED),
-    # "This network": Linux connects 0.0.0.0 to the local host.
-    (_net("0.0.0.0/8"), AddressClass.RESERVED),
-    (_net("10.0.0.0/8"), AddressClass.PRIVATE),
-    # Carrier-grade NAT: shared with the ISP's other customers.
-    (_net("100.64.0.0/10"), AddressClass.PRIVATE),
-    (_net("127.0.0.0/8"), AddressClass.LOOPBACK),
-    # Includes the cloud metadata service 169.254.169.254.
-    (_net("169.254.0.0/16"), AddressClass.LINK_LOCAL),
-    (_net("172.16.0.0/12"), AddressClass.PRIVATE),
-    (_net("192.0.0.0/24"), AddressClass.RESERVED),
-    (_net("192.0.2.0/24"), AddressClass.RESERVED),
-    (_net("192.88.99.0/24"), AddressClass.RESERVED),
-    (_net("192.168.0.0/16"), AddressClass.PRIVATE),
-    (_net("198.18.0.0/15"), AddressClass.RESERVED),
-    (_net("198.51.100.0/24"), AddressClass.RESERVED),
-    (_net("203.0.113.0/24"), AddressClass.RESERVED),
-    (_net("224.0.0.0/4"), AddressClass.MULTICAST),
-    # Class E and the limited broadcast 255.255.255.255.
-    (_net("240.0.0.0/4"), AddressClass.RESERVED),
-)
-
-_IPV6_CLASSES: tuple[tuple[IPNetwork, AddressClass], ...] = (
-    (_net("::/128"), AddressClass.UNSPECIFIED),
-    (_net("::1/128"), AddressClass.LOOPBACK),
-    # Local-use NAT64 (RFC 8215), inside ::/8.
-    (_net("64:ff9b:1::/48"), AddressClass.PRIVATE),
-    # IPv4-compatible (deprecated) and the rest of ::/8; the IPv4-mapped,
-    # -translated and well-known NAT64 ranges are handled before this table.
-    (_net("::/8"), AddressClass.RESERVED),
-    (_net("100::/64"), AddressClass.RESERVED),
-    (_net("2001:db8::/32"), AddressClass.RESERVED),
-    # IETF protocol assignments, Teredo (2001::/32) included.
-    (_net("2001::/23"), AddressClass.RESERVED),
-    (_net("3fff::/20"), AddressClass.RESERVED),
-    (_net("fc00::/7"), AddressClass.PRIVATE),
-    (_net("fe80::/10"), AddressClass.LINK_LOCAL),
-    # Deprecated site-local: private in intent.
-    (_net("fec0::/10"), AddressClass.PRIVATE),
-    (_net("ff00::/8"), AddressClass.MULTICAST),
-    (_net("2000::/3"), AddressClass.PUBLIC),
-)
-
-_IPV4_TRANSLATED = _net("::ffff:0:0:0/96")
-_NAT64_WELL_KNOWN = _net("64:ff9b::/96")
-
-
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """
-    The IPv4 address an IPv6 address stands for, when packets to it end up
-    there: IPv4-mapped, IPv4-translated (SIIT), NAT64 well-known prefix,
-    6to4.
-    """
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address in _IPV4_TRANSLATED or address in _NAT64_WELL_KNOWN:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return address.sixtofour
-
-
-def _parse_address(ip: str | IPAddress) -> IPAddress:
-    if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return ip
-    text = ip.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    return ipaddress.ip_address(text)
-
-
-def _unmapped(address: IPAddress) -> IPAddress:
-    """The same socket endpoint: ``::ffff:a.b.c.d`` is ``a.b.c.d``."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def classify_address(ip: str | IPAddress) -> AddressClass:
-    """
-    Classify an IPv4 or IPv6 address (brackets allowed around IPv6).
-
-    IPv6 forms that carry an IPv4 address (mapped ``::ffff:a.b.c.d``,
-    translated, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``) take the class
-    of the embedded address when it is not public: ``2002:7f00:1::`` is as
-    good as loopback to anyone who can get it delivered.
-
-    :raise ValueError: ``ip`` is not an IP address.
-    """
-    address = _parse_address(ip)
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(address)
-        if embedded is not None:
-            return classify_address(embedded)
-        table = _IPV6_CLASSES
-        default = AddressClass.RESERVED  # outside 2000::/3 nothing is allocated
-    else:
-        table = _IPV4_CLASSES
-        default = AddressClass.PUBLIC
-    for network, address_class in table:
-        if address in network:
-            return address_class
-    return default
 
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.ASCII)
@@ -341,7 +227,7 @@ class UpstreamPattern:
             return False
         literal = _ip_literal(host)
         if literal is not None:
-            return self.network is not None and _unmapped(literal) in self.network
+            return self.network is not None and unmapped(literal) in self.network
         if self.name_regex is None or _ends_in_number(host):
             return False
         return self.name_regex.fullmatch(host) is not None
@@ -350,7 +236,7 @@ class UpstreamPattern:
         """Whether a connected-to address lies in this network pattern."""
         if self.network is None or not self._port_matches(port):
             return False
-        return _unmapped(address) in self.network
+        return unmapped(address) in self.network
 
 
 def _compile_name_pattern(host_text: str, source: str) -> re.Pattern[str]:
@@ -511,7 +397,7 @@ class AccessPolicy:
     def client_allowed(self, ip: str) -> Verdict:
         """Whether a client at ``ip`` may use the cache (``::ffff:a.b.c.d`` is IPv4)."""
         try:
-            address = _unmapped(_parse_address(ip))
+            address = unmapped(parse_address(ip))
         except ValueError:
             return Verdict.refuse(f"client address {ip!r} is not an IP address")
         for network in self.allow_from:
@@ -571,7 +457,7 @@ class AccessPolicy:
         a network pattern.
         """
         try:
-            address = _parse_address(ip)
+            address = parse_address(ip)
         except ValueError:
             return Verdict.refuse(f"{ip!r} is not an IP address")
         address_class = classify_address(address)

@@ -12,8 +12,11 @@ This module owns, without network I/O:
 - which request gets which credentials (:class:`UpstreamCredentials`): only a
   request to the same origin (scheme, host, port) as the configured
   upstream, hop by hop, so a redirect to another origin never carries them;
-- the agent that adds the ``Authorization: Basic`` header
-  (:class:`CredentialsAgent`).
+- hiding credentials in what is shown: :func:`redact`, :func:`hide_userinfo`,
+  :func:`masked_url`, :func:`shown_url`.
+
+Nothing here speaks HTTP: the agent that adds the ``Authorization: Basic``
+header is :class:`buildcache.fetch.credentials.CredentialsAgent`.
 
 These are the cache's own credentials: responses fetched with them are
 shared by every client, like any other upstream response.  The header is
@@ -28,14 +31,9 @@ import netrc
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
-from zope.interface import implementer
 
 from buildcache.access import InvalidHost, normalize_host
 
@@ -43,10 +41,12 @@ __all__ = [
     "Credentials",
     "Origin",
     "UpstreamCredentials",
-    "CredentialsAgent",
     "NetrcCredentials",
     "hide_userinfo",
+    "masked_url",
     "read_netrc",
+    "readable_by_others",
+    "redact",
     "shown_url",
     "split_userinfo",
     "without_userinfo",
@@ -288,35 +288,6 @@ class UpstreamCredentials:
         status page).
         """
         return self.for_url(url) is not None
-
-
-@implementer(IAgent)
-@attrs.frozen
-class CredentialsAgent:
-    """
-    Adds the configured credentials to each request for their origin.
-
-    It sits below the redirect handling, so each hop of a redirect is judged
-    on its own URI: a redirect that leaves the origin is sent without them.
-    A request that already carries an ``Authorization`` header (a client's
-    own) is sent as it is.
-    """
-
-    agent: IAgent
-    credentials: UpstreamCredentials
-
-    def request(
-        self, method: bytes, uri: bytes, headers: Headers | None = None,
-        bodyProducer: Any = None,
-    ) -> Deferred[IResponse]:
-        credentials = self.credentials.for_url(uri)
-        if credentials is not None and not (
-            headers is not None and headers.hasHeader(b"authorization")
-        ):
-            headers = headers.copy() if headers is not None else Headers()
-            headers.setRawHeaders(b"authorization", [credentials.authorization()])
-        return self.agent.request(method, uri, headers, bodyProducer)
-
 
 
 #: From a scheme's "//" to the last "@" of the same word: the user

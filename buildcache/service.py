@@ -29,10 +29,15 @@ from twisted.web.server import Site
 from buildcache.access import AccessPolicy, upstream_host_key
 from buildcache.config import Config
 from buildcache.credentials import readable_by_others
+from buildcache.ecosystems.apk.check import ApkIndexes
+from buildcache.ecosystems.apk.policy import ApkPolicy
+from buildcache.ecosystems.apt.policy import APT
 from buildcache.ecosystems.pypi.assemble import index_resource
 from buildcache.ecosystems.pypi.index import IndexResource
+from buildcache.ecosystems.pypi.kinds import PIP_FILES
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.engine.core import Engine
+from buildcache.engine.policy import GenericPolicy
 from buildcache.fetch.connect import make_http_client, upstream_pool
 from buildcache.fetch.fetcher import Fetcher
 from buildcache.frontends.connections import ClientConnections
@@ -53,6 +58,15 @@ STOP_GRACE = 10.0
 #: Threads that fsync and rename stored bodies.
 STORE_THREADS = 4
 
+
+
+def proxy_policies(apk_indexes: ApkIndexes) -> tuple[GenericPolicy, ...]:
+    """
+    The policies the proxy port serves, in the order their path rules are
+    tried: apt, apk (packages checked against ``apk_indexes``), pip files.
+    Anything else is served under the generic RFC 9111 policy.
+    """
+    return (APT, ApkPolicy(indexes=apk_indexes), PIP_FILES)
 
 @frozen
 class Server:
@@ -100,7 +114,9 @@ class Server:
             activity=activity,
         )
         engine = Engine(store, fetcher, reactor, activity, config.index_ttl)
-        proxy = ProxyResource(engine, Router(tuple(config.mirrors), policy))
+        proxy = ProxyResource(
+            engine, Router(tuple(config.mirrors), policy), proxy_policies(ApkIndexes(store))
+        )
         connections = ClientConnections(config.max_connections_per_client)
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,

@@ -34,6 +34,7 @@ from buildcache.fetch.connect import (
     TargetRefused,
     connect_tcp,
     make_http_client,
+    upstream_pool,
 )
 from buildcache.fetch.fetcher import UpstreamError, UpstreamTimeout
 
@@ -343,10 +344,11 @@ class HTTPClientTests(GuardTestCase):
 
     async def test_allowed_fetch_reuses_connection(self) -> None:
         listener, port = self.listen(Site(Hello()), "127.0.0.1")
-        client = make_http_client(reactor, AccessPolicy(allow_upstream=["127.0.0.1"]), 5.0)
-        agent: Any = client.agent
-        pool = agent.agent._pool
+        pool = upstream_pool(reactor)
         self.addCleanup(pool.closeCachedConnections)
+        client = make_http_client(
+            reactor, AccessPolicy(allow_upstream=["127.0.0.1"]), 5.0, pool=pool
+        )
         url = f"http://127.0.0.1:{self.port_of(port)}/"
         for _ in range(2):
             response = await client.get(url)

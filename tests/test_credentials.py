@@ -26,7 +26,6 @@ from zope.interface import implementer
 
 from buildcache.credentials import (
     Credentials,
-    CredentialsAgent,
     NetrcCredentials,
     Origin,
     UpstreamCredentials,
@@ -36,6 +35,7 @@ from buildcache.credentials import (
     shown_url,
     split_userinfo,
 )
+from buildcache.fetch.credentials import CredentialsAgent
 from buildcache.options import Options
 from buildcache.turns import after_io
 from tests.pyindex import StaticSimpleIndex, build_index

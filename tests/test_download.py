@@ -27,14 +27,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from buildcache.fetch.download import (
-    MEMORY_BUFFER,
-    Download,
-    IllegalTransition,
-    Phase,
-)
+from buildcache.fetch.download import MEMORY_BUFFER, Download
 from buildcache.fetch.errors import CacheWriteError, UpstreamError, UpstreamTimeout
 from buildcache.fetch.fetcher import Fetcher, upstream_client
+from buildcache.fetch.phase import IllegalTransition, Phase
 from buildcache.fetch.reader import WITHHELD_TAIL, DownloadBody
 from buildcache.fetch.request import UpstreamAnswer, UpstreamRequest
 from buildcache.store import IntegrityError, NoRoom, Store
@@ -482,6 +478,25 @@ class JoinRuleTests(SynchronousTestCase):
         verified = self.request(verify=lambda headers: Any)
         self.assertFalse(verified.may_join(plain))
         self.assertTrue(plain.may_join(verified))
+
+    def test_source_digest(self) -> None:
+        """
+        A request checked against one version of an index entry does not
+        join a download checked against another (its verifier was built
+        from the old entry), nor one checked against none; it joins one of
+        the same version.  A request without a source digest joins either.
+        """
+        def verify(headers: Any) -> Any:
+            return None
+
+        old = self.request(verify=verify, source_digest="Q1old")
+        new = self.request(verify=verify, source_digest="Q1new")
+        self.assertFalse(new.may_join(old))
+        self.assertFalse(old.may_join(new))
+        self.assertTrue(new.may_join(self.request(verify=verify, source_digest="Q1new")))
+        self.assertFalse(new.may_join(self.request(verify=verify)))
+        self.assertTrue(self.request(verify=verify).may_join(old))
+        self.assertTrue(self.request().may_join(old))
 
     def test_variants_flag_refused(self) -> None:
         """

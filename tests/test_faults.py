@@ -384,27 +384,42 @@ async def raw_client(
 
 def record_channels(site: Site) -> list[Any]:
     """
-    Keep every HTTP channel ``site`` builds from now on, to look at its
-    transport from the server's side.
+    Keep the server-side transport of every connection ``site`` accepts
+    from now on (see :func:`transport_of`), caught as it is handed to the
+    protocol (``IProtocol.makeConnection``): twisted.web wraps its
+    ``HTTPChannel`` in a protocol switcher whose inner channel is private.
     """
     channels: list[Any] = []
     build = site.buildProtocol
 
     def recording(addr: Any) -> Any:
-        channel = build(addr)
-        channels.append(channel)
-        return channel
+        protocol = build(addr)
+        recorded = _Recorded()
+        make_connection = protocol.makeConnection
+
+        def connected(transport: Any) -> None:
+            recorded.transport = transport
+            make_connection(transport)
+
+        protocol.makeConnection = connected
+        channels.append(recorded)
+        return protocol
 
     site.buildProtocol = recording  # type: ignore[method-assign]
     return channels
 
 
+class _Recorded:
+    """A connection :func:`record_channels` saw: its transport, once made."""
+
+    transport: Any = None
+
+
 def transport_of(channel: Any) -> Any:
     """
-    The server-side transport of an HTTP channel (twisted.web wraps its
-    ``HTTPChannel`` in a protocol switcher; the proxy's is not wrapped).
+    The server-side transport of a connection :func:`record_channels` kept.
     """
-    return getattr(channel, "_channel", channel).transport
+    return channel.transport
 
 
 def buffered_bytes(channel: Any) -> int:

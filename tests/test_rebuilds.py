@@ -15,17 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-from typing import Any
 
 import attrs
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from buildcache.ecosystems.apk.check import ApkIndexes
-from buildcache.ecosystems.apk.policy import ApkPolicy
 from buildcache.ecosystems.pypi.pages import page_key
-from buildcache.engine.keys import cache_key
+from buildcache.engine.keys import PRIVATE_MARK, cache_key
 from buildcache.ops.cli import verify
+from buildcache.service import proxy_policies
 from buildcache.store import INDEX_NAME, OfflineIndex
 from tests.apkrepo import BuiltApk, build_apk, build_apkindex
 from tests.pyindex import StaticSimpleIndex
@@ -198,6 +197,30 @@ class ApkRebuildTests(TestCase):
         fresh = await harness.get(path)
         self.assertEqual((fresh.header("x-cache"), fresh.body), ("MISS", rebuilt().content))
 
+    async def test_verify_judges_private_packages_by_their_own_index(self) -> None:
+        """
+        A package stored for one client's credentials (``#p=``) is not
+        judged against the anonymous index (the server's rule,
+        :func:`buildcache.ecosystems.apk.check.vouched_by`): ``verify``
+        keeps it while it drops the anonymous copy that index disowns.
+        """
+        harness, path = self.start()
+        await self.fill(harness, path)
+        new_index = self.rebuild_upstream(harness, path)
+        store = harness.running.store
+        package_key = cache_key(harness.proxied(path))
+        private_key = f"{package_key}{PRIVATE_MARK}{'ab' * 32}"
+        writer = store.writer(private_key)
+        writer.write(first_build().content)
+        writer.commit({})
+        writer = store.writer(cache_key(harness.proxied(INDEX_PATH)))
+        writer.write(new_index)
+        writer.commit({})
+        with OfflineIndex.open(store.directory) as index:
+            result = verify(index)
+        self.assertEqual([row.key for row, _ in result.stale], [package_key])
+        self.assertIsNotNone(store.peek(private_key))
+
     async def test_oversized_index_is_refused_for_checking(self) -> None:
         """
         An index past the entry bound is served to its client, but not used
@@ -206,8 +229,9 @@ class ApkRebuildTests(TestCase):
         """
         observer = log_events(self)
         harness, path = self.start()
-        proxy: Any = harness.running.server.proxy
-        proxy.apk = ApkPolicy(indexes=ApkIndexes(harness.running.store, max_entries=1))
+        harness.running.server.proxy.policies = proxy_policies(
+            ApkIndexes(harness.running.store, max_entries=1)
+        )
         index = await harness.get(INDEX_PATH)
         self.assertEqual((index.status, index.body), (200, harness.index_bytes()))
         for _ in range(2):

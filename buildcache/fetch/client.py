@@ -24,7 +24,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
-from buildcache.credentials import CredentialsAgent, UpstreamCredentials
+from buildcache.credentials import UpstreamCredentials
+from buildcache.fetch.credentials import CredentialsAgent
 
 #: Response headers that describe the connection, not the object.
 HOP_BY_HOP = frozenset(

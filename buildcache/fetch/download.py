@@ -4,7 +4,9 @@ One upstream response on its way to its clients and to the store: the
 :class:`buildcache.fetch.reader.DownloadBody`.
 
 The fetcher (:mod:`buildcache.fetch.fetcher`) owns every download and
-moves it through its :class:`Phase` with the transition methods below;
+moves it through its :class:`~buildcache.fetch.phase.Phase` (the table of
+legal moves is :data:`buildcache.fetch.phase.NEXT`) with the transition
+methods below;
 each checks the phase it leaves and raises :class:`IllegalTransition`
 otherwise.  Readers only read, and report their progress::
 
@@ -46,7 +48,6 @@ complete; a download that fails before that fails their answer.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import os
 import sqlite3
@@ -60,6 +61,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from buildcache.credentials import redact
+from buildcache.fetch.phase import (
+    ENDED,
+    MEMORY,
+    NEXT,
+    RECEIVING,
+    IllegalTransition,
+    Phase,
+)
 from buildcache.fetch.reader import DownloadBody
 from buildcache.fetch.request import UpstreamAnswer, UpstreamRequest
 from buildcache.store import NoRoom, ObjectWriter, Store, mismatch
@@ -74,60 +83,6 @@ STREAM_CHECKED_ABOVE = 4 * 1024 * 1024
 #: Most bytes a download that cannot be spooled to disk keeps in memory for
 #: its slowest reader before it pauses the upstream.
 MEMORY_BUFFER = 1024 * 1024
-
-
-class Phase(enum.Enum):
-    """
-    Where a :class:`Download` is (see the module docstring).
-    """
-
-    CONNECTING = "connecting"
-    SPOOLING = "spooling"
-    IN_MEMORY = "in memory"
-    HELD_BACK = "held back"
-    ABANDONED = "abandoned"
-    NOT_MODIFIED = "not modified"
-    COMPLETE = "complete"
-    FAILED = "failed"
-    SETTLED = "settled"
-
-
-_NEXT: dict[Phase, frozenset[Phase]] = {
-    Phase.CONNECTING: frozenset(
-        {Phase.SPOOLING, Phase.IN_MEMORY, Phase.NOT_MODIFIED, Phase.FAILED}
-    ),
-    Phase.SPOOLING: frozenset({Phase.IN_MEMORY, Phase.COMPLETE, Phase.FAILED}),
-    Phase.IN_MEMORY: frozenset(
-        {Phase.HELD_BACK, Phase.ABANDONED, Phase.COMPLETE, Phase.FAILED}
-    ),
-    Phase.HELD_BACK: frozenset(
-        {Phase.IN_MEMORY, Phase.ABANDONED, Phase.COMPLETE, Phase.FAILED}
-    ),
-    Phase.ABANDONED: frozenset({Phase.FAILED}),
-    Phase.NOT_MODIFIED: frozenset({Phase.SETTLED}),
-    Phase.COMPLETE: frozenset({Phase.SETTLED}),
-    Phase.FAILED: frozenset({Phase.SETTLED}),
-    Phase.SETTLED: frozenset(),
-}
-
-#: Phases in which body bytes arrive.
-_RECEIVING = frozenset({Phase.SPOOLING, Phase.IN_MEMORY, Phase.HELD_BACK})
-#: Phases in which the body goes on in memory.
-_MEMORY = frozenset({Phase.IN_MEMORY, Phase.HELD_BACK})
-#: Phases after which no byte will arrive.
-_ENDED = frozenset({Phase.NOT_MODIFIED, Phase.COMPLETE, Phase.FAILED, Phase.SETTLED})
-
-
-class IllegalTransition(Exception):
-    """
-    A download was asked to move to a phase it cannot reach from its own.
-    """
-
-    def __init__(self, current: Phase, wanted: Phase | str):
-        self.current = current
-        self.wanted = wanted
-        name = wanted.name if isinstance(wanted, Phase) else wanted
-        super().__init__(f"a download cannot go from {current.name} to {name}")
 
 
 def spool_plan(counted: bool, held: bool) -> str:
@@ -219,7 +174,7 @@ class Download:
         """
         No more bytes will arrive (the body is whole, or failed).
         """
-        return self._phase in _ENDED
+        return self._phase in ENDED
 
     @property
     def settled(self) -> bool:
@@ -315,7 +270,7 @@ class Download:
         Move to ``phase``; the phase left.
         """
         left = self._phase
-        if phase not in _NEXT[left]:
+        if phase not in NEXT[left]:
             raise IllegalTransition(left, phase)
         self._phase = phase
         return left
@@ -372,7 +327,7 @@ class Download:
         phase = self._phase
         if phase is Phase.ABANDONED:
             return False
-        if phase not in _RECEIVING:
+        if phase not in RECEIVING:
             raise IllegalTransition(phase, "receiving bytes")
         if phase is Phase.SPOOLING:
             writer = self._writer
@@ -389,7 +344,7 @@ class Download:
         self.received += len(data)
         if self.on_received is not None:
             self.on_received(len(data))
-        if self._phase in _MEMORY:
+        if self._phase in MEMORY:
             self._memory_hash.update(data)
             self._memory += data
             # Keep only what a streaming reader still needs.
@@ -495,7 +450,7 @@ class Download:
         worth fetching.  (One streamed before its check is checked in
         memory, see :meth:`memory_mismatch`.)
         """
-        if self._phase not in _MEMORY or not (
+        if self._phase not in MEMORY or not (
             self.request.holds_until_checked or not self._bodies
         ):
             return False
@@ -534,7 +489,7 @@ class Download:
         whole = length is not None and self.received >= int(length)
         if (
             not (self._bodies or whole)
-            and self._phase in _MEMORY
+            and self._phase in MEMORY
             and self._upstream is not None
         ):
             # Nothing will be stored and nobody is reading.
@@ -570,7 +525,7 @@ class Download:
         """
         Whether clients have been answered (see :meth:`join`).
         """
-        if self._phase in _ENDED:
+        if self._phase in ENDED:
             return True
         if self._phase is Phase.CONNECTING:
             return False

@@ -1,9 +1,9 @@
 """
-The ways an upstream request fails, and the status each is answered with.
+The ways an upstream request fails.
 
-:attr:`UpstreamError.status` is the one place that maps a failed fetch to
-the status a client gets; every subclass says its own.  The connection
-layer (:mod:`buildcache.fetch.connect`) raises :class:`TargetRefused` and
+Which status a client gets for each is not said here: that is
+:data:`buildcache.engine.errors.ERROR_STATUS`, the one table.  The
+connection layer (:mod:`buildcache.fetch.connect`) raises :class:`TargetRefused` and
 :class:`UpstreamTimeout`; the fetcher raises the rest, and
 :class:`buildcache.store.IntegrityError` for a body that fails its check.
 """
@@ -19,13 +19,12 @@ class UpstreamError(Exception):
     #: Whether the failure says something about the upstream's health; a
     #: target the access policy refused was never contacted.
     counts_against_upstream = True
-    #: The status a client is answered with: the one place that maps
-    #: upstream failures to statuses (subclasses say theirs).
-    status = 502
 
 
 class UpstreamTimeout(UpstreamError):
-    status = 504
+    """
+    The upstream did not connect, or did not answer, in time.
+    """
 
 
 class CacheWriteError(UpstreamError):
@@ -48,7 +47,6 @@ class TargetRefused(UpstreamError):
     """
 
     counts_against_upstream = False
-    status = 403
 
     def __init__(self, host: str, port: int, reason: str, address: str | None = None):
         self.host = host

@@ -49,8 +49,6 @@ from buildcache.fetch.download import (
     MEMORY_BUFFER,
     STREAM_CHECKED_ABOVE,
     Download,
-    IllegalTransition,
-    Phase,
     spool_plan,
 )
 from buildcache.fetch.errors import (
@@ -61,6 +59,7 @@ from buildcache.fetch.errors import (
 )
 from buildcache.fetch.events import FetchObserver
 from buildcache.fetch.headlimit import head_too_large
+from buildcache.fetch.phase import IllegalTransition, Phase
 from buildcache.fetch.reader import WITHHELD_TAIL, DownloadBody, drained
 from buildcache.fetch.receiver import BodyReceiver
 from buildcache.fetch.request import (

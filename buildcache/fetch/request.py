@@ -160,6 +160,10 @@ class UpstreamRequest:
         reach another) or conditions (a 304 answers only the conditional
         one), nor a checked request a download nobody checks, nor when
         they expect different digests or sizes (see the module docstring).
+        A request with a ``source_digest`` was checked against one version
+        of an index entry: it joins only a download checked against that
+        same version (a verifier built from an older entry is not its
+        check), and gets its own otherwise.
         (Whether the answer's ``Vary`` lets them share is known only once
         it arrives; see :meth:`buildcache.fetch.fetcher.Fetcher.fetch`.)
         """
@@ -171,6 +175,7 @@ class UpstreamRequest:
             and self.revalidates == running.revalidates
             and self.operator_credentials == running.operator_credentials
             and (self.verify is None or running.verify is not None)
+            and (self.source_digest is None or self.source_digest == running.source_digest)
             and _compatible(_lower(self.expected_sha256), _lower(running.expected_sha256))
             and _compatible(self.expected_size, running.expected_size)
         )

@@ -30,14 +30,16 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
 from buildcache.credentials import redact
-from buildcache.ecosystems.apk.check import ApkIndexes
-from buildcache.ecosystems.apk.policy import ApkPolicy
-from buildcache.ecosystems.apt.policy import APT
-from buildcache.ecosystems.pypi.kinds import PIP_FILES
 from buildcache.engine.core import Engine
 from buildcache.engine.events import StatusPages
 from buildcache.engine.keys import cache_key
-from buildcache.engine.policy import GENERIC, Policy, Target, kind_by_rules
+from buildcache.engine.policy import (
+    GENERIC,
+    GenericPolicy,
+    Policy,
+    Target,
+    kind_by_rules,
+)
 from buildcache.engine.respond import request_headers
 
 VIA = "1.1 buildcache"
@@ -302,21 +304,28 @@ class ProxyResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, engine: Engine, router: Router) -> None:
+    def __init__(
+        self, engine: Engine, router: Router, policies: Sequence[GenericPolicy]
+    ) -> None:
+        """
+        :param policies: the ecosystems' policies, in the order their path
+            rules are tried (the service builds them:
+            :func:`buildcache.service.proxy_policies`).
+        """
         super().__init__()
         self.engine = engine
         self.router = router
-        self.apk = ApkPolicy(indexes=ApkIndexes(engine.store))
+        self.policies = tuple(policies)
         #: Set once the index port is known (see :class:`OwnIndex`).
         self.own_index: OwnIndex | None = None
         self.status: StatusPages | None = None
 
     def policy_for(self, url: str) -> Policy:
         """
-        The policy of the ecosystem whose file names ``url``'s path matches
-        (apt, apk, pip, in that order), else the generic RFC 9111 one.
+        The first of :attr:`policies` whose path rules match ``url``'s
+        path, else the generic RFC 9111 one.
         """
-        for policy in (APT, self.apk, PIP_FILES):
+        for policy in self.policies:
             if kind_by_rules(policy.rules, url) is not None:
                 return policy
         return GENERIC

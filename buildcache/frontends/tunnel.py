@@ -35,8 +35,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from buildcache.access import AccessPolicy, InvalidHost, Verdict, normalize_host
-from buildcache.engine.errors import UpstreamError, status_for
-from buildcache.fetch.connect import HostnameResolver, TargetRefused, connect_tcp
+from buildcache.engine.errors import TargetRefused, UpstreamError, status_for
+from buildcache.fetch.connect import HostnameResolver, connect_tcp
 from buildcache.turns import cancel_call
 
 __all__ = [

@@ -1,18 +1,31 @@
 """
 What a cache key is, for people: its kind (``stats``), and whether it
 belongs to what ``purge`` was asked to remove.  Keys are the front ends'
-business, so this knowledge comes from the ecosystems, not the store.
+business, so this knowledge comes from the ecosystems (their path rules,
+``packaging``'s file-name parsers), not the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+
+from buildcache.ecosystems.apk.policy import RULES as APK_RULES
+from buildcache.ecosystems.apt.policy import RULES as APT_RULES
+from buildcache.ecosystems.pypi.kinds import FILE_RULES, INDEX_FILE_RULES
 from buildcache.ecosystems.pypi.model import normalize_project_name
 from buildcache.ecosystems.pypi.pages import page_key
 from buildcache.ecosystems.pypi.root import root_key
+from buildcache.engine.freshness import Kind
+from buildcache.engine.policy import kind_by_rules
 
 #: Kinds of entries ``stats`` counts, in display order.
 KINDS = ("apk", "deb", "wheel", "sdist", "index", "other")
@@ -20,9 +33,16 @@ KINDS = ("apk", "deb", "wheel", "sdist", "index", "other")
 PAGE_PREFIX = page_key("", "").removesuffix("|")
 ROOT_PREFIX = root_key("", "").removesuffix("|")
 
-_SDIST_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
-_DEB_SUFFIXES = (".deb", ".udeb", ".ddeb")
+#: A ``.metadata`` file (PEP 658) is counted with the indexes.
 _METADATA_SUFFIX = ".metadata"
+#: apt files the path rules leave to HTTP or call immutable that ``stats``
+#: still sorts: ``.ddeb`` and packages outside ``pool/`` are packages,
+#: ``dists/.../by-hash/`` files are suite metadata.
+_DEB_SUFFIXES = (".deb", ".udeb", ".ddeb")
+_DISTS = "/dists/"
+#: The pip file rows of both front ends: wheels, sdists, eggs.
+_PIP_FILE_RULES = FILE_RULES + INDEX_FILE_RULES
+_OTHER_SDIST_SUFFIXES = (".tar.bz2", ".tar.xz", ".tgz")
 
 
 def key_url(key: str) -> str:
@@ -42,50 +62,83 @@ def key_filename(key: str) -> str:
     return unquote(path.rpartition("/")[2])
 
 
+def split_page_key(key: str) -> tuple[str, str]:
+    """
+    The upstream and normalised project name of a project page's key (the
+    inverse of :func:`buildcache.ecosystems.pypi.pages.page_key`, which
+    has none).
+    """
+    _, upstream, name = key.split("|", 2)
+    return upstream, name
+
+
+def page_url(upstream: str, name: str) -> str:
+    """
+    The URL of ``upstream``'s page for ``name``, as the page resolver asks
+    for it (what a stored page's relative links are resolved against).
+    """
+    return f"{upstream}/{quote(name)}/"
+
+
 def entry_kind(key: str) -> str:
     """
     The kind of a cache key, one of :data:`KINDS`: ``index`` covers
     everything that changes upstream (simple pages, ``APKINDEX.tar.gz``,
-    apt's ``dists/`` files) and PEP 658 metadata files.
+    apt's ``dists/`` files) and PEP 658 metadata files.  The ecosystems'
+    path rules decide, with :func:`distribution_kind` for pip's files.
     """
     if key.startswith((PAGE_PREFIX, ROOT_PREFIX)):
         return "index"
-    filename = key_filename(key)
-    if filename == "APKINDEX.tar.gz":
+    url = key_url(key)
+    apk = kind_by_rules(APK_RULES, url)
+    if apk is not None:
+        return "index" if apk is Kind.INDEX else "apk"
+    if kind_by_rules(APT_RULES, url) is Kind.INDEX:
         return "index"
-    if filename.endswith(".apk"):
-        return "apk"
+    filename = key_filename(key)
     if filename.endswith(_DEB_SUFFIXES):
         return "deb"
-    if "/dists/" in key_url(key).partition("?")[0] or filename.endswith(_METADATA_SUFFIX):
+    if _DISTS in url.partition("?")[0] or filename.endswith(_METADATA_SUFFIX):
         return "index"
-    if filename.endswith((".whl", ".egg")):
-        return "wheel"
-    if filename.endswith(_SDIST_SUFFIXES) and distribution_project(filename):
-        return "sdist"
+    if kind_by_rules(_PIP_FILE_RULES, url) is not None:
+        kind = distribution_kind(filename)
+        if kind is not None:
+            return kind[0]
     return "other"
+
+
+def distribution_kind(filename: str) -> tuple[str, str] | None:
+    """
+    ``("wheel", project)`` or ``("sdist", project)`` for a Python
+    distribution file (or its ``.metadata`` file), with the normalised
+    project name, as ``packaging`` parses the name; None when
+    ``filename`` is not one.  An egg counts as a wheel (its name ends at
+    its first hyphen, which ``packaging`` does not parse).
+    """
+    name = filename.removesuffix(_METADATA_SUFFIX)
+    try:
+        if name.endswith(".whl"):
+            return "wheel", str(parse_wheel_filename(name)[0])
+        if name.endswith(".egg"):
+            project, separator, _ = name.partition("-")
+            return ("wheel", normalize_project_name(project)) if separator and project else None
+        if name.endswith(_OTHER_SDIST_SUFFIXES):
+            # packaging reads ``.tar.gz`` and ``.zip`` only; the other
+            # suffixes the index rules accept name a project the same way.
+            name = name.rsplit(".t", 1)[0] + ".tar.gz"
+        return "sdist", str(parse_sdist_filename(name)[0])
+    except (InvalidWheelFilename, InvalidSdistFilename):
+        return None
 
 
 def distribution_project(filename: str) -> str | None:
     """
     The normalised project name of a Python distribution file (or of its
-    ``.metadata`` file), or None when ``filename`` is not one.
-
-    A wheel's (or egg's) name ends at its first hyphen; an sdist's version
-    follows its last hyphen, since old sdists keep the project's hyphens
-    (``python-dateutil-2.8.2.tar.gz``).
+    ``.metadata`` file), or None when ``filename`` is not one (see
+    :func:`distribution_kind`).
     """
-    name = filename.removesuffix(_METADATA_SUFFIX)
-    if name.endswith((".whl", ".egg")):
-        project, separator, _ = name.partition("-")
-    else:
-        suffix = next((s for s in _SDIST_SUFFIXES if name.endswith(s)), None)
-        if suffix is None:
-            return None
-        project, separator, _ = name[: -len(suffix)].rpartition("-")
-    if not separator or not project:
-        return None
-    return normalize_project_name(project)
+    kind = distribution_kind(filename)
+    return None if kind is None else kind[1]
 
 
 def key_matcher(

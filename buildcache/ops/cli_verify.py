@@ -9,21 +9,30 @@ project page), which needs the ecosystems' knowledge.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from urllib.parse import quote
 
 from attrs import frozen
 from twisted.logger import Logger
 
-from buildcache.ecosystems.apk.check import directory_prefix, read_control_checksum
+from buildcache.ecosystems.apk.check import (
+    directory_prefix,
+    listed_packages,
+    read_control_checksum,
+)
 from buildcache.ecosystems.apk.index import (
     ApkIndexError,
     parse_compact_apkindex,
     stale_reason,
 )
 from buildcache.ecosystems.pypi.model import SimplePageError
-from buildcache.ecosystems.pypi.pages import page_digests
+from buildcache.ecosystems.pypi.pages import disowned_files, page_digests
 from buildcache.ecosystems.pypi.parse import parse_page
-from buildcache.ops.cli_keys import PAGE_PREFIX, entry_kind, key_filename
+from buildcache.ops.cli_keys import (
+    PAGE_PREFIX,
+    entry_kind,
+    key_filename,
+    page_url,
+    split_page_key,
+)
 from buildcache.store import BodyCheck, Entry, OfflineIndex, verify_bodies
 from buildcache.store.maintenance import Progress
 
@@ -93,10 +102,15 @@ def _stale_packages(
 ) -> Iterator[tuple[Entry, str]]:
     """
     The apk packages whose stored ``APKINDEX.tar.gz`` (the current one)
-    lists them with another size or control checksum.
+    lists them with another size or control checksum: the packages each
+    index speaks for, as the server judges them
+    (:func:`buildcache.ecosystems.apk.check.listed_packages`).
     """
     for index_row in apk_indexes:
-        beside = packages.get(directory_prefix(index_row.key), ())
+        beside = [
+            row for row in packages.get(directory_prefix(index_row.key), ())
+            if row.key not in gone
+        ]
         path = index.object_path(index_row)
         if not beside or path is None or index_row.key in gone:
             continue
@@ -109,10 +123,7 @@ def _stale_packages(
                 key=index_row.key, error=str(error),
             )
             continue
-        for row in beside:
-            facts = compact.get(key_filename(row.key))
-            if facts is None or row.key in gone:
-                continue
+        for row, facts in listed_packages(index_row.key, compact, beside):
             checksum = row.source_digest
             package_path = index.object_path(row)
             if checksum is None and row.size == facts.size and package_path:
@@ -127,10 +138,10 @@ def _stale_files(
 ) -> Iterator[tuple[Entry, str]]:
     """
     The pip files whose sha256 differs from the one their stored project
-    page gives.
+    page gives (:func:`buildcache.ecosystems.pypi.pages.disowned_files`).
     """
     for page_row in pages:
-        _, upstream, name = page_row.key.split("|", 2)
+        upstream, name = split_page_key(page_row.key)
         path = index.object_path(page_row)
         if path is None or page_row.key in gone:
             continue
@@ -138,8 +149,7 @@ def _stale_files(
             with open(path, "rb") as f:
                 data = f.read()
             page = parse_page(
-                data, page_row.headers.get("content-type"),
-                f"{upstream}/{quote(name)}/",
+                data, page_row.headers.get("content-type"), page_url(upstream, name)
             )
         except (OSError, SimplePageError) as error:
             log.warn(
@@ -152,9 +162,8 @@ def _stale_files(
             key: row for key in digests
             if key not in gone and (row := index.row(key)) is not None
         }
-        for key, row in stored.items():
-            if row.sha256 is not None and row.sha256.lower() != digests[key]:
-                yield row, (
-                    f"sha256 {row.sha256} stored, the page of {name} gives"
-                    f" {digests[key]}"
-                )
+        for row, _ in disowned_files(digests, stored):
+            yield row, (
+                f"sha256 {row.sha256} stored, the page of {name} gives"
+                f" {digests[row.key]}"
+            )

@@ -27,7 +27,7 @@ build (see :meth:`ApkIndexes.current`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 
 from attrs import Factory, define
@@ -57,6 +57,7 @@ __all__ = [
     "ApkMismatch",
     "credentials_mark",
     "directory_prefix",
+    "listed_packages",
     "read_control_checksum",
     "stored_package_matches",
     "verifier_for",
@@ -117,6 +118,28 @@ def vouched_by(
         and directory_prefix(package_key) == directory_prefix(index_key)
         and credentials_mark(package_key) == credentials_mark(index_key)
     )
+
+
+def listed_packages(
+    index_key: str, index: CompactApkIndex, entries: Iterable[Entry]
+) -> Iterator[tuple[Entry, ApkFacts]]:
+    """
+    The stored packages among ``entries`` that ``index`` (stored under
+    ``index_key``) speaks for (:func:`vouched_by`) and lists, each with
+    what it lists for it: what a directory of stored packages is checked
+    against (by the server, :meth:`ApkIndexes.current`, and by ``buildcache
+    verify``).  Compare with :func:`buildcache.ecosystems.apk.index.stale_reason`.
+    """
+    for stored in entries:
+        if not vouched_by(index_key, stored.key):
+            continue
+        filename = package_filename(stored.key.partition("#")[0])
+        facts = index.get(filename) if filename is not None else None
+        if facts is None:
+            # No longer listed: its bytes are what an older version
+            # vouched for, and nobody is sent to them by this one.
+            continue
+        yield stored, facts
 
 
 def _bounded_put(memo: OrderedDict[str, str], key: str, value: str) -> None:
@@ -239,15 +262,8 @@ class ApkIndexes:
             _bounded_put(self._checked, index_key, digest)
             return
         removed = 0
-        for stored in self.store.entries_under(directory_prefix(index_key)):
-            if not vouched_by(index_key, stored.key):
-                continue
-            filename = package_filename(stored.key.partition("#")[0])
-            facts = index.get(filename) if filename is not None else None
-            if facts is None:
-                # No longer listed: its bytes are what an older version
-                # vouched for, and nobody is sent to them by this one.
-                continue
+        beside = self.store.entries_under(directory_prefix(index_key))
+        for stored, facts in listed_packages(index_key, index, beside):
             checksum = stored.source_digest
             if checksum is None and stored.size == facts.size:
                 # Stored before checksums were recorded: read it once.

@@ -3,7 +3,9 @@ Alpine apk format knowledge: reading ``APKINDEX.tar.gz``, and the facts a
 downloaded ``.apk`` is checked against (the check itself, as it streams
 in, is :class:`buildcache.ecosystems.apk.verify.ApkVerifier`).
 
-Nothing outside this package knows what an apk package looks like.
+Nothing outside this package knows what an apk package looks like.  The
+gzip members an index is read from are unwrapped by
+:mod:`buildcache.ecosystems.apk.archive`.
 
 Format facts relied on here (apk-tools 2.x, abuild):
   - A package is two or three concatenated gzip streams: an optional
@@ -24,21 +26,23 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import re
 import tarfile
-import zlib
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
-from typing import IO, TYPE_CHECKING, Protocol, TypeVar
+from typing import IO, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 from twisted.logger import Logger
 
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+from buildcache.ecosystems.apk.archive import (
+    READ_SIZE,
+    ApkIndexError,
+    ApkIndexTooLarge,
+    ConcatenatedGzipReader,
+)
 
 __all__ = [
     "ApkFacts",
@@ -60,11 +64,6 @@ __all__ = [
 
 _log = Logger()
 
-GZIP_WBITS = 31
-# Upper bound on the output of one zlib call: keeps memory flat even for a
-# stream that inflates a thousandfold.
-INFLATE_STEP = 64 * 1024
-_READ_SIZE = 64 * 1024
 _MAX_INDEX_LINE = 64 * 1024
 _MAX_DESCRIPTION = 4096
 _SHA1_LENGTH = 20
@@ -96,20 +95,6 @@ ALPINE_ARCHES = frozenset(
         "x86_64",
     }
 )
-
-
-class ApkIndexError(Exception):
-    """
-    An ``APKINDEX.tar.gz`` could not be read: corrupt gzip or tar, no
-    ``APKINDEX`` member, or an entry with missing or malformed fields.
-    """
-
-
-class ApkIndexTooLarge(ApkIndexError):
-    """
-    An ``APKINDEX.tar.gz`` lists more packages, or inflates to more bytes,
-    than an index is allowed to (see :obj:`MAX_INDEX_ENTRIES`).
-    """
 
 
 class ApkMismatch(Exception):
@@ -351,77 +336,6 @@ def package_filename(package_url: str) -> str | None:
     return unquote(urlsplit(package_url).path.rsplit("/", 1)[-1])
 
 
-class _ConcatenatedGzipReader(io.RawIOBase):
-    """
-    Read-only binary stream of the decompressed contents of every gzip
-    member in ``source``, one after the other, as apk reads them.
-    """
-
-    def __init__(self, source: IO[bytes], max_output: int) -> None:
-        super().__init__()
-        self._source = source
-        self._max_output = max_output
-        self._output_total = 0
-        self._decompressor: zlib._Decompress | None = None
-        self._members_started = 0
-        self._input = b""
-        self._pending = b""
-        self._output_may_be_pending = False
-        self._exhausted = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        target = memoryview(buffer).cast("B")
-        while not self._pending:
-            if self._exhausted:
-                return 0
-            self._inflate_more()
-        count = min(len(target), len(self._pending))
-        target[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
-
-    def _inflate_more(self) -> None:
-        member_open = self._decompressor is not None and not self._decompressor.eof
-        if not self._input and not self._output_may_be_pending:
-            self._input = self._source.read(_READ_SIZE)
-            if not self._input:
-                if member_open:
-                    raise ApkIndexError(
-                        "APKINDEX.tar.gz is truncated: gzip stream "
-                        f"{self._members_started} ends early"
-                    )
-                if self._members_started == 0:
-                    raise ApkIndexError("APKINDEX.tar.gz is empty")
-                self._exhausted = True
-                return
-        if not member_open:
-            self._decompressor = zlib.decompressobj(wbits=GZIP_WBITS)
-            self._members_started += 1
-        assert self._decompressor is not None
-        try:
-            produced = self._decompressor.decompress(self._input, INFLATE_STEP)
-        except zlib.error as error:
-            raise ApkIndexError(
-                f"APKINDEX.tar.gz gzip stream {self._members_started} is "
-                f"corrupt: {error}"
-            ) from None
-        if self._decompressor.eof:
-            self._input = self._decompressor.unused_data
-            self._output_may_be_pending = False
-        else:
-            self._input = self._decompressor.unconsumed_tail
-            self._output_may_be_pending = len(produced) == INFLATE_STEP
-        self._output_total += len(produced)
-        if self._output_total > self._max_output:
-            raise ApkIndexTooLarge(
-                f"APKINDEX.tar.gz inflates to more than {self._max_output} bytes"
-            )
-        self._pending = produced
-
-
 _T = TypeVar("_T")
 
 
@@ -433,7 +347,7 @@ def _read_archive(
     ``APKINDEX`` member; its result, the description, and whether the
     archive was signed.
     """
-    reader = _ConcatenatedGzipReader(fileobj, max_index_bytes)
+    reader = ConcatenatedGzipReader(fileobj, max_index_bytes)
     found: list[_T] = []
     description = ""
     signed = False
@@ -456,7 +370,7 @@ def _read_archive(
                     ).strip()
         # tarfile stops at the end-of-archive blocks; reading on to the end
         # checks the gzip trailers (CRC, length) and catches truncation.
-        while reader.read(_READ_SIZE):
+        while reader.read(READ_SIZE):
             pass
     except tarfile.TarError as error:
         raise ApkIndexError(f"APKINDEX.tar.gz is not a valid tar: {error}") from None

@@ -18,10 +18,9 @@ import zlib
 import attrs
 from twisted.logger import Logger
 
+from buildcache.ecosystems.apk.archive import GZIP_WBITS, INFLATE_STEP
 from buildcache.ecosystems.apk.index import (
-    GZIP_WBITS,
     HEX_SHA256,
-    INFLATE_STEP,
     ApkMismatch,
     PackageFacts,
     format_control_checksum,
