@@ -27,7 +27,7 @@ host that failed a revalidation is not asked again for a while
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
@@ -414,19 +414,40 @@ class Engine:
         version = None if validator is None else stored.entry.headers.get(validator)
         if validator is not None and version is not None:
             return await self._revalidate_by_head(client, policy, stored, validator, version)
-        url = client.target.url
-        try:
-            if self._backing_off(client, stored):
-                return self._stale(client, stored, "the upstream failed moments ago")
+
+        async def conditional_get() -> UpstreamAnswer:
             # A 200 replaces the stored copy: it is checked as a miss's
             # body is (a captive portal's page must not replace a good
             # index page).
             expected = await policy.expect(client.target, self)
-            upstream = self._upstream_request(
+            return await self.fetcher.fetch(self._upstream_request(
                 client, policy, validators_of(stored.entry.headers), expected,
                 revalidates=stored.entry.key,
-            )
-            answer = await self.fetcher.fetch(upstream)
+            ))
+
+        outcome = await self._ask_or_stale(client, policy, stored, conditional_get)
+        if isinstance(outcome, Resolved):
+            return outcome
+        if outcome.status == 304:
+            return await self._refreshed(client, policy, stored.entry.key)
+        return self._resolved(client, CacheStatus.MISS, answer=outcome)
+
+    async def _ask_or_stale(
+        self, client: _ForClient, policy: Policy, stored: StoredObject,
+        ask: Callable[[], Awaitable[UpstreamAnswer]],
+    ) -> UpstreamAnswer | Resolved:
+        """
+        The upstream's answer to a revalidation of ``stored`` (which is
+        closed), or ``stored`` as a STALE answer when the upstream failed
+        moments ago, fails now (unreachable, a body that fails its check,
+        a stale status), and its directives allow it (see
+        :meth:`_stale`).  The host's backoff follows the outcome.
+        """
+        url = client.target.url
+        try:
+            if self._backing_off(client, stored):
+                return self._stale(client, stored, "the upstream failed moments ago")
+            answer = await ask()
         except TargetRefused:
             stored.close()
             raise
@@ -441,15 +462,13 @@ class Engine:
             stored.close()
             raise
         if stale_status(answer.status, policy.stale_on(answer.status)):
-            assert answer.body is not None
-            answer.body.close()
+            if answer.body is not None:
+                answer.body.close()
             self.backoff.failed(url)
             return self._stale(client, stored, f"upstream answered {answer.status}")
         self.backoff.succeeded(url)
         stored.close()
-        if answer.status == 304:
-            return await self._refreshed(client, policy, stored.entry.key)
-        return self._resolved(client, CacheStatus.MISS, answer=answer)
+        return answer
 
     def _backing_off(self, client: _ForClient, stored: StoredObject) -> bool:
         """
@@ -470,28 +489,16 @@ class Engine:
         the stored copy, another one is fetched (a registry does not count
         a HEAD against its pull limit, as it does a GET).
         """
-        url = client.target.url
-        try:
-            if self._backing_off(client, stored):
-                return self._stale(client, stored, "the upstream failed moments ago")
-            answer = await self.fetcher.head(
+
+        async def head() -> UpstreamAnswer:
+            return await self.fetcher.head(
                 self._upstream_request(client, policy, {}, NO_EXPECTATION)
             )
-        except TargetRefused:
-            stored.close()
-            raise
-        except UpstreamError as e:
-            self.backoff.failed(url)
-            return self._stale(client, stored, str(e))
-        except BaseException:
-            stored.close()
-            raise
-        if stale_status(answer.status, policy.stale_on(answer.status)):
-            self.backoff.failed(url)
-            return self._stale(client, stored, f"upstream answered {answer.status}")
-        self.backoff.succeeded(url)
-        stored.close()
-        if answer.status == 200 and answer.headers.get(validator) == version:
+
+        outcome = await self._ask_or_stale(client, policy, stored, head)
+        if isinstance(outcome, Resolved):
+            return outcome
+        if outcome.status == 200 and outcome.headers.get(validator) == version:
             self.store.mark_validated(stored.entry.key)
             return await self._refreshed(client, policy, stored.entry.key)
         return await self._miss(client, policy)
