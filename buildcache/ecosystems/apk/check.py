@@ -149,6 +149,10 @@ def _bounded_put(memo: OrderedDict[str, str], key: str, value: str) -> None:
         memo.popitem(last=False)
 
 
+#: Answers of :meth:`ApkIndexes.held_entry` remembered (per process).
+HELD_ANSWERS_KEPT = 8192
+
+
 @define
 class ApkIndexes:
     """
@@ -165,6 +169,10 @@ class ApkIndexes:
     #: compact form; a new version replaces the old one.
     _parsed: OrderedDict[str, tuple[str, CompactApkIndex]] = Factory(OrderedDict)
     _parsed_bytes: int = 0
+    #: :meth:`held_entry`'s answers since the indexes held last changed:
+    #: it is asked on every hit of a package, and the indexes change far
+    #: more rarely (at most :data:`HELD_ANSWERS_KEPT` kept).
+    _held_answers: dict[str, ApkFacts | None] = Factory(dict)
     #: Versions (key, digest) being parsed, and who waits for them.
     _parsing: dict[tuple[str, str], list[Deferred[CompactApkIndex | None]]] = Factory(dict)
     #: Per index key, the digest of a stored version that cannot be used
@@ -206,8 +214,22 @@ class ApkIndexes:
         The entry for the package stored under ``package_key`` in an index
         of its directory and credentials already parsed in memory, and
         still the version stored; None when none is held or lists it.
-        Reads no file (the hit path asks it).
+        Reads no file (the hit path asks it).  Remembered until the indexes
+        held change: a new version of an index stored but not parsed yet
+        goes on being judged by the one held, which the writing process
+        replaces (:meth:`current`) before it asks.
         """
+        try:
+            return self._held_answers[package_key]
+        except KeyError:
+            pass
+        if len(self._held_answers) >= HELD_ANSWERS_KEPT:
+            self._held_answers.clear()
+        facts = self._held_entry(package_key)
+        self._held_answers[package_key] = facts
+        return facts
+
+    def _held_entry(self, package_key: str) -> ApkFacts | None:
         url = package_key.partition("#")[0]
         index_url = repository_index_url(url)
         filename = package_filename(url)
@@ -341,6 +363,7 @@ class ApkIndexes:
         return parsed
 
     def _keep(self, index_key: str, digest: str, parsed: CompactApkIndex) -> None:
+        self._held_answers.clear()
         old = self._parsed.pop(index_key, None)
         if old is not None:
             self._parsed_bytes -= old[1].nbytes
