@@ -78,6 +78,18 @@ class Target:
     #: download.  Off for requests always sent with the same headers.
     variants: bool = True
 
+    def for_url(self, url: str) -> Target:
+        """
+        The same client request, for another URL (a file's index, say).
+        Built directly, not with ``attrs.evolve``: it runs on every hit of
+        a package, and evolve looks the fields up each time.
+        """
+        return Target(
+            url, self.front_end, self.headers, self.upstream_headers,
+            cache_key(url), self.follow_redirects, self.operator_credentials,
+            self.variants,
+        )
+
 
 @frozen
 class Expectation:

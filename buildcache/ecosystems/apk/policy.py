@@ -45,7 +45,6 @@ from buildcache.ecosystems.apk.indexcheck import ApkIndexCheck
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import IntegrityError
 from buildcache.engine.freshness import Kind
-from buildcache.engine.keys import cache_key
 from buildcache.engine.policy import Expectation, GenericPolicy, PathRule, Target, rule
 from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE
 from buildcache.store import Entry
@@ -105,7 +104,7 @@ class ApkPolicy(GenericPolicy):
     rules: tuple[PathRule, ...] = RULES
 
     def _index_target(self, target: Target, index_url: str) -> Target:
-        return attrs.evolve(target, url=index_url, key=cache_key(index_url))
+        return target.for_url(index_url)
 
     def _index_keys(self, target: Target, engine: Engine) -> Callable[[str], str]:
         """
