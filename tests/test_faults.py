@@ -549,7 +549,9 @@ class UpstreamFaultTests(FaultTestCase):
     async def test_connect_timeout(self) -> None:
         """
         The upstream's listen queue is full, so its SYNs go unanswered: a
-        504 after the upstream timeout, not before, not much after.
+        504, and not before the upstream timeout.  (No upper bound: on a
+        busy machine the reactor may answer late, and a test must not race
+        the clock; the timeout itself is unit-tested on a fake clock.)
         """
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -569,7 +571,6 @@ class UpstreamFaultTests(FaultTestCase):
         elapsed = reactor.seconds() - started
         self.assertEqual(received.status, 504, received.body)
         self.assertGreaterEqual(elapsed, SHORT_TIMEOUT * 0.9)
-        self.assertLess(elapsed, SHORT_TIMEOUT * 4)
         self.assert_nothing_stored(running)
         for filler in fillers:
             filler.close()
