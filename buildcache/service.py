@@ -68,6 +68,21 @@ def proxy_policies(apk_indexes: ApkIndexes) -> tuple[GenericPolicy, ...]:
     """
     return (APT, ApkPolicy(indexes=apk_indexes), PIP_FILES)
 
+
+def new_activity(config: Config, reactor: Any) -> Activity:
+    """
+    The accounting of a server for ``config``: its configured upstreams
+    always keep their rows in the health table.
+    """
+    upstream_urls = [m.url for m in config.mirrors] + list(config.pypi_upstreams)
+    return Activity(
+        reactor,
+        frozenset(
+            key for key in map(upstream_host_key, upstream_urls) if key is not None
+        ),
+    )
+
+
 @frozen
 class Server:
     """
@@ -90,19 +105,21 @@ class Server:
     connections: ClientConnections
 
     @classmethod
-    def build(cls, config: Config, reactor: Any, store: Store) -> Server:
+    def build(
+        cls, config: Config, reactor: Any, store: Store,
+        activity: Activity | None = None,
+    ) -> Server:
+        """
+        The server over ``store``.  ``activity`` is the one the store was
+        opened with (so that evictions at start-up count), else a new one.
+        """
         policy = AccessPolicy.from_config(
             config.allow_from,
             config.allow_upstream,
             [m.url for m in config.mirrors] + list(config.pypi_upstreams),
         )
-        upstream_urls = [m.url for m in config.mirrors] + list(config.pypi_upstreams)
-        activity = Activity(
-            reactor,
-            frozenset(
-                key for key in map(upstream_host_key, upstream_urls) if key is not None
-            ),
-        )
+        if activity is None:
+            activity = new_activity(config, reactor)
         store.on_evicted = activity.evicted
         pool = upstream_pool(reactor)
         http = make_http_client(
@@ -308,12 +325,16 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     # Their own threads, not the reactor's: those also resolve names, and a
     # slow disk must not hold up connecting to upstreams.
     store_threads = ThreadPool(1, STORE_THREADS, "buildcache-store")
+    # Before the store: reopening it under a lower --max-size evicts at
+    # once, and those evictions belong in the figures.
+    activity = new_activity(config, reactor)
     store = Store.open(
         config.cache_dir, config.max_size, reactor,
         run_blocking=in_thread_pool(reactor, store_threads),
         max_object_size=config.max_object_size,
+        on_evicted=activity.evicted,
     )
-    server = Server.build(config, reactor, store)
+    server = Server.build(config, reactor, store, activity)
     top = BuildcacheService(server, reactor, store_threads=store_threads)
     ListeningService(
         reactor, config.proxy_endpoint, server.proxy_site, option="--port"

@@ -325,6 +325,35 @@ class ServiceTests(TestCase):
         self.assertIn("Address already in use", message)
 
 
+class StartupEvictionTests(TestCase):
+    def test_evictions_at_start_are_counted(self) -> None:
+        """
+        Reopening a cache under a lower --max-size evicts at once, before
+        any request: those evictions are in the server's figures (they
+        happened before its accounting existed, and went uncounted).
+        """
+        cache_dir = self.mktemp()
+        store = Store.open(cache_dir, 10_000, Clock())
+        for name in ("a", "b", "c"):
+            writer = store.writer(f"http://127.0.0.1:9/{name}.deb")
+            writer.write(b"x" * 2000)
+            writer.commit({})
+        store.close()
+        config = Config(
+            cache_dir=cache_dir,
+            max_size=3000,
+            proxy_endpoint=f"tcp:{free_port()}:interface=127.0.0.1",
+            index_endpoint=f"tcp:{free_port()}:interface=127.0.0.1",
+            pypi_upstreams=("http://127.0.0.1:9/simple",),
+        )
+        service = make_service(config, reactor)
+        assert isinstance(service, BuildcacheService)
+        self.addCleanup(service.server.store.close)
+        activity = service.server.activity
+        self.assertEqual(activity.evictions, 2)
+        self.assertGreaterEqual(activity.bytes_evicted, 4000)
+
+
 class TacTests(TestCase):
     async def test_json_log_format_refused_with_a_reason(self) -> None:
         """
