@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.apk.policy import ApkPolicy
-from buildcache.engine.backoff import UpstreamBackoff, upstream_host
+from buildcache.engine.backoff import UpstreamBackoff
 from buildcache.engine.core import Engine
 from buildcache.engine.fields import format_http_date
 from buildcache.engine.freshness import Kind, private_cache_control, stale_status
@@ -362,7 +362,18 @@ class BackoffTests(EngineTestCase):
         )
         clock.advance(30)
         self.assertFalse(backoff.failing("http://h4.test/y"))
-        self.assertEqual(upstream_host("HTTP://Mirror.Test:8080/a?b"), "http://mirror.test:8080")
+
+    def test_one_host_by_the_health_tables_name(self) -> None:
+        """
+        Hosts are named as the upstream-health table names them: case and
+        a default port do not make another host; another port does.
+        """
+        backoff = UpstreamBackoff(Clock(), 30.0)
+        backoff.failed("HTTP://Mirror.Test:80/a?b")
+        self.assertTrue(backoff.failing("http://mirror.test/other"))
+        self.assertFalse(backoff.failing("http://mirror.test:8080/other"))
+        backoff.succeeded("http://MIRROR.test/x")
+        self.assertFalse(backoff.failing("http://mirror.test/other"))
 
     def test_off(self) -> None:
         backoff = UpstreamBackoff(Clock(), 0.0)

@@ -10,12 +10,13 @@ successful answer from the host clears it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from urllib.parse import urlsplit
 
 from attrs import Factory, define
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["UpstreamBackoff", "UPSTREAM_FAILURE_BACKOFF", "HOSTS_KEPT", "upstream_host"]
+from buildcache.access import upstream_host_key
+
+__all__ = ["UpstreamBackoff", "UPSTREAM_FAILURE_BACKOFF", "HOSTS_KEPT"]
 
 #: Seconds a failed upstream host is not asked to revalidate.
 UPSTREAM_FAILURE_BACKOFF = 30.0
@@ -23,19 +24,13 @@ UPSTREAM_FAILURE_BACKOFF = 30.0
 HOSTS_KEPT = 256
 
 
-def upstream_host(url: str) -> str:
-    """
-    The upstream an URL is fetched from: scheme, host and port, lowercase.
-    """
-    parts = urlsplit(url)
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
-
-
 @define
 class UpstreamBackoff:
     """
-    Failing upstream hosts and until when (a bounded table: at most
-    ``kept`` hosts, the oldest failure dropped first).
+    Failing upstream hosts and until when, by the name the upstream-health
+    table gives them (:func:`buildcache.access.upstream_host_key`: the
+    normalised host and a port other than the scheme's); a bounded table,
+    at most ``kept`` hosts, the oldest failure dropped first.
     """
 
     clock: IReactorTime
@@ -45,20 +40,19 @@ class UpstreamBackoff:
 
     def failing(self, url: str) -> bool:
         """Whether ``url``'s host failed less than ``seconds`` ago."""
-        host = upstream_host(url)
-        until = self._until.get(host)
-        if until is None:
+        host = upstream_host_key(url)
+        if host is None or host not in self._until:
             return False
-        if until > self.clock.seconds():
+        if self._until[host] > self.clock.seconds():
             return True
         del self._until[host]
         return False
 
     def failed(self, url: str) -> None:
         """``url``'s host failed a revalidation now."""
-        if self.seconds <= 0:
+        host = upstream_host_key(url)
+        if self.seconds <= 0 or host is None:
             return
-        host = upstream_host(url)
         self._until.pop(host, None)
         self._until[host] = self.clock.seconds() + self.seconds
         while len(self._until) > self.kept:
@@ -67,4 +61,6 @@ class UpstreamBackoff:
     def succeeded(self, url: str) -> None:
         """``url``'s host answered: it is asked again at once."""
         if self._until:
-            self._until.pop(upstream_host(url), None)
+            host = upstream_host_key(url)
+            if host is not None:
+                self._until.pop(host, None)

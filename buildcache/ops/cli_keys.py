@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from packaging.utils import (
     InvalidSdistFilename,
@@ -60,24 +60,6 @@ def key_filename(key: str) -> str:
     """
     path = key_url(key).partition("?")[0]
     return unquote(path.rpartition("/")[2])
-
-
-def split_page_key(key: str) -> tuple[str, str]:
-    """
-    The upstream and normalised project name of a project page's key (the
-    inverse of :func:`buildcache.ecosystems.pypi.pages.page_key`, which
-    has none).
-    """
-    _, upstream, name = key.split("|", 2)
-    return upstream, name
-
-
-def page_url(upstream: str, name: str) -> str:
-    """
-    The URL of ``upstream``'s page for ``name``, as the page resolver asks
-    for it (what a stored page's relative links are resolved against).
-    """
-    return f"{upstream}/{quote(name)}/"
 
 
 def entry_kind(key: str) -> str:

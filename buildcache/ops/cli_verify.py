@@ -24,14 +24,17 @@ from buildcache.ecosystems.apk.index import (
     stale_reason,
 )
 from buildcache.ecosystems.pypi.model import SimplePageError
-from buildcache.ecosystems.pypi.pages import disowned_files, page_digests
+from buildcache.ecosystems.pypi.pages import (
+    disowned_files,
+    page_digests,
+    page_url,
+    split_page_key,
+)
 from buildcache.ecosystems.pypi.parse import parse_page
 from buildcache.ops.cli_keys import (
     PAGE_PREFIX,
     entry_kind,
     key_filename,
-    page_url,
-    split_page_key,
 )
 from buildcache.store import BodyCheck, Entry, OfflineIndex, verify_bodies
 from buildcache.store.maintenance import Progress

@@ -103,6 +103,23 @@ def page_key(upstream: str, name: str) -> str:
     return f"simple-page|{upstream}|{name}"
 
 
+def split_page_key(key: str) -> tuple[str, str]:
+    """
+    The upstream and normalised project name of a :func:`page_key`.
+    """
+    _, upstream, name = key.split("|", 2)
+    return upstream, name
+
+
+def page_url(upstream: str, name: str) -> str:
+    """
+    The URL of ``upstream``'s page for the normalised ``name``: what the
+    resolver asks for, and what a stored page's relative links resolve
+    against.
+    """
+    return f"{upstream}/{quote(name)}/"
+
+
 def page_digests(page: ProjectPage) -> dict[str, str]:
     """
     The store key and sha256 of every file (and core metadata file) that
@@ -237,7 +254,7 @@ class PageResolver:
 
     def _target(self, upstream: str, name: str, headers: Mapping[str, str]) -> Target:
         return Target(
-            url=self._page_url(upstream, name),
+            url=page_url(upstream, name),
             front_end="index",
             # What the cache heeds of the client: a refresh, past the
             # floor (PagePolicy.judged).
@@ -259,7 +276,7 @@ class PageResolver:
         project.  Raises :class:`_UpstreamFailed`.
         """
         key = page_key(upstream, name)
-        url = self._page_url(upstream, name)
+        url = page_url(upstream, name)
         try:
             resolved = await self.engine.resolve(
                 self._target(upstream, name, headers), self._policy
@@ -305,11 +322,8 @@ class PageResolver:
             }
         self._missing_until[(upstream, name)] = now + NEGATIVE_TTL
 
-    def _page_url(self, upstream: str, name: str) -> str:
-        return f"{upstream}/{quote(name)}/"
-
     def _parse(self, upstream: str, name: str, data: bytes, content_type: str | None) -> ProjectPage:
-        url = self._page_url(upstream, name)
+        url = page_url(upstream, name)
         try:
             return parse_page(data, content_type, url)
         except SimplePageError as e:
