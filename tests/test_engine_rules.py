@@ -119,6 +119,16 @@ class ApkAnswersTests(SynchronousTestCase):
         self.assertEqual(runner.calls, [], "answers read a file")
         store.set_source_digest(entry(), facts.control_checksum)
         self.assertTrue(policy.answers(package, entry()))
+        # The stored index replaced (by anything, parsed or not): the one
+        # held in memory no longer speaks for the package, even once its
+        # answer was remembered.
+        store.set_source_digest(entry(), "Q1" + "A" * 27 + "=")
+        self.assertFalse(policy.answers(package, entry()))
+        replaced = store.writer(cache_key(f"{base}/APKINDEX.tar.gz"))
+        replaced.write(b"not an index")
+        replaced.commit({})
+        self.assertTrue(policy.answers(package, entry()))
+        self.assertEqual(runner.calls, [], "answers read a file")
 
 
 @define

@@ -169,10 +169,11 @@ class ApkIndexes:
     #: compact form; a new version replaces the old one.
     _parsed: OrderedDict[str, tuple[str, CompactApkIndex]] = Factory(OrderedDict)
     _parsed_bytes: int = 0
-    #: :meth:`held_entry`'s answers since the indexes held last changed:
-    #: it is asked on every hit of a package, and the indexes change far
-    #: more rarely (at most :data:`HELD_ANSWERS_KEPT` kept).
-    _held_answers: dict[str, ApkFacts | None] = Factory(dict)
+    #: Per package key, the held index (key, digest) that lists it and its
+    #: entry: :meth:`held_entry` is asked on every hit of a package, and
+    #: finding the index costs a pass over those held (at most
+    #: :data:`HELD_ANSWERS_KEPT` kept).
+    _held_answers: dict[str, tuple[str, str, ApkFacts]] = Factory(dict)
     #: Versions (key, digest) being parsed, and who waits for them.
     _parsing: dict[tuple[str, str], list[Deferred[CompactApkIndex | None]]] = Factory(dict)
     #: Per index key, the digest of a stored version that cannot be used
@@ -214,22 +215,27 @@ class ApkIndexes:
         The entry for the package stored under ``package_key`` in an index
         of its directory and credentials already parsed in memory, and
         still the version stored; None when none is held or lists it.
-        Reads no file (the hit path asks it).  Remembered until the indexes
-        held change: a new version of an index stored but not parsed yet
-        goes on being judged by the one held, which the writing process
-        replaces (:meth:`current`) before it asks.
+        Reads no file (the hit path asks it): the index that answered is
+        remembered, and only checked, by one row look-up, to be still the
+        version stored (an index replaced, even by one that cannot be
+        parsed, no longer speaks for the package).
         """
-        try:
-            return self._held_answers[package_key]
-        except KeyError:
-            pass
+        held = self._held_answers.get(package_key)
+        if held is not None:
+            index_key, digest, facts = held
+            stored = self.store.peek(index_key)
+            if stored is not None and stored.sha256 == digest:
+                return facts
         if len(self._held_answers) >= HELD_ANSWERS_KEPT:
             self._held_answers.clear()
-        facts = self._held_entry(package_key)
-        self._held_answers[package_key] = facts
-        return facts
+        found = self._held_entry(package_key)
+        if found is None:
+            self._held_answers.pop(package_key, None)
+            return None
+        self._held_answers[package_key] = found
+        return found[2]
 
-    def _held_entry(self, package_key: str) -> ApkFacts | None:
+    def _held_entry(self, package_key: str) -> tuple[str, str, ApkFacts] | None:
         url = package_key.partition("#")[0]
         index_url = repository_index_url(url)
         filename = package_filename(url)
@@ -243,7 +249,7 @@ class ApkIndexes:
             stored = self.store.peek(index_key)
             facts = parsed.get(filename)
             if facts is not None and stored is not None and stored.sha256 == digest:
-                return facts
+                return index_key, digest, facts
         return None
 
     async def current(self, package_url: str, key_of: Callable[[str], str]) -> None:

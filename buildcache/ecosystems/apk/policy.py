@@ -165,8 +165,10 @@ class ApkPolicy(GenericPolicy):
         held, or nothing recorded: it answers (the process that writes
         drops the packages an index disowns, see :meth:`before_lookup`).
         """
+        if entry.source_digest is None:
+            return True
         facts = self.indexes.held_entry(entry.key)
-        if facts is None or entry.source_digest is None:
+        if facts is None:
             return True
         reason = stale_reason(facts, entry.size, entry.source_digest)
         if reason is not None:
