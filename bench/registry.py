@@ -206,6 +206,14 @@ class Server:
     def cpu_s(self) -> float:
         return cpu_seconds(self.process.pid)
 
+    def log_problems(self, limit: int = 10) -> list[str]:
+        """Lines of its log that mention an error (buildcache's; the others log noise)."""
+        if self.log.name != "server.log" or not self.log.exists():
+            return []
+        pattern = re.compile(r"error|traceback|unhandled|exception|failed|critical", re.I)
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [line[:300] for line in lines if pattern.search(line)][:limit]
+
 
 def launch(command: list[str], log: Path, port: int, cwd: Path) -> Server:
     """Start ``command`` (output to ``cwd``/output.log) and wait until it listens on ``port``."""
@@ -489,7 +497,7 @@ def one_repeat(
     pulls = scratch / "pulls"
     pulls.mkdir(exist_ok=True)
     result: dict[str, object] = {}
-    rss, cpu = [], {}
+    rss, cpu, problems = [], {}, []
 
     def fresh(suffix: str) -> Server | None:
         return contender.start(scratch / f"{label}-{suffix}") if contender.start else None
@@ -510,6 +518,7 @@ def one_repeat(
     finally:
         if server:
             stop(server.process)
+            problems += server.log_problems()
     server = fresh("concurrent")
     try:
         mark = throttle.mark()
@@ -524,8 +533,10 @@ def one_repeat(
     finally:
         if server:
             stop(server.process)
+            problems += server.log_problems()
     result["peak_rss_mb"] = max(rss) if rss else None
     result["server_cpu_s"] = cpu if contender.start else None
+    result["log_problems"] = problems
     for directory in scratch.glob(f"{label}-*"):
         shutil.rmtree(directory, ignore_errors=True)
     return result
@@ -548,6 +559,7 @@ def summarise(repeats: list[dict[str, object]]) -> dict[str, object]:
         "concurrent_blob_gets_max": worst("concurrent_upstream", "blob_gets_max"),
         "concurrent_blob_gets_min": min(int(r["concurrent_upstream"]["blob_gets_min"]) for r in repeats),  # type: ignore[index]
         "peak_rss_mb": max(rss) if rss else None,  # type: ignore[type-var]
+        "log_problems": [line for r in repeats for line in r["log_problems"]][:20],  # type: ignore[attr-defined]
         "repeats": repeats,
     }
 
@@ -624,6 +636,9 @@ def print_table(results: dict[str, dict[str, object]], checks: dict[str, bool | 
     for name, row in results.items():
         if "error" in row:
             lines.append(f"\n{name} failed: {row['error']}")
+        elif row.get("log_problems"):
+            lines.append(f"\n{name} log lines mentioning errors:")
+            lines += [f"    {line}" for line in row["log_problems"]]  # type: ignore[attr-defined]
     if checks:
         lines.append("")
         for target, passed in checks.items():
