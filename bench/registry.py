@@ -696,7 +696,8 @@ def main() -> None:
                 contenders.append(Contender("buildcache", "--registry docker.io=the throttled origin",
                                             lambda d: start_buildcache(d, throttle)))
             else:
-                print("buildcache: this tree has no --registry-port yet; its row is skipped", flush=True)
+                print("buildcache: `twistd buildcache --help` shows no --registry-port on this tree;"
+                      " its row is skipped", flush=True)
             contenders = [c for c in contenders if not args.only or c.name in args.only]
             repeats: dict[str, list[dict[str, object]]] = {c.name: [] for c in contenders}
             errors: dict[str, str] = {}
