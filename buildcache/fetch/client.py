@@ -54,6 +54,11 @@ REPLAYED_HEADERS = frozenset(
         "content-disposition",
         "content-language",
         "vary",
+        # A registry's: the digest a HEAD revalidation compares, a tag
+        # list's next page, and which filters a referrers list applied.
+        "docker-content-digest",
+        "link",
+        "oci-filters-applied",
     }
 )
 
