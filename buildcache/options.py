@@ -204,8 +204,6 @@ class Options(usage.Options):
             "port",
             None,
             DEFAULT_PROXY_ENDPOINT,
-    DEFAULT_REGISTRIES,
-    DEFAULT_REGISTRY_ENDPOINT,
             "Endpoint of the HTTP proxy and mirror routes.",
             _coercer("port", parse_endpoint),
         ],
