@@ -23,6 +23,7 @@ from tests.oci_origin import (
     Fault,
     Gate,
     OciOrigin,
+    Redirect,
     digest_of,
     start_origin,
 )
@@ -448,3 +449,93 @@ class ConfigTests(RegistryTestCase):
             options.parseOptions([
                 "--cache-dir", self.mktemp(), "--registry-auth", f"quay.io={self.mktemp()}",
             ])
+
+
+class AccessTests(RegistryTestCase):
+    async def test_client_outside_allow_from_denied(self) -> None:
+        from ipaddress import ip_network
+
+        cache = self.cache(allow_from=(ip_network("10.0.0.0/8"),))
+        got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
+        self.assertEqual((got.status, errors_of(got)), (403, ["DENIED"]))
+        self.assertEqual(len(self.origin.seen), 0)
+
+    async def test_blob_redirect_followed_without_authorization(self) -> None:
+        """
+        A 307 to another origin (blob storage) is followed when that
+        origin passes --allow-upstream; the blob is stored under its key.
+        """
+        storage = OciOrigin(blobs=self.origin.blobs)
+        storage_url = start_origin(self, storage)
+        self.origin.redirect_blobs = Redirect(307, storage_url)
+        cache = self.cache(allow_upstream=("127.0.0.1",))
+        layer = self.image.layers[1]
+        path = f"/v2/team/app/blobs/{layer}"
+        first = await self.get(cache, f"{path}?ns=127.0.0.1:5001", {"authorization": "Bearer x"})
+        second = await self.get(cache, f"{path}?ns=127.0.0.1:5001")
+        self.assertEqual((first.status, first.body), (200, self.origin.blobs[layer]))
+        self.assertEqual(second.header("x-cache"), "HIT")
+        self.assertEqual((self.origin.count(path), storage.count(path)), (1, 1))
+        self.assertEqual([s.headers.get("authorization") for s in storage.seen], [None])
+
+    async def test_redirect_target_must_be_allowed(self) -> None:
+        storage = OciOrigin(blobs=self.origin.blobs)
+        self.origin.redirect_blobs = Redirect(302, start_origin(self, storage))
+        cache = self.cache()
+        layer = self.image.layers[1]
+        got = await self.get(cache, f"/v2/team/app/blobs/{layer}?ns=127.0.0.1:5001")
+        self.assertEqual((got.status, errors_of(got)), (403, ["DENIED"]))
+        self.assertEqual(len(storage.seen), 0)
+
+
+class ServiceTests(TestCase):
+    async def test_make_service_listens_on_registry_port(self) -> None:
+        from buildcache.config import Config
+        from buildcache.service import BuildcacheService, make_service
+
+        origin = OciOrigin()
+        image = origin.push_image("library/alpine", "3.20", [b"alpine"])
+        url = start_origin(self, origin)
+        config = Config(
+            cache_dir=self.mktemp(),
+            proxy_endpoint="tcp:0:interface=127.0.0.1",
+            index_endpoint="tcp:0:interface=127.0.0.1",
+            registry_endpoint="tcp:0:interface=127.0.0.1",
+            registries=(Registry("docker.io", url),),
+        )
+        service = make_service(config, reactor)
+        assert isinstance(service, BuildcacheService)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        (registry,) = [
+            s for s in service if getattr(s, "_option", None) == "--registry-port"
+        ]
+        port = registry.port.getHost().port  # type: ignore[attr-defined]
+        client = Client()
+        got = await client.get(
+            f"http://127.0.0.1:{port}/v2/alpine/manifests/3.20", {"accept": ALL_MANIFESTS}
+        )
+        await client.close()
+        self.assertEqual((got.status, got.body), (200, image.manifest))
+
+    def test_registry_auth_readable_by_others_warned(self) -> None:
+        from twisted.logger import capturedLogs
+
+        from buildcache.config import Config
+        from buildcache.service import BuildcacheService, make_service
+
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("alice:s3cret-pw\n")
+        os.chmod(path, 0o644)
+        config = Config(cache_dir=self.mktemp(), registry_auth_files=(path,))
+        with capturedLogs() as events:
+            service = make_service(config, reactor)
+        assert isinstance(service, BuildcacheService)
+        service.server.store.close()
+        (warning,) = [
+            e for e in events if e.get("event") == "registry_auth_readable_by_others"
+        ]
+        self.assertEqual(warning["path"], path)
+        self.assertNotIn("s3cret", repr(events))
