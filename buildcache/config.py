@@ -65,8 +65,7 @@ _DURATION_PATTERN = re.compile(
     re.IGNORECASE,
 )
 _MIRROR_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-# A registry NAME: a host name or address (IPv6 bracketed) and a port, as
-# an image reference writes it.
+# A registry NAME: a host name or address (IPv6 bracketed) and a port.
 _REGISTRY_NAME_PATTERN = re.compile(
     r"(?:\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)"
     r"(?::[0-9]{1,5})?"
@@ -199,10 +198,8 @@ DEFAULT_MIRRORS: tuple[Mirror, ...] = (
 
 def check_registry_name(name: str) -> str:
     """
-    Check a registry NAME (``docker.io``, ``127.0.0.1:5001``,
-    ``localhost``): a host as an image reference writes it, with a ``.``
-    or a ``:`` unless it is ``localhost`` (docker's rule: a first path
-    segment without them is a Docker Hub namespace, never a registry).
+    Check a registry NAME: a host[:port] with a ``.`` or a ``:``, or
+    ``localhost`` (docker's rule: else it is a Docker Hub namespace).
     """
     if not _REGISTRY_NAME_PATTERN.fullmatch(name) or len(name) > 255:
         shown = f" {name!r}" if re.fullmatch(r"[\w.:\[\]-]{0,100}", name) else ""
@@ -225,14 +222,10 @@ def _check_registry_name(instance: object, attribute: Any, name: str) -> None:
 @attrs.frozen
 class Registry:
     """
-    An upstream registry of the registry port.
-
-    :ivar name: the NAME clients select it by (``?ns=NAME``, a first path
-        segment ``NAME/...``), and the store keys' registry.
-    :ivar url: its base URL (``/v2/...`` is appended), without trailing
-        slash nor user information.
-    :ivar credentials: the ``--registry-auth`` user and password, for its
-        token service (never in ``repr``).
+    An upstream of the registry port: clients select it by ``name``
+    (``?ns=NAME``, a first path segment); ``url`` is its base URL (no
+    user information), ``credentials`` its ``--registry-auth`` (never in
+    ``repr``).
     """
 
     name: str = attrs.field(validator=_check_registry_name)
@@ -286,13 +279,12 @@ class Config:
     :ivar max_object_size: largest body stored (squid's
         ``maximum_object_size``); larger ones are streamed to their clients,
         never stored nor spooled whole; 0: ``max_size``.
-    :ivar registry_endpoint: server endpoint description of the registry
-        port, or None for none (a directly built Config never listens on
-        5000 by accident; the command line's default is ``tcp:5000``).
+    :ivar registry_endpoint: the registry port's endpoint, or None (the
+        command line's default is ``tcp:5000``, a direct Config's None).
     :ivar registries: the registry port's upstreams (``docker.io`` is the
-        command line's default only: a directly built Config has none).
-    :ivar registry_auth_files: the ``--registry-auth`` files, by registry
-        NAME (to warn about their modes).
+        command line's default only).
+    :ivar registry_auth_files: the ``--registry-auth`` files (for a
+        warning about their modes).
     """
 
     cache_dir: str = attrs.field(converter=absolute_path)
@@ -522,10 +514,7 @@ def parse_mirror(text: str) -> tuple[Mirror, Credentials | None]:
 
 
 def parse_registry(text: str) -> Registry:
-    """
-    Parse ``"NAME=URL"`` into a :class:`Registry` (credentials go in
-    ``--registry-auth``, never in the URL).
-    """
+    """Parse ``"NAME=URL"`` (credentials go in ``--registry-auth``)."""
     name, separator, url = text.partition("=")
     if not separator:
         raise ValueError(f"{hide_userinfo(text)!r} is not NAME=URL")
