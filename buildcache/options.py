@@ -363,8 +363,8 @@ class Options(usage.Options):
     def opt_registry_auth(self, value: str) -> None:
         """
         NAME=FILE: the user and password (one line USER:PASSWORD, mode
-        0600) for registry NAME's token service. Every client allowed by
-        --allow-from can then pull what they can read. Repeatable.
+        0600) for registry NAME's token service. Every client allowed to
+        use the cache can then pull what they can read. Repeatable.
         """
         name, path, credentials = _coercer("registry-auth", parse_registry_auth)(value)
         if name in self["registry-auth"]:
