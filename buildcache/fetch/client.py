@@ -13,7 +13,7 @@ describe the connection and which are kept with a stored body
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from attrs import frozen
@@ -183,14 +183,25 @@ class UpstreamClient:
 
 
 def upstream_client(
-    agent: IAgent, credentials: UpstreamCredentials | None = None
+    agent: IAgent,
+    credentials: UpstreamCredentials | None = None,
+    authenticate: Callable[[IAgent], IAgent] | None = None,
 ) -> UpstreamClient:
     """
     The client every upstream request goes through: bodies as the upstream
     stores them (see :class:`_IdentityEncodingAgent`), and the operator's
     ``credentials`` added to requests for their own origins only.
+
+    :param authenticate: wraps each agent the client sends through (with
+        and without the operator's credentials) in one that answers the
+        upstream's authentication challenges, such as a registry's token
+        flow.  It sits below the redirect handling, so it judges each hop
+        of a redirect on its own URI.
     """
     inner: IAgent = _IdentityEncodingAgent(agent)
     if credentials:
-        return UpstreamClient(CredentialsAgent(inner, credentials), inner)
-    return UpstreamClient(inner)
+        agent, anonymous = CredentialsAgent(inner, credentials), inner
+        if authenticate is not None:
+            agent, anonymous = authenticate(agent), authenticate(anonymous)
+        return UpstreamClient(agent, anonymous)
+    return UpstreamClient(inner if authenticate is None else authenticate(inner))
