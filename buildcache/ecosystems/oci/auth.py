@@ -112,7 +112,9 @@ def _by_origin(
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
-_PARAM = re.compile(rf"({_TOKEN})[ \t]*=[ \t]*({_TOKEN}|{_QUOTED})")
+# A bare value is read up to the next separator, beyond what a token may
+# hold (RFC 9110): some servers leave a realm URL unquoted.
+_PARAM = re.compile(rf"({_TOKEN})[ \t]*=[ \t]*({_QUOTED}|[^\s,\"=][^\s,\"]*)")
 _SCHEME = re.compile(_TOKEN)
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _SPACE = re.compile(r"[ \t]*")
