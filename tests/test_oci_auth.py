@@ -32,17 +32,17 @@ from zope.interface import implementer
 from buildcache.credentials import Credentials, Origin, UpstreamCredentials
 from buildcache.ecosystems.oci.auth import (
     AUTH_BODY_LIMIT,
+    MAX_EXPIRES_IN,
     Challenge,
     RegistryAuthAgent,
     RegistryTokens,
     TokenFetchFailed,
-    _read_bounded,
     _Token,
     parse_challenges,
     registry_authentication,
     repository_scope,
 )
-from buildcache.fetch.client import upstream_client
+from buildcache.fetch.client import read_bounded, upstream_client
 from buildcache.fetch.credentials import CredentialsAgent
 from tests.support import listen, reactor, url_of
 
@@ -345,6 +345,18 @@ class TokenFlowTests(SynchronousTestCase):
         clock.advance(1)
         get(agent, MANIFEST)
         self.assertEqual(registry.issued, 2)
+
+    def test_lifetime_bounded(self) -> None:
+        for expires_in, kept in ((10**12, MAX_EXPIRES_IN), (float("nan"), 60), (-5, 60)):
+            registry = TokenRegistry(expires_in=expires_in)  # type: ignore[arg-type]
+            agent, _, clock = agent_for(registry)
+            get(agent, MANIFEST)
+            clock.advance(kept - 1)
+            get(agent, MANIFEST)
+            self.assertEqual(registry.issued, 1)
+            clock.advance(1)
+            get(agent, MANIFEST)
+            self.assertEqual(registry.issued, 2)
 
     def test_kept_token_refused_is_replaced_once(self) -> None:
         registry = TokenRegistry()
@@ -774,7 +786,7 @@ class OverTCPTests(TestCase):
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         response = await self.client.request("GET", self.registry_url + path)
-        body, complete = await _read_bounded(response, 1 << 20)
+        body, complete = await read_bounded(response, 1 << 20)
         self.assertTrue(complete)
         return response.code, body
 

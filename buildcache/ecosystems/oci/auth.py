@@ -35,24 +35,22 @@ from urllib.parse import urlsplit
 import attrs
 from hyperlink import URL
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol as _Protocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from buildcache.credentials import Credentials, Origin
-from buildcache.fetch.client import request_uri
+from buildcache.fetch.client import ReadResponse, read_bounded, request_uri
 from buildcache.fetch.errors import UpstreamError
 
 __all__ = [
     "AUTH_BODY_LIMIT",
     "Challenge",
     "DEFAULT_EXPIRES_IN",
+    "MAX_EXPIRES_IN",
     "MAX_TOKENS",
     "RegistryAuthAgent",
     "RegistryTokens",
@@ -65,6 +63,8 @@ __all__ = [
 MAX_TOKENS = 1024
 #: Bytes read at most of a token response, or of a 401 the agent answers.
 AUTH_BODY_LIMIT = 64 * 1024
+#: Seconds a token is kept at most, whatever its response says.
+MAX_EXPIRES_IN = 24 * 3600.0
 #: Seconds a token is kept when its response does not say (the token
 #: specification's default).
 DEFAULT_EXPIRES_IN = 60.0
@@ -182,126 +182,6 @@ def _skip_separators(text: str, at: int) -> int:
     while at < len(text) and text[at] in " \t,":
         at += 1
     return at
-
-
-# -- bounded bodies -----------------------------------------------------------
-
-
-class _Collect(_Protocol):
-    """
-    Reads a response body up to ``limit`` bytes, then stops the transfer
-    (the connection is closed rather than read on).
-    """
-
-    def __init__(self, limit: int, done: Deferred[tuple[bytes, bool]]) -> None:
-        self.limit = limit
-        self.done = done
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.complete = True
-        #: Whether the body was longer than the limit.
-        self.overflow = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.complete:
-            return
-        if self.size + len(data) > self.limit:
-            self.parts.append(data[: self.limit - self.size])
-            self.size = self.limit
-            self.complete = False
-            self.overflow = True
-            if self.transport is not None:
-                IPushProducer(self.transport).stopProducing()
-            return
-        self.parts.append(data)
-        self.size += len(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        complete = self.complete and reason.check(ResponseDone, PotentialDataLoss) is not None
-        if not self.done.called:
-            self.done.callback((b"".join(self.parts), complete))
-
-
-def _read_bounded(response: IResponse, limit: int = AUTH_BODY_LIMIT) -> Deferred[tuple[bytes, bool]]:
-    """
-    ``response``'s body, at most ``limit`` bytes, and whether it is all of it.
-    Cancelling stops the transfer.
-    """
-    collector: _Collect
-
-    def cancel(_: Deferred[tuple[bytes, bool]]) -> None:
-        if collector.transport is not None:
-            IPushProducer(collector.transport).stopProducing()
-
-    done: Deferred[tuple[bytes, bool]] = Deferred(cancel)
-    collector = _Collect(limit, done)
-    response.deliverBody(collector)
-    return done
-
-
-@implementer(IPushProducer)
-class _Done:
-    """
-    The transport of a body delivered at once: nothing to pause or stop.
-    """
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-@implementer(IResponse)
-@attrs.define(eq=False)
-class _ReadResponse:
-    """
-    A response whose body was already read (bounded): the ``401`` the agent
-    tried to answer and passes on after all.  A body cut at the limit ends
-    with :class:`PotentialDataLoss`.
-    """
-
-    original: IResponse
-    body: bytes
-    complete: bool
-    previousResponse: IResponse | None = None
-
-    @property
-    def version(self) -> tuple[bytes, int, int]:
-        return self.original.version  # type: ignore[no-any-return]
-
-    @property
-    def code(self) -> int:
-        return self.original.code  # type: ignore[no-any-return]
-
-    @property
-    def phrase(self) -> bytes:
-        return self.original.phrase  # type: ignore[no-any-return]
-
-    @property
-    def headers(self) -> Headers:
-        return self.original.headers  # type: ignore[no-any-return]
-
-    @property
-    def length(self) -> int | object:
-        return len(self.body) if self.complete else self.original.length
-
-    @property
-    def request(self) -> Any:
-        return self.original.request
-
-    def setPreviousResponse(self, response: IResponse) -> None:
-        self.previousResponse = response
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(_Done())
-        if self.body:
-            protocol.dataReceived(self.body)
-        reason = ResponseDone() if self.complete else PotentialDataLoss()
-        protocol.connectionLost(Failure(reason))
 
 
 # -- tokens -------------------------------------------------------------------
@@ -441,6 +321,11 @@ class RegistryAuthAgent:
     credentials.  The ``401`` goes up when there is nothing to answer it
     with, when the token endpoint refuses, or when the retry is refused too.
 
+    A repository's token is looked up by the scope Docker Hub and the
+    distribution registry ask for (``repository:<name>:pull``); a registry
+    that names another scope costs a ``401`` round trip per request, and
+    its kept token is still reused.
+
     The registry's credentials go to the token realm only when it is
     ``https`` or on the registry's own host; otherwise the token is asked
     for anonymously.
@@ -530,7 +415,7 @@ class RegistryAuthAgent:
             basic = any(c.scheme == "basic" for c in challenges)
             if not basic or credentials is None or sent_basic:
                 return response
-            await _read_bounded(response)
+            await read_bounded(response, AUTH_BODY_LIMIT)
             retried = await self._send(
                 method, uri, headers, credentials.authorization(), body
             )
@@ -538,7 +423,7 @@ class RegistryAuthAgent:
                 self.tokens.basic.add(origin)
             return retried
         # Read (bounded) now: an unread body waits in memory, unbounded.
-        refused: IResponse = _ReadResponse(response, *await _read_bounded(response))
+        refused = ReadResponse.of(response, *await read_bounded(response, AUTH_BODY_LIMIT))
         challenge = bearer
         key = (origin, challenge.params.get("scope", ""))
         token = self.tokens.get(key)
@@ -586,7 +471,7 @@ class RegistryAuthAgent:
             response = await agent.request(
                 b"GET", request_uri(url.to_text()), headers, None
             )
-            body, complete = await _read_bounded(response)
+            body, complete = await read_bounded(response, AUTH_BODY_LIMIT)
         except (UpstreamError, CancelledError):
             raise
         except Exception as error:
@@ -620,7 +505,8 @@ class RegistryAuthAgent:
 def _parse_token(body: bytes, where: str) -> tuple[str, float]:
     """
     The token and its lifetime of a token response (``token`` or
-    ``access_token``; ``expires_in``, else :data:`DEFAULT_EXPIRES_IN`).
+    ``access_token``; ``expires_in``, else :data:`DEFAULT_EXPIRES_IN`, at
+    most :data:`MAX_EXPIRES_IN`).
     ``issued_at`` is not used: it is the registry's wall clock, and the
     lifetime is counted from the response's arrival on ours.
     """
@@ -634,9 +520,9 @@ def _parse_token(body: bytes, where: str) -> tuple[str, float]:
     if not isinstance(token, str) or not token or not token.isascii() or not token.isprintable():
         raise TokenFetchFailed(f"the token response from {where} holds no token")
     expires_in = document.get("expires_in")
-    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or expires_in <= 0:
+    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or not expires_in > 0:
         expires_in = DEFAULT_EXPIRES_IN
-    return token, float(expires_in)
+    return token, min(float(expires_in), MAX_EXPIRES_IN)
 
 
 def _path(uri: bytes) -> str:
