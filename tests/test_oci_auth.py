@@ -44,6 +44,9 @@ from buildcache.ecosystems.oci.auth import (
 )
 from buildcache.fetch.client import read_bounded, upstream_client
 from buildcache.fetch.credentials import CredentialsAgent
+from buildcache.fetch.fetcher import Fetcher
+from buildcache.fetch.request import UpstreamAnswer, UpstreamRequest
+from buildcache.store import Store
 from tests.support import listen, reactor, url_of
 
 REGISTRY = "http://127.0.0.1:5999"
@@ -845,3 +848,46 @@ class OverTCPTests(TestCase):
         shown = "\n".join(formatEvent(e) + repr(e) for e in self.events)
         for secret in (*SECRETS, "secret-token"):
             self.assertNotIn(secret, shown)
+
+
+class FetcherTests(SynchronousTestCase):
+    """
+    The agent under the real fetcher: what it passes up is read and stored
+    like any response.
+    """
+
+    def _fetch(self, answer: Answer) -> tuple[int, bytes, Store]:
+        clock = Clock()
+        store = Store.open(self.mktemp(), 1 << 30, clock)
+        self.addCleanup(store.close)
+        client = upstream_client(
+            ScriptedAgent(answer),
+            authenticate=registry_authentication(clock, {REGISTRY: None}),
+        )
+        fetched = Fetcher(store, client, clock).fetch(
+            UpstreamRequest(key="oci:test", url=REGISTRY + MANIFEST, follow_redirects=True)
+        )
+        result: UpstreamAnswer = self.successResultOf(fetched)
+        assert result.body is not None
+        self.addCleanup(result.body.close)
+        return result.status, result.body.read(0, result.body.available()), store
+
+    def test_token_flow_stored(self) -> None:
+        status, body, store = self._fetch(TokenRegistry())
+        self.assertEqual((status, body), (200, b"manifest " + MANIFEST.encode()))
+        stored = store.lookup("oci:test")
+        assert stored is not None
+        self.addCleanup(stored.close)
+
+    def test_refused_token_passes_the_registry_401_up(self) -> None:
+        error = b'{"errors":[{"code":"UNAUTHORIZED","message":"no"}]}'
+        registry = TokenRegistry(token_status=401)
+
+        def answer(sent: Sent) -> FakeResponse:
+            if sent.path == MANIFEST:
+                return unauthorized(challenge(), body=error)
+            return registry(sent)
+
+        status, body, store = self._fetch(answer)
+        self.assertEqual((status, body), (401, error))
+        self.assertIsNone(store.lookup("oci:test"))
