@@ -1,0 +1,1 @@
+"""OCI registries: the pull side of the distribution spec, cached."""
