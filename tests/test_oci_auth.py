@@ -636,7 +636,7 @@ class TokenTableTests(SynchronousTestCase):
 
 
 class UpstreamClientTests(SynchronousTestCase):
-    def test_authenticate_wraps_both_agents_below_redirects(self) -> None:
+    def test_authenticate_wraps_the_operators_agent_below_redirects(self) -> None:
         inner = ScriptedAgent(TokenRegistry())
         wrapped: list[Any] = []
 
@@ -647,16 +647,20 @@ class UpstreamClientTests(SynchronousTestCase):
         credentials = UpstreamCredentials.build([("http://127.0.0.1:7000/", CREDENTIALS)])
         client = upstream_client(inner, credentials, authenticate)
         self.assertIsInstance(client.agent, RegistryAuthAgent)
-        self.assertIsInstance(client.anonymous_agent, RegistryAuthAgent)
         self.assertIsInstance(wrapped[0], CredentialsAgent)
-        for operator_credentials in (True, False):
-            response = self.successResultOf(client.request(
-                "GET", REGISTRY + MANIFEST, operator_credentials=operator_credentials
-            ))
-            self.assertEqual(response.code, 200)
-        # Without operator credentials: one wrapped agent serves both.
-        self.assertIsInstance(upstream_client(inner, None, authenticate).agent, RegistryAuthAgent)
-        self.assertIsInstance(upstream_client(inner).agent, type(wrapped[1]))
+        # A forward-proxy client's request (its own credentials, or none)
+        # never gets the operator's tokens.
+        self.assertNotIsInstance(client.anonymous_agent, RegistryAuthAgent)
+        self.assertEqual(self.successResultOf(client.request(
+            "GET", REGISTRY + MANIFEST, operator_credentials=True
+        )).code, 200)
+        self.assertEqual(self.successResultOf(client.request(
+            "GET", REGISTRY + MANIFEST, operator_credentials=False
+        )).code, 401)
+        # Without operator credentials too.
+        bare = upstream_client(inner, None, authenticate)
+        self.assertIsInstance(bare.agent, RegistryAuthAgent)
+        self.assertNotIsInstance(bare.anonymous_agent, RegistryAuthAgent)
 
     def test_registry_authentication_shares_one_table(self) -> None:
         authenticate = registry_authentication(Clock(), {REGISTRY: None})

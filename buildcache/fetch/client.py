@@ -202,19 +202,20 @@ def upstream_client(
     stores them (see :class:`_IdentityEncodingAgent`), and the operator's
     ``credentials`` added to requests for their own origins only.
 
-    :param authenticate: wraps each agent the client sends through (with
-        and without the operator's credentials) in one that answers the
-        upstream's authentication challenges, such as a registry's token
-        flow.  It sits below the redirect handling, so it judges each hop
-        of a redirect on its own URI.
+    :param authenticate: wraps the agent that sends the operator's
+        credentials in one that answers the upstream's authentication
+        challenges, such as a registry's token flow.  It sits below the
+        redirect handling, so it judges each hop of a redirect on its own
+        URI.  Requests sent without the operator's credentials (a forward
+        proxy client's own) never get its tokens either.
     """
     inner: IAgent = _IdentityEncodingAgent(agent)
+    operator: IAgent = CredentialsAgent(inner, credentials) if credentials else inner
+    if authenticate is not None:
+        return UpstreamClient(authenticate(operator), inner)
     if credentials:
-        agent, anonymous = CredentialsAgent(inner, credentials), inner
-        if authenticate is not None:
-            agent, anonymous = authenticate(agent), authenticate(anonymous)
-        return UpstreamClient(agent, anonymous)
-    return UpstreamClient(inner if authenticate is None else authenticate(inner))
+        return UpstreamClient(operator, inner)
+    return UpstreamClient(inner)
 
 
 class _Collect(Protocol):
