@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, upstream_host_key
@@ -32,6 +33,7 @@ from buildcache.credentials import readable_by_others
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.apk.policy import ApkPolicy
 from buildcache.ecosystems.apt.policy import APT
+from buildcache.ecosystems.oci.auth import registry_authentication as oci_authentication
 from buildcache.ecosystems.oci.registry import RegistryResource
 from buildcache.ecosystems.pypi.assemble import index_resource
 from buildcache.ecosystems.pypi.index import IndexResource
@@ -83,15 +85,17 @@ def configured_upstreams(config: Config) -> list[str]:
     )
 
 
-def registry_authentication(config: Config, reactor: Any) -> Any:
+def registry_authentication(config: Config, reactor: Any) -> Callable[[IAgent], IAgent] | None:
     """
     What wraps the upstream agent so that requests to the configured
-    registries follow their token flow (``authenticate`` of
-    :func:`buildcache.fetch.client.upstream_client`), or None.
+    registries answer their challenges (the token flow, with their
+    ``--registry-auth``): ``authenticate`` of
+    :func:`buildcache.fetch.connect.make_http_client`; None without
+    registries.
     """
-    # The token agent is buildcache.ecosystems.oci.auth's (being merged):
-    # until then, registries are asked anonymously.
-    return None
+    if not config.registries:
+        return None
+    return oci_authentication(reactor, config.registries)
 
 
 def new_activity(config: Config, reactor: Any) -> Activity:
@@ -152,6 +156,7 @@ class Server:
         http = make_http_client(
             reactor, policy, config.upstream_timeout, pool=pool,
             credentials=config.upstream_credentials,
+            authenticate=registry_authentication(config, reactor),
         )
         fetcher = Fetcher(
             store, http, reactor, idle_timeout=config.upstream_timeout,

@@ -244,8 +244,10 @@ class OciOrigin(Resource):
             return self._answer(request, fault.status, fault.body, fault.headers)
         if not path.startswith("/v2/") and path != "/v2":
             return self._error(request, 404, "NAME_UNKNOWN", "not a registry path")
-        if self.token is not None and not self._authorized(request, headers, path):
-            return NOT_DONE_YET
+        if self.token is not None:
+            refusal = self._refusal(request, headers, path)
+            if refusal is not None:
+                return refusal
         if path in ("/v2", "/v2/"):
             return self._answer(request, 200, b"{}", {"content-type": "application/json"})
         repo, kind, ref = _split(path)
@@ -263,26 +265,28 @@ class OciOrigin(Resource):
             return self._answer(request, 200, body, {"content-type": OCI_INDEX})
         return self._error(request, 404, "NAME_UNKNOWN", "no such endpoint")
 
-    def _authorized(self, request: IRequest, headers: Mapping[str, str], path: str) -> bool:
+    def _refusal(
+        self, request: IRequest, headers: Mapping[str, str], path: str
+    ) -> object | None:
+        """The 401 for a request without valid credentials, else None."""
         flow = self.token
         assert flow is not None
         given = headers.get("authorization", "")
         if flow.basic:
             if flow.credentials is not None and given == _basic(*flow.credentials):
-                return True
-            self._answer(
+                return None
+            return self._answer(
                 request, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"basic"}]}',
                 {"www-authenticate": 'Basic realm="oci-origin"'},
             )
-            return False
         if given.startswith("Bearer "):
             token = given[len("Bearer "):]
             if token in self.tokens and token not in self.revoked:
-                return True
+                return None
         repo = _split(path)[0]
         scope = f',scope="repository:{repo}:pull"' if repo else ""
         host = request.getHeader(b"host").decode()
-        self._answer(
+        return self._answer(
             request, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}',
             {
                 "content-type": "application/json",
@@ -291,7 +295,6 @@ class OciOrigin(Resource):
                 ),
             },
         )
-        return False
 
     def _token(self, request: IRequest, query: str, headers: Mapping[str, str]) -> object:
         flow = self.token

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from buildcache.config import Registry
+from buildcache.credentials import Credentials
 from tests.oci_origin import (
     ALL_MANIFESTS,
     DOCKER_MANIFEST,
@@ -24,6 +25,7 @@ from tests.oci_origin import (
     Gate,
     OciOrigin,
     Redirect,
+    TokenFlow,
     digest_of,
     start_origin,
 )
@@ -45,12 +47,22 @@ class Cache:
 
 
 def start_cache(
-    testcase: TestCase, registries: Mapping[str, str], **changes: Any
+    testcase: TestCase, registries: Mapping[str, str],
+    credentials: Mapping[str, Credentials] | None = None, **changes: Any,
 ) -> Cache:
-    """A server whose registry port listens on 127.0.0.1 (port 0)."""
+    """
+    A server whose registry port listens on 127.0.0.1 (port 0), with
+    ``registries`` (NAME -> URL) and their ``credentials`` (NAME ->).
+    """
+    given = credentials or {}
     running = start_server(
         testcase,
-        {"registries": tuple(Registry(n, u) for n, u in registries.items()), **changes},
+        {
+            "registries": tuple(
+                Registry(n, u, given.get(n)) for n, u in registries.items()
+            ),
+            **changes,
+        },
     )
     port = reactor.listenTCP(0, running.server.registry_site, interface="127.0.0.1")
     testcase.addCleanup(port.stopListening)
@@ -261,15 +273,21 @@ class AuthorizationTests(RegistryTestCase):
         )
         self.assertEqual([s.headers.get("authorization") for s in self.origin.seen], [None])
 
-    async def test_upstream_401_is_our_unauthorized(self) -> None:
+    async def test_upstream_401_and_403_are_our_unauthorized(self) -> None:
+        """
+        An upstream refusal the token agent could not answer is this
+        port's 401, without the upstream's challenge.
+        """
         self.origin.fail["/v2/team/app/manifests/t1"] = Fault(
-            401, {"www-authenticate": 'Bearer realm="http://127.0.0.1:9/token"'}
+            401, {"www-authenticate": 'Basic realm="upstream"'}
         )
+        self.origin.fail["/v2/team/app/manifests/t2"] = Fault(403)
         cache = self.cache()
-        got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
-        self.assertEqual((got.status, errors_of(got)), (401, ["UNAUTHORIZED"]))
-        self.assertIsNone(got.header("www-authenticate"))
-        self.assertIn("--registry-auth", json.loads(got.body)["errors"][0]["message"])
+        for tag in ("t1", "t2"):
+            got = await self.get(cache, self.manifest_path(tag), {"accept": ALL_MANIFESTS})
+            self.assertEqual((got.status, errors_of(got)), (401, ["UNAUTHORIZED"]))
+            self.assertIsNone(got.header("www-authenticate"))
+            self.assertIn("--registry-auth", json.loads(got.body)["errors"][0]["message"])
 
 
 class FreshnessTests(RegistryTestCase):
@@ -539,3 +557,50 @@ class ServiceTests(TestCase):
         ]
         self.assertEqual(warning["path"], path)
         self.assertNotIn("s3cret", repr(events))
+
+
+class TokenTests(RegistryTestCase):
+    """The token flow, through the server's own upstream client."""
+
+    async def test_anonymous_token_flow(self) -> None:
+        self.origin.token = TokenFlow(expires_in=300)
+        cache = self.cache()
+        manifest = await self.get(
+            cache, self.manifest_path(), {"accept": ALL_MANIFESTS, "authorization": "Bearer mine"}
+        )
+        blob = await self.get(cache, f"/v2/team/app/blobs/{self.image.layers[1]}?ns=127.0.0.1:5001")
+        self.assertEqual((manifest.status, manifest.body), (200, self.image.manifest))
+        self.assertEqual(blob.status, 200)
+        # One token, reused for the blob of the same repository.
+        self.assertEqual(self.origin.tokens, ["token-1"])
+        sent = {s.headers.get("authorization") for s in self.origin.seen if s.path != "/token"}
+        self.assertEqual(sent, {None, "Bearer token-1"})
+
+    async def test_registry_auth_credentials_used(self) -> None:
+        self.origin.token = TokenFlow(credentials=("alice", "s3cret-pw"))
+        cache = start_cache(
+            self, {"127.0.0.1:5001": self.origin_url},
+            {"127.0.0.1:5001": Credentials("alice", "s3cret-pw")},
+        )
+        got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
+        self.assertEqual((got.status, got.body), (200, self.image.manifest))
+        self.assertEqual(self.origin.requests[("GET", "/token")], 1)
+
+    async def test_refused_token_is_our_unauthorized(self) -> None:
+        self.origin.token = TokenFlow(credentials=("alice", "s3cret-pw"))
+        cache = self.cache()
+        got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
+        self.assertEqual((got.status, errors_of(got)), (401, ["UNAUTHORIZED"]))
+        self.assertIsNone(got.header("www-authenticate"))
+        self.assertIn("--registry-auth 127.0.0.1:5001=FILE", got.body.decode())
+
+    async def test_token_not_sent_to_blob_storage(self) -> None:
+        self.origin.token = TokenFlow()
+        storage = OciOrigin(blobs=self.origin.blobs)
+        self.origin.redirect_blobs = Redirect(307, start_origin(self, storage))
+        cache = self.cache(allow_upstream=("127.0.0.1",))
+        layer = self.image.layers[0]
+        got = await self.get(cache, f"/v2/team/app/blobs/{layer}?ns=127.0.0.1:5001")
+        self.assertEqual((got.status, got.body), (200, self.origin.blobs[layer]))
+        self.assertEqual([s.headers.get("authorization") for s in storage.seen], [None])
+        self.assertEqual(self.origin.tokens, ["token-1"])

@@ -200,6 +200,9 @@ class RegistryResource(Resource):
             upstream_headers,
             key=oci.key(suffix),
             follow_redirects=True,
+            # The registry's tokens (--registry-auth) go with the
+            # operator's requests only, never a forward-proxy client's.
+            operator_credentials=True,
             variants=False,
         )
         policy = policy_for(oci, accepted)
