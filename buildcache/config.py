@@ -238,6 +238,12 @@ class Registry:
 DEFAULT_REGISTRIES: tuple[Registry, ...] = (
     Registry(name="docker.io", url="https://registry-1.docker.io"),
 )
+#: Other names clients give a registry (``?ns=``, a path prefix): Docker
+#: Hub's host names.
+REGISTRY_ALIASES: Mapping[str, str] = {
+    "index.docker.io": "docker.io",
+    "registry-1.docker.io": "docker.io",
+}
 
 
 @attrs.frozen

@@ -28,7 +28,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, upstream_host_key
-from buildcache.config import Config
+from buildcache.config import REGISTRY_ALIASES, Config
 from buildcache.credentials import readable_by_others
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.apk.policy import ApkPolicy
@@ -188,7 +188,8 @@ class Server:
         )
         proxy.status = index.status = status
         registry = RegistryResource(
-            engine, {r.name: r.url for r in config.registries}, policy=policy
+            engine, {r.name: r.url for r in config.registries}, policy=policy,
+            aliases=REGISTRY_ALIASES,
         )
         registry_site = StrictSite(
             registry, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,

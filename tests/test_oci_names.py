@@ -10,6 +10,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from buildcache.config import REGISTRY_ALIASES
 from buildcache.ecosystems.oci.errors import OciErrors, code_for, error_body
 from buildcache.ecosystems.oci.names import (
     Endpoint,
@@ -45,7 +46,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def parse(path: str, query: str = ""):  # type: ignore[no-untyped-def]
-    return parse_request(path, query, REGISTRIES)
+    return parse_request(path, query, REGISTRIES, REGISTRY_ALIASES)
 
 
 class PathTests(SynchronousTestCase):
@@ -80,7 +81,7 @@ class PathTests(SynchronousTestCase):
         )
 
     def test_docker_hub_aliases(self) -> None:
-        for alias in ("index.docker.io", "registry-1.docker.io", "docker.io"):
+        for alias in (*REGISTRY_ALIASES, "docker.io", "Docker.IO"):
             oci = parse("/v2/alpine/manifests/latest", f"ns={alias}")
             self.assertEqual(oci.name, "docker.io/library/alpine")
         prefixed = parse("/v2/index.docker.io/alpine/manifests/latest")

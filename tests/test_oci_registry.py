@@ -330,6 +330,18 @@ class FreshnessTests(RegistryTestCase):
         self.assertEqual((got.status, got.header("x-cache")), (200, "STALE"))
         self.assertEqual(got.body, self.image.manifest)
 
+    async def test_head_stale_on_429(self) -> None:
+        """A client's HEAD of a tag (how pulls start) is served stale too."""
+        cache = self.cache(index_ttl=0)
+        path = self.manifest_path()
+        await self.get(cache, path, {"accept": ALL_MANIFESTS}, method=b"HEAD")
+        self.origin.fail_all = Fault(429)
+        got = await self.get(cache, path, {"accept": ALL_MANIFESTS}, method=b"HEAD")
+        self.assertEqual((got.status, got.header("x-cache")), (200, "STALE"))
+        self.assertEqual(got.header("docker-content-digest"), self.image.digest)
+        self.assertEqual(got.header("content-length"), str(len(self.image.manifest)))
+        self.assertEqual(self.origin.requests[("HEAD", "/v2/team/app/manifests/t1")], 1)
+
     async def test_stale_on_429(self) -> None:
         await self._stale_on(Fault(429, {"retry-after": "60"}))
 
@@ -576,7 +588,16 @@ class TokenTests(RegistryTestCase):
         sent = {s.headers.get("authorization") for s in self.origin.seen if s.path != "/token"}
         self.assertEqual(sent, {None, "Bearer token-1"})
 
-    async def test_registry_auth_credentials_used(self) -> None:
+    async def test_registry_auth_credentials_used_never_logged(self) -> None:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            lines.append(repr(event) + (formatEvent(event) or ""))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         self.origin.token = TokenFlow(credentials=("alice", "s3cret-pw"))
         cache = start_cache(
             self, {"127.0.0.1:5001": self.origin_url},
@@ -585,6 +606,9 @@ class TokenTests(RegistryTestCase):
         got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
         self.assertEqual((got.status, got.body), (200, self.image.manifest))
         self.assertEqual(self.origin.requests[("GET", "/token")], 1)
+        self.assertTrue(lines)
+        self.assertEqual([line for line in lines if "s3cret" in line or "token-1" in line], [])
+        self.assertNotIn("s3cret", repr(cache.server.config))
 
     async def test_refused_token_is_our_unauthorized(self) -> None:
         self.origin.token = TokenFlow(credentials=("alice", "s3cret-pw"))

@@ -6,8 +6,8 @@ upstream URL it is served with.
 
 Which upstream serves a request (the issue's order):
 
-1. containerd's ``?ns=<registry>`` (``docker.io`` also under its aliases
-   ``index.docker.io`` and ``registry-1.docker.io``);
+1. containerd's ``?ns=<registry>`` (a NAME or one of its aliases: Docker
+   Hub's other host names, given by the configuration);
 2. else a first path segment naming a configured registry (a NAME has a
    ``.`` or a ``:``, or is ``localhost``, as docker's own rule for host
    names: it never collides with a Docker Hub namespace), for mirrors with
@@ -30,7 +30,6 @@ from attrs import frozen
 
 __all__ = [
     "DOCKER_HUB",
-    "DOCKER_HUB_ALIASES",
     "Endpoint",
     "Selection",
     "OciRequest",
@@ -47,8 +46,6 @@ __all__ = [
 
 #: The configured NAME of Docker Hub.
 DOCKER_HUB = "docker.io"
-#: Other names clients use for Docker Hub.
-DOCKER_HUB_ALIASES = frozenset({"index.docker.io", "registry-1.docker.io"})
 #: Every store key of the registry front end starts with this.
 KEY_PREFIX = "oci:"
 
@@ -194,12 +191,13 @@ class OciRequest:
         return f"<{local}{'?' + new_query if new_query else ''}>{params}"
 
 
-def canonical_registry(name: str) -> str:
-    """``name`` as configured: Docker Hub's aliases become ``docker.io``."""
+def canonical_registry(name: str, aliases: Mapping[str, str]) -> str:
+    """
+    ``name`` as configured: lowercase, and an alias (Docker Hub's other
+    host names, from the configuration) the NAME it stands for.
+    """
     lowered = name.lower()
-    if lowered in DOCKER_HUB_ALIASES:
-        return DOCKER_HUB
-    return lowered
+    return aliases.get(lowered, lowered)
 
 
 def looks_like_registry(segment: str) -> bool:
@@ -248,13 +246,14 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
 
 
 def _choose_upstream(
-    name: str, ns: str | None, registries: Mapping[str, str]
+    name: str, ns: str | None, registries: Mapping[str, str],
+    aliases: Mapping[str, str],
 ) -> tuple[str, str, Selection]:
     """
     ``(registry, repository, selection)`` for the client's ``name``.
     """
     if ns is not None:
-        registry = canonical_registry(ns)
+        registry = canonical_registry(ns, aliases)
         if registry not in registries:
             raise NameRefused(
                 404, "NAME_UNKNOWN",
@@ -265,7 +264,7 @@ def _choose_upstream(
     else:
         first, _, rest = name.partition("/")
         if rest and looks_like_registry(first):
-            registry = canonical_registry(first)
+            registry = canonical_registry(first, aliases)
             if registry not in registries:
                 raise NameRefused(
                     404, "NAME_UNKNOWN",
@@ -294,11 +293,14 @@ def _choose_upstream(
 
 
 def parse_request(
-    path: str, query: str, registries: Mapping[str, str]
+    path: str, query: str, registries: Mapping[str, str],
+    aliases: Mapping[str, str] = {},
 ) -> OciRequest:
     """
     The request for the percent-encoded ``path`` and raw ``query`` of a
-    request target, with ``registries`` the configured NAME -> base URL.
+    request target, with ``registries`` the configured NAME -> base URL
+    and ``aliases`` other names of some (``index.docker.io`` ->
+    ``docker.io``).
 
     :raise NameRefused: not a path of the pull API, an invalid name, tag
         or digest, or a registry that is not configured.
@@ -309,7 +311,7 @@ def parse_request(
     ns = ns_values[0] if ns_values else None
     kept = sorted((k, v) for k, v in pairs if k != "ns")
     if path in ("/v2", "/v2/"):
-        registry = canonical_registry(ns) if ns is not None else DOCKER_HUB
+        registry = canonical_registry(ns, aliases) if ns is not None else DOCKER_HUB
         return OciRequest(Endpoint.BASE, registry)
     for route, pattern in _ROUTES:
         match = pattern.fullmatch(path)
@@ -318,7 +320,7 @@ def parse_request(
         client_name = match["name"]
         if len(client_name) > MAX_NAME_LENGTH + 64:
             raise NameRefused(400, "NAME_INVALID", "the repository name is too long")
-        registry, repository, selection = _choose_upstream(client_name, ns, registries)
+        registry, repository, selection = _choose_upstream(client_name, ns, registries, aliases)
         if route == "tags":
             return OciRequest(
                 Endpoint.TAGS, registry, repository, None,

@@ -93,6 +93,8 @@ class RegistryResource(Resource):
 
     :param registries: configured NAME -> base URL (``docker.io`` ->
         ``https://...``).
+    :param aliases: other names of some (``index.docker.io`` ->
+        ``docker.io``).
     :param policy: with it, clients outside its ``allow_from`` get 403.
     """
 
@@ -104,10 +106,12 @@ class RegistryResource(Resource):
         engine: Engine,
         registries: Mapping[str, str],
         policy: AccessPolicy | None = None,
+        aliases: Mapping[str, str] = {},
     ) -> None:
         super().__init__()
         self.engine = engine
         self.registries = dict(registries)
+        self.aliases = dict(aliases)
         self.policy = policy
 
     def render(self, request: Request) -> object:
@@ -126,7 +130,7 @@ class RegistryResource(Resource):
         path = request.path.decode("latin-1")
         query = urlsplit(request.uri.decode("latin-1")).query
         try:
-            oci = parse_request(path, query, self.registries)
+            oci = parse_request(path, query, self.registries, self.aliases)
         except NameRefused as refused:
             self.engine.begin(request, FRONT_END, errors=OciErrors(code=refused.code))
             self.engine.refuse(request, refused.status, refused.message)
