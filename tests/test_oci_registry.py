@@ -152,6 +152,28 @@ class BasicTests(RegistryTestCase):
         entry = cache.store.peek(f"oci:127.0.0.1:5001/team/app/blobs/{layer}")
         self.assertEqual("sha256:" + entry.sha256, layer)
 
+    async def test_blob_head(self) -> None:
+        """A HEAD of a blob that missed asks the upstream's HEAD, stores nothing."""
+        cache = self.cache()
+        layer = self.image.layers[0]
+        upstream = f"/v2/team/app/blobs/{layer}"
+        head = await self.get(cache, f"{upstream}?ns=127.0.0.1:5001", method=b"HEAD")
+        self.assertEqual((head.status, head.body, head.header("x-cache")), (200, b"", "MISS"))
+        self.assertEqual(head.header("content-length"), str(len(self.origin.blobs[layer])))
+        self.assertEqual(head.header("docker-content-digest"), layer)
+        self.assertEqual(
+            (self.origin.requests[("HEAD", upstream)], self.origin.requests[("GET", upstream)]),
+            (1, 0),
+        )
+        await self.get(cache, f"{upstream}?ns=127.0.0.1:5001")
+        hit = await self.get(cache, f"{upstream}?ns=127.0.0.1:5001", method=b"HEAD")
+        self.assertEqual((hit.header("x-cache"), hit.header("docker-content-digest")), ("HIT", layer))
+
+    async def test_manifest_varies_on_accept(self) -> None:
+        cache = self.cache()
+        got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
+        self.assertEqual(got.header("vary"), "Accept")
+
     async def test_push_methods_refused(self) -> None:
         cache = self.cache()
         for method in (b"POST", b"PUT", b"PATCH", b"DELETE"):
@@ -402,6 +424,31 @@ class IntegrityTests(RegistryTestCase):
         self.origin.tamper[upstream] = self.image.manifest + b" "
         got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
         self.assertEqual((got.status, errors_of(got)), (502, ["UNAVAILABLE"]))
+        self.assertIsNone(cache.store.peek("oci:127.0.0.1:5001/team/app/manifests/t1"))
+
+    async def test_sha512_blob_checked(self) -> None:
+        import hashlib
+
+        cache = self.cache()
+        good, bad = b"sha512 layer", b"sha512 other"
+        digest = "sha512:" + hashlib.sha512(good).hexdigest()
+        self.origin.blobs[digest] = good
+        path = f"/v2/team/app/blobs/{digest}"
+        first = await self.get(cache, f"{path}?ns=127.0.0.1:5001")
+        second = await self.get(cache, f"{path}?ns=127.0.0.1:5001")
+        self.assertEqual((first.status, first.body, second.header("x-cache")), (200, good, "HIT"))
+        other = "sha512:" + hashlib.sha512(b"x").hexdigest()
+        self.origin.blobs[other] = bad
+        got = await self.get(cache, f"/v2/team/app/blobs/{other}?ns=127.0.0.1:5001")
+        self.assertEqual((got.status, errors_of(got)), (502, ["UNAVAILABLE"]))
+        self.assertIsNone(cache.store.peek(f"oci:127.0.0.1:5001/team/app/blobs/{other}"))
+
+    async def test_truncated_tag_manifest_not_stored(self) -> None:
+        cache = self.cache()
+        self.origin.truncate["/v2/team/app/manifests/t1"] = 20
+        got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
+        self.assertTrue(got.status == 502 or not got.complete)
+        self.assertNotEqual(got.body, self.image.manifest)
         self.assertIsNone(cache.store.peek("oci:127.0.0.1:5001/team/app/manifests/t1"))
 
     async def test_truncated_blob_not_stored(self) -> None:

@@ -206,7 +206,11 @@ class OciPolicy(GenericPolicy):
         return True
 
     def extra_headers(self, target: Target) -> Mapping[str, str]:
-        return {API_VERSION_HEADER[0]: API_VERSION_HEADER[1], **self.extra}
+        headers = {API_VERSION_HEADER[0]: API_VERSION_HEADER[1]}
+        if self.endpoint is Endpoint.MANIFEST:
+            # Which manifest answers depends on the client's Accept.
+            headers["vary"] = "Accept"
+        return {**headers, **self.extra}
 
     async def expect(self, target: Target, engine: Engine) -> Expectation:
         if self.endpoint is Endpoint.MANIFEST and self.digest is None:

@@ -67,11 +67,9 @@ __all__ = ["RegistryResource", "FRONT_END"]
 #: The front end's name in accounting and on Target.front_end.
 FRONT_END = "registry"
 
-#: Request headers never judged nor sent on: the client's credentials
-#: (the cache is not split per user).
-_IGNORED = frozenset({"authorization", "cookie", "proxy-authorization"})
-#: Request headers the engine judges (freshness requests, conditionals,
-#: ranges).
+#: The request headers the engine judges (freshness requests,
+#: conditionals, ranges): nothing else, so a client's ``Authorization`` or
+#: cookies never split the cache per user nor go upstream.
 _JUDGED = frozenset({
     "cache-control", "pragma", "if-none-match", "if-modified-since",
     "if-match", "if-unmodified-since", "range", "if-range",
