@@ -675,3 +675,33 @@ class TokenTests(RegistryTestCase):
         self.assertEqual((got.status, got.body), (200, self.origin.blobs[layer]))
         self.assertEqual([s.headers.get("authorization") for s in storage.seen], [None])
         self.assertEqual(self.origin.tokens, ["token-1"])
+
+
+class RegistryAuthFileTests(TestCase):
+    def write(self, content: bytes) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_first_line_user_password(self) -> None:
+        from buildcache.config import parse_registry_auth
+
+        path = self.write(b"alice:pa:ss word\nignored\n")
+        name, read_path, credentials = parse_registry_auth(f"Quay.io={path}")
+        self.assertEqual((name, read_path), ("quay.io", path))
+        self.assertEqual((credentials.username, credentials.password), ("alice", "pa:ss word"))
+
+    def test_bad_files_never_quoted(self) -> None:
+        from buildcache.config import parse_registry_auth
+
+        for content in (b"", b"no-colon-s3cret\n", b":s3cret\n", b"\xffs3cret:\xfe\n"):
+            path = self.write(content)
+            with self.assertRaises(ValueError) as caught:
+                parse_registry_auth(f"quay.io={path}")
+            self.assertNotIn("s3cret", str(caught.exception))
+            self.assertIn(path, str(caught.exception))
+        with self.assertRaises(ValueError):
+            parse_registry_auth(f"quay.io={self.mktemp()}")
+        with self.assertRaises(ValueError):
+            parse_registry_auth("team=/dev/null")
