@@ -350,9 +350,11 @@ def start_buildcache(directory: Path, throttle: Throttle) -> Server:
     directory.mkdir(parents=True, exist_ok=True)
     port, index_port, registry_port = free_port(), free_port(), free_port()
     command = [
-        *buildcache_command(directory / "server.log", port, index_port, directory / "cache"),
+        *buildcache_command(
+            directory / "server.log", port, index_port, directory / "cache",
+            registry_port=registry_port,
+        ),
         "--max-size", "4G",
-        "--registry-port", f"tcp:{registry_port}:interface=127.0.0.1",
         # One-word-free names on this port go to docker.io, which is the
         # throttled origin here: no request can leave the machine.
         "--registry", f"docker.io={throttle.url}",
