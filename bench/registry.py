@@ -556,6 +556,10 @@ def summarise(repeats: list[dict[str, object]]) -> dict[str, object]:
         "cold_s": median("cold_s"),
         "warm_s": median("warm_s"),
         "concurrent_s": median("concurrent_s"),
+        # Every repeat's figure, to see the spread the medians hide.
+        "cold_all": [r["cold_s"] for r in repeats],
+        "warm_all": [r["warm_s"] for r in repeats],
+        "concurrent_all": [r["concurrent_s"] for r in repeats],
         "cold_blob_gets_max": worst("cold_upstream", "blob_gets_max"),
         "warm_blob_gets_max": worst("warm_upstream", "blob_gets_max"),
         "concurrent_blob_gets_max": worst("concurrent_upstream", "blob_gets_max"),
@@ -635,6 +639,14 @@ def print_table(results: dict[str, dict[str, object]], checks: dict[str, bool | 
     ]
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(render(row) for _, render in columns) + " |")
+    lines.append("")
+    for name, row in results.items():
+        if "error" not in row:
+            lines.append(f"- {name}, every repeat (s): " + "; ".join(
+                f"{what} " + ", ".join(f"{v:.2f}" for v in row[key])  # type: ignore[attr-defined]
+                for what, key in (("cold", "cold_all"), ("warm", "warm_all"),
+                                  (f"{CLIENTS} concurrent", "concurrent_all"))
+            ))
     for name, row in results.items():
         if "error" in row:
             lines.append(f"\n{name} failed: {row['error']}")
