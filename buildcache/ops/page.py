@@ -14,8 +14,10 @@ from buildcache.ops.chart import traffic_section
 from buildcache.ops.human import escape as _e
 from buildcache.ops.human import human_bytes, human_duration, percent, utc_time
 from buildcache.ops.snapshot import (
+    TAG_KEYS_READ,
     ConfigShown,
     FrontEndFigures,
+    RegistryStored,
     Snapshot,
     StoreFigures,
     TopName,
@@ -52,6 +54,7 @@ def render_page(snapshot: Snapshot) -> bytes:
         _front_ends_section(snapshot["front_ends"]),
         traffic_section(snapshot["traffic"]),
         _top_section(snapshot["top"], snapshot["front_ends"]),
+        _images_section(snapshot["registry"]),
         _upstreams_section(snapshot["upstreams"], now),
         _config_section(snapshot["config"]),
         "</main>\n<footer>\n",
@@ -200,6 +203,40 @@ def _top_section(
     return (
         '<section class="card wide">\n<h2>Most requested</h2>\n'
         '<div class="columns">\n' + "".join(columns) + "</div>\n</section>\n"
+    )
+
+
+def _images_section(registry: RegistryStored) -> str:
+    listed = registry["listed"]
+    if not listed:
+        return (
+            '<section class="card wide" id="registry-images">\n'
+            "<h2>Container images stored by tag</h2>\n"
+            '<p class="muted">No image stored by tag yet.</p>\n</section>\n'
+        )
+    summary = f"{registry['repositories']:,} repositories, {registry['tags']:,} tags"
+    if not registry["complete"]:
+        summary = f"at least {summary} (the first {TAG_KEYS_READ:,} tags read)"
+    more_repositories = registry["repositories"] - len(listed)
+    rows = []
+    for image in listed:
+        more = (
+            f' <span class="muted">and {image["more_tags"]:,} more</span>'
+            if image["more_tags"] else ""
+        )
+        rows.append(
+            f"<dt>{_e(image['name'])}</dt><dd>{_list(image['tags'])}{more}</dd>\n"
+        )
+    return (
+        '<section class="card wide" id="registry-images">\n'
+        "<h2>Container images stored by tag</h2>\n"
+        f'<p class="muted" id="registry-summary">{_e(summary)}</p>\n'
+        '<dl class="config">\n' + "".join(rows) + "</dl>\n"
+        + (
+            f'<p class="muted">and {more_repositories:,} more repositories</p>\n'
+            if more_repositories > 0 else ""
+        )
+        + "</section>\n"
     )
 
 
