@@ -105,7 +105,7 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="a Python project: its index pages and distribution files (repeatable)",
     )
     purge_command.add_argument(
-        "--image", action="append", default=[], type=_image, metavar="IMAGE",
+        "--image", action="append", default=[], metavar="IMAGE",
         help=(
             "a container image of the registry port, named as docker names it:"
             " REGISTRY/REPOSITORY removes the repository (its manifests, blobs,"
@@ -175,13 +175,6 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _image(text: str) -> ImageName:
-    try:
-        return parse_image(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
-
-
 def _http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(
@@ -213,7 +206,7 @@ def _run_stats(options: argparse.Namespace, stdout: TextIO) -> int:
 def _run_purge(options: argparse.Namespace, stdout: TextIO) -> int:
     if not options.patterns and not options.project and not options.image:
         raise AdminError("purge needs a PATTERN or --project NAME or --image IMAGE")
-    matches = key_matcher(options.patterns, options.project, options.image)
+    matches = key_matcher(options.patterns, options.project, _images(options.image))
     with OfflineIndex.open(options.cache_dir) as index:
         result = purge(index, matches, dry_run=options.dry_run)
     verb = "would remove" if result.dry_run else "removed"
@@ -226,6 +219,16 @@ def _run_purge(options: argparse.Namespace, stdout: TextIO) -> int:
         f" ({result.bytes} bytes)\n"
     )
     return 0
+
+
+def _images(names: Sequence[str]) -> list[ImageName]:
+    images = []
+    for name in names:
+        try:
+            images.append(parse_image(name))
+        except ValueError as error:
+            raise AdminError(f"--image {name!r}: {error}") from None
+    return images
 
 
 def _run_verify(options: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:

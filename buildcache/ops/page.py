@@ -14,7 +14,6 @@ from buildcache.ops.chart import traffic_section
 from buildcache.ops.human import escape as _e
 from buildcache.ops.human import human_bytes, human_duration, percent, utc_time
 from buildcache.ops.snapshot import (
-    TAG_KEYS_READ,
     ConfigShown,
     FrontEndFigures,
     RegistryStored,
@@ -216,7 +215,7 @@ def _images_section(registry: RegistryStored) -> str:
         )
     summary = f"{registry['repositories']:,} repositories, {registry['tags']:,} tags"
     if not registry["complete"]:
-        summary = f"at least {summary} (the first {TAG_KEYS_READ:,} tags read)"
+        summary = f"at least {summary} (more are stored than one reading lists)"
     more_repositories = registry["repositories"] - len(listed)
     rows = []
     for image in listed:
