@@ -557,6 +557,7 @@ class KeysTests(SynchronousTestCase):
             "alpine": ImageName("docker.io", "library/alpine"),
             "alpine:3.19": ImageName("docker.io", "library/alpine", "3.19"),
             "docker.io/bitnami/redis": ImageName("docker.io", "bitnami/redis"),
+            "index.docker.io/alpine": ImageName("docker.io", "library/alpine"),
             "127.0.0.1:5001/team/app:v1": ImageName("127.0.0.1:5001", "team/app", "v1"),
             "localhost/x@sha256:ab": ImageName("localhost", "x", None, "sha256:ab"),
             "ghcr.io/a/b/c": ImageName("ghcr.io", "a/b/c"),

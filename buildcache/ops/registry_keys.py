@@ -30,6 +30,8 @@ from attrs import frozen
 KEY_PREFIX = "oci:"
 #: The registry an image name without one is pulled from, as docker does.
 DEFAULT_REGISTRY = "docker.io"
+#: Other names of :data:`DEFAULT_REGISTRY` that people write.
+DEFAULT_REGISTRY_ALIASES = frozenset({"index.docker.io", "registry-1.docker.io"})
 #: The namespace of one-word names on :data:`DEFAULT_REGISTRY`.
 OFFICIAL_NAMESPACE = "library/"
 #: Kinds of registry keys in ``buildcache stats`` (with ``index`` for tag
@@ -172,7 +174,7 @@ def parse_image(text: str) -> ImageName:
     ``[REGISTRY/]REPOSITORY[:TAG|@DIGEST]`` as docker reads it: the first
     component is the registry when it has a ``.`` or a ``:`` or is
     ``localhost``, else the image is on ``docker.io``, where one-word names
-    get ``library/``.
+    get ``library/`` (and ``index.docker.io`` is ``docker.io``).
 
     Raises ValueError, saying why, for anything else.
     """
@@ -181,7 +183,7 @@ def parse_image(text: str) -> ImageName:
         raise ValueError(f"{digest!r} is not a digest (sha256:...)")
     first, slash, path = rest.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost"):
-        registry = first
+        registry = DEFAULT_REGISTRY if first in DEFAULT_REGISTRY_ALIASES else first
     else:
         registry, path = DEFAULT_REGISTRY, rest
     repository, colon, tag = path.rpartition(":")
