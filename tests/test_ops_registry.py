@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.config import Config
-from buildcache.ops import snapshot as snapshot_module
+from buildcache.ops import images as images_module
 from buildcache.ops.activity import FRONT_END_TABLE, FRONT_ENDS, Activity
 from buildcache.ops.cli_keys import entry_kind, key_matcher
 from buildcache.ops.combine import combine
@@ -318,8 +318,8 @@ class StoredImagesTests(SynchronousTestCase):
         saying how many more; past the keys read it says the counts are
         lower bounds.
         """
-        self.patch(snapshot_module, "REPOSITORIES_LISTED", 2)
-        self.patch(snapshot_module, "TAGS_LISTED", 1)
+        self.patch(images_module, "REPOSITORIES_LISTED", 2)
+        self.patch(images_module, "TAGS_LISTED", 1)
         registry = self.snapshot()["registry"]
         self.assertEqual((registry["repositories"], registry["tags"]), (4, 5))
         self.assertEqual(
@@ -328,8 +328,8 @@ class StoredImagesTests(SynchronousTestCase):
             [("127.0.0.1:5001/library/alpine", ["3.19"], 0),
              ("127.0.0.1:5001/team/app", ["v1"], 0)],
         )
-        self.patch(snapshot_module, "REPOSITORIES_LISTED", 3)
-        self.clock.advance(snapshot_module.TAGS_REREAD_SECONDS)
+        self.patch(images_module, "REPOSITORIES_LISTED", 3)
+        self.clock.advance(images_module.TAGS_REREAD_SECONDS)
         registry = self.snapshot()["registry"]
         self.assertEqual(registry["listed"][2]["tags"], ["3.19"])
         self.assertEqual(registry["listed"][2]["more_tags"], 1)
@@ -337,8 +337,8 @@ class StoredImagesTests(SynchronousTestCase):
         self.assertIn("and 1 more", page.text("registry-images"))
         self.assertIn("and 1 more repositories", page.text("registry-images"))
 
-        self.patch(snapshot_module, "TAG_KEYS_READ", 3)
-        self.clock.advance(snapshot_module.TAGS_REREAD_SECONDS)
+        self.patch(images_module, "TAG_KEYS_READ", 3)
+        self.clock.advance(images_module.TAGS_REREAD_SECONDS)
         registry = self.snapshot()["registry"]
         self.assertFalse(registry["complete"])
         # The first three keys in key order.

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from buildcache.ops.chart import traffic_section
 from buildcache.ops.human import escape as _e
 from buildcache.ops.human import human_bytes, human_duration, percent, utc_time
+from buildcache.ops.images import RegistryStored
 from buildcache.ops.snapshot import (
     ConfigShown,
     FrontEndFigures,
-    RegistryStored,
     Snapshot,
     StoreFigures,
     TopName,

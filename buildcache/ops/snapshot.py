@@ -6,7 +6,8 @@ are rendered from.
 
 :class:`SnapshotSources` reads, at request time, the accounts of
 :class:`buildcache.ops.activity.Activity` (requests, bytes, upstreams,
-read-ahead, evictions), the store's size figures, the fetcher's and the
+read-ahead, evictions), the store's size figures, the registry's images
+stored by tag (:mod:`buildcache.ops.images`), the fetcher's and the
 prefetcher's work in flight and the configuration; nothing is counted
 here.  A :data:`Snapshot` is made of dicts, lists, strings and numbers
 only, so that it goes through JSON unchanged, and the snapshots of several
@@ -57,25 +58,13 @@ from buildcache.ops.activity import (
     Activity,
     Totals,
 )
-from buildcache.ops.registry_keys import KEY_PREFIX, stored_tags
+from buildcache.ops.images import RegistryStored, StoredImages
 from buildcache.store import Store, StoreStats
 
 #: How each front end is named for people.
 FRONT_END_LABELS = {front_end.name: front_end.label for front_end in FRONT_END_TABLE}
 #: Names listed per front end in the most-requested table.
 TOP_NAMES_SHOWN = 15
-#: The registry's keys of manifests stored by tag read for one snapshot
-#: (a key is a few hundred bytes): past them the listing says it is
-#: incomplete.
-TAG_KEYS_READ = 5000
-#: Repositories, and tags of each, listed in a snapshot.
-REPOSITORIES_LISTED = 50
-TAGS_LISTED = 20
-#: Seconds a reading of the stored tags is reused while the store's totals
-#: stay the same (metrics scrapes come often; the tags rarely change).
-TAGS_REREAD_SECONDS = 30.0
-#: The store keys of manifests by tag (a tag has no ":", a digest has).
-_TAG_KEYS = (KEY_PREFIX, "*/manifests/*", "*/manifests/*:*")
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
@@ -140,34 +129,6 @@ class Traffic(TypedDict):
 
     bucket_seconds: int
     buckets: list[TrafficBucket]
-
-
-class StoredImage(TypedDict):
-    """
-    One repository of which manifests are stored by tag.
-    """
-
-    #: ``<registry>/<repository>``.
-    name: str
-    #: The first :data:`TAGS_LISTED`, in order.
-    tags: list[str]
-    #: Tags stored beyond those listed.
-    more_tags: int
-
-
-class RegistryStored(TypedDict):
-    """
-    The registry front end's images stored by tag, read from the store's
-    keys (a manifest stored under a tag, for any client's ``Accept``).
-    """
-
-    repositories: int
-    tags: int
-    #: False when more manifests by tag are stored than were read
-    #: (:data:`TAG_KEYS_READ`): the counts are then lower bounds.
-    complete: bool
-    #: The first :data:`REPOSITORIES_LISTED` repositories, by name.
-    listed: list[StoredImage]
 
 
 class TopName(TypedDict):
@@ -422,28 +383,6 @@ def fill(bytes_stored: int, max_size: int) -> float | None:
     return bytes_stored / max_size if max_size else None
 
 
-def registry_stored(tag_keys: list[str], complete: bool) -> RegistryStored:
-    """
-    The images stored by tag, of the keys of manifests by tag read
-    (:func:`buildcache.ops.registry_keys.stored_tags`), listed within
-    :data:`REPOSITORIES_LISTED` and :data:`TAGS_LISTED`.
-    """
-    repositories = stored_tags(tag_keys)
-    return {
-        "repositories": len(repositories),
-        "tags": sum(len(repository.tags) for repository in repositories),
-        "complete": complete,
-        "listed": [
-            {
-                "name": repository.name,
-                "tags": list(repository.tags[:TAGS_LISTED]),
-                "more_tags": max(0, len(repository.tags) - TAGS_LISTED),
-            }
-            for repository in repositories[:REPOSITORIES_LISTED]
-        ],
-    }
-
-
 @define
 class SnapshotSources:
     """
@@ -460,10 +399,9 @@ class SnapshotSources:
     started: float = field(
         default=Factory(lambda self: self.clock.seconds(), takes_self=True)
     )
-    #: The last reading of the stored tags: the store's totals and the
-    #: time it was read at, and what it found.
-    _tags_read: tuple[tuple[int, int], float, RegistryStored] | None = field(
-        default=None, init=False
+    _images: StoredImages = field(
+        default=Factory(lambda self: StoredImages(self.store, self.clock), takes_self=True),
+        init=False,
     )
 
     def snapshot(self) -> Snapshot:
@@ -515,24 +453,9 @@ class SnapshotSources:
                 for _, health in sorted(activity.upstreams.items())
             ],
             upstream_latency=self._latency(),
-            registry=self._registry(sizes),
+            registry=self._images.read(sizes),
             config=self._config(),
         )
-
-    def _registry(self, sizes: StoreStats) -> RegistryStored:
-        # Read again when the store changed (a new tag is a new row: the
-        # totals move) or the last reading is old (a row replaced by one
-        # of the same size); the same for every scrape in between.
-        totals = (sizes.entries, sizes.bytes_stored)
-        now = self.clock.seconds()
-        last = self._tags_read
-        if last is not None and last[0] == totals and 0 <= now - last[1] < TAGS_REREAD_SECONDS:
-            return last[2]
-        prefix, pattern, digests = _TAG_KEYS
-        keys = self.store.keys_matching(prefix, pattern, TAG_KEYS_READ, exclude=digests)
-        stored = registry_stored(keys, complete=len(keys) < TAG_KEYS_READ)
-        self._tags_read = (totals, now, stored)
-        return stored
 
     def _store(self, sizes: StoreStats, by_status: Mapping[str, int]) -> StoreFigures:
         # Only the store's size figures: what it served and evicted is in
