@@ -349,6 +349,25 @@ class StoredImagesTests(SynchronousTestCase):
             "at least 3 repositories, 3 tags (more are stored than one reading lists)",
         )
 
+    def test_keys_matching(self) -> None:
+        """
+        The store lists keys under a prefix by glob, without those of the
+        excluding glob, in key order, at most so many.
+        """
+        tags = self.store.keys_matching("oci:", "*/manifests/*", 10, exclude="*/manifests/*:*")
+        self.assertEqual(tags, sorted(
+            key for key in STORED
+            if (parsed := parse_key(key)) is not None and parsed.tag is not None
+        ))
+        self.assertEqual(len(tags), 6)
+        self.assertEqual(self.store.keys_matching("oci:", "*/manifests/*", 2,
+                                                  exclude="*/manifests/*:*"), tags[:2])
+        self.assertEqual(
+            self.store.keys_matching(f"{APP}/", "*", 10),
+            sorted(key for key in STORED if key.startswith(f"{APP}/")),
+        )
+        self.assertEqual(self.store.keys_matching("simple-page|", "*oci:*", 10), [])
+
     def test_nothing_stored(self) -> None:
         config = Config(cache_dir=self.mktemp())
         store = Store.open(config.cache_dir, 1 << 20, self.clock)
