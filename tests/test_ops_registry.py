@@ -482,7 +482,11 @@ class PurgeTests(SynchronousTestCase):
         for bad in ("Alpine", "alpine:bad:tag", "alpine@md5", "alpine:1@sha256:ab", ""):
             code, _, err = run("purge", "--image", bad, "--cache-dir", self.cache_dir)
             self.assertEqual(code, 2, bad)
-            self.assertIn("--image", err)
+            self.assertIn(f"--image {bad!r}", err)
+        code, _, err = run("purge", "--image", "docker.io/library/*", "--cache-dir",
+                           self.cache_dir)
+        self.assertEqual(code, 2)
+        self.assertIn("for a glob give a PATTERN over the keys", err)
         self.assert_left(set())
 
     def test_globs_over_registry_keys(self) -> None:

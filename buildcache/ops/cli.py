@@ -227,7 +227,11 @@ def _images(names: Sequence[str]) -> list[ImageName]:
         try:
             images.append(parse_image(name))
         except ValueError as error:
-            raise AdminError(f"--image {name!r}: {error}") from None
+            hint = (
+                "; for a glob give a PATTERN over the keys, such as"
+                " 'oci:docker.io/library/*'" if any(c in name for c in "*?[") else ""
+            )
+            raise AdminError(f"--image {name!r}: {error}{hint}") from None
     return images
 
 
