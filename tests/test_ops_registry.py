@@ -21,9 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.config import Config
 from buildcache.ops import images as images_module
-from buildcache.ops.activity import FRONT_END_TABLE, FRONT_ENDS, Activity
+from buildcache.ops.activity import Activity
 from buildcache.ops.cli_keys import entry_kind, key_matcher
 from buildcache.ops.combine import combine
+from buildcache.ops.front_ends import FRONT_END_TABLE, FRONT_ENDS
 from buildcache.ops.metrics import render_metrics
 from buildcache.ops.page import render_page
 from buildcache.ops.registry_keys import (
@@ -519,11 +520,17 @@ class StatsAndVerifyTests(SynchronousTestCase):
     def test_stats_kinds(self) -> None:
         """
         ``stats`` counts the registry's manifests and blobs as their own
-        kinds, its lists with the indexes.
+        kinds (the front ends' kinds, from their table, in order), its
+        lists with the indexes.
         """
         code, out, _ = run("stats", "--json", "--cache-dir", self.cache_dir)
         self.assertEqual(code, 0)
         kinds = {kind: total["entries"] for kind, total in json.loads(out)["kinds"].items()}
+        self.assertEqual(
+            list(kinds),
+            [kind for front_end in FRONT_END_TABLE for kind in front_end.kinds]
+            + ["index", "other"],
+        )
         self.assertEqual(kinds, {
             "apk": 1, "deb": 1, "wheel": 0, "sdist": 0, "manifest": 9, "blob": 4,
             "index": 4, "other": 1,

@@ -25,32 +25,9 @@ from twisted.logger import Logger
 from buildcache.access import upstream_host_key
 from buildcache.credentials import redact
 from buildcache.engine.events import CacheObserver, Exchange
+from buildcache.ops.front_ends import FRONT_ENDS
 from buildcache.turns import after_io
 
-
-@frozen
-class FrontEnd:
-    """
-    One front end, as the accounts, the status page and the metrics know it.
-    """
-
-    #: Its name in :class:`Exchange` records, stats keys and metric labels.
-    name: str
-    #: How it is named for people.
-    label: str
-
-
-#: Every front end, in display order: the one place that lists them.  The
-#: accounts start with zero totals for each, the page draws a card and a
-#: most-requested list for each, and the metrics label by their names.
-FRONT_END_TABLE = (
-    FrontEnd("proxy", "apk/apt proxy"),
-    FrontEnd("mirror", "mirror routes"),
-    FrontEnd("index", "pip index"),
-    FrontEnd("registry", "container registry"),
-)
-#: Front ends, as they appear in stats and metric labels.
-FRONT_ENDS = tuple(front_end.name for front_end in FRONT_END_TABLE)
 #: Cache statuses (``X-Cache``), plus "none" for refusals and errors.
 CACHE_STATUSES = ("HIT", "MISS", "REVALIDATED", "STALE", "none")
 #: Width of one bucket of the traffic series, and how many are kept.

@@ -23,40 +23,25 @@ from buildcache.ecosystems.apk.policy import RULES as APK_RULES
 from buildcache.ecosystems.apt.policy import RULES as APT_RULES
 from buildcache.ecosystems.pypi.kinds import FILE_RULES, INDEX_FILE_RULES
 from buildcache.ecosystems.pypi.model import normalize_project_name
-from buildcache.ecosystems.pypi.pages import page_key
-from buildcache.ecosystems.pypi.root import root_key
 from buildcache.engine.freshness import Kind
 from buildcache.engine.policy import kind_by_rules
 from buildcache.ops import registry_keys
+from buildcache.ops.front_ends import KINDS, OWN_KEYS, PAGE_PREFIX, ROOT_PREFIX
 from buildcache.ops.registry_keys import ImageName, parse_key
 
-#: Kinds of entries ``stats`` counts, in display order.
-KINDS = (
-    "apk", "deb", "wheel", "sdist", registry_keys.MANIFEST, registry_keys.BLOB,
-    "index", "other",
-)
-#: The package index's own keys: a project's page, and the root page.
-PAGE_PREFIX = page_key("", "").removesuffix("|")
-ROOT_PREFIX = root_key("", "").removesuffix("|")
+__all__ = [
+    "KINDS",
+    "OWN_KEYS",
+    "PAGE_PREFIX",
+    "ROOT_PREFIX",
+    "distribution_kind",
+    "distribution_project",
+    "entry_kind",
+    "key_filename",
+    "key_matcher",
+    "key_url",
+]
 
-
-def _index_kind(key: str) -> str:
-    return "index"
-
-
-def _registry_kind(key: str) -> str:
-    parsed = parse_key(key)
-    return "other" if parsed is None else parsed.kind
-
-
-#: The keys the ecosystems make of their own (not URLs), by prefix, and
-#: the kind of each: an ecosystem with keys of its own adds its row here.
-#: A glob without a scheme never reaches into them (they may hold a URL).
-OWN_KEYS: dict[str, Callable[[str], str]] = {
-    PAGE_PREFIX: _index_kind,
-    ROOT_PREFIX: _index_kind,
-    registry_keys.KEY_PREFIX: _registry_kind,
-}
 _OWN_PREFIXES = tuple(OWN_KEYS)
 
 #: A ``.metadata`` file (PEP 658) is counted with the indexes.
@@ -93,8 +78,9 @@ def entry_kind(key: str) -> str:
     The kind of a cache key, one of :data:`KINDS`: ``index`` covers
     everything that changes upstream (simple pages, ``APKINDEX.tar.gz``,
     apt's ``dists/`` files, a registry's tag lists and referrers) and
-    PEP 658 metadata files.  The ecosystems' own keys go by
-    :data:`OWN_KEYS`, URLs by the ecosystems' path rules, with
+    PEP 658 metadata files.  The front ends' own keys go by
+    :data:`buildcache.ops.front_ends.OWN_KEYS`, URLs by the ecosystems'
+    path rules, with
     :func:`distribution_kind` for pip's files.
     """
     for prefix, kind_of in OWN_KEYS.items():

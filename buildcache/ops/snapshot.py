@@ -52,17 +52,14 @@ from buildcache.ecosystems.pypi.prefetch import UNCLAIMED_BUDGET_FILES
 from buildcache.ops.activity import (
     BUCKET_SECONDS,
     CACHE_STATUSES,
-    FRONT_END_TABLE,
-    FRONT_ENDS,
     LATENCY_BUCKETS,
     Activity,
     Totals,
 )
+from buildcache.ops.front_ends import FRONT_END_LABELS, FRONT_ENDS
 from buildcache.ops.images import RegistryStored, StoredImages
 from buildcache.store import Store, StoreStats
 
-#: How each front end is named for people.
-FRONT_END_LABELS = {front_end.name: front_end.label for front_end in FRONT_END_TABLE}
 #: Names listed per front end in the most-requested table.
 TOP_NAMES_SHOWN = 15
 
