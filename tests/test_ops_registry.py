@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.config import Config
+from buildcache.ecosystems.oci.names import parse_request
 from buildcache.ops import images as images_module
 from buildcache.ops.activity import Activity
 from buildcache.ops.cli_keys import entry_kind, key_matcher
@@ -581,6 +582,31 @@ class KeysTests(SynchronousTestCase):
         variant = parse_key(f"{ALPINE}/manifests/3.19{ACCEPT}")
         assert by_digest is not None and variant is not None
         self.assertEqual((by_digest.tag, variant.tag), (None, "3.19"))
+
+    def test_keys_of_the_front_end(self) -> None:
+        """
+        The keys the registry front end makes read back as the request
+        they were made for.
+        """
+        registries = {"docker.io": "http://127.0.0.1:1", "127.0.0.1:5001": "http://127.0.0.1:2"}
+        digest = "sha256:" + "b" * 64
+        for path, query in (
+            ("/v2/alpine/manifests/3.19", ""),
+            (f"/v2/library/alpine/manifests/{digest}", ""),
+            (f"/v2/team/app/blobs/{digest}", "ns=127.0.0.1:5001"),
+            ("/v2/127.0.0.1:5001/team/app/tags/list", "n=10&last=v1"),
+            (f"/v2/a/referrers/{digest}", "artifactType=application/vnd.dev.cosign"),
+            ("/v2/foo/tags/tags/list", ""),
+            ("/v2/team/manifests/manifests/v1", "ns=127.0.0.1:5001"),
+        ):
+            request = parse_request(path, query, registries)
+            for key in (request.key(), request.key(ACCEPT)):
+                parsed = parse_key(key)
+                assert parsed is not None, key
+                self.assertEqual(
+                    (parsed.image, parsed.section, parsed.ref),
+                    (request.name, request.endpoint.value, request.reference),
+                )
 
     def test_parse_image(self) -> None:
         cases = {

@@ -4,8 +4,9 @@ repository and tag a key belongs to (the status page's stored images,
 ``buildcache stats``), and which keys an image reference given to
 ``buildcache purge --image`` names.
 
-The keys are those of the interface the registry front end keeps
-(``oci:<registry>/<repository>/...``):
+The keys are those the registry front end makes
+(:meth:`buildcache.ecosystems.oci.names.OciRequest.key`,
+``oci:<registry>/<repository>/...``):
 
 - ``blobs/<digest>``;
 - ``manifests/<tag or digest>``, and ``manifests/<ref>;accept=<names>``
@@ -26,23 +27,38 @@ from collections.abc import Iterable
 
 from attrs import frozen
 
-#: Every key of the registry front end starts so.
-KEY_PREFIX = "oci:"
-#: The registry an image name without one is pulled from, as docker does.
-DEFAULT_REGISTRY = "docker.io"
-#: Other names of :data:`DEFAULT_REGISTRY` that people write.
-DEFAULT_REGISTRY_ALIASES = frozenset({"index.docker.io", "registry-1.docker.io"})
-#: The namespace of one-word names on :data:`DEFAULT_REGISTRY`.
+from buildcache.config import REGISTRY_ALIASES
+from buildcache.ecosystems.oci.names import (
+    DOCKER_HUB,
+    KEY_PREFIX,
+    canonical_registry,
+    is_valid_digest,
+    is_valid_repository,
+    is_valid_tag,
+    looks_like_registry,
+)
+
+__all__ = [
+    "BLOB",
+    "KEY_PREFIX",
+    "MANIFEST",
+    "ImageName",
+    "RegistryKey",
+    "StoredRepository",
+    "digest_mismatch",
+    "is_digest",
+    "parse_image",
+    "parse_key",
+    "stored_tags",
+]
+
+#: The namespace of one-word names on Docker Hub.
 OFFICIAL_NAMESPACE = "library/"
 #: Kinds of registry keys in ``buildcache stats`` (with ``index`` for tag
 #: lists and referrers, shared with the other ecosystems' indexes).
 MANIFEST = "manifest"
 BLOB = "blob"
 
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
 # The repository is the shortest that leaves a whole section at the end
 # (a query, after "?", may hold slashes of its own).
 _KEY = re.compile(
@@ -171,34 +187,35 @@ class ImageName:
 
 def parse_image(text: str) -> ImageName:
     """
-    ``[REGISTRY/]REPOSITORY[:TAG|@DIGEST]`` as docker reads it: the first
-    component is the registry when it has a ``.`` or a ``:`` or is
+    ``[REGISTRY/]REPOSITORY[:TAG|@DIGEST]`` as docker reads it, with the
+    registry port's grammar (:mod:`buildcache.ecosystems.oci.names`): the
+    first component is the registry when it has a ``.`` or a ``:`` or is
     ``localhost``, else the image is on ``docker.io``, where one-word names
     get ``library/`` (and ``index.docker.io`` is ``docker.io``).
 
     Raises ValueError, saying why, for anything else.
     """
     rest, at, digest = text.partition("@")
-    if at and not _DIGEST.fullmatch(digest):
+    if at and not is_valid_digest(digest):
         raise ValueError(f"{digest!r} is not a digest (sha256:...)")
     first, slash, path = rest.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        registry = DEFAULT_REGISTRY if first in DEFAULT_REGISTRY_ALIASES else first
+    if slash and looks_like_registry(first):
+        registry = canonical_registry(first, REGISTRY_ALIASES)
     else:
-        registry, path = DEFAULT_REGISTRY, rest
+        registry, path = DOCKER_HUB, rest
     repository, colon, tag = path.rpartition(":")
     if not colon:
         repository, tag = path, ""
-    if colon and not _TAG.fullmatch(tag):
+    if colon and not is_valid_tag(tag):
         raise ValueError(f"{tag!r} is not a tag")
-    if not _REPOSITORY.fullmatch(repository):
+    if not is_valid_repository(repository):
         raise ValueError(
             f"{repository!r} is not a repository name (lower-case components"
             " separated by /)"
         )
     if colon and digest:
         raise ValueError("give a tag or a digest, not both")
-    if registry == DEFAULT_REGISTRY and "/" not in repository:
+    if registry == DOCKER_HUB and "/" not in repository:
         repository = OFFICIAL_NAMESPACE + repository
     return ImageName(registry, repository, tag or None, digest or None)
 
