@@ -283,6 +283,11 @@ def _config_section(config: ConfigShown) -> str:
     rows = [
         ("Proxy and mirror port", f"<code>{_e(config['proxy_endpoint'])}</code>"),
         ("Pip index port", f"<code>{_e(config['index_endpoint'])}</code>"),
+        (
+            "Registry port",
+            f"<code>{_e(config['registry_endpoint'])}</code>" if config["registry_endpoint"]
+            else '<span class="muted">off</span>',
+        ),
         ("Cache directory", f"<code>{_e(config['cache_dir'])}</code>"),
         ("Size limit", _e(human_bytes(config["max_size"]))),
         (
@@ -296,6 +301,10 @@ def _config_section(config: ConfigShown) -> str:
             _list([f"/{m['name']}/ → {m['url']}" for m in config["mirrors"]]),
         ),
         ("Pip upstreams", _list(config["pypi_upstreams"])),
+        (
+            "Registries",
+            _list([f"{r['name']} → {r['url']}" for r in config["registries"]]),
+        ),
         ("Clients allowed from", _list(config["allow_from"])),
         (
             "Proxy upstreams allowed",
@@ -305,6 +314,10 @@ def _config_section(config: ConfigShown) -> str:
             "Upstream credentials file (--netrc)",
             f"<code>{_e(config['netrc_file'])}</code>" if config.get("netrc_file")
             else '<span class="muted">none</span>',
+        ),
+        (
+            "Registry credentials files (--registry-auth)",
+            _list(config["registry_auth_files"]),
         ),
         (
             "Read-ahead of distributions",

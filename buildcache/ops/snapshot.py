@@ -189,6 +189,8 @@ class ConfigShown(TypedDict):
 
     proxy_endpoint: str
     index_endpoint: str
+    #: None when the registry port is off.
+    registry_endpoint: str | None
     cache_dir: str
     max_size: int
     max_object_size: int
@@ -196,6 +198,10 @@ class ConfigShown(TypedDict):
     upstream_timeout: float
     mirrors: list[MirrorShown]
     pypi_upstreams: list[str]
+    #: The registry port's upstreams, by NAME; ``***@`` marks one that
+    #: ``--registry-auth`` gives credentials for.
+    registries: list[MirrorShown]
+    registry_auth_files: list[str]
     netrc_file: str | None
     allow_from: list[str]
     allow_upstream: list[str]
@@ -376,6 +382,12 @@ def top_names(counts: Iterable[tuple[tuple[str, str], int]]) -> dict[str, list[T
     }
 
 
+def _with_marker(url: str, credentials: bool) -> str:
+    # As shown_url marks the other upstreams sent credentials.
+    scheme, separator, rest = url.partition("://")
+    return f"{scheme}{separator}***@{rest}" if credentials and separator else url
+
+
 def fill(bytes_stored: int, max_size: int) -> float | None:
     return bytes_stored / max_size if max_size else None
 
@@ -489,6 +501,7 @@ class SnapshotSources:
         return {
             "proxy_endpoint": config.proxy_endpoint,
             "index_endpoint": config.index_endpoint,
+            "registry_endpoint": config.registry_endpoint,
             "cache_dir": config.cache_dir,
             "max_size": config.max_size,
             "max_object_size": config.max_object_size,
@@ -502,6 +515,14 @@ class SnapshotSources:
             "pypi_upstreams": [
                 shown_url(redact(url), credentials) for url in config.pypi_upstreams
             ],
+            "registries": [
+                {
+                    "name": registry.name,
+                    "url": _with_marker(redact(registry.url), registry.credentials is not None),
+                }
+                for registry in config.registries
+            ],
+            "registry_auth_files": list(config.registry_auth_files),
             "netrc_file": config.netrc_file,
             "allow_from": [str(network) for network in config.allow_from],
             "allow_upstream": list(config.allow_upstream),
