@@ -230,20 +230,34 @@ class StatsAndVerifyTests(SynchronousTestCase):
 
     def test_verify_digests(self) -> None:
         """
-        A blob or manifest whose body is not the digest its key names is
+        A blob or manifest whose body is not the digest its key names, or
+        a tag's manifest not the digest stored to tell its clients, is
         removed (exit 1); sound ones stay.
         """
         self.assertEqual(run("verify", "--cache-dir", self.cache_dir)[0], 0)
         wrong = f"{ALPINE}/blobs/{digest_of(b'another layer')}"
         store_bodies(self.cache_dir, {wrong: LAYER})
+        # A tag whose body is not the digest clients are told with it.
+        edge, sound = f"{ALPINE}/manifests/edge", f"{ALPINE}/manifests/stable"
+        store = Store.open(self.cache_dir, 1 << 30, cast(IReactorTime, Clock()))
+        for key, told in ((edge, digest_of(INDEX)), (sound, digest_of(MANIFEST))):
+            writer = store.writer(key)
+            writer.write(MANIFEST)
+            writer.commit({"docker-content-digest": told})
+        store.close()
         code, out, _ = run("verify", "--cache-dir", self.cache_dir)
         self.assertEqual(code, 1)
         self.assertIn(
             f"disagrees with its index, removed: {wrong} (sha256"
             f" {hashlib.sha256(LAYER).hexdigest()} stored under the digest", out,
         )
-        self.assertIn("1 disagreeing with their index", out)
-        self.assertEqual(stored_keys(self.cache_dir), set(STORED))
+        self.assertIn(
+            f"disagrees with its index, removed: {edge} (sha256"
+            f" {hashlib.sha256(MANIFEST).hexdigest()} stored under its"
+            f" docker-content-digest {digest_of(INDEX)})", out,
+        )
+        self.assertIn("2 disagreeing with their index", out)
+        self.assertEqual(stored_keys(self.cache_dir), set(STORED) | {sound})
 
 
 class KeysTests(SynchronousTestCase):
@@ -341,3 +355,13 @@ class KeysTests(SynchronousTestCase):
         self.assertIsNone(digest_mismatch(f"{ALPINE}/blobs/sha256:{right}", None))
         self.assertIsNone(digest_mismatch(f"{ALPINE}/blobs/sha512:{'0' * 128}", right))
         self.assertIsNotNone(digest_mismatch(f"{ALPINE}/blobs/sha256:{'0' * 64}", right))
+        # A manifest by tag against the digest stored for its clients.
+        tag = f"{ALPINE}/manifests/3.19{ACCEPT}"
+        self.assertIsNone(digest_mismatch(tag, right, {}))
+        self.assertIsNone(
+            digest_mismatch(tag, right, {"docker-content-digest": f"sha256:{right}"})
+        )
+        self.assertEqual(
+            digest_mismatch(tag, right, {"docker-content-digest": f"sha256:{'0' * 64}"}),
+            f"sha256 {right} stored under its docker-content-digest sha256:{'0' * 64}",
+        )

@@ -82,7 +82,7 @@ def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResul
 
     def sort(row: Entry) -> None:
         if row.key.startswith(KEY_PREFIX):
-            reason = digest_mismatch(row.key, row.sha256)
+            reason = digest_mismatch(row.key, row.sha256, row.headers)
             if reason is not None:
                 misnamed.append((row, reason))
         elif row.key.startswith(PAGE_PREFIX):

@@ -23,7 +23,7 @@ the last section's own segments are.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from attrs import frozen
 
@@ -138,22 +138,34 @@ def parse_key(key: str) -> RegistryKey | None:
     )
 
 
-def digest_mismatch(key: str, sha256: str | None) -> str | None:
+#: The header a registry names a manifest's digest in, stored with it.
+DIGEST_HEADER = "docker-content-digest"
+
+
+def digest_mismatch(
+    key: str, sha256: str | None, headers: Mapping[str, str] | None = None
+) -> str | None:
     """
     Why a body of sha256 ``sha256`` is not what the registry key ``key``
-    names (a blob or manifest by ``sha256:`` digest), or None when it is,
-    or when there is nothing to compare.
+    names: a blob or manifest by ``sha256:`` digest, or a manifest by tag
+    stored with a ``Docker-Content-Digest`` (in ``headers``) that clients
+    are told; None when it is, or when there is nothing to compare.
     """
     parsed = parse_key(key)
-    if (
-        parsed is None or sha256 is None or parsed.ref is None
-        or parsed.section not in ("blobs", "manifests")
-    ):
+    if parsed is None or sha256 is None or parsed.section not in ("blobs", "manifests"):
         return None
-    algorithm, _, expected = parsed.ref.partition(":")
+    if parsed.tag is not None:
+        digest = (headers or {}).get(DIGEST_HEADER)
+        where = f"its {DIGEST_HEADER} {digest}"
+    else:
+        digest = parsed.ref
+        where = f"the digest {digest}"
+    if digest is None:
+        return None
+    algorithm, _, expected = digest.strip().partition(":")
     if algorithm != "sha256" or expected.lower() == sha256.lower():
         return None
-    return f"sha256 {sha256} stored under the digest {parsed.ref}"
+    return f"sha256 {sha256} stored under {where}"
 
 
 @frozen
