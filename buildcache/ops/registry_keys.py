@@ -62,7 +62,7 @@ BLOB = "blob"
 # The repository is the shortest that leaves a whole section at the end
 # (a query, after "?", may hold slashes of its own).
 _KEY = re.compile(
-    r"oci:(?P<registry>[^/]+)/(?P<repository>[^?;]+?)/"
+    re.escape(KEY_PREFIX) + r"(?P<registry>[^/]+)/(?P<repository>[^?;]+?)/"
     r"(?:(?P<section>blobs|manifests|referrers)/(?P<ref>[^/?;]+)"
     r"(?:;accept=(?P<accept>[^/?]*))?|(?P<tags>tags)/list)"
     r"(?:\?(?P<query>.*))?",
