@@ -53,6 +53,7 @@ from buildcache.ecosystems.oci.policy import (
     API_VERSION_HEADER,
     accept_suffix,
     accepted_types,
+    media_type,
     policy_for,
     upstream_accept,
 )
@@ -218,6 +219,22 @@ class RegistryResource(Resource):
             resolved.close()
             self._upstream_failed(request, oci, answer.status, answer.headers)
             return
+        if (
+            answer is not None
+            and oci.endpoint is Endpoint.MANIFEST
+            and media_type(answer.headers.get("content-type")) not in accepted
+        ):
+            # An upstream that ignored Accept: an OCI index must never reach
+            # a client that takes Docker v2 manifests only (nor is it stored).
+            resolved.close()
+            request.setHeader("vary", "Accept")
+            self.engine.refuse(
+                request, 404,
+                f"{_described(oci)}: {oci.registry} has it only as"
+                f" {media_type(answer.headers.get('content-type')) or 'no type'},"
+                " which this client does not accept",
+            )
+            return
         if client_gone(request):
             resolved.close()
             return
@@ -236,7 +253,10 @@ class RegistryResource(Resource):
             sha256 = resolved.stored.entry.sha256
         else:
             assert resolved.answer is not None
-            stored_headers, sha256 = resolved.answer.headers, None
+            stored_headers = resolved.answer.headers
+            # A checked manifest has arrived whole before it is answered.
+            body = resolved.answer.body
+            sha256 = body.download.sha256 if body is not None else None
         extra: dict[str, str] = {}
         link = stored_headers.get("link")
         if link is not None:
