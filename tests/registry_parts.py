@@ -1,0 +1,498 @@
+"""
+The real parts of the registry end-to-end tests and of ``bench/registry.py``:
+Debian's ``docker-registry`` as an origin, ``skopeo`` with a private
+configuration that names only loopback registries, and
+``containerd``/``ctr`` with a private configuration; it also gathers the
+OCI images built by hand (:mod:`tests.oci_layout`) and the counting
+forwarder (:mod:`tests.registry_forwarder`), so one import serves.
+
+Nothing here talks to anything but 127.0.0.1.  Two kinds of helpers:
+
+- plain functions and ``subprocess`` (for the bench, which runs no reactor
+  while it measures): :func:`build_image`, :func:`write_registry_config`,
+  :class:`BlockingRegistry`, :class:`Skopeo` (``argv``/``run``),
+  :func:`write_hosts_toml`;
+- Twisted ones (for trial tests, whose reactor keeps serving while a client
+  runs): :func:`start_registry`, :func:`start_containerd`,
+  :class:`CountingForwarder`, :func:`run_process`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+
+# The parts this module gathers for its users (tests, bench/registry.py).
+from tests.oci_layout import (  # noqa: F401
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Blob,
+    Manifest,
+    OciImage,
+    build_image,
+    layout_blobs,
+    sha256_file,
+)
+from tests.registry_forwarder import CountingForwarder, Seen, require_loopback  # noqa: F401
+
+reactor: Any = _reactor
+
+
+#: The Accept header containerd 1.6's resolver sends for a manifest (HEAD by
+#: tag, GET by digest), as captured from ``ctr images pull`` on this machine.
+CONTAINERD_MANIFEST_ACCEPT = ", ".join(
+    [DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX, "*/*"]
+)
+
+REGISTRY_BINARY = "docker-registry"
+SKOPEO_BINARY = "skopeo"
+CONTAINERD_BINARY = "containerd"
+CTR_BINARY = "ctr"
+
+
+def missing_binaries(*names: str) -> list[str]:
+    """The names among ``names`` not found on ``PATH``."""
+    return [name for name in names if shutil.which(name) is None]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- docker-registry (the origin) -----------------------------------------
+
+
+def write_registry_config(
+    directory: Path, port: int, proxy_remote: str | None = None
+) -> Path:
+    """
+    ``directory/config.yml`` for ``docker-registry serve``: filesystem
+    storage in ``directory/storage``, listening on 127.0.0.1:``port``, its
+    access log on stdout and its info log on stderr; a pull-through proxy of
+    ``proxy_remote`` (an http URL on loopback) when given.
+    """
+    if proxy_remote is not None:
+        require_loopback(proxy_remote)
+    directory.mkdir(parents=True, exist_ok=True)
+    storage = directory / "storage"
+    storage.mkdir(exist_ok=True)
+    # JSON is YAML: no YAML writer needed.
+    config: dict[str, Any] = {
+        "version": 0.1,
+        "log": {"level": "info", "accesslog": {"disabled": False}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(storage)},
+            "delete": {"enabled": True},
+            "maintenance": {"uploadpurging": {"enabled": False}},
+        },
+        # A fixed secret keeps the start-up warning out of the log.
+        "http": {"addr": f"127.0.0.1:{port}", "secret": "registry-parts-test-secret"},
+    }
+    if proxy_remote is not None:
+        config["proxy"] = {"remoteurl": proxy_remote}
+    path = directory / "config.yml"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def registry_argv(config: Path) -> list[str]:
+    return [shutil.which(REGISTRY_BINARY) or REGISTRY_BINARY, "serve", str(config)]
+
+
+@define
+class BlockingRegistry:
+    """
+    A ``docker-registry`` child started with ``subprocess`` (for the bench):
+    :meth:`start` returns once it listens; :meth:`stop` ends it by its PID.
+    Its output goes to ``directory/registry.log``.
+    """
+
+    directory: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(
+        cls, directory: Path, port: int | None = None, proxy_remote: str | None = None,
+        timeout: float = 30,
+    ) -> BlockingRegistry:
+        port = port or free_port()
+        config = write_registry_config(directory, port, proxy_remote)
+        log = (directory / "registry.log").open("wb")
+        process = subprocess.Popen(registry_argv(config), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        running = cls(directory, port, process)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return running
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    running.stop()
+                    tail = (directory / "registry.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"docker-registry did not start on {port}:\n{tail}")
+                time.sleep(0.05)
+
+    @property
+    def authority(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.authority}"
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+@define(eq=False)
+class _Child(ProcessProtocol):
+    """A child process whose output can be awaited for a marker."""
+
+    name: str
+    output: bytearray = field(factory=bytearray)
+    ended: Deferred[None] = field(factory=Deferred)
+    _waiting: list[tuple[bytes, Deferred[None]]] = field(factory=list)
+
+    def wait_for(self, text: bytes) -> Deferred[None]:
+        found: Deferred[None] = Deferred()
+        self._waiting.append((text, found))
+        self._check()
+        return found
+
+    def _check(self) -> None:
+        for item in list(self._waiting):
+            if item[0] in self.output:
+                self._waiting.remove(item)
+                item[1].callback(None)
+
+    def outReceived(self, data: bytes) -> None:
+        # Bounded: keep the start and the last 256 KB.
+        self.output += data
+        if len(self.output) > 512 * 1024:
+            del self.output[64 * 1024:len(self.output) - 256 * 1024]
+        self._check()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        for text, found in self._waiting:
+            found.errback(AssertionError(
+                f"{self.name} ended before printing {text!r}:\n"
+                + self.output.decode(errors="replace")[-3000:]
+            ))
+        self._waiting.clear()
+        self.ended.callback(None)
+
+    def stop(self) -> Deferred[None] | None:
+        """SIGTERM to this child (by its PID, through its transport)."""
+        if self.ended.called:
+            return None
+        assert self.transport is not None
+        self.transport.signalProcess("TERM")
+        return self.ended
+
+
+def _spawn(testcase: Any, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+           path: str | None = None) -> _Child:
+    child = _Child(name)
+    reactor.spawnProcess(child, argv[0], list(argv), env=dict(env or os.environ), path=path)
+    testcase.addCleanup(child.stop)
+    return child
+
+
+@define
+class RunningRegistry:
+    """A ``docker-registry`` child of the test's reactor."""
+
+    directory: Path
+    port: int
+    child: _Child
+
+    @property
+    def authority(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.authority}"
+
+    def stop(self) -> Deferred[None] | None:
+        return self.child.stop()
+
+
+async def start_registry(
+    testcase: Any, directory: Path, proxy_remote: str | None = None
+) -> RunningRegistry:
+    """
+    ``docker-registry`` on a free loopback port with its own config and
+    storage in ``directory``, ready when this returns; stopped (SIGTERM by
+    PID) in the test's cleanup.
+    """
+    port = free_port()
+    config = write_registry_config(directory, port, proxy_remote)
+    child = _spawn(testcase, "docker-registry", registry_argv(config))
+    await child.wait_for(b"listening on 127.0.0.1:%d" % port)
+    return RunningRegistry(directory, port, child)
+
+
+# -- skopeo ------------------------------------------------------------------
+
+
+@frozen
+class RegistryEntry:
+    """
+    One ``[[registry]]`` table: ``prefix`` (what image names it matches;
+    may be a real registry's name such as ``docker.io``, as long as
+    ``location`` overrides it with a loopback one) pulled from ``location``
+    after trying each of ``mirrors`` (``host:port[/path]``, all loopback).
+    """
+
+    prefix: str
+    location: str
+    mirrors: tuple[str, ...] = ()
+
+    def toml(self) -> str:
+        require_loopback(self.location)
+        lines = [
+            "[[registry]]",
+            f'prefix = "{self.prefix}"',
+            f'location = "{self.location}"',
+            "insecure = true",
+            "blocked = false",
+        ]
+        for mirror in self.mirrors:
+            require_loopback(mirror)
+            lines += ["", "[[registry.mirror]]", f'location = "{mirror}"', "insecure = true"]
+        return "\n".join(lines) + "\n"
+
+
+def registries_conf(entries: Iterable[RegistryEntry]) -> str:
+    """
+    A ``registries.conf`` naming only the given (loopback) registries and no
+    search registry, so a short or unknown name is never resolved against a
+    real registry.
+    """
+    parts = ['unqualified-search-registries = []', 'short-name-mode = "enforcing"', ""]
+    parts += [entry.toml() for entry in entries]
+    return "\n".join(parts)
+
+
+@define
+class Skopeo:
+    """
+    skopeo with a private configuration in ``directory``: its
+    ``registries.conf`` (``--registries-conf``; only the loopback
+    registries given), a ``policy.json`` accepting anything (``--policy``),
+    an empty ``registries.d`` (no lookaside sites), and ``HOME``,
+    ``XDG_RUNTIME_DIR``, ``XDG_CONFIG_HOME`` and ``TMPDIR`` inside it (no
+    ``auth.json``, no per-user ``registries.conf``).  skopeo 1.9 still reads
+    ``/etc/containers/registries.conf.d/`` (Debian ships short-name aliases
+    there only; every reference here is fully qualified, so none applies).
+    """
+
+    directory: Path
+    entries: tuple[RegistryEntry, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        for sub in ("home", "run", "config", "tmp", "registries.d"):
+            (self.directory / sub).mkdir(parents=True, exist_ok=True)
+        (self.directory / "run").chmod(0o700)
+        self.write_registries(self.entries)
+        (self.directory / "policy.json").write_text(
+            json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
+        )
+
+    def write_registries(self, entries: Iterable[RegistryEntry]) -> None:
+        self.entries = tuple(entries)
+        (self.directory / "registries.conf").write_text(registries_conf(self.entries))
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "HOME": str(self.directory / "home"),
+            "XDG_RUNTIME_DIR": str(self.directory / "run"),
+            "XDG_CONFIG_HOME": str(self.directory / "config"),
+            "TMPDIR": str(self.directory / "tmp"),
+        }
+
+    def argv(self, *arguments: str, debug: bool = False) -> list[str]:
+        return [
+            shutil.which(SKOPEO_BINARY) or SKOPEO_BINARY,
+            *(["--debug"] if debug else []),
+            "--registries-conf", str(self.directory / "registries.conf"),
+            "--registries.d", str(self.directory / "registries.d"),
+            "--policy", str(self.directory / "policy.json"),
+            "--tmpdir", str(self.directory / "tmp"),
+            *arguments,
+        ]
+
+    def push_arguments(self, image: OciImage, destination: str, format: str | None = None) -> list[str]:
+        """
+        ``copy`` arguments pushing ``image`` to ``docker://destination``
+        (``127.0.0.1:PORT/team/app:tag``, over plain HTTP): ``format``
+        ``v2s2`` converts it to a Docker v2 schema 2 manifest (list); the
+        OCI manifest is pushed unchanged without it.
+        """
+        require_loopback(destination)
+        arguments = ["copy", "--quiet", "--dest-tls-verify=false"]
+        if image.is_index:
+            arguments.append("--all")
+        if format is not None:
+            arguments += ["--format", format]
+        return [*arguments, image.reference, f"docker://{destination}"]
+
+    def pull_arguments(self, source: str, layout: Path, tag: str = "pulled") -> list[str]:
+        """
+        ``copy`` arguments pulling ``docker://source`` (resolved through
+        ``registries.conf``, so through its mirrors) into an OCI layout,
+        blobs unchanged.
+        """
+        return ["copy", "--quiet", "--src-tls-verify=false", "--src-no-creds",
+                f"docker://{source}", f"oci:{layout}:{tag}"]
+
+    def run(self, *arguments: str, debug: bool = False) -> subprocess.CompletedProcess[bytes]:
+        """Run skopeo blocking (the bench; a test pushing straight to the origin)."""
+        done = subprocess.run(
+            self.argv(*arguments, debug=debug), env=self.environment, capture_output=True,
+            timeout=600,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"skopeo {' '.join(arguments)} exited {done.returncode}:\n"
+                + done.stderr.decode(errors="replace")[-3000:]
+            )
+        return done
+
+    def push(self, image: OciImage, destination: str, format: str | None = None) -> None:
+        self.run(*self.push_arguments(image, destination, format))
+
+    async def call(self, *arguments: str, debug: bool = False) -> tuple[bytes, bytes, int]:
+        """Run skopeo while the reactor keeps serving: (stdout, stderr, exit code)."""
+        argv = self.argv(*arguments, debug=debug)
+        out, err, code = await getProcessOutputAndValue(
+            argv[0], argv[1:], env=self.environment, path=str(self.directory), reactor=reactor
+        )
+        return out, err, code
+
+
+async def run_process(argv: Sequence[str], env: Mapping[str, str] | None = None,
+                      path: str | None = None) -> tuple[bytes, bytes, int]:
+    """Run a child while the reactor keeps serving: (stdout, stderr, exit code)."""
+    out, err, code = await getProcessOutputAndValue(
+        argv[0], list(argv[1:]), env=dict(env if env is not None else os.environ),
+        path=path, reactor=reactor,
+    )
+    return out, err, code
+
+
+# -- containerd ------------------------------------------------------------
+
+
+def write_hosts_toml(hosts_dir: Path, registry: str, server: str, mirror: str | None) -> Path:
+    """
+    containerd's ``hosts_dir/REGISTRY/hosts.toml``: pull ``registry`` from
+    ``server`` (``http://127.0.0.1:PORT``) after trying ``mirror``
+    (``http://127.0.0.1:PORT``), which gets ``?ns=REGISTRY`` on every request.
+    """
+    require_loopback(server)
+    lines = [f'server = "{server}"', ""]
+    if mirror is not None:
+        require_loopback(mirror)
+        lines += [f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]', ""]
+    directory = hosts_dir / registry
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "hosts.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@define
+class RunningContainerd:
+    """A private ``containerd`` (root, state and sockets in ``directory``)."""
+
+    directory: Path
+    child: _Child
+
+    @property
+    def address(self) -> str:
+        return str(self.directory / "c.sock")
+
+    def ctr_argv(self, *arguments: str) -> list[str]:
+        return [shutil.which(CTR_BINARY) or CTR_BINARY, "--address", self.address,
+                "--namespace", "registry-parts", *arguments]
+
+    def pull_arguments(self, reference: str, hosts_dir: Path) -> list[str]:
+        """``ctr images pull`` of ``reference`` over plain HTTP through ``hosts_dir``."""
+        return ["images", "pull", "--plain-http", "--hosts-dir", str(hosts_dir),
+                "--snapshotter", "native", reference]
+
+
+def containerd_unavailable() -> str | None:
+    """Why containerd cannot run here, or None."""
+    missing = missing_binaries(CONTAINERD_BINARY, CTR_BINARY)
+    if missing:
+        return f"not installed: {', '.join(missing)} (Debian package containerd)"
+    if os.geteuid() != 0:
+        return "containerd needs root"
+    return None
+
+
+async def start_containerd(testcase: Any) -> RunningContainerd:
+    """
+    ``containerd`` with a private config (version 2; root, state, gRPC and
+    ttrpc sockets in a fresh directory under /tmp, short enough for a unix
+    socket path; CRI off; no debug or metrics listener), ready when this
+    returns; stopped by PID and its directory removed in cleanup.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="bc-ctd-"))
+    testcase.addCleanup(shutil.rmtree, directory, True)
+    config = directory / "config.toml"
+    config.write_text("\n".join([
+        "version = 2",
+        f'root = "{directory}/root"',
+        f'state = "{directory}/state"',
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+        "[grpc]",
+        f'  address = "{directory}/c.sock"',
+        "[ttrpc]",
+        f'  address = "{directory}/c.ttrpc.sock"',
+        "[debug]",
+        '  address = ""',
+        "[metrics]",
+        '  address = ""',
+        "",
+    ]))
+    argv = [shutil.which(CONTAINERD_BINARY) or CONTAINERD_BINARY, "--config", str(config)]
+    child = _spawn(testcase, "containerd", argv)
+    await child.wait_for(b"containerd successfully booted")
+    return RunningContainerd(directory, child)
