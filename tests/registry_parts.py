@@ -33,7 +33,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
@@ -61,6 +61,15 @@ reactor: Any = _reactor
 CONTAINERD_MANIFEST_ACCEPT = ", ".join(
     [DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX, "*/*"]
 )
+
+#: The Accept header skopeo 1.9 sends for a manifest by tag (a GET; no
+#: ``*/*``), as captured here.
+SKOPEO_MANIFEST_ACCEPT = ", ".join([
+    OCI_MANIFEST, DOCKER_MANIFEST,
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    DOCKER_LIST, OCI_INDEX,
+])
 
 REGISTRY_BINARY = "docker-registry"
 SKOPEO_BINARY = "skopeo"
@@ -212,10 +221,10 @@ class _Child(ProcessProtocol):
         self._waiting.clear()
         self.ended.callback(None)
 
-    def stop(self) -> Deferred[None] | None:
+    def stop(self) -> Deferred[None]:
         """SIGTERM to this child (by its PID, through its transport)."""
         if self.ended.called:
-            return None
+            return succeed(None)
         assert self.transport is not None
         self.transport.signalProcess("TERM")
         return self.ended
@@ -245,7 +254,7 @@ class RunningRegistry:
     def url(self) -> str:
         return f"http://{self.authority}"
 
-    def stop(self) -> Deferred[None] | None:
+    def stop(self) -> Deferred[None]:
         return self.child.stop()
 
 
@@ -371,14 +380,16 @@ class Skopeo:
             arguments += ["--format", format]
         return [*arguments, image.reference, f"docker://{destination}"]
 
-    def pull_arguments(self, source: str, layout: Path, tag: str = "pulled") -> list[str]:
+    def pull_arguments(self, source: str, directory: Path) -> list[str]:
         """
         ``copy`` arguments pulling ``docker://source`` (resolved through
-        ``registries.conf``, so through its mirrors) into an OCI layout,
-        blobs unchanged.
+        ``registries.conf``, so through its mirrors) into ``directory`` with
+        the ``dir:`` transport, which keeps every manifest and blob as it
+        was received (``oci:`` would convert a Docker manifest); read it
+        with :func:`pulled_blobs`.
         """
         return ["copy", "--quiet", "--src-tls-verify=false", "--src-no-creds",
-                f"docker://{source}", f"oci:{layout}:{tag}"]
+                f"docker://{source}", f"dir:{directory}"]
 
     def run(self, *arguments: str, debug: bool = False) -> subprocess.CompletedProcess[bytes]:
         """Run skopeo blocking (the bench; a test pushing straight to the origin)."""
@@ -413,6 +424,24 @@ async def run_process(argv: Sequence[str], env: Mapping[str, str] | None = None,
         path=path, reactor=reactor,
     )
     return out, err, code
+
+
+def pulled_blobs(directory: Path) -> tuple[str, dict[str, int]]:
+    """
+    What ``skopeo copy ... dir:DIRECTORY`` wrote: the digest of the top
+    manifest (``manifest.json``, as received) and every blob and instance
+    manifest (digest -> size), each file's digest checked against its name.
+    """
+    found = {}
+    for path in sorted(directory.iterdir()):
+        name = path.name.removesuffix(".manifest.json")
+        if len(name) != 64 or not all(c in "0123456789abcdef" for c in name):
+            continue
+        digest = sha256_file(path)
+        if digest != "sha256:" + name:
+            raise AssertionError(f"{path} holds {digest}")
+        found[digest] = path.stat().st_size
+    return sha256_file(directory / "manifest.json"), found
 
 
 # -- containerd ------------------------------------------------------------
