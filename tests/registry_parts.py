@@ -19,6 +19,8 @@ Nothing here talks to anything but 127.0.0.1.  Two kinds of helpers:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -91,14 +93,32 @@ def free_port() -> int:
 # -- docker-registry (the origin) -----------------------------------------
 
 
+def htpasswd_line(user: str, password: str) -> str:
+    """
+    ``user:BCRYPT-HASH``, the only htpasswd form ``docker-registry`` takes,
+    made with the system's libcrypt (any Python version).
+    """
+    library = ctypes.CDLL(ctypes.util.find_library("crypt") or "libcrypt.so.1")
+    library.crypt_gensalt.restype = ctypes.c_char_p
+    library.crypt.restype = ctypes.c_char_p
+    salt = library.crypt_gensalt(b"$2b$", 5, None, 0)
+    hashed = library.crypt(password.encode(), salt)
+    if not salt or not hashed or not hashed.startswith(b"$2b$"):
+        raise RuntimeError("libcrypt cannot make a bcrypt hash here")
+    return f"{user}:{hashed.decode()}"
+
+
 def write_registry_config(
-    directory: Path, port: int, proxy_remote: str | None = None
+    directory: Path, port: int, proxy_remote: str | None = None,
+    htpasswd: tuple[str, str] | None = None,
 ) -> Path:
     """
     ``directory/config.yml`` for ``docker-registry serve``: filesystem
     storage in ``directory/storage``, listening on 127.0.0.1:``port``, its
     access log on stdout and its info log on stderr; a pull-through proxy of
-    ``proxy_remote`` (an http URL on loopback) when given.
+    ``proxy_remote`` (an http URL on loopback) when given; with
+    ``htpasswd`` (user, password) every request needs those credentials
+    (HTTP Basic).
     """
     if proxy_remote is not None:
         require_loopback(proxy_remote)
@@ -119,6 +139,11 @@ def write_registry_config(
     }
     if proxy_remote is not None:
         config["proxy"] = {"remoteurl": proxy_remote}
+    if htpasswd is not None:
+        # Basic authentication (401 with a Basic challenge), plain HTTP.
+        users = directory / "htpasswd"
+        users.write_text(htpasswd_line(*htpasswd) + "\n")
+        config["auth"] = {"htpasswd": {"realm": "registry-parts", "path": str(users)}}
     path = directory / "config.yml"
     path.write_text(json.dumps(config, indent=1))
     return path
@@ -259,7 +284,8 @@ class RunningRegistry:
 
 
 async def start_registry(
-    testcase: Any, directory: Path, proxy_remote: str | None = None
+    testcase: Any, directory: Path, proxy_remote: str | None = None,
+    htpasswd: tuple[str, str] | None = None,
 ) -> RunningRegistry:
     """
     ``docker-registry`` on a free loopback port with its own config and
@@ -267,7 +293,7 @@ async def start_registry(
     PID) in the test's cleanup.
     """
     port = free_port()
-    config = write_registry_config(directory, port, proxy_remote)
+    config = write_registry_config(directory, port, proxy_remote, htpasswd)
     child = _spawn(testcase, "docker-registry", registry_argv(config))
     await child.wait_for(b"listening on 127.0.0.1:%d" % port)
     return RunningRegistry(directory, port, child)
@@ -365,7 +391,10 @@ class Skopeo:
             *arguments,
         ]
 
-    def push_arguments(self, image: OciImage, destination: str, format: str | None = None) -> list[str]:
+    def push_arguments(
+        self, image: OciImage, destination: str, format: str | None = None,
+        credentials: tuple[str, str] | None = None,
+    ) -> list[str]:
         """
         ``copy`` arguments pushing ``image`` to ``docker://destination``
         (``127.0.0.1:PORT/team/app:tag``, over plain HTTP): ``format``
@@ -378,6 +407,8 @@ class Skopeo:
             arguments.append("--all")
         if format is not None:
             arguments += ["--format", format]
+        if credentials is not None:
+            arguments += ["--dest-creds", ":".join(credentials)]
         return [*arguments, image.reference, f"docker://{destination}"]
 
     def pull_arguments(self, source: str, directory: Path) -> list[str]:
