@@ -29,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,19 @@ SKOPEO_MANIFEST_ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.v1+json",
     DOCKER_LIST, OCI_INDEX,
 ])
+
+#: Environment for every client a test runs: anything not on loopback
+#: goes to a proxy where nothing listens (port 9), so a client that would
+#: fall back to a real registry (a config it could not read, a mirror that
+#: failed) fails instead, without even a DNS lookup.
+LOOPBACK_ONLY = {
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost,::1",
+    "no_proxy": "127.0.0.1,localhost,::1",
+}
 
 REGISTRY_BINARY = "docker-registry"
 SKOPEO_BINARY = "skopeo"
@@ -378,6 +392,7 @@ class Skopeo:
             "XDG_RUNTIME_DIR": str(self.directory / "run"),
             "XDG_CONFIG_HOME": str(self.directory / "config"),
             "TMPDIR": str(self.directory / "tmp"),
+            **LOOPBACK_ONLY,
         }
 
     def argv(self, *arguments: str, debug: bool = False) -> list[str]:
@@ -478,6 +493,19 @@ def pulled_blobs(directory: Path) -> tuple[str, dict[str, int]]:
 # -- containerd ------------------------------------------------------------
 
 
+def check_hosts_toml(text: str) -> None:
+    """
+    Refuse a hosts.toml that does not parse or that names a host not on
+    loopback: containerd falls back to the registry's own host (Docker
+    Hub's for ``docker.io``) when it cannot decode the file.
+    """
+    document = tomllib.loads(text)
+    if "server" not in document:
+        raise ValueError("a test's hosts.toml must name its server (on loopback)")
+    for location in [document["server"], *document.get("host", {})]:
+        require_loopback(location)
+
+
 def write_hosts_toml(hosts_dir: Path, registry: str, server: str, mirror: str | None) -> Path:
     """
     containerd's ``hosts_dir/REGISTRY/hosts.toml``: pull ``registry`` from
@@ -489,10 +517,16 @@ def write_hosts_toml(hosts_dir: Path, registry: str, server: str, mirror: str | 
     if mirror is not None:
         require_loopback(mirror)
         lines += [f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]', ""]
+    return write_checked_hosts_toml(hosts_dir, registry, "\n".join(lines))
+
+
+def write_checked_hosts_toml(hosts_dir: Path, registry: str, text: str) -> Path:
+    """``hosts_dir/REGISTRY/hosts.toml`` holding ``text``, checked first."""
+    check_hosts_toml(text)
     directory = hosts_dir / registry
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "hosts.toml"
-    path.write_text("\n".join(lines))
+    path.write_text(text)
     return path
 
 
@@ -506,6 +540,15 @@ class RunningContainerd:
     @property
     def address(self) -> str:
         return str(self.directory / "c.sock")
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """``ctr``'s environment: :data:`LOOPBACK_ONLY`."""
+        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **LOOPBACK_ONLY}
+
+    async def ctr(self, *arguments: str) -> tuple[bytes, bytes, int]:
+        """Run ``ctr`` on this containerd (loopback only): (stdout, stderr, exit code)."""
+        return await run_process(self.ctr_argv(*arguments), env=self.environment)
 
     def ctr_argv(self, *arguments: str) -> list[str]:
         return [shutil.which(CTR_BINARY) or CTR_BINARY, "--address", self.address,
@@ -553,6 +596,7 @@ async def start_containerd(testcase: Any) -> RunningContainerd:
         "",
     ]))
     argv = [shutil.which(CONTAINERD_BINARY) or CONTAINERD_BINARY, "--config", str(config)]
-    child = _spawn(testcase, "containerd", argv)
+    environment = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **LOOPBACK_ONLY}
+    child = _spawn(testcase, "containerd", argv, env=environment)
     await child.wait_for(b"containerd successfully booted")
     return RunningContainerd(directory, child)
