@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ import subprocess
 import tempfile
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -219,6 +221,24 @@ class BlockingRegistry:
         except subprocess.TimeoutExpired:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+
+_ACCESS_LINE = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) ([^ "?]+)[^ "]* HTTP/[0-9.]+" ([0-9]{3}) ')
+
+
+def access_log_counts(text: str, status: int | None = None) -> Counter[tuple[str, str]]:
+    """
+    Requests by (method, path) in a ``docker-registry`` access log (its
+    combined-format lines; :class:`BlockingRegistry` writes them to
+    ``registry.log``), only those answered ``status`` when given.  A line
+    is written once its response is done: read it after the clients
+    finished and the registry stopped (a test uses the forwarder instead).
+    """
+    found: Counter[tuple[str, str]] = Counter()
+    for method, path, code in _ACCESS_LINE.findall(text):
+        if status is None or int(code) == status:
+            found[(method, path)] += 1
+    return found
 
 
 @define(eq=False)
