@@ -160,10 +160,6 @@ def _response(status: int, explanation: str) -> bytes:
     return head.encode("ascii") + body
 
 
-#: The first byte of a TLS record carrying a handshake (a client hello).
-_TLS_HANDSHAKE = b"\x16"
-
-
 class _Phase(enum.Enum):
     """Where a connection's conversation is."""
 
@@ -269,16 +265,6 @@ class ProxyChannel(HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self._took(data):
-            return
-        if self._head_call is None and self._phase is _Phase.REQUEST_LINE and (
-            data[:1] == _TLS_HANDSHAKE
-        ):
-            # A TLS client hello (podman and skopeo try https first on an
-            # "insecure" registry): it holds no CRLF, so waiting for a
-            # request line would keep the client until its handshake
-            # timeout (10 s in Go) before it falls back to http.  A plain
-            # HTTP answer makes it fall back at once.
-            self._refuse_request(400, "this port speaks plain HTTP, not TLS: use http://")
             return
         if (
             self._head_call is None
