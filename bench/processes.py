@@ -102,17 +102,21 @@ def children_of(pid: int) -> list[int]:
 
 def buildcache_command(
     log: Path | str, proxy_port: int, index_port: int, cache_dir: Path | str,
-    *options: str,
+    *options: str, registry_port: int | None = None,
 ) -> list[str]:
     """
     The ``twistd buildcache`` command line of this Python's virtualenv,
-    listening on 127.0.0.1 only, with ``options`` appended.
+    listening on 127.0.0.1 only (the registry port on ``registry_port``,
+    else a free one: its default, 5000 on every interface, would collide),
+    with ``options`` appended.
     """
     return [
         os.path.join(os.path.dirname(sys.executable), "twistd"),
         "--nodaemon", "--pidfile=", "--logfile", str(log), "buildcache",
         "--port", f"tcp:{proxy_port}:interface=127.0.0.1",
         "--pypi-port", f"tcp:{index_port}:interface=127.0.0.1",
+        "--registry-port",
+        f"tcp:{registry_port or free_port()}:interface=127.0.0.1",
         "--cache-dir", str(cache_dir),
         *options,
     ]

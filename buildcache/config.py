@@ -42,6 +42,8 @@ DEFAULT_PROXY_PORT = 8899
 DEFAULT_INDEX_PORT = 3141
 DEFAULT_PROXY_ENDPOINT = f"tcp:{DEFAULT_PROXY_PORT}"
 DEFAULT_INDEX_ENDPOINT = f"tcp:{DEFAULT_INDEX_PORT}"
+DEFAULT_REGISTRY_PORT = 5000
+DEFAULT_REGISTRY_ENDPOINT = f"tcp:{DEFAULT_REGISTRY_PORT}"
 DEFAULT_MAX_SIZE = 10 * 1024**3
 DEFAULT_INDEX_TTL = 300.0
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
@@ -63,6 +65,11 @@ _DURATION_PATTERN = re.compile(
     re.IGNORECASE,
 )
 _MIRROR_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# A registry NAME: a host name or address (IPv6 bracketed) and a port.
+_REGISTRY_NAME_PATTERN = re.compile(
+    r"(?:\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)"
+    r"(?::[0-9]{1,5})?"
+)
 # Endpoint types whose description carries a listening port.
 _PORTED_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl"})
 
@@ -76,6 +83,10 @@ def _string_tuple(values: Iterable[str]) -> tuple[str, ...]:
 
 
 def _mirror_tuple(values: Iterable[Mirror]) -> tuple[Mirror, ...]:
+    return tuple(values)
+
+
+def _registry_tuple(values: Iterable[Registry]) -> tuple[Registry, ...]:
     return tuple(values)
 
 
@@ -185,6 +196,56 @@ DEFAULT_MIRRORS: tuple[Mirror, ...] = (
 )
 
 
+def check_registry_name(name: str) -> str:
+    """
+    Check a registry NAME: a host[:port] with a ``.`` or a ``:``, or
+    ``localhost`` (docker's rule: else it is a Docker Hub namespace).
+    """
+    if not _REGISTRY_NAME_PATTERN.fullmatch(name) or len(name) > 255:
+        shown = f" {name!r}" if re.fullmatch(r"[\w.:\[\]-]{0,100}", name) else ""
+        raise ValueError(
+            f"registry name{shown} must be a lowercase host name or address"
+            " with an optional :port (docker.io, registry.example:5000)"
+        )
+    if not ("." in name or ":" in name or name == "localhost"):
+        raise ValueError(
+            f"registry name {name!r} must contain a '.' or a ':', or be"
+            " 'localhost' (a name without them is a Docker Hub namespace)"
+        )
+    return name
+
+
+def _check_registry_name(instance: object, attribute: Any, name: str) -> None:
+    check_registry_name(name)
+
+
+@attrs.frozen
+class Registry:
+    """
+    An upstream of the registry port: clients select it by ``name``
+    (``?ns=NAME``, a first path segment); ``url`` is its base URL (no
+    user information), ``credentials`` its ``--registry-auth`` (never in
+    ``repr``).
+    """
+
+    name: str = attrs.field(validator=_check_registry_name)
+    url: str = attrs.field(converter=without_trailing_slash, validator=_check_http_url)
+    credentials: Credentials | None = attrs.field(default=None, repr=False)
+
+
+#: Docker Hub's registry endpoint: the built-in ``docker.io`` (tests always
+#: override it with a loopback URL).
+DEFAULT_REGISTRIES: tuple[Registry, ...] = (
+    Registry(name="docker.io", url="https://registry-1.docker.io"),
+)
+#: Other names clients give a registry (``?ns=``, a path prefix): Docker
+#: Hub's host names.
+REGISTRY_ALIASES: Mapping[str, str] = {
+    "index.docker.io": "docker.io",
+    "registry-1.docker.io": "docker.io",
+}
+
+
 @attrs.frozen
 class Config:
     """
@@ -224,6 +285,12 @@ class Config:
     :ivar max_object_size: largest body stored (squid's
         ``maximum_object_size``); larger ones are streamed to their clients,
         never stored nor spooled whole; 0: ``max_size``.
+    :ivar registry_endpoint: the registry port's endpoint, or None (the
+        command line's default is ``tcp:5000``, a direct Config's None).
+    :ivar registries: the registry port's upstreams (``docker.io`` is the
+        command line's default only).
+    :ivar registry_auth_files: the ``--registry-auth`` files (for a
+        warning about their modes).
     """
 
     cache_dir: str = attrs.field(converter=absolute_path)
@@ -266,6 +333,18 @@ class Config:
     )
     netrc_file: str | None = None
     max_object_size: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    registry_endpoint: str | None = None
+    registries: tuple[Registry, ...] = attrs.field(
+        default=(), converter=_registry_tuple
+    )
+    registry_auth_files: tuple[str, ...] = attrs.field(
+        default=(), converter=_string_tuple
+    )
+
+    def __attrs_post_init__(self) -> None:
+        names = [registry.name for registry in self.registries]
+        if len(set(names)) != len(names):
+            raise ValueError("a registry NAME is configured twice")
 
 
 # Value parsers.  Each raises ValueError with a message that does not name
@@ -438,6 +517,44 @@ def parse_mirror(text: str) -> tuple[Mirror, Credentials | None]:
     _check_mirror_name(None, None, name.strip())
     bare, credentials = split_http_url(url.strip())
     return Mirror(name=name.strip(), url=bare), credentials
+
+
+def parse_registry(text: str) -> Registry:
+    """Parse ``"NAME=URL"`` (credentials go in ``--registry-auth``)."""
+    name, separator, url = text.partition("=")
+    if not separator:
+        raise ValueError(f"{hide_userinfo(text)!r} is not NAME=URL")
+    name = name.strip().lower()
+    check_registry_name(name)
+    return Registry(name=name, url=check_http_url_without_userinfo(url.strip()))
+
+
+def parse_registry_auth(text: str) -> tuple[str, str, Credentials]:
+    """
+    Parse ``"NAME=FILE"``: the registry NAME, the file's absolute path, and
+    the credentials it holds (its first line, ``USER:PASSWORD``).  No
+    message quotes the file's content.
+    """
+    name, separator, path = text.partition("=")
+    if not separator or not path.strip():
+        raise ValueError(f"{text[:200]!r} is not NAME=FILE")
+    name = name.strip().lower()
+    check_registry_name(name)
+    path = absolute_path(path.strip())
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 * 1024)
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror or 'error'}") from None
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path!r} is not UTF-8 text") from None
+    line = lines[0] if lines else ""
+    username, colon, password = line.strip().partition(":")
+    if not colon or not username:
+        raise ValueError(f"{path!r} must hold one line USER:PASSWORD")
+    return name, path, Credentials(username, password)
 
 
 def parse_netrc(path: str) -> tuple[str, NetrcCredentials]:

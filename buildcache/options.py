@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 from twisted.python import usage
 
 from buildcache.access import DEFAULT_ALLOW_FROM
@@ -27,9 +28,12 @@ from buildcache.config import (
     DEFAULT_MIRRORS,
     DEFAULT_PREFETCH_MAX_SIZE,
     DEFAULT_PROXY_ENDPOINT,
+    DEFAULT_REGISTRIES,
+    DEFAULT_REGISTRY_ENDPOINT,
     DEFAULT_UPSTREAM_TIMEOUT,
     Config,
     Mirror,
+    Registry,
     absolute_path,
     check_http_url,
     default_cache_dir,
@@ -43,6 +47,8 @@ from buildcache.config import (
     parse_network,
     parse_positive_count,
     parse_positive_duration,
+    parse_registry,
+    parse_registry_auth,
     parse_size,
     parse_size_or_zero,
     parse_upstream_pattern,
@@ -209,6 +215,14 @@ class Options(usage.Options):
             _coercer("pypi-port", parse_endpoint),
         ],
         [
+            "registry-port",
+            None,
+            DEFAULT_REGISTRY_ENDPOINT,
+            "Endpoint of the container registry cache (the pull side of the"
+            " OCI distribution API at /v2/).",
+            _coercer("registry-port", parse_endpoint),
+        ],
+        [
             "cache-dir",
             None,
             None,
@@ -295,6 +309,9 @@ class Options(usage.Options):
         self["allow-from"] = []
         self["allow-upstream"] = []
         self["pypi-upstream"] = []
+        self["registry"] = []
+        # NAME -> (file, credentials).
+        self["registry-auth"] = {}
         # Credentials from the URLs' user information, kept off the URLs:
         # (URL without it, credentials).
         self._url_credentials: list[tuple[str, Credentials]] = []
@@ -313,6 +330,10 @@ class Options(usage.Options):
         )
         self.defaults["allow-upstream"] = "any public host"
         self.defaults["netrc"] = "none (~/.netrc is not read unless given)"
+        self.defaults["registry"] = " ".join(
+            f"{registry.name}={registry.url}" for registry in DEFAULT_REGISTRIES
+        )
+        self.defaults["registry-auth"] = "none"
 
     def opt_mirror(self, value: str) -> None:
         """
@@ -325,6 +346,30 @@ class Options(usage.Options):
         self["mirror"].append(mirror)
         if credentials is not None:
             self._url_credentials.append((mirror.url, credentials))
+
+    def opt_registry(self, value: str) -> None:
+        """
+        Upstream registry NAME=URL of the registry port (NAME has a '.' or
+        a ':', or is localhost). Clients select it with ?ns=NAME
+        (containerd) or a first path segment NAME/ (podman mirrors with a
+        path); other requests go to docker.io. Repeatable; a NAME given
+        here replaces the built-in one.
+        """
+        registry = _coercer("registry", parse_registry)(value)
+        if any(known.name == registry.name for known in self["registry"]):
+            raise usage.UsageError(f"--registry: {registry.name!r} is given twice")
+        self["registry"].append(registry)
+
+    def opt_registry_auth(self, value: str) -> None:
+        """
+        NAME=FILE: the user and password (one line USER:PASSWORD, mode
+        0600) for registry NAME's token service. Every client allowed to
+        use the cache can then pull what they can read. Repeatable.
+        """
+        name, path, credentials = _coercer("registry-auth", parse_registry_auth)(value)
+        if name in self["registry-auth"]:
+            raise usage.UsageError(f"--registry-auth: {name!r} is given twice")
+        self["registry-auth"][name] = (path, credentials)
 
     def opt_allow_from(self, value: str) -> None:
         """
@@ -355,6 +400,30 @@ class Options(usage.Options):
         self["pypi-upstream"].append(url)
         if credentials is not None:
             self._url_credentials.append((url, credentials))
+
+    def _registries(self) -> tuple[Registry, ...]:
+        """
+        The built-in registries not replaced, then those given, each with
+        its --registry-auth credentials.
+        """
+        given: list[Registry] = self["registry"]
+        given_names = {registry.name for registry in given}
+        registries = tuple(
+            registry for registry in DEFAULT_REGISTRIES if registry.name not in given_names
+        ) + tuple(given)
+        auth: dict[str, tuple[str, Credentials]] = self["registry-auth"]
+        names = {registry.name for registry in registries}
+        for name in auth:
+            if name not in names:
+                raise usage.UsageError(
+                    f"--registry-auth: {name!r} is not a configured registry"
+                    " (give it with --registry NAME=URL)"
+                )
+        return tuple(
+            attrs.evolve(registry, credentials=auth[registry.name][1])
+            if registry.name in auth else registry
+            for registry in registries
+        )
 
     def getUsage(self, width: int | None = None) -> str:
         # Resolved here, not in __init__, so that only --help and errors pay
@@ -401,6 +470,7 @@ class Options(usage.Options):
         mirrors = tuple(
             mirror for mirror in DEFAULT_MIRRORS if mirror.name not in given_names
         ) + tuple(given_mirrors)
+        registries = self._registries()
         cache_dir = _coercer("cache-dir", prepare_cache_dir)(self["cache-dir"])
         netrc_file, netrc_entries = self["netrc"] or (None, None)
         own = dict(url_credentials)
@@ -425,6 +495,11 @@ class Options(usage.Options):
             upstream_credentials=credentials,
             netrc_file=netrc_file,
             max_object_size=self["max-object-size"],
+            registry_endpoint=self["registry-port"],
+            registries=registries,
+            registry_auth_files=tuple(
+                path for path, _ in self["registry-auth"].values()
+            ),
         )
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own "logger" option

@@ -24,14 +24,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, upstream_host_key
-from buildcache.config import Config
+from buildcache.config import REGISTRY_ALIASES, Config
 from buildcache.credentials import readable_by_others
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.apk.policy import ApkPolicy
 from buildcache.ecosystems.apt.policy import APT
+from buildcache.ecosystems.oci.auth import registry_authentication as oci_authentication
+from buildcache.ecosystems.oci.registry import RegistryResource
 from buildcache.ecosystems.pypi.assemble import index_resource
 from buildcache.ecosystems.pypi.index import IndexResource
 from buildcache.ecosystems.pypi.kinds import PIP_FILES
@@ -69,12 +72,38 @@ def proxy_policies(apk_indexes: ApkIndexes) -> tuple[GenericPolicy, ...]:
     return (APT, ApkPolicy(indexes=apk_indexes), PIP_FILES)
 
 
+def configured_upstreams(config: Config) -> list[str]:
+    """
+    The base URLs of every configured upstream (mirrors, pip indexes,
+    registries): allowed even on a private address, kept in the health
+    table.
+    """
+    return (
+        [m.url for m in config.mirrors]
+        + list(config.pypi_upstreams)
+        + [r.url for r in config.registries]
+    )
+
+
+def registry_authentication(config: Config, reactor: Any) -> Callable[[IAgent], IAgent] | None:
+    """
+    What wraps the upstream agent so that requests to the configured
+    registries answer their challenges (the token flow, with their
+    ``--registry-auth``): ``authenticate`` of
+    :func:`buildcache.fetch.connect.make_http_client`; None without
+    registries.
+    """
+    if not config.registries:
+        return None
+    return oci_authentication(reactor, config.registries)
+
+
 def new_activity(config: Config, reactor: Any) -> Activity:
     """
     The accounting of a server for ``config``: its configured upstreams
     always keep their rows in the health table.
     """
-    upstream_urls = [m.url for m in config.mirrors] + list(config.pypi_upstreams)
+    upstream_urls = configured_upstreams(config)
     return Activity(
         reactor,
         frozenset(
@@ -103,6 +132,10 @@ class Server:
     #: Both ports' client connections (the per-client cap, and what a
     #: stopping server waits for).
     connections: ClientConnections
+    registry: RegistryResource
+    #: The registry port's site (listened on when
+    #: ``config.registry_endpoint`` is set).
+    registry_site: Site
 
     @classmethod
     def build(
@@ -114,9 +147,7 @@ class Server:
         opened with (so that evictions at start-up count), else a new one.
         """
         policy = AccessPolicy.from_config(
-            config.allow_from,
-            config.allow_upstream,
-            [m.url for m in config.mirrors] + list(config.pypi_upstreams),
+            config.allow_from, config.allow_upstream, configured_upstreams(config),
         )
         if activity is None:
             activity = new_activity(config, reactor)
@@ -125,6 +156,7 @@ class Server:
         http = make_http_client(
             reactor, policy, config.upstream_timeout, pool=pool,
             credentials=config.upstream_credentials,
+            authenticate=registry_authentication(config, reactor),
         )
         fetcher = Fetcher(
             store, http, reactor, idle_timeout=config.upstream_timeout,
@@ -155,9 +187,17 @@ class Server:
             ).snapshot
         )
         proxy.status = index.status = status
+        registry = RegistryResource(
+            engine, {r.name: r.url for r in config.registries}, policy=policy,
+            aliases=REGISTRY_ALIASES,
+        )
+        registry_site = StrictSite(
+            registry, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
+            connections=connections,
+        )
         return cls(
             config, store, policy, activity, pool, fetcher, proxy, index,
-            status, proxy_site, index_site, connections,
+            status, proxy_site, index_site, connections, registry, registry_site,
         )
 
     def index_listening(self, port: IListeningPort) -> None:
@@ -316,6 +356,13 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     Raises :class:`buildcache.store.StoreError` (before anything listens)
     when the cache directory cannot be used.
     """
+    for path in config.registry_auth_files:
+        if readable_by_others(path):
+            _log.warn(
+                "The --registry-auth file {path} can be read by other users:"
+                " make it mode 0600 (chmod 600), as it holds a password",
+                path=path, event="registry_auth_readable_by_others",
+            )
     if config.netrc_file is not None and readable_by_others(config.netrc_file):
         _log.warn(
             "The --netrc file {path} can be read by other users: make it"
@@ -343,6 +390,11 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         reactor, config.index_endpoint, server.index_site, server.index_listening,
         option="--pypi-port",
     ).setServiceParent(top)
+    if config.registry_endpoint is not None:
+        ListeningService(
+            reactor, config.registry_endpoint, server.registry_site,
+            option="--registry-port",
+        ).setServiceParent(top)
     return top
 
 

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from buildcache.config import (
     DEFAULT_ALLOW_FROM,
     DEFAULT_MIRRORS,
+    DEFAULT_REGISTRIES,
     Config,
     Mirror,
     default_cache_dir,
@@ -53,6 +54,9 @@ ALL_OPTIONS = {
     "allow-from",
     "allow-upstream",
     "pypi-upstream",
+    "registry-port",
+    "registry",
+    "registry-auth",
     "log-format",
     "max-connections-per-client",
     "netrc",
@@ -443,7 +447,11 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions([])
         cache_dir = os.path.join(environ["HOME"], ".cache", "buildcache")
         self.assertEqual(
-            options.config, Config(cache_dir=cache_dir, pypi_upstreams=(LOCAL_INDEX,))
+            options.config,
+            Config(
+                cache_dir=cache_dir, pypi_upstreams=(LOCAL_INDEX,),
+                registry_endpoint="tcp:5000", registries=DEFAULT_REGISTRIES,
+            ),
         )
         self.assertTrue(os.path.isdir(cache_dir))
 
@@ -532,6 +540,7 @@ class OptionsTests(SynchronousTestCase):
         for expected in [
             "--port= Endpoint of the HTTP proxy and mirror routes. [default: tcp:8899]",
             "[default: tcp:3141]",
+            "[default: tcp:5000]",
             "[default: 10G]",
             "[default: 300s]",
             "[default: 30s]",

@@ -859,6 +859,82 @@ class HeadRevalidationTests(EngineTestCase):
         self.assertAnswer(self.h.get("/t.idx"), 200, "STALE", b"manifest 1")
 
 
+@define
+class RegistryShape(ByDigest):
+    """``ByDigest`` on ``Docker-Content-Digest``, fetching tags whole for a HEAD."""
+
+    def head_validator(self, kind: Kind) -> str | None:
+        return "docker-content-digest" if kind is Kind.INDEX else None
+
+    def head_fetches(self, kind: Kind) -> bool:
+        return kind is Kind.INDEX
+
+
+class RegistrySeamTests(EngineTestCase):
+    """
+    What the registry front end needs of the engine: its digest header kept
+    with a body, a HEAD that stores what it misses, and its own error form.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.h.front.policy = RegistryShape()
+        self.tag = self.serve(
+            "/t.idx", b"manifest 1", headers={"docker-content-digest": "sha256:1"}
+        )
+
+    def methods(self) -> list[str]:
+        return [s.method for s in self.h.origin.seen]
+
+    def test_head_miss_fetches_and_stores_the_body(self) -> None:
+        answer = self.h.get("/t.idx", method="HEAD")
+        self.assertAnswer(answer, 200, "MISS", b"")
+        self.assertEqual(answer.header("content-length"), "10")
+        self.assertEqual(answer.header("docker-content-digest"), "sha256:1")
+        self.assertEqual(self.methods(), ["GET"])
+        hit = self.h.get("/t.idx")
+        self.assertAnswer(hit, 200, "HIT", b"manifest 1")
+        self.assertEqual(hit.header("docker-content-digest"), "sha256:1")
+        self.assertEqual(self.methods(), ["GET"])
+
+    def test_head_miss_of_a_cut_body_is_an_error_and_stores_nothing(self) -> None:
+        self.tag.cut_at = 4
+        answer = self.h.get("/t.idx", method="HEAD")
+        self.assertEqual(answer.status, 502)
+        self.assertEqual(list(self.h.store.keys()), [])
+
+    def test_head_miss_of_an_error_passes_it_on(self) -> None:
+        answer = self.h.get("/missing.idx", method="HEAD")
+        self.assertAnswer(answer, 404, "MISS", b"")
+        self.assertEqual(list(self.h.store.keys()), [])
+
+    def test_revalidated_by_the_stored_digest_header(self) -> None:
+        self.assertAnswer(self.h.get("/t.idx", method="HEAD"), 200, "MISS")
+        self.h.later(TTL)
+        self.assertAnswer(self.h.get("/t.idx"), 200, "REVALIDATED", b"manifest 1")
+        self.assertEqual(self.methods(), ["GET", "HEAD"])
+
+    def test_errors_in_the_front_ends_form(self) -> None:
+        def as_json(code: int, message: str) -> tuple[str, bytes]:
+            return "application/json", f'{{"status": {code}, "why": "{message}"}}'.encode()
+
+        class JsonFrontEnd(FrontEnd):
+            def render(self, request: Request) -> object:
+                self.engine.begin(request, "registry", "t", errors=as_json)
+                return super().render(request)
+
+        self.h.site.resource = JsonFrontEnd(self.h.engine)
+        self.h.line.down = True
+        answer = self.h.get("/t.idx")
+        self.assertEqual(answer.status, 502)
+        self.assertEqual(answer.header("content-type"), "application/json")
+        self.assertIn(b'"status": 502', answer.body)
+        refused = self.h.get("/refused")
+        self.assertEqual((refused.status, refused.header("content-type")),
+                         (403, "application/json"))
+        self.assertEqual(refused.body, b'{"status": 403, "why": "not for you"}')
+
+
 class ExchangeRecordTests(SynchronousTestCase):
     def test_a_finished_request_is_not_kept(self) -> None:
         """

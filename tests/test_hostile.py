@@ -378,6 +378,16 @@ class MalformedRequestTests(TestCase):
             self.assertEqual(response.status, 400, name)
         self.assertEqual(box.pypi_paths(), [])
 
+    async def test_tls_hello_answered_at_once(self) -> None:
+        """
+        A TLS ClientHello on a plain-HTTP port (skopeo tries https first)
+        gets a 400 and a close at once, not after the request deadline.
+        """
+        box = Box.start(self)
+        hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32)
+        for port in (box.proxy_port, box.index_port):
+            self.assertEqual(await dropped_or_refused(self, port, hello), 400)
+
     async def test_lowercase_method_is_not_served(self) -> None:
         """
         A method is case-sensitive: ``get`` is a valid token but not GET,

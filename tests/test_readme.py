@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.apkrepo import RepositoryResource, build_apk, write_repository
 from tests.pyindex import DemoRelease, StaticSimpleIndex, build_index
 from tests.support import listen, reactor, url_of
-from tests.test_service import TWISTD, ServerProcess
+from tests.test_service import TWISTD, ServerProcess, free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -72,6 +72,7 @@ class QuickStartTests(TestCase):
             [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "buildcache",
              "--port", "tcp:8899:interface=127.0.0.1",
              "--pypi-port", "tcp:3141:interface=127.0.0.1",
+             "--registry-port", f"tcp:{free_port()}:interface=127.0.0.1",
              "--cache-dir", str(work / "cache"),
              "--mirror", f"alpine={url_of(apk_port, '/alpine')}",
              "--pypi-upstream", url_of(pypi_port, "/simple")],

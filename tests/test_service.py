@@ -107,6 +107,9 @@ def spawn_server(
         [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "buildcache",
          "--port", f"tcp:{proxy_port}:interface=127.0.0.1",
          "--pypi-port", f"tcp:{index_port or free_port()}:interface=127.0.0.1",
+         # Never the default 5000 on every interface: parallel tests
+         # (and other processes) would collide on it.
+         "--registry-port", f"tcp:{free_port()}:interface=127.0.0.1",
          "--pypi-upstream", pypi_upstream,
          *arguments],
         env=environ,

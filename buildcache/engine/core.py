@@ -51,6 +51,7 @@ from buildcache.engine.events import CacheObserver
 from buildcache.engine.exchanges import (
     CacheStatus,
     ClientExchange,
+    ErrorFormat,
     Exchanges,
     client_gone,
 )
@@ -143,14 +144,16 @@ class Engine:
         self.backoff = UpstreamBackoff(self.clock, self.upstream_backoff)
 
     def begin(
-        self, request: Request, front_end: str, name: str | None = None
+        self, request: Request, front_end: str, name: str | None = None,
+        errors: ErrorFormat | None = None,
     ) -> ClientExchange:
         """
         Start accounting for ``request``: a front end calls this when it
         starts answering one (refusals included).  ``name`` is the package
-        or project it is for.
+        or project it is for; ``errors``, when given, writes every error
+        answer the engine sends it (the registry's JSON errors).
         """
-        return self.exchanges.begin(request, front_end, name)
+        return self.exchanges.begin(request, front_end, name, errors)
 
     def refuse(self, request: Request, code: int, message: str) -> None:
         """Answer ``request`` with ``code`` and a one-line reason."""
@@ -243,6 +246,8 @@ class Engine:
                 return self._resolved(client, CacheStatus.HIT, stored=stored)
             return await self._revalidate(client, policy, stored)
         if method == b"HEAD" and not self.fetcher.downloading(client.key):
+            if policy.head_fetches(client.kind):
+                return await self._whole_for_head(client, policy)
             return await self._head(client, policy)
         return await self._miss(client, policy)
 
@@ -556,6 +561,34 @@ class Engine:
         if answer.status in (405, 501):
             return await self._miss(client, policy)
         return self._resolved(client, CacheStatus.MISS, answer=answer)
+
+    async def _whole_for_head(self, client: _ForClient, policy: Policy) -> Resolved:
+        """
+        A HEAD that missed, for a file its policy fetches whole for a HEAD
+        (see :meth:`Policy.head_fetches`): the body is fetched and stored,
+        and the HEAD answered from the store, as a MISS.  An answer that
+        was not stored (an error, a body that may not be kept) is the
+        answer.
+        """
+        resolved = await self._miss(client, policy)
+        answer = resolved.answer
+        if answer is None or answer.status != 200 or answer.body is None:
+            return resolved
+        download = answer.body.download
+        await drained(answer.body)
+        failure = download.failure
+        if failure is not None:
+            # A truncated or mismatching body: no HEAD may promise it.
+            if isinstance(failure.value, ANSWERED_ERRORS):
+                failure.raiseException()
+            raise UpstreamError(f"{client.target.url}: {failure.getErrorMessage()}")
+        stored = self._open(client, policy)
+        if stored is None:
+            # Not kept (no-store, say): its status and headers still answer.
+            return self._resolved(client, CacheStatus.MISS, answer=UpstreamAnswer(
+                answer.status, answer.headers, None,
+            ))
+        return self._resolved(client, CacheStatus.MISS, stored=stored)
 
     async def _miss(self, client: _ForClient, policy: Policy) -> Resolved:
         target = client.target

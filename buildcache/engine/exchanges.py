@@ -13,6 +13,7 @@ download, a revalidation) must ask before it writes.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from weakref import WeakKeyDictionary
 
 from attrs import define
@@ -24,8 +25,14 @@ from buildcache.engine.events import CacheObserver, Exchange
 
 __all__ = [
     "CacheStatus", "ExchangeState", "ClientExchange", "Exchanges", "client_gone",
-    "exchange_of",
+    "exchange_of", "ErrorFormat",
 ]
+
+#: How a front end writes its errors: (status, one-line message) ->
+#: (content type, body).  The registry answers in the distribution spec's
+#: JSON; the others in plain text (see
+#: :func:`buildcache.engine.respond.send_error`).
+ErrorFormat = Callable[[int, str], tuple[str, bytes]]
 
 
 class ExchangeState(enum.Enum):
@@ -64,6 +71,8 @@ class ClientExchange:
     #: How the engine served it; None for a refusal or an error.
     cache: CacheStatus | None = None
     state: ExchangeState = ExchangeState.ANSWERING
+    #: How errors for this request are written; None for plain text.
+    errors: ErrorFormat | None = None
 
     def served(self, cache: CacheStatus) -> None:
         """The engine answered with ``cache``."""
@@ -109,16 +118,18 @@ class Exchanges:
     observer: CacheObserver | None = None
 
     def begin(
-        self, request: Request, front_end: str, name: str | None = None
+        self, request: Request, front_end: str, name: str | None = None,
+        errors: ErrorFormat | None = None,
     ) -> ClientExchange:
         """
         Start accounting for ``request`` (once, when a front end starts
-        answering it); ``name`` is the package or project it is for.
+        answering it); ``name`` is the package or project it is for, and
+        ``errors`` how its error answers are written.
         """
         record = _RECORDS.get(request)
         if record is not None:
             return record
-        record = ClientExchange(front_end, self.clock.seconds(), name)
+        record = ClientExchange(front_end, self.clock.seconds(), name, errors=errors)
         _RECORDS[request] = record
 
         def ended(result: object) -> None:

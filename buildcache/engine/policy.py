@@ -181,6 +181,15 @@ class Policy(Protocol):
         for a conditional GET.
         """
 
+    def head_fetches(self, kind: Kind) -> bool:
+        """
+        Whether a HEAD for a file of ``kind`` that misses fetches the whole
+        body (a GET), stores it, and answers from the store, instead of
+        asking the upstream with a HEAD.  A registry's manifests: clients
+        HEAD a tag and then GET the manifest by digest, so a tag asked
+        with a HEAD alone would never be stored, nor served stale later.
+        """
+
     async def before_lookup(self, target: Target, engine: Engine) -> None:
         """
         Runs before the store is looked at: apk waits for an index still
@@ -262,6 +271,9 @@ class GenericPolicy:
 
     def head_validator(self, kind: Kind) -> str | None:
         return None
+
+    def head_fetches(self, kind: Kind) -> bool:
+        return False
 
     async def before_lookup(self, target: Target, engine: Engine) -> None:
         return None

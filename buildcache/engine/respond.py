@@ -232,16 +232,24 @@ def serve_head(
 
 def send_error(request: Request, code: int, message: str) -> None:
     """
-    Finish ``request`` with ``code`` and a one-line plain-text explanation.
+    Finish ``request`` with ``code`` and a one-line explanation: in the
+    form its front end chose when it began the request (see
+    :meth:`buildcache.engine.exchanges.Exchanges.begin`), else plain text.
     """
+    record = exchange_of(request)
+    if record is not None and record.errors is not None:
+        content_type, body = record.errors(code, message)
+        send_text(request, code, body, content_type=content_type)
+        return
     send_text(request, code, f"{code} {message}\n".encode("utf-8", "replace"))
 
 
 def send_text(
-    request: Request, code: int, body: bytes, cache_control: str = "no-store"
+    request: Request, code: int, body: bytes, cache_control: str = "no-store",
+    content_type: str = "text/plain; charset=utf-8",
 ) -> None:
     """
-    Finish ``request`` with a small plain-text body.
+    Finish ``request`` with a small body (plain text unless said otherwise).
     """
     if client_gone(request):
         return
@@ -249,7 +257,7 @@ def send_text(
     if record is not None:
         record.failed()
     request.setResponseCode(code)
-    request.setHeader("content-type", "text/plain; charset=utf-8")
+    request.setHeader("content-type", content_type)
     request.setHeader("content-length", str(len(body)))
     request.setHeader("cache-control", cache_control)
     if request.method != b"HEAD":

@@ -5,7 +5,8 @@ from an upstream response into the cache.
 :func:`upstream_client` builds the :class:`UpstreamClient`: bodies streamed
 as the upstream stores them (never decoded), redirects followed only when
 asked, the operator's credentials added on their own origins only.
-:func:`request_uri` encodes a URL as it goes on the wire.
+:func:`request_uri` encodes a URL as it goes on the wire; :func:`read_bounded`
+reads a small body the client needs itself, bounded.
 :data:`HOP_BY_HOP` and :data:`REPLAYED_HEADERS` say which response headers
 describe the connection and which are kept with a stored body
 (:func:`end_to_end_headers`, :func:`replayed`).
@@ -13,15 +14,19 @@ describe the connection and which are kept with a stored body
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import define, frozen
 from hyperlink import EncodedURL
 from twisted.internet.defer import Deferred
-from twisted.web.client import RedirectAgent
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import RedirectAgent, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from zope.interface import implementer
 
 from buildcache.credentials import UpstreamCredentials
@@ -54,6 +59,11 @@ REPLAYED_HEADERS = frozenset(
         "content-disposition",
         "content-language",
         "vary",
+        # A registry's: the digest a HEAD revalidation compares, a tag
+        # list's next page, and which filters a referrers list applied.
+        "docker-content-digest",
+        "link",
+        "oci-filters-applied",
     }
 )
 
@@ -183,14 +193,131 @@ class UpstreamClient:
 
 
 def upstream_client(
-    agent: IAgent, credentials: UpstreamCredentials | None = None
+    agent: IAgent,
+    credentials: UpstreamCredentials | None = None,
+    authenticate: Callable[[IAgent], IAgent] | None = None,
 ) -> UpstreamClient:
     """
     The client every upstream request goes through: bodies as the upstream
     stores them (see :class:`_IdentityEncodingAgent`), and the operator's
     ``credentials`` added to requests for their own origins only.
+
+    :param authenticate: wraps the agent that sends the operator's
+        credentials in one that answers the upstream's authentication
+        challenges, such as a registry's token flow.  It sits below the
+        redirect handling, so it judges each hop of a redirect on its own
+        URI.  Requests sent without the operator's credentials (a forward
+        proxy client's own) never get its tokens either.
     """
     inner: IAgent = _IdentityEncodingAgent(agent)
+    operator: IAgent = CredentialsAgent(inner, credentials) if credentials else inner
+    if authenticate is not None:
+        return UpstreamClient(authenticate(operator), inner)
     if credentials:
-        return UpstreamClient(CredentialsAgent(inner, credentials), inner)
+        return UpstreamClient(operator, inner)
     return UpstreamClient(inner)
+
+
+class _Collect(Protocol):
+    """
+    Reads a response body up to ``limit`` bytes, then stops the transfer
+    (the connection is closed rather than read on).
+    """
+
+    def __init__(self, limit: int, done: Deferred[tuple[bytes, bool]]) -> None:
+        self.limit = limit
+        self.done = done
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.complete = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.complete:
+            return
+        if self.size + len(data) > self.limit:
+            self.parts.append(data[: self.limit - self.size])
+            self.size = self.limit
+            self.complete = False
+            if self.transport is not None:
+                IPushProducer(self.transport).stopProducing()
+            return
+        self.parts.append(data)
+        self.size += len(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        complete = self.complete and reason.check(ResponseDone, PotentialDataLoss) is not None
+        if not self.done.called:
+            self.done.callback((b"".join(self.parts), complete))
+
+
+def read_bounded(response: IResponse, limit: int) -> Deferred[tuple[bytes, bool]]:
+    """
+    ``response``'s body, at most ``limit`` bytes, and whether it is all of
+    it: for the small bodies the client reads itself (an authentication
+    exchange), which would otherwise wait in memory, unbounded, until read.
+    Cancelling stops the transfer.
+    """
+    collector: _Collect
+
+    def cancel(_: Deferred[tuple[bytes, bool]]) -> None:
+        if collector.transport is not None:
+            IPushProducer(collector.transport).stopProducing()
+
+    done: Deferred[tuple[bytes, bool]] = Deferred(cancel)
+    collector = _Collect(limit, done)
+    response.deliverBody(collector)
+    return done
+
+
+@implementer(IPushProducer)
+class _Done:
+    """
+    The transport of a body delivered at once: nothing to pause or stop.
+    """
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IResponse)
+@define(eq=False)
+class ReadResponse:
+    """
+    A response whose body was already read (see :func:`read_bounded`),
+    passed on after all: a ``401`` an authenticating agent tried to answer,
+    say.  A body cut at the limit ends with :class:`PotentialDataLoss`.
+    """
+
+    version: tuple[bytes, int, int]
+    code: int
+    phrase: bytes
+    headers: Headers
+    request: Any
+    length: int | object
+    body: bytes
+    complete: bool
+    previousResponse: IResponse | None = None
+
+    @classmethod
+    def of(cls, response: IResponse, body: bytes, complete: bool) -> ReadResponse:
+        length = len(body) if complete else UNKNOWN_LENGTH
+        return cls(
+            response.version, response.code, response.phrase, response.headers,
+            response.request, length, body, complete,
+        )
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(_Done())
+        if self.body:
+            protocol.dataReceived(self.body)
+        reason = ResponseDone() if self.complete else PotentialDataLoss()
+        protocol.connectionLost(Failure(reason))

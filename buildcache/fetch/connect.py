@@ -20,7 +20,7 @@ refused address is never connected to, not even briefly.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 import attrs
@@ -50,7 +50,7 @@ from twisted.web.client import (
     HTTPConnectionPool,
 )
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from buildcache.access import AccessPolicy, normalize_host
@@ -358,11 +358,13 @@ def make_http_client(
     tls_policy: TLSPolicy | None = None,
     resolver: HostnameResolver | None = None,
     credentials: UpstreamCredentials | None = None,
+    authenticate: Callable[[IAgent], IAgent] | None = None,
 ) -> UpstreamClient:
     """
     The client for upstream fetches: all its connections are guarded,
     their response heads bounded (see :mod:`buildcache.fetch.headlimit`), and
-    the operator's ``credentials`` go to their own origins only.
+    the operator's ``credentials`` go to their own origins only
+    (``authenticate`` as for :func:`upstream_client`).
     """
     factory = GuardedEndpointFactory(
         reactor,
@@ -378,6 +380,7 @@ def make_http_client(
             reactor, HeadLimitedEndpointFactory(factory), pool=pool
         ),
         credentials,
+        authenticate,
     )
 
 

@@ -400,7 +400,7 @@ class Fetcher:
             # person must hear of, not a healthy upstream.
             self.log.warn(
                 "Upstream {url} refused the request with {status}: check the"
-                " credentials configured for it (in its URL or --netrc)",
+                " credentials configured for it (in its URL, --netrc or --registry-auth)",
                 url=redact(request.url), status=response.code,
                 event="upstream_refused_credentials",
             )

@@ -160,6 +160,11 @@ def _response(status: int, explanation: str) -> bytes:
     return head.encode("ascii") + body
 
 
+#: The first byte of a TLS connection (a handshake record); no request
+#: line starts with it.
+_TLS_HANDSHAKE = b"\x16"
+
+
 class _Phase(enum.Enum):
     """Where a connection's conversation is."""
 
@@ -214,6 +219,7 @@ class ProxyChannel(HTTPChannel):
         self._tunnel: Tunnel | None = None
         self._local_address: IAddress | None = None
         self._chunked_body_received = 0
+        self._first_bytes = True
 
     def getHost(self) -> IAddress:
         # Every request asks (Request.requestReceived), each time with a
@@ -266,6 +272,15 @@ class ProxyChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._took(data):
             return
+        if self._first_bytes and data:
+            self._first_bytes = False
+            if data[:1] == _TLS_HANDSHAKE:
+                # A TLS client on this plain-HTTP port (skopeo and podman
+                # try https first, even for an "insecure" registry): a
+                # prompt answer makes it fall back to http now, not after
+                # the request-head deadline.
+                self._refuse_request(400, "this port speaks plain HTTP, not TLS")
+                return
         if (
             self._head_call is None
             and self._phase is _Phase.REQUEST_LINE

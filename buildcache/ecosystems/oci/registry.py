@@ -1,0 +1,300 @@
+"""
+The registry port (``--registry-port``): the pull side of the OCI
+distribution API, a thin front end on the cache engine::
+
+    GET      /v2/                                200 {} (the API check)
+    GET|HEAD /v2/<name>/manifests/<tag|digest>   manifests, Accept-negotiated
+    GET|HEAD /v2/<name>/blobs/<digest>           blobs (Range: 206)
+    GET      /v2/<name>/tags/list                tags, fresh for --index-ttl
+    GET      /v2/<name>/referrers/<digest>       OCI 1.1 referrers
+
+It parses the path and picks the upstream (:mod:`.names`), builds a
+:class:`~buildcache.engine.policy.Target` with the store key of
+OCI_API.md and the request's :class:`~.policy.OciPolicy`, and lets the
+engine resolve it.  Every answer carries ``Docker-Distribution-API-Version``;
+errors are the spec's JSON (:mod:`.errors`), the engine's included.
+
+What a client sends that would split the cache per user is ignored: its
+``Authorization`` (and cookies) never reach the engine nor the upstream;
+the operator's ``--registry-auth`` speaks for every allowed client.  An
+upstream's own 401 becomes this port's 401 UNAUTHORIZED without the
+upstream's challenge (a client could not answer it: its token would not be
+sent on).  Any push method is answered 405 UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from attrs import evolve
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from buildcache.access import AccessPolicy
+from buildcache.ecosystems.oci.errors import (
+    BLOB_UNKNOWN,
+    CONTENT_TYPE,
+    DENIED,
+    MANIFEST_UNKNOWN,
+    NAME_UNKNOWN,
+    UNSUPPORTED,
+    OciErrors,
+)
+from buildcache.ecosystems.oci.names import (
+    Endpoint,
+    NameRefused,
+    OciRequest,
+    parse_request,
+)
+from buildcache.ecosystems.oci.policy import (
+    API_VERSION_HEADER,
+    accept_suffix,
+    accepted_types,
+    policy_for,
+    upstream_accept,
+)
+from buildcache.engine.core import Engine, Resolved
+from buildcache.engine.errors import ANSWERED_ERRORS
+from buildcache.engine.exchanges import client_gone
+from buildcache.engine.policy import Target
+from buildcache.engine.respond import request_headers
+
+__all__ = ["RegistryResource", "FRONT_END"]
+
+#: The front end's name in accounting and on Target.front_end.
+FRONT_END = "registry"
+
+#: The request headers the engine judges (freshness requests,
+#: conditionals, ranges): nothing else, so a client's ``Authorization`` or
+#: cookies never split the cache per user nor go upstream.
+_JUDGED = frozenset({
+    "cache-control", "pragma", "if-none-match", "if-modified-since",
+    "if-match", "if-unmodified-since", "range", "if-range",
+})
+
+_NOT_FOUND = {
+    Endpoint.MANIFEST: MANIFEST_UNKNOWN,
+    Endpoint.BLOB: BLOB_UNKNOWN,
+}
+
+#: What a referrers list and a tags list are asked for upstream.
+_REFERRERS_ACCEPT = "application/vnd.oci.image.index.v1+json"
+_TAGS_ACCEPT = "application/json"
+
+
+class RegistryResource(Resource):
+    """
+    The registry port; see the module docstring.
+
+    :param registries: configured NAME -> base URL (``docker.io`` ->
+        ``https://...``).
+    :param aliases: other names of some (``index.docker.io`` ->
+        ``docker.io``).
+    :param policy: with it, clients outside its ``allow_from`` get 403.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        engine: Engine,
+        registries: Mapping[str, str],
+        policy: AccessPolicy | None = None,
+        aliases: Mapping[str, str] = {},
+    ) -> None:
+        super().__init__()
+        self.engine = engine
+        self.registries = dict(registries)
+        self.aliases = dict(aliases)
+        self.policy = policy
+
+    def render(self, request: Request) -> object:
+        request.setHeader(*API_VERSION_HEADER)
+        if not self._client_allowed(request):
+            return NOT_DONE_YET
+        if request.method not in (b"GET", b"HEAD"):
+            self.engine.begin(request, FRONT_END, errors=OciErrors(code=UNSUPPORTED))
+            request.setHeader("allow", "GET, HEAD")
+            self.engine.refuse(
+                request, 405,
+                f"{request.method.decode('latin-1')[:20]} is not supported: this"
+                " cache serves the pull side of the registry API only",
+            )
+            return NOT_DONE_YET
+        path = request.path.decode("latin-1")
+        query = urlsplit(request.uri.decode("latin-1")).query
+        try:
+            oci = parse_request(path, query, self.registries, self.aliases)
+        except NameRefused as refused:
+            self.engine.begin(request, FRONT_END, errors=OciErrors(code=refused.code))
+            self.engine.refuse(request, refused.status, refused.message)
+            return NOT_DONE_YET
+        if oci.endpoint is Endpoint.BASE:
+            self.engine.begin(request, FRONT_END, errors=OciErrors())
+            self._base(request)
+            return NOT_DONE_YET
+        self.engine.begin(
+            request, FRONT_END, oci.name,
+            errors=OciErrors(not_found=_NOT_FOUND.get(oci.endpoint, NAME_UNKNOWN)),
+        )
+        d = Deferred.fromCoroutine(self._serve(request, oci))
+        d.addErrback(self.engine.crashed, request)
+        return NOT_DONE_YET
+
+    def _client_allowed(self, request: Request) -> bool:
+        if self.policy is None:
+            return True
+        client_ip = getattr(request.getClientAddress(), "host", "")
+        verdict = self.policy.client_allowed(client_ip)
+        if verdict:
+            return True
+        self.log.warn(
+            "Refused client {client}: {reason}", client=client_ip, reason=verdict.reason
+        )
+        self.engine.begin(request, FRONT_END, errors=OciErrors(code=DENIED))
+        self.engine.refuse(
+            request, 403, f"client {client_ip} is not allowed to use this registry"
+        )
+        return False
+
+    def _base(self, request: Request) -> None:
+        """``/v2/``: the API check clients make first (no auth needed here)."""
+        body = b"{}"
+        request.setResponseCode(200)
+        request.setHeader("content-type", CONTENT_TYPE)
+        request.setHeader("content-length", str(len(body)))
+        request.setHeader("cache-control", "no-store")
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    async def _serve(self, request: Request, oci: OciRequest) -> None:
+        headers = request_headers(request)
+        judged = {k: v for k, v in headers.items() if k in _JUDGED}
+        upstream_headers: dict[str, str] = {}
+        accepted = accepted_types(None)
+        suffix = ""
+        if oci.endpoint is Endpoint.MANIFEST:
+            accepted = accepted_types(headers.get("accept"))
+            if not accepted:
+                request.setHeader("vary", "Accept")
+                self.engine.refuse(
+                    request, 404,
+                    "the client accepts none of the manifest types this cache"
+                    " serves (Docker v2 manifests and lists, OCI manifests and"
+                    " indexes)",
+                )
+                return
+            suffix = accept_suffix(accepted)
+            upstream_headers["accept"] = upstream_accept(accepted)
+        elif oci.endpoint is Endpoint.REFERRERS:
+            upstream_headers["accept"] = _REFERRERS_ACCEPT
+        elif oci.endpoint is Endpoint.TAGS:
+            upstream_headers["accept"] = _TAGS_ACCEPT
+        target = Target(
+            oci.upstream_url(self.registries[oci.registry]),
+            FRONT_END,
+            judged,
+            upstream_headers,
+            key=oci.key(suffix),
+            follow_redirects=True,
+            # The registry's tokens (--registry-auth) go with the
+            # operator's requests only, never a forward-proxy client's.
+            operator_credentials=True,
+            variants=False,
+        )
+        policy = policy_for(oci, accepted)
+        try:
+            resolved = await self.engine.resolve(target, policy, request.method)
+        except ANSWERED_ERRORS as e:
+            self.engine.answer_error(request, e)
+            return
+        answer = resolved.answer
+        if answer is not None and answer.status != 200:
+            resolved.close()
+            self._upstream_failed(request, oci, answer.status, answer.headers)
+            return
+        if client_gone(request):
+            resolved.close()
+            return
+        extra = self._extra_headers(oci, resolved)
+        if extra:
+            policy = evolve(policy, extra=extra)
+        self.engine.respond(request, target, policy, resolved)
+
+    def _extra_headers(self, oci: OciRequest, resolved: Resolved) -> dict[str, str]:
+        """
+        What the answer adds to the upstream's headers: its ``Link`` made
+        to point back here, the digest when the upstream did not say it.
+        """
+        if resolved.stored is not None:
+            stored_headers = resolved.stored.entry.headers
+            sha256 = resolved.stored.entry.sha256
+        else:
+            assert resolved.answer is not None
+            stored_headers, sha256 = resolved.answer.headers, None
+        extra: dict[str, str] = {}
+        link = stored_headers.get("link")
+        if link is not None:
+            local = oci.link_back(link)
+            if local is not None:
+                extra["link"] = local
+        if (
+            oci.endpoint in (Endpoint.MANIFEST, Endpoint.BLOB)
+            and "docker-content-digest" not in stored_headers
+        ):
+            if oci.by_digest and oci.reference is not None:
+                extra["docker-content-digest"] = oci.reference
+            elif sha256 is not None:
+                extra["docker-content-digest"] = f"sha256:{sha256}"
+        return extra
+
+    def _upstream_failed(
+        self, request: Request, oci: OciRequest, status: int, headers: Mapping[str, str]
+    ) -> None:
+        """
+        The upstream's error answer, nothing stored to serve instead, in
+        this port's terms.
+        """
+        what = _described(oci)
+        if status in (404, 410):
+            self.engine.refuse(request, 404, f"{what}: unknown to {oci.registry}")
+        elif status in (401, 403):
+            self.engine.refuse(
+                request, 401,
+                f"{oci.registry} refused access to {oci.name} (upstream {status});"
+                f" the cache's operator can give credentials with --registry-auth"
+                f" {oci.registry}=FILE",
+            )
+        elif status == 429:
+            retry_after = headers.get("retry-after")
+            if retry_after is not None and retry_after.strip().isdigit():
+                request.setHeader("retry-after", retry_after.strip())
+            self.engine.refuse(
+                request, 429,
+                f"{oci.registry} is rate-limiting this cache (upstream 429), and"
+                f" it has no copy of {what}",
+            )
+        else:
+            self.engine.refuse(
+                request, 502, f"{oci.registry} answered {status} for {what}"
+            )
+
+
+
+_NOUNS = {
+    Endpoint.MANIFEST: "manifest",
+    Endpoint.BLOB: "blob",
+    Endpoint.REFERRERS: "referrers of",
+}
+
+
+def _described(oci: OciRequest) -> str:
+    """What ``oci`` asks for, in a message: ``docker.io/library/alpine manifest 3.20``."""
+    if oci.endpoint is Endpoint.TAGS:
+        return f"{oci.name} tags"
+    return f"{oci.name} {_NOUNS.get(oci.endpoint, 'object')} {oci.reference}"
