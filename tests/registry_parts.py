@@ -1,22 +1,23 @@
 """
 The real parts of the registry end-to-end tests and of ``bench/registry.py``:
 Debian's ``docker-registry`` as an origin, ``skopeo`` with a private
-configuration that names only loopback registries, and
-``containerd``/``ctr`` with a private configuration; it also gathers the
-OCI images built by hand (:mod:`tests.oci_layout`) and the counting
-forwarder (:mod:`tests.registry_forwarder`), so one import serves.
+configuration that names only loopback registries, and the buildcache
+service with its registry port; it also gathers the OCI images built by
+hand (:mod:`tests.oci_layout`) and the counting forwarder
+(:mod:`tests.registry_forwarder`), so one import serves.  containerd is in
+:mod:`tests.containerd_parts`.
 
-Nothing here talks to anything but 127.0.0.1.  Two kinds of helpers:
+Nothing here talks to anything but 127.0.0.1, and every client runs with
+:data:`LOOPBACK_ONLY`.  Two kinds of helpers:
 
 - plain functions and ``subprocess`` (for the bench, which runs no reactor
   while it measures): :func:`build_image`, :func:`write_registry_config`,
   :class:`BlockingRegistry`, :class:`Skopeo` (``argv``/``run``),
-  :func:`write_hosts_toml`;
+  :func:`access_log_counts`;
 - Twisted ones (for trial tests, whose reactor keeps serving while a client
-  runs): :func:`start_registry`, :func:`start_containerd`,
-  :class:`CountingForwarder`, :func:`run_process`.
+  runs): :func:`start_registry`, :func:`start_buildcache`,
+  :class:`CountingForwarder`, :meth:`Skopeo.call`, :func:`run_process`.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -27,10 +28,9 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
-import tempfile
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -39,9 +39,13 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
+
+from buildcache.config import Config, Registry
+from buildcache.service import make_service
 
 # The parts this module gathers for its users (tests, bench/registry.py).
 from tests.oci_layout import (  # noqa: F401
@@ -242,7 +246,7 @@ def access_log_counts(text: str, status: int | None = None) -> Counter[tuple[str
 
 
 @define(eq=False)
-class _Child(ProcessProtocol):
+class ChildProcess(ProcessProtocol):
     """A child process whose output can be awaited for a marker."""
 
     name: str
@@ -289,9 +293,9 @@ class _Child(ProcessProtocol):
         return self.ended
 
 
-def _spawn(testcase: Any, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-           path: str | None = None) -> _Child:
-    child = _Child(name)
+def spawn_child(testcase: Any, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+           path: str | None = None) -> ChildProcess:
+    child = ChildProcess(name)
     reactor.spawnProcess(child, argv[0], list(argv), env=dict(env or os.environ), path=path)
     testcase.addCleanup(child.stop)
     return child
@@ -303,7 +307,7 @@ class RunningRegistry:
 
     directory: Path
     port: int
-    child: _Child
+    child: ChildProcess
 
     @property
     def authority(self) -> str:
@@ -328,7 +332,7 @@ async def start_registry(
     """
     port = free_port()
     config = write_registry_config(directory, port, proxy_remote, htpasswd)
-    child = _spawn(testcase, "docker-registry", registry_argv(config))
+    child = spawn_child(testcase, "docker-registry", registry_argv(config))
     await child.wait_for(b"listening on 127.0.0.1:%d" % port)
     return RunningRegistry(directory, port, child)
 
@@ -510,113 +514,76 @@ def pulled_blobs(directory: Path) -> tuple[str, dict[str, int]]:
     return sha256_file(directory / "manifest.json"), found
 
 
-# -- containerd ------------------------------------------------------------
+# -- the service ---------------------------------------------------------------
 
 
-def check_hosts_toml(text: str) -> None:
+def dead_authority() -> str:
+    """A loopback ``host:port`` where nothing listens (connection refused)."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def start_buildcache(
+    testcase: Any, cache: Path, registries: tuple[Registry, ...], index_ttl: float = 300
+) -> str:
     """
-    Refuse a hosts.toml that does not parse or that names a host not on
-    loopback: containerd falls back to the registry's own host (Docker
-    Hub's for ``docker.io``) when it cannot decode the file.
+    The whole buildcache service (``make_service``, as twistd starts it) with these
+    upstream registries (loopback; ``docker.io`` always among them),
+    stopped in cleanup; returns its registry port's ``host:port``.
     """
-    document = tomllib.loads(text)
-    if "server" not in document:
-        raise ValueError("a test's hosts.toml must name its server (on loopback)")
-    for location in [document["server"], *document.get("host", {})]:
-        require_loopback(location)
+    assert any(registry.name == "docker.io" for registry in registries)
+    port = free_port()
+    config = Config(
+        cache_dir=str(cache),
+        proxy_endpoint=f"tcp:{free_port()}:interface=127.0.0.1",
+        index_endpoint=f"tcp:{free_port()}:interface=127.0.0.1",
+        pypi_upstreams=(f"http://{dead_authority()}/simple",),
+        mirrors=(),
+        registry_endpoint=f"tcp:{port}:interface=127.0.0.1",
+        registries=registries,
+        allow_upstream=("127.0.0.1",),
+        index_ttl=index_ttl,
+    )
+    service = make_service(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    return f"127.0.0.1:{port}"
 
 
-def write_hosts_toml(hosts_dir: Path, registry: str, server: str, mirror: str | None) -> Path:
-    """
-    containerd's ``hosts_dir/REGISTRY/hosts.toml``: pull ``registry`` from
-    ``server`` (``http://127.0.0.1:PORT``) after trying ``mirror``
-    (``http://127.0.0.1:PORT``), which gets ``?ns=REGISTRY`` on every request.
-    """
-    require_loopback(server)
-    lines = [f'server = "{server}"', ""]
-    if mirror is not None:
-        require_loopback(mirror)
-        lines += [f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]', ""]
-    return write_checked_hosts_toml(hosts_dir, registry, "\n".join(lines))
+def tls_client_hello() -> bytes:
+    """The first bytes a TLS client sends (a client hello), from Python's ssl."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    connection = context.wrap_bio(incoming, outgoing, server_hostname="box.test")
+    try:
+        connection.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
 
 
-def write_checked_hosts_toml(hosts_dir: Path, registry: str, text: str) -> Path:
-    """``hosts_dir/REGISTRY/hosts.toml`` holding ``text``, checked first."""
-    check_hosts_toml(text)
-    directory = hosts_dir / registry
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "hosts.toml"
-    path.write_text(text)
-    return path
+class _Exchange(Protocol):
+    """Sends bytes on connecting; collects what comes back until closed."""
+
+    def __init__(self, send: bytes) -> None:
+        self.send = send
+        self.received = bytearray()
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.send)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed.callback(bytes(self.received))
 
 
-@define
-class RunningContainerd:
-    """A private ``containerd`` (root, state and sockets in ``directory``)."""
-
-    directory: Path
-    child: _Child
-
-    @property
-    def address(self) -> str:
-        return str(self.directory / "c.sock")
-
-    @property
-    def environment(self) -> dict[str, str]:
-        """``ctr``'s environment: :data:`LOOPBACK_ONLY`."""
-        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **LOOPBACK_ONLY}
-
-    async def ctr(self, *arguments: str) -> tuple[bytes, bytes, int]:
-        """Run ``ctr`` on this containerd (loopback only): (stdout, stderr, exit code)."""
-        return await run_process(self.ctr_argv(*arguments), env=self.environment)
-
-    def ctr_argv(self, *arguments: str) -> list[str]:
-        return [shutil.which(CTR_BINARY) or CTR_BINARY, "--address", self.address,
-                "--namespace", "registry-parts", *arguments]
-
-    def pull_arguments(self, reference: str, hosts_dir: Path) -> list[str]:
-        """``ctr images pull`` of ``reference`` over plain HTTP through ``hosts_dir``."""
-        return ["images", "pull", "--plain-http", "--hosts-dir", str(hosts_dir),
-                "--snapshotter", "native", reference]
-
-
-def containerd_unavailable() -> str | None:
-    """Why containerd cannot run here, or None."""
-    missing = missing_binaries(CONTAINERD_BINARY, CTR_BINARY)
-    if missing:
-        return f"not installed: {', '.join(missing)} (Debian package containerd)"
-    if os.geteuid() != 0:
-        return "containerd needs root"
-    return None
-
-
-async def start_containerd(testcase: Any) -> RunningContainerd:
-    """
-    ``containerd`` with a private config (version 2; root, state, gRPC and
-    ttrpc sockets in a fresh directory under /tmp, short enough for a unix
-    socket path; CRI off; no debug or metrics listener), ready when this
-    returns; stopped by PID and its directory removed in cleanup.
-    """
-    directory = Path(tempfile.mkdtemp(prefix="bc-ctd-"))
-    testcase.addCleanup(shutil.rmtree, directory, True)
-    config = directory / "config.toml"
-    config.write_text("\n".join([
-        "version = 2",
-        f'root = "{directory}/root"',
-        f'state = "{directory}/state"',
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
-        "[grpc]",
-        f'  address = "{directory}/c.sock"',
-        "[ttrpc]",
-        f'  address = "{directory}/c.ttrpc.sock"',
-        "[debug]",
-        '  address = ""',
-        "[metrics]",
-        '  address = ""',
-        "",
-    ]))
-    argv = [shutil.which(CONTAINERD_BINARY) or CONTAINERD_BINARY, "--config", str(config)]
-    environment = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **LOOPBACK_ONLY}
-    child = _spawn(testcase, "containerd", argv, env=environment)
-    await child.wait_for(b"containerd successfully booted")
-    return RunningContainerd(directory, child)
+async def answer_to(authority: str, data: bytes) -> bytes:
+    """Send ``data`` on a new connection to ``authority``; all it got back until closed."""
+    host, port = authority.rsplit(":", 1)
+    exchange = _Exchange(data)
+    await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), exchange)
+    return await exchange.closed
