@@ -18,6 +18,7 @@ from tests.oci_origin import (
     ALL_MANIFESTS,
     DOCKER_MANIFEST,
     OCI_INDEX,
+    OCI_MANIFEST,
     Fault,
     OciOrigin,
     start_origin,
@@ -101,6 +102,27 @@ class AcceptTests(RegistryTestCase):
             cache, self.manifest_path("multi"), {"accept": DOCKER_MANIFEST}, method=b"HEAD"
         )
         self.assertNotEqual((got.status, got.header("content-type")), (200, OCI_INDEX))
+
+
+    async def test_narrower_client_served_the_shared_copy(self) -> None:
+        """
+        A client that takes OCI manifests only is answered from the copy a
+        client taking every type stored (its type is OCI): no upstream
+        request, and stale from it when the upstream is down.
+        """
+        cache = self.cache(index_ttl=0)
+        path = self.manifest_path()
+        await self.get(cache, path, {"accept": ALL_MANIFESTS})
+        upstream = ("GET", "/v2/team/app/manifests/t1")
+        self.assertEqual(self.origin.requests[upstream], 1)
+        self.origin.fail_all = Fault(503)
+        got = await self.get(cache, path, {"accept": OCI_MANIFEST})
+        self.assertEqual((got.status, got.header("x-cache")), (200, "STALE"))
+        self.assertEqual(got.body, self.image.manifest)
+        self.assertEqual(self.origin.requests[upstream], 1)
+        # A client that takes Docker v2 only is not answered from it.
+        other = await self.get(cache, path, {"accept": DOCKER_MANIFEST})
+        self.assertEqual(other.status, 502)
 
 
 class SpecTests(RegistryTestCase):

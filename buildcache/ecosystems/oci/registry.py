@@ -50,6 +50,7 @@ from buildcache.ecosystems.oci.names import (
     parse_request,
 )
 from buildcache.ecosystems.oci.policy import (
+    ALL_MANIFEST_TYPES,
     API_VERSION_HEADER,
     accept_suffix,
     accepted_types,
@@ -208,6 +209,8 @@ class RegistryResource(Resource):
             operator_credentials=True,
             variants=False,
         )
+        if suffix:
+            target = self._shared_copy(target, oci, accepted)
         policy = policy_for(oci, accepted)
         try:
             resolved = await self.engine.resolve(target, policy, request.method)
@@ -242,6 +245,24 @@ class RegistryResource(Resource):
         if extra:
             policy = evolve(policy, extra=extra)
         self.engine.respond(request, target, policy, resolved)
+
+    def _shared_copy(
+        self, target: Target, oci: OciRequest, accepted: frozenset[str]
+    ) -> Target:
+        """
+        ``target`` for a client that takes fewer manifest types than all,
+        moved to the copy stored for clients that take every type when
+        that copy is of a type this client takes: one copy, one
+        revalidation, served stale to both when the upstream fails.
+        """
+        shared = evolve(
+            target, key=oci.key(""),
+            upstream_headers={"accept": upstream_accept(ALL_MANIFEST_TYPES)},
+        )
+        entry = self.engine.find(shared)
+        if entry is not None and media_type(entry.headers.get("content-type")) in accepted:
+            return shared
+        return target
 
     def _extra_headers(self, oci: OciRequest, resolved: Resolved) -> dict[str, str]:
         """
