@@ -187,7 +187,8 @@ class StatsTests(CacheTestCase):
         self.assertEqual(code, 0)
         self.assertEqual(
             {kind: total["entries"] for kind, total in kinds.items()},
-            {"apk": 2, "deb": 1, "wheel": 3, "sdist": 1, "index": 6, "other": 1},
+            {"apk": 2, "deb": 1, "wheel": 3, "sdist": 1, "manifest": 0, "blob": 0,
+             "index": 6, "other": 1},
         )
         self.assertEqual(kinds["deb"]["bytes"], SAMPLE[DEB] + row_cost(DEB))
         self.assertEqual(

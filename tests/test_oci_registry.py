@@ -270,12 +270,18 @@ class AcceptTests(RegistryTestCase):
         self.assertEqual([s.headers["accept"] for s in asked][-1], DOCKER_MANIFEST)
 
     async def test_unaccepted_type_from_upstream_not_stored(self) -> None:
+        """
+        An upstream that ignores Accept: the type the client does not take
+        is neither stored nor sent (404 MANIFEST_UNKNOWN, as the
+        distribution registry answers).
+        """
         self.origin.ignore_accept = True
         cache = self.cache()
         path = self.manifest_path()
         for _ in range(2):
             got = await self.get(cache, path, {"accept": DOCKER_MANIFEST})
-            self.assertEqual(got.header("x-cache"), "MISS")
+            self.assertEqual((got.status, errors_of(got)), (404, ["MANIFEST_UNKNOWN"]))
+            self.assertEqual(got.header("vary"), "Accept")
         self.assertEqual(self.origin.count("/v2/team/app/manifests/t1"), 2)
         self.assertIsNone(
             cache.store.peek("oci:127.0.0.1:5001/team/app/manifests/t1;accept=docker-manifest")

@@ -73,6 +73,7 @@ class QuickStartTests(TestCase):
              "--port", "tcp:8899:interface=127.0.0.1",
              "--pypi-port", "tcp:3141:interface=127.0.0.1",
              "--registry-port", f"tcp:{free_port()}:interface=127.0.0.1",
+             "--registry", "docker.io=http://127.0.0.1:1",
              "--cache-dir", str(work / "cache"),
              "--mirror", f"alpine={url_of(apk_port, '/alpine')}",
              "--pypi-upstream", url_of(pypi_port, "/simple")],

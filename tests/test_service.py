@@ -110,6 +110,8 @@ def spawn_server(
          # Never the default 5000 on every interface: parallel tests
          # (and other processes) would collide on it.
          "--registry-port", f"tcp:{free_port()}:interface=127.0.0.1",
+         # Never the real Docker Hub, even by mistake: nothing listens there.
+         "--registry", "docker.io=http://127.0.0.1:1",
          "--pypi-upstream", pypi_upstream,
          *arguments],
         env=environ,

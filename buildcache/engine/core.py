@@ -244,12 +244,16 @@ class Engine:
         if stored is not None:
             if self._fresh(client, policy, stored.entry):
                 return self._resolved(client, CacheStatus.HIT, stored=stored)
-            return await self._revalidate(client, policy, stored)
-        if method == b"HEAD" and not self.fetcher.downloading(client.key):
-            if policy.head_fetches(client.kind):
-                return await self._whole_for_head(client, policy)
+            resolved = await self._revalidate(client, policy, stored)
+        elif method == b"HEAD" and not policy.head_fetches(client.kind):
+            if self.fetcher.downloading(client.key):
+                return await self._miss(client, policy)
             return await self._head(client, policy)
-        return await self._miss(client, policy)
+        else:
+            resolved = await self._miss(client, policy)
+        if method == b"HEAD" and policy.head_fetches(client.kind):
+            return await self._stored_for_head(client, policy, resolved)
+        return resolved
 
     def fresh_hit(self, target: Target, policy: Policy) -> Resolved | None:
         """
@@ -506,7 +510,22 @@ class Engine:
         if outcome.status == 200 and outcome.headers.get(validator) == version:
             self.store.mark_validated(stored.entry.key)
             return await self._refreshed(client, policy, stored.entry.key)
-        return await self._miss(client, policy)
+        # Another version: its GET may still fail (a registry's pull limit
+        # counts GETs, not HEADs), and the stored copy then answers stale.
+        again = self._open(client, policy)
+        if again is None:
+            return await self._miss(client, policy)
+
+        async def get() -> UpstreamAnswer:
+            expected = await policy.expect(client.target, self)
+            return await self.fetcher.fetch(
+                self._upstream_request(client, policy, {}, expected)
+            )
+
+        fetched = await self._ask_or_stale(client, policy, again, get)
+        if isinstance(fetched, Resolved):
+            return fetched
+        return self._resolved(client, CacheStatus.MISS, answer=fetched)
 
     async def _refreshed(self, client: _ForClient, policy: Policy, key: str) -> Resolved:
         """
@@ -562,15 +581,16 @@ class Engine:
             return await self._miss(client, policy)
         return self._resolved(client, CacheStatus.MISS, answer=answer)
 
-    async def _whole_for_head(self, client: _ForClient, policy: Policy) -> Resolved:
+    async def _stored_for_head(
+        self, client: _ForClient, policy: Policy, resolved: Resolved
+    ) -> Resolved:
         """
-        A HEAD that missed, for a file its policy fetches whole for a HEAD
-        (see :meth:`Policy.head_fetches`): the body is fetched and stored,
-        and the HEAD answered from the store, as a MISS.  An answer that
-        was not stored (an error, a body that may not be kept) is the
-        answer.
+        A HEAD for a file its policy fetches whole for a HEAD (see
+        :meth:`Policy.head_fetches`) that was answered by the upstream: the
+        body is stored before the HEAD is answered from the store, as a
+        MISS.  An answer that was not stored (an error, a body that may not
+        be kept) is the answer.
         """
-        resolved = await self._miss(client, policy)
         answer = resolved.answer
         if answer is None or answer.status != 200 or answer.body is None:
             return resolved

@@ -112,6 +112,10 @@ def _send(
         stored_headers=headers,
     )
     if ranged.outcome is RangeOutcome.UNSATISFIABLE:
+        # Not the object: none of its headers, and nothing to keep.
+        for name in (*_PASSED_ON, "content-type"):
+            request.responseHeaders.removeHeader(name)
+        request.setHeader("cache-control", "no-store")
         request.setResponseCode(416)
         request.setHeader("content-range", ranged.content_range or "")
         request.setHeader("content-length", "0")

@@ -123,6 +123,9 @@ class Fetcher:
     #: Downloads still running that new requests may not join.
     _detached: list[Download] = Factory(list)
     _idle_waiters: Waiters = Factory(Waiters)
+    #: HEADs being asked upstream, by key: a request sent alike joins one
+    #: (a tag revalidated by many clients at once asks once).
+    _heads: dict[str, _SharedHead] = Factory(dict)
 
     def in_flight(self) -> int:
         return len(self._downloads) + len(self._detached)
@@ -304,9 +307,33 @@ class Fetcher:
         """
         The upstream's answer to a HEAD for ``request``: its status and
         end-to-end headers (``content-length`` included), no body, nothing
-        stored.  Fails as :meth:`fetch` does.
+        stored.  Fails as :meth:`fetch` does.  A HEAD for the same key, URL
+        and headers already being asked is joined, not sent again.
         """
-        return Deferred.fromCoroutine(self._head(request))
+        waiter: Deferred[UpstreamAnswer] = Deferred()
+        shared = self._heads.get(request.key)
+        if shared is not None and shared.answers(request):
+            shared.waiting.append(waiter)
+            return waiter
+        shared = _SharedHead(request, [waiter])
+        if request.key not in self._heads:
+            self._heads[request.key] = shared
+        # May answer at once (a connection refused): the waiter is in place.
+        asked = Deferred.fromCoroutine(self._head(request))
+        asked.addBoth(self._head_answered, request.key, shared)
+        return waiter
+
+    def _head_answered(
+        self, result: UpstreamAnswer | Failure, key: str, shared: _SharedHead
+    ) -> None:
+        if self._heads.get(key) is shared:
+            del self._heads[key]
+        waiting, shared.waiting = shared.waiting, []
+        for waiter in waiting:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
     async def _head(self, request: UpstreamRequest) -> UpstreamAnswer:
         response = await self._send("HEAD", request)
@@ -579,4 +606,22 @@ class Fetcher:
             if length is not None and self.store.fits(length)
             else f"its {length} bytes are more than the cache keeps of"
             " one object"
+        )
+
+
+@define
+class _SharedHead:
+    """One HEAD being asked upstream, and who waits for its answer."""
+
+    request: UpstreamRequest
+    waiting: list[Deferred[UpstreamAnswer]] = Factory(list)
+
+    def answers(self, request: UpstreamRequest) -> bool:
+        """Whether ``request`` would be sent exactly as this one was."""
+        mine = self.request
+        return (
+            request.url == mine.url
+            and dict(request.headers) == dict(mine.headers)
+            and request.operator_credentials == mine.operator_credentials
+            and request.follow_redirects == mine.follow_redirects
         )

@@ -25,10 +25,9 @@ from twisted.logger import Logger
 from buildcache.access import upstream_host_key
 from buildcache.credentials import redact
 from buildcache.engine.events import CacheObserver, Exchange
+from buildcache.ops.front_ends import FRONT_ENDS
 from buildcache.turns import after_io
 
-#: Front ends, as they appear in stats and metric labels.
-FRONT_ENDS = ("proxy", "mirror", "index")
 #: Cache statuses (``X-Cache``), plus "none" for refusals and errors.
 CACHE_STATUSES = ("HIT", "MISS", "REVALIDATED", "STALE", "none")
 #: Width of one bucket of the traffic series, and how many are kept.

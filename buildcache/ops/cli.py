@@ -33,6 +33,7 @@ from buildcache.ops.cli_keys import (
 )
 from buildcache.ops.cli_output import AdminError, Progress, human_size, render_stats
 from buildcache.ops.cli_verify import VerifyResult, verify
+from buildcache.ops.registry_keys import ImageName, parse_image
 from buildcache.ops.warm import (
     DEFAULT_HTTP_TIMEOUT,
     DEFAULT_INDEX,
@@ -89,18 +90,30 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     purge_command = commands.add_parser(
         "purge", parents=[cache_dir],
-        help="remove entries by key glob or project name",
+        help="remove entries by key glob, project or image name",
         description=(
             "Remove entries whose cache key matches a glob. Keys are upstream"
             " URLs (scheme://host[:port]/path[?query]), as 'stats' lists"
             " them, e.g. '*/alpine/v3.19/*' or '*.apk'; a glob without a"
-            " scheme matches http and https alike."
+            " scheme matches http and https alike. The registry's keys are"
+            " oci:REGISTRY/REPOSITORY/..., e.g. 'oci:docker.io/library/*'."
         ),
     )
     purge_command.add_argument("patterns", nargs="*", metavar="PATTERN", help="key glob")
     purge_command.add_argument(
         "--project", action="append", default=[], metavar="NAME",
         help="a Python project: its index pages and distribution files (repeatable)",
+    )
+    purge_command.add_argument(
+        "--image", action="append", default=[], metavar="IMAGE",
+        help=(
+            "a container image of the registry port, named as docker names it:"
+            " REGISTRY/REPOSITORY removes the repository (its manifests, blobs,"
+            " tag lists and referrers), REPOSITORY:TAG the manifests stored"
+            " under that tag (for every client's Accept), REPOSITORY@DIGEST"
+            " those of that digest; a name without a registry is on docker.io,"
+            " 'alpine' is docker.io/library/alpine (repeatable)"
+        ),
     )
     purge_command.add_argument(
         "--dry-run", action="store_true", help="list what would be removed, remove nothing",
@@ -191,9 +204,9 @@ def _run_stats(options: argparse.Namespace, stdout: TextIO) -> int:
 
 
 def _run_purge(options: argparse.Namespace, stdout: TextIO) -> int:
-    if not options.patterns and not options.project:
-        raise AdminError("purge needs a PATTERN or --project NAME")
-    matches = key_matcher(options.patterns, options.project)
+    if not options.patterns and not options.project and not options.image:
+        raise AdminError("purge needs a PATTERN or --project NAME or --image IMAGE")
+    matches = key_matcher(options.patterns, options.project, _images(options.image))
     with OfflineIndex.open(options.cache_dir) as index:
         result = purge(index, matches, dry_run=options.dry_run)
     verb = "would remove" if result.dry_run else "removed"
@@ -206,6 +219,20 @@ def _run_purge(options: argparse.Namespace, stdout: TextIO) -> int:
         f" ({result.bytes} bytes)\n"
     )
     return 0
+
+
+def _images(names: Sequence[str]) -> list[ImageName]:
+    images = []
+    for name in names:
+        try:
+            images.append(parse_image(name))
+        except ValueError as error:
+            hint = (
+                "; for a glob give a PATTERN over the keys, such as"
+                " 'oci:docker.io/library/*'" if any(c in name for c in "*?[") else ""
+            )
+            raise AdminError(f"--image {name!r}: {error}{hint}") from None
+    return images
 
 
 def _run_verify(options: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:

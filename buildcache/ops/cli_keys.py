@@ -2,7 +2,8 @@
 What a cache key is, for people: its kind (``stats``), and whether it
 belongs to what ``purge`` was asked to remove.  Keys are the front ends'
 business, so this knowledge comes from the ecosystems (their path rules,
-``packaging``'s file-name parsers), not the store.
+``packaging``'s file-name parsers, the registry's key layout in
+:mod:`buildcache.ops.registry_keys`), not the store.
 """
 
 from __future__ import annotations
@@ -22,16 +23,26 @@ from buildcache.ecosystems.apk.policy import RULES as APK_RULES
 from buildcache.ecosystems.apt.policy import RULES as APT_RULES
 from buildcache.ecosystems.pypi.kinds import FILE_RULES, INDEX_FILE_RULES
 from buildcache.ecosystems.pypi.model import normalize_project_name
-from buildcache.ecosystems.pypi.pages import page_key
-from buildcache.ecosystems.pypi.root import root_key
 from buildcache.engine.freshness import Kind
 from buildcache.engine.policy import kind_by_rules
+from buildcache.ops import registry_keys
+from buildcache.ops.front_ends import KINDS, OWN_KEYS, PAGE_PREFIX, ROOT_PREFIX
+from buildcache.ops.registry_keys import ImageName, parse_key
 
-#: Kinds of entries ``stats`` counts, in display order.
-KINDS = ("apk", "deb", "wheel", "sdist", "index", "other")
-#: The package index's own keys: a project's page, and the root page.
-PAGE_PREFIX = page_key("", "").removesuffix("|")
-ROOT_PREFIX = root_key("", "").removesuffix("|")
+__all__ = [
+    "KINDS",
+    "OWN_KEYS",
+    "PAGE_PREFIX",
+    "ROOT_PREFIX",
+    "distribution_kind",
+    "distribution_project",
+    "entry_kind",
+    "key_filename",
+    "key_matcher",
+    "key_url",
+]
+
+_OWN_PREFIXES = tuple(OWN_KEYS)
 
 #: A ``.metadata`` file (PEP 658) is counted with the indexes.
 _METADATA_SUFFIX = ".metadata"
@@ -66,11 +77,15 @@ def entry_kind(key: str) -> str:
     """
     The kind of a cache key, one of :data:`KINDS`: ``index`` covers
     everything that changes upstream (simple pages, ``APKINDEX.tar.gz``,
-    apt's ``dists/`` files) and PEP 658 metadata files.  The ecosystems'
-    path rules decide, with :func:`distribution_kind` for pip's files.
+    apt's ``dists/`` files, a registry's tag lists and referrers) and
+    PEP 658 metadata files.  The front ends' own keys go by
+    :data:`buildcache.ops.front_ends.OWN_KEYS`, URLs by the ecosystems'
+    path rules, with
+    :func:`distribution_kind` for pip's files.
     """
-    if key.startswith((PAGE_PREFIX, ROOT_PREFIX)):
-        return "index"
+    for prefix, kind_of in OWN_KEYS.items():
+        if key.startswith(prefix):
+            return kind_of(key)
     url = key_url(key)
     apk = kind_by_rules(APK_RULES, url)
     if apk is not None:
@@ -124,25 +139,29 @@ def distribution_project(filename: str) -> str | None:
 
 
 def key_matcher(
-    patterns: Sequence[str], projects: Sequence[str]
+    patterns: Sequence[str], projects: Sequence[str], images: Sequence[ImageName] = ()
 ) -> Callable[[str], bool]:
     """
     A predicate on cache keys for ``purge``.
 
     A pattern is an ``fnmatch`` glob over the URL of a key
     (``scheme://host/path?query``; its private entries and variants go
-    with it); a pattern without ``scheme://`` matches either scheme, as
-    keys had none before.  A project (any spelling) matches its
-    simple-index pages and every distribution file whose name belongs to
-    it.
+    with it), or over the whole of an ecosystem's own key
+    (``simple-page|…``, ``oci:…``); a pattern without ``scheme://``
+    matches either scheme, as keys had none before.  A project (any
+    spelling) matches its simple-index pages and every distribution file
+    whose name belongs to it.  An image matches the registry's keys of its
+    repository, or of its tag or digest
+    (:meth:`buildcache.ops.registry_keys.ImageName.names`).
     """
     globs = list(patterns)
     names = {normalize_project_name(project) for project in projects}
 
     def matches(key: str) -> bool:
-        if key.startswith((PAGE_PREFIX, ROOT_PREFIX)):
-            # The index's own keys (``simple-page|https://…|name``) hold a
-            # URL inside, which a glob without a scheme must not reach into.
+        if key.startswith(_OWN_PREFIXES):
+            # The ecosystems' own keys (``simple-page|https://…|name``) may
+            # hold a URL inside, which a glob without a scheme must not
+            # reach into.
             url = schemeless = key
         else:
             url = key_url(key)
@@ -152,6 +171,9 @@ def key_matcher(
             for glob in globs
         ):
             return True
+        if images and key.startswith(registry_keys.KEY_PREFIX):
+            parsed = parse_key(key)
+            return parsed is not None and any(image.names(parsed) for image in images)
         if not names:
             return False
         if key.startswith(PAGE_PREFIX):

@@ -3,7 +3,8 @@
 (:func:`buildcache.store.verify_bodies`); this module then checks the
 stored packages and files against the stored indexes that describe them
 (an apk package against its ``APKINDEX.tar.gz``, a pip file against its
-project page), which needs the ecosystems' knowledge.
+project page) and the registry's blobs and manifests against the digest
+their key names, which needs the ecosystems' knowledge.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from buildcache.ops.cli_keys import (
     entry_kind,
     key_filename,
 )
+from buildcache.ops.registry_keys import KEY_PREFIX, digest_mismatch
 from buildcache.store import BodyCheck, Entry, OfflineIndex, verify_bodies
 from buildcache.store.maintenance import Progress
 
@@ -66,7 +68,8 @@ def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResul
     is missing or differs; then remove the entries their current stored
     index describes differently: an apk package whose ``APKINDEX.tar.gz``
     lists another size or control checksum, a pip file whose project page
-    gives another sha256.
+    gives another sha256, a registry blob or manifest whose sha256 is not
+    the digest its key names.
 
     An entry the server replaced or evicted while it was being checked is
     neither reported nor touched: the removal only deletes a row that
@@ -75,9 +78,14 @@ def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResul
     apk_indexes: list[Entry] = []
     pages: list[Entry] = []
     packages: dict[str, list[Entry]] = {}
+    misnamed: list[tuple[Entry, str]] = []
 
     def sort(row: Entry) -> None:
-        if row.key.startswith(PAGE_PREFIX):
+        if row.key.startswith(KEY_PREFIX):
+            reason = digest_mismatch(row.key, row.sha256, row.headers)
+            if reason is not None:
+                misnamed.append((row, reason))
+        elif row.key.startswith(PAGE_PREFIX):
             pages.append(row)
         elif key_filename(row.key) == "APKINDEX.tar.gz":
             apk_indexes.append(row)
@@ -88,6 +96,7 @@ def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResul
     gone = {row.key for row, _ in bodies.corrupt} | {row.key for row in bodies.missing}
     stale: list[tuple[Entry, str]] = []
     for row, reason in [
+        *((row, reason) for row, reason in misnamed if row.key not in gone),
         *_stale_packages(index, apk_indexes, packages, gone),
         *_stale_files(index, pages, gone),
     ]:

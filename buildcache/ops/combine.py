@@ -74,6 +74,7 @@ def combine(snapshots: Sequence[Snapshot]) -> Snapshot:
             )
         ],
         upstream_latency=_latency([s["upstream_latency"] for s in snapshots]),
+        registry=first["registry"],
         config=first["config"],
     )
 

@@ -148,6 +148,7 @@ class SnapshotCollector(Collector):
 
     def _store(self) -> Iterator[Metric]:
         store = self.snapshot["store"]
+        registry = self.snapshot["registry"]
         for name, documentation, value in (
             ("buildcache_evictions",
              "Objects removed from the store to stay under its size limit.",
@@ -178,6 +179,12 @@ class SnapshotCollector(Collector):
             ("buildcache_store_entries", "Objects in the store.", store["entries"]),
             ("buildcache_store_max_size_bytes", "The store's size limit.",
              store["max_size"]),
+            ("buildcache_registry_repositories",
+             "Repositories of which the registry front end stores manifests by tag.",
+             registry["repositories"]),
+            ("buildcache_registry_tags",
+             "Tags of which the registry front end stores manifests.",
+             registry["tags"]),
         ):
             gauge = GaugeMetricFamily(name, documentation)
             gauge.add_metric([], value)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from buildcache.ops.chart import traffic_section
 from buildcache.ops.human import escape as _e
 from buildcache.ops.human import human_bytes, human_duration, percent, utc_time
+from buildcache.ops.images import RegistryStored
 from buildcache.ops.snapshot import (
     ConfigShown,
     FrontEndFigures,
@@ -52,6 +53,7 @@ def render_page(snapshot: Snapshot) -> bytes:
         _front_ends_section(snapshot["front_ends"]),
         traffic_section(snapshot["traffic"]),
         _top_section(snapshot["top"], snapshot["front_ends"]),
+        _images_section(snapshot["registry"]),
         _upstreams_section(snapshot["upstreams"], now),
         _config_section(snapshot["config"]),
         "</main>\n<footer>\n",
@@ -203,6 +205,40 @@ def _top_section(
     )
 
 
+def _images_section(registry: RegistryStored) -> str:
+    listed = registry["listed"]
+    if not listed:
+        return (
+            '<section class="card wide" id="registry-images">\n'
+            "<h2>Container images stored by tag</h2>\n"
+            '<p class="muted">No image stored by tag yet.</p>\n</section>\n'
+        )
+    summary = f"{registry['repositories']:,} repositories, {registry['tags']:,} tags"
+    if not registry["complete"]:
+        summary = f"at least {summary} (more are stored than one reading lists)"
+    more_repositories = registry["repositories"] - len(listed)
+    rows = []
+    for image in listed:
+        more = (
+            f' <span class="muted">and {image["more_tags"]:,} more</span>'
+            if image["more_tags"] else ""
+        )
+        rows.append(
+            f"<dt>{_e(image['name'])}</dt><dd>{_list(image['tags'])}{more}</dd>\n"
+        )
+    return (
+        '<section class="card wide" id="registry-images">\n'
+        "<h2>Container images stored by tag</h2>\n"
+        f'<p class="muted" id="registry-summary">{_e(summary)}</p>\n'
+        '<dl class="config">\n' + "".join(rows) + "</dl>\n"
+        + (
+            f'<p class="muted">and {more_repositories:,} more repositories</p>\n'
+            if more_repositories > 0 else ""
+        )
+        + "</section>\n"
+    )
+
+
 def _upstreams_section(upstreams: Iterable[UpstreamFigures], now: float) -> str:
     rows = []
     for health in upstreams:
@@ -247,6 +283,11 @@ def _config_section(config: ConfigShown) -> str:
     rows = [
         ("Proxy and mirror port", f"<code>{_e(config['proxy_endpoint'])}</code>"),
         ("Pip index port", f"<code>{_e(config['index_endpoint'])}</code>"),
+        (
+            "Registry port",
+            f"<code>{_e(config['registry_endpoint'])}</code>" if config["registry_endpoint"]
+            else '<span class="muted">off</span>',
+        ),
         ("Cache directory", f"<code>{_e(config['cache_dir'])}</code>"),
         ("Size limit", _e(human_bytes(config["max_size"]))),
         (
@@ -260,6 +301,10 @@ def _config_section(config: ConfigShown) -> str:
             _list([f"/{m['name']}/ → {m['url']}" for m in config["mirrors"]]),
         ),
         ("Pip upstreams", _list(config["pypi_upstreams"])),
+        (
+            "Registries",
+            _list([f"{r['name']} → {r['url']}" for r in config["registries"]]),
+        ),
         ("Clients allowed from", _list(config["allow_from"])),
         (
             "Proxy upstreams allowed",
@@ -269,6 +314,10 @@ def _config_section(config: ConfigShown) -> str:
             "Upstream credentials file (--netrc)",
             f"<code>{_e(config['netrc_file'])}</code>" if config.get("netrc_file")
             else '<span class="muted">none</span>',
+        ),
+        (
+            "Registry credentials files (--registry-auth)",
+            _list(config["registry_auth_files"]),
         ),
         (
             "Read-ahead of distributions",

@@ -6,7 +6,8 @@ are rendered from.
 
 :class:`SnapshotSources` reads, at request time, the accounts of
 :class:`buildcache.ops.activity.Activity` (requests, bytes, upstreams,
-read-ahead, evictions), the store's size figures, the fetcher's and the
+read-ahead, evictions), the store's size figures, the registry's images
+stored by tag (:mod:`buildcache.ops.images`), the fetcher's and the
 prefetcher's work in flight and the configuration; nothing is counted
 here.  A :data:`Snapshot` is made of dicts, lists, strings and numbers
 only, so that it goes through JSON unchanged, and the snapshots of several
@@ -24,8 +25,9 @@ Which fields add up across processes:
 - **recomputed** from the sums: every ``hit_ratio``, ``bytes_saved``, the
   store's ``fill``, ``uptime_seconds``;
 - **shared**, not summed (one store, one configuration): the store's
-  ``entries``, ``bytes_stored``, ``bytes_metadata`` and ``max_size``, and
-  ``config``, as the first snapshot (the main process's) has them;
+  ``entries``, ``bytes_stored``, ``bytes_metadata`` and ``max_size``, the
+  images stored by tag (``registry``), and ``config``, as the first
+  snapshot (the main process's) has them;
 - **latest**: ``generated_at`` and each upstream's ``last_success``,
   ``last_error`` (the greatest) and ``last_error_message`` (the one of the
   latest error); ``started_at`` is the earliest.
@@ -50,19 +52,14 @@ from buildcache.ecosystems.pypi.prefetch import UNCLAIMED_BUDGET_FILES
 from buildcache.ops.activity import (
     BUCKET_SECONDS,
     CACHE_STATUSES,
-    FRONT_ENDS,
     LATENCY_BUCKETS,
     Activity,
     Totals,
 )
-from buildcache.store import Store
+from buildcache.ops.front_ends import FRONT_END_LABELS, FRONT_ENDS
+from buildcache.ops.images import RegistryStored, StoredImages
+from buildcache.store import Store, StoreStats
 
-#: How each front end is named for people.
-FRONT_END_LABELS = {
-    "proxy": "apk/apt proxy",
-    "mirror": "mirror routes",
-    "index": "pip index",
-}
 #: Names listed per front end in the most-requested table.
 TOP_NAMES_SHOWN = 15
 
@@ -192,6 +189,8 @@ class ConfigShown(TypedDict):
 
     proxy_endpoint: str
     index_endpoint: str
+    #: None when the registry port is off.
+    registry_endpoint: str | None
     cache_dir: str
     max_size: int
     max_object_size: int
@@ -199,6 +198,10 @@ class ConfigShown(TypedDict):
     upstream_timeout: float
     mirrors: list[MirrorShown]
     pypi_upstreams: list[str]
+    #: The registry port's upstreams, by NAME; ``***@`` marks one that
+    #: ``--registry-auth`` gives credentials for.
+    registries: list[MirrorShown]
+    registry_auth_files: list[str]
     netrc_file: str | None
     allow_from: list[str]
     allow_upstream: list[str]
@@ -236,6 +239,7 @@ class Snapshot(TypedDict):
     #: By host.
     upstreams: list[UpstreamFigures]
     upstream_latency: Latency
+    registry: RegistryStored
     config: ConfigShown
 
 
@@ -324,6 +328,7 @@ def assemble(
     top: dict[str, list[TopName]],
     upstreams: list[UpstreamFigures],
     upstream_latency: Latency,
+    registry: RegistryStored,
     config: ConfigShown,
 ) -> Snapshot:
     """
@@ -352,6 +357,7 @@ def assemble(
         "top": top,
         "upstreams": upstreams,
         "upstream_latency": upstream_latency,
+        "registry": registry,
         "config": config,
     }
 
@@ -376,6 +382,12 @@ def top_names(counts: Iterable[tuple[tuple[str, str], int]]) -> dict[str, list[T
     }
 
 
+def _with_marker(url: str, credentials: bool) -> str:
+    # As shown_url marks the other upstreams sent credentials.
+    scheme, separator, rest = url.partition("://")
+    return f"{scheme}{separator}***@{rest}" if credentials and separator else url
+
+
 def fill(bytes_stored: int, max_size: int) -> float | None:
     return bytes_stored / max_size if max_size else None
 
@@ -396,6 +408,10 @@ class SnapshotSources:
     started: float = field(
         default=Factory(lambda self: self.clock.seconds(), takes_self=True)
     )
+    _images: StoredImages = field(
+        default=Factory(lambda self: StoredImages(self.store, self.clock), takes_self=True),
+        init=False,
+    )
 
     def snapshot(self) -> Snapshot:
         """
@@ -406,11 +422,14 @@ class SnapshotSources:
             name: front_end_figures(name, totals)
             for name, totals in activity.totals.items()
         }
+        sizes = self.store.stats()
         return assemble(
             generated_at=self.clock.seconds(),
             started_at=self.started,
             front_ends=front_ends,
-            store=self._store(sum_statuses(f["by_status"] for f in front_ends.values())),
+            store=self._store(
+                sizes, sum_statuses(f["by_status"] for f in front_ends.values())
+            ),
             downloads_in_flight=0 if self.fetcher is None else self.fetcher.in_flight(),
             read_aheads_running=(
                 0 if self.prefetcher is None else self.prefetcher.running()
@@ -443,13 +462,13 @@ class SnapshotSources:
                 for _, health in sorted(activity.upstreams.items())
             ],
             upstream_latency=self._latency(),
+            registry=self._images.read(sizes),
             config=self._config(),
         )
 
-    def _store(self, by_status: Mapping[str, int]) -> StoreFigures:
+    def _store(self, sizes: StoreStats, by_status: Mapping[str, int]) -> StoreFigures:
         # Only the store's size figures: what it served and evicted is in
         # the request accounts.
-        sizes = self.store.stats()
         activity = self.activity
         return {
             "entries": sizes.entries,
@@ -482,6 +501,7 @@ class SnapshotSources:
         return {
             "proxy_endpoint": config.proxy_endpoint,
             "index_endpoint": config.index_endpoint,
+            "registry_endpoint": config.registry_endpoint,
             "cache_dir": config.cache_dir,
             "max_size": config.max_size,
             "max_object_size": config.max_object_size,
@@ -495,6 +515,14 @@ class SnapshotSources:
             "pypi_upstreams": [
                 shown_url(redact(url), credentials) for url in config.pypi_upstreams
             ],
+            "registries": [
+                {
+                    "name": registry.name,
+                    "url": _with_marker(redact(registry.url), registry.credentials is not None),
+                }
+                for registry in config.registries
+            ],
+            "registry_auth_files": list(config.registry_auth_files),
             "netrc_file": config.netrc_file,
             "allow_from": [str(network) for network in config.allow_from],
             "allow_upstream": list(config.allow_upstream),

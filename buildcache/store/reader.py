@@ -223,6 +223,23 @@ class StoreReader:
             for row in rows if row[0].startswith(prefix)
         ]
 
+    def keys_matching(
+        self, prefix: str, pattern: str, limit: int, exclude: str | None = None
+    ) -> list[str]:
+        """
+        The first ``limit`` keys, in key order, that start with ``prefix``
+        and match the SQLite ``GLOB`` ``pattern`` but not ``exclude``: keys
+        only, for a bounded listing (the status page's stored images) that
+        must not read whole rows.
+        """
+        query = "SELECT key FROM entries WHERE key >= ? AND key < ? AND key GLOB ?"
+        arguments: list[object] = [prefix, prefix + "\U0010ffff", pattern]
+        if exclude is not None:
+            query += " AND key NOT GLOB ?"
+            arguments.append(exclude)
+        rows = self._db.execute(query + " ORDER BY key LIMIT ?", (*arguments, limit))
+        return [key for (key,) in rows if key.startswith(prefix)]
+
     def peek_many(self, keys: Iterable[str]) -> dict[str, Entry]:
         """
         The entries stored under those of ``keys`` that have one, without

@@ -53,6 +53,9 @@ MANIFEST_TYPES: Mapping[str, str] = {
 }
 ALL_MANIFEST_TYPES = frozenset(MANIFEST_TYPES)
 _WILDCARDS = frozenset({"*/*", "application/*"})
+#: Largest manifest taken (the distribution registry's own limit): a tag's
+#: manifest may have no digest to be checked against.
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 #: Longest Accept header read (clients send a few types).
 MAX_ACCEPT = 2048
 
@@ -114,11 +117,20 @@ class DigestVerifier:
     """
 
     digest: str | None
+    #: Most bytes the body may have (a manifest's), or None.
+    limit: int | None = None
     _hash: Any = field(
         init=False, default=Factory(lambda self: _hasher(self.digest), takes_self=True)
     )
+    _received: list[int] = field(init=False, factory=lambda: [0])
 
     def update(self, data: bytes) -> None:
+        if self.limit is not None:
+            self._received[0] += len(data)
+            if self._received[0] > self.limit:
+                raise IntegrityError(
+                    f"larger than {self.limit} bytes, the most a manifest may have"
+                )
         if self._hash is not None:
             self._hash.update(data)
 
@@ -143,17 +155,22 @@ def _hasher(digest: str | None) -> Any:
     return hashlib.new(known[0])
 
 
-def verify_digest(digest: str) -> Callable[[Mapping[str, str]], DigestVerifier]:
-    """A verifier factory checking every 200 body against ``digest``."""
-    return lambda headers: DigestVerifier(digest)
+def verify_digest(
+    digest: str | None, limit: int | None = None
+) -> Callable[[Mapping[str, str]], DigestVerifier]:
+    """
+    A verifier factory checking every 200 body against ``digest`` (if
+    any), and against ``limit`` bytes (if any).
+    """
+    return lambda headers: DigestVerifier(digest, limit)
 
 
 def verify_upstream_digest(headers: Mapping[str, str]) -> DigestVerifier:
     """
     A manifest by tag: checked against the ``Docker-Content-Digest`` its
-    upstream sends (nothing to check without one).
+    upstream sends (nothing to check without one), and its size bounded.
     """
-    return DigestVerifier(headers.get("docker-content-digest"))
+    return DigestVerifier(headers.get("docker-content-digest"), MAX_MANIFEST_SIZE)
 
 
 @frozen
@@ -222,10 +239,13 @@ class OciPolicy(GenericPolicy):
             # The front end refuses these before asking (DIGEST_INVALID).
             return NO_EXPECTATION
         algorithm, encoded = known
-        streamed = self.endpoint is Endpoint.BLOB
+        if self.endpoint is Endpoint.BLOB:
+            if algorithm == "sha256":
+                return Expectation(sha256=encoded, stream_before_check=True)
+            return Expectation(verify=verify_digest(self.digest), stream_before_check=True)
         if algorithm == "sha256":
-            return Expectation(sha256=encoded, stream_before_check=streamed)
-        return Expectation(verify=verify_digest(self.digest), stream_before_check=streamed)
+            return Expectation(sha256=encoded, verify=verify_digest(None, MAX_MANIFEST_SIZE))
+        return Expectation(verify=verify_digest(self.digest, MAX_MANIFEST_SIZE))
 
     def answers(self, target: Target, entry: Entry) -> bool:
         if self.endpoint is not Endpoint.MANIFEST:

@@ -50,9 +50,11 @@ from buildcache.ecosystems.oci.names import (
     parse_request,
 )
 from buildcache.ecosystems.oci.policy import (
+    ALL_MANIFEST_TYPES,
     API_VERSION_HEADER,
     accept_suffix,
     accepted_types,
+    media_type,
     policy_for,
     upstream_accept,
 )
@@ -207,6 +209,8 @@ class RegistryResource(Resource):
             operator_credentials=True,
             variants=False,
         )
+        if suffix:
+            target = self._shared_copy(target, oci, accepted)
         policy = policy_for(oci, accepted)
         try:
             resolved = await self.engine.resolve(target, policy, request.method)
@@ -218,6 +222,22 @@ class RegistryResource(Resource):
             resolved.close()
             self._upstream_failed(request, oci, answer.status, answer.headers)
             return
+        if (
+            answer is not None
+            and oci.endpoint is Endpoint.MANIFEST
+            and media_type(answer.headers.get("content-type")) not in accepted
+        ):
+            # An upstream that ignored Accept: an OCI index must never reach
+            # a client that takes Docker v2 manifests only (nor is it stored).
+            resolved.close()
+            request.setHeader("vary", "Accept")
+            self.engine.refuse(
+                request, 404,
+                f"{_described(oci)}: {oci.registry} has it only as"
+                f" {media_type(answer.headers.get('content-type')) or 'no type'},"
+                " which this client does not accept",
+            )
+            return
         if client_gone(request):
             resolved.close()
             return
@@ -225,6 +245,24 @@ class RegistryResource(Resource):
         if extra:
             policy = evolve(policy, extra=extra)
         self.engine.respond(request, target, policy, resolved)
+
+    def _shared_copy(
+        self, target: Target, oci: OciRequest, accepted: frozenset[str]
+    ) -> Target:
+        """
+        ``target`` for a client that takes fewer manifest types than all,
+        moved to the copy stored for clients that take every type when
+        that copy is of a type this client takes: one copy, one
+        revalidation, served stale to both when the upstream fails.
+        """
+        shared = evolve(
+            target, key=oci.key(""),
+            upstream_headers={"accept": upstream_accept(ALL_MANIFEST_TYPES)},
+        )
+        entry = self.engine.find(shared)
+        if entry is not None and media_type(entry.headers.get("content-type")) in accepted:
+            return shared
+        return target
 
     def _extra_headers(self, oci: OciRequest, resolved: Resolved) -> dict[str, str]:
         """
@@ -236,7 +274,10 @@ class RegistryResource(Resource):
             sha256 = resolved.stored.entry.sha256
         else:
             assert resolved.answer is not None
-            stored_headers, sha256 = resolved.answer.headers, None
+            stored_headers = resolved.answer.headers
+            # A checked manifest has arrived whole before it is answered.
+            body = resolved.answer.body
+            sha256 = body.download.sha256 if body is not None else None
         extra: dict[str, str] = {}
         link = stored_headers.get("link")
         if link is not None:
