@@ -5,9 +5,10 @@ buildcache's registry port, all in the same run.
 
     .venv/bin/python bench/registry.py [--size-mb 200] [--repeats 3] [--json bench/issue14/registry.json]
 
-Builds a 5-layer OCI image of about ``--size-mb`` MB by hand (gzip layers of
-random bytes, so nothing compresses), pushes it with skopeo into an origin
-(Debian's ``docker-registry``, its own config on a free 127.0.0.1 port), and
+Builds a 5-layer OCI image of about ``--size-mb`` MB by hand (gzip layers
+that do not compress; tests.registry_parts, as the end-to-end tests do),
+pushes it with skopeo into an origin (Debian's ``docker-registry``, its own
+config on a free 127.0.0.1 port), and
 puts nginx in front of that origin, standing for the office line: it sends
 the blobs from the origin's storage at 50 MB/s per connection (a static
 ``limit_rate 50m``, exact to the second, where a proxied one overshoots) and
@@ -26,7 +27,8 @@ repeat (a fresh server and cache directory each time), it measures:
 
 Medians of the repeats, ratios against the direct row, the targets of
 issue 14 checked, JSON written.  All traffic stays on 127.0.0.1: the
-registries.conf the clients use names only loopback registries.  Every
+registries.conf the clients use names no registry, every image name is a
+loopback one, and anything else would go to a dead loopback proxy.  Every
 process the bench starts is stopped by its PID and the scratch directory is
 removed, also on error.
 """
@@ -34,19 +36,15 @@ removed, also on error.
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import textwrap
 import time
@@ -54,7 +52,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import attrs
 
@@ -69,6 +66,14 @@ from processes import (  # noqa: E402
     wait_for_port,
 )
 
+from tests.registry_parts import (  # noqa: E402
+    Blob,
+    BlockingRegistry,
+    OciImage,
+    Skopeo,
+    build_image,
+)
+
 KB = 1024
 MB = 1024 * KB
 HERE = Path(__file__).resolve().parent
@@ -80,7 +85,6 @@ TAG = "v1"
 SLOW_RATE = "50m"
 CLIENTS = 8
 PULL_TIMEOUT = 600
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 # Clients must reach the servers directly, whatever the shell exports.
 CLIENT_ENV = {
     name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")
@@ -90,103 +94,30 @@ CLIENT_ENV = {
 # ---------------------------------------------------------------- the image
 
 
-class _Hashing:
-    """A write-only file that hashes and counts what passes to ``inner``."""
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        self.inner = inner
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.inner.write(data)
-
-
-class _RandomBytes:
-    """``size`` pseudo-random bytes from ``seed``, read in chunks."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.left = size
-        self.random = random.Random(seed)
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        self.left -= n
-        return self.random.randbytes(n)
-
-
-@attrs.frozen
-class Blob:
-    digest: str
-    size: int
-    media_type: str
-
-    def descriptor(self) -> dict[str, object]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-
-
 @attrs.frozen
 class Image:
-    layout: Path
-    config: Blob
-    layers: tuple[Blob, ...]
-    manifest: Blob
+    """The bench's image: what skopeo pulls and what the bench checks it got."""
+
+    oci: OciImage
+
+    @property
+    def layers(self) -> tuple[Blob, ...]:
+        return self.oci.manifests[0].layers
 
     @property
     def blobs(self) -> tuple[Blob, ...]:
-        return (self.config, *self.layers)
+        """The config and the layers: the blobs a pull GETs."""
+        return tuple(self.oci.blobs().values())
 
     @property
     def total_bytes(self) -> int:
-        return sum(blob.size for blob in self.blobs) + self.manifest.size
+        return self.oci.size + self.oci.top.size
 
 
-def _put_blob(layout: Path, data: bytes, media_type: str) -> Blob:
-    digest = hashlib.sha256(data).hexdigest()
-    (layout / "blobs" / "sha256" / digest).write_bytes(data)
-    return Blob(f"sha256:{digest}", len(data), media_type)
-
-
-def build_image(layout: Path, size_mb: int) -> Image:
-    """
-    An OCI image layout holding one image tagged ``TAG``: a config and one
-    gzip layer per share of ``size_mb``, each a tar of one random file.
-    """
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    layers, diff_ids = [], []
-    for number, share in enumerate(LAYER_SHARES):
-        size = int(size_mb * MB * share)
-        scratch = blobs / "layer.tmp"
-        with open(scratch, "wb") as out:
-            compressed = _Hashing(out)
-            # Level 1: random bytes do not compress; only the framing matters.
-            with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=1, mtime=0) as gz:  # type: ignore[call-overload]
-                plain = _Hashing(gz)
-                with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                    info = tarfile.TarInfo(f"layer{number}/data.bin")
-                    info.size, info.mode, info.mtime = size, 0o644, 0
-                    tar.addfile(info, _RandomBytes(size, seed=number))
-        digest = compressed.sha256.hexdigest()
-        scratch.rename(blobs / digest)
-        layers.append(Blob(f"sha256:{digest}", compressed.size, "application/vnd.oci.image.layer.v1.tar+gzip"))
-        diff_ids.append(f"sha256:{plain.sha256.hexdigest()}")
-    config = _put_blob(layout, json.dumps({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }).encode(), "application/vnd.oci.image.config.v1+json")
-    manifest = _put_blob(layout, json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": config.descriptor(), "layers": [layer.descriptor() for layer in layers],
-    }).encode(), OCI_MANIFEST)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (layout / "index.json").write_text(json.dumps({
-        "schemaVersion": 2,
-        "manifests": [{**manifest.descriptor(), "annotations": {"org.opencontainers.image.ref.name": TAG}}],
-    }))
-    return Image(layout, config, tuple(layers), manifest)
+def bench_image(layout: Path, size_mb: int) -> Image:
+    """The 5-layer image of about ``size_mb`` MB (gzip of bytes deflate cannot shrink)."""
+    sizes = [int(size_mb * MB * share) for share in LAYER_SHARES]
+    return Image(build_image(layout, TAG, sizes, seed=b"bench/registry"))
 
 
 # ---------------------------------------------------------------- processes
@@ -238,20 +169,12 @@ def running(server: Server) -> Iterator[Server]:
 
 
 def start_distribution(directory: Path, remote: str | None) -> Server:
-    """Debian's docker-registry on a free port; a pull-through proxy of ``remote`` if given."""
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proxy = f"proxy:\n  remoteurl: {remote}\n" if remote else ""
-    config = directory / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {directory / 'data'}\n"
-        "  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-        + proxy
-    )
-    return launch(["docker-registry", "serve", str(config)], directory / "output.log", port, directory)
+    """
+    Debian's docker-registry on a free port (storage in
+    ``directory``/storage); a pull-through proxy of ``remote`` if given.
+    """
+    registry = BlockingRegistry.start(directory, proxy_remote=remote)
+    return Server(registry.process, directory / "registry.log", registry.port)
 
 
 @attrs.define
@@ -367,46 +290,18 @@ def start_buildcache(directory: Path, throttle: Throttle) -> Server:
 
 
 @attrs.frozen
-class Skopeo:
-    """skopeo with a registries.conf naming only loopback registries and an accept-all policy."""
+class Client:
+    """
+    skopeo with tests.registry_parts' private configuration: a
+    registries.conf naming no registry (every name here is a loopback
+    one), a policy accepting anything, no auth file, HOME and TMPDIR of its
+    own, and a dead proxy for anything not on loopback.
+    """
 
-    env: dict[str, str]
-    policy: Path
-
-    @classmethod
-    def configure(cls, directory: Path, ports: list[int]) -> Skopeo:
-        directory.mkdir(exist_ok=True)
-        policy = directory / "policy.json"
-        policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
-        registries = directory / "registries.conf"
-        registries.write_text("unqualified-search-registries = []\n" + "".join(
-            f'\n[[registry]]\nlocation = "127.0.0.1:{port}"\ninsecure = true\n' for port in ports
-        ))
-        auth = directory / "auth.json"
-        auth.write_text('{"auths": {}}')
-        env = dict(
-            CLIENT_ENV, CONTAINERS_REGISTRIES_CONF=str(registries), REGISTRY_AUTH_FILE=str(auth),
-            TMPDIR=str(directory),
-        )
-        return cls(env, policy)
-
-    def command(self, *arguments: str) -> list[str]:
-        return ["skopeo", "--policy", str(self.policy), *arguments]
+    skopeo: Skopeo
 
     def push(self, image: Image, registry: Server) -> None:
-        subprocess.run(
-            self.command(
-                "copy", "--quiet", "--dest-tls-verify=false",
-                f"oci:{image.layout}:{TAG}", f"docker://127.0.0.1:{registry.port}/{REPOSITORY}:{TAG}",
-            ),
-            check=True, env=self.env, timeout=PULL_TIMEOUT, capture_output=True,
-        )
-
-    def pull_command(self, port: int, destination: Path) -> list[str]:
-        return self.command(
-            "copy", "--quiet", "--src-tls-verify=false", "--src-no-creds",
-            f"docker://127.0.0.1:{port}/{REPOSITORY}:{TAG}", f"dir:{destination}",
-        )
+        self.skopeo.push(image.oci, f"127.0.0.1:{registry.port}/{REPOSITORY}:{TAG}")
 
     def pull(self, port: int, image: Image, destinations: list[Path]) -> float:
         """
@@ -414,11 +309,12 @@ class Skopeo:
         each), check every blob arrived whole, remove the copies, and return
         the wall time of the slowest.
         """
+        source = f"127.0.0.1:{port}/{REPOSITORY}:{TAG}"
         began = time.perf_counter()
         processes = [
             subprocess.Popen(
-                self.pull_command(port, destination), env=self.env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                self.skopeo.argv(*self.skopeo.pull_arguments(source, destination)),
+                env=self.skopeo.environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
             for destination in destinations
         ]
@@ -491,7 +387,7 @@ def upstream_counts(requests: list[tuple[str, str, int]], image: Image) -> dict[
 
 
 def one_repeat(
-    contender: Contender, repeat: int, image: Image, skopeo: Skopeo,
+    contender: Contender, repeat: int, image: Image, skopeo: Client,
     origin: Server, throttle: Throttle, scratch: Path,
 ) -> dict[str, object]:
     """Cold then warm on one fresh server, then CLIENTS cold pulls on another."""
@@ -692,12 +588,12 @@ def main() -> None:
     environment = versions()
     scratch = Path(tempfile.mkdtemp(prefix="buildcache-registry-bench-"))
     try:
-        image = build_image(scratch / "layout", args.size_mb)
+        image = bench_image(scratch / "layout", args.size_mb)
         print(f"image: {len(image.layers)} layers, {image.total_bytes / MB:.1f} MB, "
               f"built in {time.monotonic() - began:.1f} s", flush=True)
         with running(start_distribution(scratch / "origin", None)) as origin, \
-                running((throttle := start_throttle(scratch / "throttle", origin, scratch / "origin" / "data")).server):
-            skopeo = Skopeo.configure(scratch / "client", [])
+                running((throttle := start_throttle(scratch / "throttle", origin, scratch / "origin" / "storage")).server):
+            skopeo = Client(Skopeo(scratch / "client"))
             skopeo.push(image, origin)
             rate = check_rate(throttle, image)
             print(f"throttled origin: {rate:.1f} MB/s on one connection (limit_rate {SLOW_RATE})", flush=True)
