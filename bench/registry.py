@@ -18,7 +18,8 @@ repeat (a fresh server and cache directory each time), it measures:
 
   1. cold: one ``skopeo copy docker://... dir:DEST`` of the uncached image;
   2. warm: the same pull again from the same server, 3 times (their
-     median is the repeat's figure).  The direct row's warm
+     median is the repeat's figure), the rows taking turns pull by pull so
+     a busy moment of the machine falls on all of them.  The direct row's warm
      pulls go to the origin without the throttle (a registry on the LAN);
      the caches answer from their store (their upstream stays throttled,
      which only a manifest revalidation would touch);
@@ -390,63 +391,114 @@ def upstream_counts(requests: list[tuple[str, str, int]], image: Image) -> dict[
     }
 
 
+@attrs.define
+class Trial:
+    """One row's repeat: its server of the moment and what it measured."""
+
+    contender: Contender
+    label: str
+    server: Server | None = None
+    result: dict[str, object] = attrs.Factory(dict)
+    rss: list[float] = attrs.Factory(list)
+    cpu: dict[str, float] = attrs.Factory(dict)
+    problems: list[str] = attrs.Factory(list)
+    warm: list[float] = attrs.Factory(list)
+    warm_requests: list[tuple[str, str, int]] = attrs.Factory(list)
+
+    def start(self, scratch: Path, suffix: str) -> None:
+        if self.contender.start:
+            self.server = self.contender.start(scratch / f"{self.label}-{suffix}")
+
+    def port(self, otherwise: int) -> int:
+        return self.server.port if self.server else otherwise
+
+    def stop(self) -> None:
+        if self.server:
+            self.rss.append(self.server.peak_rss_mb())
+            stop(self.server.process)
+            self.problems += self.server.log_problems()
+            self.server = None
+
+
 def one_repeat(
-    contender: Contender, repeat: int, image: Image, skopeo: Client,
-    origin: Server, throttle: Throttle, scratch: Path,
-) -> dict[str, object]:
-    """Cold then warm on one fresh server, then CLIENTS cold pulls on another."""
-    label = f"{contender.name.replace(' ', '-')}-{repeat}"
+    contenders: list[Contender], repeat: int, image: Image, skopeo: Client,
+    origin: Server, throttle: Throttle, scratch: Path, errors: dict[str, str],
+) -> dict[str, dict[str, object]]:
+    """
+    One repeat of every row: a fresh server each, one cold pull each, then
+    the warm pulls taking turns between the rows (so a busy moment of the
+    machine falls on all of them alike), then per row CLIENTS cold pulls on
+    another fresh server.  A row that fails is named in ``errors`` and left
+    out from then on.
+    """
     pulls = scratch / "pulls"
     pulls.mkdir(exist_ok=True)
-    result: dict[str, object] = {}
-    rss, cpu, problems = [], {}, []
+    trials = [
+        Trial(c, f"{c.name.replace(' ', '-')}-{repeat}") for c in contenders if c.name not in errors
+    ]
 
-    def fresh(suffix: str) -> Server | None:
-        return contender.start(scratch / f"{label}-{suffix}") if contender.start else None
+    def each(step: Callable[[Trial], None]) -> None:
+        for trial in trials:
+            if trial.contender.name in errors:
+                continue
+            try:
+                step(trial)
+            except Exception as error:  # one row failing must not hide the others
+                errors[trial.contender.name] = str(error)
+                print(f"{trial.contender.name}: FAILED: {error}", flush=True)
+                trial.stop()
 
-    server = fresh("single")
-    try:
+    def cold(trial: Trial) -> None:
         mark = throttle.mark()
-        result["cold_s"] = skopeo.pull(server.port if server else throttle.server.port, image, [pulls / "cold"])
-        result["cold_upstream"] = upstream_counts(throttle.requests_since(mark), image)
-        cpu["cold"] = server.cpu_s() if server else 0.0
+        trial.result["cold_s"] = skopeo.pull(trial.port(throttle.server.port), image, [pulls / "cold"])
+        trial.result["cold_upstream"] = upstream_counts(throttle.requests_since(mark), image)
+        trial.cpu["cold"] = trial.server.cpu_s() if trial.server else 0.0
+
+    def warm(trial: Trial) -> None:
         mark = throttle.mark()
-        # Direct: the second pull goes to the origin itself, unthrottled.
-        warm = [
-            skopeo.pull(server.port if server else origin.port, image, [pulls / "warm"])
-            for _ in range(WARM_PULLS)
-        ]
-        result["warm_pulls_s"] = warm
-        result["warm_s"] = statistics.median(warm)
-        result["warm_upstream"] = upstream_counts(throttle.requests_since(mark), image)
-        if server:
-            cpu["warm_each"] = (server.cpu_s() - cpu["cold"]) / WARM_PULLS
-            rss.append(server.peak_rss_mb())
-    finally:
-        if server:
-            stop(server.process)
-            problems += server.log_problems()
-    server = fresh("concurrent")
-    try:
+        # Direct: the warm pulls go to the origin itself, unthrottled.
+        trial.warm.append(skopeo.pull(trial.port(origin.port), image, [pulls / "warm"]))
+        trial.warm_requests += throttle.requests_since(mark)
+
+    def concurrent(trial: Trial) -> None:
+        trial.start(scratch, "concurrent")
         mark = throttle.mark()
-        result["concurrent_s"] = skopeo.pull(
-            server.port if server else throttle.server.port, image,
-            [pulls / f"client{n}" for n in range(CLIENTS)],
+        trial.result["concurrent_s"] = skopeo.pull(
+            trial.port(throttle.server.port), image, [pulls / f"client{n}" for n in range(CLIENTS)],
         )
-        result["concurrent_upstream"] = upstream_counts(throttle.requests_since(mark), image)
-        if server:
-            cpu["concurrent"] = server.cpu_s()
-            rss.append(server.peak_rss_mb())
+        trial.result["concurrent_upstream"] = upstream_counts(throttle.requests_since(mark), image)
+        if trial.server:
+            trial.cpu["concurrent"] = trial.server.cpu_s()
+        trial.stop()
+
+    try:
+        each(lambda trial: trial.start(scratch, "single"))
+        each(cold)
+        for _ in range(WARM_PULLS):
+            each(warm)
+        for trial in trials:
+            if trial.server and trial.warm:
+                trial.cpu["warm_each"] = (trial.server.cpu_s() - trial.cpu["cold"]) / len(trial.warm)
+            trial.stop()
+        each(concurrent)
     finally:
-        if server:
-            stop(server.process)
-            problems += server.log_problems()
-    result["peak_rss_mb"] = max(rss) if rss else None
-    result["server_cpu_s"] = cpu if contender.start else None
-    result["log_problems"] = problems
-    for directory in scratch.glob(f"{label}-*"):
-        shutil.rmtree(directory, ignore_errors=True)
-    return result
+        for trial in trials:
+            trial.stop()
+    results = {}
+    for trial in trials:
+        if trial.contender.name not in errors:
+            results[trial.contender.name] = {
+                **trial.result,
+                "warm_pulls_s": trial.warm,
+                "warm_s": statistics.median(trial.warm),
+                "warm_upstream": upstream_counts(trial.warm_requests, image),
+                "peak_rss_mb": max(trial.rss) if trial.rss else None,
+                "server_cpu_s": trial.cpu if trial.contender.start else None,
+                "log_problems": trial.problems,
+            }
+        for directory in scratch.glob(f"{trial.label}-*"):
+            shutil.rmtree(directory, ignore_errors=True)
+    return results
 
 
 def summarise(repeats: list[dict[str, object]]) -> dict[str, object]:
@@ -623,18 +675,12 @@ def main() -> None:
             # Repeats interleave the rows, so a drift of the machine spreads
             # over all of them.
             for repeat in range(args.repeats):
-                for contender in contenders:
-                    if contender.name in errors:
-                        continue
-                    started_at = time.monotonic()
-                    try:
-                        repeats[contender.name].append(
-                            one_repeat(contender, repeat, image, skopeo, origin, throttle, scratch))
-                    except Exception as error:  # one row failing must not hide the others
-                        errors[contender.name] = str(error)
-                        print(f"{contender.name}: FAILED: {error}", flush=True)
-                    print(f"repeat {repeat + 1}: {contender.name} in {time.monotonic() - started_at:.0f} s",
-                          flush=True)
+                started_at = time.monotonic()
+                for name, result in one_repeat(
+                    contenders, repeat, image, skopeo, origin, throttle, scratch, errors,
+                ).items():
+                    repeats[name].append(result)
+                print(f"repeat {repeat + 1} in {time.monotonic() - started_at:.0f} s", flush=True)
         results: dict[str, dict[str, object]] = {
             c.name: {"kind": c.kind, "error": errors[c.name]} if c.name in errors
             else {"kind": c.kind, **summarise(repeats[c.name])}
