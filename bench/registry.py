@@ -18,8 +18,9 @@ repeat (a fresh server and cache directory each time), it measures:
 
   1. cold: one ``skopeo copy docker://... dir:DEST`` of the uncached image;
   2. warm: the same pull again from the same server, 3 times (their
-     median is the repeat's figure), the rows taking turns pull by pull so
-     a busy moment of the machine falls on all of them.  The direct row's warm
+     median is the repeat's figure), after a ``sync`` (the fills' writes
+     are on disk), the rows taking turns pull by pull, forwards then
+     backwards, so a busy moment of the machine falls on all of them.  The direct row's warm
      pulls go to the origin without the throttle (a registry on the LAN);
      the caches answer from their store (their upstream stays throttled,
      which only a manifest revalidation would touch);
@@ -391,6 +392,11 @@ def upstream_counts(requests: list[tuple[str, str, int]], image: Image) -> dict[
     }
 
 
+def settle() -> None:
+    """Write back every dirty page now, so no measurement pays for an earlier one's writes."""
+    os.sync()
+
+
 @attrs.define
 class Trial:
     """One row's repeat: its server of the moment and what it measured."""
@@ -437,8 +443,8 @@ def one_repeat(
         Trial(c, f"{c.name.replace(' ', '-')}-{repeat}") for c in contenders if c.name not in errors
     ]
 
-    def each(step: Callable[[Trial], None]) -> None:
-        for trial in trials:
+    def each(step: Callable[[Trial], None], backwards: bool = False) -> None:
+        for trial in trials[::-1] if backwards else trials:
             if trial.contender.name in errors:
                 continue
             try:
@@ -449,6 +455,7 @@ def one_repeat(
                 trial.stop()
 
     def cold(trial: Trial) -> None:
+        settle()
         mark = throttle.mark()
         trial.result["cold_s"] = skopeo.pull(trial.port(throttle.server.port), image, [pulls / "cold"])
         trial.result["cold_upstream"] = upstream_counts(throttle.requests_since(mark), image)
@@ -462,6 +469,7 @@ def one_repeat(
 
     def concurrent(trial: Trial) -> None:
         trial.start(scratch, "concurrent")
+        settle()
         mark = throttle.mark()
         trial.result["concurrent_s"] = skopeo.pull(
             trial.port(throttle.server.port), image, [pulls / f"client{n}" for n in range(CLIENTS)],
@@ -474,8 +482,13 @@ def one_repeat(
     try:
         each(lambda trial: trial.start(scratch, "single"))
         each(cold)
-        for _ in range(WARM_PULLS):
-            each(warm)
+        # The fills just wrote 200 MB per cache: the kernel writing them
+        # back would slow whichever warm pull it overlaps (the last row's,
+        # mostly).  A warm pull comes long after its fill.
+        settle()
+        for turn in range(WARM_PULLS):
+            each(warm, backwards=turn % 2 == 1)
+        settle()
         for trial in trials:
             if trial.server and trial.warm:
                 trial.cpu["warm_each"] = (trial.server.cpu_s() - trial.cpu["cold"]) / len(trial.warm)
