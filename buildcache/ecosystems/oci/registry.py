@@ -59,7 +59,6 @@ from buildcache.ecosystems.oci.policy import (
     upstream_accept,
 )
 from buildcache.engine.core import Engine, Resolved
-from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.exchanges import client_gone
 from buildcache.engine.policy import Target
 from buildcache.engine.respond import request_headers
@@ -212,10 +211,8 @@ class RegistryResource(Resource):
         if suffix:
             target = self._shared_copy(target, oci, accepted)
         policy = policy_for(oci, accepted)
-        try:
-            resolved = await self.engine.resolve(target, policy, request.method)
-        except ANSWERED_ERRORS as e:
-            self.engine.answer_error(request, e)
+        resolved = await self.engine.resolve_for(request, target, policy)
+        if resolved is None:
             return
         answer = resolved.answer
         if answer is not None and answer.status != 200:
