@@ -21,7 +21,7 @@ from tests.oci_origin import (
     OciOrigin,
     start_origin,
 )
-from tests.test_oci_registry import RegistryTestCase, errors_of
+from tests.test_oci_registry import RegistryTestCase, errors_of, start_cache
 
 
 class GetOnlyFaultOrigin(OciOrigin):
@@ -121,6 +121,34 @@ class AcceptTests(RegistryTestCase):
         # A client that takes Docker v2 only is not answered from it.
         other = await self.get(cache, path, {"accept": DOCKER_MANIFEST})
         self.assertEqual(other.status, 502)
+
+
+class SharedLayerTests(RegistryTestCase):
+    async def test_a_layer_crosses_the_line_once(self) -> None:
+        """
+        The same layer asked from another repository, and from another
+        registry, is the copy stored once (a new user's finding: each
+        repository fetched and stored base layers again).
+        """
+        other = OciOrigin(blobs=self.origin.blobs)
+        other_url = start_origin(self, other)
+        cache = start_cache(self, {
+            "docker.io": self.hub_url, "127.0.0.1:5001": self.origin_url,
+            "registry.test": other_url,
+        })
+        layer = self.image.layers[0]
+        first = await self.get(cache, f"/v2/team/app/blobs/{layer}?ns=127.0.0.1:5001")
+        again = await self.get(cache, f"/v2/team/other/blobs/{layer}?ns=127.0.0.1:5001")
+        elsewhere = await self.get(cache, f"/v2/registry.test/base/blobs/{layer}")
+        self.assertEqual(
+            [g.header("x-cache") for g in (first, again, elsewhere)], ["MISS", "HIT", "HIT"]
+        )
+        self.assertEqual({g.body for g in (first, again, elsewhere)}, {self.origin.blobs[layer]})
+        gets = [s for s in (*self.origin.seen, *other.seen) if "/blobs/" in s.path]
+        self.assertEqual(len(gets), 1)
+        self.assertEqual(
+            [e.key for e in cache.store.keys() if "blobs" in e.key], [f"oci:blobs/{layer}"]
+        )
 
 
 class SpecTests(RegistryTestCase):

@@ -108,8 +108,9 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--image", action="append", default=[], metavar="IMAGE",
         help=(
             "a container image of the registry port, named as docker names it:"
-            " REGISTRY/REPOSITORY removes the repository (its manifests, blobs,"
-            " tag lists and referrers), REPOSITORY:TAG the manifests stored"
+            " REGISTRY/REPOSITORY removes the repository (its manifests, tag"
+            " lists and referrers; layers are shared by every image, kept as"
+            " oci:blobs/DIGEST, and left to the LRU), REPOSITORY:TAG the manifests stored"
             " under that tag (for every client's Accept), REPOSITORY@DIGEST"
             " those of that digest; a name without a registry is on docker.io,"
             " 'alpine' is docker.io/library/alpine (repeatable)"
