@@ -166,7 +166,8 @@ class PurgeTests(SynchronousTestCase):
         self.assertEqual(code, 0)
         self.assert_left(set())
         self.assertIn(f"would remove {ALPINE}/manifests/latest", out)
-        self.assertIn("Would remove 1 entries", out)
+        self.assertIn("Would remove 1 entry,", out)
+        self.assertIn("--image alpine:latest is docker.io/library/alpine:latest\n", out)
 
     def test_not_an_image(self) -> None:
         """

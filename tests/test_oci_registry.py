@@ -579,6 +579,19 @@ class TokenTests(RegistryTestCase):
         self.assertIsNone(got.header("www-authenticate"))
         self.assertIn("--registry-auth 127.0.0.1:5001=FILE", got.body.decode())
 
+    async def test_wrong_credentials_said_so(self) -> None:
+        """Credentials given but refused: the client is told they are wrong."""
+        self.origin.token = TokenFlow(credentials=("alice", "s3cret-pw"))
+        cache = start_cache(
+            self, {"127.0.0.1:5001": self.origin_url},
+            {"127.0.0.1:5001": Credentials("alice", "wrong-pw")},
+        )
+        got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
+        self.assertEqual((got.status, errors_of(got)), (401, ["UNAUTHORIZED"]))
+        message = json.loads(got.body)["errors"][0]["message"]
+        self.assertIn("the credentials of --registry-auth 127.0.0.1:5001=FILE do not", message)
+        self.assertNotIn("wrong-pw", got.body.decode())
+
     async def test_token_not_sent_to_blob_storage(self) -> None:
         self.origin.token = TokenFlow()
         storage = OciOrigin(blobs=self.origin.blobs)

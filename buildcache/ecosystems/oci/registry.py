@@ -95,6 +95,8 @@ class RegistryResource(Resource):
     :param aliases: other names of some (``index.docker.io`` ->
         ``docker.io``).
     :param policy: with it, clients outside its ``allow_from`` get 403.
+    :param credentialed: the NAMEs given credentials (``--registry-auth``),
+        for what a refusal tells the client.
     """
 
     isLeaf = True
@@ -106,8 +108,10 @@ class RegistryResource(Resource):
         registries: Mapping[str, str],
         policy: AccessPolicy | None = None,
         aliases: Mapping[str, str] = {},
+        credentialed: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
+        self.credentialed = credentialed
         self.engine = engine
         self.registries = dict(registries)
         self.aliases = dict(aliases)
@@ -302,11 +306,19 @@ class RegistryResource(Resource):
         if status in (404, 410):
             self.engine.refuse(request, 404, f"{what}: unknown to {oci.registry}")
         elif status in (401, 403):
+            if oci.registry in self.credentialed:
+                advice = (
+                    f"the credentials of --registry-auth {oci.registry}=FILE do not"
+                    " reach it (wrong, or without access to this repository)"
+                )
+            else:
+                advice = (
+                    "the cache's operator can give credentials with"
+                    f" --registry-auth {oci.registry}=FILE"
+                )
             self.engine.refuse(
                 request, 401,
-                f"{oci.registry} refused access to {oci.name} (upstream {status});"
-                f" the cache's operator can give credentials with --registry-auth"
-                f" {oci.registry}=FILE",
+                f"{oci.registry} refused access to {oci.name} (upstream {status}); {advice}",
             )
         elif status == 429:
             retry_after = headers.get("retry-after")
