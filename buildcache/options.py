@@ -249,7 +249,8 @@ class Options(usage.Options):
             "index-ttl",
             None,
             DEFAULT_INDEX_TTL,
-            "Seconds an index (APKINDEX, simple page) stays fresh (e.g. 300, 5m).",
+            "Seconds an index (APKINDEX, simple page, an image's tag) stays"
+            " fresh (e.g. 300, 5m).",
             _coercer("index-ttl", parse_duration),
         ],
         [

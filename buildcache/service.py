@@ -190,6 +190,7 @@ class Server:
         registry = RegistryResource(
             engine, {r.name: r.url for r in config.registries}, policy=policy,
             aliases=REGISTRY_ALIASES,
+            credentialed=frozenset(r.name for r in config.registries if r.credentials),
         )
         registry_site = StrictSite(
             registry, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,

@@ -1,7 +1,8 @@
 """
 When deferred work runs: after the responses of this reactor turn have gone
-out (:func:`after_io`), or once something has happened (:class:`Waiters`);
-and calling off a timer (:func:`cancel_call`).
+out (:func:`after_io`), or once something has happened (:class:`Waiters`,
+:func:`deliver` for the waiters of one shared result); and calling off a
+timer (:func:`cancel_call`).
 
 Twisted writes to a socket on the reactor's next pass over its descriptors,
 not when ``write`` is called; bookkeeping done in the turn that answers a
@@ -11,9 +12,27 @@ answer by as much.  :func:`after_io` moves such work behind that pass.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from attrs import Factory, define
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+_T = TypeVar("_T")
+
+
+def deliver(waiters: list[Deferred[_T]], result: _T | Failure) -> None:
+    """
+    Fire every one of ``waiters`` with the one ``result`` they share (an
+    upstream answer several clients asked for at once), a failure as a
+    failure.  A waiter cancelled meanwhile ignores it.
+    """
+    for waiter in waiters:
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)
 
 
 def after_io(clock: IReactorTime) -> Deferred[None]:

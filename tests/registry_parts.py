@@ -36,11 +36,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import define, frozen
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
@@ -61,6 +61,7 @@ from tests.oci_layout import (  # noqa: F401
     sha256_file,
 )
 from tests.registry_forwarder import CountingForwarder, Seen, require_loopback  # noqa: F401
+from tests.support import ChildProcess
 
 reactor: Any = _reactor
 
@@ -173,8 +174,22 @@ def registry_argv(config: Path) -> list[str]:
     return [shutil.which(REGISTRY_BINARY) or REGISTRY_BINARY, "serve", str(config)]
 
 
+class _OnLoopback:
+    """A registry listening on 127.0.0.1 at ``port``: its authority and URL."""
+
+    port: int
+
+    @property
+    def authority(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.authority}"
+
+
 @define
-class BlockingRegistry:
+class BlockingRegistry(_OnLoopback):
     """
     A ``docker-registry`` child started with ``subprocess`` (for the bench):
     :meth:`start` returns once it listens; :meth:`stop` ends it by its PID.
@@ -208,14 +223,6 @@ class BlockingRegistry:
                     raise RuntimeError(f"docker-registry did not start on {port}:\n{tail}")
                 time.sleep(0.05)
 
-    @property
-    def authority(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.authority}"
-
     def stop(self) -> None:
         if self.process.poll() is not None:
             return
@@ -245,54 +252,6 @@ def access_log_counts(text: str, status: int | None = None) -> Counter[tuple[str
     return found
 
 
-@define(eq=False)
-class ChildProcess(ProcessProtocol):
-    """A child process whose output can be awaited for a marker."""
-
-    name: str
-    output: bytearray = field(factory=bytearray)
-    ended: Deferred[None] = field(factory=Deferred)
-    _waiting: list[tuple[bytes, Deferred[None]]] = field(factory=list)
-
-    def wait_for(self, text: bytes) -> Deferred[None]:
-        found: Deferred[None] = Deferred()
-        self._waiting.append((text, found))
-        self._check()
-        return found
-
-    def _check(self) -> None:
-        for item in list(self._waiting):
-            if item[0] in self.output:
-                self._waiting.remove(item)
-                item[1].callback(None)
-
-    def outReceived(self, data: bytes) -> None:
-        # Bounded: keep the start and the last 256 KB.
-        self.output += data
-        if len(self.output) > 512 * 1024:
-            del self.output[64 * 1024:len(self.output) - 256 * 1024]
-        self._check()
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        for text, found in self._waiting:
-            found.errback(AssertionError(
-                f"{self.name} ended before printing {text!r}:\n"
-                + self.output.decode(errors="replace")[-3000:]
-            ))
-        self._waiting.clear()
-        self.ended.callback(None)
-
-    def stop(self) -> Deferred[None]:
-        """SIGTERM to this child (by its PID, through its transport)."""
-        if self.ended.called:
-            return succeed(None)
-        assert self.transport is not None
-        self.transport.signalProcess("TERM")
-        return self.ended
-
-
 def spawn_child(testcase: Any, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
            path: str | None = None) -> ChildProcess:
     child = ChildProcess(name)
@@ -302,20 +261,12 @@ def spawn_child(testcase: Any, name: str, argv: Sequence[str], env: Mapping[str,
 
 
 @define
-class RunningRegistry:
+class RunningRegistry(_OnLoopback):
     """A ``docker-registry`` child of the test's reactor."""
 
     directory: Path
     port: int
     child: ChildProcess
-
-    @property
-    def authority(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.authority}"
 
     def stop(self) -> Deferred[None]:
         return self.child.stop()

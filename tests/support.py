@@ -13,10 +13,10 @@ from typing import Any
 
 from attrs import Factory, define, field
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, ResponseDone
 from twisted.web.http_headers import Headers
@@ -298,3 +298,55 @@ def start_server(
     testcase.addCleanup(lambda: Deferred.fromCoroutine(shut()))  # type: ignore[attr-defined]
     return Running(server, store, port.getHost().port, index_port.getHost().port,
                    upstream if isinstance(upstream, FakeUpstream) else None)
+
+
+@define(eq=False)
+class ChildProcess(ProcessProtocol):
+    """A child process whose output can be awaited for a marker."""
+
+    name: str = "child"
+    output: bytearray = field(factory=bytearray)
+    ended: Deferred[None] = field(factory=Deferred)
+    #: Why it ended, once it has.
+    reason: Failure | None = None
+    _waiting: list[tuple[bytes, Deferred[None]]] = field(factory=list)
+
+    def wait_for(self, text: bytes) -> Deferred[None]:
+        found: Deferred[None] = Deferred()
+        self._waiting.append((text, found))
+        self._check()
+        return found
+
+    def _check(self) -> None:
+        for item in list(self._waiting):
+            if item[0] in self.output:
+                self._waiting.remove(item)
+                item[1].callback(None)
+
+    def outReceived(self, data: bytes) -> None:
+        # Bounded: keep the start and the last 256 KB.
+        self.output += data
+        if len(self.output) > 512 * 1024:
+            del self.output[64 * 1024:len(self.output) - 256 * 1024]
+        self._check()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        for text, found in self._waiting:
+            found.errback(AssertionError(
+                f"{self.name} ended before printing {text!r}:\n"
+                + self.output.decode(errors="replace")[-3000:]
+            ))
+        self._waiting.clear()
+        # A Failure given to callback() would become an errback.
+        self.reason = reason
+        self.ended.callback(None)
+
+    def stop(self) -> Deferred[None]:
+        """SIGTERM to this child (by its PID, through its transport)."""
+        if self.ended.called:
+            return succeed(None)
+        assert self.transport is not None
+        self.transport.signalProcess("TERM")
+        return self.ended

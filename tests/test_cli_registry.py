@@ -49,6 +49,7 @@ NESTED = "oci:docker.io/library/alpine/extra"
 #: The same repository name on another registry.
 OTHER_REGISTRY = "oci:127.0.0.1:5001/library/alpine"
 APP = "oci:127.0.0.1:5001/team/app"
+BLOBS = "oci:blobs/"
 ACCEPT = ";accept=docker-manifest,oci-manifest"
 
 #: Key to body: every kind of registry key, and the other front ends'.
@@ -58,15 +59,14 @@ STORED: dict[str, bytes] = {
     f"{ALPINE}/manifests/latest": INDEX,
     f"{ALPINE}/manifests/{digest_of(INDEX)}": INDEX,
     f"{ALPINE}/manifests/{digest_of(MANIFEST)}": MANIFEST,
-    f"{ALPINE}/blobs/{digest_of(LAYER)}": LAYER,
-    f"{ALPINE}/blobs/{digest_of(CONFIG_BLOB)}": CONFIG_BLOB,
+    # One copy of a layer, whatever repository asked for it.
+    f"{BLOBS}{digest_of(LAYER)}": LAYER,
+    f"{BLOBS}{digest_of(CONFIG_BLOB)}": CONFIG_BLOB,
     f"{ALPINE}/tags/list": b'{"tags":["3.19","latest"]}',
     f"{ALPINE}/tags/list?n=10": b'{"tags":["3.19"]}',
     f"{ALPINE}/referrers/{digest_of(INDEX)}?artifactType=application/vnd.x": b"{}",
     f"{NESTED}/manifests/3.19": MANIFEST,
-    f"{NESTED}/blobs/{digest_of(LAYER)}": LAYER,
     f"{OTHER_REGISTRY}/manifests/3.19": MANIFEST,
-    f"{OTHER_REGISTRY}/blobs/{digest_of(LAYER)}": LAYER,
     f"{APP}/manifests/v1": APP_MANIFEST,
     f"{APP}/manifests/{digest_of(APP_MANIFEST)}": APP_MANIFEST,
     "https://mirror.test/alpine/v3.19/main/x86_64/curl-8.5.0-r0.apk": b"apk",
@@ -116,15 +116,16 @@ class PurgeTests(SynchronousTestCase):
     def test_repository(self) -> None:
         """
         A repository goes with all its manifests (by tag, by digest, every
-        Accept variant), blobs, tag lists and referrers; a repository one
-        component longer, the same name on another registry, URL keys that
-        look alike and the other front ends' keys stay.
+        Accept variant), tag lists and referrers; the layers (shared by
+        every image), a repository one component longer, the same name on
+        another registry, URL keys that look alike and the other front
+        ends' keys stay.
         """
         code, out, err = run(
             "purge", "--image", "docker.io/library/alpine", "--cache-dir", self.cache_dir
         )
         self.assertEqual((code, err), (0, ""))
-        self.assertEqual(len(ALPINE_KEYS), 10)
+        self.assertEqual(len(ALPINE_KEYS), 8)
         self.assert_left(ALPINE_KEYS)
         self.assertIn(f"Removed {len(ALPINE_KEYS)} entries", out)
         for key in ALPINE_KEYS:
@@ -165,7 +166,8 @@ class PurgeTests(SynchronousTestCase):
         self.assertEqual(code, 0)
         self.assert_left(set())
         self.assertIn(f"would remove {ALPINE}/manifests/latest", out)
-        self.assertIn("Would remove 1 entries", out)
+        self.assertIn("Would remove 1 entry,", out)
+        self.assertIn("--image alpine:latest is docker.io/library/alpine:latest\n", out)
 
     def test_not_an_image(self) -> None:
         """
@@ -223,7 +225,7 @@ class StatsAndVerifyTests(SynchronousTestCase):
             + ["index", "other"],
         )
         self.assertEqual(kinds, {
-            "apk": 1, "deb": 1, "wheel": 0, "sdist": 0, "manifest": 9, "blob": 4,
+            "apk": 1, "deb": 1, "wheel": 0, "sdist": 0, "manifest": 9, "blob": 2,
             "index": 4, "other": 1,
         })
         self.assertIn("manifest         9", run("stats", "--cache-dir", self.cache_dir)[1])
@@ -235,7 +237,7 @@ class StatsAndVerifyTests(SynchronousTestCase):
         removed (exit 1); sound ones stay.
         """
         self.assertEqual(run("verify", "--cache-dir", self.cache_dir)[0], 0)
-        wrong = f"{ALPINE}/blobs/{digest_of(b'another layer')}"
+        wrong = f"{BLOBS}{digest_of(b'another layer')}"
         store_bodies(self.cache_dir, {wrong: LAYER})
         # A tag whose body is not the digest clients are told with it.
         edge, sound = f"{ALPINE}/manifests/edge", f"{ALPINE}/manifests/stable"
@@ -268,7 +270,8 @@ class KeysTests(SynchronousTestCase):
                 "docker.io", "library/alpine", "manifests", "3.19"),
             f"{ALPINE}/manifests/3.19{ACCEPT}": RegistryKey(
                 "docker.io", "library/alpine", "manifests", "3.19"),
-            f"{APP}/blobs/{digest}": RegistryKey("127.0.0.1:5001", "team/app", "blobs", digest),
+            f"{BLOBS}{digest}": RegistryKey("", "", "blobs", digest),
+            f"{APP}/blobs/{digest}": None,
             "oci:r.test/foo/tags/tags/list": RegistryKey("r.test", "foo/tags", "tags", None),
             "oci:r.test/foo/tags/list?n=10&last=x": RegistryKey("r.test", "foo", "tags", None),
             f"oci:r.test/a/referrers/{digest}?artifactType=application/vnd.x":
@@ -307,9 +310,11 @@ class KeysTests(SynchronousTestCase):
             for key in (request.key(), request.key(ACCEPT)):
                 parsed = parse_key(key)
                 assert parsed is not None, key
+                # A blob belongs to no repository: one copy for all.
+                name = "/" if request.endpoint.value == "blobs" else request.name
                 self.assertEqual(
                     (parsed.image, parsed.section, parsed.ref),
-                    (request.name, request.endpoint.value, request.reference),
+                    (name, request.endpoint.value, request.reference),
                 )
 
     def test_parse_image(self) -> None:
@@ -330,7 +335,7 @@ class KeysTests(SynchronousTestCase):
 
     def test_kinds_and_matching(self) -> None:
         self.assertEqual(
-            {entry_kind(key) for key in STORED if key.startswith(f"{ALPINE}/blobs/")}, {"blob"}
+            {entry_kind(key) for key in STORED if key.startswith(BLOBS)}, {"blob"}
         )
         self.assertEqual(entry_kind(f"{ALPINE}/manifests/3.19{ACCEPT}"), "manifest")
         self.assertEqual(entry_kind(f"{ALPINE}/tags/list"), "index")
@@ -349,12 +354,12 @@ class KeysTests(SynchronousTestCase):
 
     def test_digest_mismatch(self) -> None:
         right = hashlib.sha256(LAYER).hexdigest()
-        self.assertIsNone(digest_mismatch(f"{ALPINE}/blobs/sha256:{right}", right))
-        self.assertIsNone(digest_mismatch(f"{ALPINE}/blobs/sha256:{right.upper()}", right))
+        self.assertIsNone(digest_mismatch(f"{BLOBS}sha256:{right}", right))
+        self.assertIsNone(digest_mismatch(f"{BLOBS}sha256:{right.upper()}", right))
         self.assertIsNone(digest_mismatch(f"{ALPINE}/manifests/latest", right))
-        self.assertIsNone(digest_mismatch(f"{ALPINE}/blobs/sha256:{right}", None))
-        self.assertIsNone(digest_mismatch(f"{ALPINE}/blobs/sha512:{'0' * 128}", right))
-        self.assertIsNotNone(digest_mismatch(f"{ALPINE}/blobs/sha256:{'0' * 64}", right))
+        self.assertIsNone(digest_mismatch(f"{BLOBS}sha256:{right}", None))
+        self.assertIsNone(digest_mismatch(f"{BLOBS}sha512:{'0' * 128}", right))
+        self.assertIsNotNone(digest_mismatch(f"{BLOBS}sha256:{'0' * 64}", right))
         # A manifest by tag against the digest stored for its clients.
         tag = f"{ALPINE}/manifests/3.19{ACCEPT}"
         self.assertIsNone(digest_mismatch(tag, right, {}))

@@ -725,6 +725,17 @@ class HeadTests(EngineTestCase):
         self.assertAnswer(self.h.get("/a.pkg", method="HEAD"), 200, "HIT")
 
 
+    def test_concurrent_head_misses_share_one_head(self) -> None:
+        self.serve("/a.pkg", b"package")
+        same = [self.h.send("/a.pkg", {"accept": "x"}, method="HEAD") for _ in range(3)]
+        other = self.h.send("/a.pkg", {"accept": "y"}, method="HEAD")
+        self.h.settle()
+        for client in (*same, other):
+            self.assertAnswer(client.answer(), 200, "MISS", b"")
+        # Sent alike: one HEAD; sent with other headers: its own.
+        self.assertEqual([s.method for s in self.h.origin.seen], ["HEAD", "HEAD"])
+
+
 class JoinTests(EngineTestCase):
     def test_two_clients_one_upstream_request(self) -> None:
         self.serve("/a.pkg", b"package")
@@ -912,6 +923,20 @@ class RegistrySeamTests(EngineTestCase):
         self.assertAnswer(self.h.get("/t.idx", method="HEAD"), 200, "MISS")
         self.h.later(TTL)
         self.assertAnswer(self.h.get("/t.idx"), 200, "REVALIDATED", b"manifest 1")
+        self.assertEqual(self.methods(), ["GET", "HEAD"])
+
+    def test_concurrent_revalidations_share_one_head(self) -> None:
+        """
+        Six clients revalidate a tag at once: one HEAD upstream, as a miss
+        makes one GET.  (Before, each sent its own.)
+        """
+        self.assertAnswer(self.h.get("/t.idx"), 200, "MISS")
+        self.h.later(TTL)
+        clients = [self.h.send("/t.idx", method="HEAD") for _ in range(6)]
+        self.h.settle()
+        self.assertEqual(
+            [c.answer().header("x-cache") for c in clients], ["REVALIDATED"] * 6
+        )
         self.assertEqual(self.methods(), ["GET", "HEAD"])
 
     def test_errors_in_the_front_ends_form(self) -> None:

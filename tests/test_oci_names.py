@@ -74,7 +74,7 @@ class PathTests(SynchronousTestCase):
             (oci.endpoint, oci.registry, oci.repository, oci.selection),
             (Endpoint.BLOB, "127.0.0.1:5001", "team/app", Selection.NS),
         )
-        self.assertEqual(oci.key(), f"oci:127.0.0.1:5001/team/app/blobs/{SHA}")
+        self.assertEqual(oci.key(), f"oci:blobs/{SHA}")
         self.assertEqual(
             oci.upstream_url("http://127.0.0.1:5001"),
             f"http://127.0.0.1:5001/v2/team/app/blobs/{SHA}",

@@ -148,7 +148,7 @@ class BasicTests(RegistryTestCase):
         self.assertEqual((second.header("x-cache"), second.body), ("HIT", data))
         self.assertEqual((ranged.status, ranged.body), (206, data[10:20]))
         self.assertEqual(self.origin.count(f"/v2/team/app/blobs/{layer}"), 1)
-        entry = cache.store.peek(f"oci:127.0.0.1:5001/team/app/blobs/{layer}")
+        entry = cache.store.peek(f"oci:blobs/{layer}")
         self.assertEqual("sha256:" + entry.sha256, layer)
 
     async def test_blob_head(self) -> None:
@@ -411,7 +411,7 @@ class IntegrityTests(RegistryTestCase):
         got = await self.get(cache, f"{upstream}?ns=127.0.0.1:5001")
         self.assertNotEqual(got.body, b"layer 2!!")
         self.assertTrue(got.status == 502 or not got.complete)
-        self.assertIsNone(cache.store.peek(f"oci:127.0.0.1:5001/team/app/blobs/{layer}"))
+        self.assertIsNone(cache.store.peek(f"oci:blobs/{layer}"))
 
     async def test_manifest_digest_mismatch_is_502(self) -> None:
         cache = self.cache()
@@ -446,7 +446,7 @@ class IntegrityTests(RegistryTestCase):
         self.origin.blobs[other] = bad
         got = await self.get(cache, f"/v2/team/app/blobs/{other}?ns=127.0.0.1:5001")
         self.assertEqual((got.status, errors_of(got)), (502, ["UNAVAILABLE"]))
-        self.assertIsNone(cache.store.peek(f"oci:127.0.0.1:5001/team/app/blobs/{other}"))
+        self.assertIsNone(cache.store.peek(f"oci:blobs/{other}"))
 
     async def test_truncated_tag_manifest_not_stored(self) -> None:
         cache = self.cache()
@@ -463,7 +463,7 @@ class IntegrityTests(RegistryTestCase):
         self.origin.truncate[upstream] = 1000
         got = await self.get(cache, f"{upstream}?ns=127.0.0.1:5001")
         self.assertTrue(got.status == 502 or not got.complete)
-        self.assertIsNone(cache.store.peek(f"oci:127.0.0.1:5001/team/app/blobs/{layer}"))
+        self.assertIsNone(cache.store.peek(f"oci:blobs/{layer}"))
 
 
 class ConcurrencyTests(RegistryTestCase):
@@ -578,6 +578,19 @@ class TokenTests(RegistryTestCase):
         self.assertEqual((got.status, errors_of(got)), (401, ["UNAUTHORIZED"]))
         self.assertIsNone(got.header("www-authenticate"))
         self.assertIn("--registry-auth 127.0.0.1:5001=FILE", got.body.decode())
+
+    async def test_wrong_credentials_said_so(self) -> None:
+        """Credentials given but refused: the client is told they are wrong."""
+        self.origin.token = TokenFlow(credentials=("alice", "s3cret-pw"))
+        cache = start_cache(
+            self, {"127.0.0.1:5001": self.origin_url},
+            {"127.0.0.1:5001": Credentials("alice", "wrong-pw")},
+        )
+        got = await self.get(cache, self.manifest_path(), {"accept": ALL_MANIFESTS})
+        self.assertEqual((got.status, errors_of(got)), (401, ["UNAUTHORIZED"]))
+        message = json.loads(got.body)["errors"][0]["message"]
+        self.assertIn("the credentials of --registry-auth 127.0.0.1:5001=FILE do not", message)
+        self.assertNotIn("wrong-pw", got.body.decode())
 
     async def test_token_not_sent_to_blob_storage(self) -> None:
         self.origin.token = TokenFlow()

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.apkrepo import RepositoryResource, build_apk, write_repository
 from tests.pyindex import DemoRelease, StaticSimpleIndex, build_index
 from tests.support import listen, reactor, url_of
-from tests.test_service import TWISTD, ServerProcess, free_port
+from tests.test_service import TWISTD, ServerProcess
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -50,8 +50,10 @@ class QuickStartTests(TestCase):
     timeout = 120
 
     async def test_check_commands(self) -> None:
-        if not (port_free(8899) and port_free(3141)):
-            raise SkipTest("ports 8899 and 3141 are in use; the README's commands need them")
+        if not (port_free(8899) and port_free(3141) and port_free(5000)):
+            raise SkipTest(
+                "ports 8899, 3141 or 5000 are in use; the README's commands need them"
+            )
         if not os.access(TWISTD, os.X_OK):
             raise SkipTest("twistd of this Python is not installed")
         work = Path(self.mktemp()).resolve()
@@ -72,7 +74,7 @@ class QuickStartTests(TestCase):
             [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "buildcache",
              "--port", "tcp:8899:interface=127.0.0.1",
              "--pypi-port", "tcp:3141:interface=127.0.0.1",
-             "--registry-port", f"tcp:{free_port()}:interface=127.0.0.1",
+             "--registry-port", "tcp:5000:interface=127.0.0.1",
              "--registry", "docker.io=http://127.0.0.1:1",
              "--cache-dir", str(work / "cache"),
              "--mirror", f"alpine={url_of(apk_port, '/alpine')}",
@@ -108,6 +110,7 @@ class QuickStartTests(TestCase):
         self.assertEqual(outputs[1].strip().lower(), "x-cache: miss")
         self.assertEqual(outputs[2].strip().lower(), "x-cache: hit")
         self.assertIn("six-1.16.0", outputs[3])
+        self.assertEqual(outputs[4].strip(), "{}")
         out, err, code = await getProcessOutputAndValue(
             "/bin/bash", ["-c", check_commands()[0]], env=shell_environ,
             path=str(work), reactor=reactor,

@@ -14,13 +14,11 @@ import socket
 import sys
 from pathlib import Path
 
-from attrs import define, field
+from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from buildcache.config import Config, Mirror
@@ -28,6 +26,7 @@ from buildcache.service import BuildcacheService, make_service
 from buildcache.store import Store
 from tests.pyindex import DemoRelease, StaticSimpleIndex, build_index
 from tests.support import (
+    ChildProcess,
     Client,
     FakeUpstream,
     GatedBody,
@@ -48,42 +47,10 @@ def free_port() -> int:
 
 
 @define(eq=False)
-class ServerProcess(ProcessProtocol):
-    """
-    A ``twistd buildcache`` child whose log (on stdout) can be awaited.
-    """
+class ServerProcess(ChildProcess):
+    """A ``twistd buildcache`` child whose log (on stdout) can be awaited."""
 
-    output: bytearray = field(factory=bytearray)
-    ended: Deferred[None] = field(factory=Deferred)
-    reason: Failure | None = None
-    _waiting: list[tuple[bytes, Deferred[None]]] = field(factory=list)
-
-    def wait_for(self, text: bytes) -> Deferred[None]:
-        found: Deferred[None] = Deferred()
-        self._waiting.append((text, found))
-        self._check()
-        return found
-
-    def _check(self) -> None:
-        for item in list(self._waiting):
-            if item[0] in self.output:
-                self._waiting.remove(item)
-                item[1].callback(None)
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        self._check()
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        for text, found in self._waiting:
-            found.errback(AssertionError(f"server ended before logging {text!r}:\n"
-                                         + self.output.decode(errors="replace")))
-        self._waiting.clear()
-        # A Failure given to callback() would become an errback.
-        self.reason = reason
-        self.ended.callback(None)
+    name: str = "twistd buildcache"
 
 
 def spawn_server(

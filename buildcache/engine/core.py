@@ -173,12 +173,23 @@ class Engine:
         return d
 
     async def _serve(self, request: Request, target: Target, policy: Policy) -> None:
+        resolved = await self.resolve_for(request, target, policy)
+        if resolved is not None:
+            self.respond(request, target, policy, resolved)
+
+    async def resolve_for(
+        self, request: Request, target: Target, policy: Policy
+    ) -> Resolved | None:
+        """
+        :meth:`resolve` for ``request``'s method; when that fails with a
+        failure of the error table, ``request`` is answered with its status
+        and None returned.
+        """
         try:
-            resolved = await self.resolve(target, policy, request.method)
+            return await self.resolve(target, policy, request.method)
         except ANSWERED_ERRORS as e:
             self.answer_error(request, e)
-            return
-        self.respond(request, target, policy, resolved)
+            return None
 
     def crashed(self, failure: Failure, request: Request) -> None:
         """

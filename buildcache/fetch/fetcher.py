@@ -76,7 +76,7 @@ from buildcache.store import (
     mismatch,
     uncounted_limit,
 )
-from buildcache.turns import Waiters
+from buildcache.turns import Waiters, deliver
 
 __all__ = [
     "BodyVerifier",
@@ -329,11 +329,7 @@ class Fetcher:
         if self._heads.get(key) is shared:
             del self._heads[key]
         waiting, shared.waiting = shared.waiting, []
-        for waiter in waiting:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+        deliver(waiting, result)
 
     async def _head(self, request: UpstreamRequest) -> UpstreamAnswer:
         response = await self._send("HEAD", request)

@@ -279,7 +279,12 @@ class ProxyChannel(HTTPChannel):
                 # try https first, even for an "insecure" registry): a
                 # prompt answer makes it fall back to http now, not after
                 # the request-head deadline.
-                self._refuse_request(400, "this port speaks plain HTTP, not TLS")
+                # Every skopeo or podman pull does it: not worth an info line.
+                self.log.debug(
+                    "TLS hello from {client} answered 400: this port speaks plain HTTP",
+                    event="tls_hello", client=self._peer_text(),
+                )
+                self.answer_and_close(400, "this port speaks plain HTTP, not TLS")
                 return
         if (
             self._head_call is None

@@ -108,8 +108,9 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--image", action="append", default=[], metavar="IMAGE",
         help=(
             "a container image of the registry port, named as docker names it:"
-            " REGISTRY/REPOSITORY removes the repository (its manifests, blobs,"
-            " tag lists and referrers), REPOSITORY:TAG the manifests stored"
+            " REGISTRY/REPOSITORY removes the repository (its manifests, tag"
+            " lists and referrers; layers are shared by every image, kept as"
+            " oci:blobs/DIGEST, and left to the LRU), REPOSITORY:TAG the manifests stored"
             " under that tag (for every client's Accept), REPOSITORY@DIGEST"
             " those of that digest; a name without a registry is on docker.io,"
             " 'alpine' is docker.io/library/alpine (repeatable)"
@@ -206,7 +207,12 @@ def _run_stats(options: argparse.Namespace, stdout: TextIO) -> int:
 def _run_purge(options: argparse.Namespace, stdout: TextIO) -> int:
     if not options.patterns and not options.project and not options.image:
         raise AdminError("purge needs a PATTERN or --project NAME or --image IMAGE")
-    matches = key_matcher(options.patterns, options.project, _images(options.image))
+    images = _images(options.image)
+    for given, image in zip(options.image, images):
+        if str(image) != given:
+            # "team/app" is docker.io's: say how a short name was read.
+            stdout.write(f"--image {given} is {image}\n")
+    matches = key_matcher(options.patterns, options.project, images)
     with OfflineIndex.open(options.cache_dir) as index:
         result = purge(index, matches, dry_run=options.dry_run)
     verb = "would remove" if result.dry_run else "removed"
@@ -215,7 +221,8 @@ def _run_purge(options: argparse.Namespace, stdout: TextIO) -> int:
     summary = "Would remove" if result.dry_run else "Removed"
     freed = "" if result.dry_run else " freed"
     stdout.write(
-        f"{summary} {len(result.rows)} entries, {human_size(result.bytes)}{freed}"
+        f"{summary} {len(result.rows)} {'entry' if len(result.rows) == 1 else 'entries'},"
+        f" {human_size(result.bytes)}{freed}"
         f" ({result.bytes} bytes)\n"
     )
     return 0

@@ -8,10 +8,12 @@ The keys are those the registry front end makes
 (:meth:`buildcache.ecosystems.oci.names.OciRequest.key`,
 ``oci:<registry>/<repository>/...``):
 
-- ``blobs/<digest>``;
 - ``manifests/<tag or digest>``, and ``manifests/<ref>;accept=<names>``
   for a client that accepts fewer manifest types;
 - ``tags/list[?<query>]`` and ``referrers/<digest>[?<query>]``.
+
+and a blob, whatever repository or registry it was asked from, is
+``oci:blobs/<digest>``: one copy of a layer that many images share.
 
 ``<registry>`` is the configured name (``docker.io``, ``127.0.0.1:5001``)
 and ``<repository>`` has ``library/`` for one-word Docker Hub names.  A
@@ -61,9 +63,10 @@ BLOB = "blob"
 
 # The repository is the shortest that leaves a whole section at the end
 # (a query, after "?", may hold slashes of its own).
+_BLOB_KEY = re.compile(re.escape(KEY_PREFIX) + r"blobs/(?P<ref>[^/?;#]+)")
 _KEY = re.compile(
     re.escape(KEY_PREFIX) + r"(?P<registry>[^/]+)/(?P<repository>[^?;]+?)/"
-    r"(?:(?P<section>blobs|manifests|referrers)/(?P<ref>[^/?;]+)"
+    r"(?:(?P<section>manifests|referrers)/(?P<ref>[^/?;]+)"
     r"(?:;accept=(?P<accept>[^/?]*))?|(?P<tags>tags)/list)"
     r"(?:\?(?P<query>.*))?",
     re.DOTALL,
@@ -76,6 +79,7 @@ class RegistryKey:
     What one registry key names.
     """
 
+    #: Empty for a blob (shared by every repository).
     registry: str
     repository: str
     #: ``blobs``, ``manifests``, ``tags`` (the tag list) or ``referrers``.
@@ -128,7 +132,12 @@ def parse_key(key: str) -> RegistryKey | None:
         return None
     # Without the marks of a private entry or a variant (``#p=``, ``#v=``),
     # should the engine ever add them: the rest names the same thing.
-    found = _KEY.fullmatch(key.partition("#")[0])
+    plain = key.partition("#")[0]
+    blob = _BLOB_KEY.fullmatch(plain)
+    if blob is not None:
+        # Shared by every repository: it belongs to none.
+        return RegistryKey("", "", "blobs", blob["ref"])
+    found = _KEY.fullmatch(plain)
     if found is None:
         return None
     if found["tags"]:
@@ -187,9 +196,10 @@ class ImageName:
     def names(self, key: RegistryKey) -> bool:
         """
         Whether ``key`` belongs to what this reference names: every key of
-        the repository (manifests, blobs, tag lists, referrers), or, with a
-        tag or digest, the manifests stored under it (every ``;accept=``
-        variant).
+        the repository (manifests, tag lists, referrers), or, with a tag
+        or digest, the manifests stored under it (every ``;accept=``
+        variant).  Blobs belong to no repository (one copy serves every
+        image that has the layer): the LRU removes them.
         """
         if (key.registry, key.repository) != (self.registry, self.repository):
             return False

@@ -45,6 +45,7 @@ from zope.interface import implementer
 from buildcache.credentials import Credentials, Origin
 from buildcache.fetch.client import ReadResponse, read_bounded, request_uri
 from buildcache.fetch.errors import UpstreamError
+from buildcache.turns import deliver
 
 __all__ = [
     "AUTH_BODY_LIMIT",
@@ -270,11 +271,7 @@ class RegistryTokens:
             if self._flights.get(key) is flight:
                 del self._flights[key]
             waiters, flight.waiters = flight.waiters, []
-            for waiter in waiters:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
+            deliver(waiters, result)
 
         waiter: Deferred[_Token | None] = Deferred(cancel)
         flight.waiters.append(waiter)

@@ -153,6 +153,11 @@ class OciRequest:
         The store key (see OCI_API.md "Keys"); ``accept_suffix`` is
         ``;accept=...`` for a manifest client accepting fewer types.
         """
+        if self.endpoint is Endpoint.BLOB:
+            # One copy of a layer, whatever repository or registry it is
+            # asked from: its bytes are checked against the digest, and base
+            # layers are shared by many images.
+            return f"{KEY_PREFIX}blobs/{self.reference}"
         base = f"{KEY_PREFIX}{self.name}"
         if self.endpoint is Endpoint.TAGS:
             return f"{base}/tags/list" + (f"?{self.query}" if self.query else "")

@@ -59,7 +59,6 @@ from buildcache.ecosystems.oci.policy import (
     upstream_accept,
 )
 from buildcache.engine.core import Engine, Resolved
-from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.exchanges import client_gone
 from buildcache.engine.policy import Target
 from buildcache.engine.respond import request_headers
@@ -96,6 +95,8 @@ class RegistryResource(Resource):
     :param aliases: other names of some (``index.docker.io`` ->
         ``docker.io``).
     :param policy: with it, clients outside its ``allow_from`` get 403.
+    :param credentialed: the NAMEs given credentials (``--registry-auth``),
+        for what a refusal tells the client.
     """
 
     isLeaf = True
@@ -107,8 +108,10 @@ class RegistryResource(Resource):
         registries: Mapping[str, str],
         policy: AccessPolicy | None = None,
         aliases: Mapping[str, str] = {},
+        credentialed: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
+        self.credentialed = credentialed
         self.engine = engine
         self.registries = dict(registries)
         self.aliases = dict(aliases)
@@ -212,10 +215,8 @@ class RegistryResource(Resource):
         if suffix:
             target = self._shared_copy(target, oci, accepted)
         policy = policy_for(oci, accepted)
-        try:
-            resolved = await self.engine.resolve(target, policy, request.method)
-        except ANSWERED_ERRORS as e:
-            self.engine.answer_error(request, e)
+        resolved = await self.engine.resolve_for(request, target, policy)
+        if resolved is None:
             return
         answer = resolved.answer
         if answer is not None and answer.status != 200:
@@ -305,11 +306,19 @@ class RegistryResource(Resource):
         if status in (404, 410):
             self.engine.refuse(request, 404, f"{what}: unknown to {oci.registry}")
         elif status in (401, 403):
+            if oci.registry in self.credentialed:
+                advice = (
+                    f"the credentials of --registry-auth {oci.registry}=FILE do not"
+                    " reach it (wrong, or without access to this repository)"
+                )
+            else:
+                advice = (
+                    "the cache's operator can give credentials with"
+                    f" --registry-auth {oci.registry}=FILE"
+                )
             self.engine.refuse(
                 request, 401,
-                f"{oci.registry} refused access to {oci.name} (upstream {status});"
-                f" the cache's operator can give credentials with --registry-auth"
-                f" {oci.registry}=FILE",
+                f"{oci.registry} refused access to {oci.name} (upstream {status}); {advice}",
             )
         elif status == 429:
             retry_after = headers.get("retry-after")

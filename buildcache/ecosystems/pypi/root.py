@@ -17,7 +17,6 @@ from twisted.web.server import Request
 
 from buildcache.ecosystems.pypi.policy import USER_AGENT, IndexPolicy, answer_status
 from buildcache.engine.core import Engine
-from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.freshness import Kind, client_cache_control
 from buildcache.engine.policy import Target
 from buildcache.engine.respond import send_error
@@ -95,10 +94,8 @@ class RootServer:
             variants=False,
         )
         policy = RootPolicy(index_ttl=self.index_ttl)
-        try:
-            resolved = await self.engine.resolve(target, policy, request.method)
-        except ANSWERED_ERRORS as e:
-            self.engine.answer_error(request, e)
+        resolved = await self.engine.resolve_for(request, target, policy)
+        if resolved is None:
             return
         answer = resolved.answer
         if answer is not None and answer.status != 200:
