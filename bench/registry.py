@@ -89,7 +89,9 @@ SLOW_RATE = "50m"
 CLIENTS = 8
 # Warm pulls per repeat: the client's own work (hashing and writing the
 # image) dominates them and swings by 10-20% here; their median steadies it.
-WARM_PULLS = 3
+# Three were too few: over runs 1-5 the warm medians of servers whose every
+# request differs by milliseconds moved either way by up to 0.09 s.
+WARM_PULLS = 9
 PULL_TIMEOUT = 600
 # Clients must reach the servers directly, whatever the shell exports.
 CLIENT_ENV = {
