@@ -439,7 +439,7 @@ class ServedTests(TestCase):
             "--cache-dir", running.server.config.cache_dir,
         )
         self.assertEqual(code, 0)
-        self.assertIn("Removed 1 entries", out)
+        self.assertIn("Removed 1 entry,", out)
         running.store.flush()
         again = await client.get(manifest, {"accept": ALL_MANIFESTS})
         self.assertEqual((again.status, again.header("x-cache")), (200, "MISS"))
