@@ -292,6 +292,11 @@ class ParseChallengesTests(SynchronousTestCase):
         self.assertEqual(repository_scope("/v2/x/blobs/sha256:1"), "repository:x:pull")
         self.assertEqual(repository_scope("/v2/x/tags/list"), "repository:x:pull")
         self.assertEqual(repository_scope("/v2/"), "")
+        # A registry under a path prefix: its token is reused as well.
+        self.assertEqual(
+            repository_scope("/mirror/v2/a/b/manifests/latest"), "repository:a/b:pull"
+        )
+        self.assertEqual(repository_scope("/mirror/v2/"), "")
 
 
 # -- the token flow in memory ---------------------------------------------------------

@@ -191,6 +191,13 @@ class LinkTests(SynchronousTestCase):
             '</v2/quay.io/team/app/tags/list?n=1&last=a>; rel="next"',
         )
 
+    def test_upstream_under_a_path_prefix(self) -> None:
+        oci = parse("/v2/quay.io/team/app/tags/list")
+        self.assertEqual(
+            oci.link_back('</mirror/v2/team/app/tags/list?n=1&last=a>; rel="next"'),
+            '</v2/quay.io/team/app/tags/list?n=1&last=a>; rel="next"',
+        )
+
     def test_other_link_not_rewritten(self) -> None:
         oci = parse("/v2/app/tags/list")
         self.assertIsNone(oci.link_back('</v2/other/tags/list?n=1>; rel="next"'))

@@ -285,8 +285,10 @@ class RegistryTokens:
 
 # -- the agent ------------------------------------------------------------------
 
+# A registry URL may have a path of its own before /v2/ (a mirror served
+# under a prefix): the repository is what follows the first /v2/.
 _REPOSITORY_PATH = re.compile(
-    r"^/v2/(?P<repository>.+)/(?:manifests|blobs|tags|referrers)/[^/]+$"
+    r"^(?:/[^?#]*?)?/v2/(?P<repository>.+)/(?:manifests|blobs|tags|referrers)/[^/]+$"
 )
 
 

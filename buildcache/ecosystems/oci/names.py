@@ -184,7 +184,8 @@ class OciRequest:
         path, _, query = target.partition("?")
         if "://" in path:
             path = "/" + path.split("://", 1)[1].partition("/")[2]
-        if unquote(path) != self.path():
+        # An upstream under a path prefix links under it too.
+        if not unquote(path).endswith(self.path()):
             return None
         pairs = [
             (k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "ns"
