@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 
-from attrs import define, field, frozen
+from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -57,7 +57,6 @@ from buildcache.engine.exchanges import (
 )
 from buildcache.engine.freshness import (
     Decision,
-    Kind,
     client_credentials,
     decide,
     effective_kind,
@@ -74,50 +73,13 @@ from buildcache.engine.keys import (
     private_family,
 )
 from buildcache.engine.policy import NO_EXPECTATION, Expectation, Policy, Target
+from buildcache.engine.resolved import Resolved, ForClient
 from buildcache.engine.respond import send_error, serve_answer, serve_head, serve_stored
 from buildcache.engine.variants import URL_VARIANTS
 from buildcache.fetch.fetcher import Fetcher, UpstreamAnswer, UpstreamRequest, drained
 from buildcache.store import Entry, Store, StoredObject
 
 __all__ = ["Engine", "Resolved"]
-
-@frozen
-class Resolved:
-    """
-    What the engine found for a target: a stored entry (HIT, REVALIDATED,
-    STALE: ``stored`` is open, the caller sends or closes it) or an upstream
-    answer (MISS: ``answer``, whose body is None when a HEAD was answered by
-    a HEAD upstream).
-    """
-
-    cache: CacheStatus
-    #: The kind that governed it (HTTP for a private request).
-    kind: Kind
-    stored: StoredObject | None = None
-    answer: UpstreamAnswer | None = None
-    #: For a client with credentials (see :class:`_ForClient`).
-    private: bool = False
-
-    def close(self) -> None:
-        """Give up what was resolved without sending it."""
-        if self.stored is not None:
-            self.stored.close()
-        elif self.answer is not None and self.answer.body is not None:
-            self.answer.body.close()
-
-
-@frozen
-class _ForClient:
-    """
-    A target as one client may see it: with the client's own credentials,
-    its entries are keyed by them (an HMAC under the cache's secret) and
-    only their own directives decide their life.
-    """
-
-    target: Target
-    key: str
-    kind: Kind
-    private: bool
 
 
 @define
@@ -285,12 +247,12 @@ class Engine:
         return None
 
     def _resolved(
-        self, client: _ForClient, cache: CacheStatus, *,
+        self, client: ForClient, cache: CacheStatus, *,
         stored: StoredObject | None = None, answer: UpstreamAnswer | None = None,
     ) -> Resolved:
         return Resolved(cache, client.kind, stored, answer, client.private)
 
-    def _open(self, client: _ForClient, policy: Policy) -> StoredObject | None:
+    def _open(self, client: ForClient, policy: Policy) -> StoredObject | None:
         """
         The stored entry that answers ``client``, opened, when the policy
         lets it (see :meth:`Policy.answers`); None to fetch.
@@ -311,7 +273,7 @@ class Engine:
             return None
         return stored
 
-    def _fresh(self, client: _ForClient, policy: Policy, entry: Entry) -> bool:
+    def _fresh(self, client: ForClient, policy: Policy, entry: Entry) -> bool:
         return decide(
             client.kind, entry.headers, entry.validated_at, self.clock.seconds(),
             client.target.headers, policy.ttl(client.kind, self.index_ttl),
@@ -383,16 +345,16 @@ class Engine:
         except (UpstreamError, IntegrityError) as e:
             self.log.warn("Could not revalidate {key}: {error}", key=client.key, error=str(e))
 
-    def _for_client(self, target: Target, policy: Policy) -> _ForClient:
+    def _for_client(self, target: Target, policy: Policy) -> ForClient:
         private = bool(client_credentials(target.headers))
-        return _ForClient(
+        return ForClient(
             target, self.family(target), effective_kind(policy.kind(target), private),
             private,
         )
 
     def _upstream_request(
         self,
-        client: _ForClient,
+        client: ForClient,
         policy: Policy,
         conditional: Mapping[str, str],
         expected: Expectation,
@@ -428,7 +390,7 @@ class Engine:
         )
 
     async def _revalidate(
-        self, client: _ForClient, policy: Policy, stored: StoredObject
+        self, client: ForClient, policy: Policy, stored: StoredObject
     ) -> Resolved:
         validator = policy.head_validator(client.kind)
         version = None if validator is None else stored.entry.headers.get(validator)
@@ -453,7 +415,7 @@ class Engine:
         return self._resolved(client, CacheStatus.MISS, answer=outcome)
 
     async def _ask_or_stale(
-        self, client: _ForClient, policy: Policy, stored: StoredObject,
+        self, client: ForClient, policy: Policy, stored: StoredObject,
         ask: Callable[[], Awaitable[UpstreamAnswer]],
     ) -> UpstreamAnswer | Resolved:
         """
@@ -490,7 +452,7 @@ class Engine:
         stored.close()
         return answer
 
-    def _backing_off(self, client: _ForClient, stored: StoredObject) -> bool:
+    def _backing_off(self, client: ForClient, stored: StoredObject) -> bool:
         """
         Whether ``stored`` is served stale without asking its upstream,
         which failed moments ago (when it may be served stale at all;
@@ -501,7 +463,7 @@ class Engine:
         )
 
     async def _revalidate_by_head(
-        self, client: _ForClient, policy: Policy, stored: StoredObject,
+        self, client: ForClient, policy: Policy, stored: StoredObject,
         validator: str, version: str,
     ) -> Resolved:
         """
@@ -538,7 +500,7 @@ class Engine:
             return fetched
         return self._resolved(client, CacheStatus.MISS, answer=fetched)
 
-    async def _refreshed(self, client: _ForClient, policy: Policy, key: str) -> Resolved:
+    async def _refreshed(self, client: ForClient, policy: Policy, key: str) -> Resolved:
         """
         The entry under ``key`` the upstream just confirmed, or, when it
         was evicted while the upstream was asked, a fetch of it.
@@ -565,7 +527,7 @@ class Engine:
         except StaleForbidden:
             return None
 
-    def _stale(self, client: _ForClient, stored: StoredObject, why: str) -> Resolved:
+    def _stale(self, client: ForClient, stored: StoredObject, why: str) -> Resolved:
         if not may_serve_stale(stored.entry.headers, client.private):
             stored.close()
             raise StaleForbidden(
@@ -579,7 +541,7 @@ class Engine:
             self.observer.stale_served(client.target.url)
         return self._resolved(client, CacheStatus.STALE, stored=stored)
 
-    async def _head(self, client: _ForClient, policy: Policy) -> Resolved:
+    async def _head(self, client: ForClient, policy: Policy) -> Resolved:
         """
         A HEAD that missed goes upstream as a HEAD: nothing is fetched or
         stored for it (a HEAD that joins a running download shares it).
@@ -593,7 +555,7 @@ class Engine:
         return self._resolved(client, CacheStatus.MISS, answer=answer)
 
     async def _stored_for_head(
-        self, client: _ForClient, policy: Policy, resolved: Resolved
+        self, client: ForClient, policy: Policy, resolved: Resolved
     ) -> Resolved:
         """
         A HEAD for a file its policy fetches whole for a HEAD (see
@@ -621,7 +583,7 @@ class Engine:
             ))
         return self._resolved(client, CacheStatus.MISS, stored=stored)
 
-    async def _miss(self, client: _ForClient, policy: Policy) -> Resolved:
+    async def _miss(self, client: ForClient, policy: Policy) -> Resolved:
         target = client.target
         expected = await policy.expect(target, self)
         adopted = await self.adopt(target, policy, expected)
