@@ -73,7 +73,7 @@ from buildcache.engine.keys import (
     private_family,
 )
 from buildcache.engine.policy import NO_EXPECTATION, Expectation, Policy, Target
-from buildcache.engine.resolved import Resolved, ForClient
+from buildcache.engine.resolved import ForClient, Resolved
 from buildcache.engine.respond import send_error, serve_answer, serve_head, serve_stored
 from buildcache.engine.variants import URL_VARIANTS
 from buildcache.fetch.fetcher import Fetcher, UpstreamAnswer, UpstreamRequest, drained
@@ -491,9 +491,16 @@ class Engine:
 
         async def get() -> UpstreamAnswer:
             expected = await policy.expect(client.target, self)
-            return await self.fetcher.fetch(
+            answer = await self.fetcher.fetch(
                 self._upstream_request(client, policy, {}, expected)
             )
+            if answer.status == 304:
+                if answer.body is not None:
+                    answer.body.close()
+                raise UpstreamError(
+                    f"{client.target.url} answered 304 to an unconditional request"
+                )
+            return answer
 
         fetched = await self._ask_or_stale(client, policy, again, get)
         if isinstance(fetched, Resolved):
@@ -567,6 +574,10 @@ class Engine:
         answer = resolved.answer
         if answer is None or answer.status != 200 or answer.body is None:
             return resolved
+        # What was stored before: still there afterwards means the new body
+        # was not kept (no-store, a type this client may not store), and
+        # the old copy must not answer for it.
+        before = self.find(client.target)
         download = answer.body.download
         await drained(answer.body)
         failure = download.failure
@@ -576,6 +587,9 @@ class Engine:
                 failure.raiseException()
             raise UpstreamError(f"{client.target.url}: {failure.getErrorMessage()}")
         stored = self._open(client, policy)
+        if stored is not None and before is not None and stored.entry == before:
+            stored.close()
+            stored = None
         if stored is None:
             # Not kept (no-store, say): its status and headers still answer.
             return self._resolved(client, CacheStatus.MISS, answer=UpstreamAnswer(

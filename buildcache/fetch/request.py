@@ -163,12 +163,15 @@ class UpstreamRequest:
         A request with a ``source_digest`` was checked against one version
         of an index entry: it joins only a download checked against that
         same version (a verifier built from an older entry is not its
-        check), and gets its own otherwise.
+        check), and gets its own otherwise.  Nor does a request for another
+        URL join (a registry's layer is one key whatever repository asks
+        for it): another upstream's failure is not its answer.
         (Whether the answer's ``Vary`` lets them share is known only once
         it arrives; see :meth:`buildcache.fetch.fetcher.Fetcher.fetch`.)
         """
         return (
-            all(
+            self.url == running.url
+            and all(
                 self.headers.get(name) == running.headers.get(name)
                 for name in _IDENTIFYING_HEADERS
             )

@@ -212,31 +212,36 @@ class RegistryResource(Resource):
             operator_credentials=True,
             variants=False,
         )
+        own = (target, policy_for(oci, accepted))
+        tries = [own]
         if suffix:
-            target = self._shared_copy(target, oci, accepted)
-        policy = policy_for(oci, accepted)
-        resolved = await self.engine.resolve_for(request, target, policy)
-        if resolved is None:
-            return
-        answer = resolved.answer
-        if answer is not None and answer.status != 200:
+            shared = self._shared_copy(target, oci, accepted)
+            if shared is not None:
+                # Stored and revalidated as the copy for every type is; this
+                # client gets it only while its type is one it takes, else
+                # its own key is asked.
+                tries.insert(0, (shared, policy_for(oci, ALL_MANIFEST_TYPES)))
+        for target, policy in tries:
+            resolved = await self.engine.resolve_for(request, target, policy)
+            if resolved is None:
+                return
+            answer = resolved.answer
+            if answer is not None and answer.status != 200:
+                resolved.close()
+                self._upstream_failed(request, oci, answer.status, answer.headers)
+                return
+            sent = _type_of(resolved)
+            if oci.endpoint is not Endpoint.MANIFEST or sent in accepted:
+                break
             resolved.close()
-            self._upstream_failed(request, oci, answer.status, answer.headers)
-            return
-        if (
-            answer is not None
-            and oci.endpoint is Endpoint.MANIFEST
-            and media_type(answer.headers.get("content-type")) not in accepted
-        ):
+        else:
             # An upstream that ignored Accept: an OCI index must never reach
             # a client that takes Docker v2 manifests only (nor is it stored).
-            resolved.close()
             request.setHeader("vary", "Accept")
             self.engine.refuse(
                 request, 404,
                 f"{_described(oci)}: {oci.registry} has it only as"
-                f" {media_type(answer.headers.get('content-type')) or 'no type'},"
-                " which this client does not accept",
+                f" {sent or 'no type'}, which this client does not accept",
             )
             return
         if client_gone(request):
@@ -249,12 +254,13 @@ class RegistryResource(Resource):
 
     def _shared_copy(
         self, target: Target, oci: OciRequest, accepted: frozenset[str]
-    ) -> Target:
+    ) -> Target | None:
         """
         ``target`` for a client that takes fewer manifest types than all,
-        moved to the copy stored for clients that take every type when
+        moved to the copy stored for clients that take every type, when
         that copy is of a type this client takes: one copy, one
-        revalidation, served stale to both when the upstream fails.
+        revalidation, served stale to both when the upstream fails.  None
+        when no such copy is stored.
         """
         shared = evolve(
             target, key=oci.key(""),
@@ -263,7 +269,7 @@ class RegistryResource(Resource):
         entry = self.engine.find(shared)
         if entry is not None and media_type(entry.headers.get("content-type")) in accepted:
             return shared
-        return target
+        return None
 
     def _extra_headers(self, oci: OciRequest, resolved: Resolved) -> dict[str, str]:
         """
@@ -334,6 +340,14 @@ class RegistryResource(Resource):
                 request, 502, f"{oci.registry} answered {status} for {what}"
             )
 
+
+
+def _type_of(resolved: Resolved) -> str:
+    """The media type of what ``resolved`` would send."""
+    if resolved.stored is not None:
+        return media_type(resolved.stored.entry.headers.get("content-type"))
+    assert resolved.answer is not None
+    return media_type(resolved.answer.headers.get("content-type"))
 
 
 _NOUNS = {
