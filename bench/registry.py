@@ -71,10 +71,11 @@ from processes import (  # noqa: E402
 
 from tests.registry_parts import (  # noqa: E402
     Blob,
-    BlockingRegistry,
     OciImage,
     Skopeo,
     build_image,
+    registry_argv,
+    write_registry_config,
 )
 
 KB = 1024
@@ -181,8 +182,10 @@ def start_distribution(directory: Path, remote: str | None) -> Server:
     Debian's docker-registry on a free port (storage in
     ``directory``/storage); a pull-through proxy of ``remote`` if given.
     """
-    registry = BlockingRegistry.start(directory, proxy_remote=remote)
-    return Server(registry.process, directory / "registry.log", registry.port)
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = write_registry_config(directory, port, remote)
+    return launch(registry_argv(config), directory / "output.log", port, directory)
 
 
 @attrs.define

@@ -12,7 +12,7 @@ Nothing here talks to anything but 127.0.0.1, and every client runs with
 
 - plain functions and ``subprocess`` (for the bench, which runs no reactor
   while it measures): :func:`build_image`, :func:`write_registry_config`,
-  :class:`BlockingRegistry`, :class:`Skopeo` (``argv``/``run``),
+  :func:`registry_argv`, :class:`Skopeo` (``argv``/``run``),
   :func:`access_log_counts`;
 - Twisted ones (for trial tests, whose reactor keeps serving while a client
   runs): :func:`start_registry`, :func:`start_buildcache`,
@@ -26,11 +26,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -188,60 +186,13 @@ class _OnLoopback:
         return f"http://{self.authority}"
 
 
-@define
-class BlockingRegistry(_OnLoopback):
-    """
-    A ``docker-registry`` child started with ``subprocess`` (for the bench):
-    :meth:`start` returns once it listens; :meth:`stop` ends it by its PID.
-    Its output goes to ``directory/registry.log``.
-    """
-
-    directory: Path
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @classmethod
-    def start(
-        cls, directory: Path, port: int | None = None, proxy_remote: str | None = None,
-        timeout: float = 30,
-    ) -> BlockingRegistry:
-        port = port or free_port()
-        config = write_registry_config(directory, port, proxy_remote)
-        log = (directory / "registry.log").open("wb")
-        process = subprocess.Popen(registry_argv(config), stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        running = cls(directory, port, process)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return running
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    running.stop()
-                    tail = (directory / "registry.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"docker-registry did not start on {port}:\n{tail}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-
 _ACCESS_LINE = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) ([^ "?]+)[^ "]* HTTP/[0-9.]+" ([0-9]{3}) ')
 
 
 def access_log_counts(text: str, status: int | None = None) -> Counter[tuple[str, str]]:
     """
     Requests by (method, path) in a ``docker-registry`` access log (its
-    combined-format lines; :class:`BlockingRegistry` writes them to
-    ``registry.log``), only those answered ``status`` when given.  A line
+    combined-format lines, on its standard error), only those answered ``status`` when given.  A line
     is written once its response is done: read it after the clients
     finished and the registry stopped (a test uses the forwarder instead).
     """
