@@ -124,16 +124,17 @@ def check_http_url(url: str) -> str:
     return url
 
 
-def check_http_url_without_userinfo(url: str) -> str:
+def check_http_url_without_userinfo(url: str, how_to_give: str | None = None) -> str:
     """
     :func:`check_http_url`, refusing user information: a configured URL's
     credentials are taken off it (see :func:`split_http_url`) and kept apart.
+    ``how_to_give`` tells the refusal's reader where they go instead.
     """
     check_http_url(url)
     if "@" in urlsplit(url).netloc:
         raise ValueError(
-            f"{hide_userinfo(url)!r} carries user information; credentials"
-            " are kept apart from upstream URLs"
+            f"{hide_userinfo(url)!r} carries user information; "
+            + (how_to_give or "credentials are kept apart from upstream URLs")
         )
     return url
 
@@ -526,7 +527,12 @@ def parse_registry(text: str) -> Registry:
         raise ValueError(f"{hide_userinfo(text)!r} is not NAME=URL")
     name = name.strip().lower()
     check_registry_name(name)
-    return Registry(name=name, url=check_http_url_without_userinfo(url.strip()))
+    checked = check_http_url_without_userinfo(
+        url.strip(),
+        f"give a registry's credentials with --registry-auth {name}=FILE"
+        " (a file holding USER:PASSWORD)",
+    )
+    return Registry(name=name, url=checked)
 
 
 def parse_registry_auth(text: str) -> tuple[str, str, Credentials]:

@@ -52,6 +52,20 @@ class OptionsTests(TestCase):
                 "--cache-dir", self.mktemp(), "--registry-auth", f"quay.io={self.mktemp()}",
             ])
 
+    def test_credentials_in_a_registry_url_point_to_registry_auth(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from buildcache.options import Options
+
+        options = Options(environ={"PIP_INDEX_URL": "http://127.0.0.1:1/simple"})
+        with self.assertRaises(UsageError) as raised:
+            options.parseOptions(
+                ["--cache-dir", self.mktemp(), "--registry", "x.io=http://u:s3cret@h"]
+            )
+        message = str(raised.exception)
+        self.assertIn("--registry-auth x.io=FILE", message)
+        self.assertNotIn("s3cret", message)
+
 
 class RegistryAuthFileTests(TestCase):
     def write(self, content: bytes) -> str:

@@ -491,16 +491,9 @@ class Engine:
 
         async def get() -> UpstreamAnswer:
             expected = await policy.expect(client.target, self)
-            answer = await self.fetcher.fetch(
+            return _unconditional(client.target.url, await self.fetcher.fetch(
                 self._upstream_request(client, policy, {}, expected)
-            )
-            if answer.status == 304:
-                if answer.body is not None:
-                    answer.body.close()
-                raise UpstreamError(
-                    f"{client.target.url} answered 304 to an unconditional request"
-                )
-            return answer
+            ))
 
         fetched = await self._ask_or_stale(client, policy, again, get)
         if isinstance(fetched, Resolved):
@@ -622,12 +615,21 @@ class Engine:
             answer = await self.fetcher.fetch(
                 self._upstream_request(client, policy, {}, newer)
             )
-        if answer.status == 304:
-            # Nothing was asked on condition: a 304 has no body to serve.
-            if answer.body is not None:
-                answer.body.close()
-            raise UpstreamError(f"{target.url} answered 304 to an unconditional request")
+        _unconditional(target.url, answer)
         if not stale_status(answer.status, policy.stale_on(answer.status)):
             # The host answers again: its stale entries are asked about.
             self.backoff.succeeded(target.url)
         return self._resolved(client, CacheStatus.MISS, answer=answer)
+
+
+def _unconditional(url: str, answer: UpstreamAnswer) -> UpstreamAnswer:
+    """
+    ``answer`` to a request sent without conditions; a 304 to one is an
+    upstream failure: nothing was asked on condition, and it has no body
+    to serve.
+    """
+    if answer.status == 304:
+        if answer.body is not None:
+            answer.body.close()
+        raise UpstreamError(f"{url} answered 304 to an unconditional request")
+    return answer
