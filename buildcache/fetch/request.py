@@ -152,6 +152,10 @@ class UpstreamRequest:
     #: The front end the bytes fetched are counted for (see
     #: :meth:`buildcache.fetch.events.FetchObserver.upstream_received`).
     front_end: str = "proxy"
+    #: Whether the body may come from, and go to, a shared tier (see
+    #: :mod:`buildcache.fetch.shared`): set by the engine for an immutable
+    #: file asked without credentials.
+    shared: bool = False
 
     def may_join(self, running: UpstreamRequest) -> bool:
         """
@@ -219,3 +223,6 @@ class UpstreamAnswer:
     status: int
     headers: Mapping[str, str] = field(eq=False)
     body: DownloadBody | None
+    #: Read from the shared tier, not fetched upstream: no byte of it
+    #: crossed the upstream line.
+    shared: bool = False
