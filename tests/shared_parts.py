@@ -176,7 +176,7 @@ class _ToStore(Protocol):
         # upload paused whatever the store's side asks.
         self.transport.registerProducer(self.peer, True)  # type: ignore[attr-defined]
         self.peer.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
-        self.peer.connected = True
+        self.peer.store_ready = True
         self.peer.update()
 
     def dataReceived(self, data: bytes) -> None:
@@ -210,7 +210,7 @@ class _FromNode(Protocol):
     def __init__(self, gate: StoreGate) -> None:
         self.gate = gate
         self.store: _ToStore | None = None
-        self.connected = False
+        self.store_ready = False
         self.held = False
         self.paused_by_store = False
 
@@ -223,7 +223,7 @@ class _FromNode(Protocol):
     def update(self) -> None:
         if self.transport is None:
             return
-        if self.connected and not self.held and not self.paused_by_store:
+        if self.store_ready and not self.held and not self.paused_by_store:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         else:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
@@ -438,14 +438,25 @@ class Node:
         result: list[dict[str, Any]] = await poll(found, f"{self.name} logs {name} x{count}", bound)
         return result
 
-    async def stats(self) -> dict[str, Any]:
+    async def page(self, path: str) -> bytes:
+        """A page of the node's own (``/``, ``/-/stats.json``, ``/-/metrics``)."""
         client = Client()
         try:
-            got = await client.get(f"http://127.0.0.1:{self.proxy_port}/-/stats.json")
+            got = await client.get(f"http://127.0.0.1:{self.proxy_port}{path}")
         finally:
             await client.close()
-        result: dict[str, Any] = json.loads(got.body)
+        if got.status != 200:
+            raise AssertionError(f"{self.name} {path}: {got.status}")
+        return got.body
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(await self.page("/-/stats.json"))
         return result
+
+    async def tier(self) -> dict[str, Any]:
+        """The shared tier's figures in the node's stats."""
+        figures: dict[str, Any] = (await self.stats()).get("shared") or {}
+        return figures
 
     def stop(self) -> Deferred[None]:
         return self.child.stop()

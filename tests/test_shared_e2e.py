@@ -114,14 +114,20 @@ class _Shared:
         if x_cache is not None:
             self.assertEqual(fetched.x_cache, x_cache, fetched.url)
 
-    def assert_no_secrets(self: Any, *nodes: Node) -> None:
-        """Neither the AWS secret, the shared secret nor a signature is logged."""
+    async def assert_no_secrets(self: Any, *nodes: Node) -> None:
+        """
+        Neither the AWS secret key, the shared secret nor a presigned
+        URL's signature is in a node's log, status page, stats or metrics.
+        """
         shared_secret = self.secret_file.read_bytes().strip().decode()
         for node in nodes:
-            text = node.log_text()
-            self.assertNotIn(SECRET_KEY, text, node.name)
-            self.assertNotIn(shared_secret, text, node.name)
-            self.assertIsNone(_SIGNATURE.search(text), node.name)
+            shown = {"log": node.log_text()}
+            for path in ("/", "/-/stats.json", "/-/metrics"):
+                shown[path] = (await node.page(path)).decode(errors="replace")
+            for where, text in shown.items():
+                self.assertNotIn(SECRET_KEY, text, (node.name, where))
+                self.assertNotIn(shared_secret, text, (node.name, where))
+                self.assertIsNone(_SIGNATURE.search(text), (node.name, where))
 
 
 class SharingTests(_Shared, SeaweedCase):
@@ -161,7 +167,16 @@ class SharingTests(_Shared, SeaweedCase):
         # The blobs are content-addressed and hold the bodies.
         for path in paths:
             self.assertIn(blob_name(self.files[path]), self.shared.names("blobs/"))
-        self.assert_no_secrets(a, b)
+        figures = await b.tier()
+        self.assertEqual(
+            (figures["healthy"], figures["conditional"], figures["signed"]), (True, True, True)
+        )
+        self.assertEqual(
+            (figures["hits"], figures["hit_bytes"]),
+            (len(paths), sum(len(self.files[p]) for p in paths)),
+        )
+        self.assertEqual((await a.tier())["uploads"], len(paths))
+        await self.assert_no_secrets(a, b)
 
     async def test_two_nodes_eight_clients_one_fetch_per_file(self) -> None:
         """
@@ -205,6 +220,12 @@ class SharingTests(_Shared, SeaweedCase):
                 for k, node in enumerate(("a", "b"))
             }
             self.assertIn({"HIT"}, by_node.values(), (path, by_node))
+        # The other node waited on the lease of the one that fetched, and
+        # never gave up waiting.
+        figures = [await node.tier() for node in (a, b)]
+        self.assertGreaterEqual(sum(f["lease_waits"] for f in figures), len(self.racing))
+        self.assertEqual(sum(f["lease_timeouts"] for f in figures), 0)
+        await self.assert_no_secrets(a, b)
 
     async def test_corrupt_blob_caught_never_served_replaced(self) -> None:
         """
@@ -223,12 +244,17 @@ class SharingTests(_Shared, SeaweedCase):
         fetched = await fetch_one(b.url(path), self.work / "b")
         self.assert_served(fetched, path)
         self.assertEqual(self.origin.gets(path), 2)
+        failed = b.events("shared_copy_failed")
+        # (Logged by the fetcher and by the tier: the same copy.)
+        self.assertEqual({e["name"] for e in failed}, {blob_name(data)})
+        self.assertGreaterEqual((await b.tier())["rejected"], 1)
+        # Replaced: the blob holds the good body again.
         await self.published(data)
 
         c = await self.node("c")
         self.assert_served(await fetch_one(c.url(path), self.work / "c"), path, "HIT")
         self.assertEqual(self.origin.gets(path), 2)
-        self.assert_no_secrets(a, b, c)
+        await self.assert_no_secrets(a, b, c)
 
     async def test_pip_through_two_nodes_shares_wheels(self) -> None:
         """
@@ -282,8 +308,9 @@ class StoreFailureTests(_Shared, TestCase):
     """
 
     async def setUp(self) -> None:  # type: ignore[override]
-        store_dir = Path(self.mktemp()).resolve()
-        self.store = start_seaweed(store_dir)
+        # In a short temporary directory of its own (its unix sockets'
+        # paths must stay under 108 bytes), removed with it.
+        self.store = start_seaweed()
         self.addCleanup(self.store.remove)
         self.store.create_bucket("killed")
         self.big = pool_path("big")
@@ -337,4 +364,7 @@ class StoreFailureTests(_Shared, TestCase):
             return fetched.x_cache == "HIT" and self.origin.gets(path) == 1
 
         await poll(shared_again, "B serving from the tier what A fetched", bound=120, every=1)
-        self.assert_no_secrets(a, b)
+        await a.wait_event(RECOVERED)
+        await b.wait_event(RECOVERED)
+        self.assertTrue((await a.tier())["healthy"])
+        await self.assert_no_secrets(a, b)
