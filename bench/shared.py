@@ -18,8 +18,9 @@ fetches the 20 files in turn:
 
 1. ``A cold``: through A, from the upstream (A publishes to the bucket);
 2. ``B cold``: through B, from the shared tier (after A's records are in);
-3. ``B warm``: through B again, from its own disk;
-4. ``C cold`` and ``C warm``: the same through a node without the tier.
+3. ``C cold``: through a node without the tier, from the upstream;
+4. ``B warm`` and ``C warm``: from their own disks (L1 hits), 5 rounds
+   each, in turns, the median round.
 
 Then the race: two fresh nodes on a fresh prefix, 8 curl clients on each
 (16 processes, ``--parallel-immediate``), all on the same 4 files, cold;
@@ -56,7 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ SMALLEST = 5 * MB
 LARGEST = 50 * MB
 RACE_FILES = 4
 CLIENTS = 8
+#: Warm fetches of the 20 files per node and repeat (L1 hits).
+WARM_ROUNDS = 5
 BUCKET = "bench"
 #: Quiet time for nginx's access log to settle (it logs a request when it ends).
 CURL_MAX_TIME = 300
@@ -360,11 +363,17 @@ def sharing_repeat(
     scratch: Path, repeat: int, origin: Origin, store: str, endpoint: str, prefix: str,
     files: Sequence[File], secret: Path, with_plain: bool = True,
 ) -> dict[str, Any]:
-    """A cold, B cold (from the tier), B warm; C cold and warm (no tier)."""
+    """
+    A cold, B cold (from the tier); C cold (no tier); then B warm and C
+    warm in turns (``WARM_ROUNDS`` each, interleaved so that the
+    machine's drift falls on both).
+    """
     directory = scratch / f"repeat{repeat}"
     result: dict[str, Any] = {}
     total = sum(f.size for f in files)
-    with node(directory, "a", origin, store, secret) as a, node(directory, "b", origin, store, secret) as b:
+    with ExitStack() as nodes:
+        a = nodes.enter_context(node(directory, "a", origin, store, secret))
+        b = nodes.enter_context(node(directory, "b", origin, store, secret))
         result["conditional_honoured"] = a.events("shared_store_conditional")[0].get("honoured")
         mark = origin.mark()
         result["a_cold_s"], transfers = fetch_all(a, files)
@@ -375,14 +384,23 @@ def sharing_repeat(
         result["b_cold_s"], transfers = fetch_all(b, files)
         result["b_cold_x_cache"] = x_cache_counts(transfers)
         result["b_cold_origin_gets"] = origin.requests_since(mark)
-        result["b_warm_s"], transfers = fetch_all(b, files)
-        result["b_warm_x_cache"] = x_cache_counts(transfers)
-        result["peak_rss_mb"] = max(a.peak_rss_mb(), b.peak_rss_mb())
-    if with_plain:
-        with node(directory, "c", origin, None, secret) as c:
+        warm: dict[str, list[float]] = {"b": [], "c": []}
+        c = None
+        if with_plain:
+            c = nodes.enter_context(node(directory, "c", origin, None, secret))
             result["c_cold_s"], _ = fetch_all(c, files)
-            result["c_warm_s"], transfers = fetch_all(c, files)
-            result["c_warm_x_cache"] = x_cache_counts(transfers)
+        for _ in range(WARM_ROUNDS):
+            for name, n in (("b", b), ("c", c)):
+                if n is not None:
+                    seconds, transfers = fetch_all(n, files)
+                    warm[name].append(seconds)
+                    result[f"{name}_warm_x_cache"] = x_cache_counts(transfers)
+        result["b_warm_rounds_s"] = warm["b"]
+        result["b_warm_s"] = median(warm["b"])
+        if c is not None:
+            result["c_warm_rounds_s"] = warm["c"]
+            result["c_warm_s"] = median(warm["c"])
+        result["peak_rss_mb"] = max(a.peak_rss_mb(), b.peak_rss_mb())
     for name in ("a_cold", "b_cold", "b_warm", "c_cold", "c_warm"):
         if f"{name}_s" in result:
             result[f"{name}_mb_per_s"] = total / MB / result[f"{name}_s"]
@@ -405,7 +423,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def summarise(repeats: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    keys = [k for k in repeats[0] if k.endswith("_s") or k.endswith("_mb_per_s")]
+    keys = [k for k in repeats[0] if (k.endswith(("_s", "_mb_per_s", "_mb")))
+            and not k.endswith("_rounds_s")]
     summary: dict[str, Any] = {k: median([r[k] for r in repeats]) for k in keys}
     summary["repeats"] = list(repeats)
     return summary
@@ -575,7 +594,8 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
             ("C cold, from the throttled upstream (no tier)", f"{s['c_cold_s']:.2f}", f"{s['c_cold_mb_per_s']:.0f}"),
             ("B cold, from the shared tier", f"{s['b_cold_s']:.2f}", f"{s['b_cold_mb_per_s']:.0f}"),
             ("B warm, from its own disk (tier)", f"{s['b_warm_s']:.2f}", f"{s['b_warm_mb_per_s']:.0f}"),
-            ("C warm, from its own disk (no tier)", f"{s['c_warm_s']:.2f}", f"{s['c_warm_mb_per_s']:.0f}")]
+            ("C warm, from its own disk (no tier)", f"{s['c_warm_s']:.2f}", f"{s['c_warm_mb_per_s']:.0f}"),
+            ("peak RSS of A and B (MB)", f"{s['peak_rss_mb']:.0f}", "")]
     for n, r in enumerate(report["seaweedfs"]["race"]):
         rows.append((f"race {n + 1}: 2 nodes x {CLIENTS} clients x {RACE_FILES} files",
                      f"{r['wall_s']:.2f}", f"GETs/file {sorted(set(r['origin_gets'].values()))}"))
