@@ -142,15 +142,20 @@ class SharingTests(_Shared, SeaweedCase):
         sizes = {small: 100 * KB, medium: 3 * MB, large: 24 * MB}
         sizes.update({path: 4 * MB for path in racing})
         sizes[pool_path("corrupt")] = 2 * MB
+        #: Suite metadata: changes under its name, so it stays per node.
+        self.index = "dists/stable/Release"
+        sizes[self.index] = 4 * KB
         self.set_up_parts(self.store, self.bucket(), sizes)
 
     async def test_node_b_serves_what_node_a_fetched(self) -> None:
         """
         What node A fetched (a small, a medium and a 24 MB file, streamed)
         node B serves from the shared tier: byte-identical, ``X-Cache:
-        HIT``, with no request to the origin; then from its own disk.
+        HIT``, with no request to the origin; then from its own disk.  A
+        mutable file (suite metadata) is not shared: each node fetches it.
         """
         a, b = await self.nodes("a", "b")
+        self.assert_served(await fetch_one(a.url(self.index), self.work / "ai"), self.index, "MISS")
         paths = list(self.paths.values())
         for n, fetched in enumerate(await curl([a.url(p) for p in paths], self.work / "a")):
             self.assert_served(fetched, paths[n], "MISS")
@@ -163,7 +168,7 @@ class SharingTests(_Shared, SeaweedCase):
         # B stored them: its own disk serves them now, still no upstream.
         for n, fetched in enumerate(await curl([b.url(p) for p in paths], self.work / "b2")):
             self.assert_served(fetched, paths[n], "HIT")
-        self.assertEqual(self.origin.total_gets(), len(paths))
+        self.assertEqual(sum(self.origin.gets(p) for p in paths), len(paths))
         # The blobs are content-addressed and hold the bodies.
         for path in paths:
             self.assertIn(blob_name(self.files[path]), self.shared.names("blobs/"))
@@ -176,6 +181,11 @@ class SharingTests(_Shared, SeaweedCase):
             (len(paths), sum(len(self.files[p]) for p in paths)),
         )
         self.assertEqual((await a.tier())["uploads"], len(paths))
+        # The index, fetched before them, was not published; B asks the
+        # origin for it.
+        self.assertNotIn(blob_name(self.files[self.index]), self.shared.names("blobs/"))
+        self.assert_served(await fetch_one(b.url(self.index), self.work / "bi"), self.index, "MISS")
+        self.assertEqual(self.origin.gets(self.index), 2)
         await self.assert_no_secrets(a, b)
 
     async def test_two_nodes_eight_clients_one_fetch_per_file(self) -> None:
