@@ -1,0 +1,3 @@
+"""
+The shared object-store tier behind each node's disk (issue 15).
+"""
