@@ -245,7 +245,7 @@ class Bucket:
     def blob(self, name: str, size: int, modified: float) -> str:
         digest = sha(name)
         self.store.put(f"blobs/sha256/{digest}", b"b" * size, modified)
-        self.store.put(record_name(name), b"{}", modified)
+        self.store.put(record_name(name), json.dumps({"sha256": digest}).encode(), modified)
         return digest
 
     def batch(self, node: str, seq: int, entries: list[Any]) -> str:
@@ -279,7 +279,7 @@ class EvictorTests(SynchronousTestCase):
 
     def three_blobs(self) -> tuple[str, str, str]:
         """
-        Blobs old, middle, new (3000 bytes each, 2 bytes per record):
+        Blobs old, middle, new (3000 bytes each, small records):
         ``old`` was used (access batch) after ``new`` was written.
         """
         old = self.bucket.blob("old", 3000, START - 3000)
@@ -595,3 +595,50 @@ class EvictorTests(SynchronousTestCase):
         self.assertIsNotNone(report)
         self.assertTrue(events(self.captured, "shared_evict_state_invalid"))
         self.assertEqual(set(self.store.json(STATE)["blobs"]), {old})
+
+    def test_a_record_published_again_stays(self) -> None:
+        """
+        A record that names another blob by now (its key was published
+        again with another body) is not deleted with the old blob.
+        """
+        old, middle, new = self.three_blobs()
+        self.bucket.batch("node-b", 2, [[middle, record_name("middle"), 3000, START - 1900]])
+        self.store.put(record_name("middle"), json.dumps({"sha256": new}).encode(), START - 10)
+        report = self.pass_(self.evictor(max_size=9000))
+        assert report is not None
+        self.assertEqual(report.evicted, 1)
+        self.assertEqual(report.records_deleted, 0)
+        self.assertEqual(self.bucket.blobs(), {old, new})
+        self.assertIn(record_name("middle"), self.bucket.records())
+
+    def test_access_times_ahead_of_the_clock_count_as_now(self) -> None:
+        """
+        A node whose clock runs ahead cannot make a blob look used in the
+        future: its times count as the evicting node's now.
+        """
+        old, middle, new = self.three_blobs()
+        self.bucket.batch("node-b", 2, [[middle, record_name("middle"), 3000, START + 86400]])
+        self.pass_(self.evictor(max_size=100_000))
+        self.assertEqual(self.store.json(STATE)["blobs"][middle][0], START)
+
+    def test_a_lease_taken_over_mid_pass_ends_it(self) -> None:
+        """
+        Renewing, a node that finds another's lease in place of its own
+        (both found the same expired lease) ends its pass.
+        """
+        self.three_blobs()
+        gate: Deferred[None] = Deferred()
+        self.store.gates["list"] = gate
+        evictor = self.evictor(max_size=100, lease_ttl=60)
+        with capturedLogs() as captured:
+            running = run(evictor.run_once())
+            self.store.put(EVICT_LEASE, json.dumps({"node": "node-b", "expires": START + 90}).encode())
+            self.clock.advance(40)
+            gate.callback(None)
+        self.assertIsNone(self.successResultOf(running))
+        self.assertEqual(len(self.bucket.blobs()), 3)
+        [lost] = events(captured, "shared_evict_lease_lost")
+        self.assertEqual(lost["holder"], "node-b")
+        self.assertEqual(self.store.json(EVICT_LEASE)["node"], "node-b")
+        self.successResultOf(evictor.stop())
+        self.assertEqual(self.store.json(EVICT_LEASE)["node"], "node-b")

@@ -20,7 +20,9 @@ A pass (:meth:`Evictor.run_once`):
 4. when the prefix holds more than ``max_size`` bytes, deletes blobs least
    recently used first -- a blob's last use is the later of its
    LastModified and its merged access time -- each after the records known
-   to point at it, until the prefix is under ``low_water × max_size``;
+   to point at it (those that still do: a key published again with another
+   body keeps its record), until the prefix is under ``low_water ×
+   max_size``;
 5. writes the merged map, then deletes the batches it merged.
 
 Every step may fail (the store down, slow, refusing): the failure is
@@ -88,6 +90,8 @@ MAX_ENTRIES = 10_000
 MAX_RECORDS_PER_BLOB = 16
 #: Bytes of the merged map read (it holds at most ``MAX_LISTED`` blobs).
 STATE_LIMIT = 64 * 1024 * 1024
+#: Bytes of a record read before it is deleted.
+RECORD_LIMIT = 256 * 1024
 #: Bytes of the lease object read.
 LEASE_LIMIT = 4096
 
@@ -209,10 +213,11 @@ class Evictor:
 
     async def run_once(self) -> EvictionReport | None:
         """
-        One pass; None when another node holds the eviction lease, or
-        when the pass ended early (logged).
+        One pass; None when another node holds the eviction lease, when
+        this node is already running one or stopping, or when the pass
+        ended early (logged).
         """
-        if self._running is not None:
+        if self._running is not None or self._stopping:
             return None
         running: Deferred[EvictionReport | None] = Deferred.fromCoroutine(self._pass())
         self._running = running
@@ -234,7 +239,8 @@ class Evictor:
             self._prune(state, listing, started)
             # The merged batches go once the state is written: they do
             # not count towards the bound.
-            gone = sum(size for name, size in listing.batches if name in set(merged))
+            merged_names = set(merged)
+            gone = sum(size for name, size in listing.batches if name in merged_names)
             report = await self._evict(state, listing, len(merged), gone)
             await self._checkpoint()
             if await self._write_state(state):
@@ -326,8 +332,26 @@ class Evictor:
             return False
 
     async def _write_lease(self) -> None:
+        """
+        Renew the lease -- unless another node holds it now: two nodes
+        that found the same expired lease may each have deleted it and
+        taken it, and the later one keeps it; the other ends its pass.
+        """
         try:
+            held = await self._read_lease()
+            if held is not None and held[0] != self.node:
+                self._lease_expires = 0.0
+                log.warn(
+                    "Shared tier: node {node} lost the eviction lease to node"
+                    " {holder} mid-pass; its pass ends",
+                    event="shared_evict_lease_lost",
+                    node=self.node,
+                    holder=held[0],
+                )
+                raise _Abort()
             await self.objects.put_small(EVICT_LEASE, self._lease_bytes())
+        except _Abort:
+            raise
         except Exception as error:
             self._failed("renewing the lease", error)
             raise _Abort() from error
@@ -433,7 +457,7 @@ class Evictor:
                 self._invalid_batch(name, str(error))
                 merged.append(name)
                 continue
-            _merge_entries(state, entries[:MAX_ENTRIES])
+            _merge_entries(state, entries[:MAX_ENTRIES], self.clock.seconds())
             merged.append(name)
         return merged
 
@@ -482,9 +506,9 @@ class Evictor:
                 records = state.get(sha, (0.0, []))[1]
                 try:
                     for record in records:
-                        await self.objects.delete(record)
-                        records_deleted += 1
-                        total -= listing.records.pop(record, 0)
+                        if await self._delete_record(record, sha):
+                            records_deleted += 1
+                            total -= listing.records.pop(record, 0)
                     await self.objects.delete(BLOBS + sha)
                 except Exception as error:
                     self._failed(f"deleting blob {sha}", error)
@@ -501,6 +525,24 @@ class Evictor:
             records_deleted=records_deleted,
             batches_merged=merged,
         )
+
+    async def _delete_record(self, record: str, sha: str) -> bool:
+        """
+        Delete ``record`` if it still names blob ``sha`` (or is not a
+        record at all): the key may have been published again since with
+        another body (a rebuilt package), whose record must stay.
+        """
+        data = await self.objects.get_small(record, RECORD_LIMIT)
+        if data is None:
+            return False
+        try:
+            named = json.loads(data).get("sha256")
+        except (ValueError, AttributeError):
+            named = sha  # unreadable: no reader uses it either
+        if named != sha:
+            return False
+        await self.objects.delete(record)
+        return True
 
     async def _write_state(self, state: _State) -> bool:
         data = json.dumps(
@@ -525,10 +567,12 @@ class Evictor:
                 return
 
 
-def _merge_entries(state: _State, entries: list[object]) -> None:
+def _merge_entries(state: _State, entries: list[object], now: float) -> None:
     """
     Fold access entries ``[sha256, record, size, unix_t]`` into ``state``;
-    malformed entries are skipped.
+    malformed entries are skipped.  A time after ``now`` (a node whose
+    clock runs ahead) counts as ``now``: it cannot keep a blob young for
+    longer than it is used.
     """
     for entry in entries:
         if not isinstance(entry, list) or len(entry) != 4:
@@ -541,4 +585,4 @@ def _merge_entries(state: _State, entries: list[object]) -> None:
         last, records = state.get(sha, (0.0, []))
         if isinstance(record, str) and _RECORD.match(record) and record not in records:
             records = (records + [record])[-MAX_RECORDS_PER_BLOB:]
-        state[sha] = (max(last, float(when)), records)
+        state[sha] = (max(last, min(float(when), now)), records)
