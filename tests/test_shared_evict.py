@@ -642,3 +642,17 @@ class EvictorTests(SynchronousTestCase):
         self.assertEqual(self.store.json(EVICT_LEASE)["node"], "node-b")
         self.successResultOf(evictor.stop())
         self.assertEqual(self.store.json(EVICT_LEASE)["node"], "node-b")
+
+    def test_a_defect_is_logged_not_raised(self) -> None:
+        """
+        Even an unexpected error (here a listing of the wrong shape) ends
+        the pass with a logged failure, not an exception to the caller.
+        """
+        async def broken(prefix: str, token: str | None = None) -> tuple[list[Info], str | None]:
+            return [object()], None  # type: ignore[list-item]
+
+        self.store.list_page = broken  # type: ignore[method-assign]
+        self.assertIsNone(self.pass_(self.evictor()))
+        failures = [e for e in self.captured if e.get("log_failure") is not None]
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)

@@ -248,6 +248,11 @@ class Evictor:
             await self._write_lease()
         except _Abort:
             return None
+        except Exception:
+            # A defect, not the store (whose failures are caught at each
+            # step): still never raised into the timer or the tier.
+            log.failure("Shared tier: eviction pass of node {node} failed", node=self.node)
+            return None
         self.evicted += report.evicted
         self.evicted_bytes += report.evicted_bytes
         self.last_eviction = self.clock.seconds()
