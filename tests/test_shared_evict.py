@@ -656,3 +656,24 @@ class EvictorTests(SynchronousTestCase):
         failures = [e for e in self.captured if e.get("log_failure") is not None]
         self.assertEqual(len(failures), 1)
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+    def test_the_state_is_bounded(self) -> None:
+        """
+        A state too large to read is never read (a pass would fail on it
+        forever) but replaced; one that would be too large is written with
+        the more recently used half.
+        """
+        self.patch(evict, "STATE_LIMIT", 300)
+        old, middle, new = self.three_blobs()
+        self.store.put(STATE, b" " * 301)
+        self.bucket.batch("node-b", 2, [
+            [middle, record_name("middle"), 3000, START - 400],
+            [new, record_name("new"), 3000, START - 300],
+        ])
+        report = self.pass_(self.evictor(max_size=100_000))
+        self.assertIsNotNone(report)
+        self.assertTrue(events(self.captured, "shared_evict_state_invalid"))
+        self.assertNotIn(("get", STATE), self.store.calls)
+        state = self.store.json(STATE)["blobs"]
+        self.assertLessEqual(len(self.store.data[STATE][0]), 300)
+        self.assertEqual(set(state), {new})

@@ -134,6 +134,8 @@ class _Listing:
     batches: list[tuple[str, int]] = field(factory=list)
     total: int = 0
     truncated: bool = False
+    #: The merged map's size, if listed.
+    state_size: int | None = None
 
 
 #: The merged map: per blob sha256, [latest use, [record names]].
@@ -234,7 +236,7 @@ class Evictor:
             if not await self._take_lease():
                 return None
             listing = await self._list()
-            state = await self._read_state()
+            state = await self._read_state(listing.state_size)
             merged = await self._merge(state, listing.batches)
             self._prune(state, listing, started)
             # The merged batches go once the state is written: they do
@@ -399,6 +401,8 @@ class Evictor:
                     listing.records[name] = info.size
                 elif name.startswith(ACCESS_PREFIX) and len(listing.batches) < MAX_BATCHES:
                     listing.batches.append((name, info.size))
+                elif name == STATE:
+                    listing.state_size = info.size
             if token is None:
                 return listing
             if seen >= MAX_LISTED:
@@ -411,7 +415,11 @@ class Evictor:
                 )
                 return listing
 
-    async def _read_state(self) -> _State:
+    async def _read_state(self, size: int | None) -> _State:
+        if size is not None and size > STATE_LIMIT:
+            # Never read, so that no pass is stuck on it; written anew.
+            self._invalid_state(f"{size} bytes, over {STATE_LIMIT}")
+            return {}
         try:
             data = await self.objects.get_small(STATE, STATE_LIMIT)
         except Exception as error:
@@ -426,14 +434,18 @@ class Evictor:
                 for sha, (when, records) in blobs.items()
                 if _HEX.match(sha)
             }
-        except (ValueError, TypeError, KeyError, AttributeError):
-            log.warn(
-                "Shared tier: the merged access map {name} is unreadable;"
-                " starting a new one (blobs look as old as their LastModified)",
-                event="shared_evict_state_invalid",
-                name=STATE,
-            )
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            self._invalid_state(str(error))
             return {}
+
+    def _invalid_state(self, why: str) -> None:
+        log.warn(
+            "Shared tier: the merged access map {name} is unusable ({why});"
+            " starting a new one (blobs look as old as their LastModified)",
+            event="shared_evict_state_invalid",
+            name=STATE,
+            why=why,
+        )
 
     async def _merge(self, state: _State, batches: list[tuple[str, int]]) -> list[str]:
         """
@@ -550,10 +562,17 @@ class Evictor:
         return True
 
     async def _write_state(self, state: _State) -> bool:
-        data = json.dumps(
-            {"v": 1, "node": self.node, "blobs": {s: [w, r] for s, (w, r) in state.items()}},
-            separators=(",", ":"),
-        ).encode()
+        while True:
+            data = json.dumps(
+                {"v": 1, "node": self.node, "blobs": {s: [w, r] for s, (w, r) in state.items()}},
+                separators=(",", ":"),
+            ).encode()
+            if len(data) <= STATE_LIMIT or not state:
+                break
+            # Too large to be read back: keep the more recently used half.
+            keep = sorted(state.items(), key=lambda item: item[1][0])[len(state) // 2:]
+            state.clear()
+            state.update(keep)
         try:
             await self.objects.put_small(STATE, data)
         except Exception as error:
