@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Coroutine
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -173,7 +174,9 @@ class ObjectStoreTests(SeaweedCase):
         async def go() -> None:
             failures = []
             for store in (objects, closed):
-                calls = [store.get_small("records/a.json", 10)]
+                calls: list[Coroutine[Any, Any, object]] = [
+                    store.get_small("records/a.json", 10)
+                ]
                 if store is closed:
                     # (SeaweedFS makes a bucket on PUT; a HEAD in a
                     # missing bucket is a 404 without a body.)
