@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from xml.etree import ElementTree
 
 from attrs import define, field, frozen
@@ -32,7 +32,7 @@ from zope.interface import implementer
 from buildcache.fetch.client import UpstreamClient, read_bounded
 from buildcache.shared.location import S3Location
 
-__all__ = ["ObjectInfo", "ObjectStore", "SharedStoreError", "object_store"]
+__all__ = ["ObjectInfo", "ObjectStore", "ObjectStoreAPI", "SharedStoreError", "object_store"]
 
 T = TypeVar("T")
 
@@ -66,6 +66,31 @@ class ObjectInfo:
     #: Unix seconds.
     last_modified: float
     etag: str | None = None
+
+
+class ObjectStoreAPI(Protocol):
+    """
+    What the tier uses of :class:`ObjectStore` (and a test's in-memory
+    store implements).
+    """
+
+    def get_url(self, name: str) -> str: ...
+
+    async def get_small(
+        self, name: str, limit: int, timeout: float | None = None
+    ) -> bytes | None: ...
+
+    async def put_small(self, name: str, data: bytes, *, if_absent: bool = False) -> bool: ...
+
+    async def put_file(self, name: str, fd: int, size: int) -> None: ...
+
+    async def head(self, name: str) -> ObjectInfo | None: ...
+
+    async def delete(self, name: str) -> None: ...
+
+    async def list_page(
+        self, prefix: str, token: str | None = None
+    ) -> tuple[list[ObjectInfo], str | None]: ...
 
 
 @implementer(IBodyProducer)
