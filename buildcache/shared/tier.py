@@ -165,25 +165,25 @@ class S3Tier:
     #: None until probed (no leases meanwhile).
     conditional: bool | None = None
 
-    hits: int = 0
-    hit_bytes: int = 0
-    uploads: int = 0
-    upload_bytes: int = 0
-    upload_failures: int = 0
-    lease_waits: int = 0
-    lease_timeouts: int = 0
-    rejected: int = 0
+    hits: int = field(default=0, init=False)
+    hit_bytes: int = field(default=0, init=False)
+    uploads: int = field(default=0, init=False)
+    upload_bytes: int = field(default=0, init=False)
+    upload_failures: int = field(default=0, init=False)
+    lease_waits: int = field(default=0, init=False)
+    lease_timeouts: int = field(default=0, init=False)
+    rejected: int = field(default=0, init=False)
 
-    _healthy: bool = True
-    _retry_at: float = 0.0
-    _last_error: str | None = None
-    _failing_since: float | None = None
-    _held: dict[str, Lease] = field(factory=dict)
-    _failed_copies: OrderedDict[str, str] = field(factory=OrderedDict)
-    _uploads: set[Deferred[None]] = field(factory=set)
-    _probe_call: IDelayedCall | None = None
-    _probing: Deferred[None] | None = None
-    _stopped: bool = False
+    _healthy: bool = field(default=True, init=False)
+    _retry_at: float = field(default=0.0, init=False)
+    _last_error: str | None = field(default=None, init=False)
+    _failing_since: float | None = field(default=None, init=False)
+    _held: dict[str, Lease] = field(factory=dict, init=False)
+    _failed_copies: OrderedDict[str, str] = field(factory=OrderedDict, init=False)
+    _running: set[Deferred[None]] = field(factory=set, init=False)
+    _probe_call: IDelayedCall | None = field(default=None, init=False)
+    _probing: Deferred[None] | None = field(default=None, init=False)
+    _stopped: bool = field(default=False, init=False)
 
     log = Logger()
 
@@ -238,7 +238,7 @@ class S3Tier:
             self._probe_call = None
         if self._probing is not None:
             await self._probing
-        for upload in list(self._uploads):
+        for upload in list(self._running):
             upload.cancel()
         leases = list(self._held.values())
         for lease in leases:
@@ -457,7 +457,7 @@ class S3Tier:
         if why is None and not self._usable():
             why = "store failing"
             self.upload_failures += 1
-        if why is None and len(self._uploads) >= MAX_UPLOADS:
+        if why is None and len(self._running) >= MAX_UPLOADS:
             why = "too many uploads running"
             self.upload_failures += 1
         if why is not None:
@@ -469,8 +469,8 @@ class S3Tier:
                 lease.release()
             return
         upload = Deferred.fromCoroutine(self._publish(request, entry, lease))
-        self._uploads.add(upload)
-        upload.addBoth(lambda _: self._uploads.discard(upload))
+        self._running.add(upload)
+        upload.addBoth(lambda _: self._running.discard(upload))
 
     async def _publish(
         self, request: UpstreamRequest, entry: Entry, lease: SharedLease | None
