@@ -18,7 +18,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from buildcache.fetch.shared import SharedCopy
 from buildcache.shared.leases import Lease, encode_lease
 from buildcache.shared.location import S3Location
-from buildcache.shared.records import Record, blob_name, encode_record, lease_name, record_name
+from buildcache.shared.records import (
+    Record,
+    blob_name,
+    encode_record,
+    lease_name,
+    record_name,
+)
 from buildcache.shared.tier import S3Tier
 from tests.shared_memory import FileStore, MemoryObjects
 from tests.test_shared_units import request, result
@@ -201,7 +207,7 @@ class TierTests(SynchronousTestCase):
         for _ in range(5):
             self.clock.advance(1)
         lease = self.successResultOf(waiting)
-        self.assertIsInstance(lease, Lease)
+        assert isinstance(lease, Lease)
         self.assertEqual(json.loads(self.objects.objects[lease_name(KEY)])["node"], "n1")
         lease.release()
 
