@@ -141,10 +141,10 @@ class Lease:
         if self._call is not None:
             self._call.cancel()
             self._call = None
-        if self.on_release is not None:
-            self.on_release(self)
         previous = self._busy
         self._busy = Deferred.fromCoroutine(self._delete(previous))
+        if self.on_release is not None:
+            self.on_release(self)
 
     async def _delete(self, previous: Deferred[None] | None) -> None:
         if previous is not None:
@@ -170,7 +170,7 @@ class Lease:
         if busy is None:
             return Deferred.fromCoroutine(_nothing())
         done: Deferred[None] = Deferred()
-        busy.addBoth(lambda _: done.callback(None))
+        busy.addBoth(lambda _: None if done.called else done.callback(None))
         return done
 
 

@@ -181,6 +181,8 @@ class S3Tier:
     _held: dict[str, Lease] = field(factory=dict, init=False)
     _failed_copies: OrderedDict[str, str] = field(factory=OrderedDict, init=False)
     _running: set[Deferred[None]] = field(factory=set, init=False)
+    #: Deletions of released leases.
+    _releasing: set[Deferred[None]] = field(factory=set, init=False)
     _probe_call: IDelayedCall | None = field(default=None, init=False)
     _probing: Deferred[None] | None = field(default=None, init=False)
     _stopped: bool = field(default=False, init=False)
@@ -243,11 +245,19 @@ class S3Tier:
         leases = list(self._held.values())
         for lease in leases:
             lease.release()
-        await DeferredList([lease.ended() for lease in leases])
+        await self._idle()
         if self.access is not None:
             await self.access.stop()
         if self.evictor is not None:
             await self.evictor.stop()
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no publication is running (tests, shutdown)."""
+        return Deferred.fromCoroutine(self._idle())
+
+    async def _idle(self) -> None:
+        while self._running or self._releasing:
+            await DeferredList(list(self._running | self._releasing))
 
     def status(self) -> SharedTierStatus:
         evictor = self.evictor
@@ -375,6 +385,9 @@ class S3Tier:
     def _released(self, lease: Lease) -> None:
         if self._held.get(lease.name) is lease:
             del self._held[lease.name]
+        deleted = lease.ended()
+        self._releasing.add(deleted)
+        deleted.addBoth(lambda _: self._releasing.discard(deleted))
 
     async def _find_copy(self, request: UpstreamRequest) -> SharedCopy | None:
         name = record_name(request.key)
