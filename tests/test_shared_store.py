@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 from attrs import define
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -181,13 +183,76 @@ class SharedStoreTests(SeaweedCase):
             self.assertEqual(self.origin.requests[PATH], 2)
             self.assertEqual(b.tier.status().rejected, 1)
             self.assertEqual(
-                len([e for e in self.events if e.get("event") == "shared_copy_failed"]), 2
+                len([e for e in self.events if e.get("event") == "shared_copy_failed"]), 1
             )
             # ... and replaced in the bucket.
             blob = self.store.get_object(self.bucket_name, "cache/" + blob_name(SHA))
             self.assertEqual(blob, BODY)
             self.assertEqual(b.tier.status().uploads, 1)
             self.no_url_logged()
+
+        return Deferred.fromCoroutine(go())
+
+    def test_store_killed_mid_upload(self) -> Deferred[None]:
+        a, b = self.node("node-a"), self.node("node-b")
+        real_pread = os.pread
+        killed: list[int] = []
+
+        def pread(fd: int, count: int, offset: int) -> bytes:
+            # The store dies once the upload is under way.
+            if offset >= 512 * 1024 and not killed:
+                killed.append(offset)
+                self.store.kill(grace=0)
+            return real_pread(fd, count, offset)
+
+        async def go() -> None:
+            await self.started(a, b)
+            self.patch(os, "pread", pread)
+            first = await self.fetch(a)
+            assert first.body is not None
+            # The client got it all from the origin, no error.
+            self.assertEqual(read_all(first.body), BODY)
+            self.assertEqual(len(killed), 1)
+            status = a.tier.status()
+            self.assertEqual((status.uploads, status.upload_failures), (0, 1))
+            self.assertFalse(status.healthy)
+            self.assertEqual(
+                len([e for e in self.events if e.get("event") == "shared_store_failing"]), 1
+            )
+            # Down: node b is served from the origin at once.
+            second = await self.fetch(b)
+            assert second.body is not None
+            self.assertEqual(read_all(second.body), BODY)
+            self.assertEqual(self.origin.requests[PATH], 2)
+            self.assertFalse(b.tier.status().healthy)
+            self.store.start()
+            # No record of a blob that never arrived whole.
+            self.assertIsNone(
+                self.store.get_object(self.bucket_name, "cache/" + record_name(KEY))
+            )
+            self.no_url_logged()
+
+        return Deferred.fromCoroutine(go())
+
+    def test_slow_store_costs_a_miss(self) -> Deferred[None]:
+        # A store that takes the connection and never answers.
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        self.location = S3Location(
+            "bucket", "", f"http://127.0.0.1:{silent.getHost().port}"
+        )
+        a = self.node("node-a")
+        a.tier.conditional = True
+
+        async def go() -> None:
+            answer = await self.fetch(a)
+            assert answer.body is not None
+            self.assertEqual(read_all(answer.body), BODY)
+            status = a.tier.status()
+            self.assertFalse(status.healthy)
+            self.assertIn("timed out", status.last_error or "")
+            # Skipped while unhealthy, publication included.
+            self.assertEqual(status.upload_failures, 1)
 
         return Deferred.fromCoroutine(go())
 

@@ -169,7 +169,7 @@ class TierTests(SynchronousTestCase):
         # Same size as the good one: replaced all the same.
         tier.publish(request(), self.files.add(KEY, BODY), None)
         self.assertEqual(self.objects.objects[blob_name(SHA)], BODY)
-        [event] = self.named("shared_copy_failed")
+        [event] = self.named("shared_blob_to_replace")
         self.assertEqual(event["name"], blob_name(SHA))
 
     def test_waits_for_the_holder(self) -> None:

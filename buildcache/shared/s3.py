@@ -231,13 +231,25 @@ class ObjectStore:
         return self._url("get_object", name)
 
     async def _bounded(self, work: Deferred[T], what: str, timeout: float | None) -> T:
-        work.addTimeout(self.timeout if timeout is None else timeout, self.clock)
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            work.cancel()
+
+        timer = self.clock.callLater(self.timeout if timeout is None else timeout, expire)
         try:
             return await work
         except SharedStoreError:
             raise
         except Exception as e:
-            raise SharedStoreError(f"{what}: {_describe(e)}") from None
+            # A cancelled request fails as the agent says (often
+            # ResponseNeverReceived): the timer says why.
+            why = "timed out" if expired else _describe(e)
+            raise SharedStoreError(f"{what}: {why}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
 
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str] | None = None,

@@ -443,9 +443,10 @@ class S3Tier:
         self._failed_copies.move_to_end(request.key)
         while len(self._failed_copies) > FAILED_COPIES:
             self._failed_copies.popitem(last=False)
-        self.log.warn(
-            "Shared copy {name} of {key} failed ({why}): fetching it upstream to replace it",
-            name=copy.name, key=request.key, why=why, event="shared_copy_failed",
+        # (The fetcher logs the failure itself.)
+        self.log.info(
+            "Shared copy {name} of {key} will be replaced by the upstream's body",
+            name=copy.name, key=request.key, why=why, event="shared_blob_to_replace",
         )
 
     # -- publishing -----------------------------------------------------------
