@@ -8,6 +8,7 @@ store and a memory clock.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -35,6 +36,7 @@ from buildcache.shared.records import (
     lease_name,
     record_name,
 )
+from buildcache.shared.s3 import ObjectStore, object_store
 from tests.shared_memory import MemoryObjects
 
 SHA = "ab" * 32
@@ -255,3 +257,49 @@ class LeaseTests(SynchronousTestCase):
         self.assertTrue(result(probe_conditional(self.objects, "n1")))
         self.assertNotIn("probe/n1", self.objects.objects)
         self.assertFalse(result(probe_conditional(MemoryObjects(conditional=False), "n1")))
+
+
+class CredentialsTests(SynchronousTestCase):
+    """
+    The AWS credentials are read once, from the standard chain (here the
+    environment), and shown nowhere.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_shared_s3 import with_credentials
+
+        with_credentials(self)
+        os.environ["AWS_ACCESS_KEY_ID"] = "AKIDFIRSTKEY"
+        os.environ["AWS_SECRET_ACCESS_KEY"] = "first-secret-value"
+
+    def objects(self) -> ObjectStore:
+        from twisted.web.client import Agent
+
+        from buildcache.fetch.client import upstream_client
+
+        clock = MemoryReactorClock()
+        return object_store(
+            S3Location("bkt", "p/", "http://127.0.0.1:1"),
+            upstream_client(Agent(clock)), clock,
+        )
+
+    def test_resolved_once(self) -> None:
+        objects = self.objects()
+        os.environ["AWS_ACCESS_KEY_ID"] = "AKIDSECONDKEY"
+        url = objects.get_url("blobs/sha256/" + SHA)
+        self.assertIn("X-Amz-Credential=AKIDFIRSTKEY", url)
+        self.assertIn("/bkt/p/blobs/sha256/" + SHA, url)
+        self.assertIn("X-Amz-Signature=", url)
+
+    def test_not_shown(self) -> None:
+        objects = self.objects()
+        for text in (repr(objects), str(objects)):
+            self.assertNotIn("AKIDFIRSTKEY", text)
+            self.assertNotIn("first-secret-value", text)
+
+    def test_unsigned_without_credentials(self) -> None:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            del os.environ[name]
+        url = self.objects().get_url("records/x.json")
+        self.assertNotIn("X-Amz-Signature", url)
+        self.assertTrue(url.endswith("/bkt/p/records/x.json"), url)

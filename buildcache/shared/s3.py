@@ -25,6 +25,7 @@ from xml.etree import ElementTree
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -46,6 +47,8 @@ _LIST_LIMIT = 8 * 1024 * 1024
 #: least this many bytes a second.
 _MIN_UPLOAD_RATE = 1024 * 1024
 _CHUNK = 256 * 1024
+
+_log = Logger(namespace="buildcache.shared.s3")
 
 _S3_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 
@@ -459,6 +462,12 @@ def object_store(
 
     session = botocore.session.Session()
     credentials = session.get_credentials()
+    if credentials is None:
+        _log.warn(
+            "No AWS credentials found (environment, shared files): requests to the "
+            "shared store {location} go unsigned", location=location.url(),
+            event="shared_store_unsigned",
+        )
     config = botocore.config.Config(
         signature_version="s3v4" if credentials is not None else botocore.UNSIGNED,
         s3={"addressing_style": "path"},

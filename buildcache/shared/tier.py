@@ -238,8 +238,10 @@ class S3Tier:
         if self._probe_call is not None:
             self._probe_call.cancel()
             self._probe_call = None
-        if self._probing is not None:
-            await self._probing
+        if self._probing is not None and not self._probing.called:
+            # A probe of a store that does not answer would hold the stop.
+            self._probing.addErrback(lambda _: None)
+            self._probing.cancel()
         for upload in list(self._running):
             upload.cancel()
         leases = list(self._held.values())
@@ -281,6 +283,9 @@ class S3Tier:
         return not self._stopped and self.clock.seconds() >= self._retry_at
 
     def _failing(self, error: Exception) -> None:
+        if self._stopped:
+            # What stopping cancelled.
+            return
         now = self.clock.seconds()
         self._retry_at = now + UNHEALTHY_FOR
         self._last_error = str(error)
