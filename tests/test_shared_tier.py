@@ -211,6 +211,17 @@ class TierTests(SynchronousTestCase):
         self.assertEqual(json.loads(self.objects.objects[lease_name(KEY)])["node"], "n1")
         lease.release()
 
+    def test_own_lease_from_an_earlier_run(self) -> None:
+        self.objects.objects[lease_name(KEY)] = encode_lease("n2", 5000.0)
+        tier = self.tier()
+        waiting = tier.before_upstream(request())
+        # n2 ends; this node (n1) restarted with a lease of its own left.
+        self.objects.objects[lease_name(KEY)] = encode_lease("n1", 5000.0)
+        self.clock.advance(0.2)
+        lease = self.successResultOf(waiting)
+        assert isinstance(lease, Lease)
+        lease.release()
+
     def test_holder_gives_up(self) -> None:
         self.objects.objects[lease_name(KEY)] = encode_lease("n2", 5000.0)
         tier = self.tier()

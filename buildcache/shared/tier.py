@@ -351,7 +351,11 @@ class S3Tier:
                 # Another download of the key on this node (one that may
                 # not join it): wait for its record like another node's.
                 holder = Holder(self.node, self.clock.seconds() + self.lease_ttl)
-            elif holder is None or holder.expires <= self.clock.seconds():
+            elif (
+                holder is None or holder.node == self.node
+                or holder.expires <= self.clock.seconds()
+            ):
+                # Free, dead, or this node's own left from an earlier run.
                 got = await take_lease(
                     self.objects, self.clock, name, self.node, self.lease_ttl, self.renew_every
                 )
