@@ -12,16 +12,24 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from attrs import frozen
+from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 
+from buildcache.fetch.client import upstream_client
 from buildcache.shared import evict
 from buildcache.shared.access import KEPT_BATCHES, AccessLog
 from buildcache.shared.evict import EVICT_LEASE, STATE, EvictionReport, Evictor
+from buildcache.shared.location import S3Location
+from buildcache.shared.s3 import object_store
+from tests.seaweed_parts import SeaweedCase
+from tests.test_shared_s3 import with_credentials
 
 _T = TypeVar("_T")
+reactor: Any = _reactor
 
 START = 1_800_000_000.0
 
@@ -677,3 +685,65 @@ class EvictorTests(SynchronousTestCase):
         state = self.store.json(STATE)["blobs"]
         self.assertLessEqual(len(self.store.data[STATE][0]), 300)
         self.assertEqual(set(state), {new})
+
+
+class EvictorSeaweedTests(SeaweedCase):
+    """
+    The access log and the evictor against a real S3 store (SeaweedFS):
+    its listing, its LastModified, its conditional PUT.
+    """
+
+    def test_a_pass_on_a_real_store(self) -> Deferred[None]:
+        """
+        Two nodes: the one holding the lease (taken with a real
+        ``If-None-Match: *``) merges the access batch and evicts the blob
+        no node used, with its record; the other does nothing; objects
+        outside the prefix are never touched; stopping releases the lease.
+        """
+        bucket = self.bucket()
+        with_credentials(self)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        http = upstream_client(Agent(reactor, pool=pool))
+        objects = object_store(S3Location(bucket, "pre/", self.store.endpoint), http, reactor)
+        self.store.put_object(bucket, "other/blobs/sha256/" + sha("x"), b"y" * 5000)
+
+        async def go() -> None:
+            digests = {}
+            for name in ["old", "middle", "new"]:
+                digest = digests[name] = sha(name)
+                await objects.put_small(f"blobs/sha256/{digest}", b"b" * 3000)
+                await objects.put_small(record_name(name), json.dumps({"sha256": digest}).encode())
+            # middle was used an hour ago (its record is known); old and new now.
+            clock = Clock()
+            clock.advance(reactor.seconds() - 3600)
+            access = AccessLog(objects, clock, "node-b")
+            access.touched(digests["middle"], record_name("middle"), 3000)
+            clock.advance(reactor.seconds() - clock.seconds())
+            for name in ["old", "new"]:
+                access.touched(digests[name], record_name(name), 3000)
+            await access.stop()
+            self.assertEqual(access.written, 1)
+            a = Evictor(objects, reactor, "node-a", max_size=9000)
+            b = Evictor(objects, reactor, "node-b", max_size=9000)
+            with capturedLogs() as captured:
+                report = await a.run_once()
+                self.assertIsNone(await b.run_once())
+            self.assertFalse(events(captured, "shared_evict_failed"))
+            assert report is not None
+            self.assertEqual((report.blobs, report.evicted, report.records_deleted,
+                              report.batches_merged), (3, 1, 1, 1))
+            keys = set(self.store.list_keys(bucket))
+            self.assertEqual(keys, {
+                "other/blobs/sha256/" + sha("x"),
+                "pre/" + EVICT_LEASE, "pre/" + STATE,
+                "pre/blobs/sha256/" + digests["old"], "pre/" + record_name("old"),
+                "pre/blobs/sha256/" + digests["new"], "pre/" + record_name("new"),
+            })
+            state = json.loads(self.store.get_object(bucket, "pre/" + STATE) or b"")
+            self.assertEqual(set(state["blobs"]), {digests["old"], digests["new"]})
+            await a.stop()
+            await b.stop()
+            self.assertNotIn("pre/" + EVICT_LEASE, set(self.store.list_keys(bucket)))
+
+        return Deferred.fromCoroutine(go())
