@@ -58,15 +58,8 @@ from twisted.logger import Logger
 from buildcache.shared.access import ACCESS_PREFIX, Objects, valid_node
 
 __all__ = [
-    "BATCH_LIMIT",
-    "EVICT_LEASE",
-    "EvictionReport",
-    "Evictor",
-    "MAX_BATCHES",
-    "MAX_ENTRIES",
-    "MAX_LISTED",
-    "MAX_RECORDS_PER_BLOB",
-    "STATE",
+    "BATCH_LIMIT", "EVICT_LEASE", "EvictionReport", "Evictor", "MAX_BATCHES",
+    "MAX_ENTRIES", "MAX_LISTED", "MAX_RECORDS_PER_BLOB", "STATE",
 ]
 
 log = Logger()
@@ -74,7 +67,6 @@ log = Logger()
 EVICT_LEASE = "leases/evict"
 STATE = "state/access.json"
 BLOBS = "blobs/sha256/"
-RECORDS = "records/"
 #: Objects listed per pass: beyond them the pass works on what it saw
 #: (``shared_evict_truncated``), so a bucket that large is kept under its
 #: bound only approximately.  Also bounds the merged map's entries.
@@ -116,9 +108,7 @@ class EvictionReport:
 
 
 class _Abort(Exception):
-    """
-    A pass ends early; the reason was logged.
-    """
+    """A pass ends early; the reason was logged."""
 
 
 @define
