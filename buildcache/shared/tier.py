@@ -19,12 +19,11 @@ uploads are skipped.  A record look-up is bounded by
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import socket
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredList
@@ -34,6 +33,8 @@ from twisted.logger import Logger
 
 from buildcache.fetch.client import UpstreamClient, replayed
 from buildcache.fetch.shared import SharedCopy, SharedLease
+from buildcache.shared.access import AccessLog
+from buildcache.shared.evict import Evictor
 from buildcache.shared.leases import (
     LEASE_TTL,
     RENEW_EVERY,
@@ -561,16 +562,6 @@ def default_node() -> str:
     return f"{host}-{os.getpid()}"
 
 
-def _helpers() -> tuple[Any, Any]:
-    """H2's AccessLog and Evictor, when present."""
-    try:
-        access = importlib.import_module("buildcache.shared.access")
-        evict = importlib.import_module("buildcache.shared.evict")
-    except ImportError:
-        return None, None
-    return getattr(access, "AccessLog", None), getattr(evict, "Evictor", None)
-
-
 def make_tier(
     location: S3Location, *, secret: bytes | None, max_size: int | None, wait: float,
     http: UpstreamClient, store: _Store, clock: IReactorTime, node: str | None = None,
@@ -586,12 +577,8 @@ def make_tier(
     if not _NODE.fullmatch(node):
         raise ValueError(f"shared tier node name {node!r}: letters, digits, '.', '_', '-'")
     objects = object_store(location, http, clock)
-    access_log, evictor_class = _helpers()
-    access = access_log(objects, clock, node) if access_log is not None else None
-    evictor = (
-        evictor_class(objects, clock, node, max_size)
-        if evictor_class is not None and max_size is not None else None
-    )
+    access = AccessLog(objects, clock, node)
+    evictor = Evictor(objects, clock, node, max_size) if max_size is not None else None
     return S3Tier(
         objects=objects, location=location, store=store, clock=clock, node=node,
         secret=secret, max_size=max_size, wait=wait, access=access, evictor=evictor,
