@@ -46,6 +46,7 @@ class Tier:
     served: list[str] = Factory(list)
     failed: list[tuple[str, str]] = Factory(list)
     published: list[tuple[str, Entry, Any]] = Factory(list)
+    used_entries: list[str] = Factory(list)
     #: When set, before_upstream waits on this.
     waiting: Deferred[None] | None = None
 
@@ -66,6 +67,9 @@ class Tier:
 
     def publish(self, request: UpstreamRequest, entry: Entry, lease: Any) -> None:
         self.published.append((request.key, entry, lease))
+
+    def used(self, entry: Entry) -> None:
+        self.used_entries.append(entry.key)
 
 
 def copy_of(body: bytes, path: str = "/bucket/blob", **headers: str) -> SharedCopy:
@@ -111,6 +115,8 @@ class SharedFetchTests(SynchronousTestCase):
         self.assertEqual((again.body, again.header("x-cache")), (BODY, "HIT"))
         self.assertEqual(len(self.tier.asked), 1)
         self.assertFalse(self.harness.observer.exchanges[1].shared)
+        # ... and the tier hears that its copy is in use.
+        self.assertEqual(self.tier.used_entries, [self.tier.asked[0]])
 
     def test_corrupt_copy_goes_upstream_unseen(self) -> None:
         """
@@ -199,9 +205,12 @@ class SharedFetchTests(SynchronousTestCase):
         """
         self.harness.origin.files["/a.txt"] = Served(b"text")
         self.harness.get("/a.txt")
+        self.harness.get("/a.txt")
+        self.harness.get("/a.pkg", {"authorization": "Basic dTpw"})
         self.harness.get("/a.pkg", {"authorization": "Basic dTpw"})
         self.assertEqual(self.tier.asked, [])
         self.assertEqual(self.tier.published, [])
+        self.assertEqual(self.tier.used_entries, [])
 
     def test_a_tier_that_does_not_share_is_not_asked(self) -> None:
         self.tier.sharing = False

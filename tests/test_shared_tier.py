@@ -305,3 +305,22 @@ class TierTests(SynchronousTestCase):
             self.assertNotIn("X-Amz", text)
             self.assertNotIn("s3cret", text)
         self.assertNotIn("s3cret", repr(tier))
+
+    def test_a_disk_hit_is_an_access_of_its_blob(self) -> None:
+        """
+        A shared file served from a node's own disk counts as a use of its
+        blob in the bucket's LRU: an access batch names it.
+        """
+        from buildcache.shared.access import AccessLog
+        from buildcache.store import Entry
+
+        access = AccessLog(self.objects, self.clock, "n1")
+        tier = self.tier(access=access)
+        tier.used(Entry(KEY, len(BODY), {}, SHA, 1.0, 1.0, 1.0))
+        result(access.flush())
+        [batch] = [
+            json.loads(data) for name, data in self.objects.objects.items()
+            if name.startswith("access/n1/")
+        ]
+        [[sha, record, size, _]] = batch["entries"]
+        self.assertEqual((sha, record, size), (SHA, record_name(KEY), len(BODY)))

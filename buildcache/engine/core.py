@@ -220,6 +220,8 @@ class Engine:
         stored = self._open(client, policy)
         if stored is not None:
             if self._fresh(client, policy, stored.entry):
+                if client.kind is Kind.IMMUTABLE and not client.private:
+                    self.fetcher.used(stored.entry)
                 return self._resolved(client, CacheStatus.HIT, stored=stored)
             resolved = await self._revalidate(client, policy, stored)
         elif method == b"HEAD" and not policy.head_fetches(client.kind):

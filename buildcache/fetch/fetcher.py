@@ -164,6 +164,14 @@ class Fetcher:
             return succeed(None)
         return download.when_settled()
 
+    def used(self, entry: Entry) -> None:
+        """
+        ``entry``, of a kind that is shared, answered a client from the
+        disk (see :meth:`SharedTier.used`).
+        """
+        if self.shared is not None:
+            self.shared.used(entry)
+
     # -- single flight ----------------------------------------------------
 
     def fetch(self, request: UpstreamRequest) -> Deferred[UpstreamAnswer]:

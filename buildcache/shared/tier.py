@@ -459,6 +459,10 @@ class S3Tier:
             name=copy.name, key=request.key, why=why, event="shared_blob_to_replace",
         )
 
+    def used(self, entry: Entry) -> None:
+        if self.access is not None and entry.sha256 is not None and not self._stopped:
+            self.access.touched(entry.sha256, record_name(entry.key), entry.size)
+
     # -- publishing -----------------------------------------------------------
 
     def _not_published(self, request: UpstreamRequest, entry: Entry) -> str | None:
