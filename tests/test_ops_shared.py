@@ -85,18 +85,12 @@ class FakeTier:
         return self.now
 
 
-# TODO(issue 15, H3): Exchange(shared=True) once seam15b is merged.
-@frozen
-class SharedExchange(Exchange):
-    shared: bool = False
-
-
 def shared_hit(activity: Activity, front_end: str, name: str, size: int) -> None:
     """
     Report a HIT answered with a copy from the shared tier, as the engine
     does.
     """
-    activity.exchange_finished(SharedExchange(
+    activity.exchange_finished(Exchange(
         front_end=front_end, client="127.0.0.1", method="GET", url=f"/{name}",
         status=200, cache="HIT", bytes_sent=size, duration=0.0, completed=True,
         name=name, shared=True,

@@ -300,8 +300,7 @@ def _from_shared(exchange: Exchange) -> bool:
     """
     Whether ``exchange`` was a HIT answered from the shared tier.
     """
-    # TODO(issue 15, H3): exchange.shared once seam15b is merged.
-    return exchange.cache == "HIT" and bool(getattr(exchange, "shared", False))
+    return exchange.shared and exchange.cache == "HIT"
 
 
 if TYPE_CHECKING:
