@@ -186,6 +186,21 @@ def _coercer(option: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return coerce
 
 
+def _shared_store(text: str) -> S3Location:
+    """
+    :func:`parse_shared_store`, its refusal a
+    :class:`~twisted.python.usage.UsageError` (its messages name the
+    option already).
+    """
+    try:
+        return parse_shared_store(text)
+    except ValueError as error:
+        message = str(error)
+        if not message.startswith("--shared-store"):
+            message = f"--shared-store: {message}"
+        raise usage.UsageError(message) from None
+
+
 class Options(usage.Options):
     """
     buildcache's command line.  After ``parseOptions``, ``self.config`` holds
@@ -304,7 +319,7 @@ class Options(usage.Options):
             " share behind their own disks: s3://BUCKET/PREFIX?endpoint=URL"
             " (&region=R). Immutable files are shared; credentials come from"
             " the standard AWS environment variables and files.",
-            _coercer("shared-store", parse_shared_store),
+            _shared_store,
         ],
         [
             "shared-secret-file",
