@@ -283,8 +283,9 @@ class BuildcacheService(MultiService):
     Stopping (SIGTERM) closes the ports first, gives downloads in flight
     and the responses being sent to clients (hits included) up to
     ``grace`` seconds to finish, closing each client connection once its
-    response has gone out, then stops the shared tier (its leases
-    released, its access records written; ``grace`` seconds at most), and
+    response has gone out, then lets the shared tier finish its uploads and
+    stop (its leases released, its access records written; ``grace``
+    seconds each at most), and
     only then writes the last access times and closes the store, so the
     cache is consistent whatever was under way.
     """
@@ -324,18 +325,22 @@ class BuildcacheService(MultiService):
         await self.server.fetcher.when_idle()
 
     async def _stop_shared(self, tier: S3Tier) -> None:
-        stopped = tier.stop()
-        stopped.addTimeout(self.grace, self.reactor)
-        try:
-            await stopped
-        except defer.TimeoutError:
-            # Its leases expire on their own; unwritten access records only
-            # make eviction a little less exact.
-            self.log.warn(
-                "The shared tier did not stop within {grace}s (its store is"
-                " slow or down): stopping without it",
-                grace=self.grace, event="shared_tier_stop_timeout",
-            )
+        # The last downloads' uploads first (what this node fetched is for
+        # every node), then its leases released and its access records
+        # written: each for ``grace`` seconds at most.  A lease left behind
+        # expires on its own; access records lost only make eviction a
+        # little less exact.
+        for ending, what in ((tier.when_idle, "its uploads"), (tier.stop, "stopping")):
+            ended = ending()
+            ended.addTimeout(self.grace, self.reactor)
+            try:
+                await ended
+            except defer.TimeoutError:
+                self.log.warn(
+                    "The shared tier's store did not answer within {grace}s"
+                    " ({what}): stopping without it",
+                    grace=self.grace, what=what, event="shared_tier_stop_timeout",
+                )
 
     async def _ended(self, responses_sent: Deferred[None]) -> None:
         await self._downloads_ended()

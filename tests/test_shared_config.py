@@ -308,9 +308,15 @@ class RecordingTier:
 
     calls: list[str] = attrs.Factory(list)
     stopped: Deferred[None] | None = None
+    uploaded: Deferred[None] | None = None
 
     def start(self) -> None:
         self.calls.append("start")
+
+    def when_idle(self) -> Deferred[None]:
+        self.calls.append("when_idle")
+        self.uploaded = Deferred()
+        return self.uploaded
 
     def stop(self) -> Deferred[None]:
         self.calls.append("stop")
@@ -342,14 +348,17 @@ class LifecycleTests(TestCase):
     async def test_started_and_stopped_with_the_service(self) -> None:
         """
         The tier starts with the service; stopping waits for the tier's
-        stop (its leases released, its access records written) before the
-        store closes.
+        last uploads, then for its stop (its leases released, its access
+        records written), before the store closes.
         """
         service, tier, _ = self.service()
         service.startService()
         self.assertEqual(tier.calls, ["start"])
         stopping = service.stopService()
-        self.assertEqual(tier.calls, ["start", "stop"])
+        self.assertEqual(tier.calls, ["start", "when_idle"])
+        assert tier.uploaded is not None
+        tier.uploaded.callback(None)
+        self.assertEqual(tier.calls, ["start", "when_idle", "stop"])
         self.assertFalse(stopping.called)
         self.assertTrue(store_open(service.server.config.cache_dir))
         assert tier.stopped is not None
@@ -368,10 +377,13 @@ class LifecycleTests(TestCase):
             stopping = service.stopService()
             self.assertFalse(stopping.called)
             clock.advance(10)
+            self.assertEqual(tier.calls, ["start", "when_idle", "stop"])
+            self.assertFalse(stopping.called)
+            clock.advance(10)
             await stopping
         self.assertFalse(store_open(service.server.config.cache_dir))
         self.assertEqual(
-            [e["event"] for e in events if e.get("event") == "shared_tier_stop_timeout"],
-            ["shared_tier_stop_timeout"],
+            [e["what"] for e in events if e.get("event") == "shared_tier_stop_timeout"],
+            ["its uploads", "stopping"],
         )
 
