@@ -10,12 +10,16 @@ signature).
 from __future__ import annotations
 
 import json
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
-from attrs import frozen
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from buildcache.config import Config
 from buildcache.engine.events import Exchange
@@ -24,7 +28,12 @@ from buildcache.ops.combine import combine
 from buildcache.ops.metrics import render_metrics
 from buildcache.ops.page import render_page
 from buildcache.ops.snapshot import Snapshot, SnapshotSources
+from buildcache.shared.location import S3Location
+from buildcache.shared.tier import SharedTierStatus
 from buildcache.store import Store
+from tests.seaweed_parts import ACCESS_KEY, SECRET_KEY, SeaweedCase, credentials_env
+from tests.support import Client, reactor
+from tests.test_service import ServerProcess, spawn_server
 from tests.test_status import NoDownloads, finished, parse_page, sample
 
 SECRET = b"the-nodes-shared-secret-0123456789"
@@ -37,40 +46,20 @@ PRESIGNED = (
 )
 
 
-# TODO(issue 15, H3): buildcache.shared.location.S3Location once H1's
-# package is on main.
-@frozen
-class Location:
-    bucket: str
-    prefix: str
-    endpoint: str
-    region: str = "us-east-1"
+#: A working tier, signed, that has done nothing yet.
+_NEW = SharedTierStatus(
+    endpoint=ENDPOINT, bucket="bucket", prefix="ci/", healthy=True, last_error=None,
+    failing_since=None, conditional=True, signed=True, hits=0, hit_bytes=0, uploads=0,
+    upload_bytes=0, upload_failures=0, lease_waits=0, lease_timeouts=0, rejected=0,
+    max_size=None, evicted=0, evicted_bytes=0, last_eviction=None,
+)
 
 
-# TODO(issue 15, H3): buildcache.shared.tier.SharedTierStatus once H1's
-# package is on main.
-@frozen
-class Status:
-    endpoint: str = ENDPOINT
-    bucket: str = "bucket"
-    prefix: str = "ci/"
-    healthy: bool = True
-    last_error: str | None = None
-    failing_since: float | None = None
-    conditional: bool | None = True
-    signed: bool = True
-    hits: int = 0
-    hit_bytes: int = 0
-    uploads: int = 0
-    upload_bytes: int = 0
-    upload_failures: int = 0
-    lease_waits: int = 0
-    lease_timeouts: int = 0
-    rejected: int = 0
-    max_size: int | None = None
-    evicted: int = 0
-    evicted_bytes: int = 0
-    last_eviction: float | None = None
+def tier_status(**changes: Any) -> SharedTierStatus:
+    """
+    The status of a tier: a new one, with ``changes``.
+    """
+    return attrs.evolve(_NEW, **changes)
 
 
 @attrs.define
@@ -79,9 +68,9 @@ class FakeTier:
     The tier as the snapshot reads it: its status, set by the test.
     """
 
-    now: Status = attrs.Factory(Status)
+    now: SharedTierStatus = _NEW
 
-    def status(self) -> Status:
+    def status(self) -> SharedTierStatus:
         return self.now
 
 
@@ -108,7 +97,7 @@ class SharedFiguresTests(SynchronousTestCase):
         self.clock.advance(1_700_000_000)
         self.config = Config(
             cache_dir=self.mktemp(), max_size=1024**3,
-            shared_store=Location("bucket", "ci/", ENDPOINT),
+            shared_store=S3Location("bucket", "ci/", ENDPOINT),
             shared_secret=SECRET, shared_secret_file="/etc/buildcache/shared-secret",
             shared_max_size=50 * 1024**3, shared_wait=15.0,
         )
@@ -188,7 +177,7 @@ class SharedFiguresTests(SynchronousTestCase):
         honours a conditional PUT, whether records are signed, and the
         tier's counts; the stats and the metrics hold the same.
         """
-        self.tier.now = Status(
+        self.tier.now = tier_status(
             hits=4, hit_bytes=4 * 1024**2, uploads=7, upload_bytes=7 * 1024**2,
             upload_failures=1, lease_waits=3, lease_timeouts=1, rejected=2,
             max_size=50 * 1024**3, evicted=5, evicted_bytes=5 * 1024**2,
@@ -246,7 +235,7 @@ class SharedFiguresTests(SynchronousTestCase):
         (redacted); a store without conditional PUT says each node
         downloads for itself; unsigned records say what is shared.
         """
-        self.tier.now = Status(
+        self.tier.now = tier_status(
             healthy=False, failing_since=self.clock.seconds() - 120,
             last_error=f"GET {PRESIGNED}: connection refused",
             conditional=False, signed=False,
@@ -270,7 +259,7 @@ class SharedFiguresTests(SynchronousTestCase):
         Before the start-up probe, the page says so and the metrics leave
         the conditional PUT gauge without a sample.
         """
-        self.tier.now = Status(conditional=None)
+        self.tier.now = tier_status(conditional=None)
         stats = self.stats()
         self.assertIn(
             "Conditional PUT honoured not probed yet",
@@ -286,7 +275,7 @@ class SharedFiguresTests(SynchronousTestCase):
         signature, appear on the page, in the stats or in the metrics; the
         endpoint does, without user information.
         """
-        self.tier.now = Status(
+        self.tier.now = tier_status(
             healthy=False, failing_since=self.clock.seconds(),
             last_error=f"PUT {PRESIGNED} answered 403",
             endpoint="http://key:password@127.0.0.1:8333",
@@ -335,7 +324,7 @@ class SharedFiguresTests(SynchronousTestCase):
         The snapshots of several processes add up: the shared HITs, and
         the tier's counts (a hit worker has no tier of its own).
         """
-        self.tier.now = Status(hits=2, uploads=3)
+        self.tier.now = tier_status(hits=2, uploads=3)
         worker = Activity(self.clock)
         shared_hit(self.activity, "index", "numpy", 10)
         shared_hit(worker, "index", "numpy", 20)
@@ -344,7 +333,7 @@ class SharedFiguresTests(SynchronousTestCase):
         )
         other = SnapshotSources(
             self.config, self.store, NoDownloads(), Activity(self.clock), self.clock,
-            shared_tier=FakeTier(Status(
+            shared_tier=FakeTier(tier_status(
                 hits=1, uploads=1, healthy=False, failing_since=5.0, last_error="down",
                 last_eviction=9.0,
             )),
@@ -364,3 +353,145 @@ class SharedFiguresTests(SynchronousTestCase):
         )
         self.assertEqual(shared["last_eviction"], 9.0)
         self.assertIsNone(combine([worker_sources.snapshot()] * 2)["shared"])
+
+
+def node_environment(testcase: TestCase, values: Mapping[str, str]) -> None:
+    """
+    ``values`` in this process's environment for the test (what a node it
+    spawns inherits), the AWS variables it had taken out.
+    """
+    saved = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+    for name in saved:
+        del os.environ[name]
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+
+    def restore() -> None:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        os.environ.update(saved)
+
+    testcase.addCleanup(restore)
+
+
+async def stats_until(
+    client: Client, port: int, ready: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """
+    The node's ``/-/stats.json`` once ``ready`` says so (polled, up to
+    30 s: the tier probes its store at start-up).
+    """
+    for _ in range(600):
+        received = await client.get(f"http://127.0.0.1:{port}/-/stats.json")
+        if received.status == 200:
+            stats: dict[str, Any] = json.loads(received.body)
+            if ready(stats):
+                return stats
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("the node's stats never got there")
+
+
+def probed(stats: dict[str, Any]) -> bool:
+    shared = stats["shared"]
+    return shared is not None and (shared["conditional"] is not None or not shared["healthy"])
+
+
+def secret_path(testcase: TestCase) -> str:
+    path = os.path.abspath(testcase.mktemp())
+    with open(path, "wb") as f:
+        f.write(SECRET)
+    os.chmod(path, 0o600)
+    return path
+
+
+async def node_pages(
+    testcase: TestCase, store: str
+) -> tuple[ServerProcess, dict[str, Any], str, str]:
+    """
+    Start a real ``twistd buildcache`` node on ``store`` (signed with
+    :data:`SECRET`), and read its status page, stats and metrics once its
+    tier has probed the store; the node is stopped before they are
+    returned, with its log.
+    """
+    process, port = spawn_server(
+        testcase, "--shared-store", store,
+        "--shared-secret-file", secret_path(testcase),
+    )
+    await process.wait_for(b"Shared tier: ")
+    await process.wait_for(b"ProxySite starting on %d" % port)
+    client = Client()
+    testcase.addCleanup(lambda: Deferred.fromCoroutine(client.close()))
+    stats = await stats_until(client, port, probed)
+    page = await client.get(f"http://127.0.0.1:{port}/")
+    metrics = await client.get(f"http://127.0.0.1:{port}/-/metrics")
+    await process.stop()
+    return process, stats, page.body.decode(), metrics.body.decode()
+
+
+def assert_no_credentials(testcase: TestCase, *documents: str) -> None:
+    for document in documents:
+        for secret in (SECRET.decode(), SECRET_KEY, ACCESS_KEY, "X-Amz-Signature=0"):
+            testcase.assertNotIn(secret, document)
+
+
+class SeaweedNodeTests(SeaweedCase):
+    """
+    A real ``twistd buildcache`` node on SeaweedFS: what its status pages
+    and its log say of the tier, and never say.
+    """
+
+    timeout = 120
+
+    async def test_store_probed_and_shown(self) -> None:
+        """
+        The node probes the store (SeaweedFS honours a conditional PUT),
+        shows it healthy and signed with its endpoint, and neither its
+        pages nor its log carry a key or the secret.
+        """
+        node_environment(self, self.store.env)
+        bucket = self.bucket()
+        process, stats, page, metrics = await node_pages(
+            self, f"s3://{bucket}/node/?endpoint={self.store.endpoint}"
+        )
+        shared = stats["shared"]
+        self.assertEqual(
+            (shared["endpoint"], shared["bucket"], shared["prefix"]),
+            (self.store.endpoint, bucket, "node/"),
+        )
+        self.assertEqual(
+            (shared["healthy"], shared["conditional"], shared["signed"]), (True, True, True)
+        )
+        self.assertIn('id="shared-tier"', page)
+        self.assertEqual(sample(metrics, "buildcache_shared_tier_conditional_put"), 1)
+        log = process.output.decode(errors="replace")
+        self.assertIn(self.store.endpoint, log)
+        assert_no_credentials(self, log, page, metrics, json.dumps(stats))
+
+
+class DeadStoreNodeTests(TestCase):
+    timeout = 60
+
+    async def test_dead_store_shown_failing(self) -> None:
+        """
+        A store nothing answers for: the node starts all the same, shows
+        the tier failing with its error, and logs it, without a
+        credential.
+        """
+        node_environment(self, credentials_env())
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        process, stats, page, metrics = await node_pages(
+            self, f"s3://dead/node/?endpoint={dead}"
+        )
+        shared = stats["shared"]
+        self.assertFalse(shared["healthy"])
+        self.assertIsNotNone(shared["last_error"])
+        self.assertIn("failing: serving from disk and upstreams", page)
+        self.assertEqual(sample(metrics, "buildcache_shared_tier_healthy"), 0)
+        log = process.output.decode(errors="replace")
+        self.assertIn(dead, log)
+        assert_no_credentials(self, log, page, metrics, json.dumps(stats))
