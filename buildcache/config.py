@@ -615,17 +615,6 @@ def read_shared_secret(path: str) -> tuple[str, bytes]:
     return path, secret
 
 
-def shown_shared_store(location: S3Location) -> str:
-    """
-    ``location`` as ``--shared-store`` writes it, for the status page and
-    the logs: its endpoint never carries user information.
-    """
-    query = f"endpoint={hide_userinfo(location.endpoint)}"
-    if location.region != "us-east-1":
-        query += f"&region={location.region}"
-    return f"s3://{location.bucket}/{location.prefix}?{query}"
-
-
 def parse_netrc(path: str) -> tuple[str, NetrcCredentials]:
     """
     Read a netrc file (``machine HOST login USER password PASS``): its

@@ -29,8 +29,8 @@ from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, upstream_host_key
-from buildcache.config import REGISTRY_ALIASES, Config, shown_shared_store
-from buildcache.credentials import readable_by_others
+from buildcache.config import REGISTRY_ALIASES, Config
+from buildcache.credentials import hide_userinfo, readable_by_others
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.apk.policy import ApkPolicy
 from buildcache.ecosystems.apt.policy import APT
@@ -408,7 +408,7 @@ def log_shared_tier(config: Config) -> None:
         )
     _log.info(
         "Shared tier: {store}; {what}",
-        store=shown_shared_store(config.shared_store),
+        store=hide_userinfo(config.shared_store.url()),
         what=(
             "records signed with the --shared-secret-file"
             if config.shared_secret is not None else

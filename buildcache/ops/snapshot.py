@@ -48,8 +48,8 @@ from typing import Protocol, TypedDict
 from attrs import Factory, define, field
 from twisted.internet.interfaces import IReactorTime
 
-from buildcache.config import Config, shown_shared_store
-from buildcache.credentials import redact, shown_url
+from buildcache.config import Config
+from buildcache.credentials import hide_userinfo, redact, shown_url
 from buildcache.ecosystems.pypi.prefetch import UNCLAIMED_BUDGET_FILES
 from buildcache.ops.activity import (
     BUCKET_SECONDS,
@@ -564,7 +564,7 @@ class SnapshotSources:
             "max_connections_per_client": config.max_connections_per_client,
             "shared_store": (
                 None if config.shared_store is None
-                else shown_shared_store(config.shared_store)
+                else hide_userinfo(config.shared_store.url())
             ),
             "shared_secret_file": config.shared_secret_file,
             "shared_max_size": config.shared_max_size,
