@@ -21,18 +21,27 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from buildcache.config import Config
+from buildcache.config import Config, Mirror
 from buildcache.engine.events import Exchange
 from buildcache.ops.activity import Activity
 from buildcache.ops.combine import combine
 from buildcache.ops.metrics import render_metrics
 from buildcache.ops.page import render_page
 from buildcache.ops.snapshot import Snapshot, SnapshotSources
-from buildcache.shared.location import S3Location
+from buildcache.shared.location import S3Location, parse_shared_store
 from buildcache.shared.tier import SharedTierStatus
 from buildcache.store import Store
 from tests.seaweed_parts import ACCESS_KEY, SECRET_KEY, SeaweedCase, credentials_env
-from tests.support import Client, reactor
+from tests.support import (
+    Client,
+    FakeUpstream,
+    GatedBody,
+    listen,
+    pattern_bytes,
+    reactor,
+    start_server,
+    url_of,
+)
 from tests.test_service import ServerProcess, spawn_server
 from tests.test_status import NoDownloads, finished, parse_page, sample
 
@@ -469,6 +478,67 @@ class SeaweedNodeTests(SeaweedCase):
         log = process.output.decode(errors="replace")
         self.assertIn(self.store.endpoint, log)
         assert_no_credentials(self, log, page, metrics, json.dumps(stats))
+
+
+    async def test_hit_from_the_bucket_counted_apart(self) -> None:
+        """
+        Two nodes on one bucket: a package node A fetched is served by
+        node B from the bucket, a HIT, with no upstream request; B counts
+        it from the shared tier (its mirror card, its tier's copies read,
+        its access line), A its upload.
+        """
+        node_environment(self, self.store.env)
+        bucket = self.bucket()
+        path = "/pool/main/h/hello/hello_2.12-1_amd64.deb"
+        data = pattern_bytes(300_000, b"hello-deb")
+        upstream = FakeUpstream()
+        upstream.bodies[path] = GatedBody(data)
+        origin = listen(upstream)
+        self.addCleanup(origin.stopListening)
+        changes = {
+            "mirrors": (Mirror("up", url_of(origin).rstrip("/")),),
+            "shared_store": parse_shared_store(
+                f"s3://{bucket}/ops/?endpoint={self.store.endpoint}"
+            ),
+            "shared_secret": SECRET,
+        }
+        nodes = [start_server(self, changes), start_server(self, changes)]
+        client = Client()
+        self.addCleanup(lambda: Deferred.fromCoroutine(client.close()))
+        for node in nodes:
+            tier = node.server.shared
+            tier.start()
+            self.addCleanup(tier.stop)
+        for _ in range(600):
+            if all(node.server.shared.status().conditional is not None for node in nodes):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        a, b = nodes
+        first = await client.get(f"http://127.0.0.1:{a.proxy_port}/up{path}")
+        self.assertEqual((first.header("x-cache"), first.body), ("MISS", data))
+        await a.server.shared.when_idle()
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        second = await client.get(f"http://127.0.0.1:{b.proxy_port}/up{path}")
+        self.assertEqual((second.header("x-cache"), second.body), ("HIT", data))
+        self.assertEqual(upstream.requests[path], 1)
+        await deferLater(reactor, 0, lambda: None)
+        stats = b.server.status.snapshot()
+        mirror = stats["front_ends"]["mirror"]
+        self.assertEqual(
+            (mirror["by_status"]["HIT"], mirror["shared_hits"], mirror["bytes_from_shared"]),
+            (1, 1, len(data)),
+        )
+        self.assertEqual(mirror["bytes_from_upstream"], 0)
+        self.assertEqual((stats["shared"]["hits"], stats["shared"]["hit_bytes"]), (1, len(data)))
+        self.assertEqual(a.server.status.snapshot()["shared"]["uploads"], 1)
+        self.assertIn(
+            "From the shared tier 1 (293 KiB)",
+            parse_page(self, render_page(stats)).text("front-end-mirror"),
+        )
+        (line,) = [e["line"] for e in events if e.get("log_system") == "access"]
+        self.assertTrue(line.endswith("(from the shared tier)"), line)
 
 
 class DeadStoreNodeTests(TestCase):
