@@ -33,6 +33,7 @@ from buildcache.service import (
 from buildcache.shared.location import parse_shared_store
 from buildcache.store import Store, StoreError
 from tests.support import reactor, start_server
+from tests.test_status import parse_page
 
 SECRET = "correct-horse-battery-staple-0123456789"
 #: Dummy keys: what a node reads from the standard AWS environment.
@@ -253,6 +254,23 @@ class WiringTests(TestCase):
             self.assertIn(ENDPOINT, document)
             for secret in (SECRET, AWS_SECRET, AWS_KEY_ID):
                 self.assertNotIn(secret, document)
+
+    def test_size_limit_reaches_the_tier(self) -> None:
+        """
+        --shared-max-size bounds the tier (its evictor), as the status
+        page shows.
+        """
+        running = start_server(self, {
+            "shared_store": parse_shared_store(STORE), "shared_max_size": 7 * 1024**3,
+        })
+        snapshot = running.server.status.snapshot()
+        shared = snapshot["shared"]
+        assert shared is not None
+        self.assertEqual((shared["max_size"], shared["signed"]), (7 * 1024**3, False))
+        self.assertIn(
+            "Evictions 0 (0 B) under 7 GiB",
+            parse_page(self, render_page(snapshot)).text("shared-tier"),
+        )
 
     def test_no_store_no_tier(self) -> None:
         running = start_server(self)
