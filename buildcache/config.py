@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -36,6 +36,9 @@ from buildcache.credentials import (
 )
 from buildcache.frontends.connections import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 
+if TYPE_CHECKING:
+    from buildcache.shared.location import S3Location
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_PROXY_PORT = 8899
@@ -49,6 +52,11 @@ DEFAULT_INDEX_TTL = 300.0
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
 LOG_FORMATS = ("text", "json")
 DEFAULT_LOG_FORMAT = "text"
+#: Seconds a download waits, at most, for another node's copy of the same
+#: file to appear in the shared tier (pip's read timeout).
+DEFAULT_SHARED_WAIT = 15.0
+#: Largest ``--shared-secret-file`` read.
+SHARED_SECRET_MAX = 64 * 1024
 #: Largest distribution file read ahead after its metadata (see
 #: buildcache.ecosystems.pypi.prefetch).
 DEFAULT_PREFETCH_MAX_SIZE = 32 * 1024**2
@@ -292,6 +300,17 @@ class Config:
         command line's default only).
     :ivar registry_auth_files: the ``--registry-auth`` files (for a
         warning about their modes).
+    :ivar shared_store: the object store several nodes share behind their
+        disks (``--shared-store``), or None: no shared tier.
+    :ivar shared_secret: the key that signs and checks the tier's records
+        (never in ``repr``), or None: only files with an independent digest
+        are shared.
+    :ivar shared_secret_file: the file it was read from (for a warning
+        about its mode, and the status page).
+    :ivar shared_max_size: the bucket prefix's size limit, or None: no
+        eviction from the bucket.
+    :ivar shared_wait: seconds a download waits, at most, for another
+        node's copy of the same file.
     """
 
     cache_dir: str = attrs.field(converter=absolute_path)
@@ -340,6 +359,16 @@ class Config:
     )
     registry_auth_files: tuple[str, ...] = attrs.field(
         default=(), converter=_string_tuple
+    )
+    shared_store: S3Location | None = None
+    shared_secret: bytes | None = attrs.field(default=None, repr=False)
+    shared_secret_file: str | None = None
+    shared_max_size: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.gt(0)),
+    )
+    shared_wait: float = attrs.field(
+        default=DEFAULT_SHARED_WAIT, converter=float, validator=attrs.validators.ge(0)
     )
 
     def __attrs_post_init__(self) -> None:
@@ -561,6 +590,29 @@ def parse_registry_auth(text: str) -> tuple[str, str, Credentials]:
     if not colon or not username:
         raise ValueError(f"{path!r} must hold one line USER:PASSWORD")
     return name, path, Credentials(username, password)
+
+
+def read_shared_secret(path: str) -> tuple[str, bytes]:
+    """
+    Read ``--shared-secret-file``: its absolute path, and the secret (its
+    bytes, surrounding white space stripped).  No message quotes the
+    file's content.
+    """
+    path = absolute_path(path.strip())
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(SHARED_SECRET_MAX + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror or 'error'}") from None
+    if len(raw) > SHARED_SECRET_MAX:
+        raise ValueError(f"{path!r} is larger than {SHARED_SECRET_MAX} bytes")
+    secret = raw.strip()
+    if len(secret) < 16:
+        raise ValueError(
+            f"{path!r} must hold a secret of at least 16 bytes (for example"
+            " the output of: openssl rand -hex 32)"
+        )
+    return path, secret
 
 
 def parse_netrc(path: str) -> tuple[str, NetrcCredentials]:

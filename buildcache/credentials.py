@@ -336,10 +336,20 @@ def shown_url(url: str, credentials: UpstreamCredentials) -> str:
 _USERINFO = re.compile(r"//[^/@]*@")
 
 
+#: Query parameters of a presigned object-store URL that sign it or name
+#: its key (the shared tier never logs one; this is the second line).
+_SIGNED_QUERY = re.compile(
+    r"(?i)([?&]X-Amz-(?:Signature|Credential|Security-Token)=)[^&#]*"
+)
+
+
 def redact(url: str) -> str:
     """
-    A URL fit for logs and pages: credentials replaced by ``***``.
+    A URL fit for logs and pages: credentials replaced by ``***`` (those
+    in its userinfo, and a presigned URL's signature and key).
     """
+    if "X-Amz-" in url or "x-amz-" in url:
+        url = _SIGNED_QUERY.sub(r"\1***", url)
     if "@" not in url:
         return url
     try:

@@ -30,6 +30,7 @@ from buildcache.config import (
     DEFAULT_PROXY_ENDPOINT,
     DEFAULT_REGISTRIES,
     DEFAULT_REGISTRY_ENDPOINT,
+    DEFAULT_SHARED_WAIT,
     DEFAULT_UPSTREAM_TIMEOUT,
     Config,
     Mirror,
@@ -52,6 +53,7 @@ from buildcache.config import (
     parse_size,
     parse_size_or_zero,
     parse_upstream_pattern,
+    read_shared_secret,
     split_http_url,
     without_trailing_slash,
 )
@@ -63,6 +65,7 @@ from buildcache.credentials import (
 )
 from buildcache.frontends.connections import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 from buildcache.ops.logs import JSON_OBSERVER, use_logfile
+from buildcache.shared.location import S3Location, parse_shared_store
 
 __all__ = [
     "NoPyPIUpstream",
@@ -183,6 +186,21 @@ def _coercer(option: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return coerce
 
 
+def _shared_store(text: str) -> S3Location:
+    """
+    :func:`parse_shared_store`, its refusal a
+    :class:`~twisted.python.usage.UsageError` (its messages name the
+    option already).
+    """
+    try:
+        return parse_shared_store(text)
+    except ValueError as error:
+        message = str(error)
+        if not message.startswith("--shared-store"):
+            message = f"--shared-store: {message}"
+        raise usage.UsageError(message) from None
+
+
 class Options(usage.Options):
     """
     buildcache's command line.  After ``parseOptions``, ``self.config`` holds
@@ -293,6 +311,43 @@ class Options(usage.Options):
             " only; a URL's own user:password@ wins.",
             _coercer("netrc", parse_netrc),
         ],
+        [
+            "shared-store",
+            None,
+            None,
+            "An S3-compatible object store that several buildcache nodes"
+            " share behind their own disks: s3://BUCKET/PREFIX?endpoint=URL"
+            " (&region=R). Immutable files are shared; credentials come from"
+            " the standard AWS environment variables and files.",
+            _shared_store,
+        ],
+        [
+            "shared-secret-file",
+            None,
+            None,
+            "File holding a secret the nodes share (at least 16 bytes, mode"
+            " 0600) that signs the shared store's records, so that write"
+            " access to the bucket alone cannot poison the cache. Without it,"
+            " only files with a digest of their own (pip's sha256, an image's"
+            " digest, an APKINDEX entry) are shared.",
+            _coercer("shared-secret-file", read_shared_secret),
+        ],
+        [
+            "shared-max-size",
+            None,
+            None,
+            "Size limit of the shared store's PREFIX (e.g. 500G): one node at"
+            " a time removes the least recently used files.",
+            _coercer("shared-max-size", parse_size),
+        ],
+        [
+            "shared-wait",
+            None,
+            DEFAULT_SHARED_WAIT,
+            "Seconds a download waits, at most, for the file another node is"
+            " fetching before fetching it itself.",
+            _coercer("shared-wait", parse_duration),
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -335,6 +390,10 @@ class Options(usage.Options):
             f"{registry.name}={registry.url}" for registry in DEFAULT_REGISTRIES
         )
         self.defaults["registry-auth"] = "none"
+        self.defaults["shared-store"] = "none"
+        self.defaults["shared-secret-file"] = "none"
+        self.defaults["shared-max-size"] = "none"
+        self.defaults["shared-wait"] = format_duration(DEFAULT_SHARED_WAIT)
 
     def opt_mirror(self, value: str) -> None:
         """
@@ -472,6 +531,14 @@ class Options(usage.Options):
             mirror for mirror in DEFAULT_MIRRORS if mirror.name not in given_names
         ) + tuple(given_mirrors)
         registries = self._registries()
+        shared_store: S3Location | None = self["shared-store"]
+        secret_file, secret = self["shared-secret-file"] or (None, None)
+        if shared_store is None:
+            for option in ("shared-secret-file", "shared-max-size"):
+                if self[option] is not None:
+                    raise usage.UsageError(
+                        f"--{option} is given without --shared-store"
+                    )
         cache_dir = _coercer("cache-dir", prepare_cache_dir)(self["cache-dir"])
         netrc_file, netrc_entries = self["netrc"] or (None, None)
         own = dict(url_credentials)
@@ -501,6 +568,11 @@ class Options(usage.Options):
             registry_auth_files=tuple(
                 path for path, _ in self["registry-auth"].values()
             ),
+            shared_store=shared_store,
+            shared_secret=secret,
+            shared_secret_file=secret_file,
+            shared_max_size=self["shared-max-size"],
+            shared_wait=self["shared-wait"],
         )
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own "logger" option

@@ -1,5 +1,6 @@
 """
-Assembling the server: one store, one fetcher and the front ends built
+Assembling the server: one store, one fetcher (and the shared tier it
+asks before upstreams, when one is configured) and the front ends built
 from a :class:`buildcache.config.Config`, as one twistd ``MultiService``.
 
 :class:`Server` wires the parts (tests build one and listen on port 0);
@@ -29,7 +30,7 @@ from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy, upstream_host_key
 from buildcache.config import REGISTRY_ALIASES, Config
-from buildcache.credentials import readable_by_others
+from buildcache.credentials import hide_userinfo, readable_by_others
 from buildcache.ecosystems.apk.check import ApkIndexes
 from buildcache.ecosystems.apk.policy import ApkPolicy
 from buildcache.ecosystems.apt.policy import APT
@@ -49,6 +50,7 @@ from buildcache.frontends.sites import ProxySite, StrictSite
 from buildcache.ops.activity import Activity
 from buildcache.ops.snapshot import SnapshotSources
 from buildcache.ops.status import StatusResource
+from buildcache.shared.tier import S3Tier, make_tier
 from buildcache.store import Store, StoreError, in_thread_pool
 
 #: Seconds between writes of batched access times.
@@ -75,13 +77,14 @@ def proxy_policies(apk_indexes: ApkIndexes) -> tuple[GenericPolicy, ...]:
 def configured_upstreams(config: Config) -> list[str]:
     """
     The base URLs of every configured upstream (mirrors, pip indexes,
-    registries): allowed even on a private address, kept in the health
-    table.
+    registries) and of the shared tier's object store: allowed even on a
+    private address, kept in the health table.
     """
     return (
         [m.url for m in config.mirrors]
         + list(config.pypi_upstreams)
         + [r.url for r in config.registries]
+        + ([config.shared_store.endpoint] if config.shared_store is not None else [])
     )
 
 
@@ -136,6 +139,8 @@ class Server:
     #: The registry port's site (listened on when
     #: ``config.registry_endpoint`` is set).
     registry_site: Site
+    #: The tier shared with other nodes (``config.shared_store``), if any.
+    shared: S3Tier | None = None
 
     @classmethod
     def build(
@@ -158,9 +163,18 @@ class Server:
             credentials=config.upstream_credentials,
             authenticate=registry_authentication(config, reactor),
         )
+        shared = None
+        if config.shared_store is not None:
+            # Through the upstream client: the store's endpoint is guarded
+            # and allowed like a mirror's.
+            shared = make_tier(
+                config.shared_store, secret=config.shared_secret,
+                max_size=config.shared_max_size, wait=config.shared_wait,
+                http=http, store=store, clock=reactor,
+            )
         fetcher = Fetcher(
             store, http, reactor, idle_timeout=config.upstream_timeout,
-            activity=activity,
+            activity=activity, shared=shared,
         )
         engine = Engine(store, fetcher, reactor, activity, config.index_ttl)
         proxy = ProxyResource(
@@ -183,7 +197,8 @@ class Server:
         )
         status = StatusResource(
             SnapshotSources(
-                config, store, fetcher, activity, reactor, prefetcher=index.prefetcher
+                config, store, fetcher, activity, reactor, prefetcher=index.prefetcher,
+                shared_tier=shared,
             ).snapshot
         )
         proxy.status = index.status = status
@@ -199,6 +214,7 @@ class Server:
         return cls(
             config, store, policy, activity, pool, fetcher, proxy, index,
             status, proxy_site, index_site, connections, registry, registry_site,
+            shared,
         )
 
     def index_listening(self, port: IListeningPort) -> None:
@@ -267,8 +283,11 @@ class BuildcacheService(MultiService):
     Stopping (SIGTERM) closes the ports first, gives downloads in flight
     and the responses being sent to clients (hits included) up to
     ``grace`` seconds to finish, closing each client connection once its
-    response has gone out, and only then writes the last access times and
-    closes the store, so the cache is consistent whatever was under way.
+    response has gone out, then lets the shared tier finish its uploads and
+    stop (its leases released, its access records written; ``grace``
+    seconds each at most), and
+    only then writes the last access times and closes the store, so the
+    cache is consistent whatever was under way.
     """
 
     log = Logger()
@@ -292,6 +311,8 @@ class BuildcacheService(MultiService):
             self.store_threads.start()
         super().startService()
         self._flusher.startService()
+        if self.server.shared is not None:
+            self.server.shared.start()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -302,6 +323,24 @@ class BuildcacheService(MultiService):
         if prefetcher is not None:
             await prefetcher.when_done()
         await self.server.fetcher.when_idle()
+
+    async def _stop_shared(self, tier: S3Tier) -> None:
+        # The last downloads' uploads first (what this node fetched is for
+        # every node), then its leases released and its access records
+        # written: each for ``grace`` seconds at most.  A lease left behind
+        # expires on its own; access records lost only make eviction a
+        # little less exact.
+        for ending, what in ((tier.when_idle, "its uploads"), (tier.stop, "stopping")):
+            ended = ending()
+            ended.addTimeout(self.grace, self.reactor)
+            try:
+                await ended
+            except defer.TimeoutError:
+                self.log.warn(
+                    "The shared tier's store did not answer within {grace}s"
+                    " ({what}): stopping without it",
+                    grace=self.grace, what=what, event="shared_tier_stop_timeout",
+                )
 
     async def _ended(self, responses_sent: Deferred[None]) -> None:
         await self._downloads_ended()
@@ -338,6 +377,9 @@ class BuildcacheService(MultiService):
                     count=self.server.fetcher.in_flight(),
                     responses=connections.busy(),
                 )
+        if self.server.shared is not None:
+            # After the downloads: the last of them publish to it.
+            await self._stop_shared(self.server.shared)
         await self.server.pool.closeCachedConnections()
         self._flusher.stopService()
         if self.store_threads is not None:
@@ -348,6 +390,33 @@ class BuildcacheService(MultiService):
 
 
 _log = Logger()
+
+
+def log_shared_tier(config: Config) -> None:
+    """
+    Say which shared tier the server uses and what it shares (never its
+    credentials nor the secret: the endpoint carries none).
+    """
+    if config.shared_store is None:
+        return
+    secret_file = config.shared_secret_file
+    if secret_file is not None and readable_by_others(secret_file):
+        _log.warn(
+            "The --shared-secret-file {path} can be read by other users: make"
+            " it mode 0600 (chmod 600), as whoever reads it can sign records",
+            path=secret_file, event="shared_secret_readable_by_others",
+        )
+    _log.info(
+        "Shared tier: {store}; {what}",
+        store=hide_userinfo(config.shared_store.url()),
+        what=(
+            "records signed with the --shared-secret-file"
+            if config.shared_secret is not None else
+            "no --shared-secret-file: only files with a digest of their own"
+            " (pip's sha256, an image's digest, an APKINDEX entry) are shared"
+        ),
+        event="shared_tier_configured",
+    )
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
@@ -370,6 +439,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
             " mode 0600 (chmod 600), as it holds passwords",
             path=config.netrc_file, event="netrc_readable_by_others",
         )
+    log_shared_tier(config)
     # Their own threads, not the reactor's: those also resolve names, and a
     # slow disk must not hold up connecting to upstreams.
     store_threads = ThreadPool(1, STORE_THREADS, "buildcache-store")

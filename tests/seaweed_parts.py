@@ -158,6 +158,9 @@ class Seaweed:
             self.binary, f"-logdir={self.directory}", "server",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
             "-s3", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+            # Each bucket is a collection with volumes of its own (7 made
+            # at once): room for the many buckets of a test module.
+            "-volume.max=1000",
             f"-filer.localSocket={self.directory / 'filer.sock'}",
             f"-s3.localSocket={self.directory / 's3.sock'}",
             *(f"-{name}={port}" for name, port in self.ports.items()),
@@ -294,7 +297,8 @@ class Seaweed:
     def remove(self) -> None:
         """Kill it and remove its directory when it made it."""
         self.kill()
-        if self.owns_directory:
+        # To read its log after a failure: BUILDCACHE_KEEP_SEAWEED=1.
+        if self.owns_directory and not os.environ.get("BUILDCACHE_KEEP_SEAWEED"):
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -330,7 +334,8 @@ def _kill_forgotten() -> None:
     for store in list(_running):
         store.kill(grace=0)
         if store.owns_directory:
-            shutil.rmtree(store.directory, ignore_errors=True)
+            if not os.environ.get("BUILDCACHE_KEEP_SEAWEED"):
+                shutil.rmtree(store.directory, ignore_errors=True)
 
 
 class SeaweedCase(TestCase):

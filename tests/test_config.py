@@ -60,6 +60,10 @@ ALL_OPTIONS = {
     "log-format",
     "max-connections-per-client",
     "netrc",
+    "shared-store",
+    "shared-secret-file",
+    "shared-max-size",
+    "shared-wait",
 }
 
 

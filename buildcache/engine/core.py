@@ -54,9 +54,11 @@ from buildcache.engine.exchanges import (
     ErrorFormat,
     Exchanges,
     client_gone,
+    from_shared_tier,
 )
 from buildcache.engine.freshness import (
     Decision,
+    Kind,
     client_credentials,
     decide,
     effective_kind,
@@ -175,6 +177,8 @@ class Engine:
         and extra headers.
         """
         extra = policy.extra_headers(target)
+        if resolved.shared:
+            from_shared_tier(request)
         if resolved.stored is not None:
             stored = resolved.stored
             serve_stored(
@@ -216,6 +220,8 @@ class Engine:
         stored = self._open(client, policy)
         if stored is not None:
             if self._fresh(client, policy, stored.entry):
+                if client.kind is Kind.IMMUTABLE and not client.private:
+                    self.fetcher.used(stored.entry)
                 return self._resolved(client, CacheStatus.HIT, stored=stored)
             resolved = await self._revalidate(client, policy, stored)
         elif method == b"HEAD" and not policy.head_fetches(client.kind):
@@ -249,8 +255,10 @@ class Engine:
     def _resolved(
         self, client: ForClient, cache: CacheStatus, *,
         stored: StoredObject | None = None, answer: UpstreamAnswer | None = None,
+        shared: bool = False,
     ) -> Resolved:
-        return Resolved(cache, client.kind, stored, answer, client.private)
+        shared = shared or (answer is not None and answer.shared)
+        return Resolved(cache, client.kind, stored, answer, client.private, shared)
 
     def _open(self, client: ForClient, policy: Policy) -> StoredObject | None:
         """
@@ -387,6 +395,13 @@ class Engine:
             front_end=target.front_end,
             operator_credentials=target.operator_credentials,
             source_digest=expected.source_digest,
+            # Only what every node would store alike: an immutable file,
+            # asked without credentials or conditions, that its policy
+            # vouches for.
+            shared=(
+                kind is Kind.IMMUTABLE and not client.private and not conditional
+                and revalidates is None and expected.vouched
+            ),
         )
 
     async def _revalidate(
@@ -583,12 +598,13 @@ class Engine:
         if stored is not None and before is not None and stored.entry == before:
             stored.close()
             stored = None
+        cache = CacheStatus.HIT if answer.shared else CacheStatus.MISS
         if stored is None:
             # Not kept (no-store, say): its status and headers still answer.
-            return self._resolved(client, CacheStatus.MISS, answer=UpstreamAnswer(
-                answer.status, answer.headers, None,
+            return self._resolved(client, cache, answer=UpstreamAnswer(
+                answer.status, answer.headers, None, answer.shared,
             ))
-        return self._resolved(client, CacheStatus.MISS, stored=stored)
+        return self._resolved(client, cache, stored=stored, shared=answer.shared)
 
     async def _miss(self, client: ForClient, policy: Policy) -> Resolved:
         target = client.target
@@ -616,6 +632,9 @@ class Engine:
                 self._upstream_request(client, policy, {}, newer)
             )
         _unconditional(target.url, answer)
+        if answer.shared:
+            # Read from the shared tier: no byte crossed the upstream line.
+            return self._resolved(client, CacheStatus.HIT, answer=answer)
         if not stale_status(answer.status, policy.stale_on(answer.status)):
             # The host answers again: its stale entries are asked about.
             self.backoff.succeeded(target.url)

@@ -44,6 +44,9 @@ class Exchange:
     completed: bool
     #: The package or project it was for, if any.
     name: str | None = None
+    #: Its body came from the shared tier (``cache`` is "HIT": no byte of
+    #: it crossed the upstream line).
+    shared: bool = False
 
 
 class CacheObserver(FetchObserver, Protocol):

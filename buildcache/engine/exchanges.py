@@ -25,7 +25,7 @@ from buildcache.engine.events import CacheObserver, Exchange
 
 __all__ = [
     "CacheStatus", "ExchangeState", "ClientExchange", "Exchanges", "client_gone",
-    "exchange_of", "ErrorFormat",
+    "exchange_of", "ErrorFormat", "from_shared_tier",
 ]
 
 #: How a front end writes its errors: (status, one-line message) ->
@@ -73,6 +73,8 @@ class ClientExchange:
     state: ExchangeState = ExchangeState.ANSWERING
     #: How errors for this request are written; None for plain text.
     errors: ErrorFormat | None = None
+    #: Its body was read from the shared tier.
+    shared: bool = False
 
     def served(self, cache: CacheStatus) -> None:
         """The engine answered with ``cache``."""
@@ -95,6 +97,16 @@ class ClientExchange:
 def exchange_of(request: Request) -> ClientExchange | None:
     """The record of ``request``, if one was begun."""
     return _RECORDS.get(request)
+
+
+def from_shared_tier(request: Request) -> None:
+    """
+    ``request`` is answered with a body read from the shared tier (a HIT
+    that accounting also counts apart).
+    """
+    record = _RECORDS.get(request)
+    if record is not None:
+        record.shared = True
 
 
 def client_gone(request: Request) -> bool:
@@ -156,4 +168,5 @@ class Exchanges:
             duration=self.clock.seconds() - record.started,
             completed=record.state is ExchangeState.FINISHED,
             name=record.name,
+            shared=record.shared,
         ))

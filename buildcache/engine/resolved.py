@@ -33,6 +33,8 @@ class Resolved:
     answer: UpstreamAnswer | None = None
     #: For a client with credentials (see :class:`ForClient`).
     private: bool = False
+    #: Read from the shared tier (a HIT: no byte crossed the upstream line).
+    shared: bool = False
 
     def close(self) -> None:
         """Give up what was resolved without sending it."""

@@ -176,7 +176,8 @@ def serve_answer(
     extra_headers: Mapping[str, str] = {},
 ) -> None:
     """
-    Answer with a download (a MISS), streaming it as it arrives.
+    Answer with a download (a MISS, or a HIT when it is a copy read from
+    the shared tier), streaming it as it arrives.
 
     A 200 gets the same conditional and range handling as a hit: the
     whole object is being fetched into the cache and the requested range is
@@ -188,7 +189,8 @@ def serve_answer(
         answer.body.close()
         return
     headers = answer.headers
-    _set_headers(request, headers, CacheStatus.MISS, cache_control, extra_headers)
+    cache = CacheStatus.HIT if answer.shared else CacheStatus.MISS
+    _set_headers(request, headers, cache, cache_control, extra_headers)
     request.setResponseCode(answer.status)
     length = headers.get("content-length")
     size = int(length) if length is not None and length.isdigit() else None

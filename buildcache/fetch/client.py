@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import RedirectAgent, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from buildcache.credentials import UpstreamCredentials
@@ -165,12 +165,16 @@ class UpstreamClient:
         unbuffered: bool = True,
         allow_redirects: bool = True,
         operator_credentials: bool = True,
+        body: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         """
         Send ``method`` for ``url``; bodies are always streamed
         (``unbuffered`` is accepted for treq's signature).  Without
         ``operator_credentials``, the credentials configured for upstreams
-        are not added even on their origins.
+        are not added even on their origins.  ``body`` is the request's
+        body, streamed from its producer (an upload to the shared tier);
+        a request with a body follows no redirect (it could not be sent
+        twice).
 
         :raises ValueError: ``url`` cannot be requested (see
             :func:`request_uri`), before any I/O.
@@ -179,13 +183,13 @@ class UpstreamClient:
         agent: IAgent = self.agent
         if not operator_credentials and self.anonymous_agent is not None:
             agent = self.anonymous_agent
-        if allow_redirects:
+        if allow_redirects and body is None:
             # Twisted's RedirectAgent drops a client's Authorization and
             # Cookie headers when a redirect leaves the origin.
             agent = RedirectAgent(agent)
         return agent.request(
             method.encode("ascii").upper(), uri,
-            headers.copy() if headers is not None else Headers(), None,
+            headers.copy() if headers is not None else Headers(), body,
         )
 
     def get(self, url: str, **kwargs: Any) -> Deferred[IResponse]:

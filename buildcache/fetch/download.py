@@ -23,6 +23,8 @@ otherwise.  Readers only read, and report their progress::
     any of the five above         fail                                 FAILED
     NOT_MODIFIED, COMPLETE,
       FAILED                      settle (stored, if it was to be)     SETTLED
+    SPOOLING, IN_MEMORY,
+      HELD_BACK, ABANDONED        restart (a shared copy failed)       CONNECTING
 
 - ``SPOOLING``: the body goes to a spool file in the store, which every
   reader follows at its own pace.
@@ -44,6 +46,13 @@ otherwise.  Readers only read, and report their progress::
 Clients get their :class:`UpstreamAnswer` when the body starts, or, for a
 request that holds its answer until the body is checked, when it is
 complete; a download that fails before that fails their answer.
+
+A download may first read a copy from the shared tier
+(:meth:`Download.read_shared`, see :mod:`buildcache.fetch.shared`): that
+body is held from every client until it is checked whole, its bytes are
+not counted as fetched upstream, and its clients' answers say it was
+shared.  A copy that fails is forgotten (:meth:`Download.restart`) before
+anyone saw a byte of it, and the download goes upstream.
 """
 
 from __future__ import annotations
@@ -148,6 +157,9 @@ class Download:
     #: The digest of the body, carried on from the spool file's once the
     #: body goes on in memory, so that a digest can still be checked.
     _memory_hash: Any = field(default=None, init=False)
+    #: The body is a copy read from the shared tier (see
+    #: :meth:`read_shared`).
+    _shared: bool = field(default=False, init=False)
 
     # -- what readers see -------------------------------------------------
 
@@ -222,6 +234,21 @@ class Download:
         """
         return len(self._memory)
 
+    @property
+    def shared(self) -> bool:
+        """
+        Whether the body is a copy read from the shared tier.
+        """
+        return self._shared
+
+    @property
+    def holds_until_checked(self) -> bool:
+        """
+        Whether clients are answered only once the body is whole and
+        checked: a shared copy always is (a bad copy is never served).
+        """
+        return self._shared or self.request.holds_until_checked
+
     def when_settled(self) -> Deferred[None]:
         """
         Fires once the download has ended and what it stores (if anything)
@@ -275,6 +302,41 @@ class Download:
         self._phase = phase
         return left
 
+    def read_shared(self) -> None:
+        """
+        The body about to start is a copy from the shared tier: held from
+        clients until checked, not counted as fetched upstream.
+        """
+        if self._phase is not Phase.CONNECTING:
+            raise IllegalTransition(self._phase, "reading a shared copy")
+        self._shared = True
+
+    def restart(self) -> None:
+        """
+        SPOOLING, IN_MEMORY, HELD_BACK or ABANDONED → CONNECTING: the shared
+        copy being read failed (cut short, or its check), and nobody has
+        been answered with it: forget it, to fetch the body upstream.
+        """
+        if not self._shared or self._bodies:
+            raise IllegalTransition(self._phase, "a restart of an answered body")
+        if self._phase is not Phase.CONNECTING:
+            self._go(Phase.CONNECTING)
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+        self._shared = False
+        self._status, self._headers = 0, {}
+        self.received = self.spooled = 0
+        self._spool_error = None
+        self._sha256 = None
+        self._memory = bytearray()
+        self._memory_start = 0
+        self._memory_hash = None
+        self._upstream = None
+
     def not_modified(self, headers: dict[str, str]) -> None:
         """
         CONNECTING → NOT_MODIFIED: a 304, with no body; its clients serve
@@ -304,7 +366,7 @@ class Download:
                 self._read_fd = spool.reader_fd()
             except OSError as e:
                 self._to_memory(e)
-        if not self.request.holds_until_checked:
+        if not self.holds_until_checked:
             self._answer()
 
     def upstream_connected(self, producer: IPushProducer) -> None:
@@ -342,7 +404,7 @@ class Download:
             else:
                 self.spooled += len(data)
         self.received += len(data)
-        if self.on_received is not None:
+        if self.on_received is not None and not self._shared:
             self.on_received(len(data))
         if self._phase in MEMORY:
             self._memory_hash.update(data)
@@ -371,7 +433,7 @@ class Download:
         if self.spool is not None:
             self._sha256 = self.spool.sha256
         self._headers["content-length"] = str(self.received)
-        if self.request.holds_until_checked:
+        if self.holds_until_checked:
             self._answer()
         self._notify()
 
@@ -451,7 +513,7 @@ class Download:
         memory, see :meth:`memory_mismatch`.)
         """
         if self._phase not in MEMORY or not (
-            self.request.holds_until_checked or not self._bodies
+            self.holds_until_checked or not self._bodies
         ):
             return False
         self.abandon()
@@ -529,7 +591,7 @@ class Download:
             return True
         if self._phase is Phase.CONNECTING:
             return False
-        return not self.request.holds_until_checked
+        return not self.holds_until_checked
 
     def _answer(self) -> None:
         waiters, self._answer_waiters = self._answer_waiters, []
@@ -546,7 +608,9 @@ class Download:
             fd = os.dup(self._read_fd) if self._read_fd >= 0 else -1
             body = DownloadBody(self, fd)
             self._bodies.append(body)
-        return succeed(UpstreamAnswer(self._status, dict(self._headers), body))
+        return succeed(
+            UpstreamAnswer(self._status, dict(self._headers), body, self._shared)
+        )
 
     def _notify(self) -> None:
         waiters, self._more_waiters = self._more_waiters, []
@@ -561,7 +625,7 @@ class Download:
             # that must be checked whole goes on outside it.
             if not (
                 writer.counted
-                and spool_plan(False, self.request.holds_until_checked) == "uncounted"
+                and spool_plan(False, self.holds_until_checked) == "uncounted"
                 and writer.uncount()
             ):
                 raise

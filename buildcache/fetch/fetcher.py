@@ -25,14 +25,13 @@ and the errors (:mod:`buildcache.fetch.errors`).
 from __future__ import annotations
 
 from attrs import Factory, define
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from buildcache.credentials import redact
@@ -58,7 +57,6 @@ from buildcache.fetch.errors import (
     UpstreamTimeout,
 )
 from buildcache.fetch.events import FetchObserver
-from buildcache.fetch.headlimit import head_too_large
 from buildcache.fetch.phase import IllegalTransition, Phase
 from buildcache.fetch.reader import WITHHELD_TAIL, DownloadBody, drained
 from buildcache.fetch.receiver import BodyReceiver
@@ -68,7 +66,10 @@ from buildcache.fetch.request import (
     UpstreamRequest,
     VariantRule,
 )
+from buildcache.fetch.send import Sender
+from buildcache.fetch.shared import SharedCopy, SharedLease, SharedTier
 from buildcache.store import (
+    Entry,
     IntegrityError,
     NoRoom,
     ObjectWriter,
@@ -126,6 +127,9 @@ class Fetcher:
     #: HEADs being asked upstream, by key: a request sent alike joins one
     #: (a tag revalidated by many clients at once asks once).
     _heads: dict[str, _SharedHead] = Factory(dict)
+    #: The tier several nodes share behind their disks, if any (see
+    #: :mod:`buildcache.fetch.shared`).
+    shared: SharedTier | None = None
 
     def in_flight(self) -> int:
         return len(self._downloads) + len(self._detached)
@@ -159,6 +163,14 @@ class Fetcher:
         if download is None or not download.finished:
             return succeed(None)
         return download.when_settled()
+
+    def used(self, entry: Entry) -> None:
+        """
+        ``entry``, of a kind that is shared, answered a client from the
+        disk (see :meth:`SharedTier.used`).
+        """
+        if self.shared is not None:
+            self.shared.used(entry)
 
     # -- single flight ----------------------------------------------------
 
@@ -356,89 +368,90 @@ class Fetcher:
         refused.__cause__ = error
         return refused
 
+    def _sender(self) -> Sender:
+        return Sender(self.http, self.clock, self.idle_timeout, self.activity)
+
     def _report_failure(self, url: str, error: str) -> None:
-        if self.activity is not None:
-            self.activity.upstream_failed(url, error)
+        self._sender().report_failure(url, error)
 
     async def _send(self, method: str, request: UpstreamRequest) -> IResponse:
-        """
-        Send ``request`` upstream and wait, up to the idle timeout, for the
-        response head; fails with :class:`UpstreamError`.
-        """
-        try:
-            requested = self.http.request(
-                method,
-                request.url,
-                headers=Headers({k: [v] for k, v in request.headers.items()}),
-                unbuffered=True,
-                allow_redirects=request.follow_redirects,
-                operator_credentials=request.operator_credentials,
-            )
-        except Exception as e:
-            # Some URLs cannot be requested at all, before any I/O (an
-            # IPv6 literal with a zone, say).
-            self._report_failure(request.url, str(e) or repr(e))
-            raise UpstreamError(f"cannot request {redact(request.url)}: {e}") from e
-        given_up: list[bool] = []
-
-        def give_up() -> None:
-            given_up.append(True)
-            requested.cancel()
-
-        timer = self.clock.callLater(self.idle_timeout, give_up)
-        started = self.clock.seconds()
-        try:
-            response = await requested
-        except UpstreamError as e:
-            if e.counts_against_upstream:
-                self._report_failure(request.url, str(e))
-            raise
-        except Exception as e:
-            if head_too_large(e):
-                self._report_failure(request.url, "response head too large")
-                raise UpstreamError(
-                    f"{redact(request.url)} answered with a response head larger"
-                    " than this cache accepts"
-                ) from e
-            # Cancelled once the request has gone out, the agent fails with
-            # ResponseNeverReceived (wrapping the CancelledError), not with
-            # CancelledError itself: the timer says which it was.
-            if not (given_up or isinstance(e, CancelledError)):
-                self.log.warn(
-                    "Upstream {url} failed: {error}", url=redact(request.url), error=repr(e)
-                )
-                self._report_failure(request.url, str(e) or repr(e))
-                raise UpstreamError(f"{redact(request.url)}: {e}") from e
-            self.log.warn("Upstream {url} did not answer in time", url=redact(request.url))
-            self._report_failure(request.url, "timeout")
-            raise UpstreamTimeout(
-                f"{redact(request.url)} did not answer within {self.idle_timeout:g}s"
-            )
-        finally:
-            if timer.active():
-                timer.cancel()
-        if response.code in (401, 403) and request.operator_credentials:
-            # Credentials the operator configured for it that it refuses
-            # (or none configured for one that needs them): what an ops
-            # person must hear of, not a healthy upstream.
-            self.log.warn(
-                "Upstream {url} refused the request with {status}: check the"
-                " credentials configured for it (in its URL, --netrc or --registry-auth)",
-                url=redact(request.url), status=response.code,
-                event="upstream_refused_credentials",
-            )
-        if self.activity is not None:
-            if response.code >= 500 or (
-                response.code in (401, 403) and request.operator_credentials
-            ):
-                self.activity.upstream_failed(request.url, f"HTTP {response.code}")
-            else:
-                self.activity.upstream_succeeded(
-                    request.url, self.clock.seconds() - started
-                )
-        return response
+        return await self._sender().send(method, request)
 
     async def _download(self, download: Download) -> None:
+        """
+        Fetch the download's body: from the shared tier when it holds a
+        copy (and the copy passes its checks), else upstream, under the
+        tier's lease when one was taken; a body fetched upstream and stored
+        is published to the tier.
+        """
+        request = download.request
+        tier = self.shared
+        if tier is None or not (request.shared and tier.shares(request)):
+            await self._from_upstream(download)
+            return
+        found = await tier.before_upstream(request)
+        lease: SharedLease | None = None
+        if isinstance(found, SharedCopy):
+            if await self._from_shared(download, tier, found):
+                return
+        elif found is not None:
+            lease = found
+        try:
+            entry = await self._from_upstream(download)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if entry is not None:
+            tier.publish(request, entry, lease)
+        elif lease is not None:
+            lease.release()
+
+    async def _from_shared(
+        self, download: Download, tier: SharedTier, copy: SharedCopy
+    ) -> bool:
+        """
+        Read ``copy`` into the download, held from its clients until its
+        size and digest (and the request's own checks) pass, and store it;
+        False, the download back where it started, when it cannot be read
+        whole or fails a check.
+        """
+        request = download.request
+        download.read_shared()
+        try:
+            if request.expected_sha256 is not None and (
+                request.expected_sha256.lower() != copy.sha256.lower()
+            ):
+                raise IntegrityError(
+                    f"its record names sha256 {copy.sha256}, not {request.expected_sha256}"
+                )
+            response = await self._sender().send_copy(copy)
+            if response.code != 200:
+                response.deliverBody(Protocol())
+                raise UpstreamError(f"the object store answered {response.code}")
+            headers = dict(copy.headers)
+            headers["content-length"] = str(copy.size)
+            await self._receive(
+                download, response, headers, copy.size,
+                expected_size=copy.size, expected_sha256=copy.sha256,
+            )
+        except Exception as e:
+            why = str(e) or repr(e)
+            self.log.warn(
+                "Shared copy {name} of {url} not used: {why}; fetching it upstream",
+                name=copy.name, url=redact(request.url), why=why,
+                event="shared_copy_failed",
+            )
+            tier.copy_failed(request, copy, why)
+            download.restart()
+            return False
+        tier.copy_served(request, copy)
+        return True
+
+    async def _from_upstream(self, download: Download) -> Entry | None:
+        """
+        Fetch the download's body upstream; the entry stored, if any.
+        """
         request = download.request
         response = await self._send("GET", request)
         headers = end_to_end_headers(response.headers)
@@ -451,7 +464,22 @@ class Fetcher:
             response.deliverBody(Protocol())
             self.store.mark_validated(request.revalidates or request.key, replayed(headers))
             download.not_modified(headers)
-            return
+            return None
+        return await self._receive(
+            download, response, headers, length,
+            expected_size=request.expected_size, expected_sha256=request.expected_sha256,
+        )
+
+    async def _receive(
+        self, download: Download, response: IResponse, headers: dict[str, str],
+        length: int | None, expected_size: int | None, expected_sha256: str | None,
+    ) -> Entry | None:
+        """
+        Receive ``response``'s body into the download, check it against the
+        request's verifier and ``expected_size``/``expected_sha256``, and
+        store it when it may be kept; the entry stored, if any.
+        """
+        request = download.request
         status = response.code
         storable = request.storable(status, headers)
         stored_key: str | None = request.key
@@ -473,7 +501,7 @@ class Fetcher:
         if download.abandoned:
             why = (
                 "it must be checked before it is served"
-                if request.holds_until_checked
+                if download.holds_until_checked
                 else "no client is reading it"
             )
             raise CacheWriteError(
@@ -487,23 +515,25 @@ class Fetcher:
             # a size or digest check below vouches for it.
             complete = True
             storable = storable and (
-                request.expected_size is not None
-                or request.expected_sha256 is not None
+                expected_size is not None
+                or expected_sha256 is not None
                 or request.verify is not None
             )
         if receiver.timed_out:
-            self._report_failure(request.url, "stalled mid-body")
+            if not download.shared:
+                self._report_failure(request.url, "stalled mid-body")
             raise UpstreamTimeout(
                 f"{redact(request.url)} stalled for {self.idle_timeout:g}s after"
                 f" {download.received} bytes"
             )
         if not complete:
-            self._report_failure(request.url, "body cut short")
+            if not download.shared:
+                self._report_failure(request.url, "body cut short")
             raise UpstreamError(
                 f"{redact(request.url)} ended after {download.received} bytes:"
                 f" {reason.getErrorMessage()}"
             )
-        self._check(download, receiver, length)
+        self._check(download, receiver, length, expected_size, expected_sha256)
         writer = download.spool
         kept = writer if storable else None
         if kept is None and writer is not None:
@@ -511,29 +541,33 @@ class Fetcher:
         # Whole and checked: clients get it now, from the spool file,
         # while the fsync and rename run (in a thread, in the server).
         download.complete()
-        if kept is not None:
-            try:
-                entry = await kept.persist(replayed(download.headers), request.source_digest)
-                if entry is not None and request.variants is not None:
-                    request.variants.stored(self.store, request.key, entry.key)
-            except Exception as e:
-                # Whatever keeps it from the store (a full disk, the thread
-                # pool stopping at shutdown), its clients have it all.
-                self.log.error(
-                    "Cannot store {url}: {error}; served, not stored",
-                    url=redact(request.url),
-                    error=str(e),
-                )
+        if kept is None:
+            return None
+        try:
+            entry = await kept.persist(replayed(download.headers), request.source_digest)
+            if entry is not None and request.variants is not None:
+                request.variants.stored(self.store, request.key, entry.key)
+        except Exception as e:
+            # Whatever keeps it from the store (a full disk, the thread
+            # pool stopping at shutdown), its clients have it all.
+            self.log.error(
+                "Cannot store {url}: {error}; served, not stored",
+                url=redact(request.url),
+                error=str(e),
+            )
+            return None
+        return entry
 
     def _check(
         self, download: Download, receiver: BodyReceiver, length: int | None,
+        expected_size: int | None, expected_sha256: str | None,
     ) -> None:
         """
         Raise :class:`IntegrityError`, forgetting the body, when a whole 200
-        body fails its request's checks: the verifier; then, for a body
-        kept in memory, its size and digest, and for one in its spool file
-        (stored or not), the size (the declared length when no size is
-        expected) and digest of that file.
+        body fails its checks: the request's verifier; then, for a body
+        kept in memory, its request's size and digest, and for one in its
+        spool file (stored or not), the size (the declared length when no
+        size is expected) and digest of that file.
         """
         request = download.request
         if download.status != 200:
@@ -553,10 +587,8 @@ class Fetcher:
         # still served, and must be what its request expects.
         try:
             writer.check(
-                expected_size=(
-                    request.expected_size if request.expected_size is not None else length
-                ),
-                expected_sha256=request.expected_sha256,
+                expected_size=expected_size if expected_size is not None else length,
+                expected_sha256=expected_sha256,
             )
         except IntegrityError as e:
             raise self._refused(request, writer, e)

@@ -34,14 +34,18 @@ NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.CONNECTING: frozenset(
         {Phase.SPOOLING, Phase.IN_MEMORY, Phase.NOT_MODIFIED, Phase.FAILED}
     ),
-    Phase.SPOOLING: frozenset({Phase.IN_MEMORY, Phase.COMPLETE, Phase.FAILED}),
+    # CONNECTING again: a shared copy that failed, answered to nobody
+    # (see Download.restart).
+    Phase.SPOOLING: frozenset(
+        {Phase.IN_MEMORY, Phase.COMPLETE, Phase.FAILED, Phase.CONNECTING}
+    ),
     Phase.IN_MEMORY: frozenset(
-        {Phase.HELD_BACK, Phase.ABANDONED, Phase.COMPLETE, Phase.FAILED}
+        {Phase.HELD_BACK, Phase.ABANDONED, Phase.COMPLETE, Phase.FAILED, Phase.CONNECTING}
     ),
     Phase.HELD_BACK: frozenset(
-        {Phase.IN_MEMORY, Phase.ABANDONED, Phase.COMPLETE, Phase.FAILED}
+        {Phase.IN_MEMORY, Phase.ABANDONED, Phase.COMPLETE, Phase.FAILED, Phase.CONNECTING}
     ),
-    Phase.ABANDONED: frozenset({Phase.FAILED}),
+    Phase.ABANDONED: frozenset({Phase.FAILED, Phase.CONNECTING}),
     Phase.NOT_MODIFIED: frozenset({Phase.SETTLED}),
     Phase.COMPLETE: frozenset({Phase.SETTLED}),
     Phase.FAILED: frozenset({Phase.SETTLED}),

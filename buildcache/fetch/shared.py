@@ -104,3 +104,11 @@ class SharedTier(Protocol):
         upload it and its record in the background (when the tier keeps
         it), then release ``lease``.
         """
+
+    def used(self, entry: Entry) -> None:
+        """
+        ``entry``, of a kind that is shared, answered a client from this
+        node's disk: its copy in the tier is in use too (the tier's LRU
+        hears of it, or a file every node keeps on disk would look unused
+        there).
+        """

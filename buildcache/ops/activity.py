@@ -66,6 +66,10 @@ class Totals:
     #: Body bytes sent to clients on misses (X-Cache: MISS).
     bytes_sent_on_miss: int = 0
     errors: int = 0
+    #: Of the HITs, those answered with a copy read from the shared tier
+    #: (no byte crossed the line), and the body bytes they sent.
+    shared_hits: int = 0
+    bytes_from_shared: int = 0
 
     @property
     def hit_ratio(self) -> float | None:
@@ -167,6 +171,10 @@ class Activity:
         if cache_status in _FROM_CACHE:
             totals.bytes_from_cache += sent
             bucket[1] += sent
+            if _from_shared(exchange):
+                # A HIT like any other, and counted apart besides.
+                totals.shared_hits += 1
+                totals.bytes_from_shared += sent
         elif cache_status == "MISS":
             # What crossed the line is counted as it arrives (see
             # upstream_received): a HEAD or a range may start a whole
@@ -188,18 +196,21 @@ class Activity:
             url = redact(exchange.url)
             cache_status = exchange.cache or "none"
             incomplete = "" if exchange.completed else " (client or upstream ended early)"
+            shared = _from_shared(exchange)
             # The text line is formatted here, once: the log observers
             # format "{line}" only; the fields stay for JSON logs.
             line = (
                 f"{exchange.client} {exchange.method} {url} {exchange.status}"
                 f" {exchange.bytes_sent} {cache_status}"
                 f" {exchange.duration:.3f}s{incomplete}"
+                + (" (from the shared tier)" if shared else "")
             )
             self.log.info(
                 "{line}", line=line, log_system="access", client=exchange.client,
                 method=exchange.method, url=url, status=exchange.status,
                 bytes=exchange.bytes_sent, cache=cache_status,
                 duration=exchange.duration, front_end=exchange.front_end,
+                shared=shared,
             )
 
     def _bucket(self, now: float) -> list[float]:
@@ -283,6 +294,13 @@ class Activity:
         health = self._health(url)
         if health is not None:
             health.stale_served += 1
+
+
+def _from_shared(exchange: Exchange) -> bool:
+    """
+    Whether ``exchange`` was a HIT answered from the shared tier.
+    """
+    return exchange.shared and exchange.cache == "HIT"
 
 
 if TYPE_CHECKING:

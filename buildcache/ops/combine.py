@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from buildcache.ops.activity import Totals
+from buildcache.ops.shared_tier import combine_shared
 from buildcache.ops.snapshot import (
     FrontEndFigures,
     Latency,
@@ -75,6 +76,7 @@ def combine(snapshots: Sequence[Snapshot]) -> Snapshot:
         ],
         upstream_latency=_latency([s["upstream_latency"] for s in snapshots]),
         registry=first["registry"],
+        shared=combine_shared([s["shared"] for s in snapshots]),
         config=first["config"],
     )
 
@@ -94,6 +96,8 @@ def _front_end(name: str, parts: Sequence[FrontEndFigures]) -> FrontEndFigures:
         bytes_from_upstream=sum(part["bytes_from_upstream"] for part in parts),
         bytes_sent_on_miss=sum(part["bytes_sent_on_miss"] for part in parts),
         errors=sum(part["errors"] for part in parts),
+        shared_hits=sum(part["shared_hits"] for part in parts),
+        bytes_from_shared=sum(part["bytes_from_shared"] for part in parts),
     ))
 
 

@@ -51,6 +51,7 @@ class SnapshotCollector(Collector):
         yield from self._upstreams()
         yield self._latency()
         yield from self._store()
+        yield from self._shared()
         in_flight = GaugeMetricFamily(
             "buildcache_downloads_in_flight",
             "Upstream downloads running now (each may feed several clients).",
@@ -75,6 +76,18 @@ class SnapshotCollector(Collector):
             "Body bytes sent to clients, by where they came from.",
             labels=["front_end", "source"],
         )
+        from_shared = CounterMetricFamily(
+            "buildcache_shared_tier_requests",
+            "Of the HIT requests, those answered with a copy read from the"
+            " shared tier (no byte crossed the line), by front end.",
+            labels=["front_end"],
+        )
+        from_shared_bytes = CounterMetricFamily(
+            "buildcache_shared_tier_served_bytes",
+            "Body bytes those requests sent (counted in"
+            ' buildcache_bytes_served{source="cache"} too).',
+            labels=["front_end"],
+        )
         fetched = CounterMetricFamily(
             "buildcache_upstream_bytes",
             "Body bytes received from upstreams, by the front end they were"
@@ -88,10 +101,15 @@ class SnapshotCollector(Collector):
             served.add_metric([front_end, "cache"], figures["bytes_from_cache"])
             served.add_metric([front_end, "upstream"], figures["bytes_sent_on_miss"])
             fetched.add_metric([front_end], figures["bytes_from_upstream"])
+            from_shared.add_metric([front_end], figures["shared_hits"])
+            from_shared_bytes.add_metric([front_end], figures["bytes_from_shared"])
         yield requests
         yield errors
         yield served
         yield fetched
+        if self.snapshot["shared"] is not None:
+            yield from_shared
+            yield from_shared_bytes
 
     def _upstreams(self) -> Iterator[Metric]:
         successes = CounterMetricFamily(
@@ -145,6 +163,70 @@ class SnapshotCollector(Collector):
             ] + [("+Inf", latency["count"])],
             sum_value=latency["sum"],
         )
+
+    def _shared(self) -> Iterator[Metric]:
+        shared = self.snapshot["shared"]
+        if shared is None:
+            return
+        for name, documentation, value in (
+            ("buildcache_shared_tier_hits",
+             "Copies read whole from the shared tier, checked and stored.",
+             shared["hits"]),
+            ("buildcache_shared_tier_hit_bytes", "Bytes of those copies.",
+             shared["hit_bytes"]),
+            ("buildcache_shared_tier_uploads",
+             "Bodies fetched upstream and uploaded to the shared tier.",
+             shared["uploads"]),
+            ("buildcache_shared_tier_upload_bytes", "Bytes of those uploads.",
+             shared["upload_bytes"]),
+            ("buildcache_shared_tier_upload_failures",
+             "Uploads that failed or were skipped while the store failed.",
+             shared["upload_failures"]),
+            ("buildcache_shared_tier_lease_waits",
+             "Downloads that waited for another node's copy of the same file.",
+             shared["lease_waits"]),
+            ("buildcache_shared_tier_lease_timeouts",
+             "Of those, the ones that fetched upstream after all.",
+             shared["lease_timeouts"]),
+            ("buildcache_shared_tier_rejected",
+             "Records or copies refused (bad signature, digest mismatch, stale).",
+             shared["rejected"]),
+            ("buildcache_shared_tier_evictions",
+             "Objects removed from the bucket to stay under --shared-max-size.",
+             shared["evicted"]),
+            ("buildcache_shared_tier_evicted_bytes", "Bytes those evictions freed.",
+             shared["evicted_bytes"]),
+        ):
+            counter = CounterMetricFamily(name, documentation)
+            counter.add_metric([], value)
+            yield counter
+        healthy = GaugeMetricFamily(
+            "buildcache_shared_tier_healthy",
+            "1 while the shared tier's store answers, 0 while it fails (the"
+            " node then serves from its disk and the upstreams).",
+        )
+        healthy.add_metric([], 1 if shared["healthy"] else 0)
+        yield healthy
+        signed = GaugeMetricFamily(
+            "buildcache_shared_tier_signed",
+            "1 when records are signed with --shared-secret-file.",
+        )
+        signed.add_metric([], 1 if shared["signed"] else 0)
+        yield signed
+        conditional = GaugeMetricFamily(
+            "buildcache_shared_tier_conditional_put",
+            "1 when the store honours If-None-Match: * (one download across"
+            " nodes), 0 when not; absent until probed.",
+        )
+        if shared["conditional"] is not None:
+            conditional.add_metric([], 1 if shared["conditional"] else 0)
+        yield conditional
+        if shared["max_size"] is not None:
+            limit = GaugeMetricFamily(
+                "buildcache_shared_tier_max_size_bytes", "--shared-max-size."
+            )
+            limit.add_metric([], shared["max_size"])
+            yield limit
 
     def _store(self) -> Iterator[Metric]:
         store = self.snapshot["store"]

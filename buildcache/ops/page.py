@@ -14,6 +14,7 @@ from buildcache.ops.chart import traffic_section
 from buildcache.ops.human import escape as _e
 from buildcache.ops.human import human_bytes, human_duration, percent, utc_time
 from buildcache.ops.images import RegistryStored
+from buildcache.ops.shared_tier import SharedFigures
 from buildcache.ops.snapshot import (
     ConfigShown,
     FrontEndFigures,
@@ -50,11 +51,12 @@ def render_page(snapshot: Snapshot) -> bytes:
         "</header>\n<main>\n",
         _summary_section(snapshot),
         _fill_section(snapshot["store"]),
-        _front_ends_section(snapshot["front_ends"]),
+        _front_ends_section(snapshot["front_ends"], snapshot["shared"] is not None),
         traffic_section(snapshot["traffic"]),
         _top_section(snapshot["top"], snapshot["front_ends"]),
         _images_section(snapshot["registry"]),
         _upstreams_section(snapshot["upstreams"], now),
+        _shared_section(snapshot["shared"], now),
         _config_section(snapshot["config"]),
         "</main>\n<footer>\n",
         f'<p class="muted">The same figures: <a href="{STATS_PATH}">{STATS_PATH}</a>'
@@ -111,7 +113,11 @@ def _summary_section(stats: Snapshot) -> str:
             "From the cache / misses",
             f"{served - by_status['MISS']:,} / {by_status['MISS']:,}",
             note=f"{by_status['REVALIDATED']:,} revalidated,"
-            f" {by_status['STALE']:,} stale",
+            f" {by_status['STALE']:,} stale"
+            + (
+                f", {stats['shared_hits']:,} hits from the shared tier"
+                if stats["shared"] is not None else ""
+            ),
         )
         + "</div>\n</section>\n"
     )
@@ -145,7 +151,9 @@ def _fill_section(store: StoreFigures) -> str:
     )
 
 
-def _front_ends_section(front_ends: Mapping[str, FrontEndFigures]) -> str:
+def _front_ends_section(
+    front_ends: Mapping[str, FrontEndFigures], shared: bool = False
+) -> str:
     cards = []
     for name, figures in front_ends.items():
         statuses = figures["by_status"]
@@ -164,6 +172,11 @@ def _front_ends_section(front_ends: Mapping[str, FrontEndFigures]) -> str:
             ),
             ("Errors", f"{figures['errors']:,}"),
         ]
+        if shared:
+            rows.insert(5, (
+                "From the shared tier",
+                f"{figures['shared_hits']:,} ({human_bytes(figures['bytes_from_shared'])})",
+            ))
         cards.append(
             f'<div class="front-end" id="front-end-{_e(name)}">\n'
             f"<h3>{_e(figures['label'])}</h3>\n<dl>\n"
@@ -273,6 +286,76 @@ def _upstreams_section(upstreams: Iterable[UpstreamFigures], now: float) -> str:
     )
 
 
+def _shared_section(shared: SharedFigures | None, now: float) -> str:
+    if shared is None:
+        return ""
+    state = "healthy" if shared["healthy"] else "failing"
+    health = "working" if shared["healthy"] else "failing: serving from disk and upstreams"
+    since = (
+        f" since {_time(shared['failing_since'], now)}"
+        if not shared["healthy"] and shared["failing_since"] is not None else ""
+    )
+    error = shared["last_error"]
+    conditional = {
+        None: "not probed yet",
+        True: "yes: one download across nodes",
+        False: "no: each node downloads for itself",
+    }[shared["conditional"]]
+    rows = [
+        ("Store", _e(f"s3://{shared['bucket']}/{shared['prefix']} at {shared['endpoint']}")),
+        (
+            "Health",
+            f'<span class="dot {state}"></span>{_e(health)}{since}'
+            + (f'<br><span class="message">{_e(error)}</span>' if error else ""),
+        ),
+        ("Conditional PUT honoured", _e(conditional)),
+        (
+            "Records signed",
+            _e(
+                "yes (--shared-secret-file)" if shared["signed"]
+                else "no: only files with an independent digest are shared"
+            ),
+        ),
+        (
+            "Hits from the shared tier",
+            _e(f"{shared['hits']:,} ({human_bytes(shared['hit_bytes'])})"),
+        ),
+        (
+            "Uploads",
+            _e(
+                f"{shared['uploads']:,} ({human_bytes(shared['upload_bytes'])}),"
+                f" {shared['upload_failures']:,} failed"
+            ),
+        ),
+        (
+            "Lease waits",
+            _e(
+                f"{shared['lease_waits']:,} waited on another node,"
+                f" {shared['lease_timeouts']:,} fetched upstream after all"
+            ),
+        ),
+        ("Records or copies refused", _e(f"{shared['rejected']:,}")),
+        (
+            "Evictions",
+            (
+                _e(
+                    f"{shared['evicted']:,} ({human_bytes(shared['evicted_bytes'])})"
+                    f" under {human_bytes(shared['max_size'])}, last "
+                )
+                + _time(shared["last_eviction"], now)
+            ) if shared["max_size"] is not None
+            else '<span class="muted">no --shared-max-size</span>',
+        ),
+    ]
+    return (
+        f'<section class="card wide" id="shared-tier">\n<h2>Shared tier</h2>\n'
+        f'<p class="headline {state}" id="shared-health">{_e(health)}</p>\n'
+        '<dl class="config">\n'
+        + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>\n" for k, v in rows)
+        + "</dl>\n</section>\n"
+    )
+
+
 def _list(values: Sequence[str], empty: str = "none") -> str:
     if not values:
         return f'<span class="muted">{_e(empty)}</span>'
@@ -333,7 +416,27 @@ def _config_section(config: ConfigShown) -> str:
             _e(f"at most {config['max_connections_per_client']:,}"),
         ),
         ("Log format", _e(config["log_format"])),
+        (
+            "Shared store",
+            f"<code>{_e(config['shared_store'])}</code>" if config["shared_store"]
+            else '<span class="muted">none</span>',
+        ),
     ]
+    if config["shared_store"]:
+        rows += [
+            (
+                "Shared secret file",
+                f"<code>{_e(config['shared_secret_file'])}</code>"
+                if config["shared_secret_file"] else '<span class="muted">none</span>',
+            ),
+            (
+                "Shared store size limit",
+                _e(human_bytes(config["shared_max_size"]))
+                if config["shared_max_size"] is not None
+                else '<span class="muted">none</span>',
+            ),
+            ("Wait for another node's download", _e(f"up to {config['shared_wait']:g} s")),
+        ]
     return (
         '<section class="card wide" id="config">\n<h2>Configuration</h2>\n'
         '<dl class="config">\n'

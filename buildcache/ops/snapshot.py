@@ -20,15 +20,17 @@ Which fields add up across processes:
   upstream host), ``downloads_in_flight``, ``read_aheads_running``, the
   store's ``bytes_downloading`` (each process holds its own room),
   ``evictions``, ``bytes_evicted``, ``hits``, ``misses``,
-  ``revalidations``, ``prefetches``, ``prefetch_hits``, and the upstream
-  latency histogram's counts and sum;
+  ``revalidations``, ``prefetches``, ``prefetch_hits``, the upstream
+  latency histogram's counts and sum, and the shared tier's counts
+  (``shared_hits``, ``bytes_from_shared``, and those of ``shared``);
 - **recomputed** from the sums: every ``hit_ratio``, ``bytes_saved``, the
   store's ``fill``, ``uptime_seconds``;
 - **shared**, not summed (one store, one configuration): the store's
   ``entries``, ``bytes_stored``, ``bytes_metadata`` and ``max_size``, the
   images stored by tag (``registry``), and ``config``, as the first
   snapshot (the main process's) has them;
-- **latest**: ``generated_at`` and each upstream's ``last_success``,
+- **latest**: ``generated_at``, the shared tier's ``last_eviction`` and
+  health (unhealthy if any process finds it so), and each upstream's ``last_success``,
   ``last_error`` (the greatest) and ``last_error_message`` (the one of the
   latest error); ``started_at`` is the earliest.
 
@@ -47,7 +49,7 @@ from attrs import Factory, define, field
 from twisted.internet.interfaces import IReactorTime
 
 from buildcache.config import Config
-from buildcache.credentials import redact, shown_url
+from buildcache.credentials import hide_userinfo, redact, shown_url
 from buildcache.ecosystems.pypi.prefetch import UNCLAIMED_BUDGET_FILES
 from buildcache.ops.activity import (
     BUCKET_SECONDS,
@@ -58,6 +60,7 @@ from buildcache.ops.activity import (
 )
 from buildcache.ops.front_ends import FRONT_END_LABELS, FRONT_ENDS
 from buildcache.ops.images import RegistryStored, StoredImages
+from buildcache.ops.shared_tier import SharedFigures, SharedStatus, shared_figures
 from buildcache.store import Store, StoreStats
 
 #: Names listed per front end in the most-requested table.
@@ -84,6 +87,10 @@ class FrontEndFigures(TypedDict):
     #: Sent to clients on misses.
     bytes_sent_on_miss: int
     hit_ratio: float | None
+    #: Of the HITs, those answered with a copy from the shared tier, and
+    #: the bytes they sent (counted in ``bytes_from_cache`` too).
+    shared_hits: int
+    bytes_from_shared: int
 
 
 class StoreFigures(TypedDict):
@@ -210,6 +217,12 @@ class ConfigShown(TypedDict):
     #: Bytes read ahead that may wait unasked for before read-ahead pauses.
     prefetch_unclaimed_budget: int
     max_connections_per_client: int
+    #: ``--shared-store`` (its endpoint without user information), or
+    #: None; the secret's file, never the secret.
+    shared_store: str | None
+    shared_secret_file: str | None
+    shared_max_size: int | None
+    shared_wait: float
 
 
 class Snapshot(TypedDict):
@@ -229,6 +242,10 @@ class Snapshot(TypedDict):
     bytes_from_cache: int
     bytes_from_upstream: int
     bytes_saved: int
+    #: HITs answered from the shared tier, and their bytes (in the HITs
+    #: and ``bytes_from_cache`` too).
+    shared_hits: int
+    bytes_from_shared: int
     front_ends: dict[str, FrontEndFigures]
     store: StoreFigures
     downloads_in_flight: int
@@ -240,6 +257,8 @@ class Snapshot(TypedDict):
     upstreams: list[UpstreamFigures]
     upstream_latency: Latency
     registry: RegistryStored
+    #: None without a shared tier.
+    shared: SharedFigures | None
     config: ConfigShown
 
 
@@ -268,7 +287,8 @@ class ReadAheads(Protocol):
 def redact_text(text: str) -> str:
     """
     ``text`` with the credentials of every URL in it replaced by ``***``
-    (upstream error messages quote the URL they failed on).
+    (upstream error messages quote the URL they failed on), and the
+    signature and key of a presigned URL (see :func:`redact`).
     """
     return _URL_IN_TEXT.sub(lambda match: redact(match.group(0)), text)
 
@@ -313,6 +333,8 @@ def front_end_figures(name: str, totals: Totals) -> FrontEndFigures:
         "bytes_saved": totals.bytes_from_cache,
         "bytes_sent_on_miss": totals.bytes_sent_on_miss,
         "hit_ratio": totals.hit_ratio,
+        "shared_hits": totals.shared_hits,
+        "bytes_from_shared": totals.bytes_from_shared,
     }
 
 
@@ -329,6 +351,7 @@ def assemble(
     upstreams: list[UpstreamFigures],
     upstream_latency: Latency,
     registry: RegistryStored,
+    shared: SharedFigures | None,
     config: ConfigShown,
 ) -> Snapshot:
     """
@@ -349,6 +372,8 @@ def assemble(
         "bytes_from_cache": from_cache,
         "bytes_from_upstream": sum(f["bytes_from_upstream"] for f in figures),
         "bytes_saved": from_cache,
+        "shared_hits": sum(f["shared_hits"] for f in figures),
+        "bytes_from_shared": sum(f["bytes_from_shared"] for f in figures),
         "front_ends": front_ends,
         "store": store,
         "downloads_in_flight": downloads_in_flight,
@@ -358,6 +383,7 @@ def assemble(
         "upstreams": upstreams,
         "upstream_latency": upstream_latency,
         "registry": registry,
+        "shared": shared,
         "config": config,
     }
 
@@ -396,7 +422,8 @@ def fill(bytes_stored: int, max_size: int) -> float | None:
 class SnapshotSources:
     """
     What a snapshot of one server process is read from.  A process that
-    fetches nothing (a hit worker) has no ``fetcher`` nor ``prefetcher``.
+    fetches nothing (a hit worker) has no ``fetcher`` nor ``prefetcher``;
+    a server without a shared tier no ``shared_tier``.
     """
 
     config: Config
@@ -405,6 +432,7 @@ class SnapshotSources:
     activity: Activity
     clock: IReactorTime
     prefetcher: ReadAheads | None = None
+    shared_tier: SharedStatus | None = None
     started: float = field(
         default=Factory(lambda self: self.clock.seconds(), takes_self=True)
     )
@@ -463,6 +491,10 @@ class SnapshotSources:
             ],
             upstream_latency=self._latency(),
             registry=self._images.read(sizes),
+            shared=(
+                None if self.shared_tier is None
+                else shared_figures(self.shared_tier.status(), redact_text)
+            ),
             config=self._config(),
         )
 
@@ -530,4 +562,11 @@ class SnapshotSources:
             "prefetch_max_size": config.prefetch_max_size,
             "prefetch_unclaimed_budget": UNCLAIMED_BUDGET_FILES * config.prefetch_max_size,
             "max_connections_per_client": config.max_connections_per_client,
+            "shared_store": (
+                None if config.shared_store is None
+                else hide_userinfo(config.shared_store.url())
+            ),
+            "shared_secret_file": config.shared_secret_file,
+            "shared_max_size": config.shared_max_size,
+            "shared_wait": config.shared_wait,
         }

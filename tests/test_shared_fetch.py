@@ -1,0 +1,239 @@
+"""
+The fetcher's side of the shared tier (:mod:`buildcache.fetch.shared`),
+with an in-memory tier: a copy is read, checked and stored as a HIT; a
+copy that fails goes upstream in the same download, unseen by clients; a
+lease is handed to publish, or released when nothing is published; and
+only immutable, anonymous, unconditional fetches ask the tier at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from attrs import Factory, define
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from buildcache.fetch.request import UpstreamRequest
+from buildcache.fetch.shared import SharedCopy
+from buildcache.store import Entry
+from tests.test_engine import ORIGIN, Harness, Served
+
+BODY = b"package bytes " * 1000
+CORRUPT = b"x" * len(BODY)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@define
+class Lease:
+    released: int = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+@define
+class Tier:
+    """A shared tier that answers what the test tells it to."""
+
+    answer: SharedCopy | Lease | None = None
+    sharing: bool = True
+    asked: list[str] = Factory(list)
+    served: list[str] = Factory(list)
+    failed: list[tuple[str, str]] = Factory(list)
+    published: list[tuple[str, Entry, Any]] = Factory(list)
+    used_entries: list[str] = Factory(list)
+    #: When set, before_upstream waits on this.
+    waiting: Deferred[None] | None = None
+
+    def shares(self, request: UpstreamRequest) -> bool:
+        return self.sharing
+
+    def before_upstream(self, request: UpstreamRequest) -> Deferred[Any]:
+        self.asked.append(request.key)
+        if self.waiting is not None:
+            return self.waiting.addCallback(lambda _: self.answer)
+        return succeed(self.answer)
+
+    def copy_served(self, request: UpstreamRequest, copy: SharedCopy) -> None:
+        self.served.append(copy.name)
+
+    def copy_failed(self, request: UpstreamRequest, copy: SharedCopy, why: str) -> None:
+        self.failed.append((copy.name, why))
+
+    def publish(self, request: UpstreamRequest, entry: Entry, lease: Any) -> None:
+        self.published.append((request.key, entry, lease))
+
+    def used(self, entry: Entry) -> None:
+        self.used_entries.append(entry.key)
+
+
+def copy_of(body: bytes, path: str = "/bucket/blob", **headers: str) -> SharedCopy:
+    return SharedCopy(
+        name="blobs/sha256/" + sha256(body), url=ORIGIN + path,
+        headers={"content-type": "application/x-test", **headers},
+        size=len(body), sha256=sha256(body),
+    )
+
+
+class SharedFetchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.harness = Harness(self.mktemp())
+        self.addCleanup(self.harness.close)
+        self.tier = Tier()
+        self.harness.engine.fetcher.shared = self.tier
+        self.harness.origin.files["/a.pkg"] = Served(BODY, {"content-type": "text/x-origin"})
+
+    def test_copy_is_a_hit_with_no_upstream_request(self) -> None:
+        """
+        A copy the tier names is read from the store, checked, stored with
+        the record's headers and served as a HIT; the upstream is never
+        asked, and the exchange is counted as from the shared tier.
+        """
+        self.harness.origin.files["/bucket/blob"] = Served(BODY)
+        self.tier.answer = copy_of(BODY)
+        answer = self.harness.get("/a.pkg")
+        self.assertEqual((answer.status, answer.body), (200, BODY))
+        self.assertEqual(answer.header("x-cache"), "HIT")
+        self.assertEqual(answer.header("content-type"), "application/x-test")
+        self.assertEqual(self.harness.origin.count("/a.pkg"), 0)
+        self.assertEqual(self.harness.origin.count("/bucket/blob"), 1)
+        self.assertEqual(self.tier.served, [copy_of(BODY).name])
+        self.assertEqual(self.tier.published, [])
+        [exchange] = self.harness.observer.exchanges
+        self.assertEqual((exchange.cache, exchange.shared), ("HIT", True))
+        entry = self.harness.store.peek(self.tier.asked[0])
+        assert entry is not None
+        self.assertEqual(entry.sha256, sha256(BODY))
+        self.assertEqual(entry.headers.get("content-type"), "application/x-test")
+        # The second request is the disk's: the tier is not asked again.
+        again = self.harness.get("/a.pkg")
+        self.assertEqual((again.body, again.header("x-cache")), (BODY, "HIT"))
+        self.assertEqual(len(self.tier.asked), 1)
+        self.assertFalse(self.harness.observer.exchanges[1].shared)
+        # ... and the tier hears that its copy is in use.
+        self.assertEqual(self.tier.used_entries, [self.tier.asked[0]])
+
+    def test_corrupt_copy_goes_upstream_unseen(self) -> None:
+        """
+        A copy whose bytes do not match its digest is never served: the
+        same download goes upstream, the client gets the upstream's bytes
+        as a MISS, and what was fetched is published (to replace it).
+        """
+        self.harness.origin.files["/bucket/blob"] = Served(CORRUPT)
+        self.tier.answer = copy_of(BODY)
+        answer = self.harness.get("/a.pkg")
+        self.assertEqual((answer.status, answer.body), (200, BODY))
+        self.assertEqual(answer.header("x-cache"), "MISS")
+        self.assertEqual(answer.header("content-type"), "text/x-origin")
+        self.assertEqual(self.harness.origin.count("/a.pkg"), 1)
+        [(name, why)] = self.tier.failed
+        self.assertEqual(name, copy_of(BODY).name)
+        self.assertIn("sha256", why)
+        [(key, entry, lease)] = self.tier.published
+        self.assertEqual((entry.sha256, lease), (sha256(BODY), None))
+        self.assertEqual(self.tier.served, [])
+
+    def test_copy_cut_short_goes_upstream(self) -> None:
+        self.harness.origin.files["/bucket/blob"] = Served(BODY, cut_at=1000)
+        self.tier.answer = copy_of(BODY)
+        answer = self.harness.get("/a.pkg")
+        self.assertEqual((answer.body, answer.header("x-cache")), (BODY, "MISS"))
+        self.assertEqual(len(self.tier.failed), 1)
+        self.assertEqual(self.harness.origin.count("/a.pkg"), 1)
+
+    def test_missing_copy_goes_upstream(self) -> None:
+        self.tier.answer = copy_of(BODY, "/bucket/gone")
+        answer = self.harness.get("/a.pkg")
+        self.assertEqual((answer.body, answer.header("x-cache")), (BODY, "MISS"))
+        [(_, why)] = self.tier.failed
+        self.assertIn("404", why)
+
+    def test_concurrent_clients_share_one_copy_read(self) -> None:
+        """
+        Clients that ask while the tier is being consulted join the one
+        download: one read of the copy, every client a HIT.
+        """
+        self.harness.origin.files["/bucket/blob"] = Served(BODY)
+        self.tier.answer = copy_of(BODY)
+        self.tier.waiting = Deferred()
+        clients = [self.harness.send("/a.pkg") for _ in range(3)]
+        self.harness.settle()
+        self.assertEqual([c.transport.value() for c in clients], [b""] * 3)
+        self.tier.waiting.callback(None)
+        self.harness.settle()
+        for client in clients:
+            answer = client.answer()
+            self.assertEqual((answer.body, answer.header("x-cache")), (BODY, "HIT"))
+        self.assertEqual(self.harness.origin.count("/bucket/blob"), 1)
+        self.assertEqual(len(self.tier.asked), 1)
+
+    def test_lease_goes_to_publish(self) -> None:
+        lease = Lease()
+        self.tier.answer = lease
+        answer = self.harness.get("/a.pkg")
+        self.assertEqual((answer.body, answer.header("x-cache")), (BODY, "MISS"))
+        [(_, entry, published_lease)] = self.tier.published
+        self.assertIs(published_lease, lease)
+        self.assertEqual(lease.released, 0)
+        self.assertEqual(entry.sha256, sha256(BODY))
+
+    def test_lease_released_when_nothing_is_stored(self) -> None:
+        lease = Lease()
+        self.tier.answer = lease
+        answer = self.harness.get("/missing.pkg")
+        self.assertEqual(answer.status, 404)
+        self.assertEqual(lease.released, 1)
+        self.assertEqual(self.tier.published, [])
+
+    def test_lease_released_when_the_upstream_fails(self) -> None:
+        lease = Lease()
+        self.tier.answer = lease
+        self.harness.line.down = True
+        answer = self.harness.get("/a.pkg")
+        self.assertEqual(answer.status, 502)
+        self.assertEqual(lease.released, 1)
+
+    def test_only_immutable_anonymous_files_ask_the_tier(self) -> None:
+        """
+        A file of another kind, or one asked with credentials, never asks
+        the tier nor is published.
+        """
+        self.harness.origin.files["/a.txt"] = Served(b"text")
+        self.harness.get("/a.txt")
+        self.harness.get("/a.txt")
+        self.harness.get("/a.pkg", {"authorization": "Basic dTpw"})
+        self.harness.get("/a.pkg", {"authorization": "Basic dTpw"})
+        self.assertEqual(self.tier.asked, [])
+        self.assertEqual(self.tier.published, [])
+        self.assertEqual(self.tier.used_entries, [])
+
+    def test_a_tier_that_does_not_share_is_not_asked(self) -> None:
+        self.tier.sharing = False
+        answer = self.harness.get("/a.pkg")
+        self.assertEqual(answer.body, BODY)
+        self.assertEqual((self.tier.asked, self.tier.published), ([], []))
+
+    def test_copy_bytes_are_not_counted_as_fetched_upstream(self) -> None:
+        received: list[tuple[str, int]] = []
+        activity = self.harness.engine.fetcher.activity
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                if name == "upstream_received":
+                    return lambda front_end, n: received.append((front_end, n))
+                return getattr(activity, name)
+
+        self.harness.engine.fetcher.activity = Counting()  # type: ignore[assignment]
+        self.harness.origin.files["/bucket/blob"] = Served(BODY)
+        self.tier.answer = copy_of(BODY)
+        self.harness.get("/a.pkg")
+        self.assertEqual(received, [])
+        self.harness.origin.files["/b.pkg"] = Served(BODY)
+        self.tier.answer = None
+        self.harness.get("/b.pkg")
+        self.assertEqual(sum(n for _, n in received), len(BODY))
