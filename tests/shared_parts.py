@@ -368,16 +368,17 @@ class Bucket:
     def has_record_and_blob(self, data: bytes) -> bool:
         """
         Whether some record names ``data``'s digest and its blob holds
-        exactly ``data``: what a node published for it.
+        exactly ``data``: what a node published for it.  (Cheap checks
+        first: the blob is read only once both objects are listed.)
         """
         digest = sha256(data)
-        blob = self.get(blob_name(data))
-        if blob is None or sha256(blob) != digest:
+        if blob_name(data) not in self.names(blob_name(data)):
             return False
         for name in self.names("records/"):
             record = self.get(name)
             if record is not None and json.loads(record).get("sha256") == digest:
-                return True
+                blob = self.get(blob_name(data))
+                return blob is not None and sha256(blob) == digest
         return False
 
 
