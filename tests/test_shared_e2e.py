@@ -39,7 +39,6 @@ from tests.shared_parts import (
     Fetched,
     Node,
     Origin,
-    StoreGate,
     blob_name,
     curl,
     fetch_one,
@@ -51,6 +50,7 @@ from tests.shared_parts import (
     write_files,
     write_secret,
 )
+from tests.store_gate import StoreGate
 from tests.support import listen, pattern_bytes, url_of
 from tests.test_pip_e2e import clean_environment
 
