@@ -56,6 +56,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -335,25 +336,22 @@ def race(nodes: Sequence[Node], files: Sequence[File], origin: Origin) -> dict[s
                 curl_argv([n.url(f) for f in files], True), stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, env=CLIENT_ENV,
             )))
-    by_node: dict[str, dict[str, int]] = {n.name: {} for n in nodes}
+    by_node: dict[str, Counter[str]] = {n.name: Counter() for n in nodes}
     for n, process in processes:
         out, err = process.communicate(timeout=CURL_MAX_TIME * 2)
         transfers = parse_transfers(out)
         check_transfers(n.name, transfers, files,
                         subprocess.CompletedProcess([], process.returncode, out, err))
-        for t in transfers:
-            by_node[n.name][str(t.x_cache)] = by_node[n.name].get(str(t.x_cache), 0) + 1
+        by_node[n.name].update(x_cache_counts(transfers))
     seconds = time.monotonic() - began
     gets = {f.path: origin.requests_since(mark, f.origin_uri) for f in files}
-    return {"wall_s": seconds, "origin_gets": gets, "x_cache": by_node,
+    return {"wall_s": seconds, "origin_gets": gets,
+            "x_cache": {name: dict(counts) for name, counts in by_node.items()},
             "max_gets_per_file": max(gets.values()), "min_gets_per_file": min(gets.values())}
 
 
 def x_cache_counts(transfers: Sequence[Transfer]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in transfers:
-        counts[str(t.x_cache)] = counts.get(str(t.x_cache), 0) + 1
-    return counts
+    return dict(Counter(str(t.x_cache) for t in transfers))
 
 
 # ---------------------------------------------------------------- runs

@@ -25,6 +25,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.utils import getProcessOutputAndValue
@@ -286,15 +287,21 @@ class SharingTests(_Shared, SeaweedCase):
         await self.pip(nodes[0], self.work / "pip-a")
         files_asked = {p: n for p, n in index.requests.items() if p.startswith("/files/")}
         self.assertTrue(any(p.endswith(".whl") for p in files_asked), files_asked)
-        for wheel in (p for p in files_asked if p.endswith(".whl")):
-            await self.published(fixture.content(wheel.rsplit("/", 1)[1]))
+        # Wheels and their metadata files: B reads every one from the tier.
+        for path in files_asked:
+            await self.published(fixture.content(unquote(path.rsplit("/", 1)[1])))
+        pages = {p: n for p, n in index.requests.items() if p.startswith("/simple/")}
         await self.pip(nodes[1], self.work / "pip-b")
         self.assertEqual(
             {p: n for p, n in index.requests.items() if p.startswith("/files/")}, files_asked
         )
-        self.assertTrue(
-            (self.work / "pip-b" / "bcdemo_a" / "__init__.py").is_file()
+        self.assertEqual(
+            (self.work / "pip-b" / "bcdemo_a" / "__init__.py").read_text(),
+            (self.work / "pip-a" / "bcdemo_a" / "__init__.py").read_text(),
         )
+        # The pages are asked again: they stay per node.
+        self.assertEqual(index.requests["/simple/bcdemo-a/"], 2 * pages["/simple/bcdemo-a/"])
+        self.assertGreaterEqual((await nodes[1].tier())["hits"], len(files_asked))
 
     async def pip(self, node: Node, target: Path) -> None:
         argv = [
