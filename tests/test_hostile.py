@@ -1173,6 +1173,9 @@ class RecordingFetcher:
         self.urls.append(request.url)
         return fail(UpstreamError("upstream down"))
 
+    def used(self, entry: Any) -> None:
+        pass
+
 
 class IndexRouteProperties(SynchronousTestCase):
     """

@@ -64,6 +64,9 @@ class _Fetcher:
     def downloading(self, key: str) -> bool:
         return key in self.busy
 
+    def used(self, entry: Any) -> None:
+        pass
+
 
 class PrefetcherTests(SynchronousTestCase):
     def setUp(self) -> None:

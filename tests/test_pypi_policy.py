@@ -65,14 +65,23 @@ class LRUTests(TestCase):
         self.assertEqual((lru.get("a"), lru.get("b")), (2, 3))
 
 
+class _NoFetcher:
+    """Nothing here misses: a fetch would be a bug."""
+
+    def used(self, entry: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the fetcher was asked for {name}")
+
+
 class _Base(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.store = Store.open(self.mktemp(), 1 << 20, self.clock)
         self.addCleanup(self.store.close)
-        # Nothing here misses: a fetcher would be a bug.
-        self.engine = Engine(self.store, cast(Any, None), self.clock, index_ttl=600.0)
+        self.engine = Engine(self.store, cast(Any, _NoFetcher()), self.clock, index_ttl=600.0)
 
     def put(self, key: str, body: bytes, headers: dict[str, str] | None = None) -> None:
         writer = self.store.writer(key)
