@@ -117,9 +117,6 @@ class Origin:
             if seen.path == wanted and seen.method == "GET"
         )
 
-    def total_gets(self) -> int:
-        return sum(1 for seen in self.resource.requests if seen.method == "GET")
-
     def hold(self, path: str) -> None:
         """Send the first half of ``path``'s body, then wait for :meth:`release`."""
         self.resource.hold("/" + path)
@@ -362,16 +359,6 @@ async def wait_started(node: Node) -> None:
         return marker in node.log_text()
 
     await poll(started, f"{node.name} listening on {node.proxy_port}", bound=60)
-
-
-async def restart_node(testcase: Any, node: Node) -> Node:
-    """Stop ``node`` (SIGTERM) and start it again with the same command line."""
-    await node.stop()
-    child = spawn(testcase, node.name, node.argv, node.env, node.log.parent)
-    again = Node(node.name, child, node.proxy_port, node.index_port, node.cache_dir,
-                 node.log, node.argv, node.env)
-    await wait_started(again)
-    return again
 
 
 # -- clients -------------------------------------------------------------------

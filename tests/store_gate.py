@@ -196,9 +196,6 @@ class StoreGate:
         for connection in list(self.connections):
             connection.release()
 
-    def puts(self, path_part: str) -> list[StoreRequest]:
-        return [r for r in self.requests if r.method == "PUT" and path_part in r.path]
-
     async def close(self) -> None:
         for connection in list(self.connections):
             if connection.transport is not None:

@@ -352,7 +352,8 @@ class StoreFailureTests(_Shared, TestCase):
         data = self.files[self.big]
         held = self.gate.hold_upload(f"blobs/sha256/{sha256(data)}")
         self.assert_served(await fetch_one(a.url(self.big), self.work / "a"), self.big, "MISS")
-        await held
+        # A is uploading the blob: the store has its first chunk.
+        self.assertEqual((await held).path, f"/killed/cache/{blob_name(data)}")
         self.store.kill(grace=0)
         self.gate.release()
         await a.wait_event(FAILING)
