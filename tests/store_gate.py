@@ -3,7 +3,8 @@ A gate in front of the object store's S3 port, for the shared-tier
 end-to-end tests: a TCP forwarder on 127.0.0.1 that records the request
 line of every request it forwards, and can hold an upload after its first
 chunk, so that a test can kill the store while a node is uploading
-(:meth:`StoreGate.hold_upload`).  Bytes pass through unchanged (a SigV4
+(:meth:`StoreGate.hold_upload`), or stall every request (a store that
+accepts connections and never answers: :meth:`StoreGate.stall`).  Bytes pass through unchanged (a SigV4
 signature covers the ``Host`` the node sent, which is the gate's), with
 back-pressure both ways.
 """
@@ -97,7 +98,8 @@ class _FromNode(Protocol):
     def update(self) -> None:
         if self.transport is None:
             return
-        if self.store_ready and not self.held and not self.paused_by_store:
+        paused = self.held or self.paused_by_store or self.gate.stalled
+        if self.store_ready and not paused:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         else:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
@@ -151,6 +153,8 @@ class StoreGate:
     requests: list[StoreRequest] = field(factory=list)
     connections: list[_FromNode] = field(factory=list)
     port: IListeningPort | None = None
+    #: While set, nothing more is read from any node (see :meth:`stall`).
+    stalled: bool = False
     _holds: list[tuple[re.Pattern[bytes], Deferred[StoreRequest]]] = field(factory=list)
 
     def listen(self, testcase: Any) -> int:
@@ -195,6 +199,21 @@ class StoreGate:
     def release(self) -> None:
         for connection in list(self.connections):
             connection.release()
+
+    def stall(self) -> None:
+        """
+        A slow store: from now on the gate reads nothing more from any
+        node, so no request that was not already forwarded is answered
+        (until :meth:`unstall`).
+        """
+        self.stalled = True
+        for connection in list(self.connections):
+            connection.update()
+
+    def unstall(self) -> None:
+        self.stalled = False
+        for connection in list(self.connections):
+            connection.update()
 
     async def close(self) -> None:
         for connection in list(self.connections):

@@ -270,6 +270,32 @@ class SharingTests(_Shared, SeaweedCase):
         self.assertEqual(self.origin.gets(path), 2)
         await self.assert_no_secrets(a, b, c)
 
+    async def test_slow_store_costs_a_miss(self) -> None:
+        """
+        A store that accepts connections and never answers: node A's
+        client still gets the file (from the upstream, after the record
+        lookup timed out), A logs that the store is failing and shows it
+        on its status page and in its stats; node B too goes upstream
+        without a client error; A's disk serves the file again.
+        """
+        path = self.paths["medium"]
+        a, b = await self.nodes("a", "b")
+        self.gate.stall()
+        self.addCleanup(self.gate.unstall)
+        self.assert_served(await fetch_one(a.url(path), self.work / "a"), path, "MISS")
+        failing = await a.wait_event(FAILING)
+        self.assertIn("time", failing[0]["error"].lower())
+        figures = await a.tier()
+        self.assertEqual((figures["healthy"], bool(figures["last_error"])), (False, True))
+        page = (await a.page("/")).decode()
+        self.assertIn("failing: serving from disk and upstreams", page)
+        self.assert_served(await fetch_one(b.url(path), self.work / "b"), path, "MISS")
+        await b.wait_event(FAILING)
+        self.assertEqual(self.origin.gets(path), 2)
+        self.assert_served(await fetch_one(a.url(path), self.work / "a2"), path, "HIT")
+        self.assertEqual(self.origin.gets(path), 2)
+        await self.assert_no_secrets(a, b)
+
     async def test_pip_through_two_nodes_shares_wheels(self) -> None:
         """
         ``pip install`` through node A's index, then through node B's: B
