@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.apkrepo import BUILD_TIME, build_apk, write_repository
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.seaweed_parts import SECRET_KEY, Seaweed, SeaweedCase, start_seaweed
 from tests.shared_parts import (
@@ -269,6 +270,43 @@ class SharingTests(_Shared, SeaweedCase):
         self.assert_served(await fetch_one(c.url(path), self.work / "c"), path, "HIT")
         self.assertEqual(self.origin.gets(path), 2)
         await self.assert_no_secrets(a, b, c)
+
+    async def test_rebuilt_package_invalidates_its_shared_record(self) -> None:
+        """
+        An apk package rebuilt under the same name (a new APKINDEX entry):
+        node B, with the new index, finds the bucket's record stale,
+        drops it, serves the new build from the upstream and publishes
+        it; a third node then gets the new build from the tier.
+        """
+        arch = "alpine/v3.20/main/x86_64"
+        first = build_apk("hello", "1.0-r0", data_size_pad=200_000, pad_seed=1)
+        again = build_apk("hello", "1.0-r0", data_size_pad=300_000, pad_seed=2)
+        index, package = f"{arch}/APKINDEX.tar.gz", f"{arch}/{first.filename}"
+        write_repository(self.work / "www" / "alpine/v3.20/main", [first], mtime=BUILD_TIME)
+        a, b = await self.nodes("a", "b")
+        for path, want in ((index, None), (package, first.content)):
+            fetched = await fetch_one(a.url(path), self.work / "a")
+            self.assertEqual(fetched.status, 200, path)
+            if want is not None:
+                self.assertEqual(sha256(fetched.body), sha256(want))
+        await self.published(first.content)
+
+        write_repository(self.work / "www" / "alpine/v3.20/main", [again], mtime=BUILD_TIME + 100)
+        self.assertEqual((await fetch_one(b.url(index), self.work / "b")).status, 200)
+        fetched = await fetch_one(b.url(package), self.work / "b")
+        self.assertEqual((fetched.status, sha256(fetched.body)), (200, sha256(again.content)))
+        self.assertEqual(self.origin.gets(package), 2)
+        await b.wait_event("shared_record_stale")
+        await self.published(again.content)
+
+        c = await self.node("c")
+        self.assertEqual((await fetch_one(c.url(index), self.work / "c")).status, 200)
+        fetched = await fetch_one(c.url(package), self.work / "c")
+        self.assertEqual(
+            (fetched.status, fetched.x_cache, sha256(fetched.body)),
+            (200, "HIT", sha256(again.content)),
+        )
+        self.assertEqual(self.origin.gets(package), 2)
 
     async def test_slow_store_costs_a_miss(self) -> None:
         """
