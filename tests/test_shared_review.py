@@ -1,7 +1,7 @@
 """
-Review R1 of the shared tier (issue 15): each test here shows a defect
-found in review, and fails until it is fixed.  Its docstring names the
-defect.
+Regression tests for the defects the first review of the shared tier
+(issue 15) found: each test's docstring names the defect it showed
+(``DEFECT``, as found), and the test asserts the fixed behaviour.
 """
 
 from __future__ import annotations
