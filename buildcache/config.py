@@ -54,7 +54,7 @@ LOG_FORMATS = ("text", "json")
 DEFAULT_LOG_FORMAT = "text"
 #: Seconds a download waits, at most, for another node's copy of the same
 #: file to appear in the shared tier (pip's read timeout).
-DEFAULT_SHARED_WAIT = 15.0
+DEFAULT_SHARED_WAIT = 10.0
 #: Largest ``--shared-secret-file`` read.
 SHARED_SECRET_MAX = 64 * 1024
 #: Largest distribution file read ahead after its metadata (see

@@ -45,7 +45,10 @@ class MemoryObjects:
             raise SharedStoreError(f"GET {name}: larger than {limit} bytes")
         return data
 
-    async def put_small(self, name: str, data: bytes, *, if_absent: bool = False) -> bool:
+    async def put_small(
+        self, name: str, data: bytes, *, if_absent: bool = False,
+        timeout: float | None = None,
+    ) -> bool:
         self._request("PUT", name)
         if if_absent and self.conditional and name in self.objects:
             return False
@@ -64,7 +67,7 @@ class MemoryObjects:
         data = self.objects.get(name)
         return None if data is None else ObjectInfo(name, len(data), 0.0)
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, timeout: float | None = None) -> None:
         self._request("DELETE", name)
         self.objects.pop(name, None)
 

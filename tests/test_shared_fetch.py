@@ -11,17 +11,21 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from attrs import Factory, define
+from attrs import Factory, define, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
+from buildcache.engine.policy import Expectation, GenericPolicy, Target
 from buildcache.fetch.request import UpstreamRequest
-from buildcache.fetch.shared import SharedCopy
+from buildcache.fetch.shared import CopyFault, SharedCopy
 from buildcache.store import Entry
-from tests.test_engine import ORIGIN, Harness, Served
+from tests.test_engine import ORIGIN, POLICY, Harness, Served
 
 BODY = b"package bytes " * 1000
 CORRUPT = b"x" * len(BODY)
+#: Larger than the tail withheld from a body streamed before its check.
+LARGE = b"a large wheel " * 30_000
+LARGE_CORRUPT = b"y" * len(LARGE)
 
 
 def sha256(data: bytes) -> str:
@@ -45,6 +49,7 @@ class Tier:
     asked: list[str] = Factory(list)
     served: list[str] = Factory(list)
     failed: list[tuple[str, str]] = Factory(list)
+    faults: list[CopyFault] = Factory(list)
     published: list[tuple[str, Entry, Any]] = Factory(list)
     used_entries: list[str] = Factory(list)
     #: When set, before_upstream waits on this.
@@ -62,8 +67,11 @@ class Tier:
     def copy_served(self, request: UpstreamRequest, copy: SharedCopy) -> None:
         self.served.append(copy.name)
 
-    def copy_failed(self, request: UpstreamRequest, copy: SharedCopy, why: str) -> None:
+    def copy_failed(
+        self, request: UpstreamRequest, copy: SharedCopy, why: str, fault: CopyFault
+    ) -> None:
         self.failed.append((copy.name, why))
+        self.faults.append(fault)
 
     def publish(self, request: UpstreamRequest, entry: Entry, lease: Any) -> None:
         self.published.append((request.key, entry, lease))
@@ -134,6 +142,7 @@ class SharedFetchTests(SynchronousTestCase):
         [(name, why)] = self.tier.failed
         self.assertEqual(name, copy_of(BODY).name)
         self.assertIn("sha256", why)
+        self.assertEqual(self.tier.faults, [CopyFault.CORRUPT])
         [(key, entry, lease)] = self.tier.published
         self.assertEqual((entry.sha256, lease), (sha256(BODY), None))
         self.assertEqual(self.tier.served, [])
@@ -150,8 +159,7 @@ class SharedFetchTests(SynchronousTestCase):
         self.tier.answer = copy_of(BODY, "/bucket/gone")
         answer = self.harness.get("/a.pkg")
         self.assertEqual((answer.body, answer.header("x-cache")), (BODY, "MISS"))
-        [(_, why)] = self.tier.failed
-        self.assertIn("404", why)
+        self.assertEqual(self.tier.faults, [CopyFault.MISSING])
 
     def test_concurrent_clients_share_one_copy_read(self) -> None:
         """
@@ -237,3 +245,60 @@ class SharedFetchTests(SynchronousTestCase):
         self.tier.answer = None
         self.harness.get("/b.pkg")
         self.assertEqual(sum(n for _, n in received), len(BODY))
+
+
+@frozen
+class StreamedChecked(GenericPolicy):
+    """Every file has a digest, and streams before its check (a large wheel)."""
+
+    sha: str = ""
+
+    async def expect(self, target: Target, engine: Any) -> Expectation:
+        return Expectation(sha256=self.sha, stream_before_check=True)
+
+
+class LargeCopyTests(SynchronousTestCase):
+    """
+    A copy for a request that streams before its check (a large file with
+    a digest) streams with its tail withheld, as from upstream.
+    """
+
+    def setUp(self) -> None:
+        self.harness = Harness(self.mktemp())
+        self.addCleanup(self.harness.close)
+        self.tier = Tier()
+        self.harness.engine.fetcher.shared = self.tier
+        self.harness.front.policy = StreamedChecked(POLICY.rules, sha256(LARGE))
+        self.harness.origin.files["/a.pkg"] = Served(LARGE)
+
+    def test_good_copy_streams(self) -> None:
+        self.harness.origin.files["/bucket/blob"] = Served(LARGE)
+        self.tier.answer = copy_of(LARGE)
+        answer = self.harness.get("/a.pkg")
+        self.assertEqual((answer.body, answer.header("x-cache")), (LARGE, "HIT"))
+        self.assertEqual(self.harness.origin.count("/a.pkg"), 0)
+
+    def test_corrupt_copy_is_never_whole(self) -> None:
+        """
+        A corrupt copy already streaming fails its clients' responses
+        (never a whole wrong file: the tail was withheld); the next
+        request goes upstream.
+        """
+        self.harness.origin.files["/bucket/blob"] = Served(LARGE_CORRUPT)
+        self.tier.answer = copy_of(LARGE)
+        client = self.harness.send("/a.pkg")
+        self.harness.settle()
+        raw = client.transport.value()
+        self.assertNotIn(LARGE_CORRUPT, raw)
+        # Streamed before its check: all but the withheld tail went out.
+        self.assertIn(LARGE_CORRUPT[:100_000], raw)
+        answer = client.answer()
+        # It streamed (the copy was not held whole), so it could not go
+        # upstream: the response is cut short, the upstream not asked.
+        self.assertEqual(answer.status, 200)
+        self.assertFalse(answer.complete)
+        self.assertEqual(self.harness.origin.count("/a.pkg"), 0)
+        self.assertEqual(self.tier.faults, [CopyFault.CORRUPT])
+        self.tier.answer = None
+        again = self.harness.get("/a.pkg")
+        self.assertEqual((again.body, again.header("x-cache")), (LARGE, "MISS"))

@@ -15,7 +15,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from buildcache.fetch.shared import SharedCopy
+from buildcache.fetch.shared import CopyFault, SharedCopy
 from buildcache.shared.leases import Lease, encode_lease
 from buildcache.shared.location import S3Location
 from buildcache.shared.records import (
@@ -104,13 +104,18 @@ class TierTests(SynchronousTestCase):
         self.assertIsNone(result(tier.before_upstream(request())))
         self.assertEqual(self.objects.count("GET"), 1)
 
-    def test_stale_record_deleted_and_republished(self) -> None:
+    def test_stale_record_not_used_and_republished_over(self) -> None:
+        """
+        A record for another version is not used, nor deleted (it may be
+        the newer one, for nodes whose index is newer); the body fetched
+        upstream is published over it.
+        """
         self.put_record(source_digest="Q1old")
         tier = self.tier()
         req = request(source_digest="Q1new")
         lease = result(tier.before_upstream(req))
         self.assertIsInstance(lease, Lease)
-        self.assertNotIn(record_name(KEY), self.objects.objects)
+        self.assertIn(record_name(KEY), self.objects.objects)
         self.assertEqual(len(self.named("shared_record_stale")), 1)
         # The rebuilt body fetched upstream is published in its place.
         new_body = b"rebuilt" * 50
@@ -164,7 +169,7 @@ class TierTests(SynchronousTestCase):
         self.objects.objects[blob_name(SHA)] = b"x" * len(BODY)
         tier = self.tier()
         copy = result(tier.before_upstream(request()))
-        tier.copy_failed(request(), copy, "sha256 mismatch")
+        tier.copy_failed(request(), copy, "sha256 mismatch", CopyFault.CORRUPT)
         self.assertEqual(tier.status().rejected, 1)
         # Same size as the good one: replaced all the same.
         tier.publish(request(), self.files.add(KEY, BODY), None)
@@ -294,7 +299,7 @@ class TierTests(SynchronousTestCase):
         self.put_record()
         tier = self.tier()
         copy = result(tier.before_upstream(request()))
-        tier.copy_failed(request(), copy, "cut short")
+        tier.copy_failed(request(), copy, "cut short", CopyFault.STORE)
         tier.copy_served(request(), copy)
         self.objects.failing = "HTTP 500"
         tier.publish(request(), self.files.add(KEY, BODY), None)
@@ -324,3 +329,23 @@ class TierTests(SynchronousTestCase):
         ]
         [[sha, record, size, _]] = batch["entries"]
         self.assertEqual((sha, record, size), (SHA, record_name(KEY), len(BODY)))
+
+    def test_only_a_corrupt_copy_is_replaced(self) -> None:
+        """
+        A copy missing from the store, or one this node's disk refused, is
+        not counted against the copy nor re-uploaded over a good blob; a
+        store that failed to deliver it marks the store failing.
+        """
+        self.put_record()
+        self.objects.objects[blob_name(SHA)] = BODY
+        tier = self.tier()
+        copy = result(tier.before_upstream(request()))
+        tier.copy_failed(request(), copy, "disk full", CopyFault.LOCAL)
+        tier.copy_failed(request(), copy, "404", CopyFault.MISSING)
+        self.assertEqual(tier.status().rejected, 0)
+        self.assertEqual(self.named("shared_blob_to_replace"), [])
+        tier.publish(request(), self.files.add(KEY, BODY), None)
+        self.assertEqual(self.objects.count("PUT", "blobs/"), 0)
+        self.assertTrue(tier.status().healthy)
+        tier.copy_failed(request(), copy, "timed out", CopyFault.STORE)
+        self.assertFalse(tier.status().healthy)

@@ -245,9 +245,13 @@ class Download:
     def holds_until_checked(self) -> bool:
         """
         Whether clients are answered only once the body is whole and
-        checked: a shared copy always is (a bad copy is never served).
+        checked: a shared copy is (a bad copy is never served), but for a
+        large file whose request streams before its check (its tail is
+        withheld until the check passes, as from upstream).
         """
-        return self._shared or self.request.holds_until_checked
+        return self.request.holds_until_checked or (
+            self._shared and not self.request.stream_before_check
+        )
 
     def when_settled(self) -> Deferred[None]:
         """
@@ -310,6 +314,14 @@ class Download:
         if self._phase is not Phase.CONNECTING:
             raise IllegalTransition(self._phase, "reading a shared copy")
         self._shared = True
+
+    @property
+    def restartable(self) -> bool:
+        """
+        Whether :meth:`restart` may forget the body: a shared copy nobody
+        has been given.
+        """
+        return self._shared and not self._bodies
 
     def restart(self) -> None:
         """

@@ -67,7 +67,7 @@ from buildcache.fetch.request import (
     VariantRule,
 )
 from buildcache.fetch.send import Sender
-from buildcache.fetch.shared import SharedCopy, SharedLease, SharedTier
+from buildcache.fetch.shared import CopyFault, SharedCopy, SharedLease, SharedTier
 from buildcache.store import (
     Entry,
     IntegrityError,
@@ -411,10 +411,11 @@ class Fetcher:
         self, download: Download, tier: SharedTier, copy: SharedCopy
     ) -> bool:
         """
-        Read ``copy`` into the download, held from its clients until its
-        size and digest (and the request's own checks) pass, and store it;
-        False, the download back where it started, when it cannot be read
-        whole or fails a check.
+        Read ``copy`` into the download, checked against its size and
+        digest (and the request's own checks), and store it; False, the
+        download back where it started, when it cannot be read whole or
+        fails a check (see :class:`CopyFault`).  A copy already streaming
+        to clients (its tail withheld) that fails fails the download.
         """
         request = download.request
         download.read_shared()
@@ -425,24 +426,36 @@ class Fetcher:
                 raise IntegrityError(
                     f"its record names sha256 {copy.sha256}, not {request.expected_sha256}"
                 )
-            response = await self._sender().send_copy(copy)
+            response = await self._sender().send_copy(copy, SHARED_TIMEOUT)
             if response.code != 200:
                 response.deliverBody(Protocol())
+                if response.code == 404:
+                    raise _CopyMissing("the object store has no such object")
                 raise UpstreamError(f"the object store answered {response.code}")
+            if isinstance(response.length, int) and response.length != copy.size:
+                response.deliverBody(Protocol())
+                raise IntegrityError(
+                    f"the object store holds {response.length} bytes, its record"
+                    f" says {copy.size}"
+                )
             headers = dict(copy.headers)
             headers["content-length"] = str(copy.size)
             await self._receive(
-                download, response, headers, copy.size,
+                download, response, headers, copy.size if copy.size_vouched else None,
                 expected_size=copy.size, expected_sha256=copy.sha256,
+                idle_timeout=SHARED_TIMEOUT, most=copy.size,
             )
         except Exception as e:
             why = str(e) or repr(e)
+            fault = _fault_of(e)
             self.log.warn(
-                "Shared copy {name} of {url} not used: {why}; fetching it upstream",
-                name=copy.name, url=redact(request.url), why=why,
+                "Shared copy {name} of {url} not used ({fault}): {why}; fetching it upstream",
+                name=copy.name, url=redact(request.url), why=why, fault=fault.value,
                 event="shared_copy_failed",
             )
-            tier.copy_failed(request, copy, why)
+            tier.copy_failed(request, copy, why, fault)
+            if not download.restartable:
+                raise
             download.restart()
             return False
         tier.copy_served(request, copy)
@@ -473,9 +486,11 @@ class Fetcher:
     async def _receive(
         self, download: Download, response: IResponse, headers: dict[str, str],
         length: int | None, expected_size: int | None, expected_sha256: str | None,
+        idle_timeout: float | None = None, most: int | None = None,
     ) -> Entry | None:
         """
-        Receive ``response``'s body into the download, check it against the
+        Receive ``response``'s body into the download (``length`` bytes
+        reserved, when known; stopped past ``most``), check it against the
         request's verifier and ``expected_size``/``expected_sha256``, and
         store it when it may be kept; the entry stored, if any.
         """
@@ -491,13 +506,18 @@ class Fetcher:
             # Vary: *, which no later request matches.
             storable = False
             stored_key = request.key
-        download.start_body(status, headers, self._spool_for(request, stored_key, storable, length))
+        download.start_body(status, headers, self._spool_for(
+            request, stored_key, storable, length, download.holds_until_checked
+        ))
+        idle = self.idle_timeout if idle_timeout is None else idle_timeout
         done: Deferred[None] = Deferred()
-        receiver = BodyReceiver(download, self.clock, self.idle_timeout, done)
+        receiver = BodyReceiver(download, self.clock, idle, done, most)
         response.deliverBody(receiver)
         await done
         reason = receiver.reason
         assert reason is not None
+        if receiver.overran:
+            raise IntegrityError(f"longer than the {most} bytes it should have")
         if download.abandoned:
             why = (
                 "it must be checked before it is served"
@@ -523,7 +543,7 @@ class Fetcher:
             if not download.shared:
                 self._report_failure(request.url, "stalled mid-body")
             raise UpstreamTimeout(
-                f"{redact(request.url)} stalled for {self.idle_timeout:g}s after"
+                f"{redact(request.url)} stalled for {idle:g}s after"
                 f" {download.received} bytes"
             )
         if not complete:
@@ -595,11 +615,12 @@ class Fetcher:
 
     def _spool_for(
         self, request: UpstreamRequest, stored_key: str, storable: bool,
-        length: int | None,
+        length: int | None, held: bool,
     ) -> ObjectWriter | OSError:
         """
         The spool file for the body of ``request``, with room held for it
-        (see :func:`spool_plan`), or why it goes on in memory.
+        (see :func:`spool_plan`; ``held``: nobody sees it before its check),
+        or why it goes on in memory.
         """
         try:
             spool = self.store.writer(stored_key)
@@ -609,7 +630,7 @@ class Fetcher:
             # A body that will not be stored takes only room already free.
             spool.evicts = storable
             counted = length is None or spool.reserve(length)
-            plan = spool_plan(counted, request.holds_until_checked)
+            plan = spool_plan(counted, held)
             if plan == "uncounted":
                 if spool.uncount() and spool.reserve(length or 0):
                     return spool
@@ -635,6 +656,28 @@ class Fetcher:
             else f"its {length} bytes are more than the cache keeps of"
             " one object"
         )
+
+
+#: How long a shared copy's read may wait for the object store's response
+#: head, or for its next bytes, before the download goes upstream: well
+#: under the clients' own timeouts (pip's 15 s), for bytes that cross no
+#: slow line.
+SHARED_TIMEOUT = 5.0
+
+
+class _CopyMissing(UpstreamError):
+    """The object store has no object under a record's digest."""
+
+
+def _fault_of(error: Exception) -> CopyFault:
+    """Whose fault a copy's failure is (see :class:`CopyFault`)."""
+    if isinstance(error, IntegrityError):
+        return CopyFault.CORRUPT
+    if isinstance(error, _CopyMissing):
+        return CopyFault.MISSING
+    if isinstance(error, CacheWriteError):
+        return CopyFault.LOCAL
+    return CopyFault.STORE
 
 
 @define

@@ -23,7 +23,7 @@ class BodyReceiver(Protocol):
 
     def __init__(
         self, download: Download, clock: IReactorTime, idle_timeout: float,
-        done: Deferred[None],
+        done: Deferred[None], most: int | None = None,
     ):
         self._download = download
         self._clock = clock
@@ -33,6 +33,10 @@ class BodyReceiver(Protocol):
         verify = download.request.verify
         self._verifier = verify(download.headers) if verify is not None else None
         self.timed_out = False
+        #: Bytes beyond which the body is refused (a shared copy's size).
+        self._most = most
+        #: The body went past ``most``: it was stopped there.
+        self.overran = False
         self.verify_error: Exception | None = None
         self.reason: Failure | None = None
 
@@ -56,6 +60,12 @@ class BodyReceiver(Protocol):
         IPushProducer(self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.overran:
+            return
+        if self._most is not None and self._download.received + len(data) > self._most:
+            self.overran = True
+            IPushProducer(self.transport).stopProducing()
+            return
         self._arm()
         if not self._download.take(data):
             return

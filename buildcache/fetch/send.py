@@ -120,17 +120,17 @@ class Sender:
                 )
         return response
 
-    async def send_copy(self, copy: SharedCopy) -> IResponse:
+    async def send_copy(self, copy: SharedCopy, timeout: float) -> IResponse:
         """
-        GET ``copy`` from the object store, waiting up to the idle timeout
-        for the response head; fails with :class:`UpstreamError`, which
+        GET ``copy`` from the object store, waiting up to ``timeout``
+        seconds for the response head; fails with :class:`UpstreamError`, which
         names the object, never its (signed) URL.
         """
         requested = self.http.request(
             "GET", copy.url, headers=Headers(), unbuffered=True,
             allow_redirects=False, operator_credentials=False,
         )
-        timer = self.clock.callLater(self.idle_timeout, requested.cancel)
+        timer = self.clock.callLater(timeout, requested.cancel)
         try:
             return await requested
         except Exception as e:

@@ -16,6 +16,7 @@ fetched upstream and stored is handed to :meth:`SharedTier.publish`.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,7 +27,23 @@ if TYPE_CHECKING:
     from buildcache.fetch.request import UpstreamRequest
     from buildcache.store import Entry
 
-__all__ = ["SharedCopy", "SharedLease", "SharedTier"]
+__all__ = ["CopyFault", "SharedCopy", "SharedLease", "SharedTier"]
+
+
+class CopyFault(enum.Enum):
+    """Why a copy was not served (see :meth:`SharedTier.copy_failed`)."""
+
+    #: Its bytes are not what its record says (a digest or size that
+    #: fails, a body longer than the record's size): replace it.
+    CORRUPT = "corrupt"
+    #: The store has no such object (evicted under its record).
+    MISSING = "missing"
+    #: The store failed to deliver it (unreachable, slow, an error
+    #: status, cut short): the store's health, not the copy's.
+    STORE = "store"
+    #: This node could not keep it (its disk full or refusing): nobody's
+    #: fault in the tier.
+    LOCAL = "local"
 
 
 @frozen
@@ -46,6 +63,11 @@ class SharedCopy:
     size: int
     #: Hex sha256 of the body: the body is checked against it.
     sha256: str
+    #: Whether ``size`` is vouched for (a signed record, or the request's
+    #: own expected size): room for it is then reserved on the disk
+    #: before a byte arrives; else the room grows with the bytes read, so
+    #: that a record lying about its size cannot evict what is stored.
+    size_vouched: bool = True
 
 
 class SharedLease(Protocol):
@@ -90,10 +112,13 @@ class SharedTier(Protocol):
         ``copy`` was read whole, checked and stored for ``request``.
         """
 
-    def copy_failed(self, request: UpstreamRequest, copy: SharedCopy, why: str) -> None:
+    def copy_failed(
+        self, request: UpstreamRequest, copy: SharedCopy, why: str, fault: CopyFault
+    ) -> None:
         """
-        ``copy`` could not be read whole, or failed its check (``why``):
-        the request goes upstream, and what it fetches replaces the copy.
+        ``copy`` was not served, because ``why`` (``fault`` says whose
+        fault): the request goes upstream, and what it fetches replaces
+        a CORRUPT copy.
         """
 
     def publish(

@@ -181,22 +181,27 @@ async def _nothing() -> None:
 async def take_lease(
     objects: ObjectStoreAPI, clock: IReactorTime, name: str, node: str,
     ttl: float = LEASE_TTL, renew_every: float = RENEW_EVERY,
+    timeout: float | None = None,
 ) -> Lease | Holder:
     """
     Take lease ``name`` for ``node`` (a started :class:`Lease`), or the
     live :class:`Holder` that has it.  A lease past its expiry, unreadable,
     or this node's own (left by an earlier run of it) is deleted and taken.
+    Each request to the store waits ``timeout`` seconds at most (a miss
+    waits on it).
 
     :raises SharedStoreError: the store failed.
     """
     holder: Holder | None = None
     for _ in range(3):
         now = clock.seconds()
-        if await objects.put_small(name, encode_lease(node, now + ttl), if_absent=True):
+        if await objects.put_small(
+            name, encode_lease(node, now + ttl), if_absent=True, timeout=timeout
+        ):
             lease = Lease(objects, clock, name, node, ttl, renew_every)
             lease.start()
             return lease
-        data = await objects.get_small(name, RECORD_LIMIT)
+        data = await objects.get_small(name, RECORD_LIMIT, timeout=timeout)
         if data is None:
             # Released between the two requests: try again.
             continue
@@ -207,7 +212,7 @@ async def take_lease(
             "Lease {name} of node {holder} is dead: deleting it",
             name=name, holder=holder.node if holder else None, event="shared_lease_expired",
         )
-        await objects.delete(name)
+        await objects.delete(name, timeout=timeout)
     # Lost the race three times: another node has it now.
     return holder if holder is not None else Holder("", clock.seconds() + ttl)
 

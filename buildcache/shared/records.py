@@ -39,6 +39,7 @@ __all__ = [
     "judge",
     "lease_name",
     "record_name",
+    "trusted_headers",
 ]
 
 #: Records and leases are read whole: never more than this.
@@ -166,3 +167,39 @@ def judge(record: Record, request: UpstreamRequest) -> Verdict:
     if request.source_digest is not None and request.source_digest != record.source_digest:
         return Verdict.STALE
     return Verdict.USE
+
+
+#: What an unsigned record may say of its body's headers: nothing a
+#: bucket writer could turn against a client (a type a browser runs, a
+#: redirect, a download name, a cache lifetime).
+_UNSIGNED_HEADERS = frozenset({"etag", "last-modified"})
+#: Types an unsigned record may give: a package file's, never one a
+#: browser renders as a page or a script.
+_UNSIGNED_TYPES = re.compile(
+    r"application/(?!(?:[\w.+-]*\+)?(?:xml|xhtml|html|javascript|ecmascript)\b)"
+    r"[\w.+-]+(?:\s*;.*)?",
+    re.IGNORECASE,
+)
+
+
+def trusted_headers(record: Record, signed: bool) -> dict[str, str]:
+    """
+    The headers of ``record`` that are stored and served with its body.
+    A signed record's are the publishing node's.  An unsigned record is
+    trusted for its body only because the request checks the body
+    itself; its headers are checked by nothing, so only harmless ones
+    pass: validators, an ``application/`` type, and a
+    ``Docker-Content-Digest`` that names the body's own digest.
+    """
+    if signed:
+        return dict(record.headers)
+    kept: dict[str, str] = {}
+    for name, value in record.headers.items():
+        lower = name.lower()
+        if lower in _UNSIGNED_HEADERS:
+            kept[lower] = value
+        elif lower == "content-type" and _UNSIGNED_TYPES.fullmatch(value.strip()):
+            kept[lower] = value
+        elif lower == "docker-content-digest" and value == "sha256:" + record.sha256:
+            kept[lower] = value
+    return kept

@@ -83,13 +83,16 @@ class ObjectStoreAPI(Protocol):
         self, name: str, limit: int, timeout: float | None = None
     ) -> bytes | None: ...
 
-    async def put_small(self, name: str, data: bytes, *, if_absent: bool = False) -> bool: ...
+    async def put_small(
+        self, name: str, data: bytes, *, if_absent: bool = False,
+        timeout: float | None = None,
+    ) -> bool: ...
 
     async def put_file(self, name: str, fd: int, size: int) -> None: ...
 
     async def head(self, name: str) -> ObjectInfo | None: ...
 
-    async def delete(self, name: str) -> None: ...
+    async def delete(self, name: str, timeout: float | None = None) -> None: ...
 
     async def list_page(
         self, prefix: str, token: str | None = None
@@ -302,7 +305,10 @@ class ObjectStore:
 
         return await self._bounded(Deferred.fromCoroutine(get()), what, timeout)
 
-    async def put_small(self, name: str, data: bytes, *, if_absent: bool = False) -> bool:
+    async def put_small(
+        self, name: str, data: bytes, *, if_absent: bool = False,
+        timeout: float | None = None,
+    ) -> bool:
         """
         Write object ``name``.  With ``if_absent`` (``If-None-Match: *``),
         False when it exists already (412: a store that does not honour
@@ -324,7 +330,7 @@ class ObjectStore:
             await self._discard(response)
             return True
 
-        return await self._bounded(Deferred.fromCoroutine(put()), what, None)
+        return await self._bounded(Deferred.fromCoroutine(put()), what, timeout)
 
     async def put_file(self, name: str, fd: int, size: int) -> None:
         """
@@ -375,7 +381,7 @@ class ObjectStore:
 
         return await self._bounded(Deferred.fromCoroutine(head()), what, None)
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, timeout: float | None = None) -> None:
         """Remove object ``name``; a missing one is fine."""
         what = f"DELETE {name}"
 
@@ -385,7 +391,7 @@ class ObjectStore:
                 raise await self._fail(what, response)
             await self._discard(response)
 
-        await self._bounded(Deferred.fromCoroutine(delete()), what, None)
+        await self._bounded(Deferred.fromCoroutine(delete()), what, timeout)
 
     async def list_page(
         self, prefix: str, token: str | None = None

@@ -32,7 +32,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from buildcache.fetch.client import UpstreamClient, replayed
-from buildcache.fetch.shared import SharedCopy, SharedLease
+from buildcache.fetch.shared import CopyFault, SharedCopy, SharedLease
 from buildcache.shared.access import AccessLog
 from buildcache.shared.evict import Evictor
 from buildcache.shared.leases import (
@@ -56,6 +56,7 @@ from buildcache.shared.records import (
     judge,
     lease_name,
     record_name,
+    trusted_headers,
 )
 from buildcache.shared.s3 import ObjectStoreAPI, SharedStoreError, object_store
 
@@ -157,8 +158,9 @@ class S3Tier:
     node: str
     secret: bytes | None = field(default=None, repr=False)
     max_size: int | None = None
-    #: How long a download waits on another node's lease.
-    wait: float = 15.0
+    #: How long a download waits, at most, for a copy while another node
+    #: holds its lease (from its first look-up on).
+    wait: float = 10.0
     access: _Access | None = None
     evictor: _Evictor | None = None
     lease_ttl: float = LEASE_TTL
@@ -339,11 +341,12 @@ class S3Tier:
             return None
 
     async def _copy_or_lease(self, request: UpstreamRequest) -> SharedCopy | SharedLease | None:
+        # From the start: the look-ups count against the wait.
+        deadline = self.clock.seconds() + self.wait
         copy = await self._find_copy(request)
         if copy is not None or self.conditional is not True:
             return copy
         name = lease_name(request.key)
-        deadline = self.clock.seconds() + self.wait
         delay = POLL_FIRST
         waited = False
         holder: Holder | None = None
@@ -358,7 +361,8 @@ class S3Tier:
             ):
                 # Free, dead, or this node's own left from an earlier run.
                 got = await take_lease(
-                    self.objects, self.clock, name, self.node, self.lease_ttl, self.renew_every
+                    self.objects, self.clock, name, self.node, self.lease_ttl,
+                    self.renew_every, timeout=LOOKUP_TIMEOUT,
                 )
                 if isinstance(got, Lease):
                     got.on_release = self._released
@@ -372,7 +376,8 @@ class S3Tier:
                     "Waiting for node {holder} to fetch {key}",
                     holder=holder.node, key=request.key, event="shared_lease_wait",
                 )
-            if self.clock.seconds() + delay > deadline:
+            # The pause and the next round's look-ups must fit.
+            if self.clock.seconds() + delay + 2 * LOOKUP_TIMEOUT > deadline:
                 self.lease_timeouts += 1
                 self.log.info(
                     "Node {holder} did not publish {key} within {wait} s: fetching it here",
@@ -423,18 +428,24 @@ class S3Tier:
             )
             return None
         if verdict is Verdict.STALE:
+            # Another version than this request's (a package rebuilt
+            # under its name, or this node's index older than the one
+            # that published it): left alone, for the nodes it answers;
+            # what this node fetches upstream is published over it.
             self.rejected += 1
             self.log.info(
-                "Shared record {name} for {key} describes another version: removing it",
+                "Shared record {name} for {key} describes another version: not used",
                 name=name, key=request.key, sha256=record.sha256,
                 event="shared_record_stale",
             )
-            await self.objects.delete(name)
             return None
         blob = blob_name(record.sha256)
+        signed = self.secret is not None
         return SharedCopy(
-            name=blob, url=self.objects.get_url(blob), headers=dict(record.headers),
+            name=blob, url=self.objects.get_url(blob),
+            headers=trusted_headers(record, signed),
             size=record.size, sha256=record.sha256,
+            size_vouched=signed or request.expected_size is not None,
         )
 
     def copy_served(self, request: UpstreamRequest, copy: SharedCopy) -> None:
@@ -447,13 +458,22 @@ class S3Tier:
         if self.access is not None:
             self.access.touched(copy.sha256, record_name(request.key), copy.size)
 
-    def copy_failed(self, request: UpstreamRequest, copy: SharedCopy, why: str) -> None:
+    def copy_failed(
+        self, request: UpstreamRequest, copy: SharedCopy, why: str, fault: CopyFault
+    ) -> None:
+        # (The fetcher logs the failure itself.)
+        if fault is CopyFault.STORE:
+            self._failing(SharedStoreError(f"reading {copy.name}: {why}"))
+            return
+        if fault is not CopyFault.CORRUPT:
+            # Missing (evicted under its record: the upload after the
+            # upstream fetch puts it back), or this node's disk.
+            return
         self.rejected += 1
         self._failed_copies[request.key] = copy.sha256
         self._failed_copies.move_to_end(request.key)
         while len(self._failed_copies) > FAILED_COPIES:
             self._failed_copies.popitem(last=False)
-        # (The fetcher logs the failure itself.)
         self.log.info(
             "Shared copy {name} of {key} will be replaced by the upstream's body",
             name=copy.name, key=request.key, why=why, event="shared_blob_to_replace",
