@@ -55,7 +55,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -146,23 +145,12 @@ def presigned(endpoint: str, operation: str, params: dict[str, object]) -> str:
     return url
 
 
-def s3_call(url: str, method: str) -> tuple[int, bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(urllib.request.Request(url, method=method), timeout=30) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as e:
-        return int(e.code), bytes(e.read())
-
-
 def count_keys(endpoint: str, prefix: str) -> int:
     """Objects under ``prefix`` in the bench bucket (first 1000)."""
-    status, body = s3_call(
-        presigned(endpoint, "list_objects_v2", {"Bucket": BUCKET, "Prefix": prefix}), "GET"
-    )
-    if status != 200:
-        raise RuntimeError(f"listing {prefix}: HTTP {status}")
-    return body.count(b"<Key>")
+    url = presigned(endpoint, "list_objects_v2", {"Bucket": BUCKET, "Prefix": prefix})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as response:
+        return bytes(response.read()).count(b"<Key>")
 
 
 def wait_for_keys(endpoint: str, prefix: str, count: int, bound: float = 180) -> float:
@@ -211,16 +199,9 @@ class Node:
         return f"http://127.0.0.1:{self.port}/deb/{file.path}"
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if f'"{name}"' in line:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == name:
-                    found.append(event)
-        return found
+        lines = self.log.read_text(errors="replace").splitlines()
+        events = [json.loads(line) for line in lines if f'"event": "{name}"' in line]
+        return [e for e in events if e.get("event") == name]
 
     def wait_event(self, name: str, bound: float = 60) -> dict[str, Any]:
         began = time.monotonic()
