@@ -263,6 +263,16 @@ class SharedFiguresTests(SynchronousTestCase):
         self.assertEqual(sample(metrics, "buildcache_shared_tier_healthy"), 0)
         self.assertEqual(sample(metrics, "buildcache_shared_tier_conditional_put"), 0)
 
+    def test_error_of_a_failure_that_is_over(self) -> None:
+        """
+        Once the store works again, the page no longer shows the error of
+        the failure that is over as if it were the store's health.
+        """
+        self.tier.now = tier_status(healthy=True, last_error="GET x: connection refused")
+        text = parse_page(self, render_page(self.stats())).text("shared-tier")
+        self.assertNotIn("connection refused", text)
+        self.assertIn("or too many at once", text)
+
     def test_not_probed_yet(self) -> None:
         """
         Before the start-up probe, the page says so and the metrics leave

@@ -196,6 +196,29 @@ class AccessLogTests(SynchronousTestCase):
             [e[0] for e in self.store.json(name)["entries"]], [sha("x"), sha("y")]
         )
 
+    def test_a_failing_store_is_warned_of_once(self) -> None:
+        """
+        Flushes that keep failing while the store is down warn once, then
+        log at debug level (the tier itself says the store is failing).
+        """
+        self.store.fail = lambda op, name: True
+        with capturedLogs() as captured:
+            for n in range(3):
+                self.log.touched(sha(f"x{n}"), record_name(f"k{n}"), 10)
+                self.successResultOf(run(self.log.flush()))
+        failed = events(captured, "shared_access_flush_failed")
+        levels = [e["log_level"].name for e in failed]
+        self.assertEqual(levels[0], "warn")
+        self.assertEqual(set(levels[1:]), {"debug"})
+        self.store.fail = lambda op, name: False
+        self.successResultOf(run(self.log.flush()))
+        self.store.fail = lambda op, name: True
+        with capturedLogs() as captured:
+            self.log.touched(sha("z"), record_name("kz"), 10)
+            self.successResultOf(run(self.log.flush()))
+        [again] = events(captured, "shared_access_flush_failed")
+        self.assertEqual(again["log_level"].name, "warn")
+
     def test_pending_is_bounded_while_the_store_fails(self) -> None:
         """
         While writes fail, at most ``KEPT_BATCHES × max_batch`` uses are

@@ -88,13 +88,22 @@ def copy_of(body: bytes, path: str = "/bucket/blob", **headers: str) -> SharedCo
     )
 
 
+def with_tier(case: SynchronousTestCase) -> tuple[Harness, Tier]:
+    """
+    The engine's harness with an in-memory tier, its origin serving
+    ``/a.pkg``.
+    """
+    harness = Harness(case.mktemp())
+    case.addCleanup(harness.close)
+    tier = Tier()
+    harness.engine.fetcher.shared = tier
+    harness.origin.files["/a.pkg"] = Served(BODY, {"content-type": "text/x-origin"})
+    return harness, tier
+
+
 class SharedFetchTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.harness = Harness(self.mktemp())
-        self.addCleanup(self.harness.close)
-        self.tier = Tier()
-        self.harness.engine.fetcher.shared = self.tier
-        self.harness.origin.files["/a.pkg"] = Served(BODY, {"content-type": "text/x-origin"})
+        self.harness, self.tier = with_tier(self)
 
     def test_copy_is_a_hit_with_no_upstream_request(self) -> None:
         """
@@ -264,10 +273,7 @@ class LargeCopyTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = Harness(self.mktemp())
-        self.addCleanup(self.harness.close)
-        self.tier = Tier()
-        self.harness.engine.fetcher.shared = self.tier
+        self.harness, self.tier = with_tier(self)
         self.harness.front.policy = StreamedChecked(POLICY.rules, sha256(LARGE))
         self.harness.origin.files["/a.pkg"] = Served(LARGE)
 

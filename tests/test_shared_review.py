@@ -20,7 +20,7 @@ from buildcache.shared.records import Record, encode_record, record_name
 from buildcache.shared.tier import S3Tier
 from tests.shared_memory import FileStore, MemoryObjects
 from tests.test_engine import ORIGIN, Harness, Served
-from tests.test_shared_fetch import BODY, Tier, copy_of, sha256
+from tests.test_shared_fetch import BODY, copy_of, sha256, with_tier
 from tests.test_shared_units import request, result
 
 OTHER = b"another package " * 1000
@@ -30,11 +30,7 @@ class FetcherReviewTests(SynchronousTestCase):
     """The fetcher's reading of a copy, with a tier that names it."""
 
     def setUp(self) -> None:
-        self.harness = Harness(self.mktemp())
-        self.addCleanup(self.harness.close)
-        self.tier = Tier()
-        self.harness.engine.fetcher.shared = self.tier
-        self.harness.origin.files["/a.pkg"] = Served(BODY, {"content-type": "text/x-origin"})
+        self.harness, self.tier = with_tier(self)
         self.harness.origin.files["/b.pkg"] = Served(OTHER)
 
     def stored_b(self) -> str:

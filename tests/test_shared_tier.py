@@ -93,6 +93,8 @@ class TierTests(SynchronousTestCase):
         self.assertEqual(tier.status().rejected, 1)
         [event] = self.named("shared_record_rejected")
         self.assertEqual(event["why"], "bad signature")
+        # The likeliest cause is named: another secret on one node.
+        self.assertIn("--shared-secret-file the same file on every node", event["hint"])
         got.release()
 
     def test_unsigned_record_with_independent_check(self) -> None:

@@ -306,7 +306,11 @@ def _shared_section(shared: SharedFigures | None, now: float) -> str:
         (
             "Health",
             f'<span class="dot {state}"></span>{_e(health)}{since}'
-            + (f'<br><span class="message">{_e(error)}</span>' if error else ""),
+            # The error of a failure that is over is history, not health.
+            + (
+                f'<br><span class="message">{_e(error)}</span>'
+                if error and not shared["healthy"] else ""
+            ),
         ),
         ("Conditional PUT honoured", _e(conditional)),
         (
@@ -324,7 +328,8 @@ def _shared_section(shared: SharedFigures | None, now: float) -> str:
             "Uploads",
             _e(
                 f"{shared['uploads']:,} ({human_bytes(shared['upload_bytes'])}),"
-                f" {shared['upload_failures']:,} failed"
+                f" {shared['upload_failures']:,} failed or skipped (the store failing,"
+                " or too many at once)"
             ),
         ),
         (

@@ -152,6 +152,8 @@ class AccessLog:
     _lock: DeferredLock = field(init=False, factory=DeferredLock)
     _loop: LoopingCall | None = field(init=False, default=None)
     _seq: int = field(init=False, default=0)
+    #: The last flush failed (the next failures are logged at debug level).
+    _failing: bool = field(init=False, default=False)
     #: Uses dropped because the store could not be written for long.
     dropped: int = field(init=False, default=0)
     #: Batch objects written.
@@ -225,7 +227,11 @@ class AccessLog:
             self._pending = {k: v for k, v in taken.items() if k not in newer}
             self._pending.update(newer)
             self._bound()
-            log.warn(
+            # The tier logs the store failing once; each failed flush
+            # while it fails is no news.
+            emit = log.warn if not self._failing else log.debug
+            self._failing = True
+            emit(
                 "Shared tier: could not write access batch {name} ({count}"
                 " entries): {error}; kept for the next flush",
                 event="shared_access_flush_failed",
@@ -234,6 +240,7 @@ class AccessLog:
                 error=str(error),
             )
             return _Flush.FAILED
+        self._failing = False
         self.written += 1
         return _Flush.WRITTEN
 

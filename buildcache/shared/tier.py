@@ -209,7 +209,10 @@ class S3Tier:
         try:
             honoured = await probe_conditional(self.objects, self.node)
         except SharedStoreError as e:
-            self._failing(e)
+            self._failing(SharedStoreError(
+                f"{e} (at start-up: check --shared-store's endpoint and bucket,"
+                " and the AWS credentials in the server's environment)"
+            ))
             if not self._stopped:
                 self._probe_call = self.clock.callLater(UNHEALTHY_FOR, self._probe_again)
             return
@@ -414,9 +417,16 @@ class S3Tier:
             record = decode_record(data, self.secret)
         except RecordError as e:
             self.rejected += 1
+            hint = (
+                " (is --shared-secret-file the same file on every node? a node"
+                " with another secret refuses the others' records, and they its)"
+                if self.secret is not None and str(e) in ("bad signature", "not signed")
+                else ""
+            )
             self.log.warn(
-                "Shared record {name} for {key} refused: {why}",
-                name=name, key=request.key, why=str(e), event="shared_record_rejected",
+                "Shared record {name} for {key} refused: {why}{hint}",
+                name=name, key=request.key, why=str(e), hint=hint,
+                event="shared_record_rejected",
             )
             return None
         verdict = judge(record, request)
@@ -449,12 +459,9 @@ class S3Tier:
         )
 
     def copy_served(self, request: UpstreamRequest, copy: SharedCopy) -> None:
+        # (The access line says it was from the shared tier.)
         self.hits += 1
         self.hit_bytes += copy.size
-        self.log.debug(
-            "Served {key} from the shared tier ({name})", key=request.key, name=copy.name,
-            event="shared_hit",
-        )
         if self.access is not None:
             self.access.touched(copy.sha256, record_name(request.key), copy.size)
 
