@@ -67,6 +67,8 @@ class Served:
     hang: bool = False
     #: Run before answering (an eviction meanwhile, say).
     before: Callable[[], None] | None = None
+    #: Answer ``Range: bytes=N-`` with a 206 of the rest.
+    ranges: bool = False
 
 
 @define
@@ -128,6 +130,13 @@ class Origin(Resource):
         request.setResponseCode(served.status)
         for name, value in served.headers.items():
             request.setHeader(name, value)
+        asked = request.getHeader("range") or ""
+        if served.ranges and asked.startswith("bytes=") and asked.endswith("-"):
+            start, size = int(asked[6:-1]), len(served.body)
+            request.setResponseCode(206)
+            request.setHeader("content-range", f"bytes {start}-{size - 1}/{size}")
+            request.setHeader("content-length", str(size - start))
+            return served.body[start:]
         request.setHeader("content-length", str(len(served.body)))
         if served.cut_at is not None:
             request.write(served.body[: served.cut_at])

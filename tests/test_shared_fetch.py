@@ -64,6 +64,11 @@ class Tier:
             return self.waiting.addCallback(lambda _: self.answer)
         return succeed(self.answer)
 
+    def head_of(self, request: UpstreamRequest) -> Deferred[SharedCopy | None]:
+        self.asked.append(request.key)
+        answer = self.answer
+        return succeed(answer if isinstance(answer, SharedCopy) else None)
+
     def copy_served(self, request: UpstreamRequest, copy: SharedCopy) -> None:
         self.served.append(copy.name)
 
@@ -308,3 +313,36 @@ class LargeCopyTests(SynchronousTestCase):
         self.tier.answer = None
         again = self.harness.get("/a.pkg")
         self.assertEqual((again.body, again.header("x-cache")), (LARGE, "MISS"))
+
+    def test_store_dying_mid_copy_resumes_upstream(self) -> None:
+        """
+        The store dropping a large file's copy part-way (its clients
+        already streaming) costs no client error: the rest comes from
+        upstream with ``Range``, and the whole is checked as one body.
+        """
+        self.harness.origin.files["/a.pkg"] = Served(LARGE, ranges=True)
+        half = len(LARGE) // 2
+        self.harness.origin.files["/bucket/blob"] = Served(LARGE, cut_at=half)
+        self.tier.answer = copy_of(LARGE)
+        answer = self.harness.get("/a.pkg")
+        self.assertTrue(answer.complete)
+        self.assertEqual(answer.body, LARGE)
+        [seen] = [s for s in self.harness.origin.seen if s.path == "/a.pkg"]
+        self.assertEqual(seen.headers.get("range"), f"bytes={half}-")
+        self.assertEqual(self.tier.faults, [CopyFault.STORE])
+        entry = self.harness.store.peek(self.tier.asked[0])
+        assert entry is not None
+        self.assertEqual(entry.sha256, sha256(LARGE))
+
+    def test_resumed_body_that_fails_is_cut(self) -> None:
+        """
+        The rest fetched upstream is checked with what the copy gave: an
+        upstream whose rest does not make the digest ends the response
+        short, and stores nothing.
+        """
+        self.harness.origin.files["/a.pkg"] = Served(LARGE_CORRUPT, ranges=True)
+        self.harness.origin.files["/bucket/blob"] = Served(LARGE, cut_at=len(LARGE) // 2)
+        self.tier.answer = copy_of(LARGE)
+        answer = self.harness.get("/a.pkg")
+        self.assertFalse(answer.complete)
+        self.assertIsNone(self.harness.store.peek(self.tier.asked[0]))

@@ -567,7 +567,8 @@ class Engine:
         )
         if answer.status in (405, 501):
             return await self._miss(client, policy)
-        return self._resolved(client, CacheStatus.MISS, answer=answer)
+        cache = CacheStatus.HIT if answer.shared else CacheStatus.MISS
+        return self._resolved(client, cache, answer=answer)
 
     async def _stored_for_head(
         self, client: ForClient, policy: Policy, resolved: Resolved

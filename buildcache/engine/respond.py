@@ -216,12 +216,14 @@ def serve_head(
 ) -> None:
     """
     Answer a HEAD that missed with the upstream's answer to a HEAD (a
-    MISS): its status and headers, its ``Content-Length``, no body.
+    MISS; a HIT when the shared tier's record answered it): its status
+    and headers, its ``Content-Length``, no body.
     """
     if client_gone(request):
         return
     headers = answer.headers
-    _set_headers(request, headers, CacheStatus.MISS, cache_control, extra_headers)
+    cache = CacheStatus.HIT if answer.shared else CacheStatus.MISS
+    _set_headers(request, headers, cache, cache_control, extra_headers)
     length = headers.get("content-length")
     if answer.status == 200 and not_modified(request_headers(request), headers, None):
         request.setResponseCode(304)

@@ -80,6 +80,7 @@ from buildcache.fetch.phase import (
 )
 from buildcache.fetch.reader import DownloadBody
 from buildcache.fetch.request import UpstreamAnswer, UpstreamRequest
+from buildcache.fetch.shared import SharedLease
 from buildcache.store import NoRoom, ObjectWriter, Store, mismatch
 from buildcache.turns import Waiters
 
@@ -131,6 +132,14 @@ class Download:
     #: Told when the body goes on in memory: it no longer holds the bytes
     #: a new client would need from the start (the fetcher stops sharing it).
     on_unspooled: Callable[[Download], None] | None = None
+    #: Told when a failed shared copy is forgotten (:meth:`restart`): the
+    #: download holds nothing a new client would miss (the fetcher shares
+    #: it again).
+    on_restarted: Callable[[Download], None] | None = None
+    #: The shared tier's lease this download fetches under, if any (see
+    #: :mod:`buildcache.fetch.shared`): the fetcher releases it as soon
+    #: as the body cannot be stored.
+    lease: SharedLease | None = None
     #: Body bytes received so far.
     received: int = field(default=0, init=False)
     #: Bytes of the body in the spool file: all of them unless the body
@@ -348,6 +357,18 @@ class Download:
         self._memory_start = 0
         self._memory_hash = None
         self._upstream = None
+        if self.on_restarted is not None:
+            self.on_restarted(self)
+
+    def resume_upstream(self) -> None:
+        """
+        The shared copy being streamed failed part-way, and the rest of the
+        body now comes from upstream (a range): its bytes count as
+        fetched upstream from here on.
+        """
+        if not self._shared or self._phase is not Phase.SPOOLING:
+            raise IllegalTransition(self._phase, "resuming a copy upstream")
+        self._shared = False
 
     def not_modified(self, headers: dict[str, str]) -> None:
         """

@@ -24,7 +24,7 @@ and the errors (:mod:`buildcache.fetch.errors`).
 
 from __future__ import annotations
 
-from attrs import Factory, define
+from attrs import Factory, define, evolve
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -67,7 +67,7 @@ from buildcache.fetch.request import (
     VariantRule,
 )
 from buildcache.fetch.send import Sender
-from buildcache.fetch.shared import CopyFault, SharedCopy, SharedLease, SharedTier
+from buildcache.fetch.shared import CopyFault, SharedCopy, SharedTier
 from buildcache.store import (
     Entry,
     IntegrityError,
@@ -203,7 +203,9 @@ class Fetcher:
         if activity is not None:
             front_end = request.front_end
             on_received = lambda n: activity.upstream_received(front_end, n)  # noqa: E731
-        download = Download(request, self.store, on_received, self._unjoinable)
+        download = Download(
+            request, self.store, on_received, self._unjoinable, self._joinable_again
+        )
         if joinable:
             self._downloads[request.key] = download
         else:
@@ -292,6 +294,22 @@ class Fetcher:
         if self._downloads.get(download.request.key) is download:
             del self._downloads[download.request.key]
             self._detached.append(download)
+        if download.lease is not None:
+            # It will store, and so publish, nothing: the other nodes
+            # (and this node's next download of the key) need not wait.
+            download.lease.release()
+            download.lease = None
+
+    def _joinable_again(self, download: Download) -> None:
+        """
+        A failed shared copy was forgotten before anyone saw it: the
+        download starts again from nothing, and new requests for its key
+        join it again (unless another download took the key meanwhile).
+        """
+        key = download.request.key
+        if download in self._detached and key not in self._downloads:
+            self._detached.remove(download)
+            self._downloads[key] = download
 
     async def _run(self, download: Download) -> None:
         request = download.request
@@ -344,24 +362,34 @@ class Fetcher:
         deliver(waiting, result)
 
     async def _head(self, request: UpstreamRequest) -> UpstreamAnswer:
+        tier = self.shared
+        if tier is not None and request.shared and tier.shares(request):
+            copy = await tier.head_of(request)
+            if copy is not None:
+                # The tier's record answers it: no byte crosses the line.
+                headers = {**copy.headers, "content-length": str(copy.size)}
+                return UpstreamAnswer(200, headers, None, shared=True)
         response = await self._send("HEAD", request)
         response.deliverBody(Protocol())
         headers = end_to_end_headers(response.headers)
         return UpstreamAnswer(response.code, headers, None)
 
     def _refused(
-        self, request: UpstreamRequest, writer: ObjectWriter | None, error: Exception
+        self, request: UpstreamRequest, writer: ObjectWriter | None, error: Exception,
+        shared: bool = False,
     ) -> IntegrityError:
         """
-        Forget a body that failed its check, and say so.
+        Forget a body that failed its check, and say so (a ``shared``
+        copy's failure is the tier's to log: the upstream sent nothing).
         """
         if writer is not None:
             writer.abort()
-        self.log.error(
-            "Upstream {url} sent a body that fails its check; not stored: {error}",
-            url=redact(request.url),
-            error=str(error),
-        )
+        if not shared:
+            self.log.error(
+                "Upstream {url} sent a body that fails its check; not stored: {error}",
+                url=redact(request.url),
+                error=str(error),
+            )
         if isinstance(error, IntegrityError):
             return error
         refused = IntegrityError(str(error))
@@ -390,18 +418,19 @@ class Fetcher:
             await self._from_upstream(download)
             return
         found = await tier.before_upstream(request)
-        lease: SharedLease | None = None
         if isinstance(found, SharedCopy):
             if await self._from_shared(download, tier, found):
                 return
         elif found is not None:
-            lease = found
+            download.lease = found
         try:
             entry = await self._from_upstream(download)
         except BaseException:
-            if lease is not None:
-                lease.release()
+            if download.lease is not None:
+                download.lease.release()
+                download.lease = None
             raise
+        lease, download.lease = download.lease, None
         if entry is not None:
             tier.publish(request, entry, lease)
         elif lease is not None:
@@ -440,26 +469,82 @@ class Fetcher:
                 )
             headers = dict(copy.headers)
             headers["content-length"] = str(copy.size)
+            # Held from its clients, it must come whole in a bounded time
+            # (they time out); streamed, each chunk must come in time.
+            held = download.holds_until_checked
             await self._receive(
                 download, response, headers, copy.size if copy.size_vouched else None,
                 expected_size=copy.size, expected_sha256=copy.sha256,
                 idle_timeout=SHARED_TIMEOUT, most=copy.size,
+                deadline=SHARED_TIMEOUT + copy.size / SHARED_MIN_RATE if held else None,
+                # A size nothing vouches for takes no room from what is
+                # stored until the body has passed its checks.
+                beside_limit=not copy.size_vouched,
             )
         except Exception as e:
             why = str(e) or repr(e)
             fault = _fault_of(e)
-            self.log.warn(
-                "Shared copy {name} of {url} not used ({fault}): {why}; fetching it upstream",
-                name=copy.name, url=redact(request.url), why=why, fault=fault.value,
-                event="shared_copy_failed",
-            )
             tier.copy_failed(request, copy, why, fault)
-            if not download.restartable:
-                raise
-            download.restart()
-            return False
+            if download.restartable:
+                self._copy_failed_log(copy, request, fault, why, "fetching it upstream")
+                download.restart()
+                return False
+            if fault is CopyFault.STORE and _resumable(download, copy):
+                # Clients already have its first bytes: the rest comes
+                # from upstream, and the whole is checked as one body.
+                self._copy_failed_log(
+                    copy, request, fault, why,
+                    f"fetching the rest upstream from byte {download.received}",
+                )
+                await self._resume_upstream(download, copy)
+                return True
+            self._copy_failed_log(copy, request, fault, why, "its clients' responses end here")
+            raise
         tier.copy_served(request, copy)
         return True
+
+    def _copy_failed_log(
+        self, copy: SharedCopy, request: UpstreamRequest, fault: CopyFault, why: str,
+        then: str,
+    ) -> None:
+        self.log.warn(
+            "Shared copy {name} of {url} not used ({fault}): {why}; {then}",
+            name=copy.name, url=redact(request.url), why=why, fault=fault.value,
+            then=then, event="shared_copy_failed",
+        )
+
+    async def _resume_upstream(self, download: Download, copy: SharedCopy) -> None:
+        """
+        Fetch the rest of a copy that failed part-way from upstream, with
+        ``Range``, into the same download; the whole body is then checked
+        against the copy's digest.  Fails as a download does when the
+        upstream cannot resume it exactly there.
+        """
+        request = download.request
+        offset = download.received
+        ranged = evolve(request, headers={**request.headers, "range": f"bytes={offset}-"})
+        response = await self._send("GET", ranged)
+        content_range = response.headers.getRawHeaders(b"content-range", [b""])[0]
+        if response.code == 206 and content_range.decode("latin-1") == (
+            f"bytes {offset}-{copy.size - 1}/{copy.size}"
+        ):
+            skip = 0
+        elif response.code == 200 and response.length == copy.size:
+            # An upstream that ignores ranges sends it all again: the
+            # bytes the download has are dropped.
+            skip = offset
+        else:
+            response.deliverBody(Protocol())
+            raise UpstreamError(
+                f"{redact(request.url)} could not resume a shared copy at byte"
+                f" {offset} (HTTP {response.code})"
+            )
+        download.resume_upstream()
+        storable = request.storable(download.status, download.headers)
+        await self._finish(
+            download, response, storable, copy.size,
+            expected_size=copy.size, expected_sha256=copy.sha256, skip=skip,
+        )
 
     async def _from_upstream(self, download: Download) -> Entry | None:
         """
@@ -487,12 +572,15 @@ class Fetcher:
         self, download: Download, response: IResponse, headers: dict[str, str],
         length: int | None, expected_size: int | None, expected_sha256: str | None,
         idle_timeout: float | None = None, most: int | None = None,
+        deadline: float | None = None, beside_limit: bool = False,
     ) -> Entry | None:
         """
         Receive ``response``'s body into the download (``length`` bytes
-        reserved, when known; stopped past ``most``), check it against the
-        request's verifier and ``expected_size``/``expected_sha256``, and
-        store it when it may be kept; the entry stored, if any.
+        reserved, when known; beside the size limit until it is checked,
+        if ``beside_limit``), check it against the request's verifier and
+        ``expected_size``/``expected_sha256``, and store it when it may be
+        kept; the entry stored, if any.  See :meth:`_finish` for ``most``
+        and ``deadline``.
         """
         request = download.request
         status = response.code
@@ -507,11 +595,30 @@ class Fetcher:
             storable = False
             stored_key = request.key
         download.start_body(status, headers, self._spool_for(
-            request, stored_key, storable, length, download.holds_until_checked
+            request, stored_key, storable, length, download.holds_until_checked,
+            beside_limit,
         ))
+        return await self._finish(
+            download, response, storable, length, expected_size, expected_sha256,
+            idle_timeout, most, deadline,
+        )
+
+    async def _finish(
+        self, download: Download, response: IResponse, storable: bool,
+        length: int | None, expected_size: int | None, expected_sha256: str | None,
+        idle_timeout: float | None = None, most: int | None = None,
+        deadline: float | None = None, skip: int = 0,
+    ) -> Entry | None:
+        """
+        Read the rest of the download's body from ``response`` (silent for
+        ``idle_timeout`` at most, all of it within ``deadline`` seconds if
+        given, stopped past ``most`` bytes, its first ``skip`` bytes
+        dropped), check it and store it; see :meth:`_receive`.
+        """
+        request = download.request
         idle = self.idle_timeout if idle_timeout is None else idle_timeout
         done: Deferred[None] = Deferred()
-        receiver = BodyReceiver(download, self.clock, idle, done, most)
+        receiver = BodyReceiver(download, self.clock, idle, done, most, deadline, skip)
         response.deliverBody(receiver)
         await done
         reason = receiver.reason
@@ -597,11 +704,11 @@ class Fetcher:
             try:
                 receiver.verify()
             except Exception as e:
-                raise self._refused(request, writer, e)
+                raise self._refused(request, writer, e, download.shared)
         if writer is None:
             wrong = download.memory_mismatch()
             if wrong is not None:
-                raise self._refused(request, None, IntegrityError(wrong))
+                raise self._refused(request, None, IntegrityError(wrong), download.shared)
             return
         # Checked whether or not it is to be stored: a body nobody keeps is
         # still served, and must be what its request expects.
@@ -611,16 +718,17 @@ class Fetcher:
                 expected_sha256=expected_sha256,
             )
         except IntegrityError as e:
-            raise self._refused(request, writer, e)
+            raise self._refused(request, writer, e, download.shared)
 
     def _spool_for(
         self, request: UpstreamRequest, stored_key: str, storable: bool,
-        length: int | None, held: bool,
+        length: int | None, held: bool, beside_limit: bool = False,
     ) -> ObjectWriter | OSError:
         """
         The spool file for the body of ``request``, with room held for it
-        (see :func:`spool_plan`; ``held``: nobody sees it before its check),
-        or why it goes on in memory.
+        (see :func:`spool_plan`; ``held``: nobody sees it before its check;
+        ``beside_limit``: outside the size limit, evicting nothing, until
+        it is stored), or why it goes on in memory.
         """
         try:
             spool = self.store.writer(stored_key)
@@ -628,7 +736,15 @@ class Fetcher:
             return e
         try:
             # A body that will not be stored takes only room already free.
-            spool.evicts = storable
+            spool.evicts = storable and not beside_limit
+            if beside_limit:
+                if spool.uncount(quiet=True):
+                    return spool
+                spool.abort()
+                return NoRoom(
+                    "the cache holds no more bodies beside its limit while"
+                    " they are checked"
+                )
             counted = length is None or spool.reserve(length)
             plan = spool_plan(counted, held)
             if plan == "uncounted":
@@ -663,6 +779,24 @@ class Fetcher:
 #: under the clients' own timeouts (pip's 15 s), for bytes that cross no
 #: slow line.
 SHARED_TIMEOUT = 5.0
+#: Bytes per second a copy held from its clients must come at, at least,
+#: besides SHARED_TIMEOUT: a 4 MiB copy has 5.4 s in all.
+SHARED_MIN_RATE = 10 * 1024 * 1024
+
+
+def _resumable(download: Download, copy: SharedCopy) -> bool:
+    """
+    Whether the rest of a copy that failed part-way may come from
+    upstream into the same download: its bytes so far are in its spool
+    file, and it is checked by its digest alone (a verifier would see
+    only the rest).
+    """
+    return (
+        download.spool is not None
+        and download.phase is Phase.SPOOLING
+        and download.request.verify is None
+        and 0 < download.received < copy.size
+    )
 
 
 class _CopyMissing(UpstreamError):

@@ -23,7 +23,8 @@ class BodyReceiver(Protocol):
 
     def __init__(
         self, download: Download, clock: IReactorTime, idle_timeout: float,
-        done: Deferred[None], most: int | None = None,
+        done: Deferred[None], most: int | None = None, deadline: float | None = None,
+        skip: int = 0,
     ):
         self._download = download
         self._clock = clock
@@ -37,11 +38,20 @@ class BodyReceiver(Protocol):
         self._most = most
         #: The body went past ``most``: it was stopped there.
         self.overran = False
+        #: Seconds the whole body may take (a shared copy held from its
+        #: clients): past them it is stopped, as a silent upstream is.
+        self._deadline = deadline
+        self._deadline_call: IDelayedCall | None = None
+        #: Bytes at the start of the body the download already has (the
+        #: part of a shared copy read before it failed): dropped.
+        self._skip = skip
         self.verify_error: Exception | None = None
         self.reason: Failure | None = None
 
     def connectionMade(self) -> None:
         self._arm()
+        if self._deadline is not None:
+            self._deadline_call = self._clock.callLater(self._deadline, self._too_slow)
         # The transport of a response body is a producer proxy.
         self._download.upstream_connected(IPushProducer(self.transport))
 
@@ -62,6 +72,13 @@ class BodyReceiver(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.overran:
             return
+        if self._skip:
+            dropped = data[: self._skip]
+            self._skip -= len(dropped)
+            data = data[len(dropped):]
+            self._arm()
+            if not data:
+                return
         if self._most is not None and self._download.received + len(data) > self._most:
             self.overran = True
             IPushProducer(self.transport).stopProducing()
@@ -75,9 +92,15 @@ class BodyReceiver(Protocol):
             except Exception as e:
                 self.verify_error = e
 
+    def _too_slow(self) -> None:
+        self.timed_out = True
+        IPushProducer(self.transport).stopProducing()
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
         self._download.upstream_lost()
         # A Failure passed to callback() would turn into an errback.
         self.reason = reason

@@ -107,6 +107,13 @@ class SharedTier(Protocol):
         appear.
         """
 
+    def head_of(self, request: UpstreamRequest) -> Deferred[SharedCopy | None]:
+        """
+        For a HEAD that missed the disk: the copy a trusted record names
+        (its size and headers answer the HEAD), or None; no lease, no
+        wait.
+        """
+
     def copy_served(self, request: UpstreamRequest, copy: SharedCopy) -> None:
         """
         ``copy`` was read whole, checked and stored for ``request``.

@@ -188,8 +188,9 @@ def trusted_headers(record: Record, signed: bool) -> dict[str, str]:
     A signed record's are the publishing node's.  An unsigned record is
     trusted for its body only because the request checks the body
     itself; its headers are checked by nothing, so only harmless ones
-    pass: validators, an ``application/`` type, and a
-    ``Docker-Content-Digest`` that names the body's own digest.
+    pass: validators, an ``application/`` type (else
+    ``application/octet-stream``), and a ``Docker-Content-Digest`` that
+    names the body's own digest.
     """
     if signed:
         return dict(record.headers)
@@ -202,4 +203,7 @@ def trusted_headers(record: Record, signed: bool) -> dict[str, str]:
             kept[lower] = value
         elif lower == "docker-content-digest" and value == "sha256:" + record.sha256:
             kept[lower] = value
+    # Never none: a server would fill in its own default (twisted.web's is
+    # text/html, the type this keeps out).
+    kept.setdefault("content-type", "application/octet-stream")
     return kept

@@ -23,7 +23,8 @@ import os
 import re
 import socket
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredList
@@ -79,6 +80,8 @@ FAILED_COPIES = 1024
 #: pause between looks for its record.
 POLL_FIRST = 0.2
 POLL_MAX = 1.0
+
+_Found = TypeVar("_Found")
 
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -329,13 +332,23 @@ class S3Tier:
     def before_upstream(
         self, request: UpstreamRequest
     ) -> Deferred[SharedCopy | SharedLease | None]:
-        return Deferred.fromCoroutine(self._before(request))
+        return Deferred.fromCoroutine(self._guarded(request, self._copy_or_lease))
 
-    async def _before(self, request: UpstreamRequest) -> SharedCopy | SharedLease | None:
+    def head_of(self, request: UpstreamRequest) -> Deferred[SharedCopy | None]:
+        return Deferred.fromCoroutine(self._guarded(request, self._find_copy))
+
+    async def _guarded(
+        self, request: UpstreamRequest,
+        ask: Callable[[UpstreamRequest], Awaitable[_Found]],
+    ) -> _Found | None:
+        """
+        ``ask`` about ``request`` when the tier is usable and shares it;
+        None otherwise, or when the store fails (marked failing).
+        """
         if not self._usable() or not self.shares(request):
             return None
         try:
-            return await self._copy_or_lease(request)
+            return await ask(request)
         except SharedStoreError as e:
             self._failing(e)
             return None
@@ -448,6 +461,11 @@ class S3Tier:
                 name=name, key=request.key, sha256=record.sha256,
                 event="shared_record_stale",
             )
+            return None
+        if self._failed_copies.get(request.key) == record.sha256:
+            # Its blob failed here (a large file's copy that failed after
+            # streaming could not go upstream at once): upstream until
+            # this node publishes over it.
             return None
         blob = blob_name(record.sha256)
         signed = self.secret is not None

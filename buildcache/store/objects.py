@@ -181,14 +181,18 @@ class ObjectWriter:
         self.reserved = size
         return True
 
-    def uncount(self) -> bool:
+    def uncount(self, quiet: bool = False) -> bool:
         """
         Hold the room for this body outside the size limit from now on
         (see :func:`uncounted_limit`); False when that is full too.
+        ``quiet``: held there by design (a shared copy whose size nothing
+        vouches for), not for want of room: not logged.
         """
         held = max(self.reserved, self.size)
         self._release()
         self.counted = False
+        if quiet:
+            return self.reserve(held)
         self._store.log.info(
             "No room under the size limit for {key}, which must be checked"
             " whole before it is served: holding it beside the limit",
