@@ -186,6 +186,16 @@ class Bucket:
                 return blob is not None and sha256(blob) == digest
         return False
 
+    def records_naming(self, data: bytes) -> list[str]:
+        """The records that name ``data``'s digest, whether or not its blob is there."""
+        digest = sha256(data)
+        named = []
+        for name in self.names("records/"):
+            record = self.get(name)
+            if record is not None and json.loads(record).get("sha256") == digest:
+                named.append(name)
+        return named
+
 
 def blob_name(data: bytes) -> str:
     """The bucket object (under the prefix) that holds ``data``."""

@@ -373,17 +373,19 @@ class EvictorTests(SynchronousTestCase):
     def test_evicted_records_go_before_their_blob(self) -> None:
         """
         A blob's known records are deleted before the blob, so a pass that
-        dies between leaves a blob without records, which the next pass
-        evicts.
+        fails between leaves a blob without records, which a later pass
+        evicts; the pass goes on with the next blob meanwhile.
         """
         old, middle, new = self.three_blobs()
         self.bucket.batch("node-b", 2, [[middle, record_name("middle"), 3000, START - 1900]])
         self.store.fail = lambda op, name: op == "delete" and name == f"blobs/sha256/{middle}"
         report = self.pass_(self.evictor(max_size=9000))
         assert report is not None
-        self.assertEqual(report.evicted, 0)
+        # The pass goes on past the blob it cannot delete: another goes.
+        self.assertEqual(report.evicted, 1)
         self.assertEqual(report.records_deleted, 1)
-        self.assertEqual(self.bucket.blobs(), {old, middle, new})
+        self.assertIn(middle, self.bucket.blobs())
+        self.assertEqual(len(self.bucket.blobs()), 2)
         self.assertNotIn(record_name("middle"), self.bucket.records())
         [failed] = events(self.captured, "shared_evict_failed")
         self.assertIn(middle, failed["step"])
@@ -392,10 +394,9 @@ class EvictorTests(SynchronousTestCase):
         self.assertEqual([n for n in self.store.data if n.startswith("access/")], [])
 
         self.store.fail = lambda op, name: False
-        report = self.pass_(self.evictor(max_size=9000))
+        report = self.pass_(self.evictor(max_size=5000))
         assert report is not None
-        self.assertEqual(report.evicted, 1)
-        self.assertEqual(self.bucket.blobs(), {old, new})
+        self.assertNotIn(middle, self.bucket.blobs())
 
     def test_batches_survive_a_failed_state_write(self) -> None:
         """

@@ -80,6 +80,8 @@ MAX_ENTRIES = 10_000
 #: Records remembered per blob (the latest seen): one body under more
 #: keys leaves the others to be found by readers as dangling.
 MAX_RECORDS_PER_BLOB = 16
+#: Blobs a pass fails to delete before it gives up until the next pass.
+MAX_DELETE_FAILURES = 16
 #: Bytes of the merged map read (it holds at most ``MAX_LISTED`` blobs).
 STATE_LIMIT = 64 * 1024 * 1024
 #: Bytes of a record read before it is deleted.
@@ -283,9 +285,14 @@ class Evictor:
             return None
         try:
             lease = json.loads(data)
-            return str(lease["node"]), float(lease["expires"])
-        except (ValueError, TypeError, KeyError):
+            node, expires = str(lease["node"]), float(lease["expires"])
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError):
             return ("", 0.0)  # unreadable: as good as expired
+        if not expires < self.clock.seconds() + 2 * self.lease_ttl:
+            # No node writes a lease that long (nor NaN): forged, or a
+            # clock far off; as good as expired, or eviction stops for good.
+            return (node, 0.0)
+        return node, expires
 
     def _lease_bytes(self) -> bytes:
         self._lease_expires = self.clock.seconds() + self.lease_ttl
@@ -424,8 +431,10 @@ class Evictor:
                 for sha, (when, records) in blobs.items()
                 if _HEX.match(sha)
             }
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
-            self._invalid_state(str(error))
+        except (
+            ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError,
+        ) as error:
+            self._invalid_state(str(error) or type(error).__name__)
             return {}
 
     def _invalid_state(self, why: str) -> None:
@@ -460,12 +469,18 @@ class Evictor:
                 entries = json.loads(data)["entries"]
                 if not isinstance(entries, list):
                     raise TypeError("entries is not a list")
-            except (ValueError, TypeError, KeyError) as error:
-                self._invalid_batch(name, str(error))
+                _merge_entries(state, entries[:MAX_ENTRIES], self.clock.seconds())
+            except (
+                ValueError, TypeError, KeyError, OverflowError, RecursionError,
+            ) as error:
+                # (A forged batch: a time too large for a float, nesting
+                # too deep to parse.)  Deleted, or every pass stops on it.
+                self._invalid_batch(name, str(error) or type(error).__name__)
                 merged.append(name)
                 continue
-            _merge_entries(state, entries[:MAX_ENTRIES], self.clock.seconds())
             merged.append(name)
+            # Bounded as it grows, not only once every batch is in.
+            _keep_recent(state, MAX_LISTED)
         return merged
 
     def _invalid_batch(self, name: str, why: str) -> None:
@@ -487,10 +502,7 @@ class Evictor:
             for sha in [s for s, (when, _) in state.items() if s not in listing.blobs]:
                 if state[sha][0] < recent:
                     del state[sha]
-        if len(state) > MAX_LISTED:
-            keep = sorted(state.items(), key=lambda item: item[1][0])[-MAX_LISTED:]
-            state.clear()
-            state.update(keep)
+        _keep_recent(state, MAX_LISTED)
 
     # -- evicting -----------------------------------------------------------
 
@@ -499,7 +511,7 @@ class Evictor:
     ) -> EvictionReport:
         total = listing.total - going
         target = self.low_water * self.max_size
-        evicted = evicted_bytes = records_deleted = 0
+        evicted = evicted_bytes = records_deleted = failures = 0
         if total > self.max_size:
             def last_use(item: tuple[str, _Blob]) -> float:
                 sha, blob = item
@@ -513,13 +525,21 @@ class Evictor:
                 records = state.get(sha, (0.0, []))[1]
                 try:
                     for record in records:
-                        if await self._delete_record(record, sha):
+                        if await self._delete_record(
+                            record, sha, listing.records.get(record)
+                        ):
                             records_deleted += 1
                             total -= listing.records.pop(record, 0)
                     await self.objects.delete(BLOBS + sha)
                 except Exception as error:
+                    # Another blob may go instead (one record of this one
+                    # unreadable, say): a blob that always fails first
+                    # must not stop eviction for good.
                     self._failed(f"deleting blob {sha}", error)
-                    break  # the merged map is still written; the rest waits
+                    failures += 1
+                    if failures >= MAX_DELETE_FAILURES:
+                        break  # the merged map is still written; the rest waits
+                    continue
                 state.pop(sha, None)
                 evicted += 1
                 evicted_bytes += blob.size
@@ -533,18 +553,23 @@ class Evictor:
             batches_merged=merged,
         )
 
-    async def _delete_record(self, record: str, sha: str) -> bool:
+    async def _delete_record(self, record: str, sha: str, size: int | None) -> bool:
         """
         Delete ``record`` if it still names blob ``sha`` (or is not a
-        record at all): the key may have been published again since with
-        another body (a rebuilt package), whose record must stay.
+        record at all: one over ``RECORD_LIMIT``, as listed at ``size``
+        bytes, no reader reads either): the key may have been published
+        again since with another body (a rebuilt package), whose record
+        must stay.
         """
+        if size is not None and size > RECORD_LIMIT:
+            await self.objects.delete(record)
+            return True
         data = await self.objects.get_small(record, RECORD_LIMIT)
         if data is None:
             return False
         try:
             named = json.loads(data).get("sha256")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             named = sha  # unreadable: no reader uses it either
         if named != sha:
             return False
@@ -600,3 +625,11 @@ def _merge_entries(state: _State, entries: list[object], now: float) -> None:
         if isinstance(record, str) and _RECORD.match(record) and record not in records:
             records = (records + [record])[-MAX_RECORDS_PER_BLOB:]
         state[sha] = (max(last, min(float(when), now)), records)
+
+
+def _keep_recent(state: _State, most: int) -> None:
+    """Keep the ``most`` most recently used blobs of ``state``."""
+    if len(state) > most:
+        keep = sorted(state.items(), key=lambda item: item[1][0])[-most:]
+        state.clear()
+        state.update(keep)

@@ -57,17 +57,26 @@ def parse_shared_store(text: str) -> S3Location:
     :raises ValueError: with a message fit for the operator (credentials
         masked).
     """
+    text = text.strip()
+    # Credentials written into it (a secret key holds '/' and '+', which
+    # would split it before its '@'): refused before anything is quoted.
+    if "@" in text.split("?", 1)[0]:
+        raise ValueError(
+            "--shared-store: credentials do not go in the URL (they come from"
+            " the AWS environment and files): s3://BUCKET/PREFIX?endpoint=URL"
+        )
     try:
-        parts = urlsplit(text.strip())
-    except ValueError as e:
-        raise ValueError(f"--shared-store: not a URL ({e})") from None
+        parts = urlsplit(text)
+    except ValueError:
+        raise ValueError("--shared-store: not a URL") from None
     if parts.scheme != "s3":
         raise ValueError("--shared-store must look like s3://BUCKET/PREFIX?endpoint=URL")
     _refuse_userinfo(parts.netloc, "--shared-store")
     bucket = parts.netloc
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        # Not quoted: what is not a bucket name may be anything.
         raise ValueError(
-            f"--shared-store: {bucket!r} is not a bucket name "
+            "--shared-store: the part after s3:// is not a bucket name "
             "(3-63 lower-case letters, digits, dots, hyphens)"
         )
     prefix = parts.path.lstrip("/")

@@ -26,6 +26,7 @@ from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -196,7 +197,16 @@ def _describe(error: BaseException) -> str:
         return str(error)
     if isinstance(error, (TimeoutError, CancelledError)):
         return "timed out"
+    reasons = getattr(error, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        # ResponseNeverReceived and its kin wrap the reason that matters
+        # (a certificate this node does not trust, a connection reset).
+        inner = [r.value for r in reasons if isinstance(r, Failure)]
+        if inner:
+            return f"{type(error).__name__}: " + "; ".join(_describe(e) for e in inner)
     name = type(error).__name__
+    if type(error).__module__.split(".")[0] in ("OpenSSL", "service_identity"):
+        return f"the store's TLS certificate was not accepted ({name}: {error})"[:300]
     # Twisted's connection errors say which host and why; none of them
     # holds the request's URL.
     if isinstance(error, OSError) or "Error" in name:
