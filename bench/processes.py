@@ -7,6 +7,7 @@ memory and CPU from /proc.  Imported by the scripts beside it.
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -120,3 +121,27 @@ def buildcache_command(
         "--cache-dir", str(cache_dir),
         *options,
     ]
+
+
+def machine_and_versions(tools: dict[str, list[str]]) -> dict[str, str]:
+    """
+    What a bench's JSON records of where it ran: the first line each of
+    ``tools`` (name -> command) prints ("missing" when it cannot run),
+    Python's version, the CPUs and the load when the run started.
+    """
+
+    def first_line(command: list[str]) -> str:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return "missing"
+        return ((done.stdout or done.stderr).strip().splitlines() or ["?"])[0]
+
+    facts = {name: first_line(command) for name, command in tools.items()}
+    with open("/proc/loadavg") as loadavg:
+        facts.update({
+            "python": platform.python_version(),
+            "cpus": str(os.cpu_count()),
+            "loadavg_at_start": loadavg.read().strip(),
+        })
+    return facts

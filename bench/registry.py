@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -64,6 +63,7 @@ from processes import (  # noqa: E402
     buildcache_command,
     cpu_seconds,
     free_port,
+    machine_and_versions,
     status_kb,
     stop,
     wait_for_port,
@@ -637,18 +637,11 @@ def print_table(results: dict[str, dict[str, object]], checks: dict[str, bool | 
 
 
 def versions() -> dict[str, str]:
-    def first_line(command: list[str]) -> str:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-        return ((done.stdout or done.stderr).strip().splitlines() or ["?"])[0]
-
-    return {
-        "skopeo": first_line(["skopeo", "--version"]),
-        "docker-registry": first_line(["docker-registry", "--version"]),
-        "nginx": first_line(["nginx", "-v"]),
-        "python": platform.python_version(),
-        "cpus": str(os.cpu_count()),
-        "loadavg_at_start": open("/proc/loadavg").read().strip(),
-    }
+    return machine_and_versions({
+        "skopeo": ["skopeo", "--version"],
+        "docker-registry": ["docker-registry", "--version"],
+        "nginx": ["nginx", "-v"],
+    })
 
 
 def main() -> None:

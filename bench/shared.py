@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -67,7 +66,14 @@ import attrs
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from processes import buildcache_command, free_port, status_kb, stop, wait_for_port  # noqa: E402
+from processes import (  # noqa: E402
+    buildcache_command,
+    free_port,
+    machine_and_versions,
+    status_kb,
+    stop,
+    wait_for_port,
+)
 from proxy import SLOW_RATE, Origin, start_origin  # noqa: E402
 
 from tests.seaweed_parts import (  # noqa: E402
@@ -429,23 +435,13 @@ def print_table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def versions() -> dict[str, str]:
-    def first_line(command: list[str]) -> str:
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return "missing"
-        return ((done.stdout or done.stderr).strip().splitlines() or ["?"])[0]
-
     bin_dir = Path(sys.executable).parent
-    return {
-        "weed": first_line([str(bin_dir / "weed"), "version"]),
-        "rclone": first_line([str(bin_dir / "rclone"), "version"]),
-        "nginx": first_line(["nginx", "-v"]),
-        "curl": first_line(["curl", "--version"]),
-        "python": platform.python_version(),
-        "cpus": str(os.cpu_count()),
-        "loadavg_at_start": open("/proc/loadavg").read().strip(),
-    }
+    return machine_and_versions({
+        "weed": [str(bin_dir / "weed"), "version"],
+        "rclone": [str(bin_dir / "rclone"), "version"],
+        "nginx": ["nginx", "-v"],
+        "curl": ["curl", "--version"],
+    })
 
 
 def main() -> None:
