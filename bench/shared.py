@@ -80,8 +80,9 @@ from tests.seaweed_parts import (  # noqa: E402
     ACCESS_KEY,
     REGION,
     SECRET_KEY,
+    Seaweed,
     credentials_env,
-    start_seaweed,
+    new_seaweed,
 )
 from tests.support import pattern_bytes  # noqa: E402
 
@@ -492,11 +493,24 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def started_store(directory: Path, timeout: float = 60.0) -> Seaweed:
+    """SeaweedFS in ``directory``, ready (the bench runs no reactor: it polls)."""
+    store = new_seaweed(directory)
+    store.spawn()
+    deadline = time.monotonic() + timeout
+    while not store.ready_now():
+        if time.monotonic() > deadline:
+            store.kill_now()
+            raise RuntimeError(f"weed server not ready after {timeout} s:\n{store.log_tail()}")
+        time.sleep(0.25)
+    return store
+
+
 def seaweed_run(
     scratch: Path, origin: Origin, files: Sequence[File], secret: Path, count: int,
 ) -> dict[str, Any]:
     """The sharing repeats and the races against SeaweedFS."""
-    store = start_seaweed(scratch / "seaweed")
+    store = started_store(scratch / "seaweed")
     try:
         store.create_bucket(BUCKET)
         print(f"workload: {len(files)} files, {sum(f.size for f in files) / MB:.0f} MB;"
@@ -517,7 +531,7 @@ def seaweed_run(
                   flush=True)
         return {"sharing": summarise(repeats), "race": races}
     finally:
-        store.remove()
+        store.kill_now()
 
 
 def rclone_run(scratch: Path, origin: Origin, files: Sequence[File], secret: Path) -> dict[str, Any]:

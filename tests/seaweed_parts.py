@@ -15,8 +15,11 @@ checks every request's signature.  It is started with dummy keys
 through :attr:`Seaweed.env` (which also points the AWS config files at
 ``/dev/null``, so nothing reads the developer's ``~/.aws``).
 
-Plain ``subprocess`` and ``urllib`` (no reactor needed): usable from trial
-and from a bench that runs no reactor.
+Starting and stopping wait on the reactor (:meth:`Seaweed.start`,
+:meth:`Seaweed.kill` return Deferreds; readiness is probed in a thread):
+a test never sleeps.  The objects are read and written with plain
+``urllib``; a bench, which runs no reactor, spawns the store with
+:meth:`Seaweed.spawn` and polls :meth:`Seaweed.ready_now` itself.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
 from attrs import define, field
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 #: Dummy credentials: the only identity the store knows.  Not secret.
@@ -121,6 +127,10 @@ def _send(url: str, method: str, data: bytes | None = None, timeout: float = 5.0
         return int(e.code), bytes(e.read())
 
 
+class SeaweedEnded(RuntimeError):
+    """The server ended while it was starting."""
+
+
 @define(eq=False)
 class Seaweed:
     """
@@ -166,11 +176,8 @@ class Seaweed:
             *(f"-{name}={port}" for name, port in self.ports.items()),
         ]
 
-    def start(self, timeout: float = 60.0) -> None:
-        """
-        Start the server and wait until it creates a bucket (its S3 API
-        answers and its filer is up).
-        """
+    def spawn(self) -> None:
+        """Start the server (it is ready some 10-15 s later: :meth:`start`)."""
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(credentials_env())
@@ -181,18 +188,31 @@ class Seaweed:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         _running.add(self)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed server ended ({self.process.returncode}):\n{self.log_tail()}")
-            if self._ready():
-                return
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"weed server not ready after {timeout} s:\n{self.log_tail()}")
-            time.sleep(0.25)
 
-    def _ready(self) -> bool:
+    def start(self, timeout: float = 60.0) -> Deferred[None]:
+        """
+        Start the server; fires once it creates a bucket (its S3 API
+        answers and its filer is up), looking every 0.25 s.
+        """
+        return Deferred.fromCoroutine(self._start(timeout))
+
+    async def _start(self, timeout: float) -> None:
+        self.spawn()
+        process = self.process
+        assert process is not None
+        deadline = reactor.seconds() + timeout
+        while True:
+            if process.poll() is not None:
+                raise SeaweedEnded(f"weed server ended ({process.returncode}):\n{self.log_tail()}")
+            # The probe blocks (urllib): off the reactor's thread.
+            if await deferToThread(self.ready_now):
+                return
+            if reactor.seconds() > deadline:
+                self.kill_now()
+                raise RuntimeError(f"weed server not ready after {timeout} s:\n{self.log_tail()}")
+            await deferLater(reactor, 0.25, lambda: None)
+
+    def ready_now(self) -> bool:
         # Ready: it makes a bucket (409: made before a restart), and an
         # object written reads back (after a restart the volume server
         # registers with the master a little later than S3 answers), and
@@ -262,24 +282,30 @@ class Seaweed:
             if element.tag.endswith("}Key") or element.tag == "Key"
         ]
 
-    def kill(self, grace: float = 2.0) -> None:
+    def kill(self, grace: float = 2.0) -> Deferred[None]:
         """
         SIGTERM by PID, then SIGKILL after ``grace`` seconds (``weed`` may
         not end on SIGTERM); the directory stays (see :meth:`remove`).
         """
+        return Deferred.fromCoroutine(self._kill(grace))
+
+    async def _kill(self, grace: float) -> None:
+        process = self.process
+        if process is not None and process.poll() is None and grace > 0:
+            process.send_signal(signal.SIGTERM)
+            ended = reactor.seconds() + grace
+            while process.poll() is None and reactor.seconds() < ended:
+                await deferLater(reactor, 0.05, lambda: None)
+        self.kill_now()
+
+    def kill_now(self) -> None:
+        """SIGKILL by PID at once (mid-upload, say), and forget the process."""
         process = self.process
         if process is None:
             return
         if process.poll() is None:
-            if grace > 0:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(grace)
-                except subprocess.TimeoutExpired:
-                    pass
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
+            process.send_signal(signal.SIGKILL)
+            process.wait()
         self.process = None
         _running.discard(self)
         # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says,
@@ -289,24 +315,30 @@ class Seaweed:
             if path.stem.rsplit("-", 1)[-1] in ports:
                 path.unlink(missing_ok=True)
 
-    def restart(self, timeout: float = 60.0) -> None:
+    def restart(self, timeout: float = 60.0) -> Deferred[None]:
         """Kill it (SIGKILL) and start it again on the same ports and data."""
-        self.kill(grace=0)
-        self.start(timeout)
+        self.kill_now()
+        return self.start(timeout)
 
-    def remove(self) -> None:
+    def remove(self) -> Deferred[None]:
         """Kill it and remove its directory when it made it."""
-        self.kill()
+        return Deferred.fromCoroutine(self._remove())
+
+    async def _remove(self) -> None:
+        await self.kill()
+        self.forget_directory()
+
+    def forget_directory(self) -> None:
         # To read its log after a failure: BUILDCACHE_KEEP_SEAWEED=1.
         if self.owns_directory and not os.environ.get("BUILDCACHE_KEEP_SEAWEED"):
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_seaweed(directory: Path | None = None, timeout: float = 60.0) -> Seaweed:
+def new_seaweed(directory: Path | None = None) -> Seaweed:
     """
-    A running store: in ``directory``, else a new temporary one (removed
-    by :meth:`Seaweed.remove`).  :class:`SkipTest` when ``weed`` is not
-    installed.
+    A store not started yet: in ``directory``, else a new temporary one
+    (removed by :meth:`Seaweed.remove`).  :class:`SkipTest` when ``weed``
+    is not installed.
     """
     binary = weed_binary()
     if binary is None:
@@ -316,26 +348,38 @@ def start_seaweed(directory: Path | None = None, timeout: float = 60.0) -> Seawe
     owns = directory is None
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="seaweed-"))
-    store = Seaweed(
+    return Seaweed(
         binary=binary, directory=directory,
         ports=dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)))),
         owns_directory=owns,
     )
-    try:
-        store.start(timeout)
-    except BaseException:
-        store.remove()
-        raise
-    return store
+
+
+async def start_seaweed(directory: Path | None = None, timeout: float = 60.0) -> Seaweed:
+    """
+    A running store (see :func:`new_seaweed`).  One that ends while it
+    starts is started once more on other ports: a free port found here may
+    be taken by another process (a parallel test's) before weed binds it.
+    """
+    for attempt in (1, 2):
+        store = new_seaweed(directory)
+        try:
+            await store.start(timeout)
+        except BaseException as e:
+            store.kill_now()
+            store.forget_directory()
+            if attempt == 1 and isinstance(e, SeaweedEnded):
+                continue
+            raise
+        return store
+    raise AssertionError("unreachable")
 
 
 @atexit.register
 def _kill_forgotten() -> None:
     for store in list(_running):
-        store.kill(grace=0)
-        if store.owns_directory:
-            if not os.environ.get("BUILDCACHE_KEEP_SEAWEED"):
-                shutil.rmtree(store.directory, ignore_errors=True)
+        store.kill_now()
+        store.forget_directory()
 
 
 class SeaweedCase(TestCase):
@@ -350,19 +394,23 @@ class SeaweedCase(TestCase):
     _bucket_count = 0
     _tests_run = 0
 
-    def setUp(self) -> None:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+        return Deferred.fromCoroutine(self._start_class_store())
+
+    async def _start_class_store(self) -> None:
         cls = type(self)
         if cls.seaweed is None:
-            cls.seaweed = start_seaweed()
+            cls.seaweed = await start_seaweed()
         self.addCleanup(self._class_done)
 
     @classmethod
-    def _class_done(cls) -> None:
+    def _class_done(cls) -> Deferred[None] | None:
         cls._tests_run += 1
         if cls._tests_run >= len([n for n in dir(cls) if n.startswith("test")]):
             if cls.seaweed is not None:
-                cls.seaweed.remove()
-                cls.seaweed = None
+                store, cls.seaweed = cls.seaweed, None
+                return store.remove()
+        return None
 
     @property
     def store(self) -> Seaweed:

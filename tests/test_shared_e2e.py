@@ -139,7 +139,7 @@ class SharingTests(_Shared, SeaweedCase):
     """One store for the class; each test has its own bucket."""
 
     async def setUp(self) -> None:  # type: ignore[override]
-        SeaweedCase.setUp(self)
+        await SeaweedCase.setUp(self)
         small, medium, large = (pool_path(n) for n in ("small", "medium", "large"))
         racing = [pool_path(f"race{n}") for n in range(2)]
         self.paths = {"small": small, "medium": medium, "large": large}
@@ -394,7 +394,7 @@ class StoreFailureTests(_Shared, TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         # In a short temporary directory of its own (its unix sockets'
         # paths must stay under 108 bytes), removed with it.
-        self.store = start_seaweed()
+        self.store = await start_seaweed()
         self.addCleanup(self.store.remove)
         self.store.create_bucket("killed")
         self.big = pool_path("big")
@@ -418,7 +418,7 @@ class StoreFailureTests(_Shared, TestCase):
         self.assert_served(await fetch_one(a.url(self.big), self.work / "a"), self.big, "MISS")
         # A is uploading the blob: the store has its first chunk.
         self.assertEqual((await held).path, f"/killed/cache/{blob_name(data)}")
-        self.store.kill(grace=0)
+        self.store.kill_now()
         self.gate.release()
         await a.wait_event(FAILING)
 
@@ -430,7 +430,7 @@ class StoreFailureTests(_Shared, TestCase):
 
         # Back on the same ports and data: the interrupted upload left no
         # record (a record is written only after its whole blob).
-        self.store.start()
+        await self.store.start()
         self.assertEqual(self.shared.records_naming(data), [])
 
         # Sharing resumes once each node finds the store healthy again (it

@@ -11,20 +11,20 @@ from tests.seaweed_parts import SeaweedCase
 
 
 class SeaweedPartsTests(SeaweedCase):
-    def test_objects_across_restart(self) -> None:
+    async def test_objects_across_restart(self) -> None:
         bucket = self.bucket()
         self.store.put_object(bucket, "a/b", b"hello")
         self.assertEqual(self.store.get_object(bucket, "a/b"), b"hello")
         self.assertEqual(self.store.list_keys(bucket, "a/"), ["a/b"])
         self.assertIsNone(self.store.get_object(bucket, "a/missing"))
-        self.store.restart()
+        await self.store.restart()
         self.assertEqual(self.store.get_object(bucket, "a/b"), b"hello")
 
-    def test_killed_by_pid(self) -> None:
+    async def test_killed_by_pid(self) -> None:
         pid = self.store.pid
         assert pid is not None
-        self.store.kill()
+        await self.store.kill()
         with self.assertRaises(ProcessLookupError):
             os.kill(pid, 0)
-        self.store.start()
+        await self.store.start()
         self.assertNotEqual(self.store.pid, pid)

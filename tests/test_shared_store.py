@@ -56,8 +56,8 @@ class Node:
 
 
 class SharedStoreTests(SeaweedCase):
-    def setUp(self) -> None:
-        super().setUp()
+    async def setUp(self) -> None:  # type: ignore[override]
+        await super().setUp()
         with_credentials(self)
         self.bucket_name = self.bucket()
         self.location = S3Location(self.bucket_name, "cache/", self.store.endpoint)
@@ -202,7 +202,7 @@ class SharedStoreTests(SeaweedCase):
             # The store dies once the upload is under way.
             if offset >= 512 * 1024 and not killed:
                 killed.append(offset)
-                self.store.kill(grace=0)
+                self.store.kill_now()
             return real_pread(fd, count, offset)
 
         async def go() -> None:
@@ -225,7 +225,7 @@ class SharedStoreTests(SeaweedCase):
             self.assertEqual(read_all(second.body), BODY)
             self.assertEqual(self.origin.requests[PATH], 2)
             self.assertFalse(b.tier.status().healthy)
-            self.store.start()
+            await self.store.start()
             # No record of a blob that never arrived whole.
             self.assertIsNone(
                 self.store.get_object(self.bucket_name, "cache/" + record_name(KEY))

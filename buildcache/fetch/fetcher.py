@@ -378,7 +378,7 @@ class Fetcher:
         return Sender(self.http, self.clock, self.idle_timeout, self.activity)
 
     def _intake(self) -> Intake:
-        return Intake(self.store, self.clock, self.idle_timeout, self.activity)
+        return Intake(self.store, self.clock, self.idle_timeout, self._report_failure)
 
     def _report_failure(self, url: str, error: str) -> None:
         self._sender().report_failure(url, error)

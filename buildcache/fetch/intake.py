@@ -9,6 +9,8 @@ where a body comes from; this module takes it in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -21,7 +23,6 @@ from buildcache.credentials import redact
 from buildcache.fetch.client import replayed
 from buildcache.fetch.download import Download, spool_plan
 from buildcache.fetch.errors import CacheWriteError, UpstreamError, UpstreamTimeout
-from buildcache.fetch.events import FetchObserver
 from buildcache.fetch.receiver import BodyReceiver
 from buildcache.fetch.request import UpstreamRequest
 from buildcache.store import (
@@ -47,11 +48,8 @@ class Intake:
     store: Store
     clock: IReactorTime
     idle_timeout: float
-    activity: FetchObserver | None = None
-
-    def report_failure(self, url: str, error: str) -> None:
-        if self.activity is not None:
-            self.activity.upstream_failed(url, error)
+    #: Tells the upstream health table that ``url`` failed (and why).
+    report_failure: Callable[[str, str], None]
 
     def refused(
         self, request: UpstreamRequest, writer: ObjectWriter | None, error: Exception,
