@@ -68,6 +68,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from processes import (  # noqa: E402
     buildcache_command,
+    children_of,
     free_port,
     machine_and_versions,
     status_kb,
@@ -220,7 +221,9 @@ class Node:
         return found[0]
 
     def peak_rss_mb(self) -> float:
-        return status_kb(self.process.pid, "VmHWM") / KB
+        """Of the node's main process and its hit workers together."""
+        pids = [self.process.pid, *children_of(self.process.pid)]
+        return sum(status_kb(pid, "VmHWM") for pid in pids) / KB
 
 
 @contextmanager
@@ -238,6 +241,7 @@ def node(
         "--mirror", f"deb={origin.base}/slow",
         "--registry", "docker.io=http://127.0.0.1:1",
         "--pypi-upstream", "http://127.0.0.1:1/simple",
+        "--workers", str(WORKERS),
     ]
     if store is not None:
         command += ["--shared-store", store, "--shared-secret-file", str(secret)]
@@ -448,12 +452,20 @@ def versions() -> dict[str, str]:
     })
 
 
+#: Each node's ``--workers`` (the tier lives in a node's main process; its
+#: hit workers answer from the node's disk).
+WORKERS = 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=str(HERE / "issue15" / "shared.json"))
     parser.add_argument("--no-rclone", action="store_true", help="skip the rclone run")
+    parser.add_argument("--workers", type=int, default=1, help="each node's --workers (default 1)")
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     # "kill PID" should clean up like Ctrl-C does: unwind through finally.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
     for tool in ("nginx", "curl"):
