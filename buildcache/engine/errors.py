@@ -17,6 +17,7 @@ __all__ = [
     "IntegrityError",
     "CacheWriteError",
     "StaleForbidden",
+    "HandOff",
     "ERROR_STATUS",
     "ANSWERED_ERRORS",
     "status_for",
@@ -28,6 +29,18 @@ class StaleForbidden(Exception):
     """
     A private response could not be revalidated, and its directives forbid
     serving it stale (RFC 9111 sections 4.2.4 and 5.2.2).
+    """
+
+
+class HandOff(Exception):
+    """
+    A hits-only engine (a hit worker's, see
+    :class:`buildcache.engine.core.Engine`) cannot answer this request as
+    a fresh hit: it goes, untouched, to the process that fetches.  Raised
+    before any I/O and before a byte of the answer is written; never in
+    the error table (a front end lets it through to
+    :meth:`buildcache.engine.core.Engine.crashed`, the one place that
+    hands a request off).
     """
 
 
