@@ -102,6 +102,9 @@ class _NoFetcher:
     """
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            # Introspection (isinstance, pickling, test loaders), not a fetch.
+            raise AttributeError(name)
         raise HandOff(f"a hit worker has no fetcher ({name})")
 
     def __repr__(self) -> str:
