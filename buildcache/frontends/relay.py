@@ -256,6 +256,7 @@ class _RelayedFactory(Factory):
 
     site: Any
     connections: Any
+    listeners: RelayListeners
 
     def doStart(self) -> None:
         self.site.doStart()
@@ -265,6 +266,7 @@ class _RelayedFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = self.site.buildProtocol(addr)
+        self.listeners.accepted += 1
         channel.relayed = True
         channel.connections = self.connections
         return channel
@@ -298,12 +300,14 @@ class RelayListeners(Service):
             name: os.path.join(self.directory, f"{name}.sock") for name in self._sites
         }
         self.ports: list[IListeningPort] = []
+        #: Connections relayed so far (all ports).
+        self.accepted = 0
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         for name, site in self._sites.items():
             endpoint = proxyEndpoint(UNIXServerEndpoint(self._reactor, self.paths[name]))
-            factory: IProtocolFactory = _RelayedFactory(site, self.connections)
+            factory: IProtocolFactory = _RelayedFactory(site, self.connections, self)
             # A UNIX listen completes at once.
             endpoint.listen(factory).addCallbacks(self.ports.append, self._cannot_listen)
 
