@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
@@ -197,3 +198,67 @@ class LineBufferPinTests(SynchronousTestCase):
         lines.makeConnection(StringTransport())
         lines.dataReceived(b"one\r\ntwo\r\nthr")
         self.assertEqual(seen, [(b"one", b"two\r\nthr"), (b"two", b"thr")])
+
+
+class RemoteAdmission:
+    """An admission counted elsewhere: ``admit`` answers later."""
+
+    max_per_client = 3
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[object, str]] = []
+        self.answers: list[Deferred[bool]] = []
+        self.released: list[object] = []
+
+    def admit(self, channel: object, host: str) -> Deferred[bool]:
+        self.asked.append((channel, host))
+        answer: Deferred[bool] = Deferred()
+        self.answers.append(answer)
+        return answer
+
+    def release(self, channel: object) -> None:
+        self.released.append(channel)
+
+    def changed(self) -> None:
+        pass
+
+
+class RemoteAdmissionTests(SynchronousTestCase):
+    """
+    A worker's admission answers with a Deferred: the connection reads
+    nothing until it fires, and is refused with the 503 of the cap when
+    it says no.
+    """
+
+    def connect(self) -> tuple[RemoteAdmission, Any, StringTransport]:
+        reactor = MemoryReactorClock()
+        admission = RemoteAdmission()
+        site = StrictSite(Worker(), reactor=reactor, connections=admission)
+        client = StringTransport(hostAddress=HOST, peerAddress=PEER)
+        channel: Any = site.buildProtocol(PEER)
+        channel.makeConnection(client)
+        return admission, channel, client
+
+    def test_paused_until_admitted(self) -> None:
+        admission, channel, client = self.connect()
+        self.assertEqual(admission.asked, [(channel, "192.0.2.7")])
+        self.assertEqual(client.producerState, "paused")
+        admission.answers[0].callback(True)
+        self.assertEqual(client.producerState, "producing")
+        channel.dataReceived(b"GET /hit HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertIn(b"\r\n\r\nhit", client.value())
+
+    def test_refused_with_503(self) -> None:
+        admission, channel, client = self.connect()
+        admission.answers[0].callback(False)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 503 "))
+        self.assertIn(b"--max-connections-per-client", client.value())
+        self.assertTrue(client.disconnecting)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(admission.released, [channel])
+
+    def test_client_gone_before_the_answer(self) -> None:
+        admission, channel, client = self.connect()
+        channel.connectionLost(Failure(ConnectionDone()))
+        admission.answers[0].callback(True)
+        self.assertEqual(client.value(), b"")

@@ -24,10 +24,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
-from buildcache.config import Config, Mirror
+from buildcache.config import Config, Mirror, Registry
 from buildcache.frontends.relay import RelayListeners
 from buildcache.service import Server
 from buildcache.store import Store
+from tests.oci_origin import ALL_MANIFESTS, OciOrigin, start_origin
 from tests.pyindex import StaticSimpleIndex, build_index
 from tests.support import (
     Client,
@@ -113,7 +114,7 @@ class HandOffRelayTests(TestCase):
         self.listeners.startService()
         self.assertEqual(
             {name: os.path.dirname(p) for name, p in self.listeners.paths.items()},
-            {"proxy": self.listeners.directory, "index": self.listeners.directory},
+            {name: self.listeners.directory for name in main.sites()},
         )
         self.assertEqual(os.stat(self.listeners.directory).st_mode & 0o777, 0o700)
         reader = Store.open(config.cache_dir, config.max_size, reactor, read_only=True)
@@ -125,10 +126,17 @@ class HandOffRelayTests(TestCase):
         worker.index_listening(worker_index)
         self.port = worker_proxy.getHost().port
         self.index_port = worker_index.getHost().port
+        worker_ports = [worker_proxy, worker_index]
+        if config.registry_endpoint is not None:
+            worker_registry = reactor.listenTCP(
+                0, worker.registry_site, interface="127.0.0.1"
+            )
+            worker_ports.append(worker_registry)
+            self.registry_port = worker_registry.getHost().port
 
         async def stop() -> None:
-            await worker_proxy.stopListening()
-            await worker_index.stopListening()
+            for port in worker_ports:
+                await port.stopListening()
             await worker.connections.drain()
             await main.relayed.drain()
             await self.listeners.stopService()
@@ -271,6 +279,39 @@ class HandOffRelayTests(TestCase):
         self.assertEqual(self.listeners.accepted, 1)
         self.assertEqual(self.access_lines("/-/"), [])
 
+    async def test_registry_through_the_worker(self) -> None:
+        """
+        The registry port: a manifest and a blob are relayed when missed,
+        then served by the worker (tag within its TTL, blob by digest).
+        """
+        origin = OciOrigin()
+        image = origin.push_image("team/app", "t1", [pattern_bytes(100_000, b"l1")])
+        origin_url = start_origin(self, origin)
+        self.start(
+            FakeUpstream(), registry_endpoint="tcp:0:interface=127.0.0.1",
+            registries=(Registry("127.0.0.1:5001", origin_url, None),),
+        )
+        base = f"http://127.0.0.1:{self.registry_port}/v2/team/app"
+        manifest = f"{base}/manifests/t1?ns=127.0.0.1:5001"
+        blob = f"{base}/blobs/{image.layers[0]}?ns=127.0.0.1:5001"
+        client = Client()
+        rounds = []
+        for _ in range(2):
+            got_manifest = await client.get(manifest, {"accept": ALL_MANIFESTS})
+            got_blob = await client.get(blob)
+            rounds.append((
+                got_manifest.status, got_manifest.header("x-cache"),
+                got_manifest.body == image.manifest,
+                got_blob.status, got_blob.header("x-cache"),
+                got_blob.body == pattern_bytes(100_000, b"l1"),
+                self.listeners.accepted,
+            ))
+        self.assertEqual(rounds, [
+            (200, "MISS", True, 200, "MISS", True, 2),
+            (200, "HIT", True, 200, "HIT", True, 2),
+        ])
+        self.assertEqual(origin.count("/v2/team/app/manifests/t1"), 1)
+
     async def test_pip_through_the_worker(self) -> None:
         """
         pip installs through the worker's index port: cold, everything
@@ -300,6 +341,7 @@ class HandOffRelayTests(TestCase):
                 '__version__ = "1.0"\n',
             )
 
+        self.assertIsNone(self.worker.index.prefetcher)
         await pip("cold")
         relayed, asked = self.listeners.accepted, sum(origin.requests.values())
         self.assertGreater(relayed, 0)
