@@ -172,7 +172,7 @@ class HandOffTests(SynchronousTestCase):
 
     def test_hits_keep_no_bytes_between_requests(self) -> None:
         self.channel.dataReceived(b"GET /hit HTTP/1.1\r\n\r\n")
-        self.assertEqual(bytes(self.channel._raw), b"")
+        self.assertIsNone(self.channel._raw)
 
     def test_no_relay_no_capture(self) -> None:
         """The main process's channels (no relay) keep nothing."""

@@ -36,10 +36,9 @@ connections).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,6 +48,7 @@ from buildcache.engine.backoff import UPSTREAM_FAILURE_BACKOFF, UpstreamBackoff
 from buildcache.engine.conditional import validators_of
 from buildcache.engine.errors import (
     ANSWERED_ERRORS,
+    NO_FETCHER,
     HandOff,
     IntegrityError,
     StaleForbidden,
@@ -93,26 +93,6 @@ from buildcache.fetch.fetcher import Fetcher, UpstreamAnswer, UpstreamRequest, d
 from buildcache.store import Entry, Store, StoredObject
 
 __all__ = ["Engine", "HandOff", "Resolved", "NO_FETCHER"]
-
-
-class _NoFetcher:
-    """
-    The fetcher of a hits-only engine: whatever reaches for it hands the
-    request off (a path that would fetch is not a fresh hit).
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            # Introspection (isinstance, pickling, test loaders), not a fetch.
-            raise AttributeError(name)
-        raise HandOff(f"a hit worker has no fetcher ({name})")
-
-    def __repr__(self) -> str:
-        return "NO_FETCHER"
-
-
-#: Stands in for the fetcher of a hits-only engine (see :class:`_NoFetcher`).
-NO_FETCHER: Fetcher = cast(Fetcher, _NoFetcher())
 
 
 @define
@@ -169,6 +149,13 @@ class Engine:
         Answer ``request`` for ``target`` under ``policy``; see the module
         docstring.  Fires when the answer has started (never fails).
         """
+        if self.hits_only:
+            # The hit path is synchronous: no coroutine, no Deferred.
+            try:
+                self.respond(request, target, policy, self._hit_or_hand_off(target, policy))
+            except BaseException:
+                self.crashed(Failure(), request)
+            return succeed(None)
         d = Deferred.fromCoroutine(self._serve(request, target, policy))
         d.addErrback(self.crashed, request)
         return d

@@ -32,13 +32,8 @@ answers with a Deferred holds the connection's bytes until it fires.
 from __future__ import annotations
 
 import enum
-import fcntl
-import socket
-import struct
-import termios
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
@@ -46,6 +41,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 
 from buildcache.frontends.relay import Relay, RelayTarget, proxy_line
+from buildcache.frontends.sending import SendCounters, send_counters, send_progressed
 from buildcache.frontends.tunnel import ConnectHead, Tunnel, TunnelSettings
 from buildcache.turns import cancel_call
 
@@ -85,79 +81,6 @@ _REASONS = {
     504: "Gateway Timeout",
 }
 
-# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a __u64 at this offset
-# since Linux 4.2; older kernels return a shorter struct.
-_TCPI_BYTES_ACKED = 120
-_TCP_INFO_SIZE = _TCPI_BYTES_ACKED + 8
-
-
-@attrs.frozen
-class SendCounters:
-    """
-    What the kernel tells of the bytes sent to a client, each None when it
-    cannot be told.
-
-    :ivar acknowledged: bytes the client's TCP has acknowledged since the
-        connection opened (``TCP_INFO``'s ``tcpi_bytes_acked``, Linux;
-        None on other sockets).
-    :ivar queued: bytes in the socket's send queue (``SIOCOUTQ``, Linux).
-    """
-
-    acknowledged: int | None
-    queued: int | None
-
-
-def send_progressed(before: SendCounters, now: SendCounters) -> bool:
-    """
-    Whether a client took some of a response over a stall period: its TCP
-    acknowledged more bytes, or the socket's send queue shrank (the one
-    signal a UNIX socket gives).  Twisted resumes a paused response only
-    once its own buffer is empty, which a slow reader may take longer than
-    a period to allow; these counts move as soon as the client takes
-    anything.  Unknown counts show no progress.
-    """
-    if (
-        before.acknowledged is not None
-        and now.acknowledged is not None
-        and now.acknowledged > before.acknowledged
-    ):
-        return True
-    return (
-        before.queued is not None
-        and now.queued is not None
-        and now.queued < before.queued
-    )
-
-
-def send_counters(transport: Any) -> SendCounters:
-    """
-    The :class:`SendCounters` of ``transport``'s socket, reached through
-    ``ISystemHandle.getHandle``; both None for a transport without one.
-    """
-    try:
-        handle = transport.getHandle()
-        descriptor = handle.fileno()
-    except (AttributeError, OSError, ValueError):
-        return SendCounters(None, None)
-    acknowledged: int | None
-    try:
-        info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-        acknowledged = (
-            struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
-            if len(info) >= _TCP_INFO_SIZE
-            else None
-        )
-    except (AttributeError, OSError, TypeError, ValueError):
-        acknowledged = None
-    queued: int | None
-    try:
-        reply = fcntl.ioctl(descriptor, termios.TIOCOUTQ, b"\0" * 4)
-        queued = struct.unpack("i", reply)[0]
-    except (OSError, TypeError, ValueError):
-        queued = None
-    return SendCounters(acknowledged, queued)
-
-
 def _response(status: int, explanation: str) -> bytes:
     body = (explanation.replace("\r", " ").replace("\n", " ") + "\n").encode("utf-8")
     head = (
@@ -196,9 +119,6 @@ class _Phase(enum.Enum):
 
 
 _HTTP_PHASES = frozenset({_Phase.REQUEST_LINE, _Phase.REQUEST, _Phase.ANSWERING})
-#: Where a hit worker's channel keeps the raw bytes it reads: from a
-#: request's line on (taken at the line), until its answer is done.
-_RAW_KEPT = frozenset({_Phase.REQUEST, _Phase.ANSWERING})
 
 
 class ProxyChannel(HTTPChannel):
@@ -242,18 +162,14 @@ class ProxyChannel(HTTPChannel):
         self._chunked_body_received = 0
         self._first_bytes = True
         #: The raw bytes from the current request's first byte on (a hit
-        #: worker's channel only), None past :attr:`raw_limit`.
-        self._raw: bytearray | None = bytearray()
+        #: worker's channel only), None past :attr:`raw_limit` or between
+        #: requests.
+        self._raw: bytearray | None = None
+        #: The raw bytes kept of one request: its head and the body
+        #: allowed, and one read more.
+        self.raw_limit = self.MAX_LENGTH + self.totalHeadersSize + MAX_REQUEST_BODY + 65536
         self._relay: Relay | None = None
         self._relaying_tunnel = False
-
-    @property
-    def raw_limit(self) -> int:
-        """
-        The raw bytes kept of one request: its head and the body allowed,
-        and one read more.
-        """
-        return self.MAX_LENGTH + self.totalHeadersSize + MAX_REQUEST_BODY + 65536
 
     def getHost(self) -> IAddress:
         # Every request asks (Request.requestReceived), each time with a
@@ -336,7 +252,10 @@ class ProxyChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._took(data):
             return
-        if self.relay is not None and self._phase in _RAW_KEPT:
+        if self.relay is not None and (
+            self._phase is _Phase.REQUEST or self._phase is _Phase.ANSWERING
+        ):
+            # From a request line on, until its answer is done.
             self._keep_raw(data)
         if self._first_bytes and data:
             self._first_bytes = False
@@ -379,17 +298,20 @@ class ProxyChannel(HTTPChannel):
             # a body; HTTPChannel skips it, and the request line still
             # follows.
             if line and self.persistent:
+                connect = line.startswith(b"CONNECT ")
                 if self.relay is not None:
                     # The request's first byte: its raw bytes are kept
                     # from here (HTTPChannel's line buffer holds the rest
                     # of this read).
-                    self._raw = bytearray()
-                    self._keep_raw(line + self.delimiter + self._buffer)
-                    if line.startswith(b"CONNECT "):
+                    raw = bytearray(line)
+                    raw += self.delimiter
+                    raw += self._buffer
+                    self._raw = raw if len(raw) <= self.raw_limit else None
+                    if connect:
                         # A worker opens no tunnel: the main process does.
                         self._relay_from_here(tunnel=True)
                         return
-                if line.startswith(b"CONNECT "):
+                if connect:
                     self._phase = _Phase.CONNECT_HEAD
                     self._head = ConnectHead.begin(line)
                     return
@@ -472,9 +394,16 @@ class ProxyChannel(HTTPChannel):
         answered on (nothing of its answer written): see the module
         docstring.
         """
-        if self._phase is not _Phase.ANSWERING:
-            return
-        self._relay_from_here(tunnel=False)
+        if self._phase is _Phase.ANSWERING:
+            self._relay_from_here(tunnel=False)
+        elif self._phase is not _Phase.CLOSED:
+            # A bug: nothing is being answered, so there is nothing to
+            # hand off; the client must not wait for ever.
+            self.log.error(
+                "Hand-off from {client} outside an answer ({phase})",
+                event="relay_failed", client=self._peer_text(), phase=self._phase.value,
+            )
+            self.client_transport.loseConnection()
 
     def _relay_from_here(self, tunnel: bool) -> None:
         raw, self._raw = self._raw, None
@@ -510,7 +439,7 @@ class ProxyChannel(HTTPChannel):
         if self._phase is _Phase.ANSWERING:
             self._phase = _Phase.REQUEST_LINE
             if self.relay is not None:
-                self._raw = bytearray()
+                self._raw = None
         super().requestDone(request)
 
     def _stop_head_deadline(self) -> None:
