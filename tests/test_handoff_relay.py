@@ -58,6 +58,18 @@ class RawClient(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received.append(data)
+        waiting = self.waiting
+        if waiting is not None and b"".join(self.received).endswith(waiting[0]):
+            self.waiting = None
+            waiting[1].callback(None)
+
+    waiting: tuple[bytes, Deferred[None]] | None = None
+
+    def until_ends_with(self, tail: bytes) -> Deferred[None]:
+        """Fires once what was received ends with ``tail``."""
+        arrived: Deferred[None] = Deferred()
+        self.waiting = (tail, arrived)
+        return arrived
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed.callback(b"".join(self.received))
@@ -271,6 +283,23 @@ class HandOffRelayTests(TestCase):
         got = await Client(persistent=True).get(f"http://127.0.0.1:{self.port}/up/cut.bin")
         self.assertFalse(got.complete)
         self.assertEqual(self.listeners.accepted, 1)
+
+    async def test_stopping_main_drains_relayed_connections(self) -> None:
+        """
+        An idle keep-alive connection relayed to the main process is
+        closed when the main process drains (on stop), and the worker
+        closes the client with it.
+        """
+        upstream = FakeUpstream(bodies={"/k.bin": GatedBody(b"k" * 5000, headers=FRESH)})
+        self.start(upstream)
+        client = RawClient(b"GET /up/k.bin HTTP/1.1\r\nHost: box\r\n\r\n")
+        answered = client.until_ends_with(b"k" * 5000)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        await answered
+        self.assertFalse(client.closed.called)
+        await self.main.relayed.drain()
+        [(status, headers, body)] = responses(await client.closed)
+        self.assertEqual((status, headers["x-cache"], body), (200, "MISS", b"k" * 5000))
 
     async def test_status_page_is_the_main_processs(self) -> None:
         self.start(FakeUpstream())
