@@ -145,7 +145,8 @@ class Server:
     index_site: Site
     #: Both ports' client connections (the per-client cap, and what a
     #: stopping server waits for).
-    connections: ClientConnections
+    #: An ``Admission`` (:mod:`buildcache.frontends.connections`).
+    connections: Any
     registry: RegistryResource
     #: The registry port's site (listened on when
     #: ``config.registry_endpoint`` is set).
@@ -161,25 +162,26 @@ class Server:
     def build(
         cls, config: Config, reactor: Any, store: Store,
         activity: Activity | None = None,
+        connections: Any = None,
         *,
         hits_only: bool = False,
-        relay_paths: Mapping[str, str] | None = None,
-        admission: Any = None,
+        relays: Mapping[str, str] | None = None,
     ) -> Server:
         """
         The server over ``store``.  ``activity`` is the one the store was
         opened with (so that evictions at start-up count), else a new one.
+        ``connections`` admits the client connections (an ``Admission``:
+        a hit worker's ``RemoteConnections``), else a
+        :class:`~buildcache.frontends.connections.ClientConnections` of
+        the configured cap.
 
         With ``hits_only`` (a hit worker, over a read-only ``store``):
-        ``relay_paths`` gives the main process's relay socket per port
-        (``proxy``, ``index``, ``registry``: :attr:`RelayListeners.paths`),
-        and ``admission`` counts client connections for the whole server
-        (an ``Admission``; a ``ClientConnections`` of the configured cap
-        when None).
+        ``relays`` gives the main process's relay socket per port
+        (``proxy``, ``index``, ``registry``: :attr:`RelayListeners.paths`).
         """
         if hits_only:
             return cls._build_hits_only(
-                config, reactor, store, activity, relay_paths or {}, admission
+                config, reactor, store, activity, relays or {}, connections
             )
         policy = AccessPolicy.from_config(
             config.allow_from, config.allow_upstream, configured_upstreams(config),
@@ -210,7 +212,8 @@ class Server:
         proxy = ProxyResource(
             engine, Router(tuple(config.mirrors), policy), proxy_policies(ApkIndexes(store))
         )
-        connections = ClientConnections(config.max_connections_per_client)
+        if connections is None:
+            connections = ClientConnections(config.max_connections_per_client)
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
@@ -250,7 +253,7 @@ class Server:
     @classmethod
     def _build_hits_only(
         cls, config: Config, reactor: Any, store: Store, activity: Activity | None,
-        relay_paths: Mapping[str, str], admission: Any,
+        relays: Mapping[str, str], connections: Any,
     ) -> Server:
         policy = AccessPolicy.from_config(
             config.allow_from, config.allow_upstream, configured_upstreams(config),
@@ -266,13 +269,11 @@ class Server:
         proxy = ProxyResource(
             engine, Router(tuple(config.mirrors), policy), proxy_policies(ApkIndexes(store))
         )
-        connections = (
-            admission if admission is not None
-            else ClientConnections(config.max_connections_per_client)
-        )
+        if connections is None:
+            connections = ClientConnections(config.max_connections_per_client)
 
         def relay(name: str) -> RelayTarget | None:
-            path = relay_paths.get(name)
+            path = relays.get(name)
             return None if path is None else RelayTarget(reactor, path)
 
         proxy_site = ProxySite(
@@ -308,7 +309,7 @@ class Server:
         """
         The sites of the ports this server listens on, by name (``proxy``,
         ``index``, and ``registry`` when configured): the names of
-        ``relay_paths``.
+        ``relays``.
         """
         sites = {"proxy": self.proxy_site, "index": self.index_site}
         if self.config.registry_endpoint is not None:
@@ -411,6 +412,23 @@ class BuildcacheService(MultiService):
         self.store_threads = store_threads
         self._flusher = TimerService(FLUSH_INTERVAL, server.store.flush)
         self._flusher.clock = reactor
+        self._relays: RelayListeners | None = None
+
+    def relay_paths(self) -> Mapping[str, str]:
+        """
+        The main process's relay socket per port name, for hit workers
+        (their command line): the :class:`RelayListeners` are made and
+        listening from the first call on, and stopped after every other
+        part of this service (workers drain while they still relay).
+        """
+        if self._relays is None:
+            relays = self._relays = self.server.relay_listeners(self.reactor)
+            # Started now if this service runs (addService does both starts).
+            relays.setServiceParent(self)
+            # Children stop in reverse order: first in the list, last to stop.
+            self.services.remove(relays)
+            self.services.insert(0, relays)
+        return self._relays.paths
 
     def startService(self) -> None:
         if self.store_threads is not None:

@@ -11,10 +11,12 @@ served there byte for byte, its fresh hits are served by the worker.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -26,7 +28,7 @@ from twisted.web.resource import Resource
 
 from buildcache.config import Config, Mirror, Registry
 from buildcache.frontends.relay import RelayListeners
-from buildcache.service import Server
+from buildcache.service import BuildcacheService, Server
 from buildcache.store import Store
 from tests.oci_origin import ALL_MANIFESTS, OciOrigin, start_origin
 from tests.pyindex import StaticSimpleIndex, build_index
@@ -131,7 +133,7 @@ class HandOffRelayTests(TestCase):
         self.assertEqual(os.stat(self.listeners.directory).st_mode & 0o777, 0o700)
         reader = Store.open(config.cache_dir, config.max_size, reactor, read_only=True)
         self.worker = worker = Server.build(
-            config, reactor, reader, hits_only=True, relay_paths=self.listeners.paths,
+            config, reactor, reader, hits_only=True, relays=self.listeners.paths,
         )
         worker_proxy = reactor.listenTCP(0, worker.proxy_site, interface="127.0.0.1")
         worker_index = reactor.listenTCP(0, worker.index_site, interface="127.0.0.1")
@@ -377,3 +379,34 @@ class HandOffRelayTests(TestCase):
         await pip("warm")
         self.assertEqual(sum(origin.requests.values()), asked)
         self.assertEqual(self.listeners.accepted, relayed)
+
+
+class MainServiceTests(TestCase):
+    async def test_relay_paths_of_the_running_service(self) -> None:
+        """
+        ``BuildcacheService.relay_paths`` (what the worker pool asks):
+        relay sockets listening in a private directory from the first
+        call, stopped after the service's other children (a pool draining
+        its workers still relays), the directory removed.
+        """
+        config = Config(cache_dir=self.mktemp())
+        store = Store.open(config.cache_dir, config.max_size, reactor)
+        top = BuildcacheService(Server.build(config, reactor, store), reactor)
+        seen_at_stop: list[bool] = []
+
+        class Pool(Service):
+            def stopService(self) -> None:
+                super().stopService()
+                seen_at_stop.append(all(os.path.exists(p) for p in paths.values()))
+
+        Pool().setServiceParent(top)
+        top.startService()
+        paths = top.relay_paths()
+        self.assertEqual(sorted(paths), ["index", "proxy"])
+        self.assertIs(top.relay_paths(), paths)
+        directory = os.path.dirname(paths["proxy"])
+        self.assertEqual(os.stat(directory).st_mode & 0o777, 0o700)
+        self.assertTrue(all(stat.S_ISSOCK(os.stat(p).st_mode) for p in paths.values()))
+        await top.stopService()
+        self.assertEqual(seen_at_stop, [True])
+        self.assertFalse(os.path.exists(directory))
