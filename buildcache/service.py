@@ -10,15 +10,16 @@ housekeeping for ``twistd buildcache`` and ``buildcache.tac``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import Factory, frozen
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -40,16 +41,22 @@ from buildcache.ecosystems.pypi.assemble import index_resource
 from buildcache.ecosystems.pypi.index import IndexResource
 from buildcache.ecosystems.pypi.kinds import PIP_FILES
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
-from buildcache.engine.core import Engine
+from buildcache.engine.core import NO_FETCHER, Engine
 from buildcache.engine.policy import GenericPolicy
 from buildcache.fetch.connect import make_http_client, upstream_pool
 from buildcache.fetch.fetcher import Fetcher
 from buildcache.frontends.connections import ClientConnections
 from buildcache.frontends.proxy import OwnIndex, ProxyResource, Router
+from buildcache.frontends.relay import (
+    HandOffStatus,
+    RelayListeners,
+    RelayTarget,
+    hand_off_request,
+)
 from buildcache.frontends.sites import ProxySite, StrictSite
 from buildcache.ops.activity import Activity
 from buildcache.ops.snapshot import SnapshotSources
-from buildcache.ops.status import StatusResource
+from buildcache.ops.status import STATUS_PATHS, StatusResource
 from buildcache.shared.tier import S3Tier, make_tier
 from buildcache.store import Store, StoreError, in_thread_pool
 
@@ -118,15 +125,19 @@ def new_activity(config: Config, reactor: Any) -> Activity:
 @frozen
 class Server:
     """
-    Every long-lived object of one buildcache server.
+    Every long-lived object of one buildcache server: the main process's
+    (or the only one's), or a hit worker's (:meth:`build` with
+    ``hits_only``: no fetcher, no upstream pool, no read-ahead, no tier,
+    an engine that answers fresh hits and hands the rest off).
     """
 
     config: Config
     store: Store
     policy: AccessPolicy
     activity: Activity
-    pool: HTTPConnectionPool
-    fetcher: Fetcher
+    #: None in a hit worker (nothing goes upstream from it).
+    pool: HTTPConnectionPool | None
+    fetcher: Fetcher | None
     proxy: ProxyResource
     index: IndexResource
     status: StatusResource
@@ -134,23 +145,44 @@ class Server:
     index_site: Site
     #: Both ports' client connections (the per-client cap, and what a
     #: stopping server waits for).
-    connections: ClientConnections
+    #: An ``Admission`` (:mod:`buildcache.frontends.connections`).
+    connections: Any
     registry: RegistryResource
     #: The registry port's site (listened on when
     #: ``config.registry_endpoint`` is set).
     registry_site: Site
     #: The tier shared with other nodes (``config.shared_store``), if any.
     shared: S3Tier | None = None
+    #: The connections relayed from hit workers (main process): never
+    #: refused (the worker admitted them), drained on stop.
+    relayed: ClientConnections = Factory(lambda: ClientConnections(sys.maxsize))
+    hits_only: bool = False
 
     @classmethod
     def build(
         cls, config: Config, reactor: Any, store: Store,
         activity: Activity | None = None,
+        connections: Any = None,
+        *,
+        hits_only: bool = False,
+        relays: Mapping[str, str] | None = None,
     ) -> Server:
         """
         The server over ``store``.  ``activity`` is the one the store was
         opened with (so that evictions at start-up count), else a new one.
+        ``connections`` admits the client connections (an ``Admission``:
+        a hit worker's ``RemoteConnections``), else a
+        :class:`~buildcache.frontends.connections.ClientConnections` of
+        the configured cap.
+
+        With ``hits_only`` (a hit worker, over a read-only ``store``):
+        ``relays`` gives the main process's relay socket per port
+        (``proxy``, ``index``, ``registry``: :attr:`RelayListeners.paths`).
         """
+        if hits_only:
+            return cls._build_hits_only(
+                config, reactor, store, activity, relays or {}, connections
+            )
         policy = AccessPolicy.from_config(
             config.allow_from, config.allow_upstream, configured_upstreams(config),
         )
@@ -180,7 +212,8 @@ class Server:
         proxy = ProxyResource(
             engine, Router(tuple(config.mirrors), policy), proxy_policies(ApkIndexes(store))
         )
-        connections = ClientConnections(config.max_connections_per_client)
+        if connections is None:
+            connections = ClientConnections(config.max_connections_per_client)
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
@@ -216,6 +249,80 @@ class Server:
             status, proxy_site, index_site, connections, registry, registry_site,
             shared,
         )
+
+    @classmethod
+    def _build_hits_only(
+        cls, config: Config, reactor: Any, store: Store, activity: Activity | None,
+        relays: Mapping[str, str], connections: Any,
+    ) -> Server:
+        policy = AccessPolicy.from_config(
+            config.allow_from, config.allow_upstream, configured_upstreams(config),
+        )
+        if activity is None:
+            activity = new_activity(config, reactor)
+        engine = Engine(
+            store, NO_FETCHER, reactor, activity, config.index_ttl,
+            hits_only=True, on_hand_off=hand_off_request,
+        )
+        # No APKINDEX is ever parsed here (no lookup hook runs): a stored
+        # package answers, and the main process drops the disowned ones.
+        proxy = ProxyResource(
+            engine, Router(tuple(config.mirrors), policy), proxy_policies(ApkIndexes(store))
+        )
+        if connections is None:
+            connections = ClientConnections(config.max_connections_per_client)
+
+        def relay(name: str) -> RelayTarget | None:
+            path = relays.get(name)
+            return None if path is None else RelayTarget(reactor, path)
+
+        proxy_site = ProxySite(
+            proxy, reactor=reactor, policy=policy,
+            connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
+            connections=connections, relay=relay("proxy"),
+        )
+        index = index_resource(engine, config.pypi_upstreams, config.index_ttl, policy=policy)
+        index_site = StrictSite(
+            index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
+            connections=connections, relay=relay("index"),
+        )
+        # The pages themselves are the main process's (it holds the
+        # totals); the snapshot is for it to combine.
+        status = StatusResource(SnapshotSources(config, store, None, activity, reactor).snapshot)
+        proxy.status = index.status = HandOffStatus(STATUS_PATHS)
+        registry = RegistryResource(
+            engine, {r.name: r.url for r in config.registries}, policy=policy,
+            aliases=REGISTRY_ALIASES,
+            credentialed=frozenset(r.name for r in config.registries if r.credentials),
+        )
+        registry_site = StrictSite(
+            registry, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
+            connections=connections, relay=relay("registry"),
+        )
+        return cls(
+            config, store, policy, activity, None, None, proxy, index,
+            status, proxy_site, index_site, connections, registry, registry_site,
+            None, hits_only=True,
+        )
+
+    def sites(self) -> dict[str, Site]:
+        """
+        The sites of the ports this server listens on, by name (``proxy``,
+        ``index``, and ``registry`` when configured): the names of
+        ``relays``.
+        """
+        sites = {"proxy": self.proxy_site, "index": self.index_site}
+        if self.config.registry_endpoint is not None:
+            sites["registry"] = self.registry_site
+        return sites
+
+    def relay_listeners(self, reactor: Any) -> RelayListeners:
+        """
+        The main process's relay sockets for hit workers (a service: its
+        parent starts and stops it), one per port of :meth:`sites`, served
+        by the same sites; their ``paths`` are what workers get.
+        """
+        return RelayListeners(reactor, self.sites(), self.relayed)
 
     def index_listening(self, port: IListeningPort) -> None:
         """
@@ -305,6 +412,23 @@ class BuildcacheService(MultiService):
         self.store_threads = store_threads
         self._flusher = TimerService(FLUSH_INTERVAL, server.store.flush)
         self._flusher.clock = reactor
+        self._relays: RelayListeners | None = None
+
+    def relay_paths(self) -> Mapping[str, str]:
+        """
+        The main process's relay socket per port name, for hit workers
+        (their command line): the :class:`RelayListeners` are made and
+        listening from the first call on, and stopped after every other
+        part of this service (workers drain while they still relay).
+        """
+        if self._relays is None:
+            relays = self._relays = self.server.relay_listeners(self.reactor)
+            # Started now if this service runs (addService does both starts).
+            relays.setServiceParent(self)
+            # Children stop in reverse order: first in the list, last to stop.
+            self.services.remove(relays)
+            self.services.insert(0, relays)
+        return self._relays.paths
 
     def startService(self) -> None:
         if self.store_threads is not None:
@@ -322,7 +446,8 @@ class BuildcacheService(MultiService):
         prefetcher = self.server.index.prefetcher
         if prefetcher is not None:
             await prefetcher.when_done()
-        await self.server.fetcher.when_idle()
+        if self.server.fetcher is not None:
+            await self.server.fetcher.when_idle()
 
     async def _stop_shared(self, tier: S3Tier) -> None:
         # The last downloads' uploads first (what this node fetched is for
@@ -355,18 +480,22 @@ class BuildcacheService(MultiService):
         # Idle connections close now, the others once their response (a
         # hit read from the store as much as a download) has gone out.
         connections = self.server.connections
-        responses_sent = connections.drain()
-        in_flight = self.server.fetcher.in_flight() + (
+        relayed = self.server.relayed
+        responses_sent = gatherResults([connections.drain(), relayed.drain()])
+        fetcher = self.server.fetcher
+        in_flight = (fetcher.in_flight() if fetcher is not None else 0) + (
             prefetcher.running() if prefetcher is not None else 0
         )
-        responding = connections.busy()
+        responding = connections.busy() + relayed.busy()
         if in_flight or responding:
             self.log.info(
                 "Waiting up to {grace}s for {count} downloads in flight and"
                 " {responses} client connections still answered",
                 grace=self.grace, count=in_flight, responses=responding,
             )
-            idle = Deferred.fromCoroutine(self._ended(responses_sent))
+            idle = Deferred.fromCoroutine(
+                self._ended(responses_sent.addCallback(lambda _: None))
+            )
             idle.addTimeout(self.grace, self.reactor)
             try:
                 await idle
@@ -374,13 +503,14 @@ class BuildcacheService(MultiService):
                 self.log.warn(
                     "Stopping with {count} downloads unfinished (they are not"
                     " stored) and {responses} responses cut short",
-                    count=self.server.fetcher.in_flight(),
-                    responses=connections.busy(),
+                    count=fetcher.in_flight() if fetcher is not None else 0,
+                    responses=connections.busy() + relayed.busy(),
                 )
         if self.server.shared is not None:
             # After the downloads: the last of them publish to it.
             await self._stop_shared(self.server.shared)
-        await self.server.pool.closeCachedConnections()
+        if self.server.pool is not None:
+            await self.server.pool.closeCachedConnections()
         self._flusher.stopService()
         if self.store_threads is not None:
             # Joins a thread still in an fsync (after the grace only).

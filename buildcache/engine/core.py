@@ -23,6 +23,14 @@ client is never promised a longer life than its response's own
 taken over under the client's own key (:meth:`Engine.adopt`).  An upstream
 host that failed a revalidation is not asked again for a while
 (:mod:`buildcache.engine.backoff`).
+
+A **hits-only** engine (``hits_only=True``, a hit worker's, over a
+read-only store and no fetcher) answers what :meth:`Engine.fresh_hit`
+answers and nothing else: every other outcome raises
+:class:`~buildcache.engine.errors.HandOff` before any I/O, and
+:meth:`Engine.crashed` (every front end's errback) passes the request to
+``on_hand_off``, which the service injects (the engine knows no
+connections).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +48,8 @@ from buildcache.engine.backoff import UPSTREAM_FAILURE_BACKOFF, UpstreamBackoff
 from buildcache.engine.conditional import validators_of
 from buildcache.engine.errors import (
     ANSWERED_ERRORS,
+    NO_FETCHER,
+    HandOff,
     IntegrityError,
     StaleForbidden,
     TargetRefused,
@@ -55,6 +65,7 @@ from buildcache.engine.exchanges import (
     Exchanges,
     client_gone,
     from_shared_tier,
+    hand_off_exchange,
 )
 from buildcache.engine.freshness import (
     Decision,
@@ -81,7 +92,7 @@ from buildcache.engine.variants import URL_VARIANTS
 from buildcache.fetch.fetcher import Fetcher, UpstreamAnswer, UpstreamRequest, drained
 from buildcache.store import Entry, Store, StoredObject
 
-__all__ = ["Engine", "Resolved"]
+__all__ = ["Engine", "HandOff", "Resolved", "NO_FETCHER"]
 
 
 @define
@@ -100,6 +111,12 @@ class Engine:
     #: Seconds an upstream host that failed a revalidation is not asked
     #: again (its stored entries are served stale at once meanwhile).
     upstream_backoff: float = UPSTREAM_FAILURE_BACKOFF
+    #: Answer fresh hits only; hand everything else off (see the module
+    #: docstring).
+    hits_only: bool = False
+    #: What takes a handed-off request (its connection goes to the process
+    #: that fetches); the service sets it for a hits-only engine.
+    on_hand_off: Callable[[Request], None] | None = None
     exchanges: Exchanges = field(init=False)
     backoff: UpstreamBackoff = field(init=False)
 
@@ -132,6 +149,13 @@ class Engine:
         Answer ``request`` for ``target`` under ``policy``; see the module
         docstring.  Fires when the answer has started (never fails).
         """
+        if self.hits_only:
+            # The hit path is synchronous: no coroutine, no Deferred.
+            try:
+                self.respond(request, target, policy, self._hit_or_hand_off(target, policy))
+            except BaseException:
+                self.crashed(Failure(), request)
+            return succeed(None)
         d = Deferred.fromCoroutine(self._serve(request, target, policy))
         d.addErrback(self.crashed, request)
         return d
@@ -161,6 +185,9 @@ class Engine:
         the connection closed (its response cannot be whole).  A front end
         that answers on its own path adds this as its errback too.
         """
+        if failure.check(HandOff) is not None:
+            self.hand_off(request)
+            return
         self.log.failure("Serving {uri} failed", failure, uri=request.uri)
         if client_gone(request):
             return
@@ -168,6 +195,27 @@ class Engine:
             send_error(request, 500, "internal error")
         else:
             request.loseConnection()
+
+    def hand_off(self, request: Request) -> None:
+        """
+        Pass ``request`` (nothing of its answer written) to
+        ``on_hand_off``: the one place a hits-only engine's requests leave
+        this process.  It is neither logged nor counted here (the process
+        that answers it does both).
+        """
+        hand_off_exchange(request)
+        if self.on_hand_off is None or request.startedWriting:
+            # A bug: a hits-only engine without a way out, or a hand-off
+            # after the answer began.
+            self.log.error(
+                "Cannot hand off {uri}", uri=request.uri, event="hand_off_failed"
+            )
+            if not request.startedWriting:
+                send_error(request, 503, "this worker cannot hand the request off")
+            else:
+                request.loseConnection()
+            return
+        self.on_hand_off(request)
 
     def respond(
         self, request: Request, target: Target, policy: Policy, resolved: Resolved
@@ -213,8 +261,11 @@ class Engine:
         """
         The stored entry or the upstream answer for ``target``, without
         responding.  Fails with one of the failures in
-        :data:`buildcache.engine.errors.ERROR_STATUS`.
+        :data:`buildcache.engine.errors.ERROR_STATUS`; in a hits-only
+        engine, anything but a fresh hit raises :class:`HandOff`.
         """
+        if self.hits_only:
+            return self._hit_or_hand_off(target, policy)
         await policy.before_lookup(target, self)
         client = self._for_client(target, policy)
         stored = self._open(client, policy)
@@ -251,6 +302,17 @@ class Engine:
             return self._resolved(client, CacheStatus.HIT, stored=stored)
         stored.close()
         return None
+
+    def _hit_or_hand_off(self, target: Target, policy: Policy) -> Resolved:
+        resolved = self.fresh_hit(target, policy)
+        if resolved is None:
+            raise HandOff(target.url)
+        return resolved
+
+    def _no_upstream(self, what: str) -> None:
+        """A hits-only engine hands off whatever would go upstream or write."""
+        if self.hits_only:
+            raise HandOff(what)
 
     def _resolved(
         self, client: ForClient, cache: CacheStatus, *,
@@ -316,6 +378,7 @@ class Engine:
         key is the engine's choice, never the policy's: a client with
         credentials is never answered from an anonymous twin.
         """
+        self._no_upstream(target.url)
         family = self.family(target)
         twin_family = http_twin(family)
         if twin_family is None:
@@ -337,6 +400,7 @@ class Engine:
         files against an index does before it reads the index.  A failed
         upstream is logged; the stored copy stays.
         """
+        self._no_upstream(target.url)
         client = self._for_client(target, policy)
         entry = self.find(target)
         conditional = validators_of(entry.headers) if entry is not None else {}
@@ -531,8 +595,10 @@ class Engine:
         source failed: the pip index serves a later upstream's page when
         the one that owns the project fails), with the same rules, log and
         report as a failed revalidation's; None when nothing is stored or
-        its directives forbid serving it stale.
+        its directives forbid serving it stale.  A hits-only engine hands
+        it off (serving stale is the fetching process's decision).
         """
+        self._no_upstream(target.url)
         client = self._for_client(target, policy)
         stored = self._open(client, policy)
         if stored is None:

@@ -6,8 +6,15 @@ here, so that no front end imports the fetcher or the store for them).
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from buildcache.fetch.connect import TargetRefused
-from buildcache.fetch.fetcher import CacheWriteError, UpstreamError, UpstreamTimeout
+from buildcache.fetch.fetcher import (
+    CacheWriteError,
+    Fetcher,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from buildcache.store import IntegrityError
 
 __all__ = [
@@ -17,6 +24,8 @@ __all__ = [
     "IntegrityError",
     "CacheWriteError",
     "StaleForbidden",
+    "HandOff",
+    "NO_FETCHER",
     "ERROR_STATUS",
     "ANSWERED_ERRORS",
     "status_for",
@@ -29,6 +38,38 @@ class StaleForbidden(Exception):
     A private response could not be revalidated, and its directives forbid
     serving it stale (RFC 9111 sections 4.2.4 and 5.2.2).
     """
+
+
+class HandOff(Exception):
+    """
+    A hits-only engine (a hit worker's, see
+    :class:`buildcache.engine.core.Engine`) cannot answer this request as
+    a fresh hit: it goes, untouched, to the process that fetches.  Raised
+    before any I/O and before a byte of the answer is written; never in
+    the error table (a front end lets it through to
+    :meth:`buildcache.engine.core.Engine.crashed`, the one place that
+    hands a request off).
+    """
+
+
+class _NoFetcher:
+    """
+    The fetcher of a hits-only engine: whatever reaches for it hands the
+    request off (a path that would fetch is not a fresh hit).
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            # Introspection (isinstance, pickling, test loaders), not a fetch.
+            raise AttributeError(name)
+        raise HandOff(f"a hit worker has no fetcher ({name})")
+
+    def __repr__(self) -> str:
+        return "NO_FETCHER"
+
+
+#: Stands in for the fetcher of a hits-only engine (see :class:`_NoFetcher`).
+NO_FETCHER: Fetcher = cast(Fetcher, _NoFetcher())
 
 
 #: Failure type -> status, most specific first; :func:`status_for` takes

@@ -25,7 +25,7 @@ from buildcache.engine.events import CacheObserver, Exchange
 
 __all__ = [
     "CacheStatus", "ExchangeState", "ClientExchange", "Exchanges", "client_gone",
-    "exchange_of", "ErrorFormat", "from_shared_tier",
+    "exchange_of", "ErrorFormat", "from_shared_tier", "hand_off_exchange",
 ]
 
 #: How a front end writes its errors: (status, one-line message) ->
@@ -43,6 +43,9 @@ class ExchangeState(enum.Enum):
     FINISHED = "finished"
     #: The connection was lost before the response ended.
     GONE = "gone"
+    #: Handed to another process, which logs and counts it (a hit
+    #: worker's miss).
+    HANDED_OFF = "handed-off"
 
 
 class CacheStatus(enum.Enum):
@@ -109,6 +112,16 @@ def from_shared_tier(request: Request) -> None:
         record.shared = True
 
 
+def hand_off_exchange(request: Request) -> None:
+    """
+    ``request`` leaves this process unanswered (see
+    :meth:`buildcache.engine.core.Engine.hand_off`): it is not reported.
+    """
+    record = _RECORDS.get(request)
+    if record is not None:
+        record.end(ExchangeState.HANDED_OFF)
+
+
 def client_gone(request: Request) -> bool:
     """
     Whether the client left while its answer was being prepared: nothing
@@ -155,7 +168,7 @@ class Exchanges:
         return record
 
     def _report(self, request: Request, record: ClientExchange) -> None:
-        if self.observer is None:
+        if self.observer is None or record.state is ExchangeState.HANDED_OFF:
             return
         self.observer.exchange_finished(Exchange(
             front_end=record.front_end,

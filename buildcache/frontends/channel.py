@@ -18,24 +18,30 @@ a response whose bytes the client stops taking is cut after
 :class:`~buildcache.frontends.connections.ClientConnections` caps the open
 connections per client address (503 above it) and lets a stopping server
 finish the responses under way.
+
+In a hit worker (issue 16) the channel knows the main process's relay
+socket for its port (:attr:`ProxyChannel.relay`) and keeps the raw bytes
+of the request being read from its first byte (bounded by
+:attr:`ProxyChannel.raw_limit`): :meth:`ProxyChannel.hand_off` stops
+parsing HTTP and relays the connection from that request on
+(:class:`buildcache.frontends.relay.Relay`).  A ``CONNECT`` is handed off
+at its request line.  Admission may then be remote: an admission that
+answers with a Deferred holds the connection's bytes until it fires.
 """
 
 from __future__ import annotations
 
 import enum
-import fcntl
-import socket
-import struct
-import termios
 from typing import Any
 
-import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 
-from buildcache.frontends.connections import ClientConnections
+from buildcache.frontends.relay import Relay, RelayTarget, proxy_line
+from buildcache.frontends.sending import SendCounters, send_counters, send_progressed
 from buildcache.frontends.tunnel import ConnectHead, Tunnel, TunnelSettings
 from buildcache.turns import cancel_call
 
@@ -75,79 +81,6 @@ _REASONS = {
     504: "Gateway Timeout",
 }
 
-# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a __u64 at this offset
-# since Linux 4.2; older kernels return a shorter struct.
-_TCPI_BYTES_ACKED = 120
-_TCP_INFO_SIZE = _TCPI_BYTES_ACKED + 8
-
-
-@attrs.frozen
-class SendCounters:
-    """
-    What the kernel tells of the bytes sent to a client, each None when it
-    cannot be told.
-
-    :ivar acknowledged: bytes the client's TCP has acknowledged since the
-        connection opened (``TCP_INFO``'s ``tcpi_bytes_acked``, Linux;
-        None on other sockets).
-    :ivar queued: bytes in the socket's send queue (``SIOCOUTQ``, Linux).
-    """
-
-    acknowledged: int | None
-    queued: int | None
-
-
-def send_progressed(before: SendCounters, now: SendCounters) -> bool:
-    """
-    Whether a client took some of a response over a stall period: its TCP
-    acknowledged more bytes, or the socket's send queue shrank (the one
-    signal a UNIX socket gives).  Twisted resumes a paused response only
-    once its own buffer is empty, which a slow reader may take longer than
-    a period to allow; these counts move as soon as the client takes
-    anything.  Unknown counts show no progress.
-    """
-    if (
-        before.acknowledged is not None
-        and now.acknowledged is not None
-        and now.acknowledged > before.acknowledged
-    ):
-        return True
-    return (
-        before.queued is not None
-        and now.queued is not None
-        and now.queued < before.queued
-    )
-
-
-def send_counters(transport: Any) -> SendCounters:
-    """
-    The :class:`SendCounters` of ``transport``'s socket, reached through
-    ``ISystemHandle.getHandle``; both None for a transport without one.
-    """
-    try:
-        handle = transport.getHandle()
-        descriptor = handle.fileno()
-    except (AttributeError, OSError, ValueError):
-        return SendCounters(None, None)
-    acknowledged: int | None
-    try:
-        info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-        acknowledged = (
-            struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
-            if len(info) >= _TCP_INFO_SIZE
-            else None
-        )
-    except (AttributeError, OSError, TypeError, ValueError):
-        acknowledged = None
-    queued: int | None
-    try:
-        reply = fcntl.ioctl(descriptor, termios.TIOCOUTQ, b"\0" * 4)
-        queued = struct.unpack("i", reply)[0]
-    except (OSError, TypeError, ValueError):
-        queued = None
-    return SendCounters(acknowledged, queued)
-
-
 def _response(status: int, explanation: str) -> bytes:
     body = (explanation.replace("\r", " ").replace("\n", " ") + "\n").encode("utf-8")
     head = (
@@ -179,6 +112,8 @@ class _Phase(enum.Enum):
     CONNECT_HEAD = "connect-head"
     #: Bytes go through the tunnel.
     TUNNEL = "tunnel"
+    #: Handed off: bytes go through the relay to the main process.
+    RELAY = "relay"
     #: An error answered, or the connection lost: bytes are dropped.
     CLOSED = "closed"
 
@@ -203,8 +138,14 @@ class ProxyChannel(HTTPChannel):
     tunnel_settings: TunnelSettings | None = None
     max_connect_headers = 100
     #: Set by :class:`~buildcache.frontends.sites.StrictSite`: the
-    #: connection cap and stop bookkeeping.
-    connections: ClientConnections | None = None
+    #: connection cap and stop bookkeeping (an ``Admission`` of
+    #: :mod:`buildcache.frontends.connections`, whose ``admit`` may answer
+    #: with a ``Deferred[bool]``).
+    connections: Any = None
+    #: A hit worker's: where a handed-off connection goes.
+    relay: RelayTarget | None = None
+    #: Set on the main process's relayed connections (from a worker).
+    relayed: bool = False
     request_head_timeout: float = REQUEST_HEAD_TIMEOUT
     send_stall_timeout: float = SEND_STALL_TIMEOUT
 
@@ -220,6 +161,15 @@ class ProxyChannel(HTTPChannel):
         self._local_address: IAddress | None = None
         self._chunked_body_received = 0
         self._first_bytes = True
+        #: The raw bytes from the current request's first byte on (a hit
+        #: worker's channel only), None past :attr:`raw_limit` or between
+        #: requests.
+        self._raw: bytearray | None = None
+        #: The raw bytes kept of one request: its head and the body
+        #: allowed, and one read more.
+        self.raw_limit = self.MAX_LENGTH + self.totalHeadersSize + MAX_REQUEST_BODY + 65536
+        self._relay: Relay | None = None
+        self._relaying_tunnel = False
 
     def getHost(self) -> IAddress:
         # Every request asks (Request.requestReceived), each time with a
@@ -237,11 +187,15 @@ class ProxyChannel(HTTPChannel):
             assert self._tunnel is not None
             self._tunnel.from_client(data)
             return True
+        if self._phase is _Phase.RELAY:
+            assert self._relay is not None
+            self._relay.from_client(data)
+            return True
         return self._phase is _Phase.CLOSED
 
     @property
     def in_tunnel(self) -> bool:
-        return self._phase is _Phase.TUNNEL
+        return self._phase is _Phase.TUNNEL or self._relaying_tunnel
 
     @property
     def client_transport(self) -> Any:
@@ -251,8 +205,34 @@ class ProxyChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         connections = self.connections
-        if connections is None or connections.admit(self, self._client_host()):
+        if connections is None:
             return
+        admitted = connections.admit(self, self._client_host())
+        if isinstance(admitted, Deferred):
+            # Counted in another process: no byte is read until it answers.
+            transport = self.client_transport
+            transport.pauseProducing()
+            admitted.addCallback(self._admission_answered, transport)
+            admitted.addErrback(self._admission_failed, transport)
+            return
+        if not admitted:
+            self._refuse_connection()
+
+    def _admission_answered(self, admitted: bool, transport: Any) -> None:
+        if self._phase is _Phase.CLOSED:
+            return
+        if admitted:
+            transport.resumeProducing()
+        else:
+            self._refuse_connection()
+
+    def _admission_failed(self, failure: Failure, transport: Any) -> None:
+        self.log.failure("Admitting {client} failed", failure, client=self._peer_text())
+        if self._phase is not _Phase.CLOSED:
+            self.answer_and_close(503, "this server cannot take the connection now")
+
+    def _refuse_connection(self) -> None:
+        connections = self.connections
         limit = connections.max_per_client
         self.log.warn(
             "Refused a connection from {client}: it already has {limit}"
@@ -272,6 +252,11 @@ class ProxyChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._took(data):
             return
+        if self.relay is not None and (
+            self._phase is _Phase.REQUEST or self._phase is _Phase.ANSWERING
+        ):
+            # From a request line on, until its answer is done.
+            self._keep_raw(data)
         if self._first_bytes and data:
             self._first_bytes = False
             if data[:1] == _TLS_HANDSHAKE:
@@ -313,7 +298,20 @@ class ProxyChannel(HTTPChannel):
             # a body; HTTPChannel skips it, and the request line still
             # follows.
             if line and self.persistent:
-                if line.startswith(b"CONNECT "):
+                connect = line.startswith(b"CONNECT ")
+                if self.relay is not None:
+                    # The request's first byte: its raw bytes are kept
+                    # from here (HTTPChannel's line buffer holds the rest
+                    # of this read).
+                    raw = bytearray(line)
+                    raw += self.delimiter
+                    raw += self._buffer
+                    self._raw = raw if len(raw) <= self.raw_limit else None
+                    if connect:
+                        # A worker opens no tunnel: the main process does.
+                        self._relay_from_here(tunnel=True)
+                        return
+                if connect:
                     self._phase = _Phase.CONNECT_HEAD
                     self._head = ConnectHead.begin(line)
                     return
@@ -378,11 +376,70 @@ class ProxyChannel(HTTPChannel):
             self.persistent = False
         super().allContentReceived()
 
+    # Handing off (a hit worker's channel).
+
+    def _keep_raw(self, data: bytes) -> None:
+        raw = self._raw
+        if raw is None:
+            return
+        raw += data
+        if len(raw) > self.raw_limit:
+            # Past any request this channel reads: it can no longer be
+            # handed off whole (hand_off refuses it).
+            self._raw = None
+
+    def hand_off(self) -> None:
+        """
+        Relay this connection to the main process from the request being
+        answered on (nothing of its answer written): see the module
+        docstring.
+        """
+        if self._phase is _Phase.ANSWERING:
+            self._relay_from_here(tunnel=False)
+        elif self._phase is not _Phase.CLOSED:
+            # A bug: nothing is being answered, so there is nothing to
+            # hand off; the client must not wait for ever.
+            self.log.error(
+                "Hand-off from {client} outside an answer ({phase})",
+                event="relay_failed", client=self._peer_text(), phase=self._phase.value,
+            )
+            self.client_transport.loseConnection()
+
+    def _relay_from_here(self, tunnel: bool) -> None:
+        raw, self._raw = self._raw, None
+        target = self.relay
+        if target is None or raw is None:
+            self.log.error(
+                "Cannot hand off the request of {client}: {why}",
+                event="relay_failed", client=self._peer_text(),
+                why="no relay" if target is None else "request too large to relay",
+            )
+            self.answer_and_close(503, "this worker cannot hand the request off")
+            return
+        self._phase = _Phase.RELAY
+        self._relaying_tunnel = tunnel
+        # The main process's deadlines apply from now on.
+        self.setTimeout(None)
+        self._stop_head_deadline()
+        self._stop_stall_timer()
+        # Already in raw: the line buffer's bytes were kept.
+        self.clearLineBuffer()
+        self.setRawMode()
+        if self.connections is not None:
+            self.connections.changed()
+        client = self.client_transport
+        header = proxy_line(client.getPeer(), self.getHost()) + bytes(raw)
+        self._relay = Relay(self, target, header, self._peer_text())
+        self._relay.start()
+
     def requestDone(self, request: Request) -> None:
         # Before HTTPChannel replays the bytes that came meanwhile (the
-        # next request) through dataReceived.
+        # next request) through dataReceived: those are kept again from
+        # the next request line.
         if self._phase is _Phase.ANSWERING:
             self._phase = _Phase.REQUEST_LINE
+            if self.relay is not None:
+                self._raw = None
         super().requestDone(request)
 
     def _stop_head_deadline(self) -> None:
@@ -554,6 +611,8 @@ class ProxyChannel(HTTPChannel):
         self._stop_stall_timer()
         if self._tunnel is not None:
             self._tunnel.client_lost()
+        if self._relay is not None:
+            self._relay.client_lost()
         self._phase = _Phase.CLOSED
         try:
             super().connectionLost(reason)

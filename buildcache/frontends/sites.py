@@ -26,6 +26,7 @@ from buildcache.frontends.channel import (
     ProxyChannel,
 )
 from buildcache.frontends.connections import ClientConnections
+from buildcache.frontends.relay import RelayTarget
 from buildcache.frontends.tunnel import DEFAULT_CONNECT_PORTS, TunnelSettings
 
 __all__ = ["ProxySite", "QuietSite", "StrictSite"]
@@ -53,7 +54,10 @@ class StrictSite(QuietSite):
     is answered 405 (the index port).
 
     ``connections`` is shared with the server's other port (a cap of its
-    own with the default limit when not given).  Other keyword arguments
+    own with the default limit when not given; in a hit worker an
+    ``Admission`` that asks the main process).  ``relay``, in a hit
+    worker, is where this port's handed-off connections go (see
+    :mod:`buildcache.frontends.relay`).  Other keyword arguments
     go to ``Site``; its ``reactor`` runs the deadlines.
     """
 
@@ -63,19 +67,22 @@ class StrictSite(QuietSite):
         self,
         resource: IResource,
         *,
-        connections: ClientConnections | None = None,
+        connections: Any = None,
+        relay: RelayTarget | None = None,
         request_head_timeout: float = REQUEST_HEAD_TIMEOUT,
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
         **site_kwargs: Any,
     ) -> None:
         super().__init__(resource, **site_kwargs)
         self.connections = connections if connections is not None else ClientConnections()
+        self.relay = relay
         self.request_head_timeout = request_head_timeout
         self.send_stall_timeout = send_stall_timeout
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         channel.connections = self.connections
+        channel.relay = self.relay
         channel.request_head_timeout = self.request_head_timeout
         channel.send_stall_timeout = self.send_stall_timeout
         return channel

@@ -36,7 +36,12 @@ from buildcache.ecosystems.pypi.policy import (
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.engine.core import Engine, Resolved
-from buildcache.engine.errors import ANSWERED_ERRORS, IntegrityError, status_for
+from buildcache.engine.errors import (
+    ANSWERED_ERRORS,
+    HandOff,
+    IntegrityError,
+    status_for,
+)
 from buildcache.engine.exchanges import CacheStatus, client_gone
 from buildcache.engine.respond import send_error
 
@@ -63,6 +68,10 @@ class FileServer:
         """
         name = normalize_project_name(project)
         page = self.pages.known_page(name)
+        if page is None and self.engine.hits_only:
+            # A hit worker knows the stored pages only; the main process
+            # also the ones it served without storing them.
+            raise HandOff(f"no page of {name} in this worker")
         if page is None:
             send_error(
                 request, 404,
@@ -84,6 +93,8 @@ class FileServer:
                     f" {wanted.filename}",
                 )
                 return
+        if wanted is None and self.engine.hits_only:
+            raise HandOff(f"{filename} not on this worker's page of {name}")
         if wanted is None:
             send_error(
                 request, 404, f"{filename} is not listed on the page of {name!r}"

@@ -1,0 +1,340 @@
+"""
+Handing a hit worker's connection to the main process (issue 16).
+
+A hit worker answers fresh hits; any other request is *handed off*: from
+that request on, its client connection is relayed byte for byte to the
+main process, which answers it as if the client had connected to it.
+This module owns both ends of that relay:
+
+- the worker's end, :class:`Relay`: it connects to the main process's
+  relay socket for the port the client used (a UNIX socket), writes one
+  PROXY protocol v1 line (:func:`proxy_line`: the client's real address
+  and the public port, so that the main process's access rules, logs and
+  per-client figures see the client, not the worker), then the raw bytes
+  of the request from its first byte (kept by
+  :class:`~buildcache.frontends.channel.ProxyChannel`), and pipes both ways
+  until either side closes;
+- the main process's end, :class:`RelayListeners`: one UNIX listener per
+  public port, in a fresh private directory, wrapped in Twisted's PROXY
+  protocol parser (:func:`twisted.protocols.haproxy.proxyEndpoint`), whose
+  connections are served by that port's site as relayed channels (not
+  admitted again: the worker admitted the client for the whole server;
+  drained on stop as every connection is).
+
+Flow control is end to end, as a tunnel's: each side's transport is the
+other's streaming producer.  The request and send deadlines no longer
+apply in the worker (the main process applies its own); the relay closes
+when either end does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+__all__ = [
+    "HandOffStatus",
+    "Relay",
+    "RelayClient",
+    "RelayListeners",
+    "RelayTarget",
+    "hand_off_request",
+    "proxy_line",
+]
+
+#: Seconds a worker waits for the main process to accept a relay.
+RELAY_CONNECT_TIMEOUT = 10.0
+
+
+def _address_text(address: IAddress) -> tuple[str, str, int] | None:
+    """(PROXY family, host, port) of a TCP address; None for any other."""
+    if isinstance(address, IPv4Address):
+        return "TCP4", address.host, address.port
+    if isinstance(address, IPv6Address):
+        # A scope (fe80::1%eth0) has no place in a PROXY line.
+        return "TCP6", address.host.split("%", 1)[0], address.port
+    return None
+
+
+def proxy_line(client: IAddress, local: IAddress) -> bytes:
+    """
+    The PROXY protocol v1 header for a connection from ``client`` to
+    ``local`` (the public address and port it reached):
+    ``PROXY TCP4 1.2.3.4 10.0.0.1 51234 3142\\r\\n``; ``PROXY UNKNOWN`` when
+    either is not a TCP address of the same family.
+    """
+    source, destination = _address_text(client), _address_text(local)
+    if source is None or destination is None or source[0] != destination[0]:
+        return b"PROXY UNKNOWN\r\n"
+    family, source_host, source_port = source
+    _, destination_host, destination_port = destination
+    return (
+        f"PROXY {family} {source_host} {destination_host}"
+        f" {source_port} {destination_port}\r\n"
+    ).encode("ascii")
+
+
+@attrs.frozen
+class RelayTarget:
+    """
+    Where a worker's channel relays a handed-off connection: the main
+    process's relay socket for the channel's port.
+    """
+
+    reactor: Any
+    path: str
+    connect_timeout: float = RELAY_CONNECT_TIMEOUT
+
+
+class RelayClient(TypingProtocol):
+    """What a :class:`Relay` needs of the client's connection."""
+
+    @property
+    def client_transport(self) -> Any:
+        """The connection to the client (a TCP transport in service)."""
+
+    def answer_and_close(self, status: int, explanation: str) -> None:
+        """Answer with an error and close the connection."""
+
+
+class _MainSide(Protocol):
+    """The relay's connection to the main process."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def dataReceived(self, data: bytes) -> None:
+        self._relay.from_main(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._relay.main_lost()
+
+
+@attrs.define(eq=False)
+class _MainSideFactory(Factory):
+    relay: Relay
+
+    def buildProtocol(self, addr: Any) -> _MainSide:
+        return _MainSide(self.relay)
+
+
+@attrs.define(eq=False)
+class Relay:
+    """
+    One handed-off client connection, from the request handed off on:
+    :meth:`start` connects to ``target`` and sends ``header`` (the PROXY
+    line and the raw bytes kept so far); the channel passes the client's
+    later bytes (:meth:`from_client`) and its loss (:meth:`client_lost`).
+    """
+
+    log = Logger()
+
+    channel: RelayClient
+    target: RelayTarget
+    header: bytes
+    #: The client, for logs.
+    client: str
+    _pending: list[bytes] = attrs.Factory(list)
+    _connecting: Deferred[Any] | None = None
+    _main: Any = None
+    _client_closed: bool = False
+    _main_closed: bool = False
+
+    def start(self) -> None:
+        transport = self.channel.client_transport
+        # The channel stops being the client's producer: the main side's
+        # transport is, once connected.
+        transport.unregisterProducer()
+        transport.pauseProducing()
+        endpoint = UNIXClientEndpoint(
+            self.target.reactor, self.target.path, timeout=int(self.target.connect_timeout)
+        )
+        connecting = endpoint.connect(_MainSideFactory(self))
+        self._connecting = connecting
+        connecting.addCallbacks(self._connected, self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self._client_closed:
+            return
+        self.log.error(
+            "Could not hand {client}'s request to the main process ({path}):"
+            " {error}",
+            event="relay_failed", client=self.client, path=self.target.path,
+            error=failure.getErrorMessage(),
+        )
+        self.channel.answer_and_close(
+            503, "this worker could not reach the main process; try again"
+        )
+
+    def _connected(self, main: _MainSide) -> None:
+        self._connecting = None
+        self._main = main.transport
+        if self._client_closed:
+            self._main.loseConnection()
+            return
+        client_transport = self.channel.client_transport
+        pending, self._pending = [self.header, *self._pending], []
+        self._main.writeSequence(pending)
+        client_transport.registerProducer(self._main, True)
+        self._main.registerProducer(client_transport, True)
+        client_transport.resumeProducing()
+
+    def from_client(self, data: bytes) -> None:
+        if self._main is None:
+            # Only what arrived with the request: the client is paused
+            # until the main process has accepted.
+            self._pending.append(data)
+        elif not self._main_closed:
+            self._main.write(data)
+
+    def from_main(self, data: bytes) -> None:
+        if not self._client_closed:
+            self.channel.client_transport.write(data)
+
+    def client_lost(self) -> None:
+        self._client_closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        elif self._main is not None and not self._main_closed:
+            self._main.loseConnection()
+
+    def main_lost(self) -> None:
+        self._main_closed = True
+        if not self._client_closed:
+            self.channel.client_transport.loseConnection()
+
+
+def hand_off_request(request: Request) -> None:
+    """
+    Relay ``request``'s connection (from ``request`` on) to the main
+    process: what a worker's service gives a hits-only engine as its
+    ``on_hand_off``.  A client already gone needs nothing.
+    """
+    # A ProxyChannel (the sites build no other); None once the client left.
+    hand_off = getattr(request.channel, "hand_off", None)
+    if hand_off is not None:
+        hand_off()
+
+
+@attrs.define
+class HandOffStatus:
+    """
+    The status pages of a hit worker: handed off, since the main process
+    holds the totals across workers.
+    """
+
+    paths: frozenset[str]
+
+    def serve(self, request: Request, path: str) -> None:
+        hand_off_request(request)
+
+
+@attrs.define(eq=False)
+class _RelayedFactory(Factory):
+    """
+    Builds a port's site's channels for relayed connections: marked
+    ``relayed`` and counted by ``connections`` (drained on stop, never
+    refused: the worker admitted the client).
+    """
+
+    site: Any
+    connections: Any
+    listeners: RelayListeners
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = self.site.buildProtocol(addr)
+        self.listeners.accepted += 1
+        channel.relayed = True
+        channel.connections = self.connections
+        return channel
+
+
+class RelayListeners(Service):
+    """
+    The main process's relay sockets, one per public port (by name:
+    ``proxy``, ``index``, ``registry``), listened on from
+    ``privilegedStartService`` (before workers start) in a fresh directory
+    only this user can enter, removed on stop.  ``connections`` counts the
+    relayed channels (never refusing one) so that a stopping server drains
+    them (:meth:`drain`).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, sites: Mapping[str, Any], connections: Any,
+        directory: str | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._sites = dict(sites)
+        self.connections = connections
+        #: A fresh directory (mkdtemp makes it 0700).
+        self.directory = directory if directory is not None else tempfile.mkdtemp(
+            prefix="buildcache-relay-"
+        )
+        #: The socket path of each port: what workers are told.
+        self.paths: dict[str, str] = {
+            name: os.path.join(self.directory, f"{name}.sock") for name in self._sites
+        }
+        self.ports: list[IListeningPort] = []
+        #: Connections relayed so far (all ports).
+        self.accepted = 0
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        for name, site in self._sites.items():
+            endpoint = proxyEndpoint(UNIXServerEndpoint(self._reactor, self.paths[name]))
+            factory: IProtocolFactory = _RelayedFactory(site, self.connections, self)
+            # A UNIX listen completes at once.
+            endpoint.listen(factory).addCallbacks(self.ports.append, self._cannot_listen)
+
+    def _cannot_listen(self, failure: Failure) -> None:
+        raise SystemExit(
+            f"buildcache: cannot listen on the workers' relay sockets in"
+            f" {self.directory}: {failure.getErrorMessage()}"
+        )
+
+    def drain(self) -> Deferred[None]:
+        """
+        Close every relayed connection once its response under way has
+        gone out; fires when none is busy.
+        """
+        result: Deferred[None] = self.connections.drain()
+        return result
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stopped = DeferredList(
+            [maybeDeferred(port.stopListening) for port in self.ports],
+            consumeErrors=True,
+        )
+        self.ports = []
+
+        def removed(result: Any) -> Any:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return result
+
+        return stopped.addBoth(removed)

@@ -1,0 +1,412 @@
+"""
+Hand-off end to end, in one process over real sockets (issue 16): a main
+:class:`~buildcache.service.Server` (writing store, real fetcher, a local
+origin) with its relay listeners, and a hits-only server on the same
+cache directory (read-only store) listening on its own port, as a hit
+worker does.  Clients (curl, pip, Twisted's agent, a raw socket) talk to
+the worker's port only: its misses are relayed to the main process and
+served there byte for byte, its fresh hits are served by the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+
+from buildcache.config import Config, Mirror, Registry
+from buildcache.frontends.relay import RelayListeners
+from buildcache.service import BuildcacheService, Server
+from buildcache.store import Store
+from tests.oci_origin import ALL_MANIFESTS, OciOrigin, start_origin
+from tests.pyindex import StaticSimpleIndex, build_index
+from tests.support import (
+    Client,
+    FakeUpstream,
+    GatedBody,
+    listen,
+    pattern_bytes,
+    reactor,
+    url_of,
+)
+from tests.test_pip_e2e import clean_environment
+
+FRESH = {"cache-control": "max-age=600"}
+
+
+class RawClient(Protocol):
+    """Sends its bytes at once, and keeps everything until the server closes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.received: list[bytes] = []
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        waiting = self.waiting
+        if waiting is not None and b"".join(self.received).endswith(waiting[0]):
+            self.waiting = None
+            waiting[1].callback(None)
+
+    waiting: tuple[bytes, Deferred[None]] | None = None
+
+    def until_ends_with(self, tail: bytes) -> Deferred[None]:
+        """Fires once what was received ends with ``tail``."""
+        arrived: Deferred[None] = Deferred()
+        self.waiting = (tail, arrived)
+        return arrived
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed.callback(b"".join(self.received))
+
+
+def responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The responses (all with a Content-Length) in ``raw``, in order."""
+    found = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        found.append((int(lines[0].split()[1]), headers, rest[:length]))
+        raw = rest[length:]
+    return found
+
+
+class HandOffRelayTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.access: list[LogEvent] = []
+        self.events: list[LogEvent] = []
+
+        def observe(event: LogEvent) -> None:
+            self.events.append(event)
+            if event.get("log_system") == "access":
+                self.access.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def start(self, upstream: Resource, **changes: Any) -> None:
+        """The main server, its relay listeners, and a worker on its own port."""
+        up = listen(upstream)
+        self.addCleanup(up.stopListening)
+        cache_dir = self.mktemp()
+        config = Config(
+            cache_dir=cache_dir, mirrors=(Mirror("up", url_of(up).rstrip("/")),),
+            **changes,
+        )
+        store = Store.open(config.cache_dir, config.max_size, reactor)
+        self.main = main = Server.build(config, reactor, store)
+        main_proxy = reactor.listenTCP(0, main.proxy_site, interface="127.0.0.1")
+        main_index = reactor.listenTCP(0, main.index_site, interface="127.0.0.1")
+        main.index_listening(main_index)
+        self.main_port = main_proxy.getHost().port
+        self.listeners: RelayListeners = main.relay_listeners(reactor)
+        self.listeners.privilegedStartService()
+        self.listeners.startService()
+        self.assertEqual(
+            {name: os.path.dirname(p) for name, p in self.listeners.paths.items()},
+            {name: self.listeners.directory for name in main.sites()},
+        )
+        self.assertEqual(os.stat(self.listeners.directory).st_mode & 0o777, 0o700)
+        reader = Store.open(config.cache_dir, config.max_size, reactor, read_only=True)
+        self.worker = worker = Server.build(
+            config, reactor, reader, hits_only=True, relays=self.listeners.paths,
+        )
+        worker_proxy = reactor.listenTCP(0, worker.proxy_site, interface="127.0.0.1")
+        worker_index = reactor.listenTCP(0, worker.index_site, interface="127.0.0.1")
+        worker.index_listening(worker_index)
+        self.port = worker_proxy.getHost().port
+        self.index_port = worker_index.getHost().port
+        worker_ports = [worker_proxy, worker_index]
+        if config.registry_endpoint is not None:
+            worker_registry = reactor.listenTCP(
+                0, worker.registry_site, interface="127.0.0.1"
+            )
+            worker_ports.append(worker_registry)
+            self.registry_port = worker_registry.getHost().port
+
+        async def stop() -> None:
+            for port in worker_ports:
+                await port.stopListening()
+            await worker.connections.drain()
+            await main.relayed.drain()
+            await self.listeners.stopService()
+            self.assertFalse(os.path.exists(self.listeners.directory))
+            await main_proxy.stopListening()
+            await main_index.stopListening()
+            await main.connections.drain()
+            assert main.pool is not None
+            await main.pool.closeCachedConnections()
+            reader.close()
+            store.close()
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+
+    async def curl(self, url: str, *options: str) -> tuple[dict[str, str], bytes]:
+        out, err, code = await getProcessOutputAndValue(
+            "curl", ["-s", "-S", "-D", "-", *options, url], reactor=reactor,
+            env={"PATH": os.environ.get("PATH", "/usr/bin")},
+        )
+        self.assertEqual(code, 0, err.decode(errors="replace"))
+        [(status, headers, body)] = responses(out)
+        headers[":status"] = str(status)
+        return headers, body
+
+    async def raw(self, data: bytes) -> bytes:
+        client = RawClient(data)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        return await client.closed
+
+    def access_lines(self, url_part: str) -> list[tuple[str, str | None]]:
+        return [
+            (event["client"], event.get("cache"))
+            for event in self.access if url_part in event.get("url", "")
+        ]
+
+    async def test_miss_relayed_then_hit_in_the_worker(self) -> None:
+        """
+        A miss is relayed and answered by the main process, byte for
+        byte, one upstream request; the next request is a hit the worker
+        serves without a relay.  The main process logs the real client.
+        """
+        data = pattern_bytes(300_000, b"miss")
+        upstream = FakeUpstream(bodies={"/f.bin": GatedBody(data, headers=FRESH)})
+        self.start(upstream)
+        url = f"http://127.0.0.1:{self.port}/up/f.bin"
+        headers, body = await self.curl(url)
+        self.assertEqual((headers[":status"], headers["x-cache"]), ("200", "MISS"))
+        self.assertEqual(body, data)
+        self.assertEqual(self.listeners.accepted, 1)
+        headers, body = await self.curl(url)
+        self.assertEqual((headers[":status"], headers["x-cache"]), ("200", "HIT"))
+        self.assertEqual(body, data)
+        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(upstream.requests["/f.bin"], 1)
+        # One line each: the relayed miss by the main process (with the
+        # client's own address, not the relay socket's), the hit by the
+        # worker; the hand-off itself is not a line.
+        self.assertEqual(
+            self.access_lines("/up/f.bin"), [("127.0.0.1", "MISS"), ("127.0.0.1", "HIT")]
+        )
+
+    async def test_keep_alive_connection_keeps_working(self) -> None:
+        """
+        The requests after a hand-off on the same connection are the main
+        process's: answered there, hits and misses alike.
+        """
+        upstream = FakeUpstream(bodies={
+            "/a.bin": GatedBody(b"a" * 1000, headers=FRESH),
+            "/b.bin": GatedBody(b"b" * 2000, headers=FRESH),
+        })
+        self.start(upstream)
+        client = Client(persistent=True)
+        self.addCleanup(lambda: Deferred.fromCoroutine(client.close()))
+        base = f"http://127.0.0.1:{self.port}/up"
+        got = [await client.get(f"{base}/{name}") for name in ("a.bin", "a.bin", "b.bin", "b.bin")]
+        self.assertEqual(
+            [(r.status, r.header("x-cache"), r.body[:1], len(r.body)) for r in got],
+            [(200, "MISS", b"a", 1000), (200, "HIT", b"a", 1000),
+             (200, "MISS", b"b", 2000), (200, "HIT", b"b", 2000)],
+        )
+        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(dict(upstream.requests), {"/a.bin": 1, "/b.bin": 1})
+
+    async def test_pipelined_requests_survive(self) -> None:
+        upstream = FakeUpstream(bodies={
+            "/hit.bin": GatedBody(b"h" * 500, headers=FRESH),
+            "/miss.bin": GatedBody(b"m" * 700, headers=FRESH),
+        })
+        self.start(upstream)
+        stored = await Client().get(f"http://127.0.0.1:{self.main_port}/up/hit.bin")
+        self.assertEqual(stored.header("x-cache"), "MISS")
+
+        def get(path: str, close: bool = False) -> bytes:
+            last = "Connection: close\r\n" if close else ""
+            return f"GET /up/{path} HTTP/1.1\r\nHost: box\r\n{last}\r\n".encode()
+
+        raw = await self.raw(get("hit.bin") + get("miss.bin") + get("hit.bin", close=True))
+        self.assertEqual(
+            [(status, h["x-cache"], body) for status, h, body in responses(raw)],
+            [(200, "HIT", b"h" * 500), (200, "MISS", b"m" * 700), (200, "HIT", b"h" * 500)],
+        )
+        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(dict(upstream.requests), {"/hit.bin": 1, "/miss.bin": 1})
+
+    async def test_connect_is_judged_by_the_main_process_with_the_real_client(self) -> None:
+        """
+        ``--allow-from`` that leaves the client out: its CONNECT, handed
+        off at once, is refused by the main process, which saw the
+        client's own address through the PROXY line.
+        """
+        self.start(FakeUpstream(), allow_from=("10.0.0.0/8",))
+        raw = await self.raw(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+        )
+        [(status, _, body)] = responses(raw)
+        self.assertEqual(status, 403)
+        self.assertIn(b"127.0.0.1", body)
+        self.assertEqual(self.listeners.accepted, 1)
+        refused = [e for e in self.events if e.get("event") == "tunnel_refused"]
+        self.assertEqual(len(refused), 1)
+        self.assertTrue(refused[0]["client"].startswith("127.0.0.1:"))
+
+    async def test_main_side_closing_closes_the_client(self) -> None:
+        """
+        A response the main process cuts (its upstream broke off) ends
+        the relay, and the client's connection with it.
+        """
+        upstream = FakeUpstream(bodies={
+            "/cut.bin": GatedBody(b"c" * 100_000, cut_at=1000, headers=FRESH),
+        })
+        self.start(upstream)
+        got = await Client(persistent=True).get(f"http://127.0.0.1:{self.port}/up/cut.bin")
+        self.assertFalse(got.complete)
+        self.assertEqual(self.listeners.accepted, 1)
+
+    async def test_stopping_main_drains_relayed_connections(self) -> None:
+        """
+        An idle keep-alive connection relayed to the main process is
+        closed when the main process drains (on stop), and the worker
+        closes the client with it.
+        """
+        upstream = FakeUpstream(bodies={"/k.bin": GatedBody(b"k" * 5000, headers=FRESH)})
+        self.start(upstream)
+        client = RawClient(b"GET /up/k.bin HTTP/1.1\r\nHost: box\r\n\r\n")
+        answered = client.until_ends_with(b"k" * 5000)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        await answered
+        self.assertFalse(client.closed.called)
+        await self.main.relayed.drain()
+        [(status, headers, body)] = responses(await client.closed)
+        self.assertEqual((status, headers["x-cache"], body), (200, "MISS", b"k" * 5000))
+
+    async def test_status_page_is_the_main_processs(self) -> None:
+        self.start(FakeUpstream())
+        headers, body = await self.curl(f"http://127.0.0.1:{self.port}/-/stats.json")
+        self.assertEqual(headers[":status"], "200")
+        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(self.access_lines("/-/"), [])
+
+    async def test_registry_through_the_worker(self) -> None:
+        """
+        The registry port: a manifest and a blob are relayed when missed,
+        then served by the worker (tag within its TTL, blob by digest).
+        """
+        origin = OciOrigin()
+        image = origin.push_image("team/app", "t1", [pattern_bytes(100_000, b"l1")])
+        origin_url = start_origin(self, origin)
+        self.start(
+            FakeUpstream(), registry_endpoint="tcp:0:interface=127.0.0.1",
+            registries=(Registry("127.0.0.1:5001", origin_url, None),),
+        )
+        base = f"http://127.0.0.1:{self.registry_port}/v2/team/app"
+        manifest = f"{base}/manifests/t1?ns=127.0.0.1:5001"
+        blob = f"{base}/blobs/{image.layers[0]}?ns=127.0.0.1:5001"
+        client = Client()
+        rounds = []
+        for _ in range(2):
+            got_manifest = await client.get(manifest, {"accept": ALL_MANIFESTS})
+            got_blob = await client.get(blob)
+            rounds.append((
+                got_manifest.status, got_manifest.header("x-cache"),
+                got_manifest.body == image.manifest,
+                got_blob.status, got_blob.header("x-cache"),
+                got_blob.body == pattern_bytes(100_000, b"l1"),
+                self.listeners.accepted,
+            ))
+        self.assertEqual(rounds, [
+            (200, "MISS", True, 200, "MISS", True, 2),
+            (200, "HIT", True, 200, "HIT", True, 2),
+        ])
+        self.assertEqual(origin.count("/v2/team/app/manifests/t1"), 1)
+
+    async def test_pip_through_the_worker(self) -> None:
+        """
+        pip installs through the worker's index port: cold, everything
+        is relayed; warm, every page and file is a hit the worker serves
+        (no relay, no upstream request).
+        """
+        fixture = build_index(Path(self.mktemp()))
+        origin = StaticSimpleIndex(fixture)
+        origin_port = listen(origin)
+        self.addCleanup(origin_port.stopListening)
+        self.start(FakeUpstream(), pypi_upstreams=(url_of(origin_port, "/simple"),))
+        work = Path(self.mktemp()).resolve()
+        work.mkdir()
+
+        async def pip(target: str) -> None:
+            out, err, code = await getProcessOutputAndValue(
+                sys.executable,
+                ["-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+                 "--no-input", "--index-url", f"http://127.0.0.1:{self.index_port}/simple/",
+                 "--target", str(work / target), "bcdemo-a"],
+                env=clean_environment({"PIP_CONFIG_FILE": os.devnull}), path=str(work),
+                reactor=reactor,
+            )
+            self.assertEqual(code, 0, (out + err).decode(errors="replace"))
+            self.assertEqual(
+                (work / target / "bcdemo_b" / "__init__.py").read_text(),
+                '__version__ = "1.0"\n',
+            )
+
+        self.assertIsNone(self.worker.index.prefetcher)
+        await pip("cold")
+        relayed, asked = self.listeners.accepted, sum(origin.requests.values())
+        self.assertGreater(relayed, 0)
+        await pip("warm")
+        self.assertEqual(sum(origin.requests.values()), asked)
+        self.assertEqual(self.listeners.accepted, relayed)
+
+
+class MainServiceTests(TestCase):
+    async def test_relay_paths_of_the_running_service(self) -> None:
+        """
+        ``BuildcacheService.relay_paths`` (what the worker pool asks):
+        relay sockets listening in a private directory from the first
+        call, stopped after the service's other children (a pool draining
+        its workers still relays), the directory removed.
+        """
+        config = Config(cache_dir=self.mktemp())
+        store = Store.open(config.cache_dir, config.max_size, reactor)
+        top = BuildcacheService(Server.build(config, reactor, store), reactor)
+        seen_at_stop: list[bool] = []
+
+        class Pool(Service):
+            def stopService(self) -> None:
+                super().stopService()
+                seen_at_stop.append(all(os.path.exists(p) for p in paths.values()))
+
+        Pool().setServiceParent(top)
+        top.startService()
+        paths = top.relay_paths()
+        self.assertEqual(sorted(paths), ["index", "proxy"])
+        self.assertIs(top.relay_paths(), paths)
+        directory = os.path.dirname(paths["proxy"])
+        self.assertEqual(os.stat(directory).st_mode & 0o777, 0o700)
+        self.assertTrue(all(stat.S_ISSOCK(os.stat(p).st_mode) for p in paths.values()))
+        await top.stopService()
+        self.assertEqual(seen_at_stop, [True])
+        self.assertFalse(os.path.exists(directory))
