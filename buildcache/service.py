@@ -44,7 +44,7 @@ from buildcache.engine.core import Engine
 from buildcache.engine.policy import GenericPolicy
 from buildcache.fetch.connect import make_http_client, upstream_pool
 from buildcache.fetch.fetcher import Fetcher
-from buildcache.frontends.connections import ClientConnections
+from buildcache.frontends.connections import Admission, ClientConnections
 from buildcache.frontends.proxy import OwnIndex, ProxyResource, Router
 from buildcache.frontends.sites import ProxySite, StrictSite
 from buildcache.ops.activity import Activity
@@ -134,7 +134,7 @@ class Server:
     index_site: Site
     #: Both ports' client connections (the per-client cap, and what a
     #: stopping server waits for).
-    connections: ClientConnections
+    connections: Admission
     registry: RegistryResource
     #: The registry port's site (listened on when
     #: ``config.registry_endpoint`` is set).
@@ -146,10 +146,15 @@ class Server:
     def build(
         cls, config: Config, reactor: Any, store: Store,
         activity: Activity | None = None,
+        connections: Admission | None = None,
     ) -> Server:
         """
         The server over ``store``.  ``activity`` is the one the store was
         opened with (so that evictions at start-up count), else a new one.
+        ``connections`` admits the client connections (a hit worker's
+        :class:`~buildcache.frontends.connections.RemoteConnections`), else
+        a :class:`~buildcache.frontends.connections.ClientConnections` of
+        this process.
         """
         policy = AccessPolicy.from_config(
             config.allow_from, config.allow_upstream, configured_upstreams(config),
@@ -180,11 +185,14 @@ class Server:
         proxy = ProxyResource(
             engine, Router(tuple(config.mirrors), policy), proxy_policies(ApkIndexes(store))
         )
-        connections = ClientConnections(config.max_connections_per_client)
+        if connections is None:
+            connections = ClientConnections(config.max_connections_per_client)
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
-            connections=connections,
+            # An Admission: the sites' type says ClientConnections until
+            # the hand-off's channel awaits a Deferred admission.
+            connections=connections,  # type: ignore[arg-type]
         )
         index = index_resource(
             engine, config.pypi_upstreams, config.index_ttl, policy=policy,
@@ -193,7 +201,8 @@ class Server:
             ),
         )
         index_site = StrictSite(
-            index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT, connections=connections
+            index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
+            connections=connections,  # type: ignore[arg-type]
         )
         status = StatusResource(
             SnapshotSources(
@@ -209,7 +218,7 @@ class Server:
         )
         registry_site = StrictSite(
             registry, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
-            connections=connections,
+            connections=connections,  # type: ignore[arg-type]
         )
         return cls(
             config, store, policy, activity, pool, fetcher, proxy, index,
@@ -245,6 +254,8 @@ class ListeningService(Service):
     ) -> None:
         self._description = description
         self._option = option
+        #: The command-line option that gave the description.
+        self.option = option
         self._endpoint = serverFromString(reactor, description)
         self._factory = factory
         self._on_listening = on_listening
