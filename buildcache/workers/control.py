@@ -136,7 +136,8 @@ class ControlProtocol(Int32StringReceiver):
             return
         if "op" not in message:
             answer = self._pending.pop(message.get("id"), None)
-            if answer is None:
+            if answer is None or answer.called:
+                # Unknown, or given up on (a snapshot past its timeout).
                 return
             if "error" in message:
                 answer.errback(ControlError(message["error"]))

@@ -129,6 +129,25 @@ class _WorkerProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
+def _all_ended(processes: Sequence[_WorkerProcess]) -> Deferred[None]:
+    # A Deferred of its own: cancelling it on a timeout must not cancel
+    # the processes' own.
+    ended: Deferred[None] = Deferred()
+    left = [p for p in processes if not p.ended.called]
+
+    def one_ended(_: object, process: _WorkerProcess) -> None:
+        if process in left:
+            left.remove(process)
+        if not left and not ended.called:
+            ended.callback(None)
+
+    if not left:
+        ended.callback(None)
+    for process in list(left):
+        process.ended.addCallback(one_ended, process)
+    return ended
+
+
 class WorkerPool(Service):
     """
     The N-1 hit workers beside the main process (see the module
@@ -300,7 +319,7 @@ class WorkerPool(Service):
                     worker.link.drain()
         if not running:
             return
-        ended = DeferredList([process.ended for process in running])
+        ended = _all_ended(running)
         ended.addTimeout(self.grace, self.reactor)
         try:
             await ended
@@ -314,7 +333,7 @@ class WorkerPool(Service):
                     pid=process.pid, grace=self.grace, event="worker_killed",
                 )
                 self._signal(process.pid, signal.SIGKILL)
-        await DeferredList([process.ended for process in running])
+        await _all_ended(running)
 
     def _signal(self, pid: int, signalnum: int) -> None:
         try:
