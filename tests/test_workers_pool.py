@@ -344,3 +344,40 @@ class SnapshotTests(SynchronousTestCase):
         Logger(observer=forwarder).warn("careful")
         clock.advance(0)
         self.assertEqual(events[0]["log_level"], LogLevel.warn)
+
+
+class AssemblyTests(SynchronousTestCase):
+    def build(self, workers: int) -> Any:
+        from twisted.internet import reactor
+
+        from buildcache.workers.pool import service_for_twistd
+
+        config = Config(
+            cache_dir=self.mktemp(), workers=workers,
+            proxy_endpoint="tcp:0:interface=127.0.0.1",
+            index_endpoint="tcp:0:interface=127.0.0.1",
+        )
+        top = service_for_twistd(config, reactor)
+        self.addCleanup(top.server.store.close)  # type: ignore[attr-defined]
+        return top
+
+    def test_one_process(self) -> None:
+        """``--workers 1`` is the one-process service: no pool, the status page its own."""
+        top = self.build(1)
+        self.assertEqual([s for s in top if isinstance(s, WorkerPool)], [])
+        own = top.server.status.snapshot
+        self.assertIsInstance(own(), dict)
+        self.assertIsNone(own()["workers"])
+
+    def test_two_processes(self) -> None:
+        """``--workers 2``: the pool is a child of the service, named ports, one worker."""
+        top = self.build(2)
+        pools = [s for s in top if isinstance(s, WorkerPool)]
+        self.assertEqual(len(pools), 1)
+        self.assertEqual([name for name, _ in pools[0].ports], ["proxy", "index"])
+        self.assertEqual(len(pools[0].workers), 1)
+        # Unstarted, the pool's figures are the main process's alone.
+        snapshot = self.successResultOf(top.server.status.snapshot())
+        self.assertEqual(
+            snapshot["workers"], {"configured": 2, "alive": 1, "answered": 1, "restarts": 0}
+        )

@@ -38,11 +38,16 @@ from twisted.logger import Logger, globalLogBeginner
 from buildcache.config import Config
 from buildcache.frontends.connections import RemoteConnections
 from buildcache.ops.snapshot import SnapshotSources
-from buildcache.service import FLUSH_INTERVAL, STOP_GRACE, Server, new_activity
+from buildcache.service import STOP_GRACE, Server, new_activity
 from buildcache.store import Store
 from buildcache.workers.control import LogForwarder, MainLink, protocol_factory
 
-__all__ = ["HitWorker", "hits_only_server", "main", "parse_arguments"]
+__all__ = ["ACCESS_SEND_INTERVAL", "HitWorker", "hits_only_server", "main", "parse_arguments"]
+
+#: Seconds between two sends of the access times to the main process:
+#: the read-only store holds at most ``ROWS_KEPT`` keys between two (it
+#: drops the next ones), a bound no box reaches in a second.
+ACCESS_SEND_INTERVAL = 1.0
 
 
 def _named(text: str) -> tuple[str, str]:
@@ -203,7 +208,7 @@ def start(reactor: Any, config: Config, arguments: argparse.Namespace) -> HitWor
         if name == "index":
             server.index_listening(port)
         worker.ports.append(port)
-    LoopingCall(worker.send_accesses).start(FLUSH_INTERVAL, now=False).addErrback(
+    LoopingCall(worker.send_accesses).start(ACCESS_SEND_INTERVAL, now=False).addErrback(
         lambda reason: worker.log.failure("Sending access times failed", reason)
     )
     reactor.addSystemEventTrigger(
