@@ -153,6 +153,20 @@ class StartTests(SynchronousTestCase):
         )
         self.assertEqual(len(h.reactor.adoptedStreamConnections), 2)
 
+    def test_no_secret_on_the_command_line(self) -> None:
+        """
+        The configuration, credentials and all, goes through the child's
+        standard input: its command line (which ``ps`` shows) carries none.
+        """
+        h = Harness(self, workers=2)
+        secret = b"s3cr3t-shared-key-0123456789"
+        h.pool._config_bytes = pickle.dumps(
+            Config(cache_dir=self.mktemp(), shared_secret=secret, workers=2)
+        )
+        h.pool.startService()
+        self.assertIn(secret, bytes(h.spawned[0].transport.written))
+        self.assertNotIn(secret.decode(), " ".join(h.spawned[0].args))
+
     def test_child_arguments(self) -> None:
         self.assertEqual(
             child_arguments(2, 4, [("proxy", 4), ("index", 5)], {"proxy": "/r/p"})[3:],
