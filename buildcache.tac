@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.python.usage import UsageError
 
 from buildcache.options import Options
-from buildcache.service import service_for_twistd
+from buildcache.workers.pool import service_for_twistd
 
 options = Options()
 try:

@@ -60,6 +60,17 @@ SHARED_SECRET_MAX = 64 * 1024
 #: Largest distribution file read ahead after its metadata (see
 #: buildcache.ecosystems.pypi.prefetch).
 DEFAULT_PREFETCH_MAX_SIZE = 32 * 1024**2
+#: Most processes ``--workers`` starts by default (see :func:`default_workers`).
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers(cpu_count: int | None = None) -> int:
+    """
+    The command line's default ``--workers``: one process per CPU, at most
+    :data:`MAX_DEFAULT_WORKERS`, at least one.
+    """
+    count = os.cpu_count() if cpu_count is None else cpu_count
+    return max(1, min(count or 1, MAX_DEFAULT_WORKERS))
 
 _SIZE_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 _SIZE_PATTERN = re.compile(
@@ -311,6 +322,10 @@ class Config:
         eviction from the bucket.
     :ivar shared_wait: seconds a download waits, at most, for another
         node's copy of the same file.
+    :ivar workers: processes serving hits, the main one included (see
+        :mod:`buildcache.workers`); 1 is one process, as a directly built
+        ``Config`` has it (the command line's default is
+        :func:`default_workers`).
     """
 
     cache_dir: str = attrs.field(converter=absolute_path)
@@ -370,6 +385,7 @@ class Config:
     shared_wait: float = attrs.field(
         default=DEFAULT_SHARED_WAIT, converter=float, validator=attrs.validators.ge(0)
     )
+    workers: int = attrs.field(default=1, validator=attrs.validators.ge(1))
 
     def __attrs_post_init__(self) -> None:
         names = [registry.name for registry in self.registries]

@@ -38,6 +38,7 @@ from buildcache.config import (
     absolute_path,
     check_http_url,
     default_cache_dir,
+    default_workers,
     format_duration,
     format_size,
     parse_duration,
@@ -292,8 +293,17 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
             "Open connections one client address may hold on both ports"
-            " together; one more is answered 503 (per process).",
+            " together; one more is answered 503 (counted across --workers).",
             _coercer("max-connections-per-client", parse_positive_count),
+        ],
+        [
+            "workers",
+            None,
+            default_workers(),
+            "Processes serving hits, this one included (by default one per"
+            " CPU, at most 8): the others serve stored files from the same"
+            " ports and hand everything else to this one; 1: one process.",
+            _coercer("workers", parse_positive_count),
         ],
         [
             "log-format",
@@ -573,6 +583,7 @@ class Options(usage.Options):
             shared_secret_file=secret_file,
             shared_max_size=self["shared-max-size"],
             shared_wait=self["shared-wait"],
+            workers=self["workers"],
         )
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own "logger" option

@@ -45,7 +45,7 @@ from buildcache.engine.core import NO_FETCHER, Engine
 from buildcache.engine.policy import GenericPolicy
 from buildcache.fetch.connect import make_http_client, upstream_pool
 from buildcache.fetch.fetcher import Fetcher
-from buildcache.frontends.connections import ClientConnections
+from buildcache.frontends.connections import Admission, ClientConnections
 from buildcache.frontends.proxy import OwnIndex, ProxyResource, Router
 from buildcache.frontends.relay import (
     HandOffStatus,
@@ -145,8 +145,7 @@ class Server:
     index_site: Site
     #: Both ports' client connections (the per-client cap, and what a
     #: stopping server waits for).
-    #: An ``Admission`` (:mod:`buildcache.frontends.connections`).
-    connections: Any
+    connections: Admission
     registry: RegistryResource
     #: The registry port's site (listened on when
     #: ``config.registry_endpoint`` is set).
@@ -162,7 +161,7 @@ class Server:
     def build(
         cls, config: Config, reactor: Any, store: Store,
         activity: Activity | None = None,
-        connections: Any = None,
+        connections: Admission | None = None,
         *,
         hits_only: bool = False,
         relays: Mapping[str, str] | None = None,
@@ -226,7 +225,8 @@ class Server:
             ),
         )
         index_site = StrictSite(
-            index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT, connections=connections
+            index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
+            connections=connections,
         )
         status = StatusResource(
             SnapshotSources(
@@ -352,6 +352,8 @@ class ListeningService(Service):
     ) -> None:
         self._description = description
         self._option = option
+        #: The command-line option that gave the description.
+        self.option = option
         self._endpoint = serverFromString(reactor, description)
         self._factory = factory
         self._on_listening = on_listening

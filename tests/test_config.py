@@ -23,6 +23,7 @@ from buildcache.config import (
     Config,
     Mirror,
     default_cache_dir,
+    default_workers,
     format_duration,
     format_size,
     parse_duration,
@@ -42,6 +43,7 @@ from buildcache.options import (
 
 LOCAL_INDEX = "http://127.0.0.1:3999/simple"
 ALL_OPTIONS = {
+    "workers",
     "port",
     "pypi-port",
     "cache-dir",
@@ -455,6 +457,7 @@ class OptionsTests(SynchronousTestCase):
             Config(
                 cache_dir=cache_dir, pypi_upstreams=(LOCAL_INDEX,),
                 registry_endpoint="tcp:5000", registries=DEFAULT_REGISTRIES,
+                workers=default_workers(),
             ),
         )
         self.assertTrue(os.path.isdir(cache_dir))
@@ -550,7 +553,7 @@ class OptionsTests(SynchronousTestCase):
             "[default: 30s]",
             "[default: text]",
             "[default: 32M]",
-            "one more is answered 503 (per process). [default: 256]",
+            "one more is answered 503 (counted across --workers). [default: 256]",
             "[default: alpine=https://dl-cdn.alpinelinux.org/alpine]",
             "[default: 127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 "
             "192.168.0.0/16 fc00::/7]",

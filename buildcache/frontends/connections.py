@@ -7,6 +7,14 @@ share one :class:`ClientConnections`; one more connection is answered
 responses under way go out and closes everything else.  What a
 connection is to it is :class:`Drainable`;
 :class:`buildcache.frontends.channel.ProxyChannel` is the one in service.
+
+With ``--workers``, the cap holds for the whole server: the main
+process's :class:`ClientConnections` also counts the connections its hit
+workers admitted (:meth:`ClientConnections.admit_remote`), and a worker's
+sites get a :class:`RemoteConnections`, which asks the main process
+(through a :class:`RemoteAdmitter`, the control channel of
+:mod:`buildcache.workers.control`) and answers a Deferred.  Both are an
+:class:`Admission`.
 """
 
 from __future__ import annotations
@@ -16,19 +24,25 @@ from collections import Counter
 from typing import Protocol
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from buildcache.turns import Waiters
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
+    "Admission",
     "ClientConnections",
     "Drainable",
+    "RemoteAdmitter",
+    "RemoteConnections",
     "client_key",
     "connection_admitted",
 ]
 
-#: Open connections per client address (both ports together, per process).
+#: Open connections per client address (both ports together, every
+#: process of the server together).
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 
 
@@ -81,9 +95,9 @@ class ClientConnections:
     client address.
 
     Admits a connection only while its address holds fewer than
-    ``max_per_client`` (a limit per process: worker processes each count
-    their own), and lets a stopping server close them once their responses
-    have gone out (:meth:`drain`).
+    ``max_per_client``, counting the connections hit workers admitted
+    (:meth:`admit_remote`) in the same table, and lets a stopping server
+    close its own once their responses have gone out (:meth:`drain`).
     """
 
     max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
@@ -91,6 +105,8 @@ class ClientConnections:
     _channels: dict[Drainable, str] = attrs.Factory(dict)
     _draining: bool = False
     _drained: Waiters = attrs.Factory(Waiters)
+    #: Per worker (its number), the connections it holds by client key.
+    _remote: dict[int, Counter[str]] = attrs.Factory(dict)
 
     def open_from(self, host: str) -> int:
         """Open connections admitted from ``host``."""
@@ -116,10 +132,45 @@ class ClientConnections:
         key = self._channels.pop(channel, None)
         if key is None:
             return
-        self._by_client[key] -= 1
-        if not self._by_client[key]:
-            del self._by_client[key]
+        self._free(key)
         self.changed()
+
+    def _free(self, key: str, count: int = 1) -> None:
+        self._by_client[key] -= count
+        if self._by_client[key] <= 0:
+            del self._by_client[key]
+
+    def admit_remote(self, worker: int, key: str) -> bool:
+        """
+        Count a connection hit worker ``worker`` accepted from client
+        ``key`` (already a :func:`client_key`), if that address is under
+        the cap; whether it was.
+        """
+        if not connection_admitted(self._by_client[key], self.max_per_client):
+            return False
+        self._by_client[key] += 1
+        self._remote.setdefault(worker, Counter())[key] += 1
+        return True
+
+    def release_remote(self, worker: int, key: str) -> None:
+        """A connection worker ``worker`` admitted has closed."""
+        held = self._remote.get(worker)
+        if held is None or not held[key]:
+            return
+        held[key] -= 1
+        if not held[key]:
+            del held[key]
+        self._free(key)
+
+    def forget_remote(self, worker: int) -> int:
+        """
+        Worker ``worker`` has ended: its connections ended with it.  How
+        many it held.
+        """
+        held = self._remote.pop(worker, Counter())
+        for key, count in held.items():
+            self._free(key, count)
+        return sum(held.values())
 
     def busy(self) -> int:
         """Connections with a request or response under way (tunnels aside)."""
@@ -139,4 +190,133 @@ class ClientConnections:
         self._draining = True
         for channel in list(self._channels):
             channel.drain()
+        return self._drained.wait(not self.busy())
+
+
+class Admission(Protocol):
+    """
+    What a site's channels ask to be served and tell when they close:
+    :class:`ClientConnections` in the main process (answers at once),
+    :class:`RemoteConnections` in a hit worker (answers a Deferred).
+    """
+
+    max_per_client: int
+
+    def admit(self, channel: Drainable, host: str) -> bool | Deferred[bool]: ...
+
+    def release(self, channel: Drainable) -> None: ...
+
+    def changed(self) -> None: ...
+
+    def busy(self) -> int: ...
+
+    def drain(self) -> Deferred[None]: ...
+
+
+class RemoteAdmitter(Protocol):
+    """The main process, as a worker's :class:`RemoteConnections` asks it."""
+
+    def admit(self, key: str) -> Deferred[bool]:
+        """Whether one more connection from client ``key`` may be served."""
+
+    def release(self, key: str) -> None:
+        """A connection admitted from client ``key`` has closed."""
+
+
+@attrs.define(eq=False)
+class _Slot:
+    key: str
+    #: None while the main process has not answered.
+    admitted: bool | None = None
+    closed: bool = False
+
+
+@attrs.define(eq=False)
+class RemoteConnections:
+    """
+    A hit worker's client connections: admitted by the main process,
+    which counts every process's connections in one table (so the cap
+    holds for the whole server), drained by this one.
+
+    A connection that closes before the main process answered is released
+    there once it has (if it was admitted); when the main process cannot
+    answer (it has gone), nothing is admitted.
+    """
+
+    log = Logger()
+
+    remote: RemoteAdmitter
+    max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    _channels: dict[Drainable, _Slot] = attrs.Factory(dict)
+    _draining: bool = False
+    _drained: Waiters = attrs.Factory(Waiters)
+
+    def admit(self, channel: Drainable, host: str) -> Deferred[bool]:
+        """
+        Ask the main process to count ``channel``, from ``host``; fires
+        with whether it did.  One admitted while the worker stops is
+        drained at once.
+        """
+        slot = _Slot(client_key(host))
+        self._channels[channel] = slot
+        try:
+            asked = self.remote.admit(slot.key)
+        except Exception:
+            asked = succeed(False)
+
+        def answered(admitted: bool) -> bool:
+            slot.admitted = admitted
+            if slot.closed or not admitted:
+                # Closed while the main process was asked: its slot there
+                # is given back at once.
+                self._channels.pop(channel, None)
+                if slot.closed and admitted:
+                    self.remote.release(slot.key)
+                self.changed()
+                return False
+            if self._draining:
+                channel.drain()
+            return True
+
+        def failed(reason: Failure) -> bool:
+            self.log.warn(
+                "Cannot ask the main process to admit a connection: {error}",
+                error=reason.getErrorMessage(), event="admission_failed",
+            )
+            return answered(False)
+
+        return asked.addCallbacks(answered, failed)
+
+    def release(self, channel: Drainable) -> None:
+        """``channel`` has closed: its slot is free again (once admitted)."""
+        slot = self._channels.get(channel)
+        if slot is None:
+            return
+        slot.closed = True
+        if slot.admitted is None:
+            # Released when the answer comes (see admit).
+            return
+        del self._channels[channel]
+        if slot.admitted:
+            self.remote.release(slot.key)
+        self.changed()
+
+    def busy(self) -> int:
+        """Connections with a request or response under way (tunnels aside)."""
+        return sum(
+            1 for channel, slot in self._channels.items()
+            if not slot.closed and not channel.in_tunnel
+        )
+
+    def changed(self) -> None:
+        """A connection closed or became a tunnel: maybe the drain is over."""
+        if self._draining and not self.busy():
+            self._drained.fire()
+
+    def drain(self) -> Deferred[None]:
+        """As :meth:`ClientConnections.drain`, for this worker's connections."""
+        self._draining = True
+        for channel, slot in list(self._channels.items()):
+            if slot.admitted:
+                channel.drain()
         return self._drained.wait(not self.busy())

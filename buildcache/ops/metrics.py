@@ -58,6 +58,32 @@ class SnapshotCollector(Collector):
         )
         in_flight.add_metric([], self.snapshot["downloads_in_flight"])
         yield in_flight
+        yield from self._workers()
+
+    def _workers(self) -> Iterator[Metric]:
+        # Only with --workers above 1 (the figures are then every
+        # process's that answered, added up).
+        workers = self.snapshot.get("workers")
+        if workers is None:
+            return
+        for name, documentation, value in (
+            ("buildcache_workers_configured",
+             "Processes serving hits (--workers), the main one included.",
+             workers["configured"]),
+            ("buildcache_workers_alive", "Of those, the processes running now.",
+             workers["alive"]),
+            ("buildcache_workers_answered",
+             "Processes whose figures these metrics add up (the others did"
+             " not answer in time).", workers["answered"]),
+        ):
+            gauge = GaugeMetricFamily(name, documentation)
+            gauge.add_metric([], value)
+            yield gauge
+        restarts = CounterMetricFamily(
+            "buildcache_worker_restarts", "Hit workers restarted after they died."
+        )
+        restarts.add_metric([], workers["restarts"])
+        yield restarts
 
     def _requests(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

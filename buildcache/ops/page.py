@@ -22,6 +22,7 @@ from buildcache.ops.snapshot import (
     StoreFigures,
     TopName,
     UpstreamFigures,
+    WorkersFigures,
 )
 
 #: The pages' paths, on either port (see :mod:`buildcache.ops.status`).
@@ -48,6 +49,7 @@ def render_page(snapshot: Snapshot) -> bytes:
         f'<p class="muted">Status at {_time(now, now)} · up'
         f" {_e(human_duration(snapshot['uptime_seconds']))}"
         f" · {snapshot['downloads_in_flight']} downloads in flight</p>\n",
+        _workers_line(snapshot.get("workers")),
         "</header>\n<main>\n",
         _summary_section(snapshot),
         _fill_section(snapshot["store"]),
@@ -65,6 +67,22 @@ def render_page(snapshot: Snapshot) -> bytes:
         "</footer>\n</body>\n</html>\n",
     ]
     return "".join(parts).encode("utf-8")
+
+
+def _workers_line(workers: WorkersFigures | None) -> str:
+    # One process (--workers 1) has no line.
+    if workers is None:
+        return ""
+    missing = (
+        f"; figures of {workers['answered']} of {workers['alive']} (the others"
+        " did not answer in time)"
+        if workers["answered"] < workers["alive"] else ""
+    )
+    return (
+        f'<p class="muted" id="workers">Processes: {workers["configured"]}'
+        f" configured, {workers['alive']} running, {workers['restarts']}"
+        f" restarts{_e(missing)}</p>\n"
+    )
 
 
 def _time(timestamp: float | None, now: float) -> str:

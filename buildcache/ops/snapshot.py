@@ -225,6 +225,20 @@ class ConfigShown(TypedDict):
     shared_wait: float
 
 
+class WorkersFigures(TypedDict):
+    """
+    The processes of a server of ``--workers N`` (the main one counted):
+    how many are configured, running, answered for this snapshot (the
+    figures are those of the ones that answered), and how many times a
+    worker was restarted.
+    """
+
+    configured: int
+    alive: int
+    answered: int
+    restarts: int
+
+
 class Snapshot(TypedDict):
     """
     Everything the status page shows.  Times are Unix seconds, sizes
@@ -260,6 +274,8 @@ class Snapshot(TypedDict):
     #: None without a shared tier.
     shared: SharedFigures | None
     config: ConfigShown
+    #: None for one process (``--workers 1``) and in each process's own.
+    workers: WorkersFigures | None
 
 
 class Downloads(Protocol):
@@ -353,6 +369,7 @@ def assemble(
     registry: RegistryStored,
     shared: SharedFigures | None,
     config: ConfigShown,
+    workers: WorkersFigures | None = None,
 ) -> Snapshot:
     """
     A snapshot of its parts, with the server-wide totals of the front
@@ -385,6 +402,7 @@ def assemble(
         "registry": registry,
         "shared": shared,
         "config": config,
+        "workers": workers,
     }
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -37,10 +39,12 @@ class StatusResource(Resource):
     isLeaf = True
     paths = STATUS_PATHS
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot | Deferred[Snapshot]]) -> None:
         """
         :param snapshot: the figures now, taken for each request (e.g.
-            :meth:`buildcache.ops.snapshot.SnapshotSources.snapshot`).
+            :meth:`buildcache.ops.snapshot.SnapshotSources.snapshot`), or a
+            Deferred of them (the whole server's, gathered from its
+            worker processes).
         """
         super().__init__()
         self.snapshot = snapshot
@@ -63,7 +67,19 @@ class StatusResource(Resource):
             request.setHeader("allow", "GET, HEAD")
             send_error(request, 405, "the status pages answer GET and HEAD")
             return
-        snapshot = self.snapshot()
+        # The whole server's figures may take a moment (the workers are
+        # asked): a client that leaves meanwhile gets nothing written.
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+        taken = maybeDeferred(self.snapshot)
+        taken.addCallbacks(
+            lambda snapshot: None if gone else self._answer(request, path, snapshot),
+            lambda reason: None if gone else send_error(
+                request, 500, f"no figures: {reason.getErrorMessage()}"
+            ),
+        )
+
+    def _answer(self, request: Request, path: str, snapshot: Snapshot) -> None:
         if path == PAGE_PATH:
             body, content_type = render_page(snapshot), "text/html; charset=utf-8"
             request.setHeader(

@@ -32,7 +32,7 @@ class BuildcacheServiceMaker:
     def makeService(self, options: Options) -> MultiService:
         from twisted.internet import reactor
 
-        from buildcache.service import service_for_twistd
+        from buildcache.workers.pool import service_for_twistd
 
         return service_for_twistd(options.config, reactor)
 
