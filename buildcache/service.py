@@ -435,6 +435,11 @@ class BuildcacheService(MultiService):
     def startService(self) -> None:
         if self.store_threads is not None:
             self.store_threads.start()
+        if self.server.config.workers > 1:
+            # Made before the children start: a child asking for them
+            # while they start would change the list being started (and
+            # be started twice).
+            self.relay_paths()
         super().startService()
         self._flusher.startService()
         if self.server.shared is not None:

@@ -153,6 +153,25 @@ class HandOffTests(SynchronousTestCase):
         self.assertTrue(self.client.disconnecting)
         self.assertIn("relay_failed", [e.get("event") for e in self.events])
 
+    def test_credentials_of_a_handed_off_request_are_never_shown(self) -> None:
+        """
+        The relay's factory logs no start and stop lines, and neither it
+        nor the relay shows the request (whose headers may carry
+        credentials) in a repr: each did, once per hand-off.
+        """
+        self.channel.dataReceived(
+            b"GET http://example.test/m HTTP/1.1\r\n"
+            b"Proxy-Authorization: Basic c2VjcmV0OnNlY3JldA==\r\n\r\n"
+        )
+        _, endpoint_factory, _, _ = self.reactor.unixClients[0]
+        # The endpoint's wrapper holds the relay's factory.
+        factory = endpoint_factory._wrappedFactory
+        factory.doStart()
+        factory.doStop()
+        shown = repr(factory) + repr(factory.relay) + repr(self.events)
+        self.assertNotIn("c2VjcmV0", shown)
+        self.assertFalse(factory.noisy)
+
     def test_raw_bytes_are_bounded(self) -> None:
         """
         A client that keeps sending while its request is answered: past

@@ -126,15 +126,17 @@ class _MainSide(Protocol):
         self._relay.main_lost()
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class _MainSideFactory(Factory):
     relay: Relay
+    # One is made per hand-off: no start and stop lines for each.
+    noisy = False
 
     def buildProtocol(self, addr: Any) -> _MainSide:
         return _MainSide(self.relay)
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class Relay:
     """
     One handed-off client connection, from the request handed off on:
@@ -147,6 +149,8 @@ class Relay:
 
     channel: RelayClient
     target: RelayTarget
+    #: The client's request, which may carry its credentials: never shown
+    #: (no repr of this class).
     header: bytes
     #: The client, for logs.
     client: str
@@ -303,8 +307,10 @@ class RelayListeners(Service):
         #: Connections relayed so far (all ports).
         self.accepted = 0
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+    def startService(self) -> None:
+        # Not privilegedStartService: the sockets belong to the user the
+        # server runs as, whom its workers run as too.
+        super().startService()
         for name, site in self._sites.items():
             endpoint = proxyEndpoint(UNIXServerEndpoint(self._reactor, self.paths[name]))
             factory: IProtocolFactory = _RelayedFactory(site, self.connections, self)
