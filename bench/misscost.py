@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -259,8 +260,11 @@ def timeline(origin: Origin, workload: Workload, scratch: Path, files: int, whic
         f"file {which}: {miss.path} ({miss.size} bytes, {miss.cache}); client: head at"
         f" {1000 * miss.head_s:.2f} ms, last byte at {1000 * miss.total_s:.2f} ms (under strace)"
     ]
-    folded: list[list[object]] = []
-    for raw in trace.read_text(errors="replace").splitlines():
+    folded: list[list[Any]] = []
+    traced = trace.read_text(errors="replace").splitlines()
+    connects = sum(1 for raw in traced if re.search(r" connect\(\d+<socket", raw))
+    lines.append(f"  connections the server opened in the whole run: {connects}")
+    for raw in traced:
         found = _STRACE_LINE.match(raw)
         if not found:
             continue
@@ -336,7 +340,7 @@ def main() -> None:
         medians = {k: statistics.median(float(r[k]) for r in runs if r[k] is not None) for k in keys}  # type: ignore[arg-type]
         report["buildcache_runs"] = runs
         report["buildcache_median"] = medians
-        report["per_file_median"] = [
+        rows: list[dict[str, Any]] = [
             {
                 "path": per_file[0][i].path, "size": per_file[0][i].size,
                 "reactor_cpu_ms": 1000 * statistics.median(r[i].reactor_cpu_s for r in per_file),
@@ -346,6 +350,7 @@ def main() -> None:
             }
             for i in range(files)
         ]
+        report["per_file_median"] = rows
         print()
         print(f"direct wall (median of {args.repeats}): {statistics.median(direct):.3f} s")
         if args.nginx:
@@ -363,7 +368,7 @@ def main() -> None:
                 f" last byte at {medians['small_median_total_ms']:.2f} ms"
             )
         print("\nper file (median): size, reactor CPU ms, pool CPU ms, head ms, last byte ms")
-        for row in report["per_file_median"]:  # type: ignore[attr-defined]
+        for row in rows:
             print(
                 f"  {row['size']:>10}  {row['reactor_cpu_ms']:7.2f}  {row['pool_cpu_ms']:6.2f}"
                 f"  {row['head_ms']:7.2f}  {row['total_ms']:8.2f}  {row['path'].rsplit('/', 1)[-1]}"

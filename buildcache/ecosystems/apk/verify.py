@@ -206,7 +206,7 @@ class ApkVerifier:
                     ".PKGINFO, so it is neither a signature nor a control stream"
                 )
                 return
-            if member.complete:
+            if isinstance(member, _GzipMember) and member.complete:
                 self._current = None
                 self._members_completed += 1
                 self._complete_member(member)
