@@ -33,6 +33,7 @@ from buildcache.store.maintenance import (
 from buildcache.store.objects import (
     SPARE_TEMP_FILES,
     UNCOUNTED_LIMIT,
+    BackgroundHashes,
     BlockingRunner,
     IntegrityError,
     NoRoom,
@@ -70,6 +71,7 @@ from buildcache.store.schema import (
 )
 
 __all__ = [
+    "BackgroundHashes",
     "APPLICATION_ID",
     "BlockingRunner",
     "BodyCheck",

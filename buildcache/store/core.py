@@ -36,6 +36,7 @@ from buildcache.store.layout import (
 )
 from buildcache.store.objects import (
     SPARE_TEMP_FILES,
+    BackgroundHashes,
     BlockingRunner,
     ObjectWriter,
     object_limit,
@@ -87,6 +88,9 @@ class Store(StoreReader):
     #: How many temporary files :meth:`writer` keeps ready, when
     #: ``run_blocking`` is not :func:`run_here`.
     spare_temp_files: int = SPARE_TEMP_FILES
+    #: Where bodies being written are hashed: beside the reactor when
+    #: ``run_blocking`` is not :func:`run_here`; None: in the writer.
+    hashes: BackgroundHashes | None = None
 
     @classmethod
     def open(
@@ -144,6 +148,8 @@ class Store(StoreReader):
         store.max_object_size = max_object_size
         if run_blocking is not None:
             store.run_blocking = run_blocking
+            if run_blocking is not run_here:
+                store.hashes = BackgroundHashes()
         try:
             store._reconcile()
         except (OSError, sqlite3.DatabaseError) as e:
@@ -564,6 +570,8 @@ class Store(StoreReader):
         if self.read_only:
             super().close()
             return
+        if self.hashes is not None:
+            self.hashes.close()
         spare, self._spare_temp = self._spare_temp, []
         for path, fd in spare:
             os.close(fd)
