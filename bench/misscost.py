@@ -300,6 +300,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--files", type=int, default=61)
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "misscost.json"))
+    parser.add_argument(
+        "--below", type=int, metavar="BYTES",
+        help="only the index and the files smaller than this (the fixed cost alone)",
+    )
     parser.add_argument("--nginx", action="store_true", help="time nginx proxy_cache too")
     parser.add_argument("--timeline", type=int, metavar="N", help="strace the miss of file N")
     parser.add_argument("--profile", action="store_true", help="cProfile one repeat's server")
@@ -313,6 +317,11 @@ def main() -> None:
     }
     try:
         workload = build_workload(scratch / "www")
+        if args.below:
+            workload = attrs.evolve(
+                workload,
+                packages=tuple((p, size) for p, size in workload.packages if size < args.below),
+            )
         files = min(args.files, len(workload.paths))
         total = sum(size for _, size in workload.paths[:files])
         print(f"workload: {files} files, {total / MB:.1f} MB", flush=True)

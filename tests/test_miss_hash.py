@@ -69,12 +69,33 @@ class BackgroundHashTests(SynchronousTestCase):
         bodies: list[list[bytes]] = [[], [], []]
         for round_ in range(4):
             for n, writer in enumerate(writers):
-                chunk = bytes([round_ * 3 + n]) * 70_000
+                # Large and small, so some go through the thread.
+                chunk = bytes([round_ * 3 + n]) * (70_000 if n else 270_000)
                 writer.write(chunk)
                 bodies[n].append(chunk)
         for writer, body in zip(writers, bodies):
             self.assertEqual(writer.sha256, hashlib.sha256(b"".join(body)).hexdigest())
             writer.abort()
+
+    def test_small_chunks_hashed_in_the_writer(self) -> None:
+        """
+        A chunk under HASH_BESIDE_FROM is hashed at once, in the writer,
+        unless a larger one before it is still queued (order is kept).
+        """
+        store = self.open(HeldRunner())
+        writer = store.writer("k")
+        recording = RecordingHash()
+        writer._hash = recording
+        writer.write(b"a" * 1000)
+        self.assertEqual(recording.threads, [threading.current_thread().name])
+        writer.write(b"b" * 300_000)
+        writer.write(b"c" * 1000)
+        self.assertEqual(
+            writer.sha256,
+            hashlib.sha256(b"a" * 1000 + b"b" * 300_000 + b"c" * 1000).hexdigest(),
+        )
+        self.assertEqual(recording.threads[1], "buildcache-hash")
+        writer.abort()
 
     def test_run_here_hashes_in_the_writer(self) -> None:
         store = self.open(run_here)
@@ -89,7 +110,7 @@ class BackgroundHashTests(SynchronousTestCase):
     def test_close_ends_the_thread(self) -> None:
         store = Store.open(self.mktemp(), 64 * MB, Clock(), run_blocking=HeldRunner())
         writer = store.writer("k")
-        writer.write(b"x" * 100_000)
+        writer.write(b"x" * 300_000)
         hashes = store.hashes
         assert hashes is not None
         thread = hashes._thread

@@ -38,6 +38,12 @@ SPARE_TEMP_FILES = 4
 UNCOUNTED_LIMIT = 64 * 1024 * 1024
 
 
+#: Chunks of a body being written at least this long are hashed by the
+#: store's :class:`BackgroundHashes`; shorter ones, in the writer, unless
+#: an earlier chunk of the body is still being hashed there.
+HASH_BESIDE_FROM = 256 * 1024
+
+
 class IntegrityError(Exception):
     """
     A body did not match what was expected of it, and was not stored.
@@ -151,6 +157,12 @@ class BackgroundHashes:
         self._queued += 1
         self._queue.put((digest, data))
         return self._queued
+
+    def done(self, ticket: int) -> bool:
+        """
+        Whether the update that gave ``ticket`` is done.
+        """
+        return self._finished >= ticket
 
     def wait(self, ticket: int) -> None:
         """
@@ -315,10 +327,13 @@ class ObjectWriter:
             written = self._store.write_file(self._fd, view)
             view = view[written:]
         hashes = self._store.hashes
-        if hashes is None:
-            self._hash.update(data)
-        else:
+        if hashes is not None and (
+            len(data) >= HASH_BESIDE_FROM or not hashes.done(self._ticket)
+        ):
             self._ticket = hashes.update(self._hash, bytes(data))
+        else:
+            # Waking the thread costs more than hashing a small chunk.
+            self._hash.update(data)
         self.size += len(data)
 
     @property
