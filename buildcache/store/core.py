@@ -21,10 +21,11 @@ from functools import partial
 
 import attrs
 from attrs import Factory, define
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from buildcache.store import maintenance
+from buildcache.store.batch import PendingRow, PendingRows, undone_totals
 from buildcache.store.layout import (
     LOCK_NAME,
     create_temp,
@@ -88,6 +89,11 @@ class Store(StoreReader):
     #: How many temporary files :meth:`writer` keeps ready, when
     #: ``run_blocking`` is not :func:`run_here`.
     spare_temp_files: int = SPARE_TEMP_FILES
+    #: Seconds a new row may wait to be committed with others (see
+    #: :mod:`buildcache.store.batch`); 0: each row is committed at once.
+    commit_delay: float = 0.0
+    _uncommitted: PendingRows = Factory(PendingRows)
+    _commit_call: IDelayedCall | None = None
     #: Where bodies being written are hashed: beside the reactor when
     #: ``run_blocking`` is not :func:`run_here`; None: in the writer.
     hashes: BackgroundHashes | None = None
@@ -99,6 +105,7 @@ class Store(StoreReader):
         max_object_size: int = 0,
         read_only: bool = False,
         on_evicted: Callable[[int, int], None] | None = None,
+        commit_delay: float = 0.0,
     ) -> Store:
         """
         Open (creating if needed) the cache in ``directory`` and reconcile
@@ -116,6 +123,8 @@ class Store(StoreReader):
         made it): nothing is created, locked, cleaned, reconciled or
         migrated, and every write raises
         :class:`buildcache.store.ReadOnlyStore`.
+
+        ``commit_delay``: see :attr:`commit_delay`.
         """
         directory = os.path.abspath(directory)
         if read_only:
@@ -146,6 +155,7 @@ class Store(StoreReader):
             on_evicted=on_evicted,
         )
         store.max_object_size = max_object_size
+        store.commit_delay = commit_delay
         if run_blocking is not None:
             store.run_blocking = run_blocking
             if run_blocking is not run_here:
@@ -310,19 +320,22 @@ class Store(StoreReader):
             old = self._db.execute(
                 "SELECT size, file, meta_size FROM entries WHERE key = ?", (key,)
             ).fetchone()
-            with self._db:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
-                    " fetched_at, validated_at, last_access, source_digest, meta_size)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key, name, size, headers_json, digest, now, now, now,
-                        source_digest, meta,
-                    ),
-                )
+            # Opens the transaction, or joins the one open (see batch.py).
+            self._db.execute(
+                "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
+                " fetched_at, validated_at, last_access, source_digest, meta_size)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key, name, size, headers_json, digest, now, now, now,
+                    source_digest, meta,
+                ),
+            )
+            if self.commit_delay <= 0:
+                self._db.commit()
         except (OSError, sqlite3.Error) as e:
             # No row names the file: remove it now rather than at the next
-            # start-up.
+            # start-up.  Rows waiting in the transaction went with it.
+            self._roll_back()
             unlink_quietly(final)
             if isinstance(e, OSError):
                 raise
@@ -334,8 +347,17 @@ class Store(StoreReader):
         else:
             self.total_size -= old[0]
             self.metadata_bytes -= old[2]
-            # Readers of the old version keep their descriptors.
-            unlink_quietly(file_path(self.directory, old[1]))
+            if self.commit_delay <= 0:
+                # Readers of the old version keep their descriptors.
+                unlink_quietly(file_path(self.directory, old[1]))
+        if self.commit_delay > 0:
+            full = self._uncommitted.add(PendingRow(key, name, size, meta, old))
+            if full:
+                self.commit_pending()
+            elif self._commit_call is None:
+                self._commit_call = self.clock.callLater(
+                    self.commit_delay, self.commit_pending
+                )
         self.total_size += size
         self.metadata_bytes += meta
         self._evict(keep=key)
@@ -343,6 +365,54 @@ class Store(StoreReader):
             key, size, dict(headers), digest, now, now, now, name, source_digest,
             meta,
         )
+
+    def commit_pending(self) -> bool:
+        """
+        Commit the rows waiting in the index's transaction (see
+        :mod:`buildcache.store.batch`), then unlink the files they
+        replaced; False when the index refused (the rows are rolled back
+        and their files removed, as if they had never been stored).
+        Every other write to the index commits them first, so that its
+        own rollback cannot take them.
+        """
+        if self._commit_call is not None:
+            if self._commit_call.active():
+                self._commit_call.cancel()
+            self._commit_call = None
+        if not len(self._uncommitted):
+            return True
+        try:
+            self._db.commit()
+        except sqlite3.Error as e:
+            self.log.error(
+                "Cannot commit {count} new entries to the cache index: {error};"
+                " they are not stored",
+                event="commit_failed", count=len(self._uncommitted), error=str(e),
+            )
+            self._roll_back()
+            return False
+        for row in self._uncommitted.take():
+            if row.old is not None:
+                # Readers of the old version keep their descriptors.
+                unlink_quietly(file_path(self.directory, row.old[1]))
+        return True
+
+    def _roll_back(self) -> None:
+        """
+        Roll back the index's open transaction, and forget the rows that
+        waited in it: their files and their sizes.
+        """
+        try:
+            self._db.rollback()
+        except sqlite3.Error:
+            pass
+        rows = self._uncommitted.take()
+        self.entry_count, self.total_size, self.metadata_bytes = undone_totals(
+            rows, self.entry_count, self.total_size, self.metadata_bytes
+        )
+        for row in rows:
+            self._forget(row.key)
+            unlink_quietly(file_path(self.directory, row.name))
 
     def mark_validated(
         self, key: str, headers: Mapping[str, str] | None = None
@@ -369,6 +439,7 @@ class Store(StoreReader):
             merged, merged_json = dict(entry.headers), json.dumps(dict(entry.headers))
         meta = metadata_size(key, merged_json)
         now = self.clock.seconds()
+        self.commit_pending()
         with self._db:
             cursor = self._db.execute(
                 "UPDATE entries SET validated_at = ?, headers = ?, meta_size = ?"
@@ -409,6 +480,7 @@ class Store(StoreReader):
         overwrites it.
         """
         self._writable("rename an entry")
+        self.commit_pending()
         self._forget(entry.key)
         self._forget(new_key)
         replaced = self._db.execute(
@@ -448,6 +520,7 @@ class Store(StoreReader):
         if its key still holds that version.
         """
         self._writable("record a source digest")
+        self.commit_pending()
         self._forget(entry.key)
         with self._db:
             self._db.execute(
@@ -459,6 +532,7 @@ class Store(StoreReader):
         """
         Delete rows (key, body size, metadata size, file) and their files.
         """
+        self.commit_pending()
         for victim in victims:
             self._forget(victim[0])
         deleted = maintenance.delete_rows(
@@ -520,6 +594,8 @@ class Store(StoreReader):
         :meth:`take_accesses`.
         """
         self._follow_other_writers()
+        if not self.read_only:
+            self.commit_pending()
         if not self._pending_access or self.read_only:
             return
         pending, self._pending_access = self._pending_access, {}
