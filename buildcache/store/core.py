@@ -17,22 +17,18 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Mapping
-from functools import partial
 
 import attrs
 from attrs import Factory, define
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.python.failure import Failure
 
 from buildcache.store import maintenance
-from buildcache.store.batch import PendingRow, PendingRows, undone_totals
+from buildcache.store.batch import BatchedCommits, PendingRow, PendingRows
 from buildcache.store.layout import (
     LOCK_NAME,
-    create_temp,
     file_path,
     make_directories,
     place_object,
-    temp_directory,
     unlink_quietly,
 )
 from buildcache.store.objects import (
@@ -55,6 +51,7 @@ from buildcache.store.schema import (
     open_index,
     open_index_read_only,
 )
+from buildcache.store.spare import SpareTemps
 
 
 class _NothingToRename(Exception):
@@ -64,7 +61,7 @@ class _NothingToRename(Exception):
 
 
 @define
-class Store(StoreReader):
+class Store(BatchedCommits, StoreReader):
     """
     The on-disk store shared by every front end.
 
@@ -77,11 +74,10 @@ class Store(StoreReader):
     uncounted: int = 0
     #: The largest body kept (``--max-object-size``); 0: max_size.
     max_object_size: int = 0
-    _temp_serial: int = 0
-    #: Temporary files made ahead of need (see :meth:`writer`), and how
-    #: many are being made.
-    _spare_temp: list[tuple[str, int]] = Factory(list)
-    _spare_coming: int = 0
+    #: Temporary files, some made ahead of need (see :meth:`writer`).
+    _spares: SpareTemps = attrs.field(
+        default=Factory(lambda self: SpareTemps(self.directory), takes_self=True)
+    )
     #: How body bytes reach the disk (``os.write``, ``os.fsync``); the
     #: fault tests replace them to make the disk fail.
     write_file: Callable[[int, memoryview], int] = os.write
@@ -252,51 +248,21 @@ class Store(StoreReader):
     def writer(self, key: str) -> ObjectWriter:
         """
         Start writing a new body for ``key``; nothing is visible until
-        :meth:`ObjectWriter.commit`.
-
-        Creating a file costs a journal write (a fraction of a millisecond
-        on ext4) while a reader waits for the body, so with a threaded
-        ``run_blocking`` the file comes from a few made ahead there, when
-        one is ready.
+        :meth:`ObjectWriter.commit`.  With a threaded ``run_blocking``
+        its file is one made ahead there, when one is ready (see
+        :mod:`buildcache.store.spare`).
         """
         self._writable("write a body")
-        if self._spare_temp:
-            path, fd = self._spare_temp.pop()
-        else:
-            path = self._temp_path()
-            fd = create_temp(path)
-        self._make_spare_temp()
+        path, fd = self._spares.take()
+        if self.run_blocking is not run_here:
+            # Made here and now, a spare would cost what it saves.
+            self._spares.refill(self.spare_temp_files, self.run_blocking)
         return ObjectWriter(self, key, path, fd)
 
-    def _temp_path(self) -> str:
-        self._temp_serial += 1
-        return os.path.join(
-            temp_directory(self.directory), f"{os.getpid()}-{self._temp_serial}.part"
-        )
-
-    def _make_spare_temp(self) -> None:
-        if self.run_blocking is run_here:
-            # Made here and now, a spare would cost what it saves.
-            return
-        missing = self.spare_temp_files - len(self._spare_temp) - self._spare_coming
-        for _ in range(missing):
-            path = self._temp_path()
-            self._spare_coming += 1
-
-            def made(fd: int, path: str = path) -> None:
-                self._spare_coming -= 1
-                if self._closed:
-                    os.close(fd)
-                    unlink_quietly(path)
-                else:
-                    self._spare_temp.append((path, fd))
-
-            def failed(failure: Failure) -> None:
-                # A full or failing disk: writer() makes its own file and
-                # meets the error there.
-                self._spare_coming -= 1
-
-            self.run_blocking(partial(create_temp, path)).addCallbacks(made, failed)
+    @property
+    def _spare_temp(self) -> list[tuple[str, int]]:
+        """The temporary files made ahead (path, descriptor)."""
+        return self._spares.ready
 
     def _place(self, key: str, temp_path: str) -> str:
         return place_object(self.directory, key, temp_path)
@@ -365,54 +331,6 @@ class Store(StoreReader):
             key, size, dict(headers), digest, now, now, now, name, source_digest,
             meta,
         )
-
-    def commit_pending(self) -> bool:
-        """
-        Commit the rows waiting in the index's transaction (see
-        :mod:`buildcache.store.batch`), then unlink the files they
-        replaced; False when the index refused (the rows are rolled back
-        and their files removed, as if they had never been stored).
-        Every other write to the index commits them first, so that its
-        own rollback cannot take them.
-        """
-        if self._commit_call is not None:
-            if self._commit_call.active():
-                self._commit_call.cancel()
-            self._commit_call = None
-        if not len(self._uncommitted):
-            return True
-        try:
-            self._db.commit()
-        except sqlite3.Error as e:
-            self.log.error(
-                "Cannot commit {count} new entries to the cache index: {error};"
-                " they are not stored",
-                event="commit_failed", count=len(self._uncommitted), error=str(e),
-            )
-            self._roll_back()
-            return False
-        for row in self._uncommitted.take():
-            if row.old is not None:
-                # Readers of the old version keep their descriptors.
-                unlink_quietly(file_path(self.directory, row.old[1]))
-        return True
-
-    def _roll_back(self) -> None:
-        """
-        Roll back the index's open transaction, and forget the rows that
-        waited in it: their files and their sizes.
-        """
-        try:
-            self._db.rollback()
-        except sqlite3.Error:
-            pass
-        rows = self._uncommitted.take()
-        self.entry_count, self.total_size, self.metadata_bytes = undone_totals(
-            rows, self.entry_count, self.total_size, self.metadata_bytes
-        )
-        for row in rows:
-            self._forget(row.key)
-            unlink_quietly(file_path(self.directory, row.name))
 
     def mark_validated(
         self, key: str, headers: Mapping[str, str] | None = None
@@ -648,10 +566,7 @@ class Store(StoreReader):
             return
         if self.hashes is not None:
             self.hashes.close()
-        spare, self._spare_temp = self._spare_temp, []
-        for path, fd in spare:
-            os.close(fd)
-            unlink_quietly(path)
+        self._spares.close()
         self.flush()
         super().close()
         os.close(self._lock_fd)
