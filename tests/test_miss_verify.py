@@ -8,6 +8,7 @@ where its data stream ends.
 from __future__ import annotations
 
 import attrs
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.ecosystems.apk import verify
@@ -66,3 +67,23 @@ class DataStreamNotInflatedTests(SynchronousTestCase):
         with self.assertRaises(verify.ApkMismatch) as caught:
             verifier.finish()
         self.assertIn("no data stream", caught.exception.reason)
+
+
+class QuietMatchTests(SynchronousTestCase):
+    def test_a_match_logs_nothing(self) -> None:
+        """
+        A package that matches its entry adds no log event (the access
+        line says it was served); a mismatch still logs one.
+        """
+        apk = build_apk("quiet", "1.0-r0", data_size_pad=1000, pad_seed=6)
+        entry = entry_for(apk)
+        with capturedLogs() as events:
+            verifier = ApkVerifier(entry)
+            verifier.update(apk.content)
+            verifier.finish()
+        self.assertEqual(events, [])
+        with capturedLogs() as events:
+            verifier = ApkVerifier(entry)
+            verifier.update(apk.content[:-1] + b"\0")
+            self.assertRaises(verify.ApkMismatch, verifier.finish)
+        self.assertEqual(len(events), 1)
