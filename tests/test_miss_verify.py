@@ -84,6 +84,6 @@ class QuietMatchTests(SynchronousTestCase):
         self.assertEqual(events, [])
         with capturedLogs() as events:
             verifier = ApkVerifier(entry)
-            verifier.update(apk.content[:-1] + b"\0")
+            verifier.update(apk.content[:-1] + bytes([apk.content[-1] ^ 1]))
             self.assertRaises(verify.ApkMismatch, verifier.finish)
         self.assertEqual(len(events), 1)
