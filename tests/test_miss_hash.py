@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from buildcache.store import BackgroundHashes, Store, run_here
+from buildcache.store import BackgroundHashes, Store, objects, run_here
 from tests.support import HeldRunner
 
 MB = 1024 * 1024
@@ -95,6 +95,51 @@ class BackgroundHashTests(SynchronousTestCase):
             hashlib.sha256(b"a" * 1000 + b"b" * 300_000 + b"c" * 1000).hexdigest(),
         )
         self.assertEqual(recording.threads[1], "buildcache-hash")
+        writer.abort()
+
+    def test_bytes_waiting_are_bounded(self) -> None:
+        """
+        With the hash thread stalled, a writer holds at most
+        HASH_QUEUE_MOST bytes in its queue: past that it waits for its own
+        and hashes the chunk itself; the digest stays right.
+        """
+        store = self.open(HeldRunner())
+        hashes = store.hashes
+        assert hashes is not None
+        stalled = threading.Event()
+        release = threading.Event()
+
+        class Stalling:
+            def update(self, data: bytes) -> None:
+                stalled.set()
+                release.wait(10)
+
+        # The thread takes the stalling update first and waits there.
+        hashes.update(Stalling(), b"")
+        stalled.wait(10)
+        writer = store.writer("k")
+        recording = RecordingHash()
+        writer._hash = recording
+        chunk = b"z" * (1024 * 1024)
+        peak = 0
+        real_wait = hashes.wait
+        waited: list[int] = []
+
+        def releasing_wait(ticket: int) -> None:
+            # The writer is past the bound and waits: let the thread go.
+            waited.append(hashes.waiting_bytes)
+            release.set()
+            real_wait(ticket)
+
+        hashes.wait = releasing_wait  # type: ignore[method-assign]
+        for _ in range(12):
+            writer.write(chunk)
+            peak = max(peak, hashes.waiting_bytes)
+        self.assertLessEqual(peak, objects.HASH_QUEUE_MOST)
+        # It waited once the next chunk would have passed the bound.
+        self.assertGreater(waited[0] + len(chunk), objects.HASH_QUEUE_MOST)
+        self.assertIn(threading.current_thread().name, recording.threads)
+        self.assertEqual(writer.sha256, hashlib.sha256(chunk * 12).hexdigest())
         writer.abort()
 
     def test_run_here_hashes_in_the_writer(self) -> None:

@@ -42,6 +42,10 @@ UNCOUNTED_LIMIT = 64 * 1024 * 1024
 #: store's :class:`BackgroundHashes`; shorter ones, in the writer, unless
 #: an earlier chunk of the body is still being hashed there.
 HASH_BESIDE_FROM = 256 * 1024
+#: Most bytes waiting for the hash thread: past them a writer waits for
+#: its own to be hashed and hashes the chunk itself (a starved thread
+#: must not hold a whole body in memory).
+HASH_QUEUE_MOST = 8 * 1024 * 1024
 
 
 class IntegrityError(Exception):
@@ -142,6 +146,8 @@ class BackgroundHashes:
         self._done = threading.Condition()
         self._queued = 0
         self._finished = 0
+        #: Bytes queued and not yet hashed.
+        self.waiting_bytes = 0
         self._thread: threading.Thread | None = None
 
     def update(self, digest: Any, data: bytes) -> int:
@@ -155,6 +161,8 @@ class BackgroundHashes:
             )
             self._thread.start()
         self._queued += 1
+        with self._done:
+            self.waiting_bytes += len(data)
         self._queue.put((digest, data))
         return self._queued
 
@@ -182,6 +190,7 @@ class BackgroundHashes:
             digest.update(data)
             with self._done:
                 self._finished += 1
+                self.waiting_bytes -= len(data)
                 self._done.notify_all()
 
     def close(self) -> None:
@@ -327,6 +336,9 @@ class ObjectWriter:
             written = self._store.write_file(self._fd, view)
             view = view[written:]
         hashes = self._store.hashes
+        if hashes is not None and hashes.waiting_bytes + len(data) > HASH_QUEUE_MOST:
+            self._digest()
+            hashes = None
         if hashes is not None and (
             len(data) >= HASH_BESIDE_FROM or not hashes.done(self._ticket)
         ):
