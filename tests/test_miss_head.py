@@ -7,6 +7,8 @@ header line.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,7 +24,7 @@ class Recorder(Protocol):
         self.chunks.append(data)
 
 
-def wrapped() -> tuple[Recorder, Protocol]:
+def wrapped() -> tuple[Recorder, Any]:
     recorder = Recorder()
     factory = _HeadLimitedFactory(Factory.forProtocol(lambda: recorder))
     wrapper = factory.buildProtocol(None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+from typing import Any, cast
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -78,7 +79,7 @@ class ResponseBeforeStoreTests(SynchronousTestCase):
         answer = self.successResultOf(answered)
         assert answer.body is not None
         client = Client([b"pkg.apk"])
-        BodySender(client, answer.body, 0, len(BODY)).start()
+        BodySender(cast(Any, client), answer.body, 0, len(BODY)).start()
         # The client has the whole body and its response has ended ...
         self.assertEqual(b"".join(client.written), BODY)
         self.assertEqual(client.finished, 1)
@@ -116,7 +117,7 @@ class ResponseBeforeStoreTests(SynchronousTestCase):
         answer = self.successResultOf(answered)
         assert answer.body is not None
         client = Client([b"pkg.apk"])
-        BodySender(client, answer.body, 0, len(BODY)).start()
+        BodySender(cast(Any, client), answer.body, 0, len(BODY)).start()
         response.send(BODY[:5000])
         self.assertEqual(client.finished, 0)
         response.send(BODY[5000:])
