@@ -58,7 +58,7 @@ from buildcache.ops.activity import Activity
 from buildcache.ops.snapshot import SnapshotSources
 from buildcache.ops.status import STATUS_PATHS, StatusResource
 from buildcache.shared.tier import S3Tier, make_tier
-from buildcache.store import Store, StoreError, in_thread_pool
+from buildcache.store import COMMIT_DELAY, Store, StoreError, in_thread_pool
 
 #: Seconds between writes of batched access times.
 FLUSH_INTERVAL = 5.0
@@ -588,6 +588,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         run_blocking=in_thread_pool(reactor, store_threads),
         max_object_size=config.max_object_size,
         on_evicted=activity.evicted,
+        commit_delay=COMMIT_DELAY,
     )
     server = Server.build(config, reactor, store, activity)
     top = BuildcacheService(server, reactor, store_threads=store_threads)

@@ -63,6 +63,9 @@ class HeadMeter:
     _tail: bytes = b""
     #: The start of the current head, to tell an interim (1xx) one.
     _start: bytes = b""
+    #: Where the final head ended in the chunk last passed to
+    #: :meth:`received`, if it ended there.
+    head_end: int | None = None
 
     def request_sent(self) -> None:
         if not self.counting:
@@ -72,6 +75,7 @@ class HeadMeter:
             self._start = b""
 
     def received(self, data: bytes) -> int:
+        self.head_end = None
         offset = 0
         while self.counting and offset < len(data):
             chunk = data[offset:]
@@ -95,6 +99,7 @@ class HeadMeter:
                 self._start = b""
                 continue
             self.counting = False
+            self.head_end = offset
         return len(data)
 
 
@@ -135,6 +140,16 @@ class _HeadLimitedProtocol(ProtocolWrapper):
                 abort()
             elif self.transport is not None:
                 self.transport.loseConnection()
+            return
+        end = self.meter.head_end
+        if end is not None and 0 < end < len(data):
+            # The head and the body's first bytes came in one read (of up
+            # to 1 MiB, see connect.py): Twisted's parser copies what
+            # follows each header line once per line, so it is given the
+            # head alone, then the body.
+            super().dataReceived(data[:end])
+            if self.transport is not None and not self.disconnecting:
+                super().dataReceived(data[end:])
             return
         super().dataReceived(data)
 

@@ -17,6 +17,7 @@ The parts, bottom up: :mod:`~buildcache.store.layout` (where files live),
 the offline :class:`OfflineIndex` the ``buildcache`` command works on).
 """
 
+from buildcache.store.batch import COMMIT_DELAY
 from buildcache.store.core import Store
 from buildcache.store.layout import INDEX_NAME, SECRET_NAME, object_name
 from buildcache.store.maintenance import (
@@ -33,6 +34,7 @@ from buildcache.store.maintenance import (
 from buildcache.store.objects import (
     SPARE_TEMP_FILES,
     UNCOUNTED_LIMIT,
+    BackgroundHashes,
     BlockingRunner,
     IntegrityError,
     NoRoom,
@@ -70,6 +72,8 @@ from buildcache.store.schema import (
 )
 
 __all__ = [
+    "COMMIT_DELAY",
+    "BackgroundHashes",
     "APPLICATION_ID",
     "BlockingRunner",
     "BodyCheck",

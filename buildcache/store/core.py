@@ -17,25 +17,23 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Mapping
-from functools import partial
 
 import attrs
 from attrs import Factory, define
-from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from buildcache.store import maintenance
+from buildcache.store.batch import BatchedCommits, PendingRow, PendingRows
 from buildcache.store.layout import (
     LOCK_NAME,
-    create_temp,
     file_path,
     make_directories,
     place_object,
-    temp_directory,
     unlink_quietly,
 )
 from buildcache.store.objects import (
     SPARE_TEMP_FILES,
+    BackgroundHashes,
     BlockingRunner,
     ObjectWriter,
     object_limit,
@@ -53,6 +51,7 @@ from buildcache.store.schema import (
     open_index,
     open_index_read_only,
 )
+from buildcache.store.spare import SpareTemps
 
 
 class _NothingToRename(Exception):
@@ -62,7 +61,7 @@ class _NothingToRename(Exception):
 
 
 @define
-class Store(StoreReader):
+class Store(BatchedCommits, StoreReader):
     """
     The on-disk store shared by every front end.
 
@@ -75,11 +74,10 @@ class Store(StoreReader):
     uncounted: int = 0
     #: The largest body kept (``--max-object-size``); 0: max_size.
     max_object_size: int = 0
-    _temp_serial: int = 0
-    #: Temporary files made ahead of need (see :meth:`writer`), and how
-    #: many are being made.
-    _spare_temp: list[tuple[str, int]] = Factory(list)
-    _spare_coming: int = 0
+    #: Temporary files, some made ahead of need (see :meth:`writer`).
+    _spares: SpareTemps = attrs.field(
+        default=Factory(lambda self: SpareTemps(self.directory), takes_self=True)
+    )
     #: How body bytes reach the disk (``os.write``, ``os.fsync``); the
     #: fault tests replace them to make the disk fail.
     write_file: Callable[[int, memoryview], int] = os.write
@@ -87,6 +85,14 @@ class Store(StoreReader):
     #: How many temporary files :meth:`writer` keeps ready, when
     #: ``run_blocking`` is not :func:`run_here`.
     spare_temp_files: int = SPARE_TEMP_FILES
+    #: Seconds a new row may wait to be committed with others (see
+    #: :mod:`buildcache.store.batch`); 0: each row is committed at once.
+    commit_delay: float = 0.0
+    _uncommitted: PendingRows = Factory(PendingRows)
+    _commit_call: IDelayedCall | None = None
+    #: Where bodies being written are hashed: beside the reactor when
+    #: ``run_blocking`` is not :func:`run_here`; None: in the writer.
+    hashes: BackgroundHashes | None = None
 
     @classmethod
     def open(
@@ -95,6 +101,7 @@ class Store(StoreReader):
         max_object_size: int = 0,
         read_only: bool = False,
         on_evicted: Callable[[int, int], None] | None = None,
+        commit_delay: float = 0.0,
     ) -> Store:
         """
         Open (creating if needed) the cache in ``directory`` and reconcile
@@ -112,6 +119,8 @@ class Store(StoreReader):
         made it): nothing is created, locked, cleaned, reconciled or
         migrated, and every write raises
         :class:`buildcache.store.ReadOnlyStore`.
+
+        ``commit_delay``: see :attr:`commit_delay`.
         """
         directory = os.path.abspath(directory)
         if read_only:
@@ -142,8 +151,11 @@ class Store(StoreReader):
             on_evicted=on_evicted,
         )
         store.max_object_size = max_object_size
+        store.commit_delay = commit_delay
         if run_blocking is not None:
             store.run_blocking = run_blocking
+            if run_blocking is not run_here:
+                store.hashes = BackgroundHashes()
         try:
             store._reconcile()
         except (OSError, sqlite3.DatabaseError) as e:
@@ -236,51 +248,21 @@ class Store(StoreReader):
     def writer(self, key: str) -> ObjectWriter:
         """
         Start writing a new body for ``key``; nothing is visible until
-        :meth:`ObjectWriter.commit`.
-
-        Creating a file costs a journal write (a fraction of a millisecond
-        on ext4) while a reader waits for the body, so with a threaded
-        ``run_blocking`` the file comes from a few made ahead there, when
-        one is ready.
+        :meth:`ObjectWriter.commit`.  With a threaded ``run_blocking``
+        its file is one made ahead there, when one is ready (see
+        :mod:`buildcache.store.spare`).
         """
         self._writable("write a body")
-        if self._spare_temp:
-            path, fd = self._spare_temp.pop()
-        else:
-            path = self._temp_path()
-            fd = create_temp(path)
-        self._make_spare_temp()
+        path, fd = self._spares.take()
+        if self.run_blocking is not run_here:
+            # Made here and now, a spare would cost what it saves.
+            self._spares.refill(self.spare_temp_files, self.run_blocking)
         return ObjectWriter(self, key, path, fd)
 
-    def _temp_path(self) -> str:
-        self._temp_serial += 1
-        return os.path.join(
-            temp_directory(self.directory), f"{os.getpid()}-{self._temp_serial}.part"
-        )
-
-    def _make_spare_temp(self) -> None:
-        if self.run_blocking is run_here:
-            # Made here and now, a spare would cost what it saves.
-            return
-        missing = self.spare_temp_files - len(self._spare_temp) - self._spare_coming
-        for _ in range(missing):
-            path = self._temp_path()
-            self._spare_coming += 1
-
-            def made(fd: int, path: str = path) -> None:
-                self._spare_coming -= 1
-                if self._closed:
-                    os.close(fd)
-                    unlink_quietly(path)
-                else:
-                    self._spare_temp.append((path, fd))
-
-            def failed(failure: Failure) -> None:
-                # A full or failing disk: writer() makes its own file and
-                # meets the error there.
-                self._spare_coming -= 1
-
-            self.run_blocking(partial(create_temp, path)).addCallbacks(made, failed)
+    @property
+    def _spare_temp(self) -> list[tuple[str, int]]:
+        """The temporary files made ahead (path, descriptor)."""
+        return self._spares.ready
 
     def _place(self, key: str, temp_path: str) -> str:
         return place_object(self.directory, key, temp_path)
@@ -304,19 +286,22 @@ class Store(StoreReader):
             old = self._db.execute(
                 "SELECT size, file, meta_size FROM entries WHERE key = ?", (key,)
             ).fetchone()
-            with self._db:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
-                    " fetched_at, validated_at, last_access, source_digest, meta_size)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key, name, size, headers_json, digest, now, now, now,
-                        source_digest, meta,
-                    ),
-                )
+            # Opens the transaction, or joins the one open (see batch.py).
+            self._db.execute(
+                "INSERT OR REPLACE INTO entries (key, file, size, headers, sha256,"
+                " fetched_at, validated_at, last_access, source_digest, meta_size)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key, name, size, headers_json, digest, now, now, now,
+                    source_digest, meta,
+                ),
+            )
+            if self.commit_delay <= 0:
+                self._db.commit()
         except (OSError, sqlite3.Error) as e:
             # No row names the file: remove it now rather than at the next
-            # start-up.
+            # start-up.  Rows waiting in the transaction went with it.
+            self._roll_back()
             unlink_quietly(final)
             if isinstance(e, OSError):
                 raise
@@ -328,8 +313,17 @@ class Store(StoreReader):
         else:
             self.total_size -= old[0]
             self.metadata_bytes -= old[2]
-            # Readers of the old version keep their descriptors.
-            unlink_quietly(file_path(self.directory, old[1]))
+            if self.commit_delay <= 0:
+                # Readers of the old version keep their descriptors.
+                unlink_quietly(file_path(self.directory, old[1]))
+        if self.commit_delay > 0:
+            full = self._uncommitted.add(PendingRow(key, name, size, meta, old))
+            if full:
+                self.commit_pending()
+            elif self._commit_call is None:
+                self._commit_call = self.clock.callLater(
+                    self.commit_delay, self.commit_pending
+                )
         self.total_size += size
         self.metadata_bytes += meta
         self._evict(keep=key)
@@ -363,6 +357,7 @@ class Store(StoreReader):
             merged, merged_json = dict(entry.headers), json.dumps(dict(entry.headers))
         meta = metadata_size(key, merged_json)
         now = self.clock.seconds()
+        self.commit_pending()
         with self._db:
             cursor = self._db.execute(
                 "UPDATE entries SET validated_at = ?, headers = ?, meta_size = ?"
@@ -403,6 +398,7 @@ class Store(StoreReader):
         overwrites it.
         """
         self._writable("rename an entry")
+        self.commit_pending()
         self._forget(entry.key)
         self._forget(new_key)
         replaced = self._db.execute(
@@ -442,6 +438,7 @@ class Store(StoreReader):
         if its key still holds that version.
         """
         self._writable("record a source digest")
+        self.commit_pending()
         self._forget(entry.key)
         with self._db:
             self._db.execute(
@@ -453,6 +450,7 @@ class Store(StoreReader):
         """
         Delete rows (key, body size, metadata size, file) and their files.
         """
+        self.commit_pending()
         for victim in victims:
             self._forget(victim[0])
         deleted = maintenance.delete_rows(
@@ -514,6 +512,8 @@ class Store(StoreReader):
         :meth:`take_accesses`.
         """
         self._follow_other_writers()
+        if not self.read_only:
+            self.commit_pending()
         if not self._pending_access or self.read_only:
             return
         pending, self._pending_access = self._pending_access, {}
@@ -564,10 +564,9 @@ class Store(StoreReader):
         if self.read_only:
             super().close()
             return
-        spare, self._spare_temp = self._spare_temp, []
-        for path, fd in spare:
-            os.close(fd)
-            unlink_quietly(path)
+        if self.hashes is not None:
+            self.hashes.close()
+        self._spares.close()
         self.flush()
         super().close()
         os.close(self._lock_fd)

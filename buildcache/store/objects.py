@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from typing import Protocol as TypingProtocol
@@ -34,6 +36,16 @@ SPARE_TEMP_FILES = 4
 #: ``tmp/`` together when the limit leaves them none (see
 #: :func:`uncounted_limit`).  Per process: each worker holds its own.
 UNCOUNTED_LIMIT = 64 * 1024 * 1024
+
+
+#: Chunks of a body being written at least this long are hashed by the
+#: store's :class:`BackgroundHashes`; shorter ones, in the writer, unless
+#: an earlier chunk of the body is still being hashed there.
+HASH_BESIDE_FROM = 256 * 1024
+#: Most bytes waiting for the hash thread: past them a writer waits for
+#: its own to be hashed and hashes the chunk itself (a starved thread
+#: must not hold a whole body in memory).
+HASH_QUEUE_MOST = 8 * 1024 * 1024
 
 
 class IntegrityError(Exception):
@@ -118,6 +130,79 @@ def in_thread_pool(reactor: Any, pool: ThreadPool) -> BlockingRunner:
     return run
 
 
+class BackgroundHashes:
+    """
+    One thread that runs the sha256 of the bodies being written, in the
+    order their bytes were written, beside the reactor: ``hashlib``
+    releases the GIL while it hashes, so the reactor goes on with the
+    next chunk (and a package's own check hashes it too, see
+    :mod:`buildcache.ecosystems.apk.verify`).  A writer waits for its
+    digest only when it needs it (:meth:`ObjectWriter.sha256`), by then
+    at most a read or two behind.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, bytes] | None] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._queued = 0
+        self._finished = 0
+        #: Bytes queued and not yet hashed.
+        self.waiting_bytes = 0
+        self._thread: threading.Thread | None = None
+
+    def update(self, digest: Any, data: bytes) -> int:
+        """
+        Hash ``data`` into ``digest`` after every update queued before;
+        the ticket to :meth:`wait` for.
+        """
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="buildcache-hash", daemon=True
+            )
+            self._thread.start()
+        self._queued += 1
+        with self._done:
+            self.waiting_bytes += len(data)
+        self._queue.put((digest, data))
+        return self._queued
+
+    def done(self, ticket: int) -> bool:
+        """
+        Whether the update that gave ``ticket`` is done.
+        """
+        return self._finished >= ticket
+
+    def wait(self, ticket: int) -> None:
+        """
+        Return once the update that gave ``ticket`` (and every one before
+        it) is done.
+        """
+        with self._done:
+            while self._finished < ticket:
+                self._done.wait()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            digest, data = item
+            digest.update(data)
+            with self._done:
+                self._finished += 1
+                self.waiting_bytes -= len(data)
+                self._done.notify_all()
+
+    def close(self) -> None:
+        """
+        Finish the updates queued, and end the thread.
+        """
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 @define
 class StoredObject:
     """
@@ -149,6 +234,9 @@ class ObjectWriter:
         self.path = path
         self._fd = fd
         self._hash = hashlib.sha256()
+        #: The last update of :attr:`_hash` handed to the store's
+        #: :class:`BackgroundHashes` (0: none pending).
+        self._ticket = 0
         self.size = 0
         self.closed = False
         #: Room held in the store for this body (see :meth:`Store.reserve`).
@@ -211,7 +299,18 @@ class ObjectWriter:
         """
         A copy of the running digest of the bytes written so far.
         """
-        return self._hash.copy()
+        return self._digest().copy()
+
+    def _digest(self) -> Any:
+        """
+        The running digest, once every byte written so far is in it.
+        """
+        if self._ticket:
+            hashes = self._store.hashes
+            assert hashes is not None
+            hashes.wait(self._ticket)
+            self._ticket = 0
+        return self._hash
 
     def write(self, data: bytes) -> None:
         """
@@ -236,7 +335,17 @@ class ObjectWriter:
         while view:
             written = self._store.write_file(self._fd, view)
             view = view[written:]
-        self._hash.update(data)
+        hashes = self._store.hashes
+        if hashes is not None and hashes.waiting_bytes + len(data) > HASH_QUEUE_MOST:
+            self._digest()
+            hashes = None
+        if hashes is not None and (
+            len(data) >= HASH_BESIDE_FROM or not hashes.done(self._ticket)
+        ):
+            self._ticket = hashes.update(self._hash, bytes(data))
+        else:
+            # Waking the thread costs more than hashing a small chunk.
+            self._hash.update(data)
         self.size += len(data)
 
     @property
@@ -244,7 +353,7 @@ class ObjectWriter:
         """
         The digest of the bytes written so far.
         """
-        return self._hash.hexdigest()
+        return self._digest().hexdigest()
 
     def reader_fd(self) -> int:
         """
