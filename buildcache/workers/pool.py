@@ -206,10 +206,20 @@ class WorkerPool(Service):
             for name, service in self.ports if service.port is not None
         ]
 
+    def _cover(self, worker: _Worker, down: bool) -> None:
+        # While a worker is down, the main process accepts on its sockets.
+        for _, service in self.ports:
+            if isinstance(service, PerProcessListening):
+                if down:
+                    service.cover(worker.number)
+                else:
+                    service.uncover(worker.number)
+
     def _start(self, worker: _Worker) -> None:
         worker.restart = None
         if self._stopping:
             return
+        self._cover(worker, down=False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2, CONTROL_FD: theirs.fileno()}
         ports = []
@@ -230,6 +240,7 @@ class WorkerPool(Service):
                 "Cannot start worker {worker}: {error}", worker=worker.number,
                 error=str(e), event="worker_start_failed",
             )
+            self._cover(worker, down=True)
             self._schedule_restart(worker)
             return
         finally:
@@ -288,6 +299,7 @@ class WorkerPool(Service):
         )
         if self._stopping:
             return
+        self._cover(worker, down=True)
         if self.reactor.seconds() - worker.started_at >= STEADY_AFTER:
             worker.backoff = FIRST_BACKOFF
         self._schedule_restart(worker)

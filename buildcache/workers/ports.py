@@ -179,6 +179,9 @@ class PerProcessListening(ListeningService):
         self.processes = processes
         #: The group's sockets, the main process's first, while listening.
         self.sockets: Sequence[socket.socket] = ()
+        #: The workers' sockets this process accepts on while they are
+        #: down, by worker number.
+        self.covering: dict[int, IListeningPort] = {}
 
     def address(self) -> TCPAddress | None:
         """Where the group listens; None when the endpoint is not TCP."""
@@ -207,7 +210,29 @@ class PerProcessListening(ListeningService):
             return super().fileno_for(worker)
         return self.sockets[worker].fileno()
 
+    def cover(self, worker: int) -> None:
+        """
+        Accept on worker ``worker``'s socket in this process too, while the
+        worker is down: the kernel goes on giving that socket its share of
+        the connections, which would otherwise wait for the restart (up to
+        ``MAX_BACKOFF`` seconds for a worker that keeps dying).
+        """
+        if not self.sockets or worker in self.covering:
+            return
+        sock = self.sockets[worker]
+        self.covering[worker] = self.reactor.adoptStreamPort(
+            sock.fileno(), sock.family, self.factory
+        )
+
+    def uncover(self, worker: int) -> Deferred[None] | None:
+        """Stop accepting on worker ``worker``'s socket (it is back)."""
+        port = self.covering.pop(worker, None)
+        # A copy of the socket: the group's own stays open.
+        return None if port is None else port.stopListening()
+
     def _close(self) -> None:
+        for worker in list(self.covering):
+            self.uncover(worker)
         for sock in self.sockets:
             sock.close()
         self.sockets = ()
