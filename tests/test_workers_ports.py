@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -199,7 +200,7 @@ class ListeningTests(TestCase):
             os.fstat(service.port.fileno()).st_ino,  # type: ignore[attr-defined]
             os.fstat(sockets[0].fileno()).st_ino,
         )
-        await service.stopService()
+        await _done(service.stopService())
         self.assertEqual(service.sockets, ())
         self.assertEqual([s.fileno() for s in sockets], [-1, -1, -1])
 
@@ -223,12 +224,12 @@ class ListeningTests(TestCase):
             received = await deferToThread(_get, port)
             self.assertTrue(received.endswith(b"hello"), received)
         worker_socket = service.sockets[1]
-        await service.uncover(1)
+        await _done(service.uncover(1))
         self.assertEqual(service.covering, {})
         self.assertNotEqual(worker_socket.fileno(), -1)
         self.assertEqual(_option(worker_socket, socket.SO_ACCEPTCONN), 1)
         service.cover(1)
-        await service.stopService()
+        await _done(service.stopService())
         self.assertEqual(service.covering, {})
         self.assertEqual(worker_socket.fileno(), -1)
 
@@ -241,7 +242,7 @@ class ListeningTests(TestCase):
         self.assertEqual(service.sockets, ())
         shared = service.port.fileno()  # type: ignore[attr-defined]
         self.assertEqual([service.fileno_for(n) for n in (1, 2)], [shared, shared])
-        await service.stopService()
+        await _done(service.stopService())
 
     async def test_one_process(self) -> None:
         """One process: the endpoint's own port, no group."""
@@ -254,7 +255,7 @@ class ListeningTests(TestCase):
         self.assertEqual(
             _option(_dup(service.port.fileno()), socket.SO_REUSEPORT), 0  # type: ignore[attr-defined]
         )
-        await service.stopService()
+        await _done(service.stopService())
 
     def test_assembly(self) -> None:
         """``--workers 2`` listens per process; ``--workers 1`` is today's ListeningService."""
@@ -294,6 +295,11 @@ class ListeningTests(TestCase):
                 self.assertEqual(service.sockets, ())
                 if service.port is not None:
                     self.addCleanup(service.port.stopListening)
+
+
+async def _done(stopped: Deferred[None] | None) -> None:
+    if stopped is not None:
+        await stopped
 
 
 def _dup(fd: int) -> socket.socket:
