@@ -354,17 +354,36 @@ class ListeningService(Service):
         self._option = option
         #: The command-line option that gave the description.
         self.option = option
-        self._endpoint = serverFromString(reactor, description)
-        self._factory = factory
+        self.reactor = reactor
+        #: The endpoint description (``tcp:8899:interface=...``).
+        self.description = description
+        self.endpoint = serverFromString(reactor, description)
+        self.factory = factory
         self._on_listening = on_listening
         self.port: IListeningPort | None = None
+
+    def listen(self) -> Deferred[IListeningPort]:
+        """
+        Start listening (when the service starts, before privileges are
+        dropped): the endpoint's ``listen``.  The hit workers' ports
+        (:mod:`buildcache.workers.ports`) override it.
+        """
+        return self.endpoint.listen(self.factory)
+
+    def fileno_for(self, worker: int) -> int:
+        """
+        The listening socket hit worker ``worker`` (1 to N-1) is given:
+        here the one this process listens on, shared.
+        """
+        if self.port is None:
+            raise RuntimeError(f"{self.option} is not listening")
+        fileno: int = self.port.fileno()  # type: ignore[attr-defined]
+        return fileno
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failures: list[Failure] = []
-        self._endpoint.listen(self._factory).addCallbacks(
-            self._listened, failures.append
-        )
+        self.listen().addCallbacks(self._listened, failures.append)
         # A port in use must stop twistd at start-up, not leave a server
         # running without it; with a line that says so, not a traceback.
         if failures:
@@ -556,9 +575,14 @@ def log_shared_tier(config: Config) -> None:
     )
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
+def make_service(
+    config: Config, reactor: Any,
+    listening: Callable[..., ListeningService] = ListeningService,
+) -> MultiService:
     """
-    The whole server for twistd: store housekeeping and both ports.
+    The whole server for twistd: store housekeeping and both ports, each
+    a ``listening`` service (:class:`ListeningService`, or the hit
+    workers' :class:`buildcache.workers.ports.PerProcessListening`).
 
     Raises :class:`buildcache.store.StoreError` (before anything listens)
     when the cache directory cannot be used.
@@ -592,28 +616,31 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     )
     server = Server.build(config, reactor, store, activity)
     top = BuildcacheService(server, reactor, store_threads=store_threads)
-    ListeningService(
+    listening(
         reactor, config.proxy_endpoint, server.proxy_site, option="--port"
     ).setServiceParent(top)
-    ListeningService(
+    listening(
         reactor, config.index_endpoint, server.index_site, server.index_listening,
         option="--pypi-port",
     ).setServiceParent(top)
     if config.registry_endpoint is not None:
-        ListeningService(
+        listening(
             reactor, config.registry_endpoint, server.registry_site,
             option="--registry-port",
         ).setServiceParent(top)
     return top
 
 
-def service_for_twistd(config: Config, reactor: Any) -> MultiService:
+def service_for_twistd(
+    config: Config, reactor: Any,
+    listening: Callable[..., ListeningService] = ListeningService,
+) -> MultiService:
     """
     :func:`make_service`, for ``twistd`` (the plugin and the ``.tac``
     file): a cache directory that cannot be used stops it with one line
     that says why and what to do, not a traceback that buries it.
     """
     try:
-        return make_service(config, reactor)
+        return make_service(config, reactor, listening)
     except StoreError as e:
         raise SystemExit(f"buildcache: --cache-dir: {e}") from None

@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 import attrs
@@ -52,6 +53,7 @@ from buildcache.service import (
 )
 from buildcache.service import service_for_twistd as one_process_service
 from buildcache.workers.control import WorkerLink, protocol_factory
+from buildcache.workers.ports import PerProcessListening
 
 __all__ = [
     "FIRST_BACKOFF",
@@ -196,22 +198,32 @@ class WorkerPool(Service):
         for worker in self.workers:
             self._start(worker)
 
-    def _listening_fds(self) -> list[tuple[str, int]]:
-        fds = []
-        for name, service in self.ports:
-            port = service.port
-            if port is not None:
-                fds.append((name, port.fileno()))  # type: ignore[attr-defined]
-        return fds
+    def _listening_fds(self, worker: _Worker) -> list[tuple[str, int]]:
+        # Each port's socket for this worker: its own (the same at every
+        # restart) on a TCP port, else the one every process shares.
+        return [
+            (name, service.fileno_for(worker.number))
+            for name, service in self.ports if service.port is not None
+        ]
+
+    def _cover(self, worker: _Worker, down: bool) -> None:
+        # While a worker is down, the main process accepts on its sockets.
+        for _, service in self.ports:
+            if isinstance(service, PerProcessListening):
+                if down:
+                    service.cover(worker.number)
+                else:
+                    service.uncover(worker.number)
 
     def _start(self, worker: _Worker) -> None:
         worker.restart = None
         if self._stopping:
             return
+        self._cover(worker, down=False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2, CONTROL_FD: theirs.fileno()}
         ports = []
-        for offset, (name, fd) in enumerate(self._listening_fds(), start=CONTROL_FD + 1):
+        for offset, (name, fd) in enumerate(self._listening_fds(worker), start=CONTROL_FD + 1):
             child_fds[offset] = fd
             ports.append((name, offset))
         process = _WorkerProcess(self, worker, self._config_bytes)
@@ -228,6 +240,7 @@ class WorkerPool(Service):
                 "Cannot start worker {worker}: {error}", worker=worker.number,
                 error=str(e), event="worker_start_failed",
             )
+            self._cover(worker, down=True)
             self._schedule_restart(worker)
             return
         finally:
@@ -286,6 +299,7 @@ class WorkerPool(Service):
         )
         if self._stopping:
             return
+        self._cover(worker, down=True)
         if self.reactor.seconds() - worker.started_at >= STEADY_AFTER:
             worker.backoff = FIRST_BACKOFF
         self._schedule_restart(worker)
@@ -391,8 +405,12 @@ def service_for_twistd(config: Config, reactor: Any) -> MultiService:
     The whole server for ``twistd``: :func:`buildcache.service.service_for_twistd`,
     plus the hit workers when ``config.workers`` is above 1.
     """
-    top = one_process_service(config, reactor)
-    if config.workers <= 1 or not isinstance(top, BuildcacheService):
+    if config.workers <= 1:
+        return one_process_service(config, reactor)
+    top = one_process_service(
+        config, reactor, partial(PerProcessListening, processes=config.workers)
+    )
+    if not isinstance(top, BuildcacheService):
         return top
     ports = [
         (_PORT_NAMES.get(service.option, service.option), service)
