@@ -272,6 +272,8 @@ class IndexResource(Resource):
         if media_type is None:
             self._not_acceptable(request)
             return
+        if self.prefetcher is not None:
+            self.prefetcher.page_asked(name)
         try:
             resolved = await self.pages.resolve(name, headers)
         except Refusal as refusal:

@@ -20,6 +20,11 @@ once asked for, or is written off :data:`UNCLAIMED_TTL` seconds after it
 was stored.
 ``max_size`` 0 turns it off.
 
+The prefetcher also holds the read-ahead of the pages of the dependencies
+a metadata file names (:mod:`.pagereads`, attached by the index as
+``pages``), so that the server starts, counts, stops and waits for both as
+one.
+
 The observer is told of each read-ahead that asked the upstream
 (:meth:`~buildcache.engine.events.CacheObserver.read_ahead_started`: one
 request each, the one the client would have caused) and of each a client
@@ -40,6 +45,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.credentials import redact
+from buildcache.ecosystems.pypi.pagereads import PageReadAhead
 from buildcache.ecosystems.pypi.policy import FileRequest
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import ANSWERED_ERRORS
@@ -88,6 +94,8 @@ class Prefetcher:
     max_size: int
     #: Told when a read-ahead starts and when a client claims one.
     observer: CacheObserver | None = None
+    #: Read-ahead of dependencies' pages, when the index attached one.
+    pages: PageReadAhead | None = None
     #: Scheduled or fetching.
     _running: dict[str, _ReadAhead] = Factory(dict)
     #: Fetching: asked the upstream (a subset of ``_running``).
@@ -105,22 +113,48 @@ class Prefetcher:
 
     def running(self) -> int:
         """
-        Read-aheads scheduled or running.
+        Read-aheads (of files and pages) scheduled or running.
         """
-        return len(self._running)
+        pages = 0 if self.pages is None else self.pages.running()
+        return len(self._running) + pages
 
     def when_done(self) -> Deferred[None]:
         """
         Fires once no read-ahead is scheduled or running (at once if none
         is).
         """
-        return self._done.wait(not self._running)
+        return Deferred.fromCoroutine(self._all_done())
+
+    async def _all_done(self) -> None:
+        await self._done.wait(not self._running)
+        if self.pages is not None:
+            await self.pages.when_done()
 
     def stop(self) -> None:
         """
         Start no more read-aheads (the server is stopping).
         """
         self._stopped = True
+        if self.pages is not None:
+            self.pages.stop()
+
+    def after_core_metadata(
+        self, key: str, user_agent: str | None, credentialed: bool
+    ) -> None:
+        """
+        A client has been answered the core metadata stored under ``key``:
+        read ahead its dependencies' pages (see :mod:`.pagereads`).
+        """
+        if self.pages is not None and self.max_size > 0:
+            self.pages.after_metadata(key, user_agent, credentialed)
+
+    def page_asked(self, name: str) -> None:
+        """
+        A client asks for the page of ``name``: counted as used if it was
+        read ahead.
+        """
+        if self.pages is not None:
+            self.pages.claim(name)
 
     def after_metadata(
         self, request: FileRequest, size: int | None, project: str

@@ -1,0 +1,242 @@
+"""
+Read-ahead of project pages: once a client has read a distribution's core
+metadata, the pages of the dependencies it names are fetched into the
+store, so the client's next requests (pip and uv ask for each dependency's
+page as they resolve) find them there instead of waiting for the upstream,
+one round trip each.
+
+A page is read ahead exactly as a client's request for it is resolved
+(:meth:`~buildcache.ecosystems.pypi.pages.PageResolver.resolve`, with no
+client header): the same store key, which does not depend on the client's
+``Accept`` (the index stores the upstream's page and renders JSON or HTML
+from it), the same upstream order and negative cache; a client asking
+while it is fetched joins that one download.
+
+Which dependencies: those :func:`~buildcache.ecosystems.pypi.requires.dependencies`
+finds for the client's environment (from its ``User-Agent``), at most
+:data:`PER_METADATA` per metadata file; none for a request that carries
+credentials.  Bounded: at most :data:`MAX_RUNNING` scheduled or fetching at
+once (more are skipped, not queued), none whose page is stored and fresh,
+and none while :data:`UNCLAIMED_BUDGET` pages read ahead have not been
+asked for (a page stops counting once asked for, or once it is as old as
+the index TTL: it would be revalidated by then anyway).
+
+The observer counts each page read ahead from the upstream
+(``read_ahead_started``) and each one a client asked for afterwards
+(``read_ahead_claimed``), as for files (:mod:`.prefetch`).  A page read
+ahead is answered ``HIT``: it is small, and serving it from the store
+without a round trip is the point.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from attrs import Factory, define
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from buildcache.ecosystems.pypi.lru import LRU
+from buildcache.ecosystems.pypi.pages import PageResolver, Refusal
+from buildcache.ecosystems.pypi.policy import open_entry, read_stored
+from buildcache.ecosystems.pypi.requires import client_environment, dependencies
+from buildcache.engine.core import Engine
+from buildcache.engine.events import CacheObserver
+from buildcache.engine.exchanges import CacheStatus
+from buildcache.turns import Waiters, after_io
+
+__all__ = ["PageReadAhead", "MAX_RUNNING", "PER_METADATA", "UNCLAIMED_BUDGET"]
+
+#: Pages read ahead for one metadata file, at most.
+PER_METADATA = 16
+#: Page read-aheads scheduled or fetching at once; more are skipped.
+MAX_RUNNING = 8
+#: Read-ahead pauses while this many pages it fetched are not asked for.
+UNCLAIMED_BUDGET = 64
+#: Dependency lists kept per (metadata key, client environment).
+_PARSED_KEPT = 2048
+
+
+@define
+class PageReadAhead:
+    """
+    Reads ahead the pages a metadata file's dependencies are on; see the
+    module docstring.
+    """
+
+    log = Logger()
+
+    engine: Engine
+    pages: PageResolver
+    reactor: IReactorTime
+    observer: CacheObserver | None = None
+    #: Scheduled or fetching, by normalised project name.
+    _running: set[str] = Factory(set)
+    #: Fetching from the upstream (a subset of ``_running``).
+    _fetching: set[str] = Factory(set)
+    #: Fetching, and a client has asked for it already.
+    _claimed: set[str] = Factory(set)
+    #: Fetched, not asked for yet: name to when; oldest first.
+    _unclaimed: OrderedDict[str, float] = Factory(OrderedDict)
+    _parsed: LRU[tuple[str, str], tuple[str, ...]] = Factory(
+        lambda: LRU(_PARSED_KEPT, _PARSED_KEPT * 64)
+    )
+    #: Metadata files waiting to be read for their dependencies.
+    _parsing: int = 0
+    _stopped: bool = False
+    _done: Waiters = Factory(Waiters)
+
+    def running(self) -> int:
+        """
+        Page read-aheads scheduled or fetching, and metadata files about to
+        be read for them.
+        """
+        return len(self._running) + self._parsing
+
+    def when_done(self) -> Deferred[None]:
+        """
+        Fires once :meth:`running` is 0 (at once if it is).
+        """
+        return self._done.wait(not self.running())
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def after_metadata(
+        self, key: str, user_agent: str | None, credentialed: bool,
+    ) -> None:
+        """
+        A client (sending ``user_agent``; ``credentialed`` when it sent
+        credentials) has been answered the core metadata stored under
+        ``key``: read ahead the pages of its dependencies, after this
+        turn's responses.
+        """
+        if self._stopped or credentialed:
+            return
+        slot = (key, user_agent or "")
+        names = self._parsed.get(slot)
+        if names is not None:
+            self.read_ahead(names)
+            return
+        if self._parsing >= MAX_RUNNING:
+            return
+        self._parsing += 1
+        after_io(self.reactor).addCallback(
+            lambda _: Deferred.fromCoroutine(self._parse(key, slot, user_agent))
+        )
+
+    async def _parse(
+        self, key: str, slot: tuple[str, str], user_agent: str | None
+    ) -> None:
+        try:
+            await self._read_dependencies(key, slot, user_agent)
+        finally:
+            self._parsing -= 1
+            if not self.running():
+                self._done.fire()
+
+    async def _read_dependencies(
+        self, key: str, slot: tuple[str, str], user_agent: str | None
+    ) -> None:
+        try:
+            # A metadata file that has just arrived may still be on its way
+            # into the store.
+            await self.engine.fetcher.stored(key)
+            stored = open_entry(self.engine, key, CacheStatus.HIT)
+            if stored is None or stored.stored is None:
+                return
+            try:
+                metadata = read_stored(stored.stored)
+            finally:
+                stored.close()
+            names = tuple(
+                dependencies(metadata, client_environment(user_agent), PER_METADATA)
+            )
+        except Exception:
+            self.log.failure("Reading the dependencies in {key} failed", key=key)
+            return
+        self._parsed.put(slot, names, len(key) + 16 * len(names) + 64)
+        self.read_ahead(names)
+
+    def read_ahead(self, names: Sequence[str]) -> None:
+        """
+        Fetch the pages of ``names`` (normalised) that are not stored fresh,
+        within the bounds.
+        """
+        self._write_off()
+        for name in names[:PER_METADATA]:
+            if (
+                self._stopped
+                or len(self._running) >= MAX_RUNNING
+                or self._unclaimed_count() >= UNCLAIMED_BUDGET
+            ):
+                return
+            if name in self._running or name in self._unclaimed:
+                continue
+            if self.pages.has_fresh(name):
+                continue
+            self._running.add(name)
+            self._fetching.add(name)
+            if self.observer is not None:
+                self.observer.read_ahead_started()
+            Deferred.fromCoroutine(self._fetch(name))
+
+    async def _fetch(self, name: str) -> None:
+        fetched = False
+        try:
+            await self.pages.resolve(name, {})
+            fetched = True
+        except Refusal as refusal:
+            # Not found upstream (remembered by the resolver), or failed:
+            # the client's own request will say so.
+            self.log.debug(
+                "Read-ahead of the page of {name}: {why}",
+                name=name, why=refusal.message,
+            )
+        except Exception:
+            self.log.failure("Read-ahead of the page of {name} failed", name=name)
+        finally:
+            self._running.discard(name)
+            self._fetching.discard(name)
+            if name in self._claimed:
+                self._claimed.discard(name)
+            elif fetched:
+                self._unclaimed[name] = self.reactor.seconds()
+            if not self.running():
+                self._done.fire()
+
+    def claim(self, name: str) -> bool:
+        """
+        A client asks for the page of ``name``: whether this is the first
+        request for a page read ahead (fetched, or fetching).  Counted once.
+        """
+        if name in self._unclaimed:
+            del self._unclaimed[name]
+        elif name in self._fetching and name not in self._claimed:
+            self._claimed.add(name)
+        else:
+            return False
+        if self.observer is not None:
+            self.observer.read_ahead_claimed()
+        return True
+
+    def unclaimed(self) -> int:
+        """
+        Pages read ahead (fetched or fetching) no client has asked for.
+        """
+        self._write_off()
+        return self._unclaimed_count()
+
+    def _unclaimed_count(self) -> int:
+        return len(self._unclaimed) + len(self._fetching) - len(self._claimed)
+
+    def _write_off(self) -> None:
+        # As old as the index TTL: stale now, its upstream request spent.
+        cutoff = self.reactor.seconds() - self.pages.index_ttl
+        while self._unclaimed:
+            name, when = next(iter(self._unclaimed.items()))
+            if when > cutoff:
+                return
+            del self._unclaimed[name]
