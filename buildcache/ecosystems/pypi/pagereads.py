@@ -15,8 +15,9 @@ while it is fetched joins that one download.
 Which dependencies: those :func:`~buildcache.ecosystems.pypi.requires.dependencies`
 finds for the client's environment (from its ``User-Agent``), at most
 :data:`PER_METADATA` per metadata file; none for a request that carries
-credentials.  Bounded: at most :data:`MAX_RUNNING` scheduled or fetching at
-once (more are skipped, not queued), none whose page is stored and fresh,
+credentials.  Bounded: at most :data:`MAX_RUNNING` fetching at once and
+:data:`MAX_PENDING` queued (more are skipped), none whose page is stored
+and fresh,
 and none while :data:`UNCLAIMED_BUDGET` pages read ahead have not been
 asked for (a page stops counting once asked for, or once it is as old as
 the index TTL: it would be revalidated by then anyway).
@@ -30,7 +31,7 @@ without a round trip is the point.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from attrs import Factory, define
@@ -47,12 +48,16 @@ from buildcache.engine.events import CacheObserver
 from buildcache.engine.exchanges import CacheStatus
 from buildcache.turns import Waiters, after_io
 
-__all__ = ["PageReadAhead", "MAX_RUNNING", "PER_METADATA", "UNCLAIMED_BUDGET"]
+__all__ = [
+    "PageReadAhead", "MAX_RUNNING", "MAX_PENDING", "PER_METADATA", "UNCLAIMED_BUDGET",
+]
 
 #: Pages read ahead for one metadata file, at most.
 PER_METADATA = 16
-#: Page read-aheads scheduled or fetching at once; more are skipped.
+#: Page read-aheads fetching at once; more wait in a queue.
 MAX_RUNNING = 8
+#: Page read-aheads queued, at most; more are skipped.
+MAX_PENDING = 64
 #: Read-ahead pauses while this many pages it fetched are not asked for.
 UNCLAIMED_BUDGET = 64
 #: Dependency lists kept per (metadata key, client environment).
@@ -72,8 +77,10 @@ class PageReadAhead:
     pages: PageResolver
     reactor: IReactorTime
     observer: CacheObserver | None = None
-    #: Scheduled or fetching, by normalised project name.
+    #: Queued or fetching, by normalised project name.
     _running: set[str] = Factory(set)
+    #: Queued, oldest first (a subset of ``_running``).
+    _pending: deque[str] = Factory(deque)
     #: Fetching from the upstream (a subset of ``_running``).
     _fetching: set[str] = Factory(set)
     #: Fetching, and a client has asked for it already.
@@ -81,7 +88,7 @@ class PageReadAhead:
     #: Fetched, not asked for yet: name to when; oldest first.
     _unclaimed: OrderedDict[str, float] = Factory(OrderedDict)
     _parsed: LRU[tuple[str, str], tuple[str, ...]] = Factory(
-        lambda: LRU(_PARSED_KEPT, _PARSED_KEPT * 64)
+        lambda: LRU(_PARSED_KEPT, _PARSED_KEPT * 512)
     )
     #: Metadata files waiting to be read for their dependencies.
     _parsing: int = 0
@@ -102,7 +109,12 @@ class PageReadAhead:
         return self._done.wait(not self.running())
 
     def stop(self) -> None:
+        """
+        Start no more read-aheads (the server is stopping); the queued ones
+        are dropped.
+        """
         self._stopped = True
+        self._start_pending()
 
     def after_metadata(
         self, key: str, user_agent: str | None, credentialed: bool,
@@ -120,7 +132,7 @@ class PageReadAhead:
         if names is not None:
             self.read_ahead(names)
             return
-        if self._parsing >= MAX_RUNNING:
+        if self._parsing >= MAX_PENDING:
             return
         self._parsing += 1
         after_io(self.reactor).addCallback(
@@ -163,25 +175,38 @@ class PageReadAhead:
     def read_ahead(self, names: Sequence[str]) -> None:
         """
         Fetch the pages of ``names`` (normalised) that are not stored fresh,
-        within the bounds.
+        within the bounds: the first :data:`PER_METADATA`, queued (up to
+        :data:`MAX_PENDING`) while :data:`MAX_RUNNING` are fetching.
         """
         self._write_off()
         for name in names[:PER_METADATA]:
             if (
                 self._stopped
-                or len(self._running) >= MAX_RUNNING
-                or self._unclaimed_count() >= UNCLAIMED_BUDGET
+                or len(self._pending) >= MAX_PENDING
+                or self._unclaimed_count() + len(self._pending) >= UNCLAIMED_BUDGET
             ):
-                return
+                break
             if name in self._running or name in self._unclaimed:
                 continue
             if self.pages.has_fresh(name):
                 continue
             self._running.add(name)
+            self._pending.append(name)
+        self._start_pending()
+
+    def _start_pending(self) -> None:
+        while self._pending and len(self._fetching) < MAX_RUNNING:
+            name = self._pending.popleft()
+            if self._stopped or self.pages.has_fresh(name):
+                # A client asked for it meanwhile (or the server stops).
+                self._running.discard(name)
+                continue
             self._fetching.add(name)
             if self.observer is not None:
                 self.observer.read_ahead_started()
             Deferred.fromCoroutine(self._fetch(name))
+        if not self.running():
+            self._done.fire()
 
     async def _fetch(self, name: str) -> None:
         fetched = False
@@ -204,8 +229,9 @@ class PageReadAhead:
                 self._claimed.discard(name)
             elif fetched:
                 self._unclaimed[name] = self.reactor.seconds()
-            if not self.running():
-                self._done.fire()
+                while len(self._unclaimed) > UNCLAIMED_BUDGET:
+                    self._unclaimed.popitem(last=False)
+            self._start_pending()
 
     def claim(self, name: str) -> bool:
         """

@@ -1,0 +1,321 @@
+"""
+Read-ahead of the pages of dependencies (:mod:`buildcache.ecosystems.pypi.pagereads`):
+once a client has read a wheel's core metadata, the pages of the projects
+its ``Requires-Dist`` names for that client are fetched before it asks.
+
+Against a real PEP 503/691 origin with PEP 658 metadata on 127.0.0.1
+(:class:`tests.pyindex.StaticSimpleIndex`), through the index on
+127.0.0.1, asked with treq; the queue's bounds against a resolver whose
+answers the test holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from buildcache.ecosystems.pypi import pagereads
+from buildcache.ecosystems.pypi.pagereads import PageReadAhead
+from buildcache.ecosystems.pypi.requires import client_environment, dependencies
+from tests.pyindex import DemoRelease, StaticSimpleIndex
+from tests.support import Client, listen, start_server, url_of
+from tests.test_simple_index import PIP_ACCEPT, Harness, fixture_for
+
+#: What pip 24 on CPython 3.11 / Linux sends (its linehaul JSON).
+PIP_USER_AGENT = (
+    'pip/24.0 {"ci":null,"cpu":"x86_64","distro":{"name":"Debian GNU/Linux"},'
+    '"implementation":{"name":"CPython","version":"3.11.7"},'
+    '"installer":{"name":"pip","version":"24.0"},"python":"3.11.7",'
+    '"system":{"name":"Linux","release":"6.1.0"}}'
+)
+
+RELEASES = (
+    DemoRelease(
+        "rda-a", "1.0",
+        requires=(
+            "rda-b>=1.0", "rda-c", 'rda-d ; extra == "x"',
+            'rda-e ; python_version < "3"',
+        ),
+    ),
+    DemoRelease("rda-b", "1.0"),
+    DemoRelease("rda-c", "1.0"),
+    DemoRelease("rda-d", "1.0"),
+    DemoRelease("rda-e", "1.0"),
+)
+WHEEL_A = "rda_a-1.0-py3-none-any.whl"
+METADATA_A = f"/files/rda-a/{WHEEL_A}.metadata"
+
+
+class DependencyPagesTests(TestCase):
+    """
+    The pages of a metadata file's dependencies are stored before the
+    client asks for them, and answered from the store when it does.
+    """
+
+    def setUp(self) -> None:
+        self.upstream_index = StaticSimpleIndex(fixture_for(self, RELEASES))
+        self.harness = Harness(self, [self.upstream_index], prefetch_max_size=32 * 1024**2)
+        self.upstream = self.harness.upstreams[0]
+
+    async def read_metadata(self, **headers: str) -> None:
+        page = await self.harness.page("rda-a")
+        self.assertEqual(page.status, 200)
+        metadata = await self.harness.get(METADATA_A, headers)
+        self.assertEqual(metadata.status, 200)
+        self.assertIn(b"Requires-Dist: rda-b>=1.0", metadata.body)
+        assert self.harness.prefetcher is not None
+        await self.harness.prefetcher.when_done()
+
+    def page_requests(self) -> dict[str, int]:
+        return {
+            name: self.upstream.requests_for(f"/simple/{name}/")
+            for name in ("rda-b", "rda-c", "rda-d", "rda-e")
+        }
+
+    async def test_pages_read_ahead_then_hits(self) -> None:
+        """
+        After the metadata of A (``rda-b; rda-c; rda-d ; extra == "x";
+        rda-e ; python_version < "3"``), the origin saw the pages of B and C
+        asked for, not D nor E; the client's later requests for B (JSON)
+        and C (HTML) are hits with no new upstream request.
+        """
+        await self.read_metadata(**{"user-agent": PIP_USER_AGENT})
+        self.assertEqual(
+            self.page_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0}
+        )
+        # The index's own request: no client header went upstream.
+        read_ahead = [
+            r for r in self.upstream_index.request_log if r.path == "/simple/rda-b/"
+        ]
+        self.assertNotIn("pip", read_ahead[0].headers.get("user-agent", ""))
+        activity = self.harness.activity
+        # The wheel, and the pages of B and C.
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (3, 0))
+        asked_before = len(self.upstream_index.request_log)
+        b = await self.harness.page("rda-b")
+        self.assertEqual((b.status, b.header("x-cache")), (200, "HIT"))
+        self.assertEqual(json.loads(b.body)["files"][0]["filename"], "rda_b-1.0-py3-none-any.whl")
+        c = await self.harness.page("rda-c", accept="text/html")
+        self.assertEqual((c.status, c.header("x-cache")), (200, "HIT"))
+        self.assertIn(b"rda_c-1.0-py3-none-any.whl", c.body)
+        self.assertEqual(len(self.upstream_index.request_log), asked_before)
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (3, 2))
+        # Asked again: counted once.
+        await self.harness.page("rda-b")
+        self.assertEqual(activity.read_ahead_used, 2)
+
+    async def test_without_client_environment_only_unconditional(self) -> None:
+        """
+        A client whose ``User-Agent`` says nothing of its environment gets
+        the pages of requirements without a marker read ahead.
+        """
+        await self.read_metadata(**{"user-agent": "curl/8"})
+        self.assertEqual(
+            self.page_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0}
+        )
+
+    async def test_credentialed_request_reads_nothing_ahead(self) -> None:
+        """
+        A metadata request that carries credentials reads no page ahead.
+        """
+        for header in ("authorization", "cookie"):
+            await self.read_metadata(**{"user-agent": PIP_USER_AGENT, header: "Basic c2VjcmV0"})
+            self.assertEqual(
+                self.page_requests(), {"rda-b": 0, "rda-c": 0, "rda-d": 0, "rda-e": 0}
+            )
+
+    async def test_fresh_pages_are_not_asked_again(self) -> None:
+        """
+        Metadata read again (warm) reads nothing ahead: the pages are
+        stored and fresh.
+        """
+        await self.read_metadata(**{"user-agent": PIP_USER_AGENT})
+        await self.read_metadata(**{"user-agent": PIP_USER_AGENT})
+        self.assertEqual(
+            self.page_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0}
+        )
+        self.assertEqual(self.harness.activity.read_ahead, 3)
+
+    async def test_missing_dependency_page(self) -> None:
+        """
+        A dependency the upstream does not have is asked once (then
+        remembered missing), and the client's request gets the 404.
+        """
+        del self.upstream_index.projects["rda-c"]
+        await self.read_metadata(**{"user-agent": PIP_USER_AGENT})
+        self.assertEqual(self.upstream.requests_for("/simple/rda-c/"), 1)
+        missing = await self.harness.page("rda-c")
+        self.assertEqual(missing.status, 404)
+        self.assertEqual(self.upstream.requests_for("/simple/rda-c/"), 1)
+
+
+class StatusPageTests(TestCase):
+    """
+    The server's status page and ``/-/stats.json`` count page read-aheads
+    with the other read-aheads.
+    """
+
+    async def test_counted_on_the_status_page(self) -> None:
+        index = StaticSimpleIndex(fixture_for(self, RELEASES))
+        port = listen(index)
+        self.addCleanup(port.stopListening)
+        running = start_server(
+            self, {"pypi_upstreams": (url_of(port, "/simple/"),)}
+        )
+        client = Client()
+        self.addCleanup(lambda: Deferred.fromCoroutine(client.close()))
+        base = f"http://127.0.0.1:{running.index_port}"
+        await client.get(f"{base}/simple/rda-a/", {"accept": PIP_ACCEPT})
+        await client.get(f"{base}{METADATA_A}", {"user-agent": PIP_USER_AGENT})
+        prefetcher = running.server.index.prefetcher
+        assert prefetcher is not None
+        await prefetcher.when_done()
+        await client.get(f"{base}/simple/rda-b/", {"accept": PIP_ACCEPT})
+        stats: dict[str, Any] = json.loads((await client.get(f"{base}/-/stats.json")).body)
+        self.assertEqual(
+            (stats["store"]["prefetches"], stats["store"]["prefetch_hits"]), (3, 1)
+        )
+        page = (await client.get(f"{base}/")).body.decode()
+        self.assertIn("1 asked for since", page)
+
+
+class _Resolver:
+    """
+    A page resolver whose answers the test gives, one per requested name.
+    """
+
+    index_ttl = 300.0
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.waiting: dict[str, Deferred[None]] = {}
+        self.fresh: set[str] = set()
+
+    def has_fresh(self, name: str) -> bool:
+        return name in self.fresh
+
+    def resolve(self, name: str, headers: object) -> Deferred[None]:
+        self.asked.append(name)
+        d: Deferred[None] = Deferred()
+        self.waiting[name] = d
+        return d
+
+    def answer(self, name: str) -> None:
+        self.fresh.add(name)
+        self.waiting.pop(name).callback(None)
+
+
+class BoundsTests(SynchronousTestCase):
+    """
+    At most :data:`~pagereads.PER_METADATA` pages per metadata file,
+    :data:`~pagereads.MAX_RUNNING` fetching at once, the rest queued.
+    """
+
+    def setUp(self) -> None:
+        self.resolver = _Resolver()
+        self.reads = PageReadAhead(
+            None, self.resolver, Clock()  # type: ignore[arg-type]
+        )
+
+    def names(self, count: int, prefix: str = "p") -> Sequence[str]:
+        return [f"{prefix}{i}" for i in range(count)]
+
+    def test_per_metadata_and_in_flight(self) -> None:
+        self.reads.read_ahead(self.names(pagereads.PER_METADATA + 5))
+        self.assertEqual(len(self.resolver.asked), pagereads.MAX_RUNNING)
+        self.assertEqual(self.reads.running(), pagereads.PER_METADATA)
+        peak = 0
+        while self.resolver.waiting:
+            peak = max(peak, len(self.resolver.waiting))
+            self.resolver.answer(next(iter(self.resolver.waiting)))
+        self.assertEqual(peak, pagereads.MAX_RUNNING)
+        self.assertEqual(self.resolver.asked, list(self.names(pagereads.PER_METADATA)))
+        self.assertEqual(self.reads.running(), 0)
+        self.assertTrue(self.reads.when_done().called)
+
+    def test_unclaimed_budget(self) -> None:
+        """
+        Pages read ahead that no client asked for pause read-ahead at
+        :data:`~pagereads.UNCLAIMED_BUDGET`; a claim frees one.
+        """
+        batches = pagereads.UNCLAIMED_BUDGET // pagereads.PER_METADATA
+        for batch in range(batches + 1):
+            self.reads.read_ahead(self.names(pagereads.PER_METADATA, f"b{batch}-"))
+            while self.resolver.waiting:
+                self.resolver.answer(next(iter(self.resolver.waiting)))
+        self.assertEqual(len(self.resolver.asked), pagereads.UNCLAIMED_BUDGET)
+        self.assertTrue(self.reads.claim("b0-0"))
+        self.assertFalse(self.reads.claim("b0-0"))
+        self.reads.read_ahead(["late"])
+        self.assertEqual(self.resolver.asked[-1], "late")
+
+    def test_queued_page_asked_meanwhile_is_skipped(self) -> None:
+        names = self.names(pagereads.MAX_RUNNING + 1)
+        self.reads.read_ahead(names)
+        # The client fetched the queued one itself meanwhile.
+        self.resolver.fresh.add(names[-1])
+        while self.resolver.waiting:
+            self.resolver.answer(next(iter(self.resolver.waiting)))
+        self.assertNotIn(names[-1], self.resolver.asked)
+
+    def test_stop_drops_the_queue(self) -> None:
+        self.reads.read_ahead(self.names(pagereads.PER_METADATA))
+        self.reads.stop()
+        done = self.reads.when_done()
+        while self.resolver.waiting:
+            self.assertFalse(done.called)
+            self.resolver.answer(next(iter(self.resolver.waiting)))
+        self.assertTrue(done.called)
+        self.assertEqual(len(self.resolver.asked), pagereads.MAX_RUNNING)
+
+
+class RequirementsTests(SynchronousTestCase):
+    """
+    Which requirements of a metadata file apply to a client.
+    """
+
+    METADATA = (
+        b"Metadata-Version: 2.1\nName: a\nVersion: 1\n"
+        b"Requires-Dist: B\nRequires-Dist: c_C>=1\n"
+        b'Requires-Dist: D ; extra == "x"\n'
+        b'Requires-Dist: E ; python_version < "3"\n'
+        b'Requires-Dist: F ; sys_platform == "linux"\n'
+        b'Requires-Dist: G ; platform_version == "x"\n'
+        b'Requires-Dist: H ; python_version >= "3.8" or extra == "y"\n'
+        b"Requires-Dist: I @ https://example.invalid/i.whl\n"
+        b"Requires-Dist: b\n"
+        b"\nRequires-Dist: J\n"
+    )
+
+    def test_for_pip_on_linux(self) -> None:
+        environment = client_environment(PIP_USER_AGENT)
+        self.assertEqual(dependencies(self.METADATA, environment, 16), ["b", "c-c", "f", "h"])
+
+    def test_environment_unknown(self) -> None:
+        self.assertIsNone(client_environment("curl/8.0"))
+        self.assertIsNone(client_environment("pip/1 {not json"))
+        self.assertEqual(dependencies(self.METADATA, None, 16), ["b", "c-c"])
+
+    def test_environment_from_user_agent(self) -> None:
+        environment = client_environment(PIP_USER_AGENT)
+        assert environment is not None
+        self.assertEqual(
+            {k: environment[k] for k in (
+                "python_version", "python_full_version", "implementation_name",
+                "sys_platform", "os_name", "platform_machine", "platform_version",
+            )},
+            {
+                "python_version": "3.11", "python_full_version": "3.11.7",
+                "implementation_name": "cpython", "sys_platform": "linux",
+                "os_name": "posix", "platform_machine": "x86_64",
+                "platform_version": "",
+            },
+        )
+
+    def test_limit(self) -> None:
+        self.assertEqual(dependencies(self.METADATA, None, 1), ["b"])
