@@ -71,6 +71,14 @@ class DependencyPagesTests(TestCase):
         assert self.harness.prefetcher is not None
         await self.harness.prefetcher.when_done()
 
+    def metadata_requests(self) -> dict[str, int]:
+        return {
+            name: self.upstream.requests_for(
+                f"/files/{name.replace('-', '_')}-1.0-py3-none-any.whl.metadata"
+            )
+            for name in ("rda-b", "rda-c", "rda-d", "rda-e")
+        }
+
     def page_requests(self) -> dict[str, int]:
         return {
             name: self.upstream.requests_for(f"/simple/{name}/")
@@ -94,8 +102,10 @@ class DependencyPagesTests(TestCase):
         ]
         self.assertNotIn("pip", read_ahead[0].headers.get("user-agent", ""))
         activity = self.harness.activity
-        # The wheel, and the pages of B and C.
-        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (3, 0))
+        # The wheel of A, the pages of B and C, and the metadata of their
+        # one pure wheel each (pip on Python 3.11 reads it next).
+        self.assertEqual(self.metadata_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0})
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (5, 0))
         asked_before = len(self.upstream_index.request_log)
         b = await self.harness.page("rda-b")
         self.assertEqual((b.status, b.header("x-cache")), (200, "HIT"))
@@ -104,10 +114,20 @@ class DependencyPagesTests(TestCase):
         self.assertEqual((c.status, c.header("x-cache")), (200, "HIT"))
         self.assertIn(b"rda_c-1.0-py3-none-any.whl", c.body)
         self.assertEqual(len(self.upstream_index.request_log), asked_before)
-        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (3, 2))
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (5, 2))
         # Asked again: counted once.
         await self.harness.page("rda-b")
         self.assertEqual(activity.read_ahead_used, 2)
+        # The metadata of B: from the store, its bytes fetched for it.
+        metadata = await self.harness.get(
+            "/files/rda-b/rda_b-1.0-py3-none-any.whl.metadata",
+            {"user-agent": PIP_USER_AGENT},
+        )
+        self.assertEqual((metadata.status, metadata.header("x-cache")), (200, "MISS"))
+        self.assertIn(b"Name: rda-b", metadata.body)
+        self.assertEqual(self.metadata_requests()["rda-b"], 1)
+        # And, read, it starts the read-ahead of B's wheel.
+        self.assertEqual((activity.read_ahead, activity.read_ahead_used), (6, 3))
 
     async def test_without_client_environment_only_unconditional(self) -> None:
         """
@@ -117,6 +137,10 @@ class DependencyPagesTests(TestCase):
         await self.read_metadata(**{"user-agent": "curl/8"})
         self.assertEqual(
             self.page_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0}
+        )
+        # Nor any metadata: which file it would read depends on its Python.
+        self.assertEqual(
+            self.metadata_requests(), {"rda-b": 0, "rda-c": 0, "rda-d": 0, "rda-e": 0}
         )
 
     async def test_credentialed_request_reads_nothing_ahead(self) -> None:
@@ -139,7 +163,7 @@ class DependencyPagesTests(TestCase):
         self.assertEqual(
             self.page_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0}
         )
-        self.assertEqual(self.harness.activity.read_ahead, 3)
+        self.assertEqual(self.harness.activity.read_ahead, 5)
 
     async def test_missing_dependency_page(self) -> None:
         """
@@ -178,7 +202,7 @@ class StatusPageTests(TestCase):
         await client.get(f"{base}/simple/rda-b/", {"accept": PIP_ACCEPT})
         stats: dict[str, Any] = json.loads((await client.get(f"{base}/-/stats.json")).body)
         self.assertEqual(
-            (stats["store"]["prefetches"], stats["store"]["prefetch_hits"]), (3, 1)
+            (stats["store"]["prefetches"], stats["store"]["prefetch_hits"]), (5, 1)
         )
         page = (await client.get(f"{base}/")).body.decode()
         self.assertIn("1 asked for since", page)

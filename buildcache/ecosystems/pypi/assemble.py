@@ -37,7 +37,8 @@ def index_resource(
     pages = PageResolver.of(engine, upstreams, index_ttl)
     if prefetcher is not None and prefetcher.pages is None:
         prefetcher.pages = PageReadAhead(
-            engine, pages, prefetcher.reactor, prefetcher.observer
+            engine, pages, prefetcher.reactor, prefetcher.observer,
+            on_candidate=prefetcher.metadata_ahead,
         )
     root = None
     if pages.upstreams:

@@ -32,7 +32,7 @@ without a round trip is the point.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from attrs import Factory, define
 from twisted.internet.defer import Deferred
@@ -40,9 +40,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.ecosystems.pypi.lru import LRU
+from buildcache.ecosystems.pypi.model import ProjectFile
 from buildcache.ecosystems.pypi.pages import PageResolver, Refusal
 from buildcache.ecosystems.pypi.policy import open_entry, read_stored
-from buildcache.ecosystems.pypi.requires import client_environment, dependencies
+from buildcache.ecosystems.pypi.requires import (
+    best_pure_wheel,
+    client_environment,
+    requirements,
+)
 from buildcache.engine.core import Engine
 from buildcache.engine.events import CacheObserver
 from buildcache.engine.exchanges import CacheStatus
@@ -77,6 +82,11 @@ class PageReadAhead:
     pages: PageResolver
     reactor: IReactorTime
     observer: CacheObserver | None = None
+    #: Told of the file whose core metadata the client will read first on
+    #: a page read ahead, when that is certain (see
+    #: :func:`~buildcache.ecosystems.pypi.requires.best_pure_wheel`), and
+    #: its project.
+    on_candidate: Callable[[ProjectFile, str], None] | None = None
     #: Queued or fetching, by normalised project name.
     _running: set[str] = Factory(set)
     #: Queued, oldest first (a subset of ``_running``).
@@ -87,7 +97,10 @@ class PageReadAhead:
     _claimed: set[str] = Factory(set)
     #: Fetched, not asked for yet: name to when; oldest first.
     _unclaimed: OrderedDict[str, float] = Factory(OrderedDict)
-    _parsed: LRU[tuple[str, str], tuple[str, ...]] = Factory(
+    #: The specifier and client Python of each queued or fetching page,
+    #: when known: to find its candidate.
+    _wanted: dict[str, tuple[str, str]] = Factory(dict)
+    _parsed: LRU[tuple[str, str], tuple[tuple[tuple[str, str], ...], str]] = Factory(
         lambda: LRU(_PARSED_KEPT, _PARSED_KEPT * 512)
     )
     #: Metadata files waiting to be read for their dependencies.
@@ -128,9 +141,9 @@ class PageReadAhead:
         if self._stopped or credentialed:
             return
         slot = (key, user_agent or "")
-        names = self._parsed.get(slot)
-        if names is not None:
-            self.read_ahead(names)
+        parsed = self._parsed.get(slot)
+        if parsed is not None:
+            self._read_ahead_for(*parsed)
             return
         if self._parsing >= MAX_PENDING:
             return
@@ -163,20 +176,35 @@ class PageReadAhead:
                 metadata = read_stored(stored.stored)
             finally:
                 stored.close()
-            names = tuple(
-                dependencies(metadata, client_environment(user_agent), PER_METADATA)
-            )
+            environment = client_environment(user_agent)
+            wanted = tuple(requirements(metadata, environment, PER_METADATA))
         except Exception:
             self.log.failure("Reading the dependencies in {key} failed", key=key)
             return
-        self._parsed.put(slot, names, len(key) + 16 * len(names) + 64)
-        self.read_ahead(names)
+        python = "" if environment is None else environment["python_full_version"]
+        self._parsed.put(
+            slot, (wanted, python),
+            len(key) + sum(len(n) + len(v) for n, v in wanted) + 64,
+        )
+        self._read_ahead_for(wanted, python)
 
-    def read_ahead(self, names: Sequence[str]) -> None:
+    def _read_ahead_for(self, wanted: Sequence[tuple[str, str]], python: str) -> None:
+        self.read_ahead(
+            [name for name, _ in wanted],
+            {name: specifier for name, specifier in wanted} if python else None,
+            python,
+        )
+
+    def read_ahead(
+        self, names: Sequence[str], specifiers: Mapping[str, str] | None = None,
+        python: str = "",
+    ) -> None:
         """
         Fetch the pages of ``names`` (normalised) that are not stored fresh,
         within the bounds: the first :data:`PER_METADATA`, queued (up to
-        :data:`MAX_PENDING`) while :data:`MAX_RUNNING` are fetching.
+        :data:`MAX_PENDING`) while :data:`MAX_RUNNING` are fetching.  With
+        the ``specifiers`` of the names and the client's ``python`` (full
+        version), each page's candidate is told to ``on_candidate``.
         """
         self._write_off()
         for name in names[:PER_METADATA]:
@@ -192,6 +220,8 @@ class PageReadAhead:
                 continue
             self._running.add(name)
             self._pending.append(name)
+            if specifiers is not None and name in specifiers and python:
+                self._wanted[name] = (specifiers[name], python)
         self._start_pending()
 
     def _start_pending(self) -> None:
@@ -200,6 +230,7 @@ class PageReadAhead:
             if self._stopped or self.pages.has_fresh(name):
                 # A client asked for it meanwhile (or the server stops).
                 self._running.discard(name)
+                self._wanted.pop(name, None)
                 continue
             self._fetching.add(name)
             if self.observer is not None:
@@ -210,9 +241,14 @@ class PageReadAhead:
 
     async def _fetch(self, name: str) -> None:
         fetched = False
+        wanted = self._wanted.pop(name, None)
         try:
-            await self.pages.resolve(name, {})
+            resolved = await self.pages.resolve(name, {})
             fetched = True
+            if wanted is not None and self.on_candidate is not None and not self._stopped:
+                candidate = best_pure_wheel(resolved.page, *wanted)
+                if candidate is not None:
+                    self.on_candidate(candidate, name)
         except Refusal as refusal:
             # Not found upstream (remembered by the resolver), or failed:
             # the client's own request will say so.

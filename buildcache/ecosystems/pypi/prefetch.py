@@ -45,8 +45,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.credentials import redact
+from buildcache.ecosystems.pypi.model import ProjectFile
 from buildcache.ecosystems.pypi.pagereads import PageReadAhead
-from buildcache.ecosystems.pypi.policy import FileRequest
+from buildcache.ecosystems.pypi.policy import USER_AGENT, FileRequest, file_request
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.events import CacheObserver
@@ -55,6 +56,8 @@ from buildcache.turns import Waiters, after_io
 
 #: Read-aheads scheduled or running at once; more are skipped, not queued.
 MAX_RUNNING = 4
+#: Read-aheads of core metadata files scheduled or running at once, besides.
+MAX_RUNNING_METADATA = 8
 #: Stored read-aheads remembered until a client asks for them.
 UNCLAIMED_KEPT = 4096
 #: Read-ahead pauses while the files it fetched (or is fetching) that no
@@ -107,6 +110,8 @@ class Prefetcher:
     _unclaimed_size: int = 0
     #: Projects with a read-ahead running or unclaimed.
     _projects: Counter[str] = Factory(Counter)
+    #: Of ``_running``, core metadata files.
+    _metadata_running: set[str] = Factory(set)
     _paused: bool = False
     _stopped: bool = False
     _done: Waiters = Factory(Waiters)
@@ -126,9 +131,11 @@ class Prefetcher:
         return Deferred.fromCoroutine(self._all_done())
 
     async def _all_done(self) -> None:
-        await self._done.wait(not self._running)
-        if self.pages is not None:
-            await self.pages.when_done()
+        # A page read ahead may start a metadata file's read-ahead.
+        while self.running():
+            await self._done.wait(not self._running)
+            if self.pages is not None:
+                await self.pages.when_done()
 
     def stop(self) -> None:
         """
@@ -186,6 +193,32 @@ class Prefetcher:
         after_io(self.reactor).addCallback(
             lambda _: Deferred.fromCoroutine(self._fetch(request))
         )
+
+    def metadata_ahead(self, file: ProjectFile, project: str) -> None:
+        """
+        Fetch the core metadata of ``file`` of ``project``, the file a
+        client will read the metadata of next (on a page read ahead): one
+        per project until a client asks for it, at most
+        :data:`MAX_RUNNING_METADATA` at once, only with the sha256 the page
+        gives for it.
+        """
+        expected = file.core_metadata_hashes.get("sha256")
+        self._write_off(self.reactor.seconds())
+        if (
+            self._stopped
+            or self.max_size <= 0
+            or not expected
+            or len(self._metadata_running) >= MAX_RUNNING_METADATA
+            or self._projects[project]
+        ):
+            return
+        request = file_request(file.metadata_url, expected.lower(), USER_AGENT, 0)
+        if request.key in self._running:
+            return
+        self._running[request.key] = _ReadAhead(0, project)
+        self._metadata_running.add(request.key)
+        self._projects[project] += 1
+        Deferred.fromCoroutine(self._fetch(request))
 
     def unclaimed_bytes(self) -> int:
         """
@@ -277,6 +310,7 @@ class Prefetcher:
             self.log.failure("Read-ahead of {url} failed", url=redact(url))
         finally:
             read_ahead = self._running.pop(key)
+            self._metadata_running.discard(key)
             self._fetching.discard(key)
             if key in self._claimed:
                 # Released when the client asked.

@@ -21,10 +21,25 @@ from collections.abc import Mapping
 
 from packaging.markers import InvalidMarker, UndefinedComparison
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion, Version
 
-from buildcache.ecosystems.pypi.model import normalize_project_name
+from buildcache.ecosystems.pypi.model import (
+    ProjectFile,
+    ProjectPage,
+    normalize_project_name,
+)
 
-__all__ = ["client_environment", "dependencies", "MAX_METADATA_BYTES"]
+__all__ = [
+    "client_environment", "dependencies", "requirements", "best_pure_wheel",
+    "MAX_METADATA_BYTES",
+]
 
 #: Larger core metadata is not parsed for read-ahead (the headers come
 #: first; a long description follows them).
@@ -103,10 +118,21 @@ def dependencies(
     docstring), in the order given, without duplicates, at most ``limit``.
     Unreadable requirements are skipped.
     """
+    return [name for name, _ in requirements(metadata, environment, limit)]
+
+
+def requirements(
+    metadata: bytes, environment: Mapping[str, str] | None, limit: int,
+) -> list[tuple[str, str]]:
+    """
+    As :func:`dependencies`, with each name's version specifier (as
+    written, ``""`` for any), the first one given for a name.
+    """
     if len(metadata) > MAX_METADATA_BYTES:
         return []
     headers = email.parser.BytesHeaderParser().parsebytes(metadata)
     names: list[str] = []
+    found: list[tuple[str, str]] = []
     for line in headers.get_all("Requires-Dist") or ():
         if len(names) >= limit:
             break
@@ -130,4 +156,53 @@ def dependencies(
         name = normalize_project_name(requirement.name)
         if name not in names:
             names.append(name)
-    return names
+            found.append((name, str(requirement.specifier)))
+    return found
+
+
+def _version(file: ProjectFile) -> Version | None:
+    try:
+        if file.filename.endswith(".whl"):
+            return parse_wheel_filename(file.filename)[1]
+        return parse_sdist_filename(file.filename)[1]
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        return None
+
+
+def best_pure_wheel(page: ProjectPage, specifier: str, python: str) -> ProjectFile | None:
+    """
+    The file of ``page`` whose core metadata pip (running ``python``, a
+    full version) reads first for a requirement of ``specifier``, when
+    that is certain: the newest version that ``specifier`` and its files'
+    ``Requires-Python`` allow (not yanked; pre-releases only as
+    ``specifier`` allows them) has exactly one wheel, a pure one
+    (``none-any``), with core metadata.  None otherwise (platform wheels:
+    which one pip picks depends on tags not known here).
+    """
+    try:
+        wanted = SpecifierSet(specifier)
+        running = Version(python)
+    except (InvalidSpecifier, InvalidVersion):
+        return None
+    by_version: dict[Version, list[ProjectFile]] = {}
+    for file in page.files:
+        if file.is_yanked:
+            continue
+        version = _version(file)
+        if version is None or not wanted.contains(version):
+            continue
+        if file.requires_python:
+            try:
+                if not SpecifierSet(file.requires_python).contains(running, prereleases=True):
+                    continue
+            except InvalidSpecifier:
+                continue
+        by_version.setdefault(version, []).append(file)
+    if not by_version:
+        return None
+    files = by_version[max(by_version)]
+    wheels = [file for file in files if file.filename.endswith(".whl")]
+    if len(wheels) != 1 or not wheels[0].filename.endswith("-none-any.whl"):
+        return None
+    wheel = wheels[0]
+    return wheel if wheel.has_core_metadata else None
