@@ -343,3 +343,105 @@ class RequirementsTests(SynchronousTestCase):
 
     def test_limit(self) -> None:
         self.assertEqual(dependencies(self.METADATA, None, 1), ["b"])
+
+
+class CandidateMetadataTests(TestCase):
+    """
+    A page fetched for a client whose Python is known has the core
+    metadata of the file it reads next read ahead, when that is certain.
+    """
+
+    def setUp(self) -> None:
+        # bcdemo-a: 3.0 needs Python >= 4, so 2.0; bcdemo-b: 2.0 is yanked,
+        # so 1.0.
+        self.fixture = fixture_for(self)
+        self.harness = Harness(
+            self, [StaticSimpleIndex(self.fixture)], prefetch_max_size=32 * 1024**2
+        )
+        self.upstream = self.harness.upstreams[0]
+
+    async def ask_page(self, name: str, **headers: str) -> None:
+        page = await self.harness.page(name, **headers)
+        self.assertEqual((page.status, page.header("x-cache")), (200, "MISS"))
+        assert self.harness.prefetcher is not None
+        await self.harness.prefetcher.when_done()
+
+    def metadata_asked(self) -> dict[str, int]:
+        return {
+            path.removeprefix("/files/"): count
+            for path, count in self.upstream.index.requests.items()
+            if path.endswith(".metadata")
+        }
+
+    async def test_newest_allowed_version(self) -> None:
+        await self.ask_page("bcdemo-a", **{"user-agent": PIP_USER_AGENT})
+        await self.ask_page("bcdemo-b", **{"user-agent": PIP_USER_AGENT})
+        self.assertEqual(
+            self.metadata_asked(),
+            {
+                "bcdemo_a-2.0-py3-none-any.whl.metadata": 1,
+                "bcdemo_b-1.0-py3-none-any.whl.metadata": 1,
+            },
+        )
+        got = await self.harness.get(
+            "/files/bcdemo-a/bcdemo_a-2.0-py3-none-any.whl.metadata",
+            {"user-agent": PIP_USER_AGENT},
+        )
+        self.assertEqual((got.status, got.header("x-cache")), (200, "MISS"))
+        self.assertEqual(
+            self.metadata_asked()["bcdemo_a-2.0-py3-none-any.whl.metadata"], 1
+        )
+        self.assertEqual(self.harness.activity.read_ahead_used, 1)
+
+    async def test_unknown_python_or_credentials(self) -> None:
+        await self.ask_page("bcdemo-a", **{"user-agent": "curl/8"})
+        await self.ask_page(
+            "bcdemo-b", **{"user-agent": PIP_USER_AGENT, "authorization": "Basic eDp5"}
+        )
+        self.assertEqual(self.metadata_asked(), {})
+        self.assertEqual(self.harness.activity.read_ahead, 0)
+
+
+class BestPureWheelTests(SynchronousTestCase):
+    """
+    Which file's metadata a client reads next, when that is certain.
+    """
+
+    def page(self, *filenames: str, requires_python: str | None = None) -> Any:
+        from buildcache.ecosystems.pypi.model import ProjectFile, ProjectPage
+
+        return ProjectPage(
+            name="x",
+            files=tuple(
+                ProjectFile(
+                    filename=f, url=f"http://127.0.0.1/{f}", core_metadata=True,
+                    requires_python=requires_python,
+                )
+                for f in filenames
+            ),
+        )
+
+    def best(self, page: Any, specifier: str = "", python: str = "3.11.7") -> str | None:
+        from buildcache.ecosystems.pypi.requires import best_pure_wheel
+
+        found = best_pure_wheel(page, specifier, python)
+        return None if found is None else found.filename
+
+    def test_pure_wheel_of_newest(self) -> None:
+        page = self.page("x-1.0-py3-none-any.whl", "x-2.0-py3-none-any.whl", "x-2.0.tar.gz")
+        self.assertEqual(self.best(page), "x-2.0-py3-none-any.whl")
+        self.assertEqual(self.best(page, "<2"), "x-1.0-py3-none-any.whl")
+
+    def test_uncertain(self) -> None:
+        # Platform wheels: which one depends on tags.
+        self.assertIsNone(self.best(self.page(
+            "x-1.0-cp311-cp311-manylinux_2_17_x86_64.whl", "x-1.0-cp311-cp311-win_amd64.whl",
+        )))
+        # Newest has no wheel: pip builds the sdist's metadata.
+        self.assertIsNone(self.best(self.page("x-1.0-py3-none-any.whl", "x-2.0.tar.gz")))
+        # Pre-releases only when asked for.
+        page = self.page("x-1.0-py3-none-any.whl", "x-2.0b1-py3-none-any.whl")
+        self.assertEqual(self.best(page), "x-1.0-py3-none-any.whl")
+        self.assertEqual(self.best(page, ">=2.0b1"), "x-2.0b1-py3-none-any.whl")
+        # Requires-Python.
+        self.assertIsNone(self.best(self.page("x-1.0-py3-none-any.whl", requires_python=">=4")))

@@ -33,7 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
-from buildcache.ecosystems.pypi.files import FileServer
+from buildcache.ecosystems.pypi.files import FileServer, credentialed
 from buildcache.ecosystems.pypi.lru import LRU
 from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPES,
@@ -279,6 +279,12 @@ class IndexResource(Resource):
         except Refusal as refusal:
             send_error(request, refusal.code, refusal.message)
             return
+        if (
+            self.prefetcher is not None
+            and resolved.status is CacheStatus.MISS
+            and not credentialed(request)
+        ):
+            self.prefetcher.page_fetched(resolved.page, name, headers.get("user-agent"))
         body, etag = self._render(resolved, media_type)
         if client_gone(request):
             return

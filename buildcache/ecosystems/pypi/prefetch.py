@@ -45,9 +45,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.credentials import redact
-from buildcache.ecosystems.pypi.model import ProjectFile
+from buildcache.ecosystems.pypi.model import ProjectFile, ProjectPage
 from buildcache.ecosystems.pypi.pagereads import PageReadAhead
+from buildcache.ecosystems.pypi.pages import metadata_servable
 from buildcache.ecosystems.pypi.policy import USER_AGENT, FileRequest, file_request
+from buildcache.ecosystems.pypi.requires import best_pure_wheel, client_environment
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.events import CacheObserver
@@ -208,6 +210,7 @@ class Prefetcher:
             self._stopped
             or self.max_size <= 0
             or not expected
+            or not metadata_servable(file)
             or len(self._metadata_running) >= MAX_RUNNING_METADATA
             or self._projects[project]
         ):
@@ -219,6 +222,22 @@ class Prefetcher:
         self._metadata_running.add(request.key)
         self._projects[project] += 1
         Deferred.fromCoroutine(self._fetch(request))
+
+    def page_fetched(self, page: ProjectPage, project: str, user_agent: str | None) -> None:
+        """
+        A client asked for ``page`` of ``project``, which was just fetched
+        for it: read ahead the core metadata of the file it reads next,
+        when that is certain for its Python (the newest version's one pure
+        wheel; see :func:`~buildcache.ecosystems.pypi.requires.best_pure_wheel`).
+        """
+        if self.max_size <= 0 or self._stopped:
+            return
+        environment = client_environment(user_agent)
+        if environment is None or not environment["python_full_version"]:
+            return
+        candidate = best_pure_wheel(page, "", environment["python_full_version"])
+        if candidate is not None:
+            self.metadata_ahead(candidate, project)
 
     def unclaimed_bytes(self) -> int:
         """

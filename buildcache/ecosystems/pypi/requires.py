@@ -184,12 +184,14 @@ def best_pure_wheel(page: ProjectPage, specifier: str, python: str) -> ProjectFi
         running = Version(python)
     except (InvalidSpecifier, InvalidVersion):
         return None
+    # As pip: pre-releases only when the specifier names one.
+    prereleases = bool(wanted.prereleases)
     by_version: dict[Version, list[ProjectFile]] = {}
     for file in page.files:
         if file.is_yanked:
             continue
         version = _version(file)
-        if version is None or not wanted.contains(version):
+        if version is None or not wanted.contains(version, prereleases=prereleases):
             continue
         if file.requires_python:
             try:
