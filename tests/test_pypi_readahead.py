@@ -374,8 +374,15 @@ class CandidateMetadataTests(TestCase):
         }
 
     async def test_newest_allowed_version(self) -> None:
+        """
+        The page of bcdemo-a reads its 2.0's metadata ahead, which (for the
+        same client) reads ahead the page of bcdemo-b it requires, and on
+        it the metadata of 1.0: the resolver's walk, ahead of it.
+        """
         await self.ask_page("bcdemo-a", **{"user-agent": PIP_USER_AGENT})
-        await self.ask_page("bcdemo-b", **{"user-agent": PIP_USER_AGENT})
+        self.assertEqual(self.upstream.requests_for("/simple/bcdemo-b/"), 1)
+        page = await self.harness.page("bcdemo-b", **{"user-agent": PIP_USER_AGENT})
+        self.assertEqual((page.status, page.header("x-cache")), (200, "HIT"))
         self.assertEqual(
             self.metadata_asked(),
             {
@@ -391,7 +398,10 @@ class CandidateMetadataTests(TestCase):
         self.assertEqual(
             self.metadata_asked()["bcdemo_a-2.0-py3-none-any.whl.metadata"], 1
         )
-        self.assertEqual(self.harness.activity.read_ahead_used, 1)
+        # Those three, and the wheel of bcdemo-a 2.0 once its metadata is
+        # read.
+        self.assertEqual(self.harness.activity.read_ahead, 4)
+        self.assertEqual(self.harness.activity.read_ahead_used, 2)
 
     async def test_unknown_python_or_credentials(self) -> None:
         await self.ask_page("bcdemo-a", **{"user-agent": "curl/8"})

@@ -85,8 +85,8 @@ class PageReadAhead:
     #: Told of the file whose core metadata the client will read first on
     #: a page read ahead, when that is certain (see
     #: :func:`~buildcache.ecosystems.pypi.requires.best_pure_wheel`), and
-    #: its project.
-    on_candidate: Callable[[ProjectFile, str], None] | None = None
+    #: its project, and the client's ``User-Agent``.
+    on_candidate: Callable[[ProjectFile, str, str], None] | None = None
     #: Queued or fetching, by normalised project name.
     _running: set[str] = Factory(set)
     #: Queued, oldest first (a subset of ``_running``).
@@ -99,7 +99,7 @@ class PageReadAhead:
     _unclaimed: OrderedDict[str, float] = Factory(OrderedDict)
     #: The specifier and client Python of each queued or fetching page,
     #: when known: to find its candidate.
-    _wanted: dict[str, tuple[str, str]] = Factory(dict)
+    _wanted: dict[str, tuple[str, str, str]] = Factory(dict)
     _parsed: LRU[tuple[str, str], tuple[tuple[tuple[str, str], ...], str]] = Factory(
         lambda: LRU(_PARSED_KEPT, _PARSED_KEPT * 512)
     )
@@ -143,7 +143,7 @@ class PageReadAhead:
         slot = (key, user_agent or "")
         parsed = self._parsed.get(slot)
         if parsed is not None:
-            self._read_ahead_for(*parsed)
+            self._read_ahead_for(*parsed, user_agent or "")
             return
         if self._parsing >= MAX_PENDING:
             return
@@ -186,25 +186,28 @@ class PageReadAhead:
             slot, (wanted, python),
             len(key) + sum(len(n) + len(v) for n, v in wanted) + 64,
         )
-        self._read_ahead_for(wanted, python)
+        self._read_ahead_for(wanted, python, user_agent or "")
 
-    def _read_ahead_for(self, wanted: Sequence[tuple[str, str]], python: str) -> None:
+    def _read_ahead_for(
+        self, wanted: Sequence[tuple[str, str]], python: str, user_agent: str
+    ) -> None:
         self.read_ahead(
             [name for name, _ in wanted],
             {name: specifier for name, specifier in wanted} if python else None,
-            python,
+            python, user_agent,
         )
 
     def read_ahead(
         self, names: Sequence[str], specifiers: Mapping[str, str] | None = None,
-        python: str = "",
+        python: str = "", user_agent: str = "",
     ) -> None:
         """
         Fetch the pages of ``names`` (normalised) that are not stored fresh,
         within the bounds: the first :data:`PER_METADATA`, queued (up to
         :data:`MAX_PENDING`) while :data:`MAX_RUNNING` are fetching.  With
         the ``specifiers`` of the names and the client's ``python`` (full
-        version), each page's candidate is told to ``on_candidate``.
+        version), each page's candidate is told to ``on_candidate`` (with
+        the client's ``user_agent``).
         """
         self._write_off()
         for name in names[:PER_METADATA]:
@@ -221,7 +224,7 @@ class PageReadAhead:
             self._running.add(name)
             self._pending.append(name)
             if specifiers is not None and name in specifiers and python:
-                self._wanted[name] = (specifiers[name], python)
+                self._wanted[name] = (specifiers[name], python, user_agent)
         self._start_pending()
 
     def _start_pending(self) -> None:
@@ -246,9 +249,10 @@ class PageReadAhead:
             resolved = await self.pages.resolve(name, {})
             fetched = True
             if wanted is not None and self.on_candidate is not None and not self._stopped:
-                candidate = best_pure_wheel(resolved.page, *wanted)
+                specifier, python, user_agent = wanted
+                candidate = best_pure_wheel(resolved.page, specifier, python)
                 if candidate is not None:
-                    self.on_candidate(candidate, name)
+                    self.on_candidate(candidate, name, user_agent)
         except Refusal as refusal:
             # Not found upstream (remembered by the resolver), or failed:
             # the client's own request will say so.

@@ -112,8 +112,9 @@ class Prefetcher:
     _unclaimed_size: int = 0
     #: Projects with a read-ahead running or unclaimed.
     _projects: Counter[str] = Factory(Counter)
-    #: Of ``_running``, core metadata files.
-    _metadata_running: set[str] = Factory(set)
+    #: Of ``_running``, core metadata files, and the ``User-Agent`` of
+    #: the client they are read for.
+    _metadata_running: dict[str, str] = Factory(dict)
     _paused: bool = False
     _stopped: bool = False
     _done: Waiters = Factory(Waiters)
@@ -196,13 +197,15 @@ class Prefetcher:
             lambda _: Deferred.fromCoroutine(self._fetch(request))
         )
 
-    def metadata_ahead(self, file: ProjectFile, project: str) -> None:
+    def metadata_ahead(self, file: ProjectFile, project: str, user_agent: str) -> None:
         """
         Fetch the core metadata of ``file`` of ``project``, the file a
-        client will read the metadata of next (on a page read ahead): one
-        per project until a client asks for it, at most
+        client (sending ``user_agent``) will read the metadata of next:
+        one per project until a client asks for it, at most
         :data:`MAX_RUNNING_METADATA` at once, only with the sha256 the page
-        gives for it.
+        gives for it.  Once stored, the pages of the dependencies it names
+        are read ahead for that client, as if it had read it (the
+        resolver's walk, ahead of it; bounded by the pages' budget).
         """
         expected = file.core_metadata_hashes.get("sha256")
         self._write_off(self.reactor.seconds())
@@ -219,7 +222,7 @@ class Prefetcher:
         if request.key in self._running:
             return
         self._running[request.key] = _ReadAhead(0, project)
-        self._metadata_running.add(request.key)
+        self._metadata_running[request.key] = user_agent
         self._projects[project] += 1
         Deferred.fromCoroutine(self._fetch(request))
 
@@ -237,7 +240,7 @@ class Prefetcher:
             return
         candidate = best_pure_wheel(page, "", environment["python_full_version"])
         if candidate is not None:
-            self.metadata_ahead(candidate, project)
+            self.metadata_ahead(candidate, project, user_agent or "")
 
     def unclaimed_bytes(self) -> int:
         """
@@ -329,7 +332,9 @@ class Prefetcher:
             self.log.failure("Read-ahead of {url} failed", url=redact(url))
         finally:
             read_ahead = self._running.pop(key)
-            self._metadata_running.discard(key)
+            user_agent = self._metadata_running.pop(key, None)
+            if user_agent is not None and stored and self.pages is not None:
+                self.pages.after_metadata(key, user_agent, credentialed=False)
             self._fetching.discard(key)
             if key in self._claimed:
                 # Released when the client asked.
