@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -128,6 +130,8 @@ class DependencyPagesTests(TestCase):
         self.assertEqual(self.metadata_requests()["rda-b"], 1)
         # And, read, it starts the read-ahead of B's wheel.
         self.assertEqual((activity.read_ahead, activity.read_ahead_used), (6, 3))
+        assert self.harness.prefetcher is not None
+        await self.harness.prefetcher.when_done()
 
     async def test_without_client_environment_only_unconditional(self) -> None:
         """
@@ -164,6 +168,24 @@ class DependencyPagesTests(TestCase):
             self.page_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0}
         )
         self.assertEqual(self.harness.activity.read_ahead, 5)
+
+    async def test_asked_for_through_another_process(self) -> None:
+        """
+        A page read ahead that a hit worker served (its access reached
+        this process's store, no claim here) counts as asked for once the
+        budget is reached, and frees it.
+        """
+        self.patch(pagereads, "UNCLAIMED_BUDGET", 2)
+        await self.read_metadata(**{"user-agent": PIP_USER_AGENT})
+        reads = self.harness.prefetcher.pages if self.harness.prefetcher else None
+        assert reads is not None
+        self.assertEqual(reads.unclaimed(), 2)
+        key = f"simple-page|{self.upstream.base}|rda-b"
+        self.harness.store.record_accesses({key: reactor.seconds() + 1})
+        reads.read_ahead(["rda-d"])
+        await reads.when_done()
+        self.assertEqual(self.upstream.requests_for("/simple/rda-d/"), 1)
+        self.assertEqual(self.harness.activity.read_ahead_used, 1)
 
     async def test_missing_dependency_page(self) -> None:
         """
@@ -217,21 +239,28 @@ class _Resolver:
 
     def __init__(self) -> None:
         self.asked: list[str] = []
-        self.waiting: dict[str, Deferred[None]] = {}
+        self.waiting: dict[str, Deferred[Any]] = {}
         self.fresh: set[str] = set()
 
     def has_fresh(self, name: str) -> bool:
         return name in self.fresh
 
-    def resolve(self, name: str, headers: object) -> Deferred[None]:
+    def resolve(self, name: str, headers: object) -> Deferred[Any]:
         self.asked.append(name)
-        d: Deferred[None] = Deferred()
+        d: Deferred[Any] = Deferred()
         self.waiting[name] = d
         return d
 
     def answer(self, name: str) -> None:
         self.fresh.add(name)
-        self.waiting.pop(name).callback(None)
+        self.waiting.pop(name).callback(SimpleNamespace(key=f"page|{name}"))
+
+
+class _Store:
+    """A store that has none of the pages: nobody read them elsewhere."""
+
+    def peek(self, key: str) -> None:
+        return None
 
 
 class BoundsTests(SynchronousTestCase):
@@ -243,7 +272,7 @@ class BoundsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.resolver = _Resolver()
         self.reads = PageReadAhead(
-            None, self.resolver, Clock()  # type: ignore[arg-type]
+            SimpleNamespace(store=_Store()), self.resolver, Clock()  # type: ignore[arg-type]
         )
 
     def names(self, count: int, prefix: str = "p") -> Sequence[str]:
@@ -398,6 +427,8 @@ class CandidateMetadataTests(TestCase):
         self.assertEqual(
             self.metadata_asked()["bcdemo_a-2.0-py3-none-any.whl.metadata"], 1
         )
+        assert self.harness.prefetcher is not None
+        await self.harness.prefetcher.when_done()
         # Those three, and the wheel of bcdemo-a 2.0 once its metadata is
         # read.
         self.assertEqual(self.harness.activity.read_ahead, 4)

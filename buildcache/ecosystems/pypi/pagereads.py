@@ -95,8 +95,9 @@ class PageReadAhead:
     _fetching: set[str] = Factory(set)
     #: Fetching, and a client has asked for it already.
     _claimed: set[str] = Factory(set)
-    #: Fetched, not asked for yet: name to when; oldest first.
-    _unclaimed: OrderedDict[str, float] = Factory(OrderedDict)
+    #: Fetched, not asked for yet: name to when, and the page's store
+    #: key; oldest first.
+    _unclaimed: OrderedDict[str, tuple[float, str]] = Factory(OrderedDict)
     #: The specifier and client Python of each queued or fetching page,
     #: when known: to find its candidate.
     _wanted: dict[str, tuple[str, str, str]] = Factory(dict)
@@ -214,7 +215,7 @@ class PageReadAhead:
             if (
                 self._stopped
                 or len(self._pending) >= MAX_PENDING
-                or self._unclaimed_count() + len(self._pending) >= UNCLAIMED_BUDGET
+                or self._over_budget()
             ):
                 break
             if name in self._running or name in self._unclaimed:
@@ -243,11 +244,11 @@ class PageReadAhead:
             self._done.fire()
 
     async def _fetch(self, name: str) -> None:
-        fetched = False
+        fetched: str | None = None
         wanted = self._wanted.pop(name, None)
         try:
             resolved = await self.pages.resolve(name, {})
-            fetched = True
+            fetched = resolved.key
             if wanted is not None and self.on_candidate is not None and not self._stopped:
                 specifier, python, user_agent = wanted
                 candidate = best_pure_wheel(resolved.page, specifier, python)
@@ -267,8 +268,8 @@ class PageReadAhead:
             self._fetching.discard(name)
             if name in self._claimed:
                 self._claimed.discard(name)
-            elif fetched:
-                self._unclaimed[name] = self.reactor.seconds()
+            elif fetched is not None:
+                self._unclaimed[name] = (self.reactor.seconds(), fetched)
                 while len(self._unclaimed) > UNCLAIMED_BUDGET:
                     self._unclaimed.popitem(last=False)
             self._start_pending()
@@ -295,6 +296,24 @@ class PageReadAhead:
         self._write_off()
         return self._unclaimed_count()
 
+    def _over_budget(self) -> bool:
+        if self._unclaimed_count() + len(self._pending) < UNCLAIMED_BUDGET:
+            return False
+        self._claimed_elsewhere()
+        return self._unclaimed_count() + len(self._pending) >= UNCLAIMED_BUDGET
+
+    def _claimed_elsewhere(self) -> None:
+        """
+        Count as asked for the pages read ahead that a client read since
+        without this object seeing it (a hit worker answered it; its
+        accesses reach this process's store): their last access is later
+        than their read-ahead.
+        """
+        for name, (when, key) in list(self._unclaimed.items()):
+            entry = self.engine.store.peek(key)
+            if entry is not None and entry.last_access > when:
+                self.claim(name)
+
     def _unclaimed_count(self) -> int:
         return len(self._unclaimed) + len(self._fetching) - len(self._claimed)
 
@@ -302,7 +321,7 @@ class PageReadAhead:
         # As old as the index TTL: stale now, its upstream request spent.
         cutoff = self.reactor.seconds() - self.pages.index_ttl
         while self._unclaimed:
-            name, when = next(iter(self._unclaimed.items()))
+            name, (when, _) = next(iter(self._unclaimed.items()))
             if when > cutoff:
                 return
             del self._unclaimed[name]
