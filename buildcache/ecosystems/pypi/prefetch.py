@@ -23,7 +23,15 @@ was stored.
 The prefetcher also holds the read-ahead of the pages of the dependencies
 a metadata file names (:mod:`.pagereads`, attached by the index as
 ``pages``), so that the server starts, counts, stops and waits for both as
-one.
+one.  And it reads ahead core metadata: on a page fetched for a client, or
+read ahead for one, whose Python is known (from its ``User-Agent``), the
+metadata of the file that client reads next when that is certain (the
+newest allowed version's one pure wheel, see
+:func:`~buildcache.ecosystems.pypi.requires.best_pure_wheel`); once stored,
+that metadata's dependencies' pages are read ahead in turn, so read-ahead
+walks the dependency graph ahead of the resolver, within the pages'
+budget.  A metadata read-ahead, like a file's, holds its project until a
+client asks for it, and is answered ``MISS`` then.
 
 The observer is told of each read-ahead that asked the upstream
 (:meth:`~buildcache.engine.events.CacheObserver.read_ahead_started`: one
