@@ -279,12 +279,24 @@ class IndexResource(Resource):
         except Refusal as refusal:
             send_error(request, refusal.code, refusal.message)
             return
-        if (
-            self.prefetcher is not None
-            and resolved.status is CacheStatus.MISS
-            and not credentialed(request)
-        ):
-            self.prefetcher.page_fetched(resolved.page, name, headers.get("user-agent"))
+        try:
+            self._send_page(request, headers, resolved, media_type)
+        finally:
+            # After the response: the page first, then the read-ahead's
+            # upstream request, in the same turn.
+            if (
+                self.prefetcher is not None
+                and resolved.status is CacheStatus.MISS
+                and not credentialed(request)
+            ):
+                self.prefetcher.page_fetched(
+                    resolved.page, name, headers.get("user-agent")
+                )
+
+    def _send_page(
+        self, request: Request, headers: dict[str, str], resolved: ResolvedPage,
+        media_type: str,
+    ) -> None:
         body, etag = self._render(resolved, media_type)
         if client_gone(request):
             return

@@ -185,7 +185,7 @@ class PageReadAhead:
         python = "" if environment is None else environment["python_full_version"]
         self._parsed.put(
             slot, (wanted, python),
-            len(key) + sum(len(n) + len(v) for n, v in wanted) + 64,
+            len(key) + len(slot[1]) + sum(len(n) + len(v) for n, v in wanted) + 64,
         )
         self._read_ahead_for(wanted, python, user_agent or "")
 
