@@ -13,7 +13,12 @@ made of ``UPSTREAM_ORIGIN/a/b`` with the client's ``Accept`` header, over
 one persistent connection pool as buildcache fetches, and the answer
 (redirects too) is passed back.  ``--delay-ms``
 holds every request that long before fetching it: the round trip to an
-index across a slow line (its bandwidth is not modelled).
+index across a slow line.  Its bandwidth is the origin's: ``bench/pypi.py
+--origin-rate-mb`` has nginx send each file at that rate (``limit_rate``,
+per request), and this forwarder streams what it receives as it arrives,
+so a file reaches the client after the delay plus its size over the rate
+(the forwarder's own copy adds little at 50 MB/s), each of the
+forwarder's connections to nginx limited on its own.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ digest matches the page is a hit and is never revalidated; a missing one is
 fetched once (single flight) with the page's sha256, so a mismatching body
 is never stored nor served (502).  Reading a wheel's core metadata starts a
 read-ahead of the wheel (:mod:`.prefetch`); the first request for a file
-read ahead is a MISS, its bytes having crossed the line for it.  Their store keys are the proxy's keys for the
+read ahead is a MISS, its bytes having crossed the line for it; the pages
+of the dependencies it names are read ahead too (:mod:`.pagereads`),
+unless the request carries credentials.  Their store keys are the proxy's keys for the
 upstream URL (scheme included), so both ports share one copy, and follow
 the same ``Vary`` rule (see :func:`buildcache.engine.keys.find_stored`).  A
 file of an ``https://`` upstream that is stored only under its ``http://``
@@ -48,6 +50,17 @@ from buildcache.engine.respond import send_error
 __all__ = ["FileServer"]
 
 _METADATA_SUFFIX = ".metadata"
+
+#: Request headers that make a request credentialed: no read-ahead for it.
+_CREDENTIAL_HEADERS = (b"authorization", b"proxy-authorization", b"cookie")
+
+
+def credentialed(request: Request) -> bool:
+    """
+    Whether ``request`` carries credentials of its client.
+    """
+    headers = request.requestHeaders
+    return any(headers.hasHeader(name) for name in _CREDENTIAL_HEADERS)
 
 
 @define
@@ -114,6 +127,12 @@ class FileServer:
         )
         if await self._serve_file(request, name, metadata) and self.prefetcher:
             self.prefetcher.after_metadata(distribution, wanted.size, name)
+            user_agent = request.getHeader(b"user-agent")
+            self.prefetcher.after_core_metadata(
+                metadata.key,
+                None if user_agent is None else user_agent.decode("latin-1"),
+                credentialed(request),
+            )
 
     def _claimed_read_ahead(self, key: str, stored: bool) -> bool:
         return self.prefetcher is not None and self.prefetcher.claim(key, stored)

@@ -33,7 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.access import AccessPolicy
-from buildcache.ecosystems.pypi.files import FileServer
+from buildcache.ecosystems.pypi.files import FileServer, credentialed
 from buildcache.ecosystems.pypi.lru import LRU
 from buildcache.ecosystems.pypi.model import (
     MEDIA_TYPES,
@@ -272,11 +272,31 @@ class IndexResource(Resource):
         if media_type is None:
             self._not_acceptable(request)
             return
+        if self.prefetcher is not None:
+            self.prefetcher.page_asked(name)
         try:
             resolved = await self.pages.resolve(name, headers)
         except Refusal as refusal:
             send_error(request, refusal.code, refusal.message)
             return
+        try:
+            self._send_page(request, headers, resolved, media_type)
+        finally:
+            # After the response: the page first, then the read-ahead's
+            # upstream request, in the same turn.
+            if (
+                self.prefetcher is not None
+                and resolved.status is CacheStatus.MISS
+                and not credentialed(request)
+            ):
+                self.prefetcher.page_fetched(
+                    resolved.page, name, headers.get("user-agent")
+                )
+
+    def _send_page(
+        self, request: Request, headers: dict[str, str], resolved: ResolvedPage,
+        media_type: str,
+    ) -> None:
         body, etag = self._render(resolved, media_type)
         if client_gone(request):
             return

@@ -252,6 +252,24 @@ class PageResolver:
             f" {NEGATIVE_TTL:g}s)",
         )
 
+    def has_fresh(self, name: str) -> bool:
+        """
+        Whether a request for the page of the normalised ``name`` would be
+        answered without asking any upstream: the first upstream not known
+        to lack the project has it stored and fresh (or every upstream is
+        known to lack it).
+        """
+        now = self.clock.seconds()
+        for upstream in self.upstreams:
+            if self._missing_until.get((upstream, name), 0.0) > now:
+                continue
+            hit = self.engine.fresh_hit(self._target(upstream, name, {}), self._policy)
+            if hit is None:
+                return False
+            hit.close()
+            return True
+        return True
+
     def _target(self, upstream: str, name: str, headers: Mapping[str, str]) -> Target:
         return Target(
             url=page_url(upstream, name),

@@ -20,6 +20,19 @@ once asked for, or is written off :data:`UNCLAIMED_TTL` seconds after it
 was stored.
 ``max_size`` 0 turns it off.
 
+The prefetcher also holds the read-ahead of the pages of the dependencies
+a metadata file names (:mod:`.pagereads`, attached by the index as
+``pages``), so that the server starts, counts, stops and waits for both as
+one.  And it reads ahead core metadata: on a page fetched for a client, or
+read ahead for one, whose Python is known (from its ``User-Agent``), the
+metadata of the file that client reads next when that is certain (the
+newest allowed version's one pure wheel, see
+:func:`~buildcache.ecosystems.pypi.requires.best_pure_wheel`); once stored,
+that metadata's dependencies' pages are read ahead in turn, so read-ahead
+walks the dependency graph ahead of the resolver, within the pages'
+budget.  A metadata read-ahead, like a file's, holds its project until a
+client asks for it, and is answered ``MISS`` then.
+
 The observer is told of each read-ahead that asked the upstream
 (:meth:`~buildcache.engine.events.CacheObserver.read_ahead_started`: one
 request each, the one the client would have caused) and of each a client
@@ -40,7 +53,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.credentials import redact
-from buildcache.ecosystems.pypi.policy import FileRequest
+from buildcache.ecosystems.pypi.model import ProjectFile, ProjectPage
+from buildcache.ecosystems.pypi.pagereads import PageReadAhead
+from buildcache.ecosystems.pypi.pages import metadata_servable
+from buildcache.ecosystems.pypi.policy import USER_AGENT, FileRequest, file_request
+from buildcache.ecosystems.pypi.requires import best_pure_wheel, client_environment
 from buildcache.engine.core import Engine
 from buildcache.engine.errors import ANSWERED_ERRORS
 from buildcache.engine.events import CacheObserver
@@ -49,6 +66,8 @@ from buildcache.turns import Waiters, after_io
 
 #: Read-aheads scheduled or running at once; more are skipped, not queued.
 MAX_RUNNING = 4
+#: Read-aheads of core metadata files scheduled or running at once, besides.
+MAX_RUNNING_METADATA = 8
 #: Stored read-aheads remembered until a client asks for them.
 UNCLAIMED_KEPT = 4096
 #: Read-ahead pauses while the files it fetched (or is fetching) that no
@@ -88,6 +107,8 @@ class Prefetcher:
     max_size: int
     #: Told when a read-ahead starts and when a client claims one.
     observer: CacheObserver | None = None
+    #: Read-ahead of dependencies' pages, when the index attached one.
+    pages: PageReadAhead | None = None
     #: Scheduled or fetching.
     _running: dict[str, _ReadAhead] = Factory(dict)
     #: Fetching: asked the upstream (a subset of ``_running``).
@@ -99,28 +120,59 @@ class Prefetcher:
     _unclaimed_size: int = 0
     #: Projects with a read-ahead running or unclaimed.
     _projects: Counter[str] = Factory(Counter)
+    #: Of ``_running``, core metadata files, and the ``User-Agent`` of
+    #: the client they are read for.
+    _metadata_running: dict[str, str] = Factory(dict)
     _paused: bool = False
     _stopped: bool = False
     _done: Waiters = Factory(Waiters)
 
     def running(self) -> int:
         """
-        Read-aheads scheduled or running.
+        Read-aheads (of files and pages) scheduled or running.
         """
-        return len(self._running)
+        pages = 0 if self.pages is None else self.pages.running()
+        return len(self._running) + pages
 
     def when_done(self) -> Deferred[None]:
         """
         Fires once no read-ahead is scheduled or running (at once if none
         is).
         """
-        return self._done.wait(not self._running)
+        return Deferred.fromCoroutine(self._all_done())
+
+    async def _all_done(self) -> None:
+        # A page read ahead may start a metadata file's read-ahead.
+        while self.running():
+            await self._done.wait(not self._running)
+            if self.pages is not None:
+                await self.pages.when_done()
 
     def stop(self) -> None:
         """
         Start no more read-aheads (the server is stopping).
         """
         self._stopped = True
+        if self.pages is not None:
+            self.pages.stop()
+
+    def after_core_metadata(
+        self, key: str, user_agent: str | None, credentialed: bool
+    ) -> None:
+        """
+        A client has been answered the core metadata stored under ``key``:
+        read ahead its dependencies' pages (see :mod:`.pagereads`).
+        """
+        if self.pages is not None and self.max_size > 0:
+            self.pages.after_metadata(key, user_agent, credentialed)
+
+    def page_asked(self, name: str) -> None:
+        """
+        A client asks for the page of ``name``: counted as used if it was
+        read ahead.
+        """
+        if self.pages is not None:
+            self.pages.claim(name)
 
     def after_metadata(
         self, request: FileRequest, size: int | None, project: str
@@ -152,6 +204,51 @@ class Prefetcher:
         after_io(self.reactor).addCallback(
             lambda _: Deferred.fromCoroutine(self._fetch(request))
         )
+
+    def metadata_ahead(self, file: ProjectFile, project: str, user_agent: str) -> None:
+        """
+        Fetch the core metadata of ``file`` of ``project``, the file a
+        client (sending ``user_agent``) will read the metadata of next:
+        one per project until a client asks for it, at most
+        :data:`MAX_RUNNING_METADATA` at once, only with the sha256 the page
+        gives for it.  Once stored, the pages of the dependencies it names
+        are read ahead for that client, as if it had read it (the
+        resolver's walk, ahead of it; bounded by the pages' budget).
+        """
+        expected = file.core_metadata_hashes.get("sha256")
+        self._write_off(self.reactor.seconds())
+        if (
+            self._stopped
+            or self.max_size <= 0
+            or not expected
+            or not metadata_servable(file)
+            or len(self._metadata_running) >= MAX_RUNNING_METADATA
+            or self._projects[project]
+        ):
+            return
+        request = file_request(file.metadata_url, expected.lower(), USER_AGENT, 0)
+        if request.key in self._running:
+            return
+        self._running[request.key] = _ReadAhead(0, project)
+        self._metadata_running[request.key] = user_agent
+        self._projects[project] += 1
+        Deferred.fromCoroutine(self._fetch(request))
+
+    def page_fetched(self, page: ProjectPage, project: str, user_agent: str | None) -> None:
+        """
+        A client asked for ``page`` of ``project``, which was just fetched
+        for it: read ahead the core metadata of the file it reads next,
+        when that is certain for its Python (the newest version's one pure
+        wheel; see :func:`~buildcache.ecosystems.pypi.requires.best_pure_wheel`).
+        """
+        if self.max_size <= 0 or self._stopped:
+            return
+        environment = client_environment(user_agent)
+        if environment is None or not environment["python_full_version"]:
+            return
+        candidate = best_pure_wheel(page, "", environment["python_full_version"])
+        if candidate is not None:
+            self.metadata_ahead(candidate, project, user_agent or "")
 
     def unclaimed_bytes(self) -> int:
         """
@@ -243,6 +340,9 @@ class Prefetcher:
             self.log.failure("Read-ahead of {url} failed", url=redact(url))
         finally:
             read_ahead = self._running.pop(key)
+            user_agent = self._metadata_running.pop(key, None)
+            if user_agent is not None and stored and self.pages is not None:
+                self.pages.after_metadata(key, user_agent, credentialed=False)
             self._fetching.discard(key)
             if key in self._claimed:
                 # Released when the client asked.
