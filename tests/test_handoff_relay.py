@@ -11,6 +11,7 @@ served there byte for byte, its fresh hits are served by the worker.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -379,6 +380,43 @@ class HandOffRelayTests(TestCase):
         await pip("warm")
         self.assertEqual(sum(origin.requests.values()), asked)
         self.assertEqual(self.listeners.accepted, relayed)
+
+
+    async def test_core_metadata_of_a_file_not_stored_goes_to_the_main_process(self) -> None:
+        """
+        A worker hands off a file's core metadata while the file itself
+        is not stored, stored metadata or not: the main process reads the
+        file ahead when it serves the metadata, and would never see the
+        request otherwise.  Once the file is stored, the worker answers.
+        """
+        fixture = build_index(Path(self.mktemp()))
+        origin = StaticSimpleIndex(fixture)
+        origin_port = listen(origin)
+        self.addCleanup(origin_port.stopListening)
+        # No read-ahead of files: the file is stored only when asked for.
+        self.start(
+            FakeUpstream(), pypi_upstreams=(url_of(origin_port, "/simple"),),
+            prefetch_max_size=0,
+        )
+        main_index = self.main.index_site
+        main_port = reactor.listenTCP(0, main_index, interface="127.0.0.1")
+        self.addCleanup(main_port.stopListening)
+        main = f"http://127.0.0.1:{main_port.getHost().port}"
+        worker = f"http://127.0.0.1:{self.index_port}"
+        _, page = await self.curl(f"{main}/simple/bcdemo-a/")
+        wheel = re.findall(rb'href="[^"]*?/(bcdemo_a-[^"#/]*?\.whl)', page)[0]
+        files = f"/files/bcdemo-a/{wheel.decode()}"
+        headers, _ = await self.curl(f"{main}{files}.metadata")
+        self.assertEqual(headers[":status"], "200")
+        relayed = self.listeners.accepted
+        headers, _ = await self.curl(f"{worker}{files}.metadata")
+        self.assertEqual((headers[":status"], headers["x-cache"]), ("200", "HIT"))
+        self.assertEqual(self.listeners.accepted, relayed + 1)
+        headers, _ = await self.curl(f"{main}{files}")
+        self.assertEqual(headers[":status"], "200")
+        headers, _ = await self.curl(f"{worker}{files}.metadata")
+        self.assertEqual((headers[":status"], headers["x-cache"]), ("200", "HIT"))
+        self.assertEqual(self.listeners.accepted, relayed + 1)
 
 
 class MainServiceTests(TestCase):

@@ -120,6 +120,11 @@ class FileServer:
         if not is_metadata:
             await self._serve_file(request, name, distribution)
             return
+        if self.engine.hits_only and self.engine.find(distribution.target) is None:
+            # The main process reads a file ahead when it serves the file's
+            # core metadata (pip asks for the file next): it must see this
+            # request, or no file would be read ahead behind a worker.
+            raise HandOff(f"{filename}: its file is not stored yet")
         expected = wanted.core_metadata_hashes.get("sha256")
         metadata = file_request(
             # A file's core metadata is small: held until checked.
