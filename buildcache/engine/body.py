@@ -21,6 +21,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -294,3 +295,86 @@ def direct_sender(request: Request) -> Callable[[int, int, int], int] | None:
         return sent
 
     return send
+
+
+def _buffered(transport: tcp.Connection) -> int:
+    # Bytes Twisted holds for the socket and has not written yet.
+    return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+
+
+def response_head(request: Request) -> bytes:
+    """
+    The status line and headers of ``request``'s response, byte for byte
+    what ``HTTPChannel.writeHeaders`` writes (one bytes object instead of a
+    sequence of some fifty pieces).
+    """
+    parts = [
+        request.clientproto, b" ", b"%d" % (request.code,), b" ",
+        request.code_message, b"\r\n",
+    ]
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        for value in values:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def send_now(request: Request, source: StoredBody, start: int, end: int) -> int | None:
+    """
+    Send the response's head and as much of bytes ``[start, end)`` of a
+    stored body as the client's socket takes right now, straight to the
+    socket (``send`` and ``sendfile``: no copy through Python, no
+    registration with the reactor, no turn waited for), and give the offset
+    reached: the caller streams the rest (if any) with :class:`BodySender`,
+    the ordinary way, which keeps flow control and the send-stall timeout.
+
+    None, with nothing sent, where this cannot be done: a transport that is
+    not a plain TCP connection (TLS, a UNIX socket, a test double), bytes
+    already buffered by Twisted (they must go first), a response Twisted
+    would alter on its first write (chunked, Last-Modified, ETag,
+    cookies), a HEAD or a status without a body.
+    """
+    channel = request.channel
+    transport = getattr(channel, "transport", None)
+    if (
+        not isinstance(transport, tcp.Connection)
+        or getattr(transport, "TLS", False)
+        or transport.disconnecting
+        or request.method != b"GET"
+        or request.startedWriting
+        or request.code in NO_BODY_CODES
+        or request.lastModified is not None
+        or request.etag is not None
+        or request.cookies
+        or not request.responseHeaders.hasHeader(b"content-length")
+        or _buffered(transport)
+        or client_gone(request)
+    ):
+        return None
+    head = response_head(request)
+    sock = transport.getHandle()
+    try:
+        head_sent = sock.send(head)
+    except OSError:
+        # EAGAIN, or an error the transport finds and reports itself.
+        head_sent = 0
+    request.startedWriting = 1
+    if head_sent < len(head):
+        transport.write(head[head_sent:])
+        return start
+    socket_fd = sock.fileno()
+    offset = start
+    while offset < end:
+        try:
+            sent = os.sendfile(socket_fd, source.fd, offset, min(end - offset, SENDFILE_MAX))
+        except OSError:
+            break
+        if not sent:
+            # The file is shorter than its row: BodySender reads it and
+            # ends the response as incomplete.
+            break
+        offset += sent
+        if offset - start >= SENDFILE_MAX:
+            break
+    request.sentLength += offset - start
+    return offset

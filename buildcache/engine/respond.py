@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
-from buildcache.engine.body import BodySender, BodySource, StoredBody
+from buildcache.engine.body import BodySender, BodySource, StoredBody, send_now
 from buildcache.engine.conditional import RangeOutcome, not_modified, parse_range
 from buildcache.engine.exchanges import CacheStatus, client_gone, exchange_of
 from buildcache.fetch.fetcher import REPLAYED_HEADERS, UpstreamAnswer
@@ -130,9 +130,17 @@ def _send(
         source.close()
         request.finish()
         return
-    BodySender(
-        request, source, ranged.start, ranged.end + 1, refuse=_refuse_unsent(request),
-    ).start()
+    start, end = ranged.start, ranged.end + 1
+    if isinstance(source, StoredBody):
+        # A hit: usually all of it goes out at once, here.
+        reached = send_now(request, source, start, end)
+        if reached == end:
+            source.close()
+            request.finish()
+            return
+        if reached is not None:
+            start = reached
+    BodySender(request, source, start, end, refuse=_refuse_unsent(request)).start()
 
 
 def _refuse_unsent(request: Request) -> Callable[[str], None]:
