@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--json", default="bench/hitcost.json")
+    parser.add_argument("--only", default="", help="run the cases whose name holds this")
     parser.add_argument("--py-spy", dest="pyspy", default=None,
                         help="directory for one py-spy flame graph per case")
     parser.add_argument("server_options", nargs="*",
@@ -184,6 +185,8 @@ def main() -> None:
                 else:
                     raise RuntimeError(f"{name}: not a hit after warming ({cache!r})")
             for name, url, via, size in cases:
+                if args.only not in name:
+                    continue
                 count = args.seconds
                 # One untimed run: the row cache, the reactor's buffers.
                 run_wrk(scratch, url, via, 1, args.threads, args.connections)

@@ -91,6 +91,8 @@ class StoreReader:
     _data_version: int = -1
     _rows: dict[str, Entry] = Factory(dict)
     _rows_bytes: int = 0
+    #: The last row given with its pending access time: (row, time, copy).
+    _last_evolved: tuple[Entry, float, Entry] | None = None
     #: Runs a blocking call (a body's fsync and rename) and gives its
     #: result: in a thread pool in the server, here and now by default.
     run_blocking: BlockingRunner = run_here
@@ -126,9 +128,16 @@ class StoreReader:
             self._rows[key] = entry
             self._rows_bytes += entry.meta_size
         pending = self._pending_access.get(key)
-        if pending is not None:
-            return attrs.evolve(entry, last_access=pending)
-        return entry
+        if pending is None:
+            return entry
+        # A hit looks its row up twice (the variants, then the body) with
+        # the same access pending: one copy serves both.
+        last = self._last_evolved
+        if last is not None and last[0] is entry and last[1] == pending:
+            return last[2]
+        evolved = attrs.evolve(entry, last_access=pending)
+        self._last_evolved = (entry, pending, evolved)
+        return evolved
 
     def _forget(self, key: str) -> None:
         entry = self._rows.pop(key, None)
