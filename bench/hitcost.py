@@ -8,7 +8,8 @@ server's own CPU time per request does.  This bench starts one buildcache
 static origin, caches a 20 KB and a 1 MB apk package, then for each case
 (size x route: the forward proxy and the mirror route) runs
 ``wrk -t2 -c32`` for a few seconds and divides the server
-process's utime+stime (``/proc/PID/stat``) by the requests served.  Each
+process's utime+stime (``/proc/PID/stat``, its worker children's
+added) by the requests served.  Each
 case runs ``--repeats`` times; the median is printed and written as JSON.
 
     .venv/bin/python bench/hitcost.py [--seconds 4] [--json out.json]
@@ -37,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from processes import (  # noqa: E402
     buildcache_command,
-    cpu_seconds,
+    children_of,
     free_port,
     stop,
     wait_for_port,
@@ -109,11 +110,21 @@ def run_wrk(
 
 
 def user_system(pid: int) -> tuple[float, float]:
-    """The process's user and system CPU seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """
+    The user and system CPU seconds of the server: the process and its
+    children (hit workers, with ``--workers``), those that live.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks
+    user = system = 0.0
+    for each in (pid, *children_of(pid)):
+        try:
+            with open(f"/proc/{each}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        user += int(fields[11]) / ticks
+        system += int(fields[12]) / ticks
+    return user, system
 
 
 def settle(pid: int) -> tuple[float, float]:
@@ -121,10 +132,10 @@ def settle(pid: int) -> tuple[float, float]:
     The server's user and system CPU once it has stopped using any (the
     last connections close after wrk ends).
     """
-    before = cpu_seconds(pid)
+    before = sum(user_system(pid))
     for _ in range(50):
         time.sleep(0.3)
-        now = cpu_seconds(pid)
+        now = sum(user_system(pid))
         if now - before < 0.015:
             break
         before = now
