@@ -41,3 +41,21 @@ class PendingAccessTests(StoreTestMixin, SynchronousTestCase):
         assert latest is not None
         self.assertEqual(latest.last_access, 15)
         self.assertEqual(store.peek("other"), None)
+
+    def test_hit_opens_the_file_the_row_names(self) -> None:
+        """
+        The body a hit opens is the one at :func:`file_path` of its row,
+        whatever way the store's directory was written.
+        """
+        from buildcache.store.layout import file_path
+
+        for directory in (self.make_directory(), self.make_directory() + "/"):
+            store = self.open_store(directory)
+            entry = self.put(store, "k", b"body")
+            opened = store.lookup("k")
+            assert opened is not None
+            self.addCleanup(opened.close)
+            self.assertEqual(
+                os.fstat(opened.fd).st_ino,
+                os.stat(file_path(directory, entry.file)).st_ino,
+            )
