@@ -79,8 +79,10 @@ class DirectPathTests(TestCase):
         self.reached: list[tuple[int, int | None]] = []
         real = body_module.send_now
 
-        def spy(request: Any, source: Any, start: int, end: int) -> int | None:
-            reached = real(request, source, start, end)
+        def spy(
+            request: Any, source: Any, start: int, end: int, head: bytes | None = None,
+        ) -> int | None:
+            reached = real(request, source, start, end, head=head)
             self.reached.append((end, reached))
             return reached
 
@@ -101,7 +103,7 @@ class DirectPathTests(TestCase):
         self.fail(f"{path} never became a hit")
 
     def ordinary_only(self) -> None:
-        self.patch(respond, "send_now", lambda *args: None)
+        self.patch(respond, "send_now", lambda *args, **kwargs: None)
 
     async def answers(self, requests: list[tuple[bytes, bool]]) -> list[bytes]:
         connection = await raw_connection(self, self.running.proxy_port)
@@ -211,7 +213,7 @@ class DirectPathTests(TestCase):
         self.assertEqual(again.body, pattern_bytes(32 * MB, HUGE.encode()))
 
 
-def request_on(transport: StringTransport) -> Request:
+def request_on(transport: StringTransport) -> Any:
     channel = HTTPChannel()
     channel.makeConnection(transport)
     request = Request(channel)
@@ -252,3 +254,29 @@ class ResponseHeadTests(SynchronousTestCase):
         request = request_on(StringTransport())
         request.setHeader("content-length", "1")
         self.assertIsNone(body_module.send_now(request, None, 0, 1))  # type: ignore[arg-type]
+
+
+class StoredBlockTests(SynchronousTestCase):
+    """
+    The per-entry header blocks: what Twisted would hold, bounded, and
+    never another entry's.
+    """
+
+    def test_block_as_twisted_holds_it(self) -> None:
+        block = respond._stored_block(
+            {"etag": '"x"', "content-type": "a/b", "date": "no", "x-other": "no"}
+        )
+        self.assertEqual(block, ((b"ETag", b'"x"'), (b"Content-Type", b"a/b")))
+
+    def test_bounded_and_by_mapping(self) -> None:
+        kept = [{"content-type": f"a/{n}"} for n in range(respond.BLOCKS_KEPT + 10)]
+        for headers in kept:
+            respond._stored_block(headers)
+            self.assertLessEqual(len(respond._BLOCKS), respond.BLOCKS_KEPT)
+        first = {"content-type": "one"}
+        self.assertEqual(respond._stored_block(first), ((b"Content-Type", b"one"),))
+        # An equal-looking but different mapping (a revalidated entry's
+        # new headers) gets its own block.
+        second = {"content-type": "two"}
+        self.assertEqual(respond._stored_block(second), ((b"Content-Type", b"two"),))
+        self.assertEqual(respond._stored_block(first), ((b"Content-Type", b"one"),))

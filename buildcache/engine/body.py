@@ -326,7 +326,9 @@ def response_head(request: Request) -> bytes:
     return b"".join(parts)
 
 
-def send_now(request: Request, source: StoredBody, start: int, end: int) -> int | None:
+def send_now(
+    request: Request, source: StoredBody, start: int, end: int, head: bytes | None = None,
+) -> int | None:
     """
     Send the response's head and as much of bytes ``[start, end)`` of a
     stored body as the client's socket takes right now, straight to the
@@ -340,6 +342,10 @@ def send_now(request: Request, source: StoredBody, start: int, end: int) -> int 
     already buffered by Twisted (they must go first), a response Twisted
     would alter on its first write (chunked, Last-Modified, ETag,
     cookies), a HEAD or a status without a body.
+
+    ``head`` is the status line and headers to send, when the caller made
+    them (see :func:`buildcache.engine.respond.serve_stored`); by default
+    they are the request's own (:func:`response_head`).
     """
     channel = request.channel
     transport = getattr(channel, "transport", None)
@@ -353,12 +359,13 @@ def send_now(request: Request, source: StoredBody, start: int, end: int) -> int 
         or request.lastModified is not None
         or request.etag is not None
         or request.cookies
-        or not request.responseHeaders.hasHeader(b"content-length")
+        or (head is None and not request.responseHeaders.hasHeader(b"content-length"))
         or _buffered(transport)
         or client_gone(request)
     ):
         return None
-    head = response_head(request)
+    if head is None:
+        head = response_head(request)
     sock = transport.getHandle()
     if end - start <= SEND_WITH_HEAD:
         # Small: one copy through Python and one system call beat
