@@ -13,7 +13,9 @@ added) by the requests served.  Each
 case runs ``--repeats`` times; the median is printed and written as JSON.
 
     .venv/bin/python bench/hitcost.py [--seconds 4] [--json out.json]
-        [--py-spy DIR]   # also records a py-spy flame graph per case
+        [--baseline SOURCE]  # also an older tree, runs alternating
+        [--py-spy DIR]       # also records a py-spy flame graph per case
+        [-- --workers 2]     # options for the servers
 
 Only the server process is counted (not wrk, not the origin), so other
 people's load changes the numbers little; run before/after in the same
@@ -142,6 +144,46 @@ def settle(pid: int) -> tuple[float, float]:
     return user_system(pid)
 
 
+def start_server(
+    scratch: Path, name: str, origin_base: str, options: list[str], source: str | None,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """
+    A buildcache on a fresh cache; ``source``, if given, is a source tree
+    put first on its ``PYTHONPATH`` (the code to compare against).
+    """
+    port, index_port = free_port(), free_port()
+    log = scratch / f"{name}.log"
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.path.abspath(source)
+    server = subprocess.Popen(
+        [
+            *buildcache_command(log, port, index_port, scratch / f"cache-{name}"),
+            "--max-size", "2G", "--mirror", f"origin={origin_base}",
+            "--allow-upstream", "127.0.0.1", *options,
+        ],
+        cwd=scratch, env=env, stdout=subprocess.DEVNULL,
+        stderr=open(scratch / f"{name}.stderr", "wb"),
+    )
+    try:
+        wait_for_port(port, server, log)
+    except BaseException:
+        stop(server)
+        raise
+    return server, port
+
+
+def warm(name: str, url: str, via: str | None) -> None:
+    curl_head(url, via)
+    for _ in range(20):
+        # The first answer's body is stored just after it went out.
+        cache = curl_head(url, via).get("x-cache", "")
+        if cache.startswith("HIT"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{name}: not a hit after warming ({cache!r})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=4, help="per wrk run")
@@ -150,6 +192,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--json", default="bench/hitcost.json")
     parser.add_argument("--only", default="", help="run the cases whose name holds this")
+    parser.add_argument(
+        "--baseline", default=None, metavar="SOURCE",
+        help="also run a server on this source tree (say, `git archive` of an older"
+        " commit), alternating runs with the current one",
+    )
     parser.add_argument("--py-spy", dest="pyspy", default=None,
                         help="directory for one py-spy flame graph per case")
     parser.add_argument("server_options", nargs="*",
@@ -165,81 +212,88 @@ def main() -> None:
         ]
         write_repository(www / REPOSITORY, packages, ARCH, mtime=time.time() - 86400)
         origin, origin_base = start_origin(www)
-        port, index_port = free_port(), free_port()
-        log = scratch / "server.log"
-        server = subprocess.Popen(
-            [
-                *buildcache_command(log, port, index_port, scratch / "cache"),
-                "--max-size", "2G", "--mirror", f"origin={origin_base}",
-                "--allow-upstream", "127.0.0.1", *args.server_options,
-            ],
-            cwd=scratch, stdout=subprocess.DEVNULL,
-            stderr=open(scratch / "stderr.log", "wb"),
-        )
-        results: dict[str, dict[str, object]] = {}
+        servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        results: dict[str, dict[str, dict[str, object]]] = {}
         try:
-            wait_for_port(port, server, log)
-            proxy = f"http://127.0.0.1:{port}"
-            cases = []
-            for (label, size), apk in zip(SIZES.items(), packages):
-                path = f"/{REPOSITORY}/{ARCH}/{apk.filename}"
-                cases.append((f"{label} proxy", origin_base + path, proxy, size))
-                cases.append((f"{label} mirror", f"{proxy}/origin{path}", None, size))
-            for name, url, via, _ in cases:
-                curl_head(url, via)
-                for _ in range(20):
-                    # The first answer's body is stored just after it went out.
-                    cache = curl_head(url, via).get("x-cache", "")
-                    if cache.startswith("HIT"):
-                        break
-                    time.sleep(0.1)
-                else:
-                    raise RuntimeError(f"{name}: not a hit after warming ({cache!r})")
-            for name, url, via, size in cases:
-                if args.only not in name:
-                    continue
-                count = args.seconds
-                # One untimed run: the row cache, the reactor's buffers.
-                run_wrk(scratch, url, via, 1, args.threads, args.connections)
-                per_hit, user, system, served_counts = [], [], [], []
-                for _ in range(args.repeats):
-                    user0, system0 = settle(server.pid)
-                    served = run_wrk(scratch, url, via, count, args.threads, args.connections)
-                    user1, system1 = settle(server.pid)
-                    user.append((user1 - user0) / served * 1e6)
-                    system.append((system1 - system0) / served * 1e6)
-                    per_hit.append(user[-1] + system[-1])
-                    served_counts.append(served)
+            sources = {"current": None}
+            if args.baseline:
+                sources["baseline"] = args.baseline
+            for name, source in sources.items():
+                servers[name] = start_server(
+                    scratch, name, origin_base, args.server_options, source
+                )
+
+            def cases(port: int) -> list[tuple[str, str, str | None, int]]:
+                proxy = f"http://127.0.0.1:{port}"
+                found = []
+                for (label, size), apk in zip(SIZES.items(), packages):
+                    path = f"/{REPOSITORY}/{ARCH}/{apk.filename}"
+                    found.append((f"{label} proxy", origin_base + path, proxy, size))
+                    found.append((f"{label} mirror", f"{proxy}/origin{path}", None, size))
+                return [case for case in found if args.only in case[0]]
+
+            for server, port in servers.values():
+                for name, url, via, _ in cases(port):
+                    warm(name, url, via)
+                    # One untimed run: the row cache, the reactor's buffers.
+                    run_wrk(scratch, url, via, 1, args.threads, args.connections)
+            names = list(servers)
+            for index, (case, _, _, size) in enumerate(cases(0)):
+                runs: dict[str, list[tuple[float, float, int]]] = {n: [] for n in names}
+                for repeat in range(args.repeats):
+                    # Alternate which server goes first: the machine's load drifts.
+                    for name in names if repeat % 2 == 0 else names[::-1]:
+                        server, port = servers[name]
+                        _, url, via, _ = cases(port)[index]
+                        user0, system0 = settle(server.pid)
+                        served = run_wrk(
+                            scratch, url, via, args.seconds, args.threads, args.connections
+                        )
+                        user1, system1 = settle(server.pid)
+                        runs[name].append((
+                            (user1 - user0) / served * 1e6,
+                            (system1 - system0) / served * 1e6,
+                            served,
+                        ))
+                for name in names:
+                    per_hit = [u + s for u, s, _ in runs[name]]
+                    user = statistics.median(u for u, _, _ in runs[name])
+                    system = statistics.median(s for _, s, _ in runs[name])
+                    results.setdefault(name, {})[case] = {
+                        "cpu_us_per_hit": round(statistics.median(per_hit), 1),
+                        "runs_us": [round(v, 1) for v in per_hit],
+                        "user_us_per_hit": round(user, 1),
+                        "system_us_per_hit": round(system, 1),
+                        "requests": [n for _, _, n in runs[name]],
+                        "body_bytes": size,
+                    }
+                    print(f"{case:12} {name:8} {statistics.median(per_hit):8.1f} us/hit"
+                          f" (user {user:.1f}, system {system:.1f})"
+                          f"   runs {', '.join(f'{v:.1f}' for v in per_hit)}", flush=True)
                 if args.pyspy:
                     # An extra run, not counted: the sampler costs the server a little.
+                    server, port = servers["current"]
+                    _, url, via, _ = cases(port)[index]
                     Path(args.pyspy).mkdir(parents=True, exist_ok=True)
                     spy = subprocess.Popen(
-                        [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--nonblocking", "-r", "250", "-o",
-                         str(Path(args.pyspy) / f"{name.replace(' ', '-')}.svg"),
+                        [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
+                         "--nonblocking", "-r", "250", "-o",
+                         str(Path(args.pyspy) / f"{case.replace(' ', '-')}.svg"),
                          "--pid", str(server.pid)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )
                     time.sleep(1)
-                    run_wrk(scratch, url, via, count, args.threads, args.connections)
+                    run_wrk(scratch, url, via, args.seconds, args.threads, args.connections)
                     spy.send_signal(2)
                     spy.wait(60)
-                results[name] = {
-                    "cpu_us_per_hit": round(statistics.median(per_hit), 1),
-                    "runs_us": [round(v, 1) for v in per_hit],
-                    "user_us_per_hit": round(statistics.median(user), 1),
-                    "system_us_per_hit": round(statistics.median(system), 1),
-                    "requests": served_counts,
-                    "body_bytes": size,
-                }
-                print(f"{name:12} {statistics.median(per_hit):8.1f} us/hit"
-                      f" (user {statistics.median(user):.1f}, system {statistics.median(system):.1f})"
-                      f"   runs {', '.join(f'{v:.1f}' for v in per_hit)}", flush=True)
         finally:
-            stop(server)
+            for server, _ in servers.values():
+                stop(server)
             stop(origin)
     Path(args.json).write_text(json.dumps({
-        "what": "server CPU (utime+stime) per hit, wrk -t%d -c%d" % (args.threads, args.connections),
-        "cases": results,
+        "what": "server CPU (utime+stime, workers included) per hit, wrk -t%d -c%d"
+        % (args.threads, args.connections),
+        "servers": results,
     }, indent=2) + "\n")
 
 

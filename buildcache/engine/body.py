@@ -331,11 +331,13 @@ def send_now(
 ) -> int | None:
     """
     Send the response's head and as much of bytes ``[start, end)`` of a
-    stored body as the client's socket takes right now, straight to the
-    socket (``send`` and ``sendfile``: no copy through Python, no
-    registration with the reactor, no turn waited for), and give the offset
-    reached: the caller streams the rest (if any) with :class:`BodySender`,
-    the ordinary way, which keeps flow control and the send-stall timeout.
+    stored body as can go now, and give the offset reached: the caller
+    streams the rest (if any) with :class:`BodySender`, the ordinary way,
+    which keeps flow control and the send-stall timeout.  A small body
+    (up to :data:`SEND_WITH_HEAD`) goes with its head as one write to
+    Twisted's buffer; a larger one straight to the socket (``send`` with
+    ``MSG_MORE``, then ``sendfile``: no copy through Python) for as much as
+    the socket takes.
 
     None, with nothing sent, where this cannot be done: a transport that is
     not a plain TCP connection (TLS, a UNIX socket, a test double), bytes
@@ -366,21 +368,19 @@ def send_now(
         return None
     if head is None:
         head = response_head(request)
-    sock = transport.getHandle()
     if end - start <= SEND_WITH_HEAD:
         # Small: one copy through Python and one system call beat
         # sendfile's setting up.
         data = head + os.pread(source.fd, end - start, start)
-        try:
-            sent = sock.send(data)
-        except OSError:
-            sent = 0
         request.startedWriting = 1
-        if sent < len(data):
-            # The rest the ordinary way (the file's bytes are in hand).
-            transport.write(data[sent:])
+        # Through Twisted's buffer, written at the end of this reactor
+        # turn with the other connections' answers: sending at once wakes
+        # the client sooner, and the server then wakes for fewer requests
+        # at a time (more system time per hit, measured).
+        transport.write(data)
         request.sentLength += len(data) - len(head)
         return start + len(data) - len(head)
+    sock = transport.getHandle()
     try:
         # MSG_MORE: the kernel holds the head for the body's first bytes,
         # so both leave in one segment (one wake-up of the client, not two).
