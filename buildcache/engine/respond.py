@@ -9,12 +9,12 @@ status sent is also the one accounting records (:func:`set_cache_status`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
-from buildcache.engine.body import BodySender, BodySource, StoredBody
+from buildcache.engine.body import BodySender, BodySource, StoredBody, send_now
 from buildcache.engine.conditional import RangeOutcome, not_modified, parse_range
 from buildcache.engine.exchanges import CacheStatus, client_gone, exchange_of
 from buildcache.fetch.fetcher import REPLAYED_HEADERS, UpstreamAnswer
@@ -130,9 +130,17 @@ def _send(
         source.close()
         request.finish()
         return
-    BodySender(
-        request, source, ranged.start, ranged.end + 1, refuse=_refuse_unsent(request),
-    ).start()
+    start, end = ranged.start, ranged.end + 1
+    if isinstance(source, StoredBody):
+        # A hit: usually all of it goes out at once, here.
+        reached = send_now(request, source, start, end)
+        if reached == end:
+            source.close()
+            request.finish()
+            return
+        if reached is not None:
+            start = reached
+    BodySender(request, source, start, end, refuse=_refuse_unsent(request)).start()
 
 
 def _refuse_unsent(request: Request) -> Callable[[str], None]:
@@ -164,9 +172,88 @@ def serve_stored(
     if status is CacheStatus.STALE:
         cache_control = STALE_CACHE_CONTROL
     entry = stored.entry
-    _set_headers(request, entry.headers, status, cache_control, extra_headers)
+    body = StoredBody(stored)
     request.setResponseCode(200)
-    _send(request, StoredBody(stored), entry.size, entry.headers, entry.fetched_at)
+    if not extra_headers and _sent_whole(request, body, status, cache_control):
+        return
+    _set_headers(request, entry.headers, status, cache_control, extra_headers)
+    _send(request, body, entry.size, entry.headers, entry.fetched_at)
+
+
+#: Request headers that make a stored answer other than the whole body.
+_SHAPING = (b"range", b"if-none-match", b"if-modified-since")
+#: The passed-on stored headers of recent entries, as Twisted writes them,
+#: by the id of the entry's headers mapping (kept alive beside them).
+_BLOCKS: dict[int, tuple[Mapping[str, str], tuple[tuple[bytes, bytes], ...]]] = {}
+BLOCKS_KEPT = 4096
+
+
+def _stored_block(headers: Mapping[str, str]) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    ``headers``' fields passed on to clients, with names and values exactly
+    as Twisted's ``Headers`` holds and writes them; made once per stored
+    entry (bounded) instead of once per hit.
+    """
+    kept = _BLOCKS.get(id(headers))
+    if kept is not None and kept[0] is headers:
+        return kept[1]
+    scratch = Headers()
+    for name, value in headers.items():
+        if name in _PASSED_ON:
+            scratch.setRawHeaders(name, [value])
+    block = tuple(
+        (name, value) for name, values in scratch.getAllRawHeaders() for value in values
+    )
+    if len(_BLOCKS) >= BLOCKS_KEPT:
+        _BLOCKS.clear()
+    _BLOCKS[id(headers)] = (headers, block)
+    return block
+
+
+def _sent_whole(
+    request: Request, body: StoredBody, status: CacheStatus, cache_control: str | None,
+) -> bool:
+    """
+    Send a stored hit's whole body, with a head made from the entry's
+    precomputed header block, when it can go straight to the socket (see
+    :func:`buildcache.engine.body.send_now`) and nothing shapes the answer
+    (a range, a conditional, HEAD).  The head is byte for byte the one the
+    ordinary path writes.  False, with nothing sent or set, otherwise.
+    """
+    size = body.available()
+    if request.method != b"GET" or size == 0:
+        return False
+    asked = request.requestHeaders
+    for name in _SHAPING:
+        if asked.hasHeader(name):
+            return False
+    fields: dict[bytes, Sequence[bytes]] = dict(request.responseHeaders.getAllRawHeaders())
+    for name, value in _stored_block(body.stored.entry.headers):
+        fields[name] = [value]
+    if cache_control is not None:
+        fields[b"Cache-Control"] = [b" ".join(cache_control.encode().splitlines())]
+    fields[b"X-Cache"] = [status.value.encode()]
+    fields[b"Accept-Ranges"] = [b"bytes"]
+    fields[b"Content-Length"] = [b"%d" % (size,)]
+    parts = [
+        request.clientproto, b" 200 ", request.code_message, b"\r\n",
+    ]
+    for name, values in fields.items():
+        for value in values:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    reached = send_now(request, body, 0, size, head=b"".join(parts))
+    if reached is None:
+        return False
+    record = exchange_of(request)
+    if record is not None:
+        record.served(status)
+    if reached < size:
+        BodySender(request, body, reached, size).start()
+        return True
+    body.close()
+    request.finish()
+    return True
 
 
 def serve_answer(

@@ -20,7 +20,7 @@ from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from buildcache.store.layout import file_path
+from buildcache.store.layout import OBJECTS, file_path
 from buildcache.store.objects import BlockingRunner, StoredObject, run_here
 from buildcache.store.schema import (
     ENTRY_COLUMNS,
@@ -91,6 +91,9 @@ class StoreReader:
     _data_version: int = -1
     _rows: dict[str, Entry] = Factory(dict)
     _rows_bytes: int = 0
+    #: The last row given with its pending access time: (row, time, copy).
+    _last_evolved: tuple[Entry, float, Entry] | None = None
+    _objects_dir: str = ""
     #: Runs a blocking call (a body's fsync and rename) and gives its
     #: result: in a thread pool in the server, here and now by default.
     run_blocking: BlockingRunner = run_here
@@ -126,9 +129,16 @@ class StoreReader:
             self._rows[key] = entry
             self._rows_bytes += entry.meta_size
         pending = self._pending_access.get(key)
-        if pending is not None:
-            return attrs.evolve(entry, last_access=pending)
-        return entry
+        if pending is None:
+            return entry
+        # A hit looks its row up twice (the variants, then the body) with
+        # the same access pending: one copy serves both.
+        last = self._last_evolved
+        if last is not None and last[0] is entry and last[1] == pending:
+            return last[2]
+        evolved = attrs.evolve(entry, last_access=pending)
+        self._last_evolved = (entry, pending, evolved)
+        return evolved
 
     def _forget(self, key: str) -> None:
         entry = self._rows.pop(key, None)
@@ -179,12 +189,21 @@ class StoreReader:
         if entry is None:
             return None
         try:
-            fd = os.open(file_path(self.directory, entry.file), os.O_RDONLY)
+            fd = os.open(self._file_path(entry.file), os.O_RDONLY)
         except FileNotFoundError:
             self._file_missing(entry)
             return None
         self._accessed(key)
         return StoredObject(entry, fd)
+
+    def _file_path(self, name: str) -> str:
+        # file_path without os.path.join on every hit (same result for the
+        # names the store writes).
+        if not self._objects_dir:
+            self._objects_dir = os.path.join(self.directory, OBJECTS)
+        if name[:1] == "/":
+            return file_path(self.directory, name)
+        return f"{self._objects_dir}/{name[:2]}/{name}"
 
     def _file_missing(self, entry: Entry) -> None:
         """
