@@ -6,11 +6,12 @@ a refused corrupt index, and a clean stop with a download in flight.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import signal
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from buildcache.config import Config, Mirror
 from buildcache.service import BuildcacheService, make_service
-from buildcache.store import Store
+from buildcache.store import INDEX_NAME, Store
 from tests.pyindex import DemoRelease, StaticSimpleIndex, build_index
 from tests.support import (
     ChildProcess,
@@ -95,17 +96,20 @@ def spawn_server(
     return process, proxy_port
 
 
-async def stored_entries(client: Client, port: int, count: int) -> None:
+async def committed_entries(cache_dir: str, count: int) -> None:
     """
-    Wait until the server at ``port`` reports ``count`` stored entries
-    (polled, up to 10 s).
+    Until the index on disk holds ``count`` rows: committed, as another
+    process reads them (rows of new bodies are committed in batches, and
+    the server counts its own at once).
     """
+    path = os.path.join(cache_dir, INDEX_NAME)
     for _ in range(200):
-        stats = await client.get(f"http://127.0.0.1:{port}/-/stats.json")
-        if json.loads(stats.body)["store"]["entries"] >= count:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            (found,) = db.execute("SELECT count(*) FROM entries").fetchone()
+        if found >= count:
             return
         await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"the server never reported {count} stored entries")
+    raise AssertionError(f"the index never held {count} committed entries")
 
 
 class CrashTests(TestCase):
@@ -133,8 +137,9 @@ class CrashTests(TestCase):
         received = await client.get(f"http://127.0.0.1:{port}/up/pool/small.deb")
         self.assertEqual((received.status, received.body), (200, small))
         # A checked body is answered before its fsync and row (they run in
-        # the store's threads): the kill must come after it is stored.
-        await stored_entries(client, port, 1)
+        # the store's threads, and rows are committed in batches): the kill
+        # must come after it is committed.
+        await committed_entries(cache_dir, 1)
         first: Deferred[None] = Deferred()
         streaming = Deferred.fromCoroutine(
             client.get(f"http://127.0.0.1:{port}/up/pool/big.deb", first_bytes=first)
