@@ -8,6 +8,7 @@ conditional requests (:mod:`buildcache.engine.conditional`).
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from datetime import timezone
@@ -83,6 +84,13 @@ def delta_seconds(argument: str | None) -> int | None:
 _TIME_OF_DAY = re.compile(r"\b\d{1,2}:\d{2}:\d{2}\b")
 
 
+#: Distinct date strings whose parsed value is kept: every hit's freshness
+#: reads its entry's ``Date`` and ``Last-Modified`` (or ``Expires``), and
+#: parsing one costs more than the rest of that decision.
+PARSED_DATES_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=PARSED_DATES_KEPT)
 def parse_http_date(value: str | None) -> float | None:
     """
     Parse an HTTP-date (IMF-fixdate, RFC 850 or asctime form) to POSIX
