@@ -122,6 +122,15 @@ def new_activity(config: Config, reactor: Any) -> Activity:
     )
 
 
+def registry_resource(engine: Engine, config: Config, policy: AccessPolicy) -> RegistryResource:
+    """The registry port's resource over ``engine``, with the configured registries."""
+    return RegistryResource(
+        engine, {r.name: r.url for r in config.registries}, policy=policy,
+        aliases=REGISTRY_ALIASES,
+        credentialed=frozenset(r.name for r in config.registries if r.credentials),
+    )
+
+
 @frozen
 class Server:
     """
@@ -235,11 +244,7 @@ class Server:
             ).snapshot
         )
         proxy.status = index.status = status
-        registry = RegistryResource(
-            engine, {r.name: r.url for r in config.registries}, policy=policy,
-            aliases=REGISTRY_ALIASES,
-            credentialed=frozenset(r.name for r in config.registries if r.credentials),
-        )
+        registry = registry_resource(engine, config, policy)
         registry_site = StrictSite(
             registry, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
             connections=connections,
@@ -290,11 +295,7 @@ class Server:
         # totals); the snapshot is for it to combine.
         status = StatusResource(SnapshotSources(config, store, None, activity, reactor).snapshot)
         proxy.status = index.status = HandOffStatus(STATUS_PATHS)
-        registry = RegistryResource(
-            engine, {r.name: r.url for r in config.registries}, policy=policy,
-            aliases=REGISTRY_ALIASES,
-            credentialed=frozenset(r.name for r in config.registries if r.credentials),
-        )
+        registry = registry_resource(engine, config, policy)
         registry_site = StrictSite(
             registry, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
             connections=connections, relay=relay("registry"),
