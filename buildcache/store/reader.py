@@ -89,6 +89,8 @@ class StoreReader:
     _closed: bool = False
     _pending_access: dict[str, float] = Factory(dict)
     _data_version: int = -1
+    #: Whether another process committed since the totals were read.
+    _totals_behind: bool = True
     _rows: dict[str, Entry] = Factory(dict)
     _rows_bytes: int = 0
     #: The last row given with its pending access time: (row, time, copy).
@@ -109,9 +111,9 @@ class StoreReader:
         # through the writing store and drops it from here (see _forget),
         # and another process's writes clear it all (_follow_other_writers;
         # a read-only store, which sees only others' writes, asks at each
-        # look-up: one pragma).
+        # look-up: one pragma; the totals wait until asked for).
         if self.read_only:
-            self._follow_other_writers()
+            self._took_others_commits()
         entry = self._rows.get(key)
         if entry is None:
             row = self._db.execute(
@@ -278,18 +280,38 @@ class StoreReader:
     def _follow_other_writers(self) -> bool:
         """
         Take in what another process (the writing store, or ``buildcache
-        purge`` or ``verify``) committed to the index: SQLite bumps
-        ``data_version`` only for other connections' commits, so this
-        costs one pragma when nothing happened.  Whether the totals
-        changed.
+        purge`` or ``verify``) committed to the index: the rows kept are
+        dropped, and the totals read again.  Whether the totals changed.
+        """
+        self._took_others_commits()
+        if not self._totals_behind:
+            return False
+        return self._read_totals()
+
+    def _took_others_commits(self) -> bool:
+        """
+        Whether another process committed to the index since the last
+        call (then the rows kept are dropped, and the totals are behind):
+        SQLite bumps ``data_version`` only for other connections' commits,
+        so this costs one pragma.  A hit worker asks at each look-up, so
+        it must not read the totals here: that is a pass over the whole
+        index, after every batch the writing store commits.
         """
         try:
             version = self._db.execute("PRAGMA data_version").fetchone()[0]
-            if version == self._data_version:
-                return False
-            self._data_version = version
-            self._rows.clear()
-            self._rows_bytes = 0
+        except sqlite3.Error as e:
+            self.log.error("Cannot read the cache index: {error}", error=str(e))
+            return False
+        if version == self._data_version:
+            return False
+        self._data_version = version
+        self._rows.clear()
+        self._rows_bytes = 0
+        self._totals_behind = True
+        return True
+
+    def _read_totals(self) -> bool:
+        try:
             count, total, meta = self._db.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(meta_size), 0)"
                 " FROM entries"
@@ -297,6 +319,7 @@ class StoreReader:
         except sqlite3.Error as e:
             self.log.error("Cannot read the cache index: {error}", error=str(e))
             return False
+        self._totals_behind = False
         self.metadata_bytes = meta
         if (count, total) == (self.entry_count, self.total_size):
             return False
