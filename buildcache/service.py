@@ -503,12 +503,15 @@ class BuildcacheService(MultiService):
         if prefetcher is not None:
             # Clients still connected may go on reading metadata.
             prefetcher.stop()
-        await super().stopService()
         # Idle connections close now, the others once their response (a
         # hit read from the store as much as a download) has gone out.
+        # Before the children stop: the worker pool waits for its workers
+        # to drain, and a worker waits for the connections it relayed
+        # here, which only this drain closes.
         connections = self.server.connections
         relayed = self.server.relayed
         responses_sent = gatherResults([connections.drain(), relayed.drain()])
+        await super().stopService()
         fetcher = self.server.fetcher
         in_flight = (fetcher.in_flight() if fetcher is not None else 0) + (
             prefetcher.running() if prefetcher is not None else 0

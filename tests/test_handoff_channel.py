@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from buildcache.frontends.channel import ProxyChannel
 from buildcache.frontends.relay import RelayTarget, hand_off_request, proxy_line
+from buildcache.frontends.sending import SEND_STALL_TIMEOUT
 from buildcache.frontends.sites import StrictSite
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40123)
@@ -119,6 +120,25 @@ class HandOffTests(SynchronousTestCase):
         self.assertEqual(self.client.value(), answered + b"HTTP/1.1 200 OK\r\n")
         main.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(self.client.disconnecting)
+
+    def test_client_that_takes_nothing_after_the_main_side_closed_is_cut(self) -> None:
+        """
+        The main process answered and closed its side; the client takes
+        none of what is buffered for it: it is cut after the send-stall
+        timeout (its connection and its slot under the cap were held for
+        ever, the graceful close never completing).
+        """
+        self.channel.dataReceived(b"GET /m HTTP/1.1\r\n\r\n")
+        main, _ = self.main_side()
+        main.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nunread...")
+        main.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.client.disconnecting)
+        self.assertFalse(self.client.disconnected)
+        self.reactor.advance(SEND_STALL_TIMEOUT - 1)
+        self.assertFalse(self.client.disconnected)
+        self.reactor.advance(1)
+        self.assertTrue(self.client.disconnected)
+        self.assertIn("client_stalled", [e.get("event") for e in self.events])
 
     def test_bytes_arriving_while_connecting_follow(self) -> None:
         self.channel.dataReceived(b"GET /m HTTP/1.1\r\n")

@@ -41,7 +41,7 @@ from tests.support import (
     reactor,
     url_of,
 )
-from tests.test_service import ServerProcess, free_port, spawn_server
+from tests.test_service import ServerProcess, committed_entries, free_port, spawn_server
 
 LOCAL = TCPAddress(socket.AF_INET, "127.0.0.1", 0)
 #: Connections opened at once: wrk's ``-c32``.
@@ -378,16 +378,19 @@ class SpreadTests(TestCase):
         its replacement, not reset), and the replacement serves on the
         same port.
         """
+        cache_dir = os.path.abspath(self.mktemp())
         process, port = spawn_server(
-            self, "--workers", "2", "--cache-dir", os.path.abspath(self.mktemp()),
+            self, "--workers", "2", "--cache-dir", cache_dir,
             "--mirror", f"up={self.mirror}",
         )
         await process.wait_for(b"Worker 1 serving")
         await process.wait_for(b"ProxySite starting on")
-        # Stored first (a miss: the main process's, relayed or not).
+        # Stored first (a miss: the main process's, relayed or not), and
+        # committed: until then the worker does not see it, and hands off.
         received = await deferToThread(_get, port, "/up/f.bin")
         self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received[:100])
         self.assertTrue(received.endswith(BODY))
+        await committed_entries(cache_dir, 1)
         main, worker = await self.until_logged(process, 1)
         statuses = await deferToThread(_burst, port, "/up/f.bin")
         self.assertEqual(statuses, [200] * BURST)

@@ -41,7 +41,12 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 
 from buildcache.frontends.relay import Relay, RelayTarget, proxy_line
-from buildcache.frontends.sending import SendCounters, send_counters, send_progressed
+from buildcache.frontends.sending import (
+    SEND_STALL_TIMEOUT,
+    SendCounters,
+    send_counters,
+    send_progressed,
+)
 from buildcache.frontends.tunnel import ConnectHead, Tunnel, TunnelSettings
 from buildcache.turns import cancel_call
 
@@ -64,9 +69,6 @@ MAX_REQUEST_BODY = 64 * 1024
 #: restarts on every byte, so a client trickling a header line now and then
 #: would otherwise hold its connection for ever.
 REQUEST_HEAD_TIMEOUT = 30.0
-#: Seconds a response may wait while the client takes none of the bytes
-#: sent to it; a client that stops reading is then disconnected.
-SEND_STALL_TIMEOUT = 60.0
 
 _REASONS = {
     400: "Bad Request",

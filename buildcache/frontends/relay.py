@@ -48,6 +48,14 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from buildcache.frontends.sending import (
+    SEND_STALL_TIMEOUT,
+    SendCounters,
+    send_counters,
+    send_progressed,
+)
+from buildcache.turns import cancel_call
+
 __all__ = [
     "HandOffStatus",
     "Relay",
@@ -100,6 +108,9 @@ class RelayTarget:
     reactor: Any
     path: str
     connect_timeout: float = RELAY_CONNECT_TIMEOUT
+    #: Seconds a client may take nothing of what the main process sent
+    #: before it closed its side (then the connection is cut).
+    send_stall_timeout: float = SEND_STALL_TIMEOUT
 
 
 class RelayClient(TypingProtocol):
@@ -159,6 +170,9 @@ class Relay:
     _main: Any = None
     _client_closed: bool = False
     _main_closed: bool = False
+    #: The check of a client that may take nothing after the main side
+    #: closed (see :meth:`main_lost`).
+    _stall_check: Any = None
 
     def start(self) -> None:
         transport = self.channel.client_transport
@@ -214,6 +228,8 @@ class Relay:
 
     def client_lost(self) -> None:
         self._client_closed = True
+        cancel_call(self._stall_check)
+        self._stall_check = None
         if self._connecting is not None:
             self._connecting.cancel()
         elif self._main is not None and not self._main_closed:
@@ -222,7 +238,34 @@ class Relay:
     def main_lost(self) -> None:
         self._main_closed = True
         if not self._client_closed:
-            self.channel.client_transport.loseConnection()
+            transport = self.channel.client_transport
+            transport.loseConnection()
+            # What is still buffered for the client goes out first; a
+            # client that takes none of it is cut, as the main process
+            # cuts it (its connection, and its slot under the cap, would
+            # be held for ever otherwise).
+            self._watch_stall(send_counters(transport))
+
+    def _watch_stall(self, before: SendCounters) -> None:
+        def check() -> None:
+            self._stall_check = None
+            if self._client_closed:
+                return
+            transport = self.channel.client_transport
+            now = send_counters(transport)
+            if send_progressed(before, now):
+                self._watch_stall(now)
+                return
+            self.log.info(
+                "Client {client} took nothing of its relayed response for"
+                " {timeout}s: closing", client=self.client,
+                timeout=self.target.send_stall_timeout, event="client_stalled",
+            )
+            transport.abortConnection()
+
+        self._stall_check = self.target.reactor.callLater(
+            self.target.send_stall_timeout, check
+        )
 
 
 def hand_off_request(request: Request) -> None:

@@ -14,7 +14,11 @@ from typing import Any
 
 import attrs
 
-__all__ = ["SendCounters", "send_counters", "send_progressed"]
+__all__ = ["SEND_STALL_TIMEOUT", "SendCounters", "send_counters", "send_progressed"]
+
+#: Seconds a response may wait while the client takes none of the bytes
+#: sent to it; a client that stops reading is then disconnected.
+SEND_STALL_TIMEOUT = 60.0
 
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a __u64 at this offset
 # since Linux 4.2; older kernels return a shorter struct.

@@ -119,6 +119,9 @@ class HitWorker:
         self.stop(at_once=True)
 
     def send_accesses(self) -> None:
+        if self.link.backed_up:
+            # Kept by the store (within its bound) for the next send.
+            return
         self.link.send_accesses(self.store.take_accesses())
 
     async def drain(self) -> None:

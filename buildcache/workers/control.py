@@ -35,7 +35,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import (
     ILogObserver,
@@ -74,6 +74,7 @@ class ControlError(Exception):
     """A call failed on the other side, or the channel closed."""
 
 
+@implementer(IPushProducer)
 class ControlProtocol(Int32StringReceiver):
     """
     One end of the control channel: sends calls and notices, answers the
@@ -94,9 +95,25 @@ class ControlProtocol(Int32StringReceiver):
         self._next_id = 0
         self._pending: dict[int, Deferred[Any]] = {}
         self.connected_ = False
+        #: Whether the other side stopped reading (the transport's buffer
+        #: is full): what can be dropped is not sent meanwhile.
+        self.backed_up = False
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        # Told when the other side stops taking what is sent (it is busy,
+        # or hung): log lines then wait nowhere but are dropped and counted.
+        consumer = IConsumer(self.transport)
+        consumer.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        self.backed_up = True
+
+    def resumeProducing(self) -> None:
+        self.backed_up = False
+
+    def stopProducing(self) -> None:
+        self.backed_up = True
 
     def notify(self, op: str, **args: Any) -> None:
         """Send a notice (no answer)."""
@@ -288,12 +305,21 @@ class MainLink:
     def release(self, key: str) -> None:
         self.protocol.notify("release", key=key)
 
+    @property
+    def backed_up(self) -> bool:
+        """Whether the main process has stopped taking what is sent."""
+        return self.protocol.backed_up
+
     def send_accesses(self, accesses: Mapping[str, float]) -> None:
         if accesses:
             self.protocol.notify("accesses", accesses=dict(accesses))
 
-    def send_log(self, events: list[str], dropped: int) -> None:
+    def send_log(self, events: list[str], dropped: int) -> bool:
+        """Send a batch of log events; whether it was (not while backed up)."""
+        if self.protocol.backed_up:
+            return False
         self.protocol.notify("log", events=events, dropped=dropped)
+        return True
 
 
 @implementer(ILogObserver)
@@ -306,7 +332,9 @@ class LogForwarder:
     """
 
     clock: IReactorTime
-    send: Callable[[list[str], int], None]
+    #: Sends a batch and the count dropped before it; False when it could
+    #: not (the batch is then dropped and counted too).
+    send: Callable[[list[str], int], bool]
     _batch: list[str] = attrs.Factory(list)
     _dropped: int = 0
     _scheduled: bool = False
@@ -326,4 +354,5 @@ class LogForwarder:
             return
         batch, self._batch = self._batch, []
         dropped, self._dropped = self._dropped, 0
-        self.send(batch, dropped)
+        if not self.send(batch, dropped):
+            self._dropped = dropped + len(batch)
