@@ -110,6 +110,9 @@ class _Worker:
     started_at: float = 0.0
     backoff: float = FIRST_BACKOFF
     restart: IDelayedCall | None = None
+    #: The figures its current process last gave (they stand in for it
+    #: while it does not answer, and join the retired ones when it ends).
+    last_snapshot: Snapshot | None = None
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -187,6 +190,10 @@ class WorkerPool(Service):
         self.count = config.workers
         self.workers = [_Worker(n) for n in range(1, config.workers)]
         self.restarts = 0
+        #: The figures of worker processes that ended, added up: the totals
+        #: are counts since the server started, and must not go back when
+        #: a worker is restarted.
+        self._retired: Snapshot | None = None
         self._stopping = False
         self._config_bytes = pickle.dumps(config)
 
@@ -286,6 +293,12 @@ class WorkerPool(Service):
                 transport.loseConnection()
             worker.link = None
         forgotten = self._admissions().forget_remote(worker.number)
+        if worker.last_snapshot is not None:
+            retired = worker.last_snapshot
+            self._retired = (
+                retired if self._retired is None else combine([self._retired, retired])
+            )
+            worker.last_snapshot = None
         status = getattr(reason.value, "exitCode", None)
         signalled = getattr(reason.value, "signal", None)
         self.log.info(
@@ -366,15 +379,27 @@ class WorkerPool(Service):
         ]
 
     async def _snapshots(self) -> tuple[list[Snapshot], int]:
+        """
+        Every worker's figures: those it gives within
+        :data:`SNAPSHOT_TIMEOUT`, else the last it gave; and those of the
+        workers that ended.  With the count of those that answered.
+        """
         asked = []
         for worker in self.workers:
             if worker.link is not None:
                 answer = worker.link.snapshot()
                 answer.addTimeout(SNAPSHOT_TIMEOUT, self.reactor)
-                asked.append(answer)
-        results = await DeferredList(asked, consumeErrors=True)
-        answers = [result for ok, result in results if ok and isinstance(result, dict)]
-        return answers, len(answers)  # type: ignore[return-value]
+                asked.append((worker, answer))
+        results = await DeferredList([answer for _, answer in asked], consumeErrors=True)
+        answered = 0
+        for (worker, _), (ok, result) in zip(asked, results):
+            if ok and isinstance(result, dict):
+                answered += 1
+                worker.last_snapshot = result  # type: ignore[assignment]
+        figures = [w.last_snapshot for w in self.workers if w.last_snapshot is not None]
+        if self._retired is not None:
+            figures.append(self._retired)
+        return figures, answered
 
     def snapshot(self, own: Callable[[], Snapshot]) -> Deferred[Snapshot]:
         """

@@ -268,6 +268,7 @@ class ApkIndexes:
         if entry is None or entry.sha256 is None:
             return
         if self._checked.get(index_key) == entry.sha256:
+            self._mark_checked(index_key, entry.sha256)
             return
         running = self._checking.get(index_key)
         if running is not None:
@@ -288,6 +289,7 @@ class ApkIndexes:
             # Nothing to compare with: keep what was stored, and look again
             # at the next version.
             _bounded_put(self._checked, index_key, digest)
+            self._mark_checked(index_key, digest)
             return
         removed = 0
         beside = self.store.entries_under(directory_prefix(index_key))
@@ -307,10 +309,33 @@ class ApkIndexes:
                     key=stored.key, index=index_key, reason=reason,
                 )
         _bounded_put(self._checked, index_key, digest)
+        self._mark_checked(index_key, digest)
         self.log.info(
             "Checked stored packages against {key}: {removed} removed",
             key=index_key, removed=removed,
         )
+
+    def _mark_checked(self, index_key: str, digest: str) -> None:
+        """
+        Record on the stored index that the packages beside it were
+        checked against this version of it (its sha256 as its source
+        digest): hit workers, which hold no index, serve those packages
+        only then (:meth:`checked_for_workers`).
+        """
+        entry = self.store.peek(index_key)
+        if entry is not None and entry.sha256 == digest and entry.source_digest != digest:
+            self.store.set_source_digest(entry, digest)
+
+    def checked_for_workers(self, index_key: str) -> bool:
+        """
+        Whether the stored packages beside the index stored under
+        ``index_key`` may be served by a process that holds no index (a
+        hit worker): the writing process has checked them against the
+        version of the index stored now (see :meth:`_mark_checked`), or
+        no index is stored.
+        """
+        entry = self.store.peek(index_key)
+        return entry is None or entry.sha256 is None or entry.source_digest == entry.sha256
 
     async def _control_checksum(self, stored: Entry) -> str | None:
         path = self.store.object_path(stored.key)

@@ -167,6 +167,15 @@ class ApkPolicy(GenericPolicy):
         """
         if entry.source_digest is None:
             return True
+        if self.indexes.store.read_only:
+            # A hit worker holds no index: a package answers once the
+            # writing process has checked the stored packages against the
+            # index stored now (it drops those a new index disowns);
+            # until then the request goes to it.
+            index_url = repository_index_url(target.url)
+            return index_url is None or self.indexes.checked_for_workers(
+                self._index_target(target, index_url).key
+            )
         facts = self.indexes.held_entry(entry.key)
         if facts is None:
             return True
