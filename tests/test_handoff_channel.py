@@ -140,6 +140,33 @@ class HandOffTests(SynchronousTestCase):
         self.assertTrue(self.client.disconnected)
         self.assertIn("client_stalled", [e.get("event") for e in self.events])
 
+    def test_client_that_stops_reading_a_relayed_response_is_cut(self) -> None:
+        """
+        The client stops taking a relayed response (its socket is full:
+        the main side is paused): after the send-stall timeout with no
+        progress it is cut, its slot freed, as the main process cuts the
+        relay's side (the worker had stopped its own stall timer).
+        """
+        self.channel.dataReceived(b"GET /m HTTP/1.1\r\n\r\n")
+        main, to_main = self.main_side()
+        main.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 99999\r\n\r\npart")
+        self.client.producer.pauseProducing()
+        self.assertEqual(to_main.producerState, "paused")
+        self.reactor.advance(SEND_STALL_TIMEOUT - 1)
+        self.assertFalse(self.client.disconnected)
+        self.reactor.advance(1)
+        self.assertTrue(self.client.disconnected)
+
+    def test_client_reading_again_is_not_cut(self) -> None:
+        self.channel.dataReceived(b"GET /m HTTP/1.1\r\n\r\n")
+        main, to_main = self.main_side()
+        self.client.producer.pauseProducing()
+        self.reactor.advance(SEND_STALL_TIMEOUT - 1)
+        self.client.producer.resumeProducing()
+        self.reactor.advance(SEND_STALL_TIMEOUT * 2)
+        self.assertFalse(self.client.disconnected)
+        self.assertEqual(to_main.producerState, "producing")
+
     def test_bytes_arriving_while_connecting_follow(self) -> None:
         self.channel.dataReceived(b"GET /m HTTP/1.1\r\n")
         self.channel.dataReceived(b"Host: a\r\n\r\n")

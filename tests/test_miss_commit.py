@@ -80,19 +80,24 @@ class BatchTests(SynchronousTestCase):
             self.store_body(f"k{n}", b"x")
         self.assertEqual(len(self.keys_others_see()), COMMIT_MOST)
 
-    def test_replaced_file_unlinked_after_the_commit(self) -> None:
+    def test_a_new_version_is_committed_at_once(self) -> None:
+        """
+        A row that replaces a stored entry (an index that changed) is
+        committed at once, with the batch waiting: hit workers, which see
+        only committed rows, would serve the old version meanwhile.  The
+        replaced file goes with that commit.
+        """
         first = self.store_body("k", b"one")
+        self.store_body("n", b"new key")
+        self.assertEqual(self.keys_others_see(), [])
         self.clock.advance(COMMIT_DELAY)
+        self.store_body("m", b"waits")
         second = self.store_body("k", b"two")
-        third = self.store_body("k", b"three")
+        self.assertEqual(self.keys_others_see(), ["k", "m", "n"])
         objects = os.path.join(self.directory, "objects")
-        # The committed row still names the first file: it stays until
-        # the row that replaces it is committed.
-        self.assertIn(first.file, files_in(objects))
-        self.assertEqual(self.store.total_size, 5)
-        self.clock.advance(COMMIT_DELAY)
-        self.assertEqual(files_in(objects), [third.file])
-        self.assertNotEqual(second.file, third.file)
+        self.assertNotIn(first.file, files_in(objects))
+        self.assertIn(second.file, files_in(objects))
+        self.assertEqual(self.store.total_size, 3 + 7 + 5)
         self.assert_consistent()
 
     def test_other_writes_commit_first(self) -> None:
@@ -120,7 +125,7 @@ class BatchTests(SynchronousTestCase):
         self.store_body("kept", b"kept")
         self.clock.advance(COMMIT_DELAY)
         self.store_body("lost1", b"lost one")
-        self.store_body("kept", b"replaced, lost")
+        self.store_body("lost2", b"lost two")
         self.assertEqual(len(files_in(os.path.join(self.directory, "objects"))), 3)
         # What a crash leaves: the transaction never committed, the lock
         # released by the kernel.
@@ -143,7 +148,6 @@ class BatchTests(SynchronousTestCase):
         self.store_body("kept", b"kept")
         self.clock.advance(COMMIT_DELAY)
         self.store_body("new", b"new body")
-        self.store_body("kept", b"replacement")
         real = self.store._db
 
         class RefusingCommit:
@@ -154,7 +158,8 @@ class BatchTests(SynchronousTestCase):
                 raise sqlite3.OperationalError("database or disk is full")
 
         self.store._db = RefusingCommit()  # type: ignore[assignment]
-        self.assertFalse(self.store.commit_pending())
+        # A new version of "kept" is committed at once, with "new": refused.
+        self.store_body("kept", b"replacement")
         self.store._db = real
         self.assertIsNone(self.store.peek("new"))
         kept = self.store.lookup("kept")

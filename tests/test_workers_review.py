@@ -7,11 +7,13 @@ against an origin in this process (as tests/test_workers_e2e.py does).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
@@ -22,7 +24,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase as SyncTestCase
 from twisted.trial.unittest import TestCase
 
-from buildcache.store import Store
+from buildcache.store import INDEX_NAME, Store
 from buildcache.workers.control import MAX_MESSAGE, LogForwarder, MainLink
 from tests.apkrepo import (
     RepositoryResource,
@@ -94,6 +96,42 @@ async def worker_connection(
     raise AssertionError("the worker accepted none of the connections")
 
 
+async def until_committed(cache_dir: str, path: str) -> None:
+    """
+    Until the index on disk (as a hit worker reads it) holds a row for a
+    URL ending with ``path``: rows of new bodies are committed in batches.
+    """
+    index = os.path.join(cache_dir, INDEX_NAME)
+    for _ in range(200):
+        with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as db:
+            found = db.execute(
+                "SELECT 1 FROM entries WHERE key LIKE ?", ("%" + path,)
+            ).fetchone()
+        if found is not None:
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"no committed row for {path}")
+
+
+def committed_sha256(cache_dir: str, path: str) -> str | None:
+    """The sha256 of the committed row for the URL ending with ``path``."""
+    index = os.path.join(cache_dir, INDEX_NAME)
+    with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as db:
+        found = db.execute(
+            "SELECT sha256 FROM entries WHERE key LIKE ?", ("%" + path,)
+        ).fetchone()
+    return None if found is None else str(found[0])
+
+
+async def until_new_index(cache_dir: str, old: str | None) -> None:
+    """Until the committed APKINDEX is another version than ``old``."""
+    for _ in range(200):
+        if committed_sha256(cache_dir, "APKINDEX.tar.gz") not in (None, old):
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("the new index was never committed")
+
+
 class _TwoProcesses(TestCase):
     timeout = 120
 
@@ -134,7 +172,7 @@ class ReviewTests(_TwoProcesses):
         self.addCleanup(main.close)
         status, _, _ = await deferToThread(_request, main, "/up/m0.bin")
         self.assertEqual(status, 200)
-        await deferLater(reactor, 0.2, lambda: None)
+        await until_committed(self.cache_dir, "/m0.bin")
         # A connection the worker holds; a miss on it is handed off and
         # answered by the main process; the connection then stays idle.
         sock = await worker_connection(self, process, port, "/up/m0.bin")
@@ -171,8 +209,9 @@ class ApkReviewTests(TestCase):
         write_repository(f"{root}/alpine/v3.20/main", [first, other], mtime=_OLD)
         origin_port, origin = listen_on_loopback(reactor, RepositoryResource(root))  # type: ignore[arg-type]
         self.addCleanup(origin_port.stopListening)
+        cache_dir = os.path.abspath(self.mktemp())
         process, port = spawn_server(
-            self, "--cache-dir", os.path.abspath(self.mktemp()),
+            self, "--cache-dir", cache_dir,
             "--mirror", f"up={origin}", "--workers", "2",
         )
         await process.wait_for(b"Worker 1 serving")
@@ -189,7 +228,8 @@ class ApkReviewTests(TestCase):
             if body is not None:
                 self.assertEqual(got, body)
         # Rows of new bodies reach a worker once committed (<= 50 ms).
-        await deferLater(reactor, 0.2, lambda: None)
+        await until_committed(cache_dir, world[len('/up'):])
+        old_index = committed_sha256(cache_dir, 'APKINDEX.tar.gz')
         in_worker = await worker_connection(self, process, port, world)
         # The rebuild upstream, and `apk update` (whichever process: a
         # no-cache request is handed to the main process).
@@ -197,7 +237,9 @@ class ApkReviewTests(TestCase):
         self.assertEqual(rebuilt.filename, first.filename)
         status, _, got = await deferToThread(_request, main, index, "Cache-Control: no-cache\r\n")
         self.assertEqual((status, got), (200, build_apkindex([rebuilt, other])))
-        await deferLater(reactor, 0.2, lambda: None)
+        # The index's new version is committed at once; the worker then
+        # hands the package off until the main process has checked it.
+        await until_new_index(cache_dir, old_index)
         status, head, got = await deferToThread(_request, in_worker, hello)
         self.assertEqual(status, 200)
         self.assertTrue(got == rebuilt.content, f"old build served: {head!r}")
@@ -226,7 +268,7 @@ class FiguresReviewTests(_TwoProcesses):
         self.addCleanup(main.close)
         status, _, _ = await deferToThread(_request, main, path)
         self.assertEqual(status, 200)
-        await deferLater(reactor, 0.2, lambda: None)
+        await until_committed(self.cache_dir, path[len('/up'):])
         await worker_connection(self, process, port, path)
         before = await self.stats(port)
         self.assertEqual(before["workers"]["answered"], 2)
@@ -257,7 +299,8 @@ class FiguresReviewTests(_TwoProcesses):
             status, _, _ = await deferToThread(_request, sock, path)
             sock.close()
             self.assertEqual(status, 200)
-        await deferLater(reactor, 0.2, lambda: None)
+        for path in paths:
+            await until_committed(self.cache_dir, path[len('/up'):])
         for path in paths:
             sock = socket.create_connection(("127.0.0.1", port))
             status, head, _ = await deferToThread(_request, sock, path)
@@ -291,7 +334,7 @@ class StallReviewTests(_TwoProcesses):
         status, _, _ = await deferToThread(_request, main, path)
         main.close()
         self.assertEqual(status, 200)
-        await deferLater(reactor, 0.2, lambda: None)
+        await until_committed(self.cache_dir, path[len('/up'):])
         stalled = await worker_connection(self, process, port, path, small_window=True)
         host = stalled.getsockname()[0]
         # Asked, never read: a miss, handed off to the main process.
@@ -358,7 +401,7 @@ class RevalidationReviewTests(_TwoProcesses):
         self.addCleanup(main.close)
         status, _, _ = await deferToThread(_request, main, path)
         self.assertEqual(status, 200)
-        await deferLater(reactor, 0.2, lambda: None)
+        await until_committed(self.cache_dir, path[len('/up'):])
         for extra in (
             "Cache-Control: max-age=0\r\n", "Cache-Control: no-cache\r\n",
             "Pragma: no-cache\r\n", "Authorization: Basic dXNlcjpzZWNyZXQ=\r\n",
@@ -388,7 +431,7 @@ class RevalidationReviewTests(_TwoProcesses):
         self.assertEqual(status, 200)
         etag = re.search(rb"(?i)\r\netag: *([^\r]+)", head)
         assert etag is not None
-        await deferLater(reactor, 0.2, lambda: None)
+        await until_committed(self.cache_dir, path[len('/up'):])
         sock = await worker_connection(self, process, port, path)
         status, head, body = await deferToThread(_request, sock, path, "Range: bytes=10-19\r\n")
         self.assertEqual((status, body), (206, FILES["/m1.bin"][10:20]))
@@ -446,7 +489,7 @@ class SlowHeadReviewTests(_TwoProcesses):
         self.addCleanup(main.close)
         status, _, _ = await deferToThread(_request, main, "/up/m0.bin")
         self.assertEqual(status, 200)
-        await deferLater(reactor, 0.2, lambda: None)
+        await until_committed(self.cache_dir, "/m0.bin")
         in_worker = await worker_connection(self, process, port, "/up/m0.bin")
         relayed = await worker_connection(self, process, port, "/up/m0.bin")
         status, _, _ = await deferToThread(_request, relayed, "/up/m2.bin")

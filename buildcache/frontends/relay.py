@@ -41,12 +41,18 @@ from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
-from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from buildcache.frontends.sending import (
     SEND_STALL_TIMEOUT,
@@ -137,6 +143,30 @@ class _MainSide(Protocol):
         self._relay.main_lost()
 
 
+@implementer(IPushProducer)
+@attrs.define(eq=False, repr=False)
+class _MainSideProducer:
+    """
+    The main side's connection as the producer of the client's: paused
+    and resumed with the client's back-pressure, which the relay watches
+    for a client that takes nothing.
+    """
+
+    relay: Relay
+    main: Any
+
+    def pauseProducing(self) -> None:
+        self.main.pauseProducing()
+        self.relay.client_paused()
+
+    def resumeProducing(self) -> None:
+        self.relay.client_resumed()
+        self.main.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.main.stopProducing()
+
+
 @attrs.define(eq=False, repr=False)
 class _MainSideFactory(Factory):
     relay: Relay
@@ -210,7 +240,7 @@ class Relay:
         client_transport = self.channel.client_transport
         pending, self._pending = [self.header, *self._pending], []
         self._main.writeSequence(pending)
-        client_transport.registerProducer(self._main, True)
+        client_transport.registerProducer(_MainSideProducer(self, self._main), True)
         self._main.registerProducer(client_transport, True)
         client_transport.resumeProducing()
 
@@ -244,7 +274,21 @@ class Relay:
             # client that takes none of it is cut, as the main process
             # cuts it (its connection, and its slot under the cap, would
             # be held for ever otherwise).
-            self._watch_stall(send_counters(transport))
+            self.client_paused()
+
+    def client_paused(self) -> None:
+        """
+        The client stopped taking what the main process sends: it has
+        the send-stall timeout to take some of it (as on a channel of the
+        main process, which sees only the relay's socket fill up).
+        """
+        if self._stall_check is None and not self._client_closed:
+            self._watch_stall(send_counters(self.channel.client_transport))
+
+    def client_resumed(self) -> None:
+        if not self._main_closed:
+            cancel_call(self._stall_check)
+            self._stall_check = None
 
     def _watch_stall(self, before: SendCounters) -> None:
         def check() -> None:

@@ -318,7 +318,11 @@ class Store(BatchedCommits, StoreReader):
                 unlink_quietly(file_path(self.directory, old[1]))
         if self.commit_delay > 0:
             full = self._uncommitted.add(PendingRow(key, name, size, meta, old))
-            if full:
+            if full or old is not None:
+                # A new version of a stored entry (an index that changed)
+                # is committed at once: hit workers see only committed
+                # rows, and would serve the old version meanwhile.  A new
+                # key can wait; a worker hands its requests to this process.
                 self.commit_pending()
             elif self._commit_call is None:
                 self._commit_call = self.clock.callLater(
