@@ -37,6 +37,7 @@ from buildcache.workers.pool import (
     WorkerPool,
     child_arguments,
 )
+from buildcache.workers.ports import PerProcessListening
 from tests.test_status import NoDownloads, finished
 from tests.workers_parts import Joined
 
@@ -255,6 +256,41 @@ class RestartTests(SynchronousTestCase):
         joined = h.worker_end()
         joined.close()
         self.assertEqual(h.killed, [(1001, signal.SIGKILL)])
+
+
+class RecordingListening(PerProcessListening):
+    """A port's socket group that only records what the pool asks of it."""
+
+    def __init__(self) -> None:
+        self.port = None
+        self.calls: list[tuple[str, int]] = []
+
+    def cover(self, worker: int) -> None:
+        self.calls.append(("cover", worker))
+
+    def uncover(self, worker: int) -> None:  # type: ignore[override]
+        self.calls.append(("uncover", worker))
+
+
+class CoverTests(SynchronousTestCase):
+    def test_main_accepts_for_a_worker_until_it_serves(self) -> None:
+        """
+        The main process accepts on a worker's sockets from its start
+        until it says it serves (the first connections after a start
+        waited half a second for the worker's imports), and again once it
+        is gone.
+        """
+        h = Harness(self, workers=2)
+        listening = RecordingListening()
+        h.pool.ports = [("proxy", listening)]
+        h.pool.startService()
+        self.assertEqual(listening.calls, [("cover", 1)])
+        joined = h.worker_end()
+        joined.b.notify("serving")
+        joined.pump()
+        self.assertEqual(listening.calls, [("cover", 1), ("uncover", 1)])
+        h.spawned[0].protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(listening.calls[-1], ("cover", 1))
 
 
 class StopTests(SynchronousTestCase):

@@ -214,6 +214,8 @@ def start(reactor: Any, config: Config, arguments: argparse.Namespace) -> HitWor
         "Worker {worker} serving (pid {pid})", worker=arguments.worker,
         pid=os.getpid(), event="worker_serving",
     )
+    # Until now the main process accepted on this worker's sockets too.
+    link.serving()
     return worker
 
 

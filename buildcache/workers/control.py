@@ -230,6 +230,8 @@ class WorkerLink:
     record_accesses: Callable[[Mapping[str, float]], None]
     publisher: LogPublisher | ILogObserver = globalLogPublisher
     on_lost: Callable[[], None] = lambda: None
+    #: Told once the worker has adopted its listening sockets and serves.
+    on_serving: Callable[[], None] = lambda: None
     protocol: ControlProtocol = attrs.field(init=False)
     #: Log events taken in from the worker, and those it dropped.
     log_events: int = 0
@@ -242,6 +244,7 @@ class WorkerLink:
                 "release": self._release,
                 "accesses": self._accesses,
                 "log": self._log,
+                "serving": lambda: self.on_serving(),
             },
             on_lost=lambda: self.on_lost(),
         )
@@ -313,6 +316,10 @@ class MainLink:
     def send_accesses(self, accesses: Mapping[str, float]) -> None:
         if accesses:
             self.protocol.notify("accesses", accesses=dict(accesses))
+
+    def serving(self) -> None:
+        """Tell the main process this worker accepts on its sockets now."""
+        self.protocol.notify("serving")
 
     def send_log(self, events: list[str], dropped: int) -> bool:
         """Send a batch of log events; whether it was (not while backed up)."""

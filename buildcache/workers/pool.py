@@ -226,7 +226,10 @@ class WorkerPool(Service):
         worker.restart = None
         if self._stopping:
             return
-        self._cover(worker, down=False)
+        # Until it serves, the main process accepts on the worker's
+        # sockets: connections the kernel gives them would otherwise wait
+        # for the worker's start (half a second of imports).
+        self._cover(worker, down=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2, CONTROL_FD: theirs.fileno()}
         ports = []
@@ -259,6 +262,7 @@ class WorkerPool(Service):
             worker.number, self._admissions(),
             self.top.server.store.record_accesses,
             on_lost=lambda: self._channel_lost(worker, process),
+            on_serving=lambda: self._serving(worker, process),
         )
         self.reactor.adoptStreamConnection(
             ours.fileno(), socket.AF_UNIX, protocol_factory(link.protocol)
@@ -270,6 +274,10 @@ class WorkerPool(Service):
             "Worker {worker} started (pid {pid})", worker=worker.number,
             pid=process.pid, event="worker_started",
         )
+
+    def _serving(self, worker: _Worker, process: _WorkerProcess) -> None:
+        if worker.process is process and not self._stopping:
+            self._cover(worker, down=False)
 
     def _admissions(self) -> ClientConnections:
         # The main process's own table (it admits its own connections too).
