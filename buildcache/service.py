@@ -618,6 +618,9 @@ def make_service(
         on_evicted=activity.evicted,
         commit_delay=COMMIT_DELAY,
     )
+    # The row cache's bounds are the server's: each hit worker keeps its
+    # share too (workers/child.py).
+    store.share_row_cache(config.workers)
     server = Server.build(config, reactor, store, activity)
     top = BuildcacheService(server, reactor, store_threads=store_threads)
     listening(

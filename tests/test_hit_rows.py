@@ -11,6 +11,8 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from buildcache.engine import respond
+from buildcache.store.reader import ROWS_BYTES_KEPT, ROWS_KEPT
 from tests.test_store import StoreTestMixin
 
 
@@ -59,3 +61,39 @@ class PendingAccessTests(StoreTestMixin, SynchronousTestCase):
                 os.fstat(opened.fd).st_ino,
                 os.stat(file_path(directory, entry.file)).st_ino,
             )
+
+
+
+class SharedBoundsTests(StoreTestMixin, SynchronousTestCase):
+    def test_row_cache_shared_out_among_the_processes(self) -> None:
+        """
+        ``--workers N``: each process keeps its share of the row cache's
+        bounds, so the server holds at most ROWS_KEPT rows and
+        ROWS_BYTES_KEPT bytes of them in all (it held N times that).
+        """
+        store = self.open_store(self.make_directory())
+        store.share_row_cache(4)
+        self.assertEqual(
+            (store.rows_kept * 4, store.rows_bytes_kept * 4),
+            (ROWS_KEPT, ROWS_BYTES_KEPT),
+        )
+        for n in range(store.rows_kept + 2):
+            self.put(store, f"k{n}", b"x", {"etag": str(n)})
+            found = store.lookup(f"k{n}")
+            assert found is not None
+            found.close()
+            self.assertLessEqual(len(store._rows), store.rows_kept)
+
+    def test_header_blocks_bounded_in_bytes(self) -> None:
+        """
+        An entry may store 64 KiB of headers: the precomputed header
+        blocks are bounded in bytes, not only in count.
+        """
+        self.addCleanup(respond._BLOCKS.clear)
+        kept = []
+        for n in range(200):
+            headers = {"etag": str(n), "content-type": "text/plain", "location": "v" * 60_000}
+            kept.append(headers)
+            respond._stored_block(headers)
+            self.assertLessEqual(respond._blocks_bytes[0], respond.BLOCKS_BYTES_KEPT)
+        self.assertGreater(respond._blocks_bytes[0], 60_000)

@@ -183,9 +183,15 @@ def serve_stored(
 #: Request headers that make a stored answer other than the whole body.
 _SHAPING = (b"range", b"if-none-match", b"if-modified-since")
 #: The passed-on stored headers of recent entries, as Twisted writes them,
-#: by the id of the entry's headers mapping (kept alive beside them).
+#: by the id of the entry's headers mapping (kept alive beside them): at
+#: most BLOCKS_KEPT of them and BLOCKS_BYTES_KEPT bytes of fields (an entry
+#: may store 64 KiB of headers), per process, so at most 8 times that in a
+#: server of 8 workers.
 _BLOCKS: dict[int, tuple[Mapping[str, str], tuple[tuple[bytes, bytes], ...]]] = {}
 BLOCKS_KEPT = 4096
+BLOCKS_BYTES_KEPT = 4 * 1024 * 1024
+#: Bytes of the fields in _BLOCKS (one counter, mutated in place).
+_blocks_bytes = [0]
 
 
 def _stored_block(headers: Mapping[str, str]) -> tuple[tuple[bytes, bytes], ...]:
@@ -204,9 +210,12 @@ def _stored_block(headers: Mapping[str, str]) -> tuple[tuple[bytes, bytes], ...]
     block = tuple(
         (name, value) for name, values in scratch.getAllRawHeaders() for value in values
     )
-    if len(_BLOCKS) >= BLOCKS_KEPT:
+    size = sum(len(name) + len(value) for name, value in block)
+    if len(_BLOCKS) >= BLOCKS_KEPT or _blocks_bytes[0] + size > BLOCKS_BYTES_KEPT:
         _BLOCKS.clear()
+        _blocks_bytes[0] = 0
     _BLOCKS[id(headers)] = (headers, block)
+    _blocks_bytes[0] += size
     return block
 
 

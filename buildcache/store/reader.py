@@ -32,7 +32,8 @@ from buildcache.store.schema import (
 
 #: Index rows kept in memory for hits before the lot is dropped, and the
 #: most metadata bytes (see :func:`buildcache.store.metadata_size`) they
-#: may hold.  Per process: each worker keeps its own.
+#: may hold: the server's, shared out among its processes
+#: (:meth:`StoreReader.share_row_cache`).
 ROWS_KEPT = 20_000
 ROWS_BYTES_KEPT = 16 * 1024 * 1024
 
@@ -93,6 +94,9 @@ class StoreReader:
     _totals_behind: bool = True
     _rows: dict[str, Entry] = Factory(dict)
     _rows_bytes: int = 0
+    #: This process's share of the row cache's bounds.
+    rows_kept: int = ROWS_KEPT
+    rows_bytes_kept: int = ROWS_BYTES_KEPT
     #: The last row given with its pending access time: (row, time, copy).
     _last_evolved: tuple[Entry, float, Entry] | None = None
     _objects_dir: str = ""
@@ -123,8 +127,8 @@ class StoreReader:
                 return None
             entry = entry_from_row(row, None)
             if (
-                len(self._rows) >= ROWS_KEPT
-                or self._rows_bytes + entry.meta_size > ROWS_BYTES_KEPT
+                len(self._rows) >= self.rows_kept
+                or self._rows_bytes + entry.meta_size > self.rows_bytes_kept
             ):
                 self._rows.clear()
                 self._rows_bytes = 0
@@ -276,6 +280,18 @@ class StoreReader:
             ):
                 found[row[0]] = entry_from_row(row, self._pending_access.get(row[0]))
         return found
+
+    def share_row_cache(self, processes: int) -> None:
+        """
+        Keep this process's share of the row cache's bounds, so that the
+        ``processes`` of one server (``--workers``) hold at most
+        :data:`ROWS_KEPT` rows and :data:`ROWS_BYTES_KEPT` bytes together.
+        """
+        processes = max(1, processes)
+        self.rows_kept = max(1, ROWS_KEPT // processes)
+        self.rows_bytes_kept = ROWS_BYTES_KEPT // processes
+        self._rows.clear()
+        self._rows_bytes = 0
 
     def _follow_other_writers(self) -> bool:
         """

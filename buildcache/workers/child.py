@@ -185,6 +185,7 @@ def start(reactor: Any, config: Config, arguments: argparse.Namespace) -> HitWor
         config.cache_dir, config.max_size, reactor,
         max_object_size=config.max_object_size, read_only=True,
     )
+    store.share_row_cache(config.workers)
     activity = new_activity(config, reactor)
     admission = RemoteConnections(link, config.max_connections_per_client)
     server = hits_only_server(
