@@ -37,7 +37,6 @@ from buildcache.store import (
     core,
     object_name,
     objects,
-    reader,
     schema,
 )
 from tests import crashwriter
@@ -1450,7 +1449,7 @@ class MetadataTests(StoreTestMixin, SynchronousTestCase):
 
     def test_rows_kept_bounded_in_bytes(self) -> None:
         self.store.set_max_size(64 * MB)
-        self.patch(reader, "ROWS_BYTES_KEPT", 200 * KB)
+        self.store.rows_bytes_kept = 200 * KB
         for index in range(8):
             self.put(self.store, f"k{index}", b"", self.big_headers(f"{index:02d}"))
         for index in range(8):
