@@ -96,25 +96,12 @@ async def worker_connection(
     raise AssertionError("the worker accepted none of the connections")
 
 
-async def until_committed(cache_dir: str, path: str) -> None:
-    """
-    Until the index on disk (as a hit worker reads it) holds a row for a
-    URL ending with ``path``: rows of new bodies are committed in batches.
-    """
-    index = os.path.join(cache_dir, INDEX_NAME)
-    for _ in range(200):
-        with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as db:
-            found = db.execute(
-                "SELECT 1 FROM entries WHERE key LIKE ?", ("%" + path,)
-            ).fetchone()
-        if found is not None:
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"no committed row for {path}")
-
-
 def committed_sha256(cache_dir: str, path: str) -> str | None:
-    """The sha256 of the committed row for the URL ending with ``path``."""
+    """
+    The sha256 of the row committed for the URL ending with ``path``, as
+    a hit worker reads the index (rows of new bodies are committed in
+    batches); None without one.
+    """
     index = os.path.join(cache_dir, INDEX_NAME)
     with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as db:
         found = db.execute(
@@ -123,13 +110,13 @@ def committed_sha256(cache_dir: str, path: str) -> str | None:
     return None if found is None else str(found[0])
 
 
-async def until_new_index(cache_dir: str, old: str | None) -> None:
-    """Until the committed APKINDEX is another version than ``old``."""
+async def until_committed(cache_dir: str, path: str, other_than: str | None = None) -> None:
+    """Until the row committed for ``path`` is there, and not ``other_than``'s."""
     for _ in range(200):
-        if committed_sha256(cache_dir, "APKINDEX.tar.gz") not in (None, old):
+        if committed_sha256(cache_dir, path) not in (None, other_than):
             return
         await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError("the new index was never committed")
+    raise AssertionError(f"no new committed row for {path}")
 
 
 class _TwoProcesses(TestCase):
@@ -239,7 +226,7 @@ class ApkReviewTests(TestCase):
         self.assertEqual((status, got), (200, build_apkindex([rebuilt, other])))
         # The index's new version is committed at once; the worker then
         # hands the package off until the main process has checked it.
-        await until_new_index(cache_dir, old_index)
+        await until_committed(cache_dir, 'APKINDEX.tar.gz', other_than=old_index)
         status, head, got = await deferToThread(_request, in_worker, hello)
         self.assertEqual(status, 200)
         self.assertTrue(got == rebuilt.content, f"old build served: {head!r}")
