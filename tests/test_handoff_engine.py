@@ -15,10 +15,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request, Site
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from buildcache.engine.core import NO_FETCHER, Engine, HandOff
 from buildcache.engine.exchanges import (
@@ -176,3 +177,22 @@ class HandOffExchangeTests(SynchronousTestCase):
         self.assertIs(record.state, ExchangeState.HANDED_OFF)
         request.finish()
         self.assertEqual(observer.exchanges, [])
+
+
+class HandOffLogTests(SynchronousTestCase):
+    def test_a_failed_hand_off_logs_no_credentials(self) -> None:
+        """
+        A hits-only engine that cannot hand a request off logs it with the
+        request's credentials masked (it logged the raw request target).
+        """
+        engine = Engine(
+            None, NO_FETCHER, Clock(), None, TTL,  # type: ignore[arg-type]
+            hits_only=True,
+        )
+        request = Request(DummyChannel())
+        request.uri = b"http://user:s3cr3t@example.test/x"
+        with capturedLogs() as events:
+            engine.crashed(Failure(HandOff("x")), request)
+        [event] = [e for e in events if e.get("event") == "hand_off_failed"]
+        self.assertNotIn("s3cr3t", repr(event))
+        self.assertEqual(request.code, 503)

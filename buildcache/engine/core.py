@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from buildcache.credentials import redact
 from buildcache.engine.backoff import UPSTREAM_FAILURE_BACKOFF, UpstreamBackoff
 from buildcache.engine.conditional import validators_of
 from buildcache.engine.errors import (
@@ -188,7 +189,7 @@ class Engine:
         if failure.check(HandOff) is not None:
             self.hand_off(request)
             return
-        self.log.failure("Serving {uri} failed", failure, uri=request.uri)
+        self.log.failure("Serving {uri} failed", failure, uri=_shown_uri(request))
         if client_gone(request):
             return
         if not request.startedWriting:
@@ -208,7 +209,7 @@ class Engine:
             # A bug: a hits-only engine without a way out, or a hand-off
             # after the answer began.
             self.log.error(
-                "Cannot hand off {uri}", uri=request.uri, event="hand_off_failed"
+                "Cannot hand off {uri}", uri=_shown_uri(request), event="hand_off_failed"
             )
             if not request.startedWriting:
                 send_error(request, 503, "this worker cannot hand the request off")
@@ -719,3 +720,8 @@ def _unconditional(url: str, answer: UpstreamAnswer) -> UpstreamAnswer:
             answer.body.close()
         raise UpstreamError(f"{url} answered 304 to an unconditional request")
     return answer
+
+
+def _shown_uri(request: Request) -> str:
+    """``request``'s target as a log may show it: credentials masked."""
+    return redact(request.uri.decode("latin-1"))
