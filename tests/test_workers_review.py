@@ -326,6 +326,8 @@ class StallReviewTests(_TwoProcesses):
         host = stalled.getsockname()[0]
         # Asked, never read: a miss, handed off to the main process.
         stalled.sendall(b"GET /up/large.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        # The worker (watching the client) or the main process (watching
+        # the relay) cuts it first, whichever timer fires first.
         await process.wait_for(b"took nothing of its response")
         statuses = []
         for _ in range(50):

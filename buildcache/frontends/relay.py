@@ -301,7 +301,7 @@ class Relay:
                 self._watch_stall(now)
                 return
             self.log.info(
-                "Client {client} took nothing of its relayed response for"
+                "Client {client} took nothing of its response (relayed) for"
                 " {timeout}s: closing", client=self.client,
                 timeout=self.target.send_stall_timeout, event="client_stalled",
             )
