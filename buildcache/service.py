@@ -384,10 +384,15 @@ class ListeningService(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failures: list[Failure] = []
+        started = self.factory.numPorts
         self.listen().addCallbacks(self._listened, failures.append)
         # A port in use must stop twistd at start-up, not leave a server
         # running without it; with a line that says so, not a traceback.
         if failures:
+            # A UNIX port starts its factory before it binds: a failed bind
+            # would leave the factory's timers running.
+            if self.factory.numPorts > started:
+                self.factory.doStop()
             raise SystemExit(
                 f"buildcache: {self._option} {self._description}: cannot listen:"
                 f" {failures[0].getErrorMessage()}"

@@ -301,6 +301,30 @@ class ServiceTests(TestCase):
         self.assertTrue(message.startswith(f"buildcache: --port tcp:{port}:"), message)
         self.assertIn("Address already in use", message)
 
+    def test_unix_path_too_long(self) -> None:
+        """
+        A UNIX socket path longer than the system allows stops start-up
+        with one line, and leaves nothing running: the site, which Twisted
+        starts before it binds, is stopped again (its timer was left
+        behind, and the reactor unclean).
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "x" * 120)
+        config = Config(
+            cache_dir=self.mktemp(),
+            proxy_endpoint=f"unix:{path}",
+            index_endpoint=f"tcp:{free_port()}:interface=127.0.0.1",
+        )
+        service = make_service(config, reactor)
+        self.addCleanup(service.server.store.close)  # type: ignore[attr-defined]
+        error = self.assertRaises(SystemExit, service.privilegedStartService)
+        message = str(error.code)
+        self.assertTrue(message.startswith(f"buildcache: --port unix:{path}: "), message)
+        self.assertIn("AF_UNIX path too long", message)
+        proxy_site = service.server.proxy_site  # type: ignore[attr-defined]
+        self.assertEqual(proxy_site.numPorts, 0)
+
 
 class StartupEvictionTests(TestCase):
     def test_evictions_at_start_are_counted(self) -> None:

@@ -13,7 +13,9 @@ import errno
 import os
 import re
 import signal
+import shutil
 import socket
+import tempfile
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -235,7 +237,11 @@ class ListeningTests(TestCase):
 
     async def test_shared_for_other_kinds(self) -> None:
         """A ``unix:`` description keeps one socket, shared: every worker gets it."""
-        path = os.path.abspath(self.mktemp())
+        # The system's temp directory, not the test's: a checkout's own path can
+        # be longer than AF_UNIX allows.
+        directory = tempfile.mkdtemp(prefix="bc-ports-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "s")
         service = PerProcessListening(reactor, f"unix:{path}", self.site(), processes=3)
         service.privilegedStartService()
         assert service.port is not None
