@@ -225,7 +225,7 @@ class Server:
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
-            connections=connections,
+            connections=connections, hot=engine.hot_hits(),
         )
         index = index_resource(
             engine, config.pypi_upstreams, config.index_ttl, policy=policy,
@@ -235,7 +235,7 @@ class Server:
         )
         index_site = StrictSite(
             index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
-            connections=connections,
+            connections=connections, hot=engine.hot_hits(),
         )
         status = StatusResource(
             SnapshotSources(
@@ -284,12 +284,12 @@ class Server:
         proxy_site = ProxySite(
             proxy, reactor=reactor, policy=policy,
             connect_timeout=config.upstream_timeout, timeout=CLIENT_IDLE_TIMEOUT,
-            connections=connections, relay=relay("proxy"),
+            connections=connections, relay=relay("proxy"), hot=engine.hot_hits(),
         )
         index = index_resource(engine, config.pypi_upstreams, config.index_ttl, policy=policy)
         index_site = StrictSite(
             index, reactor=reactor, timeout=CLIENT_IDLE_TIMEOUT,
-            connections=connections, relay=relay("index"),
+            connections=connections, relay=relay("index"), hot=engine.hot_hits(),
         )
         # The pages themselves are the main process's (it holds the
         # totals); the snapshot is for it to combine.

@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import re
-import signal
 import shutil
+import signal
 import socket
 import tempfile
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from attrs import define
 from twisted.internet import tcp
@@ -309,6 +309,20 @@ def _buffered(transport: tcp.Connection) -> int:
     return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
 
 
+def writable_now(transport: object) -> TypeGuard[tcp.Connection]:
+    """
+    Whether a response may be written to ``transport`` straight away: a
+    plain TCP connection (no TLS, not closing) with nothing of Twisted's
+    still waiting to go out before it.
+    """
+    return (
+        isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
+        and not transport.disconnecting
+        and not _buffered(transport)
+    )
+
+
 def response_head(request: Request) -> bytes:
     """
     The status line and headers of ``request``'s response, byte for byte
@@ -352,9 +366,7 @@ def send_now(
     channel = request.channel
     transport = getattr(channel, "transport", None)
     if (
-        not isinstance(transport, tcp.Connection)
-        or getattr(transport, "TLS", False)
-        or transport.disconnecting
+        not writable_now(transport)
         or request.method != b"GET"
         or request.startedWriting
         or request.code in NO_BODY_CODES
@@ -362,7 +374,6 @@ def send_now(
         or request.etag is not None
         or request.cookies
         or (head is None and not request.responseHeaders.hasHeader(b"content-length"))
-        or _buffered(transport)
         or client_gone(request)
     ):
         return None

@@ -79,6 +79,7 @@ from buildcache.engine.freshness import (
     private_cache_control,
     stale_status,
 )
+from buildcache.engine.hot import HotHits
 from buildcache.engine.keys import (
     adopt_twin,
     find_stored,
@@ -136,6 +137,24 @@ class Engine:
         answer the engine sends it (the registry's JSON errors).
         """
         return self.exchanges.begin(request, front_end, name, errors)
+
+    def hot_hits(self) -> HotHits:
+        """
+        A table of repeated hits (:mod:`buildcache.engine.hot`) for one
+        port of this engine.  Its answers hold while no row changes and,
+        when this engine fetches, no download starts: a lookup hook (an
+        apk package's waits for its index being stored) may wait for one.
+        """
+        store, fetcher = self.store, self.fetcher
+        if self.hits_only:
+            generation = store.changes
+            used = None
+        else:
+            def generation() -> int:
+                return store.changes() + fetcher.started
+
+            used = fetcher.used if fetcher.shared is not None else None
+        return HotHits(store, self.clock, generation, self.observer, used)
 
     def refuse(self, request: Request, code: int, message: str) -> None:
         """Answer ``request`` with ``code`` and a one-line reason."""
@@ -233,6 +252,10 @@ class Engine:
             serve_stored(
                 request, stored, resolved.cache,
                 self._cache_control(policy, resolved, stored.entry.headers, 200), extra,
+                repeatable=(
+                    resolved.cache is CacheStatus.HIT and resolved.kind is Kind.IMMUTABLE
+                    and not resolved.private and not resolved.shared
+                ),
             )
             return
         answer = resolved.answer

@@ -25,7 +25,8 @@ from buildcache.engine.events import CacheObserver, Exchange
 
 __all__ = [
     "CacheStatus", "ExchangeState", "ClientExchange", "Exchanges", "client_gone",
-    "exchange_of", "ErrorFormat", "from_shared_tier", "hand_off_exchange",
+    "exchange_of", "ErrorFormat", "finished_exchange", "from_shared_tier",
+    "hand_off_exchange",
 ]
 
 #: How a front end writes its errors: (status, one-line message) ->
@@ -170,16 +171,35 @@ class Exchanges:
     def _report(self, request: Request, record: ClientExchange) -> None:
         if self.observer is None or record.state is ExchangeState.HANDED_OFF:
             return
-        self.observer.exchange_finished(Exchange(
-            front_end=record.front_end,
-            client=getattr(request.getClientAddress(), "host", "-"),
-            method=request.method.decode("latin-1"),
-            url=request.uri.decode("latin-1"),
-            status=request.code,
-            cache=None if record.cache is None else record.cache.value,
-            bytes_sent=int(getattr(request, "sentLength", 0)),
-            duration=self.clock.seconds() - record.started,
-            completed=record.state is ExchangeState.FINISHED,
-            name=record.name,
-            shared=record.shared,
-        ))
+        self.observer.exchange_finished(_exchange(request, record, self.clock.seconds()))
+
+
+def finished_exchange(request: Request) -> Exchange | None:
+    """
+    What accounting will record of ``request`` if it ends now, complete
+    (None for a request no front end began).
+    """
+    record = _RECORDS.get(request)
+    if record is None:
+        return None
+    return _exchange(request, record, record.started, completed=True)
+
+
+def _exchange(
+    request: Request, record: ClientExchange, now: float, completed: bool | None = None
+) -> Exchange:
+    if completed is None:
+        completed = record.state is ExchangeState.FINISHED
+    return Exchange(
+        front_end=record.front_end,
+        client=getattr(request.getClientAddress(), "host", "-"),
+        method=request.method.decode("latin-1"),
+        url=request.uri.decode("latin-1"),
+        status=request.code,
+        cache=None if record.cache is None else record.cache.value,
+        bytes_sent=int(getattr(request, "sentLength", 0)),
+        duration=now - record.started,
+        completed=completed,
+        name=record.name,
+        shared=record.shared,
+    )

@@ -17,6 +17,7 @@ from twisted.web.server import Request
 from buildcache.engine.body import BodySender, BodySource, StoredBody, send_now
 from buildcache.engine.conditional import RangeOutcome, not_modified, parse_range
 from buildcache.engine.exchanges import CacheStatus, client_gone, exchange_of
+from buildcache.engine.hot import remember
 from buildcache.fetch.fetcher import REPLAYED_HEADERS, UpstreamAnswer
 from buildcache.store import StoredObject
 
@@ -162,9 +163,13 @@ def serve_stored(
     status: CacheStatus,
     cache_control: str | None = None,
     extra_headers: Mapping[str, str] = {},
+    repeatable: bool = False,
 ) -> None:
     """
     Answer from the store (a HIT, REVALIDATED or STALE response).
+    ``repeatable``: the same request would be answered the same while the
+    store does not change (a hit of an immutable, unprivate entry), so
+    its answer may be remembered (see :mod:`buildcache.engine.hot`).
     """
     if client_gone(request):
         stored.close()
@@ -174,7 +179,7 @@ def serve_stored(
     entry = stored.entry
     body = StoredBody(stored)
     request.setResponseCode(200)
-    if not extra_headers and _sent_whole(request, body, status, cache_control):
+    if not extra_headers and _sent_whole(request, body, status, cache_control, repeatable):
         return
     _set_headers(request, entry.headers, status, cache_control, extra_headers)
     _send(request, body, entry.size, entry.headers, entry.fetched_at)
@@ -221,6 +226,7 @@ def _stored_block(headers: Mapping[str, str]) -> tuple[tuple[bytes, bytes], ...]
 
 def _sent_whole(
     request: Request, body: StoredBody, status: CacheStatus, cache_control: str | None,
+    repeatable: bool,
 ) -> bool:
     """
     Send a stored hit's whole body, with a head made from the entry's
@@ -251,7 +257,8 @@ def _sent_whole(
         for value in values:
             parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
-    reached = send_now(request, body, 0, size, head=b"".join(parts))
+    head = b"".join(parts)
+    reached = send_now(request, body, 0, size, head=head)
     if reached is None:
         return False
     record = exchange_of(request)
@@ -260,6 +267,8 @@ def _sent_whole(
     if reached < size:
         BodySender(request, body, reached, size).start()
         return True
+    if repeatable:
+        remember(request, head, body.stored.entry)
     body.close()
     request.finish()
     return True

@@ -131,6 +131,10 @@ class Fetcher:
     #: :mod:`buildcache.fetch.shared`).
     shared: SharedTier | None = None
 
+    #: Downloads started, ever: an answer derived while it stood still
+    #: waited for none (see :meth:`Engine.hot_hits`).
+    started: int = 0
+
     def in_flight(self) -> int:
         return len(self._downloads) + len(self._detached)
 
@@ -203,6 +207,7 @@ class Fetcher:
         if activity is not None:
             front_end = request.front_end
             on_received = lambda n: activity.upstream_received(front_end, n)  # noqa: E731
+        self.started += 1
         download = Download(
             request, self.store, on_received, self._unjoinable, self._joinable_again
         )

@@ -40,6 +40,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 
+from buildcache.engine.body import writable_now
+from buildcache.engine.hot import HotHits
 from buildcache.frontends.relay import Relay, RelayTarget, proxy_line
 from buildcache.frontends.sending import (
     SEND_STALL_TIMEOUT,
@@ -148,6 +150,9 @@ class ProxyChannel(HTTPChannel):
     relay: RelayTarget | None = None
     #: Set on the main process's relayed connections (from a worker).
     relayed: bool = False
+    #: The port's repeated hits, answered before HTTP parsing (see
+    #: :mod:`buildcache.engine.hot`); set by the site.
+    hot: HotHits | None = None
     request_head_timeout: float = REQUEST_HEAD_TIMEOUT
     send_stall_timeout: float = SEND_STALL_TIMEOUT
 
@@ -172,6 +177,10 @@ class ProxyChannel(HTTPChannel):
         self.raw_limit = self.MAX_LENGTH + self.totalHeadersSize + MAX_REQUEST_BODY + 65536
         self._relay: Relay | None = None
         self._relaying_tunnel = False
+        #: The read that holds the whole head of the request being parsed,
+        #: while it is offered to :attr:`hot`.
+        self._hot_offer: bytes | None = None
+        self._client: str | None = None
 
     def getHost(self) -> IAddress:
         # Every request asks (Request.requestReceived), each time with a
@@ -274,6 +283,23 @@ class ProxyChannel(HTTPChannel):
                 self.answer_and_close(400, "this port speaks plain HTTP, not TLS")
                 return
         if (
+            self.hot is not None
+            and self._phase is _Phase.REQUEST_LINE
+            and data[-4:] == b"\r\n\r\n"
+            and self.line_mode
+            and not self._buffer
+            and self.persistent
+            and not self._draining
+        ):
+            # A whole request head in one read.
+            if self._answered_hot(self.hot, data):
+                return
+            try:
+                super().dataReceived(data)
+            finally:
+                self._hot_offer = None
+            return
+        if (
             self._head_call is None
             and self._phase is _Phase.REQUEST_LINE
             and self.line_mode
@@ -287,6 +313,25 @@ class ProxyChannel(HTTPChannel):
                 self.request_head_timeout, self._request_too_slow
             )
         super().dataReceived(data)
+
+    def _answered_hot(self, hot: HotHits, data: bytes) -> bool:
+        """
+        Whether ``data`` was answered from ``hot``; else it is offered
+        (:meth:`allContentReceived`) to be remembered if its answer is a
+        whole hit.
+        """
+        transport = self.transport
+        if not writable_now(transport):
+            return False
+        if self._client is None:
+            self._client = self._client_host()
+        response = hot.answer(self._client, data)
+        if response is None:
+            self._hot_offer = data
+            return False
+        self.resetTimeout()
+        transport.write(response)
+        return True
 
     def lineReceived(self, line: bytes) -> None:
         if self._phase is _Phase.CLOSED:
@@ -376,6 +421,10 @@ class ProxyChannel(HTTPChannel):
             # A request that arrived while the server stops: this is the
             # connection's last response.
             self.persistent = False
+        offer, self._hot_offer = self._hot_offer, None
+        if offer is not None and self.hot is not None and self.requests:
+            assert self._client is not None
+            self.hot.offer(self.requests[-1], self._client, offer)
         super().allContentReceived()
 
     # Handing off (a hit worker's channel).

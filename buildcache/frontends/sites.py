@@ -19,6 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from buildcache.access import AccessPolicy
+from buildcache.engine.hot import HotHits
 from buildcache.fetch.connect import HostnameResolver
 from buildcache.frontends.channel import (
     REQUEST_HEAD_TIMEOUT,
@@ -57,7 +58,9 @@ class StrictSite(QuietSite):
     own with the default limit when not given; in a hit worker an
     ``Admission`` that asks the main process).  ``relay``, in a hit
     worker, is where this port's handed-off connections go (see
-    :mod:`buildcache.frontends.relay`).  Other keyword arguments
+    :mod:`buildcache.frontends.relay`).  ``hot`` answers this port's
+    repeated hits before they are parsed (see
+    :mod:`buildcache.engine.hot`).  Other keyword arguments
     go to ``Site``; its ``reactor`` runs the deadlines.
     """
 
@@ -69,6 +72,7 @@ class StrictSite(QuietSite):
         *,
         connections: Any = None,
         relay: RelayTarget | None = None,
+        hot: HotHits | None = None,
         request_head_timeout: float = REQUEST_HEAD_TIMEOUT,
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
         **site_kwargs: Any,
@@ -76,6 +80,8 @@ class StrictSite(QuietSite):
         super().__init__(resource, **site_kwargs)
         self.connections = connections if connections is not None else ClientConnections()
         self.relay = relay
+        #: This port's repeated hits (:mod:`buildcache.engine.hot`), if any.
+        self.hot = hot
         self.request_head_timeout = request_head_timeout
         self.send_stall_timeout = send_stall_timeout
 
@@ -83,6 +89,7 @@ class StrictSite(QuietSite):
         channel = super().buildProtocol(addr)
         channel.connections = self.connections
         channel.relay = self.relay
+        channel.hot = self.hot
         channel.request_head_timeout = self.request_head_timeout
         channel.send_stall_timeout = self.send_stall_timeout
         return channel

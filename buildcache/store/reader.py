@@ -94,6 +94,8 @@ class StoreReader:
     _totals_behind: bool = True
     _rows: dict[str, Entry] = Factory(dict)
     _rows_bytes: int = 0
+    #: Bumped whenever a row may have changed (see :meth:`changes`).
+    _changes: int = 0
     #: This process's share of the row cache's bounds.
     rows_kept: int = ROWS_KEPT
     rows_bytes_kept: int = ROWS_BYTES_KEPT
@@ -147,6 +149,7 @@ class StoreReader:
         return evolved
 
     def _forget(self, key: str) -> None:
+        self._changes += 1
         entry = self._rows.pop(key, None)
         if entry is not None:
             self._rows_bytes -= entry.meta_size
@@ -159,6 +162,24 @@ class StoreReader:
             if key not in self._pending_access:
                 return
         self._pending_access[key] = self.clock.seconds()
+
+    def accessed(self, key: str) -> None:
+        """
+        Record an access to ``key`` (as :meth:`lookup` does), for a caller
+        that opened its file by a path it kept (see :meth:`changes`).
+        """
+        self._accessed(key)
+
+    def changes(self) -> int:
+        """
+        A count that moves whenever a row may have changed since it was
+        last read: this store's own writes, and (read at once by a
+        read-only store, one pragma) another process's commits.  What was
+        derived from rows while it stood still is still true.
+        """
+        if self.read_only:
+            self._took_others_commits()
+        return self._changes
 
     def take_accesses(self) -> dict[str, float]:
         """
@@ -321,6 +342,7 @@ class StoreReader:
         if version == self._data_version:
             return False
         self._data_version = version
+        self._changes += 1
         self._rows.clear()
         self._rows_bytes = 0
         self._totals_behind = True
