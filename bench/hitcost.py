@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from processes import (  # noqa: E402
     buildcache_command,
     children_of,
+    expected_workers,
     free_port,
     stop,
     wait_for_port,
@@ -156,17 +157,18 @@ def start_server(
     env = dict(os.environ)
     if source is not None:
         env["PYTHONPATH"] = os.path.abspath(source)
+    command = [
+        *buildcache_command(log, port, index_port, scratch / f"cache-{name}"),
+        "--max-size", "2G", "--mirror", f"origin={origin_base}",
+        "--allow-upstream", "127.0.0.1", *options,
+    ]
     server = subprocess.Popen(
-        [
-            *buildcache_command(log, port, index_port, scratch / f"cache-{name}"),
-            "--max-size", "2G", "--mirror", f"origin={origin_base}",
-            "--allow-upstream", "127.0.0.1", *options,
-        ],
+        command,
         cwd=scratch, env=env, stdout=subprocess.DEVNULL,
         stderr=open(scratch / f"{name}.stderr", "wb"),
     )
     try:
-        wait_for_port(port, server, log)
+        wait_for_port(port, server, log, workers=expected_workers(command))
     except BaseException:
         stop(server)
         raise

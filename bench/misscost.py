@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from processes import (  # noqa: E402
     buildcache_command,
+    expected_workers,
     free_port,
     machine_and_versions,
     stop,
@@ -116,7 +117,7 @@ def start_buildcache(origin: Origin, run_dir: Path, profile: Path | None) -> tup
         stderr=open(run_dir / "stderr.log", "wb"),
     )
     try:
-        wait_for_port(port, process, log)
+        wait_for_port(port, process, log, workers=expected_workers(command))
     except BaseException:
         stop(process)
         raise

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -25,22 +27,51 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 60
+    port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 60,
+    workers: int = 1,
 ) -> None:
     """
-    Return once something listens on 127.0.0.1:``port``; fail with the
-    tail of ``log`` if ``process`` exits or ``timeout`` passes first.
+    Return once something listens on 127.0.0.1:``port`` and, for a
+    buildcache of ``workers`` processes, once its log shows every hit
+    worker serving (a bench measures the server running, not starting:
+    a worker's start-up takes a core for a while); fail with the tail of
+    ``log`` if ``process`` exits or ``timeout`` passes first.
     """
     deadline = time.monotonic() + timeout
+
+    def failed() -> bool:
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"{log.parent.name}: server did not start on {port}:\n{tail}")
+        time.sleep(0.05)
+        return True
+
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            break
         except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-                raise RuntimeError(f"{log.parent.name}: server did not start on {port}:\n{tail}")
-            time.sleep(0.05)
+            failed()
+    while workers > 1:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if len(set(re.findall(r"Worker (\d+) serving", text))) >= workers - 1:
+            return
+        failed()
+
+
+def expected_workers(command: Sequence[str]) -> int:
+    """
+    The processes a ``twistd buildcache`` command line runs: its
+    ``--workers``, else the server's default.
+    """
+    for at, word in enumerate(command):
+        if word == "--workers" and at + 1 < len(command):
+            return int(command[at + 1])
+        if word.startswith("--workers="):
+            return int(word.split("=", 1)[1])
+    from buildcache.config import default_workers
+
+    return default_workers()
 
 
 def stop(process: subprocess.Popen[bytes], grace: float = 30) -> None:

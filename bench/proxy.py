@@ -401,7 +401,7 @@ def start_buildcache(origin: Origin, forward_proxy: bool, workers: int) -> Calla
             stderr=open(run_dir / "stderr.log", "wb"),
         )
         try:
-            wait_for_port(port, process, log)
+            wait_for_port(port, process, log, workers=workers)
         except BaseException:
             stop(process)
             raise

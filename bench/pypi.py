@@ -98,6 +98,7 @@ from processes import (  # noqa: E402
     buildcache_command,
     children_of,
     cpu_seconds,
+    expected_workers,
     free_port,
     machine_busy_seconds,
     status_kb,
@@ -461,10 +462,13 @@ def spawn(command: Sequence[str], log: Path, env: Mapping[str, str] | None = Non
         )
 
 
-def listening(running: Running) -> Running:
-    """``running`` once it listens; stopped if it never does."""
+def listening(running: Running, workers: int = 1) -> Running:
+    """
+    ``running`` once it listens (and its ``workers`` processes serve);
+    stopped if it never does.
+    """
     try:
-        wait_for_port(running.port, running.process, running.log)
+        wait_for_port(running.port, running.process, running.log, workers=workers)
     except BaseException:
         stop(running.process)
         raise
@@ -821,14 +825,14 @@ def buildcache_stats(running: Running) -> dict[str, object]:
 def start_buildcache(run_dir: Path, origin: Origin) -> Running:
     port, index_port = free_port(), free_port()
     log = run_dir / "buildcache.log"
-    process = spawn(
-        buildcache_command(
-            log, port, index_port, run_dir / "cache", "--pypi-upstream", origin.index_url,
-            *BUILDCACHE_OPTIONS,
-        ),
-        run_dir / "stdout.log", cwd=run_dir,
+    command = buildcache_command(
+        log, port, index_port, run_dir / "cache", "--pypi-upstream", origin.index_url,
+        *BUILDCACHE_OPTIONS,
     )
-    return listening(Running(process, log, index_port, scan_log=True))
+    process = spawn(command, run_dir / "stdout.log", cwd=run_dir)
+    return listening(
+        Running(process, log, index_port, scan_log=True), workers=expected_workers(command)
+    )
 
 
 DEVPI_ROOT_PASSWORD = "bench"

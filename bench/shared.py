@@ -69,6 +69,7 @@ sys.path.insert(0, str(HERE.parent))
 from processes import (  # noqa: E402
     buildcache_command,
     children_of,
+    expected_workers,
     free_port,
     machine_and_versions,
     status_kb,
@@ -254,7 +255,7 @@ def node(
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for_port(port, process, log)
+        wait_for_port(port, process, log, workers=expected_workers(command))
         running = Node(name, process, log, port)
         if store is not None:
             running.wait_event("shared_store_conditional")

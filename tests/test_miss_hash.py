@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -48,7 +48,7 @@ class BackgroundHashTests(SynchronousTestCase):
         self.assertIsInstance(store.hashes, BackgroundHashes)
         writer = store.writer("k")
         recording = RecordingHash()
-        writer._hash = cast(Any, recording)
+        writer._hash = objects.DigestBeside(recording, store.hashes)
         chunks = [bytes([n]) * (300_000 + n) for n in range(5)]
         for chunk in chunks:
             writer.write(chunk)
@@ -85,7 +85,7 @@ class BackgroundHashTests(SynchronousTestCase):
         store = self.open(HeldRunner())
         writer = store.writer("k")
         recording = RecordingHash()
-        writer._hash = cast(Any, recording)
+        writer._hash = objects.DigestBeside(recording, store.hashes)
         writer.write(b"a" * 1000)
         self.assertEqual(recording.threads, [threading.current_thread().name])
         writer.write(b"b" * 300_000)
@@ -119,7 +119,7 @@ class BackgroundHashTests(SynchronousTestCase):
         stalled.wait(10)
         writer = store.writer("k")
         recording = RecordingHash()
-        writer._hash = cast(Any, recording)
+        writer._hash = objects.DigestBeside(recording, store.hashes)
         chunk = b"z" * (1024 * 1024)
         peak = 0
         real_wait = hashes.wait
@@ -147,7 +147,7 @@ class BackgroundHashTests(SynchronousTestCase):
         self.assertIsNone(store.hashes)
         writer = store.writer("k")
         recording = RecordingHash()
-        writer._hash = cast(Any, recording)
+        writer._hash = objects.DigestBeside(recording, store.hashes)
         writer.write(b"abc")
         self.assertEqual(recording.threads, [threading.current_thread().name])
         writer.abort()

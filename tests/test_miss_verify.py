@@ -7,12 +7,16 @@ where its data stream ends.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import attrs
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from buildcache.ecosystems.apk import verify
 from buildcache.ecosystems.apk.verify import ApkVerifier
+from buildcache.store import BackgroundHashes
 from tests.apkrepo import build_apk
 from tests.test_apk import entry_for
 
@@ -87,3 +91,43 @@ class QuietMatchTests(SynchronousTestCase):
             verifier.update(apk.content[:-1] + bytes([apk.content[-1] ^ 1]))
             self.assertRaises(verify.ApkMismatch, verifier.finish)
         self.assertEqual(len(events), 1)
+
+
+class DataStreamHashedBesideTests(SynchronousTestCase):
+    """
+    With the store's hash thread, a package's data stream is hashed there
+    (beside the reactor), in order, and checked the same.
+    """
+
+    def setUp(self) -> None:
+        self.hashes = BackgroundHashes()
+        self.addCleanup(self.hashes.close)
+        self.threads: list[str] = []
+        real = BackgroundHashes._run
+
+        def watching(hashes: BackgroundHashes) -> None:
+            self.threads.append(threading.current_thread().name)
+            real(hashes)
+
+        self.patch(BackgroundHashes, "_run", watching)
+
+    def feed(self, content: bytes, entry: Any) -> ApkVerifier:
+        verifier = ApkVerifier(entry, hashes=self.hashes)
+        for at in range(0, len(content), 300_000):
+            verifier.update(content[at:at + 300_000])
+        return verifier
+
+    def test_matching_package_passes(self) -> None:
+        apk = build_apk("big", "1.0-r0", data_size_pad=2_000_000, pad_seed=6)
+        self.feed(apk.content, entry_for(apk)).finish()
+        self.assertEqual(self.threads, ["buildcache-hash"])
+
+    def test_changed_byte_fails(self) -> None:
+        apk = build_apk("big", "1.0-r0", data_size_pad=2_000_000, pad_seed=7)
+        content = bytearray(apk.content)
+        content[-500_000] ^= 0x01
+        verifier = self.feed(bytes(content), entry_for(apk))
+        with self.assertRaises(verify.ApkMismatch) as caught:
+            verifier.finish()
+        self.assertIn("datahash", caught.exception.reason)
+        self.assertEqual(self.threads, ["buildcache-hash"])

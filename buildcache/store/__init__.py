@@ -36,6 +36,7 @@ from buildcache.store.objects import (
     UNCOUNTED_LIMIT,
     BackgroundHashes,
     BlockingRunner,
+    DigestBeside,
     IntegrityError,
     NoRoom,
     ObjectWriter,
@@ -74,6 +75,7 @@ from buildcache.store.schema import (
 __all__ = [
     "COMMIT_DELAY",
     "BackgroundHashes",
+    "DigestBeside",
     "APPLICATION_ID",
     "BlockingRunner",
     "BodyCheck",

@@ -203,6 +203,43 @@ class BackgroundHashes:
             self._thread = None
 
 
+class DigestBeside:
+    """
+    A running digest whose long updates are hashed by a
+    :class:`BackgroundHashes` thread beside the reactor (see
+    :data:`HASH_BESIDE_FROM`, :data:`HASH_QUEUE_MOST`), in order; without
+    one, here and now.
+    """
+
+    def __init__(self, digest: Any, hashes: BackgroundHashes | None) -> None:
+        self._digest = digest
+        self._hashes = hashes
+        #: The last update handed to the thread (0: none waiting).
+        self._ticket = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        hashes = self._hashes
+        if hashes is not None and hashes.waiting_bytes + len(data) > HASH_QUEUE_MOST:
+            self.result()
+            hashes = None
+        if hashes is not None and (
+            len(data) >= HASH_BESIDE_FROM or not hashes.done(self._ticket)
+        ):
+            # A copy: the caller may reuse its buffer.
+            self._ticket = hashes.update(self._digest, bytes(data))
+        else:
+            # Waking the thread costs more than hashing a small chunk.
+            self._digest.update(data)
+
+    def result(self) -> Any:
+        """The digest, once every byte given so far is in it."""
+        if self._ticket:
+            assert self._hashes is not None
+            self._hashes.wait(self._ticket)
+            self._ticket = 0
+        return self._digest
+
+
 @define
 class StoredObject:
     """
@@ -233,10 +270,7 @@ class ObjectWriter:
         self.key = key
         self.path = path
         self._fd = fd
-        self._hash = hashlib.sha256()
-        #: The last update of :attr:`_hash` handed to the store's
-        #: :class:`BackgroundHashes` (0: none pending).
-        self._ticket = 0
+        self._hash = DigestBeside(hashlib.sha256(), store.hashes)
         self.size = 0
         self.closed = False
         #: Room held in the store for this body (see :meth:`Store.reserve`).
@@ -305,12 +339,7 @@ class ObjectWriter:
         """
         The running digest, once every byte written so far is in it.
         """
-        if self._ticket:
-            hashes = self._store.hashes
-            assert hashes is not None
-            hashes.wait(self._ticket)
-            self._ticket = 0
-        return self._hash
+        return self._hash.result()
 
     def write(self, data: bytes) -> None:
         """
@@ -335,17 +364,7 @@ class ObjectWriter:
         while view:
             written = self._store.write_file(self._fd, view)
             view = view[written:]
-        hashes = self._store.hashes
-        if hashes is not None and hashes.waiting_bytes + len(data) > HASH_QUEUE_MOST:
-            self._digest()
-            hashes = None
-        if hashes is not None and (
-            len(data) >= HASH_BESIDE_FROM or not hashes.done(self._ticket)
-        ):
-            self._ticket = hashes.update(self._hash, bytes(data))
-        else:
-            # Waking the thread costs more than hashing a small chunk.
-            self._hash.update(data)
+        self._hash.update(data)
         self.size += len(data)
 
     @property

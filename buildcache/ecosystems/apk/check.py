@@ -49,7 +49,7 @@ from buildcache.ecosystems.apk.index import (
 )
 from buildcache.ecosystems.apk.verify import ApkVerifier
 from buildcache.engine.keys import PRIVATE_MARK
-from buildcache.store import Entry, Store
+from buildcache.store import BackgroundHashes, Entry, Store
 from buildcache.turns import Waiters
 
 __all__ = [
@@ -466,6 +466,8 @@ def stored_package_matches(path: str, facts: PackageFacts) -> bool:
     return True
 
 
-def verifier_for(entry: PackageFacts) -> Callable[[Mapping[str, str]], ApkVerifier]:
-    return lambda headers: ApkVerifier(entry)
+def verifier_for(
+    entry: PackageFacts, hashes: BackgroundHashes | None = None
+) -> Callable[[Mapping[str, str]], ApkVerifier]:
+    return lambda headers: ApkVerifier(entry, hashes=hashes)
 

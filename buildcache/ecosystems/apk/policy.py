@@ -47,7 +47,7 @@ from buildcache.engine.errors import IntegrityError
 from buildcache.engine.freshness import Kind
 from buildcache.engine.policy import Expectation, GenericPolicy, PathRule, Target, rule
 from buildcache.fetch.fetcher import STREAM_CHECKED_ABOVE
-from buildcache.store import Entry
+from buildcache.store import BackgroundHashes, Entry
 
 __all__ = ["RULES", "ApkExpectation", "ApkPolicy"]
 
@@ -70,12 +70,15 @@ class ApkExpectation(Expectation):
     facts: ApkFacts | None = None
 
 
-def expectation_for(facts: ApkFacts) -> ApkExpectation:
+def expectation_for(
+    facts: ApkFacts, hashes: BackgroundHashes | None = None
+) -> ApkExpectation:
     """
-    What a package listed as ``facts`` must be.
+    What a package listed as ``facts`` must be (its data stream hashed on
+    ``hashes``, the store's thread, if given).
     """
     return ApkExpectation(
-        verify=verifier_for(facts),
+        verify=verifier_for(facts, hashes),
         source_digest=facts.control_checksum,
         # Small packages wait for their check (a mismatch is a clean
         # 502); large ones stream, all but their tail, so that many
@@ -142,7 +145,7 @@ class ApkPolicy(GenericPolicy):
             # package: fetch or revalidate it, to check the package.
             facts = await self._refreshed_entry(target, engine, index_url)
         if facts is not None:
-            return expectation_for(facts)
+            return expectation_for(facts, self.indexes.store.hashes)
         if index_url is not None:
             return _UNVOUCHED
         return await super().expect(target, engine)
@@ -230,4 +233,4 @@ class ApkPolicy(GenericPolicy):
                 url=target.url, why=str(error),
             )
             raise IntegrityError(f"package does not match its index entry: {error}")
-        return expectation_for(new)
+        return expectation_for(new, self.indexes.store.hashes)

@@ -25,6 +25,7 @@ from buildcache.ecosystems.apk.index import (
     PackageFacts,
     format_control_checksum,
 )
+from buildcache.store import BackgroundHashes, DigestBeside
 
 __all__ = ["ApkVerifier"]
 
@@ -97,9 +98,11 @@ class _HashedTail:
     overflowed = False
     complete = False
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, hashes: BackgroundHashes | None) -> None:
         self.index = index
-        self.compressed_hash = hashlib.sha256()
+        # Hashed beside the reactor when a hash thread is given: these are
+        # most of a package's bytes.
+        self.compressed_hash = DigestBeside(hashlib.sha256(), hashes)
         self.received = 0
 
     def feed(self, data: bytes | memoryview) -> bytes:
@@ -136,6 +139,9 @@ class ApkVerifier:
 
     entry: PackageFacts
     max_control_bytes: int = 1024 * 1024
+    #: Where the data stream is hashed beside the reactor (the store's
+    #: thread); None: here.
+    hashes: BackgroundHashes | None = None
     _bytes_received: int = attrs.field(init=False, default=0)
     _mismatch: ApkMismatch | None = attrs.field(init=False, default=None)
     _finished: bool = attrs.field(init=False, default=False)
@@ -236,7 +242,7 @@ class ApkVerifier:
         tail = self._current
         if isinstance(tail, _HashedTail) and tail.received:
             self._current = None
-            self._data_sha256 = tail.compressed_hash.hexdigest()
+            self._data_sha256 = tail.compressed_hash.result().hexdigest()
         elif isinstance(tail, _HashedTail):
             self._current = None
         if self._current is not None:
@@ -293,7 +299,7 @@ class ApkVerifier:
             return _GzipMember(index, hashlib.sha1(), self.max_control_bytes)
         if index == self._control.member_index + 1:
             if self._control.datahash is not None:
-                return _HashedTail(index)
+                return _HashedTail(index, self.hashes)
             return _GzipMember(index, hashlib.sha256(), None)
         self._fail(
             f"{self.entry.filename}: unexpected gzip stream {index} after the "
