@@ -363,6 +363,10 @@ class ObserverTests(SynchronousTestCase):
              "log_flattened": {"line!s:": "y", "line!:": "y"}},
             {"log_format": "hi {n}", "n": 1, "log_level": LogLevel.info, "b": b"\xff"},
         ]
+        # A logger's source may be anything, JSON's own values included.
+        for source in (None, "s", 3, b"\xff", LogLevel.warn, Failure(ValueError("x")),
+                       {"a": 1}, [1], object()):
+            others.append({**main.events[0], "log_source": source})
         for event in main.events + worker.events + others:
             self.assertEqual(lines(dict(event)), eventAsJSON(dict(event)) + "\n")
 

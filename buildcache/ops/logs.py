@@ -33,6 +33,7 @@ from twisted.logger import (
     formatTime,
     timeFormatRFC3339,
 )
+from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 __all__ = [
@@ -145,6 +146,9 @@ def _json_of(value: object) -> Any:
 
 
 _INFO = LogLevel.info
+#: Values JSON writes as they are, and those eventAsJSON has a form for.
+_JSON = (dict, list, tuple, str, int, float, type(None))
+_SAVED = (bytes, type(_INFO), Failure)
 _INFO_JSON = _json_of(_INFO)
 _UNPERSISTABLE = _json_of(object())
 
@@ -174,10 +178,14 @@ class JSONLines:
                 record = dict(event)
                 # In place: the keys keep their order.
                 record["log_level"] = _INFO_JSON
-                if "log_logger" in record:
-                    record["log_logger"] = _UNPERSISTABLE
-                if "log_source" in record:
-                    record["log_source"] = _UNPERSISTABLE
+                for key in ("log_logger", "log_source"):
+                    value = record.get(key)
+                    if isinstance(value, _SAVED):
+                        return eventAsJSON(event) + "\n"
+                    if not isinstance(value, _JSON):
+                        # A Logger, an Activity: what eventAsJSON writes
+                        # for any object it has no form for.
+                        record[key] = _UNPERSISTABLE
                 # eventAsJSON adds the flattened fields to the event itself.
                 event["log_flattened"] = record["log_flattened"] = flattened
                 try:
