@@ -65,7 +65,7 @@ from buildcache.credentials import (
     split_userinfo,
 )
 from buildcache.frontends.connections import DEFAULT_MAX_CONNECTIONS_PER_CLIENT
-from buildcache.ops.logs import JSON_OBSERVER, use_logfile
+from buildcache.ops.logs import JSON_OBSERVER, TEXT_OBSERVER, use_logfile
 from buildcache.shared.location import S3Location, parse_shared_store
 
 __all__ = [
@@ -595,3 +595,18 @@ class Options(usage.Options):
                 logfile = "twistd.log"
             use_logfile(logfile)
             self.parent["logger"] = JSON_OBSERVER
+        elif (
+            self.parent is not None
+            and self.parent.get("logger") is None
+            and not self.parent.get("syslog")
+            and (self.parent.get("logfile") != "-" or self.parent.get("nodaemon"))
+        ):
+            # twistd's text observer, made cheaper (an access line per
+            # request): the same lines to the same file (see
+            # buildcache.ops.logs.text_observer).  Syslog, a --logger of
+            # one's own, and twistd's refusal of a daemon's "-" stay twistd's.
+            logfile = self.parent.get("logfile")
+            if not logfile and not self.parent.get("nodaemon"):
+                logfile = "twistd.log"
+            use_logfile(logfile)
+            self.parent["logger"] = TEXT_OBSERVER

@@ -108,8 +108,11 @@ class JSONFormatTests(SynchronousTestCase):
             self.addCleanup(logs.use_logfile, None)
             self.assertEqual(logs._logfile, expected)
 
-    def test_text_leaves_twistd_alone(self) -> None:
+    def test_text_to_syslog_leaves_twistd_alone(self) -> None:
+        # Text otherwise goes through buildcache's observer: see
+        # tests/test_access_lines.py.
         parent = usage.Options()
+        parent["syslog"] = True
         options = Options({})
         options.parent = parent
         options.parseOptions(

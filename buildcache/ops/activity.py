@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from time import time
 from typing import TYPE_CHECKING
 
 from attrs import Factory, define, field, frozen
@@ -23,8 +24,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from buildcache.access import upstream_host_key
-from buildcache.credentials import redact
 from buildcache.engine.events import CacheObserver, Exchange
+from buildcache.ops.access_lines import (
+    ACCESS_SYSTEM,
+    AccessRecord,
+    access_event,
+    access_record,
+)
 from buildcache.ops.front_ends import FRONT_ENDS
 from buildcache.turns import after_io
 
@@ -153,6 +159,10 @@ class Activity:
     #: Requests of this turn whose access lines are written after its
     #: responses.
     _unwritten: list[Exchange] = Factory(list)
+    #: Where this turn's access lines go, as records, instead of this
+    #: process's log: a hit worker sends them to the main process (see
+    #: :mod:`buildcache.ops.access_lines`).
+    access_sink: Callable[[list[AccessRecord]], None] | None = None
 
     def exchange_finished(self, exchange: Exchange) -> None:
         """
@@ -192,26 +202,18 @@ class Activity:
 
     def _write_lines(self, _: object) -> None:
         unwritten, self._unwritten = self._unwritten, []
-        for exchange in unwritten:
-            url = redact(exchange.url)
-            cache_status = exchange.cache or "none"
-            incomplete = "" if exchange.completed else " (client or upstream ended early)"
-            shared = _from_shared(exchange)
-            # The text line is formatted here, once: the log observers
-            # format "{line}" only; the fields stay for JSON logs.
-            line = (
-                f"{exchange.client} {exchange.method} {url} {exchange.status}"
-                f" {exchange.bytes_sent} {cache_status}"
-                f" {exchange.duration:.3f}s{incomplete}"
-                + (" (from the shared tier)" if shared else "")
-            )
-            self.log.info(
-                "{line}", line=line, log_system="access", client=exchange.client,
-                method=exchange.method, url=url, status=exchange.status,
-                bytes=exchange.bytes_sent, cache=cache_status,
-                duration=exchange.duration, front_end=exchange.front_end,
-                shared=shared,
-            )
+        now = time()
+        records = [access_record(exchange, now) for exchange in unwritten]
+        if self.access_sink is not None:
+            self.access_sink(records)
+            return
+        # The events Logger.info would make, made directly (one Logger for
+        # the turn, not one per line): their text is formatted once, in
+        # access_event.
+        log = self.log
+        observer, source, namespace = log.observer, log.source, log.namespace
+        for record in records:
+            observer(access_event(record, ACCESS_SYSTEM, log, source, namespace))
 
     def _bucket(self, now: float) -> list[float]:
         start = now - now % BUCKET_SECONDS

@@ -187,6 +187,8 @@ def start(reactor: Any, config: Config, arguments: argparse.Namespace) -> HitWor
     )
     store.share_row_cache(config.workers)
     activity = new_activity(config, reactor)
+    # Its access lines go to the main process as records, not log events.
+    activity.access_sink = forwarder.access
     admission = RemoteConnections(link, config.max_connections_per_client)
     server = hits_only_server(
         config, reactor, store, activity, admission, dict(arguments.relay)

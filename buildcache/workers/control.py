@@ -16,9 +16,12 @@ Worker to main (:class:`MainLink` sends, :class:`WorkerLink` answers):
 - ``accesses {accesses}``: the read-only store's access times
   (:meth:`buildcache.store.StoreReader.take_accesses`), applied with
   :meth:`buildcache.store.Store.record_accesses`;
-- ``log {events}``: the worker's log events (each one
-  :func:`twisted.logger.eventAsJSON`), batched per reactor turn, emitted
-  again in the main process's log with ``worker=<n>``.
+- ``log {events}``: the worker's log events, batched per reactor turn,
+  emitted again in the main process's log with ``worker=<n>``.  Each is
+  a string (:func:`twisted.logger.eventAsJSON`), or a list: an access
+  line's record (:func:`buildcache.ops.access_lines.access_record`), of
+  which the main process makes the event the worker would have logged,
+  at a fraction of the cost of a whole event's JSON on both sides.
 
 Main to worker: ``snapshot`` (call, answers the worker's
 :data:`buildcache.ops.snapshot.Snapshot`) and ``drain``.
@@ -48,6 +51,14 @@ from twisted.logger import (
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from buildcache.ops.access_lines import (
+    ACCESS_SYSTEM,
+    AccessRecord,
+    access_event,
+    unpersistable,
+)
+from buildcache.ops.activity import Activity
 
 __all__ = [
     "LOG_BATCH_MAX",
@@ -260,14 +271,19 @@ class WorkerLink:
             {str(key): float(when) for key, when in accesses.items()}
         )
 
-    def _log(self, events: list[str], dropped: int = 0) -> None:
+    def _log(self, events: list[str | AccessRecord], dropped: int = 0) -> None:
         self.log_dropped += dropped
-        for text in events:
-            event = eventFromJSON(text)
-            event["worker"] = self.number
-            # The main process's text log shows the worker in the system
-            # column: "[worker-1,access]".
-            event["log_system"] = f"worker-{self.number},{event.get('log_system', '-')}"
+        number = self.number
+        # The main process's text log shows the worker in the system
+        # column: "[worker-1,access]".
+        access_system = f"worker-{number},{ACCESS_SYSTEM}"
+        for item in events:
+            if isinstance(item, str):
+                event = eventFromJSON(item)
+                event["worker"] = number
+                event["log_system"] = f"worker-{number},{event.get('log_system', '-')}"
+            else:
+                event = _worker_access_event(item, access_system, number)
             self.log_events += 1
             self.publisher(event)
 
@@ -321,7 +337,7 @@ class MainLink:
         """Tell the main process this worker accepts on its sockets now."""
         self.protocol.notify("serving")
 
-    def send_log(self, events: list[str], dropped: int) -> bool:
+    def send_log(self, events: list[str | AccessRecord], dropped: int) -> bool:
         """Send a batch of log events; whether it was (not while backed up)."""
         if self.protocol.backed_up:
             return False
@@ -335,14 +351,16 @@ class LogForwarder:
     """
     A worker's log observer: each event as JSON, sent in one batch per
     reactor turn (at most :data:`LOG_BATCH_MAX`; more are dropped and
-    counted).
+    counted).  The worker's access lines come as records, to
+    :meth:`access` (the worker's ``Activity.access_sink``), and go in the
+    same batches.
     """
 
     clock: IReactorTime
     #: Sends a batch and the count dropped before it; False when it could
     #: not (the batch is then dropped and counted too).
-    send: Callable[[list[str], int], bool]
-    _batch: list[str] = attrs.Factory(list)
+    send: Callable[[list[str | AccessRecord], int], bool]
+    _batch: list[str | AccessRecord] = attrs.Factory(list)
     _dropped: int = 0
     _scheduled: bool = False
 
@@ -355,6 +373,20 @@ class LogForwarder:
             self._scheduled = True
             self.clock.callLater(0, self.flush)
 
+    def access(self, records: list[AccessRecord]) -> None:
+        """One turn's access lines, sent as they are (not as events)."""
+        batch = self._batch
+        room = LOG_BATCH_MAX - len(batch)
+        if len(records) > room:
+            self._dropped += len(records) - max(room, 0)
+            records = records[:max(room, 0)]
+            if not records:
+                return
+        batch.extend(records)
+        if not self._scheduled:
+            self._scheduled = True
+            self.clock.callLater(0, self.flush)
+
     def flush(self) -> None:
         self._scheduled = False
         if not self._batch and not self._dropped:
@@ -363,3 +395,21 @@ class LogForwarder:
         dropped, self._dropped = self._dropped, 0
         if not self.send(batch, dropped):
             self._dropped = dropped + len(batch)
+
+
+#: The namespace of the worker's access lines' logger (as the worker's
+#: own log would have named it).
+_ACCESS_NAMESPACE: str = Activity.log.namespace
+
+
+def _worker_access_event(record: AccessRecord, system: str, number: int) -> dict[str, Any]:
+    """
+    The event the worker's access line would have been, taken in through
+    its JSON: the logger and source unpersistable, the text flattened
+    (see :func:`twisted.logger.eventAsJSON`), ``worker`` added.
+    """
+    event = access_event(record, system, unpersistable(), unpersistable(), _ACCESS_NAMESPACE)
+    line = event["line"]
+    event["log_flattened"] = {"line!s:": line, "line!:": line}
+    event["worker"] = number
+    return event
