@@ -281,6 +281,23 @@ class HotHitTests(TestCase):
         self.assertTrue(first.endswith(b"\r\n\r\n" + small))
         self.assertTrue(second.endswith(b"\r\n\r\n" + other))
 
+    async def test_whole_head_with_a_body_still_has_a_deadline(self) -> None:
+        """
+        A head that arrives whole in one read, announcing a body that never
+        comes, is cut at the request deadline with a 408, as a head sent
+        bit by bit is (the read a table may answer started no deadline).
+        """
+        self.running.server.proxy_site.request_head_timeout = 0.5
+        connection = await raw_connection(self, self.running.proxy_port)
+        connection.send(
+            raw_request("GET", f"/up{SMALL}", "box", [("Content-Length", "10")])
+        )
+        await connection.lost
+        self.assertTrue(connection.buffer.startswith(b"HTTP/1.1 408 "), connection.buffer[:80])
+
+    # Without the deadline the connection stays open: fail soon.
+    test_whole_head_with_a_body_still_has_a_deadline.timeout = 10  # type: ignore[attr-defined]
+
     async def test_bounded(self) -> None:
         """Past HOT_KEPT responses the table starts again: it never holds more."""
         self.patch(hot_module, "HOT_KEPT", 3)

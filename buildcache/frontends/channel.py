@@ -290,14 +290,9 @@ class ProxyChannel(HTTPChannel):
             and not self._buffer
             and self.persistent
             and not self._draining
-        ):
             # A whole request head in one read.
-            if self._answered_hot(self.hot, data):
-                return
-            try:
-                super().dataReceived(data)
-            finally:
-                self._hot_offer = None
+            and self._answered_hot(self.hot, data)
+        ):
             return
         if (
             self._head_call is None
@@ -312,7 +307,11 @@ class ProxyChannel(HTTPChannel):
             self._head_call = self.callLater(
                 self.request_head_timeout, self._request_too_slow
             )
-        super().dataReceived(data)
+        try:
+            super().dataReceived(data)
+        finally:
+            # Offered (see _answered_hot) to the request it began, if any.
+            self._hot_offer = None
 
     def _answered_hot(self, hot: HotHits, data: bytes) -> bool:
         """
