@@ -6,7 +6,9 @@ Wall-clock requests per second mean nothing on a shared machine; the
 server's own CPU time per request does.  This bench starts one buildcache
 (``--workers`` left at its default unless given) in front of a local
 static origin, caches a 20 KB and a 1 MB apk package, then for each case
-(size x route: the forward proxy and the mirror route) runs
+(size x route: the forward proxy and the mirror route; for the 20 KB
+package also "new": every request's head different, so that none is
+answered from the table of repeated hits) runs
 ``wrk -t2 -c32`` for a few seconds and divides the server
 process's utime+stime (``/proc/PID/stat``, its worker children's
 added) by the requests served.  Each
@@ -60,6 +62,22 @@ CLIENT_ENV = {k: v for k, v in os.environ.items() if not k.lower().endswith("_pr
 #: no proxy option).
 WRK_SCRIPT = """\
 {forward}
+{fresh}
+"""
+#: For the "new" cases: every request's head differs (a header with a
+#: counter), so that none is answered from the table of repeated hits
+#: (``buildcache.engine.hot``), which fills and starts again meanwhile:
+#: the cost of a hit the server has not seen asked that way.
+FRESH_HEADS = """\
+local n = 0
+local thread_id = tostring(math.random(1000000000))
+request = function()
+  n = n + 1
+  local headers = {}
+  for name, value in pairs(wrk.headers) do headers[name] = value end
+  headers["X-Request"] = thread_id .. "-" .. n
+  return wrk.format(nil, nil, headers)
+end
 """
 
 
@@ -87,6 +105,7 @@ def curl_head(url: str, proxy: str | None) -> dict[str, str]:
 
 def run_wrk(
     scratch: Path, url: str, proxy: str | None, seconds: float, threads: int, connections: int,
+    fresh: bool = False,
 ) -> int:
     """
     Run wrk for ``seconds`` and return the requests it completed (wrk
@@ -99,7 +118,7 @@ def run_wrk(
         forward = f'wrk.path = "{url}"\nwrk.headers["Host"] = "{host}"'
         target = proxy + "/"
     script = scratch / "count.lua"
-    script.write_text(WRK_SCRIPT.format(forward=forward))
+    script.write_text(WRK_SCRIPT.format(forward=forward, fresh=FRESH_HEADS if fresh else ""))
     done = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(script), target],
         capture_output=True, text=True, env=CLIENT_ENV, timeout=300,
@@ -225,31 +244,41 @@ def main() -> None:
                     scratch, name, origin_base, args.server_options, source
                 )
 
-            def cases(port: int) -> list[tuple[str, str, str | None, int]]:
+            def cases(port: int) -> list[tuple[str, str, str | None, int, bool]]:
                 proxy = f"http://127.0.0.1:{port}"
                 found = []
                 for (label, size), apk in zip(SIZES.items(), packages):
                     path = f"/{REPOSITORY}/{ARCH}/{apk.filename}"
-                    found.append((f"{label} proxy", origin_base + path, proxy, size))
-                    found.append((f"{label} mirror", f"{proxy}/origin{path}", None, size))
+                    found.append((f"{label} proxy", origin_base + path, proxy, size, False))
+                    found.append(
+                        (f"{label} mirror", f"{proxy}/origin{path}", None, size, False)
+                    )
+                    if size <= 64 * KB:
+                        found.append(
+                            (f"{label} proxy new", origin_base + path, proxy, size, True)
+                        )
+                        found.append(
+                            (f"{label} mirror new", f"{proxy}/origin{path}", None, size, True)
+                        )
                 return [case for case in found if args.only in case[0]]
 
             for server, port in servers.values():
-                for name, url, via, _ in cases(port):
+                for name, url, via, _, fresh in cases(port):
                     warm(name, url, via)
                     # One untimed run: the row cache, the reactor's buffers.
-                    run_wrk(scratch, url, via, 1, args.threads, args.connections)
+                    run_wrk(scratch, url, via, 1, args.threads, args.connections, fresh)
             names = list(servers)
-            for index, (case, _, _, size) in enumerate(cases(0)):
+            for index, (case, _, _, size, fresh) in enumerate(cases(0)):
                 runs: dict[str, list[tuple[float, float, int]]] = {n: [] for n in names}
                 for repeat in range(args.repeats):
                     # Alternate which server goes first: the machine's load drifts.
                     for name in names if repeat % 2 == 0 else names[::-1]:
                         server, port = servers[name]
-                        _, url, via, _ = cases(port)[index]
+                        _, url, via, _, _ = cases(port)[index]
                         user0, system0 = settle(server.pid)
                         served = run_wrk(
-                            scratch, url, via, args.seconds, args.threads, args.connections
+                            scratch, url, via, args.seconds, args.threads, args.connections,
+                            fresh,
                         )
                         user1, system1 = settle(server.pid)
                         runs[name].append((
@@ -269,13 +298,13 @@ def main() -> None:
                         "requests": [n for _, _, n in runs[name]],
                         "body_bytes": size,
                     }
-                    print(f"{case:12} {name:8} {statistics.median(per_hit):8.1f} us/hit"
+                    print(f"{case:16} {name:8} {statistics.median(per_hit):8.1f} us/hit"
                           f" (user {user:.1f}, system {system:.1f})"
                           f"   runs {', '.join(f'{v:.1f}' for v in per_hit)}", flush=True)
                 if args.pyspy:
                     # An extra run, not counted: the sampler costs the server a little.
                     server, port = servers["current"]
-                    _, url, via, _ = cases(port)[index]
+                    _, url, via, _, _ = cases(port)[index]
                     Path(args.pyspy).mkdir(parents=True, exist_ok=True)
                     spy = subprocess.Popen(
                         [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
@@ -285,7 +314,9 @@ def main() -> None:
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )
                     time.sleep(1)
-                    run_wrk(scratch, url, via, args.seconds, args.threads, args.connections)
+                    run_wrk(
+                        scratch, url, via, args.seconds, args.threads, args.connections, fresh
+                    )
                     spy.send_signal(2)
                     spy.wait(60)
         finally:
