@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from buildcache.frontends.sites import StrictSite
+from tests.pyindex import StaticSimpleIndex
 from tests.support import (
     Client,
     FakeUpstream,
@@ -22,6 +25,7 @@ from tests.support import (
 )
 from tests.test_hit_direct import whole_response
 from tests.test_proxy import raw_connection, raw_request, until
+from tests.test_simple_index import TTL, Harness, fixture_for
 
 WHEEL = "demo_p-1.0-py3-none-any.whl"
 WHEEL_BODY = b"a wheel, not a real one " * 400
@@ -110,3 +114,68 @@ class PageChangedTests(TestCase):
 
     def upstream_page(self, body: GatedBody) -> None:
         self.upstream.bodies["/simple/demo-p/"] = body
+
+
+class MetadataReadAheadTests(TestCase):
+    """
+    The index port: answering a wheel's core metadata reads the pages of
+    its dependencies ahead when they are not fresh
+    (:meth:`Prefetcher.after_core_metadata`), every time, hit or not.
+    """
+
+    timeout = 60
+
+    def serve(self, hot: bool) -> tuple[Harness, int]:
+        from tests.test_pypi_readahead import RELEASES
+
+        harness = Harness(
+            self, [StaticSimpleIndex(fixture_for(self, RELEASES))],
+            prefetch_max_size=32 * 1024**2,
+        )
+        site = StrictSite(
+            harness.resource, reactor=reactor,
+            hot=harness.engine.hot_hits() if hot else None,
+        )
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return harness, port.getHost().port
+
+    async def pages_read_ahead_after_ttl(self, hot: bool) -> int:
+        """
+        How many times the origin was asked for a dependency's page once
+        the same metadata request comes again after the pages' TTL.
+        """
+        from tests.test_pypi_readahead import METADATA_A, PIP_USER_AGENT
+
+        harness, port = self.serve(hot)
+        assert harness.prefetcher is not None
+        upstream = harness.upstreams[0]
+        page = await harness.page("rda-a")
+        self.assertEqual(page.status, 200)
+        request = raw_request("GET", METADATA_A, "box", [("User-Agent", PIP_USER_AGENT)])
+        connection = await raw_connection(self, port)
+        for _ in range(3):
+            answer = await whole_response(connection, request)
+            self.assertIn(b" 200 OK\r\n", answer[:20])
+            await harness.prefetcher.when_done()
+        # pip asks for them next (read ahead: hits).
+        for name in ("rda-b", "rda-c"):
+            self.assertEqual((await harness.page(name)).header("x-cache"), "HIT")
+        before = upstream.requests_for("/simple/rda-b/")
+        self.assertEqual(before, 1)
+        harness.clock.advance(TTL + 1)
+        answer = await whole_response(connection, request)
+        self.assertIn(b" 200 OK\r\n", answer[:20])
+        await harness.prefetcher.when_done()
+        return upstream.requests_for("/simple/rda-b/") - before
+
+    async def test_ordinary_path_reads_ahead(self) -> None:
+        """Without the table, the stale page of a dependency is read ahead."""
+        self.assertEqual(await self.pages_read_ahead_after_ttl(hot=False), 1)
+
+    async def test_repeated_metadata_still_reads_ahead(self) -> None:
+        """
+        A metadata request answered from the table of repeated hits reads
+        the dependencies' stale pages ahead as the ordinary path does.
+        """
+        self.assertEqual(await self.pages_read_ahead_after_ttl(hot=True), 1)
