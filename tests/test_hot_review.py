@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from buildcache.frontends.channel import ProxyChannel
 from buildcache.frontends.sites import StrictSite
 from tests.pyindex import StaticSimpleIndex
 from tests.support import (
@@ -20,6 +21,7 @@ from tests.support import (
     GatedBody,
     Running,
     listen,
+    pattern_bytes,
     start_server,
     url_of,
 )
@@ -179,3 +181,64 @@ class MetadataReadAheadTests(TestCase):
         the dependencies' stale pages ahead as the ordinary path does.
         """
         self.assertEqual(await self.pages_read_ahead_after_ttl(hot=True), 1)
+
+
+class StrayLineTests(TestCase):
+    """
+    The proxy port's mirror route in front of an upstream with one small
+    immutable file: a client that sends a stray CRLF after each request.
+    """
+
+    timeout = 60
+
+    async def test_stray_crlf_after_each_answer(self) -> None:
+        """
+        One stray CRLF before each request line is skipped (RFC 9112 2.2),
+        whichever way the request before it was answered: an answer from
+        the table, which ``HTTPChannel`` never sees, must not leave it
+        counting the next CRLF as the second one in a row (a 400 and a
+        closed connection).
+        """
+        path = "/files/small-1.0-r0.apk"
+        whole = pattern_bytes(20 * 1024, path.encode())
+        upstream = FakeUpstream()
+        upstream.bodies[path] = GatedBody(whole, headers={"ETag": '"v1"'})
+        running = start_server(self, {}, upstream=upstream)
+        rendered: list[object] = []
+        proxy = running.server.proxy
+        real_render = proxy.render
+
+        def counting_render(request: object) -> object:
+            rendered.append(request)
+            return real_render(request)
+
+        self.patch(proxy, "render", counting_render)
+        empty_lines: list[bytes] = []
+        real_line = ProxyChannel.lineReceived
+
+        def counting_lines(channel: ProxyChannel, line: bytes) -> None:
+            # Not the blank line that ends a head: one before a request line.
+            if not line and channel._phase.value == "request-line":
+                empty_lines.append(line)
+            real_line(channel, line)
+
+        self.patch(ProxyChannel, "lineReceived", counting_lines)
+        request = raw_request("GET", f"/up{path}", "box", [("User-Agent", "apk")])
+        connection = await raw_connection(self, running.proxy_port)
+        for _ in range(10):
+            answer = await whole_response(connection, request)
+            if b"\r\nX-Cache: HIT\r\n" in answer:
+                break
+        else:
+            self.fail("never a hit")
+        answer = await whole_response(connection, request)
+        before = len(rendered)
+        for turn in range(3):
+            connection.send(b"\r\n")
+            # Read on its own (then the request is answered from the table).
+            await until(lambda: len(empty_lines) > turn)
+            answer = await whole_response(connection, request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:100])
+            self.assertTrue(answer.endswith(whole))
+        # Answered from the table.
+        self.assertEqual(len(rendered), before)
