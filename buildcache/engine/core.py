@@ -119,6 +119,11 @@ class Engine:
     #: What takes a handed-off request (its connection goes to the process
     #: that fetches); the service sets it for a hits-only engine.
     on_hand_off: Callable[[Request], None] | None = None
+    #: Bumped by a front end whenever state it holds in memory, which its
+    #: answers derive from, changes (the page of a project a pip client
+    #: last saw): answers remembered before no longer hold (see
+    #: :meth:`hot_hits`).
+    held_changes: int = field(default=0, init=False)
     exchanges: Exchanges = field(init=False)
     backoff: UpstreamBackoff = field(init=False)
 
@@ -141,17 +146,22 @@ class Engine:
     def hot_hits(self) -> HotHits:
         """
         A table of repeated hits (:mod:`buildcache.engine.hot`) for one
-        port of this engine.  Its answers hold while no row changes and,
-        when this engine fetches, no download starts: a lookup hook (an
-        apk package's waits for its index being stored) may wait for one.
+        port of this engine.  Its answers hold while no row changes, no
+        state a front end holds in memory changes (:attr:`held_changes`:
+        a page fetched but not stored, which a download started before
+        the answer's request may bring) and, when this engine fetches, no
+        download starts: a lookup hook (an apk package's waits for its
+        index being stored) may wait for one.
         """
         store, fetcher = self.store, self.fetcher
         if self.hits_only:
-            generation = store.changes
+            def generation() -> int:
+                return store.changes() + self.held_changes
+
             used = None
         else:
             def generation() -> int:
-                return store.changes() + fetcher.started
+                return store.changes() + fetcher.started + self.held_changes
 
             used = fetcher.used if fetcher.shared is not None else None
         return HotHits(store, self.clock, generation, self.observer, used)

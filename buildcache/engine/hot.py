@@ -45,7 +45,7 @@ from buildcache.store import Entry, Store
 
 __all__ = [
     "HOT_BODY_MAX", "HOT_BYTES_KEPT", "HOT_KEPT", "HotHits", "HotResponse",
-    "remember", "repeatable_head",
+    "not_repeatable", "remember", "repeatable_head",
 ]
 
 #: The largest body remembered: one read and one write with its head.
@@ -248,6 +248,16 @@ class HotHits:
             self._bytes = 0
         self._table[key] = response
         self._bytes += weight
+
+
+def not_repeatable(request: Request) -> None:
+    """
+    ``request``'s answer is never to be remembered, even as a whole hit:
+    its front end does more than send it (a wheel's core metadata reads
+    the pages of its dependencies ahead, once they are stale), which an
+    answer from the table would skip.
+    """
+    _OFFERS.pop(request, None)
 
 
 def remember(request: Request, head: bytes, entry: Entry) -> None:

@@ -181,6 +181,9 @@ class ProxyChannel(HTTPChannel):
         #: while it is offered to :attr:`hot`.
         self._hot_offer: bytes | None = None
         self._client: str | None = None
+        #: A stray CRLF was skipped since the last request (see
+        #: :meth:`lineReceived`).
+        self._stray_line = False
 
     def getHost(self) -> IAddress:
         # Every request asks (Request.requestReceived), each time with a
@@ -329,6 +332,7 @@ class ProxyChannel(HTTPChannel):
             self._hot_offer = data
             return False
         self.resetTimeout()
+        self._stray_line = False
         transport.write(response)
         return True
 
@@ -340,9 +344,18 @@ class ProxyChannel(HTTPChannel):
             self._connect_head_line(self._head, line)
             return
         if self._phase is _Phase.REQUEST_LINE:
-            # An empty line here is the stray CRLF some clients send after
-            # a body; HTTPChannel skips it, and the request line still
-            # follows.
+            if not line and self.persistent:
+                # The stray CRLF some clients send after a request or a
+                # body (RFC 9112 2.2): one is skipped before a request
+                # line, a second in a row refused, as HTTPChannel does.
+                # Counted here: HTTPChannel never sees a request the table
+                # of repeated hits answers, and would take the CRLF after
+                # it for the second in a row.
+                if self._stray_line:
+                    self._refuse_request(400, "more than one empty line before a request line")
+                else:
+                    self._stray_line = True
+                return
             if line and self.persistent:
                 connect = line.startswith(b"CONNECT ")
                 if self.relay is not None:
@@ -414,6 +427,7 @@ class ProxyChannel(HTTPChannel):
 
     def allContentReceived(self) -> None:
         self._stop_head_deadline()
+        self._stray_line = False
         # Before HTTPChannel renders it: a response may be done at once.
         self._phase = _Phase.ANSWERING
         if self._draining:

@@ -45,6 +45,7 @@ from buildcache.engine.errors import (
     status_for,
 )
 from buildcache.engine.exchanges import CacheStatus, client_gone
+from buildcache.engine.hot import not_repeatable
 from buildcache.engine.respond import send_error
 
 __all__ = ["FileServer"]
@@ -125,6 +126,10 @@ class FileServer:
             # core metadata (pip asks for the file next): it must see this
             # request, or no file would be read ahead behind a worker.
             raise HandOff(f"{filename}: its file is not stored yet")
+        if self.prefetcher is not None:
+            # Each answer may read ahead (below): the table of repeated
+            # hits would send the bytes and skip that.
+            not_repeatable(request)
         expected = wanted.core_metadata_hashes.get("sha256")
         metadata = file_request(
             # A file's core metadata is small: held until checked.

@@ -243,7 +243,7 @@ class PageResolver:
                 return self._later_or_refuse(name, position, failed)
             if resolved is not None:
                 return resolved
-        self._served.pop(name, None)
+        self._saw(name, None)
         asked = ", ".join(self.upstreams)
         raise Refusal(
             answer_status(404),
@@ -251,6 +251,20 @@ class PageResolver:
             f" {asked}; a missing project is asked again after"
             f" {NEGATIVE_TTL:g}s)",
         )
+
+    def _saw(self, name: str, served: tuple[str, str] | None) -> None:
+        """
+        Record the page of ``name`` last served (None: none); a change
+        tells the engine (:attr:`Engine.held_changes`), since file answers
+        follow that page (:meth:`known_page`) even when it is not stored.
+        """
+        if self._served.get(name) == served:
+            return
+        if served is None:
+            del self._served[name]
+        else:
+            self._served[name] = served
+        self.engine.held_changes += 1
 
     def has_fresh(self, name: str) -> bool:
         """
@@ -367,7 +381,7 @@ class PageResolver:
             page = self._parse(upstream, name, data, content_type)
             self._models.put(slot, page, len(data))
         self._drop_disowned_files(name, page)
-        self._served[name] = (upstream, digest)
+        self._saw(name, (upstream, digest))
         return ResolvedPage(upstream, name, page, digest, CacheStatus.MISS)
 
     def _drop_disowned_files(self, name: str, page: ProjectPage) -> None:
@@ -406,7 +420,7 @@ class PageResolver:
                 self._models.put((key, digest), page, len(data))
         finally:
             stored.close()
-        self._served[name] = (upstream, digest)
+        self._saw(name, (upstream, digest))
         return ResolvedPage(upstream, name, page, digest, resolved.cache)
 
     def _later_or_refuse(
