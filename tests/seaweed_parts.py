@@ -197,6 +197,21 @@ class Seaweed:
         return Deferred.fromCoroutine(self._start(timeout))
 
     async def _start(self, timeout: float) -> None:
+        for attempt in (1, 2, 3):
+            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                await self._start_once(timeout)
+                return
+            except SeaweedEnded:
+                # A port of ours taken meanwhile (they are free ports of the
+                # ephemeral range: a parallel test's outgoing connection may
+                # get one once weed let go of it, on a restart): other ports.
+                taken = b"address already in use" in self.log_path.read_bytes()[log_size:]
+                if attempt == 3 or not taken:
+                    raise
+                self.ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES))))
+
+    async def _start_once(self, timeout: float) -> None:
         self.spawn()
         process = self.process
         assert process is not None

@@ -6,6 +6,7 @@ buckets, keeps objects across a restart, and ends by its PID.
 from __future__ import annotations
 
 import os
+import socket
 
 from tests.seaweed_parts import SeaweedCase
 
@@ -28,3 +29,23 @@ class SeaweedPartsTests(SeaweedCase):
             os.kill(pid, 0)
         await self.store.start()
         self.assertNotEqual(self.store.pid, pid)
+
+    async def test_port_taken_while_stopped(self) -> None:
+        """
+        A port of the store taken by someone else while it was stopped (a
+        parallel test's connection, say): it starts again on other ports
+        rather than fail the test.
+        """
+        await self.store.kill()
+        old = self.store.ports["s3.port"]
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        # Its connections may linger in TIME_WAIT.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", old))
+        taken.listen()
+        await self.store.start()
+        self.assertNotEqual(self.store.ports["s3.port"], old)
+        bucket = self.bucket()
+        self.store.put_object(bucket, "k", b"v")
+        self.assertEqual(self.store.get_object(bucket, "k"), b"v")
