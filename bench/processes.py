@@ -54,9 +54,24 @@ def wait_for_port(
             failed()
     while workers > 1:
         text = log.read_text(errors="replace") if log.exists() else ""
-        if len(set(re.findall(r"Worker (\d+) serving", text))) >= workers - 1:
+        if len(serving_workers(text)) >= workers - 1:
             return
         failed()
+
+
+def serving_workers(log_text: str) -> set[str]:
+    """
+    The hit workers a buildcache log shows serving: its text lines
+    ("Worker 1 serving (pid ...)") or its JSON ones (``--log-format json``:
+    the ``worker_serving`` event).
+    """
+    found = set(re.findall(r"Worker (\d+) serving", log_text))
+    for line in log_text.splitlines():
+        if '"event": "worker_serving"' in line:
+            number = re.search(r'"worker": (\d+)', line)
+            if number is not None:
+                found.add(number.group(1))
+    return found
 
 
 def expected_workers(command: Sequence[str]) -> int:
