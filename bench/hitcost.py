@@ -186,11 +186,7 @@ def start_server(
         cwd=scratch, env=env, stdout=subprocess.DEVNULL,
         stderr=open(scratch / f"{name}.stderr", "wb"),
     )
-    try:
-        wait_for_port(port, server, log, workers=expected_workers(command))
-    except BaseException:
-        stop(server)
-        raise
+    wait_for_port(port, server, log, workers=expected_workers(command))
     return server, port
 
 

@@ -116,11 +116,7 @@ def start_buildcache(origin: Origin, run_dir: Path, profile: Path | None) -> tup
         command, cwd=run_dir, stdout=subprocess.DEVNULL,
         stderr=open(run_dir / "stderr.log", "wb"),
     )
-    try:
-        wait_for_port(port, process, log, workers=expected_workers(command))
-    except BaseException:
-        stop(process)
-        raise
+    wait_for_port(port, process, log, workers=expected_workers(command))
     return process, port
 
 

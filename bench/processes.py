@@ -35,8 +35,19 @@ def wait_for_port(
     buildcache of ``workers`` processes, once its log shows every hit
     worker serving (a bench measures the server running, not starting:
     a worker's start-up takes a core for a while); fail with the tail of
-    ``log`` if ``process`` exits or ``timeout`` passes first.
+    ``log`` if ``process`` exits or ``timeout`` passes first, ``process``
+    stopped (also on Ctrl-C meanwhile).
     """
+    try:
+        _wait_for_port(port, process, log, timeout, workers)
+    except BaseException:
+        stop(process)
+        raise
+
+
+def _wait_for_port(
+    port: int, process: subprocess.Popen[bytes], log: Path, timeout: float, workers: int,
+) -> None:
     deadline = time.monotonic() + timeout
 
     def failed() -> bool:

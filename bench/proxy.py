@@ -349,11 +349,7 @@ def start_origin(scratch: Path, www: Path) -> Origin:
     )
     process = nginx_process(prefix, config)
     running = Running(process, prefix / "error.log", port, count_children=True)
-    try:
-        wait_for_port(port, process, prefix / "error.log")
-    except BaseException:
-        stop(process)
-        raise
+    wait_for_port(port, process, prefix / "error.log")
     return Origin(running, access_log)
 
 
@@ -400,11 +396,7 @@ def start_buildcache(origin: Origin, forward_proxy: bool, workers: int) -> Calla
             command, cwd=run_dir, stdout=subprocess.DEVNULL,
             stderr=open(run_dir / "stderr.log", "wb"),
         )
-        try:
-            wait_for_port(port, process, log, workers=workers)
-        except BaseException:
-            stop(process)
-            raise
+        wait_for_port(port, process, log, workers=workers)
         # With --workers N the hit workers are the server's children.
         return Running(process, log, port, count_children=True, scan_log=True)
 
@@ -453,11 +445,7 @@ def start_squid(origin: Origin) -> Callable[[Path], Running]:
             ["squid", "-N", "-f", str(conf)],
             stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "wb"),
         )
-        try:
-            wait_for_port(port, process, run_dir / "cache.log")
-        except BaseException:
-            stop(process)
-            raise
+        wait_for_port(port, process, run_dir / "cache.log")
         return Running(process, run_dir / "cache.log", port)
 
     return start
@@ -492,11 +480,7 @@ def start_nginx_cache(origin: Origin) -> Callable[[Path], Running]:
             """
         )
         process = nginx_process(run_dir, config)
-        try:
-            wait_for_port(port, process, run_dir / "error.log")
-        except BaseException:
-            stop(process)
-            raise
+        wait_for_port(port, process, run_dir / "error.log")
         return Running(process, run_dir / "error.log", port, count_children=True)
 
     return start

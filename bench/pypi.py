@@ -467,11 +467,7 @@ def listening(running: Running, workers: int = 1) -> Running:
     ``running`` once it listens (and its ``workers`` processes serve);
     stopped if it never does.
     """
-    try:
-        wait_for_port(running.port, running.process, running.log, workers=workers)
-    except BaseException:
-        stop(running.process)
-        raise
+    wait_for_port(running.port, running.process, running.log, workers=workers)
     return running
 
 
@@ -614,11 +610,7 @@ def start_origin(scratch: Path, www: Path, rate_mb: float = 0.0) -> tuple[Origin
     http += origin_server(line_port, www, line_log, int(rate_mb * 1_000_000))
     http += origin_server(disk_port, www, disk_log, 0)
     running = start_nginx(prefix, line_port, http)
-    try:
-        wait_for_port(disk_port, running.process, running.log)
-    except BaseException:
-        stop(running.process)
-        raise
+    wait_for_port(disk_port, running.process, running.log)
     return Origin(running, line_log), Origin(attrs.evolve(running, port=disk_port), disk_log)
 
 

@@ -161,11 +161,7 @@ def launch(command: list[str], log: Path, port: int, cwd: Path) -> Server:
         process = subprocess.Popen(
             command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
         )
-    try:
-        wait_for_port(port, process, log)
-    except BaseException:
-        stop(process)
-        raise
+    wait_for_port(port, process, log)
     return Server(process, log, port)
 
 

@@ -585,28 +585,29 @@ class Options(usage.Options):
             shared_wait=self["shared-wait"],
             workers=self["workers"],
         )
-        if self.config.log_format == "json" and self.parent is not None:
+        parent = self.parent
+        if parent is None:
+            return
+        if self.config.log_format == "json":
             # twistd builds its log observer from its own "logger" option
             # after parsing the command line, so setting it here makes the
             # whole process (twistd's lines too) log JSON.
-            logfile = self.parent.get("logfile")
-            if not logfile and not self.parent.get("nodaemon"):
-                # What twistd itself writes to once it has daemonized.
-                logfile = "twistd.log"
-            use_logfile(logfile)
-            self.parent["logger"] = JSON_OBSERVER
+            observer = JSON_OBSERVER
         elif (
-            self.parent is not None
-            and self.parent.get("logger") is None
-            and not self.parent.get("syslog")
-            and (self.parent.get("logfile") != "-" or self.parent.get("nodaemon"))
+            parent.get("logger") is None
+            and not parent.get("syslog")
+            and (parent.get("logfile") != "-" or parent.get("nodaemon"))
         ):
             # twistd's text observer, made cheaper (an access line per
             # request): the same lines to the same file (see
             # buildcache.ops.logs.text_observer).  Syslog, a --logger of
             # one's own, and twistd's refusal of a daemon's "-" stay twistd's.
-            logfile = self.parent.get("logfile")
-            if not logfile and not self.parent.get("nodaemon"):
-                logfile = "twistd.log"
-            use_logfile(logfile)
-            self.parent["logger"] = TEXT_OBSERVER
+            observer = TEXT_OBSERVER
+        else:
+            return
+        logfile = parent.get("logfile")
+        if not logfile and not parent.get("nodaemon"):
+            # What twistd itself writes to once it has daemonized.
+            logfile = "twistd.log"
+        use_logfile(logfile)
+        parent["logger"] = observer

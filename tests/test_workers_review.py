@@ -144,6 +144,17 @@ class _TwoProcesses(TestCase):
         assert found is not None
         return process, port, int(found.group(1))
 
+    async def stored(self, port: int, path: str) -> None:
+        """
+        ``path`` asked once on a connection kept open until the test ends,
+        and its row committed: a hit in the worker too.
+        """
+        connection = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(connection.close)
+        status, _, _ = await deferToThread(_request, connection, path)
+        self.assertEqual(status, 200)
+        await until_committed(self.cache_dir, path[len("/up"):])
+
 
 class ReviewTests(_TwoProcesses):
     async def test_sigterm_with_idle_relayed_keepalive_drains_worker(self) -> None:
@@ -155,11 +166,7 @@ class ReviewTests(_TwoProcesses):
         main process only drains after its pool has stopped.
         """
         process, port, worker = await self.start()
-        main = socket.create_connection(("127.0.0.1", port))
-        self.addCleanup(main.close)
-        status, _, _ = await deferToThread(_request, main, "/up/m0.bin")
-        self.assertEqual(status, 200)
-        await until_committed(self.cache_dir, "/m0.bin")
+        await self.stored(port, "/up/m0.bin")
         # A connection the worker holds; a miss on it is handed off and
         # answered by the main process; the connection then stays idle.
         sock = await worker_connection(self, process, port, "/up/m0.bin")
@@ -251,11 +258,7 @@ class FiguresReviewTests(_TwoProcesses):
         """
         process, port, worker = await self.start()
         path = "/up/m0.bin"
-        main = socket.create_connection(("127.0.0.1", port))
-        self.addCleanup(main.close)
-        status, _, _ = await deferToThread(_request, main, path)
-        self.assertEqual(status, 200)
-        await until_committed(self.cache_dir, path[len('/up'):])
+        await self.stored(port, path)
         await worker_connection(self, process, port, path)
         before = await self.stats(port)
         self.assertEqual(before["workers"]["answered"], 2)
@@ -386,11 +389,7 @@ class RevalidationReviewTests(_TwoProcesses):
         """
         process, port, _ = await self.start()
         path = "/up/m0.bin"
-        main = socket.create_connection(("127.0.0.1", port))
-        self.addCleanup(main.close)
-        status, _, _ = await deferToThread(_request, main, path)
-        self.assertEqual(status, 200)
-        await until_committed(self.cache_dir, path[len('/up'):])
+        await self.stored(port, path)
         for extra in (
             "Cache-Control: max-age=0\r\n", "Cache-Control: no-cache\r\n",
             "Pragma: no-cache\r\n", "Authorization: Basic dXNlcjpzZWNyZXQ=\r\n",
@@ -474,11 +473,7 @@ class SlowHeadReviewTests(_TwoProcesses):
         main process (its next request).
         """
         process, port, _ = await self.start()
-        main = socket.create_connection(("127.0.0.1", port))
-        self.addCleanup(main.close)
-        status, _, _ = await deferToThread(_request, main, "/up/m0.bin")
-        self.assertEqual(status, 200)
-        await until_committed(self.cache_dir, "/m0.bin")
+        await self.stored(port, "/up/m0.bin")
         in_worker = await worker_connection(self, process, port, "/up/m0.bin")
         relayed = await worker_connection(self, process, port, "/up/m0.bin")
         status, _, _ = await deferToThread(_request, relayed, "/up/m2.bin")

@@ -16,7 +16,6 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from time import time
 from typing import TYPE_CHECKING
 
 from attrs import Factory, define, field, frozen
@@ -202,7 +201,7 @@ class Activity:
 
     def _write_lines(self, _: object) -> None:
         unwritten, self._unwritten = self._unwritten, []
-        now = time()
+        now = self.clock.seconds()
         records = [access_record(exchange, now) for exchange in unwritten]
         if self.access_sink is not None:
             self.access_sink(records)

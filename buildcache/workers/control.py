@@ -33,7 +33,7 @@ ends' handlers; what the handlers act on is passed in.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -368,21 +368,20 @@ class LogForwarder:
         if len(self._batch) >= LOG_BATCH_MAX:
             self._dropped += 1
             return
-        self._batch.append(eventAsJSON(event))
-        if not self._scheduled:
-            self._scheduled = True
-            self.clock.callLater(0, self.flush)
+        self._add([eventAsJSON(event)])
 
     def access(self, records: list[AccessRecord]) -> None:
         """One turn's access lines, sent as they are (not as events)."""
-        batch = self._batch
-        room = LOG_BATCH_MAX - len(batch)
+        room = max(LOG_BATCH_MAX - len(self._batch), 0)
         if len(records) > room:
-            self._dropped += len(records) - max(room, 0)
-            records = records[:max(room, 0)]
+            self._dropped += len(records) - room
+            records = records[:room]
             if not records:
                 return
-        batch.extend(records)
+        self._add(records)
+
+    def _add(self, items: Sequence[str | AccessRecord]) -> None:
+        self._batch.extend(items)
         if not self._scheduled:
             self._scheduled = True
             self.clock.callLater(0, self.flush)
