@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    UNIXClientEndpoint,
+    connectProtocol,
+)
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -28,7 +35,12 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
 from buildcache.config import Config, Mirror, Registry
-from buildcache.frontends.relay import RelayListeners
+from buildcache.frontends.channel import ProxyChannel
+from buildcache.frontends.relay import (
+    HANDOVER_MOST_BYTES,
+    RelayListeners,
+    handover_path,
+)
 from buildcache.service import BuildcacheService, Server
 from buildcache.store import Store
 from tests.oci_origin import ALL_MANIFESTS, OciOrigin, start_origin
@@ -94,8 +106,24 @@ def responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return found
 
 
-class HandOffRelayTests(TestCase):
+class HandOffTests(TestCase):
+    """
+    Hand-off by hand-over: the worker gives each connection it hands off
+    to the main process (its socket), which answers the client directly.
+    """
+
     timeout = 120
+    #: Whether the worker relays connections instead (see RelayFallbackTests).
+    relay_only = False
+
+    def handed(self) -> int:
+        """Connections the worker handed off so far, the way this class hands off."""
+        handed_over, relayed = self.listeners.adopted, self.listeners.accepted
+        if self.relay_only:
+            self.assertEqual(handed_over, 0)
+            return relayed
+        self.assertEqual(relayed, 0)
+        return handed_over
 
     def setUp(self) -> None:
         self.access: list[LogEvent] = []
@@ -141,6 +169,9 @@ class HandOffRelayTests(TestCase):
         worker.index_listening(worker_index)
         self.port = worker_proxy.getHost().port
         self.index_port = worker_index.getHost().port
+        if self.relay_only:
+            for site in worker.sites().values():
+                site.relay = attrs.evolve(site.relay, hand_over=False)
         worker_ports = [worker_proxy, worker_index]
         if config.registry_endpoint is not None:
             worker_registry = reactor.listenTCP(
@@ -200,11 +231,11 @@ class HandOffRelayTests(TestCase):
         headers, body = await self.curl(url)
         self.assertEqual((headers[":status"], headers["x-cache"]), ("200", "MISS"))
         self.assertEqual(body, data)
-        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(self.handed(), 1)
         headers, body = await self.curl(url)
         self.assertEqual((headers[":status"], headers["x-cache"]), ("200", "HIT"))
         self.assertEqual(body, data)
-        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(self.handed(), 1)
         self.assertEqual(upstream.requests["/f.bin"], 1)
         # One line each: the relayed miss by the main process (with the
         # client's own address, not the relay socket's), the hit by the
@@ -232,7 +263,7 @@ class HandOffRelayTests(TestCase):
             [(200, "MISS", b"a", 1000), (200, "HIT", b"a", 1000),
              (200, "MISS", b"b", 2000), (200, "HIT", b"b", 2000)],
         )
-        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(self.handed(), 1)
         self.assertEqual(dict(upstream.requests), {"/a.bin": 1, "/b.bin": 1})
 
     async def test_pipelined_requests_survive(self) -> None:
@@ -253,7 +284,7 @@ class HandOffRelayTests(TestCase):
             [(status, h["x-cache"], body) for status, h, body in responses(raw)],
             [(200, "HIT", b"h" * 500), (200, "MISS", b"m" * 700), (200, "HIT", b"h" * 500)],
         )
-        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(self.handed(), 1)
         self.assertEqual(dict(upstream.requests), {"/hit.bin": 1, "/miss.bin": 1})
 
     async def test_connect_is_judged_by_the_main_process_with_the_real_client(self) -> None:
@@ -269,7 +300,7 @@ class HandOffRelayTests(TestCase):
         [(status, _, body)] = responses(raw)
         self.assertEqual(status, 403)
         self.assertIn(b"127.0.0.1", body)
-        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(self.handed(), 1)
         refused = [e for e in self.events if e.get("event") == "tunnel_refused"]
         self.assertEqual(len(refused), 1)
         self.assertTrue(refused[0]["client"].startswith("127.0.0.1:"))
@@ -285,7 +316,7 @@ class HandOffRelayTests(TestCase):
         self.start(upstream)
         got = await Client(persistent=True).get(f"http://127.0.0.1:{self.port}/up/cut.bin")
         self.assertFalse(got.complete)
-        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(self.handed(), 1)
 
     async def test_stopping_main_drains_relayed_connections(self) -> None:
         """
@@ -308,7 +339,7 @@ class HandOffRelayTests(TestCase):
         self.start(FakeUpstream())
         headers, body = await self.curl(f"http://127.0.0.1:{self.port}/-/stats.json")
         self.assertEqual(headers[":status"], "200")
-        self.assertEqual(self.listeners.accepted, 1)
+        self.assertEqual(self.handed(), 1)
         self.assertEqual(self.access_lines("/-/"), [])
 
     async def test_registry_through_the_worker(self) -> None:
@@ -336,7 +367,7 @@ class HandOffRelayTests(TestCase):
                 got_manifest.body == image.manifest,
                 got_blob.status, got_blob.header("x-cache"),
                 got_blob.body == pattern_bytes(100_000, b"l1"),
-                self.listeners.accepted,
+                self.handed(),
             ))
         self.assertEqual(rounds, [
             (200, "MISS", True, 200, "MISS", True, 2),
@@ -375,11 +406,11 @@ class HandOffRelayTests(TestCase):
 
         self.assertIsNone(self.worker.index.prefetcher)
         await pip("cold")
-        relayed, asked = self.listeners.accepted, sum(origin.requests.values())
+        relayed, asked = self.handed(), sum(origin.requests.values())
         self.assertGreater(relayed, 0)
         await pip("warm")
         self.assertEqual(sum(origin.requests.values()), asked)
-        self.assertEqual(self.listeners.accepted, relayed)
+        self.assertEqual(self.handed(), relayed)
 
 
     async def test_core_metadata_of_a_file_not_stored_goes_to_the_main_process(self) -> None:
@@ -408,15 +439,109 @@ class HandOffRelayTests(TestCase):
         files = f"/files/bcdemo-a/{wheel.decode()}"
         headers, _ = await self.curl(f"{main}{files}.metadata")
         self.assertEqual(headers[":status"], "200")
-        relayed = self.listeners.accepted
+        relayed = self.handed()
         headers, _ = await self.curl(f"{worker}{files}.metadata")
         self.assertEqual((headers[":status"], headers["x-cache"]), ("200", "HIT"))
-        self.assertEqual(self.listeners.accepted, relayed + 1)
+        self.assertEqual(self.handed(), relayed + 1)
         headers, _ = await self.curl(f"{main}{files}")
         self.assertEqual(headers[":status"], "200")
         headers, _ = await self.curl(f"{worker}{files}.metadata")
         self.assertEqual((headers[":status"], headers["x-cache"]), ("200", "HIT"))
-        self.assertEqual(self.listeners.accepted, relayed + 1)
+        self.assertEqual(self.handed(), relayed + 1)
+
+
+class HandOverTests(HandOffTests):
+    """What only a hand-over does: counting, and what the main process refuses."""
+
+    async def test_counted_by_the_main_process_even_at_the_cap(self) -> None:
+        """
+        With one connection per client allowed and one already open to
+        the main process, a connection the worker admitted and hands over
+        is still served: the worker admitted it, and the main process
+        counts it (2 from this client) until it closes; the worker's slot
+        is free at once.
+        """
+        upstream = FakeUpstream(bodies={"/c.bin": GatedBody(b"c" * 3000, headers=FRESH)})
+        self.start(upstream, max_connections_per_client=1)
+        direct = Client(persistent=True)
+        self.addCleanup(lambda: Deferred.fromCoroutine(direct.close()))
+        await direct.get(f"http://127.0.0.1:{self.main_port}/-/stats.json")
+        self.assertEqual(self.main.connections.open_from("127.0.0.1"), 1)
+        client = RawClient(b"GET /up/c.bin HTTP/1.1\r\nHost: box\r\n\r\n")
+        answered = client.until_ends_with(b"c" * 3000)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        await answered
+        self.assertEqual(self.handed(), 1)
+        self.assertEqual(self.main.connections.open_from("127.0.0.1"), 2)
+        self.assertEqual(self.worker.connections.open_from("127.0.0.1"), 0)
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.closed
+        while self.main.connections.open_from("127.0.0.1") != 1:
+            await deferLater(reactor, 0.01, lambda: None)
+
+    def test_a_hand_over_without_one_connection_is_dropped(self) -> None:
+        """
+        A hand-over message that brings no socket (or several) is dropped
+        with an error event, and every descriptor it brought is closed.
+        """
+        self.start(FakeUpstream())
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        fds = [left.detach(), os.dup(right.fileno())]
+        self.listeners.adopt("proxy", fds, b"GET / HTTP/1.1\r\n\r\n")
+        self.listeners.adopt("proxy", [], b"GET / HTTP/1.1\r\n\r\n")
+        for fd in fds:
+            self.assertRaises(OSError, os.fstat, fd)
+        self.assertEqual(self.listeners.adopted, 0)
+        self.assertEqual(
+            [e["count"] for e in self.events if e.get("event") == "relay_failed"], [2, 0]
+        )
+
+    async def test_an_oversized_hand_over_is_cut(self) -> None:
+        """
+        More than HANDOVER_MOST_BYTES on a hand-over socket: the main
+        process cuts it and adopts nothing.
+        """
+        self.start(FakeUpstream())
+        client = RawClient(b"x" * (HANDOVER_MOST_BYTES + 65536))
+        await connectProtocol(
+            UNIXClientEndpoint(reactor, handover_path(self.listeners.paths["proxy"])), client
+        )
+        await client.closed
+        self.assertEqual(self.listeners.adopted, 0)
+        self.assertEqual(
+            [e["size"] for e in self.events if e.get("event") == "relay_failed"], [0]
+        )
+
+    def test_a_channel_keeps_less_than_a_hand_over_brings(self) -> None:
+        self.assertLess(ProxyChannel().raw_limit, HANDOVER_MOST_BYTES)
+
+    async def test_main_process_unreachable(self) -> None:
+        """
+        The hand-over socket gone: the client is answered 503, and the
+        error is logged.
+        """
+        self.start(FakeUpstream())
+        os.unlink(handover_path(self.listeners.paths["proxy"]))
+        raw = await self.raw(b"GET /up/x.bin HTTP/1.1\r\nHost: box\r\n\r\n")
+        [(status, _, body)] = responses(raw)
+        self.assertEqual(status, 503)
+        self.assertIn(b"could not reach the main process", body)
+        self.assertEqual(len([e for e in self.events if e.get("event") == "relay_failed"]), 1)
+
+
+class RelayFallbackTests(HandOffTests):
+    """
+    The same, by the relay a worker falls back to when it cannot give a
+    connection away: every byte through the worker, to and fro.
+    """
+
+    relay_only = True
+
+
+# Run through its two subclasses only.
+del HandOffTests
 
 
 class MainServiceTests(TestCase):

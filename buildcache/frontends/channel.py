@@ -42,7 +42,7 @@ from twisted.web.http import HTTPChannel, Request
 
 from buildcache.engine.body import writable_now
 from buildcache.engine.hot import HotHits
-from buildcache.frontends.relay import Relay, RelayTarget, proxy_line
+from buildcache.frontends.relay import HandOver, Relay, RelayTarget, proxy_line
 from buildcache.frontends.sending import (
     SEND_STALL_TIMEOUT,
     SendCounters,
@@ -175,7 +175,7 @@ class ProxyChannel(HTTPChannel):
         #: The raw bytes kept of one request: its head and the body
         #: allowed, and one read more.
         self.raw_limit = self.MAX_LENGTH + self.totalHeadersSize + MAX_REQUEST_BODY + 65536
-        self._relay: Relay | None = None
+        self._relay: Relay | HandOver | None = None
         self._relaying_tunnel = False
         #: The read that holds the whole head of the request being parsed,
         #: while it is offered to :attr:`hot`.
@@ -491,9 +491,19 @@ class ProxyChannel(HTTPChannel):
         self.setRawMode()
         if self.connections is not None:
             self.connections.changed()
-        client = self.client_transport
-        header = proxy_line(client.getPeer(), self.getHost()) + bytes(raw)
-        self._relay = Relay(self, target, header, self._peer_text())
+        if target.can_hand_over(self.client_transport, bytes(raw)):
+            self._relay = HandOver(
+                self, target, bytes(raw), self._peer_text(), self._relay_bytes
+            )
+            self._relay.start()
+        else:
+            self._relay_bytes(bytes(raw))
+
+    def _relay_bytes(self, raw: bytes) -> None:
+        """Relay this connection, ``raw`` first (see :class:`Relay`)."""
+        assert self.relay is not None
+        header = proxy_line(self.client_transport.getPeer(), self.getHost()) + raw
+        self._relay = Relay(self, self.relay, header, self._peer_text())
         self._relay.start()
 
     def requestDone(self, request: Request) -> None:

@@ -118,14 +118,23 @@ class ClientConnections:
         cap; whether it was.  A connection admitted while the server stops
         is drained at once.
         """
-        key = client_key(host)
-        if not connection_admitted(self._by_client[key], self.max_per_client):
+        if not connection_admitted(self._by_client[client_key(host)], self.max_per_client):
             return False
+        self.count(channel, host)
+        return True
+
+    def count(self, channel: Drainable, host: str) -> None:
+        """
+        Count ``channel``, from ``host``, whatever the count: a connection
+        a hit worker admitted and has handed over (its slot there is
+        released as it lets go).  One counted while the server stops is
+        drained at once.
+        """
+        key = client_key(host)
         self._by_client[key] += 1
         self._channels[channel] = key
         if self._draining:
             channel.drain()
-        return True
 
     def release(self, channel: Drainable) -> None:
         """``channel`` has closed: its slot is free again."""

@@ -2,9 +2,20 @@
 Handing a hit worker's connection to the main process (issue 16).
 
 A hit worker answers fresh hits; any other request is *handed off*: from
-that request on, its client connection is relayed byte for byte to the
-main process, which answers it as if the client had connected to it.
-This module owns both ends of that relay:
+that request on, the main process answers the client's connection as if
+the client had connected to it.  Two ways, both owned here:
+
+- *hand-over*, the usual one: the worker gives the connection itself to
+  the main process (:class:`HandOver`: its socket passed over a UNIX
+  socket, ``SCM_RIGHTS``, with the bytes already read of it), which adopts
+  it (:meth:`RelayListeners.adopt`) and from then on talks to the client
+  directly; the worker lets the socket go without shutting it down.  No
+  byte of the answers crosses the worker;
+- the *relay*, where a connection cannot be given (Twisted still holds
+  bytes of an earlier answer for it, or it is no plain TCP connection):
+  the connection is relayed byte for byte, as follows.
+
+The relay's two ends:
 
 - the worker's end, :class:`Relay`: it connects to the main process's
   relay socket for the port the client used (a UNIX socket), writes one
@@ -31,8 +42,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -41,7 +53,10 @@ from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IFileDescriptorReceiver,
     IAddress,
     IListeningPort,
     IProtocolFactory,
@@ -54,6 +69,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from buildcache.engine.body import writable_now
+from buildcache.frontends.connections import ClientConnections, Drainable
 from buildcache.frontends.sending import (
     SEND_STALL_TIMEOUT,
     SendCounters,
@@ -63,7 +80,9 @@ from buildcache.frontends.sending import (
 from buildcache.turns import cancel_call
 
 __all__ = [
+    "HANDOVER_MOST_BYTES",
     "HandOffStatus",
+    "HandOver",
     "Relay",
     "RelayClient",
     "RelayListeners",
@@ -74,6 +93,15 @@ __all__ = [
 
 #: Seconds a worker waits for the main process to accept a relay.
 RELAY_CONNECT_TIMEOUT = 10.0
+#: The most bytes a hand-over brings with its connection (the main
+#: process reads no more): a channel keeps less of one request
+#: (``ProxyChannel.raw_limit``).
+HANDOVER_MOST_BYTES = 1024 * 1024
+
+
+def handover_path(relay_path: str) -> str:
+    """The hand-over socket of the port whose relay socket is ``relay_path``."""
+    return relay_path + ".fd"
 
 
 def _address_text(address: IAddress) -> tuple[str, str, int] | None:
@@ -117,6 +145,20 @@ class RelayTarget:
     #: Seconds a client may take nothing of what the main process sent
     #: before it closed its side (then the connection is cut).
     send_stall_timeout: float = SEND_STALL_TIMEOUT
+    #: Whether connections are given to the main process where they can
+    #: be (:class:`HandOver`); relayed otherwise.
+    hand_over: bool = True
+
+    def can_hand_over(self, transport: Any, raw: bytes) -> bool:
+        """
+        Whether the connection of ``transport``, of which ``raw`` was read
+        from the request handed off on, may be given whole: a plain TCP
+        connection (given once Twisted has nothing left to write to it).
+        """
+        return (
+            self.hand_over and bool(raw) and isinstance(transport, tcp.Connection)
+            and not getattr(transport, "TLS", False)
+        )
 
 
 class RelayClient(TypingProtocol):
@@ -312,6 +354,205 @@ class Relay:
         )
 
 
+class _Giver(Protocol):
+    """
+    A worker's connection to the main process's hand-over socket: sends
+    one client socket and the bytes read of it, then closes; the worker's
+    descriptor of the socket is closed once the message has gone.
+    """
+
+    _fd = -1
+
+    def give(self, fd: int, raw: bytes) -> None:
+        assert self.transport is not None
+        self._fd = fd
+        # Sent with the first byte of raw (sendmsg), so raw must not be empty.
+        self.transport.sendFileDescriptor(fd)  # type: ignore[attr-defined]
+        self.transport.write(raw)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@attrs.define(eq=False, repr=False)
+class HandOver:
+    """
+    One client connection given to the main process (see the module
+    docstring): :meth:`start` pauses the client, connects to the port's
+    hand-over socket and then passes the client's socket and ``raw`` (the
+    bytes read from the request handed off on), and ends the worker's side
+    of the connection without a shutdown: the socket is the main
+    process's.  If Twisted still holds bytes of an earlier answer for the
+    client by then (pipelined requests), the connection is relayed
+    instead (``relay_instead``, given ``raw``).  If the main process
+    cannot be reached, the client is answered 503 as by a failed relay.
+    """
+
+    log = Logger()
+
+    channel: RelayClient
+    target: RelayTarget
+    #: The client's request, which may carry its credentials: never shown.
+    raw: bytes
+    client: str
+    relay_instead: Callable[[bytes], None]
+    _connecting: Deferred[Any] | None = None
+    _client_closed: bool = False
+
+    def start(self) -> None:
+        transport = self.channel.client_transport
+        transport.unregisterProducer()
+        transport.pauseProducing()
+        endpoint = UNIXClientEndpoint(
+            self.target.reactor, handover_path(self.target.path),
+            timeout=int(self.target.connect_timeout),
+        )
+        connecting = endpoint.connect(Factory.forProtocol(_Giver))
+        self._connecting = connecting
+        connecting.addCallbacks(self._connected, self._failed)
+
+    def from_client(self, data: bytes) -> None:
+        # Read before the pause took: it goes along.
+        self.raw += data
+
+    def client_lost(self) -> None:
+        self._client_closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+    def _failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self._client_closed:
+            return
+        self.log.error(
+            "Could not hand {client}'s connection to the main process"
+            " ({path}): {error}",
+            event="relay_failed", client=self.client,
+            path=handover_path(self.target.path), error=failure.getErrorMessage(),
+        )
+        self.channel.answer_and_close(
+            503, "this worker could not reach the main process; try again"
+        )
+
+    def _connected(self, giver: _Giver) -> None:
+        self._connecting = None
+        transport = self.channel.client_transport
+        if not self._client_closed and not transport.disconnecting and not writable_now(transport):
+            # An earlier answer still in Twisted's buffer: the write the
+            # reactor would do on its next pass, now.
+            transport.doWrite()
+        if self._client_closed or not writable_now(transport):
+            assert giver.transport is not None
+            giver.transport.loseConnection()
+            if not self._client_closed:
+                self.relay_instead(self.raw)
+            return
+        # Out of the reactor, then the descriptor taken from Twisted's
+        # socket object: closing the transport below then neither shuts
+        # the connection down nor closes the descriptor, which goes to the
+        # main process (and is closed here once sent).
+        transport.stopReading()
+        transport.stopWriting()
+        fd = transport.getHandle().detach()
+        giver.give(fd, self.raw)
+        transport.connectionLost(Failure(ConnectionDone("handed to the main process")))
+
+
+@implementer(IFileDescriptorReceiver)
+class _Taker(Protocol):
+    """
+    The main process's end of one hand-over: a client socket and the bytes
+    read of it, adopted once the worker has closed.
+    """
+
+    def __init__(self, listeners: RelayListeners, name: str) -> None:
+        self._listeners = listeners
+        self._name = name
+        self._fds: list[int] = []
+        self._raw: list[bytes] = []
+        self._size = 0
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        self._fds.append(descriptor)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > HANDOVER_MOST_BYTES:
+            self._raw = []
+            assert self.transport is not None
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self._raw.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        fds, self._fds = self._fds, []
+        raw = b"".join(self._raw) if self._size <= HANDOVER_MOST_BYTES else b""
+        self._listeners.adopt(self._name, fds, raw)
+
+
+@attrs.define(eq=False)
+class _TakerFactory(Factory):
+    listeners: RelayListeners
+    name: str
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> _Taker:
+        return _Taker(self.listeners, self.name)
+
+
+@attrs.frozen
+class _AdmittedByAWorker:
+    """
+    The main process's connection table as a handed-over connection sees
+    it: counted whatever the count (a worker admitted it, and releases
+    its own slot as it lets go), released and drained as any other.
+    """
+
+    table: ClientConnections
+
+    def admit(self, channel: Drainable, host: str) -> bool:
+        self.table.count(channel, host)
+        return True
+
+    def release(self, channel: Drainable) -> None:
+        self.table.release(channel)
+
+    def changed(self) -> None:
+        self.table.changed()
+
+    def busy(self) -> int:
+        return self.table.busy()
+
+    def drain(self) -> Deferred[None]:
+        return self.table.drain()
+
+
+@attrs.define(eq=False)
+class _AdoptingFactory(Factory):
+    """A port's site's channel for one adopted connection, kept."""
+
+    site: Any
+    built: Any = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = self.site.buildProtocol(addr)
+        channel.connections = _AdmittedByAWorker(self.site.connections)
+        self.built = channel
+        return channel
+
+
+def _family(fd: int) -> int:
+    """The address family of the socket ``fd`` (left open)."""
+    probe = socket.socket(fileno=fd)
+    try:
+        return probe.family
+    finally:
+        probe.detach()
+
+
 def hand_off_request(request: Request) -> None:
     """
     Relay ``request``'s connection (from ``request`` on) to the main
@@ -393,6 +634,8 @@ class RelayListeners(Service):
         self.ports: list[IListeningPort] = []
         #: Connections relayed so far (all ports).
         self.accepted = 0
+        #: Connections handed over so far (all ports).
+        self.adopted = 0
 
     def startService(self) -> None:
         # Not privilegedStartService: the sockets belong to the user the
@@ -403,6 +646,44 @@ class RelayListeners(Service):
             factory: IProtocolFactory = _RelayedFactory(site, self.connections, self)
             # A UNIX listen completes at once.
             endpoint.listen(factory).addCallbacks(self.ports.append, self._cannot_listen)
+            UNIXServerEndpoint(self._reactor, handover_path(self.paths[name])).listen(
+                _TakerFactory(self, name)
+            ).addCallbacks(self.ports.append, self._cannot_listen)
+
+    def adopt(self, name: str, fds: list[int], raw: bytes) -> None:
+        """
+        Serve the client connection a worker handed over on port ``name``
+        (``fds``: the one socket it passed) with that port's site, first
+        with ``raw``, the bytes the worker had read of it.
+        """
+        if len(fds) != 1 or not raw:
+            for fd in fds:
+                os.close(fd)
+            self.log.error(
+                "A hand-over on the {port} port came with {count} connections"
+                " and {size} bytes: dropped",
+                event="relay_failed", port=name, count=len(fds), size=len(raw),
+            )
+            return
+        [fd] = fds
+        factory = _AdoptingFactory(self._sites[name])
+        try:
+            self._reactor.adoptStreamConnection(fd, _family(fd), factory)
+        except OSError as error:
+            # The client's connection broke meanwhile.
+            self.log.info(
+                "A handed-over connection could not be adopted: {error}",
+                event="relay_failed", error=str(error),
+            )
+            return
+        finally:
+            # The reactor holds its own descriptor of the socket.
+            os.close(fd)
+        channel = factory.built
+        if channel is None:
+            return
+        self.adopted += 1
+        channel.dataReceived(raw)
 
     def _cannot_listen(self, failure: Failure) -> None:
         raise SystemExit(

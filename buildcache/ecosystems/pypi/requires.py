@@ -15,9 +15,9 @@ when the extra is requested, which the metadata does not say.
 
 from __future__ import annotations
 
-import email.parser
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 
 from packaging.markers import InvalidMarker, UndefinedComparison
 from packaging.requirements import InvalidRequirement, Requirement
@@ -130,14 +130,15 @@ def requirements(
     """
     if len(metadata) > MAX_METADATA_BYTES:
         return []
-    headers = email.parser.BytesHeaderParser().parsebytes(metadata)
     names: list[str] = []
     found: list[tuple[str, str]] = []
-    for line in headers.get_all("Requires-Dist") or ():
+    for line in _requires_dist(metadata):
         if len(names) >= limit:
             break
+        if _for_an_extra_only(line):
+            continue
         try:
-            requirement = Requirement(str(line))
+            requirement = Requirement(line)
         except InvalidRequirement:
             continue
         if requirement.url is not None:
@@ -158,6 +159,51 @@ def requirements(
             names.append(name)
             found.append((name, str(requirement.specifier)))
     return found
+
+
+#: A marker comparing ``extra`` with a named extra (either way round).
+_EXTRA_NAMED = re.compile(
+    r"""\bextra\s*==\s*(['"])[^'"]+\1|(['"])[^'"]+\2\s*==\s*extra\b"""
+)
+_OR = re.compile(r"\bor\b")
+
+
+def _for_an_extra_only(line: str) -> bool:
+    """
+    Whether the requirement ``line`` applies only under a named extra:
+    its marker requires ``extra == "name"`` in a conjunction (no ``or``),
+    so it is false for a client that asked for no extra.  Most
+    ``Requires-Dist`` lines are of this kind; telling them by their text
+    skips parsing them (the marker of any other line is evaluated).
+    """
+    _, semicolon, marker = line.partition(";")
+    return bool(semicolon) and bool(_EXTRA_NAMED.search(marker)) and not _OR.search(marker)
+
+
+def _requires_dist(metadata: bytes) -> Iterator[str]:
+    """
+    The ``Requires-Dist`` values of core metadata's header block (RFC 822
+    style: it ends at the first empty line or at a line that is no header;
+    an indented line continues the header before it).
+    """
+    text = metadata.decode("utf-8", "surrogateescape")
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line[:1] in (" ", "\t"):
+            if current is not None:
+                current.append(line.strip())
+            continue
+        if current is not None:
+            yield " ".join(current)
+            current = None
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            # The empty line before the description, or no header.
+            return
+        if name.lower() == "requires-dist":
+            current = [value.strip()]
+    if current is not None:
+        yield " ".join(current)
 
 
 def _version(file: ProjectFile) -> Version | None:
