@@ -50,14 +50,14 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.application.service import Service
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
-from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
-    IFileDescriptorReceiver,
     IAddress,
+    IFileDescriptorReceiver,
     IListeningPort,
     IProtocolFactory,
     IPushProducer,
