@@ -91,6 +91,8 @@ __all__ = [
     "proxy_line",
 ]
 
+_log = Logger()
+
 #: Seconds a worker waits for the main process to accept a relay.
 RELAY_CONNECT_TIMEOUT = 10.0
 #: The most bytes a hand-over brings with its connection (the main
@@ -148,6 +150,33 @@ class RelayTarget:
     #: Whether connections are given to the main process where they can
     #: be (:class:`HandOver`); relayed otherwise.
     hand_over: bool = True
+
+    def connect(self, channel: RelayClient, path: str, factory: Any) -> Deferred[Any]:
+        """
+        Stop reading ``channel``'s client (its bytes wait in the kernel)
+        and connect to the main process's socket ``path`` with ``factory``.
+        """
+        transport = channel.client_transport
+        # Nothing is being sent: the channel stops being its producer.
+        transport.unregisterProducer()
+        transport.pauseProducing()
+        endpoint = UNIXClientEndpoint(self.reactor, path, timeout=int(self.connect_timeout))
+        connecting: Deferred[Any] = endpoint.connect(factory)
+        return connecting
+
+    def unreachable(
+        self, channel: RelayClient, client: str, path: str, failure: Failure
+    ) -> None:
+        """The main process's socket ``path`` could not be reached: 503."""
+        _log.error(
+            "Could not hand {client}'s connection to the main process ({path}):"
+            " {error}",
+            event="relay_failed", client=client, path=path,
+            error=failure.getErrorMessage(),
+        )
+        channel.answer_and_close(
+            503, "this worker could not reach the main process; try again"
+        )
 
     def can_hand_over(self, transport: Any, raw: bytes) -> bool:
         """
@@ -247,31 +276,17 @@ class Relay:
     _stall_check: Any = None
 
     def start(self) -> None:
-        transport = self.channel.client_transport
-        # The channel stops being the client's producer: the main side's
-        # transport is, once connected.
-        transport.unregisterProducer()
-        transport.pauseProducing()
-        endpoint = UNIXClientEndpoint(
-            self.target.reactor, self.target.path, timeout=int(self.target.connect_timeout)
+        # The main side's transport becomes the client's producer once
+        # connected.
+        self._connecting = self.target.connect(
+            self.channel, self.target.path, _MainSideFactory(self)
         )
-        connecting = endpoint.connect(_MainSideFactory(self))
-        self._connecting = connecting
-        connecting.addCallbacks(self._connected, self._failed)
+        self._connecting.addCallbacks(self._connected, self._failed)
 
     def _failed(self, failure: Failure) -> None:
         self._connecting = None
-        if self._client_closed:
-            return
-        self.log.error(
-            "Could not hand {client}'s request to the main process ({path}):"
-            " {error}",
-            event="relay_failed", client=self.client, path=self.target.path,
-            error=failure.getErrorMessage(),
-        )
-        self.channel.answer_and_close(
-            503, "this worker could not reach the main process; try again"
-        )
+        if not self._client_closed:
+            self.target.unreachable(self.channel, self.client, self.target.path, failure)
 
     def _connected(self, main: _MainSide) -> None:
         self._connecting = None
@@ -391,8 +406,6 @@ class HandOver:
     cannot be reached, the client is answered 503 as by a failed relay.
     """
 
-    log = Logger()
-
     channel: RelayClient
     target: RelayTarget
     #: The client's request, which may carry its credentials: never shown.
@@ -403,16 +416,10 @@ class HandOver:
     _client_closed: bool = False
 
     def start(self) -> None:
-        transport = self.channel.client_transport
-        transport.unregisterProducer()
-        transport.pauseProducing()
-        endpoint = UNIXClientEndpoint(
-            self.target.reactor, handover_path(self.target.path),
-            timeout=int(self.target.connect_timeout),
+        self._connecting = self.target.connect(
+            self.channel, handover_path(self.target.path), Factory.forProtocol(_Giver)
         )
-        connecting = endpoint.connect(Factory.forProtocol(_Giver))
-        self._connecting = connecting
-        connecting.addCallbacks(self._connected, self._failed)
+        self._connecting.addCallbacks(self._connected, self._failed)
 
     def from_client(self, data: bytes) -> None:
         # Read before the pause took: it goes along.
@@ -425,17 +432,10 @@ class HandOver:
 
     def _failed(self, failure: Failure) -> None:
         self._connecting = None
-        if self._client_closed:
-            return
-        self.log.error(
-            "Could not hand {client}'s connection to the main process"
-            " ({path}): {error}",
-            event="relay_failed", client=self.client,
-            path=handover_path(self.target.path), error=failure.getErrorMessage(),
-        )
-        self.channel.answer_and_close(
-            503, "this worker could not reach the main process; try again"
-        )
+        if not self._client_closed:
+            self.target.unreachable(
+                self.channel, self.client, handover_path(self.target.path), failure
+            )
 
     def _connected(self, giver: _Giver) -> None:
         self._connecting = None
