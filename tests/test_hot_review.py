@@ -26,11 +26,19 @@ from tests.support import (
     url_of,
 )
 from tests.test_hit_direct import whole_response
-from tests.test_proxy import raw_connection, raw_request, until
+from tests.test_proxy import RawConnection, raw_connection, raw_request, until
 from tests.test_simple_index import TTL, Harness, fixture_for
 
 WHEEL = "demo_p-1.0-py3-none-any.whl"
 WHEEL_BODY = b"a wheel, not a real one " * 400
+
+
+async def _until_hit(test: TestCase, connection: RawConnection, request: bytes) -> None:
+    """Ask ``request`` on ``connection`` until it is answered a hit (at most 10 times)."""
+    for _ in range(10):
+        if b"\r\nX-Cache: HIT\r\n" in await whole_response(connection, request):
+            return
+    test.fail(f"never a hit: {request[:60]!r}")
 
 
 def _page(listed: bool) -> bytes:
@@ -88,12 +96,7 @@ class PageChangedTests(TestCase):
         self.assertIn(WHEEL.encode(), first.body)
         file_request = raw_request("GET", f"/files/demo-p/{WHEEL}", "box", [("User-Agent", "pip")])
         files = await raw_connection(self, port)
-        for _ in range(10):
-            answer = await whole_response(files, file_request)
-            if b"\r\nX-Cache: HIT\r\n" in answer:
-                break
-        else:
-            self.fail("the wheel never became a hit")
+        await _until_hit(self, files, file_request)
         # A new page, gated: its download starts (and stays in flight).
         gate: Deferred[None] = Deferred()
         self.upstream_page(GatedBody(_page(False), before_gate=10, gate=gate, headers=_PAGE_HEADERS))
@@ -225,12 +228,7 @@ class StrayLineTests(TestCase):
         self.patch(ProxyChannel, "lineReceived", counting_lines)
         request = raw_request("GET", f"/up{path}", "box", [("User-Agent", "apk")])
         connection = await raw_connection(self, running.proxy_port)
-        for _ in range(10):
-            answer = await whole_response(connection, request)
-            if b"\r\nX-Cache: HIT\r\n" in answer:
-                break
-        else:
-            self.fail("never a hit")
+        await _until_hit(self, connection, request)
         answer = await whole_response(connection, request)
         before = len(rendered)
         for turn in range(3):

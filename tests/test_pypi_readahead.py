@@ -373,6 +373,26 @@ class RequirementsTests(SynchronousTestCase):
     def test_limit(self) -> None:
         self.assertEqual(dependencies(self.METADATA, None, 1), ["b"])
 
+    def test_header_block_as_written(self) -> None:
+        """
+        CRLF line ends, a lower-case field name, a value folded onto the
+        next line, and a named extra on either side of ``==`` (alone or in
+        a conjunction): read as pip reads them.  A line past the first
+        one that is no header ends the block.
+        """
+        metadata = (
+            b"Metadata-Version: 2.1\r\nName: a\r\n"
+            b"requires-dist: K\r\n"
+            b"Requires-Dist: L ;\r\n  python_version >= '3.8'\r\n"
+            b"Requires-Dist: M ; 'test' == extra\r\n"
+            b"Requires-Dist: N ; (python_version >= '3.8' and extra == 'doc')\r\n"
+            b"Requires-Dist: O ; extra == 'doc' or sys_platform == 'linux'\r\n"
+            b"not a header\r\nRequires-Dist: P\r\n"
+        )
+        environment = client_environment(PIP_USER_AGENT)
+        self.assertEqual(dependencies(metadata, environment, 16), ["k", "l", "o"])
+        self.assertEqual(dependencies(metadata, None, 16), ["k"])
+
 
 class CandidateMetadataTests(TestCase):
     """

@@ -491,13 +491,12 @@ class ProxyChannel(HTTPChannel):
         self.setRawMode()
         if self.connections is not None:
             self.connections.changed()
-        if target.can_hand_over(self.client_transport, bytes(raw)):
-            self._relay = HandOver(
-                self, target, bytes(raw), self._peer_text(), self._relay_bytes
-            )
+        read = bytes(raw)
+        if target.can_hand_over(self.client_transport, read):
+            self._relay = HandOver(self, target, read, self._peer_text(), self._relay_bytes)
             self._relay.start()
         else:
-            self._relay_bytes(bytes(raw))
+            self._relay_bytes(read)
 
     def _relay_bytes(self, raw: bytes) -> None:
         """Relay this connection, ``raw`` first (see :class:`Relay`)."""
