@@ -211,12 +211,16 @@ class HeldRunner:
     it: the window in which a checked body is served but not yet stored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, holding: bool = True) -> None:
         self.calls: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        #: Whether calls are kept; if not, each runs at once.
+        self.holding = holding
 
     def __call__(self, call: Callable[[], Any]) -> Deferred[Any]:
         done: Deferred[Any] = Deferred()
         self.calls.append((call, done))
+        if not self.holding:
+            self.run_all()
         return done
 
     def run_next(self) -> None:

@@ -588,6 +588,37 @@ class HitPathTests(EngineTestCase):
         self.assertIsNone(reader.fresh_hit(self.target("/i.idx"), POLICY))
 
 
+    def test_would_hit_asks_the_index_only(self) -> None:
+        """
+        :meth:`Engine.would_hit` says what :meth:`Engine.fresh_hit` would
+        answer, without opening a file or counting an access (a read-ahead
+        asking is not a use of the entry, for eviction).
+        """
+        self.serve("/a.pkg", b"package")
+        self.serve("/i.idx", b"index")
+        self.serve("/p.pkg", b"private", headers={"cache-control": "public, max-age=600"})
+        self.h.get("/a.pkg")
+        self.h.get("/i.idx")
+        self.h.get("/p.pkg", {"authorization": "Bearer mine"})
+        reader = self.reader()
+        opened: list[str] = []
+        real_open = os.open
+        self.patch(os, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+        asked = [
+            reader.would_hit(self.target(path, headers), POLICY)
+            for path, headers in [
+                ("/a.pkg", {}), ("/i.idx", {}), ("/none.pkg", {}), ("/p.pkg", {}),
+                ("/p.pkg", {"authorization": "Bearer other"}),
+                ("/p.pkg", {"authorization": "Bearer mine"}),
+            ]
+        ]
+        self.assertEqual(asked, [True, True, False, False, False, True])
+        self.assertEqual((opened, reader.store.take_accesses()), ([], {}))
+        self.h.clock.advance(TTL + 1)
+        self.assertFalse(reader.would_hit(self.target("/i.idx"), POLICY))
+        self.assertTrue(reader.would_hit(self.target("/a.pkg"), POLICY))
+
+
 class StaleTests(EngineTestCase):
     """
     A stored index whose revalidation fails is served STALE, for each way

@@ -90,6 +90,8 @@ class ResponseBeforeStoreTests(SynchronousTestCase):
         # A request now joins the download (no partial stored file).
         self.assertTrue(self.fetcher.downloading(KEY))
         joined = self.successResultOf(self.fetcher.fetch(request))
+        # Nothing was waited for upstream for it: a hit (see the engine).
+        self.assertEqual((answer.already_whole, joined.already_whole), (False, True))
         assert joined.body is not None
         self.assertEqual(joined.body.read(0, len(BODY) + 1), BODY)
         self.assertTrue(joined.body.finished())

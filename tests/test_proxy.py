@@ -428,6 +428,40 @@ class RouteTests(TestCase):
         # The upstream request came from the proxy, marked as such.
         self.assertEqual(harness.origin.requests[0].headers.get("via"), "1.1 buildcache")
 
+    async def test_asked_again_while_it_is_being_stored(self) -> None:
+        """
+        A second request that arrives after the first one's body has all
+        arrived, while it is still on its way into the store (its fsync
+        and rename held here), is a HIT: nothing went upstream for it (a
+        full test run saw the README's second ``curl`` answered ``MISS``).
+        """
+        runner = HeldRunner(holding=False)
+        harness = ProxyHarness.start(self, run_blocking=runner)
+        self.addCleanup(runner.run_all)
+        # The index packages are checked against, stored and read first.
+        self.assertEqual((await harness.get(INDEX_PATH)).status, 200)
+        other = harness.package_path(harness.packages["world-2.0-r0.apk"].filename)
+        self.assertEqual((await harness.get(other, proxy=True)).status, 200)
+        runner.holding = True
+        apk = harness.packages["hello-1.0-r0.apk"]
+        path = harness.package_path(apk.filename)
+        client = Client(proxy_port=harness.proxy_port)
+        first = await client.get(harness.proxied(path))
+        self.assertEqual((first.header("x-cache"), first.body), ("MISS", apk.content))
+        key = f"http://{harness.origin_authority}{path}"
+        self.assertIsNone(harness.running.store.peek(key))
+        second = await client.get(harness.proxied(path))
+        self.assertEqual((second.header("x-cache"), second.body), ("HIT", apk.content))
+        self.assertEqual(harness.requests_for(path), 1)
+        runner.holding = False
+        runner.run_all()
+        await harness.idle()
+        self.assertIsNotNone(harness.running.store.peek(key))
+        third = await client.get(harness.proxied(path))
+        self.assertEqual((third.header("x-cache"), third.body), ("HIT", apk.content))
+        self.assertEqual(harness.requests_for(path), 1)
+        self.assertEqual(harness.running.server.activity.totals["proxy"].by_status["HIT"], 2)
+
     async def test_mirror_miss_then_hit(self) -> None:
         """
         An origin-form request under a mirror route is fetched from the

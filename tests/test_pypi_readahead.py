@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from buildcache.ecosystems.pypi import pagereads
 from buildcache.ecosystems.pypi.pagereads import PageReadAhead
+from buildcache.ecosystems.pypi.pages import PageResolver
 from buildcache.ecosystems.pypi.requires import client_environment, dependencies
 from tests.pyindex import DemoRelease, StaticSimpleIndex
 from tests.support import Client, listen, start_server, url_of
@@ -168,6 +169,42 @@ class DependencyPagesTests(TestCase):
             self.page_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0}
         )
         self.assertEqual(self.harness.activity.read_ahead, 5)
+
+    async def test_known_list_looked_up_after_the_answer(self) -> None:
+        """
+        Metadata read again, its dependency list known, looks the pages
+        up only after the turn that answers it (Twisted sends that answer
+        at the end of the turn: the lookups would hold it back).
+        """
+        metadata_keys: list[str] = []
+        after_metadata = PageReadAhead.after_metadata
+
+        def seen(reads: PageReadAhead, key: str, *args: Any, **kwargs: Any) -> None:
+            metadata_keys.append(key)
+            after_metadata(reads, key, *args, **kwargs)
+
+        self.patch(PageReadAhead, "after_metadata", seen)
+        await self.read_metadata(**{"user-agent": PIP_USER_AGENT})
+        for name in ("rda-b", "rda-c"):
+            # Asked for: no longer read-aheads waiting for their client.
+            self.assertEqual((await self.harness.page(name)).status, 200)
+        reads = self.harness.prefetcher.pages if self.harness.prefetcher else None
+        assert reads is not None
+        looked: list[str] = []
+        has_fresh = PageResolver.has_fresh
+
+        def looked_up(pages: PageResolver, name: str) -> bool:
+            looked.append(name)
+            return has_fresh(pages, name)
+
+        self.patch(PageResolver, "has_fresh", looked_up)
+        reads.after_metadata(metadata_keys[0], PIP_USER_AGENT, False)
+        self.assertEqual((looked, reads.running()), ([], 1))
+        await reads.when_done()
+        self.assertEqual(sorted(looked), ["rda-b", "rda-c"])
+        self.assertEqual(
+            self.page_requests(), {"rda-b": 1, "rda-c": 1, "rda-d": 0, "rda-e": 0}
+        )
 
     async def test_asked_for_through_another_process(self) -> None:
         """

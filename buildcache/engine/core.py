@@ -272,9 +272,9 @@ class Engine:
         assert answer is not None
         cache_control = self._cache_control(policy, resolved, answer.headers, answer.status)
         if answer.body is None:
-            serve_head(request, answer, cache_control, extra)
+            serve_head(request, answer, resolved.cache, cache_control, extra)
         else:
-            serve_answer(request, answer, cache_control, extra)
+            serve_answer(request, answer, resolved.cache, cache_control, extra)
 
     def _cache_control(
         self, policy: Policy, resolved: Resolved, headers: Mapping[str, str], status: int
@@ -337,6 +337,22 @@ class Engine:
         stored.close()
         return None
 
+    def would_hit(self, target: Target, policy: Policy) -> bool:
+        """
+        Whether ``target`` would be answered by a HIT now (see
+        :meth:`fresh_hit`), from the store's index alone: nothing is
+        opened and no access is recorded, so that asking (a read-ahead
+        deciding what to fetch) neither costs a file's opening nor counts
+        as a use for eviction.
+        """
+        client = self._for_client(target, policy)
+        entry = self._find(target, client.key)
+        return (
+            entry is not None
+            and policy.answers(target, entry)
+            and self._fresh(client, policy, entry)
+        )
+
     def _hit_or_hand_off(self, target: Target, policy: Policy) -> Resolved:
         resolved = self.fresh_hit(target, policy)
         if resolved is None:
@@ -397,9 +413,12 @@ class Engine:
         The stored entry (of the client's family, the variant its upstream
         headers select) that would answer ``target``, without opening it.
         """
+        return self._find(target, self.family(target))
+
+    def _find(self, target: Target, family: str) -> Entry | None:
         if not target.variants:
-            return self.store.peek(self.family(target))
-        return find_stored(self.store, self.family(target), target.upstream_headers)
+            return self.store.peek(family)
+        return find_stored(self.store, family, target.upstream_headers)
 
     async def adopt(
         self, target: Target, policy: Policy, expected: Expectation
@@ -667,7 +686,7 @@ class Engine:
         )
         if answer.status in (405, 501):
             return await self._miss(client, policy)
-        cache = CacheStatus.HIT if answer.shared else CacheStatus.MISS
+        cache = CacheStatus.HIT if answer.spared_the_line else CacheStatus.MISS
         return self._resolved(client, cache, answer=answer)
 
     async def _stored_for_head(
@@ -699,7 +718,7 @@ class Engine:
         if stored is not None and before is not None and stored.entry == before:
             stored.close()
             stored = None
-        cache = CacheStatus.HIT if answer.shared else CacheStatus.MISS
+        cache = CacheStatus.HIT if answer.spared_the_line else CacheStatus.MISS
         if stored is None:
             # Not kept (no-store, say): its status and headers still answer.
             return self._resolved(client, cache, answer=UpstreamAnswer(
@@ -733,8 +752,9 @@ class Engine:
                 self._upstream_request(client, policy, {}, newer)
             )
         _unconditional(target.url, answer)
-        if answer.shared:
-            # Read from the shared tier: no byte crossed the upstream line.
+        if answer.spared_the_line:
+            # Read from the shared tier, or from a download that had ended
+            # (its row on its way into the store).
             return self._resolved(client, CacheStatus.HIT, answer=answer)
         if not stale_status(answer.status, policy.stale_on(answer.status)):
             # The host answers again: its stale entries are asked about.

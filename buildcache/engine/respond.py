@@ -277,12 +277,15 @@ def _sent_whole(
 def serve_answer(
     request: Request,
     answer: UpstreamAnswer,
+    cache: CacheStatus,
     cache_control: str | None = None,
     extra_headers: Mapping[str, str] = {},
 ) -> None:
     """
-    Answer with a download (a MISS, or a HIT when it is a copy read from
-    the shared tier), streaming it as it arrives.
+    Answer with a download (``cache`` says which: a MISS, or a HIT when
+    no byte crossed the line for it, see
+    :attr:`~buildcache.fetch.request.UpstreamAnswer.spared_the_line`),
+    streaming it as it arrives.
 
     A 200 gets the same conditional and range handling as a hit: the
     whole object is being fetched into the cache and the requested range is
@@ -294,7 +297,6 @@ def serve_answer(
         answer.body.close()
         return
     headers = answer.headers
-    cache = CacheStatus.HIT if answer.shared else CacheStatus.MISS
     _set_headers(request, headers, cache, cache_control, extra_headers)
     request.setResponseCode(answer.status)
     length = headers.get("content-length")
@@ -316,18 +318,18 @@ def serve_answer(
 def serve_head(
     request: Request,
     answer: UpstreamAnswer,
+    cache: CacheStatus,
     cache_control: str | None = None,
     extra_headers: Mapping[str, str] = {},
 ) -> None:
     """
     Answer a HEAD that missed with the upstream's answer to a HEAD (a
-    MISS; a HIT when the shared tier's record answered it): its status
-    and headers, its ``Content-Length``, no body.
+    MISS; a HIT when the shared tier's record answered it, as ``cache``
+    says): its status and headers, its ``Content-Length``, no body.
     """
     if client_gone(request):
         return
     headers = answer.headers
-    cache = CacheStatus.HIT if answer.shared else CacheStatus.MISS
     _set_headers(request, headers, cache, cache_control, extra_headers)
     length = headers.get("content-length")
     if answer.status == 200 and not_modified(request_headers(request), headers, None):

@@ -202,6 +202,14 @@ class Download:
         return self._phase is Phase.SETTLED
 
     @property
+    def whole(self) -> bool:
+        """
+        The body has all arrived and passed its checks; it is being stored,
+        or is (see :meth:`complete`).
+        """
+        return self._phase is Phase.COMPLETE or self._phase is Phase.SETTLED
+
+    @property
     def abandoned(self) -> bool:
         return self._phase is Phase.ABANDONED
 

@@ -193,7 +193,7 @@ class Fetcher:
             return self._start(request, joinable=True)
         if not request.may_join(download.request):
             return self._own_download(request)
-        return download.join().addCallback(self._share, request, download)
+        return download.join().addCallback(self._share, request, download, download.whole)
 
     def _start(
         self, request: UpstreamRequest, joinable: bool
@@ -229,13 +229,16 @@ class Fetcher:
         return self._start(request, joinable=False)
 
     def _share(
-        self, answer: UpstreamAnswer, request: UpstreamRequest, download: Download
+        self, answer: UpstreamAnswer, request: UpstreamRequest, download: Download,
+        whole: bool,
     ) -> UpstreamAnswer | Deferred[UpstreamAnswer]:
         """
         The answer of the download ``request`` joined, if it answers
         ``request`` too: the same ``Vary`` variant (else a download of its
         own), and, when ``request`` expects more than that download checks,
-        a body that matches it once whole.
+        a body that matches it once whole.  Marked
+        :attr:`~UpstreamAnswer.already_whole` when the body was ``whole``
+        as it was joined.
         """
         variants = request.variants
         if variants is not None and not variants.same_variant(
@@ -250,7 +253,7 @@ class Fetcher:
             and request.checks_beyond(download.request)
         ):
             return Deferred.fromCoroutine(self._checked_for(request, answer))
-        return answer
+        return evolve(answer, already_whole=True) if whole else answer
 
     async def _checked_for(
         self, request: UpstreamRequest, answer: UpstreamAnswer

@@ -226,3 +226,14 @@ class UpstreamAnswer:
     #: Read from the shared tier, not fetched upstream: no byte of it
     #: crossed the upstream line.
     shared: bool = False
+    #: The answer of a download whose body had all arrived, checked, when
+    #: this request joined it (its row not yet in the store): nothing was
+    #: asked of the upstream, or waited for, for this request.
+    already_whole: bool = False
+
+    @property
+    def spared_the_line(self) -> bool:
+        """
+        No byte of it crossed the upstream line for this request: a hit.
+        """
+        return self.shared or self.already_whole

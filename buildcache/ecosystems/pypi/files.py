@@ -24,7 +24,7 @@ listed there is a 404, whatever the upstream holds.
 
 from __future__ import annotations
 
-from attrs import define
+from attrs import define, evolve
 from twisted.logger import Logger
 from twisted.web.server import Request
 
@@ -37,7 +37,7 @@ from buildcache.ecosystems.pypi.policy import (
     file_request,
 )
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
-from buildcache.engine.core import Engine, Resolved
+from buildcache.engine.core import Engine
 from buildcache.engine.errors import (
     ANSWERED_ERRORS,
     HandOff,
@@ -155,9 +155,10 @@ class FileServer:
         """
         target, policy = wanted.target, wanted.policy
         url = target.url
-        if self.engine.find(target) is None:
-            # Fetched for this client, or joining the read-ahead fetching it.
-            self._claimed_read_ahead(target.key, stored=False)
+        # Fetched for this client, or joining the read-ahead fetching it.
+        claimed = self.engine.find(target) is None and self._claimed_read_ahead(
+            target.key, stored=False
+        )
         try:
             resolved = await self.engine.resolve(target, policy, request.method)
         except IntegrityError as e:
@@ -166,11 +167,14 @@ class FileServer:
         except ANSWERED_ERRORS as e:
             self.engine.answer_error(request, e)
             return False
+        if resolved.stored is not None and self._claimed_read_ahead(target.key, stored=True):
+            claimed = True
+        if claimed and resolved.cache is CacheStatus.HIT:
+            # Read ahead for this request: its bytes crossed the line for
+            # it, only earlier (also when it joined the read-ahead's
+            # download once whole).
+            resolved = evolve(resolved, cache=CacheStatus.MISS)
         if resolved.stored is not None:
-            if self._claimed_read_ahead(target.key, stored=True):
-                # Read ahead for this request: its bytes crossed the line
-                # for it, only earlier.
-                resolved = Resolved(CacheStatus.MISS, resolved.kind, stored=resolved.stored)
             self.engine.respond(request, target, policy, resolved)
             return True
         answer = resolved.answer

@@ -139,25 +139,23 @@ class PageReadAhead:
         ``key``: read ahead the pages of its dependencies, after this
         turn's responses.
         """
-        if self._stopped or credentialed:
-            return
-        slot = (key, user_agent or "")
-        parsed = self._parsed.get(slot)
-        if parsed is not None:
-            self._read_ahead_for(*parsed, user_agent or "")
-            return
-        if self._parsing >= MAX_PENDING:
+        if self._stopped or credentialed or self._parsing >= MAX_PENDING:
             return
         self._parsing += 1
+        # Even a list read before: deciding what to fetch looks each page
+        # up, which would hold back the answer in Twisted's buffer.
         after_io(self.reactor).addCallback(
-            lambda _: Deferred.fromCoroutine(self._parse(key, slot, user_agent))
+            lambda _: Deferred.fromCoroutine(self._parse(key, user_agent))
         )
 
-    async def _parse(
-        self, key: str, slot: tuple[str, str], user_agent: str | None
-    ) -> None:
+    async def _parse(self, key: str, user_agent: str | None) -> None:
         try:
-            await self._read_dependencies(key, slot, user_agent)
+            slot = (key, user_agent or "")
+            parsed = self._parsed.get(slot)
+            if parsed is None:
+                await self._read_dependencies(key, slot, user_agent)
+            else:
+                self._read_ahead_for(*parsed, user_agent or "")
         finally:
             self._parsing -= 1
             if not self.running():

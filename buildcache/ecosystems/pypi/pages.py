@@ -277,11 +277,7 @@ class PageResolver:
         for upstream in self.upstreams:
             if self._missing_until.get((upstream, name), 0.0) > now:
                 continue
-            hit = self.engine.fresh_hit(self._target(upstream, name, {}), self._policy)
-            if hit is None:
-                return False
-            hit.close()
-            return True
+            return self.engine.would_hit(self._target(upstream, name, {}), self._policy)
         return True
 
     def _target(self, upstream: str, name: str, headers: Mapping[str, str]) -> Target:

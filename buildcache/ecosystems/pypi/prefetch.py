@@ -311,9 +311,7 @@ class Prefetcher:
             # takeover included, is left to engine.resolve below).
             if self._stopped or engine.fetcher.downloading(key):
                 return
-            hit = engine.fresh_hit(target, policy)
-            if hit is not None:
-                hit.close()
+            if engine.would_hit(target, policy):
                 return
             self._fetching.add(key)
             if self.observer is not None:
