@@ -204,10 +204,11 @@ class Download:
     @property
     def whole(self) -> bool:
         """
-        The body has all arrived and passed its checks; it is being stored,
-        or is (see :meth:`complete`).
+        The body has all arrived and passed its checks, and is being
+        stored (see :meth:`complete`; a settled download is no longer
+        joined).
         """
-        return self._phase is Phase.COMPLETE or self._phase is Phase.SETTLED
+        return self._phase is Phase.COMPLETE
 
     @property
     def abandoned(self) -> bool:
