@@ -3,7 +3,8 @@ A cheaper hit (issue 16): a stored body goes straight to the client's
 socket (``send`` for the head, ``sendfile`` for the body) when Twisted
 holds nothing for it, and the ordinary producer path takes over for what
 the socket does not take at once.  These tests hold the two paths to the
-same bytes, ranges, HEAD, 304 and the send-stall timeout.
+same bytes, ranges, HEAD, 304 and the send-stall timeout; and a rendered
+index page, sent with its head at once, to what Twisted would write.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel, Request
 
+from buildcache.ecosystems.pypi import index as index_module
 from buildcache.engine import body as body_module
 from buildcache.engine import respond
 from buildcache.engine.body import response_head
+from tests.pyindex import StaticSimpleIndex
 from tests.support import (
     Client,
     FakeUpstream,
@@ -30,6 +33,7 @@ from tests.support import (
 )
 from tests.test_faults import raw_client
 from tests.test_proxy import RawConnection, raw_connection, raw_request, until
+from tests.test_simple_index import PIP_ACCEPT, Harness, fixture_for
 
 SMALL = "/files/small-1.0-r0.apk"
 LARGE = "/files/large-1.0-r0.apk"
@@ -254,6 +258,7 @@ class ResponseHeadTests(SynchronousTestCase):
         request = request_on(StringTransport())
         request.setHeader("content-length", "1")
         self.assertIsNone(body_module.send_now(request, None, 0, 1))  # type: ignore[arg-type]
+        self.assertFalse(body_module.send_bytes_now(request, b"x"))
 
 
 class StoredBlockTests(SynchronousTestCase):
@@ -280,3 +285,44 @@ class StoredBlockTests(SynchronousTestCase):
         second = {"content-type": "two"}
         self.assertEqual(respond._stored_block(second), ((b"Content-Type", b"two"),))
         self.assertEqual(respond._stored_block(first), ((b"Content-Type", b"one"),))
+
+
+class PageDirectTests(TestCase):
+    """
+    A rendered index page goes with its head in one ``send``
+    (:func:`~buildcache.engine.body.send_bytes_now`), byte for byte what
+    Twisted would have written.
+    """
+
+    async def test_same_bytes_both_paths(self) -> None:
+        harness = Harness(self, [StaticSimpleIndex(fixture_for(self))])
+        self.assertEqual((await harness.page("bcdemo-a")).status, 200)
+        taken: list[bool] = []
+        real = index_module.send_bytes_now
+
+        def spy(request: Any, body: bytes) -> bool:
+            taken.append(real(request, body))
+            return taken[-1]
+
+        self.patch(index_module, "send_bytes_now", spy)
+        target = "/simple/bcdemo-a/"
+        requests = [
+            (raw_request("GET", target, "box", [("Accept", PIP_ACCEPT)]), False),
+            (raw_request("GET", target, "box", [("Accept", "text/html")]), False),
+            (raw_request("HEAD", target, "box", [("Accept", PIP_ACCEPT)]), True),
+        ]
+
+        async def answers() -> list[bytes]:
+            connection = await raw_connection(self, harness.port.getHost().port)
+            return [
+                without_date(await whole_response(connection, request, head))
+                for request, head in requests
+            ]
+
+        direct = await answers()
+        self.assertEqual(taken, [True, True])
+        self.patch(index_module, "send_bytes_now", lambda request, body: False)
+        ordinary = await answers()
+        self.assertEqual(direct, ordinary)
+        self.assertIn(b'"name":"bcdemo-a"', direct[0].replace(b" ", b""))
+        self.assertIn(b"<a href=", direct[1])

@@ -49,6 +49,7 @@ from buildcache.ecosystems.pypi.pages import (
 from buildcache.ecosystems.pypi.prefetch import Prefetcher
 from buildcache.ecosystems.pypi.render import choose_media_type, render_page
 from buildcache.ecosystems.pypi.root import RootServer
+from buildcache.engine.body import send_bytes_now
 from buildcache.engine.conditional import not_modified
 from buildcache.engine.core import Engine
 from buildcache.engine.events import StatusPages
@@ -315,7 +316,7 @@ class IndexResource(Resource):
             return
         request.setResponseCode(200)
         request.setHeader("content-length", str(len(body)))
-        if request.method != b"HEAD":
+        if request.method != b"HEAD" and not send_bytes_now(request, body):
             request.write(body)
         request.finish()
 
