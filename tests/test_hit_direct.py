@@ -9,6 +9,7 @@ index page, sent with its head at once, to what Twisted would write.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -191,6 +192,40 @@ class DirectPathTests(TestCase):
         await until(lambda: any(e.get("log_system") == "access" for e in events))
         line = [e for e in events if e.get("log_system") == "access"][-1]
         self.assertEqual((line["bytes"], line["cache"], line["status"]), (MB, "HIT", 200))
+
+    async def test_full_socket_waited_for_not_filled_through_python(self) -> None:
+        """
+        A 32 MB body to a client with a small receive buffer fills its
+        socket again and again: each time, the sender waits for room and
+        sends on from the file with sendfile; no byte of it is read into
+        Python to make Twisted wait (the whole body arrives, the stored
+        file is never read).
+        """
+        await self.stored(HUGE)
+        reads: list[int] = []
+        waits: list[int] = []
+        real_read = body_module.StoredBody.read
+        real_wait = body_module.DirectSender.wait_for_room
+
+        def read(source: Any, offset: int, count: int) -> bytes:
+            reads.append(count)
+            return real_read(source, offset, count)
+
+        def wait_for_room(sender: Any) -> bool:
+            waits.append(sender.request.sentLength)
+            return real_wait(sender)
+
+        self.patch(body_module.StoredBody, "read", read)
+        self.patch(body_module.DirectSender, "wait_for_room", wait_for_room)
+        reader = await raw_client(self, self.running.proxy_port, f"/up{HUGE}")
+        await reader.answered
+        self.assertEqual(reader.body_received, 32 * MB)
+        self.assertEqual(
+            reader.digest.digest(),
+            hashlib.sha256(pattern_bytes(32 * MB, HUGE.encode())).digest(),
+        )
+        self.assertEqual(reads, [])
+        self.assertGreaterEqual(len(waits), 32 * MB // body_module.SENDFILE_MAX)
 
     async def test_stalled_reader_cut(self) -> None:
         """

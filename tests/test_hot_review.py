@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from buildcache.engine.hot import HotAnswer, HotHits
 from buildcache.frontends.channel import ProxyChannel
 from buildcache.frontends.sites import StrictSite
 from tests.pyindex import StaticSimpleIndex
@@ -153,6 +154,15 @@ class MetadataReadAheadTests(TestCase):
         from tests.test_pypi_readahead import METADATA_A, PIP_USER_AGENT
 
         harness, port = self.serve(hot)
+        real_answer = HotHits.answer
+
+        def answer(table: HotHits, client: str, raw: bytes) -> HotAnswer | None:
+            response = real_answer(table, client, raw)
+            self.from_table.append(response is not None)
+            return response
+
+        self.from_table: list[bool] = []
+        self.patch(HotHits, "answer", answer)
         assert harness.prefetcher is not None
         upstream = harness.upstreams[0]
         page = await harness.page("rda-a")
@@ -163,7 +173,7 @@ class MetadataReadAheadTests(TestCase):
             answer = await whole_response(connection, request)
             self.assertIn(b" 200 OK\r\n", answer[:20])
             await harness.prefetcher.when_done()
-        # pip asks for them next (read ahead: hits).
+            # pip asks for them next (read ahead: hits).
         for name in ("rda-b", "rda-c"):
             self.assertEqual((await harness.page(name)).header("x-cache"), "HIT")
         before = upstream.requests_for("/simple/rda-b/")
@@ -184,6 +194,8 @@ class MetadataReadAheadTests(TestCase):
         the dependencies' stale pages ahead as the ordinary path does.
         """
         self.assertEqual(await self.pages_read_ahead_after_ttl(hot=True), 1)
+        # The third answer and the one after the TTL came from the table.
+        self.assertEqual(self.from_table, [False, False, True, True])
 
 
 class StrayLineTests(TestCase):

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import Protocol, TypeGuard
+from typing import Protocol, TypeGuard, cast
 
-from attrs import define
+from attrs import define, frozen
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -35,7 +35,8 @@ SENDFILE_ABOVE = CHUNK_SIZE
 #: Bodies up to this size are sent with their head in one ``send`` when
 #: they can go straight to the socket (see :func:`send_now`).
 SEND_WITH_HEAD = 64 * 1024
-#: Most bytes one sendfile call may move (keeps the reactor responsive).
+#: Most bytes one sendfile call, or one turn of sending, may move (keeps
+#: the reactor responsive).
 SENDFILE_MAX = 4 * 1024 * 1024
 
 
@@ -144,7 +145,7 @@ class BodySender:
         self._waiting = False
         self._done = False
         self._pumping = False
-        self._direct: Callable[[int, int, int], int] | None = None
+        self._direct: DirectSender | None = None
 
     def start(self) -> None:
         self._request.notifyFinish().addErrback(self._client_gone)
@@ -152,7 +153,7 @@ class BodySender:
         # A small body goes out with the headers in one ordinary write;
         # sendfile pays off above that.
         if self._end is not None and self._end - self._offset > SENDFILE_ABOVE:
-            self._direct = direct_sender(self._request)
+            self._direct = DirectSender.of(self._request)
         self._source.advance(self._offset)
         self._pump()
 
@@ -191,8 +192,8 @@ class BodySender:
 
     def _pump_loop(self) -> None:
         source = self._source
-        # After this many sendfile bytes in one go, one ordinary write lets
-        # flow control hand the reactor to other clients.
+        # After this many sendfile bytes in one go, the other clients get
+        # their turn of the reactor.
         burst = 0
         while not (self._done or self._paused or self._waiting):
             limit = source.available()
@@ -200,15 +201,21 @@ class BodySender:
                 limit = min(limit, self._end)
             if self._offset < limit:
                 in_file = min(limit, source.in_file())
-                if (
-                    self._direct is not None
-                    and burst < SENDFILE_MAX
-                    and self._offset < in_file
-                ):
-                    sent = self._direct(source.fd, self._offset, in_file - self._offset)
-                    if sent:
+                if self._direct is not None and self._offset < in_file:
+                    sent = (
+                        self._direct.send(source.fd, self._offset, in_file - self._offset)
+                        if burst < SENDFILE_MAX
+                        else WAIT_FOR_ROOM
+                    )
+                    if sent > 0:
                         burst += sent
                         self._sent(sent)
+                        continue
+                    # After a burst (the other clients' turn) or on a full
+                    # socket: the channel pauses this sender until the
+                    # socket takes more, with no byte copied through
+                    # Python to get there.
+                    if sent == WAIT_FOR_ROOM and self._direct.wait_for_room() and self._paused:
                         continue
                 chunk = source.read(self._offset, min(CHUNK_SIZE, limit - self._offset))
                 if not chunk:
@@ -259,46 +266,80 @@ class BodySender:
         self._request.loseConnection()
 
 
-def direct_sender(request: Request) -> Callable[[int, int, int], int] | None:
+#: What :meth:`DirectSender.send` gives when the socket is full.
+WAIT_FOR_ROOM = -1
+
+
+@frozen
+class DirectSender:
     """
-    A function that copies file bytes straight to the client's socket with
-    ``sendfile`` (no copy through Python), or None where that cannot be
-    done: a non-TCP transport, a HEAD, or a chunked response.
-
-    It sends only while Twisted's own write buffer is empty, so bytes stay
-    in order; when the socket is full it returns 0 and the caller writes
-    one chunk the ordinary way, which lets twisted.web's flow control
-    pause the sender until the client has caught up.
+    Copies file bytes straight to a client's socket with ``sendfile`` (no
+    copy through Python), while Twisted's own write buffer is empty, so
+    bytes stay in order.
     """
-    channel = request.channel
-    transport = getattr(channel, "transport", None)
-    if not isinstance(transport, tcp.Connection) or request.method == b"HEAD":
-        return None
-    request.write(b"")  # the status line and headers, through Twisted
-    if request.chunked or client_gone(request):
-        return None
-    socket_fd = transport.fileno()
 
-    def buffered() -> int:
-        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+    request: Request
+    transport: tcp.Connection
 
-    def send(file_fd: int, offset: int, count: int) -> int:
-        if buffered():
+    @classmethod
+    def of(cls, request: Request) -> DirectSender | None:
+        """
+        The sender for ``request``'s body, its status line and headers
+        written through Twisted; None where sendfile cannot be used: a
+        non-TCP transport, a HEAD, or a chunked response.
+        """
+        transport = getattr(request.channel, "transport", None)
+        if not isinstance(transport, tcp.Connection) or request.method == b"HEAD":
+            return None
+        request.write(b"")  # the status line and headers, through Twisted
+        if request.chunked or client_gone(request):
+            return None
+        return cls(request, transport)
+
+    def send(self, file_fd: int, offset: int, count: int) -> int:
+        """
+        Bytes sent; :data:`WAIT_FOR_ROOM` when the socket takes no more
+        now; 0 where the caller must write the ordinary way (Twisted still
+        holds bytes the socket does not take, or the connection failed:
+        the transport reports that itself).
+        """
+        transport = self.transport
+        if _buffered(transport):
             # Usually just the headers: push them out now if the socket
-            # takes them, else write this chunk the ordinary way.
+            # takes them.
             transport.doWrite()
-            if buffered():
+            if _buffered(transport):
                 return 0
         try:
-            sent = os.sendfile(socket_fd, file_fd, offset, min(count, SENDFILE_MAX))
+            sent = os.sendfile(
+                transport.fileno(), file_fd, offset, min(count, SENDFILE_MAX)
+            )
+        except BlockingIOError:
+            return WAIT_FOR_ROOM
         except OSError:
-            # EAGAIN, or a connection error the transport reports itself.
             return 0
-        request.sentLength += sent
-        channel.resetTimeout()
+        self.request.sentLength += sent
+        self.request.channel.resetTimeout()
         return sent
 
-    return send
+    def wait_for_room(self) -> bool:
+        """
+        Pause the transport's producer (the channel, and through it the
+        body's sender, with its send-stall deadline) until the socket
+        takes more bytes: what Twisted does when its own buffer fills,
+        with nothing buffered.  False where the transport has no
+        streaming producer to pause.
+        """
+        transport = self.transport
+        producer = transport.producer
+        if producer is None or not transport.streamingProducer:
+            return False
+        # With an empty buffer, the transport's next write turn stops
+        # writing and resumes its paused producer (FileDescriptor.doWrite).
+        transport.producerPaused = True
+        cast(IPushProducer, producer).pauseProducing()
+        transport.startWriting()
+        return True
 
 
 _MORE = getattr(socket, "MSG_MORE", 0)
@@ -387,16 +428,24 @@ def _send_at_once(
     measured, a first 20 KB hit also costs less CPU than through the
     buffer (``bench/hitcost.py``, "new").
     """
-    data = head + body
     request.startedWriting = 1
+    write_now(transport, head + body)
+    request.sentLength += len(body)
+
+
+def write_now(transport: tcp.Connection, data: bytes) -> None:
+    """
+    ``data`` to ``transport``'s socket in one ``send`` now, what the socket
+    does not take to Twisted's buffer; for a transport that holds nothing
+    unsent (:func:`writable_now`).
+    """
     try:
         sent = transport.getHandle().send(data)
     except OSError:
         # EAGAIN, or an error the transport finds and reports itself.
         sent = 0
     if sent < len(data):
-        transport.write(data[sent:])
-    request.sentLength += len(body)
+        transport.write(data[sent:] if sent else data)
 
 
 def send_now(

@@ -34,7 +34,7 @@ import os
 from collections.abc import Callable
 from weakref import WeakKeyDictionary
 
-from attrs import Factory, define, frozen
+from attrs import Factory, define, evolve, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http import datetimeToString
 from twisted.web.server import Request
@@ -44,8 +44,8 @@ from buildcache.engine.exchanges import finished_exchange
 from buildcache.store import Entry, Store
 
 __all__ = [
-    "HOT_BODY_MAX", "HOT_BYTES_KEPT", "HOT_KEPT", "HotHits", "HotResponse",
-    "not_repeatable", "remember", "repeatable_head",
+    "HOT_BODY_MAX", "HOT_BYTES_KEPT", "HOT_KEPT", "HotAnswer", "HotHits", "HotResponse",
+    "remember", "repeat_with", "repeatable_head",
 ]
 
 #: The largest body remembered: one read and one write with its head.
@@ -115,6 +115,8 @@ class HotResponse:
     #: :class:`HotHits`): before anything of its answer was looked up.
     generation: int
     exchange: Exchange
+    #: What its front end does after each answer (see :func:`repeat_with`).
+    after: Callable[[], None] | None = None
 
     @property
     def weight(self) -> int:
@@ -126,10 +128,22 @@ class HotResponse:
 
 
 @frozen
+class HotAnswer:
+    """
+    An answer from the table: the bytes to send, and what to do once
+    they are on their way (see :func:`repeat_with`).
+    """
+
+    data: bytes
+    after: Callable[[], None] | None = None
+
+
+@frozen
 class _Offer:
     table: HotHits
     key: tuple[str, bytes]
     generation: int
+    after: Callable[[], None] | None = None
 
 
 #: The table, key and generation each request may be remembered under,
@@ -170,7 +184,7 @@ class HotHits:
         if repeatable_head(raw):
             _OFFERS[request] = _Offer(self, (client, raw), self.generation())
 
-    def answer(self, client: str, raw: bytes) -> bytes | None:
+    def answer(self, client: str, raw: bytes) -> HotAnswer | None:
         """
         The whole response (head and body) to ``raw`` from ``client``,
         accounted as sent, when one is remembered and still holds; else
@@ -205,7 +219,10 @@ class HotHits:
             self.used(entry)
         if self.observer is not None:
             self.observer.exchange_finished(response.exchange)
-        return b"".join((response.head_to_date, self._date_value(), response.head_after_date, body))
+        return HotAnswer(
+            b"".join((response.head_to_date, self._date_value(), response.head_after_date, body)),
+            response.after,
+        )
 
     def _date_value(self) -> bytes:
         now = self.clock.seconds()
@@ -221,7 +238,7 @@ class HotHits:
 
     def keep(
         self, key: tuple[str, bytes], generation: int, request: Request, head: bytes,
-        entry: Entry, exchange: Exchange,
+        entry: Entry, exchange: Exchange, after: Callable[[], None] | None = None,
     ) -> None:
         """
         Remember ``request``'s answer, ``head`` (with the request's
@@ -239,7 +256,8 @@ class HotHits:
         if path is None:
             return
         response = HotResponse(
-            head[:cut], head[cut + len(date[0]):], entry, path, generation, exchange
+            head[:cut], head[cut + len(date[0]):], entry, path, generation, exchange,
+            after,
         )
         weight = response.weight + len(key[1])
         self._drop(key)
@@ -250,14 +268,16 @@ class HotHits:
         self._bytes += weight
 
 
-def not_repeatable(request: Request) -> None:
+def repeat_with(request: Request, after: Callable[[], None]) -> None:
     """
-    ``request``'s answer is never to be remembered, even as a whole hit:
-    its front end does more than send it (a wheel's core metadata reads
-    the pages of its dependencies ahead, once they are stale), which an
-    answer from the table would skip.
+    ``request``'s front end does more than send its answer (a wheel's
+    core metadata reads the file and its dependencies' pages ahead):
+    ``after`` runs again after every answer the table gives it, once the
+    answer is on its way.
     """
-    _OFFERS.pop(request, None)
+    offer = _OFFERS.get(request)
+    if offer is not None:
+        _OFFERS[request] = evolve(offer, after=after)
 
 
 def remember(request: Request, head: bytes, entry: Entry) -> None:
@@ -272,4 +292,4 @@ def remember(request: Request, head: bytes, entry: Entry) -> None:
     exchange = finished_exchange(request)
     if exchange is None:
         return
-    offer.table.keep(offer.key, offer.generation, request, head, entry, exchange)
+    offer.table.keep(offer.key, offer.generation, request, head, entry, exchange, offer.after)

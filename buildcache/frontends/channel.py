@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 
-from buildcache.engine.body import writable_now
+from buildcache.engine.body import writable_now, write_now
 from buildcache.engine.hot import HotHits
 from buildcache.frontends.relay import HandOver, Relay, RelayTarget, proxy_line
 from buildcache.frontends.sending import (
@@ -327,13 +327,15 @@ class ProxyChannel(HTTPChannel):
             return False
         if self._client is None:
             self._client = self._client_host()
-        response = hot.answer(self._client, data)
-        if response is None:
+        answer = hot.answer(self._client, data)
+        if answer is None:
             self._hot_offer = data
             return False
         self.resetTimeout()
         self._stray_line = False
-        transport.write(response)
+        write_now(transport, answer.data)
+        if answer.after is not None:
+            answer.after()
         return True
 
     def lineReceived(self, line: bytes) -> None:

@@ -45,7 +45,7 @@ from buildcache.engine.errors import (
     status_for,
 )
 from buildcache.engine.exchanges import CacheStatus, client_gone
-from buildcache.engine.hot import not_repeatable
+from buildcache.engine.hot import repeat_with
 from buildcache.engine.respond import send_error
 
 __all__ = ["FileServer"]
@@ -126,23 +126,31 @@ class FileServer:
             # core metadata (pip asks for the file next): it must see this
             # request, or no file would be read ahead behind a worker.
             raise HandOff(f"{filename}: its file is not stored yet")
-        if self.prefetcher is not None:
-            # Each answer may read ahead (below): the table of repeated
-            # hits would send the bytes and skip that.
-            not_repeatable(request)
         expected = wanted.core_metadata_hashes.get("sha256")
         metadata = file_request(
             # A file's core metadata is small: held until checked.
             wanted.metadata_url, expected.lower() if expected else None, USER_AGENT, 0,
         )
-        if await self._serve_file(request, name, metadata) and self.prefetcher:
-            self.prefetcher.after_metadata(distribution, wanted.size, name)
-            user_agent = request.getHeader(b"user-agent")
-            self.prefetcher.after_core_metadata(
+        prefetcher = self.prefetcher
+        if prefetcher is None:
+            await self._serve_file(request, name, metadata)
+            return
+        user_agent = request.getHeader(b"user-agent")
+        is_credentialed = credentialed(request)
+        size = wanted.size
+
+        def read_ahead() -> None:
+            prefetcher.after_metadata(distribution, size, name)
+            prefetcher.after_core_metadata(
                 metadata.key,
                 None if user_agent is None else user_agent.decode("latin-1"),
-                credentialed(request),
+                is_credentialed,
             )
+
+        # Each answer reads ahead, also one from the table of repeated hits.
+        repeat_with(request, read_ahead)
+        if await self._serve_file(request, name, metadata):
+            read_ahead()
 
     def _claimed_read_ahead(self, key: str, stored: bool) -> bool:
         return self.prefetcher is not None and self.prefetcher.claim(key, stored)
