@@ -633,7 +633,7 @@ class FetcherTests(StoreCase):
         A download the disk refused streams from memory, is not stored,
         and later requests for its key start their own.
         """
-        def refuse(store: Store, key: str) -> Any:
+        def refuse(store: Store, key: str, whole_digest: bool = True) -> Any:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(Store, "writer", refuse)
@@ -655,7 +655,7 @@ class FetcherTests(StoreCase):
         self.assertIsNone(self.store.peek(KEY))
 
     def test_abandoned_when_nobody_reads(self) -> None:
-        def refuse(store: Store, key: str) -> Any:
+        def refuse(store: Store, key: str, whole_digest: bool = True) -> Any:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(Store, "writer", refuse)

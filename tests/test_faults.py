@@ -1034,7 +1034,7 @@ class DiskFaultTests(FaultTestCase):
         await self.check_streamed_through(errno.EIO, after=0)
 
     async def test_temp_file_cannot_be_created(self) -> None:
-        def no_room(store: Store, key: str) -> ObjectWriter:
+        def no_room(store: Store, key: str, whole_digest: bool = True) -> ObjectWriter:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         observer = log_events(self)

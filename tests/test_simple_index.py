@@ -923,7 +923,7 @@ class FileTests(TestCase):
         observer = log_events(self)
         await self.harness.page("bcdemo-a")
 
-        def full(store: Store, key: str) -> Any:
+        def full(store: Store, key: str, whole_digest: bool = True) -> Any:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(Store, "writer", full)

@@ -504,6 +504,7 @@ class Engine:
             expected_size=expected.size,
             expected_sha256=expected.sha256,
             verify=expected.verify,
+            verify_covers_body=expected.verify_covers_body,
             stream_before_check=expected.stream_before_check,
             storable=storable,
             follow_redirects=target.follow_redirects,

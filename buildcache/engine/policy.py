@@ -109,6 +109,11 @@ class Expectation:
     source_digest: str | None = None
     #: Stream all but the tail before the check passes (large files).
     stream_before_check: bool = False
+    #: ``verify`` checks every byte of the body (an apk package: its
+    #: size, its control stream's checksum, its data stream's hash), so a
+    #: sha256 of the whole body would check nothing more: the store keeps
+    #: none unless the shared tier names the body by it.
+    verify_covers_body: bool = False
     #: False: a file its ecosystem would check but cannot (no index lists
     #: it): served, never stored.
     vouched: bool = True

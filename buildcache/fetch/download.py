@@ -449,7 +449,9 @@ class Download:
         if self.on_received is not None and not self._shared:
             self.on_received(len(data))
         if self._phase in MEMORY:
-            self._memory_hash.update(data)
+            if self._memory_hash is not None:
+                # None: a body taken without a digest (see Store.writer).
+                self._memory_hash.update(data)
             self._memory += data
             # Keep only what a streaming reader still needs.
             self.reader_moved()

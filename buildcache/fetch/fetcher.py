@@ -402,8 +402,8 @@ class Fetcher:
         is published to the tier.
         """
         request = download.request
-        tier = self.shared
-        if tier is None or not (request.shared and tier.shares(request)):
+        tier = self._tier_for(request)
+        if tier is None:
             await self._from_upstream(download)
             return
         found = await tier.before_upstream(request)
@@ -424,6 +424,11 @@ class Fetcher:
             tier.publish(request, entry, lease)
         elif lease is not None:
             lease.release()
+
+    def _tier_for(self, request: UpstreamRequest) -> SharedTier | None:
+        """The shared tier ``request``'s body comes from and goes to, if any."""
+        tier = self.shared
+        return tier if tier is not None and request.shared and tier.shares(request) else None
 
     async def _from_shared(
         self, download: Download, tier: SharedTier, copy: SharedCopy
@@ -555,6 +560,7 @@ class Fetcher:
         return await self._intake().receive(
             download, response, headers, length,
             expected_size=request.expected_size, expected_sha256=request.expected_sha256,
+            whole_digest=request.needs_digest(shared=self._tier_for(request) is not None),
         )
 
 #: How long a shared copy's read may wait for the object store's response

@@ -78,6 +78,7 @@ class Intake:
         length: int | None, expected_size: int | None, expected_sha256: str | None,
         idle_timeout: float | None = None, most: int | None = None,
         deadline: float | None = None, beside_limit: bool = False,
+        whole_digest: bool = True,
     ) -> Entry | None:
         """
         Receive ``response``'s body into the download (``length`` bytes
@@ -85,7 +86,8 @@ class Intake:
         if ``beside_limit``), check it against the request's verifier and
         ``expected_size``/``expected_sha256``, and store it when it may be
         kept; the entry stored, if any.  See :meth:`finish` for ``most``
-        and ``deadline``.
+        and ``deadline``; ``whole_digest``: take the body's sha256 (see
+        :meth:`UpstreamRequest.needs_digest`).
         """
         request = download.request
         status = response.code
@@ -101,7 +103,7 @@ class Intake:
             stored_key = request.key
         download.start_body(status, headers, self._spool_for(
             request, stored_key, storable, length, download.holds_until_checked,
-            beside_limit,
+            beside_limit, whole_digest or expected_sha256 is not None,
         ))
         return await self.finish(
             download, response, storable, length, expected_size, expected_sha256,
@@ -228,6 +230,7 @@ class Intake:
     def _spool_for(
         self, request: UpstreamRequest, stored_key: str, storable: bool,
         length: int | None, held: bool, beside_limit: bool = False,
+        whole_digest: bool = True,
     ) -> ObjectWriter | OSError:
         """
         The spool file for the body of ``request``, with room held for it
@@ -236,7 +239,7 @@ class Intake:
         it is stored), or why it goes on in memory.
         """
         try:
-            spool = self.store.writer(stored_key)
+            spool = self.store.writer(stored_key, whole_digest)
         except OSError as e:
             return e
         try:

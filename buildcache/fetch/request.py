@@ -129,6 +129,10 @@ class UpstreamRequest:
     expected_size: int | None = None
     expected_sha256: str | None = None
     verify: Callable[[Mapping[str, str]], BodyVerifier] | None = None
+    #: ``verify`` checks every byte of the body: no sha256 of the whole
+    #: body is taken for it but for the shared tier, which names bodies by
+    #: theirs (see :meth:`needs_digest`).
+    verify_covers_body: bool = False
     storable: Callable[[int, Mapping[str, str]], bool] = _default_storable
     follow_redirects: bool = False
     stream_before_check: bool = False
@@ -184,6 +188,12 @@ class UpstreamRequest:
             and (self.verify is None or running.verify is not None)
             and (self.source_digest is None or self.source_digest == running.source_digest)
             and _compatible(_lower(self.expected_sha256), _lower(running.expected_sha256))
+            # A digest this request checks beyond the running one needs
+            # that one to take it.
+            and not (
+                self.expected_sha256 is not None and running.expected_sha256 is None
+                and running.verify_covers_body
+            )
             and _compatible(self.expected_size, running.expected_size)
         )
 
@@ -196,6 +206,17 @@ class UpstreamRequest:
         return (self.expected_sha256 is not None and running.expected_sha256 is None) or (
             self.expected_size is not None and running.expected_size is None
         )
+
+    def needs_digest(self, shared: bool) -> bool:
+        """
+        Whether the sha256 of the whole body is to be taken as it is
+        written: for a digest to check, for the store's record (which
+        ``buildcache verify`` re-checks bodies by) and, when the body goes
+        to the shared tier (``shared``), for its name there; not for a body
+        its verifier checks whole (an apk package), whose stored copy is
+        re-checked the same way.
+        """
+        return self.expected_sha256 is not None or not self.verify_covers_body or shared
 
     @property
     def checked(self) -> bool:

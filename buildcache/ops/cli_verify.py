@@ -17,10 +17,13 @@ from twisted.logger import Logger
 from buildcache.ecosystems.apk.check import (
     directory_prefix,
     listed_packages,
+    package_mismatch,
     read_control_checksum,
 )
 from buildcache.ecosystems.apk.index import (
+    ApkFacts,
     ApkIndexError,
+    control_sha1_of,
     parse_compact_apkindex,
     stale_reason,
 )
@@ -39,7 +42,7 @@ from buildcache.ops.cli_keys import (
 )
 from buildcache.ops.registry_keys import KEY_PREFIX, digest_mismatch
 from buildcache.store import BodyCheck, Entry, OfflineIndex, verify_bodies
-from buildcache.store.maintenance import Progress
+from buildcache.store.maintenance import BodyChecker, Progress
 
 log = Logger(namespace="buildcache.ops.cli")
 
@@ -64,8 +67,9 @@ class VerifyResult:
 
 def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResult:
     """
-    Re-hash every entry that has a known sha256 and remove those whose file
-    is missing or differs; then remove the entries their current stored
+    Re-hash every entry that has a known sha256, check every apk package
+    stored without one as its download was checked, and remove those whose
+    file is missing or differs; then remove the entries their current stored
     index describes differently: an apk package whose ``APKINDEX.tar.gz``
     lists another size or control checksum, a pip file whose project page
     gives another sha256, a registry blob or manifest whose sha256 is not
@@ -92,7 +96,7 @@ def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResul
         elif entry_kind(row.key) == "apk":
             packages.setdefault(directory_prefix(row.key), []).append(row)
 
-    bodies = verify_bodies(index, progress, sort)
+    bodies = verify_bodies(index, progress, sort, _package_check)
     gone = {row.key for row, _ in bodies.corrupt} | {row.key for row in bodies.missing}
     stale: list[tuple[Entry, str]] = []
     for row, reason in [
@@ -104,6 +108,29 @@ def verify(index: OfflineIndex, progress: Progress | None = None) -> VerifyResul
             log.warn("Removed stale {key}: {reason}", key=row.key, reason=reason)
             stale.append((row, reason))
     return VerifyResult(bodies, tuple(stale))
+
+
+def _package_check(row: Entry) -> BodyChecker | None:
+    """
+    How to check an apk package stored without a sha256 (its download's
+    check covered every byte, see :meth:`UpstreamRequest.needs_digest`):
+    as that download was checked, against the size and control checksum
+    it was stored with (and the data stream against the ``datahash`` its
+    control stream names).  None for any other entry.
+    """
+    if entry_kind(row.key) != "apk" or row.source_digest is None:
+        return None
+    try:
+        facts = ApkFacts(
+            key_filename(row.key), row.size, control_sha1_of(row.source_digest)
+        )
+    except ApkIndexError:
+        return None
+
+    def check(path: str, entry: Entry, progress: Progress | None) -> str | None:
+        return package_mismatch(path, facts, None if progress is None else progress.advance)
+
+    return check
 
 
 def _stale_packages(

@@ -245,19 +245,20 @@ class Store(BatchedCommits, StoreReader):
         """
         self.reserved -= size
 
-    def writer(self, key: str) -> ObjectWriter:
+    def writer(self, key: str, whole_digest: bool = True) -> ObjectWriter:
         """
         Start writing a new body for ``key``; nothing is visible until
         :meth:`ObjectWriter.commit`.  With a threaded ``run_blocking``
         its file is one made ahead there, when one is ready (see
-        :mod:`buildcache.store.spare`).
+        :mod:`buildcache.store.spare`).  Without ``whole_digest`` no
+        sha256 of the body is taken, and none recorded with it.
         """
         self._writable("write a body")
         path, fd = self._spares.take()
         if self.run_blocking is not run_here:
             # Made here and now, a spare would cost what it saves.
             self._spares.refill(self.spare_temp_files, self.run_blocking)
-        return ObjectWriter(self, key, path, fd)
+        return ObjectWriter(self, key, path, fd, whole_digest)
 
     @property
     def _spare_temp(self) -> list[tuple[str, int]]:
@@ -268,7 +269,7 @@ class Store(BatchedCommits, StoreReader):
         return place_object(self.directory, key, temp_path)
 
     def _record(
-        self, key: str, name: str, size: int, digest: str,
+        self, key: str, name: str, size: int, digest: str | None,
         headers: Mapping[str, str], source_digest: str | None = None,
     ) -> Entry:
         """

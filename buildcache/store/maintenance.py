@@ -484,15 +484,23 @@ def check_body(path: str, entry: Entry, progress: Progress | None = None) -> str
     return None
 
 
+#: Why the file at a path is not an entry's body (None when it is), read
+#: with its progress shown; raises FileNotFoundError when there is no file.
+BodyChecker = Callable[[str, Entry, Progress | None], str | None]
+
+
 def verify_bodies(
     index: OfflineIndex,
     progress: Progress | None = None,
     each: Callable[[Entry], None] | None = None,
+    own_check: Callable[[Entry], BodyChecker | None] | None = None,
 ) -> BodyCheck:
     """
     Re-hash every entry that has a known sha256 and remove those whose file
     is missing or differs; ``each`` is shown every entry on the way (for
-    checks of the caller's own that follow).
+    checks of the caller's own that follow).  An entry stored without a
+    sha256 is checked by what ``own_check`` gives for it (an apk package:
+    as its download was checked), if anything.
 
     An entry the server replaced or evicted while it was being checked is
     neither reported nor touched: the removal only deletes a row that
@@ -506,16 +514,20 @@ def verify_bodies(
     for row in index.rows():
         if each is not None:
             each(row)
+        checker: BodyChecker = check_body
         if row.sha256 is None:
-            without_digest += 1
-            continue
+            own = None if own_check is None else own_check(row)
+            if own is None:
+                without_digest += 1
+                continue
+            checker = own
         path = index.object_path(row)
         if progress is not None:
             progress.start(row.key)
         try:
             if path is None:
                 raise FileNotFoundError(row.file)
-            reason = check_body(path, row, progress)
+            reason = checker(path, row, progress)
         except FileNotFoundError:
             if index.remove([row]):
                 missing.append(row)

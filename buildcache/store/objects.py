@@ -84,7 +84,7 @@ def uncounted_limit(max_object_size: int) -> int:
 
 
 def mismatch(
-    size: int, sha256: str, expected_size: int | None, expected_sha256: str | None
+    size: int, sha256: str | None, expected_size: int | None, expected_sha256: str | None
 ) -> str | None:
     """
     Why a body of ``size`` bytes with digest ``sha256`` is not the one
@@ -92,6 +92,8 @@ def mismatch(
     """
     if expected_size is not None and size != expected_size:
         return f"expected {expected_size} bytes, received {size}"
+    if expected_sha256 is not None and sha256 is None:
+        return f"expected sha256 {expected_sha256}, and no digest was taken of the body"
     if expected_sha256 is not None and sha256 != expected_sha256.lower():
         return f"expected sha256 {expected_sha256}, received {sha256}"
     return None
@@ -265,12 +267,14 @@ class ObjectWriter:
     written; :meth:`reader_fd` hands out independent descriptors for them.
     """
 
-    def __init__(self, store: Store, key: str, path: str, fd: int) -> None:
+    def __init__(
+        self, store: Store, key: str, path: str, fd: int, whole_digest: bool = True,
+    ) -> None:
         self._store = store
         self.key = key
         self.path = path
         self._fd = fd
-        self._hash = DigestBeside(hashlib.sha256(), store.hashes)
+        self._hash = DigestBeside(hashlib.sha256(), store.hashes) if whole_digest else None
         self.size = 0
         self.closed = False
         #: Room held in the store for this body (see :meth:`Store.reserve`).
@@ -331,15 +335,10 @@ class ObjectWriter:
 
     def hash_state(self) -> Any:
         """
-        A copy of the running digest of the bytes written so far.
+        A copy of the running digest of the bytes written so far; None
+        for a body written without one.
         """
-        return self._digest().copy()
-
-    def _digest(self) -> Any:
-        """
-        The running digest, once every byte written so far is in it.
-        """
-        return self._hash.result()
+        return None if self._hash is None else self._hash.result().copy()
 
     def write(self, data: bytes) -> None:
         """
@@ -364,15 +363,17 @@ class ObjectWriter:
         while view:
             written = self._store.write_file(self._fd, view)
             view = view[written:]
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self.size += len(data)
 
     @property
-    def sha256(self) -> str:
+    def sha256(self) -> str | None:
         """
-        The digest of the bytes written so far.
+        The digest of the bytes written so far; None for a body written
+        without one (see :meth:`Store.writer`).
         """
-        return self._digest().hexdigest()
+        return None if self._hash is None else self._hash.result().hexdigest()
 
     def reader_fd(self) -> int:
         """

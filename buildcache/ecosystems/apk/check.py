@@ -445,25 +445,45 @@ def read_control_checksum(path: str, size: int) -> str | None:
 def stored_package_matches(path: str, facts: PackageFacts) -> bool:
     """
     Whether the package stored at ``path`` is, byte for byte, the file
-    ``facts`` describe: its size, control checksum and the data stream's
-    ``datahash``, as a download is checked (:class:`ApkVerifier`).  What
-    lets an ``https://`` key take over a package stored over plain http
-    (see :func:`buildcache.fetch.fetcher.http_twin`): only an index fetched over
+    ``facts`` describe (see :func:`package_mismatch`).  What lets an
+    ``https://`` key take over a package stored over plain http (see
+    :func:`buildcache.fetch.fetcher.http_twin`): only an index fetched over
     https vouches for it, and a control stream alone would not cover the
     data.  False if it is gone.  Reads the whole file: may run in a thread.
     """
-    verifier = ApkVerifier(facts)
     try:
-        with open(path, "rb") as f:
-            while verifier.mismatch is None:
-                chunk = f.read(_READ_SIZE)
-                if not chunk:
-                    break
-                verifier.update(chunk)
-        verifier.finish()
-    except (FileNotFoundError, ApkMismatch):
+        return package_mismatch(path, facts) is None
+    except FileNotFoundError:
         return False
-    return True
+
+
+def package_mismatch(
+    path: str, facts: PackageFacts, on_read: Callable[[int], None] | None = None
+) -> str | None:
+    """
+    Why the package stored at ``path`` is not the file ``facts`` describe
+    (its size, control checksum and the data stream's ``datahash``, as a
+    download is checked: :class:`ApkVerifier`), or None when it is;
+    ``on_read`` is told the bytes of each read.  Raises FileNotFoundError
+    when it is gone.  Reads the whole file: may run in a thread.
+    """
+    verifier = ApkVerifier(facts)
+    with open(path, "rb") as f:
+        while verifier.mismatch is None:
+            chunk = f.read(_READ_SIZE)
+            if not chunk:
+                break
+            if on_read is not None:
+                on_read(len(chunk))
+            verifier.update(chunk)
+    if verifier.mismatch is not None:
+        # Read no further: the first fault found is the reason.
+        return verifier.mismatch.reason
+    try:
+        verifier.finish()
+    except ApkMismatch as mismatch:
+        return mismatch.reason
+    return None
 
 
 def verifier_for(

@@ -521,6 +521,14 @@ def _parse_count(text: str, where: str) -> int:
     return int(text)
 
 
+def control_sha1_of(checksum: str) -> bytes:
+    """
+    The SHA-1 a control checksum as an index writes it (``Q1...``, as a
+    stored package records it) names; ApkIndexError if it is not one.
+    """
+    return _parse_control_checksum(checksum, "the checksum")
+
+
 def _parse_control_checksum(text: str, where: str) -> bytes:
     if not text.startswith("Q1"):
         raise ApkIndexError(

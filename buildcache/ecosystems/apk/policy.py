@@ -79,6 +79,7 @@ def expectation_for(
     """
     return ApkExpectation(
         verify=verifier_for(facts, hashes),
+        verify_covers_body=True,
         source_digest=facts.control_checksum,
         # Small packages wait for their check (a mismatch is a clean
         # 502); large ones stream, all but their tail, so that many
